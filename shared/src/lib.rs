@@ -1,0 +1,14 @@
+//! Shared building blocks of the Amperity ⇄ Braze bridge: how an invocation names the objects
+//! to process ([`trigger`]), where objects live ([`s3_uri`], [`object_store`]), and how a run
+//! reports itself ([`logging`], [`metrics`], [`runtime`]).
+
+pub mod logging;
+pub mod metrics;
+pub mod object_store;
+pub mod runtime;
+pub mod s3_uri;
+pub mod trigger;
+
+pub use object_store::{ObjectMeta, ObjectStore, PutCondition, StoreError};
+pub use s3_uri::S3Uri;
+pub use trigger::{Invocation, ObjectRef, TriggerError, TriggerItem, TriggerShape};

@@ -1,0 +1,326 @@
+//! Turns a Lambda invocation payload into the S3 objects it names, for the three shapes that can
+//! start a function: a direct S3 notification, SQS messages wrapping one (or wrapping an
+//! EventBridge event), and an EventBridge "Object Created" event. Keys are URL-decoded here
+//! (`+` is a space, `%xx` a byte) so no caller ever sees an encoded key. `s3:TestEvent`
+//! notifications name no object and are acknowledged with an empty list.
+
+use aws_lambda_events::event::s3::S3Event;
+use aws_lambda_events::event::sqs::SqsEvent;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::s3_uri::S3Uri;
+
+/// One S3 object an invocation asks the function to process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectRef {
+    /// Where the object is, key decoded.
+    pub uri: S3Uri,
+    /// Version id when the bucket is versioned.
+    pub version_id: Option<String>,
+    /// ETag as the notification gave it (quotes removed).
+    pub etag: Option<String>,
+    /// Size in bytes, when the notification gave it.
+    pub size: Option<i64>,
+    /// The S3 event name (`ObjectCreated:Put`, `Object Created`, ...).
+    pub event_name: String,
+}
+
+/// Which envelope the invocation arrived in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TriggerShape {
+    /// The S3 notification itself.
+    S3,
+    /// SQS messages, each wrapping a notification; failures are reported per message.
+    Sqs,
+    /// An EventBridge event from S3.
+    EventBridge,
+}
+
+/// A unit of acknowledgement: one SQS message, or the whole payload for the other shapes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TriggerItem {
+    /// The SQS message id, used in `batchItemFailures`.
+    pub message_id: Option<String>,
+    /// The objects this item names, or why it could not be read.
+    pub objects: Result<Vec<ObjectRef>, TriggerError>,
+}
+
+/// A parsed invocation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Invocation {
+    /// The envelope.
+    pub shape: TriggerShape,
+    /// Items in arrival order.
+    pub items: Vec<TriggerItem>,
+}
+
+/// Why a payload (or one SQS message of it) names no object we can process.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TriggerError {
+    /// The payload is none of the three shapes.
+    #[error("unrecognised invocation payload: {0}")]
+    UnknownShape(String),
+    /// The payload claims a shape but does not match it.
+    #[error("malformed {shape} payload: {reason}")]
+    Malformed {
+        /// Which shape was expected.
+        shape: &'static str,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A key is not valid percent-encoded UTF-8.
+    #[error("object key {0:?} is not valid URL-encoded UTF-8")]
+    BadKey(String),
+}
+
+/// Decodes a key as S3 notifications encode it: `+` is a space and `%xx` a byte.
+pub fn decode_s3_key(raw: &str) -> Result<String, TriggerError> {
+    let plus_decoded = raw.replace('+', " ");
+    percent_encoding::percent_decode_str(&plus_decoded)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| TriggerError::BadKey(raw.to_string()))
+}
+
+/// Reads any supported invocation payload.
+pub fn parse_invocation(payload: &Value) -> Result<Invocation, TriggerError> {
+    if is_sqs(payload) {
+        let event: SqsEvent =
+            serde_json::from_value(payload.clone()).map_err(|e| TriggerError::Malformed {
+                shape: "SQS",
+                reason: e.to_string(),
+            })?;
+        let items = event
+            .records
+            .into_iter()
+            .map(|m| TriggerItem {
+                message_id: m.message_id,
+                objects: match m.body {
+                    Some(body) => parse_sqs_body(&body),
+                    None => Err(TriggerError::Malformed {
+                        shape: "SQS",
+                        reason: "message has no body".into(),
+                    }),
+                },
+            })
+            .collect();
+        return Ok(Invocation {
+            shape: TriggerShape::Sqs,
+            items,
+        });
+    }
+    let (shape, objects) = parse_notification(payload)?;
+    Ok(Invocation {
+        shape,
+        items: vec![TriggerItem {
+            message_id: None,
+            objects: Ok(objects),
+        }],
+    })
+}
+
+fn is_sqs(payload: &Value) -> bool {
+    payload
+        .get("Records")
+        .and_then(Value::as_array)
+        .and_then(|r| r.first())
+        .and_then(|r| r.get("eventSource"))
+        .and_then(Value::as_str)
+        == Some("aws:sqs")
+}
+
+fn parse_sqs_body(body: &str) -> Result<Vec<ObjectRef>, TriggerError> {
+    let value: Value = serde_json::from_str(body).map_err(|e| TriggerError::Malformed {
+        shape: "SQS",
+        reason: format!("message body is not JSON: {e}"),
+    })?;
+    // SNS fan-out wraps the notification once more, in `Message`.
+    if value.get("Type").and_then(Value::as_str) == Some("Notification")
+        && let Some(inner) = value.get("Message").and_then(Value::as_str)
+    {
+        return parse_sqs_body(inner);
+    }
+    parse_notification(&value).map(|(_, objects)| objects)
+}
+
+/// Parses an S3 notification, a test event or an EventBridge event (not SQS).
+fn parse_notification(value: &Value) -> Result<(TriggerShape, Vec<ObjectRef>), TriggerError> {
+    if value.get("Event").and_then(Value::as_str) == Some("s3:TestEvent") {
+        return Ok((TriggerShape::S3, Vec::new()));
+    }
+    if value.get("source").and_then(Value::as_str) == Some("aws.s3")
+        && value.get("detail").is_some()
+    {
+        return parse_eventbridge(value).map(|o| (TriggerShape::EventBridge, o));
+    }
+    if value.get("Records").is_some() {
+        let event: S3Event =
+            serde_json::from_value(value.clone()).map_err(|e| TriggerError::Malformed {
+                shape: "S3",
+                reason: e.to_string(),
+            })?;
+        let mut out = Vec::with_capacity(event.records.len());
+        for r in event.records {
+            let event_name = r.event_name.unwrap_or_default();
+            if !event_name.starts_with("ObjectCreated") {
+                continue;
+            }
+            let bucket = r.s3.bucket.name.ok_or_else(|| TriggerError::Malformed {
+                shape: "S3",
+                reason: "record has no bucket name".into(),
+            })?;
+            let raw_key = r.s3.object.key.ok_or_else(|| TriggerError::Malformed {
+                shape: "S3",
+                reason: "record has no object key".into(),
+            })?;
+            out.push(ObjectRef {
+                uri: S3Uri::new(bucket, decode_s3_key(&raw_key)?),
+                version_id: r.s3.object.version_id.filter(|v| !v.is_empty()),
+                etag: r.s3.object.e_tag.map(|e| e.trim_matches('"').to_string()),
+                size: r.s3.object.size,
+                event_name,
+            });
+        }
+        return Ok((TriggerShape::S3, out));
+    }
+    let preview: String = value.to_string().chars().take(200).collect();
+    Err(TriggerError::UnknownShape(preview))
+}
+
+#[derive(Deserialize)]
+struct EbDetail {
+    bucket: EbBucket,
+    object: EbObject,
+}
+#[derive(Deserialize)]
+struct EbBucket {
+    name: String,
+}
+#[derive(Deserialize)]
+struct EbObject {
+    key: String,
+    size: Option<i64>,
+    etag: Option<String>,
+    #[serde(rename = "version-id")]
+    version_id: Option<String>,
+}
+
+fn parse_eventbridge(value: &Value) -> Result<Vec<ObjectRef>, TriggerError> {
+    let detail_type = value
+        .get("detail-type")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    if detail_type != "Object Created" {
+        return Ok(Vec::new());
+    }
+    let detail: EbDetail = value
+        .get("detail")
+        .cloned()
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(|e| TriggerError::Malformed {
+            shape: "EventBridge",
+            reason: e.to_string(),
+        })?
+        .ok_or_else(|| TriggerError::Malformed {
+            shape: "EventBridge",
+            reason: "no detail".into(),
+        })?;
+    // EventBridge carries keys encoded the same way as S3 notifications.
+    Ok(vec![ObjectRef {
+        uri: S3Uri::new(detail.bucket.name, decode_s3_key(&detail.object.key)?),
+        version_id: detail.object.version_id.filter(|v| !v.is_empty()),
+        etag: detail.object.etag.map(|e| e.trim_matches('"').to_string()),
+        size: detail.object.size,
+        event_name: detail_type,
+    }])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn s3_notification(key: &str) -> Value {
+        json!({"Records": [{
+            "eventVersion": "2.1", "eventSource": "aws:s3", "awsRegion": "us-east-1",
+            "eventTime": "2026-11-29T00:00:00.000Z", "eventName": "ObjectCreated:Put",
+            "s3": {"s3SchemaVersion": "1.0", "configurationId": "c",
+                   "bucket": {"name": "exports", "arn": "arn:aws:s3:::exports"},
+                   "object": {"key": key, "size": 12, "eTag": "\"abc\"", "sequencer": "01"}}
+        }]})
+    }
+
+    #[test]
+    fn key_with_plus_is_decoded_to_space() {
+        assert_eq!(decode_s3_key("a+b%2Bc%3D%C3%A9").unwrap(), "a b+c=é");
+    }
+
+    #[test]
+    fn bad_percent_encoding_is_an_error() {
+        assert!(matches!(decode_s3_key("%FF%FE"), Err(TriggerError::BadKey(_))));
+    }
+
+    #[test]
+    fn direct_s3_notification_names_its_object() {
+        let inv = parse_invocation(&s3_notification("in/my+file.csv")).unwrap();
+        assert_eq!(inv.shape, TriggerShape::S3);
+        let objs = inv.items[0].objects.clone().unwrap();
+        assert_eq!(objs[0].uri.to_string(), "s3://exports/in/my file.csv");
+        assert_eq!(objs[0].etag.as_deref(), Some("abc"));
+    }
+
+    #[test]
+    fn sqs_batch_parses_each_message_alone() {
+        let good = s3_notification("a.csv").to_string();
+        let payload = json!({"Records": [
+            {"messageId": "m1", "receiptHandle": "r", "body": good, "eventSource": "aws:sqs",
+             "eventSourceARN": "arn:aws:sqs:us-east-1:1:q", "awsRegion": "us-east-1",
+             "attributes": {}, "messageAttributes": {}, "md5OfBody": ""},
+            {"messageId": "m2", "receiptHandle": "r", "body": "not json", "eventSource": "aws:sqs",
+             "eventSourceARN": "arn:aws:sqs:us-east-1:1:q", "awsRegion": "us-east-1",
+             "attributes": {}, "messageAttributes": {}, "md5OfBody": ""}
+        ]});
+        let inv = parse_invocation(&payload).unwrap();
+        assert_eq!(inv.shape, TriggerShape::Sqs);
+        assert_eq!(inv.items.len(), 2);
+        assert!(inv.items[0].objects.is_ok());
+        assert_eq!(inv.items[1].message_id.as_deref(), Some("m2"));
+        assert!(inv.items[1].objects.is_err());
+    }
+
+    #[test]
+    fn eventbridge_object_created_is_read() {
+        let payload = json!({
+            "version": "0", "id": "x", "detail-type": "Object Created", "source": "aws.s3",
+            "account": "1", "time": "2026-11-29T00:00:00Z", "region": "us-east-1",
+            "resources": ["arn:aws:s3:::exports"],
+            "detail": {"version": "0", "bucket": {"name": "exports"},
+                       "object": {"key": "x/y%20z.csv", "size": 3, "etag": "e", "version-id": "v1"},
+                       "reason": "PutObject"}
+        });
+        let inv = parse_invocation(&payload).unwrap();
+        assert_eq!(inv.shape, TriggerShape::EventBridge);
+        let o = &inv.items[0].objects.as_ref().unwrap()[0];
+        assert_eq!(o.uri.key, "x/y z.csv");
+        assert_eq!(o.version_id.as_deref(), Some("v1"));
+    }
+
+    #[test]
+    fn test_event_names_no_object() {
+        let payload = json!({"Service": "Amazon S3", "Event": "s3:TestEvent",
+                             "Time": "2026-11-29T00:00:00Z", "Bucket": "exports"});
+        let inv = parse_invocation(&payload).unwrap();
+        assert!(inv.items[0].objects.as_ref().unwrap().is_empty());
+    }
+
+    #[test]
+    fn unknown_payload_is_an_error() {
+        assert!(matches!(
+            parse_invocation(&json!({"hello": 1})),
+            Err(TriggerError::UnknownShape(_))
+        ));
+    }
+}
