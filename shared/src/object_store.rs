@@ -319,7 +319,10 @@ impl ObjectStore for S3Store {
             PutCondition::IfAbsent => req.if_none_match("*"),
             PutCondition::IfMatch(etag) => req.if_match(format!("\"{etag}\"")),
         };
-        let out = req.send().await.map_err(|e| classify("PutObject", uri, e))?;
+        let out = req
+            .send()
+            .await
+            .map_err(|e| classify("PutObject", uri, e))?;
         Ok(ObjectMeta {
             key: uri.key.clone(),
             etag: strip_quotes(out.e_tag()),
@@ -430,10 +433,7 @@ mod memory {
                 .ok_or_else(|| StoreError::NotFound { uri: uri.clone() })
         }
 
-        async fn get_reader(
-            &self,
-            uri: &S3Uri,
-        ) -> Result<(ObjectMeta, ObjectReader), StoreError> {
+        async fn get_reader(&self, uri: &S3Uri) -> Result<(ObjectMeta, ObjectReader), StoreError> {
             let (meta, body) = self.get(uri).await?;
             Ok((meta, Box::pin(std::io::Cursor::new(body))))
         }
@@ -487,7 +487,8 @@ mod memory {
 
         async fn copy(&self, from: &S3Uri, to: &S3Uri) -> Result<(), StoreError> {
             let (meta, body) = self.get(from).await?;
-            self.put(to, body, PutCondition::None, meta.metadata).await?;
+            self.put(to, body, PutCondition::None, meta.metadata)
+                .await?;
             Ok(())
         }
 
@@ -506,21 +507,42 @@ mod memory {
             let s = MemoryStore::new();
             let u = S3Uri::new("b", "k");
             let m = s
-                .put(&u, Bytes::from_static(b"1"), PutCondition::IfAbsent, BTreeMap::new())
+                .put(
+                    &u,
+                    Bytes::from_static(b"1"),
+                    PutCondition::IfAbsent,
+                    BTreeMap::new(),
+                )
                 .await
                 .unwrap();
             assert!(matches!(
-                s.put(&u, Bytes::from_static(b"2"), PutCondition::IfAbsent, BTreeMap::new())
-                    .await,
+                s.put(
+                    &u,
+                    Bytes::from_static(b"2"),
+                    PutCondition::IfAbsent,
+                    BTreeMap::new()
+                )
+                .await,
                 Err(StoreError::PreconditionFailed { .. })
             ));
-            s.put(&u, Bytes::from_static(b"2"), PutCondition::IfMatch(m.etag.clone()), BTreeMap::new())
+            s.put(
+                &u,
+                Bytes::from_static(b"2"),
+                PutCondition::IfMatch(m.etag.clone()),
+                BTreeMap::new(),
+            )
+            .await
+            .unwrap();
+            assert!(
+                s.put(
+                    &u,
+                    Bytes::from_static(b"3"),
+                    PutCondition::IfMatch(m.etag),
+                    BTreeMap::new()
+                )
                 .await
-                .unwrap();
-            assert!(s
-                .put(&u, Bytes::from_static(b"3"), PutCondition::IfMatch(m.etag), BTreeMap::new())
-                .await
-                .is_err());
+                .is_err()
+            );
         }
     }
 }

@@ -4,7 +4,6 @@
 //! (`+` is a space, `%xx` a byte) so no caller ever sees an encoded key. `s3:TestEvent`
 //! notifications name no object and are acknowledged with an empty list.
 
-use aws_lambda_events::event::s3::S3Event;
 use aws_lambda_events::event::sqs::SqsEvent;
 use serde::Deserialize;
 use serde_json::Value;
@@ -155,37 +154,55 @@ fn parse_notification(value: &Value) -> Result<(TriggerShape, Vec<ObjectRef>), T
         return parse_eventbridge(value).map(|o| (TriggerShape::EventBridge, o));
     }
     if value.get("Records").is_some() {
-        let event: S3Event =
+        // Read leniently: only the fields we use (test and third-party emitters omit others).
+        let event: S3Notification =
             serde_json::from_value(value.clone()).map_err(|e| TriggerError::Malformed {
                 shape: "S3",
                 reason: e.to_string(),
             })?;
         let mut out = Vec::with_capacity(event.records.len());
         for r in event.records {
-            let event_name = r.event_name.unwrap_or_default();
-            if !event_name.starts_with("ObjectCreated") {
+            if !r.event_name.starts_with("ObjectCreated") {
                 continue;
             }
-            let bucket = r.s3.bucket.name.ok_or_else(|| TriggerError::Malformed {
-                shape: "S3",
-                reason: "record has no bucket name".into(),
-            })?;
-            let raw_key = r.s3.object.key.ok_or_else(|| TriggerError::Malformed {
-                shape: "S3",
-                reason: "record has no object key".into(),
-            })?;
             out.push(ObjectRef {
-                uri: S3Uri::new(bucket, decode_s3_key(&raw_key)?),
+                uri: S3Uri::new(r.s3.bucket.name, decode_s3_key(&r.s3.object.key)?),
                 version_id: r.s3.object.version_id.filter(|v| !v.is_empty()),
                 etag: r.s3.object.e_tag.map(|e| e.trim_matches('"').to_string()),
                 size: r.s3.object.size,
-                event_name,
+                event_name: r.event_name,
             });
         }
         return Ok((TriggerShape::S3, out));
     }
     let preview: String = value.to_string().chars().take(200).collect();
     Err(TriggerError::UnknownShape(preview))
+}
+
+#[derive(Deserialize)]
+struct S3Notification {
+    #[serde(rename = "Records")]
+    records: Vec<S3Record>,
+}
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct S3Record {
+    #[serde(default)]
+    event_name: String,
+    s3: S3Entity,
+}
+#[derive(Deserialize)]
+struct S3Entity {
+    bucket: EbBucket,
+    object: S3Object,
+}
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct S3Object {
+    key: String,
+    size: Option<i64>,
+    e_tag: Option<String>,
+    version_id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -260,7 +277,10 @@ mod tests {
 
     #[test]
     fn bad_percent_encoding_is_an_error() {
-        assert!(matches!(decode_s3_key("%FF%FE"), Err(TriggerError::BadKey(_))));
+        assert!(matches!(
+            decode_s3_key("%FF%FE"),
+            Err(TriggerError::BadKey(_))
+        ));
     }
 
     #[test]

@@ -1,1 +1,428 @@
-//! (to be written)
+//! The Lambda edge of braze-sync: turns an invocation (direct S3 notification, SQS batch or
+//! EventBridge event) into export runs. It decides which objects start a sync (by route
+//! prefix; never our own outputs; in marker mode only the `.DONE` marker, which brings every
+//! part of its folder), claims each export in the [`ledger`](crate::ledger) so duplicates are
+//! no-ops, runs it through an [`ExportRunner`], and maps the outcome to Lambda's retry
+//! semantics: retryable failures fail the SQS message (or the invocation), permanent ones are
+//! reported and acknowledged so nothing loops forever.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bridge_shared::object_store::ObjectMeta;
+use bridge_shared::trigger::{Invocation, ObjectRef, TriggerShape, parse_invocation};
+use bridge_shared::{ObjectStore, S3Uri};
+use serde_json::{Value, json};
+use tracing::{info, warn};
+
+use crate::ledger::{Claim, Ledger, LedgerStatus};
+
+/// Object metadata key that forces a full resend of an export (`x-amz-meta-bridge-force-full: true`).
+pub const FORCE_FULL_METADATA: &str = "bridge-force-full";
+
+/// How one route claims objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteBinding {
+    /// Route name (state, reports and rejects live under it).
+    pub name: String,
+    /// Bucket the route reads, or `None` for any bucket.
+    pub bucket: Option<String>,
+    /// Key prefix the route owns.
+    pub prefix: String,
+    /// Marker mode: sync the whole folder when a key ending in `marker_suffix` lands.
+    pub marker_suffix: Option<String>,
+}
+
+/// What the handler needs to know about the deployment.
+#[derive(Debug, Clone)]
+pub struct HandlerConfig {
+    /// Bucket holding state, reports and rejects.
+    pub state_bucket: String,
+    /// Prefixes (ending in `/`) the function writes to; objects under them never start a sync.
+    pub output_prefixes: Vec<String>,
+    /// Prefix of state (ledger lives under `<state_prefix><route>/ledger/`).
+    pub state_prefix: String,
+    /// Routes, first match wins.
+    pub routes: Vec<RouteBinding>,
+    /// How long a claim holds before another invocation may take over, seconds.
+    pub lease_s: i64,
+}
+
+/// One export to sync: its route, the object that triggered it and its parts in order.
+#[derive(Debug, Clone)]
+pub struct ExportPlan {
+    /// Route name.
+    pub route: String,
+    /// The object whose arrival started the run (the file itself, or the `.DONE` marker).
+    pub trigger: S3Uri,
+    /// Parts to read, in key order (one for single-object exports).
+    pub parts: Vec<ObjectMeta>,
+    /// Stable id: trigger address plus ETag/version, the ledger key.
+    pub export_id: String,
+    /// Last-modified of the trigger (RFC 3339), which orders exports of a route.
+    pub exported_at: Option<String>,
+    /// Resend every attribute, ignoring confirmed state.
+    pub force_full: bool,
+}
+
+/// How a run ended, as the runner reports it.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    /// Nothing is left to send for this export.
+    pub complete: bool,
+    /// The run report's address.
+    pub report: Option<String>,
+    /// A one-line summary for the invocation result.
+    pub summary: Value,
+}
+
+/// A failed run, classified at the edge.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Trying again later can succeed (throttling, 5xx, lost race, deadline hand-over).
+    #[error("{0}")]
+    Retryable(String),
+    /// It will fail the same way again (unreadable file, bad config, refused key).
+    #[error("{message}")]
+    Permanent {
+        /// What failed, with where.
+        message: String,
+        /// The report written for it, if any.
+        report: Option<String>,
+    },
+}
+
+/// Runs one export (read → map → diff → send → commit).
+#[async_trait]
+pub trait ExportRunner: Send + Sync {
+    /// Syncs the export. `remaining_ms` is the invocation's time left, when known.
+    async fn run(
+        &self,
+        plan: &ExportPlan,
+        remaining_ms: Option<u64>,
+    ) -> Result<RunOutcome, RunError>;
+}
+
+/// What the handler decided for one object.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Not ours, or a part that waits for its marker.
+    Ignore(String),
+    /// Sync it under this route.
+    Run(RouteBinding),
+}
+
+/// Decides whether an object starts a sync (pure).
+pub fn decide(cfg: &HandlerConfig, obj: &S3Uri) -> Decision {
+    if obj.bucket == cfg.state_bucket
+        && cfg
+            .output_prefixes
+            .iter()
+            .any(|p| obj.key.starts_with(p.as_str()))
+    {
+        return Decision::Ignore("object is under one of this function's output prefixes".into());
+    }
+    if obj.key.ends_with('/') {
+        return Decision::Ignore("folder placeholder".into());
+    }
+    let Some(route) = cfg.routes.iter().find(|r| {
+        r.bucket.as_deref().is_none_or(|b| b == obj.bucket) && obj.key.starts_with(&r.prefix)
+    }) else {
+        return Decision::Ignore("no route owns this key".into());
+    };
+    if let Some(marker) = &route.marker_suffix
+        && !obj.key.ends_with(marker.as_str())
+    {
+        return Decision::Ignore(format!(
+            "part of a marker-mode export of route {}; it is synced when its {marker} marker lands",
+            route.name
+        ));
+    }
+    Decision::Run(route.clone())
+}
+
+/// The parts of a marker-mode export: every object in the marker's folder except markers and
+/// folder placeholders, in key order (pure).
+pub fn parts_of_marker(listing: &[ObjectMeta], marker: &S3Uri, suffix: &str) -> Vec<ObjectMeta> {
+    let folder = marker.folder();
+    let mut parts: Vec<ObjectMeta> = listing
+        .iter()
+        .filter(|o| {
+            o.key.starts_with(folder)
+                && !o.key[folder.len()..].contains('/')
+                && !o.key.ends_with(suffix)
+                && !o.key.ends_with('/')
+                && !o.key.rsplit('/').next().unwrap_or("").starts_with('.')
+        })
+        .cloned()
+        .collect();
+    parts.sort_by(|a, b| a.key.cmp(&b.key));
+    parts
+}
+
+/// The Lambda handler over a store and a runner.
+pub struct Handler {
+    cfg: HandlerConfig,
+    store: Arc<dyn ObjectStore>,
+    runner: Arc<dyn ExportRunner>,
+}
+
+/// Outcome of one object, for the invocation result.
+#[derive(Debug)]
+enum ObjectOutcome {
+    Done(Value),
+    Retry(String),
+}
+
+impl Handler {
+    /// Builds the handler once per container.
+    pub fn new(
+        cfg: HandlerConfig,
+        store: Arc<dyn ObjectStore>,
+        runner: Arc<dyn ExportRunner>,
+    ) -> Self {
+        Self { cfg, store, runner }
+    }
+
+    /// Handles one invocation payload. For SQS the result lists `batchItemFailures`; for the
+    /// other shapes a retryable failure is an `Err` so Lambda retries the invocation.
+    pub async fn handle(
+        &self,
+        payload: &Value,
+        remaining_ms: Option<u64>,
+    ) -> Result<Value, String> {
+        let invocation: Invocation = match parse_invocation(payload) {
+            Ok(i) => i,
+            Err(e) => {
+                // A payload we cannot read will not become readable: acknowledge and log.
+                warn!(error = %e, "Ignoring an invocation payload that names no S3 object.");
+                return Ok(json!({"ignored": e.to_string()}));
+            }
+        };
+        let mut failures = Vec::new();
+        let mut results = Vec::new();
+        for item in &invocation.items {
+            let objects = match &item.objects {
+                Ok(o) => o.clone(),
+                Err(e) => {
+                    warn!(message_id = ?item.message_id, error = %e, "Message names no S3 object; acknowledged.");
+                    results.push(json!({"message_id": item.message_id, "ignored": e.to_string()}));
+                    continue;
+                }
+            };
+            let mut retry = None;
+            for obj in &objects {
+                match self.process_object(obj, remaining_ms).await {
+                    ObjectOutcome::Done(v) => results.push(v),
+                    ObjectOutcome::Retry(reason) => {
+                        results.push(json!({"object": obj.uri.to_string(), "retry": reason}));
+                        retry = Some(reason);
+                    }
+                }
+            }
+            if let Some(reason) = retry {
+                match (&invocation.shape, &item.message_id) {
+                    (TriggerShape::Sqs, Some(id)) => {
+                        failures.push(json!({"itemIdentifier": id}));
+                    }
+                    _ => return Err(reason),
+                }
+            }
+        }
+        if invocation.shape == TriggerShape::Sqs {
+            Ok(json!({"batchItemFailures": failures, "results": results}))
+        } else {
+            Ok(json!({"results": results}))
+        }
+    }
+
+    async fn process_object(&self, obj: &ObjectRef, remaining_ms: Option<u64>) -> ObjectOutcome {
+        let uri = &obj.uri;
+        let route = match decide(&self.cfg, uri) {
+            Decision::Ignore(reason) => {
+                info!(object = %uri, reason = %reason, "Object does not start a sync.");
+                return ObjectOutcome::Done(json!({"object": uri.to_string(), "ignored": reason}));
+            }
+            Decision::Run(r) => r,
+        };
+        // The object as it is now: ETag, metadata (force flag), last-modified.
+        let head = match self.store.head(uri).await {
+            Ok(Some(h)) => h,
+            Ok(None) => {
+                warn!(object = %uri, "Triggering object no longer exists; nothing to sync.");
+                return ObjectOutcome::Done(
+                    json!({"object": uri.to_string(), "ignored": "object no longer exists"}),
+                );
+            }
+            Err(e) if e.is_retryable() => return ObjectOutcome::Retry(e.to_string()),
+            Err(e) => {
+                return ObjectOutcome::Done(
+                    json!({"object": uri.to_string(), "failed": e.to_string()}),
+                );
+            }
+        };
+        let version = obj.version_id.clone().or(head.version_id.clone());
+        let export_id = format!("{uri}#{}", version.unwrap_or_else(|| head.etag.clone()));
+        let force_full = head
+            .metadata
+            .get(FORCE_FULL_METADATA)
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        let parts = match &route.marker_suffix {
+            None => vec![head.clone()],
+            Some(suffix) => match self.store.list(&uri.bucket, uri.folder()).await {
+                Ok(listing) => parts_of_marker(&listing, uri, suffix),
+                Err(e) if e.is_retryable() => return ObjectOutcome::Retry(e.to_string()),
+                Err(e) => {
+                    return ObjectOutcome::Done(
+                        json!({"object": uri.to_string(), "failed": e.to_string()}),
+                    );
+                }
+            },
+        };
+        let plan = ExportPlan {
+            route: route.name.clone(),
+            trigger: uri.clone(),
+            parts,
+            export_id: export_id.clone(),
+            exported_at: head.last_modified.clone(),
+            force_full,
+        };
+        let ledger = Ledger::new(
+            self.store.as_ref(),
+            &self.cfg.state_bucket,
+            format!("{}{}/ledger/", self.cfg.state_prefix, route.name),
+        );
+        let now = chrono::Utc::now().timestamp();
+        let claim_etag = match ledger
+            .claim(&export_id, now, self.cfg.lease_s, force_full)
+            .await
+        {
+            Ok(Claim::Acquired { etag }) => etag,
+            Ok(Claim::AlreadyComplete { report }) => {
+                info!(object = %uri, route = %route.name, "Export already synced; duplicate trigger is a no-op.");
+                return ObjectOutcome::Done(json!({
+                    "object": uri.to_string(), "route": route.name,
+                    "outcome": "duplicate_no_op", "report": report}));
+            }
+            Ok(Claim::Busy) => {
+                return ObjectOutcome::Retry(format!(
+                    "another invocation is syncing {uri} right now"
+                ));
+            }
+            Err(e) => return ObjectOutcome::Retry(e.to_string()),
+        };
+        info!(object = %uri, route = %route.name, parts = plan.parts.len(), force_full, "Starting export sync.");
+        let result = self.runner.run(&plan, remaining_ms).await;
+        let (status, report, outcome) = match result {
+            Ok(o) => (
+                if o.complete {
+                    LedgerStatus::Complete
+                } else {
+                    LedgerStatus::Incomplete
+                },
+                o.report.clone(),
+                ObjectOutcome::Done(json!({
+                    "object": uri.to_string(), "route": route.name,
+                    "outcome": if o.complete {"synced"} else {"incomplete"},
+                    "report": o.report, "summary": o.summary})),
+            ),
+            Err(RunError::Retryable(reason)) => {
+                warn!(object = %uri, error = %reason, "Export sync failed; it will be retried.");
+                (LedgerStatus::Incomplete, None, ObjectOutcome::Retry(reason))
+            }
+            Err(RunError::Permanent { message, report }) => {
+                warn!(object = %uri, error = %message, "Export sync failed permanently; see the report.");
+                (
+                    LedgerStatus::Failed,
+                    report.clone(),
+                    ObjectOutcome::Done(json!({
+                        "object": uri.to_string(), "route": route.name,
+                        "outcome": "failed", "error": message, "report": report})),
+                )
+            }
+        };
+        if let Err(e) = ledger.finish(&export_id, &claim_etag, status, report).await {
+            warn!(object = %uri, error = %e, "Could not record the run in the ledger.");
+        }
+        outcome
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> HandlerConfig {
+        HandlerConfig {
+            state_bucket: "state".into(),
+            output_prefixes: vec!["bridge/".into()],
+            state_prefix: "bridge/state/".into(),
+            routes: vec![
+                RouteBinding {
+                    name: "customers".into(),
+                    bucket: None,
+                    prefix: "amperity/customers/".into(),
+                    marker_suffix: None,
+                },
+                RouteBinding {
+                    name: "audiences".into(),
+                    bucket: None,
+                    prefix: "amperity/audiences/".into(),
+                    marker_suffix: Some(".DONE".into()),
+                },
+            ],
+            lease_s: 900,
+        }
+    }
+
+    #[test]
+    fn own_outputs_never_start_a_sync() {
+        let d = decide(
+            &cfg(),
+            &S3Uri::new("state", "bridge/state/customers/head.json"),
+        );
+        assert!(matches!(d, Decision::Ignore(_)));
+    }
+
+    #[test]
+    fn object_under_no_route_is_ignored() {
+        assert!(matches!(
+            decide(&cfg(), &S3Uri::new("x", "other/file.csv")),
+            Decision::Ignore(_)
+        ));
+    }
+
+    #[test]
+    fn marker_mode_parts_wait_for_the_marker() {
+        assert!(matches!(
+            decide(
+                &cfg(),
+                &S3Uri::new("x", "amperity/audiences/run1/part-0001.csv")
+            ),
+            Decision::Ignore(_)
+        ));
+        assert!(matches!(
+            decide(&cfg(), &S3Uri::new("x", "amperity/audiences/run1/.DONE")),
+            Decision::Run(_)
+        ));
+    }
+
+    #[test]
+    fn marker_parts_are_the_folder_in_key_order_without_markers() {
+        let meta = |k: &str| ObjectMeta {
+            key: k.into(),
+            ..Default::default()
+        };
+        let listing = vec![
+            meta("a/run1/part-0002.csv"),
+            meta("a/run1/.DONE"),
+            meta("a/run1/part-0001.csv"),
+            meta("a/run1/sub/x.csv"),
+            meta("a/run10/part-0001.csv"),
+        ];
+        let parts = parts_of_marker(&listing, &S3Uri::new("b", "a/run1/.DONE"), ".DONE");
+        let keys: Vec<_> = parts.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["a/run1/part-0001.csv", "a/run1/part-0002.csv"]);
+    }
+}

@@ -14,6 +14,7 @@ pub mod config;
 pub mod deliver;
 pub mod delta;
 pub mod handler;
+pub mod ledger;
 pub mod map;
 pub mod model;
 pub mod rate_limit;

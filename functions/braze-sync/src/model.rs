@@ -123,6 +123,38 @@ impl UserDelta {
     }
 }
 
+/// How the sender finished with one [`UserDelta`]: every delta handed to
+/// [`deliver`](crate::deliver::deliver) comes back as exactly one outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeliveryOutcome {
+    /// Braze accepted the attribute object (a 2xx that did not list it in `errors[]`): the
+    /// snapshot may advance for it.
+    Confirmed(UserDelta),
+    /// Braze refused this object (listed in a 2xx `errors[]`, a permanent 4xx for its request,
+    /// or the object alone is over the request size limit). Sending it again unchanged will
+    /// fail the same way: it belongs in the rejects object with `reason`.
+    Rejected {
+        /// The refused delta.
+        delta: UserDelta,
+        /// Braze's message (or ours, when it never left), never containing the API key.
+        reason: String,
+    },
+    /// Not sent, or not known to be applied: the deadline came, the run was stopped (refused
+    /// key), or transient failures outlasted the retry budget. The snapshot must not advance;
+    /// the next run or a replay sends it again.
+    Unsent(UserDelta),
+}
+
+impl DeliveryOutcome {
+    /// The delta this outcome is about.
+    pub fn delta(&self) -> &UserDelta {
+        match self {
+            DeliveryOutcome::Confirmed(d) | DeliveryOutcome::Unsent(d) => d,
+            DeliveryOutcome::Rejected { delta, .. } => delta,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

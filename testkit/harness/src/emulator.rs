@@ -83,7 +83,10 @@ impl FunctionUnderEmulator {
                     .create(true)
                     .append(true)
                     .open(p)?;
-                (std::process::Stdio::from(f.try_clone()?), std::process::Stdio::from(f))
+                (
+                    std::process::Stdio::from(f.try_clone()?),
+                    std::process::Stdio::from(f),
+                )
             }
             None => (std::process::Stdio::null(), std::process::Stdio::null()),
         };

@@ -8,6 +8,8 @@ pub mod emulator;
 pub mod moto;
 pub mod paths;
 pub mod poller;
+pub mod samples;
+// pub mod stack;
 
 pub use emulator::FunctionUnderEmulator;
 pub use moto::Moto;

@@ -94,7 +94,10 @@ impl Poller {
                 idle_rounds = 0;
             }
             if tokio::time::Instant::now() > deadline {
-                anyhow::bail!("queue {} not drained: {pending} messages pending", self.queue_url);
+                anyhow::bail!(
+                    "queue {} not drained: {pending} messages pending",
+                    self.queue_url
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

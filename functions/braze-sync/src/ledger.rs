@@ -1,0 +1,236 @@
+//! The run ledger: one small object per export (`<state prefix><route>/ledger/<export id>.json`)
+//! that makes duplicate notifications and unchanged re-uploads no-ops. An invocation claims an
+//! export with a create-only write (a lease); a second invocation for the same export sees the
+//! claim and stands back; a finished run marks it `complete`. Only a *complete* entry blocks a
+//! later run, so an export whose run was cut short or left rejects can be replayed.
+
+use std::collections::BTreeMap;
+
+use bridge_shared::{ObjectStore, PutCondition, S3Uri, StoreError};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// What the ledger says of an export.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LedgerStatus {
+    /// An invocation is syncing it until `lease_until`.
+    Running,
+    /// Everything was confirmed or found unchanged; a duplicate trigger is a no-op.
+    Complete,
+    /// The run ended with work left (unsent users, transient failure); a replay continues it.
+    Incomplete,
+    /// The run failed permanently (unreadable file, bad config); see the report.
+    Failed,
+}
+
+/// One ledger entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    /// Status.
+    pub status: LedgerStatus,
+    /// The export id (`s3://bucket/key` + ETag/version).
+    pub export_id: String,
+    /// Lease expiry, epoch seconds (only meaningful while `running`).
+    pub lease_until: i64,
+    /// The report of the last run, when there is one.
+    pub report: Option<String>,
+}
+
+/// The outcome of trying to claim an export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// We own the run; keep the ETag to finish it.
+    Acquired {
+        /// ETag of our claim.
+        etag: String,
+    },
+    /// A complete run already exists: nothing to do.
+    AlreadyComplete {
+        /// Its report.
+        report: Option<String>,
+    },
+    /// Another invocation holds a live lease.
+    Busy,
+}
+
+/// Ledger errors.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The store failed.
+    #[error("ledger: {0}")]
+    Store(#[from] StoreError),
+    /// An entry does not parse.
+    #[error("ledger entry {uri} is not valid: {reason}")]
+    Corrupt {
+        /// The entry.
+        uri: S3Uri,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The ledger of one route.
+pub struct Ledger<'a> {
+    store: &'a dyn ObjectStore,
+    bucket: String,
+    prefix: String,
+}
+
+/// A file-name-safe id for an export: a hash of bucket, key and ETag/version.
+pub fn entry_name(export_id: &str) -> String {
+    format!(
+        "{:032x}.json",
+        xxhash_rust::xxh3::xxh3_128(export_id.as_bytes())
+    )
+}
+
+impl<'a> Ledger<'a> {
+    /// The ledger under `s3://bucket/<prefix>` (prefix ends with `/`).
+    pub fn new(store: &'a dyn ObjectStore, bucket: &str, prefix: String) -> Self {
+        Self {
+            store,
+            bucket: bucket.to_string(),
+            prefix,
+        }
+    }
+
+    fn uri(&self, export_id: &str) -> S3Uri {
+        S3Uri::new(
+            &self.bucket,
+            format!("{}{}", self.prefix, entry_name(export_id)),
+        )
+    }
+
+    /// Claims `export_id` for `lease_s` seconds from `now`. `force` takes over any entry that
+    /// is not running (a forced replay).
+    pub async fn claim(
+        &self,
+        export_id: &str,
+        now: i64,
+        lease_s: i64,
+        force: bool,
+    ) -> Result<Claim, LedgerError> {
+        let uri = self.uri(export_id);
+        let entry = LedgerEntry {
+            status: LedgerStatus::Running,
+            export_id: export_id.to_string(),
+            lease_until: now + lease_s,
+            report: None,
+        };
+        let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
+        match self
+            .store
+            .put(&uri, body.clone(), PutCondition::IfAbsent, BTreeMap::new())
+            .await
+        {
+            Ok(meta) => return Ok(Claim::Acquired { etag: meta.etag }),
+            Err(StoreError::PreconditionFailed { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let (meta, bytes) = self.store.get(&uri).await?;
+        let current: LedgerEntry =
+            serde_json::from_slice(&bytes).map_err(|e| LedgerError::Corrupt {
+                uri: uri.clone(),
+                reason: e.to_string(),
+            })?;
+        match current.status {
+            LedgerStatus::Running if current.lease_until > now => return Ok(Claim::Busy),
+            LedgerStatus::Complete if !force => {
+                return Ok(Claim::AlreadyComplete {
+                    report: current.report,
+                });
+            }
+            _ => {}
+        }
+        match self
+            .store
+            .put(
+                &uri,
+                body,
+                PutCondition::IfMatch(meta.etag),
+                BTreeMap::new(),
+            )
+            .await
+        {
+            Ok(meta) => Ok(Claim::Acquired { etag: meta.etag }),
+            Err(StoreError::PreconditionFailed { .. }) => Ok(Claim::Busy),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Records how the run ended (only if our claim is still the current entry).
+    pub async fn finish(
+        &self,
+        export_id: &str,
+        claim_etag: &str,
+        status: LedgerStatus,
+        report: Option<String>,
+    ) -> Result<(), LedgerError> {
+        let entry = LedgerEntry {
+            status,
+            export_id: export_id.to_string(),
+            lease_until: 0,
+            report,
+        };
+        let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
+        self.store
+            .put(
+                &self.uri(export_id),
+                body,
+                PutCondition::IfMatch(claim_etag.to_string()),
+                BTreeMap::new(),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use bridge_shared::object_store::MemoryStore;
+
+    #[tokio::test]
+    async fn second_claim_of_a_complete_export_is_a_no_op() {
+        let store = MemoryStore::new();
+        let l = Ledger::new(&store, "state", "s/r/ledger/".into());
+        let Claim::Acquired { etag } = l.claim("x", 100, 60, false).await.unwrap() else {
+            panic!("first claim must acquire")
+        };
+        assert_eq!(l.claim("x", 110, 60, false).await.unwrap(), Claim::Busy);
+        l.finish("x", &etag, LedgerStatus::Complete, Some("r.json".into()))
+            .await
+            .unwrap();
+        assert_eq!(
+            l.claim("x", 120, 60, false).await.unwrap(),
+            Claim::AlreadyComplete {
+                report: Some("r.json".into())
+            }
+        );
+        assert!(matches!(
+            l.claim("x", 120, 60, true).await.unwrap(),
+            Claim::Acquired { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_expired_lease_or_incomplete_run_can_be_taken_over() {
+        let store = MemoryStore::new();
+        let l = Ledger::new(&store, "state", "p/".into());
+        let Claim::Acquired { etag } = l.claim("y", 100, 60, false).await.unwrap() else {
+            panic!()
+        };
+        assert!(matches!(
+            l.claim("y", 200, 60, false).await.unwrap(),
+            Claim::Acquired { .. }
+        ));
+        // Our old claim lost its place: finishing with it fails.
+        assert!(
+            l.finish("y", &etag, LedgerStatus::Complete, None)
+                .await
+                .is_err()
+        );
+    }
+}
