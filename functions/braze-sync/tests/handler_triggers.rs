@@ -1,0 +1,320 @@
+//! The Lambda edge over an in-memory store and a recording runner: trigger shapes, SQS
+//! partial batch failures, duplicates, forced replays, marker-mode exports and own outputs.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use braze_sync::handler::{
+    ExportPlan, ExportRunner, FORCE_FULL_METADATA, Handler, HandlerConfig, RouteBinding, RunError,
+    RunOutcome,
+};
+use bridge_shared::S3Uri;
+use bridge_shared::object_store::{MemoryStore, ObjectStore, PutCondition};
+use bytes::Bytes;
+use serde_json::{Value, json};
+
+#[derive(Default)]
+struct Recorder {
+    runs: Mutex<Vec<ExportPlan>>,
+    fail_keys: Mutex<Vec<(String, bool)>>,
+}
+
+#[async_trait]
+impl ExportRunner for Recorder {
+    async fn run(&self, plan: &ExportPlan, _: Option<u64>) -> Result<RunOutcome, RunError> {
+        self.runs.lock().unwrap().push(plan.clone());
+        if let Some((_, retryable)) = self
+            .fail_keys
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(k, _)| plan.trigger.key.contains(k.as_str()))
+        {
+            return Err(if *retryable {
+                RunError::Retryable("Braze answered 503".into())
+            } else {
+                RunError::Permanent {
+                    message: "unreadable".into(),
+                    report: None,
+                }
+            });
+        }
+        Ok(RunOutcome {
+            complete: true,
+            report: Some("r.json".into()),
+            summary: json!({}),
+        })
+    }
+}
+
+fn cfg() -> HandlerConfig {
+    HandlerConfig {
+        state_bucket: "acme-state".into(),
+        output_prefixes: vec!["bridge/".into()],
+        state_prefix: "bridge/state/".into(),
+        routes: vec![
+            RouteBinding {
+                name: "customers".into(),
+                bucket: None,
+                prefix: "amperity/customers/".into(),
+                marker_suffix: None,
+            },
+            RouteBinding {
+                name: "audiences".into(),
+                bucket: None,
+                prefix: "amperity/audiences/".into(),
+                marker_suffix: Some(".DONE".into()),
+            },
+        ],
+        lease_s: 900,
+    }
+}
+
+async fn put(store: &MemoryStore, bucket: &str, key: &str, body: &str, meta: &[(&str, &str)]) {
+    let meta: BTreeMap<String, String> = meta
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    store
+        .put(
+            &S3Uri::new(bucket, key),
+            Bytes::from(body.to_string()),
+            PutCondition::None,
+            meta,
+        )
+        .await
+        .unwrap();
+}
+
+fn s3_event(bucket: &str, raw_key: &str) -> Value {
+    json!({"Records": [{"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
+        "s3": {"bucket": {"name": bucket}, "object": {"key": raw_key, "size": 1}}}]})
+}
+
+fn sqs(messages: &[(&str, String)]) -> Value {
+    let records: Vec<Value> = messages
+        .iter()
+        .map(|(id, body)| {
+            json!({"messageId": id, "receiptHandle": "r", "body": body,
+            "eventSource": "aws:sqs", "eventSourceARN": "arn:aws:sqs:us-east-1:1:q",
+            "awsRegion": "us-east-1", "attributes": {}, "messageAttributes": {}, "md5OfBody": ""})
+        })
+        .collect();
+    json!({"Records": records})
+}
+
+fn setup() -> (Arc<MemoryStore>, Arc<Recorder>, Handler) {
+    let store = Arc::new(MemoryStore::new());
+    let rec = Arc::new(Recorder::default());
+    let h = Handler::new(cfg(), store.clone(), rec.clone());
+    (store, rec, h)
+}
+
+#[tokio::test]
+async fn direct_eventbridge_and_sqs_shapes_each_start_one_sync_with_decoded_keys() {
+    let (store, rec, h) = setup();
+    put(&store, "exp", "amperity/customers/a b+c.csv", "x", &[]).await;
+    put(&store, "exp", "amperity/customers/two.csv", "y", &[]).await;
+    put(&store, "exp", "amperity/customers/three.csv", "z", &[]).await;
+
+    h.handle(&s3_event("exp", "amperity/customers/a+b%2Bc.csv"), None)
+        .await
+        .unwrap();
+    let eb = json!({"version": "0", "id": "1", "detail-type": "Object Created", "source": "aws.s3",
+        "account": "1", "time": "t", "region": "us-east-1", "resources": [],
+        "detail": {"bucket": {"name": "exp"}, "object": {"key": "amperity/customers/two.csv"}}});
+    h.handle(&eb, None).await.unwrap();
+    let out = h
+        .handle(
+            &sqs(&[(
+                "m1",
+                s3_event("exp", "amperity/customers/three.csv").to_string(),
+            )]),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out["batchItemFailures"], json!([]));
+    let keys: Vec<String> = rec
+        .runs
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|p| p.trigger.key.clone())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "amperity/customers/a b+c.csv",
+            "amperity/customers/two.csv",
+            "amperity/customers/three.csv"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn sqs_batch_reports_only_the_failed_message() {
+    let (store, rec, h) = setup();
+    put(&store, "exp", "amperity/customers/ok.csv", "x", &[]).await;
+    put(&store, "exp", "amperity/customers/flaky.csv", "x", &[]).await;
+    rec.fail_keys.lock().unwrap().push(("flaky".into(), true));
+    let out = h
+        .handle(
+            &sqs(&[
+                (
+                    "m-ok",
+                    s3_event("exp", "amperity/customers/ok.csv").to_string(),
+                ),
+                (
+                    "m-flaky",
+                    s3_event("exp", "amperity/customers/flaky.csv").to_string(),
+                ),
+                ("m-garbage", "not json".to_string()),
+            ]),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        out["batchItemFailures"],
+        json!([{"itemIdentifier": "m-flaky"}])
+    );
+}
+
+#[tokio::test]
+async fn permanent_failure_is_acknowledged_not_retried() {
+    let (store, rec, h) = setup();
+    put(&store, "exp", "amperity/customers/bad.csv", "x", &[]).await;
+    rec.fail_keys.lock().unwrap().push(("bad".into(), false));
+    let out = h
+        .handle(
+            &sqs(&[(
+                "m1",
+                s3_event("exp", "amperity/customers/bad.csv").to_string(),
+            )]),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out["batchItemFailures"], json!([]));
+    assert_eq!(out["results"][0]["outcome"], "failed");
+}
+
+#[tokio::test]
+async fn the_same_notification_twice_syncs_once_and_reports_a_no_op() {
+    let (store, rec, h) = setup();
+    put(&store, "exp", "amperity/customers/a.csv", "x", &[]).await;
+    h.handle(&s3_event("exp", "amperity/customers/a.csv"), None)
+        .await
+        .unwrap();
+    let second = h
+        .handle(&s3_event("exp", "amperity/customers/a.csv"), None)
+        .await
+        .unwrap();
+    assert_eq!(rec.runs.lock().unwrap().len(), 1);
+    assert_eq!(second["results"][0]["outcome"], "duplicate_no_op");
+    // Changed content is a new export.
+    put(&store, "exp", "amperity/customers/a.csv", "changed", &[]).await;
+    h.handle(&s3_event("exp", "amperity/customers/a.csv"), None)
+        .await
+        .unwrap();
+    assert_eq!(rec.runs.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn force_full_metadata_replays_a_complete_export() {
+    let (store, rec, h) = setup();
+    put(&store, "exp", "amperity/customers/a.csv", "x", &[]).await;
+    h.handle(&s3_event("exp", "amperity/customers/a.csv"), None)
+        .await
+        .unwrap();
+    put(
+        &store,
+        "exp",
+        "amperity/customers/a.csv",
+        "x",
+        &[(FORCE_FULL_METADATA, "true")],
+    )
+    .await;
+    h.handle(&s3_event("exp", "amperity/customers/a.csv"), None)
+        .await
+        .unwrap();
+    let runs = rec.runs.lock().unwrap();
+    assert_eq!(runs.len(), 2);
+    assert!(!runs[0].force_full);
+    assert!(runs[1].force_full);
+}
+
+#[tokio::test]
+async fn a_retryable_failure_leaves_the_export_replayable() {
+    let (store, rec, h) = setup();
+    put(&store, "exp", "amperity/customers/a.csv", "x", &[]).await;
+    rec.fail_keys.lock().unwrap().push(("a.csv".into(), true));
+    assert!(
+        h.handle(&s3_event("exp", "amperity/customers/a.csv"), None)
+            .await
+            .is_err()
+    );
+    rec.fail_keys.lock().unwrap().clear();
+    let out = h
+        .handle(&s3_event("exp", "amperity/customers/a.csv"), None)
+        .await
+        .unwrap();
+    assert_eq!(out["results"][0]["outcome"], "synced");
+}
+
+#[tokio::test]
+async fn marker_mode_syncs_all_parts_once_when_the_marker_lands() {
+    let (store, rec, h) = setup();
+    for p in ["part-0002.csv", "part-0001.csv", "part-0003.csv"] {
+        let key = format!("amperity/audiences/run-1/{p}");
+        put(&store, "exp", &key, "x", &[]).await;
+        h.handle(&s3_event("exp", &key), None).await.unwrap();
+    }
+    assert!(
+        rec.runs.lock().unwrap().is_empty(),
+        "parts alone never sync"
+    );
+    put(&store, "exp", "amperity/audiences/run-1/.DONE", "", &[]).await;
+    h.handle(&s3_event("exp", "amperity/audiences/run-1/.DONE"), None)
+        .await
+        .unwrap();
+    let runs = rec.runs.lock().unwrap();
+    assert_eq!(runs.len(), 1);
+    let parts: Vec<&str> = runs[0].parts.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(
+        parts,
+        [
+            "amperity/audiences/run-1/part-0001.csv",
+            "amperity/audiences/run-1/part-0002.csv",
+            "amperity/audiences/run-1/part-0003.csv"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn uploads_into_the_state_prefix_and_test_events_start_nothing() {
+    let (store, rec, h) = setup();
+    put(
+        &store,
+        "acme-state",
+        "bridge/state/customers/head.json",
+        "{}",
+        &[],
+    )
+    .await;
+    h.handle(
+        &s3_event("acme-state", "bridge/state/customers/head.json"),
+        None,
+    )
+    .await
+    .unwrap();
+    h.handle(
+        &json!({"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": "exp"}),
+        None,
+    )
+    .await
+    .unwrap();
+    assert!(rec.runs.lock().unwrap().is_empty());
+}
