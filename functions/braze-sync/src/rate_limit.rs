@@ -1,1 +1,500 @@
-//! (to be written)
+//! Paces requests to Braze's `/users/track` rate limit. The budget comes from configuration
+//! (3,000 requests per 3 s per workspace by default, times this route's share when several syncs
+//! run at once) and is spent smoothly — one request every `window / budget`, with a small burst
+//! allowance — rather than all at the start of a window. The server's `X-RateLimit-Remaining` and
+//! `X-RateLimit-Reset` correct it: when fewer requests remain than we would send before the
+//! reset, sending slows to what remains; when none remain, or on a 429, sending pauses until the
+//! reset.
+//!
+//! [`LimiterCore`] is the pure scheduler (times are offsets from the limiter's start, so tests use
+//! a fake clock); [`RateLimiter`] wraps it for async callers.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::braze::RateLimitInfo;
+
+/// Braze's default `/users/track` limit: requests per window.
+pub const BRAZE_REQUESTS_PER_WINDOW: u32 = 3_000;
+/// Braze's `/users/track` window.
+pub const BRAZE_WINDOW: Duration = Duration::from_secs(3);
+
+/// The share of the workspace's rate limit this sender may use.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateBudget {
+    /// Requests the workspace may make per window (3,000 by default).
+    pub requests_per_window: u32,
+    /// The window (3 s).
+    pub window: Duration,
+    /// This sender's share of the workspace limit, in (0, 1] (e.g. 0.5 when two syncs share it).
+    pub share: f64,
+    /// Fraction of the share left unused to absorb network jitter (requests sent evenly still
+    /// arrive unevenly), e.g. 0.03.
+    pub headroom: f64,
+    /// Requests that may go at once after an idle spell, as a fraction of the per-window budget
+    /// (at least one).
+    pub burst_fraction: f64,
+    /// Resolution of `X-RateLimit-Reset` (whole seconds at Braze), allowed for when judging
+    /// whether the server has fewer requests left than planned.
+    pub reset_resolution: Duration,
+    /// Longest pause a 429 or an exhausted window can impose at once.
+    pub max_pause: Duration,
+}
+
+impl Default for RateBudget {
+    fn default() -> Self {
+        Self {
+            requests_per_window: BRAZE_REQUESTS_PER_WINDOW,
+            window: BRAZE_WINDOW,
+            share: 1.0,
+            headroom: 0.03,
+            burst_fraction: 0.01,
+            reset_resolution: Duration::from_secs(1),
+            max_pause: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RateBudget {
+    /// Requests this sender plans per window: `requests_per_window · share · (1 − headroom)`,
+    /// at least one.
+    pub fn planned_per_window(&self) -> f64 {
+        let share = if self.share.is_finite() && self.share > 0.0 {
+            self.share.min(1.0)
+        } else {
+            1.0
+        };
+        let headroom = if self.headroom.is_finite() {
+            self.headroom.clamp(0.0, 0.9)
+        } else {
+            0.0
+        };
+        (f64::from(self.requests_per_window) * share * (1.0 - headroom)).max(1.0)
+    }
+
+    /// Time between two requests at the planned rate.
+    pub fn interval(&self) -> Duration {
+        self.window
+            .max(Duration::from_millis(1))
+            .div_f64(self.planned_per_window())
+    }
+
+    /// Planned requests per second.
+    pub fn per_second(&self) -> f64 {
+        self.planned_per_window() / self.window.as_secs_f64().max(0.001)
+    }
+
+    /// Requests allowed back to back.
+    pub fn burst(&self) -> u32 {
+        let f = if self.burst_fraction.is_finite() {
+            self.burst_fraction.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        ((self.planned_per_window() * f) as u32).max(1)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Throttle {
+    interval: Duration,
+    until: Duration,
+}
+
+/// The pure scheduler. All times are offsets from the limiter's start.
+#[derive(Debug, Clone)]
+pub struct LimiterCore {
+    budget: RateBudget,
+    interval: Duration,
+    tolerance: Duration,
+    /// Theoretical arrival time of the next request (GCRA).
+    tat: Duration,
+    /// No request may start before this.
+    hold_until: Duration,
+    throttle: Option<Throttle>,
+}
+
+impl LimiterCore {
+    /// A scheduler for `budget`, with no history.
+    pub fn new(budget: RateBudget) -> Self {
+        let interval = budget.interval();
+        Self {
+            budget,
+            interval,
+            tolerance: interval.saturating_mul(budget.burst().saturating_sub(1)),
+            tat: Duration::ZERO,
+            hold_until: Duration::ZERO,
+            throttle: None,
+        }
+    }
+
+    /// The budget.
+    pub fn budget(&self) -> &RateBudget {
+        &self.budget
+    }
+
+    /// Time between requests right now (slower while throttled).
+    pub fn current_interval(&self, now: Duration) -> Duration {
+        match self.throttle {
+            Some(t) if now < t.until => t.interval.max(self.interval),
+            _ => self.interval,
+        }
+    }
+
+    /// Until when everything waits (a 429 or an exhausted window), if that is in the future.
+    pub fn paused_until(&self, now: Duration) -> Option<Duration> {
+        (self.hold_until > now).then_some(self.hold_until)
+    }
+
+    /// Reserves the next slot: the returned time (≥ `now`) is when the caller may send.
+    pub fn reserve(&mut self, now: Duration) -> Duration {
+        let interval = self.current_interval(now);
+        let earliest = now.max(self.hold_until);
+        let slot = earliest.max(self.tat.saturating_sub(self.tolerance));
+        self.tat = self.tat.max(slot) + interval;
+        slot
+    }
+
+    /// A slot reserved earlier is still good at `now` (no pause began that covers it).
+    pub fn still_valid(&self, now: Duration) -> bool {
+        now >= self.hold_until
+    }
+
+    /// Pauses every send until `until` (clamped to `max_pause` from now).
+    fn hold(&mut self, now: Duration, until: Duration) {
+        let until = until.min(now + self.budget.max_pause);
+        if until > self.hold_until {
+            self.hold_until = until;
+        }
+        self.tat = self.tat.max(self.hold_until);
+    }
+
+    /// A 429 arrived: pause until the reset (or a third of a window when the server gave none).
+    pub fn on_rate_limited(&mut self, now: Duration, reset_in: Option<Duration>) {
+        let wait = reset_in
+            .filter(|d| !d.is_zero())
+            .unwrap_or(self.budget.window / 3);
+        self.hold(now, now + wait);
+    }
+
+    /// A response told how many requests remain in the server's window and when it resets;
+    /// `in_flight` is how many of ours are still unanswered (they may count against it).
+    pub fn observe(
+        &mut self,
+        now: Duration,
+        remaining: Option<u64>,
+        reset_in: Option<Duration>,
+        in_flight: u64,
+    ) {
+        let (Some(remaining), Some(reset_in)) = (remaining, reset_in) else {
+            return;
+        };
+        if reset_in.is_zero() {
+            // A stale answer from a window that is already over.
+            return;
+        }
+        let until = now + reset_in;
+        let available = remaining.saturating_sub(in_flight);
+        if available == 0 {
+            self.hold(now, until);
+            return;
+        }
+        // What we would send before the reset at the planned rate, allowing for the reset's
+        // coarse resolution (the window may end up to `reset_resolution` before `until`).
+        let sure_time = reset_in.saturating_sub(self.budget.reset_resolution);
+        let planned = sure_time.as_secs_f64() / self.interval.as_secs_f64();
+        if (available as f64) < planned {
+            let interval = reset_in.div_f64(available as f64).max(self.interval);
+            self.throttle = Some(Throttle { interval, until });
+        } else if let Some(t) = self.throttle
+            && (until > t.until || now >= t.until)
+        {
+            // A new window with enough room: back to the planned rate.
+            self.throttle = None;
+        }
+    }
+}
+
+/// The async limiter shared by every in-flight request of a run.
+#[derive(Debug)]
+pub struct RateLimiter {
+    core: Mutex<LimiterCore>,
+    start: tokio::time::Instant,
+    epoch_at_start: f64,
+    in_flight: AtomicU64,
+    waits: AtomicU64,
+}
+
+impl RateLimiter {
+    /// A limiter for `budget`, starting now.
+    pub fn new(budget: RateBudget) -> Self {
+        let epoch_at_start = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        Self {
+            core: Mutex::new(LimiterCore::new(budget)),
+            start: tokio::time::Instant::now(),
+            epoch_at_start,
+            in_flight: AtomicU64::new(0),
+            waits: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> Duration {
+        tokio::time::Instant::now().saturating_duration_since(self.start)
+    }
+
+    /// The current UTC epoch time in seconds, derived from the monotonic clock (so a paused
+    /// test clock and `X-RateLimit-Reset` stay consistent).
+    pub fn epoch_now(&self) -> f64 {
+        self.epoch_at_start + self.now().as_secs_f64()
+    }
+
+    fn with_core<T>(&self, f: impl FnOnce(&mut LimiterCore) -> T) -> T {
+        match self.core.lock() {
+            Ok(mut g) => f(&mut g),
+            Err(poisoned) => f(&mut poisoned.into_inner()),
+        }
+    }
+
+    /// Waits for a send slot. The returned permit counts the request as in flight until it is
+    /// dropped; report the answer's headers through it.
+    pub async fn acquire(&self) -> Permit<'_> {
+        loop {
+            let now = self.now();
+            let slot = self.with_core(|c| c.reserve(now));
+            if slot > now {
+                self.waits.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep_until(self.start + slot).await;
+                let now = self.now();
+                if !self.with_core(|c| c.still_valid(now)) {
+                    continue;
+                }
+            }
+            self.in_flight.fetch_add(1, Ordering::Relaxed);
+            return Permit { limiter: self };
+        }
+    }
+
+    /// Requests sent and not yet answered.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// How often a caller had to wait for a slot.
+    pub fn waits(&self) -> u64 {
+        self.waits.load(Ordering::Relaxed)
+    }
+
+    fn observe(&self, rate: &RateLimitInfo, rate_limited: bool) {
+        let now = self.now();
+        let reset_in = rate.reset_in(self.epoch_now());
+        // Our own request is answered: it no longer counts as in flight.
+        let in_flight = self.in_flight().saturating_sub(1);
+        self.with_core(|c| {
+            if rate_limited {
+                c.on_rate_limited(now, reset_in);
+            } else {
+                c.observe(now, rate.remaining, reset_in, in_flight);
+            }
+        });
+    }
+}
+
+/// One request's slot; dropping it ends the request's in-flight count.
+#[derive(Debug)]
+pub struct Permit<'a> {
+    limiter: &'a RateLimiter,
+}
+
+impl Permit<'_> {
+    /// Reports a response's rate-limit headers; `rate_limited` for a 429.
+    pub fn observe(&self, rate: &RateLimitInfo, rate_limited: bool) {
+        self.limiter.observe(rate, rate_limited);
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        self.limiter.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+
+    fn budget(per_window: u32) -> RateBudget {
+        RateBudget {
+            requests_per_window: per_window,
+            headroom: 0.0,
+            ..Default::default()
+        }
+    }
+
+    /// Sends as fast as the core allows from `from` for `span`; returns the send times.
+    fn drain(core: &mut LimiterCore, from: Duration, span: Duration) -> Vec<Duration> {
+        let mut out = Vec::new();
+        let mut now = from;
+        loop {
+            let slot = core.reserve(now);
+            if slot >= from + span {
+                return out;
+            }
+            out.push(slot);
+            now = slot;
+        }
+    }
+
+    #[test]
+    fn budget_is_share_of_the_workspace_limit_minus_headroom() {
+        let b = RateBudget {
+            share: 0.5,
+            headroom: 0.1,
+            ..Default::default()
+        };
+        assert!((b.planned_per_window() - 1350.0).abs() < 1e-9);
+        assert!((b.per_second() - 450.0).abs() < 1e-9);
+        assert_eq!(budget(3000).interval(), ms(1));
+    }
+
+    #[test]
+    fn sends_are_spread_over_the_window_not_bunched_at_its_start() {
+        let mut core = LimiterCore::new(budget(3000));
+        let sends = drain(&mut core, Duration::ZERO, Duration::from_secs(3));
+        // 3,000 per 3 s plus the small burst allowance.
+        assert!(sends.len() <= 3000 + core.budget().burst() as usize);
+        assert!(sends.len() >= 2990);
+        // In the first 100 ms only about a thirtieth of the window's budget goes out.
+        let early = sends.iter().filter(|t| **t < ms(100)).count();
+        assert!(early <= 100 + core.budget().burst() as usize, "{early}");
+        // Every 3 s span (not only aligned windows) stays within budget + burst.
+        let mut core = LimiterCore::new(budget(300));
+        let sends = drain(&mut core, Duration::ZERO, Duration::from_secs(12));
+        for (i, t) in sends.iter().enumerate() {
+            let in_window = sends[i..]
+                .iter()
+                .take_while(|u| **u < *t + Duration::from_secs(3))
+                .count();
+            assert!(in_window <= 300 + core.budget().burst() as usize);
+        }
+    }
+
+    #[test]
+    fn a_429_pauses_everything_until_the_reset() {
+        let mut core = LimiterCore::new(budget(3000));
+        core.reserve(ms(10));
+        core.on_rate_limited(ms(20), Some(ms(1500)));
+        assert_eq!(core.paused_until(ms(20)), Some(ms(1520)));
+        assert!(!core.still_valid(ms(100)));
+        assert!(core.reserve(ms(30)) >= ms(1520));
+        assert!(core.still_valid(ms(1520)));
+    }
+
+    #[test]
+    fn a_429_without_reset_pauses_a_third_of_a_window() {
+        let mut core = LimiterCore::new(budget(3000));
+        core.on_rate_limited(ms(0), None);
+        assert_eq!(core.paused_until(ms(0)), Some(ms(1000)));
+    }
+
+    #[test]
+    fn pauses_are_bounded() {
+        let mut core = LimiterCore::new(budget(3000));
+        core.on_rate_limited(ms(0), Some(Duration::from_secs(3600)));
+        assert_eq!(core.paused_until(ms(0)), Some(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn exhausted_window_pauses_until_reset() {
+        let mut core = LimiterCore::new(budget(3000));
+        // 5 remain but 5 of ours are still in flight: nothing is left for new requests.
+        core.observe(ms(500), Some(5), Some(ms(700)), 5);
+        assert_eq!(core.paused_until(ms(500)), Some(ms(1200)));
+        assert!(core.reserve(ms(510)) >= ms(1200));
+    }
+
+    #[test]
+    fn fewer_remaining_than_planned_slows_down_until_the_reset() {
+        // Another sync is using the same workspace: 100 left for the next 2.5 s, while we
+        // planned ~1,500 in the 1.5 s we are sure of.
+        let mut core = LimiterCore::new(budget(3000));
+        core.observe(ms(500), Some(100), Some(ms(2500)), 0);
+        let sends = drain(&mut core, ms(500), ms(2500));
+        assert!(
+            sends.len() <= 101 + core.budget().burst() as usize,
+            "{}",
+            sends.len()
+        );
+        assert!(sends.len() >= 90);
+        // After the reset the planned rate is back.
+        let after = drain(&mut core, ms(3100), ms(1000));
+        assert!(after.len() >= 990, "{}", after.len());
+    }
+
+    #[test]
+    fn normal_remaining_counts_do_not_slow_a_lone_sender() {
+        // Alone at the planned rate, the server's count matches ours (up to the reset's
+        // one-second resolution): no throttle.
+        let mut core = LimiterCore::new(budget(3000));
+        core.observe(ms(1500), Some(1500), Some(ms(1500)), 40);
+        core.observe(ms(2900), Some(150), Some(ms(1100)), 40);
+        assert_eq!(core.current_interval(ms(2950)), ms(1));
+        let sends = drain(&mut core, ms(3000), ms(1000));
+        assert!(sends.len() >= 990);
+    }
+
+    #[test]
+    fn stale_answers_from_a_past_window_are_ignored() {
+        let mut core = LimiterCore::new(budget(3000));
+        core.observe(ms(500), Some(0), Some(Duration::ZERO), 0);
+        assert_eq!(core.paused_until(ms(500)), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn async_limiter_paces_and_counts_in_flight() {
+        let limiter = RateLimiter::new(RateBudget {
+            requests_per_window: 30,
+            headroom: 0.0,
+            burst_fraction: 0.0,
+            ..Default::default()
+        });
+        let start = tokio::time::Instant::now();
+        let mut permits = Vec::new();
+        for _ in 0..11 {
+            permits.push(limiter.acquire().await);
+        }
+        // 30 per 3 s: one every 100 ms; the 11th goes at 1 s.
+        assert_eq!(start.elapsed(), ms(1000));
+        assert_eq!(limiter.in_flight(), 11);
+        drop(permits);
+        assert_eq!(limiter.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn async_limiter_waits_out_a_429() {
+        let limiter = RateLimiter::new(budget(3000));
+        let p = limiter.acquire().await;
+        let reset = limiter.epoch_now() + 2.0;
+        p.observe(
+            &RateLimitInfo {
+                remaining: Some(0),
+                reset: Some(reset),
+                ..Default::default()
+            },
+            true,
+        );
+        drop(p);
+        let start = tokio::time::Instant::now();
+        let _p = limiter.acquire().await;
+        let waited = start.elapsed();
+        assert!(waited >= ms(1990) && waited <= ms(2010), "{waited:?}");
+    }
+}

@@ -1,1 +1,280 @@
-//! (to be written)
+//! The account of one run: a JSON report object (rows in, rejected, unchanged, users and
+//! attributes sent, Braze-rejected, retries by cause, 429s, requests, duration, achieved
+//! requests/s, outcome) written to S3, and CloudWatch EMF metrics under the same names.
+//! The sender fills the delivery side ([`RunReport::apply_delivery`]); the run fills the rows side.
+
+use std::collections::BTreeMap;
+
+use bridge_shared::metrics::{Metric, emf_line, emit};
+use bridge_shared::{ObjectStore, PutCondition, S3Uri, StoreError};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::deliver::{DeliveryStats, RetriesByCause, StopReason};
+
+/// CloudWatch namespace of braze-sync's metrics.
+pub const METRICS_NAMESPACE: &str = "AmperityBrazeBridge/BrazeSync";
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Every row was confirmed, rejected with a reason, or unchanged.
+    #[default]
+    Complete,
+    /// Some users are left unsent (deadline, transient failures); a replay continues.
+    Incomplete,
+    /// The run failed (refused key, unreadable export, bad config); see `error`.
+    Failed,
+    /// Nothing was done on purpose (an older export than the snapshot, a duplicate).
+    Skipped,
+    /// `--dry-run`: nothing was sent.
+    DryRun,
+}
+
+/// Retries by cause, as reported (the same shape as the sender's counters).
+pub type Retries = RetriesByCause;
+
+/// One run's report.
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+pub struct RunReport {
+    /// Unique id of this run.
+    pub run_id: String,
+    /// Route name.
+    pub route: String,
+    /// The export's id (trigger address + ETag/version).
+    pub export_id: Option<String>,
+    /// Objects read (`s3://bucket/key`), in order.
+    pub sources: Vec<String>,
+    /// Outcome.
+    pub status: RunStatus,
+    /// Start, RFC 3339.
+    pub started_at: Option<String>,
+    /// End, RFC 3339.
+    pub finished_at: Option<String>,
+    /// Data rows read.
+    pub rows_in: u64,
+    /// Rows refused before sending (unparseable, invalid values, no identifier).
+    pub rejected: u64,
+    /// Users whose attributes had not changed since Braze last confirmed them.
+    pub unchanged: u64,
+    /// Users (attribute objects) sent to Braze.
+    pub users_sent: u64,
+    /// Attributes in those objects.
+    pub attributes_sent: u64,
+    /// Users Braze confirmed.
+    pub users_confirmed: u64,
+    /// Users Braze refused (`errors[]`, permanent 4xx).
+    pub braze_rejected: u64,
+    /// Users not sent or not confirmed (deadline, outage); sent again by the next run.
+    pub users_unsent: u64,
+    /// Retries by cause.
+    pub retries_by_cause: Retries,
+    /// 429 answers.
+    pub http_429: u64,
+    /// HTTP requests to Braze.
+    pub requests: u64,
+    /// Whole run, seconds.
+    pub duration_s: f64,
+    /// Time spent delivering, seconds.
+    pub send_duration_s: f64,
+    /// Achieved requests per second while delivering.
+    pub requests_per_s: f64,
+    /// Why sending stopped early, if it did.
+    pub stopped: Option<StopReason>,
+    /// Where rejected rows were written.
+    pub rejects_object: Option<String>,
+    /// Remarks (skipped because older than the snapshot, deadline reached, ...).
+    pub notes: Vec<String>,
+    /// What failed, when `status` is `failed` (never contains the API key).
+    pub error: Option<String>,
+}
+
+impl RunReport {
+    /// An empty report for a run of `route`.
+    pub fn new(run_id: impl Into<String>, route: impl Into<String>) -> Self {
+        Self {
+            run_id: run_id.into(),
+            route: route.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Copies the sender's figures into the report.
+    pub fn apply_delivery(&mut self, d: &DeliveryStats) {
+        self.users_sent = d.users_sent;
+        self.attributes_sent = d.attributes_sent;
+        self.users_confirmed = d.users_confirmed;
+        self.braze_rejected = d.braze_rejected;
+        self.users_unsent = d.users_unsent;
+        self.retries_by_cause = d.retries_by_cause.clone();
+        self.http_429 = d.http_429;
+        self.requests = d.requests;
+        self.send_duration_s = d.duration_s;
+        self.requests_per_s = d.requests_per_s;
+        self.stopped = d.stopped;
+        if d.unmapped_errors > 0 {
+            self.notes.push(format!(
+                "{} Braze errors[] entries named no attribute object of their request",
+                d.unmapped_errors
+            ));
+        }
+        if d.batches_given_up > 0 {
+            self.notes.push(format!(
+                "{} batches exhausted their retries; their users are unsent",
+                d.batches_given_up
+            ));
+        }
+    }
+
+    /// The report as pretty JSON.
+    pub fn to_json(&self) -> Bytes {
+        Bytes::from(serde_json::to_vec_pretty(self).unwrap_or_default())
+    }
+
+    /// Writes the report to `uri` (overwriting: a replay of the same run id replaces it).
+    pub async fn put(&self, store: &dyn ObjectStore, uri: &S3Uri) -> Result<(), StoreError> {
+        let mut meta = BTreeMap::new();
+        meta.insert("content-type".to_string(), "application/json".to_string());
+        store
+            .put(uri, self.to_json(), PutCondition::None, meta)
+            .await
+            .map(|_| ())
+    }
+
+    /// The metrics, named like the report's fields (retries flattened to `retries_<cause>`).
+    pub fn metrics(&self) -> Vec<(&'static str, Metric)> {
+        let c = |v: u64| Metric::Count(v as f64);
+        let r = &self.retries_by_cause;
+        vec![
+            ("rows_in", c(self.rows_in)),
+            ("rejected", c(self.rejected)),
+            ("unchanged", c(self.unchanged)),
+            ("users_sent", c(self.users_sent)),
+            ("attributes_sent", c(self.attributes_sent)),
+            ("users_confirmed", c(self.users_confirmed)),
+            ("braze_rejected", c(self.braze_rejected)),
+            ("users_unsent", c(self.users_unsent)),
+            ("retries", c(r.total())),
+            ("retries_http_429", c(r.http_429)),
+            ("retries_http_5xx", c(r.http_5xx)),
+            ("retries_timeout", c(r.timeout)),
+            ("retries_connection", c(r.connection)),
+            ("retries_split_413", c(r.split_413)),
+            ("http_429", c(self.http_429)),
+            ("requests", c(self.requests)),
+            ("duration_s", Metric::Seconds(self.duration_s)),
+            ("send_duration_s", Metric::Seconds(self.send_duration_s)),
+            ("requests_per_s", Metric::PerSecond(self.requests_per_s)),
+        ]
+    }
+
+    /// The EMF line for these metrics (dimension `Route`).
+    pub fn emf_line(&self, timestamp_ms: i64) -> String {
+        emf_line(
+            METRICS_NAMESPACE,
+            &[("Route", self.route.as_str())],
+            &self.metrics(),
+            timestamp_ms,
+        )
+    }
+
+    /// Prints the EMF metrics line to stdout (CloudWatch picks it up from the Lambda's logs).
+    pub fn emit_metrics(&self) {
+        emit(
+            METRICS_NAMESPACE,
+            &[("Route", self.route.as_str())],
+            &self.metrics(),
+        );
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use bridge_shared::object_store::MemoryStore;
+    use serde_json::Value;
+
+    fn sample() -> RunReport {
+        let mut r = RunReport::new("run-1", "customers");
+        r.rows_in = 10;
+        r.rejected = 1;
+        r.unchanged = 4;
+        r.apply_delivery(&DeliveryStats {
+            users_sent: 5,
+            attributes_sent: 12,
+            users_confirmed: 4,
+            braze_rejected: 1,
+            requests: 3,
+            http_429: 1,
+            retries_by_cause: RetriesByCause {
+                http_429: 1,
+                http_5xx: 1,
+                ..Default::default()
+            },
+            duration_s: 1.5,
+            requests_per_s: 2.0,
+            ..Default::default()
+        });
+        r
+    }
+
+    #[test]
+    fn report_json_has_the_issue_fields() {
+        let v: Value = serde_json::from_slice(&sample().to_json()).unwrap();
+        for f in [
+            "rows_in",
+            "rejected",
+            "unchanged",
+            "users_sent",
+            "attributes_sent",
+            "braze_rejected",
+            "retries_by_cause",
+            "http_429",
+            "requests",
+            "duration_s",
+            "requests_per_s",
+            "route",
+            "sources",
+            "run_id",
+            "status",
+            "notes",
+            "error",
+        ] {
+            assert!(v.get(f).is_some(), "missing {f}");
+        }
+        assert_eq!(v["retries_by_cause"]["http_5xx"], 1);
+        assert_eq!(v["status"], "complete");
+        assert_eq!(v["users_sent"], 5);
+    }
+
+    #[test]
+    fn metrics_carry_the_report_names_and_values() {
+        let r = sample();
+        let line: Value = serde_json::from_str(&r.emf_line(1)).unwrap();
+        assert_eq!(line["Route"], "customers");
+        assert_eq!(line["users_sent"], 5.0);
+        assert_eq!(line["braze_rejected"], 1.0);
+        assert_eq!(line["retries_http_429"], 1.0);
+        assert_eq!(line["retries"], 2.0);
+        assert_eq!(line["requests_per_s"], 2.0);
+        let names: Vec<&str> = line["_aws"]["CloudWatchMetrics"][0]["Metrics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["Name"].as_str().unwrap())
+            .collect();
+        assert!(names.contains(&"rows_in") && names.contains(&"http_429"));
+    }
+
+    #[tokio::test]
+    async fn report_is_written_as_json() {
+        let store = MemoryStore::new();
+        let uri = S3Uri::new("state", "bridge/reports/customers/run-1.json");
+        sample().put(&store, &uri).await.unwrap();
+        let (_, body) = store.get(&uri).await.unwrap();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["run_id"], "run-1");
+    }
+}

@@ -1,1 +1,179 @@
-fn main() {}
+//! currents-normalize binary: under Lambda (`AWS_LAMBDA_RUNTIME_API` set) it serves
+//! invocations; otherwise it is the operator's CLI:
+//!
+//! ```text
+//! currents-normalize run s3://bucket/currents/…/file.avro [--dry-run]
+//! currents-normalize run-file ./file.avro --key 'currents/…/event_type=T/date=YYYY-MM-DD-HH/…/file.avro' --out ./lake [--dry-run]
+//! ```
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use bridge_shared::object_store::S3Store;
+use bridge_shared::runtime::is_lambda;
+use bridge_shared::trigger::ObjectRef;
+use bridge_shared::{S3Uri, logging};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use currents_normalize::config::Config;
+use currents_normalize::handler::Handler;
+use currents_normalize::local_store::LocalStore;
+use currents_normalize::quarantine::Keep;
+use currents_normalize::registry::Registry;
+use currents_normalize::report::{ObjectResult, Outcome, RunReport};
+use lambda_runtime::{LambdaEvent, service_fn};
+use serde_json::Value;
+
+/// Braze Currents Avro → Parquet tables for Amperity.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Normalize one Currents object in S3 (replay, backfill), writing where the Lambda would.
+    Run {
+        /// `s3://bucket/key` of the Currents object.
+        uri: String,
+        /// Convert and report, but write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Normalize a local Avro file into a local folder laid out like the bucket.
+    RunFile {
+        /// The Avro file.
+        path: PathBuf,
+        /// The Currents key the file was delivered under (gives event type, delivery hour,
+        /// schema id and the part id).
+        #[arg(long)]
+        key: String,
+        /// Output folder (receives `tables/`, `quarantine/`, `reports/`).
+        #[arg(long)]
+        out: PathBuf,
+        /// Convert and report, but write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    logging::init();
+    let cfg = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("currents-normalize: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let registry = match Registry::builtin() {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            eprintln!("currents-normalize: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if is_lambda() {
+        let store = Arc::new(S3Store::from_env().await);
+        let handler = Arc::new(Handler::new(cfg, store, registry));
+        let result = lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
+            let handler = handler.clone();
+            async move {
+                handler
+                    .handle(&event.payload, &event.context.request_id)
+                    .await
+            }
+        }))
+        .await;
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("currents-normalize: runtime error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { uri, dry_run } => {
+            let uri: S3Uri = match uri.parse() {
+                Ok(u) => u,
+                Err(e) => {
+                    eprintln!("currents-normalize: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let out_bucket = cfg.output_bucket(&uri.bucket).to_string();
+            let store = Arc::new(S3Store::from_env().await);
+            let handler = Handler::new(cfg, store, registry);
+            let obj = ObjectRef {
+                uri,
+                version_id: None,
+                etag: None,
+                size: None,
+                event_name: "cli".into(),
+            };
+            let started = chrono::Utc::now();
+            let result = handler.process(&obj, dry_run).await;
+            finish(&handler, &out_bucket, started, result, dry_run).await
+        }
+        Command::RunFile {
+            path,
+            key,
+            out,
+            dry_run,
+        } => {
+            let body = match std::fs::read(&path) {
+                Ok(b) => Bytes::from(b),
+                Err(e) => {
+                    eprintln!("currents-normalize: cannot read {}: {e}", path.display());
+                    return ExitCode::from(2);
+                }
+            };
+            let store = Arc::new(LocalStore::new(&out));
+            let handler = Handler::new(cfg, store, registry);
+            let source = S3Uri::new("local", key);
+            let started = chrono::Utc::now();
+            let keep = Keep::Upload(body.clone());
+            let result = handler
+                .process_bytes(&source, body, "local", keep, dry_run)
+                .await;
+            finish(&handler, "local", started, result, dry_run).await
+        }
+    }
+}
+
+async fn finish(
+    handler: &Handler,
+    bucket: &str,
+    started: chrono::DateTime<chrono::Utc>,
+    result: ObjectResult,
+    dry_run: bool,
+) -> ExitCode {
+    let outcome = result.outcome;
+    let report = RunReport::new(
+        format!("cli-{}", started.timestamp_millis()),
+        started,
+        chrono::Utc::now(),
+        vec![result],
+    );
+    if !dry_run
+        && outcome != Outcome::Ignored
+        && let Err(e) = handler.write_report(bucket, &report).await
+    {
+        eprintln!("currents-normalize: could not write the run report: {e}");
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&report).unwrap_or_default()
+    );
+    match outcome {
+        Outcome::Written | Outcome::Empty | Outcome::DryRun | Outcome::Ignored => ExitCode::SUCCESS,
+        Outcome::Quarantined => ExitCode::from(3),
+        Outcome::Retry => ExitCode::FAILURE,
+    }
+}

@@ -349,10 +349,7 @@ mod tests {
         let e = Endpoint::parse("https://rest.iad-03.braze.com").unwrap();
         assert_eq!(e.instance(), Some(Instance::Us03));
         let e = Endpoint::parse("https://braze.example.com/proxy").unwrap();
-        assert_eq!(
-            e.track_url(),
-            "https://braze.example.com/proxy/users/track"
-        );
+        assert_eq!(e.track_url(), "https://braze.example.com/proxy/users/track");
         assert_eq!(e.instance(), None);
     }
 

@@ -1,0 +1,403 @@
+//! The HTTP side of `POST /users/track`: one pooled, HTTP/2-capable `reqwest` client built once
+//! per container, and a classification of every answer (accepted with per-object `errors[]`,
+//! rate limited, server error, too large, refused key, other client error, timeout, dropped
+//! connection) together with the `X-RateLimit-*` headers. The API key only ever goes into a
+//! sensitive header; messages taken from responses are scrubbed of it.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use reqwest::StatusCode;
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
+use serde::Deserialize;
+
+use super::api_key::ApiKey;
+use super::endpoint::Endpoint;
+use super::{BrazeApi, ItemError, RateLimitInfo, TrackError, TrackResponse};
+
+/// Longest message kept from a response body.
+const MAX_MESSAGE_CHARS: usize = 500;
+
+/// Transport settings of the Braze client.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Whole-request timeout (connect, send, wait, read). A timed-out request is retried.
+    pub request_timeout: Duration,
+    /// TCP + TLS connect timeout.
+    pub connect_timeout: Duration,
+    /// How long an idle pooled connection is kept.
+    pub pool_idle_timeout: Duration,
+    /// `User-Agent` header.
+    pub user_agent: String,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            pool_idle_timeout: Duration::from_secs(60),
+            user_agent: concat!(
+                "amperity-braze-bridge/braze-sync/",
+                env!("CARGO_PKG_VERSION")
+            )
+            .to_string(),
+        }
+    }
+}
+
+/// The client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBuildError {
+    /// `reqwest` refused the settings (TLS backend, ...).
+    #[error("building the Braze HTTP client failed: {0}")]
+    Http(String),
+    /// The key cannot be put into a header.
+    #[error("the Braze API key cannot be used in an Authorization header")]
+    KeyNotAHeaderValue,
+}
+
+/// `POST /users/track` against one endpoint with one key.
+#[derive(Clone)]
+pub struct BrazeClient {
+    http: reqwest::Client,
+    endpoint: Endpoint,
+    track_url: String,
+    auth: HeaderValue,
+    key: ApiKey,
+}
+
+impl std::fmt::Debug for BrazeClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrazeClient")
+            .field("endpoint", &self.endpoint.to_string())
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+impl BrazeClient {
+    /// Builds the pooled HTTP client (rustls, HTTP/2 by ALPN, keep-alive) and the client. Call
+    /// once per container.
+    pub fn new(
+        endpoint: Endpoint,
+        key: ApiKey,
+        opts: &ClientOptions,
+    ) -> Result<Self, ClientBuildError> {
+        let http = reqwest::Client::builder()
+            .user_agent(opts.user_agent.clone())
+            .timeout(opts.request_timeout)
+            .connect_timeout(opts.connect_timeout)
+            .pool_idle_timeout(opts.pool_idle_timeout)
+            .tcp_nodelay(true)
+            .tcp_keepalive(Duration::from_secs(30))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| ClientBuildError::Http(e.to_string()))?;
+        Self::with_http_client(http, endpoint, key)
+    }
+
+    /// Uses an existing `reqwest::Client` (one per container).
+    pub fn with_http_client(
+        http: reqwest::Client,
+        endpoint: Endpoint,
+        key: ApiKey,
+    ) -> Result<Self, ClientBuildError> {
+        let mut auth = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
+            .map_err(|_| ClientBuildError::KeyNotAHeaderValue)?;
+        auth.set_sensitive(true);
+        Ok(Self {
+            track_url: endpoint.track_url(),
+            http,
+            endpoint,
+            auth,
+            key,
+        })
+    }
+
+    /// The endpoint this client talks to.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Replaces any occurrence of the key in text taken from a response.
+    fn scrub(&self, text: &str) -> String {
+        scrub_key(text, &self.key)
+    }
+}
+
+#[async_trait]
+impl BrazeApi for BrazeClient {
+    async fn track(&self, body: Bytes) -> Result<TrackResponse, TrackError> {
+        let sent = self
+            .http
+            .post(&self.track_url)
+            .header(AUTHORIZATION, self.auth.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await;
+        let resp = match sent {
+            Ok(r) => r,
+            Err(e) => return Err(transport_error(&e, &self.key)),
+        };
+        let status = resp.status();
+        let rate = rate_limit_info(resp.headers());
+        let bytes = match resp.bytes().await {
+            Ok(b) => b,
+            Err(e) => return Err(transport_error(&e, &self.key)),
+        };
+        classify(
+            status,
+            rate,
+            &bytes,
+            |t| self.scrub(t),
+            self.endpoint.host(),
+        )
+    }
+
+    fn describe(&self) -> String {
+        self.endpoint.to_string()
+    }
+}
+
+/// A transport failure as a retryable [`TrackError`].
+fn transport_error(e: &reqwest::Error, key: &ApiKey) -> TrackError {
+    let mut detail = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        detail.push_str(": ");
+        detail.push_str(&s.to_string());
+        source = s.source();
+    }
+    let detail = scrub_key(&detail, key);
+    if e.is_timeout() {
+        TrackError::Timeout { detail }
+    } else {
+        TrackError::Connection { detail }
+    }
+}
+
+fn scrub_key(text: &str, key: &ApiKey) -> String {
+    if key.expose().is_empty() {
+        text.to_string()
+    } else {
+        text.replace(key.expose(), "***")
+    }
+}
+
+/// Reads `X-RateLimit-Limit/Remaining/Reset` (header names are case-insensitive).
+pub fn rate_limit_info(headers: &HeaderMap) -> RateLimitInfo {
+    let num = |name: &str| -> Option<f64> {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .filter(|v| v.is_finite() && *v >= 0.0)
+    };
+    RateLimitInfo {
+        limit: num("x-ratelimit-limit").map(|v| v as u64),
+        remaining: num("x-ratelimit-remaining").map(|v| v as u64),
+        reset: num("x-ratelimit-reset"),
+        retry_after_s: num("retry-after"),
+    }
+}
+
+#[derive(Deserialize)]
+struct Body {
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    errors: Option<Vec<serde_json::Value>>,
+}
+
+/// Classifies one response (pure; `scrub` removes the key from messages).
+pub fn classify(
+    status: StatusCode,
+    rate: RateLimitInfo,
+    body: &[u8],
+    scrub: impl Fn(&str) -> String,
+    host: &str,
+) -> Result<TrackResponse, TrackError> {
+    let parsed: Option<Body> = serde_json::from_slice(body).ok();
+    let message = match &parsed {
+        Some(Body {
+            message: Some(m), ..
+        }) => scrub(&truncate(m)),
+        _ => scrub(&truncate(&String::from_utf8_lossy(body))),
+    };
+    let errors: Vec<ItemError> = parsed
+        .as_ref()
+        .and_then(|b| b.errors.as_ref())
+        .map(|es| es.iter().map(|e| item_error(e, &scrub)).collect())
+        .unwrap_or_default();
+    let code = status.as_u16();
+    if status.is_success() {
+        return Ok(TrackResponse {
+            status: code,
+            message,
+            errors,
+            rate,
+        });
+    }
+    Err(match code {
+        429 => TrackError::RateLimited { message, rate },
+        413 => TrackError::PayloadTooLarge { message, rate },
+        401 | 403 => TrackError::Unauthorized {
+            status: code,
+            message: format!(
+                "Braze refused the API key at {host} (HTTP {code} {message}): the key is \
+                 invalid, lacks the users.track permission, or belongs to another Braze \
+                 instance (check the instance / REST endpoint setting)"
+            ),
+        },
+        500..=599 => TrackError::Server {
+            status: code,
+            message,
+            rate,
+        },
+        408 => TrackError::Timeout {
+            detail: format!("HTTP 408 {message}"),
+        },
+        _ => TrackError::Rejected {
+            status: code,
+            message,
+            errors,
+            rate,
+        },
+    })
+}
+
+fn item_error(v: &serde_json::Value, scrub: &impl Fn(&str) -> String) -> ItemError {
+    let text = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+    let index = v.get("index").and_then(|i| {
+        i.as_u64()
+            .or_else(|| i.as_str().and_then(|s| s.parse().ok()))
+    });
+    let message = text("type")
+        .or_else(|| text("message"))
+        .unwrap_or_else(|| v.to_string());
+    ItemError {
+        index: index.map(|i| i as usize),
+        input_array: text("input_array"),
+        message: scrub(&truncate(&message)),
+    }
+}
+
+fn truncate(s: &str) -> String {
+    let s = s.trim();
+    if s.chars().count() <= MAX_MESSAGE_CHARS {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(MAX_MESSAGE_CHARS).collect();
+        t.push('…');
+        t
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn no_scrub(s: &str) -> String {
+        s.to_string()
+    }
+
+    #[test]
+    fn rate_limit_headers_are_read_in_any_case() {
+        let mut h = HeaderMap::new();
+        h.insert("X-RateLimit-Limit", HeaderValue::from_static("3000"));
+        h.insert("x-ratelimit-remaining", HeaderValue::from_static("2999"));
+        h.insert("X-RATELIMIT-RESET", HeaderValue::from_static("1700000003"));
+        let r = rate_limit_info(&h);
+        assert_eq!(r.limit, Some(3000));
+        assert_eq!(r.remaining, Some(2999));
+        assert_eq!(r.reset, Some(1_700_000_003.0));
+    }
+
+    #[test]
+    fn success_with_errors_lists_each_index_and_message() {
+        let body = br#"{"message":"success","attributes_processed":1,"errors":[{"type":"'external_id' or 'braze_id' or 'user_alias' is required","input_array":"attributes","index":1}]}"#;
+        let r = classify(
+            StatusCode::CREATED,
+            RateLimitInfo::default(),
+            body,
+            no_scrub,
+            "h",
+        )
+        .unwrap();
+        assert_eq!(r.errors.len(), 1);
+        assert_eq!(r.errors[0].index, Some(1));
+        assert_eq!(r.errors[0].input_array.as_deref(), Some("attributes"));
+        assert!(r.errors[0].message.contains("is required"));
+    }
+
+    #[test]
+    fn statuses_are_classified() {
+        let c = |s: u16, body: &[u8]| {
+            classify(
+                StatusCode::from_u16(s).unwrap(),
+                RateLimitInfo::default(),
+                body,
+                no_scrub,
+                "rest.iad-03.braze.com",
+            )
+        };
+        assert!(matches!(c(429, b"{}"), Err(TrackError::RateLimited { .. })));
+        assert!(matches!(
+            c(413, b""),
+            Err(TrackError::PayloadTooLarge { .. })
+        ));
+        assert!(matches!(
+            c(502, b"<html>bad gateway</html>"),
+            Err(TrackError::Server { status: 502, .. })
+        ));
+        assert!(matches!(
+            c(400, b"{\"message\":\"x\"}"),
+            Err(TrackError::Rejected { status: 400, .. })
+        ));
+        assert!(matches!(
+            c(404, b""),
+            Err(TrackError::Rejected { status: 404, .. })
+        ));
+        let Err(TrackError::Unauthorized { message, .. }) =
+            c(401, b"{\"message\":\"Invalid API Key\"}")
+        else {
+            panic!("401 must be Unauthorized")
+        };
+        assert!(message.contains("users.track"));
+        assert!(message.contains("another Braze instance"));
+        assert!(message.contains("rest.iad-03.braze.com"));
+        assert!(matches!(
+            c(403, b""),
+            Err(TrackError::Unauthorized { status: 403, .. })
+        ));
+    }
+
+    #[test]
+    fn messages_from_responses_are_scrubbed_of_the_key() {
+        let key = ApiKey::new("sekrit-key-123").unwrap();
+        let r = classify(
+            StatusCode::UNAUTHORIZED,
+            RateLimitInfo::default(),
+            br#"{"message":"Invalid API key: sekrit-key-123"}"#,
+            |t| scrub_key(t, &key),
+            "h",
+        );
+        let msg = format!("{:?} {}", r, r.as_ref().unwrap_err());
+        assert!(!msg.contains("sekrit-key-123"), "{msg}");
+    }
+
+    #[test]
+    fn client_debug_hides_the_key() {
+        let c = BrazeClient::new(
+            Endpoint::parse("http://127.0.0.1:1").unwrap(),
+            ApiKey::new("sekrit-key-456").unwrap(),
+            &ClientOptions::default(),
+        )
+        .unwrap();
+        assert!(!format!("{c:?}").contains("sekrit-key-456"));
+    }
+}

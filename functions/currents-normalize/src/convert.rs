@@ -1,0 +1,151 @@
+//! One Currents object, end to end and in memory: key → container → plan → rows → Parquet part,
+//! with where the part goes. Pure and synchronous; the handler does the I/O. Any error here is
+//! permanent for that object (the same bytes fail the same way) and sends it to quarantine;
+//! nothing is written for it.
+
+use crate::decode::{Container, DecodeError, Limits};
+use crate::encode::{EncodeError, PartWriter};
+use crate::key::{CurrentsKey, KeyError};
+use crate::normalize::{FileContext, NormalizeError, NormalizeStats, Normalizer, Plan};
+use crate::partition::{PartId, PartLocation};
+use crate::registry::Registry;
+use crate::schema::{SchemaError, WriterSchema};
+
+/// Settings for converting objects.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// Size guards.
+    pub limits: Limits,
+    /// Rows per Arrow batch handed to the Parquet writer.
+    pub batch_rows: usize,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            batch_rows: 16 * 1024,
+        }
+    }
+}
+
+/// A converted object.
+#[derive(Debug)]
+pub struct Converted {
+    /// Event type.
+    pub event_type: String,
+    /// Where the part goes.
+    pub location: PartLocation,
+    /// True when the event type is not in the registry (generic table).
+    pub unregistered: bool,
+    /// The table's registry version.
+    pub registry_version: u32,
+    /// The block codec of the source.
+    pub codec: &'static str,
+    /// The Parquet bytes; `None` when the file held no records.
+    pub parquet: Option<Vec<u8>>,
+    /// Counts.
+    pub stats: NormalizeStats,
+}
+
+/// Why an object cannot be converted; every variant is permanent.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    /// The key is not a Currents key.
+    #[error("key: {0}")]
+    Key(#[from] KeyError),
+    /// The bytes are not a readable container.
+    #[error("decode: {0}")]
+    Decode(#[from] DecodeError),
+    /// The writer schema is not usable.
+    #[error("schema: {0}")]
+    Schema(#[from] SchemaError),
+    /// Records do not fit the table.
+    #[error("normalize: {0}")]
+    Normalize(NormalizeError),
+    /// Parquet encoding failed.
+    #[error("encode: {0}")]
+    Encode(#[from] EncodeError),
+}
+
+impl ConvertError {
+    /// The step that failed, for quarantine reasons and metrics.
+    pub fn step(&self) -> &'static str {
+        match self {
+            ConvertError::Key(_) => "key",
+            ConvertError::Decode(_) => "decode",
+            ConvertError::Schema(_) => "schema",
+            ConvertError::Normalize(NormalizeError::Container(_)) => "decode",
+            ConvertError::Normalize(NormalizeError::Schema(_)) => "schema",
+            ConvertError::Normalize(NormalizeError::Contradiction { .. })
+            | ConvertError::Normalize(NormalizeError::EventTypeMismatch { .. }) => "registry",
+            ConvertError::Normalize(_) => "normalize",
+            ConvertError::Encode(_) => "encode",
+        }
+    }
+}
+
+impl From<NormalizeError> for ConvertError {
+    fn from(e: NormalizeError) -> Self {
+        match e {
+            NormalizeError::Container(d) => ConvertError::Decode(d),
+            NormalizeError::Schema(s) => ConvertError::Schema(s),
+            other => ConvertError::Normalize(other),
+        }
+    }
+}
+
+/// Converts one object's bytes. `source_key` is the object key (lineage and part id).
+pub fn convert(
+    bytes: &[u8],
+    source_key: &str,
+    key: &CurrentsKey,
+    registry: &Registry,
+    opts: &ConvertOptions,
+) -> Result<Converted, ConvertError> {
+    let container = Container::open(bytes, opts.limits)?;
+    let schema = WriterSchema::parse(container.schema_json)?;
+    let plan = Plan::new(schema, &key.event_type, registry)?;
+    let table = plan.table().clone();
+    let ctx = FileContext {
+        event_type: key.event_type.clone(),
+        source_key: source_key.to_string(),
+        delivery_hour_micros: key.delivery.timestamp_micros(),
+        schema_id: key.schema_id,
+        schema_version: key.schema_version,
+    };
+    let metadata = vec![
+        ("currents.source_key".to_string(), source_key.to_string()),
+        ("currents.event_type".to_string(), key.event_type.clone()),
+        ("currents.table".to_string(), table.table.clone()),
+        (
+            "currents.registry_version".to_string(),
+            table.version.to_string(),
+        ),
+    ];
+    let mut writer = PartWriter::new(table.schema.clone(), metadata)?;
+    // A rough row estimate (Currents events are a few hundred bytes) sizes the id set.
+    let expected_rows = (bytes.len() / 256).clamp(16, 200_000);
+    let normalizer = Normalizer::new(&plan, ctx, opts.batch_rows, expected_rows);
+    let stats = normalizer.run(&container, |batch| {
+        writer.write(&batch).map_err(|e| e.to_string())
+    })?;
+    let parquet = if stats.rows_out > 0 {
+        Some(writer.finish()?)
+    } else {
+        None
+    };
+    Ok(Converted {
+        event_type: key.event_type.clone(),
+        location: PartLocation {
+            table: table.table.clone(),
+            day: key.delivery.day,
+            id: PartId::for_source(source_key),
+        },
+        unregistered: table.generic,
+        registry_version: table.version,
+        codec: container.codec.name(),
+        parquet,
+        stats,
+    })
+}

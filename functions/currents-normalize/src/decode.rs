@@ -1,0 +1,711 @@
+//! Reading Avro object container files: the header (magic, metadata, writer schema, codec,
+//! sync marker), the data blocks with their sync markers, the `null`, `deflate` and `snappy`
+//! codecs (any other is refused), and the primitive datum reads every value is built from.
+//! Every length read from the file is checked against what is actually there and against
+//! [`Limits`] before anything is allocated, so a corrupt or hostile file fails with a
+//! positioned error instead of exhausting memory.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::io::Read;
+
+/// The four bytes every container file starts with.
+pub const MAGIC: &[u8; 4] = b"Obj\x01";
+const SYNC_LEN: usize = 16;
+
+/// Size guards for one file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest header (metadata) in bytes.
+    pub max_header_bytes: usize,
+    /// Largest block after decompression, in bytes.
+    pub max_block_bytes: usize,
+    /// Most records one block may claim.
+    pub max_block_records: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 16 << 20,
+            max_block_bytes: 256 << 20,
+            max_block_records: 10_000_000,
+        }
+    }
+}
+
+/// The compression codec of a file's blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    /// Uncompressed (also what a file without `avro.codec` uses).
+    Null,
+    /// Raw deflate (RFC 1951).
+    Deflate,
+    /// Snappy with a trailing big-endian CRC32 of the uncompressed block.
+    Snappy,
+}
+
+impl Codec {
+    /// The codec's name as the header spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Codec::Null => "null",
+            Codec::Deflate => "deflate",
+            Codec::Snappy => "snappy",
+        }
+    }
+}
+
+/// Why a container file cannot be read. Offsets are byte positions in the file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The object does not start with the Avro magic.
+    #[error("not an Avro object container file (first bytes {0:02x?})")]
+    NotAvro(Vec<u8>),
+    /// The file ends before a complete header or block.
+    #[error("file is truncated at byte {offset}: {what}")]
+    Truncated {
+        /// Where the missing bytes should have been.
+        offset: usize,
+        /// What was being read.
+        what: &'static str,
+    },
+    /// The header is malformed.
+    #[error("bad header at byte {offset}: {reason}")]
+    BadHeader {
+        /// Where.
+        offset: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The header names a codec this reader does not support.
+    #[error("unsupported codec {0:?} (supported: null, deflate, snappy)")]
+    UnsupportedCodec(String),
+    /// The header has no `avro.schema`.
+    #[error("header has no avro.schema")]
+    NoSchema,
+    /// A block's trailing sync marker differs from the header's.
+    #[error("block {block} at byte {offset}: sync marker does not match the header's")]
+    BadSync {
+        /// Block number, from 0.
+        block: usize,
+        /// Where the marker is.
+        offset: usize,
+    },
+    /// A block claims a size or record count beyond the limits or beyond the file.
+    #[error("block {block} at byte {offset}: {reason}")]
+    BlockTooLarge {
+        /// Block number, from 0.
+        block: usize,
+        /// Where the block starts.
+        offset: usize,
+        /// Which claim is absurd.
+        reason: String,
+    },
+    /// A block does not decompress.
+    #[error("block {block} at byte {offset}: {codec} data is corrupt: {reason}")]
+    Codec {
+        /// Block number.
+        block: usize,
+        /// Where the block starts.
+        offset: usize,
+        /// Codec name.
+        codec: &'static str,
+        /// The decompressor's message.
+        reason: String,
+    },
+}
+
+/// A container file's header and the position of its first block.
+#[derive(Debug, Clone)]
+pub struct Container<'a> {
+    /// The writer schema JSON (`avro.schema`).
+    pub schema_json: &'a str,
+    /// The block codec.
+    pub codec: Codec,
+    /// Every metadata entry (including `avro.schema` and `avro.codec`).
+    pub metadata: BTreeMap<String, &'a [u8]>,
+    sync: [u8; SYNC_LEN],
+    bytes: &'a [u8],
+    data_start: usize,
+    limits: Limits,
+}
+
+/// One data block: how many records it claims and its (decompressed) bytes.
+#[derive(Debug)]
+pub struct Block<'a> {
+    /// Block number, from 0.
+    pub index: usize,
+    /// Byte offset of the block in the file.
+    pub offset: usize,
+    /// Records the block claims to hold.
+    pub count: u64,
+    /// The records' bytes, borrowed for the null codec.
+    pub data: Cow<'a, [u8]>,
+}
+
+impl<'a> Container<'a> {
+    /// Reads the header of a container file held in memory.
+    pub fn open(bytes: &'a [u8], limits: Limits) -> Result<Self, DecodeError> {
+        if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+            return Err(DecodeError::NotAvro(bytes.iter().take(4).copied().collect()));
+        }
+        let mut c = Cursor::at(bytes, MAGIC.len());
+        let mut metadata = BTreeMap::new();
+        let header_err = |c: &Cursor<'_>, e: DatumError| match e {
+            DatumError::Eof => DecodeError::Truncated {
+                offset: c.pos,
+                what: "header",
+            },
+            other => DecodeError::BadHeader {
+                offset: c.pos,
+                reason: other.to_string(),
+            },
+        };
+        loop {
+            let mut count = c.read_long().map_err(|e| header_err(&c, e))?;
+            if count == 0 {
+                break;
+            }
+            if count < 0 {
+                count = count.checked_neg().ok_or_else(|| DecodeError::BadHeader {
+                    offset: c.pos,
+                    reason: "metadata block count out of range".into(),
+                })?;
+                c.read_long().map_err(|e| header_err(&c, e))?;
+            }
+            for _ in 0..count {
+                let key = c.read_str().map_err(|e| header_err(&c, e))?;
+                let value = c.read_bytes().map_err(|e| header_err(&c, e))?;
+                metadata.insert(key.to_string(), value);
+                if c.pos > limits.max_header_bytes {
+                    return Err(DecodeError::BadHeader {
+                        offset: c.pos,
+                        reason: format!("header larger than {} bytes", limits.max_header_bytes),
+                    });
+                }
+            }
+        }
+        let sync_bytes = c.take(SYNC_LEN).map_err(|_| DecodeError::Truncated {
+            offset: c.pos,
+            what: "header sync marker",
+        })?;
+        let mut sync = [0u8; SYNC_LEN];
+        sync.copy_from_slice(sync_bytes);
+        let codec = match metadata.get("avro.codec").copied() {
+            None | Some(b"null") | Some(b"") => Codec::Null,
+            Some(b"deflate") => Codec::Deflate,
+            Some(b"snappy") => Codec::Snappy,
+            Some(other) => {
+                return Err(DecodeError::UnsupportedCodec(
+                    String::from_utf8_lossy(other).into_owned(),
+                ));
+            }
+        };
+        let schema_bytes = metadata
+            .get("avro.schema")
+            .copied()
+            .ok_or(DecodeError::NoSchema)?;
+        let schema_json = std::str::from_utf8(schema_bytes).map_err(|_| DecodeError::BadHeader {
+            offset: 0,
+            reason: "avro.schema is not UTF-8".into(),
+        })?;
+        Ok(Self {
+            schema_json,
+            codec,
+            metadata,
+            sync,
+            bytes,
+            data_start: c.pos,
+            limits,
+        })
+    }
+
+    /// The data blocks in order. Stops at the first error.
+    pub fn blocks(&self) -> Blocks<'a, '_> {
+        Blocks {
+            container: self,
+            pos: self.data_start,
+            index: 0,
+            failed: false,
+        }
+    }
+}
+
+/// Iterator over a container's blocks.
+pub struct Blocks<'a, 'c> {
+    container: &'c Container<'a>,
+    pos: usize,
+    index: usize,
+    failed: bool,
+}
+
+impl<'a> Iterator for Blocks<'a, '_> {
+    type Item = Result<Block<'a>, DecodeError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed || self.pos >= self.container.bytes.len() {
+            return None;
+        }
+        let r = self.read_block();
+        if r.is_err() {
+            self.failed = true;
+        }
+        Some(r)
+    }
+}
+
+impl<'a> Blocks<'a, '_> {
+    fn read_block(&mut self) -> Result<Block<'a>, DecodeError> {
+        let bytes = self.container.bytes;
+        let limits = self.container.limits;
+        let start = self.pos;
+        let block = self.index;
+        let mut c = Cursor::at(bytes, start);
+        let too_large = |reason: String| DecodeError::BlockTooLarge {
+            block,
+            offset: start,
+            reason,
+        };
+        let framing = |c: &Cursor<'_>, e: DatumError| match e {
+            DatumError::Eof => DecodeError::Truncated {
+                offset: c.pos,
+                what: "block header",
+            },
+            other => too_large(other.to_string()),
+        };
+        let count = c.read_long().map_err(|e| framing(&c, e))?;
+        let size = c.read_long().map_err(|e| framing(&c, e))?;
+        if count < 0 || size < 0 {
+            return Err(too_large(format!(
+                "negative record count {count} or size {size}"
+            )));
+        }
+        let count = count as u64;
+        if count > limits.max_block_records {
+            return Err(too_large(format!(
+                "claims {count} records (limit {})",
+                limits.max_block_records
+            )));
+        }
+        let size = size as u64;
+        let remaining = (bytes.len() - c.pos) as u64;
+        if size > remaining {
+            return Err(DecodeError::Truncated {
+                offset: bytes.len(),
+                what: if size > limits.max_block_bytes as u64 {
+                    "block data (the block claims more bytes than the file has)"
+                } else {
+                    "block data"
+                },
+            });
+        }
+        let raw = c.take(size as usize).map_err(|e| framing(&c, e))?;
+        let sync_at = c.pos;
+        let sync = c.take(SYNC_LEN).map_err(|_| DecodeError::Truncated {
+            offset: sync_at,
+            what: "block sync marker",
+        })?;
+        if sync != self.container.sync {
+            return Err(DecodeError::BadSync {
+                block,
+                offset: sync_at,
+            });
+        }
+        let data = decompress(self.container.codec, raw, limits.max_block_bytes).map_err(
+            |reason| match reason {
+                CodecFailure::TooLarge(n) => too_large(format!(
+                    "decompresses to more than {n} bytes (limit {})",
+                    limits.max_block_bytes
+                )),
+                CodecFailure::Corrupt(reason) => DecodeError::Codec {
+                    block,
+                    offset: start,
+                    codec: self.container.codec.name(),
+                    reason,
+                },
+            },
+        )?;
+        if count > data.len() as u64 && count > 0 {
+            // Every Currents record carries at least an id, so a record is at least one byte;
+            // a block claiming more records than bytes is lying about its count.
+            return Err(too_large(format!(
+                "claims {count} records in {} bytes",
+                data.len()
+            )));
+        }
+        self.pos = c.pos;
+        self.index += 1;
+        Ok(Block {
+            index: block,
+            offset: start,
+            count,
+            data,
+        })
+    }
+}
+
+enum CodecFailure {
+    TooLarge(usize),
+    Corrupt(String),
+}
+
+fn decompress(codec: Codec, raw: &[u8], limit: usize) -> Result<Cow<'_, [u8]>, CodecFailure> {
+    match codec {
+        Codec::Null => Ok(Cow::Borrowed(raw)),
+        Codec::Deflate => {
+            let mut out = Vec::with_capacity(raw.len().saturating_mul(4).min(limit));
+            let mut dec = flate2::read::DeflateDecoder::new(raw).take(limit as u64 + 1);
+            dec.read_to_end(&mut out)
+                .map_err(|e| CodecFailure::Corrupt(e.to_string()))?;
+            if out.len() > limit {
+                return Err(CodecFailure::TooLarge(limit));
+            }
+            Ok(Cow::Owned(out))
+        }
+        Codec::Snappy => {
+            let data_end = raw
+                .len()
+                .checked_sub(4)
+                .ok_or_else(|| CodecFailure::Corrupt("block shorter than its CRC".into()))?;
+            let (data, crc) = raw.split_at(data_end);
+            let len = snap::raw::decompress_len(data)
+                .map_err(|e| CodecFailure::Corrupt(e.to_string()))?;
+            if len > limit {
+                return Err(CodecFailure::TooLarge(limit));
+            }
+            let mut out = vec![0u8; len];
+            let n = snap::raw::Decoder::new()
+                .decompress(data, &mut out)
+                .map_err(|e| CodecFailure::Corrupt(e.to_string()))?;
+            out.truncate(n);
+            let expected = u32::from_be_bytes([crc[0], crc[1], crc[2], crc[3]]);
+            let actual = crc32fast::hash(&out);
+            if expected != actual {
+                return Err(CodecFailure::Corrupt(format!(
+                    "CRC32 mismatch (expected {expected:08x}, got {actual:08x})"
+                )));
+            }
+            Ok(Cow::Owned(out))
+        }
+    }
+}
+
+/// What went wrong reading one datum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DatumError {
+    /// The bytes end mid-value.
+    #[error("unexpected end of data")]
+    Eof,
+    /// A varint runs over 10 bytes or overflows.
+    #[error("malformed variable-length integer")]
+    BadVarint,
+    /// An `int` value does not fit 32 bits.
+    #[error("int value out of range")]
+    IntRange,
+    /// A length or count is negative or larger than the data left.
+    #[error("length {0} is negative or exceeds the data left")]
+    BadLength(i64),
+    /// A string is not UTF-8.
+    #[error("string is not valid UTF-8")]
+    BadUtf8,
+    /// A boolean byte is neither 0 nor 1.
+    #[error("boolean byte {0} is neither 0 nor 1")]
+    BadBool(u8),
+    /// A union or enum index is out of range.
+    #[error("index {0} is out of range")]
+    BadIndex(i64),
+    /// Nested deeper than the decoder allows.
+    #[error("value nested too deep")]
+    TooDeep,
+}
+
+/// A read position over bytes.
+#[derive(Debug, Clone)]
+pub struct Cursor<'a> {
+    buf: &'a [u8],
+    /// Current position.
+    pub pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    /// A cursor at the start of `buf`.
+    pub fn new(buf: &'a [u8]) -> Self {
+        Self { buf, pos: 0 }
+    }
+
+    /// A cursor at `pos`.
+    pub fn at(buf: &'a [u8], pos: usize) -> Self {
+        Self { buf, pos }
+    }
+
+    /// Bytes left.
+    #[inline]
+    pub fn remaining(&self) -> usize {
+        self.buf.len().saturating_sub(self.pos)
+    }
+
+    /// Takes the next `n` bytes.
+    #[inline]
+    pub fn take(&mut self, n: usize) -> Result<&'a [u8], DatumError> {
+        let end = self.pos.checked_add(n).ok_or(DatumError::Eof)?;
+        let s = self.buf.get(self.pos..end).ok_or(DatumError::Eof)?;
+        self.pos = end;
+        Ok(s)
+    }
+
+    /// Reads a zig-zag varint `long`.
+    #[inline]
+    pub fn read_long(&mut self) -> Result<i64, DatumError> {
+        let mut value: u64 = 0;
+        let mut shift = 0u32;
+        loop {
+            let b = *self.buf.get(self.pos).ok_or(DatumError::Eof)?;
+            self.pos += 1;
+            if shift == 63 && b > 1 {
+                return Err(DatumError::BadVarint);
+            }
+            value |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+            if shift > 63 {
+                return Err(DatumError::BadVarint);
+            }
+        }
+        Ok(((value >> 1) as i64) ^ -((value & 1) as i64))
+    }
+
+    /// Reads an `int` (a varint that must fit 32 bits).
+    #[inline]
+    pub fn read_int(&mut self) -> Result<i32, DatumError> {
+        i32::try_from(self.read_long()?).map_err(|_| DatumError::IntRange)
+    }
+
+    /// Reads a non-negative length that fits the remaining data.
+    #[inline]
+    pub fn read_len(&mut self) -> Result<usize, DatumError> {
+        let n = self.read_long()?;
+        if n < 0 || n as u64 > self.remaining() as u64 {
+            return Err(DatumError::BadLength(n));
+        }
+        Ok(n as usize)
+    }
+
+    /// Reads length-prefixed bytes.
+    #[inline]
+    pub fn read_bytes(&mut self) -> Result<&'a [u8], DatumError> {
+        let n = self.read_len()?;
+        self.take(n)
+    }
+
+    /// Reads a length-prefixed UTF-8 string.
+    #[inline]
+    pub fn read_str(&mut self) -> Result<&'a str, DatumError> {
+        std::str::from_utf8(self.read_bytes()?).map_err(|_| DatumError::BadUtf8)
+    }
+
+    /// Reads a `float`.
+    #[inline]
+    pub fn read_f32(&mut self) -> Result<f32, DatumError> {
+        let b = self.take(4)?;
+        Ok(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    /// Reads a `double`.
+    #[inline]
+    pub fn read_f64(&mut self) -> Result<f64, DatumError> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(f64::from_le_bytes(a))
+    }
+
+    /// Reads a `boolean`.
+    #[inline]
+    pub fn read_bool(&mut self) -> Result<bool, DatumError> {
+        match self.take(1)?[0] {
+            0 => Ok(false),
+            1 => Ok(true),
+            b => Err(DatumError::BadBool(b)),
+        }
+    }
+
+    /// Reads an array or map block header: the item count of the next block (0 ends the
+    /// value). A negative count is followed by the block's byte size, which is skipped over.
+    #[inline]
+    pub fn read_block_count(&mut self) -> Result<usize, DatumError> {
+        let n = self.read_long()?;
+        let n = if n < 0 {
+            self.read_long()?;
+            n.checked_neg().ok_or(DatumError::BadLength(n))?
+        } else {
+            n
+        };
+        // Every item takes at least... zero bytes (nulls), so bound the count by the data
+        // left plus a generous constant rather than trusting it.
+        if n as u64 > (self.remaining() as u64).saturating_mul(8).saturating_add(1024) {
+            return Err(DatumError::BadLength(n));
+        }
+        Ok(n as usize)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use apache_avro::types::Value as AvroValue;
+    use apache_avro::{Schema, Writer};
+
+    fn file(codec: apache_avro::Codec, n: usize) -> Vec<u8> {
+        let schema = Schema::parse_str(
+            r#"{"type":"record","name":"R","fields":[{"name":"id","type":"string"}]}"#,
+        )
+        .unwrap();
+        let mut w = Writer::with_codec(&schema, Vec::new(), codec).unwrap();
+        for i in 0..n {
+            w.append_value(AvroValue::Record(vec![(
+                "id".into(),
+                AvroValue::String(format!("e{i}")),
+            )]))
+            .unwrap();
+        }
+        w.into_inner().unwrap()
+    }
+
+    fn count_records(bytes: &[u8]) -> Result<u64, DecodeError> {
+        let c = Container::open(bytes, Limits::default())?;
+        let mut n = 0;
+        for b in c.blocks() {
+            let b = b?;
+            let mut cur = Cursor::new(&b.data);
+            for _ in 0..b.count {
+                cur.read_str().unwrap();
+            }
+            assert_eq!(cur.remaining(), 0);
+            n += b.count;
+        }
+        Ok(n)
+    }
+
+    #[test]
+    fn each_supported_codec_reads_every_record() {
+        for codec in [
+            apache_avro::Codec::Null,
+            apache_avro::Codec::Deflate(Default::default()),
+            apache_avro::Codec::Snappy,
+        ] {
+            assert_eq!(count_records(&file(codec, 500)).unwrap(), 500, "{codec:?}");
+        }
+    }
+
+    #[test]
+    fn header_without_codec_means_null() {
+        let bytes = file(apache_avro::Codec::Null, 1);
+        let c = Container::open(&bytes, Limits::default()).unwrap();
+        assert_eq!(c.codec, Codec::Null);
+        assert!(c.schema_json.contains("\"R\""));
+    }
+
+    #[test]
+    fn non_avro_bytes_are_refused() {
+        assert!(matches!(
+            Container::open(b"PAR1....", Limits::default()),
+            Err(DecodeError::NotAvro(_))
+        ));
+    }
+
+    #[test]
+    fn unknown_codec_is_refused_by_name() {
+        let mut bytes = file(apache_avro::Codec::Null, 1);
+        // Rename the `avro.schema` entry's neighbour: easiest is to build a header by hand.
+        let mut h = Vec::new();
+        h.extend_from_slice(MAGIC);
+        h.push(4); // 2 entries
+        for (k, v) in [("avro.codec", "zstandard"), ("avro.schema", "\"string\"")] {
+            h.push((k.len() * 2) as u8);
+            h.extend_from_slice(k.as_bytes());
+            h.push((v.len() * 2) as u8);
+            h.extend_from_slice(v.as_bytes());
+        }
+        h.push(0);
+        h.extend_from_slice(&[7u8; 16]);
+        bytes.clear();
+        let err = Container::open(&h, Limits::default()).unwrap_err();
+        assert_eq!(err, DecodeError::UnsupportedCodec("zstandard".into()));
+    }
+
+    #[test]
+    fn truncated_file_is_reported_as_truncated() {
+        let bytes = file(apache_avro::Codec::Null, 100);
+        let cut = &bytes[..bytes.len() - 10];
+        assert!(matches!(
+            count_records(cut),
+            Err(DecodeError::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn flipped_sync_marker_is_detected() {
+        let mut bytes = file(apache_avro::Codec::Null, 10);
+        let n = bytes.len();
+        bytes[n - 1] ^= 0xff;
+        assert!(matches!(
+            count_records(&bytes),
+            Err(DecodeError::BadSync { block: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn absurd_block_size_is_refused_without_allocating() {
+        let bytes = file(apache_avro::Codec::Null, 1);
+        let c = Container::open(&bytes, Limits::default()).unwrap();
+        let mut forged = bytes[..c.data_start].to_vec();
+        forged.push(2); // count 1
+        forged.extend_from_slice(&[0xfe, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]); // huge size
+        forged.extend_from_slice(&[0u8; 32]);
+        let err = count_records(&forged).unwrap_err();
+        assert!(matches!(err, DecodeError::Truncated { .. }), "{err}");
+        let mut forged = bytes[..c.data_start].to_vec();
+        forged.extend_from_slice(&[0xfe, 0xff, 0xff, 0xff, 0x0f]); // ~2^31 records
+        forged.push(2); // size 1
+        forged.push(0);
+        forged.extend_from_slice(&c.sync);
+        let err = count_records(&forged).unwrap_err();
+        assert!(matches!(err, DecodeError::BlockTooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn snappy_crc_mismatch_is_corruption() {
+        let mut bytes = file(apache_avro::Codec::Snappy, 50);
+        let n = bytes.len();
+        // The CRC sits just before the final 16-byte sync marker.
+        bytes[n - 17] ^= 0x01;
+        assert!(matches!(
+            count_records(&bytes),
+            Err(DecodeError::Codec { codec: "snappy", .. })
+        ));
+    }
+
+    #[test]
+    fn varints_decode_zigzag_and_reject_overflow() {
+        let mut c = Cursor::new(&[0x00, 0x01, 0x02, 0x7f, 0x80, 0x01]);
+        assert_eq!(c.read_long().unwrap(), 0);
+        assert_eq!(c.read_long().unwrap(), -1);
+        assert_eq!(c.read_long().unwrap(), 1);
+        assert_eq!(c.read_long().unwrap(), -64);
+        assert_eq!(c.read_long().unwrap(), 64);
+        let mut c = Cursor::new(&[0xff; 11]);
+        assert_eq!(c.read_long(), Err(DatumError::BadVarint));
+        let mut c = Cursor::new(&[0xfe, 0xff, 0xff, 0xff, 0xff, 0x01]);
+        assert_eq!(c.read_int(), Err(DatumError::IntRange));
+    }
+
+    #[test]
+    fn string_length_beyond_data_is_an_error() {
+        let mut c = Cursor::new(&[0x10, b'a']);
+        assert_eq!(c.read_str(), Err(DatumError::BadLength(8)));
+    }
+}

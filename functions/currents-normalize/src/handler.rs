@@ -1,0 +1,397 @@
+//! The Lambda edge: an invocation (direct S3 notification, SQS batch, or EventBridge event)
+//! names Currents objects; each is read, converted and written through an [`ObjectStore`],
+//! and the outcome is mapped to Lambda's retry semantics. Unreadable objects go to quarantine
+//! and are acknowledged (never retried forever); storage errors are retried (the SQS message
+//! is listed in `batchItemFailures`, other shapes fail the invocation). Every invocation that
+//! touched an object writes one run report and emits EMF metrics.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bridge_shared::trigger::{ObjectRef, TriggerShape, parse_invocation};
+use bridge_shared::{ObjectStore, PutCondition, S3Uri, StoreError};
+use bytes::Bytes;
+use serde_json::{Value, json};
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::convert::{ConvertOptions, convert};
+use crate::key;
+use crate::quarantine::{self, Keep};
+use crate::registry::Registry;
+use crate::report::{ObjectResult, Outcome, RunReport};
+
+/// Whether an object is ours to process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Not ours; the reason is logged.
+    Ignore(String),
+    /// Process it.
+    Process,
+}
+
+/// Decides whether an object starts a conversion (pure).
+pub fn decide(cfg: &Config, uri: &S3Uri) -> Decision {
+    if uri.key.ends_with('/') {
+        return Decision::Ignore("folder placeholder".into());
+    }
+    if cfg.is_own_output(&uri.bucket, &uri.key) {
+        return Decision::Ignore("object is one of this function's outputs".into());
+    }
+    if !uri.key.starts_with(&cfg.currents_prefix) {
+        return Decision::Ignore(format!(
+            "object is outside CURRENTS_PREFIX {:?}",
+            cfg.currents_prefix
+        ));
+    }
+    Decision::Process
+}
+
+/// An invocation that must be retried as a whole (non-SQS shapes).
+#[derive(Debug, thiserror::Error)]
+#[error("retry: {0}")]
+pub struct RetryInvocation(pub String);
+
+impl From<RetryInvocation> for lambda_runtime::Diagnostic {
+    fn from(e: RetryInvocation) -> Self {
+        lambda_runtime::Diagnostic {
+            error_type: "RetryInvocation".into(),
+            error_message: e.to_string(),
+        }
+    }
+}
+
+/// The function's handler: configuration, store and registry, built once per container.
+pub struct Handler {
+    cfg: Config,
+    store: Arc<dyn ObjectStore>,
+    registry: Arc<Registry>,
+    opts: ConvertOptions,
+}
+
+impl Handler {
+    /// Builds the handler.
+    pub fn new(cfg: Config, store: Arc<dyn ObjectStore>, registry: Arc<Registry>) -> Self {
+        Self {
+            cfg,
+            store,
+            registry,
+            opts: ConvertOptions::default(),
+        }
+    }
+
+    /// Replaces the conversion options (size guards, batch size).
+    pub fn with_options(mut self, opts: ConvertOptions) -> Self {
+        self.opts = opts;
+        self
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Handles one invocation payload. SQS: `{"batchItemFailures": [...], "results": [...]}`
+    /// listing messages whose objects hit a retryable error. Other shapes: `{"results": [...]}`,
+    /// or `Err` when an object must be retried (Lambda retries the invocation).
+    pub async fn handle(&self, payload: &Value, request_id: &str) -> Result<Value, RetryInvocation> {
+        let started = chrono::Utc::now();
+        let invocation = match parse_invocation(payload) {
+            Ok(i) => i,
+            Err(e) => {
+                // A payload we cannot read will not become readable: acknowledge it.
+                warn!(error = %e, "Ignoring an invocation payload that names no S3 object.");
+                return Ok(json!({"ignored": e.to_string()}));
+            }
+        };
+        let mut failures = Vec::new();
+        let mut results: Vec<ObjectResult> = Vec::new();
+        let mut report_bucket: Option<String> = None;
+        let mut retry_reason = None;
+        for item in &invocation.items {
+            let objects = match &item.objects {
+                Ok(o) => o,
+                Err(e) => {
+                    warn!(message_id = ?item.message_id, error = %e, "Message names no S3 object; acknowledged.");
+                    results.push(
+                        ObjectResult::new(
+                            format!("message:{}", item.message_id.as_deref().unwrap_or("-")),
+                            Outcome::Ignored,
+                        )
+                        .with_reason(e.to_string()),
+                    );
+                    continue;
+                }
+            };
+            let mut retry = false;
+            for obj in objects {
+                let r = self.process(obj, false).await;
+                if r.outcome != Outcome::Ignored && report_bucket.is_none() {
+                    report_bucket = Some(self.cfg.output_bucket(&obj.uri.bucket).to_string());
+                }
+                if r.outcome == Outcome::Retry {
+                    retry = true;
+                    retry_reason = r.reason.clone();
+                }
+                results.push(r);
+            }
+            if retry && let (TriggerShape::Sqs, Some(id)) = (&invocation.shape, &item.message_id) {
+                failures.push(json!({"itemIdentifier": id}));
+            }
+        }
+        let report = RunReport::new(request_id, started, chrono::Utc::now(), results);
+        self.emit_metrics(&report);
+        if let Some(bucket) = report_bucket
+            && let Err(e) = self.write_report(&bucket, &report).await
+        {
+            warn!(error = %e, "Could not write the run report.");
+        }
+        let results_json = serde_json::to_value(&report.objects).unwrap_or(Value::Null);
+        match invocation.shape {
+            TriggerShape::Sqs => Ok(json!({"batchItemFailures": failures, "results": results_json})),
+            _ => match retry_reason {
+                Some(reason) => Err(RetryInvocation(reason)),
+                None => Ok(json!({"results": results_json})),
+            },
+        }
+    }
+
+    /// Processes one object named by a trigger (or the CLI): decide, read, convert, write.
+    pub async fn process(&self, obj: &ObjectRef, dry_run: bool) -> ObjectResult {
+        let uri = &obj.uri;
+        if let Decision::Ignore(reason) = decide(&self.cfg, uri) {
+            info!(object = %uri, reason = %reason, "Object ignored.");
+            return ObjectResult::new(uri.to_string(), Outcome::Ignored).with_reason(reason);
+        }
+        let out_bucket = self.cfg.output_bucket(&uri.bucket).to_string();
+        if let Some(size) = obj.size
+            && size as u64 > self.cfg.max_object_bytes
+        {
+            return self
+                .quarantined(uri, &out_bucket, Keep::Copy, "size", &self.too_large(size as u64), None)
+                .await;
+        }
+        let body = match self.store.get(uri).await {
+            Ok((_, body)) => body,
+            Err(StoreError::NotFound { .. }) => {
+                info!(object = %uri, "Object no longer exists; nothing to do.");
+                return ObjectResult::new(uri.to_string(), Outcome::Ignored)
+                    .with_reason("object no longer exists");
+            }
+            Err(e) => {
+                warn!(object = %uri, error = %e, "Reading the object failed; it will be retried.");
+                return ObjectResult::new(uri.to_string(), Outcome::Retry).with_reason(e.to_string());
+            }
+        };
+        if body.len() as u64 > self.cfg.max_object_bytes {
+            return self
+                .quarantined(uri, &out_bucket, Keep::Copy, "size", &self.too_large(body.len() as u64), None)
+                .await;
+        }
+        self.process_bytes(uri, body, &out_bucket, Keep::Copy, dry_run)
+            .await
+    }
+
+    fn too_large(&self, size: u64) -> String {
+        format!(
+            "object is {size} bytes, over MAX_OBJECT_BYTES {}",
+            self.cfg.max_object_bytes
+        )
+    }
+
+    /// Converts bytes already in memory whose source is `source` and writes the part (or the
+    /// quarantine) into `out_bucket`. `keep` says how a quarantined source is preserved
+    /// (server-side copy for S3, upload for local files).
+    pub async fn process_bytes(
+        &self,
+        source: &S3Uri,
+        body: Bytes,
+        out_bucket: &str,
+        keep: Keep,
+        dry_run: bool,
+    ) -> ObjectResult {
+        let parsed = match key::parse(&source.key) {
+            Ok(k) => k,
+            Err(e) => {
+                let keep = match keep {
+                    Keep::Upload(_) => Keep::Upload(body),
+                    other => other,
+                };
+                return self
+                    .quarantined(source, out_bucket, keep, "key", &e.to_string(), None)
+                    .await;
+            }
+        };
+        let registry = self.registry.clone();
+        let opts = self.opts.clone();
+        let source_key = source.key.clone();
+        let task_body = body.clone();
+        let task_key = parsed.clone();
+        let converted = tokio::task::spawn_blocking(move || {
+            convert(&task_body, &source_key, &task_key, &registry, &opts)
+        })
+        .await;
+        let converted = match converted {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                let keep = match keep {
+                    Keep::Upload(_) => Keep::Upload(body),
+                    other => other,
+                };
+                return self
+                    .quarantined(
+                        source,
+                        out_bucket,
+                        keep,
+                        e.step(),
+                        &e.to_string(),
+                        Some(parsed.event_type),
+                    )
+                    .await;
+            }
+            Err(join) => {
+                return ObjectResult::new(source.to_string(), Outcome::Retry)
+                    .with_reason(format!("conversion task failed: {join}"));
+            }
+        };
+        let part_uri = S3Uri::new(out_bucket, converted.location.key(&self.cfg.tables_prefix));
+        let mut result = ObjectResult {
+            event_type: Some(converted.event_type.clone()),
+            table: Some(converted.location.table.clone()),
+            part: Some(part_uri.to_string()),
+            events_in: converted.stats.events_in,
+            rows_written: converted.stats.rows_out,
+            duplicates_dropped: converted.stats.duplicates_dropped,
+            extra_fields: converted.stats.extra_fields.clone(),
+            unregistered: converted.unregistered,
+            codec: Some(converted.codec),
+            ..ObjectResult::new(source.to_string(), Outcome::Written)
+        };
+        if converted.unregistered {
+            warn!(object = %source, event_type = %converted.event_type,
+                "Event type is not in the registry; events go to the generic table. Add it with currents-registry.");
+        }
+        if !converted.stats.extra_fields.is_empty() {
+            warn!(object = %source, table = %converted.location.table,
+                fields = %converted.stats.extra_fields.join(","),
+                "Fields the registry does not know were kept in the extra column; bump the table with currents-registry --bump.");
+        }
+        if dry_run {
+            result.outcome = Outcome::DryRun;
+            return result;
+        }
+        let Some(parquet) = converted.parquet else {
+            result.outcome = Outcome::Empty;
+            result.part = None;
+            result.rows_written = 0;
+            return result;
+        };
+        let mut metadata = BTreeMap::new();
+        metadata.insert("currents-table".to_string(), converted.location.table.clone());
+        metadata.insert(
+            "currents-registry-version".to_string(),
+            converted.registry_version.to_string(),
+        );
+        match self
+            .store
+            .put(&part_uri, Bytes::from(parquet), PutCondition::None, metadata)
+            .await
+        {
+            Ok(_) => {
+                info!(object = %source, part = %part_uri, events_in = result.events_in,
+                    rows = result.rows_written, duplicates = result.duplicates_dropped,
+                    "Wrote table part.");
+                result
+            }
+            Err(e) => {
+                warn!(object = %source, part = %part_uri, error = %e, "Writing the part failed; it will be retried.");
+                ObjectResult {
+                    outcome: Outcome::Retry,
+                    reason: Some(e.to_string()),
+                    part: None,
+                    rows_written: 0,
+                    ..result
+                }
+            }
+        }
+    }
+
+    async fn quarantined(
+        &self,
+        source: &S3Uri,
+        out_bucket: &str,
+        keep: Keep,
+        step: &'static str,
+        reason: &str,
+        event_type: Option<String>,
+    ) -> ObjectResult {
+        warn!(object = %source, step, reason, "Quarantining object.");
+        match quarantine::quarantine(
+            self.store.as_ref(),
+            out_bucket,
+            &self.cfg.quarantine_prefix,
+            source,
+            keep,
+            step,
+            reason,
+        )
+        .await
+        {
+            Ok(reason_uri) => ObjectResult {
+                event_type,
+                step: Some(step),
+                quarantine: Some(reason_uri.to_string()),
+                ..ObjectResult::new(source.to_string(), Outcome::Quarantined).with_reason(reason)
+            },
+            Err(e) => {
+                warn!(object = %source, error = %e, "Quarantining failed; it will be retried.");
+                ObjectResult::new(source.to_string(), Outcome::Retry)
+                    .with_reason(format!("quarantine failed: {e} (after {step}: {reason})"))
+            }
+        }
+    }
+
+    /// Writes a run report into `bucket`; returns its address.
+    pub async fn write_report(&self, bucket: &str, report: &RunReport) -> Result<S3Uri, StoreError> {
+        let uri = S3Uri::new(bucket, report.key(&self.cfg.reports_prefix));
+        let body = serde_json::to_vec_pretty(report).unwrap_or_default();
+        self.store
+            .put(&uri, Bytes::from(body), PutCondition::None, BTreeMap::new())
+            .await?;
+        info!(report = %uri, events_in = report.totals.events_in,
+            rows = report.totals.rows_written, quarantined = report.totals.quarantined,
+            "Wrote run report.");
+        Ok(uri)
+    }
+
+    /// Prints the run's EMF metric lines to stdout.
+    pub fn emit_metrics(&self, report: &RunReport) {
+        for line in report.metric_lines(
+            &self.cfg.metrics_namespace,
+            chrono::Utc::now().timestamp_millis(),
+        ) {
+            println!("{line}");
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_outside_the_input_prefix_or_our_outputs_are_ignored() {
+        let cfg = Config::default();
+        assert_eq!(
+            decide(&cfg, &S3Uri::new("b", "currents/event_type=a/date=2026-01-01-00/f.avro")),
+            Decision::Process
+        );
+        assert!(matches!(decide(&cfg, &S3Uri::new("b", "other/f.avro")), Decision::Ignore(_)));
+        assert!(matches!(
+            decide(&cfg, &S3Uri::new("b", "tables/t/t_2026-01-01.parquet/part-1.parquet")),
+            Decision::Ignore(_)
+        ));
+        assert!(matches!(decide(&cfg, &S3Uri::new("b", "currents/")), Decision::Ignore(_)));
+    }
+}

@@ -1,0 +1,886 @@
+//! Event records → rows of the table's columns. A [`Plan`] is compiled once per file from the
+//! writer schema and the registry table: each writer field is read straight from the block
+//! bytes into a cell (no per-record allocation), routed to its column, or (when the registry
+//! does not know it yet) into the row's `extra` JSON object. A writer schema that contradicts
+//! the registry (type or nullability change, missing required field) is refused before any
+//! record is read. Records whose `id` was already seen in the file are dropped. Rows are
+//! handed out as Arrow record batches of a fixed size.
+
+use std::collections::HashSet;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+
+use arrow_array::builder::{
+    BooleanBuilder, Float64Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder,
+};
+use arrow_array::{
+    ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+};
+use arrow_schema::DataType;
+
+use crate::decode::{Container, Cursor, DatumError, DecodeError};
+use crate::json;
+use crate::registry::{ColumnSource, FieldType, Registry, TableDef};
+use crate::registry_gen::event_type_of_record;
+use crate::schema::{Node, NodeId, SchemaError, WriterSchema};
+
+/// What a file's rows carry besides their own fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileContext {
+    /// Event type from the key.
+    pub event_type: String,
+    /// The source object key (`source_key` column).
+    pub source_key: String,
+    /// Delivery hour, microseconds since the epoch.
+    pub delivery_hour_micros: i64,
+    /// `<schema-id>` from the key.
+    pub schema_id: Option<i64>,
+    /// `version=<n>` from the key.
+    pub schema_version: Option<i64>,
+}
+
+/// Why a file's records cannot become rows.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum NormalizeError {
+    /// The container is corrupt (truncated, bad sync marker, absurd block size, codec).
+    #[error(transparent)]
+    Container(#[from] DecodeError),
+    /// The writer schema is not a usable Avro schema.
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    /// The writer schema contradicts the registry.
+    #[error("writer schema contradicts registry table {table} (version {version}): field {field}: {reason}")]
+    Contradiction {
+        /// Table.
+        table: String,
+        /// Registry version.
+        version: u32,
+        /// Field.
+        field: String,
+        /// What differs.
+        reason: String,
+    },
+    /// The key's event type and the writer schema's record name disagree.
+    #[error("key says event type {key} but the writer schema's record is {record}")]
+    EventTypeMismatch {
+        /// From the key.
+        key: String,
+        /// From the schema.
+        record: String,
+    },
+    /// A record does not decode.
+    #[error("block {block}, record {record}, field {field}: {error}")]
+    Datum {
+        /// Block number.
+        block: usize,
+        /// Record number in the file, from 0.
+        record: u64,
+        /// Field being read.
+        field: String,
+        /// What went wrong.
+        error: DatumError,
+    },
+    /// A block holds more bytes than its records.
+    #[error("block {block}: {bytes} bytes left after its {records} records")]
+    TrailingBytes {
+        /// Block number.
+        block: usize,
+        /// Records it claimed.
+        records: u64,
+        /// Bytes left over.
+        bytes: usize,
+    },
+    /// `time` does not fit a timestamp.
+    #[error("record {record}: time {time} is out of range")]
+    TimeOutOfRange {
+        /// Record number.
+        record: u64,
+        /// The value.
+        time: i64,
+    },
+    /// Handing a batch to the encoder failed.
+    #[error("writing rows failed: {0}")]
+    Sink(String),
+}
+
+/// Counts for one file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NormalizeStats {
+    /// Records read.
+    pub events_in: u64,
+    /// Rows produced.
+    pub rows_out: u64,
+    /// Records dropped because their `id` was already seen in the file.
+    pub duplicates_dropped: u64,
+    /// Writer fields the registry does not know (kept in `extra`).
+    pub extra_fields: Vec<String>,
+    /// Blocks read.
+    pub blocks: usize,
+}
+
+#[derive(Debug, Clone)]
+enum Read {
+    Null,
+    Bool,
+    Int,
+    Long,
+    Float,
+    Double,
+    Str,
+    Enum(Vec<String>),
+    Union(Vec<Read>),
+    Json(NodeId),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Cell<'a> {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(&'a str),
+    /// JSON text in the row's scratch buffer.
+    Json(usize, usize),
+}
+
+#[derive(Debug)]
+struct FieldPlan {
+    name: String,
+    /// `"name":` as JSON, for the extra/event object.
+    json_key: String,
+    read: Read,
+    /// Index into the table's fields.
+    slot: Option<usize>,
+    /// Also (or only) written into the JSON column.
+    to_json: bool,
+}
+
+/// How one file's writer schema maps onto its table.
+#[derive(Debug)]
+pub struct Plan {
+    schema: WriterSchema,
+    table: Arc<TableDef>,
+    fields: Vec<FieldPlan>,
+    id_slot: usize,
+    time_slot: usize,
+    extra_fields: Vec<String>,
+}
+
+impl Plan {
+    /// The table rows go to.
+    pub fn table(&self) -> &Arc<TableDef> {
+        &self.table
+    }
+
+    /// Writer fields the registry does not know.
+    pub fn extra_fields(&self) -> &[String] {
+        &self.extra_fields
+    }
+}
+
+fn natural_read(schema: &WriterSchema, node: NodeId) -> Read {
+    match schema.node(node) {
+        Node::Null => Read::Null,
+        Node::Boolean => Read::Bool,
+        Node::Int => Read::Int,
+        Node::Long => Read::Long,
+        Node::Float => Read::Float,
+        Node::Double => Read::Double,
+        Node::String => Read::Str,
+        Node::Enum { symbols, .. } => Read::Enum(symbols.clone()),
+        Node::Union(bs) => Read::Union(bs.iter().map(|b| natural_read(schema, *b)).collect()),
+        Node::Bytes | Node::Fixed { .. } | Node::Array(_) | Node::Map(_) | Node::Record { .. } => {
+            Read::Json(node)
+        }
+    }
+}
+
+/// How to read a writer field into a column of type `ty`, or why it cannot be.
+fn column_read(
+    schema: &WriterSchema,
+    node: NodeId,
+    ty: FieldType,
+    nullable: bool,
+) -> Result<Read, String> {
+    let (branches, writer_nullable) = schema.branches(node);
+    let desc = schema.describe(node);
+    if writer_nullable && !nullable {
+        return Err(format!(
+            "the file allows null ({desc}) but the registry column is required"
+        ));
+    }
+    let fits = |b: NodeId| -> Option<Read> {
+        let n = schema.node(b);
+        let ok = match ty {
+            FieldType::String => matches!(n, Node::String | Node::Enum { .. }),
+            FieldType::Int | FieldType::Long => matches!(n, Node::Int | Node::Long),
+            FieldType::Float | FieldType::Double => matches!(n, Node::Float | Node::Double),
+            FieldType::Boolean => matches!(n, Node::Boolean),
+            FieldType::Json => matches!(n, Node::Array(_) | Node::Map(_) | Node::Record { .. }),
+        };
+        ok.then(|| match ty {
+            FieldType::Json => Read::Json(b),
+            _ => natural_read(schema, b),
+        })
+    };
+    let contradiction = || format!("registry type {}, file type {desc}", ty.name());
+    if branches.is_empty() || (branches.len() > 1 && ty != FieldType::Json) {
+        return Err(contradiction());
+    }
+    match schema.node(node) {
+        Node::Union(all) => {
+            let mut reads = Vec::with_capacity(all.len());
+            for b in all {
+                if matches!(schema.node(*b), Node::Null) {
+                    reads.push(Read::Null);
+                } else {
+                    reads.push(fits(*b).ok_or_else(contradiction)?);
+                }
+            }
+            Ok(Read::Union(reads))
+        }
+        _ => fits(node).ok_or_else(contradiction),
+    }
+}
+
+impl Plan {
+    /// Compiles the plan for a file of `event_type` written with `schema`.
+    pub fn new(
+        schema: WriterSchema,
+        event_type: &str,
+        registry: &Registry,
+    ) -> Result<Self, NormalizeError> {
+        let (record_name, writer_fields) = schema.record()?;
+        if let Some(record_type) = event_type_of_record(record_name)
+            && record_type != event_type
+        {
+            return Err(NormalizeError::EventTypeMismatch {
+                key: event_type.into(),
+                record: record_type.into(),
+            });
+        }
+        let (table, generic) = match registry.get(event_type) {
+            Some(t) => (t.clone(), false),
+            None => (registry.other_events().clone(), true),
+        };
+        let contradiction = |field: &str, reason: String| NormalizeError::Contradiction {
+            table: table.table.clone(),
+            version: table.version,
+            field: field.into(),
+            reason,
+        };
+        let mut fields = Vec::with_capacity(writer_fields.len());
+        let mut extra_fields = Vec::new();
+        let mut seen = vec![false; table.fields.len()];
+        for (name, node) in writer_fields {
+            let slot = table.fields.iter().position(|f| &f.name == name);
+            let mut json_key = String::with_capacity(name.len() + 3);
+            json::push_str(&mut json_key, name);
+            json_key.push(':');
+            let plan = match slot {
+                Some(i) => {
+                    let f = &table.fields[i];
+                    match column_read(&schema, *node, f.ty, f.nullable) {
+                        Ok(read) => {
+                            seen[i] = true;
+                            FieldPlan {
+                                name: name.clone(),
+                                json_key,
+                                read,
+                                slot: Some(i),
+                                to_json: generic,
+                            }
+                        }
+                        // The generic table takes its common columns only when they fit;
+                        // the whole event is in its JSON column either way.
+                        Err(_) if generic && f.nullable => FieldPlan {
+                            name: name.clone(),
+                            json_key,
+                            read: natural_read(&schema, *node),
+                            slot: None,
+                            to_json: true,
+                        },
+                        Err(reason) => return Err(contradiction(name, reason)),
+                    }
+                }
+                None => {
+                    if !generic {
+                        extra_fields.push(name.clone());
+                    }
+                    FieldPlan {
+                        name: name.clone(),
+                        json_key,
+                        read: natural_read(&schema, *node),
+                        slot: None,
+                        to_json: true,
+                    }
+                }
+            };
+            fields.push(plan);
+        }
+        for (i, f) in table.fields.iter().enumerate() {
+            if !seen[i] && !f.nullable {
+                return Err(contradiction(
+                    &f.name,
+                    "required by the registry but absent from the file".into(),
+                ));
+            }
+        }
+        let slot_of = |name: &str| table.fields.iter().position(|f| f.name == name);
+        let (Some(id_slot), Some(time_slot)) = (slot_of("id"), slot_of("time")) else {
+            return Err(contradiction("id", "table has no id or time field".into()));
+        };
+        Ok(Self {
+            schema,
+            table,
+            fields,
+            id_slot,
+            time_slot,
+            extra_fields,
+        })
+    }
+}
+
+/// Identity hasher for ids that are already 128-bit hashes.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 = v as u64;
+    }
+}
+
+enum Builder {
+    Str(StringBuilder),
+    I64(Int64Builder),
+    F64(Float64Builder),
+    Bool(BooleanBuilder),
+    Ts(TimestampMicrosecondBuilder),
+    /// Same value on every row; built when the batch is finished.
+    Const,
+}
+
+/// Turns a file's records into record batches of the plan's table.
+pub struct Normalizer<'p> {
+    plan: &'p Plan,
+    ctx: FileContext,
+    batch_rows: usize,
+    builders: Vec<Builder>,
+    /// For each table field, the column it feeds.
+    field_columns: Vec<usize>,
+    json_column: Option<usize>,
+    event_time_column: Option<usize>,
+    rows_in_batch: usize,
+    seen_ids: HashSet<u128, BuildHasherDefault<IdHasher>>,
+    json_buf: String,
+    row_json: String,
+    stats: NormalizeStats,
+}
+
+fn append_cell(b: &mut Builder, cell: Cell<'_>, json_buf: &str) -> bool {
+    match (b, cell) {
+        (Builder::Str(b), Cell::Str(s)) => b.append_value(s),
+        (Builder::Str(b), Cell::Json(s, e)) => b.append_value(&json_buf[s..e]),
+        (Builder::I64(b), Cell::Int(v)) => b.append_value(v),
+        (Builder::F64(b), Cell::Float(v)) => b.append_value(v),
+        (Builder::Bool(b), Cell::Bool(v)) => b.append_value(v),
+        (Builder::Str(b), Cell::Null) => b.append_null(),
+        (Builder::I64(b), Cell::Null) => b.append_null(),
+        (Builder::F64(b), Cell::Null) => b.append_null(),
+        (Builder::Bool(b), Cell::Null) => b.append_null(),
+        _ => return false,
+    }
+    true
+}
+
+fn push_cell_json(out: &mut String, cell: Cell<'_>, json_buf: &str) {
+    match cell {
+        Cell::Null => out.push_str("null"),
+        Cell::Bool(b) => out.push_str(if b { "true" } else { "false" }),
+        Cell::Int(v) => {
+            use std::fmt::Write as _;
+            let _ = write!(out, "{v}");
+        }
+        Cell::Float(v) => json::push_f64(out, v),
+        Cell::Str(s) => json::push_str(out, s),
+        Cell::Json(s, e) => out.push_str(&json_buf[s..e]),
+    }
+}
+
+#[inline]
+fn read_cell<'a>(
+    read: &'a Read,
+    schema: &WriterSchema,
+    c: &mut Cursor<'a>,
+    json_buf: &mut String,
+) -> Result<Cell<'a>, DatumError> {
+    Ok(match read {
+        Read::Null => Cell::Null,
+        Read::Str => Cell::Str(c.read_str()?),
+        Read::Int => Cell::Int(i64::from(c.read_int()?)),
+        Read::Long => Cell::Int(c.read_long()?),
+        Read::Bool => Cell::Bool(c.read_bool()?),
+        Read::Float => Cell::Float(f64::from(c.read_f32()?)),
+        Read::Double => Cell::Float(c.read_f64()?),
+        Read::Enum(symbols) => {
+            let i = c.read_long()?;
+            let s = usize::try_from(i)
+                .ok()
+                .and_then(|i| symbols.get(i))
+                .ok_or(DatumError::BadIndex(i))?;
+            Cell::Str(s)
+        }
+        Read::Union(branches) => {
+            let i = c.read_long()?;
+            let b = usize::try_from(i)
+                .ok()
+                .and_then(|i| branches.get(i))
+                .ok_or(DatumError::BadIndex(i))?;
+            match b {
+                Read::Union(_) => return Err(DatumError::TooDeep),
+                other => read_cell(other, schema, c, json_buf)?,
+            }
+        }
+        Read::Json(node) => {
+            let start = json_buf.len();
+            json::write_value(schema, *node, c, json_buf)?;
+            Cell::Json(start, json_buf.len())
+        }
+    })
+}
+
+impl<'p> Normalizer<'p> {
+    /// Starts a file. `batch_rows` is the size of the batches handed to the sink.
+    pub fn new(plan: &'p Plan, ctx: FileContext, batch_rows: usize, expected_rows: usize) -> Self {
+        let table = &plan.table;
+        let batch_rows = batch_rows.max(1);
+        let cap = batch_rows.min(expected_rows.max(1));
+        let mut field_columns = vec![usize::MAX; table.fields.len()];
+        let mut json_column = None;
+        let mut event_time_column = None;
+        let builders = table
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(ci, c)| match c.source {
+                ColumnSource::Field(fi) => {
+                    if let Some(slot) = field_columns.get_mut(fi) {
+                        *slot = ci;
+                    }
+                    match c.data_type {
+                        DataType::Int64 => Builder::I64(Int64Builder::with_capacity(cap)),
+                        DataType::Float64 => Builder::F64(Float64Builder::with_capacity(cap)),
+                        DataType::Boolean => Builder::Bool(BooleanBuilder::with_capacity(cap)),
+                        _ => Builder::Str(StringBuilder::with_capacity(cap, cap * 16)),
+                    }
+                }
+                ColumnSource::EventTime => {
+                    event_time_column = Some(ci);
+                    Builder::Ts(TimestampMicrosecondBuilder::with_capacity(cap))
+                }
+                ColumnSource::Json => {
+                    json_column = Some(ci);
+                    Builder::Str(StringBuilder::with_capacity(cap, cap * 8))
+                }
+                _ => Builder::Const,
+            })
+            .collect();
+        Self {
+            plan,
+            ctx,
+            batch_rows,
+            builders,
+            field_columns,
+            json_column,
+            event_time_column,
+            rows_in_batch: 0,
+            seen_ids: HashSet::with_capacity_and_hasher(expected_rows, Default::default()),
+            json_buf: String::new(),
+            row_json: String::new(),
+            stats: NormalizeStats {
+                extra_fields: plan.extra_fields.clone(),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Reads every block of `container`, handing each full batch to `sink`.
+    pub fn run(
+        mut self,
+        container: &Container<'_>,
+        mut sink: impl FnMut(RecordBatch) -> Result<(), String>,
+    ) -> Result<NormalizeStats, NormalizeError> {
+        let plan = self.plan;
+        let n_fields = plan.table.fields.len();
+        for block in container.blocks() {
+            let block = block?;
+            self.stats.blocks += 1;
+            let mut c = Cursor::new(&block.data);
+            let mut cells: Vec<Cell<'_>> = vec![Cell::Null; n_fields];
+            for _ in 0..block.count {
+                let record = self.stats.events_in;
+                self.stats.events_in += 1;
+                self.json_buf.clear();
+                self.row_json.clear();
+                cells.fill(Cell::Null);
+                let mut json_fields = 0usize;
+                for fp in &plan.fields {
+                    let cell = read_cell(&fp.read, &plan.schema, &mut c, &mut self.json_buf)
+                        .map_err(|error| NormalizeError::Datum {
+                            block: block.index,
+                            record,
+                            field: fp.name.clone(),
+                            error,
+                        })?;
+                    if let Some(s) = fp.slot {
+                        cells[s] = cell;
+                    }
+                    if fp.to_json {
+                        self.row_json.push(if json_fields == 0 { '{' } else { ',' });
+                        self.row_json.push_str(&fp.json_key);
+                        push_cell_json(&mut self.row_json, cell, &self.json_buf);
+                        json_fields += 1;
+                    }
+                }
+                let id = match cells[plan.id_slot] {
+                    Cell::Str(s) => s,
+                    _ => {
+                        return Err(NormalizeError::Datum {
+                            block: block.index,
+                            record,
+                            field: "id".into(),
+                            error: DatumError::Eof,
+                        });
+                    }
+                };
+                if !self
+                    .seen_ids
+                    .insert(xxhash_rust::xxh3::xxh3_128(id.as_bytes()))
+                {
+                    self.stats.duplicates_dropped += 1;
+                    continue;
+                }
+                let time = match cells[plan.time_slot] {
+                    Cell::Int(t) => t,
+                    _ => 0,
+                };
+                let event_time = time
+                    .checked_mul(1_000_000)
+                    .ok_or(NormalizeError::TimeOutOfRange { record, time })?;
+                for (fi, cell) in cells.iter().enumerate() {
+                    let ci = self.field_columns[fi];
+                    if let Some(b) = self.builders.get_mut(ci)
+                        && !append_cell(b, *cell, &self.json_buf)
+                    {
+                        return Err(NormalizeError::Datum {
+                            block: block.index,
+                            record,
+                            field: plan.table.fields[fi].name.clone(),
+                            error: DatumError::BadIndex(-1),
+                        });
+                    }
+                }
+                if let Some(Builder::Ts(b)) = self.event_time_column.and_then(|i| self.builders.get_mut(i)) {
+                    b.append_value(event_time);
+                }
+                if let Some(Builder::Str(b)) = self.json_column.and_then(|i| self.builders.get_mut(i)) {
+                    if json_fields > 0 {
+                        self.row_json.push('}');
+                        b.append_value(&self.row_json);
+                    } else if plan.table.generic {
+                        b.append_value("{}");
+                    } else {
+                        b.append_null();
+                    }
+                }
+                self.rows_in_batch += 1;
+                self.stats.rows_out += 1;
+                if self.rows_in_batch == self.batch_rows {
+                    let batch = self.finish_batch()?;
+                    sink(batch).map_err(NormalizeError::Sink)?;
+                }
+            }
+            if c.remaining() != 0 {
+                return Err(NormalizeError::TrailingBytes {
+                    block: block.index,
+                    records: block.count,
+                    bytes: c.remaining(),
+                });
+            }
+        }
+        if self.rows_in_batch > 0 {
+            let batch = self.finish_batch()?;
+            sink(batch).map_err(NormalizeError::Sink)?;
+        }
+        Ok(self.stats)
+    }
+
+    fn finish_batch(&mut self) -> Result<RecordBatch, NormalizeError> {
+        let n = self.rows_in_batch;
+        self.rows_in_batch = 0;
+        let table = &self.plan.table;
+        let ctx = &self.ctx;
+        let mut arrays: Vec<ArrayRef> = Vec::with_capacity(table.columns.len());
+        for (col, b) in table.columns.iter().zip(self.builders.iter_mut()) {
+            let array: ArrayRef = match b {
+                Builder::Str(b) => Arc::new(b.finish()),
+                Builder::I64(b) => Arc::new(b.finish()),
+                Builder::F64(b) => Arc::new(b.finish()),
+                Builder::Bool(b) => Arc::new(b.finish()),
+                Builder::Ts(b) => Arc::new(b.finish().with_timezone("UTC")),
+                Builder::Const => match col.source {
+                    ColumnSource::SourceKey => Arc::new(StringArray::from_iter_values(
+                        std::iter::repeat_n(ctx.source_key.as_str(), n),
+                    )),
+                    ColumnSource::EventType => Arc::new(StringArray::from_iter_values(
+                        std::iter::repeat_n(ctx.event_type.as_str(), n),
+                    )),
+                    ColumnSource::DeliveryHour => Arc::new(
+                        TimestampMicrosecondArray::from(vec![ctx.delivery_hour_micros; n])
+                            .with_timezone("UTC"),
+                    ),
+                    ColumnSource::SchemaId => Arc::new(Int64Array::from(vec![ctx.schema_id; n])),
+                    ColumnSource::SchemaVersion => {
+                        Arc::new(Int64Array::from(vec![ctx.schema_version; n]))
+                    }
+                    ColumnSource::RegistryVersion => {
+                        Arc::new(Int32Array::from(vec![table.version as i32; n]))
+                    }
+                    ColumnSource::Field(_) | ColumnSource::EventTime | ColumnSource::Json => {
+                        return Err(NormalizeError::Sink(format!(
+                            "column {} has no builder",
+                            col.name
+                        )));
+                    }
+                },
+            };
+            arrays.push(array);
+        }
+        RecordBatch::try_new(table.schema.clone(), arrays)
+            .map_err(|e| NormalizeError::Sink(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::decode::Limits;
+    use apache_avro::types::Value as AvroValue;
+    use apache_avro::{Codec, Schema, Writer};
+    use arrow_array::Array;
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Float64Type, Int64Type, TimestampMicrosecondType};
+
+    fn ctx(event_type: &str) -> FileContext {
+        FileContext {
+            event_type: event_type.into(),
+            source_key: "currents/k.avro".into(),
+            delivery_hour_micros: 1_000_000,
+            schema_id: Some(3),
+            schema_version: None,
+        }
+    }
+
+    fn write(schema_json: &str, records: Vec<Vec<(&str, AvroValue)>>) -> Vec<u8> {
+        let schema = Schema::parse_str(schema_json).unwrap();
+        let mut w = Writer::with_codec(&schema, Vec::new(), Codec::Null).unwrap();
+        for r in records {
+            w.append_value(AvroValue::Record(
+                r.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            ))
+            .unwrap();
+        }
+        w.into_inner().unwrap()
+    }
+
+    fn run(bytes: &[u8], event_type: &str) -> Result<(Vec<RecordBatch>, NormalizeStats), NormalizeError> {
+        let registry = Registry::builtin().unwrap();
+        let c = Container::open(bytes, Limits::default())?;
+        let plan = Plan::new(WriterSchema::parse(c.schema_json)?, event_type, &registry)?;
+        let mut out = Vec::new();
+        let stats = Normalizer::new(&plan, ctx(event_type), 2, 10).run(&c, |b| {
+            out.push(b);
+            Ok(())
+        })?;
+        Ok((out, stats))
+    }
+
+    fn some(v: AvroValue) -> AvroValue {
+        AvroValue::Union(1, Box::new(v))
+    }
+    fn none() -> AvroValue {
+        AvroValue::Union(0, Box::new(AvroValue::Null))
+    }
+
+    const LOCATION: &str = r#"{"type":"record","name":"Location","namespace":"dataexport.S3.inner.users.behaviors","fields":[
+        {"name":"id","type":"string"},{"name":"user_id","type":"string"},{"name":"app_id","type":"string"},
+        {"name":"time","type":"int"},{"name":"latitude","type":"float"},{"name":"longitude","type":"float"},
+        {"name":"altitude","type":["null","float"],"default":null},
+        {"name":"brand_new","type":["null",{"type":"array","items":"string"}],"default":null}]}"#;
+
+    fn location(id: &str, brand_new: AvroValue) -> Vec<(&'static str, AvroValue)> {
+        vec![
+            ("id", AvroValue::String(id.into())),
+            ("user_id", AvroValue::String("u".into())),
+            ("app_id", AvroValue::String("app".into())),
+            ("time", AvroValue::Int(2_000_000_000)),
+            ("latitude", AvroValue::Float(3.14)),
+            ("longitude", AvroValue::Float(-1.5)),
+            ("altitude", none()),
+            ("brand_new", brand_new),
+        ]
+    }
+
+    #[test]
+    fn fields_land_in_their_columns_and_unknown_ones_in_extra() {
+        let bytes = write(
+            LOCATION,
+            vec![
+                location("a", some(AvroValue::Array(vec![AvroValue::String("x".into())]))),
+                location("b", none()),
+                location("c", none()),
+            ],
+        );
+        let (batches, stats) = run(&bytes, "users.behaviors.Location").unwrap();
+        assert_eq!(stats.events_in, 3);
+        assert_eq!(stats.rows_out, 3);
+        assert_eq!(stats.extra_fields, ["brand_new"]);
+        assert_eq!(batches.len(), 2, "batches of 2 rows");
+        let b = &batches[0];
+        let lat = b.column_by_name("latitude").unwrap().as_primitive::<Float64Type>();
+        assert_eq!(lat.value(0), f64::from(3.14f32));
+        let alt = b.column_by_name("altitude").unwrap();
+        assert!(alt.is_null(0));
+        // A field the file lacks (nullable in the registry) is null.
+        assert!(b.column_by_name("ad_id").unwrap().is_null(0));
+        let extra = b.column_by_name("extra").unwrap().as_string::<i32>();
+        assert_eq!(extra.value(0), r#"{"brand_new":["x"]}"#);
+        assert_eq!(extra.value(1), r#"{"brand_new":null}"#);
+        let t = b.column_by_name("event_time").unwrap().as_primitive::<TimestampMicrosecondType>();
+        assert_eq!(t.value(0), 2_000_000_000 * 1_000_000);
+        let sid = b.column_by_name("schema_id").unwrap().as_primitive::<Int64Type>();
+        assert_eq!(sid.value(1), 3);
+    }
+
+    #[test]
+    fn duplicate_ids_in_a_file_are_written_once() {
+        let bytes = write(
+            LOCATION,
+            vec![
+                location("a", none()),
+                location("b", none()),
+                location("a", none()),
+                location("a", none()),
+            ],
+        );
+        let (batches, stats) = run(&bytes, "users.behaviors.Location").unwrap();
+        assert_eq!(stats.duplicates_dropped, 2);
+        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+        assert_eq!(rows, 2);
+    }
+
+    #[test]
+    fn type_change_contradicts_the_registry() {
+        let changed = LOCATION.replace(
+            r#"{"name":"latitude","type":"float"}"#,
+            r#"{"name":"latitude","type":"string"}"#,
+        );
+        let mut rec = location("a", none());
+        rec[4].1 = AvroValue::String("north".into());
+        let bytes = write(&changed, vec![rec]);
+        let err = run(&bytes, "users.behaviors.Location").unwrap_err();
+        assert!(
+            matches!(&err, NormalizeError::Contradiction { field, .. } if field == "latitude"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn missing_required_field_contradicts_the_registry() {
+        let bytes = write(
+            r#"{"type":"record","name":"Location","namespace":"dataexport.S3.inner.users.behaviors","fields":[
+                {"name":"id","type":"string"},{"name":"user_id","type":"string"},{"name":"time","type":"int"}]}"#,
+            vec![vec![
+                ("id", AvroValue::String("a".into())),
+                ("user_id", AvroValue::String("u".into())),
+                ("time", AvroValue::Int(1)),
+            ]],
+        );
+        let err = run(&bytes, "users.behaviors.Location").unwrap_err();
+        assert!(matches!(err, NormalizeError::Contradiction { .. }), "{err}");
+    }
+
+    #[test]
+    fn long_time_fits_an_int_time_column() {
+        let long_time = LOCATION.replace(r#""name":"time","type":"int""#, r#""name":"time","type":"long""#);
+        let mut rec = location("a", none());
+        rec[3].1 = AvroValue::Long(5_000_000_000);
+        let bytes = write(&long_time, vec![rec]);
+        let (batches, _) = run(&bytes, "users.behaviors.Location").unwrap();
+        let time = batches[0].column_by_name("time").unwrap().as_primitive::<Int64Type>();
+        assert_eq!(time.value(0), 5_000_000_000);
+    }
+
+    #[test]
+    fn unknown_event_type_goes_to_the_generic_table_whole() {
+        let bytes = write(
+            r#"{"type":"record","name":"Thing","namespace":"dataexport.S3.inner.users.future","fields":[
+                {"name":"id","type":"string"},{"name":"time","type":"long"},
+                {"name":"user_id","type":["null","string"]},{"name":"score","type":"double"}]}"#,
+            vec![vec![
+                ("id", AvroValue::String("a".into())),
+                ("time", AvroValue::Long(7)),
+                ("user_id", some(AvroValue::String("u".into()))),
+                ("score", AvroValue::Double(0.5)),
+            ]],
+        );
+        let (batches, stats) = run(&bytes, "users.future.Thing").unwrap();
+        assert!(stats.extra_fields.is_empty());
+        let b = &batches[0];
+        assert_eq!(b.schema().field(0).name(), "event_type");
+        assert_eq!(b.column(0).as_string::<i32>().value(0), "users.future.Thing");
+        let ev = b.column_by_name("event").unwrap().as_string::<i32>();
+        assert_eq!(ev.value(0), r#"{"id":"a","time":7,"user_id":"u","score":0.5}"#);
+        assert_eq!(b.column_by_name("user_id").unwrap().as_string::<i32>().value(0), "u");
+    }
+
+    #[test]
+    fn record_name_must_match_the_key_event_type() {
+        let bytes = write(LOCATION, vec![location("a", none())]);
+        assert!(matches!(
+            run(&bytes, "users.behaviors.Purchase"),
+            Err(NormalizeError::EventTypeMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn bytes_after_the_last_record_are_corruption() {
+        let schema = Schema::parse_str(LOCATION).unwrap();
+        let mut w = Writer::with_codec(&schema, Vec::new(), Codec::Null).unwrap();
+        w.append_value(AvroValue::Record(
+            location("a", none()).into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        ))
+        .unwrap();
+        let bytes = w.into_inner().unwrap();
+        // Claim 0 records in the block: its bytes are then left over.
+        let c = Container::open(&bytes, Limits::default()).unwrap();
+        let data_start = bytes.len() - c.blocks().next().unwrap().unwrap().data.len() - 16 - 2;
+        let mut forged = bytes.clone();
+        assert_eq!(forged[data_start], 2, "count varint of 1");
+        forged[data_start] = 0;
+        assert!(matches!(
+            run(&forged, "users.behaviors.Location"),
+            Err(NormalizeError::TrailingBytes { .. })
+        ));
+    }
+}

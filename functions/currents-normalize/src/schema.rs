@@ -1,0 +1,494 @@
+//! Avro writer schemas as this crate needs them: the JSON schema embedded in a container file,
+//! parsed into a small arena of nodes (named types resolved, recursion allowed, logical types
+//! reduced to their encoding) that the datum decoder walks, plus a one-line description of a
+//! field's type for the registry.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+/// Index of a node in a [`WriterSchema`].
+pub type NodeId = usize;
+
+/// The most nodes a schema may have; Currents schemas have about 40.
+const MAX_NODES: usize = 10_000;
+/// The deepest nesting accepted while parsing.
+const MAX_DEPTH: usize = 64;
+
+/// One Avro type, by how it is encoded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Node {
+    /// `null`: no bytes.
+    Null,
+    /// `boolean`: one byte.
+    Boolean,
+    /// `int` (and logical types over it): zig-zag varint, 32 bits.
+    Int,
+    /// `long` (and logical types over it): zig-zag varint, 64 bits.
+    Long,
+    /// `float`: 4 bytes little-endian.
+    Float,
+    /// `double`: 8 bytes little-endian.
+    Double,
+    /// `bytes`: length-prefixed bytes.
+    Bytes,
+    /// `string`: length-prefixed UTF-8.
+    String,
+    /// `enum`: an int indexing the symbols.
+    Enum {
+        /// Full name.
+        name: String,
+        /// Symbols in order.
+        symbols: Vec<String>,
+    },
+    /// `fixed`: exactly `size` bytes.
+    Fixed {
+        /// Full name.
+        name: String,
+        /// Byte count.
+        size: usize,
+    },
+    /// `array`: blocks of items.
+    Array(NodeId),
+    /// `map`: blocks of string keys and values.
+    Map(NodeId),
+    /// A union: a long branch index, then the branch.
+    Union(Vec<NodeId>),
+    /// A record: its fields in order.
+    Record {
+        /// Full name (`namespace.name`).
+        name: String,
+        /// Field names and types, in writer order.
+        fields: Vec<(String, NodeId)>,
+    },
+}
+
+/// A parsed writer schema.
+#[derive(Debug, Clone)]
+pub struct WriterSchema {
+    nodes: Vec<Node>,
+    root: NodeId,
+}
+
+/// Why a schema cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SchemaError {
+    /// The text is not JSON.
+    #[error("writer schema is not JSON: {0}")]
+    NotJson(String),
+    /// The JSON is not a valid Avro schema.
+    #[error("writer schema is invalid at {path}: {reason}")]
+    Invalid {
+        /// Where in the schema (`fields[3].type`).
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The top level is not a record (every Currents file holds records).
+    #[error("writer schema's top level is {0}, not a record")]
+    NotRecord(String),
+}
+
+impl WriterSchema {
+    /// Parses schema JSON text.
+    pub fn parse(text: &str) -> Result<Self, SchemaError> {
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| SchemaError::NotJson(e.to_string()))?;
+        Self::from_json(&value)
+    }
+
+    /// Parses a schema from JSON.
+    pub fn from_json(value: &Value) -> Result<Self, SchemaError> {
+        let mut p = Parser {
+            nodes: Vec::new(),
+            names: HashMap::new(),
+        };
+        let root = p.parse(value, "", "$", 0)?;
+        Ok(Self {
+            nodes: p.nodes,
+            root,
+        })
+    }
+
+    /// The root node.
+    pub fn root(&self) -> NodeId {
+        self.root
+    }
+
+    /// A node by id.
+    pub fn node(&self, id: NodeId) -> &Node {
+        // Ids come only from this schema, so they are always in range; fall back to Null
+        // rather than panic if one ever is not.
+        self.nodes.get(id).unwrap_or(&Node::Null)
+    }
+
+    /// The root record's full name and fields.
+    pub fn record(&self) -> Result<(&str, &[(String, NodeId)]), SchemaError> {
+        match self.node(self.root) {
+            Node::Record { name, fields } => Ok((name, fields)),
+            other => Err(SchemaError::NotRecord(self.kind_name(other))),
+        }
+    }
+
+    /// A short name for a node's kind (`string`, `array`, ...).
+    pub fn kind_name(&self, node: &Node) -> String {
+        match node {
+            Node::Null => "null".into(),
+            Node::Boolean => "boolean".into(),
+            Node::Int => "int".into(),
+            Node::Long => "long".into(),
+            Node::Float => "float".into(),
+            Node::Double => "double".into(),
+            Node::Bytes => "bytes".into(),
+            Node::String => "string".into(),
+            Node::Enum { .. } => "enum".into(),
+            Node::Fixed { .. } => "fixed".into(),
+            Node::Array(_) => "array".into(),
+            Node::Map(_) => "map".into(),
+            Node::Union(_) => "union".into(),
+            Node::Record { .. } => "record".into(),
+        }
+    }
+
+    /// Describes a type in one line: `string`, `string?` (nullable), `array<string>`,
+    /// `array<string?>`, `map<long>`, `record:Name`, `enum:Name`, `union<int,string>`.
+    pub fn describe(&self, id: NodeId) -> String {
+        self.describe_depth(id, 0)
+    }
+
+    fn describe_depth(&self, id: NodeId, depth: usize) -> String {
+        if depth > 8 {
+            return "...".into();
+        }
+        let node = self.node(id);
+        match node {
+            Node::Array(i) => format!("array<{}>", self.describe_depth(*i, depth + 1)),
+            Node::Map(v) => format!("map<{}>", self.describe_depth(*v, depth + 1)),
+            Node::Record { name, .. } => format!("record:{name}"),
+            Node::Enum { name, .. } => format!("enum:{name}"),
+            Node::Fixed { name, size } => format!("fixed:{name}:{size}"),
+            Node::Union(branches) => {
+                let non_null: Vec<NodeId> = branches
+                    .iter()
+                    .copied()
+                    .filter(|b| !matches!(self.node(*b), Node::Null))
+                    .collect();
+                let nullable = non_null.len() < branches.len();
+                match (non_null.as_slice(), nullable) {
+                    ([one], true) => format!("{}?", self.describe_depth(*one, depth + 1)),
+                    _ => {
+                        let parts: Vec<String> = branches
+                            .iter()
+                            .map(|b| self.describe_depth(*b, depth + 1))
+                            .collect();
+                        format!("union<{}>", parts.join(","))
+                    }
+                }
+            }
+            other => self.kind_name(other),
+        }
+    }
+
+    /// The non-null branches of a type and whether it admits null (a plain type is its own
+    /// single branch).
+    pub fn branches(&self, id: NodeId) -> (Vec<NodeId>, bool) {
+        match self.node(id) {
+            Node::Null => (Vec::new(), true),
+            Node::Union(bs) => {
+                let non_null: Vec<NodeId> = bs
+                    .iter()
+                    .copied()
+                    .filter(|b| !matches!(self.node(*b), Node::Null))
+                    .collect();
+                let nullable = non_null.len() < bs.len();
+                (non_null, nullable)
+            }
+            _ => (vec![id], false),
+        }
+    }
+}
+
+struct Parser {
+    nodes: Vec<Node>,
+    names: HashMap<String, NodeId>,
+}
+
+fn invalid(path: &str, reason: impl Into<String>) -> SchemaError {
+    SchemaError::Invalid {
+        path: path.to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn primitive(name: &str) -> Option<Node> {
+    Some(match name {
+        "null" => Node::Null,
+        "boolean" => Node::Boolean,
+        "int" => Node::Int,
+        "long" => Node::Long,
+        "float" => Node::Float,
+        "double" => Node::Double,
+        "bytes" => Node::Bytes,
+        "string" => Node::String,
+        _ => return None,
+    })
+}
+
+fn full_name(name: &str, namespace: Option<&str>, enclosing: &str) -> String {
+    if name.contains('.') {
+        return name.to_string();
+    }
+    let ns = namespace.unwrap_or(enclosing);
+    if ns.is_empty() {
+        name.to_string()
+    } else {
+        format!("{ns}.{name}")
+    }
+}
+
+impl Parser {
+    fn push(&mut self, node: Node, path: &str) -> Result<NodeId, SchemaError> {
+        if self.nodes.len() >= MAX_NODES {
+            return Err(invalid(path, format!("more than {MAX_NODES} types")));
+        }
+        self.nodes.push(node);
+        Ok(self.nodes.len() - 1)
+    }
+
+    fn define(&mut self, name: &str, id: NodeId, path: &str) -> Result<(), SchemaError> {
+        if self.names.insert(name.to_string(), id).is_some() {
+            return Err(invalid(path, format!("type {name} is defined twice")));
+        }
+        Ok(())
+    }
+
+    fn parse(
+        &mut self,
+        v: &Value,
+        namespace: &str,
+        path: &str,
+        depth: usize,
+    ) -> Result<NodeId, SchemaError> {
+        if depth > MAX_DEPTH {
+            return Err(invalid(path, format!("nested deeper than {MAX_DEPTH}")));
+        }
+        match v {
+            Value::String(s) => {
+                if let Some(node) = primitive(s) {
+                    return self.push(node, path);
+                }
+                let full = full_name(s, None, namespace);
+                self.names
+                    .get(&full)
+                    .or_else(|| self.names.get(s.as_str()))
+                    .copied()
+                    .ok_or_else(|| invalid(path, format!("unknown type {s:?}")))
+            }
+            Value::Array(branches) => {
+                let mut ids = Vec::with_capacity(branches.len());
+                for (i, b) in branches.iter().enumerate() {
+                    let id = self.parse(b, namespace, &format!("{path}[{i}]"), depth + 1)?;
+                    if matches!(self.nodes.get(id), Some(Node::Union(_))) {
+                        return Err(invalid(path, "a union may not directly contain a union"));
+                    }
+                    ids.push(id);
+                }
+                if ids.is_empty() {
+                    return Err(invalid(path, "empty union"));
+                }
+                self.push(Node::Union(ids), path)
+            }
+            Value::Object(o) => {
+                let ty = o
+                    .get("type")
+                    .ok_or_else(|| invalid(path, "object without \"type\""))?;
+                let ty_str = match ty {
+                    Value::String(s) => s.as_str(),
+                    // {"type": {...}} or {"type": [...]}: the inner schema is the type.
+                    other => return self.parse(other, namespace, path, depth + 1),
+                };
+                if let Some(node) = primitive(ty_str) {
+                    // Logical types (date, timestamp-millis, uuid, decimal on bytes...) are read
+                    // as their underlying encoding.
+                    return self.push(node, path);
+                }
+                let name_of = |o: &serde_json::Map<String, Value>| -> Result<String, SchemaError> {
+                    let name = o
+                        .get("name")
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| invalid(path, format!("{ty_str} without a name")))?;
+                    Ok(full_name(
+                        name,
+                        o.get("namespace").and_then(Value::as_str),
+                        namespace,
+                    ))
+                };
+                match ty_str {
+                    "record" | "error" => {
+                        let name = name_of(o)?;
+                        let inner_ns = name.rsplit_once('.').map(|(ns, _)| ns).unwrap_or("");
+                        let id = self.push(
+                            Node::Record {
+                                name: name.clone(),
+                                fields: Vec::new(),
+                            },
+                            path,
+                        )?;
+                        self.define(&name, id, path)?;
+                        let fields_json = o
+                            .get("fields")
+                            .and_then(Value::as_array)
+                            .ok_or_else(|| invalid(path, "record without a fields array"))?;
+                        let mut fields = Vec::with_capacity(fields_json.len());
+                        for (i, f) in fields_json.iter().enumerate() {
+                            let fpath = format!("{path}.fields[{i}]");
+                            let fname = f
+                                .get("name")
+                                .and_then(Value::as_str)
+                                .ok_or_else(|| invalid(&fpath, "field without a name"))?;
+                            if fields.iter().any(|(n, _): &(String, NodeId)| n == fname) {
+                                return Err(invalid(&fpath, format!("field {fname} appears twice")));
+                            }
+                            let ftype = f
+                                .get("type")
+                                .ok_or_else(|| invalid(&fpath, "field without a type"))?;
+                            let fid = self.parse(ftype, inner_ns, &fpath, depth + 1)?;
+                            fields.push((fname.to_string(), fid));
+                        }
+                        if let Some(Node::Record { fields: slot, .. }) = self.nodes.get_mut(id) {
+                            *slot = fields;
+                        }
+                        Ok(id)
+                    }
+                    "enum" => {
+                        let name = name_of(o)?;
+                        let symbols: Vec<String> = o
+                            .get("symbols")
+                            .and_then(Value::as_array)
+                            .ok_or_else(|| invalid(path, "enum without symbols"))?
+                            .iter()
+                            .map(|s| s.as_str().map(str::to_string))
+                            .collect::<Option<_>>()
+                            .ok_or_else(|| invalid(path, "enum symbol is not a string"))?;
+                        let id = self.push(
+                            Node::Enum {
+                                name: name.clone(),
+                                symbols,
+                            },
+                            path,
+                        )?;
+                        self.define(&name, id, path)?;
+                        Ok(id)
+                    }
+                    "fixed" => {
+                        let name = name_of(o)?;
+                        let size = o
+                            .get("size")
+                            .and_then(Value::as_u64)
+                            .ok_or_else(|| invalid(path, "fixed without a size"))?;
+                        let size = usize::try_from(size)
+                            .ok()
+                            .filter(|s| *s <= 1 << 20)
+                            .ok_or_else(|| invalid(path, "fixed size over 1 MiB"))?;
+                        let id = self.push(
+                            Node::Fixed {
+                                name: name.clone(),
+                                size,
+                            },
+                            path,
+                        )?;
+                        self.define(&name, id, path)?;
+                        Ok(id)
+                    }
+                    "array" => {
+                        let items = o
+                            .get("items")
+                            .ok_or_else(|| invalid(path, "array without items"))?;
+                        let item = self.parse(items, namespace, &format!("{path}.items"), depth + 1)?;
+                        self.push(Node::Array(item), path)
+                    }
+                    "map" => {
+                        let values = o
+                            .get("values")
+                            .ok_or_else(|| invalid(path, "map without values"))?;
+                        let value =
+                            self.parse(values, namespace, &format!("{path}.values"), depth + 1)?;
+                        self.push(Node::Map(value), path)
+                    }
+                    other => {
+                        let full = full_name(other, None, namespace);
+                        self.names
+                            .get(&full)
+                            .or_else(|| self.names.get(other))
+                            .copied()
+                            .ok_or_else(|| invalid(path, format!("unknown type {other:?}")))
+                    }
+                }
+            }
+            other => Err(invalid(path, format!("unexpected JSON {other}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    const CLICK: &str = r#"{"type":"record","name":"Click","namespace":"dataexport.S3.inner.users.messages.email",
+      "fields":[{"name":"id","type":"string"},
+                {"name":"time","type":"int"},
+                {"name":"is_amp","type":["null","boolean"],"default":null},
+                {"name":"reasons","type":["null",{"type":"array","items":"string"}],"default":null},
+                {"name":"media","type":["null",{"type":"array","items":["null","string"]}]},
+                {"name":"at","type":{"type":"long","logicalType":"timestamp-millis"}}]}"#;
+
+    #[test]
+    fn record_fields_keep_writer_order_and_full_name() {
+        let s = WriterSchema::parse(CLICK).unwrap();
+        let (name, fields) = s.record().unwrap();
+        assert_eq!(name, "dataexport.S3.inner.users.messages.email.Click");
+        let names: Vec<&str> = fields.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["id", "time", "is_amp", "reasons", "media", "at"]);
+    }
+
+    #[test]
+    fn describe_marks_nullable_and_nested_types() {
+        let s = WriterSchema::parse(CLICK).unwrap();
+        let (_, fields) = s.record().unwrap();
+        let d: Vec<String> = fields.iter().map(|(_, id)| s.describe(*id)).collect();
+        assert_eq!(
+            d,
+            ["string", "int", "boolean?", "array<string>?", "array<string?>?", "long"]
+        );
+    }
+
+    #[test]
+    fn named_types_can_be_referenced_and_recursive() {
+        let s = WriterSchema::parse(
+            r#"{"type":"record","name":"Node","namespace":"t","fields":[
+                {"name":"v","type":{"type":"enum","name":"Color","symbols":["RED","BLUE"]}},
+                {"name":"w","type":"Color"},
+                {"name":"next","type":["null","Node"]}]}"#,
+        )
+        .unwrap();
+        let (_, fields) = s.record().unwrap();
+        assert_eq!(s.describe(fields[1].1), "enum:t.Color");
+        assert_eq!(s.describe(fields[2].1), "record:t.Node?");
+    }
+
+    #[test]
+    fn unknown_type_names_are_rejected_with_their_path() {
+        let err = WriterSchema::parse(
+            r#"{"type":"record","name":"R","fields":[{"name":"a","type":"Nope"}]}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("fields[0]"), "{err}");
+    }
+
+    #[test]
+    fn top_level_must_be_a_record() {
+        let s = WriterSchema::parse(r#""string""#).unwrap();
+        assert!(matches!(s.record(), Err(SchemaError::NotRecord(_))));
+    }
+}
