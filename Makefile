@@ -29,8 +29,9 @@ lint: ## rustfmt check and clippy with -D warnings
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-test: venv lint build-dev ## Everything CI runs: lint, unit and integration tests over the local stack
+test: venv lint build-dev ## Everything CI runs: lint, unit and integration tests over the local stack, deploy checks
 	$(CARGO) test --workspace --no-fail-fast
+	$(MAKE) --no-print-directory infra-test
 
 demo: venv ## Run the whole job on the local stack (moto + runtime emulator + Braze simulator)
 	$(CARGO) build --workspace --bins
@@ -39,6 +40,60 @@ demo: venv ## Run the whole job on the local stack (moto + runtime emulator + Br
 sim: ## Run the Braze simulator on 127.0.0.1:4010 (key: sim-key)
 	$(CARGO) run -p braze-sim -- --port 4010 --api-key sim-key
 
-clean: ## Remove build output and the venv
+clean: ## Remove build output, venvs and installed node modules
 	$(CARGO) clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-infra infra/node_modules infra/cdk.out .aws-sam
+# --- Deployment: template.yaml (SAM) and the CDK construct in infra/ -------------------------
+VENV_INFRA := .venv-infra
+INFRA_SAM_STAMP := $(VENV_INFRA)/sam/.installed
+INFRA_CHECKOV_STAMP := $(VENV_INFRA)/checkov/.installed
+INFRA_NODE_STAMP := infra/node_modules/.installed
+# Offline and quiet: SAM needs a region (and credential-shaped values) even to validate; the CDK
+# CLI must not look for new versions or notices, nor send telemetry.
+SAM_ENV := AWS_DEFAULT_REGION=us-east-1 AWS_ACCESS_KEY_ID=offline AWS_SECRET_ACCESS_KEY=offline SAM_CLI_TELEMETRY=0
+CDK_ENV := CDK_DISABLE_VERSION_CHECK=1 CDK_DISABLE_CLI_TELEMETRY=true
+CFN_LINT := $(VENV_INFRA)/sam/bin/cfn-lint --include-checks I --
+CHECKOV := $(VENV_INFRA)/checkov/bin/checkov --quiet --compact --skip-download --framework cloudformation -f
+LAMBDA_TARGET := aarch64-unknown-linux-gnu
+
+.PHONY: infra-tools infra-test build deploy
+
+$(INFRA_SAM_STAMP): testkit/requirements-infra.txt
+	$(PYTHON) -m venv $(VENV_INFRA)/sam
+	$(VENV_INFRA)/sam/bin/pip install --quiet --disable-pip-version-check -r testkit/requirements-infra.txt
+	touch $@
+
+$(INFRA_CHECKOV_STAMP): testkit/requirements-checkov.txt
+	$(PYTHON) -m venv $(VENV_INFRA)/checkov
+	$(VENV_INFRA)/checkov/bin/pip install --quiet --disable-pip-version-check -r testkit/requirements-checkov.txt
+	touch $@
+
+$(INFRA_NODE_STAMP): infra/package.json infra/package-lock.json
+	cd infra && npm ci --no-audit --no-fund
+	touch $@
+
+infra-tools: $(INFRA_SAM_STAMP) $(INFRA_CHECKOV_STAMP) $(INFRA_NODE_STAMP) ## Install the pinned deployment checkers (.venv-infra, infra/node_modules)
+
+infra-test: infra-tools ## template.yaml and the CDK construct: cfn-lint, sam validate --lint, checkov, tsc, construct and parity tests, cdk synth
+	$(SAM_ENV) $(CFN_LINT) template.yaml
+	$(SAM_ENV) $(VENV_INFRA)/sam/bin/sam validate --lint --template template.yaml
+	$(CHECKOV) template.yaml
+	cd infra && npx tsc --noEmit
+	cd infra && node --import tsx --test test/*.test.ts
+	cd infra && rm -rf cdk.out && $(CDK_ENV) npx cdk synth --quiet --no-notices -c stubAssets=true
+	$(SAM_ENV) $(CFN_LINT) infra/cdk.out/BrazeBridge.template.json
+	$(CHECKOV) infra/cdk.out/BrazeBridge.template.json
+
+build: venv ## Build both functions for Lambda (release, arm64): target/lambda/<function>/bootstrap.zip
+	rustup target add $(LAMBDA_TARGET)
+	$(CARGO) lambda build --release --arm64 --output-format zip --bin braze-sync --bin currents-normalize
+	@$(PYTHON) -c 'import glob, os, zipfile; [print(f"{p}: {os.path.getsize(p):,} bytes zipped, {sum(i.file_size for i in zipfile.ZipFile(p).infolist()):,} bytes unzipped") for p in sorted(glob.glob("target/lambda/*/bootstrap.zip"))]'
+
+deploy: venv $(INFRA_SAM_STAMP) ## sam build + sam deploy of template.yaml (guided the first time, or with GUIDED=1)
+	rustup target add $(LAMBDA_TARGET)
+	SAM_CLI_TELEMETRY=0 $(VENV_INFRA)/sam/bin/sam build --template template.yaml
+	if [ -f samconfig.toml ] && [ -z "$(GUIDED)" ]; then \
+		SAM_CLI_TELEMETRY=0 $(VENV_INFRA)/sam/bin/sam deploy; \
+	else \
+		SAM_CLI_TELEMETRY=0 $(VENV_INFRA)/sam/bin/sam deploy --guided; \
+	fi

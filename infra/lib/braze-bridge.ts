@@ -379,7 +379,7 @@ export class BrazeBridge extends Construct {
       }),
       new iam.PolicyStatement({
         sid: 'ReadExports',
-        actions: ['s3:GetObject', 's3:GetObjectVersion'],
+        actions: ['s3:GetObject'],
         resources: [objectsArn(exports, p.exportsPrefix)],
       }),
       new iam.PolicyStatement({
@@ -485,26 +485,20 @@ export class BrazeBridge extends Construct {
       }),
       new iam.PolicyStatement({
         sid: 'ReadCurrents',
-        actions: ['s3:GetObject', 's3:GetObjectVersion'],
+        actions: ['s3:GetObject'],
         resources: [objectsArn(currents, p.currentsPrefix)],
       }),
-      // Parts are written per source file; daily compaction reads a day's parts, writes the
-      // merged file and deletes the parts it replaced.
+      // Parquet parts (named from their source file, so a replay overwrites), quarantined copies
+      // with their reasons, and run reports. Daily compaction, once it exists, will also need
+      // s3:GetObject, s3:DeleteObject and s3:ListBucket on the tables prefix.
       new iam.PolicyStatement({
-        sid: 'ReadWriteTables',
-        actions: ['s3:GetObject', 's3:PutObject', 's3:DeleteObject'],
-        resources: [objectsArn(tables, p.tablesPrefix)],
-      }),
-      new iam.PolicyStatement({
-        sid: 'ListTables',
-        actions: ['s3:ListBucket'],
-        resources: [bucketArn(tables)],
-        conditions: { StringLike: { 's3:prefix': `${p.tablesPrefix}*` } },
-      }),
-      new iam.PolicyStatement({
-        sid: 'WriteQuarantineAndReports',
+        sid: 'WriteTablesQuarantineAndReports',
         actions: ['s3:PutObject'],
-        resources: [objectsArn(tables, p.quarantinePrefix), objectsArn(tables, p.currentsReportsPrefix)],
+        resources: [
+          objectsArn(tables, p.tablesPrefix),
+          objectsArn(tables, p.quarantinePrefix),
+          objectsArn(tables, p.currentsReportsPrefix),
+        ],
       }),
     ]);
     this.currentsNormalizeFunction = rustFunction(this, 'CurrentsNormalizeFunction', {

@@ -418,6 +418,9 @@ pub enum DatumError {
     /// Nested deeper than the decoder allows.
     #[error("value nested too deep")]
     TooDeep,
+    /// A value does not fit the column its plan chose (an internal error, never data).
+    #[error("value does not fit its column")]
+    Mismatch,
 }
 
 /// A read position over bytes.

@@ -8,6 +8,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterVersion};
+use parquet::schema::types::ColumnPath;
 
 /// Rows per Parquet row group: a 100,000-event Currents file is one row group.
 pub const ROW_GROUP_ROWS: usize = 128 * 1024;
@@ -24,6 +25,8 @@ pub fn writer_properties(metadata: Vec<(String, String)>) -> WriterProperties {
         .set_compression(Compression::SNAPPY)
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
         .set_statistics_enabled(EnabledStatistics::Chunk)
+        // `id` is unique within a part: a dictionary would only be built to be abandoned.
+        .set_column_dictionary_enabled(ColumnPath::from("id"), false)
         .set_created_by(format!("currents-normalize {}", env!("CARGO_PKG_VERSION")))
         .set_key_value_metadata(Some(
             metadata

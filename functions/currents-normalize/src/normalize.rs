@@ -365,8 +365,27 @@ enum Builder {
     F64(Float64Builder),
     Bool(BooleanBuilder),
     Ts(TimestampMicrosecondBuilder),
+    /// A registry field the file does not have: all null.
+    Absent,
     /// Same value on every row; built when the batch is finished.
     Const,
+}
+
+/// What a field's value is also used for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Plain,
+    /// The dedup key.
+    Id,
+    /// Seconds since the epoch; feeds `event_time`.
+    Time,
+}
+
+/// One writer field's compiled step.
+struct Op<'p> {
+    field: &'p FieldPlan,
+    builder: Option<usize>,
+    role: Role,
 }
 
 /// Turns a file's records into record batches of the plan's table.
@@ -374,16 +393,27 @@ pub struct Normalizer<'p> {
     plan: &'p Plan,
     ctx: FileContext,
     batch_rows: usize,
+    ops: Vec<Op<'p>>,
     builders: Vec<Builder>,
-    /// For each table field, the column it feeds.
-    field_columns: Vec<usize>,
     json_column: Option<usize>,
     event_time_column: Option<usize>,
     rows_in_batch: usize,
+    /// Rows of the current batch that repeat an earlier `id`.
+    dropped_in_batch: Vec<usize>,
     seen_ids: HashSet<u128, BuildHasherDefault<IdHasher>>,
     json_buf: String,
     row_json: String,
     stats: NormalizeStats,
+}
+
+fn new_builder(dt: &DataType, rows: usize, bytes: usize) -> Builder {
+    match dt {
+        DataType::Int64 => Builder::I64(Int64Builder::with_capacity(rows)),
+        DataType::Float64 => Builder::F64(Float64Builder::with_capacity(rows)),
+        DataType::Boolean => Builder::Bool(BooleanBuilder::with_capacity(rows)),
+        DataType::Timestamp(_, _) => Builder::Ts(TimestampMicrosecondBuilder::with_capacity(rows)),
+        _ => Builder::Str(StringBuilder::with_capacity(rows, bytes)),
+    }
 }
 
 fn append_cell(b: &mut Builder, cell: Cell<'_>, json_buf: &str) -> bool {
@@ -431,25 +461,11 @@ fn read_cell<'a>(
         Read::Bool => Cell::Bool(c.read_bool()?),
         Read::Float => Cell::Float(f64::from(c.read_f32()?)),
         Read::Double => Cell::Float(c.read_f64()?),
-        Read::Enum(symbols) => {
-            let i = c.read_long()?;
-            let s = usize::try_from(i)
-                .ok()
-                .and_then(|i| symbols.get(i))
-                .ok_or(DatumError::BadIndex(i))?;
-            Cell::Str(s)
-        }
-        Read::Union(branches) => {
-            let i = c.read_long()?;
-            let b = usize::try_from(i)
-                .ok()
-                .and_then(|i| branches.get(i))
-                .ok_or(DatumError::BadIndex(i))?;
-            match b {
-                Read::Union(_) => return Err(DatumError::TooDeep),
-                other => read_cell(other, schema, c, json_buf)?,
-            }
-        }
+        Read::Enum(symbols) => Cell::Str(symbol(symbols, c)?),
+        Read::Union(branches) => match union_branch(branches, c)? {
+            Read::Union(_) => return Err(DatumError::TooDeep),
+            other => read_cell(other, schema, c, json_buf)?,
+        },
         Read::Json(node) => {
             let start = json_buf.len();
             json::write_value(schema, *node, c, json_buf)?;
@@ -458,51 +474,124 @@ fn read_cell<'a>(
     })
 }
 
+#[inline]
+fn symbol<'a>(symbols: &'a [String], c: &mut Cursor<'_>) -> Result<&'a str, DatumError> {
+    let i = c.read_long()?;
+    usize::try_from(i)
+        .ok()
+        .and_then(|i| symbols.get(i))
+        .map(String::as_str)
+        .ok_or(DatumError::BadIndex(i))
+}
+
+#[inline]
+fn union_branch<'r>(branches: &'r [Read], c: &mut Cursor<'_>) -> Result<&'r Read, DatumError> {
+    let i = c.read_long()?;
+    usize::try_from(i)
+        .ok()
+        .and_then(|i| branches.get(i))
+        .ok_or(DatumError::BadIndex(i))
+}
+
+/// Decodes one value straight into its column's builder (the hot path: no intermediate).
+#[inline]
+fn decode_into(
+    read: &Read,
+    schema: &WriterSchema,
+    c: &mut Cursor<'_>,
+    b: &mut Builder,
+    json_buf: &mut String,
+) -> Result<(), DatumError> {
+    match (read, b) {
+        (Read::Str, Builder::Str(b)) => b.append_value(c.read_str()?),
+        (Read::Int, Builder::I64(b)) => b.append_value(i64::from(c.read_int()?)),
+        (Read::Long, Builder::I64(b)) => b.append_value(c.read_long()?),
+        (Read::Float, Builder::F64(b)) => b.append_value(f64::from(c.read_f32()?)),
+        (Read::Double, Builder::F64(b)) => b.append_value(c.read_f64()?),
+        (Read::Bool, Builder::Bool(b)) => b.append_value(c.read_bool()?),
+        (Read::Enum(symbols), Builder::Str(b)) => b.append_value(symbol(symbols, c)?),
+        (Read::Json(node), Builder::Str(b)) => {
+            json_buf.clear();
+            json::write_value(schema, *node, c, json_buf)?;
+            b.append_value(json_buf.as_str());
+        }
+        (Read::Null, Builder::Str(b)) => b.append_null(),
+        (Read::Null, Builder::I64(b)) => b.append_null(),
+        (Read::Null, Builder::F64(b)) => b.append_null(),
+        (Read::Null, Builder::Bool(b)) => b.append_null(),
+        (Read::Union(branches), b) => match union_branch(branches, c)? {
+            Read::Union(_) => return Err(DatumError::TooDeep),
+            other => decode_into(other, schema, c, b, json_buf)?,
+        },
+        _ => return Err(DatumError::Mismatch),
+    }
+    Ok(())
+}
+
 impl<'p> Normalizer<'p> {
     /// Starts a file. `batch_rows` is the size of the batches handed to the sink.
     pub fn new(plan: &'p Plan, ctx: FileContext, batch_rows: usize, expected_rows: usize) -> Self {
         let table = &plan.table;
         let batch_rows = batch_rows.max(1);
         let cap = batch_rows.min(expected_rows.max(1));
-        let mut field_columns = vec![usize::MAX; table.fields.len()];
+        let mut field_columns = vec![None; table.fields.len()];
         let mut json_column = None;
         let mut event_time_column = None;
+        let mut present = vec![false; table.fields.len()];
+        for f in &plan.fields {
+            if let Some(s) = f.slot {
+                present[s] = true;
+            }
+        }
         let builders = table
             .columns
             .iter()
             .enumerate()
             .map(|(ci, c)| match c.source {
-                ColumnSource::Field(fi) => {
+                ColumnSource::Field(fi) if present.get(fi).copied().unwrap_or(false) => {
                     if let Some(slot) = field_columns.get_mut(fi) {
-                        *slot = ci;
+                        *slot = Some(ci);
                     }
-                    match c.data_type {
-                        DataType::Int64 => Builder::I64(Int64Builder::with_capacity(cap)),
-                        DataType::Float64 => Builder::F64(Float64Builder::with_capacity(cap)),
-                        DataType::Boolean => Builder::Bool(BooleanBuilder::with_capacity(cap)),
-                        _ => Builder::Str(StringBuilder::with_capacity(cap, cap * 16)),
-                    }
+                    new_builder(&c.data_type, cap, cap * 32)
                 }
+                ColumnSource::Field(_) => Builder::Absent,
                 ColumnSource::EventTime => {
                     event_time_column = Some(ci);
-                    Builder::Ts(TimestampMicrosecondBuilder::with_capacity(cap))
+                    new_builder(&c.data_type, cap, 0)
                 }
                 ColumnSource::Json => {
                     json_column = Some(ci);
-                    Builder::Str(StringBuilder::with_capacity(cap, cap * 8))
+                    new_builder(&c.data_type, cap, cap * 16)
                 }
                 _ => Builder::Const,
+            })
+            .collect::<Vec<_>>();
+        let ops = plan
+            .fields
+            .iter()
+            .map(|f| {
+                let role = match f.slot {
+                    Some(s) if s == plan.id_slot => Role::Id,
+                    Some(s) if s == plan.time_slot => Role::Time,
+                    _ => Role::Plain,
+                };
+                Op {
+                    field: f,
+                    builder: f.slot.and_then(|s| field_columns.get(s).copied().flatten()),
+                    role,
+                }
             })
             .collect();
         Self {
             plan,
             ctx,
             batch_rows,
+            ops,
             builders,
-            field_columns,
             json_column,
             event_time_column,
             rows_in_batch: 0,
+            dropped_in_batch: Vec::new(),
             seen_ids: HashSet::with_capacity_and_hasher(expected_rows, Default::default()),
             json_buf: String::new(),
             row_json: String::new(),
@@ -520,29 +609,69 @@ impl<'p> Normalizer<'p> {
         mut sink: impl FnMut(RecordBatch) -> Result<(), String>,
     ) -> Result<NormalizeStats, NormalizeError> {
         let plan = self.plan;
-        let n_fields = plan.table.fields.len();
+        let schema = &plan.schema;
+        let has_json = self.json_column.is_some() && plan.fields.iter().any(|f| f.to_json);
         for block in container.blocks() {
             let block = block?;
             self.stats.blocks += 1;
             let mut c = Cursor::new(&block.data);
-            let mut cells: Vec<Cell<'_>> = vec![Cell::Null; n_fields];
             for _ in 0..block.count {
                 let record = self.stats.events_in;
                 self.stats.events_in += 1;
-                self.json_buf.clear();
                 self.row_json.clear();
-                cells.fill(Cell::Null);
                 let mut json_fields = 0usize;
-                for fp in &plan.fields {
-                    let cell = read_cell(&fp.read, &plan.schema, &mut c, &mut self.json_buf)
-                        .map_err(|error| NormalizeError::Datum {
-                            block: block.index,
-                            record,
-                            field: fp.name.clone(),
-                            error,
-                        })?;
-                    if let Some(s) = fp.slot {
-                        cells[s] = cell;
+                let mut duplicate = false;
+                for op in &self.ops {
+                    let fp = op.field;
+                    let err = |error| NormalizeError::Datum {
+                        block: block.index,
+                        record,
+                        field: fp.name.clone(),
+                        error,
+                    };
+                    let Some(bi) = op.builder else {
+                        // Only in the JSON column.
+                        self.json_buf.clear();
+                        let cell = read_cell(&fp.read, schema, &mut c, &mut self.json_buf)
+                            .map_err(err)?;
+                        self.row_json.push(if json_fields == 0 { '{' } else { ',' });
+                        self.row_json.push_str(&fp.json_key);
+                        push_cell_json(&mut self.row_json, cell, &self.json_buf);
+                        json_fields += 1;
+                        continue;
+                    };
+                    let Some(b) = self.builders.get_mut(bi) else {
+                        return Err(err(DatumError::Mismatch));
+                    };
+                    if op.role == Role::Plain && !fp.to_json {
+                        decode_into(&fp.read, schema, &mut c, b, &mut self.json_buf)
+                            .map_err(err)?;
+                        continue;
+                    }
+                    self.json_buf.clear();
+                    let cell =
+                        read_cell(&fp.read, schema, &mut c, &mut self.json_buf).map_err(err)?;
+                    if !append_cell(b, cell, &self.json_buf) {
+                        return Err(err(DatumError::Mismatch));
+                    }
+                    match (op.role, cell) {
+                        (Role::Id, Cell::Str(id)) => {
+                            duplicate = !self
+                                .seen_ids
+                                .insert(xxhash_rust::xxh3::xxh3_128(id.as_bytes()));
+                        }
+                        (Role::Time, Cell::Int(time)) => {
+                            let micros = time
+                                .checked_mul(1_000_000)
+                                .ok_or(NormalizeError::TimeOutOfRange { record, time })?;
+                            if let Some(Builder::Ts(t)) =
+                                self.event_time_column.and_then(|i| self.builders.get_mut(i))
+                            {
+                                t.append_value(micros);
+                            }
+                        }
+                        (Role::Plain, _) => {}
+                        _ => return Err(err(DatumError::Mismatch)),
                     }
                     if fp.to_json {
                         self.row_json.push(if json_fields == 0 { '{' } else { ',' });
@@ -551,49 +680,10 @@ impl<'p> Normalizer<'p> {
                         json_fields += 1;
                     }
                 }
-                let id = match cells[plan.id_slot] {
-                    Cell::Str(s) => s,
-                    _ => {
-                        return Err(NormalizeError::Datum {
-                            block: block.index,
-                            record,
-                            field: "id".into(),
-                            error: DatumError::Eof,
-                        });
-                    }
-                };
-                if !self
-                    .seen_ids
-                    .insert(xxhash_rust::xxh3::xxh3_128(id.as_bytes()))
+                if let Some(Builder::Str(b)) =
+                    self.json_column.and_then(|i| self.builders.get_mut(i))
                 {
-                    self.stats.duplicates_dropped += 1;
-                    continue;
-                }
-                let time = match cells[plan.time_slot] {
-                    Cell::Int(t) => t,
-                    _ => 0,
-                };
-                let event_time = time
-                    .checked_mul(1_000_000)
-                    .ok_or(NormalizeError::TimeOutOfRange { record, time })?;
-                for (fi, cell) in cells.iter().enumerate() {
-                    let ci = self.field_columns[fi];
-                    if let Some(b) = self.builders.get_mut(ci)
-                        && !append_cell(b, *cell, &self.json_buf)
-                    {
-                        return Err(NormalizeError::Datum {
-                            block: block.index,
-                            record,
-                            field: plan.table.fields[fi].name.clone(),
-                            error: DatumError::BadIndex(-1),
-                        });
-                    }
-                }
-                if let Some(Builder::Ts(b)) = self.event_time_column.and_then(|i| self.builders.get_mut(i)) {
-                    b.append_value(event_time);
-                }
-                if let Some(Builder::Str(b)) = self.json_column.and_then(|i| self.builders.get_mut(i)) {
-                    if json_fields > 0 {
+                    if has_json && json_fields > 0 {
                         self.row_json.push('}');
                         b.append_value(&self.row_json);
                     } else if plan.table.generic {
@@ -602,11 +692,17 @@ impl<'p> Normalizer<'p> {
                         b.append_null();
                     }
                 }
+                if duplicate {
+                    self.stats.duplicates_dropped += 1;
+                    self.dropped_in_batch.push(self.rows_in_batch);
+                } else {
+                    self.stats.rows_out += 1;
+                }
                 self.rows_in_batch += 1;
-                self.stats.rows_out += 1;
                 if self.rows_in_batch == self.batch_rows {
-                    let batch = self.finish_batch()?;
-                    sink(batch).map_err(NormalizeError::Sink)?;
+                    if let Some(batch) = self.finish_batch()? {
+                        sink(batch).map_err(NormalizeError::Sink)?;
+                    }
                 }
             }
             if c.remaining() != 0 {
@@ -617,26 +713,37 @@ impl<'p> Normalizer<'p> {
                 });
             }
         }
-        if self.rows_in_batch > 0 {
-            let batch = self.finish_batch()?;
+        if self.rows_in_batch > 0
+            && let Some(batch) = self.finish_batch()?
+        {
             sink(batch).map_err(NormalizeError::Sink)?;
         }
         Ok(self.stats)
     }
 
-    fn finish_batch(&mut self) -> Result<RecordBatch, NormalizeError> {
+    /// Finishes the current batch (without its duplicate rows); `None` when every row of it
+    /// was a duplicate.
+    fn finish_batch(&mut self) -> Result<Option<RecordBatch>, NormalizeError> {
         let n = self.rows_in_batch;
         self.rows_in_batch = 0;
         let table = &self.plan.table;
         let ctx = &self.ctx;
+        let next_rows = self.batch_rows;
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(table.columns.len());
         for (col, b) in table.columns.iter().zip(self.builders.iter_mut()) {
             let array: ArrayRef = match b {
-                Builder::Str(b) => Arc::new(b.finish()),
+                Builder::Str(s) => {
+                    let a = s.finish();
+                    // Size the next batch's buffer from this one's, so it never regrows.
+                    let used = a.value_data().len();
+                    *s = StringBuilder::with_capacity(next_rows, used + used / 8 + 64);
+                    Arc::new(a)
+                }
                 Builder::I64(b) => Arc::new(b.finish()),
                 Builder::F64(b) => Arc::new(b.finish()),
                 Builder::Bool(b) => Arc::new(b.finish()),
                 Builder::Ts(b) => Arc::new(b.finish().with_timezone("UTC")),
+                Builder::Absent => arrow_array::new_null_array(&col.data_type, n),
                 Builder::Const => match col.source {
                     ColumnSource::SourceKey => Arc::new(StringArray::from_iter_values(
                         std::iter::repeat_n(ctx.source_key.as_str(), n),
@@ -665,7 +772,24 @@ impl<'p> Normalizer<'p> {
             };
             arrays.push(array);
         }
-        RecordBatch::try_new(table.schema.clone(), arrays)
+        let batch = RecordBatch::try_new(table.schema.clone(), arrays)
+            .map_err(|e| NormalizeError::Sink(e.to_string()))?;
+        if self.dropped_in_batch.is_empty() {
+            return Ok(Some(batch));
+        }
+        let mut keep = vec![true; n];
+        for &row in &self.dropped_in_batch {
+            if let Some(k) = keep.get_mut(row) {
+                *k = false;
+            }
+        }
+        self.dropped_in_batch.clear();
+        if keep.iter().all(|k| !k) {
+            return Ok(None);
+        }
+        let mask = arrow_array::BooleanArray::from(keep);
+        arrow_select::filter::filter_record_batch(&batch, &mask)
+            .map(Some)
             .map_err(|e| NormalizeError::Sink(e.to_string()))
     }
 }

@@ -1,1 +1,352 @@
-fn main() {}
+//! `currents-bench`: decode + normalize + write throughput of currents-normalize on one core,
+//! side by side with the Python peer (`testkit/currents-peer/peer.py`, fastavro + pyarrow)
+//! doing the same job on the same files in the same run, and the peak RSS of converting one
+//! 100,000-event file (a separate process, `VmHWM`). Writes `target/bench/currents.json`.
+//!
+//! ```sh
+//! cargo run --release -p currents-normalize --bin currents-bench            # full: 1,000,000 events
+//! cargo run --release -p currents-normalize --bin currents-bench -- --events 60000   # quick check
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use apache_avro::Codec;
+use clap::Parser;
+use currents_normalize::convert::{ConvertOptions, convert};
+use currents_normalize::key;
+use currents_normalize::registry::{Registry, TableEntry};
+use currents_normalize::synth::{self, FileSpec};
+use serde_json::{Value, json};
+
+/// Benchmark currents-normalize against the Python peer.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Total events (half in 15,000-event files, half in 100,000-event files).
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    /// Working folder (inputs, outputs, `currents.json`).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Python with fastavro and pyarrow (default: the project venv).
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// Skip the Python peer.
+    #[arg(long)]
+    skip_peer: bool,
+    /// Internal: convert one file and print this process's peak RSS.
+    #[arg(long, hide = true)]
+    rss_probe: Option<PathBuf>,
+    /// Internal: the key of the `--rss-probe` file.
+    #[arg(long, hide = true)]
+    key: Option<String>,
+}
+
+/// Event types and their share of traffic in the generated mix (a plausible engagement mix).
+const MIX: [(&str, u32); 18] = [
+    ("users.messages.email.Send", 14),
+    ("users.messages.email.Delivery", 13),
+    ("users.messages.email.Open", 11),
+    ("users.behaviors.CustomEvent", 11),
+    ("users.messages.pushnotification.Send", 9),
+    ("users.behaviors.app.SessionStart", 8),
+    ("users.behaviors.app.SessionEnd", 6),
+    ("users.messages.email.Click", 4),
+    ("users.messages.contentcard.Impression", 4),
+    ("users.messages.inappmessage.Impression", 3),
+    ("users.behaviors.Purchase", 3),
+    ("users.messages.sms.Send", 3),
+    ("users.messages.sms.Delivery", 2),
+    ("users.messages.pushnotification.Open", 2),
+    ("users.canvasstep.Progression", 2),
+    ("users.behaviors.subscriptiongroup.StateChange", 2),
+    ("users.profile.Update", 2),
+    ("users.messages.whatsapp.Send", 1),
+];
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap_or_else(|_| PathBuf::from("."))
+}
+
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn pick(seq: u64) -> &'static str {
+    let total: u32 = MIX.iter().map(|(_, w)| w).sum();
+    // A deterministic spread over the mix (golden-ratio stepping).
+    let x = ((seq as f64 * 0.618_033_988_75).fract() * f64::from(total)) as u32;
+    let mut acc = 0;
+    for (t, w) in MIX {
+        acc += w;
+        if x < acc {
+            return t;
+        }
+    }
+    MIX[0].0
+}
+
+/// One input file: its path and key.
+struct Input {
+    path: PathBuf,
+    key: String,
+    events: u64,
+}
+
+fn generate(
+    registry: &Registry,
+    dir: &Path,
+    total: u64,
+    size: u64,
+    seed0: u64,
+) -> anyhow::Result<Vec<Input>> {
+    let manifest = dir.join("manifest.json");
+    let want = json!({"total": total, "size": size, "seed": seed0, "generator": 1});
+    let mut inputs = Vec::new();
+    let files = total.div_ceil(size);
+    let plan: Vec<(String, u64, &TableEntry)> = (0..files)
+        .map(|f| {
+            let et = pick(seed0 + f);
+            let n = size.min(total - f * size);
+            let hour = format!("2026-11-29-{:02}", f % 24);
+            let k = synth::key("currents", et, &hour, seed0 + f);
+            let entry = registry
+                .entries()
+                .iter()
+                .find(|e| e.event_type == et)
+                .ok_or_else(|| anyhow::anyhow!("{et} not in the registry"))?;
+            Ok((k, n, entry))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let cached = std::fs::read_to_string(&manifest)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        == Some(want.clone());
+    for (f, (k, n, entry)) in plan.into_iter().enumerate() {
+        let path = dir.join(&k);
+        if !cached {
+            let dups = n / 100;
+            let bytes = synth::file(
+                entry,
+                &FileSpec {
+                    events: n - dups,
+                    duplicates: dups,
+                    seed: seed0 * 1000 + f as u64,
+                    codec: Codec::Null,
+                },
+            )?;
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(&path, bytes)?;
+        }
+        inputs.push(Input {
+            path,
+            key: k,
+            events: n,
+        });
+    }
+    if !cached {
+        std::fs::write(&manifest, want.to_string())?;
+    }
+    Ok(inputs)
+}
+
+struct RustRun {
+    events: u64,
+    rows: u64,
+    seconds: f64,
+}
+
+fn run_rust(registry: &Registry, inputs: &[Input], out: &Path) -> anyhow::Result<RustRun> {
+    let opts = ConvertOptions::default();
+    let _ = std::fs::remove_dir_all(out);
+    let start = Instant::now();
+    let (mut events, mut rows) = (0, 0);
+    for input in inputs {
+        let bytes = std::fs::read(&input.path)?;
+        let k = key::parse(&input.key)?;
+        let c = convert(&bytes, &input.key, &k, registry, &opts)?;
+        events += c.stats.events_in;
+        rows += c.stats.rows_out;
+        if let Some(parquet) = c.parquet {
+            let path = out.join(c.location.key("tables/"));
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(path, parquet)?;
+        }
+    }
+    Ok(RustRun {
+        events,
+        rows,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+fn run_peer(python: &Path, input_dir: &Path, out: &Path) -> anyhow::Result<Value> {
+    let root = workspace_root();
+    let _ = std::fs::remove_dir_all(out);
+    let output = Command::new(python)
+        .arg(root.join("testkit/currents-peer/peer.py"))
+        .arg("--input")
+        .arg(input_dir)
+        .arg("--out")
+        .arg(out)
+        .arg("--registry")
+        .arg(root.join("functions/currents-normalize/registry/tables.json"))
+        .output()?;
+    if !output.status.success() {
+        anyhow::bail!(
+            "python peer failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    let last = text.lines().last().unwrap_or_default();
+    Ok(serde_json::from_str(last)?)
+}
+
+fn rss_probe(path: &Path, k: &str) -> anyhow::Result<()> {
+    let registry = Registry::builtin()?;
+    let bytes = std::fs::read(path)?;
+    let parsed = key::parse(k)?;
+    let c = convert(&bytes, k, &parsed, &registry, &ConvertOptions::default())?;
+    let parquet_bytes = c.parquet.as_ref().map(Vec::len).unwrap_or_default();
+    drop(bytes);
+    println!(
+        "{}",
+        json!({"events": c.stats.events_in, "parquet_bytes": parquet_bytes, "peak_rss_mb": peak_rss_mb()})
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Some(path) = &args.rss_probe {
+        return match rss_probe(path, args.key.as_deref().unwrap_or_default()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("rss probe failed: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    match bench(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("currents-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench(args: &Args) -> anyhow::Result<()> {
+    let root = workspace_root();
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| root.join("target/bench"));
+    let python = args
+        .python
+        .clone()
+        .unwrap_or_else(|| root.join(".venv/bin/python"));
+    if !args.skip_peer && !python.exists() {
+        anyhow::bail!(
+            "{} not found: run `make venv` (the peer needs fastavro and pyarrow)",
+            python.display()
+        );
+    }
+    let registry = Registry::builtin()?;
+    let half = args.events / 2;
+    let sets = [(15_000u64, half), (100_000u64, args.events - half)];
+    let mut by_size = serde_json::Map::new();
+    let (mut rust_events, mut rust_s, mut py_events, mut py_s) = (0u64, 0f64, 0u64, 0f64);
+    let mut probe_input = None;
+    for (i, (size, total)) in sets.iter().enumerate() {
+        let input_dir = out.join(format!("currents-input/{size}"));
+        eprintln!("generating {total} events in files of {size} under {}", input_dir.display());
+        let inputs = generate(&registry, &input_dir, *total, *size, 7 + i as u64 * 100)?;
+        if *size == 100_000 && probe_input.is_none() {
+            probe_input = inputs
+                .iter()
+                .find(|f| f.events == 100_000)
+                .or(inputs.first())
+                .map(|f| (f.path.clone(), f.key.clone()));
+        }
+        eprintln!("rust: {} files", inputs.len());
+        let r = run_rust(&registry, &inputs, &out.join(format!("rust-tables/{size}")))?;
+        let r_eps = r.events as f64 / r.seconds;
+        rust_events += r.events;
+        rust_s += r.seconds;
+        eprintln!("rust: {} events, {} rows in {:.2}s = {:.0} events/s", r.events, r.rows, r.seconds, r_eps);
+        let mut entry = json!({
+            "files": inputs.len(),
+            "events": r.events,
+            "rows_written": r.rows,
+            "seconds": r.seconds,
+            "events_per_s": r_eps,
+        });
+        if !args.skip_peer {
+            let p = run_peer(&python, &input_dir, &out.join(format!("python-tables/{size}")))?;
+            let p_events = p["events"].as_u64().unwrap_or_default();
+            let p_rows = p["rows_written"].as_u64().unwrap_or_default();
+            let p_seconds = p["seconds"].as_f64().unwrap_or(f64::NAN);
+            if p_events != r.events || p_rows != r.rows {
+                anyhow::bail!(
+                    "peer disagrees: rust {} events/{} rows, python {p_events}/{p_rows}",
+                    r.events,
+                    r.rows
+                );
+            }
+            py_events += p_events;
+            py_s += p_seconds;
+            let p_eps = p_events as f64 / p_seconds;
+            eprintln!("python: {p_events} events in {p_seconds:.2}s = {p_eps:.0} events/s (x{:.1})", r_eps / p_eps);
+            entry["python_peer_seconds"] = json!(p_seconds);
+            entry["python_peer_events_per_s"] = json!(p_eps);
+            entry["ratio"] = json!(r_eps / p_eps);
+        }
+        by_size.insert(size.to_string(), entry);
+    }
+    let peak = match &probe_input {
+        Some((path, k)) => {
+            let exe = std::env::current_exe()?;
+            let o = Command::new(exe)
+                .arg("--rss-probe")
+                .arg(path)
+                .arg("--key")
+                .arg(k)
+                .output()?;
+            let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+            eprintln!("rss probe: {v}");
+            v["peak_rss_mb"].as_f64()
+        }
+        None => None,
+    };
+    let events_per_s = rust_events as f64 / rust_s;
+    let py_eps = (py_s > 0.0).then(|| py_events as f64 / py_s);
+    let result = json!({
+        "events": rust_events,
+        "events_per_s": events_per_s,
+        "python_peer_events_per_s": py_eps,
+        "ratio": py_eps.map(|p| events_per_s / p),
+        "peak_rss_mb_100k_file": peak,
+        "by_file_size": by_size,
+        "targets": {"ratio_min": 10, "peak_rss_mb_100k_file_max": 256},
+        "method": "single thread each; files generated once (null codec, Braze's default) and read from the page cache; time covers read + decode + dedup + normalize + Parquet (Snappy) encode + write to disk; the peer times the same inside Python (imports excluded); peak RSS is VmHWM of a separate process converting one 100,000-event file",
+    });
+    std::fs::create_dir_all(&out)?;
+    let path = out.join("currents.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&result)?)?;
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}

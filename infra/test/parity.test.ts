@@ -1,0 +1,137 @@
+/**
+ * Holds the CDK construct and template.yaml to the same deployment: for each scenario the
+ * template is evaluated with the parameters equal to the construct's props, and both are reduced
+ * to one model (functions, environment, SQS triggers, S3/EventBridge triggers, queues, queue and
+ * bucket policies, buckets, log groups, IAM, alarms, removal policies, checkov skips).
+ */
+import assert from 'node:assert/strict';
+import { describe, test } from 'node:test';
+
+import { BRAZE_BRIDGE_DEFAULTS, BRAZE_BRIDGE_PARAMETER_PROPS, BrazeBridgeProps, FUNCTION_SIZING } from '../lib/braze-bridge';
+import { BridgeModel, bridgeModel, cdkLabel, evaluateTemplate, loadYamlTemplate } from './cfn-model';
+import { CONSTRUCT_ID, SECRET_ARN, TEMPLATE_YAML, parametersFor, synth } from './helpers';
+
+const yamlTemplate = loadYamlTemplate(TEMPLATE_YAML);
+
+const SCENARIOS: Record<string, Partial<BrazeBridgeProps>> = {
+  'new buckets, defaults': {},
+  'existing buckets, alarm topic, endpoint and tuning given': {
+    exportsBucketName: 'acme-amperity-exports',
+    exportsPrefix: 'exports/braze/',
+    stateBucketName: 'acme-bridge-state',
+    statePrefix: 'state/',
+    reportsPrefix: 'reports/',
+    rejectsPrefix: 'rejects/',
+    routesBucketName: 'acme-bridge-config',
+    routesPrefix: 'routes/',
+    currentsBucketName: 'acme-braze-currents',
+    currentsPrefix: 'braze/currents/',
+    tablesBucketName: 'acme-amperity-ingest',
+    tablesPrefix: 'braze/tables/',
+    quarantinePrefix: 'braze/quarantine/',
+    currentsReportsPrefix: 'braze/reports/',
+    brazeInstance: 'EU-02',
+    brazeRestEndpoint: 'https://rest.fra-02.braze.eu',
+    rateLimitShare: 0.5,
+    brazeRateLimitRequests: 1500,
+    brazeRateLimitWindowSecs: 3,
+    brazeMaxObjectsPerRequest: 50,
+    brazeSyncMaxConcurrency: 3,
+    currentsNormalizeMaxConcurrency: 20,
+    logLevel: 'debug',
+    logRetentionDays: 90,
+    alarmTopicArn: 'arn:aws:sns:eu-central-1:123456789012:ops-alarms',
+  },
+  'one shared existing bucket for everything': {
+    exportsBucketName: 'acme-data',
+    stateBucketName: 'acme-data',
+    currentsBucketName: 'acme-data',
+    tablesBucketName: 'acme-data',
+  },
+  'existing exports and tables, new Currents and state': {
+    exportsBucketName: 'acme-amperity-exports',
+    tablesBucketName: 'acme-amperity-ingest',
+  },
+};
+
+function models(props: Partial<BrazeBridgeProps>): { cdk: BridgeModel; sam: BridgeModel } {
+  const parameters = { BrazeApiKeySecretArn: SECRET_ARN, ...parametersFor(props) };
+  return {
+    cdk: bridgeModel(evaluateTemplate(synth(props).toJSON(), {}, cdkLabel(CONSTRUCT_ID))),
+    sam: bridgeModel(evaluateTemplate(yamlTemplate, parameters)),
+  };
+}
+
+for (const [name, props] of Object.entries(SCENARIOS)) {
+  describe(`construct and template.yaml agree: ${name}`, () => {
+    const { cdk, sam } = models(props);
+
+    test('same resources (type and logical id)', () => assert.deepEqual(cdk.resources, sam.resources));
+    test('same functions: runtime, architecture, memory, timeout, role, logging, DLQ', () =>
+      assert.deepEqual(cdk.functions, sam.functions));
+    test('same environment variables, names and values', () => assert.deepEqual(cdk.environment, sam.environment));
+    test('same SQS event sources with ReportBatchItemFailures', () => {
+      assert.deepEqual(cdk.eventSources, sam.eventSources);
+      assert.equal(sam.eventSources.length, 2);
+      assert.ok(sam.eventSources.every((e) => JSON.parse(e).reportBatchItemFailures === true));
+    });
+    test('same bucket triggers (S3 notification or EventBridge rule)', () => {
+      assert.deepEqual(cdk.triggers, sam.triggers);
+      assert.equal(sam.triggers.length, 2);
+    });
+    test('same queues and dead-letter redrive', () => assert.deepEqual(cdk.queues, sam.queues));
+    test('same queue and bucket policies', () => assert.deepEqual(cdk.resourcePolicies, sam.resourcePolicies));
+    test('same buckets', () => assert.deepEqual(cdk.buckets, sam.buckets));
+    test('same log groups', () => assert.deepEqual(cdk.logGroups, sam.logGroups));
+    test('same IAM statements per role', () => assert.deepEqual(cdk.roles, sam.roles));
+    test('same IAM actions per function', () => assert.deepEqual(cdk.iamActions, sam.iamActions));
+    test('same alarms', () => assert.deepEqual(cdk.alarms, sam.alarms));
+    test('same removal policies', () => assert.deepEqual(cdk.removal, sam.removal));
+    test('same checkov skips', () => assert.deepEqual(cdk.checkovSkips, sam.checkovSkips));
+  });
+}
+
+describe('construct props and template parameters', () => {
+  const parameters = yamlTemplate.Parameters as Record<string, { Default?: unknown }>;
+
+  test('every template parameter is a construct prop and vice versa', () => {
+    const fromTemplate = Object.keys(parameters)
+      .map((p) => p[0].toLowerCase() + p.slice(1))
+      .sort();
+    assert.deepEqual(fromTemplate, [...BRAZE_BRIDGE_PARAMETER_PROPS].sort());
+  });
+
+  test('defaults are equal', () => {
+    for (const [prop, value] of Object.entries(BRAZE_BRIDGE_DEFAULTS)) {
+      const parameter = parameters[prop[0].toUpperCase() + prop.slice(1)];
+      assert.equal(String(parameter.Default), String(value), prop);
+    }
+    assert.equal(parameters.BrazeApiKeySecretArn.Default, undefined, 'the secret has no default');
+  });
+
+  test('memory and timeout are the sized values', () => {
+    const resources = yamlTemplate.Resources as Record<string, { Properties: Record<string, unknown> }>;
+    const brazeSync = resources.BrazeSyncFunction.Properties;
+    const currents = resources.CurrentsNormalizeFunction.Properties;
+    assert.deepEqual([brazeSync.MemorySize, brazeSync.Timeout], [
+      FUNCTION_SIZING.brazeSync.memorySize,
+      FUNCTION_SIZING.brazeSync.timeoutSeconds,
+    ]);
+    assert.deepEqual([currents.MemorySize, currents.Timeout], [
+      FUNCTION_SIZING.currentsNormalize.memorySize,
+      FUNCTION_SIZING.currentsNormalize.timeoutSeconds,
+    ]);
+  });
+
+  test('template functions build the workspace binaries with cargo-lambda on arm64', () => {
+    const resources = yamlTemplate.Resources as Record<string, { Metadata: Record<string, unknown>; Properties: Record<string, unknown> }>;
+    for (const [id, binary] of [
+      ['BrazeSyncFunction', 'braze-sync'],
+      ['CurrentsNormalizeFunction', 'currents-normalize'],
+    ]) {
+      assert.equal(resources[id].Metadata.BuildMethod, 'rust-cargolambda');
+      assert.deepEqual(resources[id].Metadata.BuildProperties, { Binary: binary });
+      assert.equal(resources[id].Properties.CodeUri, `functions/${binary}`);
+    }
+  });
+});
