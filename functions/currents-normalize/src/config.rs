@@ -185,6 +185,27 @@ mod tests {
         assert!(Config::default().is_own_output("raw", "quarantine/currents/x.avro"));
     }
 
+    /// The README's configuration table names every variable the code reads.
+    #[test]
+    fn readme_documents_every_variable() {
+        let readme = include_str!("../README.md");
+        let code = include_str!("config.rs");
+        let mut vars: Vec<&str> = code
+            .split('`')
+            .filter(|w| {
+                w.len() > 3
+                    && w.chars().all(|c| c.is_ascii_uppercase() || c == '_')
+                    && w.contains('_')
+            })
+            .collect();
+        vars.sort();
+        vars.dedup();
+        assert!(vars.len() >= 7, "{vars:?}");
+        for v in vars {
+            assert!(readme.contains(&format!("| `{v}` |")), "README lacks {v}");
+        }
+    }
+
     #[test]
     fn prefixes_get_a_trailing_slash() {
         assert_eq!(folder("tables".into()), "tables/");

@@ -18,13 +18,16 @@ pub struct ConvertOptions {
     pub limits: Limits,
     /// Rows per Arrow batch handed to the Parquet writer.
     pub batch_rows: usize,
+    /// Rows per Parquet row group.
+    pub row_group_rows: usize,
 }
 
 impl Default for ConvertOptions {
     fn default() -> Self {
         Self {
             limits: Limits::default(),
-            batch_rows: 16 * 1024,
+            batch_rows: 2048,
+            row_group_rows: crate::encode::ROW_GROUP_ROWS,
         }
     }
 }
@@ -123,7 +126,7 @@ pub fn convert(
             table.version.to_string(),
         ),
     ];
-    let mut writer = PartWriter::new(table.schema.clone(), metadata)?;
+    let mut writer = PartWriter::new(table.schema.clone(), metadata, opts.row_group_rows)?;
     // A rough row estimate (Currents events are a few hundred bytes) sizes the id set.
     let expected_rows = (bytes.len() / 256).clamp(16, 200_000);
     let normalizer = Normalizer::new(&plan, ctx, opts.batch_rows, expected_rows);

@@ -148,7 +148,9 @@ impl<'a> Container<'a> {
     /// Reads the header of a container file held in memory.
     pub fn open(bytes: &'a [u8], limits: Limits) -> Result<Self, DecodeError> {
         if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
-            return Err(DecodeError::NotAvro(bytes.iter().take(4).copied().collect()));
+            return Err(DecodeError::NotAvro(
+                bytes.iter().take(4).copied().collect(),
+            ));
         }
         let mut c = Cursor::at(bytes, MAGIC.len());
         let mut metadata = BTreeMap::new();
@@ -206,10 +208,11 @@ impl<'a> Container<'a> {
             .get("avro.schema")
             .copied()
             .ok_or(DecodeError::NoSchema)?;
-        let schema_json = std::str::from_utf8(schema_bytes).map_err(|_| DecodeError::BadHeader {
-            offset: 0,
-            reason: "avro.schema is not UTF-8".into(),
-        })?;
+        let schema_json =
+            std::str::from_utf8(schema_bytes).map_err(|_| DecodeError::BadHeader {
+                offset: 0,
+                reason: "avro.schema is not UTF-8".into(),
+            })?;
         Ok(Self {
             schema_json,
             codec,
@@ -312,20 +315,21 @@ impl<'a> Blocks<'a, '_> {
                 offset: sync_at,
             });
         }
-        let data = decompress(self.container.codec, raw, limits.max_block_bytes).map_err(
-            |reason| match reason {
-                CodecFailure::TooLarge(n) => too_large(format!(
-                    "decompresses to more than {n} bytes (limit {})",
-                    limits.max_block_bytes
-                )),
-                CodecFailure::Corrupt(reason) => DecodeError::Codec {
-                    block,
-                    offset: start,
-                    codec: self.container.codec.name(),
-                    reason,
-                },
-            },
-        )?;
+        let data =
+            decompress(self.container.codec, raw, limits.max_block_bytes).map_err(|reason| {
+                match reason {
+                    CodecFailure::TooLarge(n) => too_large(format!(
+                        "decompresses to more than {n} bytes (limit {})",
+                        limits.max_block_bytes
+                    )),
+                    CodecFailure::Corrupt(reason) => DecodeError::Codec {
+                        block,
+                        offset: start,
+                        codec: self.container.codec.name(),
+                        reason,
+                    },
+                }
+            })?;
         if count > data.len() as u64 && count > 0 {
             // Every Currents record carries at least an id, so a record is at least one byte;
             // a block claiming more records than bytes is lying about its count.
@@ -548,7 +552,11 @@ impl<'a> Cursor<'a> {
         };
         // Every item takes at least... zero bytes (nulls), so bound the count by the data
         // left plus a generous constant rather than trusting it.
-        if n as u64 > (self.remaining() as u64).saturating_mul(8).saturating_add(1024) {
+        if n as u64
+            > (self.remaining() as u64)
+                .saturating_mul(8)
+                .saturating_add(1024)
+        {
             return Err(DatumError::BadLength(n));
         }
         Ok(n as usize)
@@ -688,7 +696,10 @@ mod tests {
         bytes[n - 17] ^= 0x01;
         assert!(matches!(
             count_records(&bytes),
-            Err(DecodeError::Codec { codec: "snappy", .. })
+            Err(DecodeError::Codec {
+                codec: "snappy",
+                ..
+            })
         ));
     }
 

@@ -10,7 +10,7 @@ use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterVersion};
 use parquet::schema::types::ColumnPath;
 
-/// Rows per Parquet row group: a 100,000-event Currents file is one row group.
+/// Default rows per Parquet row group.
 pub const ROW_GROUP_ROWS: usize = 128 * 1024;
 
 /// Why a part cannot be encoded.
@@ -19,12 +19,18 @@ pub const ROW_GROUP_ROWS: usize = 128 * 1024;
 pub struct EncodeError(#[from] parquet::errors::ParquetError);
 
 /// The writer settings every part uses.
-pub fn writer_properties(metadata: Vec<(String, String)>) -> WriterProperties {
+pub fn writer_properties(
+    metadata: Vec<(String, String)>,
+    row_group_rows: usize,
+) -> WriterProperties {
     WriterProperties::builder()
         .set_writer_version(WriterVersion::PARQUET_1_0)
         .set_compression(Compression::SNAPPY)
-        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+        .set_max_row_group_row_count(Some(row_group_rows.max(1)))
         .set_statistics_enabled(EnabledStatistics::Chunk)
+        // High-cardinality columns (user ids, emails) give up on a dictionary sooner; the
+        // low-cardinality ones (campaigns, names, time zones) stay well under this.
+        .set_dictionary_page_size_limit(256 * 1024)
         // `id` is unique within a part: a dictionary would only be built to be abandoned.
         .set_column_dictionary_enabled(ColumnPath::from("id"), false)
         .set_created_by(format!("currents-normalize {}", env!("CARGO_PKG_VERSION")))
@@ -43,9 +49,14 @@ pub struct PartWriter {
 }
 
 impl PartWriter {
-    /// Starts a part with the table's schema and lineage metadata.
-    pub fn new(schema: SchemaRef, metadata: Vec<(String, String)>) -> Result<Self, EncodeError> {
-        let writer = ArrowWriter::try_new(Vec::new(), schema, Some(writer_properties(metadata)))?;
+    /// Starts a part with the table's schema, lineage metadata and row group size.
+    pub fn new(
+        schema: SchemaRef,
+        metadata: Vec<(String, String)>,
+        row_group_rows: usize,
+    ) -> Result<Self, EncodeError> {
+        let props = writer_properties(metadata, row_group_rows);
+        let writer = ArrowWriter::try_new(Vec::new(), schema, Some(props))?;
         Ok(Self { writer })
     }
 
@@ -84,7 +95,12 @@ mod tests {
             ],
         )
         .unwrap();
-        let mut w = PartWriter::new(schema, vec![("currents.source_key".into(), "k".into())]).unwrap();
+        let mut w = PartWriter::new(
+            schema,
+            vec![("currents.source_key".into(), "k".into())],
+            ROW_GROUP_ROWS,
+        )
+        .unwrap();
         w.write(&batch).unwrap();
         let bytes = w.finish().unwrap();
         let r = SerializedFileReader::new(bytes::Bytes::from(bytes)).unwrap();
@@ -93,6 +109,9 @@ mod tests {
         let col = md.row_group(0).column(0);
         assert_eq!(col.compression(), Compression::SNAPPY);
         let kv = md.file_metadata().key_value_metadata().unwrap();
-        assert!(kv.iter().any(|k| k.key == "currents.source_key" && k.value.as_deref() == Some("k")));
+        assert!(
+            kv.iter()
+                .any(|k| k.key == "currents.source_key" && k.value.as_deref() == Some("k"))
+        );
     }
 }

@@ -94,7 +94,11 @@ impl Handler {
     /// Handles one invocation payload. SQS: `{"batchItemFailures": [...], "results": [...]}`
     /// listing messages whose objects hit a retryable error. Other shapes: `{"results": [...]}`,
     /// or `Err` when an object must be retried (Lambda retries the invocation).
-    pub async fn handle(&self, payload: &Value, request_id: &str) -> Result<Value, RetryInvocation> {
+    pub async fn handle(
+        &self,
+        payload: &Value,
+        request_id: &str,
+    ) -> Result<Value, RetryInvocation> {
         let started = chrono::Utc::now();
         let invocation = match parse_invocation(payload) {
             Ok(i) => i,
@@ -148,7 +152,9 @@ impl Handler {
         }
         let results_json = serde_json::to_value(&report.objects).unwrap_or(Value::Null);
         match invocation.shape {
-            TriggerShape::Sqs => Ok(json!({"batchItemFailures": failures, "results": results_json})),
+            TriggerShape::Sqs => {
+                Ok(json!({"batchItemFailures": failures, "results": results_json}))
+            }
             _ => match retry_reason {
                 Some(reason) => Err(RetryInvocation(reason)),
                 None => Ok(json!({"results": results_json})),
@@ -164,11 +170,19 @@ impl Handler {
             return ObjectResult::new(uri.to_string(), Outcome::Ignored).with_reason(reason);
         }
         let out_bucket = self.cfg.output_bucket(&uri.bucket).to_string();
-        if let Some(size) = obj.size
-            && size as u64 > self.cfg.max_object_bytes
+        if let Some(size) = obj.size.and_then(|s| u64::try_from(s).ok())
+            && size > self.cfg.max_object_bytes
         {
             return self
-                .quarantined(uri, &out_bucket, Keep::Copy, "size", &self.too_large(size as u64), None)
+                .quarantined(
+                    uri,
+                    &out_bucket,
+                    Keep::Copy,
+                    "size",
+                    &self.too_large(size),
+                    None,
+                    dry_run,
+                )
                 .await;
         }
         let body = match self.store.get(uri).await {
@@ -180,12 +194,21 @@ impl Handler {
             }
             Err(e) => {
                 warn!(object = %uri, error = %e, "Reading the object failed; it will be retried.");
-                return ObjectResult::new(uri.to_string(), Outcome::Retry).with_reason(e.to_string());
+                return ObjectResult::new(uri.to_string(), Outcome::Retry)
+                    .with_reason(e.to_string());
             }
         };
         if body.len() as u64 > self.cfg.max_object_bytes {
             return self
-                .quarantined(uri, &out_bucket, Keep::Copy, "size", &self.too_large(body.len() as u64), None)
+                .quarantined(
+                    uri,
+                    &out_bucket,
+                    Keep::Copy,
+                    "size",
+                    &self.too_large(body.len() as u64),
+                    None,
+                    dry_run,
+                )
                 .await;
         }
         self.process_bytes(uri, body, &out_bucket, Keep::Copy, dry_run)
@@ -218,7 +241,15 @@ impl Handler {
                     other => other,
                 };
                 return self
-                    .quarantined(source, out_bucket, keep, "key", &e.to_string(), None)
+                    .quarantined(
+                        source,
+                        out_bucket,
+                        keep,
+                        "key",
+                        &e.to_string(),
+                        None,
+                        dry_run,
+                    )
                     .await;
             }
         };
@@ -246,6 +277,7 @@ impl Handler {
                         e.step(),
                         &e.to_string(),
                         Some(parsed.event_type),
+                        dry_run,
                     )
                     .await;
             }
@@ -287,14 +319,22 @@ impl Handler {
             return result;
         };
         let mut metadata = BTreeMap::new();
-        metadata.insert("currents-table".to_string(), converted.location.table.clone());
+        metadata.insert(
+            "currents-table".to_string(),
+            converted.location.table.clone(),
+        );
         metadata.insert(
             "currents-registry-version".to_string(),
             converted.registry_version.to_string(),
         );
         match self
             .store
-            .put(&part_uri, Bytes::from(parquet), PutCondition::None, metadata)
+            .put(
+                &part_uri,
+                Bytes::from(parquet),
+                PutCondition::None,
+                metadata,
+            )
             .await
         {
             Ok(_) => {
@@ -316,6 +356,7 @@ impl Handler {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn quarantined(
         &self,
         source: &S3Uri,
@@ -324,7 +365,16 @@ impl Handler {
         step: &'static str,
         reason: &str,
         event_type: Option<String>,
+        dry_run: bool,
     ) -> ObjectResult {
+        if dry_run {
+            warn!(object = %source, step, reason, "Would quarantine object (dry run).");
+            return ObjectResult {
+                event_type,
+                step: Some(step),
+                ..ObjectResult::new(source.to_string(), Outcome::Quarantined).with_reason(reason)
+            };
+        }
         warn!(object = %source, step, reason, "Quarantining object.");
         match quarantine::quarantine(
             self.store.as_ref(),
@@ -352,7 +402,11 @@ impl Handler {
     }
 
     /// Writes a run report into `bucket`; returns its address.
-    pub async fn write_report(&self, bucket: &str, report: &RunReport) -> Result<S3Uri, StoreError> {
+    pub async fn write_report(
+        &self,
+        bucket: &str,
+        report: &RunReport,
+    ) -> Result<S3Uri, StoreError> {
         let uri = S3Uri::new(bucket, report.key(&self.cfg.reports_prefix));
         let body = serde_json::to_vec_pretty(report).unwrap_or_default();
         self.store
@@ -384,14 +438,26 @@ mod tests {
     fn objects_outside_the_input_prefix_or_our_outputs_are_ignored() {
         let cfg = Config::default();
         assert_eq!(
-            decide(&cfg, &S3Uri::new("b", "currents/event_type=a/date=2026-01-01-00/f.avro")),
+            decide(
+                &cfg,
+                &S3Uri::new("b", "currents/event_type=a/date=2026-01-01-00/f.avro")
+            ),
             Decision::Process
         );
-        assert!(matches!(decide(&cfg, &S3Uri::new("b", "other/f.avro")), Decision::Ignore(_)));
         assert!(matches!(
-            decide(&cfg, &S3Uri::new("b", "tables/t/t_2026-01-01.parquet/part-1.parquet")),
+            decide(&cfg, &S3Uri::new("b", "other/f.avro")),
             Decision::Ignore(_)
         ));
-        assert!(matches!(decide(&cfg, &S3Uri::new("b", "currents/")), Decision::Ignore(_)));
+        assert!(matches!(
+            decide(
+                &cfg,
+                &S3Uri::new("b", "tables/t/t_2026-01-01.parquet/part-1.parquet")
+            ),
+            Decision::Ignore(_)
+        ));
+        assert!(matches!(
+            decide(&cfg, &S3Uri::new("b", "currents/")),
+            Decision::Ignore(_)
+        ));
     }
 }

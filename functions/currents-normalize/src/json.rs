@@ -165,8 +165,8 @@ fn write_depth(
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use apache_avro::types::Value as AvroValue;
     use apache_avro::Schema;
+    use apache_avro::types::Value as AvroValue;
     use apache_avro::writer::datum::GenericDatumWriter;
 
     fn render(schema_json: &str, value: AvroValue) -> String {

@@ -113,9 +113,11 @@ fn parse_hour(key: &str, value: &str) -> Result<DeliveryHour, KeyError> {
     }
     let day = NaiveDate::parse_from_str(day, "%Y-%m-%d").map_err(|_| invalid())?;
     let hour = match hour {
-        Some(h) if h.bytes().all(|b| b.is_ascii_digit()) => {
-            h.parse::<u32>().ok().filter(|h| *h < 24).ok_or_else(invalid)?
-        }
+        Some(h) if h.bytes().all(|b| b.is_ascii_digit()) => h
+            .parse::<u32>()
+            .ok()
+            .filter(|h| *h < 24)
+            .ok_or_else(invalid)?,
         Some(_) => return Err(invalid()),
         None => 0,
     };
@@ -219,8 +221,10 @@ mod tests {
 
     #[test]
     fn key_with_spaces_from_url_decoding_is_fine() {
-        let k = parse("currents/event_type=users.messages.email.Send/date=2026-11-29-10/7/zone a+b/f 1.avro")
-            .unwrap();
+        let k = parse(
+            "currents/event_type=users.messages.email.Send/date=2026-11-29-10/7/zone a+b/f 1.avro",
+        )
+        .unwrap();
         assert_eq!(k.schema_id, Some(7));
         assert_eq!(k.file_name, "f 1.avro");
     }
@@ -228,26 +232,41 @@ mod tests {
     #[test]
     fn delivery_hour_is_a_utc_timestamp() {
         let k = parse("event_type=a.B/date=1970-01-02-03/f.avro").unwrap();
-        assert_eq!(k.delivery.timestamp_micros(), (86_400 + 3 * 3600) * 1_000_000);
+        assert_eq!(
+            k.delivery.timestamp_micros(),
+            (86_400 + 3 * 3600) * 1_000_000
+        );
     }
 
     #[test]
     fn missing_or_bad_segments_are_errors() {
         assert!(matches!(
             parse("currents/event_type=a.B/f.avro"),
-            Err(KeyError::Missing { segment: "date", .. })
+            Err(KeyError::Missing {
+                segment: "date",
+                ..
+            })
         ));
         assert!(matches!(
             parse("currents/date=2026-11-29-10/f.avro"),
-            Err(KeyError::Missing { segment: "event_type", .. })
+            Err(KeyError::Missing {
+                segment: "event_type",
+                ..
+            })
         ));
         assert!(matches!(
             parse("event_type=a.B/date=2026-13-29-10/f.avro"),
-            Err(KeyError::Invalid { segment: "date", .. })
+            Err(KeyError::Invalid {
+                segment: "date",
+                ..
+            })
         ));
         assert!(matches!(
             parse("event_type=a.B/date=2026-11-29-24/f.avro"),
-            Err(KeyError::Invalid { segment: "date", .. })
+            Err(KeyError::Invalid {
+                segment: "date",
+                ..
+            })
         ));
         assert!(matches!(
             parse("event_type=a.B/event_type=c.D/date=2026-11-29-01/f.avro"),

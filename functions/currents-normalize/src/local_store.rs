@@ -43,11 +43,7 @@ impl LocalStore {
     /// The file a key maps to; keys that would leave the root are refused.
     pub fn path_of(&self, uri: &S3Uri) -> Result<PathBuf, StoreError> {
         let rel = Path::new(&uri.key);
-        if uri.key.is_empty()
-            || rel
-                .components()
-                .any(|c| !matches!(c, Component::Normal(_)))
-        {
+        if uri.key.is_empty() || rel.components().any(|c| !matches!(c, Component::Normal(_))) {
             return Err(StoreError::Other {
                 op: "resolve",
                 uri: uri.clone(),
@@ -192,15 +188,21 @@ mod tests {
         let r = root("rt");
         let s = LocalStore::new(&r);
         let u = S3Uri::new("ignored", "tables/t/t_2026-01-01.parquet/part-1.parquet");
-        s.put(&u, Bytes::from_static(b"x"), PutCondition::None, BTreeMap::new())
-            .await
-            .unwrap();
+        s.put(
+            &u,
+            Bytes::from_static(b"x"),
+            PutCondition::None,
+            BTreeMap::new(),
+        )
+        .await
+        .unwrap();
         assert_eq!(&s.get(&u).await.unwrap().1[..], b"x");
         let listed = s.list("any", "tables/").await.unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].key, u.key);
         assert!(matches!(
-            s.put(&u, Bytes::new(), PutCondition::IfAbsent, BTreeMap::new()).await,
+            s.put(&u, Bytes::new(), PutCondition::IfAbsent, BTreeMap::new())
+                .await,
             Err(StoreError::PreconditionFailed { .. })
         ));
         let _ = std::fs::remove_dir_all(&r);

@@ -11,16 +11,16 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use arrow_array::builder::{
-    BooleanBuilder, Float64Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder,
+    BinaryBuilder, BooleanBuilder, Float64Builder, Int64Builder, TimestampMicrosecondBuilder,
 };
 use arrow_array::{
-    ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+    Array, ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
 };
 use arrow_schema::DataType;
 
 use crate::decode::{Container, Cursor, DatumError, DecodeError};
 use crate::json;
-use crate::registry::{ColumnSource, FieldType, Registry, TableDef};
+use crate::registry::{Column, ColumnSource, FieldType, Registry, TableDef};
 use crate::registry_gen::event_type_of_record;
 use crate::schema::{Node, NodeId, SchemaError, WriterSchema};
 
@@ -49,7 +49,9 @@ pub enum NormalizeError {
     #[error(transparent)]
     Schema(#[from] SchemaError),
     /// The writer schema contradicts the registry.
-    #[error("writer schema contradicts registry table {table} (version {version}): field {field}: {reason}")]
+    #[error(
+        "writer schema contradicts registry table {table} (version {version}): field {field}: {reason}"
+    )]
     Contradiction {
         /// Table.
         table: String,
@@ -359,16 +361,35 @@ impl Hasher for IdHasher {
     }
 }
 
-enum Builder {
-    Str(StringBuilder),
-    I64(Int64Builder),
-    F64(Float64Builder),
-    Bool(BooleanBuilder),
-    Ts(TimestampMicrosecondBuilder),
+/// Where a table column's values are gathered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// `Builders::strs[i]` (strings and JSON text, UTF-8 checked per batch).
+    Str(usize),
+    /// `Builders::ints[i]`.
+    Int(usize),
+    /// `Builders::floats[i]`.
+    Float(usize),
+    /// `Builders::bools[i]`.
+    Bool(usize),
+    /// `event_time`.
+    EventTime,
+    /// `extra` / `event`.
+    Json,
     /// A registry field the file does not have: all null.
     Absent,
-    /// Same value on every row; built when the batch is finished.
+    /// Same value on every row, built when the batch is finished.
     Const,
+}
+
+#[derive(Default)]
+struct Builders {
+    strs: Vec<BinaryBuilder>,
+    ints: Vec<Int64Builder>,
+    floats: Vec<Float64Builder>,
+    bools: Vec<BooleanBuilder>,
+    event_time: TimestampMicrosecondBuilder,
+    json: BinaryBuilder,
 }
 
 /// What a field's value is also used for.
@@ -381,11 +402,29 @@ enum Role {
     Time,
 }
 
-/// One writer field's compiled step.
-struct Op<'p> {
-    field: &'p FieldPlan,
-    builder: Option<usize>,
-    role: Role,
+/// One writer field, compiled. The common shapes (a required or `["null", T]` primitive going
+/// straight to its column) are flat steps; everything else goes through a [`Cell`].
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    Str(usize),
+    OptStr(usize, i64),
+    Int(usize),
+    OptInt(usize, i64),
+    Long(usize),
+    OptLong(usize, i64),
+    Float(usize),
+    OptFloat(usize, i64),
+    Double(usize),
+    OptDouble(usize, i64),
+    Bool(usize),
+    OptBool(usize, i64),
+    /// Via a cell: `slot` receives it, `role` says what else it feeds, `json` adds it to the
+    /// row's JSON object.
+    Cell {
+        slot: Option<Slot>,
+        role: Role,
+        json: bool,
+    },
 }
 
 /// Turns a file's records into record batches of the plan's table.
@@ -393,11 +432,11 @@ pub struct Normalizer<'p> {
     plan: &'p Plan,
     ctx: FileContext,
     batch_rows: usize,
-    ops: Vec<Op<'p>>,
-    builders: Vec<Builder>,
-    json_column: Option<usize>,
-    event_time_column: Option<usize>,
+    steps: Vec<Step>,
+    slots: Vec<Slot>,
+    b: Builders,
     rows_in_batch: usize,
+    batch_first_record: u64,
     /// Rows of the current batch that repeat an earlier `id`.
     dropped_in_batch: Vec<usize>,
     seen_ids: HashSet<u128, BuildHasherDefault<IdHasher>>,
@@ -406,27 +445,17 @@ pub struct Normalizer<'p> {
     stats: NormalizeStats,
 }
 
-fn new_builder(dt: &DataType, rows: usize, bytes: usize) -> Builder {
-    match dt {
-        DataType::Int64 => Builder::I64(Int64Builder::with_capacity(rows)),
-        DataType::Float64 => Builder::F64(Float64Builder::with_capacity(rows)),
-        DataType::Boolean => Builder::Bool(BooleanBuilder::with_capacity(rows)),
-        DataType::Timestamp(_, _) => Builder::Ts(TimestampMicrosecondBuilder::with_capacity(rows)),
-        _ => Builder::Str(StringBuilder::with_capacity(rows, bytes)),
-    }
-}
-
-fn append_cell(b: &mut Builder, cell: Cell<'_>, json_buf: &str) -> bool {
-    match (b, cell) {
-        (Builder::Str(b), Cell::Str(s)) => b.append_value(s),
-        (Builder::Str(b), Cell::Json(s, e)) => b.append_value(&json_buf[s..e]),
-        (Builder::I64(b), Cell::Int(v)) => b.append_value(v),
-        (Builder::F64(b), Cell::Float(v)) => b.append_value(v),
-        (Builder::Bool(b), Cell::Bool(v)) => b.append_value(v),
-        (Builder::Str(b), Cell::Null) => b.append_null(),
-        (Builder::I64(b), Cell::Null) => b.append_null(),
-        (Builder::F64(b), Cell::Null) => b.append_null(),
-        (Builder::Bool(b), Cell::Null) => b.append_null(),
+fn append_cell(b: &mut Builders, slot: Slot, cell: Cell<'_>, json_buf: &str) -> bool {
+    match (slot, cell) {
+        (Slot::Str(i), Cell::Str(s)) => b.strs[i].append_value(s),
+        (Slot::Str(i), Cell::Json(s, e)) => b.strs[i].append_value(&json_buf[s..e]),
+        (Slot::Int(i), Cell::Int(v)) => b.ints[i].append_value(v),
+        (Slot::Float(i), Cell::Float(v)) => b.floats[i].append_value(v),
+        (Slot::Bool(i), Cell::Bool(v)) => b.bools[i].append_value(v),
+        (Slot::Str(i), Cell::Null) => b.strs[i].append_null(),
+        (Slot::Int(i), Cell::Null) => b.ints[i].append_null(),
+        (Slot::Float(i), Cell::Null) => b.floats[i].append_null(),
+        (Slot::Bool(i), Cell::Null) => b.bools[i].append_null(),
         _ => return false,
     }
     true
@@ -446,7 +475,6 @@ fn push_cell_json(out: &mut String, cell: Cell<'_>, json_buf: &str) {
     }
 }
 
-#[inline]
 fn read_cell<'a>(
     read: &'a Read,
     schema: &WriterSchema,
@@ -461,11 +489,23 @@ fn read_cell<'a>(
         Read::Bool => Cell::Bool(c.read_bool()?),
         Read::Float => Cell::Float(f64::from(c.read_f32()?)),
         Read::Double => Cell::Float(c.read_f64()?),
-        Read::Enum(symbols) => Cell::Str(symbol(symbols, c)?),
-        Read::Union(branches) => match union_branch(branches, c)? {
-            Read::Union(_) => return Err(DatumError::TooDeep),
-            other => read_cell(other, schema, c, json_buf)?,
-        },
+        Read::Enum(symbols) => {
+            let i = c.read_long()?;
+            Cell::Str(
+                usize::try_from(i)
+                    .ok()
+                    .and_then(|i| symbols.get(i))
+                    .ok_or(DatumError::BadIndex(i))?,
+            )
+        }
+        Read::Union(branches) => {
+            let i = c.read_long()?;
+            match usize::try_from(i).ok().and_then(|i| branches.get(i)) {
+                Some(Read::Union(_)) => return Err(DatumError::TooDeep),
+                Some(other) => read_cell(other, schema, c, json_buf)?,
+                None => return Err(DatumError::BadIndex(i)),
+            }
+        }
         Read::Json(node) => {
             let start = json_buf.len();
             json::write_value(schema, *node, c, json_buf)?;
@@ -474,58 +514,173 @@ fn read_cell<'a>(
     })
 }
 
-#[inline]
-fn symbol<'a>(symbols: &'a [String], c: &mut Cursor<'_>) -> Result<&'a str, DatumError> {
+/// Reads the branch index of a `["null", T]` union: `Ok(false)` for null, `Ok(true)` for a
+/// value.
+#[inline(always)]
+fn present(c: &mut Cursor<'_>, null: i64) -> Result<bool, DatumError> {
     let i = c.read_long()?;
-    usize::try_from(i)
-        .ok()
-        .and_then(|i| symbols.get(i))
-        .map(String::as_str)
-        .ok_or(DatumError::BadIndex(i))
-}
-
-#[inline]
-fn union_branch<'r>(branches: &'r [Read], c: &mut Cursor<'_>) -> Result<&'r Read, DatumError> {
-    let i = c.read_long()?;
-    usize::try_from(i)
-        .ok()
-        .and_then(|i| branches.get(i))
-        .ok_or(DatumError::BadIndex(i))
-}
-
-/// Decodes one value straight into its column's builder (the hot path: no intermediate).
-#[inline]
-fn decode_into(
-    read: &Read,
-    schema: &WriterSchema,
-    c: &mut Cursor<'_>,
-    b: &mut Builder,
-    json_buf: &mut String,
-) -> Result<(), DatumError> {
-    match (read, b) {
-        (Read::Str, Builder::Str(b)) => b.append_value(c.read_str()?),
-        (Read::Int, Builder::I64(b)) => b.append_value(i64::from(c.read_int()?)),
-        (Read::Long, Builder::I64(b)) => b.append_value(c.read_long()?),
-        (Read::Float, Builder::F64(b)) => b.append_value(f64::from(c.read_f32()?)),
-        (Read::Double, Builder::F64(b)) => b.append_value(c.read_f64()?),
-        (Read::Bool, Builder::Bool(b)) => b.append_value(c.read_bool()?),
-        (Read::Enum(symbols), Builder::Str(b)) => b.append_value(symbol(symbols, c)?),
-        (Read::Json(node), Builder::Str(b)) => {
-            json_buf.clear();
-            json::write_value(schema, *node, c, json_buf)?;
-            b.append_value(json_buf.as_str());
-        }
-        (Read::Null, Builder::Str(b)) => b.append_null(),
-        (Read::Null, Builder::I64(b)) => b.append_null(),
-        (Read::Null, Builder::F64(b)) => b.append_null(),
-        (Read::Null, Builder::Bool(b)) => b.append_null(),
-        (Read::Union(branches), b) => match union_branch(branches, c)? {
-            Read::Union(_) => return Err(DatumError::TooDeep),
-            other => decode_into(other, schema, c, b, json_buf)?,
-        },
-        _ => return Err(DatumError::Mismatch),
+    if i == null {
+        Ok(false)
+    } else if i == 1 - null {
+        Ok(true)
+    } else {
+        Err(DatumError::BadIndex(i))
     }
-    Ok(())
+}
+
+/// Why a row failed: the writer field index and the error.
+enum RowError {
+    Datum(usize, DatumError),
+    Time(i64),
+}
+
+/// What decoding a row found out besides its values.
+struct RowInfo {
+    duplicate: bool,
+    json_fields: usize,
+}
+
+/// The per-row state the decoder writes to, borrowed apart from the plan.
+struct RowSink<'s> {
+    b: &'s mut Builders,
+    seen_ids: &'s mut HashSet<u128, BuildHasherDefault<IdHasher>>,
+    json_buf: &'s mut String,
+    row_json: &'s mut String,
+}
+
+/// Decodes one record into the builders (the hot path).
+#[inline]
+fn decode_row<'a>(
+    steps: &[Step],
+    plan: &'a Plan,
+    c: &mut Cursor<'a>,
+    s: &mut RowSink<'_>,
+) -> Result<RowInfo, RowError> {
+    let mut info = RowInfo {
+        duplicate: false,
+        json_fields: 0,
+    };
+    s.row_json.clear();
+    for (fi, step) in steps.iter().enumerate() {
+        let e = |err| RowError::Datum(fi, err);
+        let b = &mut *s.b;
+        match *step {
+            Step::Str(i) => b.strs[i].append_value(c.read_bytes().map_err(e)?),
+            Step::OptStr(i, null) => {
+                if present(c, null).map_err(e)? {
+                    b.strs[i].append_value(c.read_bytes().map_err(e)?);
+                } else {
+                    b.strs[i].append_null();
+                }
+            }
+            Step::Int(i) => b.ints[i].append_value(i64::from(c.read_int().map_err(e)?)),
+            Step::OptInt(i, null) => {
+                if present(c, null).map_err(e)? {
+                    b.ints[i].append_value(i64::from(c.read_int().map_err(e)?));
+                } else {
+                    b.ints[i].append_null();
+                }
+            }
+            Step::Long(i) => b.ints[i].append_value(c.read_long().map_err(e)?),
+            Step::OptLong(i, null) => {
+                if present(c, null).map_err(e)? {
+                    b.ints[i].append_value(c.read_long().map_err(e)?);
+                } else {
+                    b.ints[i].append_null();
+                }
+            }
+            Step::Float(i) => b.floats[i].append_value(f64::from(c.read_f32().map_err(e)?)),
+            Step::OptFloat(i, null) => {
+                if present(c, null).map_err(e)? {
+                    b.floats[i].append_value(f64::from(c.read_f32().map_err(e)?));
+                } else {
+                    b.floats[i].append_null();
+                }
+            }
+            Step::Double(i) => b.floats[i].append_value(c.read_f64().map_err(e)?),
+            Step::OptDouble(i, null) => {
+                if present(c, null).map_err(e)? {
+                    b.floats[i].append_value(c.read_f64().map_err(e)?);
+                } else {
+                    b.floats[i].append_null();
+                }
+            }
+            Step::Bool(i) => b.bools[i].append_value(c.read_bool().map_err(e)?),
+            Step::OptBool(i, null) => {
+                if present(c, null).map_err(e)? {
+                    b.bools[i].append_value(c.read_bool().map_err(e)?);
+                } else {
+                    b.bools[i].append_null();
+                }
+            }
+            Step::Cell { slot, role, json } => {
+                let fp = &plan.fields[fi];
+                s.json_buf.clear();
+                let cell = read_cell(&fp.read, &plan.schema, c, s.json_buf).map_err(e)?;
+                if let Some(slot) = slot
+                    && !append_cell(b, slot, cell, s.json_buf)
+                {
+                    return Err(e(DatumError::Mismatch));
+                }
+                match (role, cell) {
+                    (Role::Plain, _) => {}
+                    (Role::Id, Cell::Str(id)) => {
+                        info.duplicate = !s
+                            .seen_ids
+                            .insert(xxhash_rust::xxh3::xxh3_128(id.as_bytes()));
+                    }
+                    (Role::Time, Cell::Int(time)) => {
+                        let micros = time.checked_mul(1_000_000).ok_or(RowError::Time(time))?;
+                        b.event_time.append_value(micros);
+                    }
+                    _ => return Err(e(DatumError::Mismatch)),
+                }
+                if json {
+                    s.row_json
+                        .push(if info.json_fields == 0 { '{' } else { ',' });
+                    s.row_json.push_str(&fp.json_key);
+                    push_cell_json(s.row_json, cell, s.json_buf);
+                    info.json_fields += 1;
+                }
+            }
+        }
+    }
+    Ok(info)
+}
+
+fn compile_step(fp: &FieldPlan, slot: Option<Slot>, role: Role) -> Step {
+    let cell = Step::Cell {
+        slot,
+        role,
+        json: fp.to_json,
+    };
+    if role != Role::Plain || fp.to_json {
+        return cell;
+    }
+    // `["null", T]` or `[T, null]`: the null branch's index and T.
+    let (inner, null) = match &fp.read {
+        Read::Union(bs) => match bs.as_slice() {
+            [Read::Null, t] => (t, Some(0)),
+            [t, Read::Null] => (t, Some(1)),
+            _ => return cell,
+        },
+        other => (other, None),
+    };
+    match (inner, slot, null) {
+        (Read::Str, Some(Slot::Str(i)), None) => Step::Str(i),
+        (Read::Str, Some(Slot::Str(i)), Some(n)) => Step::OptStr(i, n),
+        (Read::Int, Some(Slot::Int(i)), None) => Step::Int(i),
+        (Read::Int, Some(Slot::Int(i)), Some(n)) => Step::OptInt(i, n),
+        (Read::Long, Some(Slot::Int(i)), None) => Step::Long(i),
+        (Read::Long, Some(Slot::Int(i)), Some(n)) => Step::OptLong(i, n),
+        (Read::Float, Some(Slot::Float(i)), None) => Step::Float(i),
+        (Read::Float, Some(Slot::Float(i)), Some(n)) => Step::OptFloat(i, n),
+        (Read::Double, Some(Slot::Float(i)), None) => Step::Double(i),
+        (Read::Double, Some(Slot::Float(i)), Some(n)) => Step::OptDouble(i, n),
+        (Read::Bool, Some(Slot::Bool(i)), None) => Step::Bool(i),
+        (Read::Bool, Some(Slot::Bool(i)), Some(n)) => Step::OptBool(i, n),
+        _ => cell,
+    }
 }
 
 impl<'p> Normalizer<'p> {
@@ -534,39 +689,53 @@ impl<'p> Normalizer<'p> {
         let table = &plan.table;
         let batch_rows = batch_rows.max(1);
         let cap = batch_rows.min(expected_rows.max(1));
-        let mut field_columns = vec![None; table.fields.len()];
-        let mut json_column = None;
-        let mut event_time_column = None;
-        let mut present = vec![false; table.fields.len()];
+        let mut present_fields = vec![false; table.fields.len()];
         for f in &plan.fields {
             if let Some(s) = f.slot {
-                present[s] = true;
+                present_fields[s] = true;
             }
         }
-        let builders = table
+        let mut b = Builders {
+            event_time: TimestampMicrosecondBuilder::with_capacity(cap),
+            json: BinaryBuilder::with_capacity(cap, cap * 8),
+            ..Builders::default()
+        };
+        let mut field_slots = vec![None; table.fields.len()];
+        let slots: Vec<Slot> = table
             .columns
             .iter()
-            .enumerate()
-            .map(|(ci, c)| match c.source {
-                ColumnSource::Field(fi) if present.get(fi).copied().unwrap_or(false) => {
-                    if let Some(slot) = field_columns.get_mut(fi) {
-                        *slot = Some(ci);
+            .map(|c| match c.source {
+                ColumnSource::Field(fi) if present_fields.get(fi).copied().unwrap_or(false) => {
+                    let slot = match c.data_type {
+                        DataType::Int64 => {
+                            b.ints.push(Int64Builder::with_capacity(cap));
+                            Slot::Int(b.ints.len() - 1)
+                        }
+                        DataType::Float64 => {
+                            b.floats.push(Float64Builder::with_capacity(cap));
+                            Slot::Float(b.floats.len() - 1)
+                        }
+                        DataType::Boolean => {
+                            b.bools.push(BooleanBuilder::with_capacity(cap));
+                            Slot::Bool(b.bools.len() - 1)
+                        }
+                        _ => {
+                            b.strs.push(BinaryBuilder::with_capacity(cap, cap * 32));
+                            Slot::Str(b.strs.len() - 1)
+                        }
+                    };
+                    if let Some(s) = field_slots.get_mut(fi) {
+                        *s = Some(slot);
                     }
-                    new_builder(&c.data_type, cap, cap * 32)
+                    slot
                 }
-                ColumnSource::Field(_) => Builder::Absent,
-                ColumnSource::EventTime => {
-                    event_time_column = Some(ci);
-                    new_builder(&c.data_type, cap, 0)
-                }
-                ColumnSource::Json => {
-                    json_column = Some(ci);
-                    new_builder(&c.data_type, cap, cap * 16)
-                }
-                _ => Builder::Const,
+                ColumnSource::Field(_) => Slot::Absent,
+                ColumnSource::EventTime => Slot::EventTime,
+                ColumnSource::Json => Slot::Json,
+                _ => Slot::Const,
             })
-            .collect::<Vec<_>>();
-        let ops = plan
+            .collect();
+        let steps = plan
             .fields
             .iter()
             .map(|f| {
@@ -575,22 +744,19 @@ impl<'p> Normalizer<'p> {
                     Some(s) if s == plan.time_slot => Role::Time,
                     _ => Role::Plain,
                 };
-                Op {
-                    field: f,
-                    builder: f.slot.and_then(|s| field_columns.get(s).copied().flatten()),
-                    role,
-                }
+                let slot = f.slot.and_then(|s| field_slots.get(s).copied().flatten());
+                compile_step(f, slot, role)
             })
             .collect();
         Self {
             plan,
             ctx,
             batch_rows,
-            ops,
-            builders,
-            json_column,
-            event_time_column,
+            steps,
+            slots,
+            b,
             rows_in_batch: 0,
+            batch_first_record: 0,
             dropped_in_batch: Vec::new(),
             seen_ids: HashSet::with_capacity_and_hasher(expected_rows, Default::default()),
             json_buf: String::new(),
@@ -609,8 +775,8 @@ impl<'p> Normalizer<'p> {
         mut sink: impl FnMut(RecordBatch) -> Result<(), String>,
     ) -> Result<NormalizeStats, NormalizeError> {
         let plan = self.plan;
-        let schema = &plan.schema;
-        let has_json = self.json_column.is_some() && plan.fields.iter().any(|f| f.to_json);
+        let has_json = self.slots.contains(&Slot::Json);
+        let generic = plan.table.generic;
         for block in container.blocks() {
             let block = block?;
             self.stats.blocks += 1;
@@ -618,91 +784,47 @@ impl<'p> Normalizer<'p> {
             for _ in 0..block.count {
                 let record = self.stats.events_in;
                 self.stats.events_in += 1;
-                self.row_json.clear();
-                let mut json_fields = 0usize;
-                let mut duplicate = false;
-                for op in &self.ops {
-                    let fp = op.field;
-                    let err = |error| NormalizeError::Datum {
-                        block: block.index,
-                        record,
-                        field: fp.name.clone(),
-                        error,
-                    };
-                    let Some(bi) = op.builder else {
-                        // Only in the JSON column.
-                        self.json_buf.clear();
-                        let cell = read_cell(&fp.read, schema, &mut c, &mut self.json_buf)
-                            .map_err(err)?;
-                        self.row_json.push(if json_fields == 0 { '{' } else { ',' });
-                        self.row_json.push_str(&fp.json_key);
-                        push_cell_json(&mut self.row_json, cell, &self.json_buf);
-                        json_fields += 1;
-                        continue;
-                    };
-                    let Some(b) = self.builders.get_mut(bi) else {
-                        return Err(err(DatumError::Mismatch));
-                    };
-                    if op.role == Role::Plain && !fp.to_json {
-                        decode_into(&fp.read, schema, &mut c, b, &mut self.json_buf)
-                            .map_err(err)?;
-                        continue;
-                    }
-                    self.json_buf.clear();
-                    let cell =
-                        read_cell(&fp.read, schema, &mut c, &mut self.json_buf).map_err(err)?;
-                    if !append_cell(b, cell, &self.json_buf) {
-                        return Err(err(DatumError::Mismatch));
-                    }
-                    match (op.role, cell) {
-                        (Role::Id, Cell::Str(id)) => {
-                            duplicate = !self
-                                .seen_ids
-                                .insert(xxhash_rust::xxh3::xxh3_128(id.as_bytes()));
-                        }
-                        (Role::Time, Cell::Int(time)) => {
-                            let micros = time
-                                .checked_mul(1_000_000)
-                                .ok_or(NormalizeError::TimeOutOfRange { record, time })?;
-                            if let Some(Builder::Ts(t)) =
-                                self.event_time_column.and_then(|i| self.builders.get_mut(i))
-                            {
-                                t.append_value(micros);
-                            }
-                        }
-                        (Role::Plain, _) => {}
-                        _ => return Err(err(DatumError::Mismatch)),
-                    }
-                    if fp.to_json {
-                        self.row_json.push(if json_fields == 0 { '{' } else { ',' });
-                        self.row_json.push_str(&fp.json_key);
-                        push_cell_json(&mut self.row_json, cell, &self.json_buf);
-                        json_fields += 1;
-                    }
-                }
-                if let Some(Builder::Str(b)) =
-                    self.json_column.and_then(|i| self.builders.get_mut(i))
-                {
-                    if has_json && json_fields > 0 {
+                let mut sinks = RowSink {
+                    b: &mut self.b,
+                    seen_ids: &mut self.seen_ids,
+                    json_buf: &mut self.json_buf,
+                    row_json: &mut self.row_json,
+                };
+                let info =
+                    decode_row(&self.steps, plan, &mut c, &mut sinks).map_err(|e| match e {
+                        RowError::Datum(fi, error) => NormalizeError::Datum {
+                            block: block.index,
+                            record,
+                            field: plan
+                                .fields
+                                .get(fi)
+                                .map(|f| f.name.clone())
+                                .unwrap_or_default(),
+                            error,
+                        },
+                        RowError::Time(time) => NormalizeError::TimeOutOfRange { record, time },
+                    })?;
+                if has_json {
+                    if info.json_fields > 0 {
                         self.row_json.push('}');
-                        b.append_value(&self.row_json);
-                    } else if plan.table.generic {
-                        b.append_value("{}");
+                        self.b.json.append_value(&self.row_json);
+                    } else if generic {
+                        self.b.json.append_value("{}");
                     } else {
-                        b.append_null();
+                        self.b.json.append_null();
                     }
                 }
-                if duplicate {
+                if info.duplicate {
                     self.stats.duplicates_dropped += 1;
                     self.dropped_in_batch.push(self.rows_in_batch);
                 } else {
                     self.stats.rows_out += 1;
                 }
                 self.rows_in_batch += 1;
-                if self.rows_in_batch == self.batch_rows {
-                    if let Some(batch) = self.finish_batch()? {
-                        sink(batch).map_err(NormalizeError::Sink)?;
-                    }
+                if self.rows_in_batch == self.batch_rows
+                    && let Some(batch) = self.finish_batch()?
+                {
+                    sink(batch).map_err(NormalizeError::Sink)?;
                 }
             }
             if c.remaining() != 0 {
@@ -721,57 +843,57 @@ impl<'p> Normalizer<'p> {
         Ok(self.stats)
     }
 
+    /// Checks a string column's bytes are UTF-8 (once for the whole batch) and makes it a
+    /// string array; names the first bad record when they are not.
+    fn strings(
+        &self,
+        b: &mut BinaryBuilder,
+        column: &str,
+        rows: usize,
+    ) -> Result<ArrayRef, NormalizeError> {
+        let binary = b.finish();
+        let used = binary.value_data().len();
+        // Size the next batch's buffer from this one's, so it never regrows.
+        *b = BinaryBuilder::with_capacity(rows, used + used / 8 + 64);
+        match StringArray::try_from_binary(binary.clone()) {
+            Ok(a) => Ok(Arc::new(a)),
+            Err(_) => {
+                let row = (0..binary.len())
+                    .find(|i| std::str::from_utf8(binary.value(*i)).is_err())
+                    .unwrap_or(0);
+                Err(NormalizeError::Datum {
+                    block: self.stats.blocks.saturating_sub(1),
+                    record: self.batch_first_record + row as u64,
+                    field: column.to_string(),
+                    error: DatumError::BadUtf8,
+                })
+            }
+        }
+    }
+
     /// Finishes the current batch (without its duplicate rows); `None` when every row of it
     /// was a duplicate.
     fn finish_batch(&mut self) -> Result<Option<RecordBatch>, NormalizeError> {
         let n = self.rows_in_batch;
         self.rows_in_batch = 0;
-        let table = &self.plan.table;
-        let ctx = &self.ctx;
-        let next_rows = self.batch_rows;
+        let table = self.plan.table.clone();
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(table.columns.len());
-        for (col, b) in table.columns.iter().zip(self.builders.iter_mut()) {
-            let array: ArrayRef = match b {
-                Builder::Str(s) => {
-                    let a = s.finish();
-                    // Size the next batch's buffer from this one's, so it never regrows.
-                    let used = a.value_data().len();
-                    *s = StringBuilder::with_capacity(next_rows, used + used / 8 + 64);
-                    Arc::new(a)
-                }
-                Builder::I64(b) => Arc::new(b.finish()),
-                Builder::F64(b) => Arc::new(b.finish()),
-                Builder::Bool(b) => Arc::new(b.finish()),
-                Builder::Ts(b) => Arc::new(b.finish().with_timezone("UTC")),
-                Builder::Absent => arrow_array::new_null_array(&col.data_type, n),
-                Builder::Const => match col.source {
-                    ColumnSource::SourceKey => Arc::new(StringArray::from_iter_values(
-                        std::iter::repeat_n(ctx.source_key.as_str(), n),
-                    )),
-                    ColumnSource::EventType => Arc::new(StringArray::from_iter_values(
-                        std::iter::repeat_n(ctx.event_type.as_str(), n),
-                    )),
-                    ColumnSource::DeliveryHour => Arc::new(
-                        TimestampMicrosecondArray::from(vec![ctx.delivery_hour_micros; n])
-                            .with_timezone("UTC"),
-                    ),
-                    ColumnSource::SchemaId => Arc::new(Int64Array::from(vec![ctx.schema_id; n])),
-                    ColumnSource::SchemaVersion => {
-                        Arc::new(Int64Array::from(vec![ctx.schema_version; n]))
-                    }
-                    ColumnSource::RegistryVersion => {
-                        Arc::new(Int32Array::from(vec![table.version as i32; n]))
-                    }
-                    ColumnSource::Field(_) | ColumnSource::EventTime | ColumnSource::Json => {
-                        return Err(NormalizeError::Sink(format!(
-                            "column {} has no builder",
-                            col.name
-                        )));
-                    }
-                },
+        let mut b = std::mem::take(&mut self.b);
+        for (col, slot) in table.columns.iter().zip(self.slots.iter()) {
+            let array: ArrayRef = match *slot {
+                Slot::Str(i) => self.strings(&mut b.strs[i], &col.name, self.batch_rows)?,
+                Slot::Json => self.strings(&mut b.json, &col.name, self.batch_rows)?,
+                Slot::Int(i) => Arc::new(b.ints[i].finish()),
+                Slot::Float(i) => Arc::new(b.floats[i].finish()),
+                Slot::Bool(i) => Arc::new(b.bools[i].finish()),
+                Slot::EventTime => Arc::new(b.event_time.finish().with_timezone("UTC")),
+                Slot::Absent => arrow_array::new_null_array(&col.data_type, n),
+                Slot::Const => self.constant(&table, col, n)?,
             };
             arrays.push(array);
         }
+        self.b = b;
+        self.batch_first_record = self.stats.events_in;
         let batch = RecordBatch::try_new(table.schema.clone(), arrays)
             .map_err(|e| NormalizeError::Sink(e.to_string()))?;
         if self.dropped_in_batch.is_empty() {
@@ -791,6 +913,38 @@ impl<'p> Normalizer<'p> {
         arrow_select::filter::filter_record_batch(&batch, &mask)
             .map(Some)
             .map_err(|e| NormalizeError::Sink(e.to_string()))
+    }
+
+    fn constant(
+        &self,
+        table: &TableDef,
+        col: &Column,
+        n: usize,
+    ) -> Result<ArrayRef, NormalizeError> {
+        let ctx = &self.ctx;
+        Ok(match col.source {
+            ColumnSource::SourceKey => Arc::new(StringArray::from_iter_values(
+                std::iter::repeat_n(ctx.source_key.as_str(), n),
+            )),
+            ColumnSource::EventType => Arc::new(StringArray::from_iter_values(
+                std::iter::repeat_n(ctx.event_type.as_str(), n),
+            )),
+            ColumnSource::DeliveryHour => Arc::new(
+                TimestampMicrosecondArray::from(vec![ctx.delivery_hour_micros; n])
+                    .with_timezone("UTC"),
+            ),
+            ColumnSource::SchemaId => Arc::new(Int64Array::from(vec![ctx.schema_id; n])),
+            ColumnSource::SchemaVersion => Arc::new(Int64Array::from(vec![ctx.schema_version; n])),
+            ColumnSource::RegistryVersion => {
+                Arc::new(Int32Array::from(vec![table.version as i32; n]))
+            }
+            ColumnSource::Field(_) | ColumnSource::EventTime | ColumnSource::Json => {
+                return Err(NormalizeError::Sink(format!(
+                    "column {} has no builder",
+                    col.name
+                )));
+            }
+        })
     }
 }
 
@@ -827,7 +981,10 @@ mod tests {
         w.into_inner().unwrap()
     }
 
-    fn run(bytes: &[u8], event_type: &str) -> Result<(Vec<RecordBatch>, NormalizeStats), NormalizeError> {
+    fn run(
+        bytes: &[u8],
+        event_type: &str,
+    ) -> Result<(Vec<RecordBatch>, NormalizeStats), NormalizeError> {
         let registry = Registry::builtin().unwrap();
         let c = Container::open(bytes, Limits::default())?;
         let plan = Plan::new(WriterSchema::parse(c.schema_json)?, event_type, &registry)?;
@@ -858,7 +1015,7 @@ mod tests {
             ("user_id", AvroValue::String("u".into())),
             ("app_id", AvroValue::String("app".into())),
             ("time", AvroValue::Int(2_000_000_000)),
-            ("latitude", AvroValue::Float(3.14)),
+            ("latitude", AvroValue::Float(2.5)),
             ("longitude", AvroValue::Float(-1.5)),
             ("altitude", none()),
             ("brand_new", brand_new),
@@ -870,7 +1027,10 @@ mod tests {
         let bytes = write(
             LOCATION,
             vec![
-                location("a", some(AvroValue::Array(vec![AvroValue::String("x".into())]))),
+                location(
+                    "a",
+                    some(AvroValue::Array(vec![AvroValue::String("x".into())])),
+                ),
                 location("b", none()),
                 location("c", none()),
             ],
@@ -881,8 +1041,11 @@ mod tests {
         assert_eq!(stats.extra_fields, ["brand_new"]);
         assert_eq!(batches.len(), 2, "batches of 2 rows");
         let b = &batches[0];
-        let lat = b.column_by_name("latitude").unwrap().as_primitive::<Float64Type>();
-        assert_eq!(lat.value(0), f64::from(3.14f32));
+        let lat = b
+            .column_by_name("latitude")
+            .unwrap()
+            .as_primitive::<Float64Type>();
+        assert_eq!(lat.value(0), 2.5);
         let alt = b.column_by_name("altitude").unwrap();
         assert!(alt.is_null(0));
         // A field the file lacks (nullable in the registry) is null.
@@ -890,9 +1053,15 @@ mod tests {
         let extra = b.column_by_name("extra").unwrap().as_string::<i32>();
         assert_eq!(extra.value(0), r#"{"brand_new":["x"]}"#);
         assert_eq!(extra.value(1), r#"{"brand_new":null}"#);
-        let t = b.column_by_name("event_time").unwrap().as_primitive::<TimestampMicrosecondType>();
+        let t = b
+            .column_by_name("event_time")
+            .unwrap()
+            .as_primitive::<TimestampMicrosecondType>();
         assert_eq!(t.value(0), 2_000_000_000 * 1_000_000);
-        let sid = b.column_by_name("schema_id").unwrap().as_primitive::<Int64Type>();
+        let sid = b
+            .column_by_name("schema_id")
+            .unwrap()
+            .as_primitive::<Int64Type>();
         assert_eq!(sid.value(1), 3);
     }
 
@@ -946,12 +1115,18 @@ mod tests {
 
     #[test]
     fn long_time_fits_an_int_time_column() {
-        let long_time = LOCATION.replace(r#""name":"time","type":"int""#, r#""name":"time","type":"long""#);
+        let long_time = LOCATION.replace(
+            r#""name":"time","type":"int""#,
+            r#""name":"time","type":"long""#,
+        );
         let mut rec = location("a", none());
         rec[3].1 = AvroValue::Long(5_000_000_000);
         let bytes = write(&long_time, vec![rec]);
         let (batches, _) = run(&bytes, "users.behaviors.Location").unwrap();
-        let time = batches[0].column_by_name("time").unwrap().as_primitive::<Int64Type>();
+        let time = batches[0]
+            .column_by_name("time")
+            .unwrap()
+            .as_primitive::<Int64Type>();
         assert_eq!(time.value(0), 5_000_000_000);
     }
 
@@ -972,10 +1147,22 @@ mod tests {
         assert!(stats.extra_fields.is_empty());
         let b = &batches[0];
         assert_eq!(b.schema().field(0).name(), "event_type");
-        assert_eq!(b.column(0).as_string::<i32>().value(0), "users.future.Thing");
+        assert_eq!(
+            b.column(0).as_string::<i32>().value(0),
+            "users.future.Thing"
+        );
         let ev = b.column_by_name("event").unwrap().as_string::<i32>();
-        assert_eq!(ev.value(0), r#"{"id":"a","time":7,"user_id":"u","score":0.5}"#);
-        assert_eq!(b.column_by_name("user_id").unwrap().as_string::<i32>().value(0), "u");
+        assert_eq!(
+            ev.value(0),
+            r#"{"id":"a","time":7,"user_id":"u","score":0.5}"#
+        );
+        assert_eq!(
+            b.column_by_name("user_id")
+                .unwrap()
+                .as_string::<i32>()
+                .value(0),
+            "u"
+        );
     }
 
     #[test]
@@ -992,7 +1179,10 @@ mod tests {
         let schema = Schema::parse_str(LOCATION).unwrap();
         let mut w = Writer::with_codec(&schema, Vec::new(), Codec::Null).unwrap();
         w.append_value(AvroValue::Record(
-            location("a", none()).into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            location("a", none())
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
         ))
         .unwrap();
         let bytes = w.into_inner().unwrap();

@@ -75,13 +75,25 @@ mod tests {
             "tables/users_messages_email_send/users_messages_email_send_2026-11-29.parquet/part-"
         ));
         assert!(key.ends_with(".parquet"));
-        assert_eq!(key.len(), "tables/users_messages_email_send/users_messages_email_send_2026-11-29.parquet/part-".len() + 16 + 8);
+        assert_eq!(
+            key.len(),
+            "tables/users_messages_email_send/users_messages_email_send_2026-11-29.parquet/part-"
+                .len()
+                + 16
+                + 8
+        );
     }
 
     #[test]
     fn same_source_same_part_other_source_other_part() {
-        assert_eq!(PartId::for_source("a/b.avro"), PartId::for_source("a/b.avro"));
-        assert_ne!(PartId::for_source("a/b.avro"), PartId::for_source("a/c.avro"));
+        assert_eq!(
+            PartId::for_source("a/b.avro"),
+            PartId::for_source("a/b.avro")
+        );
+        assert_ne!(
+            PartId::for_source("a/b.avro"),
+            PartId::for_source("a/c.avro")
+        );
     }
 
     #[test]
@@ -91,7 +103,10 @@ mod tests {
             day: NaiveDate::from_ymd_opt(2026, 1, 2).unwrap(),
             id: PartId::for_source("k"),
         };
-        assert!(loc.key("out/tables").starts_with("out/tables/t/t_2026-01-02.parquet/part-"));
+        assert!(
+            loc.key("out/tables")
+                .starts_with("out/tables/t/t_2026-01-02.parquet/part-")
+        );
         assert!(loc.key("").starts_with("t/t_2026-01-02.parquet/part-"));
     }
 }

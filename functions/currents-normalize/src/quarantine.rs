@@ -106,12 +106,25 @@ mod tests {
         let store = MemoryStore::new();
         let src = S3Uri::new("b", "currents/event_type=a/f.avro");
         store
-            .put(&src, Bytes::from_static(b"junk"), PutCondition::None, BTreeMap::new())
+            .put(
+                &src,
+                Bytes::from_static(b"junk"),
+                PutCondition::None,
+                BTreeMap::new(),
+            )
             .await
             .unwrap();
-        let r = quarantine(&store, "b", "quarantine/", &src, Keep::Copy, "decode", "not Avro")
-            .await
-            .unwrap();
+        let r = quarantine(
+            &store,
+            "b",
+            "quarantine/",
+            &src,
+            Keep::Copy,
+            "decode",
+            "not Avro",
+        )
+        .await
+        .unwrap();
         assert_eq!(r.key, "quarantine/currents/event_type=a/f.avro.reason.json");
         let (_, copy) = store
             .get(&S3Uri::new("b", "quarantine/currents/event_type=a/f.avro"))

@@ -292,9 +292,19 @@ fn lineage_columns() -> Vec<Column> {
     vec![
         col("event_time", timestamp(), false, ColumnSource::EventTime),
         col("source_key", DataType::Utf8, false, ColumnSource::SourceKey),
-        col("delivery_hour", timestamp(), false, ColumnSource::DeliveryHour),
+        col(
+            "delivery_hour",
+            timestamp(),
+            false,
+            ColumnSource::DeliveryHour,
+        ),
         col("schema_id", DataType::Int64, true, ColumnSource::SchemaId),
-        col("schema_version", DataType::Int64, true, ColumnSource::SchemaVersion),
+        col(
+            "schema_version",
+            DataType::Int64,
+            true,
+            ColumnSource::SchemaVersion,
+        ),
         col(
             "registry_version",
             DataType::Int32,

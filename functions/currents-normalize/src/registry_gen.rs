@@ -128,10 +128,7 @@ pub fn derive_dir(dir: &Path) -> Result<Vec<(String, Vec<FieldEntry>)>, GenError
     let mut paths: Vec<_> = std::fs::read_dir(dir)
         .map_err(|e| read_err(dir, e.to_string()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension()
-                .is_some_and(|x| x == "avsc" || x == "avro")
-        })
+        .filter(|p| p.extension().is_some_and(|x| x == "avsc" || x == "avro"))
         .collect();
     paths.sort();
     let mut out = Vec::with_capacity(paths.len());
@@ -309,7 +306,10 @@ mod tests {
         let (file, changes) = merge(&empty(), &d, false).unwrap();
         assert_eq!(file.tables[0].version, 1);
         assert_eq!(file.tables[0].table, "users_messages_email_send");
-        assert_eq!(changes, [Change::NewTable("users.messages.email.Send".into())]);
+        assert_eq!(
+            changes,
+            [Change::NewTable("users.messages.email.Send".into())]
+        );
     }
 
     #[test]
@@ -328,7 +328,11 @@ mod tests {
         assert!(err.to_string().contains("--bump"), "{err}");
         let (v2, _) = merge(&v1, &newer, true).unwrap();
         assert_eq!(v2.tables[0].version, 2);
-        let names: Vec<&str> = v2.tables[0].fields.iter().map(|f| f.name.as_str()).collect();
+        let names: Vec<&str> = v2.tables[0]
+            .fields
+            .iter()
+            .map(|f| f.name.as_str())
+            .collect();
         assert_eq!(names, ["id", "time", "x", "from_domain"]);
     }
 

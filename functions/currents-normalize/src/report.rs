@@ -234,7 +234,10 @@ impl RunReport {
                 ("EventsIn", Metric::Count(t.events_in as f64)),
                 ("RowsWritten", Metric::Count(t.rows_written as f64)),
                 ("PartsWritten", Metric::Count(t.parts_written as f64)),
-                ("DuplicatesDropped", Metric::Count(t.duplicates_dropped as f64)),
+                (
+                    "DuplicatesDropped",
+                    Metric::Count(t.duplicates_dropped as f64),
+                ),
                 ("ObjectsQuarantined", Metric::Count(t.quarantined as f64)),
                 ("ObjectsIgnored", Metric::Count(t.ignored as f64)),
                 ("ObjectsRetried", Metric::Count(t.retried as f64)),

@@ -10,6 +10,9 @@ use serde_json::Value;
 /// Index of a node in a [`WriterSchema`].
 pub type NodeId = usize;
 
+/// A record's fields: names and types in writer order.
+pub type Fields = [(String, NodeId)];
+
 /// The most nodes a schema may have; Currents schemas have about 40.
 const MAX_NODES: usize = 10_000;
 /// The deepest nesting accepted while parsing.
@@ -123,7 +126,7 @@ impl WriterSchema {
     }
 
     /// The root record's full name and fields.
-    pub fn record(&self) -> Result<(&str, &[(String, NodeId)]), SchemaError> {
+    pub fn record(&self) -> Result<(&str, &Fields), SchemaError> {
         match self.node(self.root) {
             Node::Record { name, fields } => Ok((name, fields)),
             other => Err(SchemaError::NotRecord(self.kind_name(other))),
@@ -347,7 +350,10 @@ impl Parser {
                                 .and_then(Value::as_str)
                                 .ok_or_else(|| invalid(&fpath, "field without a name"))?;
                             if fields.iter().any(|(n, _): &(String, NodeId)| n == fname) {
-                                return Err(invalid(&fpath, format!("field {fname} appears twice")));
+                                return Err(invalid(
+                                    &fpath,
+                                    format!("field {fname} appears twice"),
+                                ));
                             }
                             let ftype = f
                                 .get("type")
@@ -404,7 +410,8 @@ impl Parser {
                         let items = o
                             .get("items")
                             .ok_or_else(|| invalid(path, "array without items"))?;
-                        let item = self.parse(items, namespace, &format!("{path}.items"), depth + 1)?;
+                        let item =
+                            self.parse(items, namespace, &format!("{path}.items"), depth + 1)?;
                         self.push(Node::Array(item), path)
                     }
                     "map" => {
@@ -459,7 +466,14 @@ mod tests {
         let d: Vec<String> = fields.iter().map(|(_, id)| s.describe(*id)).collect();
         assert_eq!(
             d,
-            ["string", "int", "boolean?", "array<string>?", "array<string?>?", "long"]
+            [
+                "string",
+                "int",
+                "boolean?",
+                "array<string>?",
+                "array<string?>?",
+                "long"
+            ]
         );
     }
 

@@ -69,20 +69,33 @@ fn pooled_uuid(pool: u64, n: u64) -> String {
 fn string_value(field: &str, rng: &mut StdRng, i: u64, user: u64) -> String {
     let camp = rng.random_range(0..40u64);
     match field {
-        "user_id" => format!("{:024x}", 0x639a_35d1_92b0_df00_4d06_u128 + u128::from(user)),
+        "user_id" => format!(
+            "{:024x}",
+            0x639a_35d1_92b0_df00_4d06_u128 + u128::from(user)
+        ),
         "external_user_id" => format!("AMP-{user:08}"),
         "timezone" => TIMEZONES[(user % 6) as usize].into(),
         "email_address" => format!("customer.{user}@example.com"),
-        "phone_number" | "to_phone_number" | "user_phone_number" | "from_phone_number"
+        "phone_number"
+        | "to_phone_number"
+        | "user_phone_number"
+        | "from_phone_number"
         | "inbound_phone_number" => format!("+1206555{:04}", user % 10_000),
-        "url" | "endpoint_url" => format!("https://shop.example.com/p/{}?utm_source=braze&utm_campaign=c{camp}", i % 997),
+        "url" | "endpoint_url" => format!(
+            "https://shop.example.com/p/{}?utm_source=braze&utm_campaign=c{camp}",
+            i % 997
+        ),
         "short_url" => format!("https://brz.ai/{:x}", i % 65_536),
         "user_agent" => USER_AGENTS[(user % 3) as usize].into(),
         "platform" => PLATFORMS[(user % 3) as usize].into(),
         "os_version" => format!("{}.{}", 14 + user % 4, user % 7),
         "device_model" => ["iPhone15,2", "Pixel 8", "SM-S918B"][(user % 3) as usize].into(),
         "sdk_version" => "5.3.0".into(),
-        "properties" | "custom_attributes" | "message_extras" | "flow_response_json" | "activity_attributes_type" => format!(
+        "properties"
+        | "custom_attributes"
+        | "message_extras"
+        | "flow_response_json"
+        | "activity_attributes_type" => format!(
             r#"{{"sku":"SKU-{}","price":{}.99,"category":"{}","in_stock":true}}"#,
             i % 500,
             i % 90,
@@ -94,9 +107,10 @@ fn string_value(field: &str, rng: &mut StdRng, i: u64, user: u64) -> String {
         "country" => ["US", "DE", "FR", "JP"][(user % 4) as usize].into(),
         "language" => ["en", "de", "fr", "ja"][(user % 4) as usize].into(),
         f if f.ends_with("_name") => NAMES[(camp % 8) as usize].into(),
-        f if f == "id" || f.ends_with("_id") || f == "dispatch_id" => {
-            pooled_uuid(u64::from(field.len() as u32) * 31 + u64::from(field.as_bytes()[0]), camp)
-        }
+        f if f == "id" || f.ends_with("_id") || f == "dispatch_id" => pooled_uuid(
+            u64::from(field.len() as u32) * 31 + u64::from(field.as_bytes()[0]),
+            camp,
+        ),
         f => format!("{f}-{}", i % 20),
     }
 }
@@ -223,7 +237,13 @@ pub fn key(prefix: &str, event_type: &str, hour: &str, offset: u64) -> String {
 }
 
 /// A Currents key in the `version=<n>/<env>` layout.
-pub fn key_versioned(prefix: &str, event_type: &str, hour: &str, version: u32, offset: u64) -> String {
+pub fn key_versioned(
+    prefix: &str,
+    event_type: &str,
+    hour: &str,
+    version: u32,
+    offset: u64,
+) -> String {
     let integration = "dataexport.prod-03.S3.integration.61a2b3c4d5e6";
     format!(
         "{}/{integration}/event_type={event_type}/date={hour}/version={version}/prod/{integration}+2+{offset:010}.avro",

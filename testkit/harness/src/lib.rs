@@ -9,7 +9,7 @@ pub mod moto;
 pub mod paths;
 pub mod poller;
 pub mod samples;
-// pub mod stack;
+pub mod stack;
 
 pub use emulator::FunctionUnderEmulator;
 pub use moto::Moto;

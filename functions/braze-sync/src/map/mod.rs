@@ -1,1 +1,573 @@
-//! (to be written)
+//! Row → typed Braze attributes. A [`Binding`] ties a route's columns to a source's header
+//! (refusing a header without the identifier or a mapped column, and listing the columns the
+//! route ignores); a [`Mapper`] turns each row into a [`MappedRow`]: the user's identifier and
+//! key, and one normalized value per route slot, exactly as Braze will receive it.
+//!
+//! The hot path allocates nothing per row: values live in a reused [`MappedRow`] (text in
+//! one arena), fingerprints are computed from their JSON text in a reused buffer, and a
+//! `serde_json::Value` is built only for attributes that changed. [`MappedUser`] is the
+//! owned, simple form for tests and callers that want values.
+
+pub mod fields;
+pub mod types;
+
+use serde_json::Value;
+use xxhash_rust::xxh3::Xxh3Default;
+
+use crate::model::{Fingerprint, Identifier, RowPos, UserKey};
+use crate::read::{Cell, ReadError, Row};
+use crate::route::{IdentifierKind, OnLeave, Route, SlotKind, StringPolicy};
+use fields::StdValue;
+use types::AmperityType;
+
+/// Where each column the route reads sits in a source's header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding {
+    id: usize,
+    label: Option<usize>,
+    slots: Vec<Option<usize>>,
+    /// Header columns the route does not read (warned about once per run).
+    pub unknown_columns: Vec<String>,
+}
+
+fn find_column(header: &[String], name: &str) -> Option<usize> {
+    if let Some(i) = header.iter().position(|h| h == name) {
+        return Some(i);
+    }
+    let mut hits = header
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| h.eq_ignore_ascii_case(name));
+    match (hits.next(), hits.next()) {
+        (Some((i, _)), None) => Some(i),
+        _ => None,
+    }
+}
+
+impl Binding {
+    /// Binds `route` to `header` (exact names, else a unique case-insensitive match). A missing
+    /// identifier or mapped column fails: sending nulls for a column that is not there would
+    /// erase data in Braze.
+    pub fn new(route: &Route, header: &[String], source: &str) -> Result<Binding, ReadError> {
+        let missing = |c: &str| ReadError::MissingColumn {
+            source_name: source.to_string(),
+            column: c.to_string(),
+        };
+        let idc = &route.config.identifier;
+        let id = find_column(header, &idc.column).ok_or_else(|| missing(&idc.column))?;
+        let label = match &idc.alias_label_column {
+            Some(c) => Some(find_column(header, c).ok_or_else(|| missing(c))?),
+            None => None,
+        };
+        let mut slots = Vec::with_capacity(route.slots.len());
+        for s in &route.slots {
+            slots.push(match &s.column {
+                Some(c) => Some(find_column(header, c).ok_or_else(|| missing(c))?),
+                None => None,
+            });
+        }
+        let used: Vec<usize> = std::iter::once(id)
+            .chain(label)
+            .chain(slots.iter().flatten().copied())
+            .collect();
+        let unknown_columns = header
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !used.contains(i))
+            .map(|(_, h)| h.clone())
+            .collect();
+        Ok(Binding {
+            id,
+            label,
+            slots,
+            unknown_columns,
+        })
+    }
+}
+
+/// A normalized value in a [`MappedRow`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Norm {
+    /// Empty: `null` in Braze (removes the attribute when it was set).
+    Null,
+    /// Nothing to say (an audience left with `on_leave = "keep"`): never sent, never diffed.
+    Skip,
+    /// A boolean.
+    Bool(bool),
+    /// An integer.
+    Int(i64),
+    /// A number.
+    Float(f64),
+    /// Text at `start..end` of the row's arena.
+    Text(u32, u32),
+}
+
+/// Why a row is rejected while mapping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapError {
+    /// The column at fault.
+    pub column: Option<String>,
+    /// Why.
+    pub reason: String,
+}
+
+/// One row, mapped: reused from row to row.
+#[derive(Debug, Clone, Default)]
+pub struct MappedRow {
+    /// The snapshot key of the row's user.
+    pub key: UserKey,
+    kind: Option<IdentifierKind>,
+    id: (u32, u32),
+    label: (u32, u32),
+    /// One value per route slot.
+    pub values: Vec<Norm>,
+    text: String,
+}
+
+impl Default for UserKey {
+    fn default() -> Self {
+        UserKey(0)
+    }
+}
+
+impl MappedRow {
+    fn span(&self, (a, b): (u32, u32)) -> &str {
+        self.text.get(a as usize..b as usize).unwrap_or("")
+    }
+
+    /// The identifier as Braze receives it.
+    pub fn identifier(&self) -> Identifier {
+        let id = self.span(self.id).to_string();
+        match self.kind {
+            Some(IdentifierKind::BrazeId) => Identifier::BrazeId(id),
+            Some(IdentifierKind::UserAlias) => Identifier::UserAlias {
+                name: id,
+                label: self.span(self.label).to_string(),
+            },
+            _ => Identifier::ExternalId(id),
+        }
+    }
+
+    /// The value of `slot` as Braze receives it (`Null` for nothing).
+    pub fn value(&self, slot: usize) -> Value {
+        match self.values.get(slot) {
+            None | Some(Norm::Null | Norm::Skip) => Value::Null,
+            Some(Norm::Bool(b)) => Value::Bool(*b),
+            Some(Norm::Int(i)) => Value::from(*i),
+            Some(Norm::Float(f)) => Value::from(*f),
+            Some(Norm::Text(a, b)) => Value::String(self.span((*a, *b)).to_string()),
+        }
+    }
+
+    /// The fingerprint of `slot`'s value, identical to [`crate::model::fingerprint`] of
+    /// [`MappedRow::value`], computed without building the value (`buf` is scratch). `None` for
+    /// null.
+    pub fn fingerprint(&self, slot: usize, buf: &mut Vec<u8>) -> Option<Fingerprint> {
+        buf.clear();
+        match self.values.get(slot)? {
+            Norm::Null | Norm::Skip => return None,
+            Norm::Bool(b) => buf.extend_from_slice(if *b { b"true" } else { b"false" }),
+            Norm::Int(i) => {
+                let _ = serde_json::to_writer(&mut *buf, i);
+            }
+            Norm::Float(f) => {
+                let _ = serde_json::to_writer(&mut *buf, &Value::from(*f));
+            }
+            Norm::Text(a, b) => {
+                let _ = serde_json::to_writer(&mut *buf, self.span((*a, *b)));
+            }
+        }
+        Some(xxhash_rust::xxh3::xxh3_64(buf))
+    }
+
+    /// The owned form, with nulls and without skipped slots.
+    pub fn to_user(&self, pos: RowPos) -> MappedUser {
+        MappedUser {
+            identifier: self.identifier(),
+            pos,
+            attrs: self
+                .values
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| !matches!(v, Norm::Skip))
+                .map(|(i, _)| (i as u16, self.value(i)))
+                .collect(),
+        }
+    }
+}
+
+/// A mapped user in owned form: every slot's value (`Value::Null` for empty).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MappedUser {
+    /// Who.
+    pub identifier: Identifier,
+    /// Where the row came from.
+    pub pos: RowPos,
+    /// `(slot, value)` in slot order; skipped slots are absent.
+    pub attrs: Vec<(u16, Value)>,
+}
+
+/// The snapshot key of an identifier, computed without allocating; equal to
+/// [`Identifier::user_key`].
+pub fn user_key(kind: IdentifierKind, id: &str, label: &str) -> UserKey {
+    let mut h = Xxh3Default::new();
+    match kind {
+        IdentifierKind::ExternalId => {
+            h.update(b"e\x1f");
+            h.update(id.as_bytes());
+        }
+        IdentifierKind::BrazeId => {
+            h.update(b"b\x1f");
+            h.update(id.as_bytes());
+        }
+        IdentifierKind::UserAlias => {
+            h.update(b"a\x1f");
+            h.update(label.as_bytes());
+            h.update(b"\x1f");
+            h.update(id.as_bytes());
+        }
+    }
+    UserKey(h.digest128())
+}
+
+/// Maps rows of one route.
+#[derive(Debug, Clone)]
+pub struct Mapper<'r> {
+    route: &'r Route,
+    truncate: bool,
+}
+
+impl<'r> Mapper<'r> {
+    /// A mapper for `route`.
+    pub fn new(route: &'r Route) -> Self {
+        Self {
+            route,
+            truncate: route.config.string_policy == StringPolicy::Truncate,
+        }
+    }
+
+    /// Maps `row` into `out`, or says why the row is rejected. When the identifier was read
+    /// before the failure, `out.key` and [`MappedRow::identifier`] are valid: see
+    /// [`MapOutcome`].
+    pub fn map_row(
+        &self,
+        binding: &Binding,
+        header: &[String],
+        row: &Row<'_>,
+        out: &mut MappedRow,
+    ) -> Result<(), (MapOutcome, MapError)> {
+        out.text.clear();
+        out.values.clear();
+        let col_name = |i: usize| header.get(i).cloned();
+        let idc = &self.route.config.identifier;
+        out.kind = Some(idc.kind);
+        out.id = self
+            .identifier_text(row, binding.id, out)
+            .map_err(|reason| {
+                (
+                    MapOutcome::NoIdentifier,
+                    MapError {
+                        column: col_name(binding.id),
+                        reason,
+                    },
+                )
+            })?;
+        out.label = match (binding.label, &idc.alias_label) {
+            (Some(i), _) => self.identifier_text(row, i, out).map_err(|reason| {
+                (
+                    MapOutcome::NoIdentifier,
+                    MapError {
+                        column: col_name(i),
+                        reason: reason.replace("identifier", "alias label"),
+                    },
+                )
+            })?,
+            (None, Some(l)) => {
+                let a = out.text.len() as u32;
+                out.text.push_str(l);
+                (a, out.text.len() as u32)
+            }
+            (None, None) => (0, 0),
+        };
+        out.key = user_key(idc.kind, out.span(out.id), out.span(out.label));
+        for (slot, s) in self.route.slots.iter().enumerate() {
+            let col = binding.slots.get(slot).copied().flatten();
+            let cell = match col {
+                Some(i) => row.cells.cell(i).map_err(|e| {
+                    (
+                        MapOutcome::Identified,
+                        MapError {
+                            column: col_name(i),
+                            reason: e.to_string(),
+                        },
+                    )
+                })?,
+                None => Cell::Null,
+            };
+            let v = self.value(s.kind, col.is_none(), &cell, out).map_err(|reason| {
+                (
+                    MapOutcome::Identified,
+                    MapError {
+                        column: col.and_then(col_name),
+                        reason: format!("{}: {reason}", s.name),
+                    },
+                )
+            })?;
+            out.values.push(v);
+        }
+        Ok(())
+    }
+
+    fn identifier_text(
+        &self,
+        row: &Row<'_>,
+        index: usize,
+        out: &mut MappedRow,
+    ) -> Result<(u32, u32), String> {
+        let cell = row.cells.cell(index).map_err(|e| e.to_string())?;
+        let start = out.text.len();
+        match cell {
+            Cell::Null => return Err("missing identifier".into()),
+            Cell::Float(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => {
+                out.text.push_str(&(f as i64).to_string());
+            }
+            Cell::Float(f) => {
+                return Err(format!("identifier {f} is not an integer or a string"));
+            }
+            c => types::text_of(&c, &mut out.text),
+        }
+        if out.text.len() == start {
+            return Err("empty identifier".into());
+        }
+        if out.text[start..].chars().count() > types::MAX_STRING_CHARS {
+            return Err("identifier longer than 255 characters".into());
+        }
+        Ok((start as u32, out.text.len() as u32))
+    }
+
+    fn value(
+        &self,
+        kind: SlotKind,
+        no_column: bool,
+        cell: &Cell<'_>,
+        out: &mut MappedRow,
+    ) -> Result<Norm, String> {
+        let start = out.text.len();
+        let text_norm = |out: &MappedRow| {
+            if out.text.len() == start {
+                Norm::Null
+            } else {
+                Norm::Text(start as u32, out.text.len() as u32)
+            }
+        };
+        Ok(match kind {
+            SlotKind::Standard(f) => match f.normalize(cell, &mut out.text, self.truncate)? {
+                StdValue::Null => Norm::Null,
+                StdValue::Bool(b) => Norm::Bool(b),
+                StdValue::Text => text_norm(out),
+            },
+            SlotKind::Audience { on_leave } => {
+                let member = no_column || (!matches!(cell, Cell::Null) && types::parse_bool(cell)?);
+                match (member, on_leave) {
+                    (true, _) => Norm::Bool(true),
+                    (false, OnLeave::False) => Norm::Bool(false),
+                    (false, OnLeave::Null) => Norm::Null,
+                    (false, OnLeave::Keep) => Norm::Skip,
+                }
+            }
+            SlotKind::Custom { .. } if matches!(cell, Cell::Null) => Norm::Null,
+            SlotKind::Custom { ty, round } => match ty {
+                AmperityType::Boolean => Norm::Bool(types::parse_bool(cell)?),
+                AmperityType::Integer => Norm::Int(types::parse_int(cell)?),
+                AmperityType::Decimal | AmperityType::Float => {
+                    Norm::Float(types::parse_number(cell, round)?)
+                }
+                AmperityType::Date => {
+                    let d = types::parse_date(cell)?;
+                    out.text.push_str(&d.format("%Y-%m-%dT00:00:00Z").to_string());
+                    text_norm(out)
+                }
+                AmperityType::Datetime => {
+                    let t = types::parse_datetime(cell)?;
+                    out.text.push_str(&types::iso_utc(&t));
+                    text_norm(out)
+                }
+                AmperityType::String | AmperityType::Varchar => {
+                    types::text_of(cell, &mut out.text);
+                    types::limit_string(&mut out.text, start, !self.truncate)?;
+                    text_norm(out)
+                }
+            },
+        })
+    }
+}
+
+/// How far mapping got before a row was rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapOutcome {
+    /// The identifier itself is missing or bad.
+    NoIdentifier,
+    /// The identifier was read (the user is known) but a value is bad.
+    Identified,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::model::fingerprint;
+    use crate::read::{Cells, CellError};
+    use serde_json::json;
+
+    struct V(Vec<Option<&'static str>>);
+    impl Cells for V {
+        fn len(&self) -> usize {
+            self.0.len()
+        }
+        fn cell(&self, i: usize) -> Result<Cell<'_>, CellError> {
+            Ok(match self.0.get(i).copied().flatten() {
+                Some(s) => Cell::Str(s),
+                None => Cell::Null,
+            })
+        }
+    }
+
+    fn route() -> Route {
+        Route::from_toml(
+            r#"
+name = "c"
+prefix = "p/"
+[identifier]
+kind = "external_id"
+column = "id"
+[fields]
+email = "email"
+birthdate = "dob"
+[attributes.ltv]
+type = "Decimal"
+round = 2
+[attributes.visits]
+type = "Integer"
+[attributes.vip]
+type = "Boolean"
+[attributes.seen]
+type = "Datetime"
+[[audiences]]
+attribute = "aud_winback"
+column = "winback"
+on_leave = "null"
+"#,
+            "t",
+        )
+        .unwrap()
+    }
+
+    fn header() -> Vec<String> {
+        ["id", "email", "birthdate", "ltv", "visits", "vip", "seen", "winback", "extra"]
+            .map(String::from)
+            .to_vec()
+    }
+
+    #[test]
+    fn binding_lists_unknown_columns_and_refuses_missing_ones() {
+        let r = route();
+        let b = Binding::new(&r, &header(), "s").unwrap();
+        assert_eq!(b.unknown_columns, ["extra"]);
+        let err = Binding::new(&r, &header()[1..], "s").unwrap_err();
+        assert!(err.to_string().contains("\"id\""), "{err}");
+    }
+
+    #[test]
+    fn a_row_maps_to_braze_values_and_fast_fingerprints_match_the_model() {
+        let r = route();
+        let h = header();
+        let b = Binding::new(&r, &h, "s").unwrap();
+        let cells = V(vec![
+            Some("00042"),
+            Some("ada@example.com"),
+            Some("1815-12-10"),
+            Some("1234.5678"),
+            Some("7"),
+            Some("Y"),
+            Some("2024-05-01 12:30:00"),
+            Some("false"),
+            Some("x"),
+        ]);
+        let row = Row {
+            row: 1,
+            line: Some(2),
+            cells: &cells,
+        };
+        let mut out = MappedRow::default();
+        Mapper::new(&r).map_row(&b, &h, &row, &mut out).unwrap();
+        let u = out.to_user(RowPos::default());
+        assert_eq!(u.identifier, Identifier::ExternalId("00042".into()));
+        assert_eq!(out.key, u.identifier.user_key());
+        let vals: Vec<Value> = u.attrs.iter().map(|(_, v)| v.clone()).collect();
+        assert_eq!(
+            vals,
+            vec![
+                json!("1815-12-10"),
+                json!("ada@example.com"),
+                json!(1234.57),
+                json!("2024-05-01T12:30:00Z"),
+                json!(true),
+                json!(7),
+                Value::Null
+            ]
+        );
+        let mut buf = Vec::new();
+        for (i, v) in vals.iter().enumerate() {
+            let fp = out.fingerprint(i, &mut buf);
+            if v.is_null() {
+                assert_eq!(fp, None);
+            } else {
+                assert_eq!(fp, Some(fingerprint(v)), "slot {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_values_name_their_column() {
+        let r = route();
+        let h = header();
+        let b = Binding::new(&r, &h, "s").unwrap();
+        let cells = V(vec![
+            Some("1"),
+            None,
+            None,
+            None,
+            Some("seven"),
+            None,
+            None,
+            None,
+            None,
+        ]);
+        let row = Row {
+            row: 1,
+            line: None,
+            cells: &cells,
+        };
+        let mut out = MappedRow::default();
+        let (outcome, e) = Mapper::new(&r).map_row(&b, &h, &row, &mut out).unwrap_err();
+        assert_eq!(outcome, MapOutcome::Identified);
+        assert_eq!(e.column.as_deref(), Some("visits"));
+        assert!(e.reason.contains("not an integer"), "{}", e.reason);
+    }
+
+    #[test]
+    fn alias_keys_match_the_model() {
+        assert_eq!(
+            user_key(IdentifierKind::UserAlias, "n", "l"),
+            Identifier::UserAlias {
+                name: "n".into(),
+                label: "l".into()
+            }
+            .user_key()
+        );
+        assert_eq!(
+            user_key(IdentifierKind::BrazeId, "b1", ""),
+            Identifier::BrazeId("b1".into()).user_key()
+        );
+    }
+}

@@ -8,6 +8,7 @@
 //! cargo run --release -p currents-normalize --bin currents-bench -- --events 60000   # quick check
 //! ```
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Instant;
@@ -19,6 +20,10 @@ use currents_normalize::key;
 use currents_normalize::registry::{Registry, TableEntry};
 use currents_normalize::synth::{self, FileSpec};
 use serde_json::{Value, json};
+
+// The same allocator as the function binary.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Benchmark currents-normalize against the Python peer.
 #[derive(Parser, Debug)]
@@ -35,12 +40,21 @@ struct Args {
     /// Skip the Python peer.
     #[arg(long)]
     skip_peer: bool,
+    /// Passes per implementation and file size; the fastest counts (the machine is shared).
+    #[arg(long, default_value_t = 3)]
+    passes: usize,
     /// Internal: convert one file and print this process's peak RSS.
     #[arg(long, hide = true)]
     rss_probe: Option<PathBuf>,
     /// Internal: the key of the `--rss-probe` file.
     #[arg(long, hide = true)]
     key: Option<String>,
+    /// Rows per Arrow batch (tuning).
+    #[arg(long, hide = true)]
+    batch_rows: Option<usize>,
+    /// Rows per Parquet row group (tuning).
+    #[arg(long, hide = true)]
+    row_group_rows: Option<usize>,
 }
 
 /// Event types and their share of traffic in the generated mix (a plausible engagement mix).
@@ -165,15 +179,22 @@ struct RustRun {
     seconds: f64,
 }
 
-fn run_rust(registry: &Registry, inputs: &[Input], out: &Path) -> anyhow::Result<RustRun> {
-    let opts = ConvertOptions::default();
+fn run_rust(
+    registry: &Registry,
+    inputs: &[Input],
+    out: &Path,
+    opts: &ConvertOptions,
+) -> anyhow::Result<RustRun> {
     let _ = std::fs::remove_dir_all(out);
     let start = Instant::now();
     let (mut events, mut rows) = (0, 0);
+    // One read buffer for the run, as a batch backfill would keep.
+    let mut bytes = Vec::new();
     for input in inputs {
-        let bytes = std::fs::read(&input.path)?;
+        bytes.clear();
+        std::fs::File::open(&input.path)?.read_to_end(&mut bytes)?;
         let k = key::parse(&input.key)?;
-        let c = convert(&bytes, &input.key, &k, registry, &opts)?;
+        let c = convert(&bytes, &input.key, &k, registry, opts)?;
         events += c.stats.events_in;
         rows += c.stats.rows_out;
         if let Some(parquet) = c.parquet {
@@ -265,6 +286,13 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         );
     }
     let registry = Registry::builtin()?;
+    let mut opts = ConvertOptions::default();
+    if let Some(n) = args.batch_rows {
+        opts.batch_rows = n;
+    }
+    if let Some(n) = args.row_group_rows {
+        opts.row_group_rows = n;
+    }
     let half = args.events / 2;
     let sets = [(15_000u64, half), (100_000u64, args.events - half)];
     let mut by_size = serde_json::Map::new();
@@ -272,7 +300,10 @@ fn bench(args: &Args) -> anyhow::Result<()> {
     let mut probe_input = None;
     for (i, (size, total)) in sets.iter().enumerate() {
         let input_dir = out.join(format!("currents-input/{size}"));
-        eprintln!("generating {total} events in files of {size} under {}", input_dir.display());
+        eprintln!(
+            "generating {total} events in files of {size} under {}",
+            input_dir.display()
+        );
         let inputs = generate(&registry, &input_dir, *total, *size, 7 + i as u64 * 100)?;
         if *size == 100_000 && probe_input.is_none() {
             probe_input = inputs
@@ -282,11 +313,30 @@ fn bench(args: &Args) -> anyhow::Result<()> {
                 .map(|f| (f.path.clone(), f.key.clone()));
         }
         eprintln!("rust: {} files", inputs.len());
-        let r = run_rust(&registry, &inputs, &out.join(format!("rust-tables/{size}")))?;
+        let mut r = run_rust(
+            &registry,
+            &inputs,
+            &out.join(format!("rust-tables/{size}")),
+            &opts,
+        )?;
+        for _ in 1..args.passes.max(1) {
+            let again = run_rust(
+                &registry,
+                &inputs,
+                &out.join(format!("rust-tables/{size}")),
+                &opts,
+            )?;
+            if again.seconds < r.seconds {
+                r = again;
+            }
+        }
         let r_eps = r.events as f64 / r.seconds;
         rust_events += r.events;
         rust_s += r.seconds;
-        eprintln!("rust: {} events, {} rows in {:.2}s = {:.0} events/s", r.events, r.rows, r.seconds, r_eps);
+        eprintln!(
+            "rust: {} events, {} rows in {:.2}s = {:.0} events/s",
+            r.events, r.rows, r.seconds, r_eps
+        );
         let mut entry = json!({
             "files": inputs.len(),
             "events": r.events,
@@ -295,7 +345,21 @@ fn bench(args: &Args) -> anyhow::Result<()> {
             "events_per_s": r_eps,
         });
         if !args.skip_peer {
-            let p = run_peer(&python, &input_dir, &out.join(format!("python-tables/{size}")))?;
+            let mut p = run_peer(
+                &python,
+                &input_dir,
+                &out.join(format!("python-tables/{size}")),
+            )?;
+            for _ in 1..args.passes.max(1) {
+                let again = run_peer(
+                    &python,
+                    &input_dir,
+                    &out.join(format!("python-tables/{size}")),
+                )?;
+                if again["seconds"].as_f64() < p["seconds"].as_f64() {
+                    p = again;
+                }
+            }
             let p_events = p["events"].as_u64().unwrap_or_default();
             let p_rows = p["rows_written"].as_u64().unwrap_or_default();
             let p_seconds = p["seconds"].as_f64().unwrap_or(f64::NAN);
@@ -309,7 +373,10 @@ fn bench(args: &Args) -> anyhow::Result<()> {
             py_events += p_events;
             py_s += p_seconds;
             let p_eps = p_events as f64 / p_seconds;
-            eprintln!("python: {p_events} events in {p_seconds:.2}s = {p_eps:.0} events/s (x{:.1})", r_eps / p_eps);
+            eprintln!(
+                "python: {p_events} events in {p_seconds:.2}s = {p_eps:.0} events/s (x{:.1})",
+                r_eps / p_eps
+            );
             entry["python_peer_seconds"] = json!(p_seconds);
             entry["python_peer_events_per_s"] = json!(p_eps);
             entry["ratio"] = json!(r_eps / p_eps);
@@ -341,7 +408,8 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         "peak_rss_mb_100k_file": peak,
         "by_file_size": by_size,
         "targets": {"ratio_min": 10, "peak_rss_mb_100k_file_max": 256},
-        "method": "single thread each; files generated once (null codec, Braze's default) and read from the page cache; time covers read + decode + dedup + normalize + Parquet (Snappy) encode + write to disk; the peer times the same inside Python (imports excluded); peak RSS is VmHWM of a separate process converting one 100,000-event file",
+        "passes": args.passes,
+        "method": "single thread each; files generated once (null codec, Braze's default) and read from the page cache; time covers read + decode + dedup + normalize + Parquet (Snappy) encode + write to disk; the peer times the same inside Python (imports excluded); each side runs `passes` times per file size and its fastest pass counts (the machine is shared); peak RSS is VmHWM of a separate process converting one 100,000-event file",
     });
     std::fs::create_dir_all(&out)?;
     let path = out.join("currents.json");

@@ -1,0 +1,443 @@
+//! Braze standard profile fields: which ones a route may map, how each value is normalized
+//! to what Braze accepts (`dob` as `YYYY-MM-DD`, `gender` and subscription states to Braze's
+//! enumerations, `country` to ISO-3166 alpha-2, `language` to ISO-639-1, `time_zone` to an
+//! IANA name), and the other names people give them (`birthday`, `e-mail`, `first name`,
+//! `phone_number`, ...) so a custom attribute cannot duplicate one by accident.
+
+use std::str::FromStr;
+
+use chrono_tz::Tz;
+
+use super::types::{self, Reason};
+use crate::read::Cell;
+
+/// A standard profile field a route may map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StandardField {
+    /// `first_name`.
+    FirstName,
+    /// `last_name`.
+    LastName,
+    /// `email`.
+    Email,
+    /// `phone`.
+    Phone,
+    /// `dob`.
+    Dob,
+    /// `gender`.
+    Gender,
+    /// `country`.
+    Country,
+    /// `home_city`.
+    HomeCity,
+    /// `language`.
+    Language,
+    /// `time_zone`.
+    TimeZone,
+    /// `email_subscribe`.
+    EmailSubscribe,
+    /// `push_subscribe`.
+    PushSubscribe,
+    /// `email_open_tracking_disabled`.
+    EmailOpenTrackingDisabled,
+    /// `email_click_tracking_disabled`.
+    EmailClickTrackingDisabled,
+    /// `date_of_first_session`.
+    DateOfFirstSession,
+    /// `date_of_last_session`.
+    DateOfLastSession,
+    /// `marked_email_as_spam_at`.
+    MarkedEmailAsSpamAt,
+}
+
+/// What a normalized standard value is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StdValue {
+    /// Nothing (the field is removed when it was set).
+    Null,
+    /// A boolean.
+    Bool(bool),
+    /// Text appended to the caller's buffer.
+    Text,
+}
+
+impl StandardField {
+    /// Every field, in documentation order.
+    pub const ALL: [StandardField; 17] = [
+        StandardField::FirstName,
+        StandardField::LastName,
+        StandardField::Email,
+        StandardField::Phone,
+        StandardField::Dob,
+        StandardField::Gender,
+        StandardField::Country,
+        StandardField::HomeCity,
+        StandardField::Language,
+        StandardField::TimeZone,
+        StandardField::EmailSubscribe,
+        StandardField::PushSubscribe,
+        StandardField::EmailOpenTrackingDisabled,
+        StandardField::EmailClickTrackingDisabled,
+        StandardField::DateOfFirstSession,
+        StandardField::DateOfLastSession,
+        StandardField::MarkedEmailAsSpamAt,
+    ];
+
+    /// Braze's name for the field.
+    pub fn name(self) -> &'static str {
+        match self {
+            StandardField::FirstName => "first_name",
+            StandardField::LastName => "last_name",
+            StandardField::Email => "email",
+            StandardField::Phone => "phone",
+            StandardField::Dob => "dob",
+            StandardField::Gender => "gender",
+            StandardField::Country => "country",
+            StandardField::HomeCity => "home_city",
+            StandardField::Language => "language",
+            StandardField::TimeZone => "time_zone",
+            StandardField::EmailSubscribe => "email_subscribe",
+            StandardField::PushSubscribe => "push_subscribe",
+            StandardField::EmailOpenTrackingDisabled => "email_open_tracking_disabled",
+            StandardField::EmailClickTrackingDisabled => "email_click_tracking_disabled",
+            StandardField::DateOfFirstSession => "date_of_first_session",
+            StandardField::DateOfLastSession => "date_of_last_session",
+            StandardField::MarkedEmailAsSpamAt => "marked_email_as_spam_at",
+        }
+    }
+
+    /// The field with this exact Braze name.
+    pub fn from_name(name: &str) -> Option<StandardField> {
+        StandardField::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    /// Normalizes a cell for this field. Text goes to the end of `out`; `truncate` says
+    /// whether an over-long string is cut (else refused).
+    pub fn normalize(
+        self,
+        cell: &Cell<'_>,
+        out: &mut String,
+        truncate: bool,
+    ) -> Result<StdValue, Reason> {
+        if matches!(cell, Cell::Null) {
+            return Ok(StdValue::Null);
+        }
+        let start = out.len();
+        match self {
+            StandardField::FirstName
+            | StandardField::LastName
+            | StandardField::HomeCity
+            | StandardField::Phone => {
+                types::text_of(cell, out);
+            }
+            StandardField::Email => {
+                types::text_of(cell, out);
+                if !plausible_email(&out[start..]) {
+                    let bad = out[start..].to_string();
+                    out.truncate(start);
+                    return Err(format!("{bad:?} is not a valid email address"));
+                }
+            }
+            StandardField::Dob => {
+                let d = types::parse_date(cell)?;
+                out.push_str(&d.format("%Y-%m-%d").to_string());
+            }
+            StandardField::DateOfFirstSession
+            | StandardField::DateOfLastSession
+            | StandardField::MarkedEmailAsSpamAt => {
+                let t = types::parse_datetime(cell)?;
+                out.push_str(&types::iso_utc(&t));
+            }
+            StandardField::EmailOpenTrackingDisabled
+            | StandardField::EmailClickTrackingDisabled => {
+                return types::parse_bool(cell).map(StdValue::Bool);
+            }
+            StandardField::Gender => match gender(&text(cell))? {
+                Some(g) => out.push_str(g),
+                None => return Ok(StdValue::Null),
+            },
+            StandardField::EmailSubscribe | StandardField::PushSubscribe => {
+                out.push_str(subscription(cell)?);
+            }
+            StandardField::Country => out.push_str(&country(&text(cell))?),
+            StandardField::Language => out.push_str(language(&text(cell))?),
+            StandardField::TimeZone => out.push_str(time_zone(&text(cell))?),
+        }
+        if out.len() == start {
+            return Ok(StdValue::Null);
+        }
+        types::limit_string(out, start, !truncate)?;
+        Ok(StdValue::Text)
+    }
+}
+
+fn text(cell: &Cell<'_>) -> String {
+    let mut s = String::new();
+    types::text_of(cell, &mut s);
+    s
+}
+
+fn squash(s: &str) -> String {
+    s.chars()
+        .filter(|c| c.is_alphanumeric())
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+fn plausible_email(s: &str) -> bool {
+    let Some((local, domain)) = s.split_once('@') else {
+        return false;
+    };
+    !local.is_empty()
+        && !domain.is_empty()
+        && !domain.contains('@')
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !s.chars().any(char::is_whitespace)
+}
+
+/// Braze's gender letters: `M`, `F`, `O` (other), `N` (not applicable), `P` (prefer not to
+/// say); `U`/`unknown` is no value.
+pub fn gender(s: &str) -> Result<Option<&'static str>, Reason> {
+    Ok(Some(match squash(s).as_str() {
+        "m" | "male" | "man" => "M",
+        "f" | "female" | "woman" => "F",
+        "o" | "other" | "x" | "nonbinary" | "diverse" => "O",
+        "n" | "na" | "notapplicable" => "N",
+        "p" | "prefernottosay" | "declined" | "prefernot" => "P",
+        "u" | "unknown" | "" => return Ok(None),
+        _ => {
+            return Err(format!(
+                "{s:?} is not a gender Braze accepts (M, F, O, N, P or unknown)"
+            ));
+        }
+    }))
+}
+
+/// `opted_in`, `subscribed` or `unsubscribed` (booleans: true = opted_in, false =
+/// unsubscribed).
+pub fn subscription(cell: &Cell<'_>) -> Result<&'static str, Reason> {
+    if let Cell::Bool(b) = cell {
+        return Ok(if *b { "opted_in" } else { "unsubscribed" });
+    }
+    let s = text(cell);
+    Ok(match squash(&s).as_str() {
+        "optedin" | "optin" | "true" | "yes" | "y" | "t" | "1" => "opted_in",
+        "subscribed" => "subscribed",
+        "unsubscribed" | "unsubscribe" | "optedout" | "optout" | "false" | "no" | "n" | "f"
+        | "0" => "unsubscribed",
+        _ => {
+            return Err(format!(
+                "{s:?} is not a subscription state (opted_in, subscribed, unsubscribed)"
+            ));
+        }
+    })
+}
+
+/// ISO-3166-1 alpha-2 from an alpha-2, alpha-3, numeric code or English name.
+pub fn country(s: &str) -> Result<String, Reason> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("uk") {
+        return Ok("GB".into());
+    }
+    let found = celes::Country::from_alpha2(t)
+        .or_else(|_| celes::Country::from_alpha3(t))
+        .or_else(|_| celes::Country::from_str(t))
+        .or_else(|_| celes::Country::from_str(&squash(t)));
+    match found {
+        Ok(c) => Ok(c.alpha2.to_ascii_uppercase()),
+        Err(_) => Err(format!("{t:?} is not an ISO-3166 country")),
+    }
+}
+
+/// ISO-639-1 from a 639-1 or 639-3 code, a locale (`en_US`, `pt-BR`) or an English name.
+pub fn language(s: &str) -> Result<&'static str, Reason> {
+    let t = s.trim();
+    let primary = t.split(['-', '_', '.']).next().unwrap_or(t).to_ascii_lowercase();
+    let lang = isolang::Language::from_639_1(&primary)
+        .or_else(|| isolang::Language::from_639_3(&primary))
+        .or_else(|| {
+            let mut name: String = t.to_lowercase();
+            if let Some(first) = name.get(..1) {
+                name = first.to_uppercase() + name.get(1..).unwrap_or("");
+            }
+            isolang::Language::from_name(&name)
+        });
+    match lang.and_then(|l| l.to_639_1()) {
+        Some(code) => Ok(code),
+        None => Err(format!("{t:?} is not a language with an ISO-639-1 code")),
+    }
+}
+
+/// The IANA name of a time zone (exact, else case-insensitive).
+pub fn time_zone(s: &str) -> Result<&'static str, Reason> {
+    let t = s.trim();
+    if let Ok(tz) = Tz::from_str(t) {
+        return Ok(tz.name());
+    }
+    chrono_tz::TZ_VARIANTS
+        .iter()
+        .find(|tz| tz.name().eq_ignore_ascii_case(t))
+        .map(|tz| tz.name())
+        .ok_or_else(|| format!("{t:?} is not an IANA time zone"))
+}
+
+/// Other names of standard fields, squashed (lowercase, letters and digits only).
+const SYNONYMS: &[(&str, StandardField)] = &[
+    ("firstname", StandardField::FirstName),
+    ("givenname", StandardField::FirstName),
+    ("forename", StandardField::FirstName),
+    ("fname", StandardField::FirstName),
+    ("lastname", StandardField::LastName),
+    ("surname", StandardField::LastName),
+    ("familyname", StandardField::LastName),
+    ("lname", StandardField::LastName),
+    ("email", StandardField::Email),
+    ("emailaddress", StandardField::Email),
+    ("phone", StandardField::Phone),
+    ("phonenumber", StandardField::Phone),
+    ("mobilephone", StandardField::Phone),
+    ("mobilenumber", StandardField::Phone),
+    ("cellphone", StandardField::Phone),
+    ("telephone", StandardField::Phone),
+    ("dob", StandardField::Dob),
+    ("birthday", StandardField::Dob),
+    ("birthdate", StandardField::Dob),
+    ("dateofbirth", StandardField::Dob),
+    ("gender", StandardField::Gender),
+    ("sex", StandardField::Gender),
+    ("country", StandardField::Country),
+    ("countrycode", StandardField::Country),
+    ("homecity", StandardField::HomeCity),
+    ("city", StandardField::HomeCity),
+    ("language", StandardField::Language),
+    ("languagecode", StandardField::Language),
+    ("timezone", StandardField::TimeZone),
+    ("emailsubscribe", StandardField::EmailSubscribe),
+    ("emailsubscription", StandardField::EmailSubscribe),
+    ("emailoptin", StandardField::EmailSubscribe),
+    ("pushsubscribe", StandardField::PushSubscribe),
+    ("pushsubscription", StandardField::PushSubscribe),
+    ("pushoptin", StandardField::PushSubscribe),
+    ("emailopentrackingdisabled", StandardField::EmailOpenTrackingDisabled),
+    ("emailclicktrackingdisabled", StandardField::EmailClickTrackingDisabled),
+    ("dateoffirstsession", StandardField::DateOfFirstSession),
+    ("dateoflastsession", StandardField::DateOfLastSession),
+    ("markedemailasspamat", StandardField::MarkedEmailAsSpamAt),
+];
+
+/// The standard field a custom attribute name duplicates, if any (`birthday` → `dob`,
+/// `e-mail` → `email`, `First Name` → `first_name`, `phone_number` → `phone`, ...).
+pub fn standard_synonym(name: &str) -> Option<StandardField> {
+    let key = squash(name);
+    SYNONYMS.iter().find(|(s, _)| *s == key).map(|(_, f)| *f)
+}
+
+/// Keys of an attribute object that are not attributes at all.
+pub fn reserved_key(name: &str) -> Option<&'static str> {
+    [
+        "external_id",
+        "braze_id",
+        "user_alias",
+        "alias_name",
+        "alias_label",
+        "_update_existing_only",
+        "_merge_objects",
+        "push_token_import",
+        "push_tokens",
+        "subscription_groups",
+        "current_location",
+        "facebook",
+        "twitter",
+    ]
+    .into_iter()
+    .find(|k| k.eq_ignore_ascii_case(name))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn norm(f: StandardField, v: &str) -> Result<Option<String>, Reason> {
+        let mut out = String::new();
+        match f.normalize(&Cell::Str(v), &mut out, true)? {
+            StdValue::Text => Ok(Some(out)),
+            StdValue::Bool(b) => Ok(Some(b.to_string())),
+            StdValue::Null => Ok(None),
+        }
+    }
+
+    #[test]
+    fn dob_is_yyyy_mm_dd() {
+        assert_eq!(
+            norm(StandardField::Dob, "1980-12-21T00:00:00Z").unwrap(),
+            Some("1980-12-21".into())
+        );
+        assert!(norm(StandardField::Dob, "21st Dec").is_err());
+    }
+
+    #[test]
+    fn enumerations_are_normalized() {
+        assert_eq!(norm(StandardField::Gender, "Female").unwrap(), Some("F".into()));
+        assert_eq!(
+            norm(StandardField::Gender, "prefer not to say").unwrap(),
+            Some("P".into())
+        );
+        assert_eq!(norm(StandardField::Gender, "unknown").unwrap(), None);
+        assert!(norm(StandardField::Gender, "zebra").is_err());
+        assert_eq!(
+            norm(StandardField::EmailSubscribe, "Opted-In").unwrap(),
+            Some("opted_in".into())
+        );
+        assert_eq!(
+            norm(StandardField::PushSubscribe, "false").unwrap(),
+            Some("unsubscribed".into())
+        );
+    }
+
+    #[test]
+    fn country_language_and_time_zone_become_codes() {
+        assert_eq!(norm(StandardField::Country, "usa").unwrap(), Some("US".into()));
+        assert_eq!(
+            norm(StandardField::Country, "United Kingdom").unwrap(),
+            Some("GB".into())
+        );
+        assert_eq!(norm(StandardField::Country, "de").unwrap(), Some("DE".into()));
+        assert!(norm(StandardField::Country, "Atlantis").is_err());
+        assert_eq!(norm(StandardField::Language, "en_US").unwrap(), Some("en".into()));
+        assert_eq!(norm(StandardField::Language, "French").unwrap(), Some("fr".into()));
+        assert_eq!(norm(StandardField::Language, "deu").unwrap(), Some("de".into()));
+        assert!(norm(StandardField::Language, "klingonish").is_err());
+        assert_eq!(
+            norm(StandardField::TimeZone, "america/new_york").unwrap(),
+            Some("America/New_York".into())
+        );
+        assert!(norm(StandardField::TimeZone, "Mars/Base").is_err());
+    }
+
+    #[test]
+    fn synonyms_name_the_standard_field() {
+        for (n, f) in [
+            ("birthday", "dob"),
+            ("date_of_birth", "dob"),
+            ("e-mail", "email"),
+            ("first name", "first_name"),
+            ("phone_number", "phone"),
+            ("TimeZone", "time_zone"),
+        ] {
+            assert_eq!(standard_synonym(n).unwrap().name(), f, "{n}");
+        }
+        assert_eq!(standard_synonym("loyalty_tier"), None);
+    }
+
+    #[test]
+    fn emails_are_checked() {
+        assert_eq!(
+            norm(StandardField::Email, " ada@example.com ").unwrap(),
+            Some("ada@example.com".into())
+        );
+        assert!(norm(StandardField::Email, "not an email").is_err());
+    }
+}

@@ -1,0 +1,253 @@
+//! Delimited text with a header row: CSV, TSV, PSV and custom single-byte delimiters, with
+//! quoted fields, embedded newlines, doubled or escaped quotes, CRLF or LF line ends and a
+//! UTF-8 byte-order mark. Built on the `csv` crate's byte records (no per-row allocation);
+//! UTF-8 is checked per cell when the cell is read, so a bad byte rejects only its row and
+//! names its column. A record with the wrong number of fields is a bad row.
+
+use std::io::Read;
+
+use csv::ByteRecord;
+
+use super::limit::{RowGuarded, RowMark};
+use super::{BadRow, Cell, CellError, Cells, ReadError, Row, RowItem, RowSource};
+
+const BUFFER: usize = 64 * 1024;
+
+impl Cells for ByteRecord {
+    fn len(&self) -> usize {
+        ByteRecord::len(self)
+    }
+
+    fn cell(&self, index: usize) -> Result<Cell<'_>, CellError> {
+        match self.get(index) {
+            None | Some(b"") => Ok(Cell::Null),
+            Some(bytes) => std::str::from_utf8(bytes)
+                .map(Cell::Str)
+                .map_err(|e| CellError::InvalidUtf8(e.valid_up_to())),
+        }
+    }
+}
+
+/// Rows of one delimited table.
+pub struct DelimitedSource<'a> {
+    rdr: csv::Reader<RowGuarded<Box<dyn Read + 'a>>>,
+    mark: RowMark,
+    source: String,
+    header: Vec<String>,
+    record: ByteRecord,
+    row: u64,
+    max_row: usize,
+}
+
+impl<'a> DelimitedSource<'a> {
+    /// Reads the header row and returns the source positioned at the first data row. An empty
+    /// object has an empty header (the route's identifier column is then missing).
+    pub fn open(
+        reader: Box<dyn Read + 'a>,
+        source: &str,
+        delimiter: u8,
+        escape: Option<u8>,
+        max_row: usize,
+    ) -> Result<Self, ReadError> {
+        let mark = RowMark::default();
+        let guarded = RowGuarded::new(reader, mark.clone(), max_row, BUFFER);
+        let mut b = csv::ReaderBuilder::new();
+        b.has_headers(false)
+            .flexible(true)
+            .delimiter(delimiter)
+            .buffer_capacity(BUFFER);
+        if let Some(esc) = escape {
+            b.double_quote(false).escape(Some(esc));
+        }
+        let mut src = Self {
+            rdr: b.from_reader(guarded),
+            mark,
+            source: source.to_string(),
+            header: Vec::new(),
+            record: ByteRecord::new(),
+            row: 0,
+            max_row,
+        };
+        let mut head = ByteRecord::new();
+        if src.read(&mut head)? {
+            for (i, f) in head.iter().enumerate() {
+                let f = if i == 0 {
+                    f.strip_prefix(&[0xef, 0xbb, 0xbf]).unwrap_or(f)
+                } else {
+                    f
+                };
+                let name = std::str::from_utf8(f).map_err(|_| ReadError::Delimited {
+                    source_name: source.to_string(),
+                    line: 1,
+                    message: format!("header field {} is not valid UTF-8", i + 1),
+                })?;
+                src.header.push(name.trim().to_string());
+            }
+        }
+        Ok(src)
+    }
+
+    fn read(&mut self, into: &mut ByteRecord) -> Result<bool, ReadError> {
+        match self.rdr.read_byte_record(into) {
+            Ok(more) => {
+                self.mark.row_done();
+                Ok(more)
+            }
+            Err(e) => {
+                let line = e.position().map(|p| p.line()).unwrap_or(0);
+                match e.into_kind() {
+                    csv::ErrorKind::Io(io) => {
+                        let mut err = ReadError::io(&self.source, "reading delimited text", io);
+                        if let ReadError::LimitExceeded { at, .. } = &mut err {
+                            *at = Some(self.row + 1);
+                        }
+                        Err(err)
+                    }
+                    other => Err(ReadError::Delimited {
+                        source_name: self.source.clone(),
+                        line,
+                        message: format!("{other:?}"),
+                    }),
+                }
+            }
+        }
+    }
+}
+
+impl RowSource for DelimitedSource<'_> {
+    fn source(&self) -> &str {
+        &self.source
+    }
+
+    fn header(&self) -> &[String] {
+        &self.header
+    }
+
+    fn next_row(&mut self) -> Result<Option<RowItem<'_>>, ReadError> {
+        let mut record = std::mem::take(&mut self.record);
+        let more = self.read(&mut record);
+        self.record = record;
+        if !more? {
+            return Ok(None);
+        }
+        self.row += 1;
+        let line = self.record.position().map(|p| p.line());
+        if self.record.as_slice().len() > self.max_row {
+            return Err(ReadError::LimitExceeded {
+                source_name: self.source.clone(),
+                limit: "max_row_bytes",
+                bytes: self.max_row as u64,
+                at: Some(self.row),
+            });
+        }
+        if self.record.len() != self.header.len() {
+            return Ok(Some(RowItem::Bad(BadRow {
+                row: self.row,
+                line,
+                column: None,
+                reason: format!(
+                    "wrong field count: expected {} fields (the header's), found {}",
+                    self.header.len(),
+                    self.record.len()
+                ),
+            })));
+        }
+        Ok(Some(RowItem::Row(Row {
+            row: self.row,
+            line,
+            cells: &self.record,
+        })))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::read::{ReadOptions, read_all_text};
+
+    fn rows(data: &[u8], name: &str) -> crate::read::TextTable {
+        read_all_text(data, name, &ReadOptions::default())
+            .unwrap()
+            .remove(0)
+    }
+
+    #[test]
+    fn quoted_fields_embedded_newlines_bom_and_crlf() {
+        let t = rows(
+            b"\xef\xbb\xbfid,name,note\r\n1,\"Ada, Countess\",\"line1\r\nline2\"\r\n2,Bob,\"say \"\"hi\"\"\"\r\n",
+            "x.csv",
+        );
+        assert_eq!(t.header, ["id", "name", "note"]);
+        assert_eq!(
+            t.rows,
+            vec![
+                vec![
+                    Some("1".into()),
+                    Some("Ada, Countess".into()),
+                    Some("line1\r\nline2".into())
+                ],
+                vec![
+                    Some("2".into()),
+                    Some("Bob".into()),
+                    Some("say \"hi\"".into())
+                ]
+            ]
+        );
+    }
+
+    #[test]
+    fn wrong_field_count_is_a_bad_row_with_its_line() {
+        let t = rows(b"id,name\n1,a\n2\n3,c,extra\n4,d\n", "x.csv");
+        assert_eq!(t.rows.len(), 2);
+        assert_eq!(t.bad.len(), 2);
+        assert_eq!(t.bad[0].row, 2);
+        assert_eq!(t.bad[0].line, Some(3));
+        assert!(t.bad[0].reason.contains("expected 2 fields"));
+    }
+
+    #[test]
+    fn invalid_utf8_is_reported_by_cell() {
+        let mut src = DelimitedSource::open(
+            Box::new(&b"id,name\n1,\xff\xfe\n"[..]),
+            "x",
+            b',',
+            None,
+            1024,
+        )
+        .unwrap();
+        let Some(RowItem::Row(r)) = src.next_row().unwrap() else {
+            panic!()
+        };
+        assert_eq!(r.cells.cell(0).unwrap(), Cell::Str("1"));
+        assert_eq!(r.cells.cell(1), Err(CellError::InvalidUtf8(0)));
+    }
+
+    #[test]
+    fn a_row_over_the_limit_fails_the_read_naming_the_limit() {
+        let mut data = b"id,name\n1,".to_vec();
+        data.extend(std::iter::repeat_n(b'x', 300_000));
+        data.extend(b"\n");
+        let mut src =
+            DelimitedSource::open(Box::new(std::io::Cursor::new(data)), "x", b',', None, 1000)
+                .unwrap();
+        let err = src.next_row().err().unwrap();
+        assert!(err.to_string().contains("max_row_bytes"), "{err}");
+    }
+
+    #[test]
+    fn escape_character_and_custom_delimiter() {
+        let mut src = DelimitedSource::open(
+            Box::new(&b"id;v\n1;\"a\\\"b\"\n"[..]),
+            "x",
+            b';',
+            Some(b'\\'),
+            1024,
+        )
+        .unwrap();
+        let Some(RowItem::Row(r)) = src.next_row().unwrap() else {
+            panic!()
+        };
+        assert_eq!(r.cells.cell(1).unwrap(), Cell::Str("a\"b"));
+    }
+}

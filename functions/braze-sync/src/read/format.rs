@@ -1,0 +1,566 @@
+//! Which format and compression an object is: declared by the route, suggested by the key's
+//! suffixes (`.csv.gz`, `.tgz`, `.parquet`, ...), and always confirmed by the first bytes
+//! (gzip `1f 8b`, zip `PK\3\4`, tar `ustar` at byte 257, Parquet `PAR1`, JSON `{`/`[`, else
+//! delimited text with the delimiter sniffed from the header line). Also peels the layers in
+//! order and hands each table to the visitor.
+//!
+//! Amperity does not add compression extensions to its file names, so an undeclared
+//! compression is taken from the bytes; a *declared* one that the bytes contradict is an error.
+
+use std::io::{self, Read};
+
+use flate2::read::MultiGzDecoder;
+
+use super::limit::{self, Budget};
+use super::{MAX_NESTING, ReadError, ReadOptions, RowSource, delimited, json, parquet};
+
+/// The table format of an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Delimited text with a header row (CSV `,`, TSV `\t`, PSV `|`, or a custom delimiter).
+    Delimited {
+        /// The field delimiter.
+        delimiter: u8,
+        /// An escape character for quotes inside quoted fields, when not doubled quotes.
+        escape: Option<u8>,
+    },
+    /// JSON: an array of objects or newline-delimited objects, told apart by the first byte.
+    Json,
+    /// Newline-delimited JSON objects.
+    NdJson,
+    /// One JSON array of objects.
+    JsonArray,
+    /// Apache Parquet.
+    Parquet,
+}
+
+impl Format {
+    /// Comma-separated values.
+    pub const CSV: Format = Format::Delimited {
+        delimiter: b',',
+        escape: None,
+    };
+    /// Tab-separated values.
+    pub const TSV: Format = Format::Delimited {
+        delimiter: b'\t',
+        escape: None,
+    };
+    /// Pipe-separated values.
+    pub const PSV: Format = Format::Delimited {
+        delimiter: b'|',
+        escape: None,
+    };
+
+    fn describe(&self) -> String {
+        match self {
+            Format::Delimited { delimiter, .. } => {
+                format!("delimited text ({:?})", *delimiter as char)
+            }
+            Format::Json => "JSON".into(),
+            Format::NdJson => "NDJSON".into(),
+            Format::JsonArray => "a JSON array".into(),
+            Format::Parquet => "Parquet".into(),
+        }
+    }
+}
+
+/// The compression or archive around an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// Plain bytes.
+    None,
+    /// gzip (one or more members).
+    Gzip,
+    /// A zip archive (each member is a table).
+    Zip,
+    /// A tar archive (each regular file is a table).
+    Tar,
+    /// A gzip-compressed tar archive.
+    Tgz,
+}
+
+impl Compression {
+    fn describe(&self) -> &'static str {
+        match self {
+            Compression::None => "no compression",
+            Compression::Gzip => "gzip",
+            Compression::Zip => "zip",
+            Compression::Tar => "tar",
+            Compression::Tgz => "tgz",
+        }
+    }
+}
+
+/// What the first bytes say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sniffed {
+    /// gzip magic.
+    Gzip,
+    /// zip local-file or empty-archive magic.
+    Zip,
+    /// POSIX tar.
+    Tar,
+    /// Parquet magic.
+    Parquet,
+    /// Text starting with `[`.
+    JsonArray,
+    /// Text starting with `{`.
+    NdJson,
+    /// Other text.
+    Text,
+    /// Binary we do not read.
+    Unknown,
+}
+
+impl Sniffed {
+    fn describe(&self) -> &'static str {
+        match self {
+            Sniffed::Gzip => "gzip-compressed",
+            Sniffed::Zip => "a zip archive",
+            Sniffed::Tar => "a tar archive",
+            Sniffed::Parquet => "Parquet",
+            Sniffed::JsonArray => "a JSON array",
+            Sniffed::NdJson => "NDJSON",
+            Sniffed::Text => "delimited text",
+            Sniffed::Unknown => "binary data of an unknown format",
+        }
+    }
+}
+
+/// Classifies the first bytes of an object (up to 8 KiB; tar needs 262).
+pub fn sniff(head: &[u8]) -> Sniffed {
+    if head.starts_with(&[0x1f, 0x8b]) {
+        return Sniffed::Gzip;
+    }
+    if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
+        return Sniffed::Zip;
+    }
+    if head.len() >= 262 && &head[257..262] == b"ustar" {
+        return Sniffed::Tar;
+    }
+    if head.starts_with(b"PAR1") {
+        return Sniffed::Parquet;
+    }
+    let text = strip_bom(head);
+    if text.contains(&0) {
+        return Sniffed::Unknown;
+    }
+    match text.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') => Sniffed::JsonArray,
+        Some(b'{') => Sniffed::NdJson,
+        _ => Sniffed::Text,
+    }
+}
+
+fn strip_bom(b: &[u8]) -> &[u8] {
+    b.strip_prefix(&[0xef, 0xbb, 0xbf]).unwrap_or(b)
+}
+
+/// The delimiter of a header line: the most frequent of `,` `\t` `|` `;` outside quotes
+/// (`,` when none appears).
+pub fn sniff_delimiter(head: &[u8]) -> u8 {
+    let line = strip_bom(head);
+    let end = line
+        .iter()
+        .position(|&b| b == b'\n')
+        .unwrap_or(line.len());
+    let mut counts = [0usize; 4];
+    let cands = [b',', b'\t', b'|', b';'];
+    let mut quoted = false;
+    for &b in &line[..end] {
+        if b == b'"' {
+            quoted = !quoted;
+        } else if !quoted && let Some(i) = cands.iter().position(|&c| c == b) {
+            counts[i] += 1;
+        }
+    }
+    let (best, n) = counts
+        .iter()
+        .enumerate()
+        .max_by_key(|(i, n)| (**n, usize::MAX - *i))
+        .map(|(i, n)| (i, *n))
+        .unwrap_or((0, 0));
+    if n == 0 { b',' } else { cands[best] }
+}
+
+fn header_line(head: &[u8]) -> &[u8] {
+    let line = strip_bom(head);
+    let end = line
+        .iter()
+        .position(|&b| b == b'\n')
+        .unwrap_or(line.len());
+    &line[..end]
+}
+
+/// What a key's suffixes say: the compression layers (outermost first) and the format.
+pub fn from_suffixes(name: &str) -> (Vec<Compression>, Option<Format>) {
+    let base = name
+        .rsplit(['/', '!'])
+        .next()
+        .unwrap_or(name)
+        .to_ascii_lowercase();
+    let mut rest = base.as_str();
+    let mut layers = Vec::new();
+    loop {
+        if let Some(r) = rest
+            .strip_suffix(".gz")
+            .or_else(|| rest.strip_suffix(".gzip"))
+        {
+            layers.push(Compression::Gzip);
+            rest = r;
+        } else if let Some(r) = rest.strip_suffix(".tgz") {
+            layers.push(Compression::Tgz);
+            rest = r;
+        } else if let Some(r) = rest.strip_suffix(".tar") {
+            layers.push(Compression::Tar);
+            rest = r;
+        } else if let Some(r) = rest.strip_suffix(".zip") {
+            layers.push(Compression::Zip);
+            rest = r;
+        } else {
+            break;
+        }
+    }
+    layers.reverse();
+    let format = if rest.ends_with(".csv") {
+        Some(Format::CSV)
+    } else if rest.ends_with(".tsv") || rest.ends_with(".tab") {
+        Some(Format::TSV)
+    } else if rest.ends_with(".psv") {
+        Some(Format::PSV)
+    } else if rest.ends_with(".ndjson") || rest.ends_with(".jsonl") {
+        Some(Format::NdJson)
+    } else if rest.ends_with(".json") {
+        Some(Format::Json)
+    } else if rest.ends_with(".parquet") || rest.ends_with(".pq") {
+        Some(Format::Parquet)
+    } else {
+        None
+    };
+    (layers, format)
+}
+
+fn peek(reader: &mut dyn Read, n: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; n];
+    let mut filled = 0;
+    while filled < n {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(k) => filled += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(filled);
+    Ok(buf)
+}
+
+fn member_name(name: &str, strip: &[&str]) -> String {
+    let lower = name.to_ascii_lowercase();
+    for s in strip {
+        if lower.ends_with(s) {
+            let cut = &name[..name.len() - s.len()];
+            return if *s == ".tgz" {
+                format!("{cut}.tar")
+            } else {
+                cut.to_string()
+            };
+        }
+    }
+    name.to_string()
+}
+
+fn skip_member(name: &str) -> bool {
+    let base = name.rsplit('/').next().unwrap_or(name);
+    name.ends_with('/') || name.starts_with("__MACOSX/") || base.starts_with('.') || base.is_empty()
+}
+
+/// Peels one layer of `reader` and recurses, or opens the table and visits it.
+/// `expect` is the compression still expected at this layer (declared by the route), `None`
+/// when anything found is fine.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn open_layers<'a, E>(
+    mut reader: Box<dyn Read + 'a>,
+    name: &str,
+    source: &str,
+    opts: &ReadOptions,
+    expect: Option<Compression>,
+    budget: &Budget,
+    depth: usize,
+    visit: &mut dyn FnMut(&mut dyn RowSource) -> Result<(), E>,
+) -> Result<(), E>
+where
+    E: From<ReadError>,
+{
+    if depth > MAX_NESTING {
+        return Err(ReadError::Archive {
+            source_name: source.to_string(),
+            message: format!("archives nested more than {MAX_NESTING} deep"),
+        }
+        .into());
+    }
+    let head = peek(&mut reader, 8192).map_err(|e| ReadError::io(source, "reading", e))?;
+    let sniffed = sniff(&head);
+    let mismatch = |declared: String| -> E {
+        ReadError::Mismatch {
+            source_name: source.to_string(),
+            declared,
+            found: sniffed.describe().to_string(),
+        }
+        .into()
+    };
+    let reader: Box<dyn Read + 'a> = Box::new(io::Cursor::new(head.clone()).chain(reader));
+    match sniffed {
+        Sniffed::Gzip => {
+            let inner_expect = match expect {
+                None => None,
+                Some(Compression::Gzip) => Some(Compression::None),
+                Some(Compression::Tgz) => Some(Compression::Tar),
+                Some(other) => return Err(mismatch(other.describe().into())),
+            };
+            let decoded = budget.wrap(MultiGzDecoder::new(reader));
+            let inner_name = member_name(name, &[".gz", ".gzip", ".tgz"]);
+            open_layers(
+                Box::new(decoded),
+                &inner_name,
+                source,
+                opts,
+                // A declared plain gzip may still hold a tar: accept what is inside.
+                if inner_expect == Some(Compression::None) {
+                    None
+                } else {
+                    inner_expect
+                },
+                budget,
+                depth + 1,
+                visit,
+            )
+        }
+        Sniffed::Zip => {
+            if let Some(e) = expect
+                && e != Compression::Zip
+            {
+                return Err(mismatch(e.describe().into()));
+            }
+            let mut reader = reader;
+            let file = limit::spill(&mut reader, &opts.temp_dir)
+                .map_err(|e| ReadError::io(source, "spilling the zip archive to a temp file", e))?;
+            let zip_err = |m: String| ReadError::Archive {
+                source_name: source.to_string(),
+                message: m,
+            };
+            let mut archive =
+                zip::ZipArchive::new(file).map_err(|e| zip_err(format!("not a readable zip: {e}")))?;
+            for i in 0..archive.len() {
+                let member = archive
+                    .by_index(i)
+                    .map_err(|e| zip_err(format!("member {i}: {e}")))?;
+                let mname = member
+                    .name()
+                    .map(|n| n.into_owned())
+                    .unwrap_or_else(|_| String::from_utf8_lossy(member.name_raw()).into_owned());
+                if member.is_dir() || skip_member(&mname) {
+                    continue;
+                }
+                let msource = format!("{source}!{mname}");
+                open_layers(
+                    Box::new(budget.wrap(member)),
+                    &mname,
+                    &msource,
+                    opts,
+                    None,
+                    budget,
+                    depth + 1,
+                    visit,
+                )?;
+            }
+            Ok(())
+        }
+        Sniffed::Tar => {
+            if let Some(e) = expect
+                && e != Compression::Tar
+                && e != Compression::Tgz
+            {
+                return Err(mismatch(e.describe().into()));
+            }
+            let mut archive = tar::Archive::new(reader);
+            let tar_err = |m: String| ReadError::Archive {
+                source_name: source.to_string(),
+                message: m,
+            };
+            let entries = archive
+                .entries()
+                .map_err(|e| ReadError::io(source, "reading the tar archive", e))?;
+            for entry in entries {
+                let entry = entry.map_err(|e| ReadError::io(source, "reading the tar archive", e))?;
+                if !entry.header().entry_type().is_file() {
+                    continue;
+                }
+                let mname = entry
+                    .path()
+                    .map_err(|e| tar_err(format!("member name: {e}")))?
+                    .to_string_lossy()
+                    .into_owned();
+                if skip_member(&mname) {
+                    continue;
+                }
+                let msource = format!("{source}!{mname}");
+                open_layers(
+                    Box::new(entry),
+                    &mname,
+                    &msource,
+                    opts,
+                    None,
+                    budget,
+                    depth + 1,
+                    visit,
+                )?;
+            }
+            Ok(())
+        }
+        Sniffed::Unknown => Err(ReadError::UnknownFormat {
+            source_name: source.to_string(),
+            detail: format!(
+                "the first bytes ({}) are not gzip, zip, tar, Parquet, JSON or delimited text",
+                hex_prefix(&head)
+            ),
+        }
+        .into()),
+        Sniffed::Parquet | Sniffed::JsonArray | Sniffed::NdJson | Sniffed::Text => {
+            if let Some(e) = expect
+                && e != Compression::None
+            {
+                return Err(mismatch(e.describe().into()));
+            }
+            let (_, suffix_format) = from_suffixes(name);
+            let declared = opts.format;
+            let wanted = declared.or(suffix_format);
+            let format = match (sniffed, wanted) {
+                (Sniffed::Parquet, None | Some(Format::Parquet)) => Format::Parquet,
+                (Sniffed::Parquet, Some(f)) if declared.is_some() => {
+                    return Err(mismatch(f.describe()));
+                }
+                // A suffix is only a hint: the bytes win.
+                (Sniffed::Parquet, Some(_)) => Format::Parquet,
+                (_, Some(Format::Parquet)) => {
+                    return Err(mismatch(Format::Parquet.describe()));
+                }
+                (Sniffed::JsonArray, None | Some(Format::Json | Format::JsonArray)) => {
+                    Format::JsonArray
+                }
+                (Sniffed::NdJson, None | Some(Format::Json | Format::NdJson)) => Format::NdJson,
+                (Sniffed::JsonArray | Sniffed::NdJson, Some(f @ Format::Delimited { .. })) => f,
+                (Sniffed::Text, Some(f @ (Format::Json | Format::NdJson | Format::JsonArray)))
+                    if head.iter().all(u8::is_ascii_whitespace) =>
+                {
+                    // An empty JSON file has no rows.
+                    f
+                }
+                (_, Some(f @ (Format::Json | Format::NdJson | Format::JsonArray))) => {
+                    return Err(mismatch(f.describe()));
+                }
+                // A suffix's delimiter that the header line does not contain yields to the
+                // sniffed one (a pipe-delimited file named `.csv`).
+                (_, Some(Format::Delimited { delimiter, escape }))
+                    if declared.is_none() && !header_line(&head).contains(&delimiter) =>
+                {
+                    Format::Delimited {
+                        delimiter: sniff_delimiter(&head),
+                        escape,
+                    }
+                }
+                (_, Some(f @ Format::Delimited { .. })) => f,
+                (Sniffed::Text, None) => Format::Delimited {
+                    delimiter: sniff_delimiter(&head),
+                    escape: None,
+                },
+                (_, _) => Format::Delimited {
+                    delimiter: sniff_delimiter(&head),
+                    escape: None,
+                },
+            };
+            let reader: Box<dyn Read + 'a> = Box::new(budget.wrap(reader));
+            match format {
+                Format::Parquet => {
+                    let mut reader = reader;
+                    let file = limit::spill(&mut reader, &opts.temp_dir).map_err(|e| {
+                        ReadError::io(source, "spilling the Parquet part to a temp file", e)
+                    })?;
+                    let mut src = parquet::ParquetSource::open(file, source)?;
+                    visit(&mut src)
+                }
+                Format::Delimited { delimiter, escape } => {
+                    let mut src = delimited::DelimitedSource::open(
+                        reader,
+                        source,
+                        delimiter,
+                        escape,
+                        opts.limits.max_row_bytes,
+                    )?;
+                    visit(&mut src)
+                }
+                Format::JsonArray => {
+                    let mut src = json::JsonArraySource::open(reader, source, opts)?;
+                    visit(&mut src)
+                }
+                Format::NdJson | Format::Json => {
+                    let mut src = json::NdJsonSource::open(reader, source, opts)?;
+                    visit(&mut src)
+                }
+            }
+        }
+    }
+}
+
+fn hex_prefix(b: &[u8]) -> String {
+    b.iter()
+        .take(8)
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suffixes_give_layers_outermost_first_and_the_format() {
+        assert_eq!(
+            from_suffixes("s3://b/exports/customers.csv.gz"),
+            (vec![Compression::Gzip], Some(Format::CSV))
+        );
+        assert_eq!(
+            from_suffixes("x/y.tar.gz"),
+            (vec![Compression::Tar, Compression::Gzip], None)
+        );
+        assert_eq!(
+            from_suffixes("x/part-0.PARQUET"),
+            (vec![], Some(Format::Parquet))
+        );
+        assert_eq!(from_suffixes("a.jsonl"), (vec![], Some(Format::NdJson)));
+    }
+
+    #[test]
+    fn sniffing_tells_every_kind_apart() {
+        assert_eq!(sniff(&[0x1f, 0x8b, 8, 0]), Sniffed::Gzip);
+        assert_eq!(sniff(b"PK\x03\x04rest"), Sniffed::Zip);
+        assert_eq!(sniff(b"PAR1...."), Sniffed::Parquet);
+        assert_eq!(sniff(b"\xef\xbb\xbf  [{\"a\":1}]"), Sniffed::JsonArray);
+        assert_eq!(sniff(b"{\"a\":1}\n"), Sniffed::NdJson);
+        assert_eq!(sniff(b"id,name\n1,x\n"), Sniffed::Text);
+        assert_eq!(sniff(b"\x00\x01\x02"), Sniffed::Unknown);
+        let mut tar = vec![0u8; 300];
+        tar[257..262].copy_from_slice(b"ustar");
+        tar[0] = b'a';
+        assert_eq!(sniff(&tar), Sniffed::Tar);
+    }
+
+    #[test]
+    fn delimiter_is_sniffed_from_the_header_outside_quotes() {
+        assert_eq!(sniff_delimiter(b"id|name|\"a,b,c\"\n1|2|3"), b'|');
+        assert_eq!(sniff_delimiter(b"id\tname\n"), b'\t');
+        assert_eq!(sniff_delimiter(b"id;name;x\n"), b';');
+        assert_eq!(sniff_delimiter(b"id\n"), b',');
+    }
+}

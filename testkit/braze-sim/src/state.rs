@@ -1,0 +1,304 @@
+//! The simulator's shared state (config, profiles, rate window, fault plan), the request log
+//! and the counters tests read back.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::config::{ConfigError, SimConfig};
+use crate::contract::{self, Limits, ObjectCounts, TrackOutcome};
+use crate::faults::{FaultDecision, FaultPlan, Faults};
+use crate::profile::{ProfileStore, UserKey};
+use crate::rate_window::{Admission, RateWindow};
+
+/// Counters over every `/users/track` request since start or the last reset.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Stats {
+    /// Requests received (including faulted and refused ones).
+    pub requests_total: u64,
+    /// Responses by HTTP status (`"201"`, `"429"`, …); dropped connections under `"dropped"`.
+    pub by_status: BTreeMap<String, u64>,
+    /// Objects in all requests whose body was JSON (applied or not).
+    pub objects_received: u64,
+    /// Valid objects processed by 201 responses (including update-only objects that matched
+    /// no profile).
+    pub objects_applied: u64,
+    /// Objects reported in `errors[]`.
+    pub objects_rejected: u64,
+    /// Valid objects that changed nothing because update-only mode found no profile.
+    pub objects_skipped_update_only: u64,
+    /// Valid attribute objects processed.
+    pub attributes_applied: u64,
+    /// Valid event objects processed.
+    pub events_applied: u64,
+    /// Valid purchase objects processed.
+    pub purchases_applied: u64,
+    /// Most objects (all arrays together) seen in one request.
+    pub max_objects_in_request: usize,
+    /// Most objects seen in one array of one request.
+    pub max_objects_in_array: usize,
+    /// Largest body seen, in bytes.
+    pub max_body_bytes: usize,
+    /// All 429 responses (rate window and bursts).
+    pub responses_429: u64,
+    /// 429s from the rate window.
+    pub rate_limited_429: u64,
+    /// 429s from injected bursts.
+    pub burst_429: u64,
+    /// Injected 5xx responses.
+    pub faults_5xx: u64,
+    /// Connections closed without a response.
+    pub dropped_connections: u64,
+    /// Requests that arrived after a 401 had been returned.
+    pub requests_after_first_401: u64,
+}
+
+/// What happened to one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Disposition {
+    /// 201, every object valid.
+    Applied,
+    /// 201 with `errors[]`.
+    AppliedWithErrors,
+    /// 400 from the contract (bad JSON, limits, no valid object); nothing applied.
+    Invalid,
+    /// 401.
+    Unauthorized,
+    /// 403.
+    Forbidden,
+    /// 415: not `application/json`.
+    UnsupportedMediaType,
+    /// 413.
+    TooLarge,
+    /// 429 from the rate window.
+    RateLimited,
+    /// 429 from an injected burst.
+    Burst429,
+    /// Injected 5xx.
+    ServerError,
+    /// Injected dropped connection.
+    Dropped,
+}
+
+/// One `/users/track` request as the simulator saw it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RequestLog {
+    /// 1-based arrival number.
+    pub seq: u64,
+    /// Arrival time, RFC 3339 UTC with milliseconds.
+    pub at: String,
+    /// HTTP status sent; `None` for a dropped connection.
+    pub status: Option<u16>,
+    /// What happened.
+    pub disposition: Disposition,
+    /// Objects in the body, all arrays together (0 when the body was not JSON).
+    pub objects: usize,
+    /// Objects per array.
+    pub received: ObjectCounts,
+    /// Valid objects processed.
+    pub processed: usize,
+    /// Entries in `errors[]`.
+    pub errors: usize,
+    /// Body length in bytes.
+    pub body_bytes: usize,
+    /// Injected delay in milliseconds.
+    pub delay_ms: u64,
+    /// Parsed body, when `log_bodies` is on and the body was JSON.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<Value>,
+}
+
+/// Everything behind the lock.
+#[derive(Debug)]
+pub(crate) struct State {
+    pub(crate) cfg: SimConfig,
+    pub(crate) store: ProfileStore,
+    window: RateWindow,
+    faults: FaultPlan,
+    stats: Stats,
+    log: Vec<RequestLog>,
+    seq: u64,
+    returned_401: bool,
+}
+
+/// What a request learns when it arrives.
+#[derive(Debug, Clone)]
+pub(crate) struct Arrival {
+    pub(crate) seq: u64,
+    pub(crate) admission: Admission,
+    pub(crate) fault: FaultDecision,
+    pub(crate) api_key: String,
+    pub(crate) key_lacks_users_track: bool,
+    pub(crate) max_body_bytes: usize,
+    pub(crate) limits: Limits,
+    pub(crate) log_bodies: bool,
+}
+
+/// The state shared by the HTTP handlers and the [`crate::SimHandle`].
+#[derive(Debug)]
+pub(crate) struct Shared {
+    inner: Mutex<State>,
+}
+
+impl Shared {
+    pub(crate) fn new(cfg: SimConfig) -> Self {
+        Self {
+            inner: Mutex::new(State::new(cfg)),
+        }
+    }
+
+    /// The lock; a poisoned lock is recovered (the state stays usable for reading back).
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn window_for(cfg: &SimConfig) -> RateWindow {
+    let ms = u64::try_from(cfg.rate_limit_window.as_millis()).unwrap_or(u64::MAX);
+    RateWindow::new(cfg.rate_limit_requests, ms)
+}
+
+impl State {
+    fn new(cfg: SimConfig) -> Self {
+        Self {
+            window: window_for(&cfg),
+            faults: FaultPlan::new(cfg.faults.clone(), cfg.seed),
+            cfg,
+            store: ProfileStore::new(),
+            stats: Stats::default(),
+            log: Vec::new(),
+            seq: 0,
+            returned_401: false,
+        }
+    }
+
+    /// Counts a request in the rate window and draws its faults.
+    pub(crate) fn arrive(&mut self, now_ms: u64) -> Arrival {
+        self.seq += 1;
+        self.stats.requests_total += 1;
+        if self.returned_401 {
+            self.stats.requests_after_first_401 += 1;
+        }
+        Arrival {
+            seq: self.seq,
+            admission: self.window.take(now_ms),
+            fault: self.faults.next_decision(),
+            api_key: self.cfg.api_key.clone(),
+            key_lacks_users_track: self.cfg.key_lacks_users_track,
+            max_body_bytes: self.cfg.max_body_bytes,
+            limits: self.cfg.limits(),
+            log_bodies: self.cfg.log_bodies,
+        }
+    }
+
+    /// Runs the contract on a body that passed transport checks.
+    pub(crate) fn track(&mut self, body: &[u8], limits: &Limits) -> TrackOutcome {
+        contract::track(&mut self.store, body, limits)
+    }
+
+    /// Records a finished request and updates the counters.
+    pub(crate) fn finish(&mut self, entry: RequestLog, outcome: Option<&TrackOutcome>) {
+        let s = &mut self.stats;
+        let status = entry
+            .status
+            .map_or_else(|| "dropped".to_string(), |c| c.to_string());
+        *s.by_status.entry(status).or_default() += 1;
+        s.objects_received += entry.objects as u64;
+        s.max_objects_in_request = s.max_objects_in_request.max(entry.objects);
+        s.max_objects_in_array = s.max_objects_in_array.max(entry.received.max_array());
+        s.max_body_bytes = s.max_body_bytes.max(entry.body_bytes);
+        match entry.disposition {
+            Disposition::Unauthorized => self.returned_401 = true,
+            Disposition::RateLimited => {
+                s.rate_limited_429 += 1;
+                s.responses_429 += 1;
+            }
+            Disposition::Burst429 => {
+                s.burst_429 += 1;
+                s.responses_429 += 1;
+            }
+            Disposition::ServerError => s.faults_5xx += 1,
+            Disposition::Dropped => s.dropped_connections += 1,
+            _ => {}
+        }
+        if let Some(o) = outcome {
+            if o.status == 201 {
+                s.objects_applied += o.processed.total() as u64;
+                s.attributes_applied += o.processed.attributes as u64;
+                s.events_applied += o.processed.events as u64;
+                s.purchases_applied += o.processed.purchases as u64;
+                s.objects_skipped_update_only += o.skipped_update_only as u64;
+            }
+            s.objects_rejected += o.errors.len() as u64;
+        }
+        self.log.push(entry);
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
+        self.stats.clone()
+    }
+
+    pub(crate) fn requests(&self) -> Vec<RequestLog> {
+        self.log.clone()
+    }
+
+    /// Profiles as JSON attribute maps keyed by user key.
+    pub(crate) fn users(&self) -> BTreeMap<String, Value> {
+        self.store
+            .iter()
+            .map(|(k, p)| (k.to_string(), Value::Object(p.attributes.clone())))
+            .collect()
+    }
+
+    pub(crate) fn user(&self, key: &str) -> Option<Value> {
+        self.store
+            .get(&UserKey::raw(key))
+            .map(|p| Value::Object(p.attributes.clone()))
+    }
+
+    pub(crate) fn events(&self, key: &str) -> Option<Vec<Value>> {
+        self.store.get(&UserKey::raw(key)).map(|p| p.events.clone())
+    }
+
+    pub(crate) fn purchases(&self, key: &str) -> Option<Vec<Value>> {
+        self.store
+            .get(&UserKey::raw(key))
+            .map(|p| p.purchases.clone())
+    }
+
+    pub(crate) fn seed_user(&mut self, key: &str, attributes: Map<String, Value>) {
+        self.store.insert(UserKey::raw(key), attributes);
+    }
+
+    /// Clears profiles, log and counters; restarts the rate window and the fault sequence.
+    pub(crate) fn reset(&mut self) {
+        let cfg = self.cfg.clone();
+        *self = State::new(cfg);
+    }
+
+    pub(crate) fn faults(&self) -> Faults {
+        self.faults.faults().clone()
+    }
+
+    /// Replaces the faults and restarts their sequence from the seed.
+    pub(crate) fn set_faults(&mut self, faults: Faults) -> Result<(), ConfigError> {
+        faults.validate()?;
+        self.cfg.faults = faults.clone();
+        self.faults = FaultPlan::new(faults, self.cfg.seed);
+        Ok(())
+    }
+
+    /// Replaces the configuration (keeping the bound address); keeps profiles and counters.
+    pub(crate) fn set_config(&mut self, mut cfg: SimConfig) -> Result<(), ConfigError> {
+        cfg.validate()?;
+        cfg.host = self.cfg.host;
+        cfg.port = self.cfg.port;
+        self.window = window_for(&cfg);
+        self.faults = FaultPlan::new(cfg.faults.clone(), cfg.seed);
+        self.cfg = cfg;
+        Ok(())
+    }
+}
