@@ -103,7 +103,10 @@ impl Config {
     pub fn from_env() -> Result<Config, ConfigError> {
         Self::from_lookup(
             |k| std::env::var(k).ok().filter(|v| !v.is_empty()),
-            bridge_shared::runtime::is_lambda(),
+            // The local stack (tests, demo) runs the function under the Lambda emulator and
+            // says so with BRIDGE_LOCAL_STACK=1; only there may a plain key be used.
+            bridge_shared::runtime::is_lambda()
+                && std::env::var("BRIDGE_LOCAL_STACK").as_deref() != Ok("1"),
         )
     }
 
@@ -130,7 +133,8 @@ impl Config {
         let routes = or("ROUTES_LOCATION", "routes");
         let routes_location =
             RoutesLocation::parse(&routes).map_err(|_| invalid("ROUTES_LOCATION", &routes))?;
-        let state_bucket = get("STATE_BUCKET").ok_or(ConfigError::Missing("STATE_BUCKET".into()))?;
+        let state_bucket =
+            get("STATE_BUCKET").ok_or(ConfigError::Missing("STATE_BUCKET".into()))?;
         let braze_endpoint = match (get("BRAZE_REST_ENDPOINT"), get("BRAZE_INSTANCE")) {
             (Some(url), _) => {
                 Endpoint::parse(&url).map_err(|_| invalid("BRAZE_REST_ENDPOINT", &url))?
@@ -153,9 +157,11 @@ impl Config {
                     "(a plain key is for local runs only; use BRAZE_API_KEY_SECRET_ARN or BRAZE_API_KEY_PARAMETER)".into(),
                 ));
             }
-            ApiKeySource::Plain(ApiKey::new(&k).map_err(|_| {
-                ConfigError::Invalid("BRAZE_API_KEY".into(), "(not shown)".into())
-            })?)
+            ApiKeySource::Plain(
+                ApiKey::new(&k).map_err(|_| {
+                    ConfigError::Invalid("BRAZE_API_KEY".into(), "(not shown)".into())
+                })?,
+            )
         } else {
             return Err(ConfigError::Missing(
                 "BRAZE_API_KEY_SECRET_ARN (or BRAZE_API_KEY_PARAMETER, or BRAZE_API_KEY locally)"
@@ -231,7 +237,9 @@ pub enum RoutesError {
 
 fn check_routes(routes: &[Route]) -> Result<(), RoutesError> {
     if routes.is_empty() {
-        return Err(RoutesError::Conflict("no route files (*.toml) found".into()));
+        return Err(RoutesError::Conflict(
+            "no route files (*.toml) found".into(),
+        ));
     }
     for (i, a) in routes.iter().enumerate() {
         for b in &routes[i + 1..] {
@@ -320,7 +328,10 @@ mod tests {
             env(&[
                 ("STATE_BUCKET", "state"),
                 ("BRAZE_INSTANCE", "US-03"),
-                ("BRAZE_API_KEY_SECRET_ARN", "arn:aws:secretsmanager:us-east-1:1:secret:x"),
+                (
+                    "BRAZE_API_KEY_SECRET_ARN",
+                    "arn:aws:secretsmanager:us-east-1:1:secret:x",
+                ),
             ]),
             true,
         )
@@ -347,7 +358,10 @@ mod tests {
         assert!(err.to_string().contains("RATE_LIMIT_SHARE"));
         let err = Config::from_lookup(env(&base), true).unwrap_err();
         assert!(err.to_string().contains("BRAZE_API_KEY"));
-        assert!(!err.to_string().contains("abcdef0123"), "the key is never shown");
+        assert!(
+            !err.to_string().contains("abcdef0123"),
+            "the key is never shown"
+        );
         assert!(Config::from_lookup(env(&base), false).is_ok());
     }
 

@@ -320,7 +320,12 @@ mod tests {
     fn new_user_is_sent_whole_without_nulls() {
         let r = route("");
         let s = Snapshot::for_route(&r);
-        let d = diff(&s, &user("1", vec![(0, json!("Ada")), (1, Value::Null)]), &r).unwrap();
+        let d = diff(
+            &s,
+            &user("1", vec![(0, json!("Ada")), (1, Value::Null)]),
+            &r,
+        )
+        .unwrap();
         assert!(d.is_new);
         assert_eq!(
             d.to_attribute_object(),
@@ -332,13 +337,27 @@ mod tests {
     fn known_user_gets_only_changes_and_null_for_emptied() {
         let r = route("");
         let mut s = Snapshot::for_route(&r);
-        let first = diff(&s, &user("1", vec![(0, json!("Ada")), (1, json!("gold"))]), &r).unwrap();
+        let first = diff(
+            &s,
+            &user("1", vec![(0, json!("Ada")), (1, json!("gold"))]),
+            &r,
+        )
+        .unwrap();
         s.apply_confirmed(&first);
         assert_eq!(
-            diff(&s, &user("1", vec![(0, json!("Ada")), (1, json!("gold"))]), &r),
+            diff(
+                &s,
+                &user("1", vec![(0, json!("Ada")), (1, json!("gold"))]),
+                &r
+            ),
             None
         );
-        let d = diff(&s, &user("1", vec![(0, json!("Ada")), (1, Value::Null)]), &r).unwrap();
+        let d = diff(
+            &s,
+            &user("1", vec![(0, json!("Ada")), (1, Value::Null)]),
+            &r,
+        )
+        .unwrap();
         assert!(!d.is_new);
         assert_eq!(
             d.to_attribute_object(),
@@ -349,7 +368,9 @@ mod tests {
 
     #[test]
     fn departed_members_get_the_on_leave_value() {
-        let r = route("[[audiences]]\nattribute = \"aud_vip\"\n[[audiences]]\nattribute = \"aud_x\"\non_leave = \"null\"\n");
+        let r = route(
+            "[[audiences]]\nattribute = \"aud_vip\"\n[[audiences]]\nattribute = \"aud_x\"\non_leave = \"null\"\n",
+        );
         let mut s = Snapshot::for_route(&r);
         for id in ["stay", "go"] {
             let d = diff(&s, &user(id, vec![(2, json!(true)), (3, json!(true))]), &r).unwrap();

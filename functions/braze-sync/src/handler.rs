@@ -212,7 +212,7 @@ impl Handler {
             };
             let mut retry = None;
             for obj in &objects {
-                match self.process_object(obj, remaining_ms).await {
+                match self.process_object(obj, false, remaining_ms).await {
                     ObjectOutcome::Done(v) => results.push(v),
                     ObjectOutcome::Retry(reason) => {
                         results.push(json!({"object": obj.uri.to_string(), "retry": reason}));
@@ -236,7 +236,33 @@ impl Handler {
         }
     }
 
-    async fn process_object(&self, obj: &ObjectRef, remaining_ms: Option<u64>) -> ObjectOutcome {
+    /// Syncs one object as if it had just landed (the operator's `run` command). Returns the
+    /// object's result document, or the reason to retry.
+    pub async fn run_object(
+        &self,
+        uri: &S3Uri,
+        force_full: bool,
+        remaining_ms: Option<u64>,
+    ) -> Result<Value, String> {
+        let obj = ObjectRef {
+            uri: uri.clone(),
+            version_id: None,
+            etag: None,
+            size: None,
+            event_name: "ObjectCreated:Cli".into(),
+        };
+        match self.process_object(&obj, force_full, remaining_ms).await {
+            ObjectOutcome::Done(v) => Ok(v),
+            ObjectOutcome::Retry(reason) => Err(reason),
+        }
+    }
+
+    async fn process_object(
+        &self,
+        obj: &ObjectRef,
+        force: bool,
+        remaining_ms: Option<u64>,
+    ) -> ObjectOutcome {
         let uri = &obj.uri;
         let route = match decide(&self.cfg, uri) {
             Decision::Ignore(reason) => {
@@ -263,10 +289,11 @@ impl Handler {
         };
         let version = obj.version_id.clone().or(head.version_id.clone());
         let export_id = format!("{uri}#{}", version.unwrap_or_else(|| head.etag.clone()));
-        let force_full = head
-            .metadata
-            .get(FORCE_FULL_METADATA)
-            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        let force_full = force
+            || head
+                .metadata
+                .get(FORCE_FULL_METADATA)
+                .is_some_and(|v| v.eq_ignore_ascii_case("true"));
         let parts = match &route.marker_suffix {
             None => vec![head.clone()],
             Some(suffix) => match self.store.list(&uri.bucket, uri.folder()).await {

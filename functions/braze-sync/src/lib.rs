@@ -23,5 +23,6 @@ pub mod rejects;
 pub mod report;
 pub mod retry;
 pub mod route;
+pub mod runner;
 pub mod snapshot;
 pub mod sync;

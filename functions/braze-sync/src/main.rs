@@ -1,1 +1,288 @@
-fn main() {}
+//! braze-sync binary. Under Lambda (`AWS_LAMBDA_RUNTIME_API` set) it serves invocations;
+//! otherwise it is the operator's CLI with the same code:
+//!
+//! ```text
+//! braze-sync run s3://bucket/amperity/customers/export.csv [--dry-run] [--force-full]
+//! braze-sync run ./export.csv --route customers --dry-run      # preview a local file
+//! braze-sync check-routes [DIR]                                 # validate route files
+//! ```
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use braze_sync::braze::{ApiKeyCache, BrazeApi, BrazeClient, ClientOptions};
+use braze_sync::config::{Config, RoutesLocation, load_routes, load_routes_dir};
+use braze_sync::handler::{Handler, HandlerConfig};
+use braze_sync::route::Route;
+use braze_sync::runner::{Continuation, RunnerSettings, SqsContinuation, SyncRunner};
+use braze_sync::snapshot::Snapshot;
+use braze_sync::snapshot::store::StateStore;
+use braze_sync::sync::{ProduceOptions, dry_run, local_parts, open_local_parts, open_s3_part};
+use bridge_shared::object_store::S3Store;
+use bridge_shared::{ObjectStore, S3Uri, logging, runtime};
+use clap::{Parser, Subcommand};
+use lambda_runtime::{LambdaEvent, service_fn};
+use serde_json::Value;
+
+/// Amperity export in S3 → attribute deltas → Braze /users/track.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Sync one export now (replay, backfill), exactly as the Lambda would.
+    Run {
+        /// `s3://bucket/key` of the export (or its `.DONE` marker), or a local file/folder with
+        /// `--dry-run --route`.
+        target: String,
+        /// Print the Braze payloads and a summary; send and commit nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Resend every attribute, ignoring confirmed state.
+        #[arg(long)]
+        force_full: bool,
+        /// The route for a local file (S3 objects find theirs by prefix).
+        #[arg(long)]
+        route: Option<String>,
+    },
+    /// Validate the route files of a folder (default: `ROUTES_LOCATION`).
+    CheckRoutes {
+        /// Folder of `*.toml` route files.
+        dir: Option<std::path::PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    logging::init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("braze-sync: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = if runtime::is_lambda() {
+        rt.block_on(serve_lambda())
+    } else {
+        rt.block_on(cli(Cli::parse()))
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("braze-sync: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Everything built once per container.
+struct App {
+    config: Config,
+    store: Arc<dyn ObjectStore>,
+    routes: Vec<Route>,
+    aws: aws_config::SdkConfig,
+}
+
+async fn app() -> anyhow::Result<App> {
+    let config = Config::from_env()?;
+    let aws = aws_config::load_from_env().await;
+    let store: Arc<dyn ObjectStore> = Arc::new(S3Store::from_env().await);
+    let routes = load_routes(&config.routes_location, store.as_ref()).await?;
+    Ok(App {
+        config,
+        store,
+        routes,
+        aws,
+    })
+}
+
+async fn handler(app: &App) -> anyhow::Result<Handler> {
+    let cfg = &app.config;
+    let key = ApiKeyCache::new(cfg.api_key.clone())
+        .get(&app.aws)
+        .await
+        .context("resolving the Braze API key")?;
+    let client: Arc<dyn BrazeApi> = Arc::new(BrazeClient::new(
+        cfg.braze_endpoint.clone(),
+        key,
+        &ClientOptions::default(),
+    )?);
+    let mut settings = RunnerSettings::new(
+        &cfg.state_bucket,
+        &cfg.state_prefix,
+        &cfg.reports_prefix,
+        &cfg.rejects_prefix,
+    );
+    settings.deliver.max_objects = cfg.max_objects_per_request;
+    settings.deliver.rate.requests_per_window = cfg.rate_limit_requests;
+    settings.deliver.rate.window = std::time::Duration::from_secs(cfg.rate_limit_window_secs);
+    settings.deliver.rate.share = cfg.rate_limit_share;
+    settings.max_run = runtime::env_parse::<u64>("BRIDGE_MAX_RUN_SECONDS", 0)?
+        .checked_sub(0)
+        .filter(|s| *s > 0)
+        .map(std::time::Duration::from_secs);
+    let continuation: Option<Arc<dyn Continuation>> =
+        cfg.continuation_queue_url.as_ref().map(|url| {
+            Arc::new(SqsContinuation {
+                client: aws_sdk_sqs::Client::new(&app.aws),
+                queue_url: url.clone(),
+            }) as Arc<dyn Continuation>
+        });
+    let routes = app.routes.clone();
+    let hcfg = HandlerConfig {
+        state_bucket: cfg.state_bucket.clone(),
+        output_prefixes: cfg.output_prefixes(),
+        state_prefix: cfg.state_prefix.clone(),
+        routes: routes.iter().map(Route::binding).collect(),
+        lease_s: 960,
+    };
+    let runner = SyncRunner::new(app.store.clone(), routes, client, settings, continuation);
+    Ok(Handler::new(hcfg, app.store.clone(), Arc::new(runner)))
+}
+
+async fn serve_lambda() -> anyhow::Result<()> {
+    let app = app().await?;
+    let handler = Arc::new(handler(&app).await?);
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
+        let handler = handler.clone();
+        async move {
+            let remaining = remaining_ms(&event.context);
+            handler
+                .handle(&event.payload, remaining)
+                .await
+                .map_err(lambda_runtime::Error::from)
+        }
+    }))
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Time left in the invocation. A deadline in the past (cargo-lambda's emulator reports a
+/// relative 600000 ms) is treated as unknown rather than as already expired.
+fn remaining_ms(ctx: &lambda_runtime::Context) -> Option<u64> {
+    let now = chrono::Utc::now().timestamp_millis();
+    let deadline = i64::try_from(ctx.deadline).ok()?;
+    (deadline > now).then(|| (deadline - now) as u64)
+}
+
+async fn cli(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::CheckRoutes { dir } => {
+            let dir = match dir {
+                Some(d) => d,
+                None => match RoutesLocation::parse(&runtime::env_or("ROUTES_LOCATION", "routes")) {
+                    Ok(RoutesLocation::Dir(d)) => d,
+                    _ => anyhow::bail!("give a folder: braze-sync check-routes DIR"),
+                },
+            };
+            let routes = load_routes_dir(&dir)?;
+            for r in &routes {
+                println!("{}: prefix {:?}, {} attributes", r.name(), r.config.prefix, r.slots.len());
+            }
+            Ok(())
+        }
+        Command::Run {
+            target,
+            dry_run: true,
+            force_full,
+            route,
+        } if !target.starts_with("s3://") => {
+            let dir = match RoutesLocation::parse(&runtime::env_or("ROUTES_LOCATION", "routes")) {
+                Ok(RoutesLocation::Dir(d)) => d,
+                _ => anyhow::bail!("ROUTES_LOCATION must be a folder for local dry runs"),
+            };
+            let routes = load_routes_dir(&dir)?;
+            let name = route.context("--route NAME is required for a local file")?;
+            let route = routes
+                .into_iter()
+                .find(|r| r.name() == name)
+                .with_context(|| format!("no route {name:?} in {}", dir.display()))?;
+            let mut opts = ProduceOptions::for_route(&route, &target);
+            opts.full_resend |= force_full;
+            let parts = local_parts(std::path::Path::new(&target), &route.config.marker_suffix)?;
+            let snapshot = Snapshot::for_route(&route);
+            let summary = dry_run(
+                open_local_parts(parts),
+                &route,
+                &snapshot,
+                &opts,
+                &mut std::io::stdout().lock(),
+                &mut std::io::stderr().lock(),
+            )?;
+            eprintln!("{}", serde_json::to_string(&summary)?);
+            Ok(())
+        }
+        Command::Run {
+            target,
+            dry_run: true,
+            force_full,
+            ..
+        } => {
+            let app = app().await?;
+            let uri: S3Uri = target.parse()?;
+            let route = app
+                .routes
+                .iter()
+                .find(|r| {
+                    r.config.bucket.as_deref().is_none_or(|b| b == uri.bucket)
+                        && uri.key.starts_with(&r.config.prefix)
+                })
+                .with_context(|| format!("no route owns {uri}"))?
+                .clone();
+            let state = StateStore::new(
+                app.store.clone(),
+                &app.config.state_bucket,
+                &app.config.state_prefix,
+                route.name(),
+            );
+            let (_, snapshot) = state.load(&route).await?;
+            let parts: Vec<S3Uri> = if uri.key.ends_with(&route.config.marker_suffix) {
+                let listing = app.store.list(&uri.bucket, uri.folder()).await?;
+                braze_sync::handler::parts_of_marker(&listing, &uri, &route.config.marker_suffix)
+                    .into_iter()
+                    .map(|m| uri.with_key(m.key))
+                    .collect()
+            } else {
+                vec![uri.clone()]
+            };
+            let mut opts = ProduceOptions::for_route(&route, &uri.to_string());
+            opts.full_resend |= force_full;
+            let store = app.store.clone();
+            let handle = tokio::runtime::Handle::current();
+            let summary = tokio::task::spawn_blocking(move || {
+                dry_run(
+                    parts
+                        .iter()
+                        .map(|u| open_s3_part(&store, u, &handle).map(|(_, p)| p)),
+                    &route,
+                    &snapshot,
+                    &opts,
+                    &mut std::io::stdout().lock(),
+                    &mut std::io::stderr().lock(),
+                )
+            })
+            .await??;
+            eprintln!("{}", serde_json::to_string(&summary)?);
+            Ok(())
+        }
+        Command::Run {
+            target, force_full, ..
+        } => {
+            let app = app().await?;
+            let handler = handler(&app).await?;
+            let uri: S3Uri = target.parse()?;
+            match handler.run_object(&uri, force_full, None).await {
+                Ok(v) => {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                    Ok(())
+                }
+                Err(reason) => anyhow::bail!("sync of {uri} must be retried: {reason}"),
+            }
+        }
+    }
+}

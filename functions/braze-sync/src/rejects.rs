@@ -172,6 +172,9 @@ mod tests {
         assert_eq!(log.total(), 10);
         assert!(log.dropped() >= 8);
         assert!(log.into_body().len() <= 300);
-        assert_eq!(rejects_key("bridge/rejects/", "c", "run1"), "bridge/rejects/c/run1.ndjson");
+        assert_eq!(
+            rejects_key("bridge/rejects/", "c", "run1"),
+            "bridge/rejects/c/run1.ndjson"
+        );
     }
 }

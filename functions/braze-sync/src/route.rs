@@ -360,7 +360,9 @@ impl Route {
             return Err(invalid("prefix must not be empty".into()));
         }
         if config.mode == Mode::Marker && config.marker_suffix.is_empty() {
-            return Err(invalid("marker_suffix must not be empty in marker mode".into()));
+            return Err(invalid(
+                "marker_suffix must not be empty in marker mode".into(),
+            ));
         }
         match (config.format, &config.delimiter) {
             (Some(FormatName::Delimited), None) => {
@@ -456,7 +458,10 @@ impl Route {
             });
         }
         for (i, aud) in config.audiences.iter().enumerate() {
-            let column = aud.column.clone().unwrap_or_else(|| format!("audiences[{i}]"));
+            let column = aud
+                .column
+                .clone()
+                .unwrap_or_else(|| format!("audiences[{i}]"));
             check_custom_name(&aud.attribute, &column, origin)?;
             slots.push(Slot {
                 name: aud.attribute.clone(),

@@ -256,7 +256,11 @@ impl Snapshot {
                 .ids
                 .as_ref()
                 .map_or(0, |t| t.ends.capacity() * 8 + t.arena.capacity())
-            + self.new_ids.iter().map(|(_, v)| 48 + v.len()).sum::<usize>()
+            + self
+                .new_ids
+                .iter()
+                .map(|(_, v)| 48 + v.len())
+                .sum::<usize>()
     }
 
     fn row_bytes(&self) -> usize {
@@ -416,13 +420,14 @@ impl Snapshot {
                 .or_else(|| base.and_then(|i| old_ids.as_ref()?.get(i)))
         };
         let mut base = 0usize;
-        let push_base = |i: usize, keys: &mut Vec<u128>, fps: &mut Vec<u8>, ids: &mut Option<IdTable>| {
-            keys.push(self.keys[i]);
-            fps.extend_from_slice(&self.fps[i * rb..(i + 1) * rb]);
-            if let Some(t) = ids {
-                t.push(id_of(self.keys[i], Some(i)));
-            }
-        };
+        let push_base =
+            |i: usize, keys: &mut Vec<u128>, fps: &mut Vec<u8>, ids: &mut Option<IdTable>| {
+                keys.push(self.keys[i]);
+                fps.extend_from_slice(&self.fps[i * rb..(i + 1) * rb]);
+                if let Some(t) = ids {
+                    t.push(id_of(self.keys[i], Some(i)));
+                }
+            };
         for (k, row) in overlay {
             while base < self.keys.len() && self.keys[base] < k {
                 push_base(base, &mut keys, &mut fps, &mut ids);
@@ -704,12 +709,7 @@ pub fn encode_segment(names: &[String], deltas: &[UserDelta], keep_ids: bool) ->
             }
         }
     }
-    let mut buf = header(
-        KIND_SEGMENT,
-        if keep_ids { FLAG_IDS } else { 0 },
-        names,
-        n,
-    );
+    let mut buf = header(KIND_SEGMENT, if keep_ids { FLAG_IDS } else { 0 }, names, n);
     buf.extend_from_slice(&records);
     if keep_ids {
         buf.extend_from_slice(&(deltas.len() as u64).to_le_bytes());
@@ -755,7 +755,10 @@ mod tests {
         for keep_ids in [false, true] {
             let mut s = Snapshot::empty(names(), keep_ids);
             for i in 0..1000 {
-                s.apply_confirmed(&delta(&i.to_string(), &[("a", json!(i)), ("b", json!("x"))]));
+                s.apply_confirmed(&delta(
+                    &i.to_string(),
+                    &[("a", json!(i)), ("b", json!("x"))],
+                ));
             }
             s.apply_confirmed(&delta("7", &[("b", Value::Null)]));
             s.compact();
@@ -778,7 +781,10 @@ mod tests {
                 let expect = keep_ids.then(|| id.clone());
                 assert_eq!(back.identifier(id.user_key()), expect);
             }
-            assert!(back.get(Identifier::ExternalId("nope".into()).user_key()).is_none());
+            assert!(
+                back.get(Identifier::ExternalId("nope".into()).user_key())
+                    .is_none()
+            );
         }
     }
 

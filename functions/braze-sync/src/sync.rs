@@ -373,11 +373,7 @@ where
     if let Some(e) = write_err {
         return Err(SyncError::Stopped(e.to_string()));
     }
-    let _ = writeln!(
-        payloads,
-        "{}",
-        serde_json::json!({ "summary": summary })
-    );
+    let _ = writeln!(payloads, "{}", serde_json::json!({ "summary": summary }));
     Ok(summary)
 }
 
@@ -396,12 +392,13 @@ pub fn open_s3_part(
     uri: &S3Uri,
     handle: &tokio::runtime::Handle,
 ) -> Result<(ObjectMeta, Part<SyncIoBridge<ObjectReader>>), SyncError> {
-    let (meta, reader) = handle
-        .block_on(store.get_reader(uri))
-        .map_err(|error| SyncError::Open {
-            uri: uri.to_string(),
-            error,
-        })?;
+    let (meta, reader) =
+        handle
+            .block_on(store.get_reader(uri))
+            .map_err(|error| SyncError::Open {
+                uri: uri.to_string(),
+                error,
+            })?;
     Ok((
         meta,
         Part {

@@ -77,7 +77,10 @@ fn plan(csv: &str, snap: &Snapshot) -> Plan {
 }
 
 fn objects(p: &Plan) -> Vec<Value> {
-    p.deltas.iter().map(UserDelta::to_attribute_object).collect()
+    p.deltas
+        .iter()
+        .map(UserDelta::to_attribute_object)
+        .collect()
 }
 
 fn confirm_all(snap: &mut Snapshot, p: &Plan) {
@@ -127,7 +130,10 @@ fn first_export_sends_every_user_whole_without_nulls() {
     assert_eq!(p.summary.ignored_columns, ["unused"]);
     assert!(p.rejects.is_empty());
     // The identifier is a string even when it looks like a number.
-    assert_eq!(p.deltas[3].to_attribute_object()["external_id"], json!("00042"));
+    assert_eq!(
+        p.deltas[3].to_attribute_object()["external_id"],
+        json!("00042")
+    );
 }
 
 #[test]
@@ -324,7 +330,10 @@ fn the_dry_run_prints_payloads_and_a_summary_and_changes_nothing() {
     )
     .unwrap();
     let text = String::from_utf8(out).unwrap();
-    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(
         lines[0],
         json!({"external_id": "1", "_update_existing_only": false, "first_name": "Ada",
@@ -366,7 +375,9 @@ async fn state_advances_only_through_checkpoint_and_commit() {
     let again = plan(&export1(), &snap2);
     assert_eq!(
         objects(&again),
-        vec![json!({"external_id": "00042", "_update_existing_only": false,
-                    "first_name": "Di", "aud_winback": false})]
+        vec![
+            json!({"external_id": "00042", "_update_existing_only": false,
+                    "first_name": "Di", "aud_winback": false})
+        ]
     );
 }

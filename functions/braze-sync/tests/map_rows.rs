@@ -94,18 +94,46 @@ fn each_bad_row_kind_is_rejected_with_position_column_and_reason() {
         .map(|r| (r.pos.row, r.pos.line, r.column.clone(), r.reason.clone()))
         .collect();
     let expect: Vec<(u64, Option<&str>, &str)> = vec![
-        (2, None, "wrong field count: expected 11 fields (the header's), found 2"),
+        (
+            2,
+            None,
+            "wrong field count: expected 11 fields (the header's), found 2",
+        ),
         (3, Some("orders"), "invalid UTF-8 at byte 0 of the value"),
         (4, Some("orders"), "orders: \"many\" is not an integer"),
         (5, Some("id"), "missing identifier"),
         (6, Some("id"), "empty identifier"),
         (7, Some("id"), "duplicate identifier"),
-        (8, Some("email"), "email: \"not-an-email\" is not a valid email address"),
-        (9, Some("dob"), "dob: \"1990-13-45\" is not a date (YYYY-MM-DD)"),
-        (10, Some("country"), "country: \"Narnia\" is not an ISO-3166 country"),
-        (11, Some("note"), "note: the value is 256 characters, over Braze's 255"),
-        (12, Some("tz"), "time_zone: \"Mars/Olympus\" is not an IANA time zone"),
-        (13, Some("email_sub"), "email_subscribe: \"maybe\" is not a subscription state"),
+        (
+            8,
+            Some("email"),
+            "email: \"not-an-email\" is not a valid email address",
+        ),
+        (
+            9,
+            Some("dob"),
+            "dob: \"1990-13-45\" is not a date (YYYY-MM-DD)",
+        ),
+        (
+            10,
+            Some("country"),
+            "country: \"Narnia\" is not an ISO-3166 country",
+        ),
+        (
+            11,
+            Some("note"),
+            "note: the value is 256 characters, over Braze's 255",
+        ),
+        (
+            12,
+            Some("tz"),
+            "time_zone: \"Mars/Olympus\" is not an IANA time zone",
+        ),
+        (
+            13,
+            Some("email_sub"),
+            "email_subscribe: \"maybe\" is not a subscription state",
+        ),
     ];
     assert_eq!(got.len(), expect.len(), "{got:#?}");
     for (g, e) in got.iter().zip(&expect) {
@@ -229,7 +257,12 @@ fn user_alias_identifiers_take_the_label_from_config_or_column() {
         "t",
     )
     .unwrap();
-    let p = run(&r, "x.csv", b"alias,label,first\nada,crm,Ada\nbob,,Bob\n".to_vec()).unwrap();
+    let p = run(
+        &r,
+        "x.csv",
+        b"alias,label,first\nada,crm,Ada\nbob,,Bob\n".to_vec(),
+    )
+    .unwrap();
     assert_eq!(
         p.deltas[0].to_attribute_object(),
         json!({"user_alias": {"alias_name": "ada", "alias_label": "crm"},

@@ -74,11 +74,15 @@ fn parquet(compression: PqCompression) -> Vec<u8> {
         Field::new("score", DataType::Float64, true),
     ]));
     let cols: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from(ROWS.iter().map(|r| r.0).collect::<Vec<_>>())),
+        Arc::new(StringArray::from(
+            ROWS.iter().map(|r| r.0).collect::<Vec<_>>(),
+        )),
         Arc::new(StringArray::from(
             ROWS.iter().map(|r| Some(r.1)).collect::<Vec<_>>(),
         )),
-        Arc::new(Float64Array::from(ROWS.iter().map(|r| r.2).collect::<Vec<_>>())),
+        Arc::new(Float64Array::from(
+            ROWS.iter().map(|r| r.2).collect::<Vec<_>>(),
+        )),
     ];
     let batch = RecordBatch::try_new(schema.clone(), cols).unwrap();
     let props = WriterProperties::builder()
@@ -233,7 +237,12 @@ fn declared_compression_and_format_are_confirmed_by_the_bytes() {
         compression: Some(Compression::Tgz),
         ..Default::default()
     };
-    let tables = read_with(&gzip(&tar(&[("a.csv", delimited(',', false, false))])), "x", &tgz).unwrap();
+    let tables = read_with(
+        &gzip(&tar(&[("a.csv", delimited(',', false, false))])),
+        "x",
+        &tgz,
+    )
+    .unwrap();
     assert_table(&tables[0]);
     let pq = ReadOptions {
         format: Some(Format::Parquet),
@@ -246,8 +255,12 @@ fn declared_compression_and_format_are_confirmed_by_the_bytes() {
 #[test]
 fn unreadable_files_fail_with_a_clear_error() {
     // Unknown binary format.
-    let err = read_with(&[0u8, 1, 2, 3, 0xff, 0xfe], "s3://b/x.bin", &ReadOptions::default())
-        .unwrap_err();
+    let err = read_with(
+        &[0u8, 1, 2, 3, 0xff, 0xfe],
+        "s3://b/x.bin",
+        &ReadOptions::default(),
+    )
+    .unwrap_err();
     assert!(matches!(err, ReadError::UnknownFormat { .. }), "{err}");
     assert!(err.to_string().contains("s3://b/x.bin"));
     // Truncated gzip.
@@ -279,5 +292,8 @@ fn decompressed_size_is_bounded() {
         ..Default::default()
     };
     let err = read_with(&data, "x.csv.gz", &opts).unwrap_err();
-    assert!(err.to_string().contains("max_decompressed_bytes of 10000"), "{err}");
+    assert!(
+        err.to_string().contains("max_decompressed_bytes of 10000"),
+        "{err}"
+    );
 }

@@ -25,9 +25,9 @@ pub const CUSTOMER_COLUMNS: [&str; 20] = [
     "order_count",
     "last_order_at",
     "is_vip",
-    "predicted_clv",
-    "favorite_category",
-    "in_winback_audience",
+    "churn_score",
+    "first_order_date",
+    "in_winback",
 ];
 
 const GIVEN: [&str; 8] = [
@@ -43,7 +43,6 @@ const CITIES: [(&str, &str, &str, &str); 4] = [
     ("Tokyo", "JP", "ja", "Asia/Tokyo"),
 ];
 const TIERS: [&str; 3] = ["bronze", "silver", "gold"];
-const CATEGORIES: [&str; 4] = ["shoes", "outerwear", "bags", "denim"];
 
 /// One customer row of the generated export, as strings in [`CUSTOMER_COLUMNS`] order.
 pub fn customer_row(i: u64, version: u32) -> Vec<String> {
@@ -79,8 +78,8 @@ pub fn customer_row(i: u64, version: u32) -> Vec<String> {
             i % 24
         ),
         if i % 10 == 0 { "true" } else { "false" }.to_string(),
-        format!("{:.6}", rng.random_range(0.0..1000.0_f64)),
-        CATEGORIES[(i % 4) as usize].to_string(),
+        format!("{:.6}", rng.random_range(0.0..1.0_f64)),
+        format!("20{:02}-{:02}-{:02}", 10 + i % 15, 1 + i % 12, 1 + i % 28),
         if (i + u64::from(version)) % 5 == 0 {
             "true"
         } else {

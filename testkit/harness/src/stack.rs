@@ -105,6 +105,7 @@ impl Stack {
                 ("BRAZE_API_KEY", BRAZE_KEY.to_string()),
                 ("CONTINUATION_QUEUE_URL", url.clone()),
                 ("RUST_LOG", "info".to_string()),
+                ("BRIDGE_LOCAL_STACK", "1".to_string()),
             ] {
                 fenv.push((k.to_string(), v));
             }

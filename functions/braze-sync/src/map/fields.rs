@@ -140,13 +140,13 @@ impl StandardField {
             }
             StandardField::Dob => {
                 let d = types::parse_date(cell)?;
-                out.push_str(&d.format("%Y-%m-%d").to_string());
+                types::write_date(out, &d);
             }
             StandardField::DateOfFirstSession
             | StandardField::DateOfLastSession
             | StandardField::MarkedEmailAsSpamAt => {
                 let t = types::parse_datetime(cell)?;
-                out.push_str(&types::iso_utc(&t));
+                types::write_iso_utc(out, &t);
             }
             StandardField::EmailOpenTrackingDisabled
             | StandardField::EmailClickTrackingDisabled => {
@@ -159,7 +159,7 @@ impl StandardField {
             StandardField::EmailSubscribe | StandardField::PushSubscribe => {
                 out.push_str(subscription(cell)?);
             }
-            StandardField::Country => out.push_str(&country(&text(cell))?),
+            StandardField::Country => out.push_str(country(&text(cell))?),
             StandardField::Language => out.push_str(language(&text(cell))?),
             StandardField::TimeZone => out.push_str(time_zone(&text(cell))?),
         }
@@ -171,10 +171,15 @@ impl StandardField {
     }
 }
 
-fn text(cell: &Cell<'_>) -> String {
-    let mut s = String::new();
-    types::text_of(cell, &mut s);
-    s
+fn text<'c>(cell: &Cell<'c>) -> std::borrow::Cow<'c, str> {
+    match cell {
+        Cell::Str(s) => std::borrow::Cow::Borrowed(s.trim()),
+        other => {
+            let mut s = String::new();
+            types::text_of(other, &mut s);
+            std::borrow::Cow::Owned(s)
+        }
+    }
 }
 
 fn squash(s: &str) -> String {
@@ -182,6 +187,43 @@ fn squash(s: &str) -> String {
         .filter(|c| c.is_alphanumeric())
         .flat_map(char::to_lowercase)
         .collect()
+}
+
+/// A short key squashed on the stack (lowercase ASCII letters and digits), `None` when `s` is
+/// long or not ASCII.
+struct Squashed {
+    buf: [u8; 32],
+    len: usize,
+}
+
+impl Squashed {
+    fn new(s: &str) -> Option<Squashed> {
+        let mut q = Squashed {
+            buf: [0; 32],
+            len: 0,
+        };
+        for &b in s.as_bytes() {
+            if !b.is_ascii() {
+                return None;
+            }
+            if b.is_ascii_alphanumeric() {
+                *q.buf.get_mut(q.len)? = b.to_ascii_lowercase();
+                q.len += 1;
+            }
+        }
+        Some(q)
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
+}
+
+fn with_squashed<T>(s: &str, f: impl FnOnce(&str) -> T) -> T {
+    match Squashed::new(s) {
+        Some(q) => f(q.as_str()),
+        None => f(&squash(s)),
+    }
 }
 
 fn plausible_email(s: &str) -> bool {
@@ -200,18 +242,26 @@ fn plausible_email(s: &str) -> bool {
 /// Braze's gender letters: `M`, `F`, `O` (other), `N` (not applicable), `P` (prefer not to
 /// say); `U`/`unknown` is no value.
 pub fn gender(s: &str) -> Result<Option<&'static str>, Reason> {
-    Ok(Some(match squash(s).as_str() {
+    Ok(Some(match with_squashed(s, gender_word) {
+        Some(Some(g)) => g,
+        Some(None) => return Ok(None),
+        None => {
+            return Err(format!(
+                "{s:?} is not a gender Braze accepts (M, F, O, N, P or unknown)"
+            ));
+        }
+    }))
+}
+
+fn gender_word(w: &str) -> Option<Option<&'static str>> {
+    Some(Some(match w {
         "m" | "male" | "man" => "M",
         "f" | "female" | "woman" => "F",
         "o" | "other" | "x" | "nonbinary" | "diverse" => "O",
         "n" | "na" | "notapplicable" => "N",
         "p" | "prefernottosay" | "declined" | "prefernot" => "P",
-        "u" | "unknown" | "" => return Ok(None),
-        _ => {
-            return Err(format!(
-                "{s:?} is not a gender Braze accepts (M, F, O, N, P or unknown)"
-            ));
-        }
+        "u" | "unknown" | "" => return Some(None),
+        _ => return None,
     }))
 }
 
@@ -222,31 +272,30 @@ pub fn subscription(cell: &Cell<'_>) -> Result<&'static str, Reason> {
         return Ok(if *b { "opted_in" } else { "unsubscribed" });
     }
     let s = text(cell);
-    Ok(match squash(&s).as_str() {
-        "optedin" | "optin" | "true" | "yes" | "y" | "t" | "1" => "opted_in",
-        "subscribed" => "subscribed",
+    with_squashed(&s, |w| match w {
+        "optedin" | "optin" | "true" | "yes" | "y" | "t" | "1" => Some("opted_in"),
+        "subscribed" => Some("subscribed"),
         "unsubscribed" | "unsubscribe" | "optedout" | "optout" | "false" | "no" | "n" | "f"
-        | "0" => "unsubscribed",
-        _ => {
-            return Err(format!(
-                "{s:?} is not a subscription state (opted_in, subscribed, unsubscribed)"
-            ));
-        }
+        | "0" => Some("unsubscribed"),
+        _ => None,
+    })
+    .ok_or_else(|| {
+        format!("{s:?} is not a subscription state (opted_in, subscribed, unsubscribed)")
     })
 }
 
 /// ISO-3166-1 alpha-2 from an alpha-2, alpha-3, numeric code or English name.
-pub fn country(s: &str) -> Result<String, Reason> {
+pub fn country(s: &str) -> Result<&'static str, Reason> {
     let t = s.trim();
     if t.eq_ignore_ascii_case("uk") {
-        return Ok("GB".into());
+        return Ok("GB");
     }
     let found = celes::Country::from_alpha2(t)
         .or_else(|_| celes::Country::from_alpha3(t))
         .or_else(|_| celes::Country::from_str(t))
         .or_else(|_| celes::Country::from_str(&squash(t)));
     match found {
-        Ok(c) => Ok(c.alpha2.to_ascii_uppercase()),
+        Ok(c) => Ok(c.alpha2),
         Err(_) => Err(format!("{t:?} is not an ISO-3166 country")),
     }
 }
@@ -254,9 +303,17 @@ pub fn country(s: &str) -> Result<String, Reason> {
 /// ISO-639-1 from a 639-1 or 639-3 code, a locale (`en_US`, `pt-BR`) or an English name.
 pub fn language(s: &str) -> Result<&'static str, Reason> {
     let t = s.trim();
-    let primary = t.split(['-', '_', '.']).next().unwrap_or(t).to_ascii_lowercase();
-    let lang = isolang::Language::from_639_1(&primary)
-        .or_else(|| isolang::Language::from_639_3(&primary))
+    let primary = t.split(['-', '_', '.']).next().unwrap_or(t);
+    let mut low = [0u8; 3];
+    let primary: &str = if primary.len() <= 3 && primary.is_ascii() {
+        low[..primary.len()].copy_from_slice(primary.as_bytes());
+        low.make_ascii_lowercase();
+        std::str::from_utf8(&low[..primary.len()]).unwrap_or("")
+    } else {
+        ""
+    };
+    let lang = isolang::Language::from_639_1(primary)
+        .or_else(|| isolang::Language::from_639_3(primary))
         .or_else(|| {
             let mut name: String = t.to_lowercase();
             if let Some(first) = name.get(..1) {
@@ -320,8 +377,14 @@ const SYNONYMS: &[(&str, StandardField)] = &[
     ("pushsubscribe", StandardField::PushSubscribe),
     ("pushsubscription", StandardField::PushSubscribe),
     ("pushoptin", StandardField::PushSubscribe),
-    ("emailopentrackingdisabled", StandardField::EmailOpenTrackingDisabled),
-    ("emailclicktrackingdisabled", StandardField::EmailClickTrackingDisabled),
+    (
+        "emailopentrackingdisabled",
+        StandardField::EmailOpenTrackingDisabled,
+    ),
+    (
+        "emailclicktrackingdisabled",
+        StandardField::EmailClickTrackingDisabled,
+    ),
     ("dateoffirstsession", StandardField::DateOfFirstSession),
     ("dateoflastsession", StandardField::DateOfLastSession),
     ("markedemailasspamat", StandardField::MarkedEmailAsSpamAt),
@@ -380,7 +443,10 @@ mod tests {
 
     #[test]
     fn enumerations_are_normalized() {
-        assert_eq!(norm(StandardField::Gender, "Female").unwrap(), Some("F".into()));
+        assert_eq!(
+            norm(StandardField::Gender, "Female").unwrap(),
+            Some("F".into())
+        );
         assert_eq!(
             norm(StandardField::Gender, "prefer not to say").unwrap(),
             Some("P".into())
@@ -399,16 +465,31 @@ mod tests {
 
     #[test]
     fn country_language_and_time_zone_become_codes() {
-        assert_eq!(norm(StandardField::Country, "usa").unwrap(), Some("US".into()));
+        assert_eq!(
+            norm(StandardField::Country, "usa").unwrap(),
+            Some("US".into())
+        );
         assert_eq!(
             norm(StandardField::Country, "United Kingdom").unwrap(),
             Some("GB".into())
         );
-        assert_eq!(norm(StandardField::Country, "de").unwrap(), Some("DE".into()));
+        assert_eq!(
+            norm(StandardField::Country, "de").unwrap(),
+            Some("DE".into())
+        );
         assert!(norm(StandardField::Country, "Atlantis").is_err());
-        assert_eq!(norm(StandardField::Language, "en_US").unwrap(), Some("en".into()));
-        assert_eq!(norm(StandardField::Language, "French").unwrap(), Some("fr".into()));
-        assert_eq!(norm(StandardField::Language, "deu").unwrap(), Some("de".into()));
+        assert_eq!(
+            norm(StandardField::Language, "en_US").unwrap(),
+            Some("en".into())
+        );
+        assert_eq!(
+            norm(StandardField::Language, "French").unwrap(),
+            Some("fr".into())
+        );
+        assert_eq!(
+            norm(StandardField::Language, "deu").unwrap(),
+            Some("de".into())
+        );
         assert!(norm(StandardField::Language, "klingonish").is_err());
         assert_eq!(
             norm(StandardField::TimeZone, "america/new_york").unwrap(),

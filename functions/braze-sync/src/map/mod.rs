@@ -122,6 +122,7 @@ pub struct MappedRow {
     /// One value per route slot.
     pub values: Vec<Norm>,
     text: String,
+    key_buf: Vec<u8>,
 }
 
 impl Default for UserKey {
@@ -289,7 +290,24 @@ impl<'r> Mapper<'r> {
             }
             (None, None) => (0, 0),
         };
-        out.key = user_key(idc.kind, out.span(out.id), out.span(out.label));
+        out.key = {
+            let text = &out.text;
+            let span = |(a, b): (u32, u32)| text.get(a as usize..b as usize).unwrap_or("");
+            let (id, label) = (span(out.id), span(out.label));
+            let k = &mut out.key_buf;
+            k.clear();
+            match idc.kind {
+                IdentifierKind::ExternalId => k.extend_from_slice(b"e\x1f"),
+                IdentifierKind::BrazeId => k.extend_from_slice(b"b\x1f"),
+                IdentifierKind::UserAlias => {
+                    k.extend_from_slice(b"a\x1f");
+                    k.extend_from_slice(label.as_bytes());
+                    k.push(0x1f);
+                }
+            }
+            k.extend_from_slice(id.as_bytes());
+            UserKey(xxhash_rust::xxh3::xxh3_128(k))
+        };
         for (slot, s) in self.route.slots.iter().enumerate() {
             let col = binding.slots.get(slot).copied().flatten();
             let cell = match col {
@@ -304,15 +322,21 @@ impl<'r> Mapper<'r> {
                 })?,
                 None => Cell::Null,
             };
-            let v = self.value(s.kind, col.is_none(), &cell, out).map_err(|reason| {
-                (
-                    MapOutcome::Identified,
-                    MapError {
-                        column: col.and_then(col_name),
-                        reason: format!("{}: {reason}", s.name),
-                    },
-                )
-            })?;
+            let cell = match cell {
+                Cell::Str(s) if s.trim().is_empty() => Cell::Null,
+                c => c,
+            };
+            let v = self
+                .value(s.kind, col.is_none(), &cell, out)
+                .map_err(|reason| {
+                    (
+                        MapOutcome::Identified,
+                        MapError {
+                            column: col.and_then(col_name),
+                            reason: format!("{}: {reason}", s.name),
+                        },
+                    )
+                })?;
             out.values.push(v);
         }
         Ok(())
@@ -384,12 +408,13 @@ impl<'r> Mapper<'r> {
                 }
                 AmperityType::Date => {
                     let d = types::parse_date(cell)?;
-                    out.text.push_str(&d.format("%Y-%m-%dT00:00:00Z").to_string());
+                    types::write_date(&mut out.text, &d);
+                    out.text.push_str("T00:00:00Z");
                     text_norm(out)
                 }
                 AmperityType::Datetime => {
                     let t = types::parse_datetime(cell)?;
-                    out.text.push_str(&types::iso_utc(&t));
+                    types::write_iso_utc(&mut out.text, &t);
                     text_norm(out)
                 }
                 AmperityType::String | AmperityType::Varchar => {
@@ -416,7 +441,7 @@ pub enum MapOutcome {
 mod tests {
     use super::*;
     use crate::model::fingerprint;
-    use crate::read::{Cells, CellError};
+    use crate::read::{CellError, Cells};
     use serde_json::json;
 
     struct V(Vec<Option<&'static str>>);
@@ -463,9 +488,19 @@ on_leave = "null"
     }
 
     fn header() -> Vec<String> {
-        ["id", "email", "birthdate", "ltv", "visits", "vip", "seen", "winback", "extra"]
-            .map(String::from)
-            .to_vec()
+        [
+            "id",
+            "email",
+            "birthdate",
+            "ltv",
+            "visits",
+            "vip",
+            "seen",
+            "winback",
+            "extra",
+        ]
+        .map(String::from)
+        .to_vec()
     }
 
     #[test]

@@ -19,7 +19,12 @@ pub enum AmperityType {
     #[serde(alias = "date", alias = "DATE")]
     Date,
     /// An instant, sent as ISO 8601 UTC.
-    #[serde(alias = "datetime", alias = "DATETIME", alias = "Timestamp", alias = "timestamp")]
+    #[serde(
+        alias = "datetime",
+        alias = "DATETIME",
+        alias = "Timestamp",
+        alias = "timestamp"
+    )]
     Datetime,
     /// An exact decimal number, sent as a JSON number without float noise.
     #[serde(alias = "decimal", alias = "DECIMAL")]
@@ -64,7 +69,9 @@ pub fn parse_bool(cell: &Cell<'_>) -> Result<bool, Reason> {
             {
                 Ok(false)
             } else {
-                Err(format!("{t:?} is not a boolean (true/false, t/f, yes/no, y/n, 1/0)"))
+                Err(format!(
+                    "{t:?} is not a boolean (true/false, t/f, yes/no, y/n, 1/0)"
+                ))
             }
         }
         other => Err(format!("{} is not a boolean", describe(other))),
@@ -102,11 +109,15 @@ pub fn parse_int(cell: &Cell<'_>) -> Result<i64, Reason> {
 /// Parses a Decimal or Float and rounds it to `round` digits (half away from zero, in
 /// decimal), returning the `f64` whose shortest text is the rounded decimal.
 pub fn parse_number(cell: &Cell<'_>, round: Option<u8>) -> Result<f64, Reason> {
+    let finish = |v: f64| if v == 0.0 { 0.0 } else { v };
     let text: std::borrow::Cow<'_, str> = match cell {
         Cell::Int(i) => return Ok(*i as f64),
         Cell::Float(f) => {
             if !f.is_finite() {
                 return Err(format!("{f} is not a finite number"));
+            }
+            if round.is_none() {
+                return Ok(finish(*f));
             }
             format!("{f}").into()
         }
@@ -114,25 +125,40 @@ pub fn parse_number(cell: &Cell<'_>, round: Option<u8>) -> Result<f64, Reason> {
         Cell::Str(s) => s.trim().into(),
         other => return Err(format!("{} is not a number", describe(other))),
     };
-    let mut plain: String = text.to_string();
-    if split_decimal(&plain).is_none() {
-        // Exponent forms and the like: let f64 parse them, then continue in decimal.
-        match plain.parse::<f64>() {
-            Ok(f) if f.is_finite() => plain = format!("{f}"),
-            _ => return Err(format!("{text:?} is not a number")),
-        }
+    // Fast path: plain decimal text that needs no rounding, or rounding on the stack.
+    if let Some((_, _, frac)) = split_decimal(&text) {
+        let mut buf = [0u8; 64];
+        let plain: &str = match round {
+            Some(places) if frac.len() > places as usize => {
+                match round_decimal_into(&text, places as usize, &mut buf) {
+                    Some(r) => r,
+                    None => return parse_number_slow(&text, round),
+                }
+            }
+            _ => &text,
+        };
+        return match plain.parse::<f64>() {
+            Ok(v) if v.is_finite() => Ok(finish(v)),
+            _ => Err(format!("{text:?} is out of range")),
+        };
     }
+    parse_number_slow(&text, round)
+}
+
+fn parse_number_slow(text: &str, round: Option<u8>) -> Result<f64, Reason> {
+    // Exponent forms and the like: let f64 parse them, then continue in decimal.
+    let plain = match text.parse::<f64>() {
+        Ok(f) if f.is_finite() => format!("{f}"),
+        _ => return Err(format!("{text:?} is not a number")),
+    };
     let rounded = match round {
         Some(places) => round_decimal(&plain, places as usize).unwrap_or(plain),
         None => plain,
     };
-    let v: f64 = rounded
-        .parse()
-        .map_err(|_| format!("{text:?} is not a number"))?;
-    if !v.is_finite() {
-        return Err(format!("{text:?} is out of range"));
+    match rounded.parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(if v == 0.0 { 0.0 } else { v }),
+        _ => Err(format!("{text:?} is out of range")),
     }
-    Ok(if v == 0.0 { 0.0 } else { v })
 }
 
 /// Splits `[-+]digits[.digits]` into (negative, integer digits, fraction digits).
@@ -157,43 +183,65 @@ fn split_decimal(s: &str) -> Option<(bool, &str, &str)> {
 
 /// Rounds a plain decimal string to `places` fraction digits, half away from zero.
 pub fn round_decimal(s: &str, places: usize) -> Option<String> {
+    let mut buf = vec![0u8; s.len() + 3];
+    round_decimal_into(s, places, &mut buf).map(str::to_string)
+}
+
+/// [`round_decimal`] into a caller's buffer (`None` when it is too small or `s` is not a
+/// plain decimal).
+pub fn round_decimal_into<'b>(s: &str, places: usize, buf: &'b mut [u8]) -> Option<&'b str> {
     let (neg, int, frac) = split_decimal(s)?;
-    if frac.len() <= places {
-        return Some(s.to_string());
+    let keep = frac.len().min(places);
+    // sign + carry digit + int + '.' + fraction
+    let need = 1 + 1 + int.len() + 1 + keep.max(1);
+    if buf.len() < need {
+        return None;
     }
-    let mut digits: Vec<u8> = int.bytes().chain(frac.bytes().take(places)).collect();
-    let round_up = frac.as_bytes()[places] >= b'5';
-    if round_up {
-        let mut i = digits.len();
+    // Digits (with one spare leading slot for a carry) at buf[1..].
+    let digits_start = 1;
+    let mut n = 0;
+    buf[digits_start] = b'0';
+    n += 1;
+    for &b in int.as_bytes().iter().chain(frac.as_bytes()[..keep].iter()) {
+        buf[digits_start + n] = b;
+        n += 1;
+    }
+    if frac.len() > places && frac.as_bytes()[places] >= b'5' {
+        let mut i = digits_start + n;
         loop {
-            if i == 0 {
-                digits.insert(0, b'1');
-                break;
-            }
             i -= 1;
-            if digits[i] == b'9' {
-                digits[i] = b'0';
+            if buf[i] == b'9' {
+                buf[i] = b'0';
             } else {
-                digits[i] += 1;
+                buf[i] += 1;
                 break;
             }
         }
     }
-    let int_len = digits.len() - places;
-    let mut out = String::with_capacity(digits.len() + 2);
+    let digits = &buf[digits_start..digits_start + n];
+    let int_len = n - keep;
+    // Strip leading zeros of the integer part (keep one).
+    let lead = digits[..int_len - 1].iter().take_while(|&&b| b == b'0').count();
+    let mut out = [0u8; 96];
+    if n + 2 > out.len() {
+        return None;
+    }
+    let mut len = 0;
     if neg {
-        out.push('-');
+        out[0] = b'-';
+        len = 1;
     }
-    if int_len == 0 {
-        out.push('0');
-    } else {
-        out.push_str(std::str::from_utf8(&digits[..int_len]).ok()?);
+    let int_part = &digits[lead..int_len];
+    out[len..len + int_part.len()].copy_from_slice(int_part);
+    len += int_part.len();
+    if keep > 0 {
+        out[len] = b'.';
+        len += 1;
+        out[len..len + keep].copy_from_slice(&digits[int_len..]);
+        len += keep;
     }
-    if places > 0 {
-        out.push('.');
-        out.push_str(std::str::from_utf8(&digits[int_len..]).ok()?);
-    }
-    Some(out)
+    buf[..len].copy_from_slice(&out[..len]);
+    std::str::from_utf8(&buf[..len]).ok()
 }
 
 /// The text of `unscaled × 10^-scale`.
@@ -225,6 +273,11 @@ pub fn parse_date(cell: &Cell<'_>) -> Result<NaiveDate, Reason> {
         Cell::Timestamp(t) => Ok(t.date_naive()),
         Cell::Str(s) => {
             let t = s.trim();
+            if let Some(d) = fast_date(t.as_bytes())
+                && (t.len() == 10 || (t.len() > 10 && fast_datetime(t.as_bytes()).is_some()))
+            {
+                return Ok(d);
+            }
             let head = t.get(..10).unwrap_or(t);
             let rest = t.get(10..).unwrap_or("");
             if (rest.is_empty() || rest.starts_with('T') || rest.starts_with(' '))
@@ -254,6 +307,9 @@ pub fn parse_datetime(cell: &Cell<'_>) -> Result<DateTime<Utc>, Reason> {
         Cell::Date(d) => Ok(d.and_time(chrono::NaiveTime::MIN).and_utc()),
         Cell::Str(s) => {
             let t = s.trim();
+            if let Some(dt) = fast_datetime(t.as_bytes()) {
+                return Ok(dt);
+            }
             if let Ok(dt) = DateTime::parse_from_rfc3339(t) {
                 return Ok(dt.with_timezone(&Utc));
             }
@@ -293,6 +349,126 @@ pub fn iso_utc(t: &DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
 }
 
+fn push_num(out: &mut String, v: u32, width: usize) {
+    let mut buf = [b'0'; 10];
+    let mut x = v;
+    let mut i = buf.len();
+    while x > 0 || buf.len() - i < width {
+        i -= 1;
+        buf[i] = b'0' + (x % 10) as u8;
+        x /= 10;
+        if x == 0 && buf.len() - i >= width {
+            break;
+        }
+    }
+    for &b in &buf[i..] {
+        out.push(b as char);
+    }
+}
+
+/// Appends `YYYY-MM-DD`.
+pub fn write_date(out: &mut String, d: &NaiveDate) {
+    use chrono::Datelike;
+    let y = d.year();
+    if !(0..=9999).contains(&y) {
+        out.push_str(&d.format("%Y-%m-%d").to_string());
+        return;
+    }
+    push_num(out, y as u32, 4);
+    out.push('-');
+    push_num(out, d.month(), 2);
+    out.push('-');
+    push_num(out, d.day(), 2);
+}
+
+/// Appends [`iso_utc`] of `t` without allocating.
+pub fn write_iso_utc(out: &mut String, t: &DateTime<Utc>) {
+    use chrono::Timelike;
+    let d = t.date_naive();
+    use chrono::Datelike;
+    if !(0..=9999).contains(&d.year()) {
+        out.push_str(&iso_utc(t));
+        return;
+    }
+    write_date(out, &d);
+    out.push('T');
+    push_num(out, t.hour(), 2);
+    out.push(':');
+    push_num(out, t.minute(), 2);
+    out.push(':');
+    push_num(out, t.second(), 2);
+    let nanos = t.nanosecond();
+    if nanos != 0 {
+        out.push('.');
+        if nanos % 1_000_000 == 0 {
+            push_num(out, nanos / 1_000_000, 3);
+        } else if nanos % 1_000 == 0 {
+            push_num(out, nanos / 1_000, 6);
+        } else {
+            push_num(out, nanos, 9);
+        }
+    }
+    out.push('Z');
+}
+
+fn digits(b: &[u8]) -> Option<u32> {
+    if b.is_empty() || !b.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(b.iter().fold(0u32, |a, &c| a * 10 + u32::from(c - b'0')))
+}
+
+/// `YYYY-MM-DD` at the start of `b`.
+fn fast_date(b: &[u8]) -> Option<NaiveDate> {
+    if b.len() < 10 || b[4] != b'-' || b[7] != b'-' {
+        return None;
+    }
+    NaiveDate::from_ymd_opt(digits(&b[..4])? as i32, digits(&b[5..7])?, digits(&b[8..10])?)
+}
+
+/// `YYYY-MM-DD[T ]HH:MM[:SS[.fff]][Z|+HH:MM|-HH:MM|+HHMM]`, the shapes Amperity and ISO 8601
+/// writers use; anything else goes to the general parsers.
+fn fast_datetime(b: &[u8]) -> Option<DateTime<Utc>> {
+    let date = fast_date(b)?;
+    if b.len() < 16 || !(b[10] == b'T' || b[10] == b' ') || b[13] != b':' {
+        return None;
+    }
+    let (h, mi) = (digits(&b[11..13])?, digits(&b[14..16])?);
+    let mut i = 16;
+    let mut sec = 0;
+    let mut nanos = 0u32;
+    if b.get(i) == Some(&b':') {
+        sec = digits(b.get(i + 1..i + 3)?)?;
+        i += 3;
+        if b.get(i) == Some(&b'.') {
+            let start = i + 1;
+            let mut end = start;
+            while end < b.len() && b[end].is_ascii_digit() {
+                end += 1;
+            }
+            let frac = &b[start..end];
+            if frac.is_empty() || frac.len() > 9 {
+                return None;
+            }
+            nanos = digits(frac)? * 10u32.pow(9 - frac.len() as u32);
+            i = end;
+        }
+    }
+    let naive = date.and_hms_nano_opt(h, mi, sec, nanos)?;
+    let rest = &b[i..];
+    let offset_s: i64 = match rest {
+        [] | [b'Z'] | [b'z'] => 0,
+        [sign @ (b'+' | b'-'), hh1, hh2, b':', mm1, mm2] | [sign @ (b'+' | b'-'), hh1, hh2, mm1, mm2] => {
+            let hh = i64::from(digits(&[*hh1, *hh2])?);
+            let mm = i64::from(digits(&[*mm1, *mm2])?);
+            let v = hh * 3600 + mm * 60;
+            if *sign == b'-' { -v } else { v }
+        }
+        _ => return None,
+    };
+    Some((naive - chrono::Duration::seconds(offset_s)).and_utc())
+}
+
 /// Appends a cell's text form (for String/Varchar columns that arrive typed).
 pub fn text_of(cell: &Cell<'_>, out: &mut String) {
     use std::fmt::Write;
@@ -307,10 +483,8 @@ pub fn text_of(cell: &Cell<'_>, out: &mut String) {
             let _ = write!(out, "{f}");
         }
         Cell::Decimal { unscaled, scale } => out.push_str(&decimal_text(*unscaled, *scale)),
-        Cell::Date(d) => {
-            let _ = write!(out, "{}", d.format("%Y-%m-%d"));
-        }
-        Cell::Timestamp(t) => out.push_str(&iso_utc(t)),
+        Cell::Date(d) => write_date(out, d),
+        Cell::Timestamp(t) => write_iso_utc(out, t),
     }
 }
 
@@ -370,7 +544,9 @@ mod tests {
         assert_eq!(parse_number(&Cell::Str("-0.004"), Some(2)).unwrap(), 0.0);
         assert_eq!(parse_number(&Cell::Str("9.999"), Some(2)).unwrap(), 10.0);
         assert_eq!(
-            parse_number(&Cell::Float(0.1 + 0.2), Some(2)).unwrap().to_string(),
+            parse_number(&Cell::Float(0.1 + 0.2), Some(2))
+                .unwrap()
+                .to_string(),
             "0.3"
         );
         assert_eq!(
@@ -406,7 +582,9 @@ mod tests {
             "1980-12-21"
         );
         assert_eq!(
-            parse_date(&Cell::Str("1980-12-21 00:00:00.000")).unwrap().to_string(),
+            parse_date(&Cell::Str("1980-12-21 00:00:00.000"))
+                .unwrap()
+                .to_string(),
             "1980-12-21"
         );
         assert!(parse_date(&Cell::Str("1980-13-01")).is_err());
@@ -415,6 +593,42 @@ mod tests {
         let t = parse_datetime(&Cell::Str("2024-03-01 10:00:00.250")).unwrap();
         assert_eq!(iso_utc(&t), "2024-03-01T10:00:00.250Z");
         assert!(parse_datetime(&Cell::Str("yesterday")).is_err());
+    }
+
+    #[test]
+    fn fast_datetime_agrees_with_the_general_parsers() {
+        for (input, want) in [
+            ("2024-03-01T10:00:00Z", "2024-03-01T10:00:00Z"),
+            ("2024-03-01 10:00:00.000", "2024-03-01T10:00:00Z"),
+            ("2024-03-01 10:00:00.5", "2024-03-01T10:00:00.500Z"),
+            ("2024-03-01T10:00:00.123456+02:00", "2024-03-01T08:00:00.123456Z"),
+            ("2024-03-01T10:00:00-0130", "2024-03-01T11:30:00Z"),
+            ("2024-03-01T10:00", "2024-03-01T10:00:00Z"),
+            ("2024-12-31T23:30:00-01:00", "2025-01-01T00:30:00Z"),
+        ] {
+            let t = parse_datetime(&Cell::Str(input)).unwrap();
+            assert_eq!(iso_utc(&t), want, "{input}");
+            let mut w = String::new();
+            write_iso_utc(&mut w, &t);
+            assert_eq!(w, want, "{input}");
+        }
+        assert!(parse_datetime(&Cell::Str("2024-03-01T25:00:00Z")).is_err());
+        assert!(parse_date(&Cell::Str("2024-02-30")).is_err());
+    }
+
+    #[test]
+    fn stack_rounding_matches_the_rules() {
+        for (s, p, want) in [
+            ("2.675", 2, "2.68"),
+            ("-2.675", 2, "-2.68"),
+            ("0.995", 2, "1.00"),
+            ("99.5", 0, "100"),
+            (".5", 0, "1"),
+            ("007.123", 1, "7.1"),
+            ("-0.004", 2, "-0.00"),
+        ] {
+            assert_eq!(round_decimal(s, p).unwrap(), want, "{s} {p}");
+        }
     }
 
     #[test]

@@ -160,10 +160,7 @@ fn strip_bom(b: &[u8]) -> &[u8] {
 /// (`,` when none appears).
 pub fn sniff_delimiter(head: &[u8]) -> u8 {
     let line = strip_bom(head);
-    let end = line
-        .iter()
-        .position(|&b| b == b'\n')
-        .unwrap_or(line.len());
+    let end = line.iter().position(|&b| b == b'\n').unwrap_or(line.len());
     let mut counts = [0usize; 4];
     let cands = [b',', b'\t', b'|', b';'];
     let mut quoted = false;
@@ -185,10 +182,7 @@ pub fn sniff_delimiter(head: &[u8]) -> u8 {
 
 fn header_line(head: &[u8]) -> &[u8] {
     let line = strip_bom(head);
-    let end = line
-        .iter()
-        .position(|&b| b == b'\n')
-        .unwrap_or(line.len());
+    let end = line.iter().position(|&b| b == b'\n').unwrap_or(line.len());
     &line[..end]
 }
 
@@ -349,8 +343,8 @@ where
                 source_name: source.to_string(),
                 message: m,
             };
-            let mut archive =
-                zip::ZipArchive::new(file).map_err(|e| zip_err(format!("not a readable zip: {e}")))?;
+            let mut archive = zip::ZipArchive::new(file)
+                .map_err(|e| zip_err(format!("not a readable zip: {e}")))?;
             for i in 0..archive.len() {
                 let member = archive
                     .by_index(i)
@@ -392,7 +386,8 @@ where
                 .entries()
                 .map_err(|e| ReadError::io(source, "reading the tar archive", e))?;
             for entry in entries {
-                let entry = entry.map_err(|e| ReadError::io(source, "reading the tar archive", e))?;
+                let entry =
+                    entry.map_err(|e| ReadError::io(source, "reading the tar archive", e))?;
                 if !entry.header().entry_type().is_file() {
                     continue;
                 }

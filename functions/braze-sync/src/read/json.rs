@@ -49,7 +49,9 @@ pub fn json_cell(v: &Value) -> Result<Cell<'_>, CellError> {
 }
 
 fn header_from(first: Option<&Map<String, Value>>, opts: &ReadOptions) -> Vec<String> {
-    let mut header: Vec<String> = first.map(|o| o.keys().cloned().collect()).unwrap_or_default();
+    let mut header: Vec<String> = first
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default();
     for c in &opts.columns {
         if !header.contains(c) {
             header.push(c.clone());
@@ -340,7 +342,10 @@ impl<'a> JsonArraySource<'a> {
             }
             Some(_) if index == 0 => {}
             Some(b) => {
-                return Err(self.err(row, format!("expected ',' or ']' but found {:?}", b as char)));
+                return Err(self.err(
+                    row,
+                    format!("expected ',' or ']' but found {:?}", b as char),
+                ));
             }
         }
         match self.skip_ws()? {
@@ -355,15 +360,14 @@ impl<'a> JsonArraySource<'a> {
         }
         self.mark.row_done();
         let mut de = serde_json::Deserializer::from_reader(&mut self.reader);
-        let obj = Map::<String, Value>::deserialize(&mut de).map_err(|e| {
-            match e.io_error_kind() {
+        let obj =
+            Map::<String, Value>::deserialize(&mut de).map_err(|e| match e.io_error_kind() {
                 Some(_) => {
                     let io: std::io::Error = e.into();
                     ReadError::io(&self.source, "reading JSON", io)
                 }
                 None => self.err(row, format!("not valid JSON: {e}")),
-            }
-        })?;
+            })?;
         Ok(Some(obj))
     }
 }
@@ -411,7 +415,9 @@ mod tests {
     #[test]
     fn ndjson_rows_keep_line_numbers_and_bad_lines_are_rejected() {
         let data = b"{\"id\":\"1\",\"name\":\"a\"}\n\n{broken\n{\"id\":2,\"score\":1.5}\n[1]\n";
-        let t = read_all_text(&data[..], "x.ndjson", &opts()).unwrap().remove(0);
+        let t = read_all_text(&data[..], "x.ndjson", &opts())
+            .unwrap()
+            .remove(0);
         assert_eq!(t.header, ["id", "name", "score"]);
         assert_eq!(
             t.rows,
@@ -428,7 +434,9 @@ mod tests {
     #[test]
     fn json_array_is_streamed_element_by_element() {
         let data = b"\xef\xbb\xbf [ {\"id\":\"1\"} ,\n {\"id\":\"2\",\"score\":3} ]\n";
-        let t = read_all_text(&data[..], "x.json", &opts()).unwrap().remove(0);
+        let t = read_all_text(&data[..], "x.json", &opts())
+            .unwrap()
+            .remove(0);
         assert_eq!(
             t.rows,
             vec![
@@ -441,7 +449,10 @@ mod tests {
     #[test]
     fn truncated_json_array_fails_the_read() {
         let err = read_all_text(&b"[{\"id\":\"1\"},{\"id\""[..], "x.json", &opts()).unwrap_err();
-        assert!(matches!(err, ReadError::Json { .. } | ReadError::Io { .. }), "{err}");
+        assert!(
+            matches!(err, ReadError::Json { .. } | ReadError::Io { .. }),
+            "{err}"
+        );
     }
 
     #[test]

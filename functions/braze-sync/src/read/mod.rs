@@ -374,7 +374,9 @@ pub fn cell_text(c: &Cell<'_>) -> Option<String> {
         Cell::Bool(b) => Some(b.to_string()),
         Cell::Int(i) => Some(i.to_string()),
         Cell::Float(f) => Some(f.to_string()),
-        Cell::Decimal { unscaled, scale } => Some(crate::map::types::decimal_text(*unscaled, *scale)),
+        Cell::Decimal { unscaled, scale } => {
+            Some(crate::map::types::decimal_text(*unscaled, *scale))
+        }
         Cell::Date(d) => Some(d.format("%Y-%m-%d").to_string()),
         Cell::Timestamp(t) => Some(t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
     }

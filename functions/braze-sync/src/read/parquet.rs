@@ -42,7 +42,11 @@ fn dict_str(col: &ArrayRef, idx: usize) -> Option<Result<Cell<'_>, CellError>> {
                 return Some(match values.as_string_opt::<i32>() {
                     Some(s) if key < s.len() && !s.is_null(key) => {
                         let v = s.value(key);
-                        Ok(if v.is_empty() { Cell::Null } else { Cell::Str(v) })
+                        Ok(if v.is_empty() {
+                            Cell::Null
+                        } else {
+                            Cell::Str(v)
+                        })
                     }
                     Some(_) => Ok(Cell::Null),
                     None => Err(CellError::Unsupported(format!(
@@ -144,7 +148,11 @@ impl Cells for BatchCells {
 }
 
 fn str_cell(s: &str) -> Cell<'_> {
-    if s.is_empty() { Cell::Null } else { Cell::Str(s) }
+    if s.is_empty() {
+        Cell::Null
+    } else {
+        Cell::Str(s)
+    }
 }
 
 /// Rows of one Parquet part.

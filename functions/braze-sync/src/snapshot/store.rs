@@ -291,7 +291,12 @@ impl StateStore {
         let uri = self.uri(&name);
         let body = encode_segment(&route.slot_names(), confirmed, route.tracks_departures());
         self.store
-            .put(&uri, Bytes::from(body), PutCondition::IfAbsent, BTreeMap::new())
+            .put(
+                &uri,
+                Bytes::from(body),
+                PutCondition::IfAbsent,
+                BTreeMap::new(),
+            )
             .await?;
         let mut doc = head.doc.clone();
         doc.segments.push(name);
@@ -312,7 +317,8 @@ impl StateStore {
         mut snapshot: Snapshot,
         export: Option<Watermark>,
     ) -> Result<CommitStats, StateError> {
-        let new_segments: Vec<String> = head.doc.segments[head.loaded_segments.min(head.doc.segments.len())..].to_vec();
+        let new_segments: Vec<String> =
+            head.doc.segments[head.loaded_segments.min(head.doc.segments.len())..].to_vec();
         for name in &new_segments {
             let uri = self.uri(name);
             let (_, bytes) = self.store.get(&uri).await?;
@@ -329,7 +335,12 @@ impl StateStore {
             let uri = self.uri(&name);
             if let Err(e) = self
                 .store
-                .put(&uri, Bytes::from(shard), PutCondition::IfAbsent, BTreeMap::new())
+                .put(
+                    &uri,
+                    Bytes::from(shard),
+                    PutCondition::IfAbsent,
+                    BTreeMap::new(),
+                )
                 .await
             {
                 self.delete_all(&written).await;
@@ -423,7 +434,9 @@ mod tests {
         let r = route();
         let (mut head, snap) = st.load(&r).await.unwrap();
         assert!(snap.is_empty());
-        st.checkpoint(&mut head, &r, &[d("1", 1), d("2", 2)]).await.unwrap();
+        st.checkpoint(&mut head, &r, &[d("1", 1), d("2", 2)])
+            .await
+            .unwrap();
         st.checkpoint(&mut head, &r, &[d("3", 3)]).await.unwrap();
         drop(snap);
         // "Crash": a new run loads base + segments.
@@ -443,7 +456,11 @@ mod tests {
         assert!(head3.is_stale(Some("2024-01-01T23:59:59Z")));
         assert!(!head3.is_stale(Some("2024-01-02T00:00:01Z")));
         let listing = mem.list("state", "bridge/state/r/").await.unwrap();
-        assert_eq!(listing.len(), 2, "old segments were cleaned up: {listing:?}");
+        assert_eq!(
+            listing.len(),
+            2,
+            "old segments were cleaned up: {listing:?}"
+        );
     }
 
     #[tokio::test]
