@@ -10,7 +10,7 @@ VENV_STAMP := $(VENV)/.installed
 CARGO ?= cargo
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help venv build-dev test lint unit demo bench sim clean
+.PHONY: help venv build-dev test lint demo bench sim clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -36,6 +36,13 @@ test: venv lint build-dev ## Everything CI runs: lint, unit and integration test
 demo: venv ## Run the whole job on the local stack (moto + runtime emulator + Braze simulator)
 	$(CARGO) build --workspace --bins
 	$(CARGO) run --quiet -p harness --bin demo
+
+bench: venv ## Benchmarks (release): diff, send and Currents figures next to their same-run baselines -> target/bench/*.json
+	$(CARGO) build --release -p braze-sync -p currents-normalize -p harness --bins
+	$(CARGO) run --release --quiet -p braze-sync --bin sync-diff-bench
+	$(CARGO) run --release --quiet -p harness --bin sync-send-bench
+	$(CARGO) run --release --quiet -p currents-normalize --bin currents-bench
+	@echo "Figures written to target/bench/"; ls target/bench/
 
 sim: ## Run the Braze simulator on 127.0.0.1:4010 (key: sim-key)
 	$(CARGO) run -p braze-sim -- --port 4010 --api-key sim-key

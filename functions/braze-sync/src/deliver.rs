@@ -19,7 +19,7 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
@@ -69,7 +69,7 @@ impl Default for DeliverConfig {
             max_objects: MAX_OBJECTS,
             combined_limit: false,
             max_body_bytes: MAX_BODY_BYTES,
-            max_in_flight: 128,
+            max_in_flight: 256,
             rate: RateBudget::default(),
             retry: RetryPolicy::default(),
             deadline: None,
@@ -90,7 +90,8 @@ impl DeliverConfig {
 }
 
 /// Retries by cause (and 413 splits).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RetriesByCause {
     /// After a 429.
     pub http_429: u64,
@@ -121,7 +122,7 @@ impl RetriesByCause {
 }
 
 /// Why a run stopped before sending everything.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StopReason {
     /// The deadline came.
@@ -534,13 +535,14 @@ where
         if run.stopping.is_none() {
             let cap = if probing { 1 } else { max_in_flight };
             while in_flight.len() < cap {
-                if shared.past_deadline(Instant::now()) {
-                    run.stopping = Some(StopReason::Deadline);
-                    break;
-                }
                 let Some((batch, fresh)) = ready.pop_front() else {
                     break;
                 };
+                if shared.past_deadline(Instant::now()) {
+                    ready.push_front((batch, fresh));
+                    run.stopping = Some(StopReason::Deadline);
+                    break;
+                }
                 next_id += 1;
                 let id = next_id;
                 let s = &shared;

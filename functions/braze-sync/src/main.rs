@@ -59,7 +59,10 @@ enum Command {
 
 fn main() -> ExitCode {
     logging::init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("braze-sync: cannot start the async runtime: {e}");
@@ -175,14 +178,21 @@ async fn cli(cli: Cli) -> anyhow::Result<()> {
         Command::CheckRoutes { dir } => {
             let dir = match dir {
                 Some(d) => d,
-                None => match RoutesLocation::parse(&runtime::env_or("ROUTES_LOCATION", "routes")) {
-                    Ok(RoutesLocation::Dir(d)) => d,
-                    _ => anyhow::bail!("give a folder: braze-sync check-routes DIR"),
-                },
+                None => {
+                    match RoutesLocation::parse(&runtime::env_or("ROUTES_LOCATION", "routes")) {
+                        Ok(RoutesLocation::Dir(d)) => d,
+                        _ => anyhow::bail!("give a folder: braze-sync check-routes DIR"),
+                    }
+                }
             };
             let routes = load_routes_dir(&dir)?;
             for r in &routes {
-                println!("{}: prefix {:?}, {} attributes", r.name(), r.config.prefix, r.slots.len());
+                println!(
+                    "{}: prefix {:?}, {} attributes",
+                    r.name(),
+                    r.config.prefix,
+                    r.slots.len()
+                );
             }
             Ok(())
         }

@@ -36,7 +36,8 @@ pub enum RunStatus {
 pub type Retries = RetriesByCause;
 
 /// One run's report.
-#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct RunReport {
     /// Unique id of this run.
     pub run_id: String,
@@ -276,5 +277,7 @@ mod tests {
         let (_, body) = store.get(&uri).await.unwrap();
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["run_id"], "run-1");
+        let back: RunReport = serde_json::from_slice(&body).unwrap();
+        assert_eq!(back, sample());
     }
 }

@@ -54,7 +54,12 @@ pub struct RunnerSettings {
 
 impl RunnerSettings {
     /// Defaults around the given locations.
-    pub fn new(state_bucket: &str, state_prefix: &str, reports_prefix: &str, rejects_prefix: &str) -> Self {
+    pub fn new(
+        state_bucket: &str,
+        state_prefix: &str,
+        reports_prefix: &str,
+        rejects_prefix: &str,
+    ) -> Self {
         Self {
             state_bucket: state_bucket.to_string(),
             state_prefix: state_prefix.to_string(),
@@ -172,7 +177,11 @@ fn run_id(plan: &ExportPlan) -> String {
 
 #[async_trait]
 impl ExportRunner for SyncRunner {
-    async fn run(&self, plan: &ExportPlan, remaining_ms: Option<u64>) -> Result<RunOutcome, RunError> {
+    async fn run(
+        &self,
+        plan: &ExportPlan,
+        remaining_ms: Option<u64>,
+    ) -> Result<RunOutcome, RunError> {
         let started = Instant::now();
         let run_id = run_id(plan);
         let Some(route) = self.routes.get(&plan.route).cloned() else {
@@ -202,7 +211,12 @@ impl ExportRunner for SyncRunner {
             format!("{}{}/", s.state_prefix, route.name()),
         );
         let lock_etag = match lock
-            .claim("route-lock", chrono::Utc::now().timestamp(), s.route_lease_s, false)
+            .claim(
+                "route-lock",
+                chrono::Utc::now().timestamp(),
+                s.route_lease_s,
+                false,
+            )
             .await
         {
             Ok(Claim::Acquired { etag }) => etag,
@@ -215,7 +229,15 @@ impl ExportRunner for SyncRunner {
             Err(e) => return Err(RunError::Retryable(e.to_string())),
         };
         let result = self
-            .run_locked(plan, &route, &run_id, &mut report, &report_uri, remaining_ms, started)
+            .run_locked(
+                plan,
+                &route,
+                &run_id,
+                &mut report,
+                &report_uri,
+                remaining_ms,
+                started,
+            )
             .await;
         if let Err(e) = lock
             .finish("route-lock", &lock_etag, LedgerStatus::Incomplete, None)
@@ -240,7 +262,12 @@ impl SyncRunner {
         started: Instant,
     ) -> Result<RunOutcome, RunError> {
         let s = &self.settings;
-        let state = StateStore::new(self.store.clone(), &s.state_bucket, &s.state_prefix, route.name());
+        let state = StateStore::new(
+            self.store.clone(),
+            &s.state_bucket,
+            &s.state_prefix,
+            route.name(),
+        );
         let (mut head, snapshot) = match state.load(route).await {
             Ok(x) => x,
             Err(e) if e.is_retryable() => return Err(RunError::Retryable(e.to_string())),
@@ -305,9 +332,12 @@ impl SyncRunner {
 
         // Stage 2: send.
         let mut dcfg = s.deliver.clone();
-        dcfg.deadline = self.deadline(remaining_ms).map(tokio::time::Instant::from_std);
+        dcfg.deadline = self
+            .deadline(remaining_ms)
+            .map(tokio::time::Instant::from_std);
         let api = self.api.clone();
-        let sender = tokio::spawn(async move { deliver(delta_rx, api.as_ref(), dcfg, out_tx).await });
+        let sender =
+            tokio::spawn(async move { deliver(delta_rx, api.as_ref(), dcfg, out_tx).await });
 
         // Stage 3: commit what Braze confirmed, every few seconds.
         let mut committed = Committed::default();
@@ -331,11 +361,13 @@ impl SyncRunner {
                 _ = tick.tick() => {}
             }
             if !pending.is_empty() && last_checkpoint.elapsed() >= s.checkpoint_every {
-                self.checkpoint(&state, &mut head, route, &mut pending, &mut committed).await;
+                self.checkpoint(&state, &mut head, route, &mut pending, &mut committed)
+                    .await;
                 last_checkpoint = Instant::now();
             }
         }
-        self.checkpoint(&state, &mut head, route, &mut pending, &mut committed).await;
+        self.checkpoint(&state, &mut head, route, &mut pending, &mut committed)
+            .await;
 
         let delivery = sender.await;
         let (produced, mut rejects) = producer
@@ -355,9 +387,10 @@ impl SyncRunner {
             report.rows_in = sm.rows_read;
             report.unchanged = sm.unchanged;
             if !sm.ignored_columns.is_empty() {
-                report
-                    .notes
-                    .push(format!("columns not mapped by the route were ignored: {:?}", sm.ignored_columns));
+                report.notes.push(format!(
+                    "columns not mapped by the route were ignored: {:?}",
+                    sm.ignored_columns
+                ));
             }
         }
         report.rejected = rejects.total() - braze_rejects.len() as u64;
@@ -368,14 +401,24 @@ impl SyncRunner {
             ));
         }
         if !rejects.is_empty() {
-            let uri = S3Uri::new(&s.state_bucket, rejects_key(&s.rejects_prefix, route.name(), run_id));
+            let uri = S3Uri::new(
+                &s.state_bucket,
+                rejects_key(&s.rejects_prefix, route.name(), run_id),
+            );
             match self
                 .store
-                .put(&uri, rejects.into_body(), PutCondition::None, BTreeMap::new())
+                .put(
+                    &uri,
+                    rejects.into_body(),
+                    PutCondition::None,
+                    BTreeMap::new(),
+                )
                 .await
             {
                 Ok(_) => report.rejects_object = Some(uri.to_string()),
-                Err(e) => report.notes.push(format!("could not write the rejects object {uri}: {e}")),
+                Err(e) => report
+                    .notes
+                    .push(format!("could not write the rejects object {uri}: {e}")),
             }
         }
 
@@ -394,15 +437,18 @@ impl SyncRunner {
             && !unsent
             && stats.braze_rejected == 0
             && checkpoint_failed.is_none();
-        let watermark = (deliver_error.is_none() && read_error.is_none() && !unsent).then(|| Watermark {
-            export_id: plan.export_id.clone(),
-            exported_at: plan.exported_at.clone(),
-        });
+        let watermark =
+            (deliver_error.is_none() && read_error.is_none() && !unsent).then(|| Watermark {
+                export_id: plan.export_id.clone(),
+                exported_at: plan.exported_at.clone(),
+            });
         let snapshot = Arc::try_unwrap(snapshot).ok();
         let commit_error = match snapshot {
-            Some(snap) if checkpoint_failed.is_none() => {
-                state.commit(&mut head, snap, watermark).await.err().map(|e| e.to_string())
-            }
+            Some(snap) if checkpoint_failed.is_none() => state
+                .commit(&mut head, snap, watermark)
+                .await
+                .err()
+                .map(|e| e.to_string()),
             _ => None,
         };
 
@@ -443,12 +489,14 @@ impl SyncRunner {
         }
         if unsent {
             report.status = RunStatus::Incomplete;
-            report
-                .notes
-                .push("stopped before the deadline; the rest was handed to a new invocation".into());
+            report.notes.push(
+                "stopped before the deadline; the rest was handed to a new invocation".into(),
+            );
             if let Some(c) = &self.continuation {
                 if let Err(e) = c.hand_over(plan).await {
-                    report.notes.push(format!("hand-over failed ({e}); Lambda retries the run"));
+                    report
+                        .notes
+                        .push(format!("hand-over failed ({e}); Lambda retries the run"));
                     self.finish_report(report, report_uri, started).await;
                     return Err(RunError::Retryable(format!("could not hand over: {e}")));
                 }
@@ -457,7 +505,11 @@ impl SyncRunner {
                 return Err(RunError::Retryable("run cut short by its deadline".into()));
             }
         } else {
-            report.status = if complete { RunStatus::Complete } else { RunStatus::Incomplete };
+            report.status = if complete {
+                RunStatus::Complete
+            } else {
+                RunStatus::Incomplete
+            };
         }
         self.finish_report(report, report_uri, started).await;
         Ok(RunOutcome {

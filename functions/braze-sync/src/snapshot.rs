@@ -7,8 +7,9 @@
 //! meaning "no value confirmed". A bucket table over the top bits of the key finds a user in
 //! one or two cache misses. Cost per user: `16 + 6 × attributes` bytes (136 for 20
 //! attributes; 10 M users × 20 attributes = 1.36 GB), plus ~1 byte for the bucket table.
-//! Users confirmed for the first time during a run go to a small sorted overlay until
-//! [`Snapshot::compact`].
+//! Users confirmed for the first time go to an overlay (a hash index over an append-only
+//! slab) until [`Snapshot::compact`] merges it into the base *in place*, from the back, so
+//! compaction never holds two copies of the state: the peak is base + overlay.
 //!
 //! 48 bits: a changed value goes unnoticed only if its fingerprint collides with the old
 //! one's, probability 2⁻⁴⁸ per changed attribute (≈ 1 in 70 years of daily runs changing
@@ -48,7 +49,7 @@
 
 pub mod store;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use crate::model::{Fingerprint, Identifier, UserDelta, UserKey};
 use crate::route::Route;
@@ -177,7 +178,9 @@ pub struct Snapshot {
     fps: Vec<u8>,
     bucket_bits: u32,
     buckets: Vec<u32>,
-    overlay: BTreeMap<u128, Vec<u8>>,
+    ov_index: HashMap<u128, u32>,
+    ov_keys: Vec<u128>,
+    ov_fps: Vec<u8>,
     ids: Option<IdTable>,
     new_ids: HashMap<u128, Box<str>>,
 }
@@ -198,7 +201,9 @@ impl Snapshot {
             fps: Vec::new(),
             bucket_bits: 0,
             buckets: Vec::new(),
-            overlay: BTreeMap::new(),
+            ov_index: HashMap::new(),
+            ov_keys: Vec::new(),
+            ov_fps: Vec::new(),
             ids: keep_ids.then(IdTable::default),
             new_ids: HashMap::new(),
         };
@@ -228,7 +233,7 @@ impl Snapshot {
 
     /// Users known (base and overlay).
     pub fn len(&self) -> usize {
-        self.keys.len() + self.overlay.len()
+        self.keys.len() + self.ov_keys.len()
     }
 
     /// True when no user is known.
@@ -251,16 +256,14 @@ impl Snapshot {
         self.keys.capacity() * 16
             + self.fps.capacity()
             + self.buckets.capacity() * 4
-            + self.overlay.len() * (16 + 48 + FP_BYTES * self.slots())
+            + self.ov_keys.capacity() * 16
+            + self.ov_fps.capacity()
+            + self.ov_index.capacity() * 36
             + self
                 .ids
                 .as_ref()
                 .map_or(0, |t| t.ends.capacity() * 8 + t.arena.capacity())
-            + self
-                .new_ids
-                .iter()
-                .map(|(_, v)| 48 + v.len())
-                .sum::<usize>()
+            + self.new_ids.values().map(|v| 48 + v.len()).sum::<usize>()
     }
 
     fn row_bytes(&self) -> usize {
@@ -314,9 +317,10 @@ impl Snapshot {
                 fps: &self.fps[i * rb..(i + 1) * rb],
             });
         }
-        self.overlay.get(&key.0).map(|f| UserState {
+        let j = *self.ov_index.get(&key.0)? as usize;
+        Some(UserState {
             index: None,
-            fps: f.as_slice(),
+            fps: &self.ov_fps[j * rb..(j + 1) * rb],
         })
     }
 
@@ -333,14 +337,15 @@ impl Snapshot {
         ))
     }
 
-    /// Users in the overlay, in key order.
+    /// Users in the overlay, in the order they were added.
     pub fn overlay_users(&self) -> impl Iterator<Item = (UserKey, UserState<'_>)> {
-        self.overlay.iter().map(|(k, f)| {
+        let rb = self.row_bytes();
+        self.ov_keys.iter().enumerate().map(move |(j, k)| {
             (
                 UserKey(*k),
                 UserState {
                     index: None,
-                    fps: f.as_slice(),
+                    fps: &self.ov_fps[j * rb..(j + 1) * rb],
                 },
             )
         })
@@ -379,11 +384,18 @@ impl Snapshot {
             put_fp(&mut self.fps[i * rb + slot * FP_BYTES..], stored);
             return;
         }
-        if stored == 0 && !self.overlay.contains_key(&key.0) {
-            return;
-        }
-        let row = self.overlay.entry(key.0).or_insert_with(|| vec![0u8; rb]);
-        put_fp(&mut row[slot * FP_BYTES..], stored);
+        let j = match self.ov_index.get(&key.0) {
+            Some(j) => *j as usize,
+            None if stored == 0 => return,
+            None => {
+                let j = self.ov_keys.len();
+                self.ov_index.insert(key.0, j as u32);
+                self.ov_keys.push(key.0);
+                self.ov_fps.resize(self.ov_fps.len() + rb, 0);
+                j
+            }
+        };
+        put_fp(&mut self.ov_fps[j * rb + slot * FP_BYTES..], stored);
     }
 
     /// The confirm step, in memory: Braze accepted `delta`, so its values become the
@@ -400,52 +412,52 @@ impl Snapshot {
         }
     }
 
-    /// Merges the overlay (and identifiers learned) into the sorted base.
+    /// Merges the overlay (and identifiers learned) into the sorted base, in place: the base
+    /// arrays grow by the overlay's size and are merged from the back, so no second copy of
+    /// the state is ever held.
     pub fn compact(&mut self) {
-        if self.overlay.is_empty() && self.new_ids.is_empty() {
+        if self.ov_keys.is_empty() && self.new_ids.is_empty() {
             return;
         }
         let rb = self.row_bytes();
-        let overlay = std::mem::take(&mut self.overlay);
+        let base_n = self.keys.len();
+        let ov_n = self.ov_keys.len();
+        self.ov_index = HashMap::new();
+        // Overlay rows in key order.
+        let mut order: Vec<u32> = (0..ov_n as u32).collect();
+        order.sort_unstable_by_key(|&j| self.ov_keys[j as usize]);
+        // Identifiers: the final id of every output row, computed before keys move.
         let new_ids = std::mem::take(&mut self.new_ids);
-        let old_ids = self.ids.take();
-        let n = self.keys.len() + overlay.len();
-        let mut keys = Vec::with_capacity(n);
-        let mut fps = Vec::with_capacity(n * rb);
-        let mut ids = old_ids.as_ref().map(|_| IdTable::default());
-        let id_of = |k: u128, base: Option<usize>| -> Option<&str> {
-            new_ids
-                .get(&k)
-                .map(|b| &**b)
-                .or_else(|| base.and_then(|i| old_ids.as_ref()?.get(i)))
-        };
-        let mut base = 0usize;
-        let push_base =
-            |i: usize, keys: &mut Vec<u128>, fps: &mut Vec<u8>, ids: &mut Option<IdTable>| {
-                keys.push(self.keys[i]);
-                fps.extend_from_slice(&self.fps[i * rb..(i + 1) * rb]);
-                if let Some(t) = ids {
-                    t.push(id_of(self.keys[i], Some(i)));
-                }
-            };
-        for (k, row) in overlay {
-            while base < self.keys.len() && self.keys[base] < k {
-                push_base(base, &mut keys, &mut fps, &mut ids);
-                base += 1;
-            }
-            keys.push(k);
-            fps.extend_from_slice(&row);
-            if let Some(t) = &mut ids {
-                t.push(id_of(k, None));
+        if let Some(table) = self.ids.take() {
+            self.ids = Some(merge_ids(
+                table,
+                &self.keys,
+                &self.ov_keys,
+                &order,
+                &new_ids,
+            ));
+        }
+        let total = base_n + ov_n;
+        self.keys.resize(total, 0);
+        self.fps.resize(total * rb, 0);
+        let (mut i, mut j, mut k) = (base_n, ov_n, total);
+        while j > 0 {
+            let oj = order[j - 1] as usize;
+            let ok = self.ov_keys[oj];
+            k -= 1;
+            if i > 0 && self.keys[i - 1] > ok {
+                i -= 1;
+                self.keys[k] = self.keys[i];
+                self.fps.copy_within(i * rb..(i + 1) * rb, k * rb);
+            } else {
+                j -= 1;
+                self.keys[k] = ok;
+                self.fps[k * rb..(k + 1) * rb]
+                    .copy_from_slice(&self.ov_fps[oj * rb..(oj + 1) * rb]);
             }
         }
-        while base < self.keys.len() {
-            push_base(base, &mut keys, &mut fps, &mut ids);
-            base += 1;
-        }
-        self.keys = keys;
-        self.fps = fps;
-        self.ids = ids;
+        self.ov_keys = Vec::new();
+        self.ov_fps = Vec::new();
         self.rebuild_buckets();
     }
 
@@ -588,6 +600,75 @@ impl Snapshot {
         }
         Ok(h.records)
     }
+}
+
+/// The identifier table after merging `ov_keys` (visited in `order`) into `keys`, with ids
+/// learned since the last compaction. Built by growing the arena and filling it from the back.
+fn merge_ids(
+    mut table: IdTable,
+    keys: &[u128],
+    ov_keys: &[u128],
+    order: &[u32],
+    new_ids: &HashMap<u128, Box<str>>,
+) -> IdTable {
+    let base_n = keys.len();
+    let total = base_n + ov_keys.len();
+    let span = |ends: &[u64], i: usize| -> (usize, usize) {
+        let end = ends.get(i).copied().unwrap_or(0) as usize;
+        let start = if i == 0 {
+            0
+        } else {
+            ends.get(i - 1).copied().unwrap_or(0) as usize
+        };
+        (start, end.max(start))
+    };
+    let base_id_len = |ends: &[u64], i: usize| -> usize {
+        let (a, b) = span(ends, i);
+        if b > a {
+            b - a
+        } else {
+            new_ids.get(&keys[i]).map_or(0, |s| s.len())
+        }
+    };
+    // Final size.
+    let mut size = 0usize;
+    for i in 0..base_n {
+        size += base_id_len(&table.ends, i);
+    }
+    for k in ov_keys {
+        size += new_ids.get(k).map_or(0, |s| s.len());
+    }
+    table.ends.resize(base_n, 0);
+    table.arena.resize(size.max(table.arena.len()), 0);
+    table.ends.resize(total, 0);
+    let (mut i, mut j, mut k) = (base_n, ov_keys.len(), total);
+    let mut write_end = size;
+    while k > 0 {
+        k -= 1;
+        let row_end = write_end;
+        let take_base = j == 0 || (i > 0 && keys[i - 1] > ov_keys[order[j - 1] as usize]);
+        if take_base {
+            i -= 1;
+            let (a, b) = span(&table.ends, i);
+            if b > a {
+                table.arena.copy_within(a..b, write_end - (b - a));
+                write_end -= b - a;
+            } else if let Some(id) = new_ids.get(&keys[i]) {
+                let bytes = id.as_bytes();
+                table.arena[write_end - bytes.len()..write_end].copy_from_slice(bytes);
+                write_end -= bytes.len();
+            }
+        } else {
+            j -= 1;
+            let key = ov_keys[order[j] as usize];
+            let bytes = new_ids.get(&key).map_or(&[][..], |s| s.as_bytes());
+            table.arena[write_end - bytes.len()..write_end].copy_from_slice(bytes);
+            write_end -= bytes.len();
+        }
+        table.ends[k] = row_end as u64;
+    }
+    table.arena.truncate(size);
+    table
 }
 
 fn put_str(buf: &mut Vec<u8>, s: &str) {
@@ -786,6 +867,43 @@ mod tests {
                     .is_none()
             );
         }
+    }
+
+    #[test]
+    fn in_place_compaction_matches_a_simple_model() {
+        use std::collections::BTreeMap;
+        let mut model: BTreeMap<u128, (u64, Identifier)> = BTreeMap::new();
+        let mut s = Snapshot::empty(names(), true);
+        let mut x = 12345u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for round in 0..5 {
+            for _ in 0..300 {
+                let id = Identifier::ExternalId(format!("u{}", next() % 700));
+                let v = json!(next() % 5 + round);
+                let d = delta_for(&id, &[("a", v.clone())]);
+                s.apply_confirmed(&d);
+                model.insert(id.user_key().0, (stored_fp(fingerprint(&v)), id));
+            }
+            s.compact();
+            assert_eq!(s.len(), model.len());
+            assert!(s.keys.windows(2).all(|w| w[0] < w[1]));
+            for (k, (fp, id)) in &model {
+                let st = s.get(UserKey(*k)).unwrap();
+                assert_eq!(st.fp(0), Some(*fp));
+                assert_eq!(s.identifier(UserKey(*k)).as_ref(), Some(id));
+            }
+        }
+    }
+
+    fn delta_for(id: &Identifier, changes: &[(&str, Value)]) -> UserDelta {
+        let mut d = delta("x", changes);
+        d.identifier = id.clone();
+        d
     }
 
     #[test]

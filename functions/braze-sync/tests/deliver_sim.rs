@@ -48,7 +48,7 @@ fn delta(i: usize) -> UserDelta {
             change("gender", json!(["M", "F", "O"][i % 3])),
             change("lifetime_value", json!((i as f64) * 1.25)),
             change("orders", json!(i % 17)),
-            change("vip", json!(i % 5 == 0)),
+            change("vip", json!(i.is_multiple_of(5))),
             change("segment", json!(format!("seg-{}", i % 7))),
         ],
         update_existing_only: false,

@@ -216,3 +216,34 @@ pub fn currents_key(prefix: &str, event_type: &str, hour: &str, offset: u64) -> 
         prefix.trim_end_matches('/')
     )
 }
+
+/// A Parquet file (Snappy) of users `ids` at `version`, every column a string as Amperity's
+/// Parquet exports of text columns are.
+pub fn customers_parquet(
+    ids: impl IntoIterator<Item = u64>,
+    version: u32,
+) -> anyhow::Result<Vec<u8>> {
+    use arrow_array::{ArrayRef, RecordBatch, StringArray};
+    use arrow_schema::{DataType, Field, Schema as ArrowSchema};
+    use std::sync::Arc;
+    let rows: Vec<Vec<String>> = ids.into_iter().map(|i| customer_row(i, version)).collect();
+    let fields: Vec<Field> = CUSTOMER_COLUMNS
+        .iter()
+        .map(|c| Field::new(*c, DataType::Utf8, true))
+        .collect();
+    let schema = Arc::new(ArrowSchema::new(fields));
+    let columns: Vec<ArrayRef> = (0..CUSTOMER_COLUMNS.len())
+        .map(|c| {
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r[c].as_str()),
+            )) as ArrayRef
+        })
+        .collect();
+    let batch = RecordBatch::try_new(schema.clone(), columns)?;
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::SNAPPY)
+        .build();
+    let mut w = parquet::arrow::ArrowWriter::try_new(Vec::new(), schema, Some(props))?;
+    w.write(&batch)?;
+    Ok(w.into_inner()?)
+}

@@ -85,7 +85,12 @@ async fn s3_store_conditional_writes_metadata_and_odd_keys_work_against_moto() -
             "in/copy of a b+c.csv".to_string()
         ]
     );
-    assert!(store.head(&S3Uri::new("bridge-test", "nope")).await?.is_none());
+    assert!(
+        store
+            .head(&S3Uri::new("bridge-test", "nope"))
+            .await?
+            .is_none()
+    );
     assert!(matches!(
         store.get(&S3Uri::new("bridge-test", "nope")).await,
         Err(StoreError::NotFound { .. })

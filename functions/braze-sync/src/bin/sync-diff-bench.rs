@@ -50,7 +50,12 @@ fn row(out: &mut String, id: u64, version: u64) {
     let city = r.pick(&["Seattle", "Paris", "Lagos", "Lyon", "Osaka", "Austin"]);
     let country = r.pick(&["US", "FR", "NG", "JP", "GB", "DE"]);
     let lang = r.pick(&["en", "fr", "ja", "de"]);
-    let tz = r.pick(&["America/Los_Angeles", "Europe/Paris", "Africa/Lagos", "Asia/Tokyo"]);
+    let tz = r.pick(&[
+        "America/Los_Angeles",
+        "Europe/Paris",
+        "Africa/Lagos",
+        "Asia/Tokyo",
+    ]);
     let gender = r.pick(&["F", "M", "O", "", "female", "male"]);
     let optin = r.pick(&["opted_in", "subscribed", "unsubscribed"]);
     let tier = r.pick(&["bronze", "silver", "gold", "platinum"]);
@@ -135,7 +140,8 @@ fn diff_child(dir: &Path) {
     for s in &shards {
         let bytes = std::fs::read(s).unwrap();
         state_bytes += bytes.len() as u64;
-        snap.load_base_shard(&bytes, &s.display().to_string()).unwrap();
+        snap.load_base_shard(&bytes, &s.display().to_string())
+            .unwrap();
     }
     let users = snap.len() as u64;
     let export = dir.join("export-2.csv");
@@ -200,7 +206,10 @@ fn main() {
     std::fs::create_dir_all(&dir).unwrap();
     let t = Instant::now();
     let (first, _) = generate(&dir, rows);
-    eprintln!("generated 2 exports of {rows} rows in {:.1}s", t.elapsed().as_secs_f64());
+    eprintln!(
+        "generated 2 exports of {rows} rows in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
 
     // Seed the confirmed state: the first export, every delta confirmed.
     let route = Route::from_toml(ROUTE, "customers.toml").unwrap();
@@ -229,7 +238,10 @@ fn main() {
     }
     snap.compact();
     let first_run_s = t.elapsed().as_secs_f64();
-    for (i, shard) in snap.base_shards(braze_sync::snapshot::store::SHARD_BYTES).enumerate() {
+    for (i, shard) in snap
+        .base_shards(braze_sync::snapshot::store::SHARD_BYTES)
+        .enumerate()
+    {
         std::fs::write(dir.join(format!("state-{i:04}.bin")), shard).unwrap();
     }
     let seed_rss = vm_hwm_mb();
@@ -244,9 +256,8 @@ fn main() {
         .arg(&dir)
         .output()
         .unwrap();
-    let child: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
-        panic!("child failed: {}", String::from_utf8_lossy(&out.stderr))
-    });
+    let child: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("child failed: {}", String::from_utf8_lossy(&out.stderr)));
     let rows2 = child["rows"].as_f64().unwrap();
     let diff_rps = rows2 / child["diff_s"].as_f64().unwrap();
     let bare_rps = child["bare_rows"].as_f64().unwrap() / child["bare_s"].as_f64().unwrap();
@@ -274,7 +285,9 @@ fn main() {
         "  10M users x 20 attributes: {:.2} GB of state in memory (target < 3 GB)",
         (16.0 + 20.0 * 6.0) * 10e6 / 1e9
     );
-    println!("  first run (all new) parse+map+diff+confirm: {first_run_s:.1}s, peak RSS {seed_rss:.0} MB");
+    println!(
+        "  first run (all new) parse+map+diff+confirm: {first_run_s:.1}s, peak RSS {seed_rss:.0} MB"
+    );
     println!("  summary: {}", child["summary"]);
     let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench");
     std::fs::create_dir_all(&target).unwrap();

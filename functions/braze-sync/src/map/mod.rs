@@ -112,7 +112,7 @@ pub struct MapError {
 }
 
 /// One row, mapped: reused from row to row.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct MappedRow {
     /// The snapshot key of the row's user.
     pub key: UserKey,
@@ -125,9 +125,17 @@ pub struct MappedRow {
     key_buf: Vec<u8>,
 }
 
-impl Default for UserKey {
+impl Default for MappedRow {
     fn default() -> Self {
-        UserKey(0)
+        Self {
+            key: UserKey(0),
+            kind: None,
+            id: (0, 0),
+            label: (0, 0),
+            values: Vec::new(),
+            text: String::new(),
+            key_buf: Vec::new(),
+        }
     }
 }
 

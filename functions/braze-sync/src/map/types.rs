@@ -221,7 +221,10 @@ pub fn round_decimal_into<'b>(s: &str, places: usize, buf: &'b mut [u8]) -> Opti
     let digits = &buf[digits_start..digits_start + n];
     let int_len = n - keep;
     // Strip leading zeros of the integer part (keep one).
-    let lead = digits[..int_len - 1].iter().take_while(|&&b| b == b'0').count();
+    let lead = digits[..int_len - 1]
+        .iter()
+        .take_while(|&&b| b == b'0')
+        .count();
     let mut out = [0u8; 96];
     if n + 2 > out.len() {
         return None;
@@ -282,10 +285,9 @@ pub fn parse_date(cell: &Cell<'_>) -> Result<NaiveDate, Reason> {
             let rest = t.get(10..).unwrap_or("");
             if (rest.is_empty() || rest.starts_with('T') || rest.starts_with(' '))
                 && let Ok(d) = NaiveDate::parse_from_str(head, "%Y-%m-%d")
+                && (rest.is_empty() || parse_datetime(&Cell::Str(t)).is_ok())
             {
-                if rest.is_empty() || parse_datetime(&Cell::Str(t)).is_ok() {
-                    return Ok(d);
-                }
+                return Ok(d);
             }
             for f in ["%Y/%m/%d", "%m/%d/%Y"] {
                 if let Ok(d) = NaiveDate::parse_from_str(t, f) {
@@ -400,9 +402,9 @@ pub fn write_iso_utc(out: &mut String, t: &DateTime<Utc>) {
     let nanos = t.nanosecond();
     if nanos != 0 {
         out.push('.');
-        if nanos % 1_000_000 == 0 {
+        if nanos.is_multiple_of(1_000_000) {
             push_num(out, nanos / 1_000_000, 3);
-        } else if nanos % 1_000 == 0 {
+        } else if nanos.is_multiple_of(1_000) {
             push_num(out, nanos / 1_000, 6);
         } else {
             push_num(out, nanos, 9);
@@ -423,7 +425,11 @@ fn fast_date(b: &[u8]) -> Option<NaiveDate> {
     if b.len() < 10 || b[4] != b'-' || b[7] != b'-' {
         return None;
     }
-    NaiveDate::from_ymd_opt(digits(&b[..4])? as i32, digits(&b[5..7])?, digits(&b[8..10])?)
+    NaiveDate::from_ymd_opt(
+        digits(&b[..4])? as i32,
+        digits(&b[5..7])?,
+        digits(&b[8..10])?,
+    )
 }
 
 /// `YYYY-MM-DD[T ]HH:MM[:SS[.fff]][Z|+HH:MM|-HH:MM|+HHMM]`, the shapes Amperity and ISO 8601
@@ -458,7 +464,8 @@ fn fast_datetime(b: &[u8]) -> Option<DateTime<Utc>> {
     let rest = &b[i..];
     let offset_s: i64 = match rest {
         [] | [b'Z'] | [b'z'] => 0,
-        [sign @ (b'+' | b'-'), hh1, hh2, b':', mm1, mm2] | [sign @ (b'+' | b'-'), hh1, hh2, mm1, mm2] => {
+        [sign @ (b'+' | b'-'), hh1, hh2, b':', mm1, mm2]
+        | [sign @ (b'+' | b'-'), hh1, hh2, mm1, mm2] => {
             let hh = i64::from(digits(&[*hh1, *hh2])?);
             let mm = i64::from(digits(&[*mm1, *mm2])?);
             let v = hh * 3600 + mm * 60;
@@ -601,7 +608,10 @@ mod tests {
             ("2024-03-01T10:00:00Z", "2024-03-01T10:00:00Z"),
             ("2024-03-01 10:00:00.000", "2024-03-01T10:00:00Z"),
             ("2024-03-01 10:00:00.5", "2024-03-01T10:00:00.500Z"),
-            ("2024-03-01T10:00:00.123456+02:00", "2024-03-01T08:00:00.123456Z"),
+            (
+                "2024-03-01T10:00:00.123456+02:00",
+                "2024-03-01T08:00:00.123456Z",
+            ),
             ("2024-03-01T10:00:00-0130", "2024-03-01T11:30:00Z"),
             ("2024-03-01T10:00", "2024-03-01T10:00:00Z"),
             ("2024-12-31T23:30:00-01:00", "2025-01-01T00:30:00Z"),

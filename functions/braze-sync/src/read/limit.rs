@@ -165,7 +165,7 @@ mod tests {
     #[test]
     fn row_guard_allows_many_small_rows_but_not_one_big_one() {
         let mark = RowMark::default();
-        let data = vec![b'x'; 100];
+        let data = [b'x'; 100];
         let mut g = RowGuarded::new(&data[..], mark.clone(), 10, 4);
         let mut buf = [0u8; 8];
         for _ in 0..12 {

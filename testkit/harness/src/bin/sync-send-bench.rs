@@ -71,7 +71,7 @@ fn peak_rss_mb() -> f64 {
 
 /// The simulator child: prints its base URL on stdout, serves until stdin closes; `stats`
 /// on stdin prints the counters as one JSON line, `faults <json>` replaces the faults,
-/// `reset` clears profiles and counters.
+/// `rss` prints its own peak RSS in MB, `reset` clears profiles and counters.
 async fn serve_sim() -> anyhow::Result<()> {
     let sim = braze_sim::start(SimConfig {
         api_key: KEY.into(),
@@ -88,6 +88,8 @@ async fn serve_sim() -> anyhow::Result<()> {
         let line = line.trim();
         if line == "stats" {
             println!("{}", serde_json::to_string(&sim.stats())?);
+        } else if line == "rss" {
+            println!("{}", peak_rss_mb());
         } else if line == "reset" {
             sim.reset();
             println!("ok");
@@ -271,7 +273,11 @@ async fn bench(users: u64, out: PathBuf, with_5xx: bool) -> anyhow::Result<()> {
         wall_s_with_5xx = json!(faulty.wall_s);
     }
     let peak_rss_mb = peak_rss_mb();
-    println!("sync-send: peak RSS of the sender process {peak_rss_mb:.0} MB (simulator runs in a child process)");
+    let sim_rss_mb: f64 = sim.ask("rss").await?.parse().unwrap_or(f64::NAN);
+    println!(
+        "sync-send: peak RSS of the sender process {peak_rss_mb:.0} MB (the simulator, in a child \
+         process holding every profile, peaked at {sim_rss_mb:.0} MB)"
+    );
     sim.stop().await;
 
     let figures = json!({
@@ -282,6 +288,7 @@ async fn bench(users: u64, out: PathBuf, with_5xx: bool) -> anyhow::Result<()> {
         "http_429_share": http_429_share,
         "peak_rss_mb": peak_rss_mb,
         "wall_s_with_5xx": wall_s_with_5xx,
+        "sim_peak_rss_mb": sim_rss_mb,
     });
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;
