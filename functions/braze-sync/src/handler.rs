@@ -203,13 +203,14 @@ fn name_timestamp(key: &str) -> Option<String> {
                     let t: Vec<u8> = digits[i + 8..i + 14].iter().map(|(_, b)| *b).collect();
                     let tspan = digits[i + 13].0 - digits[i + 8].0;
                     let gap = digits[i + 8].0 - digits[i + 7].0;
-                    if (tspan == 5 || tspan == 7) && gap <= 2 {
-                        if let Ok(parsed) = chrono::NaiveTime::parse_from_str(
+                    if (tspan == 5 || tspan == 7)
+                        && gap <= 2
+                        && let Ok(parsed) = chrono::NaiveTime::parse_from_str(
                             &String::from_utf8_lossy(&t),
                             "%H%M%S",
-                        ) {
-                            time = parsed;
-                        }
+                        )
+                    {
+                        time = parsed;
                     }
                 }
                 best = Some(date.and_time(time).and_utc().to_rfc3339());

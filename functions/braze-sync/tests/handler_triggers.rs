@@ -1,5 +1,6 @@
 //! The Lambda edge over an in-memory store and a recording runner: trigger shapes, SQS
 //! partial batch failures, duplicates, forced replays, marker-mode exports and own outputs.
+#![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

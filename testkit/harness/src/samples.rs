@@ -77,10 +77,15 @@ pub fn customer_row(i: u64, version: u32) -> Vec<String> {
             1 + i % 28,
             i % 24
         ),
-        if i % 10 == 0 { "true" } else { "false" }.to_string(),
+        if i.is_multiple_of(10) {
+            "true"
+        } else {
+            "false"
+        }
+        .to_string(),
         format!("{:.6}", rng.random_range(0.0..1.0_f64)),
         format!("20{:02}-{:02}-{:02}", 10 + i % 15, 1 + i % 12, 1 + i % 28),
-        if (i + u64::from(version)) % 5 == 0 {
+        if (i + u64::from(version)).is_multiple_of(5) {
             "true"
         } else {
             "false"

@@ -121,14 +121,14 @@ async fn currents_part(stack: &Stack, summary: &mut Vec<String>) -> anyhow::Resu
             .map(|c| c.name().to_string())
             .collect();
         println!("   {p}: {rows} rows; first columns {cols:?}");
-        if let Ok(mut iter) = reader.get_row_iter(None) {
-            if let Some(Ok(row)) = iter.next() {
-                let text = row.to_string();
-                println!(
-                    "     first row: {}",
-                    text.chars().take(300).collect::<String>()
-                );
-            }
+        if let Ok(mut iter) = reader.get_row_iter(None)
+            && let Some(Ok(row)) = iter.next()
+        {
+            let text = row.to_string();
+            println!(
+                "     first row: {}",
+                text.chars().take(300).collect::<String>()
+            );
         }
     }
     summary.push(format!(
