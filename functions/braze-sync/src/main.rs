@@ -125,10 +125,16 @@ async fn handler(app: &App) -> anyhow::Result<Handler> {
     settings.deliver.rate.requests_per_window = cfg.rate_limit_requests;
     settings.deliver.rate.window = std::time::Duration::from_secs(cfg.rate_limit_window_secs);
     settings.deliver.rate.share = cfg.rate_limit_share;
-    settings.max_run = runtime::env_parse::<u64>("BRIDGE_MAX_RUN_SECONDS", 0)?
-        .checked_sub(0)
+    // Operational knobs (defaults suit Lambda; tests shorten them).
+    settings.max_run = Some(runtime::env_parse::<u64>("BRIDGE_MAX_RUN_SECONDS", 0)?)
         .filter(|s| *s > 0)
         .map(std::time::Duration::from_secs);
+    settings.checkpoint_every = std::time::Duration::from_millis(runtime::env_parse::<u64>(
+        "BRIDGE_CHECKPOINT_MS",
+        3_000,
+    )?);
+    let lease_s = runtime::env_parse::<i64>("BRIDGE_LEASE_SECONDS", 960)?;
+    settings.route_lease_s = lease_s;
     let continuation: Option<Arc<dyn Continuation>> =
         cfg.continuation_queue_url.as_ref().map(|url| {
             Arc::new(SqsContinuation {
@@ -142,7 +148,7 @@ async fn handler(app: &App) -> anyhow::Result<Handler> {
         output_prefixes: cfg.output_prefixes(),
         state_prefix: cfg.state_prefix.clone(),
         routes: routes.iter().map(Route::binding).collect(),
-        lease_s: 960,
+        lease_s,
     };
     let runner = SyncRunner::new(app.store.clone(), routes, client, settings, continuation);
     Ok(Handler::new(hcfg, app.store.clone(), Arc::new(runner)))
