@@ -80,7 +80,21 @@ async fn braze_part(stack: &Stack, summary: &mut Vec<String>) -> anyhow::Result<
         .moto
         .list(harness::stack::STATE_BUCKET, "bridge/reports/")
         .await?;
-    println!("   Run reports: {reports:?}");
+    if let Some(last) = reports.last() {
+        let r: serde_json::Value =
+            serde_json::from_slice(&stack.moto.get(harness::stack::STATE_BUCKET, last).await?)?;
+        println!(
+            "   Run report s3://{}/{last}:\n     rows_in {}, unchanged {}, rejected {}, users_sent {}, attributes_sent {}, requests {}, status {}",
+            harness::stack::STATE_BUCKET,
+            r["rows_in"],
+            r["unchanged"],
+            r["rejected"],
+            r["users_sent"],
+            r["attributes_sent"],
+            r["requests"],
+            r["status"]
+        );
+    }
     Ok(())
 }
 
