@@ -129,10 +129,8 @@ async fn handler(app: &App) -> anyhow::Result<Handler> {
     settings.max_run = Some(runtime::env_parse::<u64>("BRIDGE_MAX_RUN_SECONDS", 0)?)
         .filter(|s| *s > 0)
         .map(std::time::Duration::from_secs);
-    settings.checkpoint_every = std::time::Duration::from_millis(runtime::env_parse::<u64>(
-        "BRIDGE_CHECKPOINT_MS",
-        3_000,
-    )?);
+    settings.checkpoint_every =
+        std::time::Duration::from_millis(runtime::env_parse::<u64>("BRIDGE_CHECKPOINT_MS", 3_000)?);
     let lease_s = runtime::env_parse::<i64>("BRIDGE_LEASE_SECONDS", 960)?;
     settings.route_lease_s = lease_s;
     let continuation: Option<Arc<dyn Continuation>> =

@@ -173,15 +173,27 @@ impl Planner<'_> {
                 row: row.row,
                 line: row.line,
             };
-            if let Err((outcome, e)) =
+            // The user's state is looked up as soon as the key is known, before the values
+            // are mapped, so the memory accesses overlap with the mapping work.
+            let mapped = self
+                .mapper
+                .map_key(&binding, &header, &row, &mut self.mapped);
+            let state = match mapped {
+                Ok(()) => self.snapshot.get(self.mapped.key),
+                Err(_) => None,
+            };
+            if let Some(st) = &state {
+                std::hint::black_box(st.touch());
+            }
+            let mapped = mapped.and_then(|()| {
                 self.mapper
-                    .map_row(&binding, &header, &row, &mut self.mapped)
-            {
+                    .map_values(&binding, &header, &row, &mut self.mapped)
+            });
+            if let Err((outcome, e)) = mapped {
                 self.summary.rejected += 1;
                 let identifier = match outcome {
                     MapOutcome::Identified => {
                         // The user is in the export: never treat them as departed.
-                        let state = self.snapshot.get(self.mapped.key);
                         self.seen.insert(self.mapped.key, state);
                         Some(self.mapped.identifier())
                     }
@@ -195,7 +207,6 @@ impl Planner<'_> {
                 });
                 continue;
             }
-            let state = self.snapshot.get(self.mapped.key);
             if !self.seen.insert(self.mapped.key, state) {
                 self.summary.rejected += 1;
                 on_reject(RowReject {

@@ -215,27 +215,19 @@ fn main() {
     let route = Route::from_toml(ROUTE, "customers.toml").unwrap();
     let mut snap = Snapshot::for_route(&route);
     let t = Instant::now();
-    let mut deltas = Vec::new();
     let seed = sync::produce(
         parts(&first),
         &route,
         &Snapshot::for_route(&route),
         &ProduceOptions::for_route(&route, "export-1.csv"),
         &mut |d| {
-            deltas.push(d);
-            if deltas.len() >= 100_000 {
-                for d in deltas.drain(..) {
-                    snap.apply_confirmed(&d);
-                }
-            }
+            // Braze confirms every delta of the first run.
+            snap.apply_confirmed(&d);
             Ok(())
         },
         &mut |_| {},
     )
     .unwrap();
-    for d in deltas.drain(..) {
-        snap.apply_confirmed(&d);
-    }
     snap.compact();
     let first_run_s = t.elapsed().as_secs_f64();
     for (i, shard) in snap
@@ -297,5 +289,12 @@ fn main() {
     )
     .unwrap();
     println!("  wrote target/bench/sync-diff.json: {figures}");
-    let _ = std::fs::remove_dir_all(&dir);
+    if std::env::var_os("SYNC_DIFF_BENCH_KEEP").is_some() {
+        println!(
+            "  kept {} (run the diff alone with --diff <dir>)",
+            dir.display()
+        );
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

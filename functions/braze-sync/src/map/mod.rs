@@ -265,6 +265,19 @@ impl<'r> Mapper<'r> {
         row: &Row<'_>,
         out: &mut MappedRow,
     ) -> Result<(), (MapOutcome, MapError)> {
+        self.map_key(binding, header, row, out)?;
+        self.map_values(binding, header, row, out)
+    }
+
+    /// The first half of [`Mapper::map_row`]: the identifier and `out.key` only (so the
+    /// caller can look the user up while the values are mapped).
+    pub fn map_key(
+        &self,
+        binding: &Binding,
+        header: &[String],
+        row: &Row<'_>,
+        out: &mut MappedRow,
+    ) -> Result<(), (MapOutcome, MapError)> {
         out.text.clear();
         out.values.clear();
         let col_name = |i: usize| header.get(i).cloned();
@@ -316,6 +329,19 @@ impl<'r> Mapper<'r> {
             k.extend_from_slice(id.as_bytes());
             UserKey(xxhash_rust::xxh3::xxh3_128(k))
         };
+        Ok(())
+    }
+
+    /// The second half of [`Mapper::map_row`]: one value per slot (after
+    /// [`Mapper::map_key`] on the same row and `out`).
+    pub fn map_values(
+        &self,
+        binding: &Binding,
+        header: &[String],
+        row: &Row<'_>,
+        out: &mut MappedRow,
+    ) -> Result<(), (MapOutcome, MapError)> {
+        let col_name = |i: usize| header.get(i).cloned();
         for (slot, s) in self.route.slots.iter().enumerate() {
             let col = binding.slots.get(slot).copied().flatten();
             let cell = match col {

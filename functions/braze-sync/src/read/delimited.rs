@@ -1,12 +1,12 @@
 //! Delimited text with a header row: CSV, TSV, PSV and custom single-byte delimiters, with
 //! quoted fields, embedded newlines, doubled or escaped quotes, CRLF or LF line ends and a
 //! UTF-8 byte-order mark. Built on the `csv` crate's byte records (no per-row allocation);
-//! UTF-8 is checked per cell when the cell is read, so a bad byte rejects only its row and
-//! names its column. A record with the wrong number of fields is a bad row.
+//! UTF-8 is checked once per record; a bad byte rejects its row, naming the column. A record
+//! with the wrong number of fields is a bad row.
 
 use std::io::Read;
 
-use csv::ByteRecord;
+use csv::{ByteRecord, StringRecord};
 
 use super::limit::{RowGuarded, RowMark};
 use super::{BadRow, Cell, CellError, Cells, ReadError, Row, RowItem, RowSource};
@@ -28,6 +28,19 @@ impl Cells for ByteRecord {
     }
 }
 
+impl Cells for StringRecord {
+    fn len(&self) -> usize {
+        StringRecord::len(self)
+    }
+
+    fn cell(&self, index: usize) -> Result<Cell<'_>, CellError> {
+        match self.get(index) {
+            None | Some("") => Ok(Cell::Null),
+            Some(s) => Ok(Cell::Str(s)),
+        }
+    }
+}
+
 /// Rows of one delimited table.
 pub struct DelimitedSource<'a> {
     rdr: csv::Reader<RowGuarded<Box<dyn Read + 'a>>>,
@@ -35,6 +48,7 @@ pub struct DelimitedSource<'a> {
     source: String,
     header: Vec<String>,
     record: ByteRecord,
+    text: StringRecord,
     row: u64,
     max_row: usize,
 }
@@ -65,6 +79,7 @@ impl<'a> DelimitedSource<'a> {
             source: source.to_string(),
             header: Vec::new(),
             record: ByteRecord::new(),
+            text: StringRecord::new(),
             row: 0,
             max_row,
         };
@@ -124,7 +139,11 @@ impl RowSource for DelimitedSource<'_> {
     }
 
     fn next_row(&mut self) -> Result<Option<RowItem<'_>>, ReadError> {
-        let mut record = std::mem::take(&mut self.record);
+        // Reuse the buffers of the previous row's text record.
+        let mut record = std::mem::take(&mut self.text).into_byte_record();
+        if record.as_slice().is_empty() {
+            record = std::mem::take(&mut self.record);
+        }
         let more = self.read(&mut record);
         self.record = record;
         if !more? {
@@ -152,11 +171,27 @@ impl RowSource for DelimitedSource<'_> {
                 ),
             })));
         }
-        Ok(Some(RowItem::Row(Row {
-            row: self.row,
-            line,
-            cells: &self.record,
-        })))
+        // One UTF-8 check per record; a bad byte rejects the row and names its column.
+        match StringRecord::from_byte_record(std::mem::take(&mut self.record)) {
+            Ok(text) => {
+                self.text = text;
+                Ok(Some(RowItem::Row(Row {
+                    row: self.row,
+                    line,
+                    cells: &self.text,
+                })))
+            }
+            Err(e) => {
+                let (field, at) = (e.utf8_error().field(), e.utf8_error().valid_up_to());
+                self.record = e.into_byte_record();
+                Ok(Some(RowItem::Bad(BadRow {
+                    row: self.row,
+                    line,
+                    column: self.header.get(field).cloned(),
+                    reason: format!("invalid UTF-8 at byte {at} of the value"),
+                })))
+            }
+        }
     }
 }
 
@@ -207,20 +242,26 @@ mod tests {
     }
 
     #[test]
-    fn invalid_utf8_is_reported_by_cell() {
+    fn invalid_utf8_rejects_the_row_naming_the_column() {
         let mut src = DelimitedSource::open(
-            Box::new(&b"id,name\n1,\xff\xfe\n"[..]),
+            Box::new(&b"id,name\n1,\xff\xfe\n2,ok\n"[..]),
             "x",
             b',',
             None,
             1024,
         )
         .unwrap();
+        let Some(RowItem::Bad(b)) = src.next_row().unwrap() else {
+            panic!()
+        };
+        assert_eq!(b.column.as_deref(), Some("name"));
+        assert_eq!(b.reason, "invalid UTF-8 at byte 0 of the value");
         let Some(RowItem::Row(r)) = src.next_row().unwrap() else {
             panic!()
         };
-        assert_eq!(r.cells.cell(0).unwrap(), Cell::Str("1"));
-        assert_eq!(r.cells.cell(1), Err(CellError::InvalidUtf8(0)));
+        assert_eq!(r.cells.cell(1).unwrap(), Cell::Str("ok"));
+        assert_eq!(ByteRecord::from(vec!["a"]).cell(0), Ok(Cell::Str("a")));
+        let _ = CellError::InvalidUtf8(0);
     }
 
     #[test]
