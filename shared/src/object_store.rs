@@ -334,11 +334,7 @@ impl ObjectStore for S3Store {
     }
 
     async fn copy(&self, from: &S3Uri, to: &S3Uri) -> Result<(), StoreError> {
-        let source = format!(
-            "{}/{}",
-            from.bucket,
-            percent_encoding::utf8_percent_encode(&from.key, COPY_SOURCE)
-        );
+        let source = format!("{}/{}", from.bucket, crate::s3_uri::encode_key(&from.key));
         self.client
             .copy_object()
             .bucket(&to.bucket)
@@ -361,13 +357,6 @@ impl ObjectStore for S3Store {
         Ok(())
     }
 }
-
-const COPY_SOURCE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-    .remove(b'/')
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.')
-    .remove(b'~');
 
 fn lower_keys(m: Option<&std::collections::HashMap<String, String>>) -> BTreeMap<String, String> {
     m.map(|m| {

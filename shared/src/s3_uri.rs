@@ -69,6 +69,20 @@ impl FromStr for S3Uri {
     }
 }
 
+/// Characters left as they are when a key is percent-encoded for S3 (`CopySource`,
+/// notification bodies): unreserved characters and `/`.
+const KEY_ENCODE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'/')
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// Percent-encodes a key (spaces as `%20`, `+` as `%2B`), keeping `/`.
+pub fn encode_key(key: &str) -> String {
+    percent_encoding::utf8_percent_encode(key, KEY_ENCODE).to_string()
+}
+
 /// Joins a prefix and a relative key with exactly one `/` between them (an empty prefix adds none).
 pub fn join_key(prefix: &str, rest: &str) -> String {
     let prefix = prefix.trim_end_matches('/');
@@ -98,6 +112,16 @@ mod tests {
     fn rejects_other_schemes_and_empty_bucket() {
         assert!("https://b/k".parse::<S3Uri>().is_err());
         assert!("s3:///k".parse::<S3Uri>().is_err());
+    }
+
+    #[test]
+    fn encode_key_round_trips_through_notification_decoding() {
+        let key = "in/a b+c=é %.csv";
+        assert_eq!(encode_key(key), "in/a%20b%2Bc%3D%C3%A9%20%25.csv");
+        assert_eq!(
+            crate::trigger::decode_s3_key(&encode_key(key)).unwrap(),
+            key
+        );
     }
 
     #[test]

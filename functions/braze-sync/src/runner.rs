@@ -94,7 +94,7 @@ pub struct SqsContinuation {
 #[async_trait]
 impl Continuation for SqsContinuation {
     async fn hand_over(&self, plan: &ExportPlan) -> Result<(), String> {
-        let key = percent_encoding::utf8_percent_encode(&plan.trigger.key, KEY_ENCODE).to_string();
+        let key = bridge_shared::s3_uri::encode_key(&plan.trigger.key);
         let body = json!({"Records": [{
             "eventSource": "aws:s3", "eventName": "ObjectCreated:Continuation",
             "s3": {"bucket": {"name": plan.trigger.bucket}, "object": {"key": key}}}]});
@@ -108,13 +108,6 @@ impl Continuation for SqsContinuation {
             .map_err(|e| aws_sdk_sqs::error::DisplayErrorContext(e).to_string())
     }
 }
-
-const KEY_ENCODE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-    .remove(b'/')
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.')
-    .remove(b'~');
 
 /// The real [`ExportRunner`].
 pub struct SyncRunner {
