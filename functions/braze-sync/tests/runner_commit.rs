@@ -1,0 +1,210 @@
+//! The real runner over an in-memory store and a scripted Braze: only what Braze confirmed
+//! moves the state; users Braze refused land in the rejects object with its message and are
+//! sent again by the next run; a run that reaches its deadline hands the rest on and a second
+//! run finishes the export without resending what was confirmed.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use braze_sync::braze::{BrazeApi, ItemError, RateLimitInfo, TrackError, TrackResponse};
+use braze_sync::handler::{ExportPlan, ExportRunner};
+use braze_sync::route::Route;
+use braze_sync::runner::{Continuation, RunnerSettings, SyncRunner};
+use braze_sync::snapshot::store::StateStore;
+use bridge_shared::S3Uri;
+use bridge_shared::object_store::{MemoryStore, ObjectStore, PutCondition};
+use bytes::Bytes;
+use serde_json::Value;
+
+const ROUTE: &str = r#"
+name = "people"
+prefix = "in/"
+update_existing_only = false
+[identifier]
+kind = "external_id"
+column = "id"
+[attributes.tier]
+type = "String"
+"#;
+
+/// Braze as scripted: refuses the ids in `refuse`, answers after `delay`, records every id sent.
+struct ScriptedBraze {
+    refuse: Mutex<Vec<String>>,
+    delay: Duration,
+    sent: Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl BrazeApi for ScriptedBraze {
+    async fn track(&self, body: Bytes) -> Result<TrackResponse, TrackError> {
+        tokio::time::sleep(self.delay).await;
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        let refuse = self.refuse.lock().unwrap().clone();
+        let mut errors = Vec::new();
+        for (i, o) in v["attributes"].as_array().unwrap().iter().enumerate() {
+            let id = o["external_id"].as_str().unwrap().to_string();
+            if refuse.contains(&id) {
+                errors.push(ItemError {
+                    index: Some(i),
+                    input_array: Some("attributes".into()),
+                    message: "The value provided for 'tier' is not valid.".into(),
+                });
+            }
+            self.sent.lock().unwrap().push(id);
+        }
+        Ok(TrackResponse {
+            status: 201,
+            message: "success".into(),
+            errors,
+            rate: RateLimitInfo::default(),
+        })
+    }
+}
+
+#[derive(Default)]
+struct Handovers(Mutex<u32>);
+
+#[async_trait]
+impl Continuation for Handovers {
+    async fn hand_over(&self, _: &ExportPlan) -> Result<(), String> {
+        *self.0.lock().unwrap() += 1;
+        Ok(())
+    }
+}
+
+fn csv(n: u32, tier: &str) -> Bytes {
+    let mut s = String::from("id,tier\n");
+    for i in 0..n {
+        s.push_str(&format!("u{i},{tier}\n"));
+    }
+    Bytes::from(s)
+}
+
+async fn plan(store: &MemoryStore, key: &str, body: Bytes) -> ExportPlan {
+    let uri = S3Uri::new("exports", key);
+    let meta = store
+        .put(&uri, body, PutCondition::None, BTreeMap::new())
+        .await
+        .unwrap();
+    ExportPlan {
+        route: "people".into(),
+        trigger: uri.clone(),
+        export_id: format!("{uri}#{}", meta.etag),
+        parts: vec![meta],
+        exported_at: None,
+        force_full: false,
+    }
+}
+
+fn runner(
+    store: &Arc<MemoryStore>,
+    braze: &Arc<ScriptedBraze>,
+    max_run: Option<Duration>,
+    handovers: &Arc<Handovers>,
+) -> SyncRunner {
+    let mut settings = RunnerSettings::new("state", "s/", "r/", "x/");
+    settings.max_run = max_run;
+    settings.checkpoint_every = Duration::from_millis(20);
+    settings.deliver.max_objects = 10;
+    settings.deliver.in_flight_grace = Duration::from_millis(0);
+    settings.deliver.max_in_flight = 1;
+    let route = Route::from_toml(ROUTE, "test").unwrap();
+    SyncRunner::new(
+        store.clone(),
+        vec![route],
+        braze.clone(),
+        settings,
+        Some(handovers.clone() as Arc<dyn Continuation>),
+    )
+}
+
+async fn confirmed_users(store: &Arc<MemoryStore>) -> usize {
+    let route = Route::from_toml(ROUTE, "test").unwrap();
+    let (_, snap) = StateStore::new(store.clone(), "state", "s/", "people")
+        .load(&route)
+        .await
+        .unwrap();
+    snap.len()
+}
+
+#[tokio::test]
+async fn braze_rejected_users_go_to_rejects_do_not_advance_state_and_are_resent() {
+    let store = Arc::new(MemoryStore::new());
+    let braze = Arc::new(ScriptedBraze {
+        refuse: Mutex::new(vec!["u3".into(), "u7".into()]),
+        delay: Duration::ZERO,
+        sent: Mutex::new(Vec::new()),
+    });
+    let handovers = Arc::new(Handovers::default());
+    let r = runner(&store, &braze, None, &handovers);
+
+    let p1 = plan(&store, "in/a.csv", csv(20, "gold")).await;
+    let out = r.run(&p1, None).await.unwrap();
+    assert!(
+        !out.complete,
+        "Braze refusals leave the export incomplete (replayable)"
+    );
+    assert_eq!(
+        confirmed_users(&store).await,
+        18,
+        "the state holds only confirmed users"
+    );
+    let rejects_key = store
+        .keys("state")
+        .into_iter()
+        .find(|k| k.starts_with("x/people/"))
+        .unwrap();
+    let (_, body) = store.get(&S3Uri::new("state", &rejects_key)).await.unwrap();
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    assert_eq!(text.lines().count(), 2);
+    assert!(
+        text.contains("\"row\":4") && text.contains("not valid"),
+        "{text}"
+    );
+
+    // Braze accepts them next time: the next run sends exactly the two refused users.
+    braze.refuse.lock().unwrap().clear();
+    braze.sent.lock().unwrap().clear();
+    let p2 = plan(&store, "in/b.csv", csv(20, "gold")).await;
+    let out = r.run(&p2, None).await.unwrap();
+    assert!(out.complete);
+    let mut resent = braze.sent.lock().unwrap().clone();
+    resent.sort();
+    assert_eq!(resent, ["u3", "u7"]);
+    assert_eq!(confirmed_users(&store).await, 20);
+}
+
+#[tokio::test]
+async fn a_run_cut_by_its_deadline_hands_over_and_the_next_run_finishes_without_resending() {
+    let store = Arc::new(MemoryStore::new());
+    let braze = Arc::new(ScriptedBraze {
+        refuse: Mutex::new(Vec::new()),
+        delay: Duration::from_millis(60),
+        sent: Mutex::new(Vec::new()),
+    });
+    let handovers = Arc::new(Handovers::default());
+    let p = plan(&store, "in/big.csv", csv(400, "silver")).await;
+
+    // 40 requests of 60 ms one at a time need ~2.4 s; the run may send for 0.5 s.
+    let short = runner(&store, &braze, Some(Duration::from_millis(500)), &handovers);
+    let out = short.run(&p, None).await.unwrap();
+    assert!(!out.complete);
+    assert_eq!(*handovers.0.lock().unwrap(), 1, "the rest was handed on");
+    let first = braze.sent.lock().unwrap().len();
+    assert!(first > 0 && first < 400, "sent {first}");
+    assert_eq!(
+        confirmed_users(&store).await,
+        first,
+        "everything sent was committed"
+    );
+
+    let full = runner(&store, &braze, None, &handovers);
+    let out = full.run(&p, None).await.unwrap();
+    assert!(out.complete);
+    let sent = braze.sent.lock().unwrap().clone();
+    assert_eq!(sent.len(), 400, "no user sent twice across the hand-over");
+    assert_eq!(confirmed_users(&store).await, 400);
+}
