@@ -42,6 +42,19 @@ pub enum PutCondition {
     IfMatch(String),
 }
 
+impl PutCondition {
+    /// Whether a put under this condition may replace an object whose current ETag is
+    /// `current` (`None`: no object). Stores that check conditions themselves use this.
+    pub fn allows(&self, current: Option<&str>) -> bool {
+        match (self, current) {
+            (PutCondition::None, _) => true,
+            (PutCondition::IfAbsent, c) => c.is_none(),
+            (PutCondition::IfMatch(want), Some(have)) => want == have,
+            (PutCondition::IfMatch(_), None) => false,
+        }
+    }
+}
+
 /// A byte stream of an object's contents.
 pub type ObjectReader = Pin<Box<dyn AsyncRead + Send>>;
 
@@ -453,13 +466,7 @@ mod memory {
             let mut objects = self.lock();
             let id = (uri.bucket.clone(), uri.key.clone());
             let current = objects.get(&id).map(|(m, _)| m.etag.clone());
-            let ok = match (&condition, &current) {
-                (PutCondition::None, _) => true,
-                (PutCondition::IfAbsent, c) => c.is_none(),
-                (PutCondition::IfMatch(want), Some(have)) => want == have,
-                (PutCondition::IfMatch(_), None) => false,
-            };
-            if !ok {
+            if !condition.allows(current.as_deref()) {
                 return Err(StoreError::PreconditionFailed { uri: uri.clone() });
             }
             let meta = ObjectMeta {

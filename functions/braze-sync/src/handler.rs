@@ -33,6 +33,13 @@ pub struct RouteBinding {
     pub marker_suffix: Option<String>,
 }
 
+impl RouteBinding {
+    /// Whether this route owns an object (its bucket, if set, and its prefix).
+    pub fn owns(&self, obj: &S3Uri) -> bool {
+        self.bucket.as_deref().is_none_or(|b| b == obj.bucket) && obj.key.starts_with(&self.prefix)
+    }
+}
+
 /// What the handler needs to know about the deployment.
 #[derive(Debug, Clone)]
 pub struct HandlerConfig {
@@ -125,9 +132,7 @@ pub fn decide(cfg: &HandlerConfig, obj: &S3Uri) -> Decision {
     if obj.key.ends_with('/') {
         return Decision::Ignore("folder placeholder".into());
     }
-    let Some(route) = cfg.routes.iter().find(|r| {
-        r.bucket.as_deref().is_none_or(|b| b == obj.bucket) && obj.key.starts_with(&r.prefix)
-    }) else {
+    let Some(route) = cfg.routes.iter().find(|r| r.owns(obj)) else {
         return Decision::Ignore("no route owns this key".into());
     };
     if let Some(marker) = &route.marker_suffix
@@ -187,7 +192,7 @@ fn name_timestamp(key: &str) -> Option<String> {
         .enumerate()
         .filter(|(_, b)| b.is_ascii_digit())
         .collect();
-    // Scan from the end for 8 digits forming a date, then up to 6 more forming a time.
+    // Every run of 8 digits forming a date (optionally followed by 6 forming a time); the last wins.
     let bytes = key.as_bytes();
     let mut best = None;
     let mut i = 0;

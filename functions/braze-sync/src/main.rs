@@ -242,10 +242,7 @@ async fn cli(cli: Cli) -> anyhow::Result<()> {
             let route = app
                 .routes
                 .iter()
-                .find(|r| {
-                    r.config.bucket.as_deref().is_none_or(|b| b == uri.bucket)
-                        && uri.key.starts_with(&r.config.prefix)
-                })
+                .find(|r| r.binding().owns(&uri))
                 .with_context(|| format!("no route owns {uri}"))?
                 .clone();
             let state = StateStore::new(

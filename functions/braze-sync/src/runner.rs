@@ -435,14 +435,17 @@ impl SyncRunner {
                 export_id: plan.export_id.clone(),
                 exported_at: plan.exported_at.clone(),
             });
-        let snapshot = Arc::try_unwrap(snapshot).ok();
-        let commit_error = match snapshot {
-            Some(snap) if checkpoint_failed.is_none() => state
+        // The producer has been joined, so this run holds the only reference.
+        let commit_error = match (Arc::try_unwrap(snapshot), &checkpoint_failed) {
+            (_, Some(_)) => None,
+            (Ok(snap), None) => state
                 .commit(&mut head, snap, watermark)
                 .await
                 .err()
                 .map(|e| e.to_string()),
-            _ => None,
+            (Err(_), None) => {
+                Some("state snapshot still shared after the reader ended; not committed".into())
+            }
         };
 
         if let Some(e) = deliver_error {

@@ -126,13 +126,7 @@ impl ObjectStore for LocalStore {
     ) -> Result<ObjectMeta, StoreError> {
         let path = self.path_of(uri)?;
         let current = std::fs::read(&path).ok();
-        let ok = match (&condition, &current) {
-            (PutCondition::None, _) => true,
-            (PutCondition::IfAbsent, c) => c.is_none(),
-            (PutCondition::IfMatch(want), Some(have)) => *want == etag(have),
-            (PutCondition::IfMatch(_), None) => false,
-        };
-        if !ok {
+        if !condition.allows(current.as_deref().map(etag).as_deref()) {
             return Err(StoreError::PreconditionFailed { uri: uri.clone() });
         }
         if let Some(dir) = path.parent() {
