@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 use tracing::{info, warn};
 
 use crate::ledger::{Claim, Ledger, LedgerStatus};
+use crate::report::RunStatus;
 
 /// Object metadata key that forces a full resend of an export (`x-amz-meta-bridge-force-full: true`).
 pub const FORCE_FULL_METADATA: &str = "bridge-force-full";
@@ -75,12 +76,22 @@ pub struct ExportPlan {
 /// How a run ended, as the runner reports it.
 #[derive(Debug, Clone)]
 pub struct RunOutcome {
-    /// Nothing is left to send for this export.
-    pub complete: bool,
+    /// The run's status (`complete`: nothing is left to send for this export).
+    pub status: RunStatus,
     /// The run report's address.
     pub report: Option<String>,
     /// A one-line summary for the invocation result.
     pub summary: Value,
+    /// The run stopped before its deadline with users left: once the export's claim is
+    /// released, [`ExportRunner::hand_over`] queues the rest.
+    pub hand_over: bool,
+}
+
+impl RunOutcome {
+    /// Nothing is left to do for this export: a duplicate trigger is a no-op.
+    pub fn complete(&self) -> bool {
+        matches!(self.status, RunStatus::Complete | RunStatus::Skipped)
+    }
 }
 
 /// A failed run, classified at the edge.
@@ -108,6 +119,12 @@ pub trait ExportRunner: Send + Sync {
         plan: &ExportPlan,
         remaining_ms: Option<u64>,
     ) -> Result<RunOutcome, RunError>;
+
+    /// Queues the rest of an export whose run asked for a hand-over. Called after the run's
+    /// route lock and export claim are released.
+    async fn hand_over(&self, _plan: &ExportPlan) -> Result<(), String> {
+        Err("this runner cannot hand work over".into())
+    }
 }
 
 /// What the handler decided for one object.
@@ -406,19 +423,23 @@ impl Handler {
         };
         info!(object = %uri, route = %route.name, parts = plan.parts.len(), force_full, "Starting export sync.");
         let result = self.runner.run(&plan, remaining_ms).await;
+        let mut hand_over = false;
         let (status, report, outcome) = match result {
-            Ok(o) => (
-                if o.complete {
-                    LedgerStatus::Complete
-                } else {
-                    LedgerStatus::Incomplete
-                },
-                o.report.clone(),
-                ObjectOutcome::Done(json!({
-                    "object": uri.to_string(), "route": route.name,
-                    "outcome": if o.complete {"synced"} else {"incomplete"},
-                    "report": o.report, "summary": o.summary})),
-            ),
+            Ok(o) => {
+                hand_over = o.hand_over;
+                (
+                    if o.complete() {
+                        LedgerStatus::Complete
+                    } else {
+                        LedgerStatus::Incomplete
+                    },
+                    o.report.clone(),
+                    ObjectOutcome::Done(json!({
+                        "object": uri.to_string(), "route": route.name,
+                        "outcome": if o.complete() {"synced"} else {"incomplete"},
+                        "report": o.report, "summary": o.summary})),
+                )
+            }
             Err(RunError::Retryable(reason)) => {
                 warn!(object = %uri, error = %reason, "Export sync failed; it will be retried.");
                 (LedgerStatus::Incomplete, None, ObjectOutcome::Retry(reason))
@@ -436,6 +457,12 @@ impl Handler {
         };
         if let Err(e) = ledger.finish(&export_id, &claim_etag, status, report).await {
             warn!(object = %uri, error = %e, "Could not record the run in the ledger.");
+        }
+        // Only now, with the route lock and the export claim released, may the rest be queued:
+        // the continuation never meets this run's own claims.
+        if hand_over && let Err(e) = self.runner.hand_over(&plan).await {
+            warn!(object = %uri, error = %e, "Could not hand the rest of the export over; the trigger is retried.");
+            return ObjectOutcome::Retry(format!("could not hand over: {e}"));
         }
         outcome
     }

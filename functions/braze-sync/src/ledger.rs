@@ -1,8 +1,10 @@
 //! The run ledger: one small object per export (`<state prefix><route>/ledger/<export id>.json`)
 //! that makes duplicate notifications and unchanged re-uploads no-ops. An invocation claims an
 //! export with a create-only write (a lease); a second invocation for the same export sees the
-//! claim and stands back; a finished run marks it `complete`. Only a *complete* entry blocks a
-//! later run, so an export whose run was cut short or left rejects can be replayed.
+//! claim and stands back; a finished run records how it ended. Only a *final* entry
+//! ([`LedgerStatus::is_final`]: `complete`) blocks a later run of the same export, so an export
+//! whose run was cut short, left rejects or failed can be replayed by a redelivered or re-copied
+//! notification (same object, same ETag). The route lock lives in [`crate::route_lock`].
 
 use std::collections::BTreeMap;
 
@@ -20,8 +22,21 @@ pub enum LedgerStatus {
     Complete,
     /// The run ended with work left (unsent users, transient failure); a replay continues it.
     Incomplete,
-    /// The run failed permanently (unreadable file, bad config); see the report.
+    /// The run failed permanently (unreadable file, bad config); see the report. Not final:
+    /// a re-copy after fixing the route config runs again.
     Failed,
+    /// The run failed for a reason an operator or time fixes without touching the export
+    /// (e.g. Braze refused the API key): the notification may be acknowledged, yet a
+    /// redelivered or re-copied notification for the same object and ETag runs it again.
+    FailedRetryable,
+}
+
+impl LedgerStatus {
+    /// Whether this entry ends the export for good: a later claim without `force` is
+    /// answered [`Claim::AlreadyComplete`] instead of running again.
+    pub fn is_final(&self) -> bool {
+        matches!(self, LedgerStatus::Complete)
+    }
 }
 
 /// One ledger entry.
@@ -136,7 +151,7 @@ impl<'a> Ledger<'a> {
             })?;
         match current.status {
             LedgerStatus::Running if current.lease_until > now => return Ok(Claim::Busy),
-            LedgerStatus::Complete if !force => {
+            ref s if s.is_final() && !force => {
                 return Ok(Claim::AlreadyComplete {
                     report: current.report,
                 });
@@ -212,6 +227,40 @@ mod tests {
         assert!(matches!(
             l.claim("x", 120, 60, true).await.unwrap(),
             Claim::Acquired { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_retryable_failure_is_not_final_so_the_same_etag_runs_again() {
+        let store = MemoryStore::new();
+        let l = Ledger::new(&store, "state", "p/".into());
+        let Claim::Acquired { etag } = l.claim("k#etag1", 100, 60, false).await.unwrap() else {
+            panic!()
+        };
+        l.finish(
+            "k#etag1",
+            &etag,
+            LedgerStatus::FailedRetryable,
+            Some("r.json".into()),
+        )
+        .await
+        .unwrap();
+        assert!(!LedgerStatus::FailedRetryable.is_final());
+        let Claim::Acquired { etag } = l.claim("k#etag1", 101, 60, false).await.unwrap() else {
+            panic!("a redelivery of a retryably failed export must run again")
+        };
+        let (_, body) = store
+            .get(&S3Uri::new("state", format!("p/{}", entry_name("k#etag1"))))
+            .await
+            .unwrap();
+        let entry: LedgerEntry = serde_json::from_slice(&body).unwrap();
+        assert_eq!(entry.status, LedgerStatus::Running);
+        l.finish("k#etag1", &etag, LedgerStatus::Complete, None)
+            .await
+            .unwrap();
+        assert!(matches!(
+            l.claim("k#etag1", 102, 60, false).await.unwrap(),
+            Claim::AlreadyComplete { .. }
         ));
     }
 

@@ -23,6 +23,7 @@ pub mod rejects;
 pub mod report;
 pub mod retry;
 pub mod route;
+pub mod route_lock;
 pub mod runner;
 pub mod snapshot;
 pub mod sync;

@@ -10,6 +10,7 @@ use braze_sync::handler::{
     ExportPlan, ExportRunner, FORCE_FULL_METADATA, Handler, HandlerConfig, RouteBinding, RunError,
     RunOutcome,
 };
+use braze_sync::report::RunStatus;
 use bridge_shared::S3Uri;
 use bridge_shared::object_store::{MemoryStore, ObjectStore, PutCondition};
 use bytes::Bytes;
@@ -42,9 +43,10 @@ impl ExportRunner for Recorder {
             });
         }
         Ok(RunOutcome {
-            complete: true,
+            status: RunStatus::Complete,
             report: Some("r.json".into()),
             summary: json!({}),
+            hand_over: false,
         })
     }
 }

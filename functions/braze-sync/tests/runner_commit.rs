@@ -144,7 +144,7 @@ async fn braze_rejected_users_go_to_rejects_do_not_advance_state_and_are_resent(
     let p1 = plan(&store, "in/a.csv", csv(20, "gold")).await;
     let out = r.run(&p1, None).await.unwrap();
     assert!(
-        !out.complete,
+        !out.complete(),
         "Braze refusals leave the export incomplete (replayable)"
     );
     assert_eq!(
@@ -170,7 +170,7 @@ async fn braze_rejected_users_go_to_rejects_do_not_advance_state_and_are_resent(
     braze.sent.lock().unwrap().clear();
     let p2 = plan(&store, "in/b.csv", csv(20, "gold")).await;
     let out = r.run(&p2, None).await.unwrap();
-    assert!(out.complete);
+    assert!(out.complete());
     let mut resent = braze.sent.lock().unwrap().clone();
     resent.sort();
     assert_eq!(resent, ["u3", "u7"]);
@@ -191,7 +191,10 @@ async fn a_run_cut_by_its_deadline_hands_over_and_the_next_run_finishes_without_
     // 40 requests of 60 ms one at a time need ~2.4 s; the run may send for 0.5 s.
     let short = runner(&store, &braze, Some(Duration::from_millis(500)), &handovers);
     let out = short.run(&p, None).await.unwrap();
-    assert!(!out.complete);
+    assert!(!out.complete());
+    assert!(out.hand_over, "the run asks for a hand-over");
+    // The handler hands over once the run's claims are released.
+    short.hand_over(&p).await.unwrap();
     assert_eq!(*handovers.0.lock().unwrap(), 1, "the rest was handed on");
     let first = braze.sent.lock().unwrap().len();
     assert!(first > 0 && first < 400, "sent {first}");
@@ -203,7 +206,7 @@ async fn a_run_cut_by_its_deadline_hands_over_and_the_next_run_finishes_without_
 
     let full = runner(&store, &braze, None, &handovers);
     let out = full.run(&p, None).await.unwrap();
-    assert!(out.complete);
+    assert!(out.complete());
     let sent = braze.sent.lock().unwrap().clone();
     assert_eq!(sent.len(), 400, "no user sent twice across the hand-over");
     assert_eq!(confirmed_users(&store).await, 400);

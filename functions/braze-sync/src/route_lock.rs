@@ -1,0 +1,298 @@
+//! One run per route at a time: a small lease object, `<state prefix><route>/route-lock.json`,
+//! taken with a create-only write (or, once expired or released, a write conditional on the
+//! ETag that was read), renewed with `If-Match` on the holder's own ETag, and released by
+//! writing it back as free. A holder that dies leaves the lease to expire by itself; a
+//! holder whose renewal finds another writer's ETag has lost the lock and must stop.
+//!
+//! This is not the export ledger ([`crate::ledger`]): the ledger says what happened to each
+//! export; the lock says who may move a route's state right now.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bridge_shared::{ObjectStore, PutCondition, S3Uri, StoreError};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// The lock object's name inside a route's state folder.
+pub const LOCK_OBJECT: &str = "route-lock.json";
+
+/// The lock object's content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockDoc {
+    /// Who holds (or last held) it: the run id.
+    pub holder: String,
+    /// Epoch seconds until which the holder may act without renewing.
+    pub lease_until: i64,
+    /// Set when the holder let it go.
+    #[serde(default)]
+    pub released: bool,
+}
+
+/// Why the lock could not be read, taken, renewed or released.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// The store failed.
+    #[error("route lock {uri}: {error}")]
+    Store {
+        /// The lock object.
+        uri: S3Uri,
+        /// Why.
+        error: StoreError,
+    },
+    /// Another run replaced our lease (ours expired before we renewed it).
+    #[error("route lock {uri}: the lease was taken over by {holder:?}; this run must stop")]
+    Lost {
+        /// The lock object.
+        uri: S3Uri,
+        /// The new holder, when readable.
+        holder: Option<String>,
+    },
+}
+
+impl LockError {
+    /// Whether trying later can succeed (always: locks expire, stores recover).
+    pub fn is_retryable(&self) -> bool {
+        true
+    }
+}
+
+/// A held route lock. Dropping it without [`RouteLock::release`] leaves the lease to expire.
+pub struct RouteLock {
+    store: Arc<dyn ObjectStore>,
+    uri: S3Uri,
+    holder: String,
+    lease_s: i64,
+    etag: String,
+    lease_until: i64,
+}
+
+/// The lock object of a route: `s3://<bucket>/<state_prefix><route>/route-lock.json`.
+pub fn lock_uri(bucket: &str, state_prefix: &str, route: &str) -> S3Uri {
+    let mut prefix = state_prefix.to_string();
+    if !prefix.is_empty() && !prefix.ends_with('/') {
+        prefix.push('/');
+    }
+    S3Uri::new(bucket, format!("{prefix}{route}/{LOCK_OBJECT}"))
+}
+
+fn body(doc: &LockDoc) -> Bytes {
+    Bytes::from(serde_json::to_vec(doc).unwrap_or_default())
+}
+
+impl RouteLock {
+    /// Takes the lock for `lease_s` seconds from `now`, or returns `None` when another holder's
+    /// lease is alive (or another run took it at the same moment).
+    pub async fn acquire(
+        store: Arc<dyn ObjectStore>,
+        uri: S3Uri,
+        holder: &str,
+        now: i64,
+        lease_s: i64,
+    ) -> Result<Option<RouteLock>, LockError> {
+        let doc = LockDoc {
+            holder: holder.to_string(),
+            lease_until: now + lease_s,
+            released: false,
+        };
+        let err = |error| LockError::Store {
+            uri: uri.clone(),
+            error,
+        };
+        let condition = match store
+            .put(&uri, body(&doc), PutCondition::IfAbsent, BTreeMap::new())
+            .await
+        {
+            Ok(meta) => return Ok(Some(Self::held(store, uri, doc, lease_s, meta.etag))),
+            Err(StoreError::PreconditionFailed { .. }) => {
+                let (meta, bytes) = match store.get(&uri).await {
+                    Ok(x) => x,
+                    // Deleted between the two calls: someone else is playing with it; stand back.
+                    Err(StoreError::NotFound { .. }) => return Ok(None),
+                    Err(e) => return Err(err(e)),
+                };
+                // An unreadable lock object protects nobody: it is taken over like an expired one.
+                let current: Option<LockDoc> = serde_json::from_slice(&bytes).ok();
+                if current.is_some_and(|c| !c.released && c.lease_until > now) {
+                    return Ok(None);
+                }
+                PutCondition::IfMatch(meta.etag)
+            }
+            Err(e) => return Err(err(e)),
+        };
+        match store
+            .put(&uri, body(&doc), condition, BTreeMap::new())
+            .await
+        {
+            Ok(meta) => Ok(Some(Self::held(store, uri, doc, lease_s, meta.etag))),
+            Err(StoreError::PreconditionFailed { .. }) => Ok(None),
+            Err(e) => Err(err(e)),
+        }
+    }
+
+    fn held(
+        store: Arc<dyn ObjectStore>,
+        uri: S3Uri,
+        doc: LockDoc,
+        lease_s: i64,
+        etag: String,
+    ) -> Self {
+        Self {
+            store,
+            uri,
+            holder: doc.holder,
+            lease_s,
+            etag,
+            lease_until: doc.lease_until,
+        }
+    }
+
+    /// The lock object.
+    pub fn uri(&self) -> &S3Uri {
+        &self.uri
+    }
+
+    /// Epoch seconds until which the lease holds.
+    pub fn lease_until(&self) -> i64 {
+        self.lease_until
+    }
+
+    /// The lease length, seconds.
+    pub fn lease_s(&self) -> i64 {
+        self.lease_s
+    }
+
+    /// Extends the lease to `now + lease_s`. [`LockError::Lost`] when another run replaced it.
+    pub async fn renew(&mut self, now: i64) -> Result<(), LockError> {
+        let doc = LockDoc {
+            holder: self.holder.clone(),
+            lease_until: now + self.lease_s,
+            released: false,
+        };
+        match self
+            .store
+            .put(
+                &self.uri,
+                body(&doc),
+                PutCondition::IfMatch(self.etag.clone()),
+                BTreeMap::new(),
+            )
+            .await
+        {
+            Ok(meta) => {
+                self.etag = meta.etag;
+                self.lease_until = doc.lease_until;
+                Ok(())
+            }
+            Err(StoreError::PreconditionFailed { .. }) | Err(StoreError::NotFound { .. }) => {
+                let holder = match self.store.get(&self.uri).await {
+                    Ok((_, b)) => serde_json::from_slice::<LockDoc>(&b).ok().map(|d| d.holder),
+                    Err(_) => None,
+                };
+                Err(LockError::Lost {
+                    uri: self.uri.clone(),
+                    holder,
+                })
+            }
+            Err(error) => Err(LockError::Store {
+                uri: self.uri.clone(),
+                error,
+            }),
+        }
+    }
+
+    /// Lets the lock go (only if our lease is still the current one).
+    pub async fn release(self) -> Result<(), LockError> {
+        let doc = LockDoc {
+            holder: self.holder.clone(),
+            lease_until: 0,
+            released: true,
+        };
+        match self
+            .store
+            .put(
+                &self.uri,
+                body(&doc),
+                PutCondition::IfMatch(self.etag.clone()),
+                BTreeMap::new(),
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(StoreError::PreconditionFailed { .. }) => Err(LockError::Lost {
+                uri: self.uri.clone(),
+                holder: None,
+            }),
+            Err(error) => Err(LockError::Store {
+                uri: self.uri.clone(),
+                error,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use bridge_shared::object_store::MemoryStore;
+
+    fn setup() -> (Arc<dyn ObjectStore>, S3Uri) {
+        (
+            Arc::new(MemoryStore::new()),
+            lock_uri("state", "bridge/state/", "people"),
+        )
+    }
+
+    #[tokio::test]
+    async fn one_holder_at_a_time_and_release_frees_it() {
+        let (store, uri) = setup();
+        assert_eq!(uri.key, "bridge/state/people/route-lock.json");
+        let a = RouteLock::acquire(store.clone(), uri.clone(), "a", 100, 60)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            RouteLock::acquire(store.clone(), uri.clone(), "b", 110, 60)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        a.release().await.unwrap();
+        assert!(
+            RouteLock::acquire(store.clone(), uri.clone(), "b", 111, 60)
+                .await
+                .unwrap()
+                .is_some()
+        );
+    }
+
+    #[tokio::test]
+    async fn renewal_keeps_it_and_an_expired_lease_is_lost() {
+        let (store, uri) = setup();
+        let mut a = RouteLock::acquire(store.clone(), uri.clone(), "a", 100, 60)
+            .await
+            .unwrap()
+            .unwrap();
+        a.renew(150).await.unwrap();
+        assert_eq!(a.lease_until(), 210);
+        // Past the old expiry but within the renewed one: still held.
+        assert!(
+            RouteLock::acquire(store.clone(), uri.clone(), "b", 200, 60)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // Past the renewed expiry: b takes over, and a's next renewal says so.
+        let b = RouteLock::acquire(store.clone(), uri.clone(), "b", 211, 60)
+            .await
+            .unwrap();
+        assert!(b.is_some());
+        let err = a.renew(212).await.unwrap_err();
+        assert!(
+            matches!(&err, LockError::Lost { holder: Some(h), .. } if h == "b"),
+            "{err}"
+        );
+        assert!(a.release().await.is_err(), "a lost lease is not released");
+    }
+}

@@ -1,0 +1,42 @@
+//! The hand-over: an export whose run stopped before its deadline with users left is handed to
+//! a later invocation through a [`Continuation`]. The handler calls it only after the run's
+//! route lock and export claim are released, so the continuation never meets its own lock.
+
+use async_trait::async_trait;
+use serde_json::json;
+
+use crate::handler::ExportPlan;
+
+/// Hands the rest of an unfinished export to a later invocation.
+#[async_trait]
+pub trait Continuation: Send + Sync {
+    /// Queues a new trigger for the export.
+    async fn hand_over(&self, plan: &ExportPlan) -> Result<(), String>;
+}
+
+/// [`Continuation`] through the function's own SQS queue: an S3-notification-shaped message for
+/// the export's trigger object, which the next invocation resumes from the last checkpoint.
+pub struct SqsContinuation {
+    /// SQS client built once.
+    pub client: aws_sdk_sqs::Client,
+    /// The function's input queue.
+    pub queue_url: String,
+}
+
+#[async_trait]
+impl Continuation for SqsContinuation {
+    async fn hand_over(&self, plan: &ExportPlan) -> Result<(), String> {
+        let key = bridge_shared::s3_uri::encode_key(&plan.trigger.key);
+        let body = json!({"Records": [{
+            "eventSource": "aws:s3", "eventName": "ObjectCreated:Continuation",
+            "s3": {"bucket": {"name": plan.trigger.bucket}, "object": {"key": key}}}]});
+        self.client
+            .send_message()
+            .queue_url(&self.queue_url)
+            .message_body(body.to_string())
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| aws_sdk_sqs::error::DisplayErrorContext(e).to_string())
+    }
+}

@@ -1,0 +1,74 @@
+//! Stage 1 of a run: read → map → diff ([`crate::sync::produce`]) on a blocking thread, feeding
+//! the sender through a bounded channel. It only reads the snapshot; rejected rows collect in
+//! a [`RejectLog`].
+
+use std::sync::Arc;
+
+use bridge_shared::{ObjectStore, S3Uri};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::handler::{ExportPlan, RunError};
+use crate::model::UserDelta;
+use crate::rejects::RejectLog;
+use crate::route::Route;
+use crate::snapshot::Snapshot;
+use crate::sync::{ProduceOptions, Stop, Summary, SyncError, open_s3_part, produce};
+
+/// What the producer ended with: its counts (or why planning stopped) and the rejected rows.
+pub(super) struct Produced {
+    /// The planning result.
+    pub result: Result<Summary, SyncError>,
+    /// Rows refused before sending.
+    pub rejects: RejectLog,
+}
+
+/// The running producer.
+pub(super) struct Producer {
+    handle: JoinHandle<Produced>,
+}
+
+impl Producer {
+    /// Starts planning `plan`'s parts against `snapshot`, sending each delta into `tx`.
+    pub fn start(
+        store: Arc<dyn ObjectStore>,
+        route: Arc<Route>,
+        snapshot: Arc<Snapshot>,
+        plan: &ExportPlan,
+        opts: ProduceOptions,
+        tx: mpsc::Sender<UserDelta>,
+    ) -> Self {
+        let parts: Vec<S3Uri> = plan
+            .parts
+            .iter()
+            .map(|p| S3Uri::new(&plan.trigger.bucket, &p.key))
+            .collect();
+        let rt = tokio::runtime::Handle::current();
+        let handle = tokio::task::spawn_blocking(move || {
+            let mut rejects = RejectLog::new(crate::rejects::DEFAULT_MAX_BYTES);
+            let parts_iter = parts
+                .iter()
+                .map(|uri| open_s3_part(&store, uri, &rt).map(|(_, part)| part));
+            let result = produce(
+                parts_iter,
+                &route,
+                &snapshot,
+                &opts,
+                &mut |d| {
+                    tx.blocking_send(d)
+                        .map_err(|_| Stop("the sender stopped".into()))
+                },
+                &mut |r| rejects.push(&r),
+            );
+            Produced { result, rejects }
+        });
+        Self { handle }
+    }
+
+    /// Waits for the producer to end (it ends once the sender stops taking deltas).
+    pub async fn finish(self) -> Result<Produced, RunError> {
+        self.handle
+            .await
+            .map_err(|e| RunError::Retryable(format!("the reader task failed: {e}")))
+    }
+}
