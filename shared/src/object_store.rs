@@ -117,6 +117,24 @@ pub trait ObjectStore: Send + Sync {
         condition: PutCondition,
         metadata: BTreeMap<String, String>,
     ) -> Result<ObjectMeta, StoreError>;
+    /// Writes an object from a local file. The default reads the file into memory and calls
+    /// [`ObjectStore::put`]; [`S3Store`] streams it from disk, so large outputs (compacted
+    /// table parts) never sit in memory whole.
+    async fn put_file(
+        &self,
+        uri: &S3Uri,
+        path: &std::path::Path,
+        condition: PutCondition,
+        metadata: BTreeMap<String, String>,
+    ) -> Result<ObjectMeta, StoreError> {
+        let body = tokio::fs::read(path).await.map_err(|e| StoreError::Other {
+            op: "ReadFile",
+            uri: uri.clone(),
+            message: format!("{}: {e}", path.display()),
+            retryable: false,
+        })?;
+        self.put(uri, Bytes::from(body), condition, metadata).await
+    }
     /// Copies an object within the store.
     async fn copy(&self, from: &S3Uri, to: &S3Uri) -> Result<(), StoreError>;
     /// Deletes an object (no error when absent).
@@ -324,6 +342,50 @@ impl ObjectStore for S3Store {
             .bucket(&uri.bucket)
             .key(&uri.key)
             .body(ByteStream::from(body));
+        for (k, v) in &metadata {
+            req = req.metadata(k, v);
+        }
+        req = match &condition {
+            PutCondition::None => req,
+            PutCondition::IfAbsent => req.if_none_match("*"),
+            PutCondition::IfMatch(etag) => req.if_match(format!("\"{etag}\"")),
+        };
+        let out = req
+            .send()
+            .await
+            .map_err(|e| classify("PutObject", uri, e))?;
+        Ok(ObjectMeta {
+            key: uri.key.clone(),
+            etag: strip_quotes(out.e_tag()),
+            size,
+            version_id: out.version_id().map(str::to_string),
+            last_modified: None,
+            metadata,
+        })
+    }
+
+    async fn put_file(
+        &self,
+        uri: &S3Uri,
+        path: &std::path::Path,
+        condition: PutCondition,
+        metadata: BTreeMap<String, String>,
+    ) -> Result<ObjectMeta, StoreError> {
+        let body = ByteStream::from_path(path)
+            .await
+            .map_err(|e| StoreError::Other {
+                op: "ReadFile",
+                uri: uri.clone(),
+                message: format!("{}: {e}", path.display()),
+                retryable: false,
+            })?;
+        let size = body.size_hint().0;
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&uri.bucket)
+            .key(&uri.key)
+            .body(body);
         for (k, v) in &metadata {
             req = req.metadata(k, v);
         }

@@ -22,6 +22,11 @@ pub struct Config {
     /// any output prefix in the output bucket, are ignored with one log line. Empty means the
     /// whole bucket (then `TABLES_BUCKET` must name another bucket).
     pub currents_prefix: String,
+    /// `STATE_PREFIX` (default `state/currents/`): compaction leases
+    /// (`<prefix>compaction/leases/<table>/<day>.json`) and manifests of the source parts each
+    /// compacted table-day holds (`<prefix>compaction/manifests/<table>/<day>.json`), in the
+    /// output bucket. Kept outside the tables so Athena and Amperity never read them.
+    pub state_prefix: String,
     /// `MAX_OBJECT_BYTES` (default 536870912, 512 MiB): larger objects are quarantined unread.
     pub max_object_bytes: u64,
     /// `METRICS_NAMESPACE` (default `AmperityBrazeBridge`): CloudWatch namespace of the EMF
@@ -69,6 +74,7 @@ impl Default for Config {
             tables_prefix: "tables/".into(),
             quarantine_prefix: "quarantine/".into(),
             reports_prefix: "reports/currents/".into(),
+            state_prefix: "state/currents/".into(),
             currents_prefix: "currents/".into(),
             max_object_bytes: DEFAULT_MAX_OBJECT_BYTES,
             metrics_namespace: "AmperityBrazeBridge".into(),
@@ -86,6 +92,7 @@ impl Config {
             tables_prefix: folder(env_or("TABLES_PREFIX", "tables/")),
             quarantine_prefix: folder(env_or("QUARANTINE_PREFIX", "quarantine/")),
             reports_prefix: folder(env_or("REPORTS_PREFIX", "reports/currents/")),
+            state_prefix: folder(env_or("STATE_PREFIX", "state/currents/")),
             currents_prefix: folder(env_or("CURRENTS_PREFIX", "currents/")),
             max_object_bytes: env_parse("MAX_OBJECT_BYTES", DEFAULT_MAX_OBJECT_BYTES)?,
             metrics_namespace: env_or("METRICS_NAMESPACE", "AmperityBrazeBridge"),
@@ -116,11 +123,12 @@ impl Config {
     }
 
     /// The output prefixes with their variable names.
-    pub fn output_prefixes(&self) -> [(&'static str, &str); 3] {
+    pub fn output_prefixes(&self) -> [(&'static str, &str); 4] {
         [
             ("TABLES_PREFIX", self.tables_prefix.as_str()),
             ("QUARANTINE_PREFIX", self.quarantine_prefix.as_str()),
             ("REPORTS_PREFIX", self.reports_prefix.as_str()),
+            ("STATE_PREFIX", self.state_prefix.as_str()),
         ]
     }
 

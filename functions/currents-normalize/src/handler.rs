@@ -99,6 +99,21 @@ impl Handler {
         payload: &Value,
         request_id: &str,
     ) -> Result<Value, RetryInvocation> {
+        self.handle_invocation(payload, request_id, None).await
+    }
+
+    /// [`Handler::handle`], knowing the invocation's deadline. A scheduled compaction payload
+    /// (`{"compact": {...}}`, see [`crate::compact::parse_payload`]) runs a compaction;
+    /// anything else names Currents objects.
+    pub async fn handle_invocation(
+        &self,
+        payload: &Value,
+        request_id: &str,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<Value, RetryInvocation> {
+        if let Some(request) = crate::compact::parse_payload(payload) {
+            return self.handle_compact(request, request_id, deadline).await;
+        }
         let started = chrono::Utc::now();
         let invocation = match parse_invocation(payload) {
             Ok(i) => i,
@@ -159,6 +174,61 @@ impl Handler {
                 Some(reason) => Err(RetryInvocation(reason)),
                 None => Ok(json!({"results": results_json})),
             },
+        }
+    }
+
+    async fn handle_compact(
+        &self,
+        request: Result<(crate::compact::Selection, bool), String>,
+        request_id: &str,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<Value, RetryInvocation> {
+        let (selection, dry_run) = match request {
+            Ok(r) => r,
+            Err(e) => {
+                // A malformed schedule payload will not get better by retrying.
+                tracing::error!(error = %e, "Compaction payload refused.");
+                return Ok(json!({"compact": {"error": e}}));
+            }
+        };
+        let Some(bucket) = self.cfg.tables_bucket.clone() else {
+            tracing::error!("Compaction needs TABLES_BUCKET.");
+            return Ok(json!({"compact": {"error": "compaction needs TABLES_BUCKET"}}));
+        };
+        let compactor = crate::compact::Compactor::new(
+            self.cfg.clone(),
+            self.store.clone(),
+            self.registry.clone(),
+        );
+        let report = crate::compact::job::run_and_report(
+            &compactor,
+            &self.cfg,
+            self.store.as_ref(),
+            &bucket,
+            crate::compact::CompactRequest {
+                selection,
+                dry_run,
+                today: chrono::Utc::now().date_naive(),
+                deadline,
+                owner: request_id.to_string(),
+            },
+            request_id,
+        )
+        .await
+        .map_err(|e| RetryInvocation(e.to_string()))?;
+        let summary = json!({"compact": &report.totals});
+        match report
+            .table_days
+            .iter()
+            .find(|d| d.outcome == crate::compact::DayOutcome::Failed && d.retryable)
+        {
+            Some(d) => Err(RetryInvocation(format!(
+                "compaction of {}/{} failed: {}",
+                d.table,
+                d.day,
+                d.reason.as_deref().unwrap_or("-")
+            ))),
+            None => Ok(summary),
         }
     }
 

@@ -7,6 +7,7 @@
 //! by [`registry`]) → [`encode`] (Parquet, Snappy) → [`partition`] (where the part goes).
 //! [`convert`] runs that chain for one object; [`handler`] does the I/O around it.
 
+pub mod compact;
 pub mod config;
 pub mod convert;
 pub mod decode;

@@ -4,6 +4,7 @@
 //! ```text
 //! currents-normalize run s3://bucket/currents/…/file.avro [--dry-run]
 //! currents-normalize run-file ./file.avro --key 'currents/…/event_type=T/date=YYYY-MM-DD-HH/…/file.avro' --out ./lake [--dry-run]
+//! currents-normalize compact [--day YYYY-MM-DD] [--table TABLE] [--dry-run]
 //! ```
 
 use std::path::PathBuf;
@@ -16,6 +17,8 @@ use bridge_shared::trigger::ObjectRef;
 use bridge_shared::{S3Uri, logging};
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
+use currents_normalize::compact::job::run_and_report;
+use currents_normalize::compact::{CompactRequest, Compactor, Selection};
 use currents_normalize::config::Config;
 use currents_normalize::handler::Handler;
 use currents_normalize::local_store::LocalStore;
@@ -63,6 +66,19 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Compact table-days in TABLES_BUCKET: one deduplicated part per table and day. Without
+    /// --day: yesterday and every earlier day that received parts since it was compacted.
+    Compact {
+        /// Only this delivery day (YYYY-MM-DD), today included.
+        #[arg(long)]
+        day: Option<chrono::NaiveDate>,
+        /// Only this table.
+        #[arg(long)]
+        table: Option<String>,
+        /// Read and count, write and delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[tokio::main]
@@ -88,8 +104,9 @@ async fn main() -> ExitCode {
         let result = lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
             let handler = handler.clone();
             async move {
+                let deadline = deadline_instant(event.context.deadline);
                 handler
-                    .handle(&event.payload, &event.context.request_id)
+                    .handle_invocation(&event.payload, &event.context.request_id, deadline)
                     .await
             }
         }))
@@ -104,6 +121,44 @@ async fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     match cli.command {
+        Command::Compact {
+            day,
+            table,
+            dry_run,
+        } => {
+            let Some(bucket) = cfg.tables_bucket.clone() else {
+                eprintln!("currents-normalize: compact needs TABLES_BUCKET");
+                return ExitCode::from(2);
+            };
+            let store = Arc::new(S3Store::from_env().await);
+            let started = chrono::Utc::now();
+            let request = CompactRequest {
+                selection: Selection { day, table },
+                dry_run,
+                today: started.date_naive(),
+                deadline: None,
+                owner: format!("cli-{}", started.timestamp_millis()),
+            };
+            let compactor = Compactor::new(cfg.clone(), store.clone(), registry);
+            let owner = request.owner.clone();
+            match run_and_report(&compactor, &cfg, store.as_ref(), &bucket, request, &owner).await {
+                Ok(report) => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&report).unwrap_or_default()
+                    );
+                    if report.totals.failed > 0 {
+                        ExitCode::FAILURE
+                    } else {
+                        ExitCode::SUCCESS
+                    }
+                }
+                Err(e) => {
+                    eprintln!("currents-normalize: listing the tables failed: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run { uri, dry_run } => {
             let uri: S3Uri = match uri.parse() {
                 Ok(u) => u,
@@ -150,6 +205,13 @@ async fn main() -> ExitCode {
             finish(&handler, "local", started, result, dry_run).await
         }
     }
+}
+
+/// The Lambda deadline (milliseconds since the epoch) as an [`std::time::Instant`].
+fn deadline_instant(deadline_ms: u64) -> Option<std::time::Instant> {
+    let now_ms = u64::try_from(chrono::Utc::now().timestamp_millis()).ok()?;
+    let left = deadline_ms.checked_sub(now_ms)?;
+    Some(std::time::Instant::now() + std::time::Duration::from_millis(left))
 }
 
 async fn finish(
