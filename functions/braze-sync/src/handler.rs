@@ -67,8 +67,9 @@ pub struct ExportPlan {
     pub parts: Vec<ObjectMeta>,
     /// Stable id: trigger address plus ETag/version, the ledger key.
     pub export_id: String,
-    /// Last-modified of the trigger (RFC 3339), which orders exports of a route.
-    pub exported_at: Option<String>,
+    /// The trigger object as it was when the run was planned (ETag, LastModified, metadata):
+    /// the runner dates the export from it as the route's `order_by` says.
+    pub trigger_meta: ObjectMeta,
     /// Resend every attribute, ignoring confirmed state.
     pub force_full: bool,
 }
@@ -90,7 +91,16 @@ pub struct RunOutcome {
 impl RunOutcome {
     /// Nothing is left to do for this export: a duplicate trigger is a no-op.
     pub fn complete(&self) -> bool {
-        matches!(self.status, RunStatus::Complete | RunStatus::Skipped)
+        self.status == RunStatus::Complete
+    }
+
+    /// How the export's claim is recorded, and the outcome word of the invocation result.
+    pub fn ledger_status(&self) -> (LedgerStatus, &'static str) {
+        match self.status {
+            RunStatus::Complete => (LedgerStatus::Complete, "synced"),
+            RunStatus::SkippedStale => (LedgerStatus::SkippedStale, "skipped_stale"),
+            _ => (LedgerStatus::Incomplete, "incomplete"),
+        }
     }
 }
 
@@ -182,66 +192,9 @@ pub fn parts_of_marker(listing: &[ObjectMeta], marker: &S3Uri, suffix: &str) -> 
     parts
 }
 
-/// Object metadata key an uploader may set to the export's own time (RFC 3339).
-pub const EXPORTED_AT_METADATA: &str = "exported-at";
-
-/// When an export was made, which orders the exports of a route (an export older than the
-/// state is skipped): the `exported-at` metadata when the uploader set it, else a timestamp in
-/// the file or folder name as Amperity writes them (`2026-11-29T101500`, `2026-11-29_10-15-00`,
-/// `20261129T101500`, `2026-11-29`), else the object's last-modified time. Pure.
-pub fn export_time(
-    key: &str,
-    metadata: &std::collections::BTreeMap<String, String>,
-    last_modified: Option<&str>,
-) -> Option<String> {
-    if let Some(t) = metadata.get(EXPORTED_AT_METADATA)
-        && chrono::DateTime::parse_from_rfc3339(t).is_ok()
-    {
-        return Some(t.clone());
-    }
-    name_timestamp(key).or_else(|| last_modified.map(str::to_string))
-}
-
-/// The last date(-time) written in a key, as RFC 3339 UTC.
-fn name_timestamp(key: &str) -> Option<String> {
-    let digits: Vec<(usize, u8)> = key
-        .bytes()
-        .enumerate()
-        .filter(|(_, b)| b.is_ascii_digit())
-        .collect();
-    // Every run of 8 digits forming a date (optionally followed by 6 forming a time); the last wins.
-    let bytes = key.as_bytes();
-    let mut best = None;
-    let mut i = 0;
-    while i + 8 <= digits.len() {
-        let run: Vec<u8> = digits[i..i + 8].iter().map(|(_, b)| *b).collect();
-        let span = digits[i + 7].0 - digits[i].0;
-        // Dates written as YYYYMMDD (span 7) or YYYY-MM-DD (span 9).
-        if span == 7 || (span == 9 && bytes[digits[i].0 + 4] == bytes[digits[i].0 + 7]) {
-            let text = String::from_utf8_lossy(&run).to_string();
-            if let Ok(date) = chrono::NaiveDate::parse_from_str(&text, "%Y%m%d") {
-                let mut time = chrono::NaiveTime::MIN;
-                if i + 14 <= digits.len() {
-                    let t: Vec<u8> = digits[i + 8..i + 14].iter().map(|(_, b)| *b).collect();
-                    let tspan = digits[i + 13].0 - digits[i + 8].0;
-                    let gap = digits[i + 8].0 - digits[i + 7].0;
-                    if (tspan == 5 || tspan == 7)
-                        && gap <= 2
-                        && let Ok(parsed) = chrono::NaiveTime::parse_from_str(
-                            &String::from_utf8_lossy(&t),
-                            "%H%M%S",
-                        )
-                    {
-                        time = parsed;
-                    }
-                }
-                best = Some(date.and_time(time).and_utc().to_rfc3339());
-            }
-        }
-        i += 1;
-    }
-    best
-}
+/// Object metadata key an uploader may set to the export's own time (RFC 3339), read when the
+/// route has `order_by = "metadata"`.
+pub use crate::order::EXPORTED_AT_METADATA;
 
 /// The Lambda handler over a store and a runner.
 pub struct Handler {
@@ -394,7 +347,7 @@ impl Handler {
             trigger: uri.clone(),
             parts,
             export_id: export_id.clone(),
-            exported_at: export_time(&uri.key, &head.metadata, head.last_modified.as_deref()),
+            trigger_meta: head.clone(),
             force_full,
         };
         let ledger = Ledger::new(
@@ -427,17 +380,13 @@ impl Handler {
         let (status, report, outcome) = match result {
             Ok(o) => {
                 hand_over = o.hand_over;
+                let (status, word) = o.ledger_status();
                 (
-                    if o.complete() {
-                        LedgerStatus::Complete
-                    } else {
-                        LedgerStatus::Incomplete
-                    },
+                    status,
                     o.report.clone(),
                     ObjectOutcome::Done(json!({
                         "object": uri.to_string(), "route": route.name,
-                        "outcome": if o.complete() {"synced"} else {"incomplete"},
-                        "report": o.report, "summary": o.summary})),
+                        "outcome": word, "report": o.report, "summary": o.summary})),
                 )
             }
             Err(RunError::Retryable(reason)) => {
@@ -494,35 +443,6 @@ mod tests {
             ],
             lease_s: 900,
         }
-    }
-
-    #[test]
-    fn export_time_prefers_metadata_then_name_then_last_modified() {
-        let none = std::collections::BTreeMap::new();
-        assert_eq!(
-            export_time("a/customers_2026-11-29T101500.csv", &none, Some("x")).as_deref(),
-            Some("2026-11-29T10:15:00+00:00")
-        );
-        assert_eq!(
-            export_time("a/run_20261130_081500/part-0001.csv", &none, None).as_deref(),
-            Some("2026-11-30T08:15:00+00:00")
-        );
-        assert_eq!(
-            export_time("a/2026-11-28/.DONE", &none, None).as_deref(),
-            Some("2026-11-28T00:00:00+00:00")
-        );
-        assert_eq!(
-            export_time("a/export.csv", &none, Some("2026-01-01T00:00:00Z")).as_deref(),
-            Some("2026-01-01T00:00:00Z")
-        );
-        let meta = std::collections::BTreeMap::from([(
-            EXPORTED_AT_METADATA.to_string(),
-            "2025-05-05T05:05:05Z".to_string(),
-        )]);
-        assert_eq!(
-            export_time("a/customers_2026-11-29.csv", &meta, None).as_deref(),
-            Some("2025-05-05T05:05:05Z")
-        );
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub enum LedgerStatus {
     /// (e.g. Braze refused the API key): the notification may be acknowledged, yet a
     /// redelivered or re-copied notification for the same object and ETag runs it again.
     FailedRetryable,
+    /// The export is dated before the one the route's state reflects: nothing was applied
+    /// (see the report). Not final: a forced replay runs it.
+    SkippedStale,
 }
 
 impl LedgerStatus {

@@ -17,6 +17,7 @@ pub mod handler;
 pub mod ledger;
 pub mod map;
 pub mod model;
+pub mod order;
 pub mod rate_limit;
 pub mod read;
 pub mod rejects;

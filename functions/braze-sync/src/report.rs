@@ -26,8 +26,9 @@ pub enum RunStatus {
     Incomplete,
     /// The run failed (refused key, unreadable export, bad config); see `error`.
     Failed,
-    /// Nothing was done on purpose (an older export than the snapshot, a duplicate).
-    Skipped,
+    /// The export is dated before the one the state reflects: nothing was applied (never
+    /// `complete`); a forced replay runs it.
+    SkippedStale,
     /// `--dry-run`: nothing was sent.
     DryRun,
 }
@@ -89,6 +90,11 @@ pub struct RunReport {
     pub notes: Vec<String>,
     /// What failed, when `status` is `failed` (never contains the API key).
     pub error: Option<String>,
+    /// When the export was made, as the route's `order_by` dates it (RFC 3339).
+    pub exported_at: Option<String>,
+    /// A forced replay of an export older than the one the state reflects: sent, but the
+    /// watermark stays at the newer export.
+    pub forced_older_replay: bool,
 }
 
 impl RunReport {
@@ -167,6 +173,14 @@ impl RunReport {
             ("duration_s", Metric::Seconds(self.duration_s)),
             ("send_duration_s", Metric::Seconds(self.send_duration_s)),
             ("requests_per_s", Metric::PerSecond(self.requests_per_s)),
+            (
+                "skipped_stale",
+                c(u64::from(self.status == RunStatus::SkippedStale)),
+            ),
+            (
+                "forced_older_replay",
+                c(u64::from(self.forced_older_replay)),
+            ),
         ]
     }
 

@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use crate::map::fields::{self, StandardField};
 use crate::map::types::AmperityType;
+use crate::order::{ExportOrder, OrderBy};
 use crate::read::{self, Compression, Format};
 
 /// One route file, as written.
@@ -76,6 +77,26 @@ pub struct RouteConfig {
     /// Size bounds for reading this route's exports.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// What orders this route's exports (an export dated before the one the state reflects
+    /// is skipped and reported `skipped_stale`): `last_modified` (default: the trigger
+    /// object's S3 LastModified, i.e. arrival order), `metadata` (its
+    /// `x-amz-meta-exported-at`, RFC 3339; required) or `key` (the key after `prefix`,
+    /// parsed whole with `key_time_format`). Never guessed from digits in the name.
+    #[serde(default)]
+    pub order_by: OrderBy,
+    /// `order_by = "key"` only: the `strftime` format of the key after `prefix`, matched
+    /// exactly, e.g. `customers_%Y%m%d.csv`, `customers_%Y-%m-%dT%H%M%S.csv` or
+    /// `run-%Y-%m-%d/.DONE` (UTC unless it has `%z`); a key that does not match is refused.
+    #[serde(default)]
+    pub key_time_format: Option<String>,
+    /// How far ahead of now an export may be dated (default `1h`; e.g. `30m`, `6h`): a later
+    /// one is refused with its reason, so a mistyped date cannot pin the route's watermark.
+    #[serde(default = "default_max_future_skew")]
+    pub max_future_skew: String,
+}
+
+fn default_max_future_skew() -> String {
+    crate::order::DEFAULT_MAX_FUTURE_SKEW.to_string()
 }
 
 fn default_marker() -> String {
@@ -410,6 +431,24 @@ impl Route {
                 }
             }
         }
+        match (config.order_by, &config.key_time_format) {
+            (OrderBy::Key, None) => {
+                return Err(invalid(
+                    "order_by = \"key\" needs key_time_format (e.g. \"customers_%Y%m%d.csv\")"
+                        .into(),
+                ));
+            }
+            (OrderBy::Key, Some(f)) => crate::order::validate_key_time_format(f)
+                .map_err(|e| invalid(format!("key_time_format: {e}")))?,
+            (_, Some(_)) => {
+                return Err(invalid(
+                    "key_time_format is only used with order_by = \"key\"".into(),
+                ));
+            }
+            (_, None) => {}
+        }
+        crate::order::parse_skew(&config.max_future_skew)
+            .map_err(|e| invalid(format!("max_future_skew: {e}")))?;
         if config.limits.max_row_bytes < 64 {
             return Err(invalid("limits.max_row_bytes must be at least 64".into()));
         }
@@ -496,6 +535,17 @@ impl Route {
     /// Route name.
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// How this route's exports are ordered (validated when the route was loaded).
+    pub fn export_order(&self) -> ExportOrder {
+        ExportOrder {
+            by: self.config.order_by,
+            key_time_format: self.config.key_time_format.clone(),
+            max_future_skew: crate::order::parse_skew(&self.config.max_future_skew)
+                .unwrap_or(std::time::Duration::from_secs(3600)),
+            prefix: self.config.prefix.clone(),
+        }
     }
 
     /// The slot of a Braze attribute name.

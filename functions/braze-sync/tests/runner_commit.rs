@@ -93,8 +93,8 @@ async fn plan(store: &MemoryStore, key: &str, body: Bytes) -> ExportPlan {
         route: "people".into(),
         trigger: uri.clone(),
         export_id: format!("{uri}#{}", meta.etag),
+        trigger_meta: meta.clone(),
         parts: vec![meta],
-        exported_at: None,
         force_full: false,
     }
 }

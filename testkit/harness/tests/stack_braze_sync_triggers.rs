@@ -1,13 +1,13 @@
 //! braze-sync's triggers and ordering on the local stack (moto + runtime emulator + Braze
 //! simulator): direct S3 and EventBridge invocations beside the SQS path, an SQS batch with a
-//! bad message, multi-part CSV and Parquet-folder exports finished by a `.DONE` marker, the same
-//! notification twice, two exports of one route landing together, and an older export arriving
-//! after a newer one.
+//! bad message, multi-part CSV and Parquet-folder exports finished by a `.DONE` marker and the
+//! same notification twice. Export order (two landing together, an older one arriving late) is
+//! in `stack_bad_day.rs`, with a route that declares its order.
 
 use std::time::Duration;
 
 use harness::samples;
-use harness::stack::{EXPORTS_BUCKET, STATE_BUCKET, Stack, StackOptions};
+use harness::stack::{EXPORTS_BUCKET, Stack, StackOptions};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -152,56 +152,6 @@ async fn trigger_shapes_markers_duplicates_and_ordering() -> anyhow::Result<()> 
         r.body
     );
     assert_eq!(applied(), before);
-
-    // Two exports of one route in the same second: applied one after the other, and the
-    // final profiles are the newer export's.
-    let older = "amperity/customers/customers_2026-11-05T100000.csv";
-    let newer = "amperity/customers/customers_2026-11-05T100001.csv";
-    let (a, b) = tokio::join!(
-        stack
-            .moto
-            .put(EXPORTS_BUCKET, older, samples::customers_csv(0..10, 3)),
-        stack
-            .moto
-            .put(EXPORTS_BUCKET, newer, samples::customers_csv(0..10, 4)),
-    );
-    a?;
-    b?;
-    stack.wait_idle(WAIT).await?;
-    for i in 0..10u64 {
-        let u = sim.user(&format!("AMP-{i:08}")).expect("user");
-        assert_eq!(
-            u["order_count"].to_string(),
-            samples::customer_row(i, 4)[14],
-            "user {i} has the newer export"
-        );
-    }
-
-    // An older export arriving after a newer one is skipped and reported, never applied.
-    let before = applied();
-    let stale = "amperity/customers/customers_2026-11-04T090000.csv";
-    stack
-        .moto
-        .put(EXPORTS_BUCKET, stale, samples::customers_csv(0..10, 5))
-        .await?;
-    stack.wait_idle(WAIT).await?;
-    assert_eq!(
-        applied(),
-        before,
-        "an older export is never applied over newer data"
-    );
-    let mut skipped = 0;
-    for k in stack
-        .moto
-        .list(STATE_BUCKET, "bridge/reports/customers/")
-        .await?
-    {
-        let v: Value = serde_json::from_slice(&stack.moto.get(STATE_BUCKET, &k).await?)?;
-        if v["status"] == "skipped" {
-            skipped += 1;
-        }
-    }
-    assert!(skipped >= 1, "the skip is reported");
 
     // Nothing went to the dead-letter queue.
     let dlq = stack.sync_dlq_url.clone().expect("dlq");

@@ -133,11 +133,11 @@ impl Ended {
 
     /// The export was fully planned and sent: its watermark may move (Braze refusals do not
     /// hold it back; those users stay unconfirmed and are sent again).
-    pub fn watermark(&self, plan: &ExportPlan) -> Option<Watermark> {
+    pub fn watermark(&self, plan: &ExportPlan, exported_at: &str) -> Option<Watermark> {
         (self.delivery.error.is_none() && self.read_error().is_none() && !self.unsent()).then(
             || Watermark {
                 export_id: plan.export_id.clone(),
-                exported_at: plan.exported_at.clone(),
+                exported_at: Some(exported_at.to_string()),
             },
         )
     }

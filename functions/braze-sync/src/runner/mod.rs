@@ -172,10 +172,28 @@ impl ExportRunner for SyncRunner {
             });
         };
         let mut record = RunRecord::new(plan, route.name(), &self.settings);
+        // The export's date, as the route declares it; a date too far ahead is refused before
+        // anything is claimed, so it can never pin the watermark.
+        let order = route.export_order();
+        let exported_at = match order
+            .export_time(&plan.trigger, &plan.trigger_meta)
+            .and_then(|t| {
+                order
+                    .check_skew(&plan.trigger, t, chrono::Utc::now())
+                    .map(|()| t)
+            }) {
+            Ok(t) => t.to_rfc3339(),
+            Err(e) => {
+                return Err(record
+                    .failed(self.store.as_ref(), e.to_string(), false)
+                    .await);
+            }
+        };
+        record.report.exported_at = Some(exported_at.clone());
         // One run per route at a time: exports of a route apply one after the other.
         let lock = self.lock(&route, &record.run_id).await?;
         let result = self
-            .run_locked(plan, &route, &mut record, remaining_ms)
+            .run_locked(plan, &route, &exported_at, &mut record, remaining_ms)
             .await;
         if let Err(e) = lock.release().await {
             warn!(route = route.name(), error = %e, "Could not release the route lock; it expires by itself.");
@@ -197,12 +215,13 @@ impl SyncRunner {
         &self,
         plan: &ExportPlan,
         route: &Arc<Route>,
+        exported_at: &str,
         record: &mut RunRecord,
         remaining_ms: Option<u64>,
     ) -> Result<RunOutcome, RunError> {
         let store = self.store.as_ref();
         let state = self.state(route);
-        let (head, snapshot) = match state.load(route).await {
+        let (mut head, snapshot) = match state.load(route).await {
             Ok(x) => x,
             Err(e) if e.is_retryable() => return Err(RunError::Retryable(e.to_string())),
             Err(e) => {
@@ -210,8 +229,16 @@ impl SyncRunner {
                 return Err(record.failed(store, message, false).await);
             }
         };
-        if !plan.force_full && head.is_stale(plan.exported_at.as_deref()) {
-            return Ok(self.skip_stale(plan, &head, record).await);
+        forget_future_watermark(route, &mut head, record);
+        if head.is_stale(Some(exported_at)) {
+            if !plan.force_full {
+                return Ok(self.skip_stale(plan, &head, record).await);
+            }
+            record.report.forced_older_replay = true;
+            record.report.notes.push(format!(
+                "forced replay of an export older than the one the state reflects ({}); sent in full, the watermark stays at the newer export",
+                watermark_text(&head)
+            ));
         }
 
         let s = &self.settings;
@@ -240,25 +267,31 @@ impl SyncRunner {
         let produced = producer.finish().await?;
         let mut ended = Ended { produced, delivery };
         ended.account(record, &committer, store, s).await;
-        let commit_error = committer.commit(snapshot, ended.watermark(plan)).await;
+        let commit_error = committer
+            .commit(snapshot, ended.watermark(plan, exported_at))
+            .await;
         self.conclude(record, ended, &committer, commit_error).await
     }
 
-    /// Records an export older than the state as skipped, without touching the state.
+    /// Records an export older than the state as `skipped_stale`, without touching the state.
     async fn skip_stale(
         &self,
         plan: &ExportPlan,
         head: &Head,
         record: &mut RunRecord,
     ) -> RunOutcome {
-        record.report.status = RunStatus::Skipped;
+        record.report.status = RunStatus::SkippedStale;
         record.report.notes.push(format!(
-            "export is older than the one the state reflects ({:?}); skipped, never applied over newer data",
-            head.doc.watermark
+            "export dated {} is older than the one the state reflects ({}); skipped, never applied over newer data. Replay it on purpose with bridge-force-full=true or --force-full",
+            record.report.exported_at.as_deref().unwrap_or("?"),
+            watermark_text(head)
         ));
         info!(route = %plan.route, export = %plan.trigger, "Skipping an export older than the state.");
         record.finish(self.store.as_ref()).await;
-        record.outcome(false, serde_json::json!({"status": "skipped_older_export"}))
+        record.outcome(
+            false,
+            serde_json::json!({"status": "skipped_stale", "state_watermark": head.doc.watermark}),
+        )
     }
 
     /// The run's verdict: failed (retryable or not), unfinished (hand over), or done.
@@ -302,5 +335,42 @@ impl SyncRunner {
         };
         record.finish(store).await;
         Ok(record.outcome(false, summary))
+    }
+}
+
+fn watermark_text(head: &Head) -> String {
+    match &head.doc.watermark {
+        Some(w) => format!(
+            "{} dated {}",
+            w.export_id,
+            w.exported_at.as_deref().unwrap_or("?")
+        ),
+        None => "none".into(),
+    }
+}
+
+/// A watermark dated beyond the route's `max_future_skew` (written before exports were dated
+/// as declared, e.g. from a `..._20991231.csv` name) would skip every genuine export: it is
+/// ignored, said so in the report, and replaced by this run's commit.
+fn forget_future_watermark(route: &Route, head: &mut Head, record: &mut RunRecord) {
+    let order = route.export_order();
+    let at = head
+        .doc
+        .watermark
+        .as_ref()
+        .and_then(|w| w.exported_at.as_deref())
+        .and_then(crate::order::parse_instant);
+    if let Some(at) = at
+        && order.too_far_ahead(at, chrono::Utc::now())
+    {
+        record.report.notes.push(format!(
+            "the state's watermark ({}) lies beyond max_future_skew; it is ignored and replaced by this export's",
+            watermark_text(head)
+        ));
+        warn!(
+            route = route.name(),
+            "Ignoring a state watermark dated in the future."
+        );
+        head.doc.watermark = None;
     }
 }
