@@ -481,6 +481,22 @@ impl Snapshot {
         })
     }
 
+    /// The base users of hash range `range` (of `1 << bits` ranges): a contiguous run of
+    /// base indexes, since the base is sorted by key.
+    pub fn range_span(&self, range: usize, bits: u32) -> std::ops::Range<usize> {
+        let start = self.keys.partition_point(|k| range_of(*k, bits) < range);
+        let end = self.keys.partition_point(|k| range_of(*k, bits) <= range);
+        start..end
+    }
+
+    /// Encodes the base users of hash range `range` as one base shard (call
+    /// [`Snapshot::compact`] first); returns the shard and its user count.
+    pub fn encode_hash_range(&self, range: usize, bits: u32) -> (Vec<u8>, u64) {
+        let span = self.range_span(range, bits);
+        let n = span.len() as u64;
+        (self.encode_range(span.start, span.end), n)
+    }
+
     /// All shards at once (tests and small states).
     pub fn encode_base(&self, max_shard_bytes: usize) -> Vec<Vec<u8>> {
         self.base_shards(max_shard_bytes).collect()
@@ -771,6 +787,117 @@ fn open<'b>(bytes: &'b [u8], what: &str) -> Result<Opened<'b>, SnapshotError> {
         records,
         body: &rest[8..],
     })
+}
+
+/// The hash range (of `1 << bits`) a user key falls in: its top `bits` bits.
+pub fn range_of(key: u128, bits: u32) -> usize {
+    if bits == 0 {
+        0
+    } else {
+        (key >> (128 - bits)) as usize
+    }
+}
+
+/// The decoded records of a checkpoint segment (or a range delta, which has the same form),
+/// remapped onto one layout.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SegmentData {
+    /// `(user key, slot, stored fingerprint; 0 = removed)`, in the order they apply.
+    pub records: Vec<(u128, u16, u64)>,
+    /// Identifiers learned, as canonical texts.
+    pub ids: Vec<(u128, String)>,
+}
+
+impl SegmentData {
+    /// Appends a segment's records, remapped by name onto `names` (attributes `names` does
+    /// not have are dropped).
+    pub fn extend_from(
+        &mut self,
+        bytes: &[u8],
+        what: &str,
+        names: &[String],
+    ) -> Result<(), SnapshotError> {
+        let h = open(bytes, what)?;
+        if h.kind != KIND_SEGMENT {
+            return Err(format_err(what, "not a checkpoint segment"));
+        }
+        let remap: Vec<Option<u16>> = h
+            .names
+            .iter()
+            .map(|n| names.iter().position(|m| m == n).map(|i| i as u16))
+            .collect();
+        let rec = 16 + 2 + FP_BYTES;
+        let n = usize::try_from(h.records).map_err(|_| format_err(what, "too many records"))?;
+        let fixed = n
+            .checked_mul(rec)
+            .filter(|l| *l <= h.body.len())
+            .ok_or_else(|| format_err(what, "record count does not match the length"))?;
+        let (mut body, mut ids) = h.body.split_at(fixed);
+        self.records.reserve(n);
+        while body.len() >= rec {
+            let key = u128::from_le_bytes(read_array(&body[..16]));
+            let slot = u16::from_le_bytes(read_array(&body[16..18])) as usize;
+            if let Some(Some(target)) = remap.get(slot) {
+                self.records.push((key, *target, get_fp(&body[18..])));
+            }
+            body = &body[rec..];
+        }
+        if h.flags & FLAG_IDS != 0 {
+            let count = ids
+                .get(..8)
+                .map(|b| u64::from_le_bytes(read_array(b)))
+                .ok_or_else(|| format_err(what, "truncated identifier section"))?;
+            ids = &ids[8..];
+            for _ in 0..count {
+                let key = ids
+                    .get(..16)
+                    .map(|b| u128::from_le_bytes(read_array(b)))
+                    .ok_or_else(|| format_err(what, "truncated identifier section"))?;
+                ids = &ids[16..];
+                let id = take_str(&mut ids)
+                    .ok_or_else(|| format_err(what, "truncated identifier section"))?;
+                self.ids.push((key, id.to_string()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Splits the records and identifiers by hash range (of `1 << bits`), in one pass,
+    /// keeping their order within each range.
+    pub fn split(self, bits: u32) -> std::collections::BTreeMap<usize, SegmentData> {
+        let mut out: std::collections::BTreeMap<usize, SegmentData> =
+            std::collections::BTreeMap::new();
+        for r in self.records {
+            out.entry(range_of(r.0, bits)).or_default().records.push(r);
+        }
+        for r in self.ids {
+            out.entry(range_of(r.0, bits)).or_default().ids.push(r);
+        }
+        out
+    }
+
+    /// Encodes as a segment object in `names`' layout; `keep_ids` writes the identifiers.
+    pub fn encode(&self, names: &[String], keep_ids: bool) -> Vec<u8> {
+        let flags = if keep_ids { FLAG_IDS } else { 0 };
+        let mut buf = header(KIND_SEGMENT, flags, names, self.records.len() as u64);
+        buf.reserve(self.records.len() * (18 + FP_BYTES) + 8);
+        for (key, slot, fp) in &self.records {
+            buf.extend_from_slice(&key.to_le_bytes());
+            buf.extend_from_slice(&slot.to_le_bytes());
+            let mut b = [0u8; FP_BYTES];
+            put_fp(&mut b, *fp);
+            buf.extend_from_slice(&b);
+        }
+        if keep_ids {
+            buf.extend_from_slice(&(self.ids.len() as u64).to_le_bytes());
+            for (key, id) in &self.ids {
+                buf.extend_from_slice(&key.to_le_bytes());
+                put_str(&mut buf, id);
+            }
+        }
+        seal(&mut buf);
+        buf
+    }
 }
 
 /// Encodes confirmed deltas as a checkpoint segment in `names`' layout (attributes not in

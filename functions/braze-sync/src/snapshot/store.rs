@@ -1,18 +1,39 @@
 //! Where a route's confirmed state lives in S3, under `<STATE_PREFIX><route>/`:
 //!
-//! - `head.json` — the pointer: which base shards and checkpoint segments make the state, the
-//!   watermark of the newest export applied, and the ids of recent exports. Replaced only
-//!   with `If-Match: <etag>` (created with `If-None-Match: *`), so two writers can never both
-//!   win; the loser gets [`StateError::Conflict`] and must re-read and retry.
-//! - `snap-<generation>-<nonce>-<n>.bin` — immutable base shards (format in
+//! - `head.json` — the pointer: the hash-range layout and, per range, its base shard and
+//!   delta objects; the checkpoint segments of runs not yet folded; the watermark of the
+//!   newest export applied, and the ids of recent exports. Replaced only with
+//!   `If-Match: <etag>` (created with `If-None-Match: *`), so two writers can never both win;
+//!   the loser gets [`StateError::Conflict`] and must re-read and retry.
+//! - `base-<range>-<generation>-<nonce>.bin` — immutable base shard of one hash range: every
+//!   user whose key's top `range_bits` bits equal the range number (format in
 //!   [`crate::snapshot`]).
+//! - `delta-<range>-<generation>-<nonce>.bin` — immutable changes to one range since its base
+//!   (the segment format, restricted to the range's users), applied in order on top of it.
 //! - `seg-<generation>-<seq>-<nonce>.bin` — immutable checkpoint segments: confirmed
 //!   `(user, attribute, fingerprint)` changes, written every few seconds during a run so a
 //!   crash loses no confirmed progress.
 //!
-//! Loading is base + segments in order. [`StateStore::commit`] (end of a run) folds the run's
-//! segments into a new base and clears them. Nothing but [`StateStore::checkpoint`] and
-//! [`StateStore::commit`] ever moves the state, and both take only confirmed deltas.
+//! # Incremental commits
+//! [`StateStore::commit`] folds the segments into the ranges they touch and writes nothing
+//! else: per touched range, either one delta object (the range's share of the changes) or,
+//! when the range's deltas have grown past a quarter of its base, a new base for that range.
+//! Untouched ranges keep their objects; the head (one conditional write) moves to the new
+//! set. A commit without a watermark (a run handing over before its deadline, or one that
+//! failed part-way) never rewrites an existing base: it only appends deltas.
+//!
+//! The number of ranges (`1 << range_bits`) follows the user count so a range holds about
+//! [`RANGE_USERS`] users (about 35 MB in memory at 20 attributes); a complete commit that
+//! finds ranges at more than twice that re-lays the state out once with twice as many.
+//!
+//! # Format-1 heads
+//! Heads written before ranges existed (`"format": 1`, one list of byte-sized `snap-*`
+//! shards, every commit rewrote the whole base) load as before; the first complete commit
+//! rewrites them once into ranges and deletes the old objects. Nothing is resent. A commit
+//! without a watermark leaves a format-1 head as it is (its segments stay until then).
+//!
+//! Nothing but [`StateStore::checkpoint`] and [`StateStore::commit`] ever moves the state,
+//! and both take only confirmed deltas.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -21,13 +42,19 @@ use bridge_shared::{ObjectStore, PutCondition, S3Uri, StoreError};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::{Snapshot, SnapshotError, encode_segment};
+use super::{SegmentData, Snapshot, SnapshotError, encode_segment};
 use crate::model::UserDelta;
 use crate::route::Route;
 
-/// Head format version.
-pub const HEAD_FORMAT: u32 = 1;
-/// Target size of one base shard.
+/// Head format version written.
+pub const HEAD_FORMAT: u32 = 2;
+/// The format before hash ranges (read, and rewritten by the next complete commit).
+pub const LEGACY_HEAD_FORMAT: u32 = 1;
+/// Target users per hash range.
+pub const RANGE_USERS: u64 = 250_000;
+/// At most `1 << MAX_RANGE_BITS` ranges.
+pub const MAX_RANGE_BITS: u32 = 16;
+/// Target size of one base shard (format 1; kept for the diff bench's size figures).
 pub const SHARD_BYTES: usize = 64 * 1024 * 1024;
 /// How many recent export ids the head remembers.
 pub const APPLIED_EXPORTS_KEPT: usize = 100;
@@ -41,6 +68,26 @@ pub struct Watermark {
     pub exported_at: Option<String>,
 }
 
+/// One hash range's objects in the head.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct RangeDoc {
+    /// Base shard object name (relative to the route's state folder); `None`: no users yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+    /// Users in the range (base and deltas).
+    #[serde(default)]
+    pub users: u64,
+    /// Bytes of the base shard.
+    #[serde(default)]
+    pub bytes: u64,
+    /// Delta objects applied on top of the base, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deltas: Vec<String>,
+    /// Bytes of the delta objects.
+    #[serde(default)]
+    pub delta_bytes: u64,
+}
+
 /// `head.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct HeadDoc {
@@ -50,11 +97,18 @@ pub struct HeadDoc {
     pub route: String,
     /// Incremented by each commit.
     pub generation: u64,
-    /// Base shard object names (relative to the route's state folder), in key order.
+    /// The state has `1 << range_bits` hash ranges (when `ranges` is not empty).
+    #[serde(default)]
+    pub range_bits: u32,
+    /// Per hash range, in key order (empty: no layout yet, or a format-1 head).
+    #[serde(default)]
+    pub ranges: Vec<RangeDoc>,
+    /// Format 1 only: base shard object names, in key order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub base: Vec<String>,
-    /// Users in the base.
+    /// Users in the state at the last commit.
     pub users: u64,
-    /// Checkpoint segments applied on top of the base, in order.
+    /// Checkpoint segments applied on top of the ranges, in order.
     pub segments: Vec<String>,
     /// The newest export applied.
     pub watermark: Option<Watermark>,
@@ -62,6 +116,13 @@ pub struct HeadDoc {
     pub applied_exports: Vec<String>,
     /// When the head was written (RFC 3339).
     pub updated_at: String,
+}
+
+impl HeadDoc {
+    /// Bytes of every base shard and delta object the head points to (segments aside).
+    pub fn state_bytes(&self) -> u64 {
+        self.ranges.iter().map(|r| r.bytes + r.delta_bytes).sum()
+    }
 }
 
 /// The head as read, with what is needed to replace it.
@@ -107,16 +168,22 @@ impl Head {
 }
 
 /// What a commit wrote.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CommitStats {
-    /// Users in the new base.
+    /// Users in the state after the commit.
     pub users: u64,
-    /// Bytes of the new base.
+    /// Bytes written by this commit (bases and deltas).
     pub bytes: u64,
-    /// Shards written.
+    /// Base shards written.
     pub shards: usize,
+    /// Delta objects written.
+    pub deltas: usize,
+    /// Hash ranges of the state.
+    pub ranges: usize,
     /// Segments folded in.
     pub segments_folded: usize,
+    /// Bytes of every object the new head points to.
+    pub state_bytes: u64,
 }
 
 /// Why state could not be read or written.
@@ -162,10 +229,21 @@ pub struct StateStore {
     bucket: String,
     folder: String,
     route: String,
+    range_users: u64,
 }
 
 fn nonce() -> String {
     format!("{:08x}", rand::random::<u32>())
+}
+
+/// The range bits that give ranges of at most `target` users for `users` users.
+pub fn bits_for(users: u64, target: u64) -> u32 {
+    let target = target.max(1);
+    let mut bits = 0;
+    while bits < MAX_RANGE_BITS && (target << bits) < users {
+        bits += 1;
+    }
+    bits
 }
 
 impl StateStore {
@@ -180,7 +258,14 @@ impl StateStore {
             bucket: bucket.to_string(),
             folder: format!("{prefix}{route}/"),
             route: route.to_string(),
+            range_users: RANGE_USERS,
         }
+    }
+
+    /// Sets the target users per hash range (tests use small ranges).
+    pub fn with_range_users(mut self, users: u64) -> Self {
+        self.range_users = users.max(1);
+        self
     }
 
     fn uri(&self, name: &str) -> S3Uri {
@@ -202,10 +287,26 @@ impl StateStore {
                         uri: uri.clone(),
                         reason: e.to_string(),
                     })?;
-                if doc.format != HEAD_FORMAT {
+                if doc.format != HEAD_FORMAT && doc.format != LEGACY_HEAD_FORMAT {
                     return Err(StateError::BadHead {
                         uri,
-                        reason: format!("head format {} is not {HEAD_FORMAT}", doc.format),
+                        reason: format!(
+                            "head format {} is not {LEGACY_HEAD_FORMAT} or {HEAD_FORMAT}",
+                            doc.format
+                        ),
+                    });
+                }
+                if !doc.ranges.is_empty()
+                    && (doc.range_bits > MAX_RANGE_BITS
+                        || doc.ranges.len() != 1usize << doc.range_bits)
+                {
+                    return Err(StateError::BadHead {
+                        uri,
+                        reason: format!(
+                            "{} ranges do not match range_bits {}",
+                            doc.ranges.len(),
+                            doc.range_bits
+                        ),
                     });
                 }
                 Ok(Head {
@@ -227,19 +328,32 @@ impl StateStore {
         }
     }
 
-    /// Loads the head and the snapshot it points to (base + segments), laid out for `route`.
+    async fn get(&self, name: &str) -> Result<(Bytes, String), StateError> {
+        let uri = self.uri(name);
+        let (_, bytes) = self.store.get(&uri).await?;
+        Ok((bytes, uri.to_string()))
+    }
+
+    /// Loads the head and the snapshot it points to (ranges, then segments), laid out for
+    /// `route`.
     pub async fn load(&self, route: &Route) -> Result<(Head, Snapshot), StateError> {
         let mut head = self.read_head().await?;
         let mut snap = Snapshot::for_route(route);
         for name in &head.doc.base {
-            let uri = self.uri(name);
-            let (_, bytes) = self.store.get(&uri).await?;
-            snap.load_base_shard(&bytes, &uri.to_string())?;
+            let (bytes, what) = self.get(name).await?;
+            snap.load_base_shard(&bytes, &what)?;
+        }
+        for name in head.doc.ranges.iter().filter_map(|r| r.base.as_ref()) {
+            let (bytes, what) = self.get(name).await?;
+            snap.load_base_shard(&bytes, &what)?;
+        }
+        for name in head.doc.ranges.iter().flat_map(|r| r.deltas.iter()) {
+            let (bytes, what) = self.get(name).await?;
+            snap.apply_segment(&bytes, &what)?;
         }
         for name in &head.doc.segments {
-            let uri = self.uri(name);
-            let (_, bytes) = self.store.get(&uri).await?;
-            snap.apply_segment(&bytes, &uri.to_string())?;
+            let (bytes, what) = self.get(name).await?;
+            snap.apply_segment(&bytes, &what)?;
         }
         snap.compact();
         head.loaded_segments = head.doc.segments.len();
@@ -308,57 +422,105 @@ impl StateStore {
         Ok(())
     }
 
-    /// Ends a run: folds the segments written since [`StateStore::load`] into `snapshot`,
-    /// writes a new base, and points the head at it with the export's watermark. Old objects
-    /// are deleted afterwards (best effort).
+    async fn put_new(&self, name: &str, body: Vec<u8>) -> Result<(), StoreError> {
+        self.store
+            .put(
+                &self.uri(name),
+                Bytes::from(body),
+                PutCondition::IfAbsent,
+                BTreeMap::new(),
+            )
+            .await
+            .map(|_| ())
+    }
+
+    /// Ends a run: folds the segments into the hash ranges they touch (see the module docs:
+    /// only touched ranges are written, as deltas or, for a complete run, as a new base when
+    /// their deltas have grown), and points the head at the result with the export's
+    /// watermark. `export` is `Some` only for a run that finished its export; `None` (hand-over,
+    /// failure) never rewrites a base. Replaced objects are deleted afterwards (best effort).
     pub async fn commit(
         &self,
         head: &mut Head,
         mut snapshot: Snapshot,
         export: Option<Watermark>,
     ) -> Result<CommitStats, StateError> {
-        let new_segments: Vec<String> =
-            head.doc.segments[head.loaded_segments.min(head.doc.segments.len())..].to_vec();
-        for name in &new_segments {
-            let uri = self.uri(name);
-            let (_, bytes) = self.store.get(&uri).await?;
-            snapshot.apply_segment(&bytes, &uri.to_string())?;
+        let complete = export.is_some();
+        let names = snapshot.names().to_vec();
+        let mut folded = SegmentData::default();
+        let loaded = head.loaded_segments.min(head.doc.segments.len());
+        for (i, name) in head.doc.segments.iter().enumerate() {
+            let (bytes, what) = self.get(name).await?;
+            folded.extend_from(&bytes, &what, &names)?;
+            if i >= loaded {
+                snapshot.apply_segment(&bytes, &what)?;
+            }
         }
         snapshot.compact();
-        let generation = head.doc.generation + 1;
-        let n = nonce();
-        let mut written = Vec::new();
-        let mut bytes_total = 0u64;
-        for (i, shard) in snapshot.base_shards(SHARD_BYTES).enumerate() {
-            let name = format!("snap-{generation:08}-{n}-{i:04}.bin");
-            bytes_total += shard.len() as u64;
-            let uri = self.uri(&name);
-            if let Err(e) = self
-                .store
-                .put(
-                    &uri,
-                    Bytes::from(shard),
-                    PutCondition::IfAbsent,
-                    BTreeMap::new(),
-                )
-                .await
-            {
-                self.delete_all(&written).await;
-                return Err(e.into());
-            }
-            written.push(name);
+        let users = snapshot.len() as u64;
+        let legacy = head.doc.format == LEGACY_HEAD_FORMAT;
+        if legacy && !complete {
+            // Left for the next complete commit to rewrite; the segments stay in the head.
+            return Ok(CommitStats {
+                users,
+                ..CommitStats::default()
+            });
         }
-        let old: Vec<String> = head
-            .doc
-            .base
-            .iter()
-            .chain(head.doc.segments.iter())
-            .cloned()
-            .collect();
+        let generation = head.doc.generation + 1;
         let mut doc = head.doc.clone();
+        let mut written: Vec<String> = Vec::new();
+        let mut old: Vec<String> = head.doc.segments.clone();
+        let mut stats = CommitStats {
+            users,
+            segments_folded: head.doc.segments.len(),
+            ..CommitStats::default()
+        };
+        let wanted_bits = bits_for(users, self.range_users);
+        let relayout = legacy
+            || doc.ranges.is_empty()
+            || (complete && wanted_bits > doc.range_bits + 1);
+        let result = if relayout {
+            let bits = if doc.ranges.is_empty() || complete {
+                wanted_bits
+            } else {
+                doc.range_bits
+            };
+            old.append(&mut doc.base);
+            for r in &doc.ranges {
+                old.extend(r.base.iter().cloned());
+                old.extend(r.deltas.iter().cloned());
+            }
+            doc.range_bits = bits;
+            doc.ranges = vec![RangeDoc::default(); 1usize << bits];
+            self.write_bases(
+                &snapshot,
+                &mut doc,
+                0..1usize << bits,
+                generation,
+                &mut written,
+                &mut stats,
+            )
+            .await
+        } else {
+            self.write_touched(
+                &snapshot,
+                &mut doc,
+                folded,
+                complete,
+                generation,
+                &mut written,
+                &mut old,
+                &mut stats,
+            )
+            .await
+        };
+        if let Err(e) = result {
+            self.delete_all(&written).await;
+            return Err(e.into());
+        }
+        doc.format = HEAD_FORMAT;
         doc.generation = generation;
-        doc.base = written.clone();
-        doc.users = snapshot.len() as u64;
+        doc.users = users;
         doc.segments.clear();
         if let Some(w) = export {
             doc.applied_exports.retain(|e| *e != w.export_id);
@@ -368,24 +530,101 @@ impl StateStore {
                 .len()
                 .saturating_sub(APPLIED_EXPORTS_KEPT);
             doc.applied_exports.drain(..excess);
-            let newer = !head.is_stale(w.exported_at.as_deref());
-            if newer {
+            if !head.is_stale(w.exported_at.as_deref()) {
                 doc.watermark = Some(w);
             }
         }
         doc.updated_at = chrono::Utc::now().to_rfc3339();
+        stats.ranges = doc.ranges.len();
+        stats.state_bytes = doc.state_bytes();
         if let Err(e) = self.put_head(head, doc).await {
             self.delete_all(&written).await;
             return Err(e);
         }
         head.loaded_segments = 0;
         self.delete_all(&old).await;
-        Ok(CommitStats {
-            users: snapshot.len() as u64,
-            bytes: bytes_total,
-            shards: written.len(),
-            segments_folded: new_segments.len(),
-        })
+        Ok(stats)
+    }
+
+    /// Writes a fresh base for each range in `ranges` (empty ranges get none).
+    async fn write_bases(
+        &self,
+        snapshot: &Snapshot,
+        doc: &mut HeadDoc,
+        ranges: std::ops::Range<usize>,
+        generation: u64,
+        written: &mut Vec<String>,
+        stats: &mut CommitStats,
+    ) -> Result<(), StoreError> {
+        let tag = nonce();
+        for r in ranges {
+            let (shard, users) = snapshot.encode_hash_range(r, doc.range_bits);
+            let slot = &mut doc.ranges[r];
+            *slot = RangeDoc::default();
+            if users == 0 {
+                continue;
+            }
+            let name = format!("base-{r:05}-{generation:08}-{tag}.bin");
+            let bytes = shard.len() as u64;
+            self.put_new(&name, shard).await?;
+            written.push(name.clone());
+            *slot = RangeDoc {
+                base: Some(name),
+                users,
+                bytes,
+                deltas: Vec::new(),
+                delta_bytes: 0,
+            };
+            stats.shards += 1;
+            stats.bytes += bytes;
+        }
+        Ok(())
+    }
+
+    /// Per range the folded records touch: one delta object, or a new base when the range
+    /// has none yet or (complete runs only) its deltas outgrow a quarter of its base.
+    #[allow(clippy::too_many_arguments)]
+    async fn write_touched(
+        &self,
+        snapshot: &Snapshot,
+        doc: &mut HeadDoc,
+        folded: SegmentData,
+        complete: bool,
+        generation: u64,
+        written: &mut Vec<String>,
+        old: &mut Vec<String>,
+        stats: &mut CommitStats,
+    ) -> Result<(), StoreError> {
+        let bits = doc.range_bits;
+        let names = snapshot.names().to_vec();
+        let keep_ids = snapshot.keeps_ids();
+        let tag = nonce();
+        for (r, part) in folded.split(bits) {
+            let Some(range) = doc.ranges.get(r).cloned() else {
+                continue;
+            };
+            let delta = part.encode(&names, keep_ids);
+            let rebase = range.base.is_none()
+                || (complete && (range.delta_bytes + delta.len() as u64) * 4 > range.bytes);
+            if rebase {
+                old.extend(range.base.iter().cloned());
+                old.extend(range.deltas.iter().cloned());
+                self.write_bases(snapshot, doc, r..r + 1, generation, written, stats)
+                    .await?;
+                continue;
+            }
+            let name = format!("delta-{r:05}-{generation:08}-{tag}.bin");
+            let bytes = delta.len() as u64;
+            self.put_new(&name, delta).await?;
+            written.push(name.clone());
+            let slot = &mut doc.ranges[r];
+            slot.deltas.push(name);
+            slot.delta_bytes += bytes;
+            slot.users = snapshot.range_span(r, bits).len() as u64;
+            stats.deltas += 1;
+            stats.bytes += bytes;
+        }
+        Ok(())
     }
 
     async fn delete_all(&self, names: &[String]) {
@@ -474,5 +713,103 @@ mod tests {
         let err = st.checkpoint(&mut b, &r, &[d("2", 2)]).await.unwrap_err();
         assert!(matches!(err, StateError::Conflict { .. }), "{err}");
         assert!(err.is_retryable());
+    }
+
+    fn w(tag: &str) -> Option<Watermark> {
+        Some(Watermark {
+            export_id: format!("s3://b/k#{tag}"),
+            exported_at: Some("2024-01-02T00:00:00Z".into()),
+        })
+    }
+
+    async fn names_under(mem: &Arc<dyn ObjectStore>) -> Vec<String> {
+        let mut v: Vec<String> = mem
+            .list("state", "s/r/")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key.trim_start_matches("s/r/").to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// One run: confirm `deltas`, checkpoint, commit with or without a watermark.
+    async fn run(st: &StateStore, deltas: &[UserDelta], export: Option<Watermark>) -> CommitStats {
+        let r = route();
+        let (mut head, snap) = st.load(&r).await.unwrap();
+        st.checkpoint(&mut head, &r, deltas).await.unwrap();
+        st.commit(&mut head, snap, export).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_commit_writes_only_the_ranges_it_touched() {
+        let mem: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let st = StateStore::new(mem.clone(), "state", "s/", "r").with_range_users(16);
+        let first: Vec<UserDelta> = (0..200).map(|i| d(&i.to_string(), i)).collect();
+        let stats = run(&st, &first, w("e1")).await;
+        assert_eq!(stats.ranges, 16, "200 users at 16 per range: 16 ranges");
+        assert_eq!(stats.shards, 16);
+        let before = names_under(&mem).await;
+        // One user changed: one delta object for its range, no base rewritten.
+        let stats = run(&st, &[d("7", 1000)], w("e2")).await;
+        assert_eq!((stats.shards, stats.deltas), (0, 1), "{stats:?}");
+        let after = names_under(&mem).await;
+        let bases = |v: &[String]| -> Vec<String> {
+            v.iter().filter(|n| n.starts_with("base-")).cloned().collect()
+        };
+        assert_eq!(bases(&before), bases(&after), "every base kept as it was");
+        assert_eq!(after.iter().filter(|n| n.starts_with("delta-")).count(), 1);
+        assert!(!after.iter().any(|n| n.starts_with("seg-")), "segments folded");
+        let (_, snap) = st.load(&route()).await.unwrap();
+        assert_eq!(snap.len(), 200);
+        let k = Identifier::ExternalId("7".into()).user_key();
+        let want = crate::snapshot::stored_fp(fingerprint(&json!(1000)));
+        assert_eq!(snap.get(k).unwrap().fp(0), Some(want));
+    }
+
+    #[tokio::test]
+    async fn a_hand_over_only_appends_deltas_and_a_complete_run_folds_them() {
+        let mem: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let st = StateStore::new(mem.clone(), "state", "s/", "r").with_range_users(1000);
+        let first: Vec<UserDelta> = (0..100).map(|i| d(&i.to_string(), i)).collect();
+        run(&st, &first, w("e1")).await;
+        let base = names_under(&mem).await;
+        // Half the users changed, confirmed by a run that hands over (no watermark): the
+        // deltas outgrow a quarter of the base, yet the base is not rewritten.
+        let changed: Vec<UserDelta> = (0..50).map(|i| d(&i.to_string(), i + 500)).collect();
+        let stats = run(&st, &changed, None).await;
+        assert_eq!((stats.shards, stats.deltas), (0, 1), "{stats:?}");
+        let after = names_under(&mem).await;
+        assert!(base.iter().filter(|n| n.starts_with("base-")).all(|b| after.contains(b)));
+        // The run that completes the export folds the range's deltas into a new base.
+        let stats = run(&st, &[d("99", 7)], w("e2")).await;
+        assert_eq!((stats.shards, stats.deltas), (1, 0), "{stats:?}");
+        let now = names_under(&mem).await;
+        assert_eq!(now.len(), 2, "head and one base: {now:?}");
+        let (head, snap) = st.load(&route()).await.unwrap();
+        assert_eq!(head.doc.users, 100);
+        for i in 0..100i64 {
+            let want = if i < 50 { i + 500 } else if i == 99 { 7 } else { i };
+            let k = Identifier::ExternalId(i.to_string()).user_key();
+            assert_eq!(
+                snap.get(k).unwrap().fp(0),
+                Some(crate::snapshot::stored_fp(fingerprint(&json!(want))))
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn ranges_double_when_the_route_outgrows_them() {
+        let mem: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let st = StateStore::new(mem.clone(), "state", "s/", "r").with_range_users(10);
+        let first: Vec<UserDelta> = (0..20).map(|i| d(&i.to_string(), i)).collect();
+        assert_eq!(run(&st, &first, w("e1")).await.ranges, 2);
+        let more: Vec<UserDelta> = (20..200).map(|i| d(&i.to_string(), i)).collect();
+        let stats = run(&st, &more, w("e2")).await;
+        assert_eq!(stats.ranges, 32);
+        let (head, snap) = st.load(&route()).await.unwrap();
+        assert_eq!(snap.len(), 200);
+        assert_eq!(head.doc.ranges.iter().map(|r| r.users).sum::<u64>(), 200);
     }
 }
