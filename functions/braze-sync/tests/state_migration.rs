@@ -19,7 +19,10 @@ use bytes::Bytes;
 const SOURCE: &str = "s3://in/amperity/customers/export.csv";
 
 fn fixture() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/state-v1"))
+    Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/state-v1"
+    ))
 }
 
 fn route() -> Route {
@@ -31,10 +34,7 @@ async fn store_with_fixture() -> Arc<dyn ObjectStore> {
     let mem: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
     for e in std::fs::read_dir(fixture().join("objects")).unwrap() {
         let e = e.unwrap();
-        let key = format!(
-            "bridge/state/customers/{}",
-            e.file_name().to_string_lossy()
-        );
+        let key = format!("bridge/state/customers/{}", e.file_name().to_string_lossy());
         mem.put(
             &S3Uri::new("state", key),
             Bytes::from(std::fs::read(e.path()).unwrap()),
@@ -62,7 +62,11 @@ async fn keys(mem: &Arc<dyn ObjectStore>) -> Vec<String> {
         .await
         .unwrap()
         .into_iter()
-        .map(|o| o.key.trim_start_matches("bridge/state/customers/").to_string())
+        .map(|o| {
+            o.key
+                .trim_start_matches("bridge/state/customers/")
+                .to_string()
+        })
         .collect();
     v.sort();
     v
@@ -72,14 +76,23 @@ async fn keys(mem: &Arc<dyn ObjectStore>) -> Vec<String> {
 async fn format_1_state_is_read_without_a_resend_and_rewritten_into_ranges() {
     let mem = store_with_fixture().await;
     let csv = std::fs::read_to_string(fixture().join("export.csv")).unwrap();
-    let st = StateStore::new(mem.clone(), "state", "bridge/state/", "customers").with_range_users(8);
+    let st =
+        StateStore::new(mem.clone(), "state", "bridge/state/", "customers").with_range_users(8);
     let r = route();
 
     let (mut head, snap) = st.load(&r).await.unwrap();
     assert_eq!(head.doc.format, 1, "the fixture is a format-1 head");
-    assert_eq!(snap.len(), 40, "30 users in the base + 10 in the uncommitted segment");
+    assert_eq!(
+        snap.len(),
+        40,
+        "30 users in the base + 10 in the uncommitted segment"
+    );
     let p = plan(&csv, &snap);
-    assert!(p.deltas.is_empty(), "nothing resent: {:?}", p.deltas.first());
+    assert!(
+        p.deltas.is_empty(),
+        "nothing resent: {:?}",
+        p.deltas.first()
+    );
     assert_eq!(p.summary.unchanged, 40);
 
     // A hand-over (no watermark) leaves the format-1 state as it is.
@@ -131,7 +144,8 @@ async fn format_1_state_is_read_without_a_resend_and_rewritten_into_ranges() {
         .map(|l| l + "\n")
         .collect();
     let p = plan(&changed, &snap);
-    let objects: Vec<serde_json::Value> = p.deltas.iter().map(|d| d.to_attribute_object()).collect();
+    let objects: Vec<serde_json::Value> =
+        p.deltas.iter().map(|d| d.to_attribute_object()).collect();
     assert_eq!(
         objects,
         vec![

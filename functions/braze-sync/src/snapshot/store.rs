@@ -476,9 +476,8 @@ impl StateStore {
             ..CommitStats::default()
         };
         let wanted_bits = bits_for(users, self.range_users);
-        let relayout = legacy
-            || doc.ranges.is_empty()
-            || (complete && wanted_bits > doc.range_bits + 1);
+        let relayout =
+            legacy || doc.ranges.is_empty() || (complete && wanted_bits > doc.range_bits + 1);
         let result = if relayout {
             let bits = if doc.ranges.is_empty() || complete {
                 wanted_bits
@@ -756,11 +755,17 @@ mod tests {
         assert_eq!((stats.shards, stats.deltas), (0, 1), "{stats:?}");
         let after = names_under(&mem).await;
         let bases = |v: &[String]| -> Vec<String> {
-            v.iter().filter(|n| n.starts_with("base-")).cloned().collect()
+            v.iter()
+                .filter(|n| n.starts_with("base-"))
+                .cloned()
+                .collect()
         };
         assert_eq!(bases(&before), bases(&after), "every base kept as it was");
         assert_eq!(after.iter().filter(|n| n.starts_with("delta-")).count(), 1);
-        assert!(!after.iter().any(|n| n.starts_with("seg-")), "segments folded");
+        assert!(
+            !after.iter().any(|n| n.starts_with("seg-")),
+            "segments folded"
+        );
         let (_, snap) = st.load(&route()).await.unwrap();
         assert_eq!(snap.len(), 200);
         let k = Identifier::ExternalId("7".into()).user_key();
@@ -781,7 +786,11 @@ mod tests {
         let stats = run(&st, &changed, None).await;
         assert_eq!((stats.shards, stats.deltas), (0, 1), "{stats:?}");
         let after = names_under(&mem).await;
-        assert!(base.iter().filter(|n| n.starts_with("base-")).all(|b| after.contains(b)));
+        assert!(
+            base.iter()
+                .filter(|n| n.starts_with("base-"))
+                .all(|b| after.contains(b))
+        );
         // The run that completes the export folds the range's deltas into a new base.
         let stats = run(&st, &[d("99", 7)], w("e2")).await;
         assert_eq!((stats.shards, stats.deltas), (1, 0), "{stats:?}");
@@ -790,7 +799,13 @@ mod tests {
         let (head, snap) = st.load(&route()).await.unwrap();
         assert_eq!(head.doc.users, 100);
         for i in 0..100i64 {
-            let want = if i < 50 { i + 500 } else if i == 99 { 7 } else { i };
+            let want = if i < 50 {
+                i + 500
+            } else if i == 99 {
+                7
+            } else {
+                i
+            };
             let k = Identifier::ExternalId(i.to_string()).user_key();
             assert_eq!(
                 snap.get(k).unwrap().fp(0),
