@@ -28,3 +28,4 @@ pub mod route_lock;
 pub mod runner;
 pub mod snapshot;
 pub mod sync;
+pub mod vocab;

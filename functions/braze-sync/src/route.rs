@@ -11,10 +11,10 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Deserialize;
 
-use crate::map::fields::{self, StandardField};
-use crate::map::types::AmperityType;
 use crate::order::{ExportOrder, OrderBy};
-use crate::read::{self, Compression, Format};
+use crate::read;
+use crate::vocab::{self, AmperityType, Compression, Format, StandardField};
+pub use crate::vocab::{IdentifierKind, OnLeave, SlotKind, StringPolicy};
 
 /// One route file, as written.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -170,29 +170,6 @@ pub struct IdentifierConfig {
     pub alias_label_column: Option<String>,
 }
 
-/// Braze identifier kinds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum IdentifierKind {
-    /// `external_id`.
-    ExternalId,
-    /// `braze_id`.
-    BrazeId,
-    /// `user_alias` `{alias_name, alias_label}`.
-    UserAlias,
-}
-
-/// Strings longer than Braze's 255-character limit.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StringPolicy {
-    /// Cut to 255 characters.
-    #[default]
-    Truncate,
-    /// Reject the row.
-    Reject,
-}
-
 /// One custom attribute.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -225,19 +202,6 @@ pub struct AudienceConfig {
     /// or `keep` (send nothing).
     #[serde(default)]
     pub on_leave: OnLeave,
-}
-
-/// What leaving an audience sends.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnLeave {
-    /// Set the attribute to `false`.
-    #[default]
-    False,
-    /// Remove the attribute (`null`).
-    Null,
-    /// Leave Braze as it is.
-    Keep,
 }
 
 /// Reading bounds of a route.
@@ -301,25 +265,6 @@ pub enum RouteError {
         origin: String,
         /// What and which key.
         message: String,
-    },
-}
-
-/// What a slot holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SlotKind {
-    /// A standard profile field.
-    Standard(StandardField),
-    /// A custom attribute with its Amperity type and rounding.
-    Custom {
-        /// The type.
-        ty: AmperityType,
-        /// Digits to round to.
-        round: Option<u8>,
-    },
-    /// An audience membership flag.
-    Audience {
-        /// What leaving sends.
-        on_leave: OnLeave,
     },
 }
 
@@ -681,12 +626,12 @@ fn check_custom_name(name: &str, column: &str, origin: &str) -> Result<(), Route
             "custom attribute name {name:?} must not start with '$'"
         )));
     }
-    if let Some(reserved) = fields::reserved_key(name) {
+    if let Some(reserved) = vocab::reserved_key(name) {
         return Err(invalid(format!(
             "custom attribute name {name:?} is Braze's reserved key `{reserved}`"
         )));
     }
-    if let Some(std) = fields::standard_synonym(name) {
+    if let Some(std) = vocab::standard_synonym(name) {
         return Err(RouteError::DuplicatesStandardField {
             origin: origin.to_string(),
             column: column.to_string(),

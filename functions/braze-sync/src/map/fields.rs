@@ -9,46 +9,8 @@ use std::str::FromStr;
 use chrono_tz::Tz;
 
 use super::types::{self, Reason};
-use crate::read::Cell;
-
-/// A standard profile field a route may map.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum StandardField {
-    /// `first_name`.
-    FirstName,
-    /// `last_name`.
-    LastName,
-    /// `email`.
-    Email,
-    /// `phone`.
-    Phone,
-    /// `dob`.
-    Dob,
-    /// `gender`.
-    Gender,
-    /// `country`.
-    Country,
-    /// `home_city`.
-    HomeCity,
-    /// `language`.
-    Language,
-    /// `time_zone`.
-    TimeZone,
-    /// `email_subscribe`.
-    EmailSubscribe,
-    /// `push_subscribe`.
-    PushSubscribe,
-    /// `email_open_tracking_disabled`.
-    EmailOpenTrackingDisabled,
-    /// `email_click_tracking_disabled`.
-    EmailClickTrackingDisabled,
-    /// `date_of_first_session`.
-    DateOfFirstSession,
-    /// `date_of_last_session`.
-    DateOfLastSession,
-    /// `marked_email_as_spam_at`.
-    MarkedEmailAsSpamAt,
-}
+use crate::vocab::Cell;
+pub use crate::vocab::{StandardField, reserved_key, squash, standard_synonym};
 
 /// What a normalized standard value is.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,55 +24,6 @@ pub enum StdValue {
 }
 
 impl StandardField {
-    /// Every field, in documentation order.
-    pub const ALL: [StandardField; 17] = [
-        StandardField::FirstName,
-        StandardField::LastName,
-        StandardField::Email,
-        StandardField::Phone,
-        StandardField::Dob,
-        StandardField::Gender,
-        StandardField::Country,
-        StandardField::HomeCity,
-        StandardField::Language,
-        StandardField::TimeZone,
-        StandardField::EmailSubscribe,
-        StandardField::PushSubscribe,
-        StandardField::EmailOpenTrackingDisabled,
-        StandardField::EmailClickTrackingDisabled,
-        StandardField::DateOfFirstSession,
-        StandardField::DateOfLastSession,
-        StandardField::MarkedEmailAsSpamAt,
-    ];
-
-    /// Braze's name for the field.
-    pub fn name(self) -> &'static str {
-        match self {
-            StandardField::FirstName => "first_name",
-            StandardField::LastName => "last_name",
-            StandardField::Email => "email",
-            StandardField::Phone => "phone",
-            StandardField::Dob => "dob",
-            StandardField::Gender => "gender",
-            StandardField::Country => "country",
-            StandardField::HomeCity => "home_city",
-            StandardField::Language => "language",
-            StandardField::TimeZone => "time_zone",
-            StandardField::EmailSubscribe => "email_subscribe",
-            StandardField::PushSubscribe => "push_subscribe",
-            StandardField::EmailOpenTrackingDisabled => "email_open_tracking_disabled",
-            StandardField::EmailClickTrackingDisabled => "email_click_tracking_disabled",
-            StandardField::DateOfFirstSession => "date_of_first_session",
-            StandardField::DateOfLastSession => "date_of_last_session",
-            StandardField::MarkedEmailAsSpamAt => "marked_email_as_spam_at",
-        }
-    }
-
-    /// The field with this exact Braze name.
-    pub fn from_name(name: &str) -> Option<StandardField> {
-        StandardField::ALL.into_iter().find(|f| f.name() == name)
-    }
-
     /// Normalizes a cell for this field. Text goes to the end of `out`; `truncate` says
     /// whether an over-long string is cut (else refused).
     pub fn normalize(
@@ -180,13 +93,6 @@ fn text<'c>(cell: &Cell<'c>) -> std::borrow::Cow<'c, str> {
             std::borrow::Cow::Owned(s)
         }
     }
-}
-
-fn squash(s: &str) -> String {
-    s.chars()
-        .filter(|c| c.is_alphanumeric())
-        .flat_map(char::to_lowercase)
-        .collect()
 }
 
 /// A short key squashed on the stack (lowercase ASCII letters and digits), `None` when `s` is
@@ -338,84 +244,6 @@ pub fn time_zone(s: &str) -> Result<&'static str, Reason> {
         .find(|tz| tz.name().eq_ignore_ascii_case(t))
         .map(|tz| tz.name())
         .ok_or_else(|| format!("{t:?} is not an IANA time zone"))
-}
-
-/// Other names of standard fields, squashed (lowercase, letters and digits only).
-const SYNONYMS: &[(&str, StandardField)] = &[
-    ("firstname", StandardField::FirstName),
-    ("givenname", StandardField::FirstName),
-    ("forename", StandardField::FirstName),
-    ("fname", StandardField::FirstName),
-    ("lastname", StandardField::LastName),
-    ("surname", StandardField::LastName),
-    ("familyname", StandardField::LastName),
-    ("lname", StandardField::LastName),
-    ("email", StandardField::Email),
-    ("emailaddress", StandardField::Email),
-    ("phone", StandardField::Phone),
-    ("phonenumber", StandardField::Phone),
-    ("mobilephone", StandardField::Phone),
-    ("mobilenumber", StandardField::Phone),
-    ("cellphone", StandardField::Phone),
-    ("telephone", StandardField::Phone),
-    ("dob", StandardField::Dob),
-    ("birthday", StandardField::Dob),
-    ("birthdate", StandardField::Dob),
-    ("dateofbirth", StandardField::Dob),
-    ("gender", StandardField::Gender),
-    ("sex", StandardField::Gender),
-    ("country", StandardField::Country),
-    ("countrycode", StandardField::Country),
-    ("homecity", StandardField::HomeCity),
-    ("city", StandardField::HomeCity),
-    ("language", StandardField::Language),
-    ("languagecode", StandardField::Language),
-    ("timezone", StandardField::TimeZone),
-    ("emailsubscribe", StandardField::EmailSubscribe),
-    ("emailsubscription", StandardField::EmailSubscribe),
-    ("emailoptin", StandardField::EmailSubscribe),
-    ("pushsubscribe", StandardField::PushSubscribe),
-    ("pushsubscription", StandardField::PushSubscribe),
-    ("pushoptin", StandardField::PushSubscribe),
-    (
-        "emailopentrackingdisabled",
-        StandardField::EmailOpenTrackingDisabled,
-    ),
-    (
-        "emailclicktrackingdisabled",
-        StandardField::EmailClickTrackingDisabled,
-    ),
-    ("dateoffirstsession", StandardField::DateOfFirstSession),
-    ("dateoflastsession", StandardField::DateOfLastSession),
-    ("markedemailasspamat", StandardField::MarkedEmailAsSpamAt),
-];
-
-/// The standard field a custom attribute name duplicates, if any (`birthday` → `dob`,
-/// `e-mail` → `email`, `First Name` → `first_name`, `phone_number` → `phone`, ...).
-pub fn standard_synonym(name: &str) -> Option<StandardField> {
-    let key = squash(name);
-    SYNONYMS.iter().find(|(s, _)| *s == key).map(|(_, f)| *f)
-}
-
-/// Keys of an attribute object that are not attributes at all.
-pub fn reserved_key(name: &str) -> Option<&'static str> {
-    [
-        "external_id",
-        "braze_id",
-        "user_alias",
-        "alias_name",
-        "alias_label",
-        "_update_existing_only",
-        "_merge_objects",
-        "push_token_import",
-        "push_tokens",
-        "subscription_groups",
-        "current_location",
-        "facebook",
-        "twitter",
-    ]
-    .into_iter()
-    .find(|k| k.eq_ignore_ascii_case(name))
 }
 
 #[cfg(test)]

@@ -15,10 +15,11 @@ use serde_json::Value;
 use xxhash_rust::xxh3::Xxh3Default;
 
 use crate::model::{Fingerprint, Identifier, RowPos, UserKey};
-use crate::read::{Cell, ReadError, Row};
-use crate::route::{IdentifierKind, OnLeave, Route, SlotKind, StringPolicy};
+use crate::read::{ReadError, Row};
+use crate::route::Route;
+use crate::vocab::AmperityType;
+use crate::vocab::{Cell, IdentifierKind, OnLeave, SlotKind, StringPolicy};
 use fields::StdValue;
-use types::AmperityType;
 
 /// Where each column the route reads sits in a source's header.
 #[derive(Debug, Clone, PartialEq, Eq)]

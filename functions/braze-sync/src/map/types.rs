@@ -5,43 +5,9 @@
 //! as ISO 8601 UTC, strings trimmed and held to 255 characters.
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, SecondsFormat, Utc};
-use serde::Deserialize;
 
-use crate::read::Cell;
-
-/// An Amperity column type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum AmperityType {
-    /// true/false.
-    #[serde(alias = "boolean", alias = "BOOLEAN")]
-    Boolean,
-    /// A calendar date, sent as `YYYY-MM-DDT00:00:00Z`.
-    #[serde(alias = "date", alias = "DATE")]
-    Date,
-    /// An instant, sent as ISO 8601 UTC.
-    #[serde(
-        alias = "datetime",
-        alias = "DATETIME",
-        alias = "Timestamp",
-        alias = "timestamp"
-    )]
-    Datetime,
-    /// An exact decimal number, sent as a JSON number without float noise.
-    #[serde(alias = "decimal", alias = "DECIMAL")]
-    Decimal,
-    /// A floating-point number.
-    #[serde(alias = "float", alias = "FLOAT", alias = "Double", alias = "double")]
-    Float,
-    /// A 64-bit integer.
-    #[serde(alias = "integer", alias = "INTEGER", alias = "Int", alias = "int")]
-    Integer,
-    /// Text.
-    #[serde(alias = "string", alias = "STRING")]
-    String,
-    /// Text (Amperity's name for bounded strings).
-    #[serde(alias = "varchar", alias = "VARCHAR")]
-    Varchar,
-}
+use crate::vocab::Cell;
+pub use crate::vocab::{AmperityType, decimal_text};
 
 /// Braze's limit on string values, in characters.
 pub const MAX_STRING_CHARS: usize = 255;
@@ -245,27 +211,6 @@ pub fn round_decimal_into<'b>(s: &str, places: usize, buf: &'b mut [u8]) -> Opti
     }
     buf[..len].copy_from_slice(&out[..len]);
     std::str::from_utf8(&buf[..len]).ok()
-}
-
-/// The text of `unscaled × 10^-scale`.
-pub fn decimal_text(unscaled: i128, scale: i8) -> String {
-    if scale <= 0 {
-        let mut s = unscaled.to_string();
-        if unscaled != 0 {
-            s.extend(std::iter::repeat_n('0', (-scale) as usize));
-        }
-        return s;
-    }
-    let scale = scale as usize;
-    let neg = unscaled < 0;
-    let digits = unscaled.unsigned_abs().to_string();
-    let padded = if digits.len() <= scale {
-        format!("{}{digits}", "0".repeat(scale + 1 - digits.len()))
-    } else {
-        digits
-    };
-    let (i, f) = padded.split_at(padded.len() - scale);
-    format!("{}{i}.{f}", if neg { "-" } else { "" })
 }
 
 /// Parses a date: `YYYY-MM-DD` (optionally followed by a time, which is ignored),

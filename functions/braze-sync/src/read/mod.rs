@@ -25,9 +25,7 @@ pub mod parquet;
 use std::io::Read;
 use std::path::PathBuf;
 
-use chrono::{DateTime, NaiveDate, Utc};
-
-pub use format::{Compression, Format};
+pub use crate::vocab::{Cell, Compression, Format};
 
 /// Default bound on the decompressed bytes of one export object (all layers together).
 pub const DEFAULT_MAX_DECOMPRESSED_BYTES: u64 = 64 * 1024 * 1024 * 1024;
@@ -84,34 +82,6 @@ impl Default for ReadOptions {
             required_columns: Vec::new(),
         }
     }
-}
-
-/// One cell as the source typed it. Delimited and JSON text arrive as [`Cell::Str`]; Parquet
-/// and JSON carry their native types. Empty delimited fields and JSON/Parquet nulls are
-/// [`Cell::Null`].
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Cell<'a> {
-    /// No value.
-    Null,
-    /// Text.
-    Str(&'a str),
-    /// A boolean.
-    Bool(bool),
-    /// An integer.
-    Int(i64),
-    /// A floating-point number.
-    Float(f64),
-    /// An exact decimal `unscaled × 10^-scale` (Parquet DECIMAL).
-    Decimal {
-        /// The unscaled integer.
-        unscaled: i128,
-        /// Digits after the point.
-        scale: i8,
-    },
-    /// A calendar date.
-    Date(NaiveDate),
-    /// An instant.
-    Timestamp(DateTime<Utc>),
 }
 
 /// Why one cell cannot be read (the row is rejected, the export goes on).
@@ -374,9 +344,7 @@ pub fn cell_text(c: &Cell<'_>) -> Option<String> {
         Cell::Bool(b) => Some(b.to_string()),
         Cell::Int(i) => Some(i.to_string()),
         Cell::Float(f) => Some(f.to_string()),
-        Cell::Decimal { unscaled, scale } => {
-            Some(crate::map::types::decimal_text(*unscaled, *scale))
-        }
+        Cell::Decimal { unscaled, scale } => Some(crate::vocab::decimal_text(*unscaled, *scale)),
         Cell::Date(d) => Some(d.format("%Y-%m-%d").to_string()),
         Cell::Timestamp(t) => Some(t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
     }
