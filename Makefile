@@ -38,10 +38,10 @@ demo: venv ## Run the whole job on the local stack (moto + runtime emulator + Br
 	$(CARGO) run --quiet -p harness --bin demo
 
 bench: venv ## Benchmarks (release): diff, send and Currents figures next to their same-run baselines -> target/bench/*.json
-	$(CARGO) build --release -p braze-sync -p currents-normalize -p harness --bins
+	$(CARGO) build --release -p braze-sync -p currents-normalize -p harness --bins --features currents-normalize/dev
 	$(CARGO) run --release --quiet -p braze-sync --bin sync-diff-bench
 	$(CARGO) run --release --quiet -p harness --bin sync-send-bench
-	$(CARGO) run --release --quiet -p currents-normalize --bin currents-bench
+	$(CARGO) run --release --quiet -p currents-normalize --features dev --bin currents-bench
 	@echo "Figures written to target/bench/"; ls target/bench/
 
 sim: ## Run the Braze simulator on 127.0.0.1:4010 (key: sim-key)

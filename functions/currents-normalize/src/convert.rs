@@ -1,10 +1,14 @@
-//! One Currents object, end to end and in memory: key → container → plan → rows → Parquet part,
-//! with where the part goes. Pure and synchronous; the handler does the I/O. Any error here is
-//! permanent for that object (the same bytes fail the same way) and sends it to quarantine;
-//! nothing is written for it.
+//! One Currents object, end to end: key → container → plan → rows → Parquet part (row groups
+//! spooled to a file as they fill), with where the part goes. Synchronous; the handler does
+//! the object I/O. An error about the input is permanent for that object (the same bytes fail
+//! the same way) and sends it to quarantine; an internal error (Parquet/Arrow, the spool file)
+//! is not the input's fault and is retried ([`ConvertError::is_internal`]). Nothing is written
+//! for a failed object.
 
-use crate::decode::{Container, DecodeError, Limits};
-use crate::encode::{EncodeError, PartWriter};
+use std::path::PathBuf;
+
+use crate::decode::{Container, DatumError, DecodeError, Limits};
+use crate::encode::{EncodeError, Part, PartWriter};
 use crate::key::{CurrentsKey, KeyError};
 use crate::normalize::{FileContext, NormalizeError, NormalizeStats, Normalizer, Plan};
 use crate::partition::{PartId, PartLocation};
@@ -20,6 +24,9 @@ pub struct ConvertOptions {
     pub batch_rows: usize,
     /// Rows per Parquet row group.
     pub row_group_rows: usize,
+    /// Folder for the part while it is written (`None`: in memory). Default: the system temp
+    /// folder (`/tmp` under Lambda, whose ephemeral storage must hold the largest part).
+    pub spool_dir: Option<PathBuf>,
 }
 
 impl Default for ConvertOptions {
@@ -28,6 +35,7 @@ impl Default for ConvertOptions {
             limits: Limits::default(),
             batch_rows: 2048,
             row_group_rows: crate::encode::ROW_GROUP_ROWS,
+            spool_dir: Some(std::env::temp_dir()),
         }
     }
 }
@@ -45,13 +53,14 @@ pub struct Converted {
     pub registry_version: u32,
     /// The block codec of the source.
     pub codec: &'static str,
-    /// The Parquet bytes; `None` when the file held no records.
-    pub parquet: Option<Vec<u8>>,
+    /// The Parquet part; `None` when the file held no rows.
+    pub parquet: Option<Part>,
     /// Counts.
     pub stats: NormalizeStats,
 }
 
-/// Why an object cannot be converted; every variant is permanent.
+/// Why an object cannot be converted: permanent for the input's faults, retryable for internal
+/// ones (see [`ConvertError::is_internal`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
     /// The key is not a Currents key.
@@ -72,6 +81,21 @@ pub enum ConvertError {
 }
 
 impl ConvertError {
+    /// True when the failure is not the input's fault (the Parquet/Arrow writer, the spool
+    /// file, a value that does not fit the column its plan chose): the object is retried, not
+    /// quarantined.
+    pub fn is_internal(&self) -> bool {
+        matches!(
+            self,
+            ConvertError::Encode(_)
+                | ConvertError::Normalize(NormalizeError::Sink(_))
+                | ConvertError::Normalize(NormalizeError::Datum {
+                    error: DatumError::Mismatch,
+                    ..
+                })
+        )
+    }
+
     /// The step that failed, for quarantine reasons and metrics.
     pub fn step(&self) -> &'static str {
         match self {
@@ -126,7 +150,12 @@ pub fn convert(
             table.version.to_string(),
         ),
     ];
-    let mut writer = PartWriter::new(table.schema.clone(), metadata, opts.row_group_rows)?;
+    let mut writer = PartWriter::spooled(
+        table.schema.clone(),
+        metadata,
+        opts.row_group_rows,
+        opts.spool_dir.as_deref(),
+    )?;
     // A rough row estimate (Currents events are a few hundred bytes) sizes the id set.
     let expected_rows = (bytes.len() / 256).clamp(16, 200_000);
     let normalizer = Normalizer::new(&plan, ctx, opts.batch_rows, expected_rows);

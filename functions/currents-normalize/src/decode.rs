@@ -13,6 +13,11 @@ use std::io::Read;
 pub const MAGIC: &[u8; 4] = b"Obj\x01";
 const SYNC_LEN: usize = 16;
 
+/// Default for [`Limits::max_object_decompressed_bytes`]: 2 GiB, four times the largest
+/// object accepted (`MAX_OBJECT_BYTES`, 512 MiB), so an object costs at most a few times the
+/// work of the largest uncompressed one however much it inflates.
+pub const DEFAULT_MAX_OBJECT_DECOMPRESSED_BYTES: u64 = 2 << 30;
+
 /// Size guards for one file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -22,6 +27,18 @@ pub struct Limits {
     pub max_block_bytes: usize,
     /// Most records one block may claim.
     pub max_block_records: u64,
+    /// Largest total of all blocks after decompression, in bytes: bounds the work a small
+    /// object that inflates many times over (deflate) can cause, not only each block.
+    pub max_object_decompressed_bytes: u64,
+    /// Most array items and map entries in one record (`null` items cost no input bytes, so
+    /// the count is not bounded by the data).
+    pub max_record_items: u64,
+    /// Most array items and map entries in the whole file.
+    pub max_file_items: u64,
+    /// Largest JSON text one record's arrays, maps, records and unknown fields render to.
+    pub max_record_json_bytes: u64,
+    /// Largest total of rendered JSON text in the whole file.
+    pub max_file_json_bytes: u64,
 }
 
 impl Default for Limits {
@@ -30,6 +47,11 @@ impl Default for Limits {
             max_header_bytes: 16 << 20,
             max_block_bytes: 256 << 20,
             max_block_records: 10_000_000,
+            max_object_decompressed_bytes: DEFAULT_MAX_OBJECT_DECOMPRESSED_BYTES,
+            max_record_items: 1_000_000,
+            max_file_items: 100_000_000,
+            max_record_json_bytes: 16 << 20,
+            max_file_json_bytes: 1 << 30,
         }
     }
 }
@@ -101,6 +123,18 @@ pub enum DecodeError {
         offset: usize,
         /// Which claim is absurd.
         reason: String,
+    },
+    /// The blocks together decompress to more than the object limit.
+    #[error(
+        "block {block} at byte {offset}: the object decompresses to more than {limit} bytes in total (limit per object, max_object_decompressed_bytes)"
+    )]
+    ObjectTooLarge {
+        /// Block number at which the total went over.
+        block: usize,
+        /// Where that block starts.
+        offset: usize,
+        /// The limit.
+        limit: u64,
     },
     /// A block does not decompress.
     #[error("block {block} at byte {offset}: {codec} data is corrupt: {reason}")]
@@ -224,6 +258,11 @@ impl<'a> Container<'a> {
         })
     }
 
+    /// The size guards this file is read with.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
     /// The data blocks in order. Stops at the first error.
     pub fn blocks(&self) -> Blocks<'a, '_> {
         Blocks {
@@ -231,6 +270,7 @@ impl<'a> Container<'a> {
             pos: self.data_start,
             index: 0,
             failed: false,
+            decompressed: 0,
         }
     }
 }
@@ -241,6 +281,8 @@ pub struct Blocks<'a, 'c> {
     pos: usize,
     index: usize,
     failed: bool,
+    /// Decompressed bytes of the blocks read so far.
+    decompressed: u64,
 }
 
 impl<'a> Iterator for Blocks<'a, '_> {
@@ -315,20 +357,33 @@ impl<'a> Blocks<'a, '_> {
                 offset: sync_at,
             });
         }
+        // What this block may still inflate to: its own limit, and what is left of the object's.
+        let object_left = limits
+            .max_object_decompressed_bytes
+            .saturating_sub(self.decompressed);
+        let block_limit = (limits.max_block_bytes as u64).min(object_left) as usize;
+        let object_bound = block_limit < limits.max_block_bytes;
+        let over_object = || DecodeError::ObjectTooLarge {
+            block,
+            offset: start,
+            limit: limits.max_object_decompressed_bytes,
+        };
+        if object_bound && self.container.codec == Codec::Null && raw.len() > block_limit {
+            return Err(over_object());
+        }
         let data =
-            decompress(self.container.codec, raw, limits.max_block_bytes).map_err(|reason| {
-                match reason {
-                    CodecFailure::TooLarge(n) => too_large(format!(
-                        "decompresses to more than {n} bytes (limit {})",
-                        limits.max_block_bytes
-                    )),
-                    CodecFailure::Corrupt(reason) => DecodeError::Codec {
-                        block,
-                        offset: start,
-                        codec: self.container.codec.name(),
-                        reason,
-                    },
-                }
+            decompress(self.container.codec, raw, block_limit).map_err(|reason| match reason {
+                CodecFailure::TooLarge(_) if object_bound => over_object(),
+                CodecFailure::TooLarge(n) => too_large(format!(
+                    "decompresses to more than {n} bytes (limit {})",
+                    limits.max_block_bytes
+                )),
+                CodecFailure::Corrupt(reason) => DecodeError::Codec {
+                    block,
+                    offset: start,
+                    codec: self.container.codec.name(),
+                    reason,
+                },
             })?;
         if count > data.len() as u64 && count > 0 {
             // Every Currents record carries at least an id, so a record is at least one byte;
@@ -338,6 +393,7 @@ impl<'a> Blocks<'a, '_> {
                 data.len()
             )));
         }
+        self.decompressed = self.decompressed.saturating_add(data.len() as u64);
         self.pos = c.pos;
         self.index += 1;
         Ok(Block {
@@ -425,6 +481,15 @@ pub enum DatumError {
     /// A value does not fit the column its plan chose (an internal error, never data).
     #[error("value does not fit its column")]
     Mismatch,
+    /// A record or the file goes over a size guard that the input bytes alone do not bound
+    /// (array items and map entries, rendered JSON text).
+    #[error("{what} over the limit of {limit}")]
+    OverLimit {
+        /// What was counted (`array/map items in one record`, ...).
+        what: &'static str,
+        /// The limit.
+        limit: u64,
+    },
 }
 
 /// A read position over bytes.
@@ -686,6 +751,64 @@ mod tests {
         forged.extend_from_slice(&c.sync);
         let err = count_records(&forged).unwrap_err();
         assert!(matches!(err, DecodeError::BlockTooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn total_decompressed_bytes_are_bounded_per_object_not_only_per_block() {
+        // Many small blocks, each far under the block limit.
+        let schema = Schema::parse_str(
+            r#"{"type":"record","name":"R","fields":[{"name":"id","type":"string"}]}"#,
+        )
+        .unwrap();
+        for codec in [
+            apache_avro::Codec::Deflate(Default::default()),
+            apache_avro::Codec::Snappy,
+            apache_avro::Codec::Null,
+        ] {
+            let mut w = Writer::builder()
+                .schema(&schema)
+                .writer(Vec::new())
+                .codec(codec)
+                .block_size(1024)
+                .build()
+                .unwrap();
+            for i in 0..20_000 {
+                w.append_value(AvroValue::Record(vec![(
+                    "id".into(),
+                    AvroValue::String(format!("{i:0>60}")),
+                )]))
+                .unwrap();
+            }
+            let bytes = w.into_inner().unwrap();
+            let limits = Limits {
+                max_object_decompressed_bytes: 100_000,
+                ..Limits::default()
+            };
+            let c = Container::open(&bytes, limits).unwrap();
+            let mut total = 0usize;
+            let mut err = None;
+            for b in c.blocks() {
+                match b {
+                    Ok(b) => {
+                        assert!(b.data.len() < 4096, "small blocks");
+                        total += b.data.len();
+                    }
+                    Err(e) => err = Some(e),
+                }
+            }
+            let err = err.expect("the object limit stops it");
+            assert!(total <= 100_000, "{total}");
+            assert!(
+                matches!(err, DecodeError::ObjectTooLarge { limit: 100_000, .. }),
+                "{codec:?}: {err}"
+            );
+            assert!(
+                err.to_string()
+                    .contains("decompresses to more than 100000 bytes in total"),
+                "{err}"
+            );
+            assert_eq!(count_records(&bytes).unwrap(), 20_000, "default limits");
+        }
     }
 
     #[test]

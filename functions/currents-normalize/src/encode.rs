@@ -1,6 +1,13 @@
-//! Arrow record batches → one Parquet part in memory, Snappy-compressed (never zstd, which
-//! Amperity cannot read), Parquet format 1.0 pages for the widest reader support, with the
-//! part's lineage in the file's key-value metadata.
+//! Arrow record batches → one Parquet part, Snappy-compressed (never zstd, which Amperity
+//! cannot read), Parquet format 1.0 pages for the widest reader support, with the part's
+//! lineage in the file's key-value metadata. Row groups are written out as they fill, to a
+//! spool file (so a large object's output is never held in memory next to its input) or, when
+//! no spool folder is given, to memory.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
@@ -13,10 +20,108 @@ use parquet::schema::types::ColumnPath;
 /// Default rows per Parquet row group.
 pub const ROW_GROUP_ROWS: usize = 128 * 1024;
 
-/// Why a part cannot be encoded.
+/// A row group is closed early once its encoded data in memory reaches this size.
+pub const MAX_ROW_GROUP_BYTES: usize = 128 << 20;
+
+/// Why a part cannot be encoded. Never the input's fault: the same object converts when
+/// tried again (a full disk, a writer bug), so the handler retries instead of quarantining.
 #[derive(Debug, thiserror::Error)]
-#[error("encoding Parquet failed: {0}")]
-pub struct EncodeError(#[from] parquet::errors::ParquetError);
+pub enum EncodeError {
+    /// The Parquet writer failed.
+    #[error("encoding Parquet failed: {0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
+    /// The spool file could not be created, written or read back.
+    #[error("spool file {path}: {source}")]
+    Spool {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// A spool file, removed when dropped.
+#[derive(Debug)]
+struct SpoolFile {
+    path: PathBuf,
+}
+
+impl Drop for SpoolFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Where a part's bytes go while it is written.
+enum Sink {
+    Memory(Vec<u8>),
+    File(BufWriter<File>, SpoolFile),
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Sink::Memory(v) => v.write(buf),
+            Sink::File(f, _) => f.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Sink::Memory(_) => Ok(()),
+            Sink::File(f, _) => f.flush(),
+        }
+    }
+}
+
+/// A finished part: its bytes in memory or in a spool file (removed when the part is dropped).
+#[derive(Debug)]
+pub struct Part {
+    bytes: Option<Vec<u8>>,
+    file: Option<SpoolFile>,
+    len: u64,
+}
+
+impl Part {
+    /// Size in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True when the part has no bytes (never, for a finished Parquet file).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The part's bytes (read back from the spool file, which is then removed).
+    pub fn into_bytes(mut self) -> Result<Vec<u8>, EncodeError> {
+        if let Some(b) = self.bytes.take() {
+            return Ok(b);
+        }
+        match self.file.take() {
+            Some(f) => std::fs::read(&f.path).map_err(|source| EncodeError::Spool {
+                path: f.path.clone(),
+                source,
+            }),
+            None => Ok(Vec::new()),
+        }
+    }
+}
+
+static SPOOL_SEQ: AtomicU64 = AtomicU64::new(0);
+
+fn spool_file(dir: &Path) -> Result<(BufWriter<File>, SpoolFile), EncodeError> {
+    let path = dir.join(format!(
+        "currents-part-{}-{}.parquet.tmp",
+        std::process::id(),
+        SPOOL_SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let file = File::create(&path).map_err(|source| EncodeError::Spool {
+        path: path.clone(),
+        source,
+    })?;
+    Ok((BufWriter::with_capacity(1 << 20, file), SpoolFile { path }))
+}
 
 /// The writer settings every part uses.
 pub fn writer_properties(
@@ -45,30 +150,76 @@ pub fn writer_properties(
 
 /// Writes one part.
 pub struct PartWriter {
-    writer: ArrowWriter<Vec<u8>>,
+    writer: ArrowWriter<Sink>,
 }
 
 impl PartWriter {
-    /// Starts a part with the table's schema, lineage metadata and row group size.
+    /// Starts a part in memory with the table's schema, lineage metadata and row group size.
     pub fn new(
         schema: SchemaRef,
         metadata: Vec<(String, String)>,
         row_group_rows: usize,
     ) -> Result<Self, EncodeError> {
+        Self::spooled(schema, metadata, row_group_rows, None)
+    }
+
+    /// Starts a part written to a new spool file in `dir` (memory when `None`).
+    pub fn spooled(
+        schema: SchemaRef,
+        metadata: Vec<(String, String)>,
+        row_group_rows: usize,
+        dir: Option<&Path>,
+    ) -> Result<Self, EncodeError> {
         let props = writer_properties(metadata, row_group_rows);
-        let writer = ArrowWriter::try_new(Vec::new(), schema, Some(props))?;
+        let sink = match dir {
+            Some(d) => {
+                let (w, f) = spool_file(d)?;
+                Sink::File(w, f)
+            }
+            None => Sink::Memory(Vec::new()),
+        };
+        let writer = ArrowWriter::try_new(sink, schema, Some(props))?;
         Ok(Self { writer })
     }
 
-    /// Appends a batch.
+    /// Bytes held in memory for the row group being built.
+    pub fn in_progress_bytes(&self) -> usize {
+        self.writer.in_progress_size()
+    }
+
+    /// Appends a batch; closes the row group early once it holds `MAX_ROW_GROUP_BYTES` of
+    /// encoded data, so wide rows do not pile up in memory.
     pub fn write(&mut self, batch: &RecordBatch) -> Result<(), EncodeError> {
         self.writer.write(batch)?;
+        if self.writer.in_progress_size() >= MAX_ROW_GROUP_BYTES {
+            self.writer.flush()?;
+        }
         Ok(())
     }
 
-    /// Finishes the file and returns its bytes.
-    pub fn finish(self) -> Result<Vec<u8>, EncodeError> {
-        Ok(self.writer.into_inner()?)
+    /// Finishes the file.
+    pub fn finish(self) -> Result<Part, EncodeError> {
+        match self.writer.into_inner()? {
+            Sink::Memory(v) => Ok(Part {
+                len: v.len() as u64,
+                bytes: Some(v),
+                file: None,
+            }),
+            Sink::File(w, f) => {
+                let spool_err = |source| EncodeError::Spool {
+                    path: f.path.clone(),
+                    source,
+                };
+                let file = w.into_inner().map_err(|e| spool_err(e.into_error()))?;
+                file.sync_data().map_err(spool_err)?;
+                let len = file.metadata().map_err(spool_err)?.len();
+                Ok(Part {
+                    bytes: None,
+                    file: Some(f),
+                    len,
+                })
+            }
+        }
     }
 }
 
@@ -102,7 +253,7 @@ mod tests {
         )
         .unwrap();
         w.write(&batch).unwrap();
-        let bytes = w.finish().unwrap();
+        let bytes = w.finish().unwrap().into_bytes().unwrap();
         let r = SerializedFileReader::new(bytes::Bytes::from(bytes)).unwrap();
         let md = r.metadata();
         assert_eq!(md.file_metadata().num_rows(), 2);
@@ -113,5 +264,41 @@ mod tests {
             kv.iter()
                 .any(|k| k.key == "currents.source_key" && k.value.as_deref() == Some("k"))
         );
+    }
+
+    #[test]
+    fn spooled_parts_are_the_same_bytes_and_their_file_is_removed() {
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, true)]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(Int64Array::from_iter_values(0..10_000)) as ArrayRef],
+        )
+        .unwrap();
+        let dir = std::env::temp_dir();
+        let mut mem = PartWriter::new(schema.clone(), vec![], 1000).unwrap();
+        let mut spooled = PartWriter::spooled(schema, vec![], 1000, Some(&dir)).unwrap();
+        mem.write(&batch).unwrap();
+        spooled.write(&batch).unwrap();
+        let mem = mem.finish().unwrap();
+        let spooled = spooled.finish().unwrap();
+        assert_eq!(mem.len(), spooled.len());
+        let path = spooled.file.as_ref().unwrap().path.clone();
+        assert!(path.exists());
+        assert_eq!(mem.into_bytes().unwrap(), spooled.into_bytes().unwrap());
+        assert!(!path.exists(), "spool file removed");
+    }
+
+    #[test]
+    fn an_unwritable_spool_folder_is_an_encode_error() {
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, true)]));
+        let err = PartWriter::spooled(
+            schema,
+            vec![],
+            1000,
+            Some(Path::new("/nonexistent/currents-spool")),
+        )
+        .err()
+        .unwrap();
+        assert!(matches!(err, EncodeError::Spool { .. }), "{err}");
     }
 }

@@ -334,6 +334,12 @@ impl Handler {
         .await;
         let converted = match converted {
             Ok(Ok(c)) => c,
+            Ok(Err(e)) if e.is_internal() => {
+                warn!(object = %source, step = e.step(), error = %e,
+                    "Internal error converting the object (not the input's fault); it will be retried.");
+                return ObjectResult::new(source.to_string(), Outcome::Retry)
+                    .with_reason(format!("internal error at {}: {e}", e.step()));
+            }
             Ok(Err(e)) => {
                 let keep = match keep {
                     Keep::Upload(_) => Keep::Upload(body),
@@ -382,11 +388,45 @@ impl Handler {
             result.outcome = Outcome::DryRun;
             return result;
         }
-        let Some(parquet) = converted.parquet else {
+        let Some(part) = converted.parquet else {
+            // A replay of an object that now yields no rows: the part an earlier run wrote for
+            // it (same deterministic name) must not keep serving the old rows.
             result.outcome = Outcome::Empty;
             result.part = None;
             result.rows_written = 0;
+            if let Err(e) = self.store.delete(&part_uri).await
+                && !matches!(e, StoreError::NotFound { .. })
+            {
+                warn!(object = %source, part = %part_uri, error = %e,
+                    "Removing the earlier part of an object that now has no rows failed; it will be retried.");
+                result.outcome = Outcome::Retry;
+                result.reason = Some(format!("removing earlier part {part_uri}: {e}"));
+            }
             return result;
+        };
+        // The input is no longer needed: let it go before the part is read back for upload.
+        drop(body);
+        let parquet = match tokio::task::spawn_blocking(move || part.into_bytes()).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                warn!(object = %source, error = %e, "Reading the spooled part failed; it will be retried.");
+                return ObjectResult {
+                    outcome: Outcome::Retry,
+                    reason: Some(format!("internal error at encode: {e}")),
+                    part: None,
+                    rows_written: 0,
+                    ..result
+                };
+            }
+            Err(join) => {
+                return ObjectResult {
+                    outcome: Outcome::Retry,
+                    reason: Some(format!("reading the spooled part failed: {join}")),
+                    part: None,
+                    rows_written: 0,
+                    ..result
+                };
+            }
         };
         let mut metadata = BTreeMap::new();
         metadata.insert(

@@ -6,12 +6,17 @@
 //! container and writer schema) → [`normalize`] (records → rows of the table's columns, fixed
 //! by [`registry`]) → [`encode`] (Parquet, Snappy) → [`partition`] (where the part goes).
 //! [`convert`] runs that chain for one object; [`handler`] does the I/O around it.
+//!
+//! The `dev` feature (off by default, so the function binary does not link them or
+//! `apache-avro`) adds `synth` (synthetic Currents files for tests and the benchmark) and
+//! `registry_gen` (the registry generator behind `currents-registry`).
 
 pub mod compact;
 pub mod config;
 pub mod convert;
 pub mod decode;
 pub mod encode;
+pub mod fuzzing;
 pub mod handler;
 pub mod json;
 pub mod key;
@@ -20,7 +25,9 @@ pub mod normalize;
 pub mod partition;
 pub mod quarantine;
 pub mod registry;
+#[cfg(feature = "dev")]
 pub mod registry_gen;
 pub mod report;
 pub mod schema;
+#[cfg(feature = "dev")]
 pub mod synth;

@@ -18,10 +18,9 @@ use arrow_array::{
 };
 use arrow_schema::DataType;
 
-use crate::decode::{Container, Cursor, DatumError, DecodeError};
-use crate::json;
-use crate::registry::{Column, ColumnSource, FieldType, Registry, TableDef};
-use crate::registry_gen::event_type_of_record;
+use crate::decode::{Container, Cursor, DatumError, DecodeError, Limits};
+use crate::json::{self, Budget};
+use crate::registry::{Column, ColumnSource, FieldType, Registry, TableDef, event_type_of_record};
 use crate::schema::{Node, NodeId, SchemaError, WriterSchema};
 
 /// What a file's rows carry besides their own fields.
@@ -445,6 +444,78 @@ pub struct Normalizer<'p> {
     stats: NormalizeStats,
 }
 
+/// Rows of one batch hold at most about this many bytes of values before the batch is handed
+/// on early (Arrow's string columns cannot pass 2 GiB, and memory stays bounded).
+pub const MAX_BATCH_BYTES: usize = 256 << 20;
+
+/// What the rest of a file may still use of the limits that its bytes alone do not bound.
+struct FileBudget {
+    limits: Limits,
+    items_left: u64,
+    bytes_left: u64,
+}
+
+impl FileBudget {
+    fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            items_left: limits.max_file_items,
+            bytes_left: limits.max_file_json_bytes,
+        }
+    }
+
+    /// The budget of the next record: the record's limits, or what the file has left when
+    /// that is less (and then the file's limit is the one named).
+    fn record(&self) -> Budget {
+        let l = &self.limits;
+        let (items, items_error) = if l.max_record_items <= self.items_left {
+            (
+                l.max_record_items,
+                DatumError::OverLimit {
+                    what: "array/map items in one record",
+                    limit: l.max_record_items,
+                },
+            )
+        } else {
+            (
+                self.items_left,
+                DatumError::OverLimit {
+                    what: "array/map items in the file",
+                    limit: l.max_file_items,
+                },
+            )
+        };
+        let (bytes, bytes_error) = if l.max_record_json_bytes <= self.bytes_left {
+            (
+                l.max_record_json_bytes,
+                DatumError::OverLimit {
+                    what: "rendered JSON bytes of one record",
+                    limit: l.max_record_json_bytes,
+                },
+            )
+        } else {
+            (
+                self.bytes_left,
+                DatumError::OverLimit {
+                    what: "rendered JSON bytes in the file",
+                    limit: l.max_file_json_bytes,
+                },
+            )
+        };
+        Budget::new(items, items_error, bytes, bytes_error)
+    }
+
+    /// Charges what a record used.
+    fn charge(&mut self, start: &Budget, end: &Budget) {
+        self.items_left = self
+            .items_left
+            .saturating_sub(start.items_left.saturating_sub(end.items_left));
+        self.bytes_left = self
+            .bytes_left
+            .saturating_sub(start.bytes_left.saturating_sub(end.bytes_left));
+    }
+}
+
 fn append_cell(b: &mut Builders, slot: Slot, cell: Cell<'_>, json_buf: &str) -> bool {
     match (slot, cell) {
         (Slot::Str(i), Cell::Str(s)) => b.strs[i].append_value(s),
@@ -480,6 +551,7 @@ fn read_cell<'a>(
     schema: &WriterSchema,
     c: &mut Cursor<'a>,
     json_buf: &mut String,
+    budget: &mut Budget,
 ) -> Result<Cell<'a>, DatumError> {
     Ok(match read {
         Read::Null => Cell::Null,
@@ -502,13 +574,13 @@ fn read_cell<'a>(
             let i = c.read_long()?;
             match usize::try_from(i).ok().and_then(|i| branches.get(i)) {
                 Some(Read::Union(_)) => return Err(DatumError::TooDeep),
-                Some(other) => read_cell(other, schema, c, json_buf)?,
+                Some(other) => read_cell(other, schema, c, json_buf, budget)?,
                 None => return Err(DatumError::BadIndex(i)),
             }
         }
         Read::Json(node) => {
             let start = json_buf.len();
-            json::write_value(schema, *node, c, json_buf)?;
+            json::write_value(schema, *node, c, json_buf, budget)?;
             Cell::Json(start, json_buf.len())
         }
     })
@@ -546,6 +618,7 @@ struct RowSink<'s> {
     seen_ids: &'s mut HashSet<u128, BuildHasherDefault<IdHasher>>,
     json_buf: &'s mut String,
     row_json: &'s mut String,
+    budget: &'s mut Budget,
 }
 
 /// Decodes one record into the builders (the hot path).
@@ -616,7 +689,7 @@ fn decode_row<'a>(
             Step::Cell { slot, role, json } => {
                 let fp = &plan.fields[fi];
                 s.json_buf.clear();
-                let cell = read_cell(&fp.read, &plan.schema, c, s.json_buf).map_err(e)?;
+                let cell = read_cell(&fp.read, &plan.schema, c, s.json_buf, s.budget).map_err(e)?;
                 if let Some(slot) = slot
                     && !append_cell(b, slot, cell, s.json_buf)
                 {
@@ -777,6 +850,9 @@ impl<'p> Normalizer<'p> {
         let plan = self.plan;
         let has_json = self.slots.contains(&Slot::Json);
         let generic = plan.table.generic;
+        let limits = container.limits();
+        let mut file_budget = FileBudget::new(limits);
+        let mut batch_bytes = 0usize;
         for block in container.blocks() {
             let block = block?;
             self.stats.blocks += 1;
@@ -784,11 +860,15 @@ impl<'p> Normalizer<'p> {
             for _ in 0..block.count {
                 let record = self.stats.events_in;
                 self.stats.events_in += 1;
+                let row_start = c.pos;
+                let start_budget = file_budget.record();
+                let mut budget = start_budget;
                 let mut sinks = RowSink {
                     b: &mut self.b,
                     seen_ids: &mut self.seen_ids,
                     json_buf: &mut self.json_buf,
                     row_json: &mut self.row_json,
+                    budget: &mut budget,
                 };
                 let info =
                     decode_row(&self.steps, plan, &mut c, &mut sinks).map_err(|e| match e {
@@ -804,6 +884,24 @@ impl<'p> Normalizer<'p> {
                         },
                         RowError::Time(time) => NormalizeError::TimeOutOfRange { record, time },
                     })?;
+                file_budget.charge(&start_budget, &budget);
+                if self.row_json.len() as u64 > limits.max_record_json_bytes {
+                    return Err(NormalizeError::Datum {
+                        block: block.index,
+                        record,
+                        field: if generic { "event" } else { "extra" }.to_string(),
+                        error: DatumError::OverLimit {
+                            what: "rendered JSON bytes of one record",
+                            limit: limits.max_record_json_bytes,
+                        },
+                    });
+                }
+                batch_bytes = batch_bytes
+                    .saturating_add(c.pos - row_start)
+                    .saturating_add(
+                        start_budget.bytes_left.saturating_sub(budget.bytes_left) as usize
+                    )
+                    .saturating_add(self.row_json.len());
                 if has_json {
                     if info.json_fields > 0 {
                         self.row_json.push('}');
@@ -821,10 +919,13 @@ impl<'p> Normalizer<'p> {
                     self.stats.rows_out += 1;
                 }
                 self.rows_in_batch += 1;
-                if self.rows_in_batch == self.batch_rows
+                if (self.rows_in_batch == self.batch_rows || batch_bytes >= MAX_BATCH_BYTES)
                     && let Some(batch) = self.finish_batch()?
                 {
                     sink(batch).map_err(NormalizeError::Sink)?;
+                }
+                if self.rows_in_batch == 0 {
+                    batch_bytes = 0;
                 }
             }
             if c.remaining() != 0 {
@@ -1172,6 +1273,172 @@ mod tests {
             run(&bytes, "users.behaviors.Purchase"),
             Err(NormalizeError::EventTypeMismatch { .. })
         ));
+    }
+
+    fn zigzag(out: &mut Vec<u8>, v: i64) {
+        let mut z = ((v << 1) ^ (v >> 63)) as u64;
+        loop {
+            let b = (z & 0x7f) as u8;
+            z >>= 7;
+            if z == 0 {
+                out.push(b);
+                return;
+            }
+            out.push(b | 0x80);
+        }
+    }
+
+    fn avro_str(out: &mut Vec<u8>, s: &str) {
+        zigzag(out, s.len() as i64);
+        out.extend_from_slice(s.as_bytes());
+    }
+
+    /// A container file written by hand: one block of `count` records whose bytes are `data`.
+    fn container(schema_json: &str, count: i64, data: &[u8]) -> Vec<u8> {
+        let mut f = crate::decode::MAGIC.to_vec();
+        zigzag(&mut f, 1);
+        avro_str(&mut f, "avro.schema");
+        avro_str(&mut f, schema_json);
+        zigzag(&mut f, 0);
+        f.extend_from_slice(&[9u8; 16]);
+        zigzag(&mut f, count);
+        zigzag(&mut f, data.len() as i64);
+        f.extend_from_slice(data);
+        f.extend_from_slice(&[9u8; 16]);
+        f
+    }
+
+    /// LOCATION with `brand_new` as an array of nulls (a field the registry does not know).
+    fn null_array_schema() -> String {
+        LOCATION.replace(
+            r#"{"name":"brand_new","type":["null",{"type":"array","items":"string"}],"default":null}"#,
+            r#"{"name":"brand_new","type":{"type":"array","items":"null"}}"#,
+        )
+    }
+
+    /// One Location record whose `brand_new` holds `blocks` blocks of `per_block` nulls: a few
+    /// bytes of input per block, whatever the item count.
+    fn null_array_record(out: &mut Vec<u8>, id: &str, blocks: u64, per_block: i64) {
+        avro_str(out, id);
+        avro_str(out, "u");
+        avro_str(out, "app");
+        zigzag(out, 2_000_000_000);
+        out.extend_from_slice(&2.5f32.to_le_bytes());
+        out.extend_from_slice(&(-1.5f32).to_le_bytes());
+        zigzag(out, 0); // altitude: null
+        for _ in 0..blocks {
+            zigzag(out, per_block);
+        }
+        zigzag(out, 0);
+    }
+
+    fn run_with(
+        bytes: &[u8],
+        event_type: &str,
+        limits: Limits,
+    ) -> Result<NormalizeStats, NormalizeError> {
+        let registry = Registry::builtin().unwrap();
+        let c = Container::open(bytes, limits)?;
+        let plan = Plan::new(WriterSchema::parse(c.schema_json)?, event_type, &registry)?;
+        Normalizer::new(&plan, ctx(event_type), 64, 10).run(&c, |_| Ok(()))
+    }
+
+    #[test]
+    fn null_items_that_cost_no_input_are_bounded_per_record() {
+        let mut data = Vec::new();
+        // 2,000,000 null items from ~4 KB of input.
+        null_array_record(&mut data, "a", 2_000, 1_000);
+        assert!(data.len() < 5_000);
+        let bytes = container(&null_array_schema(), 1, &data);
+        let err = run(&bytes, "users.behaviors.Location").unwrap_err();
+        match &err {
+            NormalizeError::Datum { field, error, .. } => {
+                assert_eq!(field, "brand_new");
+                assert_eq!(
+                    *error,
+                    DatumError::OverLimit {
+                        what: "array/map items in one record",
+                        limit: 1_000_000
+                    }
+                );
+            }
+            other => panic!("{other}"),
+        }
+        assert!(
+            err.to_string().contains("over the limit of 1000000"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn null_items_and_rendered_json_are_bounded_per_file() {
+        // Each record: 600,000 nulls (within the record limit of 1,000,000).
+        let mut data = Vec::new();
+        for id in ["a", "b", "c"] {
+            null_array_record(&mut data, id, 600, 1_000);
+        }
+        let bytes = container(&null_array_schema(), 3, &data);
+        let limits = Limits {
+            max_file_items: 1_500_000,
+            ..Limits::default()
+        };
+        let err = run_with(&bytes, "users.behaviors.Location", limits).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                NormalizeError::Datum {
+                    record: 2,
+                    error: DatumError::OverLimit {
+                        what: "array/map items in the file",
+                        limit: 1_500_000
+                    },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // The same file against a limit on rendered text: each record renders ~3 MB.
+        let limits = Limits {
+            max_record_json_bytes: 1 << 20,
+            ..Limits::default()
+        };
+        let err = run_with(&bytes, "users.behaviors.Location", limits).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                NormalizeError::Datum {
+                    record: 0,
+                    error: DatumError::OverLimit {
+                        what: "rendered JSON bytes of one record",
+                        ..
+                    },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let limits = Limits {
+            max_file_json_bytes: 5 << 20,
+            ..Limits::default()
+        };
+        let err = run_with(&bytes, "users.behaviors.Location", limits).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                NormalizeError::Datum {
+                    record: 1,
+                    error: DatumError::OverLimit {
+                        what: "rendered JSON bytes in the file",
+                        ..
+                    },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // Within every limit the file converts.
+        let stats = run_with(&bytes, "users.behaviors.Location", Limits::default()).unwrap();
+        assert_eq!(stats.rows_out, 3);
     }
 
     #[test]

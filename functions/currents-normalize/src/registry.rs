@@ -468,6 +468,14 @@ impl Registry {
     }
 }
 
+/// The event type a Currents record name stands for:
+/// `dataexport.S3.inner.users.messages.email.Send` → `users.messages.email.Send`.
+pub fn event_type_of_record(full_name: &str) -> Option<&str> {
+    let rest = full_name.strip_prefix("dataexport.")?;
+    let (_, event_type) = rest.split_once(".inner.")?;
+    (!event_type.is_empty()).then_some(event_type)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {

@@ -53,13 +53,7 @@ pub enum Change {
     },
 }
 
-/// The event type a Currents record name stands for:
-/// `dataexport.S3.inner.users.messages.email.Send` → `users.messages.email.Send`.
-pub fn event_type_of_record(full_name: &str) -> Option<&str> {
-    let rest = full_name.strip_prefix("dataexport.")?;
-    let (_, event_type) = rest.split_once(".inner.")?;
-    (!event_type.is_empty()).then_some(event_type)
-}
+pub use crate::registry::event_type_of_record;
 
 /// Maps one writer field to its registry entry.
 pub fn field_entry(

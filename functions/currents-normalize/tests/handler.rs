@@ -435,3 +435,125 @@ async fn dry_run_writes_nothing_not_even_quarantine() {
         k
     });
 }
+
+fn parts(store: &MemoryStore) -> Vec<String> {
+    store
+        .keys(BUCKET)
+        .into_iter()
+        .filter(|k| k.starts_with("tables/"))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_replay_that_now_yields_no_rows_removes_the_earlier_part() {
+    let store = Arc::new(MemoryStore::new());
+    let key = synth::key("currents", "users.messages.email.Click", "2026-11-29-08", 1);
+    put(
+        store.as_ref(),
+        &key,
+        avro("users.messages.email.Click", 6, 0),
+    )
+    .await;
+    let h = handler(store.clone());
+    let out = h.handle(&s3_event(&[&key]), "a").await.unwrap();
+    assert_eq!(out["results"][0]["outcome"], "written", "{out}");
+    assert_eq!(parts(&store).len(), 1);
+    // The object is replaced by one with no records (a re-delivery, a repaired upload).
+    put(
+        store.as_ref(),
+        &key,
+        avro("users.messages.email.Click", 0, 0),
+    )
+    .await;
+    let out = h.handle(&s3_event(&[&key]), "b").await.unwrap();
+    assert_eq!(out["results"][0]["outcome"], "empty", "{out}");
+    assert_eq!(
+        parts(&store),
+        Vec::<String>::new(),
+        "the old rows are no longer served"
+    );
+}
+
+#[tokio::test]
+async fn an_internal_encode_error_is_retried_not_quarantined() {
+    let store = Arc::new(MemoryStore::new());
+    let key = synth::key("currents", "users.messages.email.Send", "2026-11-29-09", 1);
+    put(
+        store.as_ref(),
+        &key,
+        avro("users.messages.email.Send", 5, 0),
+    )
+    .await;
+    // The spool folder is gone (a full or broken /tmp): the Parquet part cannot be written.
+    let opts = currents_normalize::convert::ConvertOptions {
+        spool_dir: Some("/nonexistent/currents-spool".into()),
+        ..Default::default()
+    };
+    let h = handler(store.clone()).with_options(opts);
+    let payload = sqs_event(&[("m1", s3_event(&[&key]))]);
+    let out = h.handle(&payload, "r").await.unwrap();
+    assert_eq!(out["results"][0]["outcome"], "retry", "{out}");
+    assert_eq!(out["batchItemFailures"], json!([{"itemIdentifier": "m1"}]));
+    assert!(
+        out["results"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("internal error at encode"),
+        "{out}"
+    );
+    let keys = store.keys(BUCKET);
+    assert!(
+        !keys.iter().any(|k| k.starts_with("quarantine/")),
+        "a good file is not quarantined: {keys:?}"
+    );
+    // Once the cause is gone the same object converts.
+    let out = handler(store.clone()).handle(&payload, "r2").await.unwrap();
+    assert_eq!(out["results"][0]["outcome"], "written", "{out}");
+}
+
+#[tokio::test]
+async fn an_object_that_inflates_past_the_object_limit_is_quarantined_saying_so() {
+    let r = registry();
+    let entry = r
+        .entries()
+        .iter()
+        .find(|e| e.event_type == "users.messages.email.Send")
+        .unwrap();
+    let bytes = synth::file(
+        entry,
+        &FileSpec {
+            events: 2_000,
+            duplicates: 0,
+            seed: 3,
+            codec: Codec::Deflate(Default::default()),
+        },
+    )
+    .unwrap();
+    let store = Arc::new(MemoryStore::new());
+    let key = synth::key("currents", "users.messages.email.Send", "2026-11-29-10", 2);
+    put(store.as_ref(), &key, bytes.clone()).await;
+    let mut opts = currents_normalize::convert::ConvertOptions::default();
+    // Far above the object's size, below what it inflates to.
+    opts.limits.max_object_decompressed_bytes = bytes.len() as u64 * 2;
+    let out = handler(store.clone())
+        .with_options(opts)
+        .handle(&s3_event(&[&key]), "r")
+        .await
+        .unwrap();
+    let r = &out["results"][0];
+    assert_eq!(r["outcome"], "quarantined", "{out}");
+    assert_eq!(r["step"], "decode");
+    let reason = r["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("decompresses to more than") && reason.contains("in total"),
+        "{reason}"
+    );
+    let (_, why) = store
+        .get(&S3Uri::new(BUCKET, format!("quarantine/{key}.reason.json")))
+        .await
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&why).contains("max_object_decompressed_bytes"),
+        "the quarantine reason names the limit"
+    );
+}

@@ -1,12 +1,18 @@
 //! `currents-bench`: decode + normalize + write throughput of currents-normalize on one core,
 //! side by side with the Python peer (`testkit/currents-peer/peer.py`, fastavro + pyarrow)
 //! doing the same job on the same files in the same run, and the peak RSS of converting one
-//! 100,000-event file (a separate process, `VmHWM`). Writes `target/bench/currents.json`.
+//! 100,000-event file (a separate process, `VmHWM`). In the same run, the same conversion with
+//! two other Avro decoders (`arrow-avro` and `apache-avro`, see `bench/avro_paths.rs`), and the
+//! peak RSS of converting a 512 MiB object (`MAX_OBJECT_BYTES`). Writes
+//! `target/bench/currents.json`.
 //!
 //! ```sh
-//! cargo run --release -p currents-normalize --bin currents-bench            # full: 1,000,000 events
-//! cargo run --release -p currents-normalize --bin currents-bench -- --events 60000   # quick check
+//! cargo run --release -p currents-normalize --features dev --bin currents-bench            # full: 1,000,000 events
+//! cargo run --release -p currents-normalize --features dev --bin currents-bench -- --events 60000   # quick check
 //! ```
+
+#[path = "bench/avro_paths.rs"]
+mod avro_paths;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -55,6 +61,9 @@ struct Args {
     /// Rows per Parquet row group (tuning).
     #[arg(long, hide = true)]
     row_group_rows: Option<usize>,
+    /// Size in MiB of the large object whose peak RSS is measured (0: skip).
+    #[arg(long, default_value_t = 512)]
+    large_object_mib: u64,
 }
 
 /// Event types and their share of traffic in the generated mix (a plausible engagement mix).
@@ -197,12 +206,12 @@ fn run_rust(
         let c = convert(&bytes, &input.key, &k, registry, opts)?;
         events += c.stats.events_in;
         rows += c.stats.rows_out;
-        if let Some(parquet) = c.parquet {
+        if let Some(part) = c.parquet {
             let path = out.join(c.location.key("tables/"));
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent)?;
             }
-            std::fs::write(path, parquet)?;
+            std::fs::write(path, part.into_bytes()?)?;
         }
     }
     Ok(RustRun {
@@ -236,12 +245,17 @@ fn run_peer(python: &Path, input_dir: &Path, out: &Path) -> anyhow::Result<Value
 }
 
 fn rss_probe(path: &Path, k: &str) -> anyhow::Result<()> {
+    // As the function does: the object in memory, the part spooled to a file, the object
+    // dropped, then the part read back for the upload.
     let registry = Registry::builtin()?;
     let bytes = std::fs::read(path)?;
     let parsed = key::parse(k)?;
     let c = convert(&bytes, k, &parsed, &registry, &ConvertOptions::default())?;
-    let parquet_bytes = c.parquet.as_ref().map(Vec::len).unwrap_or_default();
     drop(bytes);
+    let parquet_bytes = match c.parquet {
+        Some(part) => part.into_bytes()?.len(),
+        None => 0,
+    };
     println!(
         "{}",
         json!({"events": c.stats.events_in, "parquet_bytes": parquet_bytes, "peak_rss_mb": peak_rss_mb()})
@@ -267,6 +281,70 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Generates (once) an object of about `mib` MiB of one busy event type and measures the
+/// peak RSS of converting it in a separate process.
+fn large_object_rss(registry: &Registry, out: &Path, mib: u64) -> anyhow::Result<Value> {
+    let et = "users.messages.email.Send";
+    let entry = registry
+        .entries()
+        .iter()
+        .find(|e| e.event_type == et)
+        .ok_or_else(|| anyhow::anyhow!("{et} not in the registry"))?;
+    let dir = out.join(format!("currents-input/large-{mib}mib"));
+    let k = synth::key("currents", et, "2026-11-29-12", 1);
+    let path = dir.join(&k);
+    let target = mib << 20;
+    let fits = std::fs::metadata(&path)
+        .map(|m| m.len() <= target && m.len() > target - target / 16)
+        .unwrap_or(false);
+    if !fits {
+        eprintln!("generating a {mib} MiB object under {}", dir.display());
+        // Size per event from a sample, then the events that fill the target.
+        let sample = synth::file(
+            entry,
+            &FileSpec {
+                events: 10_000,
+                duplicates: 0,
+                seed: 1,
+                codec: Codec::Null,
+            },
+        )?;
+        let per_event = sample.len() as f64 / 10_000.0;
+        let events = ((target as f64 * 0.98) / per_event) as u64;
+        let bytes = synth::file(
+            entry,
+            &FileSpec {
+                events,
+                duplicates: events / 100,
+                seed: 2,
+                codec: Codec::Null,
+            },
+        )?;
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&path, &bytes)?;
+    }
+    let size = std::fs::metadata(&path)?.len();
+    let exe = std::env::current_exe()?;
+    let o = Command::new(exe)
+        .arg("--rss-probe")
+        .arg(&path)
+        .arg("--key")
+        .arg(&k)
+        .output()?;
+    let mut v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    if !o.status.success() {
+        anyhow::bail!(
+            "large-object probe failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    v["object_bytes"] = json!(size);
+    eprintln!("large object ({size} bytes): {v}");
+    Ok(v)
 }
 
 fn bench(args: &Args) -> anyhow::Result<()> {
@@ -298,6 +376,7 @@ fn bench(args: &Args) -> anyhow::Result<()> {
     let mut by_size = serde_json::Map::new();
     let (mut rust_events, mut rust_s, mut py_events, mut py_s) = (0u64, 0f64, 0u64, 0f64);
     let mut probe_input = None;
+    let mut avro_totals: std::collections::BTreeMap<&str, (u64, f64)> = Default::default();
     for (i, (size, total)) in sets.iter().enumerate() {
         let input_dir = out.join(format!("currents-input/{size}"));
         eprintln!(
@@ -344,6 +423,51 @@ fn bench(args: &Args) -> anyhow::Result<()> {
             "seconds": r.seconds,
             "events_per_s": r_eps,
         });
+        let files: Vec<(&Path, &str)> = inputs
+            .iter()
+            .map(|f| (f.path.as_path(), f.key.as_str()))
+            .collect();
+        type PathFn = fn(
+            &Registry,
+            &[(&Path, &str)],
+            &Path,
+            &ConvertOptions,
+        ) -> anyhow::Result<avro_paths::PathRun>;
+        let others: [(&str, PathFn); 2] = [
+            ("arrow_avro", avro_paths::run_arrow_avro),
+            ("apache_avro", avro_paths::run_apache_avro),
+        ];
+        for (name, run) in others {
+            let dir = out.join(format!("{name}-tables/{size}"));
+            let mut best = run(&registry, &files, &dir, &opts)?;
+            for _ in 1..args.passes.max(1) {
+                let again = run(&registry, &files, &dir, &opts)?;
+                if again.seconds < best.seconds {
+                    best = again;
+                }
+            }
+            if best.events != r.events || best.rows != r.rows {
+                anyhow::bail!(
+                    "{name} disagrees: today's decoder {} events/{} rows, {name} {}/{}",
+                    r.events,
+                    r.rows,
+                    best.events,
+                    best.rows
+                );
+            }
+            let eps = best.events as f64 / best.seconds;
+            eprintln!(
+                "{name}: {} events in {:.2}s = {eps:.0} events/s (today's decoder is x{:.2})",
+                best.events,
+                best.seconds,
+                r_eps / eps
+            );
+            entry[format!("{name}_seconds")] = json!(best.seconds);
+            entry[format!("{name}_events_per_s")] = json!(eps);
+            let total = avro_totals.entry(name).or_insert((0u64, 0f64));
+            total.0 += best.events;
+            total.1 += best.seconds;
+        }
         if !args.skip_peer {
             let mut p = run_peer(
                 &python,
@@ -398,7 +522,25 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let large = if args.large_object_mib > 0 {
+        large_object_rss(&registry, &out, args.large_object_mib)?
+    } else {
+        Value::Null
+    };
     let events_per_s = rust_events as f64 / rust_s;
+    let avro_eps = |name: &str| {
+        avro_totals
+            .get(name)
+            .map(|(e, s)| *e as f64 / *s)
+            .filter(|v| v.is_finite())
+    };
+    let arrow_avro_eps = avro_eps("arrow_avro");
+    let apache_avro_eps = avro_eps("apache_avro");
+    eprintln!(
+        "avro decoders side by side (events/s, whole run): today's {events_per_s:.0} | arrow-avro {:.0} | apache-avro {:.0}",
+        arrow_avro_eps.unwrap_or(f64::NAN),
+        apache_avro_eps.unwrap_or(f64::NAN)
+    );
     let py_eps = (py_s > 0.0).then(|| py_events as f64 / py_s);
     let result = json!({
         "events": rust_events,
@@ -406,10 +548,16 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         "python_peer_events_per_s": py_eps,
         "ratio": py_eps.map(|p| events_per_s / p),
         "peak_rss_mb_100k_file": peak,
+        "arrow_avro_events_per_s": arrow_avro_eps,
+        "apache_avro_events_per_s": apache_avro_eps,
+        "arrow_avro_vs_today": arrow_avro_eps.map(|a| a / events_per_s),
+        "apache_avro_vs_today": apache_avro_eps.map(|a| a / events_per_s),
+        "rss_mb_512mib_object": large["peak_rss_mb"].as_f64(),
+        "large_object": large,
         "by_file_size": by_size,
-        "targets": {"ratio_min": 10, "peak_rss_mb_100k_file_max": 256},
+        "targets": {"ratio_min": 10, "peak_rss_mb_100k_file_max": 256, "rss_mb_512mib_object_max": 1024},
         "passes": args.passes,
-        "method": "single thread each; files generated once (null codec, Braze's default) and read from the page cache; time covers read + decode + dedup + normalize + Parquet (Snappy) encode + write to disk; the peer times the same inside Python (imports excluded); each side runs `passes` times per file size and its fastest pass counts (the machine is shared); peak RSS is VmHWM of a separate process converting one 100,000-event file",
+        "method": "single thread each; files generated once (null codec, Braze's default) and read from the page cache; time covers read + decode + dedup + normalize + Parquet (Snappy) encode + write to disk; the peer times the same inside Python (imports excluded); each side runs `passes` times per file size and its fastest pass counts (the machine is shared); peak RSS is VmHWM of a separate process converting one 100,000-event file; arrow-avro and apache-avro do the same conversion (registry schema as reader schema, same columns, dedup and Parquet settings) on the same files, fastest of `passes` each; rss_mb_512mib_object is VmHWM of a separate process converting one object of that size (null codec) as the function does",
     });
     std::fs::create_dir_all(&out)?;
     let path = out.join("currents.json");
