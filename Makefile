@@ -10,7 +10,7 @@ VENV_STAMP := $(VENV)/.installed
 CARGO ?= cargo
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help venv build-dev test lint demo bench sim clean
+.PHONY: help venv build-dev test lint demo bench sim clean fuzz
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -43,6 +43,14 @@ bench: venv ## Benchmarks (release): diff, send and Currents figures next to the
 	$(CARGO) run --release --quiet -p harness --bin sync-send-bench
 	$(CARGO) run --release --quiet -p currents-normalize --features dev --bin currents-bench
 	@echo "Figures written to target/bench/"; ls target/bench/
+
+FUZZ_SECONDS ?= 600
+fuzz: ## Run every cargo-fuzz target in fuzz/ for FUZZ_SECONDS each (stable via RUSTC_BOOTSTRAP, no sanitizer); findings land in fuzz/artifacts/
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && for t in $$(cargo fuzz list); do \
+		mkdir -p .corpus/$$t && \
+		RUSTC_BOOTSTRAP=1 nice -n 19 cargo fuzz run $$t -s none .corpus/$$t corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 || exit 1; \
+	done
 
 sim: ## Run the Braze simulator on 127.0.0.1:4010 (key: sim-key)
 	$(CARGO) run -p braze-sim -- --port 4010 --api-key sim-key

@@ -31,3 +31,36 @@ pub mod report;
 pub mod schema;
 #[cfg(feature = "dev")]
 pub mod synth;
+
+#[cfg(test)]
+mod tests {
+    /// The function binary must not link the test and tooling code: `apache-avro`, `synth`
+    /// and `registry_gen` come only with the `dev` feature, which nothing enables by default.
+    #[test]
+    fn apache_avro_is_only_in_the_dev_feature() {
+        let manifest = include_str!("../Cargo.toml");
+        let deps = manifest
+            .split("[dependencies]")
+            .nth(1)
+            .and_then(|s| s.split("\n[").next())
+            .unwrap_or_default();
+        let avro = deps
+            .lines()
+            .find(|l| l.starts_with("apache-avro"))
+            .unwrap_or_default();
+        assert!(avro.contains("optional = true"), "{avro:?}");
+        assert!(
+            manifest.contains("dev = [\"dep:apache-avro\""),
+            "the dev feature enables it"
+        );
+        assert!(!manifest.contains("default = ["), "no default features");
+        let lib = include_str!("lib.rs");
+        for m in ["pub mod synth;", "pub mod registry_gen;"] {
+            let at = lib.find(m).unwrap_or(0);
+            assert!(
+                lib[..at].ends_with("#[cfg(feature = \"dev\")]\n"),
+                "{m} is behind the dev feature"
+            );
+        }
+    }
+}
