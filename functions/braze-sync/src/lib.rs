@@ -8,6 +8,7 @@
 //! the [`snapshot`]. [`sync`] runs those stages for one export; [`handler`] turns a Lambda
 //! event into runs; [`report`] and [`rejects`] account for every row.
 
+pub mod adopt;
 pub mod batch;
 pub mod braze;
 pub mod config;

@@ -5,6 +5,7 @@
 //! braze-sync run s3://bucket/amperity/customers/export.csv [--dry-run] [--force-full]
 //! braze-sync run ./export.csv --route customers --dry-run      # preview a local file
 //! braze-sync check-routes [DIR]                                 # validate route files
+//! braze-sync adopt s3://bucket/amperity/customers/export.csv --verify-sample 500
 //! ```
 
 use std::process::ExitCode;
@@ -49,6 +50,19 @@ enum Command {
         /// The route for a local file (S3 objects find theirs by prefix).
         #[arg(long)]
         route: Option<String>,
+    },
+    /// Record an export as confirmed WITHOUT sending it (first sync of a route whose values
+    /// Braze already has); the next export sends only what changed.
+    Adopt {
+        /// `s3://bucket/key` of the export (or its `.DONE` marker).
+        target: String,
+        /// First fetch this many random users of the export from Braze
+        /// (`/users/export/ids`) and refuse when too many differ.
+        #[arg(long)]
+        verify_sample: Option<usize>,
+        /// Largest share (0..1) of sampled users that may differ.
+        #[arg(long, default_value_t = braze_sync::adopt::DEFAULT_MAX_DIFFER_SHARE)]
+        max_differ_share: f64,
     },
     /// Validate the route files of a folder (default: `ROUTES_LOCATION`).
     CheckRoutes {
@@ -281,6 +295,11 @@ async fn cli(cli: Cli) -> anyhow::Result<()> {
             eprintln!("{}", serde_json::to_string(&summary)?);
             Ok(())
         }
+        Command::Adopt {
+            target,
+            verify_sample,
+            max_differ_share,
+        } => adopt_cli(&target, verify_sample, max_differ_share).await,
         Command::Run {
             target, force_full, ..
         } => {
@@ -296,4 +315,78 @@ async fn cli(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+async fn adopt_cli(
+    target: &str,
+    verify_sample: Option<usize>,
+    max_differ_share: f64,
+) -> anyhow::Result<()> {
+    use braze_sync::adopt::{AdoptOptions, AdoptTarget, UserLookup, adopt};
+    use braze_sync::snapshot::store::Watermark;
+    let app = app().await?;
+    let uri: S3Uri = target.parse()?;
+    let route = app
+        .routes
+        .iter()
+        .find(|r| r.binding().owns(&uri))
+        .with_context(|| format!("no route owns {uri}"))?
+        .clone();
+    let head = app
+        .store
+        .head(&uri)
+        .await?
+        .with_context(|| format!("{uri} does not exist"))?;
+    let exported_at = route.export_order().export_time(&uri, &head)?.to_rfc3339();
+    let export = Watermark {
+        export_id: format!(
+            "{uri}#{}",
+            head.version_id.clone().unwrap_or_else(|| head.etag.clone())
+        ),
+        exported_at: Some(exported_at),
+    };
+    let parts: Vec<S3Uri> = if uri.key.ends_with(&route.config.marker_suffix) {
+        let listing = app.store.list(&uri.bucket, uri.folder()).await?;
+        braze_sync::handler::parts_of_marker(&listing, &uri, &route.config.marker_suffix)
+            .into_iter()
+            .map(|m| uri.with_key(m.key))
+            .collect()
+    } else {
+        vec![uri.clone()]
+    };
+    let client = match verify_sample {
+        Some(_) => {
+            let key = ApiKeyCache::new(app.config.api_key.clone())
+                .get(&app.aws)
+                .await
+                .context("resolving the Braze API key")?;
+            Some(BrazeClient::new(
+                app.config.braze_endpoint.clone(),
+                key,
+                &ClientOptions::default(),
+            )?)
+        }
+        None => None,
+    };
+    let cfg = &app.config;
+    let report = adopt(
+        app.store.clone(),
+        &AdoptTarget {
+            state_bucket: cfg.state_bucket.clone(),
+            state_prefix: cfg.state_prefix.clone(),
+            reports_prefix: cfg.reports_prefix.clone(),
+        },
+        Arc::new(route),
+        parts,
+        export,
+        client.as_ref().map(|c| c as &dyn UserLookup),
+        &AdoptOptions {
+            verify_sample,
+            max_differ_share,
+            ..AdoptOptions::default()
+        },
+    )
+    .await?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
 }

@@ -45,6 +45,12 @@ pub struct SimConfig {
     pub seed: u64,
     /// Keep each request's parsed JSON body in the request log.
     pub log_bodies: bool,
+    /// `POST /users/export/ids` requests allowed per export window (Braze: 250 per minute for
+    /// workspaces onboarded since 2024-08-22).
+    pub export_rate_limit_requests: u64,
+    /// Length of the export endpoint's fixed rate window.
+    #[serde(rename = "export_rate_limit_window_ms", with = "duration_ms")]
+    pub export_rate_limit_window: Duration,
 }
 
 impl Default for SimConfig {
@@ -62,6 +68,8 @@ impl Default for SimConfig {
             faults: Faults::default(),
             seed: 0,
             log_bodies: false,
+            export_rate_limit_requests: 250,
+            export_rate_limit_window: Duration::from_secs(60),
         }
     }
 }

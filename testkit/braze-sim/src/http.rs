@@ -46,6 +46,7 @@ const HARD_READ_CAP: usize = 64 * 1024 * 1024;
 pub(crate) fn router(state: AppState) -> Router {
     Router::new()
         .route("/users/track", post(track))
+        .route("/users/export/ids", post(export_ids))
         .route("/_sim/users", get(users))
         .route("/_sim/users/{*key}", get(user))
         .route("/_sim/events/{*key}", get(events))
@@ -305,6 +306,35 @@ async fn track(State(state): State<AppState>, headers: HeaderMap, body: Body) ->
             )
         }
     }
+}
+
+/// `POST /users/export/ids`: its own rate window (Braze: 250 requests per minute), the key,
+/// at most 50 identifiers; answers Braze's export shape.
+async fn export_ids(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let read = axum::body::to_bytes(body, HARD_READ_CAP).await.ok();
+    let (admission, key) = state.lock().arrive_export(now_ms());
+    if !admission.allowed {
+        return with_rate_headers(
+            json_response(429, &json!({ "message": "Rate Limited" })),
+            &admission,
+        );
+    }
+    if bearer_key(&headers) != Some(key.as_str()) {
+        return with_rate_headers(
+            json_response(401, &json!({ "message": "Invalid API key" })),
+            &admission,
+        );
+    }
+    let parsed: Option<Value> = read.as_deref().and_then(|b| serde_json::from_slice(b).ok());
+    let answer = match parsed {
+        Some(v) => state.lock().export_ids(&v),
+        None => Err("body is not JSON".into()),
+    };
+    let resp = match answer {
+        Ok(v) => json_response(201, &v),
+        Err(m) => json_response(400, &json!({ "message": m })),
+    };
+    with_rate_headers(resp, &admission)
 }
 
 async fn users(State(state): State<AppState>) -> Response {

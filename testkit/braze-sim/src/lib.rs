@@ -1,7 +1,9 @@
 //! Test-only Braze `POST /users/track` simulator: enforces the documented contract (auth, JSON,
 //! object limits, body size, per-object validation with `errors[]`, update-only mode, attribute
 //! operations, rate window with `X-RateLimit-*` headers), keeps the resulting profiles and a
-//! request log, and injects faults on request. Start it in-process with [`start`] or run the
+//! request log, and injects faults on request. It also answers `POST /users/export/ids`
+//! (Braze's export shape, at most 50 identifiers, its own rate window: 250 per minute by
+//! default) for adoption's verify sample. Start it in-process with [`start`] or run the
 //! `braze-sim` binary.
 //!
 //! ```no_run

@@ -117,6 +117,7 @@ fn config(args: Args) -> anyhow::Result<SimConfig> {
         },
         seed: args.seed,
         log_bodies: args.log_bodies,
+        ..SimConfig::default()
     };
     cfg.validate()?;
     Ok(cfg)

@@ -53,6 +53,10 @@ pub struct Stats {
     pub dropped_connections: u64,
     /// Requests that arrived after a 401 had been returned.
     pub requests_after_first_401: u64,
+    /// `/users/export/ids` requests received.
+    pub export_requests: u64,
+    /// `/users/export/ids` requests refused by their rate window.
+    pub export_rate_limited_429: u64,
 }
 
 /// What happened to one request.
@@ -117,6 +121,7 @@ pub(crate) struct State {
     pub(crate) cfg: SimConfig,
     pub(crate) store: ProfileStore,
     window: RateWindow,
+    export_window: RateWindow,
     faults: FaultPlan,
     stats: Stats,
     log: Vec<RequestLog>,
@@ -161,10 +166,39 @@ fn window_for(cfg: &SimConfig) -> RateWindow {
     RateWindow::new(cfg.rate_limit_requests, ms)
 }
 
+fn export_window_for(cfg: &SimConfig) -> RateWindow {
+    let ms = u64::try_from(cfg.export_rate_limit_window.as_millis()).unwrap_or(u64::MAX);
+    RateWindow::new(cfg.export_rate_limit_requests, ms)
+}
+
+/// Standard profile fields `/users/export/ids` returns at the top level; every other
+/// attribute goes under `custom_attributes`.
+const STANDARD_FIELDS: &[&str] = &[
+    "external_id",
+    "braze_id",
+    "user_aliases",
+    "first_name",
+    "last_name",
+    "email",
+    "phone",
+    "dob",
+    "gender",
+    "country",
+    "home_city",
+    "language",
+    "time_zone",
+    "email_subscribe",
+    "push_subscribe",
+];
+
+/// Most identifiers one `/users/export/ids` request may name.
+pub(crate) const EXPORT_MAX_IDS: usize = 50;
+
 impl State {
     fn new(cfg: SimConfig) -> Self {
         Self {
             window: window_for(&cfg),
+            export_window: export_window_for(&cfg),
             faults: FaultPlan::new(cfg.faults.clone(), cfg.seed),
             cfg,
             store: ProfileStore::new(),
@@ -237,6 +271,94 @@ impl State {
         self.log.push(entry);
     }
 
+    /// Counts one `/users/export/ids` request in its own rate window.
+    pub(crate) fn arrive_export(&mut self, now_ms: u64) -> (Admission, String) {
+        self.stats.export_requests += 1;
+        let a = self.export_window.take(now_ms);
+        if !a.allowed {
+            self.stats.export_rate_limited_429 += 1;
+        }
+        (a, self.cfg.api_key.clone())
+    }
+
+    /// `/users/export/ids`: the profiles the body's identifiers name, Braze's shape
+    /// (standard fields at the top, the rest under `custom_attributes`), and the ids not found.
+    /// `Err` is a 400 message.
+    pub(crate) fn export_ids(&self, body: &Value) -> Result<Value, String> {
+        let strs = |k: &str| -> Vec<String> {
+            body.get(k)
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let external = strs("external_ids");
+        let aliases: Vec<(String, String)> = body
+            .get("user_aliases")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| {
+                        Some((
+                            v.get("alias_label")?.as_str()?.to_string(),
+                            v.get("alias_name")?.as_str()?.to_string(),
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let braze = body
+            .get("braze_id")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let total = external.len() + aliases.len() + usize::from(braze.is_some());
+        if total == 0 {
+            return Err("no identifiers given".into());
+        }
+        if total > EXPORT_MAX_IDS {
+            return Err(format!(
+                "at most {EXPORT_MAX_IDS} identifiers per request, got {total}"
+            ));
+        }
+        let mut users = Vec::new();
+        let mut invalid = Vec::new();
+        let keys = external
+            .iter()
+            .map(|e| (UserKey::external(e), e.clone()))
+            .chain(
+                aliases
+                    .iter()
+                    .map(|(l, n)| (UserKey::alias(l, n), format!("{l}:{n}"))),
+            )
+            .chain(braze.iter().map(|b| (UserKey::braze(b), b.clone())));
+        for (key, shown) in keys {
+            match self.store.get(&key) {
+                Some(p) => {
+                    let mut top = Map::new();
+                    let mut custom = Map::new();
+                    for (k, v) in &p.attributes {
+                        if STANDARD_FIELDS.contains(&k.as_str()) {
+                            top.insert(k.clone(), v.clone());
+                        } else {
+                            custom.insert(k.clone(), v.clone());
+                        }
+                    }
+                    top.insert("custom_attributes".into(), Value::Object(custom));
+                    users.push(Value::Object(top));
+                }
+                None => invalid.push(Value::String(shown)),
+            }
+        }
+        Ok(serde_json::json!({
+            "users": users,
+            "invalid_user_ids": invalid,
+            "message": "success",
+        }))
+    }
+
     pub(crate) fn stats(&self) -> Stats {
         self.stats.clone()
     }
@@ -297,6 +419,7 @@ impl State {
         cfg.host = self.cfg.host;
         cfg.port = self.cfg.port;
         self.window = window_for(&cfg);
+        self.export_window = export_window_for(&cfg);
         self.faults = FaultPlan::new(cfg.faults.clone(), cfg.seed);
         self.cfg = cfg;
         Ok(())

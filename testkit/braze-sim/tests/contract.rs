@@ -640,3 +640,56 @@ async fn shutdown_stops_serving() {
         .await;
     assert!(r.is_err());
 }
+
+async fn export(sim: &SimHandle, body: &Value) -> Response {
+    client()
+        .post(format!("{}/users/export/ids", sim.base_url()))
+        .bearer_auth(KEY)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn export_ids_answers_braze_shape_within_its_own_rate_window() {
+    let sim = sim(SimConfig {
+        export_rate_limit_requests: 2,
+        export_rate_limit_window: Duration::from_secs(60),
+        ..SimConfig::default()
+    })
+    .await;
+    let r = post(
+        &sim,
+        &json!({"attributes": [{"external_id": "u1", "first_name": "Ada", "tier": "gold"}]}),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let r = export(&sim, &json!({"external_ids": ["u1", "nobody"]})).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["users"][0]["external_id"], json!("u1"));
+    assert_eq!(v["users"][0]["first_name"], json!("Ada"));
+    assert_eq!(v["users"][0]["custom_attributes"], json!({"tier": "gold"}));
+    assert_eq!(v["invalid_user_ids"], json!(["nobody"]));
+    let ids: Vec<String> = (0..51).map(|i| i.to_string()).collect();
+    let r = export(&sim, &json!({ "external_ids": ids })).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::BAD_REQUEST,
+        "more than 50 identifiers"
+    );
+    let r = export(&sim, &json!({"external_ids": ["u1"]})).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "third request in the window"
+    );
+    assert_eq!(r.headers()["x-ratelimit-limit"], "2");
+    assert_eq!(sim.stats().export_rate_limited_429, 1);
+    assert_eq!(
+        sim.stats().requests_total,
+        1,
+        "/users/track's window is separate"
+    );
+}

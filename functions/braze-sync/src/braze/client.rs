@@ -162,6 +162,99 @@ impl BrazeApi for BrazeClient {
     }
 }
 
+/// `POST /users/export/ids`, for adoption's verify sample: external ids and aliases in one
+/// request, a Braze id per request (the endpoint takes one). A 429 waits for the window's
+/// reset (`X-RateLimit-Reset`, else 5 s) and tries again, up to 20 times.
+#[async_trait]
+impl crate::adopt::UserLookup for BrazeClient {
+    async fn export_ids(
+        &self,
+        ids: &[crate::model::Identifier],
+    ) -> Result<Vec<serde_json::Value>, crate::adopt::LookupError> {
+        use crate::model::Identifier;
+        use serde_json::{Value, json};
+        let url = format!(
+            "{}/users/export/ids",
+            self.endpoint.base().trim_end_matches('/')
+        );
+        let mut bodies = Vec::new();
+        let external: Vec<&str> = ids
+            .iter()
+            .filter_map(|i| match i {
+                Identifier::ExternalId(e) => Some(e.as_str()),
+                _ => None,
+            })
+            .collect();
+        let aliases: Vec<Value> = ids
+            .iter()
+            .filter_map(|i| match i {
+                Identifier::UserAlias { name, label } => {
+                    Some(json!({"alias_name": name, "alias_label": label}))
+                }
+                _ => None,
+            })
+            .collect();
+        if !external.is_empty() || !aliases.is_empty() {
+            bodies.push(json!({"external_ids": external, "user_aliases": aliases}));
+        }
+        for i in ids {
+            if let Identifier::BrazeId(b) = i {
+                bodies.push(json!({ "braze_id": b }));
+            }
+        }
+        let mut users = Vec::new();
+        for body in bodies {
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                let resp = self
+                    .http
+                    .post(&url)
+                    .header(AUTHORIZATION, self.auth.clone())
+                    .header(CONTENT_TYPE, "application/json")
+                    .body(body.to_string())
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        crate::adopt::LookupError(
+                            self.scrub(&transport_error(&e, &self.key).to_string()),
+                        )
+                    })?;
+                let status = resp.status();
+                let rate = rate_limit_info(resp.headers());
+                let text = resp.text().await.unwrap_or_default();
+                if status == StatusCode::TOO_MANY_REQUESTS && tries < 20 {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs_f64())
+                        .unwrap_or(0.0);
+                    let wait = rate.reset_in(now).unwrap_or(Duration::from_secs(5));
+                    tokio::time::sleep(wait.min(Duration::from_secs(60))).await;
+                    continue;
+                }
+                if !status.is_success() {
+                    let shown: String = self.scrub(&text).chars().take(MAX_MESSAGE_CHARS).collect();
+                    return Err(crate::adopt::LookupError(format!(
+                        "{} answered {status}: {shown}",
+                        self.endpoint.host()
+                    )));
+                }
+                let v: Value = serde_json::from_str(&text).map_err(|e| {
+                    crate::adopt::LookupError(format!("the answer is not JSON: {e}"))
+                })?;
+                users.extend(
+                    v.get("users")
+                        .and_then(Value::as_array)
+                        .cloned()
+                        .unwrap_or_default(),
+                );
+                break;
+            }
+        }
+        Ok(users)
+    }
+}
+
 /// A transport failure as a retryable [`TrackError`].
 fn transport_error(e: &reqwest::Error, key: &ApiKey) -> TrackError {
     let mut detail = e.to_string();
