@@ -14,10 +14,12 @@ import * as cdk from 'aws-cdk-lib';
 import * as cloudwatch from 'aws-cdk-lib/aws-cloudwatch';
 import * as cloudwatchActions from 'aws-cdk-lib/aws-cloudwatch-actions';
 import * as events from 'aws-cdk-lib/aws-events';
+import * as glue from 'aws-cdk-lib/aws-glue';
 import * as iam from 'aws-cdk-lib/aws-iam';
 import * as lambda from 'aws-cdk-lib/aws-lambda';
 import * as logs from 'aws-cdk-lib/aws-logs';
 import * as s3 from 'aws-cdk-lib/aws-s3';
+import * as scheduler from 'aws-cdk-lib/aws-scheduler';
 import * as sns from 'aws-cdk-lib/aws-sns';
 import * as sqs from 'aws-cdk-lib/aws-sqs';
 import { Construct } from 'constructs';
@@ -57,6 +59,12 @@ export interface BrazeBridgeProps {
   readonly quarantinePrefix?: string;
   /** currents-normalize's REPORTS_PREFIX. @default 'reports/currents/' */
   readonly currentsReportsPrefix?: string;
+  /** currents-normalize's STATE_PREFIX (compaction leases and manifests). @default 'state/currents/' */
+  readonly currentsStatePrefix?: string;
+  /** EventBridge Scheduler expression (UTC) of the daily compaction. @default 'cron(30 1 * * ? *)' */
+  readonly compactionSchedule?: string;
+  /** Glue database of the Currents tables. @default 'braze_currents' */
+  readonly glueDatabaseName?: string;
   /** Braze instance, e.g. 'US-03'. @default 'US-03' */
   readonly brazeInstance?: string;
   /** REST endpoint overriding the instance's. */
@@ -107,6 +115,9 @@ export const BRAZE_BRIDGE_DEFAULTS = {
   tablesPrefix: 'tables/',
   quarantinePrefix: 'quarantine/',
   currentsReportsPrefix: 'reports/currents/',
+  currentsStatePrefix: 'state/currents/',
+  compactionSchedule: 'cron(30 1 * * ? *)',
+  glueDatabaseName: 'braze_currents',
   brazeInstance: 'US-03',
   brazeRestEndpoint: '',
   rateLimitShare: 1,
@@ -133,7 +144,24 @@ export const FUNCTION_SIZING = {
   brazeSync: { memorySize: 1024, timeoutSeconds: 900 },
   // Sized from `make bench`: see README. One Avro file (<= ~100k events) decoded at a time.
   currentsNormalize: { memorySize: 1024, timeoutSeconds: 300 },
+  // Sized from `make bench`: see README. A table-day's parts are copied to /tmp (4096 MiB) and
+  // merged in bounded memory; 900 s is Lambda's maximum (runs stop starting days before it).
+  currentsCompact: { memorySize: 2048, timeoutSeconds: 900, ephemeralStorageMiB: 4096 },
 } as const;
+
+/** The Glue tables generated from the registry (`cargo run -p harness --bin currents-catalog`). */
+interface GeneratedCatalog {
+  readonly projectionRange: string;
+  readonly tables: {
+    readonly logicalId: string;
+    readonly name: string;
+    readonly description: string;
+    readonly columns: { readonly name: string; readonly type: string }[];
+  }[];
+}
+const CATALOG = JSON.parse(
+  fs.readFileSync(path.join(__dirname, 'glue-tables.generated.json'), 'utf8'),
+) as GeneratedCatalog;
 
 /** A checkov check skipped on one resource, with the reason beside it (as in template.yaml). */
 interface CheckovSkip {
@@ -192,6 +220,23 @@ const SKIP_TOPIC_KMS: CheckovSkip = {
     'Carries only alarm state changes (alarm names and thresholds, no customer data). CloudWatch cannot ' +
     'publish to a topic encrypted with the AWS-managed aws/sns key, and a customer key would need its ' +
     'own key policy for CloudWatch.',
+};
+
+const SKIP_COMPACT_CONCURRENCY: CheckovSkip = {
+  id: 'CKV_AWS_115',
+  comment:
+    'Started once a day by its schedule; a per-day lease keeps overlapping runs apart, so reserved ' +
+    'concurrency would protect nothing.',
+};
+const SKIP_VPC_S3_ONLY: CheckovSkip = {
+  id: 'CKV_AWS_117',
+  comment: 'The function talks only to S3; a VPC would add endpoints or a NAT gateway and nothing to protect.',
+};
+const SKIP_ENV_PLAIN: CheckovSkip = {
+  id: 'CKV_AWS_173',
+  comment:
+    'The environment holds bucket names and prefixes only, no secrets; Lambda encrypts it at rest with its ' +
+    'own key.',
 };
 
 function skipCheckov(construct: Construct, ...skips: CheckovSkip[]): void {
@@ -256,6 +301,10 @@ export class BrazeBridge extends Construct {
   public readonly brazeSyncFunction: lambda.Function;
   /** currents-normalize: Braze Currents Avro -> Parquet tables. */
   public readonly currentsNormalizeFunction: lambda.Function;
+  /** The daily compaction (same code, started by EventBridge Scheduler). */
+  public readonly currentsCompactFunction: lambda.Function;
+  /** The Glue database of the Currents tables. */
+  public readonly glueDatabaseName: string;
   /** braze-sync's input queue (also takes replays and its own continuation messages). */
   public readonly brazeSyncQueue: sqs.Queue;
   /** braze-sync's dead-letter queue. */
@@ -489,8 +538,8 @@ export class BrazeBridge extends Construct {
         resources: [objectsArn(currents, p.currentsPrefix)],
       }),
       // Parquet parts (named from their source file, so a replay overwrites), quarantined copies
-      // with their reasons, and run reports. Daily compaction, once it exists, will also need
-      // s3:GetObject, s3:DeleteObject and s3:ListBucket on the tables prefix.
+      // with their reasons, and run reports. Compaction (reading and deleting parts) runs as
+      // CurrentsCompactFunction with its own role.
       new iam.PolicyStatement({
         sid: 'WriteTablesQuarantineAndReports',
         actions: ['s3:PutObject'],
@@ -516,6 +565,7 @@ export class BrazeBridge extends Construct {
         TABLES_PREFIX: p.tablesPrefix,
         QUARANTINE_PREFIX: p.quarantinePrefix,
         REPORTS_PREFIX: p.currentsReportsPrefix,
+        STATE_PREFIX: p.currentsStatePrefix,
         RUST_LOG: p.logLevel,
       },
       skips: [SKIP_RESERVED_CONCURRENCY, SKIP_VPC, SKIP_ENV_KMS],
@@ -527,6 +577,147 @@ export class BrazeBridge extends Construct {
       reportBatchItemFailures: true,
       maxConcurrency: p.currentsNormalizeMaxConcurrency,
     });
+
+    // ---------------------------------------------------------------------------------------
+    // Compaction: the same code, started daily by EventBridge Scheduler with {"compact":{}}.
+    // Its own function (15 minutes, memory and /tmp for the parts) and the only role that may
+    // delete parts.
+    // ---------------------------------------------------------------------------------------
+    const compactLogGroup = logGroup(this, 'CurrentsCompactLogGroup', p.logRetentionDays);
+    const compactRole = new iam.Role(this, 'CurrentsCompactRole', {
+      description: "currents-normalize compaction execution role (least privilege; see each statement's Sid).",
+      assumedBy: new iam.ServicePrincipal('lambda.amazonaws.com'),
+      inlinePolicies: {
+        'currents-compact': new iam.PolicyDocument({
+          statements: [
+            new iam.PolicyStatement({
+              sid: 'WriteOwnLogs',
+              actions: ['logs:CreateLogStream', 'logs:PutLogEvents'],
+              resources: [compactLogGroup.logGroupArn],
+            }),
+            new iam.PolicyStatement({
+              sid: 'SendFailedAsyncEventsToDeadLetterQueue',
+              actions: ['sqs:SendMessage'],
+              resources: [this.currentsNormalizeDeadLetterQueue.queueArn],
+            }),
+            // Listing finds the table-days; it also makes a missing lease or manifest a 404
+            // rather than a 403.
+            new iam.PolicyStatement({
+              sid: 'ListTablesBucket',
+              actions: ['s3:ListBucket'],
+              resources: [bucketArn(tables)],
+            }),
+            new iam.PolicyStatement({
+              sid: 'ReadWriteAndReplaceTableParts',
+              actions: ['s3:GetObject', 's3:PutObject', 's3:DeleteObject'],
+              resources: [objectsArn(tables, p.tablesPrefix)],
+            }),
+            new iam.PolicyStatement({
+              sid: 'LeasesAndManifests',
+              actions: ['s3:GetObject', 's3:PutObject'],
+              resources: [objectsArn(tables, p.currentsStatePrefix)],
+            }),
+            new iam.PolicyStatement({
+              sid: 'WriteReports',
+              actions: ['s3:PutObject'],
+              resources: [objectsArn(tables, p.currentsReportsPrefix)],
+            }),
+          ],
+        }),
+      },
+    });
+    this.currentsCompactFunction = rustFunction(this, 'CurrentsCompactFunction', {
+      description: 'Compacts each Currents table-day into one deduplicated Parquet part.',
+      code: prebuiltCode(
+        props.currentsNormalizeCodePath ?? path.join(DEFAULT_LAMBDA_ROOT, 'currents-normalize'),
+      ),
+      sizing: FUNCTION_SIZING.currentsCompact,
+      role: compactRole,
+      logGroup: compactLogGroup,
+      deadLetterQueue: this.currentsNormalizeDeadLetterQueue,
+      environment: {
+        CURRENTS_PREFIX: p.currentsPrefix,
+        TABLES_BUCKET: tables,
+        TABLES_PREFIX: p.tablesPrefix,
+        QUARANTINE_PREFIX: p.quarantinePrefix,
+        REPORTS_PREFIX: p.currentsReportsPrefix,
+        STATE_PREFIX: p.currentsStatePrefix,
+        RUST_LOG: p.logLevel,
+      },
+      skips: [SKIP_COMPACT_CONCURRENCY, SKIP_VPC_S3_ONLY, SKIP_ENV_PLAIN],
+    });
+    const schedulerRole = new iam.Role(this, 'CurrentsCompactSchedulerRole', {
+      description: 'Lets EventBridge Scheduler start the daily compaction, and nothing else.',
+      assumedBy: new iam.ServicePrincipal('scheduler.amazonaws.com', {
+        conditions: { StringEquals: { 'aws:SourceAccount': cdk.Aws.ACCOUNT_ID } },
+      }),
+      inlinePolicies: {
+        'invoke-compaction': new iam.PolicyDocument({
+          statements: [
+            new iam.PolicyStatement({
+              sid: 'InvokeCompaction',
+              actions: ['lambda:InvokeFunction'],
+              resources: [this.currentsCompactFunction.functionArn],
+            }),
+          ],
+        }),
+      },
+    });
+    new scheduler.CfnSchedule(this, 'CurrentsCompactSchedule', {
+      description: 'Daily compaction of the Currents tables (currents-normalize, payload {"compact":{}}).',
+      scheduleExpression: p.compactionSchedule,
+      scheduleExpressionTimezone: 'UTC',
+      flexibleTimeWindow: { mode: 'OFF' },
+      state: 'ENABLED',
+      target: {
+        arn: this.currentsCompactFunction.functionArn,
+        roleArn: schedulerRole.roleArn,
+        input: '{"compact":{}}',
+        retryPolicy: { maximumRetryAttempts: 2, maximumEventAgeInSeconds: 3600 },
+      },
+    });
+
+    // ---------------------------------------------------------------------------------------
+    // Catalog: a Glue database and one table per registry table, partition projection on day.
+    // ---------------------------------------------------------------------------------------
+    const database = new glue.CfnDatabase(this, 'CurrentsGlueDatabase', {
+      catalogId: cdk.Aws.ACCOUNT_ID,
+      databaseInput: {
+        name: p.glueDatabaseName,
+        description: 'Braze Currents tables written by currents-normalize (Parquet, partition projection on day).',
+      },
+    });
+    this.glueDatabaseName = database.ref;
+    for (const t of CATALOG.tables) {
+      new glue.CfnTable(this, t.logicalId, {
+        catalogId: cdk.Aws.ACCOUNT_ID,
+        databaseName: database.ref,
+        tableInput: {
+          name: t.name,
+          description: t.description,
+          tableType: 'EXTERNAL_TABLE',
+          parameters: {
+            classification: 'parquet',
+            'parquet.compression': 'SNAPPY',
+            'projection.enabled': 'true',
+            'projection.day.type': 'date',
+            'projection.day.format': 'yyyy-MM-dd',
+            'projection.day.range': CATALOG.projectionRange,
+            'projection.day.interval': '1',
+            'projection.day.interval.unit': 'DAYS',
+            'storage.location.template': `s3://${tables}/${p.tablesPrefix}${t.name}/${t.name}_\${day}.parquet/`,
+          },
+          partitionKeys: [{ name: 'day', type: 'string' }],
+          storageDescriptor: {
+            location: `s3://${tables}/${p.tablesPrefix}${t.name}/`,
+            inputFormat: 'org.apache.hadoop.hive.ql.io.parquet.MapredParquetInputFormat',
+            outputFormat: 'org.apache.hadoop.hive.ql.io.parquet.MapredParquetOutputFormat',
+            serdeInfo: { serializationLibrary: 'org.apache.hadoop.hive.ql.io.parquet.serde.ParquetHiveSerDe' },
+            columns: t.columns.map((c) => ({ name: c.name, type: c.type })),
+          },
+        },
+      });
+    }
 
     // ---------------------------------------------------------------------------------------
     // Alarms: function errors, throttles, and anything in a dead-letter queue.
@@ -574,6 +765,11 @@ export class BrazeBridge extends Construct {
         dlq.metricApproximateNumberOfMessagesVisible({ period, statistic: cloudwatch.Stats.MAXIMUM }),
       );
     }
+    alarm(
+      'CurrentsCompactErrorsAlarm',
+      'currents-normalize compaction failed (see its logs and report); the next run retries.',
+      this.currentsCompactFunction.metricErrors({ period, statistic: cloudwatch.Stats.SUM }),
+    );
   }
 }
 
@@ -735,7 +931,11 @@ function functionRole(scope: Construct, id: string, policyName: string, statemen
 interface RustFunction {
   readonly description: string;
   readonly code: lambda.Code;
-  readonly sizing: { readonly memorySize: number; readonly timeoutSeconds: number };
+  readonly sizing: {
+    readonly memorySize: number;
+    readonly timeoutSeconds: number;
+    readonly ephemeralStorageMiB?: number;
+  };
   readonly role: iam.Role;
   readonly logGroup: logs.LogGroup;
   readonly deadLetterQueue: sqs.Queue;
@@ -752,6 +952,8 @@ function rustFunction(scope: Construct, id: string, f: RustFunction): lambda.Fun
     architecture: lambda.Architecture.ARM_64,
     memorySize: f.sizing.memorySize,
     timeout: cdk.Duration.seconds(f.sizing.timeoutSeconds),
+    ephemeralStorageSize:
+      f.sizing.ephemeralStorageMiB === undefined ? undefined : cdk.Size.mebibytes(f.sizing.ephemeralStorageMiB),
     role: f.role,
     environment: f.environment,
     logGroup: f.logGroup,

@@ -338,6 +338,8 @@ export interface BridgeModel {
   /** Function label -> the IAM actions its role allows. */
   iamActions: Record<string, string[]>;
   alarms: Record<string, JsonObject>;
+  /** Schedules, Glue databases and Glue tables, whole. */
+  catalog: Record<string, string>;
   removal: Record<string, string>;
   checkovSkips: Record<string, string[]>;
 }
@@ -357,6 +359,7 @@ export function bridgeModel(t: EvaluatedTemplate): BridgeModel {
     roles: {},
     iamActions: {},
     alarms: {},
+    catalog: {},
     removal: {},
     checkovSkips: {},
   };
@@ -389,6 +392,7 @@ export function bridgeModel(t: EvaluatedTemplate): BridgeModel {
           Handler: props.Handler,
           MemorySize: props.MemorySize,
           Timeout: props.Timeout,
+          EphemeralStorage: props.EphemeralStorage ?? null,
           Role: props.Role,
           LoggingConfig: props.LoggingConfig,
           DeadLetterTarget: deadLetter?.TargetArn ?? null,
@@ -481,6 +485,11 @@ export function bridgeModel(t: EvaluatedTemplate): BridgeModel {
           AlarmActions: props.AlarmActions ?? [],
           OKActions: props.OKActions ?? [],
         };
+        break;
+      case 'AWS::Scheduler::Schedule':
+      case 'AWS::Glue::Database':
+      case 'AWS::Glue::Table':
+        model.catalog[label] = canonical(props);
         break;
       default:
         break;

@@ -54,18 +54,19 @@ function resourceText(s: Statement): string[] {
 describe('functions', () => {
   const template = synth();
 
-  test('both run the arm64 bootstrap binary on provided.al2023 with the sized memory and timeout', () => {
-    template.resourceCountIs('AWS::Lambda::Function', 2);
-    for (const [fn, timeout] of [
-      ['BrazeSyncFunction', 900],
-      ['CurrentsNormalizeFunction', 300],
+  test('all run the arm64 bootstrap binary on provided.al2023 with the sized memory and timeout', () => {
+    template.resourceCountIs('AWS::Lambda::Function', 3);
+    for (const [fn, memory, timeout] of [
+      ['BrazeSyncFunction', 1024, 900],
+      ['CurrentsNormalizeFunction', 1024, 300],
+      ['CurrentsCompactFunction', 2048, 900],
     ] as const) {
       template.hasResource('AWS::Lambda::Function', {
         Properties: Match.objectLike({
           Runtime: 'provided.al2023',
           Architectures: ['arm64'],
           Handler: 'bootstrap',
-          MemorySize: 1024,
+          MemorySize: memory,
           Timeout: timeout,
           LoggingConfig: { LogFormat: 'JSON', ApplicationLogLevel: 'TRACE', LogGroup: Match.anyValue() },
         }),
@@ -76,8 +77,8 @@ describe('functions', () => {
 
   test('each logs as JSON to its own log group, kept for the retention given', () => {
     const t = synth({ logRetentionDays: 90 });
-    t.resourcePropertiesCountIs('AWS::Logs::LogGroup', { RetentionInDays: 90 }, 2);
-    for (const fn of ['BrazeSync', 'CurrentsNormalize']) {
+    t.resourcePropertiesCountIs('AWS::Logs::LogGroup', { RetentionInDays: 90 }, 3);
+    for (const fn of ['BrazeSync', 'CurrentsNormalize', 'CurrentsCompact']) {
       t.hasResourceProperties('AWS::Lambda::Function', {
         LoggingConfig: Match.objectLike({ LogGroup: { Ref: logicalId(t, `${fn}LogGroup`) } }),
       });
@@ -127,9 +128,41 @@ describe('functions', () => {
           TABLES_PREFIX: 'tables/',
           QUARANTINE_PREFIX: 'quarantine/',
           REPORTS_PREFIX: 'reports/currents/',
+          STATE_PREFIX: 'state/currents/',
           RUST_LOG: 'info',
         }),
       },
+    });
+  });
+
+  test('compaction runs daily at 01:30 UTC from EventBridge Scheduler with {"compact":{}}', () => {
+    template.resourceCountIs('AWS::Scheduler::Schedule', 1);
+    template.hasResourceProperties('AWS::Scheduler::Schedule', {
+      ScheduleExpression: 'cron(30 1 * * ? *)',
+      ScheduleExpressionTimezone: 'UTC',
+      Target: Match.objectLike({
+        Arn: { 'Fn::GetAtt': [logicalId(template, 'CurrentsCompactFunction'), 'Arn'] },
+        Input: '{"compact":{}}',
+      }),
+    });
+    template.hasResourceProperties('AWS::Lambda::Function', {
+      EphemeralStorage: { Size: 4096 },
+      Role: { 'Fn::GetAtt': [logicalId(template, 'CurrentsCompactRole'), 'Arn'] },
+    });
+  });
+
+  test('one Glue table per registry table, projected on day, under the tables prefix', () => {
+    const catalog = JSON.parse(
+      fs.readFileSync(path.join(__dirname, '../lib/glue-tables.generated.json'), 'utf8'),
+    ) as { tables: { name: string }[] };
+    template.resourceCountIs('AWS::Glue::Database', 1);
+    template.resourceCountIs('AWS::Glue::Table', catalog.tables.length);
+    template.hasResourceProperties('AWS::Glue::Table', {
+      TableInput: Match.objectLike({
+        Name: 'users_messages_email_send',
+        PartitionKeys: [{ Name: 'day', Type: 'string' }],
+        Parameters: Match.objectLike({ 'projection.enabled': 'true', 'projection.day.format': 'yyyy-MM-dd' }),
+      }),
     });
   });
 });
@@ -384,7 +417,7 @@ describe('least-privilege IAM', () => {
 describe('alarms', () => {
   test('errors, throttles and DLQ depth alarm per function, notifying a created topic', () => {
     const template = synth();
-    template.resourceCountIs('AWS::CloudWatch::Alarm', 6);
+    template.resourceCountIs('AWS::CloudWatch::Alarm', 7);
     template.resourceCountIs('AWS::SNS::Topic', 1);
     const topic = { Ref: logicalId(template, 'AlarmTopic') };
     for (const fn of ['BrazeSync', 'CurrentsNormalize']) {
@@ -412,7 +445,7 @@ describe('alarms', () => {
     const arn = 'arn:aws:sns:us-east-1:123456789012:ops';
     const template = synth({ alarmTopicArn: arn });
     template.resourceCountIs('AWS::SNS::Topic', 0);
-    template.resourcePropertiesCountIs('AWS::CloudWatch::Alarm', { AlarmActions: [arn], OKActions: [arn] }, 6);
+    template.resourcePropertiesCountIs('AWS::CloudWatch::Alarm', { AlarmActions: [arn], OKActions: [arn] }, 7);
   });
 });
 

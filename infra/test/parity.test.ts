@@ -86,6 +86,12 @@ for (const [name, props] of Object.entries(SCENARIOS)) {
     test('same IAM statements per role', () => assert.deepEqual(cdk.roles, sam.roles));
     test('same IAM actions per function', () => assert.deepEqual(cdk.iamActions, sam.iamActions));
     test('same alarms', () => assert.deepEqual(cdk.alarms, sam.alarms));
+    test('same compaction schedule, Glue database and Glue tables', () => {
+      assert.deepEqual(cdk.catalog, sam.catalog);
+      assert.ok(Object.keys(sam.catalog).length > 3);
+      const schedule = JSON.parse(sam.catalog.CurrentsCompactSchedule) as { Target: { Input: string } };
+      assert.deepEqual(JSON.parse(schedule.Target.Input), { compact: {} });
+    });
     test('same removal policies', () => assert.deepEqual(cdk.removal, sam.removal));
     test('same checkov skips', () => assert.deepEqual(cdk.checkovSkips, sam.checkovSkips));
   });
@@ -120,6 +126,12 @@ describe('construct props and template parameters', () => {
     assert.deepEqual([currents.MemorySize, currents.Timeout], [
       FUNCTION_SIZING.currentsNormalize.memorySize,
       FUNCTION_SIZING.currentsNormalize.timeoutSeconds,
+    ]);
+    const compact = resources.CurrentsCompactFunction.Properties;
+    assert.deepEqual([compact.MemorySize, compact.Timeout, (compact.EphemeralStorage as { Size: number }).Size], [
+      FUNCTION_SIZING.currentsCompact.memorySize,
+      FUNCTION_SIZING.currentsCompact.timeoutSeconds,
+      FUNCTION_SIZING.currentsCompact.ephemeralStorageMiB,
     ]);
   });
 

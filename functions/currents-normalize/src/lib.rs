@@ -11,6 +11,7 @@
 //! `apache-avro`) adds `synth` (synthetic Currents files for tests and the benchmark) and
 //! `registry_gen` (the registry generator behind `currents-registry`).
 
+pub mod backfill;
 pub mod compact;
 pub mod config;
 pub mod convert;

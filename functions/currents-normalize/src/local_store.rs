@@ -146,6 +146,51 @@ impl ObjectStore for LocalStore {
         Ok(meta)
     }
 
+    async fn put_file(
+        &self,
+        uri: &S3Uri,
+        file: &Path,
+        condition: PutCondition,
+        metadata: BTreeMap<String, String>,
+    ) -> Result<ObjectMeta, StoreError> {
+        if condition != PutCondition::None {
+            let body = std::fs::read(file).map_err(|e| io_err("read", uri, e))?;
+            return self.put(uri, Bytes::from(body), condition, metadata).await;
+        }
+        // Unconditional: copied file to file, never held in memory (compacted parts are large).
+        let path = self.path_of(uri)?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| io_err("mkdir", uri, e))?;
+        }
+        let tmp = path.with_file_name(format!(
+            ".tmp-{}-{}",
+            std::process::id(),
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ));
+        let size = std::fs::copy(file, &tmp).map_err(|e| io_err("write", uri, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| io_err("rename", uri, e))?;
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        let mut f = std::fs::File::open(&path).map_err(|e| io_err("read", uri, e))?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            use std::io::Read;
+            let n = f.read(&mut buf).map_err(|e| io_err("read", uri, e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        Ok(ObjectMeta {
+            key: uri.key.clone(),
+            etag: format!("{:016x}", hasher.digest()),
+            size,
+            metadata,
+            ..ObjectMeta::default()
+        })
+    }
+
     async fn copy(&self, from: &S3Uri, to: &S3Uri) -> Result<(), StoreError> {
         let (_, body) = self.get(from).await?;
         self.put(to, body, PutCondition::None, BTreeMap::new())

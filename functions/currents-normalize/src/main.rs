@@ -5,6 +5,7 @@
 //! currents-normalize run s3://bucket/currents/…/file.avro [--dry-run]
 //! currents-normalize run-file ./file.avro --key 'currents/…/event_type=T/date=YYYY-MM-DD-HH/…/file.avro' --out ./lake [--dry-run]
 //! currents-normalize compact [--day YYYY-MM-DD] [--table TABLE] [--dry-run]
+//! currents-normalize backfill s3://bucket/prefix/ [--from DAY] [--to DAY] [--concurrency N] [--dry-run] [--no-compact]
 //! ```
 
 use std::path::PathBuf;
@@ -17,6 +18,7 @@ use bridge_shared::trigger::ObjectRef;
 use bridge_shared::{S3Uri, logging};
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
+use currents_normalize::backfill::{Backfill, BackfillRequest};
 use currents_normalize::compact::job::run_and_report;
 use currents_normalize::compact::{CompactRequest, Compactor, Selection};
 use currents_normalize::config::Config;
@@ -65,6 +67,27 @@ enum Command {
         /// Convert and report, but write nothing.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Normalize every Currents object already under a prefix (any key layout), skipping
+    /// those done before, then compact the days touched. Safe to interrupt and rerun.
+    Backfill {
+        /// `s3://bucket/prefix/` to list.
+        uri: String,
+        /// First delivery day (YYYY-MM-DD), inclusive.
+        #[arg(long)]
+        from: Option<chrono::NaiveDate>,
+        /// Last delivery day (YYYY-MM-DD), inclusive.
+        #[arg(long)]
+        to: Option<chrono::NaiveDate>,
+        /// Objects converted at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Convert and count, write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Do not compact the touched days afterwards.
+        #[arg(long)]
+        no_compact: bool,
     },
     /// Compact table-days in TABLES_BUCKET: one deduplicated part per table and day. Without
     /// --day: yesterday and every earlier day that received parts since it was compacted.
@@ -121,6 +144,61 @@ async fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     match cli.command {
+        Command::Backfill {
+            uri,
+            from,
+            to,
+            concurrency,
+            dry_run,
+            no_compact,
+        } => {
+            let uri: S3Uri = match uri.parse() {
+                Ok(u) => u,
+                Err(e) => {
+                    eprintln!("currents-normalize: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let store = Arc::new(S3Store::from_env().await);
+            let backfill = Backfill::new(cfg, store, registry);
+            let request = BackfillRequest {
+                bucket: uri.bucket,
+                prefix: uri.key,
+                from,
+                to,
+                concurrency,
+                dry_run,
+                no_compact,
+                progress: true,
+            };
+            match backfill.run(&request).await {
+                Ok(summary) => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&summary).unwrap_or_default()
+                    );
+                    eprintln!(
+                        "backfill: {} objects: {} normalized, {} skipped, {} quarantined, {} failed; {} events; {} table-days compacted",
+                        summary.objects,
+                        summary.normalized,
+                        summary.skipped,
+                        summary.quarantined,
+                        summary.failed,
+                        summary.events,
+                        summary.days_compacted
+                    );
+                    if summary.failed > 0 || summary.days_failed > 0 {
+                        ExitCode::FAILURE
+                    } else {
+                        ExitCode::SUCCESS
+                    }
+                }
+                Err(e) => {
+                    eprintln!("currents-normalize: backfill listing failed: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Compact {
             day,
             table,

@@ -4,6 +4,7 @@
 //! event source mapping does ([`poller`]). Integration tests and `make demo` build on this, so
 //! locally, as on AWS, an upload is what starts a function.
 
+pub mod catalog;
 pub mod emulator;
 pub mod moto;
 pub mod paths;

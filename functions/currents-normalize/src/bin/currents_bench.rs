@@ -13,6 +13,8 @@
 
 #[path = "bench/avro_paths.rs"]
 mod avro_paths;
+#[path = "currents_bench/compact.rs"]
+mod compact;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -55,6 +57,15 @@ struct Args {
     /// Internal: the key of the `--rss-probe` file.
     #[arg(long, hide = true)]
     key: Option<String>,
+    /// Events of the compaction figure's table-day (0: skip it).
+    #[arg(long, default_value_t = 2_000_000)]
+    compact_events: u64,
+    /// Parts that table-day is made of.
+    #[arg(long, default_value_t = 150)]
+    compact_parts: u64,
+    /// Internal: compact the table-day under this folder and print the result with peak RSS.
+    #[arg(long, hide = true)]
+    compact_probe: Option<PathBuf>,
     /// Rows per Arrow batch (tuning).
     #[arg(long, hide = true)]
     batch_rows: Option<usize>,
@@ -265,6 +276,15 @@ fn rss_probe(path: &Path, k: &str) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(lake) = &args.compact_probe {
+        return match compact::probe(lake, peak_rss_mb) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("compaction probe failed: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(path) = &args.rss_probe {
         return match rss_probe(path, args.key.as_deref().unwrap_or_default()) {
             Ok(()) => ExitCode::SUCCESS,
@@ -542,7 +562,7 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         apache_avro_eps.unwrap_or(f64::NAN)
     );
     let py_eps = (py_s > 0.0).then(|| py_events as f64 / py_s);
-    let result = json!({
+    let mut result = json!({
         "events": rust_events,
         "events_per_s": events_per_s,
         "python_peer_events_per_s": py_eps,
@@ -560,6 +580,14 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         "method": "single thread each; files generated once (null codec, Braze's default) and read from the page cache; time covers read + decode + dedup + normalize + Parquet (Snappy) encode + write to disk; the peer times the same inside Python (imports excluded); each side runs `passes` times per file size and its fastest pass counts (the machine is shared); peak RSS is VmHWM of a separate process converting one 100,000-event file; arrow-avro and apache-avro do the same conversion (registry schema as reader schema, same columns, dedup and Parquet settings) on the same files, fastest of `passes` each; rss_mb_512mib_object is VmHWM of a separate process converting one object of that size (null codec) as the function does",
     });
     std::fs::create_dir_all(&out)?;
+    if args.compact_events > 0
+        && let (Value::Object(r), Value::Object(c)) = (
+            &mut result,
+            compact::run(&out, args.compact_events, args.compact_parts, args.passes)?,
+        )
+    {
+        r.extend(c);
+    }
     let path = out.join("currents.json");
     std::fs::write(&path, serde_json::to_string_pretty(&result)?)?;
     println!("{}", serde_json::to_string_pretty(&result)?);

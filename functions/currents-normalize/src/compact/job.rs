@@ -144,6 +144,31 @@ impl Compactor {
         req: &CompactRequest,
     ) -> Result<Vec<DayResult>, StoreError> {
         let days = self.plan(bucket, req).await?;
+        self.run_days(bucket, &days, req).await
+    }
+
+    /// Compacts exactly these table-days (those that need it), whatever their day (backfill
+    /// compacts the days it touched). `Err` only when the tables cannot be listed.
+    pub async fn run_selected(
+        &self,
+        bucket: &str,
+        wanted: &BTreeSet<TableDay>,
+        req: &CompactRequest,
+    ) -> Result<Vec<DayResult>, StoreError> {
+        let listing = self.store.list(bucket, &self.cfg.tables_prefix).await?;
+        let days: Vec<DayParts> = group(&self.cfg.tables_prefix, &listing)
+            .into_iter()
+            .filter(|d| wanted.contains(&d.table_day) && d.needs_compaction())
+            .collect();
+        self.run_days(bucket, &days, req).await
+    }
+
+    async fn run_days(
+        &self,
+        bucket: &str,
+        days: &[DayParts],
+        req: &CompactRequest,
+    ) -> Result<Vec<DayResult>, StoreError> {
         info!(
             bucket,
             table_days = days.len(),
@@ -151,7 +176,7 @@ impl Compactor {
             "Compaction run starts."
         );
         let mut results = Vec::with_capacity(days.len());
-        for day in &days {
+        for day in days {
             let out_of_time = req
                 .deadline
                 .is_some_and(|d| d.saturating_duration_since(Instant::now()) < DEADLINE_MARGIN);
@@ -432,6 +457,19 @@ pub async fn run_and_report(
 ) -> Result<super::CompactReport, StoreError> {
     let started = chrono::Utc::now();
     let days = compactor.run(bucket, &req).await?;
+    finish_report(cfg, store, bucket, &req, request_id, started, days).await
+}
+
+/// Builds, emits and writes the report of a run that produced `days`.
+pub async fn finish_report(
+    cfg: &Config,
+    store: &dyn ObjectStore,
+    bucket: &str,
+    req: &CompactRequest,
+    request_id: &str,
+    started: chrono::DateTime<chrono::Utc>,
+    days: Vec<DayResult>,
+) -> Result<super::CompactReport, StoreError> {
     let report =
         super::CompactReport::new(request_id, started, chrono::Utc::now(), req.dry_run, days);
     for line in report.metric_lines(
