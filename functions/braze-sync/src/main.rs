@@ -145,6 +145,13 @@ async fn handler(app: &App) -> anyhow::Result<Handler> {
         .map(std::time::Duration::from_secs);
     settings.checkpoint_every =
         std::time::Duration::from_millis(runtime::env_parse::<u64>("BRIDGE_CHECKPOINT_MS", 3_000)?);
+    // Lambda's own variable: the function's memory in MB.
+    settings.memory_limit_bytes = Some(runtime::env_parse::<u64>(
+        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+        0,
+    )?)
+    .filter(|mb| *mb > 0)
+    .map(|mb| mb * 1024 * 1024);
     let lease_s = runtime::env_parse::<i64>("BRIDGE_LEASE_SECONDS", 960)?;
     settings.route_lease_s = lease_s;
     let continuation: Option<Arc<dyn Continuation>> =

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use braze_sync::braze::{BrazeApi, ItemError, RateLimitInfo, TrackError, TrackResponse};
-use braze_sync::handler::{ExportPlan, ExportRunner};
+use braze_sync::handler::{ExportPlan, ExportRunner, RunError};
 use braze_sync::route::Route;
 use braze_sync::runner::{Continuation, RunnerSettings, SyncRunner};
 use braze_sync::snapshot::store::StateStore;
@@ -210,4 +210,53 @@ async fn a_run_cut_by_its_deadline_hands_over_and_the_next_run_finishes_without_
     let sent = braze.sent.lock().unwrap().clone();
     assert_eq!(sent.len(), 400, "no user sent twice across the hand-over");
     assert_eq!(confirmed_users(&store).await, 400);
+}
+
+#[tokio::test]
+async fn a_state_too_big_for_the_functions_memory_fails_before_sending_and_releases_the_route() {
+    let store = Arc::new(MemoryStore::new());
+    let braze = Arc::new(ScriptedBraze {
+        refuse: Mutex::new(Vec::new()),
+        delay: Duration::ZERO,
+        sent: Mutex::new(Vec::new()),
+    });
+    let handovers = Arc::new(Handovers::default());
+    let p1 = plan(&store, "in/a.csv", csv(1000, "gold")).await;
+    assert!(
+        runner(&store, &braze, None, &handovers)
+            .run(&p1, None)
+            .await
+            .unwrap()
+            .complete()
+    );
+    braze.sent.lock().unwrap().clear();
+
+    // 1,000 users x (16 + 6 + 2) bytes x 1.25 = 30 KB; 60% of a 20 KB function is 12 KB.
+    let mut settings = RunnerSettings::new("state", "s/", "r/", "x/");
+    settings.memory_limit_bytes = Some(20_000);
+    let small = SyncRunner::new(
+        store.clone(),
+        vec![Route::from_toml(ROUTE, "test").unwrap()],
+        braze.clone(),
+        settings,
+        None,
+    );
+    let p2 = plan(&store, "in/b.csv", csv(1000, "platinum")).await;
+    let err = small.run(&p2, None).await.unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, RunError::Permanent { .. }), "{text}");
+    assert!(
+        text.contains("1000 users")
+            && text.contains("MemorySize")
+            && text.contains("nothing was sent"),
+        "{text}"
+    );
+    assert!(braze.sent.lock().unwrap().is_empty(), "nothing was sent");
+    // The route lock was released: a run with enough memory proceeds at once.
+    let out = runner(&store, &braze, None, &handovers)
+        .run(&p2, None)
+        .await
+        .unwrap();
+    assert!(out.complete());
+    assert_eq!(braze.sent.lock().unwrap().len(), 1000);
 }

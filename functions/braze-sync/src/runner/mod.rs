@@ -65,7 +65,14 @@ pub struct RunnerSettings {
     pub max_run: Option<Duration>,
     /// How long a route claim holds before another run may take over.
     pub route_lease_s: i64,
+    /// The function's memory (`AWS_LAMBDA_FUNCTION_MEMORY_SIZE`, in bytes); a route whose
+    /// state cannot fit in [`STATE_MEMORY_SHARE`] of it fails before anything is sent.
+    pub memory_limit_bytes: Option<u64>,
 }
+
+/// Share of the function's memory the confirmed state may take; the rest is for the readers,
+/// the sender's buffers and the runtime.
+pub const STATE_MEMORY_SHARE: f64 = 0.6;
 
 impl RunnerSettings {
     /// Defaults around the given locations.
@@ -86,6 +93,7 @@ impl RunnerSettings {
             channel_capacity: 8_192,
             max_run: None,
             route_lease_s: 960,
+            memory_limit_bytes: None,
         }
     }
 }
@@ -221,6 +229,34 @@ impl SyncRunner {
     ) -> Result<RunOutcome, RunError> {
         let store = self.store.as_ref();
         let state = self.state(route);
+        // Fail fast, before loading or sending, when the state cannot fit in memory.
+        if let Some(limit) = self.settings.memory_limit_bytes {
+            match state.read_head().await {
+                Ok(h) => {
+                    let need = crate::snapshot::store::memory_estimate(&h.doc, route);
+                    let budget = (limit as f64 * STATE_MEMORY_SHARE) as u64;
+                    if need > budget {
+                        let mb = |b: u64| b.div_ceil(1024 * 1024);
+                        let want =
+                            ((need as f64 / STATE_MEMORY_SHARE) as u64).div_ceil(64 << 20) * 64;
+                        let message = format!(
+                            "route {}: its confirmed state ({} users, {} attributes) needs about {} MB in memory, more than the {} MB this function gives it ({}% of its {} MB); nothing was sent. Raise the function's memory (MemorySize of BrazeSyncFunction in template.yaml, memorySize in the CDK construct) to at least {} MB",
+                            route.name(),
+                            h.doc.users,
+                            route.slot_names().len(),
+                            mb(need),
+                            mb(budget),
+                            (STATE_MEMORY_SHARE * 100.0) as u32,
+                            mb(limit),
+                            want
+                        );
+                        return Err(record.failed(store, message, false).await);
+                    }
+                }
+                Err(e) if e.is_retryable() => return Err(RunError::Retryable(e.to_string())),
+                Err(_) => {}
+            }
+        }
         let (mut head, snapshot) = match state.load(route).await {
             Ok(x) => x,
             Err(e) if e.is_retryable() => return Err(RunError::Retryable(e.to_string())),

@@ -236,6 +236,20 @@ fn nonce() -> String {
     format!("{:08x}", rand::random::<u32>())
 }
 
+/// Bytes of memory the snapshot of `doc` needs once loaded for `route` (an estimate: key,
+/// fingerprints, lookup table, the run's "seen" bit, identifiers for routes that track
+/// departures, plus a quarter for growth during the run).
+pub fn memory_estimate(doc: &HeadDoc, route: &Route) -> u64 {
+    let users = doc
+        .users
+        .max(doc.ranges.iter().map(|r| r.users).sum::<u64>());
+    let per_user = 16
+        + super::FP_BYTES as u64 * route.slot_names().len() as u64
+        + 2
+        + if route.tracks_departures() { 40 } else { 0 };
+    users.saturating_mul(per_user).saturating_mul(5) / 4
+}
+
 /// The range bits that give ranges of at most `target` users for `users` users.
 pub fn bits_for(users: u64, target: u64) -> u32 {
     let target = target.max(1);
