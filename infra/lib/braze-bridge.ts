@@ -770,6 +770,19 @@ export class BrazeBridge extends Construct {
       'currents-normalize compaction failed (see its logs and report); the next run retries.',
       this.currentsCompactFunction.metricErrors({ period, statistic: cloudwatch.Stats.SUM }),
     );
+    // braze-sync's own metrics (EMF, no dimension): audience departures held by the guard.
+    alarm(
+      'BrazeSyncDeparturesHeldAlarm',
+      'braze-sync held audience departures (more than max_departure_share of an audience would leave, or rows ' +
+        'had no readable identifier). Read the run report (departures), then release them ' +
+        '(bridge-allow-departures=true) or fix the export. See the runbook.',
+      new cloudwatch.Metric({
+        namespace: 'AmperityBrazeBridge/BrazeSync',
+        metricName: 'departures_held',
+        period,
+        statistic: cloudwatch.Stats.SUM,
+      }),
+    );
   }
 }
 

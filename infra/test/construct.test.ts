@@ -417,7 +417,7 @@ describe('least-privilege IAM', () => {
 describe('alarms', () => {
   test('errors, throttles and DLQ depth alarm per function, notifying a created topic', () => {
     const template = synth();
-    template.resourceCountIs('AWS::CloudWatch::Alarm', 7);
+    template.resourceCountIs('AWS::CloudWatch::Alarm', 8);
     template.resourceCountIs('AWS::SNS::Topic', 1);
     const topic = { Ref: logicalId(template, 'AlarmTopic') };
     for (const fn of ['BrazeSync', 'CurrentsNormalize']) {
@@ -439,13 +439,23 @@ describe('alarms', () => {
         AlarmActions: [topic],
       });
     }
+    // Audience departures held by braze-sync's guard (EMF metric without dimensions).
+    template.hasResourceProperties('AWS::CloudWatch::Alarm', {
+      Namespace: 'AmperityBrazeBridge/BrazeSync',
+      MetricName: 'departures_held',
+      Statistic: 'Sum',
+      Threshold: 0,
+      ComparisonOperator: 'GreaterThanThreshold',
+      AlarmActions: [topic],
+      OKActions: [topic],
+    });
   });
 
   test('a given topic is used instead of creating one', () => {
     const arn = 'arn:aws:sns:us-east-1:123456789012:ops';
     const template = synth({ alarmTopicArn: arn });
     template.resourceCountIs('AWS::SNS::Topic', 0);
-    template.resourcePropertiesCountIs('AWS::CloudWatch::Alarm', { AlarmActions: [arn], OKActions: [arn] }, 7);
+    template.resourcePropertiesCountIs('AWS::CloudWatch::Alarm', { AlarmActions: [arn], OKActions: [arn] }, 8);
   });
 });
 

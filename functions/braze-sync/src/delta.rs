@@ -14,6 +14,7 @@
 
 use std::collections::HashSet;
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::map::{MappedRow, MappedUser, Norm};
@@ -207,6 +208,31 @@ impl Seen {
     }
 }
 
+/// One audience's departures by absence in one run: what the state had, who would leave,
+/// what was sent and what was held by the guard ([`guard_departures`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AudienceDepartures {
+    /// The audience's Braze attribute.
+    pub audience: String,
+    /// Members the state had before the run.
+    pub members_before: u64,
+    /// Of those, members absent from this export.
+    pub leaving: u64,
+    /// `leaving / members_before` (0 when the audience had no members).
+    pub share: f64,
+    /// The audience's `max_departure_share`.
+    pub cap: f64,
+    /// Departures handed to the sender.
+    pub sent: u64,
+    /// Departures held back (not sent; the users stay members in the state).
+    pub held: u64,
+    /// Why they were held.
+    pub held_because: Option<String>,
+    /// The guard would have held them, but the operator released them.
+    pub released: bool,
+}
+
 /// The result of scanning for users who left.
 #[derive(Debug, Default)]
 pub struct Departures {
@@ -215,11 +241,13 @@ pub struct Departures {
     /// Departed members whose identifier the state does not hold (state written before the
     /// route tracked departures): they cannot be addressed.
     pub unaddressable: u64,
+    /// Per audience that sends something on leave, in slot order.
+    pub audiences: Vec<AudienceDepartures>,
 }
 
-/// Audience removals for users the state knows as members but `seen` did not contain. Only
-/// call this after a complete, successfully read export. `source` names the export in the
-/// deltas' positions (row 0).
+/// Audience removals for users the state knows as members but `seen` did not contain, with
+/// each audience's member and leaver counts. Only call this after a complete, successfully
+/// read export. `source` names the export in the deltas' positions (row 0).
 pub fn departures(snapshot: &Snapshot, route: &Route, seen: &Seen, source: &str) -> Departures {
     let member = stored_fp(fingerprint(&Value::Bool(true)));
     let leaving: Vec<(usize, &str, OnLeave)> = route
@@ -233,26 +261,41 @@ pub fn departures(snapshot: &Snapshot, route: &Route, seen: &Seen, source: &str)
             _ => None,
         })
         .collect();
-    let mut out = Departures::default();
+    let mut out = Departures {
+        audiences: leaving
+            .iter()
+            .map(|(slot, name, _)| AudienceDepartures {
+                audience: (*name).to_string(),
+                cap: route.departure_cap(*slot),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
     if leaving.is_empty() {
         return out;
     }
-    let mut visit = |key: UserKey, state: UserState<'_>| {
-        let changes: Vec<AttributeChange> = leaving
-            .iter()
-            .filter(|(slot, _, _)| state.fp(*slot) == Some(member))
-            .map(|(_, name, on_leave)| {
-                let value = match on_leave {
-                    OnLeave::Null => Value::Null,
-                    _ => Value::Bool(false),
-                };
-                AttributeChange {
-                    name: (*name).to_string(),
-                    fingerprint: (!value.is_null()).then(|| fingerprint(&value)),
-                    value,
-                }
-            })
-            .collect();
+    let mut visit = |key: UserKey, state: UserState<'_>, present: bool| {
+        let mut changes = Vec::new();
+        for (j, (slot, name, on_leave)) in leaving.iter().enumerate() {
+            if state.fp(*slot) != Some(member) {
+                continue;
+            }
+            out.audiences[j].members_before += 1;
+            if present {
+                continue;
+            }
+            out.audiences[j].leaving += 1;
+            let value = match on_leave {
+                OnLeave::Null => Value::Null,
+                _ => Value::Bool(false),
+            };
+            changes.push(AttributeChange {
+                name: (*name).to_string(),
+                fingerprint: (!value.is_null()).then(|| fingerprint(&value)),
+                value,
+            });
+        }
         if changes.is_empty() {
             return;
         }
@@ -272,19 +315,68 @@ pub fn departures(snapshot: &Snapshot, route: &Route, seen: &Seen, source: &str)
         }
     };
     for i in 0..snapshot.base_len() {
-        if seen.has_base(i) {
-            continue;
-        }
         if let Some((key, state)) = snapshot.base_user(i) {
-            visit(key, state);
+            visit(key, state, seen.has_base(i));
         }
     }
     for (key, state) in snapshot.overlay_users() {
-        if !seen.has_other(key) {
-            visit(key, state);
+        visit(key, state, seen.has_other(key));
+    }
+    for a in &mut out.audiences {
+        if a.members_before > 0 {
+            a.share = a.leaving as f64 / a.members_before as f64;
         }
     }
     out
+}
+
+/// The departure guard. An audience whose leavers exceed its cap (`max_departure_share` of
+/// its members before the run) has all its departures held; when any row of the export had no
+/// readable identifier (`rows_without_identifier`), absence proves nothing and every
+/// audience's departures are held. Held changes are removed from the deltas (users leaving
+/// nothing else are dropped), so they are never sent and the state keeps those users as
+/// members. `allow` (the operator's release) sends them anyway and marks them released.
+pub fn guard_departures(d: &mut Departures, rows_without_identifier: u64, allow: bool) {
+    for a in &mut d.audiences {
+        let reason = if rows_without_identifier > 0 && a.leaving > 0 {
+            Some(format!(
+                "{rows_without_identifier} rows of the export have no readable identifier, so absence does not prove departure"
+            ))
+        } else if a.leaving as f64 > a.cap * a.members_before as f64 {
+            Some(format!(
+                "{} of {} members ({:.1}%) would leave, more than max_departure_share {:.1}%",
+                a.leaving,
+                a.members_before,
+                a.share * 100.0,
+                a.cap * 100.0
+            ))
+        } else {
+            None
+        };
+        match (reason, allow) {
+            (Some(_), true) => a.released = true,
+            (reason, _) => a.held_because = reason,
+        }
+    }
+    let held: Vec<bool> = d
+        .audiences
+        .iter()
+        .map(|a| a.held_because.is_some())
+        .collect();
+    for delta in &mut d.deltas {
+        delta.changes.retain(|c| {
+            let Some(j) = d.audiences.iter().position(|a| a.audience == c.name) else {
+                return true;
+            };
+            if held[j] {
+                d.audiences[j].held += 1;
+            } else {
+                d.audiences[j].sent += 1;
+            }
+            !held[j]
+        });
+    }
+    d.deltas.retain(|delta| !delta.changes.is_empty());
 }
 
 #[cfg(test)]
@@ -386,6 +478,57 @@ mod tests {
         assert_eq!(
             out.deltas[0].to_attribute_object(),
             json!({"external_id": "go", "_update_existing_only": true, "aud_vip": false, "aud_x": null})
+        );
+    }
+
+    #[test]
+    fn the_guard_holds_per_audience_with_its_own_cap_and_unreadable_rows_hold_all() {
+        let r = Route::from_toml(
+            "name = \"r\"\nprefix = \"p/\"\nmax_departure_share = 0.5\n[identifier]\nkind = \"external_id\"\ncolumn = \"id\"\n[fields]\nfname = \"first_name\"\n[attributes.tier]\ntype = \"String\"\n[[audiences]]\nattribute = \"aud_a\"\n[[audiences]]\nattribute = \"aud_b\"\nmax_departure_share = 0.25\n",
+            "t",
+        )
+        .unwrap();
+        let mut s = Snapshot::for_route(&r);
+        for id in ["1", "2", "3", "4"] {
+            let d = diff(&s, &user(id, vec![(2, json!(true)), (3, json!(true))]), &r).unwrap();
+            s.apply_confirmed(&d);
+        }
+        s.compact();
+        assert_eq!(r.departure_cap(2), 0.5);
+        assert_eq!(r.departure_cap(3), 0.25);
+        let mut seen = Seen::new(&s);
+        for id in ["1", "2", "3"] {
+            let k = Identifier::ExternalId(id.into()).user_key();
+            seen.insert(k, s.get(k));
+        }
+        // One of four leaves (25%): within aud_a's 50%, and exactly aud_b's 25% (not more).
+        let mut d = departures(&s, &r, &seen, "x");
+        guard_departures(&mut d, 0, false);
+        assert_eq!(d.deltas.len(), 1);
+        assert!(d.audiences.iter().all(|a| a.sent == 1 && a.held == 0));
+        // Two of four leave (50%): aud_b (25%) is held, aud_a (50%) is sent.
+        let mut seen = Seen::new(&s);
+        for id in ["1", "2"] {
+            let k = Identifier::ExternalId(id.into()).user_key();
+            seen.insert(k, s.get(k));
+        }
+        let mut d = departures(&s, &r, &seen, "x");
+        guard_departures(&mut d, 0, false);
+        let (a, b) = (&d.audiences[0], &d.audiences[1]);
+        assert_eq!((a.sent, a.held, b.sent, b.held), (2, 0, 0, 2));
+        assert!(
+            d.deltas
+                .iter()
+                .all(|x| x.changes.len() == 1 && x.changes[0].name == "aud_a")
+        );
+        // A row without a readable identifier holds every audience's departures.
+        let mut d = departures(&s, &r, &seen, "x");
+        guard_departures(&mut d, 1, false);
+        assert!(d.deltas.is_empty());
+        assert!(
+            d.audiences
+                .iter()
+                .all(|a| a.held == 2 && a.held_because.is_some())
         );
     }
 }

@@ -21,6 +21,9 @@ use crate::report::RunStatus;
 /// Object metadata key that forces a full resend of an export (`x-amz-meta-bridge-force-full: true`).
 pub const FORCE_FULL_METADATA: &str = "bridge-force-full";
 
+/// Object metadata key that releases held departures (`x-amz-meta-bridge-allow-departures: true`).
+pub const ALLOW_DEPARTURES_METADATA: &str = "bridge-allow-departures";
+
 /// How one route claims objects.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteBinding {
@@ -72,6 +75,9 @@ pub struct ExportPlan {
     pub trigger_meta: ObjectMeta,
     /// Resend every attribute, ignoring confirmed state.
     pub force_full: bool,
+    /// Send departures the guard would hold (`bridge-allow-departures=true` or
+    /// `--allow-departures`).
+    pub allow_departures: bool,
 }
 
 /// How a run ended, as the runner reports it.
@@ -99,6 +105,7 @@ impl RunOutcome {
         match self.status {
             RunStatus::Complete => (LedgerStatus::Complete, "synced"),
             RunStatus::SkippedStale => (LedgerStatus::SkippedStale, "skipped_stale"),
+            RunStatus::DeparturesHeld => (LedgerStatus::Incomplete, "departures_held"),
             _ => (LedgerStatus::Incomplete, "incomplete"),
         }
     }
@@ -203,6 +210,15 @@ pub struct Handler {
     runner: Arc<dyn ExportRunner>,
 }
 
+/// What the operator asked of a run from the CLI (the same as object metadata).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunFlags {
+    /// `--force-full`: resend every attribute.
+    pub force_full: bool,
+    /// `--allow-departures`: release departures the guard would hold.
+    pub allow_departures: bool,
+}
+
 /// Outcome of one object, for the invocation result.
 #[derive(Debug)]
 enum ObjectOutcome {
@@ -248,7 +264,10 @@ impl Handler {
             };
             let mut retry = None;
             for obj in &objects {
-                match self.process_object(obj, false, remaining_ms).await {
+                match self
+                    .process_object(obj, RunFlags::default(), remaining_ms)
+                    .await
+                {
                     ObjectOutcome::Done(v) => results.push(v),
                     ObjectOutcome::Retry(reason) => {
                         results.push(json!({"object": obj.uri.to_string(), "retry": reason}));
@@ -277,7 +296,7 @@ impl Handler {
     pub async fn run_object(
         &self,
         uri: &S3Uri,
-        force_full: bool,
+        flags: RunFlags,
         remaining_ms: Option<u64>,
     ) -> Result<Value, String> {
         let obj = ObjectRef {
@@ -287,7 +306,7 @@ impl Handler {
             size: None,
             event_name: "ObjectCreated:Cli".into(),
         };
-        match self.process_object(&obj, force_full, remaining_ms).await {
+        match self.process_object(&obj, flags, remaining_ms).await {
             ObjectOutcome::Done(v) => Ok(v),
             ObjectOutcome::Retry(reason) => Err(reason),
         }
@@ -296,7 +315,7 @@ impl Handler {
     async fn process_object(
         &self,
         obj: &ObjectRef,
-        force: bool,
+        flags: RunFlags,
         remaining_ms: Option<u64>,
     ) -> ObjectOutcome {
         let uri = &obj.uri;
@@ -325,11 +344,13 @@ impl Handler {
         };
         let version = obj.version_id.clone().or(head.version_id.clone());
         let export_id = format!("{uri}#{}", version.unwrap_or_else(|| head.etag.clone()));
-        let force_full = force
-            || head
-                .metadata
-                .get(FORCE_FULL_METADATA)
-                .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        let flag = |key: &str| {
+            head.metadata
+                .get(key)
+                .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        };
+        let force_full = flags.force_full || flag(FORCE_FULL_METADATA);
+        let allow_departures = flags.allow_departures || flag(ALLOW_DEPARTURES_METADATA);
         let parts = match &route.marker_suffix {
             None => vec![head.clone()],
             Some(suffix) => match self.store.list(&uri.bucket, uri.folder()).await {
@@ -349,6 +370,7 @@ impl Handler {
             export_id: export_id.clone(),
             trigger_meta: head.clone(),
             force_full,
+            allow_departures,
         };
         let ledger = Ledger::new(
             self.store.as_ref(),

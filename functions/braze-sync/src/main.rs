@@ -14,7 +14,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use braze_sync::braze::{ApiKeyCache, BrazeApi, BrazeClient, ClientOptions};
 use braze_sync::config::{Config, RoutesLocation, load_routes, load_routes_dir};
-use braze_sync::handler::{Handler, HandlerConfig};
+use braze_sync::handler::{Handler, HandlerConfig, RunFlags};
 use braze_sync::route::Route;
 use braze_sync::runner::{Continuation, RunnerSettings, SqsContinuation, SyncRunner};
 use braze_sync::snapshot::Snapshot;
@@ -47,6 +47,11 @@ enum Command {
         /// Resend every attribute, ignoring confirmed state.
         #[arg(long)]
         force_full: bool,
+        /// Send departures the guard holds (more than `max_departure_share` of an audience
+        /// leaving, or rows without a readable identifier). Same as the object metadata
+        /// `bridge-allow-departures=true`.
+        #[arg(long)]
+        allow_departures: bool,
         /// The route for a local file (S3 objects find theirs by prefix).
         #[arg(long)]
         route: Option<String>,
@@ -226,6 +231,7 @@ async fn cli(cli: Cli) -> anyhow::Result<()> {
             dry_run: true,
             force_full,
             route,
+            ..
         } if !target.starts_with("s3://") => {
             let dir = match RoutesLocation::parse(&runtime::env_or("ROUTES_LOCATION", "routes")) {
                 Ok(RoutesLocation::Dir(d)) => d,
@@ -256,6 +262,7 @@ async fn cli(cli: Cli) -> anyhow::Result<()> {
             target,
             dry_run: true,
             force_full,
+            allow_departures,
             ..
         } => {
             let app = app().await?;
@@ -284,6 +291,7 @@ async fn cli(cli: Cli) -> anyhow::Result<()> {
             };
             let mut opts = ProduceOptions::for_route(&route, &uri.to_string());
             opts.full_resend |= force_full;
+            opts.allow_departures = allow_departures;
             let store = app.store.clone();
             let handle = tokio::runtime::Handle::current();
             let summary = tokio::task::spawn_blocking(move || {
@@ -308,12 +316,19 @@ async fn cli(cli: Cli) -> anyhow::Result<()> {
             max_differ_share,
         } => adopt_cli(&target, verify_sample, max_differ_share).await,
         Command::Run {
-            target, force_full, ..
+            target,
+            force_full,
+            allow_departures,
+            ..
         } => {
             let app = app().await?;
             let handler = handler(&app).await?;
             let uri: S3Uri = target.parse()?;
-            match handler.run_object(&uri, force_full, None).await {
+            let flags = RunFlags {
+                force_full,
+                allow_departures,
+            };
+            match handler.run_object(&uri, flags, None).await {
                 Ok(v) => {
                     println!("{}", serde_json::to_string_pretty(&v)?);
                     Ok(())

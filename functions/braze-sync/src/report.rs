@@ -11,6 +11,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::deliver::{DeliveryStats, RetriesByCause, StopReason};
+use crate::delta::AudienceDepartures;
 
 /// CloudWatch namespace of braze-sync's metrics.
 pub const METRICS_NAMESPACE: &str = "AmperityBrazeBridge/BrazeSync";
@@ -29,6 +30,10 @@ pub enum RunStatus {
     /// The export is dated before the one the state reflects: nothing was applied (never
     /// `complete`); a forced replay runs it.
     SkippedStale,
+    /// Every change was sent except departures the guard held (too large a share of an
+    /// audience, or rows without a readable identifier); see `departures`. Not final: a
+    /// release (`bridge-allow-departures=true` or `--allow-departures`) sends them.
+    DeparturesHeld,
     /// `--dry-run`: nothing was sent.
     DryRun,
 }
@@ -95,6 +100,14 @@ pub struct RunReport {
     /// A forced replay of an export older than the one the state reflects: sent, but the
     /// watermark stays at the newer export.
     pub forced_older_replay: bool,
+    /// Rows whose identifier could not be read (they hold departures for the run).
+    pub rows_without_identifier: u64,
+    /// Departures by absence sent, all audiences.
+    pub departures_sent: u64,
+    /// Departures by absence held back, all audiences.
+    pub departures_held: u64,
+    /// Per audience: members before, leaving, share, cap, sent, held and why.
+    pub departures: Vec<AudienceDepartures>,
 }
 
 impl RunReport {
@@ -181,6 +194,9 @@ impl RunReport {
                 "forced_older_replay",
                 c(u64::from(self.forced_older_replay)),
             ),
+            ("rows_without_identifier", c(self.rows_without_identifier)),
+            ("departures_sent", c(self.departures_sent)),
+            ("departures_held", c(self.departures_held)),
         ]
     }
 
@@ -194,13 +210,39 @@ impl RunReport {
         )
     }
 
-    /// Prints the EMF metrics line to stdout (CloudWatch picks it up from the Lambda's logs).
+    /// The metrics alarms watch, without dimensions so one alarm covers every route.
+    pub fn alarm_metrics(&self) -> Vec<(&'static str, Metric)> {
+        vec![(
+            "departures_held",
+            Metric::Count(self.departures_held as f64),
+        )]
+    }
+
+    /// Copies the planning's departure figures into the report.
+    pub fn apply_departures(&mut self, departures: &[AudienceDepartures], without_id: u64) {
+        self.rows_without_identifier = without_id;
+        self.departures = departures.to_vec();
+        self.departures_sent = departures.iter().map(|a| a.sent).sum();
+        self.departures_held = departures.iter().map(|a| a.held).sum();
+        for a in departures {
+            if let Some(why) = &a.held_because {
+                self.notes.push(format!(
+                    "departures_held: {} departures from {} not sent ({why}); release them with bridge-allow-departures=true or --allow-departures",
+                    a.held, a.audience
+                ));
+            }
+        }
+    }
+
+    /// Prints the EMF metrics lines to stdout (CloudWatch picks them up from the Lambda's
+    /// logs): the report's figures per route, and the alarm metrics across routes.
     pub fn emit_metrics(&self) {
         emit(
             METRICS_NAMESPACE,
             &[("Route", self.route.as_str())],
             &self.metrics(),
         );
+        emit(METRICS_NAMESPACE, &[], &self.alarm_metrics());
     }
 }
 
@@ -209,7 +251,7 @@ impl RunReport {
 mod tests {
     use super::*;
     use bridge_shared::object_store::MemoryStore;
-    use serde_json::Value;
+    use serde_json::{Value, json};
 
     fn sample() -> RunReport {
         let mut r = RunReport::new("run-1", "customers");
@@ -281,6 +323,37 @@ mod tests {
             .map(|m| m["Name"].as_str().unwrap())
             .collect();
         assert!(names.contains(&"rows_in") && names.contains(&"http_429"));
+    }
+
+    #[test]
+    fn held_departures_are_a_report_field_a_route_metric_and_an_alarm_metric() {
+        let mut r = sample();
+        r.apply_departures(
+            &[AudienceDepartures {
+                audience: "aud_vip".into(),
+                members_before: 10,
+                leaving: 8,
+                share: 0.8,
+                cap: 0.2,
+                held: 8,
+                held_because: Some("8 of 10 members (80.0%) would leave".into()),
+                ..Default::default()
+            }],
+            0,
+        );
+        assert_eq!((r.departures_held, r.departures_sent), (8, 0));
+        assert!(r.notes.iter().any(|n| n.starts_with("departures_held: 8")));
+        let v: Value = serde_json::from_slice(&r.to_json()).unwrap();
+        assert_eq!(v["departures"][0]["share"], 0.8);
+        let line: Value = serde_json::from_str(&r.emf_line(1)).unwrap();
+        assert_eq!(line["departures_held"], 8.0);
+        let alarm = bridge_shared::metrics::emf_line(METRICS_NAMESPACE, &[], &r.alarm_metrics(), 1);
+        let alarm: Value = serde_json::from_str(&alarm).unwrap();
+        assert_eq!(alarm["departures_held"], 8.0);
+        assert_eq!(
+            alarm["_aws"]["CloudWatchMetrics"][0]["Dimensions"],
+            json!([[]])
+        );
     }
 
     #[tokio::test]

@@ -93,7 +93,21 @@ pub struct RouteConfig {
     /// one is refused with its reason, so a mistyped date cannot pin the route's watermark.
     #[serde(default = "default_max_future_skew")]
     pub max_future_skew: String,
+    /// The share of an audience's members (as the state had them before the run) that one
+    /// export may remove by absence (default `0.2`): when more would leave, none of that
+    /// audience's departures are sent (`departures_held` in the report) while every other
+    /// change is, until an operator releases them (`bridge-allow-departures=true` or
+    /// `--allow-departures`). Each `[[audiences]]` entry may set its own.
+    #[serde(default = "default_max_departure_share")]
+    pub max_departure_share: f64,
 }
+
+fn default_max_departure_share() -> f64 {
+    DEFAULT_MAX_DEPARTURE_SHARE
+}
+
+/// The default `max_departure_share`.
+pub const DEFAULT_MAX_DEPARTURE_SHARE: f64 = 0.2;
 
 fn default_max_future_skew() -> String {
     crate::order::DEFAULT_MAX_FUTURE_SKEW.to_string()
@@ -188,7 +202,7 @@ pub struct AttributeConfig {
 }
 
 /// One audience membership, written as a boolean custom attribute.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AudienceConfig {
     /// Braze custom attribute that holds membership (`true` for members).
@@ -202,6 +216,10 @@ pub struct AudienceConfig {
     /// or `keep` (send nothing).
     #[serde(default)]
     pub on_leave: OnLeave,
+    /// This audience's cap on departures by absence, as a share of its members before the run
+    /// (0.0–1.0; default: the route's `max_departure_share`).
+    #[serde(default)]
+    pub max_departure_share: Option<f64>,
 }
 
 /// Reading bounds of a route.
@@ -441,6 +459,23 @@ impl Route {
                 },
             });
         }
+        let shares = std::iter::once((
+            "max_departure_share".to_string(),
+            Some(config.max_departure_share),
+        ))
+        .chain(config.audiences.iter().map(|a| {
+            (
+                format!("audiences {:?} max_departure_share", a.attribute),
+                a.max_departure_share,
+            )
+        }));
+        for (key, share) in shares {
+            if let Some(v) = share
+                && !(0.0..=1.0).contains(&v)
+            {
+                return Err(invalid(format!("{key} = {v} must be between 0.0 and 1.0")));
+            }
+        }
         for (i, aud) in config.audiences.iter().enumerate() {
             let column = aud
                 .column
@@ -491,6 +526,18 @@ impl Route {
                 .unwrap_or(std::time::Duration::from_secs(3600)),
             prefix: self.config.prefix.clone(),
         }
+    }
+
+    /// The departure cap of the audience in `slot` (its own `max_departure_share`, else the
+    /// route's).
+    pub fn departure_cap(&self, slot: usize) -> f64 {
+        let name = self.slots.get(slot).map(|s| s.name.as_str());
+        self.config
+            .audiences
+            .iter()
+            .find(|a| Some(a.attribute.as_str()) == name)
+            .and_then(|a| a.max_departure_share)
+            .unwrap_or(self.config.max_departure_share)
     }
 
     /// The slot of a Braze attribute name.

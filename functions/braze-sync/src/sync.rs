@@ -20,7 +20,7 @@ use serde::Serialize;
 use tokio_util::io::SyncIoBridge;
 use tracing::warn;
 
-use crate::delta::{self, Seen};
+use crate::delta::{self, AudienceDepartures, Seen};
 use crate::map::{Binding, MapOutcome, MappedRow, Mapper};
 use crate::model::{RowPos, UserDelta};
 use crate::read::{self, ReadError, RowItem, RowSource};
@@ -29,7 +29,7 @@ use crate::route::Route;
 use crate::snapshot::Snapshot;
 
 /// Counts of one run's planning.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Summary {
     /// Data rows read (good and bad).
     pub rows_read: u64,
@@ -47,6 +47,11 @@ pub struct Summary {
     pub users_departed: u64,
     /// Departed members whose identifier the state does not hold.
     pub departures_unaddressable: u64,
+    /// Rows whose identifier could not be read (unparseable rows, empty or invalid
+    /// identifiers): when there are any, departures are held.
+    pub rows_without_identifier: u64,
+    /// Departures by absence per audience: members before, leaving, sent, held and why.
+    pub departures: Vec<AudienceDepartures>,
     /// Tables read (parts, archive members).
     pub tables: u64,
     /// Header columns the route does not map (warned once per run).
@@ -112,6 +117,8 @@ pub struct ProduceOptions {
     pub departures: bool,
     /// The export's name, used as the source of departure deltas.
     pub export_name: String,
+    /// Send departures the guard would hold (the operator's release).
+    pub allow_departures: bool,
 }
 
 impl ProduceOptions {
@@ -121,6 +128,7 @@ impl ProduceOptions {
             full_resend: route.config.full_resend,
             departures: route.tracks_departures(),
             export_name: export_name.to_string(),
+            allow_departures: false,
         }
     }
 }
@@ -154,6 +162,7 @@ impl Planner<'_> {
             let row = match item {
                 RowItem::Bad(b) => {
                     self.summary.rejected += 1;
+                    self.summary.rows_without_identifier += 1;
                     on_reject(RowReject {
                         pos: RowPos {
                             source: source.clone(),
@@ -197,7 +206,10 @@ impl Planner<'_> {
                         self.seen.insert(self.mapped.key, state);
                         Some(self.mapped.identifier())
                     }
-                    MapOutcome::NoIdentifier => None,
+                    MapOutcome::NoIdentifier => {
+                        self.summary.rows_without_identifier += 1;
+                        None
+                    }
                 };
                 on_reject(RowReject {
                     pos: pos(),
@@ -290,8 +302,20 @@ where
     let mut summary = std::mem::take(&mut p.summary);
     summary.ignored_columns = p.ignored.into_iter().collect();
     if opts.departures {
-        let d = delta::departures(snapshot, route, &p.seen, &opts.export_name);
+        let mut d = delta::departures(snapshot, route, &p.seen, &opts.export_name);
+        delta::guard_departures(
+            &mut d,
+            summary.rows_without_identifier,
+            opts.allow_departures,
+        );
         summary.departures_unaddressable = d.unaddressable;
+        for a in &d.audiences {
+            if let Some(reason) = &a.held_because {
+                warn!(route = route.name(), audience = %a.audience, held = a.held, reason = %reason,
+                      "Departures held: not sent until an operator releases them.");
+            }
+        }
+        summary.departures = d.audiences;
         for delta in d.deltas {
             summary.users_departed += 1;
             summary.attributes_changed += delta.changes.len() as u64;

@@ -165,7 +165,25 @@ fn only_changes_are_sent_with_null_for_emptied_and_removals_for_users_who_left()
 00042,Di,,,,,,,,x\n\
 5,Eve,eve@example.com,,o,1.5,2,f,true,x\n"
     );
-    let p = plan(&export2, &snap);
+    // One of the audience's two members leaving is over the default 20% cap: held.
+    let held = plan(&export2, &snap);
+    assert_eq!(held.deltas.len(), 3, "{:?}", objects(&held));
+    let aud = &held.summary.departures[0];
+    assert_eq!(
+        (aud.members_before, aud.leaving, aud.held, aud.sent),
+        (2, 1, 1, 0)
+    );
+    assert!(
+        aud.held_because
+            .as_deref()
+            .unwrap_or("")
+            .contains("max_departure_share")
+    );
+    // Released by the operator, the departure goes.
+    let mut release = ProduceOptions::for_route(&r, "s3://in/amperity/customers/export.csv");
+    release.allow_departures = true;
+    let p = sync::plan(parts(&export2), &r, &snap, &release).unwrap();
+    assert!(p.summary.departures[0].released);
     assert_eq!(
         objects(&p),
         vec![
@@ -222,6 +240,7 @@ fn full_resend_sends_every_value_again() {
         full_resend: true,
         departures: false,
         export_name: "x".into(),
+        allow_departures: false,
     };
     let p = sync::plan(parts(&export1()), &r, &snap, &opts).unwrap();
     assert_eq!(p.deltas.len(), 4);

@@ -153,6 +153,48 @@ fn invalid_values_are_refused_with_a_message_naming_the_key() {
 }
 
 #[test]
+fn order_and_departure_settings_are_checked_naming_the_key() {
+    for (top, rest, needle) in [
+        ("order_by = \"key\"", "", "needs key_time_format"),
+        (
+            "order_by = \"key\"\nkey_time_format = \"x_%Y.csv\"",
+            "",
+            "full date",
+        ),
+        (
+            "key_time_format = \"x_%Y%m%d.csv\"",
+            "",
+            "only used with order_by",
+        ),
+        ("max_future_skew = \"soon\"", "", "max_future_skew"),
+        ("max_departure_share = 1.5", "", "max_departure_share = 1.5"),
+        (
+            "",
+            "[[audiences]]\nattribute = \"aud_x\"\nmax_departure_share = -0.1\n",
+            "aud_x",
+        ),
+    ] {
+        let msg = refuse_top(top, rest).to_string();
+        assert!(msg.contains(needle), "{top} {rest}: {msg}");
+    }
+    let ok = Route::from_toml(
+        &format!("{BASE}order_by = \"metadata\"\nmax_future_skew = \"30m\"\n"),
+        "t",
+    );
+    assert!(
+        ok.is_err(),
+        "top-level keys after [identifier] belong to it"
+    );
+    let r = Route::from_toml(
+        "name = \"c\"\nprefix = \"p/\"\norder_by = \"metadata\"\nmax_future_skew = \"30m\"\nmax_departure_share = 0.05\n[identifier]\nkind = \"external_id\"\ncolumn = \"id\"\n",
+        "t",
+    )
+    .unwrap();
+    assert_eq!(r.export_order().max_future_skew.as_secs(), 1800);
+    assert_eq!(r.config.max_departure_share, 0.05);
+}
+
+#[test]
 fn every_demo_route_loads() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("routes");
     let routes = braze_sync::config::load_routes_dir(&dir).unwrap();

@@ -96,6 +96,7 @@ async fn plan(store: &MemoryStore, key: &str, body: Bytes) -> ExportPlan {
         trigger_meta: meta.clone(),
         parts: vec![meta],
         force_full: false,
+        allow_departures: false,
     }
 }
 

@@ -78,6 +78,7 @@ async fn plan(store: &MemoryStore, key: &str, body: Bytes, force_full: bool) -> 
         trigger_meta: meta.clone(),
         parts: vec![meta],
         force_full,
+        allow_departures: false,
     }
 }
 

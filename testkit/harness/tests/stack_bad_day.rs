@@ -1,6 +1,8 @@
 //! braze-sync on a bad day, over the local stack (moto + runtime emulator + Braze simulator):
 //! exports ordered as their route declares (two landing together, an older one arriving late
-//! and skipped as `skipped_stale`, a key dated 2099 refused, a forced replay of an older export).
+//! and skipped as `skipped_stale`, a key dated 2099 refused, a forced replay of an older
+//! export); audience departures guarded (a marker export missing a part, an 80% mass departure
+//! held then released, rows without a readable identifier).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -189,6 +191,241 @@ async fn exports_apply_in_declared_order_stale_is_skipped_future_is_refused() ->
             .unwrap_or("")
             .contains(genuine),
         "{head}"
+    );
+    Ok(())
+}
+
+fn audience_route(name: &str, prefix: &str, mode: &str) -> String {
+    format!(
+        r#"
+name = "{name}"
+prefix = "{prefix}"
+mode = "{mode}"
+update_existing_only = false
+[identifier]
+kind = "external_id"
+column = "amperity_id"
+[attributes.order_count]
+type = "Integer"
+[[audiences]]
+attribute = "aud_loyal"
+"#
+    )
+}
+
+async fn put_meta(
+    stack: &Stack,
+    key: &str,
+    body: Vec<u8>,
+    meta: &[(&str, &str)],
+) -> anyhow::Result<()> {
+    let mut req = stack
+        .moto
+        .s3
+        .put_object()
+        .bucket(EXPORTS_BUCKET)
+        .key(key)
+        .body(body.into());
+    for (k, v) in meta {
+        req = req.metadata(*k, *v);
+    }
+    req.send().await?;
+    Ok(())
+}
+
+/// The newest report of a route whose sources include `source`.
+async fn report_for(stack: &Stack, route: &str, source: &str) -> anyhow::Result<Value> {
+    let reports = objects(stack, &format!("bridge/reports/{route}/")).await?;
+    reports
+        .into_iter()
+        .filter(|r| {
+            r["sources"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|x| x.as_str().unwrap_or("").ends_with(source)))
+        })
+        .max_by_key(|r| r["finished_at"].as_str().unwrap_or("").to_string())
+        .ok_or_else(|| anyhow::anyhow!("no report of {route} reads {source}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audience_departures_are_guarded_held_counted_and_released() -> anyhow::Result<()> {
+    let routes = routes_dir(
+        "departures",
+        &[
+            (
+                "marker.toml",
+                &audience_route("aud_marker", "amperity/aud-marker/", "marker"),
+            ),
+            (
+                "mass.toml",
+                &audience_route("aud_mass", "amperity/aud-mass/", "single"),
+            ),
+            (
+                "noid.toml",
+                &audience_route("aud_noid", "amperity/aud-noid/", "single"),
+            ),
+        ],
+    )?;
+    let stack = stack(routes).await?;
+    let sim = stack.sim.as_ref().expect("sim");
+    let f = stack.sync_fn.as_ref().expect("function");
+    let user = |i: u64| sim.user(&format!("AMP-{i:08}")).expect("user");
+    let member = |i: u64| user(i)["aud_loyal"].clone();
+
+    // 1. A marker export whose day-2 folder lacks one of its three parts: a third of the
+    //    audience would leave. Held; every other change is sent.
+    for (n, ids) in [(1, 1000..1010), (2, 1010..1020), (3, 1020..1030)] {
+        let key = format!("amperity/aud-marker/run-1/part-000{n}.csv");
+        stack
+            .moto
+            .put(EXPORTS_BUCKET, &key, samples::customers_csv(ids, 1))
+            .await?;
+    }
+    stack
+        .moto
+        .put(
+            EXPORTS_BUCKET,
+            "amperity/aud-marker/run-1/.DONE",
+            Vec::new(),
+        )
+        .await?;
+    stack.wait_idle(WAIT).await?;
+    assert_eq!(member(1025), json!(true));
+    for (n, ids) in [(1, 1000..1010), (2, 1010..1020)] {
+        let key = format!("amperity/aud-marker/run-2/part-000{n}.csv");
+        stack
+            .moto
+            .put(EXPORTS_BUCKET, &key, samples::customers_csv(ids, 2))
+            .await?;
+    }
+    stack
+        .moto
+        .put(
+            EXPORTS_BUCKET,
+            "amperity/aud-marker/run-2/.DONE",
+            Vec::new(),
+        )
+        .await?;
+    stack.wait_idle(WAIT).await?;
+    for i in 1020..1030 {
+        assert_eq!(member(i), json!(true), "user {i}: departure held");
+    }
+    assert_eq!(
+        user(1005)["order_count"].to_string(),
+        samples::customer_row(1005, 2)[14],
+        "other changes were sent"
+    );
+    let rep = report_for(&stack, "aud_marker", "run-2/part-0001.csv").await?;
+    assert_eq!(rep["status"], "departures_held", "{rep}");
+    assert_eq!(rep["departures_held"], 10);
+    let aud = &rep["departures"][0];
+    assert_eq!(
+        (aud["audience"].as_str(), aud["members_before"].as_u64()),
+        (Some("aud_loyal"), Some(30))
+    );
+    assert_eq!(
+        (
+            aud["leaving"].as_u64(),
+            aud["held"].as_u64(),
+            aud["sent"].as_u64()
+        ),
+        (Some(10), Some(10), Some(0))
+    );
+    assert!((aud["share"].as_f64().unwrap_or(0.0) - 1.0 / 3.0).abs() < 1e-9);
+    assert_eq!(aud["cap"], 0.2);
+    // The invocation result says so too (the claim is not final, so a redelivery re-plans).
+    let r = f
+        .invoke(&s3_event("amperity/aud-marker/run-2/.DONE"))
+        .await?;
+    let res = &r.body["results"][0];
+    assert_eq!(res["outcome"], "departures_held", "{:?}", r.body);
+    assert_eq!(res["summary"]["departures_held"][0]["count"], 10, "{res}");
+    assert_eq!(res["summary"]["departures_held"][0]["cap"], 0.2, "{res}");
+
+    // 2. An export where 80% of the audience is absent: held; released by a re-copy with
+    //    bridge-allow-departures=true, they are sent (the held run did not advance state).
+    stack
+        .moto
+        .put(
+            EXPORTS_BUCKET,
+            "amperity/aud-mass/day1.csv",
+            samples::customers_csv(2000..2020, 1),
+        )
+        .await?;
+    stack.wait_idle(WAIT).await?;
+    let day2 = "amperity/aud-mass/day2.csv";
+    stack
+        .moto
+        .put(EXPORTS_BUCKET, day2, samples::customers_csv(2000..2004, 1))
+        .await?;
+    stack.wait_idle(WAIT).await?;
+    for i in 2004..2020 {
+        assert_eq!(member(i), json!(true), "user {i}: mass departure held");
+    }
+    let rep = report_for(&stack, "aud_mass", day2).await?;
+    assert_eq!(rep["status"], "departures_held", "{rep}");
+    assert_eq!(rep["departures"][0]["held"], 16);
+    assert_eq!(rep["departures"][0]["share"], 0.8);
+    stack
+        .moto
+        .s3
+        .copy_object()
+        .bucket(EXPORTS_BUCKET)
+        .key(day2)
+        .copy_source(format!("{EXPORTS_BUCKET}/{day2}"))
+        .metadata("bridge-allow-departures", "true")
+        .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
+        .send()
+        .await?;
+    stack.wait_idle(WAIT).await?;
+    for i in 2004..2020 {
+        assert_eq!(member(i), json!(false), "user {i}: released departure sent");
+    }
+    assert_eq!(member(2001), json!(true));
+    let rep = report_for(&stack, "aud_mass", day2).await?;
+    assert_eq!(rep["status"], "complete", "{rep}");
+    assert_eq!(
+        (
+            rep["departures_sent"].as_u64(),
+            rep["departures_held"].as_u64()
+        ),
+        (Some(16), Some(0))
+    );
+    assert_eq!(rep["departures"][0]["released"], true);
+
+    // 3. Rows whose identifier cannot be read: one member absent (5%, under the cap) but one
+    //    row has no identifier, so absence proves nothing: departures held, rows counted.
+    stack
+        .moto
+        .put(
+            EXPORTS_BUCKET,
+            "amperity/aud-noid/day1.csv",
+            samples::customers_csv(3000..3020, 1),
+        )
+        .await?;
+    stack.wait_idle(WAIT).await?;
+    let mut body = samples::customers_csv(3000..3019, 1);
+    let mut row = samples::customer_row(3019, 1);
+    row[0] = String::new();
+    body.extend_from_slice(format!("{}\n", row.join(",")).as_bytes());
+    let noid = "amperity/aud-noid/day2.csv";
+    put_meta(&stack, noid, body, &[]).await?;
+    stack.wait_idle(WAIT).await?;
+    assert_eq!(
+        member(3019),
+        json!(true),
+        "held: an unreadable row may be this user"
+    );
+    let rep = report_for(&stack, "aud_noid", noid).await?;
+    assert_eq!(rep["status"], "departures_held", "{rep}");
+    assert_eq!(rep["rows_without_identifier"], 1);
+    assert_eq!(rep["departures_held"], 1);
+    assert!(
+        rep["departures"][0]["held_because"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no readable identifier"),
+        "{rep}"
     );
     Ok(())
 }

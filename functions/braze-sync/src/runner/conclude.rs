@@ -165,6 +165,7 @@ impl Ended {
         if let Ok(sm) = &self.produced.result {
             report.rows_in = sm.rows_read;
             report.unchanged = sm.unchanged;
+            report.apply_departures(&sm.departures, sm.rows_without_identifier);
             if !sm.ignored_columns.is_empty() {
                 report.notes.push(format!(
                     "columns not mapped by the route were ignored: {:?}",
@@ -209,6 +210,11 @@ impl Ended {
             "users_sent": report.users_sent, "users_confirmed": report.users_confirmed,
             "braze_rejected": report.braze_rejected, "requests": report.requests,
             "checkpoints": committer.checkpoints,
+            "rows_without_identifier": report.rows_without_identifier,
+            "departures_sent": report.departures_sent,
+            "departures_held": report.departures.iter().filter(|a| a.held > 0).map(|a| json!({
+                "audience": a.audience, "count": a.held, "share": a.share, "cap": a.cap,
+                "reason": a.held_because})).collect::<Vec<_>>(),
         })
     }
 }

@@ -280,6 +280,7 @@ impl SyncRunner {
         let s = &self.settings;
         let mut opts = ProduceOptions::for_route(route, &plan.trigger.to_string());
         opts.full_resend |= plan.force_full;
+        opts.allow_departures = plan.allow_departures;
         let snapshot = Arc::new(snapshot);
         let (delta_tx, delta_rx) = mpsc::channel::<UserDelta>(s.channel_capacity);
         let (out_tx, out_rx) = mpsc::channel::<DeliveryOutcome>(s.channel_capacity);
@@ -364,10 +365,10 @@ impl SyncRunner {
             record.finish(store).await;
             return Ok(record.outcome(true, summary));
         }
-        record.report.status = if ended.complete(committer) {
-            RunStatus::Complete
-        } else {
-            RunStatus::Incomplete
+        record.report.status = match ended.complete(committer) {
+            true if record.report.departures_held > 0 => RunStatus::DeparturesHeld,
+            true => RunStatus::Complete,
+            false => RunStatus::Incomplete,
         };
         record.finish(store).await;
         Ok(record.outcome(false, summary))
