@@ -56,6 +56,10 @@ pub const RANGE_USERS: u64 = 250_000;
 pub const MAX_RANGE_BITS: u32 = 16;
 /// Target size of one base shard (format 1; kept for the diff bench's size figures).
 pub const SHARD_BYTES: usize = 64 * 1024 * 1024;
+/// State objects uploaded at once by a commit.
+pub const PUT_CONCURRENCY: usize = 8;
+/// State objects fetched at once by a load.
+pub const GET_CONCURRENCY: usize = 8;
 /// How many recent export ids the head remembers.
 pub const APPLIED_EXPORTS_KEPT: usize = 100;
 
@@ -250,6 +254,9 @@ pub fn memory_estimate(doc: &HeadDoc, route: &Route) -> u64 {
     users.saturating_mul(per_user).saturating_mul(5) / 4
 }
 
+/// One range's upload: `(object name, users, bytes)`, `None` for an empty range.
+type PutResult = Result<Option<(String, u64, u64)>, StoreError>;
+
 /// The range bits that give ranges of at most `target` users for `users` users.
 pub fn bits_for(users: u64, target: u64) -> u32 {
     let target = target.max(1);
@@ -348,22 +355,47 @@ impl StateStore {
         Ok((bytes, uri.to_string()))
     }
 
+    /// Fetches objects concurrently; results in the order asked.
+    async fn get_all(&self, names: &[String]) -> Result<Vec<(Bytes, String)>, StateError> {
+        let futs: Vec<_> = names
+            .iter()
+            .map(|n| {
+                let this = self.clone();
+                let n = n.clone();
+                async move { this.get(&n).await }
+            })
+            .collect();
+        futures::future::try_join_all(futs).await
+    }
+
     /// Loads the head and the snapshot it points to (ranges, then segments), laid out for
     /// `route`.
     pub async fn load(&self, route: &Route) -> Result<(Head, Snapshot), StateError> {
         let mut head = self.read_head().await?;
         let mut snap = Snapshot::for_route(route);
-        for name in &head.doc.base {
-            let (bytes, what) = self.get(name).await?;
-            snap.load_base_shard(&bytes, &what)?;
+        // Fetched GET_CONCURRENCY at a time, applied in key order.
+        let bases: Vec<String> = head
+            .doc
+            .base
+            .iter()
+            .chain(head.doc.ranges.iter().filter_map(|r| r.base.as_ref()))
+            .cloned()
+            .collect();
+        for chunk in bases.chunks(GET_CONCURRENCY) {
+            for (bytes, what) in self.get_all(chunk).await? {
+                snap.load_base_shard(&bytes, &what)?;
+            }
         }
-        for name in head.doc.ranges.iter().filter_map(|r| r.base.as_ref()) {
-            let (bytes, what) = self.get(name).await?;
-            snap.load_base_shard(&bytes, &what)?;
-        }
-        for name in head.doc.ranges.iter().flat_map(|r| r.deltas.iter()) {
-            let (bytes, what) = self.get(name).await?;
-            snap.apply_segment(&bytes, &what)?;
+        let deltas: Vec<String> = head
+            .doc
+            .ranges
+            .iter()
+            .flat_map(|r| r.deltas.iter().cloned())
+            .collect();
+        for chunk in deltas.chunks(GET_CONCURRENCY) {
+            for (bytes, what) in self.get_all(chunk).await? {
+                snap.apply_segment(&bytes, &what)?;
+            }
         }
         for name in &head.doc.segments {
             let (bytes, what) = self.get(name).await?;
@@ -570,28 +602,54 @@ impl StateStore {
         stats: &mut CommitStats,
     ) -> Result<(), StoreError> {
         let tag = nonce();
-        for r in ranges {
-            let (shard, users) = snapshot.encode_hash_range(r, doc.range_bits);
+        let bits = doc.range_bits;
+        // Encoded PUT_CONCURRENCY ranges at a time and uploaded together: at most that many
+        // encoded shards are held at once.
+        let ranges: Vec<usize> = ranges.collect();
+        let mut results: Vec<(usize, PutResult)> = Vec::new();
+        for chunk in ranges.chunks(PUT_CONCURRENCY) {
+            let mut futs = Vec::new();
+            for &r in chunk {
+                let (shard, users) = snapshot.encode_hash_range(r, bits);
+                if users == 0 {
+                    results.push((r, Ok(None)));
+                    continue;
+                }
+                let name = format!("base-{r:05}-{generation:08}-{tag}.bin");
+                let this = self.clone();
+                futs.push(async move {
+                    let bytes = shard.len() as u64;
+                    let put = this.put_new(&name, shard).await;
+                    (r, put.map(|()| Some((name, users, bytes))))
+                });
+            }
+            results.extend(futures::future::join_all(futs).await);
+        }
+        let mut first_error = None;
+        for (r, result) in results {
             let slot = &mut doc.ranges[r];
             *slot = RangeDoc::default();
-            if users == 0 {
-                continue;
+            match result {
+                Ok(Some((name, users, bytes))) => {
+                    written.push(name.clone());
+                    *slot = RangeDoc {
+                        base: Some(name),
+                        users,
+                        bytes,
+                        deltas: Vec::new(),
+                        delta_bytes: 0,
+                    };
+                    stats.shards += 1;
+                    stats.bytes += bytes;
+                }
+                Ok(None) => {}
+                Err(e) => first_error = first_error.or(Some(e)),
             }
-            let name = format!("base-{r:05}-{generation:08}-{tag}.bin");
-            let bytes = shard.len() as u64;
-            self.put_new(&name, shard).await?;
-            written.push(name.clone());
-            *slot = RangeDoc {
-                base: Some(name),
-                users,
-                bytes,
-                deltas: Vec::new(),
-                delta_bytes: 0,
-            };
-            stats.shards += 1;
-            stats.bytes += bytes;
         }
-        Ok(())
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// Per range the folded records touch: one delta object, or a new base when the range
