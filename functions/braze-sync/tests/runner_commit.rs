@@ -261,3 +261,68 @@ async fn a_state_too_big_for_the_functions_memory_fails_before_sending_and_relea
     assert!(out.complete());
     assert_eq!(braze.sent.lock().unwrap().len(), 1000);
 }
+
+fn state_objects(store: &Arc<MemoryStore>, prefix: &str) -> Vec<String> {
+    let mut v: Vec<String> = store
+        .keys("state")
+        .into_iter()
+        .filter(|k| k.starts_with(&format!("s/people/{prefix}")))
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn a_hand_over_appends_deltas_and_never_rewrites_a_base() {
+    let store = Arc::new(MemoryStore::new());
+    let braze = Arc::new(ScriptedBraze {
+        refuse: Mutex::new(Vec::new()),
+        delay: Duration::ZERO,
+        sent: Mutex::new(Vec::new()),
+    });
+    let handovers = Arc::new(Handovers::default());
+    let p1 = plan(&store, "in/a.csv", csv(400, "gold")).await;
+    assert!(
+        runner(&store, &braze, None, &handovers)
+            .run(&p1, None)
+            .await
+            .unwrap()
+            .complete()
+    );
+    let bases = state_objects(&store, "base-");
+    assert!(!bases.is_empty());
+
+    // Every user changes; the run may send for 0.5 s of the ~2.4 s needed, then hands over.
+    let slow = Arc::new(ScriptedBraze {
+        refuse: Mutex::new(Vec::new()),
+        delay: Duration::from_millis(60),
+        sent: Mutex::new(Vec::new()),
+    });
+    let p2 = plan(&store, "in/b.csv", csv(400, "platinum")).await;
+    let short = runner(&store, &slow, Some(Duration::from_millis(500)), &handovers);
+    let out = short.run(&p2, None).await.unwrap();
+    assert!(out.hand_over);
+    assert_eq!(
+        state_objects(&store, "base-"),
+        bases,
+        "no base was rewritten"
+    );
+    assert!(
+        !state_objects(&store, "delta-").is_empty(),
+        "the confirmed part went to deltas"
+    );
+    let first = slow.sent.lock().unwrap().len();
+
+    // The next run finishes without resending, and its complete commit may fold the deltas.
+    let out = runner(&store, &slow, None, &handovers)
+        .run(&p2, None)
+        .await
+        .unwrap();
+    assert!(out.complete());
+    assert_eq!(
+        slow.sent.lock().unwrap().len(),
+        400,
+        "sent {first} then the rest, once each"
+    );
+    assert_eq!(confirmed_users(&store).await, 400);
+}
