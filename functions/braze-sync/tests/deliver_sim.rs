@@ -192,7 +192,13 @@ fn check_profiles(sim: &SimHandle, n: usize) {
 async fn clean_run_leaves_exactly_the_expected_profiles() {
     let sim = sim(SimConfig::default()).await;
     let n = 3_000;
-    let ran = run(n, &client(&sim, KEY), cfg()).await;
+    // A long linger: a producer stalled by a loaded machine must not seal partial batches, so
+    // the request count below is exactly ceil(3,000 / 75).
+    let cfg = DeliverConfig {
+        linger: Duration::from_secs(60),
+        ..cfg()
+    };
+    let ran = run(n, &client(&sim, KEY), cfg).await;
     let stats = ran.result.as_ref().unwrap();
     check_outcomes(&ran, n);
     check_profiles(&sim, n);
