@@ -255,8 +255,8 @@ impl Handler {
                 )
                 .await;
         }
-        let body = match self.store.get(uri).await {
-            Ok((_, body)) => body,
+        let body = match self.read_object(uri, obj.size).await {
+            Ok(body) => body,
             Err(StoreError::NotFound { .. }) => {
                 info!(object = %uri, "Object no longer exists; nothing to do.");
                 return ObjectResult::new(uri.to_string(), Outcome::Ignored)
@@ -275,7 +275,10 @@ impl Handler {
                     &out_bucket,
                     Keep::Copy,
                     "size",
-                    &self.too_large(body.len() as u64),
+                    &format!(
+                        "object is larger than MAX_OBJECT_BYTES {} (reading stopped there)",
+                        self.cfg.max_object_bytes
+                    ),
                     None,
                     dry_run,
                 )
@@ -283,6 +286,32 @@ impl Handler {
         }
         self.process_bytes(uri, body, &out_bucket, Keep::Copy, dry_run)
             .await
+    }
+
+    /// Reads an object into one buffer sized from its length, so a large object is held
+    /// once (collecting the SDK's chunks and then joining them would hold it twice), and
+    /// never past `MAX_OBJECT_BYTES` + 1 bytes whatever the object turns out to be.
+    async fn read_object(&self, uri: &S3Uri, size: Option<i64>) -> Result<Bytes, StoreError> {
+        use tokio::io::AsyncReadExt as _;
+        let (meta, reader) = self.store.get_reader(uri).await?;
+        let cap = self.cfg.max_object_bytes.saturating_add(1);
+        let expected = size
+            .and_then(|s| u64::try_from(s).ok())
+            .unwrap_or(meta.size)
+            .max(meta.size)
+            .min(cap);
+        let mut buf = Vec::with_capacity(usize::try_from(expected).unwrap_or(0));
+        reader
+            .take(cap)
+            .read_to_end(&mut buf)
+            .await
+            .map_err(|e| StoreError::Other {
+                op: "GetObject",
+                uri: uri.clone(),
+                message: e.to_string(),
+                retryable: true,
+            })?;
+        Ok(Bytes::from(buf))
     }
 
     fn too_large(&self, size: u64) -> String {

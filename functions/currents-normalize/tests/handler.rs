@@ -557,3 +557,31 @@ async fn an_object_that_inflates_past_the_object_limit_is_quarantined_saying_so(
         "the quarantine reason names the limit"
     );
 }
+
+#[tokio::test]
+async fn an_object_over_max_object_bytes_is_quarantined_even_when_the_event_understates_it() {
+    let store = Arc::new(MemoryStore::new());
+    let key = synth::key("currents", "users.messages.email.Send", "2026-11-29-11", 1);
+    let bytes = avro("users.messages.email.Send", 50, 0);
+    put(store.as_ref(), &key, bytes.clone()).await;
+    let cfg = Config {
+        max_object_bytes: bytes.len() as u64 / 2,
+        ..Config::default()
+    };
+    // The S3 event says 10 bytes; the object is larger than the limit.
+    let out = Handler::new(cfg, store.clone(), registry())
+        .handle(&s3_event(&[&key]), "r")
+        .await
+        .unwrap();
+    let r = &out["results"][0];
+    assert_eq!(r["outcome"], "quarantined", "{out}");
+    assert_eq!(r["step"], "size");
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap()
+            .contains("larger than MAX_OBJECT_BYTES"),
+        "{out}"
+    );
+    assert!(parts(&store).is_empty());
+}
