@@ -55,7 +55,8 @@ pub struct HandlerConfig {
     pub state_prefix: String,
     /// Routes, first match wins.
     pub routes: Vec<RouteBinding>,
-    /// How long a claim holds before another invocation may take over, seconds.
+    /// How long a claim holds before another invocation may take over, seconds; renewed every
+    /// third of it while the run lives.
     pub lease_s: i64,
 }
 
@@ -378,7 +379,7 @@ impl Handler {
             format!("{}{}/ledger/", self.cfg.state_prefix, route.name),
         );
         let now = chrono::Utc::now().timestamp();
-        let claim_etag = match ledger
+        let mut claim_etag = match ledger
             .claim(&export_id, now, self.cfg.lease_s, force_full)
             .await
         {
@@ -397,7 +398,15 @@ impl Handler {
             Err(e) => return ObjectOutcome::Retry(e.to_string()),
         };
         info!(object = %uri, route = %route.name, parts = plan.parts.len(), force_full, "Starting export sync.");
-        let result = self.runner.run(&plan, remaining_ms).await;
+        // The claim's lease is short and renewed while the run lives.
+        let result = ledger
+            .renewing(
+                self.runner.run(&plan, remaining_ms),
+                &export_id,
+                &mut claim_etag,
+                self.cfg.lease_s,
+            )
+            .await;
         let mut hand_over = false;
         let (status, report, outcome) = match result {
             Ok(o) => {

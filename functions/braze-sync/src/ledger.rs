@@ -177,6 +177,62 @@ impl<'a> Ledger<'a> {
         }
     }
 
+    /// Extends our running claim to `now + lease_s` (only if it is still the current entry);
+    /// returns the claim's new ETag, to renew or finish with next.
+    pub async fn renew(
+        &self,
+        export_id: &str,
+        claim_etag: &str,
+        now: i64,
+        lease_s: i64,
+    ) -> Result<String, LedgerError> {
+        let entry = LedgerEntry {
+            status: LedgerStatus::Running,
+            export_id: export_id.to_string(),
+            lease_until: now + lease_s,
+            report: None,
+        };
+        let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
+        let meta = self
+            .store
+            .put(
+                &self.uri(export_id),
+                body,
+                PutCondition::IfMatch(claim_etag.to_string()),
+                BTreeMap::new(),
+            )
+            .await?;
+        Ok(meta.etag)
+    }
+
+    /// Runs `work` to its end while renewing our claim on `export_id` every third of
+    /// `lease_s`, so a long run keeps its claim and a dead one frees it within a lease.
+    /// `etag` is the claim's current ETag before and after.
+    pub async fn renewing<F: std::future::Future>(
+        &self,
+        work: F,
+        export_id: &str,
+        etag: &mut String,
+        lease_s: i64,
+    ) -> F::Output {
+        tokio::pin!(work);
+        let every = crate::runner::lease::renew_every(lease_s);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                out = &mut work => return out,
+                _ = tick.tick() => {
+                    let now = chrono::Utc::now().timestamp();
+                    match self.renew(export_id, etag, now, lease_s).await {
+                        Ok(next) => *etag = next,
+                        Err(e) => tracing::warn!(export = export_id, error = %e, "Could not renew the export claim; trying again."),
+                    }
+                }
+            }
+        }
+    }
+
     /// Records how the run ended (only if our claim is still the current entry).
     pub async fn finish(
         &self,
@@ -265,6 +321,20 @@ mod tests {
             l.claim("k#etag1", 102, 60, false).await.unwrap(),
             Claim::AlreadyComplete { .. }
         ));
+    }
+
+    #[tokio::test]
+    async fn a_renewed_claim_stays_busy_past_its_first_lease() {
+        let store = MemoryStore::new();
+        let l = Ledger::new(&store, "state", "p/".into());
+        let Claim::Acquired { etag } = l.claim("z", 100, 60, false).await.unwrap() else {
+            panic!()
+        };
+        let etag = l.renew("z", &etag, 150, 60).await.unwrap();
+        assert_eq!(l.claim("z", 170, 60, false).await.unwrap(), Claim::Busy);
+        l.finish("z", &etag, LedgerStatus::Complete, None)
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

@@ -157,7 +157,7 @@ async fn handler(app: &App) -> anyhow::Result<Handler> {
     )?)
     .filter(|mb| *mb > 0)
     .map(|mb| mb * 1024 * 1024);
-    let lease_s = runtime::env_parse::<i64>("BRIDGE_LEASE_SECONDS", 960)?;
+    let lease_s = runtime::env_parse::<i64>("BRIDGE_LEASE_SECONDS", 60)?;
     settings.route_lease_s = lease_s;
     let continuation: Option<Arc<dyn Continuation>> =
         cfg.continuation_queue_url.as_ref().map(|url| {

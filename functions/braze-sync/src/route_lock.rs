@@ -22,8 +22,8 @@ pub const LOCK_OBJECT: &str = "route-lock.json";
 pub struct LockDoc {
     /// Who holds (or last held) it: the run id.
     pub holder: String,
-    /// Epoch seconds until which the holder may act without renewing.
-    pub lease_until: i64,
+    /// Epoch milliseconds until which the holder may act without renewing.
+    pub lease_until_ms: i64,
     /// Set when the holder let it go.
     #[serde(default)]
     pub released: bool,
@@ -64,7 +64,7 @@ pub struct RouteLock {
     holder: String,
     lease_s: i64,
     etag: String,
-    lease_until: i64,
+    lease_until_ms: i64,
 }
 
 /// The lock object of a route: `s3://<bucket>/<state_prefix><route>/route-lock.json`.
@@ -81,18 +81,18 @@ fn body(doc: &LockDoc) -> Bytes {
 }
 
 impl RouteLock {
-    /// Takes the lock for `lease_s` seconds from `now`, or returns `None` when another holder's
-    /// lease is alive (or another run took it at the same moment).
+    /// Takes the lock for `lease_s` seconds from `now_ms` (epoch milliseconds), or returns
+    /// `None` when another holder's lease is alive (or another run took it at the same moment).
     pub async fn acquire(
         store: Arc<dyn ObjectStore>,
         uri: S3Uri,
         holder: &str,
-        now: i64,
+        now_ms: i64,
         lease_s: i64,
     ) -> Result<Option<RouteLock>, LockError> {
         let doc = LockDoc {
             holder: holder.to_string(),
-            lease_until: now + lease_s,
+            lease_until_ms: now_ms + lease_s * 1000,
             released: false,
         };
         let err = |error| LockError::Store {
@@ -113,7 +113,7 @@ impl RouteLock {
                 };
                 // An unreadable lock object protects nobody: it is taken over like an expired one.
                 let current: Option<LockDoc> = serde_json::from_slice(&bytes).ok();
-                if current.is_some_and(|c| !c.released && c.lease_until > now) {
+                if current.is_some_and(|c| !c.released && c.lease_until_ms > now_ms) {
                     return Ok(None);
                 }
                 PutCondition::IfMatch(meta.etag)
@@ -143,7 +143,7 @@ impl RouteLock {
             holder: doc.holder,
             lease_s,
             etag,
-            lease_until: doc.lease_until,
+            lease_until_ms: doc.lease_until_ms,
         }
     }
 
@@ -152,9 +152,9 @@ impl RouteLock {
         &self.uri
     }
 
-    /// Epoch seconds until which the lease holds.
-    pub fn lease_until(&self) -> i64 {
-        self.lease_until
+    /// Epoch milliseconds until which the lease holds.
+    pub fn lease_until_ms(&self) -> i64 {
+        self.lease_until_ms
     }
 
     /// The lease length, seconds.
@@ -162,11 +162,12 @@ impl RouteLock {
         self.lease_s
     }
 
-    /// Extends the lease to `now + lease_s`. [`LockError::Lost`] when another run replaced it.
-    pub async fn renew(&mut self, now: i64) -> Result<(), LockError> {
+    /// Extends the lease to `now_ms + lease_s`. [`LockError::Lost`] when another run replaced
+    /// it.
+    pub async fn renew(&mut self, now_ms: i64) -> Result<(), LockError> {
         let doc = LockDoc {
             holder: self.holder.clone(),
-            lease_until: now + self.lease_s,
+            lease_until_ms: now_ms + self.lease_s * 1000,
             released: false,
         };
         match self
@@ -181,7 +182,7 @@ impl RouteLock {
         {
             Ok(meta) => {
                 self.etag = meta.etag;
-                self.lease_until = doc.lease_until;
+                self.lease_until_ms = doc.lease_until_ms;
                 Ok(())
             }
             Err(StoreError::PreconditionFailed { .. }) | Err(StoreError::NotFound { .. }) => {
@@ -205,7 +206,7 @@ impl RouteLock {
     pub async fn release(self) -> Result<(), LockError> {
         let doc = LockDoc {
             holder: self.holder.clone(),
-            lease_until: 0,
+            lease_until_ms: 0,
             released: true,
         };
         match self
@@ -248,19 +249,19 @@ mod tests {
     async fn one_holder_at_a_time_and_release_frees_it() {
         let (store, uri) = setup();
         assert_eq!(uri.key, "bridge/state/people/route-lock.json");
-        let a = RouteLock::acquire(store.clone(), uri.clone(), "a", 100, 60)
+        let a = RouteLock::acquire(store.clone(), uri.clone(), "a", 100_000, 60)
             .await
             .unwrap()
             .unwrap();
         assert!(
-            RouteLock::acquire(store.clone(), uri.clone(), "b", 110, 60)
+            RouteLock::acquire(store.clone(), uri.clone(), "b", 110_000, 60)
                 .await
                 .unwrap()
                 .is_none()
         );
         a.release().await.unwrap();
         assert!(
-            RouteLock::acquire(store.clone(), uri.clone(), "b", 111, 60)
+            RouteLock::acquire(store.clone(), uri.clone(), "b", 111_000, 60)
                 .await
                 .unwrap()
                 .is_some()
@@ -270,25 +271,25 @@ mod tests {
     #[tokio::test]
     async fn renewal_keeps_it_and_an_expired_lease_is_lost() {
         let (store, uri) = setup();
-        let mut a = RouteLock::acquire(store.clone(), uri.clone(), "a", 100, 60)
+        let mut a = RouteLock::acquire(store.clone(), uri.clone(), "a", 100_000, 60)
             .await
             .unwrap()
             .unwrap();
-        a.renew(150).await.unwrap();
-        assert_eq!(a.lease_until(), 210);
+        a.renew(150_000).await.unwrap();
+        assert_eq!(a.lease_until_ms(), 210_000);
         // Past the old expiry but within the renewed one: still held.
         assert!(
-            RouteLock::acquire(store.clone(), uri.clone(), "b", 200, 60)
+            RouteLock::acquire(store.clone(), uri.clone(), "b", 200_000, 60)
                 .await
                 .unwrap()
                 .is_none()
         );
         // Past the renewed expiry: b takes over, and a's next renewal says so.
-        let b = RouteLock::acquire(store.clone(), uri.clone(), "b", 211, 60)
+        let b = RouteLock::acquire(store.clone(), uri.clone(), "b", 210_001, 60)
             .await
             .unwrap();
         assert!(b.is_some());
-        let err = a.renew(212).await.unwrap_err();
+        let err = a.renew(212_000).await.unwrap_err();
         assert!(
             matches!(&err, LockError::Lost { holder: Some(h), .. } if h == "b"),
             "{err}"

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::warn;
 
 use crate::model::{DeliveryOutcome, UserDelta};
@@ -25,8 +25,9 @@ pub(super) struct Committer {
     pub confirmed: u64,
     /// Checkpoints written.
     pub checkpoints: u64,
-    /// The first checkpoint failure; nothing is persisted after it.
-    pub checkpoint_error: Option<String>,
+    /// Why the committer stopped early (a failed checkpoint, a lost route lock); nothing is
+    /// persisted after it, and the sender is stopped.
+    pub failure: Option<String>,
     /// Users Braze refused, for the rejects object.
     pub braze_rejects: Vec<RowReject>,
 }
@@ -42,15 +43,23 @@ impl Committer {
             pending: Vec::new(),
             confirmed: 0,
             checkpoints: 0,
-            checkpoint_error: None,
+            failure: None,
             braze_rejects: Vec::new(),
         }
     }
 
     /// Follows the outcomes until the sender closes the channel, checkpointing every `every`.
-    pub async fn follow(&mut self, mut outcomes: mpsc::Receiver<DeliveryOutcome>) {
+    /// A failed checkpoint, or the route lock reported lost on `lock_lost`, ends it at once:
+    /// the outcomes receiver is dropped, which stops the sender after the requests in flight,
+    /// so confirmed-but-unpersisted work stays within one checkpoint window.
+    pub async fn follow(
+        &mut self,
+        mut outcomes: mpsc::Receiver<DeliveryOutcome>,
+        mut lock_lost: watch::Receiver<Option<String>>,
+    ) {
         let mut last = Instant::now();
         let mut tick = tokio::time::interval(self.every);
+        let mut watching = true;
         loop {
             tokio::select! {
                 outcome = outcomes.recv() => match outcome {
@@ -64,11 +73,26 @@ impl Committer {
                     Some(DeliveryOutcome::Unsent(_)) => {}
                     None => break,
                 },
+                changed = lock_lost.changed(), if watching => match changed {
+                    Ok(()) => {
+                        if let Some(why) = lock_lost.borrow().clone() {
+                            self.failure = Some(why);
+                        }
+                    }
+                    Err(_) => watching = false,
+                },
                 _ = tick.tick() => {}
             }
-            if !self.pending.is_empty() && last.elapsed() >= self.every {
+            if self.failure.is_none() && !self.pending.is_empty() && last.elapsed() >= self.every {
                 self.checkpoint().await;
                 last = Instant::now();
+            }
+            if self.failure.is_some() {
+                warn!(
+                    route = self.route.name(),
+                    "Stopping the sender: confirmed work can no longer be persisted."
+                );
+                return;
             }
         }
         self.checkpoint().await;
@@ -76,7 +100,7 @@ impl Committer {
 
     /// Persists the confirmed users not yet persisted (after a failure: nothing more).
     async fn checkpoint(&mut self) {
-        if self.pending.is_empty() || self.checkpoint_error.is_some() {
+        if self.pending.is_empty() || self.failure.is_some() {
             return;
         }
         match self
@@ -90,20 +114,20 @@ impl Committer {
             }
             Err(e) => {
                 warn!(route = self.route.name(), error = %e, "Checkpoint failed; confirmed users of this window will be re-sent by the retry.");
-                self.checkpoint_error = Some(e.to_string());
+                self.failure = Some(format!("checkpoint failed, the run stopped: {e}"));
             }
         }
     }
 
     /// Folds this run's segments into a new base, moving the watermark when one is given.
-    /// Returns why it could not, if it could not. After a checkpoint failure nothing is
-    /// committed (the retry re-reads the state).
+    /// Returns why it could not, if it could not. After a failure (checkpoint, lost lock)
+    /// nothing is committed (the retry re-reads the state).
     pub async fn commit(
         &mut self,
         snapshot: Arc<Snapshot>,
         watermark: Option<Watermark>,
     ) -> Option<String> {
-        if self.checkpoint_error.is_some() {
+        if self.failure.is_some() {
             return None;
         }
         // The producer has been joined, so the run holds the only reference.

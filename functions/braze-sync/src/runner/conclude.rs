@@ -148,7 +148,7 @@ impl Ended {
             && self.read_error().is_none()
             && !self.unsent()
             && self.delivery.stats.braze_rejected == 0
-            && committer.checkpoint_error.is_none()
+            && committer.failure.is_none()
     }
 
     /// Fills the report's row and delivery figures and writes the rejects object (rows the

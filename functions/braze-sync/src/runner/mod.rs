@@ -14,6 +14,7 @@
 mod committer;
 mod conclude;
 mod hand_over;
+pub(crate) mod lease;
 mod producer;
 mod sender;
 
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bridge_shared::ObjectStore;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 pub use hand_over::{Continuation, SqsContinuation};
@@ -63,10 +64,11 @@ pub struct RunnerSettings {
     pub channel_capacity: usize,
     /// A cap on one run's sending time, on top of the Lambda deadline (`BRIDGE_MAX_RUN_SECONDS`).
     pub max_run: Option<Duration>,
-    /// How long a route claim holds before another run may take over.
+    /// How long the route lock holds before another run may take over; renewed every third
+    /// of it while the run lives (`BRIDGE_LEASE_SECONDS`).
     pub route_lease_s: i64,
     /// The function's memory (`AWS_LAMBDA_FUNCTION_MEMORY_SIZE`, in bytes); a route whose
-    /// state cannot fit in [`STATE_MEMORY_SHARE`] of it fails before anything is sent.
+    /// state cannot fit in [`STATE_MEMORY_SHARE`] of it fails before the route lock is taken.
     pub memory_limit_bytes: Option<u64>,
 }
 
@@ -92,7 +94,7 @@ impl RunnerSettings {
             deadline_margin: Duration::from_secs(45),
             channel_capacity: 8_192,
             max_run: None,
-            route_lease_s: 960,
+            route_lease_s: 60,
             memory_limit_bytes: None,
         }
     }
@@ -154,7 +156,7 @@ impl SyncRunner {
     async fn lock(&self, route: &Route, run_id: &str) -> Result<RouteLock, RunError> {
         let s = &self.settings;
         let uri = lock_uri(&s.state_bucket, &s.state_prefix, route.name());
-        let now = chrono::Utc::now().timestamp();
+        let now = chrono::Utc::now().timestamp_millis();
         match RouteLock::acquire(self.store.clone(), uri, run_id, now, s.route_lease_s).await {
             Ok(Some(lock)) => Ok(lock),
             Ok(None) => Err(RunError::Retryable(format!(
@@ -180,29 +182,21 @@ impl ExportRunner for SyncRunner {
             });
         };
         let mut record = RunRecord::new(plan, route.name(), &self.settings);
-        // The export's date, as the route declares it; a date too far ahead is refused before
-        // anything is claimed, so it can never pin the watermark.
-        let order = route.export_order();
-        let exported_at = match order
-            .export_time(&plan.trigger, &plan.trigger_meta)
-            .and_then(|t| {
-                order
-                    .check_skew(&plan.trigger, t, chrono::Utc::now())
-                    .map(|()| t)
-            }) {
-            Ok(t) => t.to_rfc3339(),
-            Err(e) => {
-                return Err(record
-                    .failed(self.store.as_ref(), e.to_string(), false)
-                    .await);
-            }
-        };
-        record.report.exported_at = Some(exported_at.clone());
-        // One run per route at a time: exports of a route apply one after the other.
-        let lock = self.lock(&route, &record.run_id).await?;
-        let result = self
-            .run_locked(plan, &route, &exported_at, &mut record, remaining_ms)
-            .await;
+        let exported_at = self.date_export(plan, &route, &mut record).await?;
+        self.check_memory(&route, &mut record).await?;
+        // One run per route at a time: exports of a route apply one after the other. The lease
+        // is renewed while the run lives; losing it stops the run.
+        let mut lock = self.lock(&route, &record.run_id).await?;
+        let (lost_tx, lost_rx) = watch::channel(None);
+        let work = self.run_locked(
+            plan,
+            &route,
+            &exported_at,
+            &mut record,
+            remaining_ms,
+            lost_rx,
+        );
+        let result = lease::keep_lock(work, &mut lock, &lost_tx).await;
         if let Err(e) = lock.release().await {
             warn!(route = route.name(), error = %e, "Could not release the route lock; it expires by itself.");
         }
@@ -218,6 +212,67 @@ impl ExportRunner for SyncRunner {
 }
 
 impl SyncRunner {
+    /// The export's date, as the route declares it; a date too far ahead is refused before
+    /// anything is claimed, so it can never pin the watermark.
+    async fn date_export(
+        &self,
+        plan: &ExportPlan,
+        route: &Route,
+        record: &mut RunRecord,
+    ) -> Result<String, RunError> {
+        let order = route.export_order();
+        let dated = order
+            .export_time(&plan.trigger, &plan.trigger_meta)
+            .and_then(|t| {
+                order
+                    .check_skew(&plan.trigger, t, chrono::Utc::now())
+                    .map(|()| t.to_rfc3339())
+            });
+        match dated {
+            Ok(t) => {
+                record.report.exported_at = Some(t.clone());
+                Ok(t)
+            }
+            Err(e) => Err(record
+                .failed(self.store.as_ref(), e.to_string(), false)
+                .await),
+        }
+    }
+
+    /// Fails fast, before the route lock is taken (so a state that cannot fit never leaves
+    /// the lock held by a process that dies loading it), when the state the head describes
+    /// cannot fit in this function's memory.
+    async fn check_memory(&self, route: &Route, record: &mut RunRecord) -> Result<(), RunError> {
+        let Some(limit) = self.settings.memory_limit_bytes else {
+            return Ok(());
+        };
+        let head = match self.state(route).read_head().await {
+            Ok(h) => h,
+            Err(e) if e.is_retryable() => return Err(RunError::Retryable(e.to_string())),
+            // An unreadable head fails the load with its own reason.
+            Err(_) => return Ok(()),
+        };
+        let need = crate::snapshot::store::memory_estimate(&head.doc, route);
+        let budget = (limit as f64 * STATE_MEMORY_SHARE) as u64;
+        if need <= budget {
+            return Ok(());
+        }
+        let mb = |b: u64| b.div_ceil(1024 * 1024);
+        let want = ((need as f64 / STATE_MEMORY_SHARE) as u64).div_ceil(64 << 20) * 64;
+        let message = format!(
+            "route {}: its confirmed state ({} users, {} attributes) needs about {} MB in memory, more than the {} MB this function gives it ({}% of its {} MB); nothing was sent and the route lock was not taken. Raise the function's memory (MemorySize of BrazeSyncFunction in template.yaml, memorySize in the CDK construct) to at least {} MB",
+            route.name(),
+            head.doc.users,
+            route.slot_names().len(),
+            mb(need),
+            mb(budget),
+            (STATE_MEMORY_SHARE * 100.0) as u32,
+            mb(limit),
+            want
+        );
+        Err(record.failed(self.store.as_ref(), message, false).await)
+    }
+
     /// The run under the route lock: load, skip if stale, stream, conclude.
     async fn run_locked(
         &self,
@@ -226,37 +281,10 @@ impl SyncRunner {
         exported_at: &str,
         record: &mut RunRecord,
         remaining_ms: Option<u64>,
+        lock_lost: watch::Receiver<Option<String>>,
     ) -> Result<RunOutcome, RunError> {
         let store = self.store.as_ref();
         let state = self.state(route);
-        // Fail fast, before loading or sending, when the state cannot fit in memory.
-        if let Some(limit) = self.settings.memory_limit_bytes {
-            match state.read_head().await {
-                Ok(h) => {
-                    let need = crate::snapshot::store::memory_estimate(&h.doc, route);
-                    let budget = (limit as f64 * STATE_MEMORY_SHARE) as u64;
-                    if need > budget {
-                        let mb = |b: u64| b.div_ceil(1024 * 1024);
-                        let want =
-                            ((need as f64 / STATE_MEMORY_SHARE) as u64).div_ceil(64 << 20) * 64;
-                        let message = format!(
-                            "route {}: its confirmed state ({} users, {} attributes) needs about {} MB in memory, more than the {} MB this function gives it ({}% of its {} MB); nothing was sent. Raise the function's memory (MemorySize of BrazeSyncFunction in template.yaml, memorySize in the CDK construct) to at least {} MB",
-                            route.name(),
-                            h.doc.users,
-                            route.slot_names().len(),
-                            mb(need),
-                            mb(budget),
-                            (STATE_MEMORY_SHARE * 100.0) as u32,
-                            mb(limit),
-                            want
-                        );
-                        return Err(record.failed(store, message, false).await);
-                    }
-                }
-                Err(e) if e.is_retryable() => return Err(RunError::Retryable(e.to_string())),
-                Err(_) => {}
-            }
-        }
         let (mut head, snapshot) = match state.load(route).await {
             Ok(x) => x,
             Err(e) if e.is_retryable() => return Err(RunError::Retryable(e.to_string())),
@@ -298,7 +326,7 @@ impl SyncRunner {
             .map(tokio::time::Instant::from_std);
         let sender = Sender::start(self.api.clone(), dcfg, delta_rx, out_tx);
         let mut committer = Committer::new(state, head, route.clone(), s.checkpoint_every);
-        committer.follow(out_rx).await;
+        committer.follow(out_rx, lock_lost).await;
 
         let delivery = sender.finish().await?;
         let produced = producer.finish().await?;
@@ -340,13 +368,21 @@ impl SyncRunner {
         commit_error: Option<String>,
     ) -> Result<RunOutcome, RunError> {
         let store = self.store.as_ref();
+        // A failed checkpoint or a lost lock stopped the sender on purpose: that, not the
+        // sender's "outcomes closed", is the reason; the retry resumes from the last checkpoint.
+        if let Some(e) = &committer.failure {
+            record.report.status = RunStatus::Incomplete;
+            record.report.error = Some(e.clone());
+            record.finish(store).await;
+            return Err(RunError::Retryable(e.clone()));
+        }
         if let Some(e) = &ended.delivery.error {
             return Err(record.failed(store, e.to_string(), e.is_retryable()).await);
         }
         if let Some(e) = ended.read_error() {
             return Err(record.failed(store, e.to_string(), e.is_retryable()).await);
         }
-        if let Some(e) = committer.checkpoint_error.clone().or(commit_error) {
+        if let Some(e) = commit_error {
             record.report.status = RunStatus::Incomplete;
             record.report.error = Some(e.clone());
             record.finish(store).await;

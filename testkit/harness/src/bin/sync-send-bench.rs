@@ -1,12 +1,16 @@
 //! `make bench` figure for braze-sync's sender: 1,000,000 changed users sent to the Braze
 //! simulator at its default limit (3,000 requests / 3 s) with 20–80 ms latency, next to the floor
 //! that limit allows (ceil(users / 75) requests at 1,000/s), measured in the same run; then the
-//! same with 2% 5xx injected. Writes `target/bench/sync-send.json`.
+//! same with 2% 5xx injected; then 5 routes sending at once (5 independent senders, each with
+//! its own rate limiter as separate invocations have, the same users split between them)
+//! against the one workspace limit: aggregate wall time against the same floor and the share of
+//! 429 answers (`routes5_ratio_to_floor`, `routes5_http_429_share`; targets ≤ 1.1×, ≤ 1%).
+//! Writes `target/bench/sync-send.json`.
 //!
 //! The simulator runs in a child process (this same binary with `--serve-sim`), so the peak RSS
 //! reported is the sender's alone; the deltas are generated lazily, as a reader would.
 //!
-//! Options: `--users N` (default 1,000,000), `--out PATH`, `--skip-5xx`.
+//! Options: `--users N` (default 1,000,000), `--out PATH`, `--skip-5xx`, `--skip-routes5`.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -198,6 +202,61 @@ async fn round(client: &BrazeClient, users: u64, sim: &mut SimChild) -> anyhow::
     })
 }
 
+/// `routes` senders at once, each with its own limiter, sending `users / routes` users each.
+async fn round_routes(
+    client: &BrazeClient,
+    users: u64,
+    routes: u64,
+    sim: &mut SimChild,
+) -> anyhow::Result<Round> {
+    let per_route = users / routes;
+    let started = Instant::now();
+    let mut sends = Vec::new();
+    for r in 0..routes {
+        let (tx, rx) = mpsc::channel(8_192);
+        let (otx, mut orx) = mpsc::channel(8_192);
+        let first = r * per_route;
+        tokio::spawn(async move {
+            for i in first..first + per_route {
+                if tx.send(delta(i)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let collector = tokio::spawn(async move {
+            let mut confirmed = 0u64;
+            while let Some(o) = orx.recv().await {
+                if matches!(o, DeliveryOutcome::Confirmed(_)) {
+                    confirmed += 1;
+                }
+            }
+            confirmed
+        });
+        sends.push((
+            deliver(rx, client, DeliverConfig::default(), otx),
+            collector,
+        ));
+    }
+    let (delivers, collectors): (Vec<_>, Vec<_>) = sends.into_iter().unzip();
+    let results = futures::future::join_all(delivers).await;
+    let wall_s = started.elapsed().as_secs_f64();
+    let mut stats = DeliveryStats::default();
+    for (res, collector) in results.into_iter().zip(collectors) {
+        let st = res.context("delivery failed")?;
+        let confirmed = collector.await?;
+        if confirmed != per_route {
+            bail!("a route confirmed {confirmed} of {per_route} users");
+        }
+        stats.requests += st.requests;
+        stats.http_429 += st.http_429;
+    }
+    Ok(Round {
+        wall_s,
+        stats,
+        sim: sim.stats().await?,
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -211,19 +270,21 @@ fn main() -> anyhow::Result<()> {
         .join("bench")
         .join("sync-send.json");
     let mut with_5xx = true;
+    let mut with_routes5 = true;
     let mut it = args.iter().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--users" => users = it.next().context("--users N")?.parse()?,
             "--out" => out = PathBuf::from(it.next().context("--out PATH")?),
             "--skip-5xx" => with_5xx = false,
+            "--skip-routes5" => with_routes5 = false,
             other => bail!("unknown argument {other}"),
         }
     }
-    rt.block_on(bench(users, out, with_5xx))
+    rt.block_on(bench(users, out, with_5xx, with_routes5))
 }
 
-async fn bench(users: u64, out: PathBuf, with_5xx: bool) -> anyhow::Result<()> {
+async fn bench(users: u64, out: PathBuf, with_5xx: bool, with_routes5: bool) -> anyhow::Result<()> {
     let mut sim = SimChild::start().await?;
     let client = BrazeClient::new(
         Endpoint::parse(&sim.base_url)?,
@@ -272,6 +333,28 @@ async fn bench(users: u64, out: PathBuf, with_5xx: bool) -> anyhow::Result<()> {
         );
         wall_s_with_5xx = json!(faulty.wall_s);
     }
+    let (mut routes5_ratio, mut routes5_429) = (Value::Null, Value::Null);
+    if with_routes5 {
+        sim.ask("reset").await?;
+        let faults = json!({"latency_ms": [20, 80]});
+        sim.ask(&format!("faults {faults}")).await?;
+        let five = round_routes(&client, users, 5, &mut sim).await?;
+        let requests = five.sim["requests_total"].as_f64().unwrap_or(0.0);
+        let r429 = five.sim["responses_429"].as_f64().unwrap_or(0.0);
+        let share = if requests > 0.0 { r429 / requests } else { 0.0 };
+        // The floor is the same: the same users, the same workspace limit.
+        let ratio5 = five.wall_s / floor_s;
+        println!(
+            "sync-send, 5 routes at once on one workspace limit: {:.2} s = {:.3}x floor; {} requests, 429s {} ({:.2}%)",
+            five.wall_s,
+            ratio5,
+            five.stats.requests,
+            r429,
+            share * 100.0,
+        );
+        routes5_ratio = json!(ratio5);
+        routes5_429 = json!(share);
+    }
     let peak_rss_mb = peak_rss_mb();
     let sim_rss_mb: f64 = sim.ask("rss").await?.parse().unwrap_or(f64::NAN);
     println!(
@@ -289,6 +372,8 @@ async fn bench(users: u64, out: PathBuf, with_5xx: bool) -> anyhow::Result<()> {
         "peak_rss_mb": peak_rss_mb,
         "wall_s_with_5xx": wall_s_with_5xx,
         "sim_peak_rss_mb": sim_rss_mb,
+        "routes5_ratio_to_floor": routes5_ratio,
+        "routes5_http_429_share": routes5_429,
     });
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;
