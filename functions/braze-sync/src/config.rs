@@ -88,6 +88,7 @@ pub const VARIABLES: &[&str] = &[
     "RATE_LIMIT_SHARE",
     "BRAZE_MAX_OBJECTS_PER_REQUEST",
     "CONTINUATION_QUEUE_URL",
+    "BRIDGE_EPHEMERAL_STORAGE_MB",
 ];
 
 fn prefix(v: String) -> String {

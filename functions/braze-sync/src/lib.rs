@@ -14,6 +14,8 @@ pub mod braze;
 pub mod config;
 pub mod deliver;
 pub mod delta;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handler;
 pub mod ledger;
 pub mod map;

@@ -74,6 +74,11 @@ pub struct RouteConfig {
     /// Send every value on every run, ignoring the confirmed state (the state still advances).
     #[serde(default)]
     pub full_resend: bool,
+    /// Accept an export that has a header but no rows (default `false`: such an export is
+    /// refused, since an empty audience would read as everyone leaving it). An export with
+    /// no table at all (an empty archive, a marker folder without parts) is always refused.
+    #[serde(default)]
+    pub allow_empty: bool,
     /// Size bounds for reading this route's exports.
     #[serde(default)]
     pub limits: LimitsConfig,
@@ -229,7 +234,9 @@ pub struct LimitsConfig {
     /// Largest single row, bytes (default 1 MiB).
     #[serde(default = "default_max_row")]
     pub max_row_bytes: usize,
-    /// Largest decompressed export object, bytes (default 64 GiB).
+    /// Largest decompressed export object, bytes (default: the function's ephemeral storage,
+    /// env `BRIDGE_EPHEMERAL_STORAGE_MB`, else 512 MiB; zip members and Parquet parts are
+    /// spilled to `/tmp` whole).
     #[serde(default = "default_max_decompressed")]
     pub max_decompressed_bytes: u64,
 }
@@ -239,7 +246,7 @@ fn default_max_row() -> usize {
 }
 
 fn default_max_decompressed() -> u64 {
-    read::DEFAULT_MAX_DECOMPRESSED_BYTES
+    read::default_max_decompressed_bytes()
 }
 
 impl Default for LimitsConfig {

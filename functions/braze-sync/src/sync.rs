@@ -296,6 +296,21 @@ where
             &mut |src: &mut dyn RowSource| p.table(src, on_delta, on_reject),
         )?;
     }
+    // An export must hold a table, and rows unless the route expects empty ones: an empty
+    // export would otherwise read as every member leaving every audience.
+    if p.summary.tables == 0 {
+        return Err(ReadError::NoTable {
+            source_name: opts.export_name.clone(),
+            detail: "no part, or only folders, links or hidden files in its archives".into(),
+        }
+        .into());
+    }
+    if p.summary.rows_read == 0 && !route.config.allow_empty {
+        return Err(ReadError::EmptyExport {
+            source_name: opts.export_name.clone(),
+        }
+        .into());
+    }
     if !p.ignored.is_empty() {
         warn!(route = route.name(), columns = ?p.ignored, "Export columns not mapped by the route are ignored.");
     }

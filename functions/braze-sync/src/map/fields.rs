@@ -53,12 +53,14 @@ impl StandardField {
             }
             StandardField::Dob => {
                 let d = types::parse_date(cell)?;
+                types::check_dob(&d)?;
                 types::write_date(out, &d);
             }
             StandardField::DateOfFirstSession
             | StandardField::DateOfLastSession
             | StandardField::MarkedEmailAsSpamAt => {
                 let t = types::parse_datetime(cell)?;
+                types::check_braze_year(&t.date_naive())?;
                 types::write_iso_utc(out, &t);
             }
             StandardField::EmailOpenTrackingDisabled
@@ -79,7 +81,10 @@ impl StandardField {
         if out.len() == start {
             return Ok(StdValue::Null);
         }
-        types::limit_string(out, start, !truncate)?;
+        // A value with a format (an email address, a phone number) is never cut: a cut email
+        // has no domain left. `string_policy = "truncate"` applies to free text only.
+        let formatted = matches!(self, StandardField::Email | StandardField::Phone);
+        types::limit_string(out, start, formatted || !truncate)?;
         Ok(StdValue::Text)
     }
 }

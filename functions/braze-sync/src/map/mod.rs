@@ -31,17 +31,23 @@ pub struct Binding {
     pub unknown_columns: Vec<String>,
 }
 
-fn find_column(header: &[String], name: &str) -> Option<usize> {
-    if let Some(i) = header.iter().position(|h| h == name) {
-        return Some(i);
+/// The header position of `name`: the exact name, else a unique case-insensitive match.
+/// A name that several header fields carry (exactly, or case-insensitively with no exact
+/// one) is ambiguous: `Err(count)`.
+fn find_column(header: &[String], name: &str) -> Result<Option<usize>, usize> {
+    let exact: Vec<usize> = (0..header.len()).filter(|&i| header[i] == name).collect();
+    match exact.len() {
+        1 => return Ok(Some(exact[0])),
+        0 => {}
+        n => return Err(n),
     }
-    let mut hits = header
-        .iter()
-        .enumerate()
-        .filter(|(_, h)| h.eq_ignore_ascii_case(name));
-    match (hits.next(), hits.next()) {
-        (Some((i, _)), None) => Some(i),
-        _ => None,
+    let hits: Vec<usize> = (0..header.len())
+        .filter(|&i| header[i].eq_ignore_ascii_case(name))
+        .collect();
+    match hits.len() {
+        0 => Ok(None),
+        1 => Ok(Some(hits[0])),
+        n => Err(n),
     }
 }
 
@@ -50,20 +56,28 @@ impl Binding {
     /// identifier or mapped column fails: sending nulls for a column that is not there would
     /// erase data in Braze.
     pub fn new(route: &Route, header: &[String], source: &str) -> Result<Binding, ReadError> {
-        let missing = |c: &str| ReadError::MissingColumn {
-            source_name: source.to_string(),
-            column: c.to_string(),
+        let find = |c: &str| match find_column(header, c) {
+            Ok(Some(i)) => Ok(i),
+            Ok(None) => Err(ReadError::MissingColumn {
+                source_name: source.to_string(),
+                column: c.to_string(),
+            }),
+            Err(count) => Err(ReadError::AmbiguousColumn {
+                source_name: source.to_string(),
+                column: c.to_string(),
+                count,
+            }),
         };
         let idc = &route.config.identifier;
-        let id = find_column(header, &idc.column).ok_or_else(|| missing(&idc.column))?;
+        let id = find(&idc.column)?;
         let label = match &idc.alias_label_column {
-            Some(c) => Some(find_column(header, c).ok_or_else(|| missing(c))?),
+            Some(c) => Some(find(c)?),
             None => None,
         };
         let mut slots = Vec::with_capacity(route.slots.len());
         for s in &route.slots {
             slots.push(match &s.column {
-                Some(c) => Some(find_column(header, c).ok_or_else(|| missing(c))?),
+                Some(c) => Some(find(c)?),
                 None => None,
             });
         }
@@ -385,15 +399,23 @@ impl<'r> Mapper<'r> {
     ) -> Result<(u32, u32), String> {
         let cell = row.cells.cell(index).map_err(|e| e.to_string())?;
         let start = out.text.len();
+        // An identifier is text or an integer (README): a boolean, decimal, date or timestamp
+        // would become an id like "true" that names nobody.
         match cell {
             Cell::Null => return Err("missing identifier".into()),
             Cell::Float(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => {
                 out.text.push_str(&(f as i64).to_string());
             }
-            Cell::Float(f) => {
-                return Err(format!("identifier {f} is not an integer or a string"));
+            Cell::Str(s) if s.contains('\0') => {
+                return Err("a NUL byte in the identifier".into());
             }
-            c => types::text_of(&c, &mut out.text),
+            c @ (Cell::Str(_) | Cell::Int(_)) => types::text_of(&c, &mut out.text),
+            other => {
+                return Err(format!(
+                    "identifier is {}: an identifier must be text or an integer",
+                    types::describe(&other)
+                ));
+            }
         }
         if out.text.len() == start {
             return Err("empty identifier".into());
@@ -443,12 +465,14 @@ impl<'r> Mapper<'r> {
                 }
                 AmperityType::Date => {
                     let d = types::parse_date(cell)?;
+                    types::check_braze_year(&d)?;
                     types::write_date(&mut out.text, &d);
                     out.text.push_str("T00:00:00Z");
                     text_norm(out)
                 }
                 AmperityType::Datetime => {
                     let t = types::parse_datetime(cell)?;
+                    types::check_braze_year(&t.date_naive())?;
                     types::write_iso_utc(&mut out.text, &t);
                     text_norm(out)
                 }

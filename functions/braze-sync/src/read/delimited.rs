@@ -13,6 +13,140 @@ use super::{BadRow, Cell, CellError, Cells, ReadError, Row, RowItem, RowSource};
 
 const BUFFER: usize = 64 * 1024;
 
+/// Why a delimited file's quoting is broken (carried inside an [`std::io::Error`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct QuoteError {
+    /// The line where the broken quoted field opened.
+    pub line: u64,
+    /// What is wrong.
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Q {
+    FieldStart,
+    Unquoted,
+    Quoted,
+    QuotedEscape,
+    /// A quote inside a quoted field: a doubled quote, or the closing one.
+    QuoteSeen,
+}
+
+/// Checks RFC 4180 quoting on the bytes as the parser reads them. The `csv` crate is lenient:
+/// a field that opens a quote and never closes it swallows every following row into one
+/// cell (or, at the end of the file, yields the cut value), and text after a closing quote is
+/// glued on. Here both are errors: a quoted field must end with a quote followed by the
+/// delimiter, a line end or the end of the file; the file must not end inside a quote; and a
+/// quoted field may not run past `max_row_bytes`.
+struct QuoteCheck<R> {
+    inner: R,
+    delimiter: u8,
+    escape: Option<u8>,
+    state: Q,
+    line: u64,
+    open_line: u64,
+    quoted_bytes: u64,
+    max_row: u64,
+    started: bool,
+}
+
+impl<R: Read> QuoteCheck<R> {
+    fn fail(&self, message: String) -> std::io::Error {
+        std::io::Error::other(QuoteError {
+            line: self.open_line,
+            message,
+        })
+    }
+
+    fn scan(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        for &b in bytes {
+            if b == b'\n' {
+                self.line += 1;
+            }
+            self.state = match self.state {
+                Q::FieldStart | Q::Unquoted => {
+                    if b == self.delimiter || b == b'\n' || b == b'\r' {
+                        Q::FieldStart
+                    } else if b == b'"' && self.state == Q::FieldStart {
+                        self.open_line = self.line;
+                        self.quoted_bytes = 0;
+                        Q::Quoted
+                    } else {
+                        Q::Unquoted
+                    }
+                }
+                Q::Quoted | Q::QuotedEscape => {
+                    self.quoted_bytes += 1;
+                    if self.quoted_bytes > self.max_row {
+                        return Err(self.fail(format!(
+                            "the quoted field opened at line {} runs past max_row_bytes ({} bytes): an unterminated quote",
+                            self.open_line, self.max_row
+                        )));
+                    }
+                    if self.state == Q::QuotedEscape {
+                        Q::Quoted
+                    } else if Some(b) == self.escape {
+                        Q::QuotedEscape
+                    } else if b == b'"' {
+                        Q::QuoteSeen
+                    } else {
+                        Q::Quoted
+                    }
+                }
+                Q::QuoteSeen => {
+                    if b == b'"' {
+                        Q::Quoted
+                    } else if b == self.delimiter || b == b'\n' || b == b'\r' {
+                        Q::FieldStart
+                    } else {
+                        return Err(self.fail(format!(
+                            "the quoted field opened at line {} is followed by text after its closing quote at line {} (an unterminated or stray quote)",
+                            self.open_line, self.line
+                        )));
+                    }
+                }
+            };
+        }
+        Ok(())
+    }
+}
+
+impl<R: Read> Read for QuoteCheck<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = match self.inner.read(buf) {
+            Ok(n) => n,
+            Err(e) => {
+                if matches!(self.state, Q::Quoted | Q::QuotedEscape)
+                    && let Some(hit) = e
+                        .get_ref()
+                        .and_then(|x| x.downcast_ref::<super::limit::LimitHit>())
+                    && hit.limit == "max_row_bytes"
+                {
+                    return Err(self.fail(format!(
+                        "the quoted field opened at line {} runs past max_row_bytes ({} bytes): an unterminated quote",
+                        self.open_line, hit.bytes
+                    )));
+                }
+                return Err(e);
+            }
+        };
+        let mut bytes = &buf[..n];
+        if !self.started && n > 0 {
+            self.started = true;
+            bytes = bytes.strip_prefix(&[0xef, 0xbb, 0xbf]).unwrap_or(bytes);
+        }
+        self.scan(bytes)?;
+        if n == 0 && matches!(self.state, Q::Quoted | Q::QuotedEscape) {
+            return Err(self.fail(format!(
+                "the file ends inside the quoted field opened at line {} (an unterminated quote; truncated file?)",
+                self.open_line
+            )));
+        }
+        Ok(n)
+    }
+}
+
 impl Cells for ByteRecord {
     fn len(&self) -> usize {
         ByteRecord::len(self)
@@ -43,7 +177,7 @@ impl Cells for StringRecord {
 
 /// Rows of one delimited table.
 pub struct DelimitedSource<'a> {
-    rdr: csv::Reader<RowGuarded<Box<dyn Read + 'a>>>,
+    rdr: csv::Reader<QuoteCheck<RowGuarded<Box<dyn Read + 'a>>>>,
     mark: RowMark,
     source: String,
     header: Vec<String>,
@@ -64,7 +198,18 @@ impl<'a> DelimitedSource<'a> {
         max_row: usize,
     ) -> Result<Self, ReadError> {
         let mark = RowMark::default();
-        let guarded = RowGuarded::new(reader, mark.clone(), max_row, BUFFER);
+        let guarded = RowGuarded::new(reader, mark.clone(), max_row, BUFFER).skipping(b"\r\n");
+        let checked = QuoteCheck {
+            inner: guarded,
+            delimiter,
+            escape,
+            state: Q::FieldStart,
+            line: 1,
+            open_line: 1,
+            quoted_bytes: 0,
+            max_row: max_row as u64,
+            started: false,
+        };
         let mut b = csv::ReaderBuilder::new();
         b.has_headers(false)
             .flexible(true)
@@ -74,7 +219,7 @@ impl<'a> DelimitedSource<'a> {
             b.double_quote(false).escape(Some(esc));
         }
         let mut src = Self {
-            rdr: b.from_reader(guarded),
+            rdr: b.from_reader(checked),
             mark,
             source: source.to_string(),
             header: Vec::new(),
@@ -112,8 +257,17 @@ impl<'a> DelimitedSource<'a> {
                 let line = e.position().map(|p| p.line()).unwrap_or(0);
                 match e.into_kind() {
                     csv::ErrorKind::Io(io) => {
+                        if let Some(q) = io.get_ref().and_then(|x| x.downcast_ref::<QuoteError>()) {
+                            return Err(ReadError::Delimited {
+                                source_name: self.source.clone(),
+                                line: q.line,
+                                message: q.message.clone(),
+                            });
+                        }
                         let mut err = ReadError::io(&self.source, "reading delimited text", io);
-                        if let ReadError::LimitExceeded { at, .. } = &mut err {
+                        if let ReadError::LimitExceeded { at, limit, .. } = &mut err
+                            && *limit == "max_row_bytes"
+                        {
                             *at = Some(self.row + 1);
                         }
                         Err(err)
@@ -169,6 +323,18 @@ impl RowSource for DelimitedSource<'_> {
                     self.header.len(),
                     self.record.len()
                 ),
+            })));
+        }
+        // A NUL byte is never data: it rejects the row wherever it is (the same rule as JSON
+        // and Parquet values).
+        if let Some(field) =
+            (0..self.record.len()).find(|&i| self.record.get(i).is_some_and(|f| f.contains(&0)))
+        {
+            return Ok(Some(RowItem::Bad(BadRow {
+                row: self.row,
+                line,
+                column: self.header.get(field).cloned(),
+                reason: "a NUL byte in the value (binary data is never sent)".into(),
             })));
         }
         // One UTF-8 check per record; a bad byte rejects the row and names its column.

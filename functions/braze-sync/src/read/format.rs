@@ -15,6 +15,14 @@ use super::limit::{self, Budget};
 use super::{MAX_NESTING, ReadError, ReadOptions, RowSource, delimited, json, parquet};
 pub use crate::vocab::{Compression, Format};
 
+/// Largest archive metadata record read (a tar GNU long name or PAX header, a zip member
+/// name): real ones are a path, far below this.
+pub const MAX_ARCHIVE_METADATA_BYTES: u64 = 64 * 1024;
+/// Longest archive member name (Linux's PATH_MAX).
+pub const MAX_MEMBER_NAME_BYTES: usize = 4096;
+/// Most members one archive may hold.
+pub const MAX_ARCHIVE_MEMBERS: usize = 10_000;
+
 /// What the first bytes say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sniffed {
@@ -66,7 +74,9 @@ pub fn sniff(head: &[u8]) -> Sniffed {
         return Sniffed::Parquet;
     }
     let text = strip_bom(head);
-    if text.contains(&0) {
+    // A NUL byte in the header line means binary data; one further on only rejects its row
+    // (the same rule at any offset, see `delimited`).
+    if header_line(head).contains(&0) {
         return Sniffed::Unknown;
     }
     match text.iter().find(|b| !b.is_ascii_whitespace()) {
@@ -269,6 +279,13 @@ where
             };
             let mut archive = zip::ZipArchive::new(file)
                 .map_err(|e| zip_err(format!("not a readable zip: {e}")))?;
+            if archive.len() > MAX_ARCHIVE_MEMBERS {
+                return Err(zip_err(format!(
+                    "{} members, more than the {MAX_ARCHIVE_MEMBERS} an export may hold",
+                    archive.len()
+                ))
+                .into());
+            }
             for i in 0..archive.len() {
                 let member = archive
                     .by_index(i)
@@ -277,6 +294,13 @@ where
                     .name()
                     .map(|n| n.into_owned())
                     .unwrap_or_else(|_| String::from_utf8_lossy(member.name_raw()).into_owned());
+                if mname.len() > MAX_MEMBER_NAME_BYTES {
+                    return Err(zip_err(format!(
+                        "member {i} has a {}-byte name, over the {MAX_MEMBER_NAME_BYTES}-byte limit on member names",
+                        mname.len()
+                    ))
+                    .into());
+                }
                 if member.is_dir() || skip_member(&mname) {
                     continue;
                 }
@@ -306,22 +330,84 @@ where
                 source_name: source.to_string(),
                 message: m,
             };
+            // Raw entries: GNU long-name and PAX records come to us as entries, so their size
+            // is checked against MAX_ARCHIVE_METADATA_BYTES before any of it is read (the
+            // crate itself would read a record of any claimed size into memory).
             let entries = archive
                 .entries()
-                .map_err(|e| ReadError::io(source, "reading the tar archive", e))?;
+                .map_err(|e| ReadError::io(source, "reading the tar archive", e))?
+                .raw(true);
+            let mut long_name: Option<String> = None;
+            let mut members = 0usize;
             for entry in entries {
-                let entry =
+                let mut entry =
                     entry.map_err(|e| ReadError::io(source, "reading the tar archive", e))?;
-                if !entry.header().entry_type().is_file() {
+                let kind = entry.header().entry_type();
+                let meta = matches!(
+                    kind,
+                    tar::EntryType::GNULongName
+                        | tar::EntryType::GNULongLink
+                        | tar::EntryType::XHeader
+                        | tar::EntryType::XGlobalHeader
+                );
+                if meta {
+                    let size = entry.size();
+                    if size > MAX_ARCHIVE_METADATA_BYTES {
+                        return Err(tar_err(format!(
+                            "a tar {kind:?} record of {size} bytes exceeds the {MAX_ARCHIVE_METADATA_BYTES}-byte limit on archive metadata"
+                        ))
+                        .into());
+                    }
+                    let mut data = Vec::with_capacity(size as usize);
+                    (&mut entry)
+                        .take(MAX_ARCHIVE_METADATA_BYTES)
+                        .read_to_end(&mut data)
+                        .map_err(|e| ReadError::io(source, "reading the tar archive", e))?;
+                    match kind {
+                        tar::EntryType::GNULongName => {
+                            let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
+                            long_name = Some(String::from_utf8_lossy(&data[..end]).into_owned());
+                        }
+                        tar::EntryType::XHeader => {
+                            for ext in tar::PaxExtensions::new(&data) {
+                                let ext =
+                                    ext.map_err(|e| tar_err(format!("malformed PAX record: {e}")))?;
+                                if ext.key() == Ok("path") {
+                                    long_name = Some(
+                                        String::from_utf8_lossy(ext.value_bytes()).into_owned(),
+                                    );
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
                     continue;
                 }
-                let mname = entry
-                    .path()
-                    .map_err(|e| tar_err(format!("member name: {e}")))?
-                    .to_string_lossy()
-                    .into_owned();
+                let name = long_name.take();
+                if !kind.is_file() {
+                    continue;
+                }
+                let mname = match name {
+                    Some(n) => n,
+                    None => entry
+                        .path()
+                        .map_err(|e| tar_err(format!("member name: {e}")))?
+                        .to_string_lossy()
+                        .into_owned(),
+                };
+                if mname.len() > MAX_MEMBER_NAME_BYTES {
+                    return Err(tar_err(format!(
+                        "a member has a {}-byte name, over the {MAX_MEMBER_NAME_BYTES}-byte limit on member names",
+                        mname.len()
+                    ))
+                    .into());
+                }
                 if skip_member(&mname) {
                     continue;
+                }
+                members += 1;
+                if members > MAX_ARCHIVE_MEMBERS {
+                    return Err(tar_err(format!("more than {MAX_ARCHIVE_MEMBERS} members")).into());
                 }
                 let msource = format!("{source}!{mname}");
                 open_layers(
@@ -405,7 +491,8 @@ where
                     let file = limit::spill(&mut reader, &opts.temp_dir).map_err(|e| {
                         ReadError::io(source, "spilling the Parquet part to a temp file", e)
                     })?;
-                    let mut src = parquet::ParquetSource::open(file, source)?;
+                    let mut src =
+                        parquet::ParquetSource::open(file, source, opts.limits.max_row_bytes)?;
                     visit(&mut src)
                 }
                 Format::Delimited { delimiter, escape } => {

@@ -12,6 +12,54 @@ use serde_json::{Map, Value};
 use super::limit::{RowGuarded, RowMark};
 use super::{BadRow, Cell, CellError, Cells, ReadError, ReadOptions, Row, RowItem, RowSource};
 
+/// One JSON object as parsed, with the keys it repeats (serde_json's map keeps the last
+/// copy silently; a repeated key the route reads makes the row ambiguous).
+struct Obj {
+    map: Map<String, Value>,
+    dups: Vec<String>,
+}
+
+struct ObjVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ObjVisitor {
+    type Value = Obj;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut access: A) -> Result<Obj, A::Error> {
+        let mut map = Map::new();
+        let mut dups = Vec::new();
+        while let Some(k) = access.next_key::<String>()? {
+            let v: Value = access.next_value()?;
+            if map.contains_key(&k) && !dups.contains(&k) {
+                dups.push(k.clone());
+            }
+            map.insert(k, v);
+        }
+        Ok(Obj { map, dups })
+    }
+}
+
+impl<'de> Deserialize<'de> for Obj {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Obj, D::Error> {
+        d.deserialize_map(ObjVisitor)
+    }
+}
+
+/// Why an object is refused as a row: a key the route reads appears more than once.
+fn ambiguous(obj: &Obj, columns: &[String]) -> Option<(String, String)> {
+    obj.dups.iter().find(|k| columns.contains(k)).map(|k| {
+        (
+            k.clone(),
+            format!(
+                "key {k:?} appears more than once in the object: which value is meant is ambiguous"
+            ),
+        )
+    })
+}
+
 /// The current object and the header it is read through.
 struct JsonCells {
     header: Vec<String>,
@@ -42,6 +90,7 @@ pub fn json_cell(v: &Value) -> Result<Cell<'_>, CellError> {
             None => Cell::Float(n.as_f64().unwrap_or(f64::NAN)),
         },
         Value::String(s) if s.is_empty() => Cell::Null,
+        Value::String(s) if s.contains('\0') => return Err(CellError::Nul),
         Value::String(s) => Cell::Str(s),
         Value::Array(_) => return Err(CellError::Unsupported("array".into())),
         Value::Object(_) => return Err(CellError::Unsupported("object".into())),
@@ -86,6 +135,7 @@ pub struct NdJsonSource<'a> {
     row: u64,
     max_row: usize,
     pending: Option<Pending>,
+    columns: Vec<String>,
 }
 
 enum Pending {
@@ -95,7 +145,7 @@ enum Pending {
 
 enum Line {
     Obj(Map<String, Value>),
-    Bad(String),
+    Bad(Option<String>, String),
 }
 
 impl<'a> NdJsonSource<'a> {
@@ -117,6 +167,7 @@ impl<'a> NdJsonSource<'a> {
             row: 0,
             max_row: opts.limits.max_row_bytes,
             pending: None,
+            columns: opts.columns.clone(),
         };
         let first = src.next_line()?;
         let first_obj = match &first {
@@ -129,10 +180,10 @@ impl<'a> NdJsonSource<'a> {
         src.cells.header = header_from(first_obj, opts);
         src.pending = first.map(|(line, l)| match l {
             Line::Obj(o) => Pending::Obj(line, o),
-            Line::Bad(reason) => Pending::Bad(BadRow {
+            Line::Bad(column, reason) => Pending::Bad(BadRow {
                 row: 1,
                 line: Some(line),
-                column: None,
+                column,
                 reason,
             }),
         });
@@ -186,11 +237,17 @@ impl<'a> NdJsonSource<'a> {
                 continue;
             }
             let line = match std::str::from_utf8(bytes) {
-                Err(e) => Line::Bad(format!("invalid UTF-8 at byte {}", e.valid_up_to())),
+                Err(e) => Line::Bad(None, format!("invalid UTF-8 at byte {}", e.valid_up_to())),
                 Ok(text) => match serde_json::from_str::<Value>(text) {
-                    Ok(Value::Object(o)) => Line::Obj(o),
-                    Ok(_) => Line::Bad("the line is JSON but not an object".into()),
-                    Err(e) => Line::Bad(format!("not valid JSON: {e}")),
+                    Ok(Value::Object(_)) => match serde_json::from_str::<Obj>(text) {
+                        Ok(o) => match ambiguous(&o, &self.columns) {
+                            Some((k, reason)) => Line::Bad(Some(k), reason),
+                            None => Line::Obj(o.map),
+                        },
+                        Err(e) => Line::Bad(None, format!("not valid JSON: {e}")),
+                    },
+                    Ok(_) => Line::Bad(None, "the line is JSON but not an object".into()),
+                    Err(e) => Line::Bad(None, format!("not valid JSON: {e}")),
                 },
             };
             return Ok(Some((self.line_no, line)));
@@ -229,10 +286,10 @@ impl RowSource for NdJsonSource<'_> {
                     cells: &self.cells,
                 })))
             }
-            Line::Bad(reason) => Ok(Some(RowItem::Bad(BadRow {
+            Line::Bad(column, reason) => Ok(Some(RowItem::Bad(BadRow {
                 row: self.row,
                 line: Some(line),
-                column: None,
+                column,
                 reason,
             }))),
         }
@@ -247,7 +304,8 @@ pub struct JsonArraySource<'a> {
     cells: JsonCells,
     row: u64,
     done: bool,
-    pending: Option<Map<String, Value>>,
+    pending: Option<Obj>,
+    columns: Vec<String>,
 }
 
 impl<'a> JsonArraySource<'a> {
@@ -272,6 +330,7 @@ impl<'a> JsonArraySource<'a> {
             row: 0,
             done: false,
             pending: None,
+            columns: opts.columns.clone(),
         };
         match src.skip_ws()? {
             None => src.done = true,
@@ -282,9 +341,9 @@ impl<'a> JsonArraySource<'a> {
         }
         let first = src.next_element(0)?;
         if let Some(o) = &first {
-            check_required(o, opts, source)?;
+            check_required(&o.map, opts, source)?;
         }
-        src.cells.header = header_from(first.as_ref(), opts);
+        src.cells.header = header_from(first.as_ref().map(|o| &o.map), opts);
         src.pending = first;
         Ok(src)
     }
@@ -320,12 +379,14 @@ impl<'a> JsonArraySource<'a> {
                 None => {
                     let n = buf.len();
                     self.reader.consume(n);
+                    // Whitespace between elements belongs to no row.
+                    self.mark.row_done();
                 }
             }
         }
     }
 
-    fn next_element(&mut self, index: u64) -> Result<Option<Map<String, Value>>, ReadError> {
+    fn next_element(&mut self, index: u64) -> Result<Option<Obj>, ReadError> {
         if self.done {
             return Ok(None);
         }
@@ -360,14 +421,13 @@ impl<'a> JsonArraySource<'a> {
         }
         self.mark.row_done();
         let mut de = serde_json::Deserializer::from_reader(&mut self.reader);
-        let obj =
-            Map::<String, Value>::deserialize(&mut de).map_err(|e| match e.io_error_kind() {
-                Some(_) => {
-                    let io: std::io::Error = e.into();
-                    ReadError::io(&self.source, "reading JSON", io)
-                }
-                None => self.err(row, format!("not valid JSON: {e}")),
-            })?;
+        let obj = Obj::deserialize(&mut de).map_err(|e| match e.io_error_kind() {
+            Some(_) => {
+                let io: std::io::Error = e.into();
+                ReadError::io(&self.source, "reading JSON", io)
+            }
+            None => self.err(row, format!("not valid JSON: {e}")),
+        })?;
         Ok(Some(obj))
     }
 }
@@ -390,7 +450,15 @@ impl RowSource for JsonArraySource<'_> {
             },
         };
         self.row += 1;
-        self.cells.obj = obj;
+        if let Some((column, reason)) = ambiguous(&obj, &self.columns) {
+            return Ok(Some(RowItem::Bad(BadRow {
+                row: self.row,
+                line: None,
+                column: Some(column),
+                reason,
+            })));
+        }
+        self.cells.obj = obj.map;
         Ok(Some(RowItem::Row(Row {
             row: self.row,
             line: None,

@@ -89,30 +89,52 @@ impl RowMark {
 /// A reader that fails once more than `max_row + slack` bytes were delivered since the last
 /// [`RowMark::row_done`]: with a parser buffering at most `slack` bytes ahead, the row being
 /// read is then certainly over `max_row`, and memory stays bounded by `max_row + 2 × slack`.
+///
+/// Bytes in `blank` (line ends for delimited text, any whitespace between JSON array
+/// elements) that come right after a row are no part of the next row: they move the mark
+/// instead of counting, so a file of millions of blank lines is stopped by the limit that
+/// really applies (`max_decompressed_bytes`), not reported as one huge row.
 pub struct RowGuarded<R> {
     inner: R,
     mark: RowMark,
     max_row: u64,
     slack: u64,
+    blank: &'static [u8],
 }
 
 impl<R: Read> RowGuarded<R> {
-    /// Guards `inner`.
+    /// Guards `inner`; `blank` bytes between rows are not counted.
     pub fn new(inner: R, mark: RowMark, max_row: usize, slack: usize) -> Self {
         Self {
             inner,
             mark,
             max_row: max_row as u64,
             slack: slack as u64,
+            blank: b"",
         }
+    }
+
+    /// Bytes that separate rows without belonging to one (see the type's docs).
+    pub fn skipping(mut self, blank: &'static [u8]) -> Self {
+        self.blank = blank;
+        self
     }
 }
 
 impl<R: Read> Read for RowGuarded<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        let delivered = self.mark.delivered.get() + n as u64;
+        let before = self.mark.delivered.get();
+        let delivered = before + n as u64;
         self.mark.delivered.set(delivered);
+        if !self.blank.is_empty() && self.mark.mark.get() >= before {
+            // Nothing of a row since the mark: leading blank bytes move it.
+            let lead = buf[..n]
+                .iter()
+                .take_while(|b| self.blank.contains(b))
+                .count();
+            self.mark.mark.set(before + lead as u64);
+        }
         if delivered - self.mark.mark.get() > self.max_row + self.slack {
             return Err(limit_error("max_row_bytes", self.max_row));
         }

@@ -21,14 +21,31 @@ pub mod format;
 pub mod json;
 pub mod limit;
 pub mod parquet;
+pub mod parquet_pages;
 
 use std::io::Read;
 use std::path::PathBuf;
 
 pub use crate::vocab::{Cell, Compression, Format};
 
-/// Default bound on the decompressed bytes of one export object (all layers together).
-pub const DEFAULT_MAX_DECOMPRESSED_BYTES: u64 = 64 * 1024 * 1024 * 1024;
+/// Lambda's default `/tmp` size, MiB: the ephemeral storage assumed when
+/// [`EPHEMERAL_STORAGE_ENV`] is not set.
+pub const DEFAULT_EPHEMERAL_STORAGE_MB: u64 = 512;
+/// Environment variable naming the function's configured ephemeral storage (`/tmp`), MiB.
+pub const EPHEMERAL_STORAGE_ENV: &str = "BRIDGE_EPHEMERAL_STORAGE_MB";
+
+/// Default bound on the decompressed bytes of one export object (all layers together): the
+/// function's ephemeral storage (`BRIDGE_EPHEMERAL_STORAGE_MB`, else 512 MiB), since a zip
+/// member or Parquet part is spilled there whole. A route may set its own
+/// `limits.max_decompressed_bytes`.
+pub fn default_max_decompressed_bytes() -> u64 {
+    std::env::var(EPHEMERAL_STORAGE_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|&mb| mb > 0)
+        .unwrap_or(DEFAULT_EPHEMERAL_STORAGE_MB)
+        .saturating_mul(1024 * 1024)
+}
 /// Default bound on one row (a delimited record, an NDJSON line, a JSON array element).
 pub const DEFAULT_MAX_ROW_BYTES: usize = 1024 * 1024;
 /// Archives nested deeper than this (a zip in a tar in a gzip ...) are refused.
@@ -46,7 +63,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_decompressed_bytes: DEFAULT_MAX_DECOMPRESSED_BYTES,
+            max_decompressed_bytes: default_max_decompressed_bytes(),
             max_row_bytes: DEFAULT_MAX_ROW_BYTES,
         }
     }
@@ -90,6 +107,9 @@ pub enum CellError {
     /// The field's bytes are not UTF-8.
     #[error("invalid UTF-8 at byte {0} of the value")]
     InvalidUtf8(usize),
+    /// A NUL byte in a value: never data, the row is rejected wherever it is.
+    #[error("a NUL byte in the value (binary data is never sent)")]
+    Nul,
     /// A nested or unsupported value where a scalar was expected.
     #[error("unsupported value type {0}")]
     Unsupported(String),
@@ -192,6 +212,46 @@ pub enum ReadError {
         bytes: u64,
         /// The row being read, when known.
         at: Option<u64>,
+    },
+    /// A column the route reads appears more than once in the header.
+    #[error(
+        "{source_name}: column {column:?} appears {count} times in the header: which one the route means is ambiguous"
+    )]
+    AmbiguousColumn {
+        /// The object.
+        source_name: String,
+        /// The column.
+        column: String,
+        /// How many header fields match it.
+        count: usize,
+    },
+    /// The export holds no table at all (an empty archive, an archive of only links or
+    /// folders, a marker folder without parts).
+    #[error("{source_name}: the export holds no table ({detail})")]
+    NoTable {
+        /// The object or folder.
+        source_name: String,
+        /// What was found instead.
+        detail: String,
+    },
+    /// A table has a header and no rows, and the route does not say `allow_empty = true`.
+    #[error(
+        "{source_name}: the export has a header but no rows; set allow_empty = true on the route if an empty export is expected"
+    )]
+    EmptyExport {
+        /// The export.
+        source_name: String,
+    },
+    /// A third-party decoder panicked on this file (a malformed page, say): the file is
+    /// corrupt and will not read on a retry.
+    #[error("{source_name}: the {decoder} decoder failed on malformed data: {message}")]
+    DecoderPanic {
+        /// The object.
+        source_name: String,
+        /// Which decoder.
+        decoder: &'static str,
+        /// The panic message.
+        message: String,
     },
     /// A required column is not in the header.
     #[error("{source_name}: column {column:?} is missing from the header")]

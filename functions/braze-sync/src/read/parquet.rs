@@ -19,8 +19,45 @@ use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchR
 
 use super::{Cell, CellError, Cells, ReadError, Row, RowItem, RowSource};
 
-/// Rows per Arrow batch.
+/// Most rows per Arrow batch.
 pub const BATCH_ROWS: usize = 4096;
+/// Most decoded bytes one batch may hold; the batch's row count is chosen so rows within
+/// `max_row_bytes` fit, and a batch that decodes larger fails the part.
+pub const MAX_BATCH_BYTES: usize = 256 * 1024 * 1024;
+
+/// Runs a call into the parquet crate, turning a panic inside it (a malformed page can make
+/// its decoders panic) into an error for this part: the function keeps running and reports
+/// the file. Needs `panic = "unwind"` (the release profile sets it).
+fn contained<T>(source: &str, f: impl FnOnce() -> T) -> Result<T, ReadError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".into());
+        ReadError::DecoderPanic {
+            source_name: source.to_string(),
+            decoder: "Parquet",
+            message,
+        }
+    })
+}
+
+/// Bytes of row `i` of `batch` (text and binary values by length, other values 8).
+fn row_bytes(batch: &RecordBatch, i: usize) -> usize {
+    batch
+        .columns()
+        .iter()
+        .map(|c| match c.data_type() {
+            DataType::Utf8 => c.as_string::<i32>().value(i).len(),
+            DataType::LargeUtf8 => c.as_string::<i64>().value(i).len(),
+            DataType::Utf8View => c.as_string_view().value(i).len(),
+            DataType::Binary => c.as_binary::<i32>().value(i).len(),
+            DataType::LargeBinary => c.as_binary::<i64>().value(i).len(),
+            _ => 8,
+        })
+        .sum()
+}
 
 /// One row of the current batch.
 struct BatchCells {
@@ -42,11 +79,7 @@ fn dict_str(col: &ArrayRef, idx: usize) -> Option<Result<Cell<'_>, CellError>> {
                 return Some(match values.as_string_opt::<i32>() {
                     Some(s) if key < s.len() && !s.is_null(key) => {
                         let v = s.value(key);
-                        Ok(if v.is_empty() {
-                            Cell::Null
-                        } else {
-                            Cell::Str(v)
-                        })
+                        str_cell(v)
                     }
                     Some(_) => Ok(Cell::Null),
                     None => Err(CellError::Unsupported(format!(
@@ -84,9 +117,9 @@ impl Cells for BatchCells {
         let unsupported = || CellError::Unsupported(col.data_type().to_string());
         Ok(match col.data_type() {
             DataType::Null => Cell::Null,
-            DataType::Utf8 => str_cell(col.as_string::<i32>().value(i)),
-            DataType::LargeUtf8 => str_cell(col.as_string::<i64>().value(i)),
-            DataType::Utf8View => str_cell(col.as_string_view().value(i)),
+            DataType::Utf8 => str_cell(col.as_string::<i32>().value(i))?,
+            DataType::LargeUtf8 => str_cell(col.as_string::<i64>().value(i))?,
+            DataType::Utf8View => str_cell(col.as_string_view().value(i))?,
             DataType::Boolean => Cell::Bool(col.as_boolean().value(i)),
             DataType::Int8 => Cell::Int(col.as_primitive::<Int8Type>().value(i).into()),
             DataType::Int16 => Cell::Int(col.as_primitive::<Int16Type>().value(i).into()),
@@ -147,11 +180,13 @@ impl Cells for BatchCells {
     }
 }
 
-fn str_cell(s: &str) -> Cell<'_> {
+fn str_cell(s: &str) -> Result<Cell<'_>, CellError> {
     if s.is_empty() {
-        Cell::Null
+        Ok(Cell::Null)
+    } else if s.contains('\0') {
+        Err(CellError::Nul)
     } else {
-        Cell::Str(s)
+        Ok(Cell::Str(s))
     }
 }
 
@@ -162,26 +197,32 @@ pub struct ParquetSource {
     header: Vec<String>,
     cells: BatchCells,
     row: u64,
+    max_row: usize,
 }
 
 impl ParquetSource {
-    /// Opens a part (a spilled temp file) and reads its schema.
-    pub fn open(file: File, source: &str) -> Result<Self, ReadError> {
+    /// Opens a part (a spilled temp file): reads its schema and checks every page header
+    /// (see [`super::parquet_pages`]) before anything is decoded.
+    pub fn open(file: File, source: &str, max_row: usize) -> Result<Self, ReadError> {
         let err = |m: String| ReadError::Parquet {
             source_name: source.to_string(),
             message: m,
         };
-        let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        let mut scan = file
+            .try_clone()
+            .map_err(|e| ReadError::io(source, "reopening the Parquet part", e))?;
+        let builder = contained(source, || ParquetRecordBatchReaderBuilder::try_new(file))?
             .map_err(|e| err(format!("cannot open the part: {e}")))?;
+        super::parquet_pages::check_pages(&mut scan, builder.metadata())
+            .map_err(|m| err(format!("refused before decoding: {m}")))?;
         let header = builder
             .schema()
             .fields()
             .iter()
             .map(|f| f.name().clone())
             .collect();
-        let reader = builder
-            .with_batch_size(BATCH_ROWS)
-            .build()
+        let rows = (MAX_BATCH_BYTES / max_row.max(1)).clamp(1, BATCH_ROWS);
+        let reader = contained(source, || builder.with_batch_size(rows).build())?
             .map_err(|e| err(format!("cannot read the part: {e}")))?;
         Ok(Self {
             reader,
@@ -192,6 +233,7 @@ impl ParquetSource {
                 idx: 0,
             },
             row: 0,
+            max_row,
         })
     }
 }
@@ -216,7 +258,18 @@ impl RowSource for ParquetSource {
                 self.cells.idx += 1;
                 break;
             }
-            match self.reader.next() {
+            let next = {
+                let reader = &mut self.reader;
+                contained(&self.source, || reader.next())
+            };
+            let next = match next {
+                Ok(n) => n,
+                Err(e) => {
+                    self.cells.batch = None;
+                    return Err(e);
+                }
+            };
+            match next {
                 None => {
                     self.cells.batch = None;
                     return Ok(None);
@@ -228,6 +281,14 @@ impl RowSource for ParquetSource {
                     });
                 }
                 Some(Ok(b)) => {
+                    if b.get_array_memory_size() > MAX_BATCH_BYTES {
+                        return Err(ReadError::LimitExceeded {
+                            source_name: self.source.clone(),
+                            limit: "Parquet batch bytes",
+                            bytes: MAX_BATCH_BYTES as u64,
+                            at: Some(self.row + 1),
+                        });
+                    }
                     let empty = b.num_rows() == 0;
                     self.cells.batch = Some(b);
                     self.cells.idx = 0;
@@ -238,10 +299,49 @@ impl RowSource for ParquetSource {
             }
         }
         self.row += 1;
+        if let Some(b) = &self.cells.batch
+            && row_bytes(b, self.cells.idx) > self.max_row
+        {
+            return Err(ReadError::LimitExceeded {
+                source_name: self.source.clone(),
+                limit: "max_row_bytes",
+                bytes: self.max_row as u64,
+                at: Some(self.row),
+            });
+        }
         Ok(Some(RowItem::Row(Row {
             row: self.row,
             line: None,
             cells: &self.cells,
         })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_in_the_decoder_becomes_a_permanent_error_for_the_file() {
+        let r: Result<(), ReadError> = contained("s3://b/x.parquet", || {
+            panic!("attempt to shift left with overflow")
+        });
+        match r {
+            Err(ReadError::DecoderPanic {
+                source_name,
+                message,
+                ..
+            }) => {
+                assert_eq!(source_name, "s3://b/x.parquet");
+                assert!(message.contains("shift left"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = crate::sync::SyncError::Read(ReadError::DecoderPanic {
+            source_name: "s".into(),
+            decoder: "Parquet",
+            message: "m".into(),
+        });
+        assert!(!e.is_retryable());
     }
 }

@@ -1,0 +1,343 @@
+//! A bounded pre-scan of every page of a Parquet part, before the parquet crate decodes any.
+//!
+//! The parquet crate allocates each page's *declared* uncompressed size and inflates gzip
+//! pages without a bound, so a 2 MB part whose pages claim (or inflate to) gigabytes would
+//! take the function's memory with it. Here every page header is read with a small Thrift
+//! compact-protocol reader (bounded: header size, nesting, list lengths), and refused when it
+//! declares more than [`MAX_PAGE_BYTES`] uncompressed bytes, when its compressed bytes run
+//! past its column chunk, or when its actual decompressed size (gzip inflated into a
+//! counting sink, Snappy's length prefix) differs from what it declares.
+
+use std::io::{self, Read, Seek, SeekFrom};
+
+use parquet::basic::Compression;
+use parquet::file::metadata::ParquetMetaData;
+
+/// Largest decoded page (writers use ~1 MiB data pages and dictionary pages).
+pub const MAX_PAGE_BYTES: u64 = 64 * 1024 * 1024;
+/// Largest page header (statistics included).
+pub const MAX_PAGE_HEADER_BYTES: usize = 1024 * 1024;
+const MAX_DEPTH: usize = 16;
+
+/// One page header's sizes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PageSizes {
+    /// Bytes of the header itself.
+    pub header_len: usize,
+    /// Declared decoded size.
+    pub uncompressed: i64,
+    /// Bytes on disk after the header.
+    pub compressed: i64,
+    /// Data page v2: level bytes stored uncompressed before the compressed values.
+    pub v2_levels: i64,
+    /// Data page v2 may store its values uncompressed.
+    pub v2_uncompressed: bool,
+}
+
+struct Thrift<'b> {
+    b: &'b [u8],
+    pos: usize,
+}
+
+type TResult<T> = Result<T, String>;
+
+impl Thrift<'_> {
+    fn byte(&mut self) -> TResult<u8> {
+        let v = *self.b.get(self.pos).ok_or("truncated page header")?;
+        self.pos += 1;
+        Ok(v)
+    }
+
+    fn varint(&mut self) -> TResult<u64> {
+        let mut v = 0u64;
+        for shift in (0..70).step_by(7) {
+            let b = self.byte()?;
+            if shift == 63 && b > 1 {
+                return Err("varint overflow in page header".into());
+            }
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err("varint too long in page header".into())
+    }
+
+    fn zigzag(&mut self) -> TResult<i64> {
+        let v = self.varint()?;
+        Ok((v >> 1) as i64 ^ -((v & 1) as i64))
+    }
+
+    fn skip(&mut self, n: u64) -> TResult<()> {
+        let n = usize::try_from(n).map_err(|_| "page header field too long")?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .ok_or("page header field too long")?;
+        if end > self.b.len() {
+            return Err("truncated page header".into());
+        }
+        self.pos = end;
+        Ok(())
+    }
+
+    /// Skips one value of compact type `t`.
+    fn skip_value(&mut self, t: u8, depth: usize) -> TResult<()> {
+        if depth > MAX_DEPTH {
+            return Err("page header nested too deep".into());
+        }
+        match t {
+            1 | 2 => Ok(()),
+            3 => self.skip(1),
+            4..=6 => self.varint().map(|_| ()),
+            7 => self.skip(8),
+            8 => {
+                let n = self.varint()?;
+                self.skip(n)
+            }
+            9 | 10 => {
+                let h = self.byte()?;
+                let n = match h >> 4 {
+                    15 => self.varint()?,
+                    n => u64::from(n),
+                };
+                let et = h & 0x0f;
+                if n > self.b.len() as u64 {
+                    return Err("list longer than the page header".into());
+                }
+                for _ in 0..n {
+                    if et == 1 || et == 2 {
+                        self.skip(1)?;
+                    } else {
+                        self.skip_value(et, depth + 1)?;
+                    }
+                }
+                Ok(())
+            }
+            11 => {
+                let n = self.varint()?;
+                if n == 0 {
+                    return Ok(());
+                }
+                if n > self.b.len() as u64 {
+                    return Err("map longer than the page header".into());
+                }
+                let kv = self.byte()?;
+                for _ in 0..n {
+                    self.skip_value(kv >> 4, depth + 1)?;
+                    self.skip_value(kv & 0x0f, depth + 1)?;
+                }
+                Ok(())
+            }
+            12 => self.struct_fields(depth + 1, &mut |_, _, _| Ok(false)),
+            13 => self.skip(16),
+            _ => Err(format!("unknown Thrift type {t} in page header")),
+        }
+    }
+
+    /// Walks a struct's fields; `f(id, type, self)` reads the field and returns true, or
+    /// returns false to have it skipped.
+    fn struct_fields(
+        &mut self,
+        depth: usize,
+        f: &mut dyn FnMut(i16, u8, &mut Self) -> TResult<bool>,
+    ) -> TResult<()> {
+        if depth > MAX_DEPTH {
+            return Err("page header nested too deep".into());
+        }
+        let mut last: i16 = 0;
+        loop {
+            let h = self.byte()?;
+            if h == 0 {
+                return Ok(());
+            }
+            let t = h & 0x0f;
+            let id = match h >> 4 {
+                0 => i16::try_from(self.zigzag()?).map_err(|_| "bad field id in page header")?,
+                d => last.wrapping_add(i16::from(d)),
+            };
+            last = id;
+            if !f(id, t, self)? {
+                self.skip_value(t, depth)?;
+            }
+        }
+    }
+}
+
+/// Parses one page header at the start of `b`.
+pub fn page_header(b: &[u8]) -> Result<PageSizes, String> {
+    let mut t = Thrift { b, pos: 0 };
+    let mut out = PageSizes::default();
+    let (mut have_u, mut have_c) = (false, false);
+    t.struct_fields(0, &mut |id, ty, t| match (id, ty) {
+        (2, 5) => {
+            out.uncompressed = t.zigzag()?;
+            have_u = true;
+            Ok(true)
+        }
+        (3, 5) => {
+            out.compressed = t.zigzag()?;
+            have_c = true;
+            Ok(true)
+        }
+        (8, 12) => {
+            let mut def = 0;
+            let mut rep = 0;
+            t.struct_fields(1, &mut |id, ty, t| match (id, ty) {
+                (5, 5) => {
+                    def = t.zigzag()?;
+                    Ok(true)
+                }
+                (6, 5) => {
+                    rep = t.zigzag()?;
+                    Ok(true)
+                }
+                (7, 2) => {
+                    out.v2_uncompressed = true;
+                    Ok(true)
+                }
+                (7, 1) => Ok(true),
+                _ => Ok(false),
+            })?;
+            out.v2_levels = def.saturating_add(rep);
+            Ok(true)
+        }
+        _ => Ok(false),
+    })?;
+    if !(have_u && have_c) {
+        return Err("page header without its sizes".into());
+    }
+    out.header_len = t.pos;
+    Ok(out)
+}
+
+struct Counted(u64, u64);
+
+impl io::Write for Counted {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0 += buf.len() as u64;
+        if self.0 > self.1 {
+            return Err(io::Error::other("page inflates past its declared size"));
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Checks every page of every column chunk of `file`. `Err` names the first bad page.
+pub fn check_pages<F: Read + Seek>(file: &mut F, meta: &ParquetMetaData) -> Result<(), String> {
+    let len = file.seek(SeekFrom::End(0)).map_err(|e| e.to_string())?;
+    let mut head = Vec::new();
+    let mut body = Vec::new();
+    for (g, rg) in meta.row_groups().iter().enumerate() {
+        for (c, col) in rg.columns().iter().enumerate() {
+            let at = |what: String| format!("row group {g}, column {c}: {what}");
+            let start = col
+                .dictionary_page_offset()
+                .filter(|&d| d > 0)
+                .unwrap_or(col.data_page_offset());
+            let end = start.checked_add(col.compressed_size()).unwrap_or(-1);
+            if start < 0 || end < start || end as u64 > len {
+                return Err(at(format!(
+                    "column chunk bytes {start}..{end} lie outside the {len}-byte part"
+                )));
+            }
+            let codec = col.compression();
+            let mut pos = start as u64;
+            while pos < end as u64 {
+                let room = (end as u64 - pos).min(MAX_PAGE_HEADER_BYTES as u64) as usize;
+                let mut want = room.min(64 * 1024);
+                let sizes = loop {
+                    head.resize(want, 0);
+                    file.seek(SeekFrom::Start(pos)).map_err(|e| e.to_string())?;
+                    file.read_exact(&mut head).map_err(|e| at(e.to_string()))?;
+                    match page_header(&head) {
+                        Ok(s) => break s,
+                        Err(e) if e.starts_with("truncated") && want < room => {
+                            want = room;
+                        }
+                        Err(e) if e.starts_with("truncated") => {
+                            return Err(at(format!(
+                                "a page header at byte {pos} is truncated or over {MAX_PAGE_HEADER_BYTES} bytes"
+                            )));
+                        }
+                        Err(e) => return Err(at(format!("page at byte {pos}: {e}"))),
+                    }
+                };
+                let data_at = pos + sizes.header_len as u64;
+                if sizes.uncompressed < 0
+                    || sizes.compressed < 0
+                    || sizes.v2_levels < 0
+                    || sizes.v2_levels > sizes.compressed
+                    || data_at + sizes.compressed as u64 > end as u64
+                {
+                    return Err(at(format!(
+                        "page at byte {pos} has sizes that do not fit its column chunk"
+                    )));
+                }
+                if sizes.uncompressed as u64 > MAX_PAGE_BYTES {
+                    return Err(at(format!(
+                        "page at byte {pos} declares {} decoded bytes, over the {MAX_PAGE_BYTES}-byte page limit",
+                        sizes.uncompressed
+                    )));
+                }
+                let declared = (sizes.uncompressed - sizes.v2_levels).max(0) as u64;
+                let packed = (sizes.compressed - sizes.v2_levels) as u64;
+                if matches!(codec, Compression::GZIP(_) | Compression::SNAPPY)
+                    && packed > 0
+                    && !sizes.v2_uncompressed
+                {
+                    body.resize(packed as usize, 0);
+                    file.seek(SeekFrom::Start(data_at + sizes.v2_levels as u64))
+                        .map_err(|e| e.to_string())?;
+                    file.read_exact(&mut body).map_err(|e| at(e.to_string()))?;
+                    let actual = match codec {
+                        Compression::SNAPPY => {
+                            snap::raw::decompress_len(&body).ok().map(|n| n as u64)
+                        }
+                        _ => {
+                            let mut sink = Counted(0, declared);
+                            io::copy(&mut flate2::read::MultiGzDecoder::new(&body[..]), &mut sink)
+                                .ok()
+                                .map(|_| sink.0)
+                        }
+                    };
+                    match actual {
+                        Some(n) if n <= declared => {}
+                        Some(n) => {
+                            return Err(at(format!(
+                                "page at byte {pos} decodes to {n} bytes, more than the {declared} it declares"
+                            )));
+                        }
+                        None => {
+                            return Err(at(format!(
+                                "page at byte {pos} does not decompress (corrupt or over its declared {declared} bytes)"
+                            )));
+                        }
+                    }
+                }
+                pos = data_at + sizes.compressed as u64;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_header_is_read_and_garbage_is_refused_without_panicking() {
+        // type=0 (i32 via delta 1), uncompressed=100, compressed=50, stop.
+        let h = [0x15, 0x00, 0x15, 0xc8, 0x01, 0x15, 0x64, 0x00];
+        let s = page_header(&h).unwrap();
+        assert_eq!((s.uncompressed, s.compressed, s.header_len), (100, 50, 8));
+        assert!(page_header(&[0x15]).is_err());
+        assert!(page_header(&[0x1c; 64]).is_err());
+        assert!(page_header(&[0xff; 64]).is_err());
+    }
+}
