@@ -95,3 +95,61 @@ fn trigger_and_route_inputs_end_in_a_result_not_a_panic() {
         );
     }
 }
+
+/// Not coverage-guided: random byte mutations (flip, insert, delete, splice, truncate) of the
+/// export seed corpus through the mapper, for `MUTATE_SECONDS` (default 5). A stand-in where
+/// `make fuzz` cannot build; any panic is a finding (save the input to
+/// `fuzz/regressions/export_reader/`). `cargo test -p braze-sync --test fuzz_regressions --
+/// --ignored`.
+#[test]
+#[ignore]
+fn mutated_seeds_end_in_a_result_not_a_panic() {
+    let seeds = inputs("corpus/export_reader");
+    let secs: u64 = std::env::var("MUTATE_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut runs = 0u64;
+    while std::time::Instant::now() < end {
+        let (_, seed) = &seeds[(next() as usize) % seeds.len()];
+        let mut b = seed.clone();
+        for _ in 0..=(next() % 8) {
+            if b.len() < 2 {
+                break;
+            }
+            let i = 1 + (next() as usize) % (b.len() - 1);
+            match next() % 5 {
+                0 => b[i] ^= 1 << (next() % 8),
+                1 => b.insert(i, next() as u8),
+                2 => {
+                    b.remove(i);
+                }
+                3 => b.truncate(i),
+                _ => {
+                    let (_, other) = &seeds[(next() as usize) % seeds.len()];
+                    let j = (next() as usize) % other.len();
+                    b.splice(i..i, other[j..].iter().take(64).copied());
+                }
+            }
+        }
+        if next() % 4 == 0 {
+            b[0] = next() as u8;
+        }
+        let r = std::panic::catch_unwind(|| export(&b));
+        if r.is_err() {
+            let path = std::env::temp_dir().join(format!("export-reader-crash-{runs}"));
+            std::fs::write(&path, &b).unwrap();
+            panic!("panicked; input saved to {}", path.display());
+        }
+        runs += 1;
+    }
+    eprintln!("{runs} mutated inputs in {secs} s");
+}
