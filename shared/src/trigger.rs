@@ -1,8 +1,12 @@
 //! Turns a Lambda invocation payload into the S3 objects it names, for the three shapes that can
 //! start a function: a direct S3 notification, SQS messages wrapping one (or wrapping an
-//! EventBridge event), and an EventBridge "Object Created" event. Keys are URL-decoded here
-//! (`+` is a space, `%xx` a byte) so no caller ever sees an encoded key. `s3:TestEvent`
-//! notifications name no object and are acknowledged with an empty list.
+//! EventBridge event), and an EventBridge "Object Created" event. Keys are decoded here, per
+//! shape, so no caller ever sees an encoded key: S3 notifications (direct, or wrapped in SQS or
+//! SNS) carry form-encoded keys (`+` is a space, `%2B` a plus, `%xx` a byte, see
+//! [`decode_s3_key`]); EventBridge events do not use form encoding (a `+` is a literal plus;
+//! only `%xx` escapes are decoded, see [`decode_eventbridge_key`]). Each [`ObjectRef`] keeps the
+//! key as received beside the decoded one, so a missing object can be reported with both.
+//! `s3:TestEvent` notifications name no object and are acknowledged with an empty list.
 
 use aws_lambda_events::event::sqs::SqsEvent;
 use serde::Deserialize;
@@ -15,6 +19,8 @@ use crate::s3_uri::S3Uri;
 pub struct ObjectRef {
     /// Where the object is, key decoded.
     pub uri: S3Uri,
+    /// The key exactly as the event carried it (still encoded), for reports about the object.
+    pub key_received: String,
     /// Version id when the bucket is versioned.
     pub version_id: Option<String>,
     /// ETag as the notification gave it (quotes removed).
@@ -73,13 +79,37 @@ pub enum TriggerError {
     BadKey(String),
 }
 
-/// Decodes a key as S3 notifications encode it: `+` is a space and `%xx` a byte.
+/// Decodes a key as S3 notifications (direct, SQS- or SNS-wrapped) encode it, form encoding:
+/// `+` is a space, `%2B` a plus and `%xx` a byte.
 pub fn decode_s3_key(raw: &str) -> Result<String, TriggerError> {
     let plus_decoded = raw.replace('+', " ");
     percent_encoding::percent_decode_str(&plus_decoded)
         .decode_utf8()
         .map(|s| s.into_owned())
         .map_err(|_| TriggerError::BadKey(raw.to_string()))
+}
+
+/// Decodes a key as EventBridge "Object Created" events carry it: not form-encoded, so a `+`
+/// is a literal plus; only `%xx` escapes are decoded.
+pub fn decode_eventbridge_key(raw: &str) -> Result<String, TriggerError> {
+    percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| TriggerError::BadKey(raw.to_string()))
+}
+
+impl ObjectRef {
+    /// An object named directly (CLI, tests): the key as received is the decoded key.
+    pub fn named(uri: S3Uri, event_name: impl Into<String>) -> Self {
+        Self {
+            key_received: uri.key.clone(),
+            uri,
+            version_id: None,
+            etag: None,
+            size: None,
+            event_name: event_name.into(),
+        }
+    }
 }
 
 /// Reads any supported invocation payload.
@@ -167,6 +197,7 @@ fn parse_notification(value: &Value) -> Result<(TriggerShape, Vec<ObjectRef>), T
             }
             out.push(ObjectRef {
                 uri: S3Uri::new(r.s3.bucket.name, decode_s3_key(&r.s3.object.key)?),
+                key_received: r.s3.object.key,
                 version_id: r.s3.object.version_id.filter(|v| !v.is_empty()),
                 etag: r.s3.object.e_tag.map(|e| e.trim_matches('"').to_string()),
                 size: r.s3.object.size,
@@ -245,9 +276,13 @@ fn parse_eventbridge(value: &Value) -> Result<Vec<ObjectRef>, TriggerError> {
             shape: "EventBridge",
             reason: "no detail".into(),
         })?;
-    // EventBridge carries keys encoded the same way as S3 notifications.
+    // EventBridge does not form-encode keys: a `+` is a plus, only `%xx` is an escape.
     Ok(vec![ObjectRef {
-        uri: S3Uri::new(detail.bucket.name, decode_s3_key(&detail.object.key)?),
+        uri: S3Uri::new(
+            detail.bucket.name,
+            decode_eventbridge_key(&detail.object.key)?,
+        ),
+        key_received: detail.object.key,
         version_id: detail.object.version_id.filter(|v| !v.is_empty()),
         etag: detail.object.etag.map(|e| e.trim_matches('"').to_string()),
         size: detail.object.size,
@@ -268,6 +303,101 @@ mod tests {
                    "bucket": {"name": "exports", "arn": "arn:aws:s3:::exports"},
                    "object": {"key": key, "size": 12, "eTag": "\"abc\"", "sequencer": "01"}}
         }]})
+    }
+
+    /// A key with every character that encodings disagree on.
+    const HARD_KEY: &str = "amperity/customers/export+v2 2026-11-30 100%=é.csv";
+
+    /// Form encoding, as S3 notifications carry keys.
+    fn form_encode(key: &str) -> String {
+        crate::s3_uri::encode_key(key)
+            .replace("%20", "+")
+            .replace("%2F", "/")
+    }
+
+    /// EventBridge's encoding: not form encoding; `+` and `=` stay literal, other specials are
+    /// `%xx` escapes.
+    fn eventbridge_encode(key: &str) -> String {
+        crate::s3_uri::encode_key(key)
+            .replace("%2B", "+")
+            .replace("%3D", "=")
+    }
+
+    fn eventbridge_event(raw_key: &str) -> Value {
+        json!({
+            "version": "0", "id": "x", "detail-type": "Object Created", "source": "aws.s3",
+            "account": "1", "time": "2026-11-29T00:00:00Z", "region": "us-east-1",
+            "resources": ["arn:aws:s3:::exports"],
+            "detail": {"version": "0", "bucket": {"name": "exports"},
+                       "object": {"key": raw_key, "size": 3, "etag": "e"}, "reason": "PutObject"}
+        })
+    }
+
+    fn sqs_wrapping(body: &Value) -> Value {
+        json!({"Records": [{"messageId": "m1", "receiptHandle": "r", "body": body.to_string(),
+            "eventSource": "aws:sqs", "eventSourceARN": "arn:aws:sqs:us-east-1:1:q",
+            "awsRegion": "us-east-1", "attributes": {}, "messageAttributes": {}, "md5OfBody": ""}]})
+    }
+
+    fn only_object(inv: &Invocation) -> ObjectRef {
+        let objs = inv.items[0].objects.clone().unwrap();
+        assert_eq!(objs.len(), 1);
+        objs[0].clone()
+    }
+
+    #[test]
+    fn keys_are_decoded_per_shape_with_plus_space_percent_equals_and_non_ascii() {
+        let form = form_encode(HARD_KEY);
+        assert_eq!(
+            form,
+            "amperity/customers/export%2Bv2+2026-11-30+100%25%3D%C3%A9.csv"
+        );
+        let eb = eventbridge_encode(HARD_KEY);
+        assert_eq!(
+            eb,
+            "amperity/customers/export+v2%202026-11-30%20100%25=%C3%A9.csv"
+        );
+        let shapes = [
+            ("S3", s3_notification(&form), form.clone(), TriggerShape::S3),
+            (
+                "SQS(S3)",
+                sqs_wrapping(&s3_notification(&form)),
+                form.clone(),
+                TriggerShape::Sqs,
+            ),
+            (
+                "EventBridge",
+                eventbridge_event(&eb),
+                eb.clone(),
+                TriggerShape::EventBridge,
+            ),
+            (
+                "SQS(EventBridge)",
+                sqs_wrapping(&eventbridge_event(&eb)),
+                eb.clone(),
+                TriggerShape::Sqs,
+            ),
+        ];
+        for (name, payload, raw, shape) in shapes {
+            let inv = parse_invocation(&payload).unwrap();
+            assert_eq!(inv.shape, shape, "{name}");
+            let o = only_object(&inv);
+            assert_eq!(o.uri.key, HARD_KEY, "{name}");
+            assert_eq!(o.key_received, raw, "{name}");
+        }
+    }
+
+    #[test]
+    fn eventbridge_plus_is_a_literal_plus_but_s3_plus_is_a_space() {
+        let eb = parse_invocation(&eventbridge_event("a/export+v2.csv")).unwrap();
+        assert_eq!(only_object(&eb).uri.key, "a/export+v2.csv");
+        let s3 = parse_invocation(&s3_notification("a/export+v2.csv")).unwrap();
+        assert_eq!(only_object(&s3).uri.key, "a/export v2.csv");
+        assert_eq!(decode_eventbridge_key("a%2Bb+c%20d").unwrap(), "a+b+c d");
+        assert!(matches!(
+            decode_eventbridge_key("%FF"),
+            Err(TriggerError::BadKey(_))
+        ));
     }
 
     #[test]
@@ -325,6 +455,7 @@ mod tests {
         assert_eq!(inv.shape, TriggerShape::EventBridge);
         let o = &inv.items[0].objects.as_ref().unwrap()[0];
         assert_eq!(o.uri.key, "x/y z.csv");
+        assert_eq!(o.key_received, "x/y%20z.csv");
         assert_eq!(o.version_id.as_deref(), Some("v1"));
     }
 

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use tracing::{info, warn};
 
 use crate::ledger::{Claim, Ledger, LedgerStatus};
-use crate::report::RunStatus;
+use crate::report::{MissingObject, RunReport, RunStatus};
 
 /// Object metadata key that forces a full resend of an export (`x-amz-meta-bridge-force-full: true`).
 pub const FORCE_FULL_METADATA: &str = "bridge-force-full";
@@ -53,6 +53,9 @@ pub struct HandlerConfig {
     pub output_prefixes: Vec<String>,
     /// Prefix of state (ledger lives under `<state_prefix><route>/ledger/`).
     pub state_prefix: String,
+    /// Prefix of run reports (`<reports_prefix><route>/<run-id>.json`), where a notification
+    /// naming a missing object is reported.
+    pub reports_prefix: String,
     /// Routes, first match wins.
     pub routes: Vec<RouteBinding>,
     /// How long a claim holds before another invocation may take over, seconds; renewed every
@@ -300,17 +303,66 @@ impl Handler {
         flags: RunFlags,
         remaining_ms: Option<u64>,
     ) -> Result<Value, String> {
-        let obj = ObjectRef {
-            uri: uri.clone(),
-            version_id: None,
-            etag: None,
-            size: None,
-            event_name: "ObjectCreated:Cli".into(),
-        };
+        let obj = ObjectRef::named(uri.clone(), "ObjectCreated:Cli");
         match self.process_object(&obj, flags, remaining_ms).await {
             ObjectOutcome::Done(v) => Ok(v),
             ObjectOutcome::Retry(reason) => Err(reason),
         }
+    }
+
+    /// A notification named an object that does not exist (deleted since, or a key decoded
+    /// wrongly): never acknowledged silently. It is reported as `object_not_found` with the key
+    /// as received and as decoded, in a report object and a metric, then acknowledged, since
+    /// retrying cannot make a deleted object appear. Only a failure to write the report is
+    /// retried.
+    async fn object_not_found(&self, obj: &ObjectRef, route: &RouteBinding) -> ObjectOutcome {
+        let uri = &obj.uri;
+        let now = chrono::Utc::now();
+        let run_id = format!(
+            "{}-{:08x}",
+            now.format("%Y%m%dT%H%M%S%.3fZ"),
+            xxhash_rust::xxh3::xxh3_64(uri.to_string().as_bytes()) as u32
+        );
+        let mut report = RunReport::new(&run_id, &route.name);
+        report.status = RunStatus::ObjectNotFound;
+        report.sources = vec![uri.to_string()];
+        report.started_at = Some(now.to_rfc3339());
+        report.finished_at = Some(now.to_rfc3339());
+        report.object_not_found = Some(MissingObject {
+            object: uri.to_string(),
+            key_received: obj.key_received.clone(),
+            key_decoded: uri.key.clone(),
+            event_name: obj.event_name.clone(),
+        });
+        report.error = Some(format!(
+            "the notification names {uri} (key received as {:?}), which does not exist: it was \
+             deleted or renamed after the notification, or the key was encoded unexpectedly",
+            obj.key_received
+        ));
+        let report_uri = S3Uri::new(
+            &self.cfg.state_bucket,
+            format!("{}{}/{run_id}.json", self.cfg.reports_prefix, route.name),
+        );
+        warn!(
+            object = %uri,
+            key_received = %obj.key_received,
+            key_decoded = %uri.key,
+            route = %route.name,
+            report = %report_uri,
+            "Triggering object does not exist; reported as object_not_found."
+        );
+        report.emit_metrics();
+        match report.put(self.store.as_ref(), &report_uri).await {
+            Ok(()) => {}
+            Err(e) if e.is_retryable() => return ObjectOutcome::Retry(e.to_string()),
+            Err(e) => {
+                warn!(report = %report_uri, error = %e, "Could not write the object_not_found report.");
+            }
+        }
+        ObjectOutcome::Done(json!({
+            "object": uri.to_string(), "route": route.name, "outcome": "object_not_found",
+            "key_received": obj.key_received, "key_decoded": uri.key,
+            "report": report_uri.to_string()}))
     }
 
     async fn process_object(
@@ -330,12 +382,7 @@ impl Handler {
         // The object as it is now: ETag, metadata (force flag), last-modified.
         let head = match self.store.head(uri).await {
             Ok(Some(h)) => h,
-            Ok(None) => {
-                warn!(object = %uri, "Triggering object no longer exists; nothing to sync.");
-                return ObjectOutcome::Done(
-                    json!({"object": uri.to_string(), "ignored": "object no longer exists"}),
-                );
-            }
+            Ok(None) => return self.object_not_found(obj, &route).await,
             Err(e) if e.is_retryable() => return ObjectOutcome::Retry(e.to_string()),
             Err(e) => {
                 return ObjectOutcome::Done(
@@ -458,6 +505,7 @@ mod tests {
             state_bucket: "state".into(),
             output_prefixes: vec!["bridge/".into()],
             state_prefix: "bridge/state/".into(),
+            reports_prefix: "bridge/reports/".into(),
             routes: vec![
                 RouteBinding {
                     name: "customers".into(),

@@ -171,6 +171,7 @@ async fn handler(app: &App) -> anyhow::Result<Handler> {
         state_bucket: cfg.state_bucket.clone(),
         output_prefixes: cfg.output_prefixes(),
         state_prefix: cfg.state_prefix.clone(),
+        reports_prefix: cfg.reports_prefix.clone(),
         routes: routes.iter().map(Route::binding).collect(),
         lease_s,
     };

@@ -36,6 +36,22 @@ pub enum RunStatus {
     DeparturesHeld,
     /// `--dry-run`: nothing was sent.
     DryRun,
+    /// The notification named an object that does not exist (see `object_not_found`).
+    ObjectNotFound,
+}
+
+/// The object a notification named but S3 does not have.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct MissingObject {
+    /// `s3://bucket/key`, key decoded.
+    pub object: String,
+    /// The key exactly as the notification carried it (still encoded).
+    pub key_received: String,
+    /// The key after decoding it for the notification's shape.
+    pub key_decoded: String,
+    /// The event name (`ObjectCreated:Put`, `Object Created`, ...).
+    pub event_name: String,
 }
 
 /// Retries by cause, as reported (the same shape as the sender's counters).
@@ -108,6 +124,8 @@ pub struct RunReport {
     pub departures_held: u64,
     /// Per audience: members before, leaving, share, cap, sent, held and why.
     pub departures: Vec<AudienceDepartures>,
+    /// Set when `status` is `object_not_found`: the key as received and as decoded.
+    pub object_not_found: Option<MissingObject>,
 }
 
 impl RunReport {
@@ -197,6 +215,10 @@ impl RunReport {
             ("rows_without_identifier", c(self.rows_without_identifier)),
             ("departures_sent", c(self.departures_sent)),
             ("departures_held", c(self.departures_held)),
+            (
+                "object_not_found",
+                c(u64::from(self.status == RunStatus::ObjectNotFound)),
+            ),
         ]
     }
 
@@ -354,6 +376,27 @@ mod tests {
             alarm["_aws"]["CloudWatchMetrics"][0]["Dimensions"],
             json!([[]])
         );
+    }
+
+    #[test]
+    fn a_missing_object_is_its_own_status_and_metric() {
+        let mut r = RunReport::new("run-2", "customers");
+        assert_eq!(
+            serde_json::from_str::<Value>(&r.emf_line(1)).unwrap()["object_not_found"],
+            0.0
+        );
+        r.status = RunStatus::ObjectNotFound;
+        r.object_not_found = Some(MissingObject {
+            object: "s3://b/a/x+y.csv".into(),
+            key_received: "a/x+y.csv".into(),
+            key_decoded: "a/x+y.csv".into(),
+            event_name: "Object Created".into(),
+        });
+        let v: Value = serde_json::from_slice(&r.to_json()).unwrap();
+        assert_eq!(v["status"], "object_not_found");
+        assert_eq!(v["object_not_found"]["key_received"], "a/x+y.csv");
+        let line: Value = serde_json::from_str(&r.emf_line(1)).unwrap();
+        assert_eq!(line["object_not_found"], 1.0);
     }
 
     #[tokio::test]

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
+use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -56,6 +57,7 @@ fn cfg() -> HandlerConfig {
         state_bucket: "acme-state".into(),
         output_prefixes: vec!["bridge/".into()],
         state_prefix: "bridge/state/".into(),
+        reports_prefix: "bridge/reports/".into(),
         routes: vec![
             RouteBinding {
                 name: "customers".into(),
@@ -320,4 +322,64 @@ async fn uploads_into_the_state_prefix_and_test_events_start_nothing() {
     .await
     .unwrap();
     assert!(rec.runs.lock().unwrap().is_empty());
+}
+
+fn eventbridge(bucket: &str, raw_key: &str) -> Value {
+    json!({"version": "0", "id": "1", "detail-type": "Object Created", "source": "aws.s3",
+        "account": "1", "time": "t", "region": "us-east-1", "resources": [],
+        "detail": {"bucket": {"name": bucket}, "object": {"key": raw_key, "etag": "e1"}}})
+}
+
+#[tokio::test]
+async fn eventbridge_key_with_a_plus_is_the_object_with_a_plus() {
+    let (store, rec, h) = setup();
+    put(&store, "exp", "amperity/customers/export+v2 2026-11-30.csv", "x", &[]).await;
+    let out = h
+        .handle(
+            &eventbridge("exp", "amperity/customers/export+v2%202026-11-30.csv"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out["results"][0]["outcome"], "synced", "{out}");
+    assert_eq!(
+        rec.runs.lock().unwrap()[0].trigger.key,
+        "amperity/customers/export+v2 2026-11-30.csv"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_object_is_reported_as_object_not_found_and_acknowledged() {
+    let (store, rec, h) = setup();
+    // Through SQS (the deployed path for EventBridge rules): acknowledged, not retried.
+    let raw = "amperity/customers/gone+v2%20%C3%A9.csv";
+    let out = h
+        .handle(&sqs(&[("m1", eventbridge("exp", raw).to_string())]), None)
+        .await
+        .unwrap();
+    assert_eq!(out["batchItemFailures"], json!([]), "{out}");
+    let result = &out["results"][0];
+    assert_eq!(result["outcome"], "object_not_found", "{out}");
+    assert_eq!(result["key_received"], raw);
+    assert_eq!(result["key_decoded"], "amperity/customers/gone+v2 é.csv");
+    assert!(rec.runs.lock().unwrap().is_empty(), "nothing runs");
+    // The report object says so, with both keys.
+    let report = S3Uri::from_str(result["report"].as_str().unwrap()).unwrap();
+    assert_eq!(report.bucket, "acme-state");
+    assert!(report.key.starts_with("bridge/reports/customers/"), "{report}");
+    let (_, body) = store.get(&report).await.unwrap();
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["status"], "object_not_found");
+    assert_eq!(v["object_not_found"]["key_received"], raw);
+    assert_eq!(
+        v["object_not_found"]["key_decoded"],
+        "amperity/customers/gone+v2 é.csv"
+    );
+    assert_eq!(
+        v["object_not_found"]["object"],
+        "s3://exp/amperity/customers/gone+v2 é.csv"
+    );
+    // A direct invocation is acknowledged too (Lambda does not retry it forever).
+    let out = h.handle(&eventbridge("exp", raw), None).await.unwrap();
+    assert_eq!(out["results"][0]["outcome"], "object_not_found");
 }

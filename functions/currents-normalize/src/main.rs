@@ -248,13 +248,7 @@ async fn main() -> ExitCode {
             let out_bucket = cfg.output_bucket(&uri.bucket).to_string();
             let store = Arc::new(S3Store::from_env().await);
             let handler = Handler::new(cfg, store, registry);
-            let obj = ObjectRef {
-                uri,
-                version_id: None,
-                etag: None,
-                size: None,
-                event_name: "cli".into(),
-            };
+            let obj = ObjectRef::named(uri, "cli");
             let started = chrono::Utc::now();
             let result = handler.process(&obj, dry_run).await;
             finish(&handler, &out_bucket, started, result, dry_run).await

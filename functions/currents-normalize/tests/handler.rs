@@ -413,13 +413,7 @@ async fn dry_run_writes_nothing_not_even_quarantine() {
     .await;
     put(store.as_ref(), &junk, b"junk".to_vec()).await;
     let h = handler(store.clone());
-    let obj = |k: &str| bridge_shared::ObjectRef {
-        uri: S3Uri::new(BUCKET, k),
-        version_id: None,
-        etag: None,
-        size: None,
-        event_name: "cli".into(),
-    };
+    let obj = |k: &str| bridge_shared::ObjectRef::named(S3Uri::new(BUCKET, k), "cli");
     let r = h.process(&obj(&good), true).await;
     assert_eq!(r.outcome, currents_normalize::report::Outcome::DryRun);
     assert!(
