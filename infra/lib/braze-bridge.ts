@@ -141,7 +141,9 @@ export const BRAZE_BRIDGE_PARAMETER_PROPS = [
 export const FUNCTION_SIZING = {
   // Sized from `make bench`: see README. I/O bound; memory holds the route's snapshot
   // (~100 bytes per user). 900 s is Lambda's maximum: a run checkpoints and hands over before it.
-  brazeSync: { memorySize: 1024, timeoutSeconds: 900 },
+  // /tmp holds spilled zip archives and Parquet parts (measured: ~0.6 GB at once for the
+  // 10M-user target); see template.yaml.
+  brazeSync: { memorySize: 1024, timeoutSeconds: 900, ephemeralStorageMiB: 2048 },
   // Sized from `make bench`: see README. One Avro file (<= ~100k events) decoded at a time.
   currentsNormalize: { memorySize: 1024, timeoutSeconds: 300 },
   // Sized from `make bench`: see README. A table-day's parts are copied to /tmp (4096 MiB) and
@@ -759,6 +761,19 @@ export class BrazeBridge extends Construct {
         `${name} invocations were throttled (account concurrency exhausted).`,
         fn.metricThrottles({ period, statistic: cloudwatch.Stats.SUM }),
       );
+      if (prefix === 'BrazeSync') {
+        alarm(
+          'BrazeSyncApiKeyRefusedAlarm',
+          'API key refused: Braze answered 401/403 to braze-sync even after it read the key again from its secret. ' +
+            'Exports wait (retryable, not lost); fix the secret, then redrive the dead-letter queue or re-copy the exports.',
+          new cloudwatch.Metric({
+            namespace: 'AmperityBrazeBridge/BrazeSync',
+            metricName: 'api_key_refused',
+            period,
+            statistic: cloudwatch.Stats.SUM,
+          }),
+        );
+      }
       alarm(
         `${prefix}DeadLetterAlarm`,
         `Objects ${name} gave up on are waiting in its dead-letter queue; fix the cause, then redrive them.`,

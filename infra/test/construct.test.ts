@@ -417,7 +417,7 @@ describe('least-privilege IAM', () => {
 describe('alarms', () => {
   test('errors, throttles and DLQ depth alarm per function, notifying a created topic', () => {
     const template = synth();
-    template.resourceCountIs('AWS::CloudWatch::Alarm', 8);
+    template.resourceCountIs('AWS::CloudWatch::Alarm', 9);
     template.resourceCountIs('AWS::SNS::Topic', 1);
     const topic = { Ref: logicalId(template, 'AlarmTopic') };
     for (const fn of ['BrazeSync', 'CurrentsNormalize']) {
@@ -449,13 +449,30 @@ describe('alarms', () => {
       AlarmActions: [topic],
       OKActions: [topic],
     });
+    // "API key refused": braze-sync's own metric, across routes.
+    template.hasResourceProperties('AWS::CloudWatch::Alarm', {
+      Namespace: 'AmperityBrazeBridge/BrazeSync',
+      MetricName: 'api_key_refused',
+      Statistic: 'Sum',
+      Threshold: 0,
+      ComparisonOperator: 'GreaterThanThreshold',
+      AlarmDescription: Match.stringLikeRegexp('^API key refused'),
+      AlarmActions: [topic],
+    });
+  });
+
+  test('braze-sync has ephemeral storage for its spills', () => {
+    synth().hasResourceProperties('AWS::Lambda::Function', {
+      Description: Match.stringLikeRegexp('Braze /users/track'),
+      EphemeralStorage: { Size: 2048 },
+    });
   });
 
   test('a given topic is used instead of creating one', () => {
     const arn = 'arn:aws:sns:us-east-1:123456789012:ops';
     const template = synth({ alarmTopicArn: arn });
     template.resourceCountIs('AWS::SNS::Topic', 0);
-    template.resourcePropertiesCountIs('AWS::CloudWatch::Alarm', { AlarmActions: [arn], OKActions: [arn] }, 8);
+    template.resourcePropertiesCountIs('AWS::CloudWatch::Alarm', { AlarmActions: [arn], OKActions: [arn] }, 9);
   });
 });
 

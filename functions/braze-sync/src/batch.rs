@@ -129,6 +129,22 @@ impl Batch {
         self.entries.into_iter().map(|e| e.delta).collect()
     }
 
+    /// Takes out the objects whose `out[i]` is true: returns the rest as a new batch (`None`
+    /// when nothing is left) and the taken deltas, both in request order. Used after a 400
+    /// that named its offending objects, so the valid ones can be sent again on their own.
+    pub fn take_out(self, out: &[bool]) -> (Option<Batch>, Vec<UserDelta>) {
+        let mut kept = Vec::with_capacity(self.entries.len());
+        let mut taken = Vec::new();
+        for (i, e) in self.entries.into_iter().enumerate() {
+            if out.get(i).copied().unwrap_or(false) {
+                taken.push(e.delta);
+            } else {
+                kept.push(e);
+            }
+        }
+        ((!kept.is_empty()).then(|| Batch::seal(kept)), taken)
+    }
+
     /// Splits into two halves (for a 413). `None` for a batch of one object, which cannot be
     /// made smaller.
     pub fn split(self) -> Option<(Batch, Batch)> {
@@ -347,6 +363,25 @@ mod tests {
         assert_eq!(v["attributes"].as_array().unwrap().len(), 38);
         let single = pack(BatchLimits::default(), [delta(0, 1)]);
         assert!(single.into_iter().next().unwrap().split().is_none());
+    }
+
+    #[test]
+    fn take_out_keeps_the_rest_as_a_batch_in_order() {
+        let batch = pack(BatchLimits::default(), (0..4).map(|i| delta(i, 1)))
+            .into_iter()
+            .next()
+            .unwrap();
+        let (rest, taken) = batch.take_out(&[false, true, false, true]);
+        let rest = rest.unwrap();
+        assert_eq!(rest.len(), 2);
+        assert_eq!(rest.delta_at(1).unwrap().pos.row, 3);
+        let v: Value = serde_json::from_slice(&rest.body()).unwrap();
+        assert_eq!(v["attributes"].as_array().unwrap().len(), 2);
+        assert_eq!(taken.iter().map(|d| d.pos.row).collect::<Vec<_>>(), [2, 4]);
+        let one = pack(BatchLimits::default(), [delta(0, 1)]);
+        let (rest, taken) = one.into_iter().next().unwrap().take_out(&[true]);
+        assert!(rest.is_none());
+        assert_eq!(taken.len(), 1);
     }
 
     #[test]

@@ -89,7 +89,14 @@ pub const VARIABLES: &[&str] = &[
     "BRAZE_MAX_OBJECTS_PER_REQUEST",
     "CONTINUATION_QUEUE_URL",
     "BRIDGE_EPHEMERAL_STORAGE_MB",
+    INSECURE_PLAIN_KEY_SWITCH,
 ];
+
+/// Lets a plain `BRAZE_API_KEY` through while running under a Lambda runtime: only the local
+/// stack (tests, demo) sets it, since it runs the real binary under the Lambda emulator. Named
+/// so nobody sets it in production by accident: a deployed function must take its key from
+/// Secrets Manager or SSM. Exactly `1` turns it on.
+pub const INSECURE_PLAIN_KEY_SWITCH: &str = "BRIDGE_INSECURE_PLAIN_API_KEY_FOR_LOCAL_TESTING";
 
 fn prefix(v: String) -> String {
     if v.is_empty() || v.ends_with('/') {
@@ -100,18 +107,17 @@ fn prefix(v: String) -> String {
 }
 
 impl Config {
-    /// Reads the process environment. `is_lambda` refuses a plain `BRAZE_API_KEY`.
+    /// Reads the process environment. Under Lambda a plain `BRAZE_API_KEY` is refused.
     pub fn from_env() -> Result<Config, ConfigError> {
         Self::from_lookup(
             |k| std::env::var(k).ok().filter(|v| !v.is_empty()),
-            // The local stack (tests, demo) runs the function under the Lambda emulator and
-            // says so with BRIDGE_LOCAL_STACK=1; only there may a plain key be used.
-            bridge_shared::runtime::is_lambda()
-                && std::env::var("BRIDGE_LOCAL_STACK").as_deref() != Ok("1"),
+            bridge_shared::runtime::is_lambda(),
         )
     }
 
-    /// Reads variables through `get` (testable).
+    /// Reads variables through `get` (testable). `is_lambda` refuses a plain `BRAZE_API_KEY`
+    /// unless [`INSECURE_PLAIN_KEY_SWITCH`] is `1` (the local stack runs the function under
+    /// the Lambda emulator and says so with it).
     pub fn from_lookup(
         get: impl Fn(&str) -> Option<String>,
         is_lambda: bool,
@@ -152,7 +158,7 @@ impl Config {
         } else if let Some(p) = get("BRAZE_API_KEY_PARAMETER") {
             ApiKeySource::Ssm(p)
         } else if let Some(k) = get("BRAZE_API_KEY") {
-            if is_lambda {
+            if is_lambda && get(INSECURE_PLAIN_KEY_SWITCH).as_deref() != Some("1") {
                 return Err(ConfigError::Invalid(
                     "BRAZE_API_KEY".into(),
                     "(a plain key is for local runs only; use BRAZE_API_KEY_SECRET_ARN or BRAZE_API_KEY_PARAMETER)".into(),
@@ -364,6 +370,30 @@ mod tests {
             "the key is never shown"
         );
         assert!(Config::from_lookup(env(&base), false).is_ok());
+    }
+
+    #[test]
+    fn only_the_long_insecure_switch_lets_a_plain_key_through_under_lambda() {
+        let base = [
+            ("STATE_BUCKET", "s"),
+            ("BRAZE_INSTANCE", "US-03"),
+            ("BRAZE_API_KEY", "abcdef0123456789abcdef0123456789"),
+        ];
+        // The old, easily set name no longer does it.
+        let mut old = base.to_vec();
+        old.push(("BRIDGE_LOCAL_STACK", "1"));
+        assert!(Config::from_lookup(env(&old), true).is_err());
+        let mut on = base.to_vec();
+        on.push((INSECURE_PLAIN_KEY_SWITCH, "true"));
+        assert!(
+            Config::from_lookup(env(&on), true).is_err(),
+            "only exactly 1 turns it on"
+        );
+        on.pop();
+        on.push((INSECURE_PLAIN_KEY_SWITCH, "1"));
+        assert!(Config::from_lookup(env(&on), true).is_ok());
+        assert!(INSECURE_PLAIN_KEY_SWITCH.contains("INSECURE"));
+        assert!(VARIABLES.contains(&INSECURE_PLAIN_KEY_SWITCH));
     }
 
     #[test]

@@ -2,8 +2,12 @@
 //! [batches](crate::batch), and keeps many requests in flight under one
 //! [rate limiter](crate::rate_limit). Each failed batch is retried alone
 //! ([policy](crate::retry)) while the others keep flowing; a 413 splits a batch; a 2xx with
-//! `errors[]` confirms all but the listed objects. 401/403 stop the run at once. A deadline stops
-//! new sends and lets the requests in flight finish.
+//! `errors[]` confirms all but the listed objects, unless an entry names no object of the
+//! request (no `index`), or the 2xx body is not Braze's JSON: then none of its users is
+//! confirmed (they come back `Unsent` and are counted as unconfirmed). A whole-request 400 is
+//! narrowed down: the objects it names go to rejects and the rest is sent again; when it names
+//! none, the batch is bisected until each offending object is alone. 401/403 stop the run at
+//! once. A deadline stops new sends and lets the requests in flight finish.
 //!
 //! Every delta received comes back on the outcomes channel exactly once, as
 //! [`DeliveryOutcome::Confirmed`], [`DeliveryOutcome::Rejected`] or [`DeliveryOutcome::Unsent`].
@@ -103,6 +107,9 @@ pub struct RetriesByCause {
     pub connection: u64,
     /// Batches split in two after a 413.
     pub split_413: u64,
+    /// Batches split (bisected) or resent without their named objects after a whole-request
+    /// 400, to isolate the objects Braze refused.
+    pub bisect_400: u64,
 }
 
 impl RetriesByCause {
@@ -118,6 +125,7 @@ impl RetriesByCause {
     /// All retries (splits included).
     pub fn total(&self) -> u64 {
         self.http_429 + self.http_5xx + self.timeout + self.connection + self.split_413
+            + self.bisect_400
     }
 }
 
@@ -150,6 +158,12 @@ pub struct DeliveryStats {
     pub braze_rejected: u64,
     /// Deltas not sent or not known to be applied.
     pub users_unsent: u64,
+    /// Deltas Braze answered for without confirming them (an `errors[]` entry without an
+    /// index, or a 2xx whose body is not Braze's JSON): reported `Unsent`, never committed, and
+    /// sent again by the next run. Not counted in `users_unsent`.
+    pub users_unconfirmed: u64,
+    /// Requests whose answer confirmed nothing (see `users_unconfirmed`).
+    pub unconfirmed_requests: u64,
     /// HTTP requests made (retries included).
     pub requests: u64,
     /// Retries by cause.
@@ -234,6 +248,8 @@ enum BatchResult {
     },
     /// 413.
     TooLarge,
+    /// A 2xx that confirms nothing (its body is not Braze's JSON).
+    Unconfirmed { reason: String },
     /// 401/403.
     Fatal { status: u16, message: String },
     /// Not sent (stopped, deadline) or retries exhausted (`gave_up`).
@@ -373,6 +389,12 @@ impl<A: BrazeApi + ?Sized> Shared<'_, A> {
                     done.result = BatchResult::TooLarge;
                     return done;
                 }
+                e @ TrackError::Unconfirmed { .. } => {
+                    done.result = BatchResult::Unconfirmed {
+                        reason: e.to_string(),
+                    };
+                    return done;
+                }
                 TrackError::Rejected {
                     status,
                     message,
@@ -458,6 +480,17 @@ impl Run {
             DeliveryOutcome::Rejected { .. } => self.stats.braze_rejected += 1,
             DeliveryOutcome::Unsent(_) => self.stats.users_unsent += 1,
         }
+        self.hand_back(outcome).await;
+    }
+
+    /// A delta Braze answered for without confirming it: back as `Unsent` (never committed),
+    /// counted apart from the deltas that were not sent.
+    async fn unconfirmed(&mut self, delta: UserDelta) {
+        self.stats.users_unconfirmed += 1;
+        self.hand_back(DeliveryOutcome::Unsent(delta)).await;
+    }
+
+    async fn hand_back(&mut self, outcome: DeliveryOutcome) {
         if self.outcomes_closed {
             return;
         }
@@ -714,22 +747,75 @@ async fn handle_done(
     }
     match done.result {
         BatchResult::Accepted(errors) => {
-            let reasons = reasons_by_index(&done.batch, &errors, &mut run.stats.unmapped_errors);
+            let mut unmapped_any = 0;
+            let (reasons, unmapped) = reasons_by_index(&done.batch, &errors, &mut unmapped_any);
+            run.stats.unmapped_errors += unmapped_any;
             if !errors.is_empty() {
                 run.stats.partial_failures += 1;
                 warn!(
                     batch = done.id,
                     objects = done.batch.len(),
                     refused = reasons.iter().filter(|r| r.is_some()).count(),
+                    unmapped,
                     "Braze accepted a batch but refused some of its objects."
                 );
             }
+            if unmapped > 0 {
+                // An error we cannot attribute could be about any object: confirm none.
+                run.stats.unconfirmed_requests += 1;
+                warn!(
+                    batch = done.id,
+                    unmapped,
+                    "Braze listed errors[] entries that name no object of the request; none of its users is confirmed."
+                );
+            }
             for (delta, reason) in done.batch.into_deltas().into_iter().zip(reasons) {
-                let outcome = match reason {
-                    None => DeliveryOutcome::Confirmed(delta),
-                    Some(reason) => DeliveryOutcome::Rejected { delta, reason },
-                };
-                run.emit(outcome).await;
+                match reason {
+                    Some(reason) => run.emit(DeliveryOutcome::Rejected { delta, reason }).await,
+                    None if unmapped > 0 => run.unconfirmed(delta).await,
+                    None => run.emit(DeliveryOutcome::Confirmed(delta)).await,
+                }
+            }
+        }
+        BatchResult::Unconfirmed { reason } => {
+            run.stats.unconfirmed_requests += 1;
+            warn!(batch = done.id, objects = done.batch.len(), reason = %reason, "Braze's answer confirms nothing; the batch's users stay unconfirmed.");
+            for delta in done.batch.into_deltas() {
+                run.unconfirmed(delta).await;
+            }
+        }
+        BatchResult::Rejected { status: 400, .. }
+            if done.batch.len() > 1 && run.stopping.is_some() =>
+        {
+            run.unsent(done.batch.into_deltas()).await;
+        }
+        BatchResult::Rejected {
+            status: 400,
+            message,
+            errors,
+        } if done.batch.len() > 1 => {
+            // A whole-request 400 applied nothing. Narrow it down to the offending objects.
+            let mut unmapped = 0;
+            let (own, _) = reasons_by_index(&done.batch, &errors, &mut unmapped);
+            run.stats.retries_by_cause.bisect_400 += 1;
+            if own.iter().any(Option::is_some) {
+                let out: Vec<bool> = own.iter().map(Option::is_some).collect();
+                let (rest, taken) = done.batch.take_out(&out);
+                warn!(batch = done.id, status = 400, braze_message = %message, refused = taken.len(),
+                      "Braze refused a request naming some of its objects; those go to rejects, the rest is sent again.");
+                for (delta, o) in taken.into_iter().zip(own.into_iter().flatten()) {
+                    let reason =
+                        format!("Braze refused the request (HTTP 400: {message}); this object: {o}");
+                    run.emit(DeliveryOutcome::Rejected { delta, reason }).await;
+                }
+                if let Some(rest) = rest {
+                    ready.push_front((rest, false));
+                }
+            } else if let Some((a, b)) = done.batch.split() {
+                debug!(batch = done.id, objects = a.len() + b.len(), braze_message = %message,
+                       "Braze refused a whole request without naming an object; bisecting it.");
+                ready.push_front((b, false));
+                ready.push_front((a, false));
             }
         }
         BatchResult::Rejected {
@@ -737,9 +823,9 @@ async fn handle_done(
             message,
             errors,
         } => {
-            warn!(batch = done.id, status, message = %message, "Braze refused a batch; its users go to rejects.");
+            warn!(batch = done.id, status, braze_message = %message, "Braze refused a batch; its users go to rejects.");
             let mut unmapped = 0;
-            let own = reasons_by_index(&done.batch, &errors, &mut unmapped);
+            let (own, _) = reasons_by_index(&done.batch, &errors, &mut unmapped);
             for (delta, own) in done.batch.into_deltas().into_iter().zip(own) {
                 let reason = match own {
                     Some(o) => format!(
@@ -779,7 +865,7 @@ async fn handle_done(
             }
         }
         BatchResult::Fatal { status, message } => {
-            error!(status, message = %message, "Braze refused the API key; stopping the run.");
+            error!(status, reason = %message, "Braze refused the API key; stopping the run.");
             if run.fatal.is_none() {
                 run.fatal = Some((status, message));
             }
@@ -802,16 +888,21 @@ async fn handle_done(
 }
 
 /// Braze's message for each object of the batch that `errors[]` names (attributes only).
+/// Entries that name no object of the batch are counted in `unmapped`; those that could be
+/// about any of its attribute objects (no index, or an attributes index past the batch) also
+/// in the returned `unattributable` count, which leaves the whole request unconfirmed.
 fn reasons_by_index(
     batch: &Batch,
     errors: &[ItemError],
     unmapped: &mut u64,
-) -> Vec<Option<String>> {
+) -> (Vec<Option<String>>, u64) {
     let mut reasons: Vec<Option<String>> = vec![None; batch.len()];
+    let mut unattributable = 0;
     for e in errors {
         let is_attributes = e.input_array.as_deref().is_none_or(|a| a == "attributes");
         match e.index {
-            Some(i) if is_attributes && i < reasons.len() => {
+            Some(_) if !is_attributes => *unmapped += 1,
+            Some(i) if i < reasons.len() => {
                 let slot = &mut reasons[i];
                 match slot {
                     Some(existing) => {
@@ -821,8 +912,11 @@ fn reasons_by_index(
                     None => *slot = Some(e.message.clone()),
                 }
             }
-            _ => *unmapped += 1,
+            _ => {
+                *unmapped += 1;
+                unattributable += 1;
+            }
         }
     }
-    reasons
+    (reasons, unattributable)
 }

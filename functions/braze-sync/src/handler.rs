@@ -121,12 +121,22 @@ pub enum RunError {
     /// Trying again later can succeed (throttling, 5xx, lost race, deadline hand-over).
     #[error("{0}")]
     Retryable(String),
-    /// It will fail the same way again (unreadable file, bad config, refused key).
+    /// It will fail the same way again (unreadable file, bad config).
     #[error("{message}")]
     Permanent {
         /// What failed, with where.
         message: String,
         /// The report written for it, if any.
+        report: Option<String>,
+    },
+    /// Braze refused the API key (401/403), even after it was read again from its store. The
+    /// export stays retryable: its ledger entry is not final, and the notification is retried,
+    /// so a redelivered or re-copied notification syncs once the key is fixed.
+    #[error("{message}")]
+    KeyRefused {
+        /// What Braze said and what to check (never the key).
+        message: String,
+        /// The report written for it.
         report: Option<String>,
     },
 }
@@ -470,6 +480,14 @@ impl Handler {
             Err(RunError::Retryable(reason)) => {
                 warn!(object = %uri, error = %reason, "Export sync failed; it will be retried.");
                 (LedgerStatus::Incomplete, None, ObjectOutcome::Retry(reason))
+            }
+            Err(RunError::KeyRefused { message, report }) => {
+                warn!(object = %uri, error = %message, "Braze refused the API key; the export stays retryable.");
+                (
+                    LedgerStatus::FailedRetryable,
+                    report,
+                    ObjectOutcome::Retry(message),
+                )
             }
             Err(RunError::Permanent { message, report }) => {
                 warn!(object = %uri, error = %message, "Export sync failed permanently; see the report.");

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use braze_sync::braze::{ApiKeyCache, BrazeApi, BrazeClient, ClientOptions};
+use braze_sync::braze::{ApiKeyCache, BrazeApi, BrazeClient, ClientOptions, SourceReread};
 use braze_sync::config::{Config, RoutesLocation, load_routes, load_routes_dir};
 use braze_sync::handler::{Handler, HandlerConfig, RunFlags};
 use braze_sync::route::Route;
@@ -129,11 +129,16 @@ async fn handler(app: &App) -> anyhow::Result<Handler> {
         .get(&app.aws)
         .await
         .context("resolving the Braze API key")?;
-    let client: Arc<dyn BrazeApi> = Arc::new(BrazeClient::new(
-        cfg.braze_endpoint.clone(),
-        key,
-        &ClientOptions::default(),
-    )?);
+    // On a 401/403 the key is read again from its store (a rotated or fixed key is picked up
+    // by this warm container) and the refused request retried once.
+    let reread = Arc::new(SourceReread {
+        source: cfg.api_key.clone(),
+        aws: app.aws.clone(),
+    });
+    let client: Arc<dyn BrazeApi> = Arc::new(
+        BrazeClient::new(cfg.braze_endpoint.clone(), key, &ClientOptions::default())?
+            .with_key_reread(reread),
+    );
     let mut settings = RunnerSettings::new(
         &cfg.state_bucket,
         &cfg.state_prefix,

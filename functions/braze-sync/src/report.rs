@@ -91,6 +91,14 @@ pub struct RunReport {
     pub braze_rejected: u64,
     /// Users not sent or not confirmed (deadline, outage); sent again by the next run.
     pub users_unsent: u64,
+    /// Users Braze answered for without confirming them (an `errors[]` entry without an index,
+    /// or a 2xx that is not Braze's JSON): not committed, sent again by the next run; the run
+    /// is not `complete`.
+    pub users_unconfirmed: u64,
+    /// Requests whose answer confirmed nothing.
+    pub unconfirmed_requests: u64,
+    /// Braze refused the API key (401/403) even after it was read again from its source.
+    pub api_key_refused: bool,
     /// Retries by cause.
     pub retries_by_cause: Retries,
     /// 429 answers.
@@ -145,6 +153,8 @@ impl RunReport {
         self.users_confirmed = d.users_confirmed;
         self.braze_rejected = d.braze_rejected;
         self.users_unsent = d.users_unsent;
+        self.users_unconfirmed = d.users_unconfirmed;
+        self.unconfirmed_requests = d.unconfirmed_requests;
         self.retries_by_cause = d.retries_by_cause.clone();
         self.http_429 = d.http_429;
         self.requests = d.requests;
@@ -155,6 +165,12 @@ impl RunReport {
             self.notes.push(format!(
                 "{} Braze errors[] entries named no attribute object of their request",
                 d.unmapped_errors
+            ));
+        }
+        if d.users_unconfirmed > 0 {
+            self.notes.push(format!(
+                "{} users in {} requests were not confirmed by Braze (errors[] without an index, or a 2xx that is not Braze's JSON); they are not committed and are sent again by the next run",
+                d.users_unconfirmed, d.unconfirmed_requests
             ));
         }
         if d.batches_given_up > 0 {
@@ -193,12 +209,14 @@ impl RunReport {
             ("users_confirmed", c(self.users_confirmed)),
             ("braze_rejected", c(self.braze_rejected)),
             ("users_unsent", c(self.users_unsent)),
+            ("users_unconfirmed", c(self.users_unconfirmed)),
             ("retries", c(r.total())),
             ("retries_http_429", c(r.http_429)),
             ("retries_http_5xx", c(r.http_5xx)),
             ("retries_timeout", c(r.timeout)),
             ("retries_connection", c(r.connection)),
             ("retries_split_413", c(r.split_413)),
+            ("retries_bisect_400", c(r.bisect_400)),
             ("http_429", c(self.http_429)),
             ("requests", c(self.requests)),
             ("duration_s", Metric::Seconds(self.duration_s)),
@@ -219,6 +237,7 @@ impl RunReport {
                 "object_not_found",
                 c(u64::from(self.status == RunStatus::ObjectNotFound)),
             ),
+            ("api_key_refused", c(u64::from(self.api_key_refused))),
         ]
     }
 
@@ -234,10 +253,18 @@ impl RunReport {
 
     /// The metrics alarms watch, without dimensions so one alarm covers every route.
     pub fn alarm_metrics(&self) -> Vec<(&'static str, Metric)> {
-        vec![(
-            "departures_held",
-            Metric::Count(self.departures_held as f64),
-        )]
+        let c = |v: bool| Metric::Count(u64::from(v) as f64);
+        vec![
+            (
+                "departures_held",
+                Metric::Count(self.departures_held as f64),
+            ),
+            ("api_key_refused", c(self.api_key_refused)),
+            (
+                "object_not_found",
+                c(self.status == RunStatus::ObjectNotFound),
+            ),
+        ]
     }
 
     /// Copies the planning's departure figures into the report.
@@ -397,6 +424,19 @@ mod tests {
         assert_eq!(v["object_not_found"]["key_received"], "a/x+y.csv");
         let line: Value = serde_json::from_str(&r.emf_line(1)).unwrap();
         assert_eq!(line["object_not_found"], 1.0);
+        let alarm: Value = serde_json::from_str(&emf_line(
+            METRICS_NAMESPACE,
+            &[],
+            &r.alarm_metrics(),
+            1,
+        ))
+        .unwrap();
+        assert_eq!(alarm["object_not_found"], 1.0);
+        assert_eq!(alarm["api_key_refused"], 0.0);
+        assert_eq!(
+            alarm["_aws"]["CloudWatchMetrics"][0]["Dimensions"],
+            serde_json::json!([[]])
+        );
     }
 
     #[tokio::test]

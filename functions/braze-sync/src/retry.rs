@@ -33,6 +33,7 @@ impl RetryCause {
             TrackError::Connection { .. } => Some(RetryCause::Connection),
             TrackError::PayloadTooLarge { .. }
             | TrackError::Unauthorized { .. }
+            | TrackError::Unconfirmed { .. }
             | TrackError::Rejected { .. } => None,
         }
     }

@@ -475,7 +475,7 @@ async fn oversized_object_is_rejected_without_a_request() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn permanent_4xx_rejects_the_batch_without_retry() {
+async fn a_whole_request_400_naming_no_object_is_bisected_down_to_single_objects() {
     let api = Fake::new(Duration::from_millis(10), |_, _| {
         Err(TrackError::Rejected {
             status: 400,
@@ -485,14 +485,72 @@ async fn permanent_4xx_rejects_the_batch_without_retry() {
         })
     });
     let ran = run(80, &api, fast_cfg()).await;
+    let stats = ran.result.as_ref().unwrap();
     let by_id = exactly_one_each(&ran);
-    assert_eq!(api.requests().len(), 2);
+    // 75 objects take 2 x 75 - 1 requests to isolate each one, 5 take 9; never a retry of the
+    // same body.
+    assert_eq!(api.requests().len(), 149 + 9);
+    assert_eq!(stats.retries_by_cause.bisect_400, 74 + 4);
+    assert_eq!(stats.users_sent, 80);
     for o in by_id.values() {
         let DeliveryOutcome::Rejected { reason, .. } = o else {
             panic!("{o:?}")
         };
         assert!(reason.contains("HTTP 400") && reason.contains("Max Input Length Exceeded"));
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_non_400_client_error_rejects_the_batch_without_retry() {
+    let api = Fake::new(Duration::from_millis(10), |_, _| {
+        Err(TrackError::Rejected {
+            status: 404,
+            message: "Not Found".into(),
+            errors: vec![],
+            rate: RateLimitInfo::default(),
+        })
+    });
+    let ran = run(80, &api, fast_cfg()).await;
+    let by_id = exactly_one_each(&ran);
+    assert_eq!(api.requests().len(), 2);
+    assert!(by_id.values().all(|o| matches!(o, DeliveryOutcome::Rejected { .. })));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_index_less_error_or_a_non_braze_2xx_confirms_no_user_of_its_request() {
+    // Request 0: errors[] without an index. Request 1: a 2xx that is not Braze's JSON.
+    let api = Fake::new(Duration::from_millis(10), |n, _| match n {
+        0 => ok(vec![ItemError {
+            index: None,
+            input_array: None,
+            message: "something was wrong".into(),
+        }]),
+        1 => Err(TrackError::Unconfirmed {
+            status: 200,
+            message: "<html>ok</html>".into(),
+        }),
+        _ => ok(vec![]),
+    });
+    let ran = run(200, &api, fast_cfg()).await;
+    let stats = ran.result.as_ref().unwrap();
+    let by_id = exactly_one_each(&ran);
+    let requests = api.requests();
+    for (r, ids) in requests.iter().enumerate() {
+        for id in ids {
+            let o = &by_id[id];
+            if r < 2 {
+                assert!(matches!(o, DeliveryOutcome::Unsent(_)), "request {r}: {o:?}");
+            } else {
+                assert!(matches!(o, DeliveryOutcome::Confirmed(_)), "request {r}: {o:?}");
+            }
+        }
+    }
+    let unconfirmed = (requests[0].len() + requests[1].len()) as u64;
+    assert_eq!(stats.users_unconfirmed, unconfirmed);
+    assert_eq!(stats.unconfirmed_requests, 2);
+    assert_eq!(stats.users_unsent, 0);
+    assert_eq!(stats.users_confirmed, 200 - unconfirmed);
+    assert_eq!(stats.unmapped_errors, 1);
 }
 
 #[tokio::test(start_paused = true)]

@@ -338,3 +338,120 @@ async fn run_deliver(
     producer.await.unwrap();
     (result, collector.await.unwrap())
 }
+
+/// Hands out a stored key, as Secrets Manager would after an operator fixed it.
+struct StoredKey {
+    key: Mutex<String>,
+    reads: Mutex<u32>,
+}
+
+#[async_trait::async_trait]
+impl braze_sync::braze::KeyReread for StoredKey {
+    async fn reread(&self) -> Result<ApiKey, braze_sync::braze::ApiKeyError> {
+        *self.reads.lock().unwrap() += 1;
+        ApiKey::new(self.key.lock().unwrap().as_str())
+    }
+}
+
+#[tokio::test]
+async fn a_refused_key_is_read_again_once_and_a_changed_key_is_used_from_then_on() {
+    let stub = Arc::new(Stub::default());
+    let addr = start_stub(stub.clone()).await;
+    let wrong_key = "braze-old-key-0b9e-SECRET";
+    let store = Arc::new(StoredKey {
+        key: Mutex::new(wrong_key.to_string()),
+        reads: Mutex::new(0),
+    });
+    let c = client(addr, wrong_key, Duration::from_secs(5)).with_key_reread(store.clone());
+
+    // Still the wrong key in the store: one request, one read, the refusal says so.
+    let Err(TrackError::Unauthorized { status, message }) = c.track(body()).await else {
+        panic!("an unchanged wrong key is refused")
+    };
+    assert_eq!(status, 401);
+    assert!(message.contains("read again from its store and is unchanged"), "{message}");
+    assert!(!message.contains(wrong_key), "{message}");
+    assert_eq!(stub.bodies.lock().unwrap().len(), 1);
+    assert_eq!(*store.reads.lock().unwrap(), 1);
+
+    // The operator fixes the key: the next refusal reads it, retries once and succeeds.
+    *store.key.lock().unwrap() = GOOD_KEY.to_string();
+    let r = c.track(body()).await.unwrap();
+    assert_eq!(r.status, 201);
+    assert_eq!(stub.bodies.lock().unwrap().len(), 3, "refused + retried");
+    assert_eq!(*store.reads.lock().unwrap(), 2);
+    // From then on the new key goes out directly, without reading it again.
+    c.track(body()).await.unwrap();
+    assert_eq!(stub.bodies.lock().unwrap().len(), 4);
+    assert_eq!(*store.reads.lock().unwrap(), 2);
+    assert!(!format!("{c:?}").contains(GOOD_KEY));
+}
+
+#[tokio::test]
+async fn without_a_store_to_read_from_a_refused_key_stops_after_one_request() {
+    let stub = Arc::new(Stub::default());
+    let addr = start_stub(stub.clone()).await;
+    let c = client(addr, "braze-wrong-key-SECRET", Duration::from_secs(5));
+    assert!(matches!(
+        c.track(body()).await,
+        Err(TrackError::Unauthorized { status: 401, .. })
+    ));
+    assert_eq!(stub.bodies.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn json_log_lines_never_carry_two_message_keys() {
+    let logs = Captured::default();
+    let sink = logs.clone();
+    let subscriber = bridge_shared::logging::json_subscriber(
+        tracing_subscriber::EnvFilter::new("trace"),
+        move || sink.clone(),
+    );
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let stub = Arc::new(Stub::default());
+    let addr = start_stub(stub.clone()).await;
+    // Every answer the sender logs about: a partial failure, a whole-request 400 (bisected
+    // down to one object, then rejected), an unconfirmed 2xx, a 5xx retry, a refused key.
+    stub.script.lock().unwrap().extend([
+        (503, vec![], "down".to_string()),
+        (
+            201,
+            vec![],
+            json!({"message": "success", "errors": [{"type": "bad", "input_array": "attributes", "index": 0}]}).to_string(),
+        ),
+        (
+            201,
+            vec![],
+            json!({"message": "success", "errors": [{"type": "no index"}]}).to_string(),
+        ),
+        (200, vec![], "<html>ok</html>".to_string()),
+    ]);
+    let good = client(addr, GOOD_KEY, Duration::from_secs(5));
+    let (stats, _) = run_deliver(&good, 200).await;
+    let stats = stats.unwrap();
+    assert!(stats.braze_rejected >= 1 && stats.users_unconfirmed >= 1, "{stats:?}");
+    // A 400 for a request of ten (bisected, then accepted), then for a request of one.
+    for n in [10, 1] {
+        stub.script
+            .lock()
+            .unwrap()
+            .push_back((400, vec![], json!({"message": "bad object"}).to_string()));
+        let (stats, _) = run_deliver(&good, n).await;
+        assert!(stats.is_ok());
+    }
+    let bad = client(addr, "braze-wrong-key-SECRET", Duration::from_secs(5));
+    let (result, _) = run_deliver(&bad, 10).await;
+    assert!(result.is_err());
+
+    let logged = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(logged.contains("Braze refused a batch"), "{logged}");
+    assert!(logged.contains("bisecting it"), "{logged}");
+    assert!(logged.contains("Braze refused the API key"), "{logged}");
+    assert!(logged.contains("confirms nothing"), "{logged}");
+    for line in logged.lines() {
+        let repeated = bridge_shared::logging::repeated_keys(line)
+            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        assert!(repeated.is_empty(), "{repeated:?} repeated in {line}");
+    }
+}

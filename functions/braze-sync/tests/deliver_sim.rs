@@ -232,6 +232,7 @@ async fn faults_together_leave_the_same_profiles() {
             drop_share: 0.01,
             slow_share: 0.0,
             slow_ms: 0,
+            ..Faults::default()
         },
         ..SimConfig::default()
     })
@@ -341,4 +342,76 @@ async fn combined_limit_plan_is_respected() {
     let s = sim.stats();
     assert_eq!(s.max_objects_in_request, 50);
     assert_eq!(s.by_status.get("400"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_less_errors_leave_every_user_of_the_request_unconfirmed() {
+    let sim = sim(SimConfig {
+        faults: Faults {
+            errors_without_index: true,
+            ..Faults::default()
+        },
+        ..SimConfig::default()
+    })
+    .await;
+    let n = 750;
+    let ran = run(n, &client(&sim, KEY), cfg()).await;
+    let stats = ran.result.as_ref().unwrap();
+    // A batch with a refused object answers errors[] that name no object: none of its users
+    // may be confirmed, not even the ones Braze applied.
+    let mut unconfirmed = 0;
+    for o in &ran.outcomes {
+        let i = index_of(o.delta());
+        match o {
+            DeliveryOutcome::Confirmed(_) => {
+                assert!(!is_refused(i), "user-{i} confirmed by an index-less answer")
+            }
+            DeliveryOutcome::Unsent(_) => unconfirmed += 1,
+            DeliveryOutcome::Rejected { reason, .. } => panic!("user-{i} rejected: {reason}"),
+        }
+    }
+    let refused = (0..n).filter(|i| is_refused(*i)).count() as u64;
+    assert!(unconfirmed >= refused, "{unconfirmed} < {refused}");
+    assert!(
+        unconfirmed > refused,
+        "the users Braze applied beside a refused one are not confirmed either"
+    );
+    assert_eq!(ran.outcomes.len(), n);
+    assert_eq!(stats.users_unconfirmed, unconfirmed);
+    assert_eq!(stats.users_unsent, 0, "unconfirmed users are not counted unsent");
+    assert_eq!(stats.users_confirmed + stats.users_unconfirmed, n as u64);
+    assert!(stats.unconfirmed_requests > 0);
+}
+
+async fn strict_400_isolates_each_offending_object(errors_without_index: bool) {
+    let sim = sim(SimConfig {
+        faults: Faults {
+            strict_batch_400: true,
+            errors_without_index,
+            ..Faults::default()
+        },
+        ..SimConfig::default()
+    })
+    .await;
+    let n = 1_500;
+    let ran = run(n, &client(&sim, KEY), cfg()).await;
+    let stats = ran.result.as_ref().unwrap();
+    // Every valid user sent and confirmed; each invalid one rejected with Braze's message.
+    check_outcomes(&ran, n);
+    check_profiles(&sim, n);
+    let refused = (0..n).filter(|i| is_refused(*i)).count() as u64;
+    assert_eq!(stats.braze_rejected, refused);
+    assert_eq!(stats.users_confirmed, n as u64 - refused);
+    assert!(stats.retries_by_cause.bisect_400 > 0);
+    assert_eq!(stats.users_sent, n as u64, "narrowing down does not count users twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strict_whole_request_400_naming_no_object_is_bisected() {
+    strict_400_isolates_each_offending_object(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strict_whole_request_400_naming_its_objects_resends_the_rest() {
+    strict_400_isolates_each_offending_object(false).await;
 }

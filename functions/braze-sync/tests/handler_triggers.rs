@@ -383,3 +383,69 @@ async fn a_missing_object_is_reported_as_object_not_found_and_acknowledged() {
     let out = h.handle(&eventbridge("exp", raw), None).await.unwrap();
     assert_eq!(out["results"][0]["outcome"], "object_not_found");
 }
+
+/// A runner whose Braze key is refused until `fixed` is set.
+#[derive(Default)]
+struct KeyRunner {
+    fixed: Mutex<bool>,
+    runs: Mutex<u32>,
+}
+
+#[async_trait]
+impl ExportRunner for KeyRunner {
+    async fn run(&self, _: &ExportPlan, _: Option<u64>) -> Result<RunOutcome, RunError> {
+        *self.runs.lock().unwrap() += 1;
+        if !*self.fixed.lock().unwrap() {
+            return Err(RunError::KeyRefused {
+                message: "API key refused: HTTP 401".into(),
+                report: Some("s3://acme-state/bridge/reports/customers/r1.json".into()),
+            });
+        }
+        Ok(RunOutcome {
+            status: RunStatus::Complete,
+            report: Some("r2.json".into()),
+            summary: json!({}),
+            hand_over: false,
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_refused_key_keeps_the_export_retryable_until_the_key_is_fixed() {
+    let store = Arc::new(MemoryStore::new());
+    let runner = Arc::new(KeyRunner::default());
+    let h = Handler::new(cfg(), store.clone(), runner.clone());
+    put(&store, "exp", "amperity/customers/k.csv", "x", &[]).await;
+    let event = sqs(&[(
+        "m1",
+        s3_event("exp", "amperity/customers/k.csv").to_string(),
+    )]);
+    // Refused: the message is failed (SQS redelivers it, then the DLQ keeps it) ...
+    let out = h.handle(&event, None).await.unwrap();
+    assert_eq!(
+        out["batchItemFailures"],
+        json!([{"itemIdentifier": "m1"}]),
+        "{out}"
+    );
+    // ... and the ledger entry is not final.
+    let ledger = store
+        .list("acme-state", "bridge/state/customers/ledger/")
+        .await
+        .unwrap();
+    assert_eq!(ledger.len(), 1);
+    let (_, body) = store
+        .get(&S3Uri::new("acme-state", &ledger[0].key))
+        .await
+        .unwrap();
+    let entry: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(entry["status"], "failed_retryable");
+    // A redelivery while the key is still wrong runs (and is refused) again.
+    h.handle(&event, None).await.unwrap();
+    assert_eq!(*runner.runs.lock().unwrap(), 2);
+    // Once the key is fixed, the same notification (same ETag) syncs; then it is a no-op.
+    *runner.fixed.lock().unwrap() = true;
+    let out = h.handle(&event, None).await.unwrap();
+    assert_eq!(out["results"][0]["outcome"], "synced", "{out}");
+    let out = h.handle(&event, None).await.unwrap();
+    assert_eq!(out["results"][0]["outcome"], "duplicate_no_op", "{out}");
+}

@@ -189,6 +189,77 @@ enum Valid {
     Purchase(Activity),
 }
 
+/// How strictly answers are given (the simulator's bad-day modes, see [`crate::Faults`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AnswerMode {
+    /// `errors[]` entries carry no `index` nor `input_array`.
+    pub errors_without_index: bool,
+    /// Any invalid object refuses the whole request (400, nothing applied).
+    pub strict_batch_400: bool,
+}
+
+/// [`track`] with the bad-day answer modes.
+pub fn track_with(
+    store: &mut ProfileStore,
+    body: &[u8],
+    limits: &Limits,
+    mode: AnswerMode,
+) -> TrackOutcome {
+    let mut outcome = match parse(body, limits) {
+        Err(e) => return track_error(e),
+        Ok(parsed) if mode.strict_batch_400 && parsed.results.iter().any(|r| r.2.is_err()) => {
+            refuse_whole(parsed)
+        }
+        Ok(parsed) => apply(store, parsed),
+    };
+    if mode.errors_without_index
+        && let Some(Value::Array(entries)) = outcome.body.get_mut("errors")
+    {
+        for e in entries.iter_mut() {
+            if let Value::Object(m) = e {
+                m.remove("index");
+                m.remove("input_array");
+            }
+        }
+    }
+    outcome
+}
+
+fn track_error((err, received): (RequestError, ObjectCounts)) -> TrackOutcome {
+    TrackOutcome {
+        status: 400,
+        body: err.body(),
+        received,
+        processed: ObjectCounts::default(),
+        skipped_update_only: 0,
+        errors: Vec::new(),
+    }
+}
+
+/// Strict mode: one invalid object refuses the whole request; nothing is applied.
+fn refuse_whole(parsed: Parsed) -> TrackOutcome {
+    let errors: Vec<ObjectErrorEntry> = parsed
+        .results
+        .into_iter()
+        .filter_map(|(a, index, r)| {
+            r.err().map(|e| ObjectErrorEntry {
+                kind: e.to_string(),
+                input_array: a,
+                index,
+            })
+        })
+        .collect();
+    let message = errors.first().map(|e| e.kind.clone()).unwrap_or_default();
+    TrackOutcome {
+        status: 400,
+        body: json!({ "message": message, "errors": errors }),
+        received: parsed.received,
+        processed: ObjectCounts::default(),
+        skipped_update_only: 0,
+        errors,
+    }
+}
+
 /// Handles one `/users/track` body against `store`.
 ///
 /// Fatal problems (bad JSON, wrong shapes, too many objects, nothing to do) give 400 and change
@@ -198,17 +269,7 @@ enum Valid {
 /// response is 400 with `message` [`NO_VALID_DATA`] and the `errors[]` list, as observed from
 /// Braze.
 pub fn track(store: &mut ProfileStore, body: &[u8], limits: &Limits) -> TrackOutcome {
-    match parse(body, limits) {
-        Err((err, received)) => TrackOutcome {
-            status: 400,
-            body: err.body(),
-            received,
-            processed: ObjectCounts::default(),
-            skipped_update_only: 0,
-            errors: Vec::new(),
-        },
-        Ok(parsed) => apply(store, parsed),
-    }
+    track_with(store, body, limits, AnswerMode::default())
 }
 
 struct Parsed {

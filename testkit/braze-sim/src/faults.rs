@@ -1,5 +1,7 @@
 //! Fault injection for `/users/track`: latency jitter, slow responses, 5xx errors, 429 bursts
-//! and dropped connections, drawn from a seeded generator so a run is reproducible.
+//! and dropped connections, drawn from a seeded generator so a run is reproducible; and two
+//! answer modes seen from Braze on a bad day: `errors[]` entries without an `index`, and a
+//! whole request refused (400, nothing applied) because one of its objects is invalid.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -23,6 +25,12 @@ pub struct Faults {
     pub slow_share: f64,
     /// Delay of a slow request in milliseconds.
     pub slow_ms: u64,
+    /// `errors[]` entries carry no `index` (nor `input_array`): the client cannot tell which
+    /// objects were refused. The objects are refused all the same.
+    pub errors_without_index: bool,
+    /// A request with any invalid object is refused whole: HTTP 400, nothing applied, the
+    /// first object's error as `message` and the usual `errors[]` list.
+    pub strict_batch_400: bool,
 }
 
 /// A burst of `length` consecutive 429s starting at request `every_n_requests`, then again at

@@ -56,6 +56,12 @@ struct Args {
     /// 429 bursts as EVERY_N,LENGTH.
     #[arg(long)]
     burst_429: Option<String>,
+    /// `errors[]` entries carry no index (the client cannot tell which objects were refused).
+    #[arg(long)]
+    errors_without_index: bool,
+    /// One invalid object refuses the whole request (400, nothing applied).
+    #[arg(long)]
+    strict_batch_400: bool,
     /// Seed of the fault generator.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -114,6 +120,8 @@ fn config(args: Args) -> anyhow::Result<SimConfig> {
             drop_share: args.drop_share,
             slow_share: args.slow_share,
             slow_ms: args.slow_ms,
+            errors_without_index: args.errors_without_index,
+            strict_batch_400: args.strict_batch_400,
         },
         seed: args.seed,
         log_bodies: args.log_bodies,

@@ -230,7 +230,12 @@ impl State {
 
     /// Runs the contract on a body that passed transport checks.
     pub(crate) fn track(&mut self, body: &[u8], limits: &Limits) -> TrackOutcome {
-        contract::track(&mut self.store, body, limits)
+        let f = self.faults.faults();
+        let mode = contract::AnswerMode {
+            errors_without_index: f.errors_without_index,
+            strict_batch_400: f.strict_batch_400,
+        };
+        contract::track_with(&mut self.store, body, limits, mode)
     }
 
     /// Records a finished request and updates the counters.

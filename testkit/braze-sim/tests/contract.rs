@@ -692,4 +692,88 @@ async fn export_ids_answers_braze_shape_within_its_own_rate_window() {
         1,
         "/users/track's window is separate"
     );
+
+#[tokio::test]
+async fn errors_without_index_fault_drops_index_but_still_refuses_the_object() {
+    let sim = default_sim().await;
+    sim.set_faults(Faults {
+        errors_without_index: true,
+        ..Faults::default()
+    })
+    .unwrap();
+    let v = post_ok(
+        &sim,
+        json!({"attributes": [
+            {"external_id": "ok", "first_name": "A"},
+            {"external_id": "bad", "email": "not-an-email"}
+        ]}),
+    )
+    .await;
+    let errors = v["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0].get("index").is_none(), "{v}");
+    assert!(errors[0].get("input_array").is_none(), "{v}");
+    assert!(errors[0]["type"].as_str().unwrap().contains("email"));
+    assert_eq!(sim.users().keys().collect::<Vec<_>>(), vec!["ok"]);
+    // Set over HTTP too.
+    let r = client()
+        .post(format!("{}/_sim/faults", sim.base_url()))
+        .json(&json!({"errors_without_index": true, "strict_batch_400": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(sim.faults().strict_batch_400 && sim.faults().errors_without_index);
+}
+
+#[tokio::test]
+async fn strict_batch_400_refuses_the_whole_request_for_one_invalid_object() {
+    let sim = default_sim().await;
+    sim.set_faults(Faults {
+        strict_batch_400: true,
+        ..Faults::default()
+    })
+    .unwrap();
+    let r = post(
+        &sim,
+        &json!({"attributes": [
+            {"external_id": "ok", "first_name": "A"},
+            {"external_id": "bad", "email": "not-an-email"}
+        ]}),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v["message"],
+        "The value provided for the 'email' field is not a valid email."
+    );
+    assert_eq!(v["errors"][0]["index"], 1);
+    assert!(sim.users().is_empty(), "nothing is applied");
+    // A request of valid objects only is applied as usual.
+    post_ok(
+        &sim,
+        json!({"attributes": [{"external_id": "ok", "first_name": "A"}]}),
+    )
+    .await;
+    assert_eq!(sim.users().keys().collect::<Vec<_>>(), vec!["ok"]);
+    // Both modes: the 400 names no object.
+    sim.set_faults(Faults {
+        strict_batch_400: true,
+        errors_without_index: true,
+        ..Faults::default()
+    })
+    .unwrap();
+    let r = post(
+        &sim,
+        &json!({"attributes": [
+            {"external_id": "ok2", "first_name": "A"},
+            {"external_id": "bad", "email": "not-an-email"}
+        ]}),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["errors"][0].get("index").is_none(), "{v}");
+    assert!(sim.user("ok2").is_none());
 }

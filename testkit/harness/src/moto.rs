@@ -228,6 +228,31 @@ impl Moto {
         Ok(keys)
     }
 
+    /// Creates a Secrets Manager secret holding `value`, or gives an existing one that value
+    /// (an operator fixing or rotating the Braze API key). Returns the secret's ARN.
+    pub async fn put_secret(&self, name: &str, value: &str) -> anyhow::Result<String> {
+        let sm = aws_sdk_secretsmanager::Client::new(&sdk_config(&self.endpoint).await);
+        let created = sm
+            .create_secret()
+            .name(name)
+            .secret_string(value)
+            .send()
+            .await;
+        match created {
+            Ok(out) => Ok(out.arn().unwrap_or(name).to_string()),
+            Err(_) => {
+                let out = sm
+                    .put_secret_value()
+                    .secret_id(name)
+                    .secret_string(value)
+                    .send()
+                    .await
+                    .with_context(|| format!("updating the secret {name}"))?;
+                Ok(out.arn().unwrap_or(name).to_string())
+            }
+        }
+    }
+
     /// Stops the server.
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;

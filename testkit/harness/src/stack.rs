@@ -18,6 +18,9 @@ pub const CURRENTS_BUCKET: &str = "acme-braze-currents";
 pub const STATE_BUCKET: &str = "acme-bridge-state";
 /// The simulator's API key.
 pub const BRAZE_KEY: &str = "sim-key-0123456789";
+/// The Secrets Manager secret braze-sync reads its key from when
+/// [`StackOptions::api_key_secret`] is set.
+pub const BRAZE_KEY_SECRET: &str = "braze/rest-api-key";
 
 /// What to start.
 #[derive(Debug, Clone)]
@@ -34,6 +37,9 @@ pub struct StackOptions {
     pub sync_env: Vec<(String, String)>,
     /// Where function logs go.
     pub log_dir: Option<PathBuf>,
+    /// Give braze-sync its key through the Secrets Manager secret [`BRAZE_KEY_SECRET`] holding
+    /// this value (as deployed), instead of a plain `BRAZE_API_KEY`.
+    pub api_key_secret: Option<String>,
 }
 
 impl Default for StackOptions {
@@ -48,6 +54,7 @@ impl Default for StackOptions {
             routes_dir: crate::paths::workspace_root().join("functions/braze-sync/routes"),
             sync_env: Vec::new(),
             log_dir: None,
+            api_key_secret: None,
         }
     }
 }
@@ -105,9 +112,17 @@ impl Stack {
                 ("BRAZE_API_KEY", BRAZE_KEY.to_string()),
                 ("CONTINUATION_QUEUE_URL", url.clone()),
                 ("RUST_LOG", "info".to_string()),
-                ("BRIDGE_LOCAL_STACK", "1".to_string()),
+                (
+                    braze_sync::config::INSECURE_PLAIN_KEY_SWITCH,
+                    "1".to_string(),
+                ),
             ] {
                 fenv.push((k.to_string(), v));
+            }
+            if let Some(value) = &opts.api_key_secret {
+                let arn = stack.moto.put_secret(BRAZE_KEY_SECRET, value).await?;
+                fenv.retain(|(k, _)| k != "BRAZE_API_KEY");
+                fenv.push(("BRAZE_API_KEY_SECRET_ARN".to_string(), arn));
             }
             fenv.extend(opts.sync_env.iter().cloned());
             let f = Arc::new(

@@ -65,7 +65,7 @@ async fn trigger_shapes_markers_duplicates_and_ordering() -> anyhow::Result<()> 
     let eb = json!({"version": "0", "id": "e1", "detail-type": "Object Created", "source": "aws.s3",
         "account": "123456789012", "time": "2026-11-29T00:00:00Z", "region": "us-east-1",
         "resources": [], "detail": {"version": "0", "bucket": {"name": EXPORTS_BUCKET},
-        "object": {"key": "amperity/customers/direct+2026-11-01T000000.csv"}, "reason": "PutObject"}});
+        "object": {"key": "amperity/customers/direct%202026-11-01T000000.csv"}, "reason": "PutObject"}});
     let r = f.invoke(&eb).await?;
     assert_eq!(
         r.body["results"][0]["outcome"], "duplicate_no_op",

@@ -1,6 +1,7 @@
 //! The Braze REST API key: where it comes from (Secrets Manager, SSM SecureString, or a plain
 //! value for local use) and a newtype that never prints it. Resolve it once per container and
-//! keep it in an [`ApiKeyCache`].
+//! keep it in an [`ApiKeyCache`]; when Braze refuses it, read it again from its store
+//! ([`KeyReread`], bypassing the cache) so a rotated key is picked up without a cold start.
 
 use std::fmt;
 use std::sync::Arc;
@@ -249,6 +250,30 @@ impl ApiKeyError {
             ),
             _ => false,
         }
+    }
+}
+
+/// Reads the key again from where it is stored, bypassing any per-container cache (after a
+/// 401/403: the key may have been rotated or fixed since the container started).
+#[async_trait::async_trait]
+pub trait KeyReread: Send + Sync {
+    /// The key as stored now.
+    async fn reread(&self) -> Result<ApiKey, ApiKeyError>;
+}
+
+/// [`KeyReread`] over the configured source and the container's AWS configuration.
+#[derive(Debug, Clone)]
+pub struct SourceReread {
+    /// Where the key is stored.
+    pub source: ApiKeySource,
+    /// AWS configuration (region, credentials, endpoint).
+    pub aws: aws_config::SdkConfig,
+}
+
+#[async_trait::async_trait]
+impl KeyReread for SourceReread {
+    async fn reread(&self) -> Result<ApiKey, ApiKeyError> {
+        self.source.resolve(&self.aws).await
     }
 }
 

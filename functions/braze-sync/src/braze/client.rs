@@ -2,8 +2,11 @@
 //! per container, and a classification of every answer (accepted with per-object `errors[]`,
 //! rate limited, server error, too large, refused key, other client error, timeout, dropped
 //! connection) together with the `X-RateLimit-*` headers. The API key only ever goes into a
-//! sensitive header; messages taken from responses are scrubbed of it.
+//! sensitive header; messages taken from responses are scrubbed of it. On a 401/403 the key is
+//! read again from its store once ([`KeyReread`], bypassing the per-container cache); when it
+//! changed, the request is retried once with the new key, which then serves later requests.
 
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -11,8 +14,9 @@ use bytes::Bytes;
 use reqwest::StatusCode;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
 use serde::Deserialize;
+use tracing::{info, warn};
 
-use super::api_key::ApiKey;
+use super::api_key::{ApiKey, KeyReread};
 use super::endpoint::Endpoint;
 use super::{BrazeApi, ItemError, RateLimitInfo, TrackError, TrackResponse};
 
@@ -58,21 +62,45 @@ pub enum ClientBuildError {
     KeyNotAHeaderValue,
 }
 
-/// `POST /users/track` against one endpoint with one key.
+/// The key in use and its header; `generation` counts replacements.
+#[derive(Clone)]
+struct CurrentKey {
+    key: ApiKey,
+    auth: HeaderValue,
+    generation: u64,
+}
+
+impl CurrentKey {
+    fn new(key: ApiKey, generation: u64) -> Result<Self, ClientBuildError> {
+        let mut auth = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
+            .map_err(|_| ClientBuildError::KeyNotAHeaderValue)?;
+        auth.set_sensitive(true);
+        Ok(Self {
+            key,
+            auth,
+            generation,
+        })
+    }
+}
+
+/// `POST /users/track` against one endpoint with one key (replaced when a refused key is read
+/// again and found changed).
 #[derive(Clone)]
 pub struct BrazeClient {
     http: reqwest::Client,
     endpoint: Endpoint,
     track_url: String,
-    auth: HeaderValue,
-    key: ApiKey,
+    current: Arc<RwLock<CurrentKey>>,
+    reread: Option<Arc<dyn KeyReread>>,
+    reread_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for BrazeClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BrazeClient")
             .field("endpoint", &self.endpoint.to_string())
-            .field("key", &self.key)
+            .field("key", &self.key())
+            .field("rereads_key", &self.reread.is_some())
             .finish()
     }
 }
@@ -104,16 +132,92 @@ impl BrazeClient {
         endpoint: Endpoint,
         key: ApiKey,
     ) -> Result<Self, ClientBuildError> {
-        let mut auth = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
-            .map_err(|_| ClientBuildError::KeyNotAHeaderValue)?;
-        auth.set_sensitive(true);
         Ok(Self {
             track_url: endpoint.track_url(),
             http,
             endpoint,
-            auth,
-            key,
+            current: Arc::new(RwLock::new(CurrentKey::new(key, 0)?)),
+            reread: None,
+            reread_lock: Arc::new(tokio::sync::Mutex::new(())),
         })
+    }
+
+    /// On a 401/403, read the key again through `reread` (once per refusal) and retry the
+    /// request once if it changed.
+    pub fn with_key_reread(mut self, reread: Arc<dyn KeyReread>) -> Self {
+        self.reread = Some(reread);
+        self
+    }
+
+    fn snapshot(&self) -> CurrentKey {
+        match self.current.read() {
+            Ok(c) => c.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn key(&self) -> ApiKey {
+        self.snapshot().key
+    }
+
+    /// Reads the key again after a refusal of the key of `generation`. Returns the key to
+    /// retry with, or why there is none (unchanged, or the store failed).
+    async fn refresh_after_refusal(&self, generation: u64) -> Result<CurrentKey, String> {
+        let Some(reread) = &self.reread else {
+            return Err("the key has no store to be read again from".into());
+        };
+        let _one_at_a_time = self.reread_lock.lock().await;
+        let now = self.snapshot();
+        if now.generation != generation {
+            // Another request already replaced the refused key.
+            return Ok(now);
+        }
+        let fresh = reread
+            .reread()
+            .await
+            .map_err(|e| format!("reading it again failed: {e}"))?;
+        if fresh == now.key {
+            return Err("it was read again from its store and is unchanged".into());
+        }
+        let next = CurrentKey::new(fresh, generation + 1)
+            .map_err(|e| format!("the key read again is unusable: {e}"))?;
+        match self.current.write() {
+            Ok(mut c) => *c = next.clone(),
+            Err(p) => *p.into_inner() = next.clone(),
+        }
+        info!(
+            generation = next.generation,
+            "Braze refused the API key; a changed key was read from its store and replaces it."
+        );
+        Ok(next)
+    }
+
+    async fn send(&self, current: &CurrentKey, body: Bytes) -> Result<TrackResponse, TrackError> {
+        let sent = self
+            .http
+            .post(&self.track_url)
+            .header(AUTHORIZATION, current.auth.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await;
+        let resp = match sent {
+            Ok(r) => r,
+            Err(e) => return Err(transport_error(&e, &current.key)),
+        };
+        let status = resp.status();
+        let rate = rate_limit_info(resp.headers());
+        let bytes = match resp.bytes().await {
+            Ok(b) => b,
+            Err(e) => return Err(transport_error(&e, &current.key)),
+        };
+        classify(
+            status,
+            rate,
+            &bytes,
+            |t| scrub_key(t, &current.key),
+            self.endpoint.host(),
+        )
     }
 
     /// The endpoint this client talks to.
@@ -121,40 +225,29 @@ impl BrazeClient {
         &self.endpoint
     }
 
-    /// Replaces any occurrence of the key in text taken from a response.
-    fn scrub(&self, text: &str) -> String {
-        scrub_key(text, &self.key)
-    }
 }
 
 #[async_trait]
 impl BrazeApi for BrazeClient {
     async fn track(&self, body: Bytes) -> Result<TrackResponse, TrackError> {
-        let sent = self
-            .http
-            .post(&self.track_url)
-            .header(AUTHORIZATION, self.auth.clone())
-            .header(CONTENT_TYPE, "application/json")
-            .body(body)
-            .send()
-            .await;
-        let resp = match sent {
-            Ok(r) => r,
-            Err(e) => return Err(transport_error(&e, &self.key)),
+        let current = self.snapshot();
+        let answer = self.send(&current, body.clone()).await;
+        let Err(TrackError::Unauthorized { status, message }) = answer else {
+            return answer;
         };
-        let status = resp.status();
-        let rate = rate_limit_info(resp.headers());
-        let bytes = match resp.bytes().await {
-            Ok(b) => b,
-            Err(e) => return Err(transport_error(&e, &self.key)),
-        };
-        classify(
-            status,
-            rate,
-            &bytes,
-            |t| self.scrub(t),
-            self.endpoint.host(),
-        )
+        if self.reread.is_none() {
+            return Err(TrackError::Unauthorized { status, message });
+        }
+        match self.refresh_after_refusal(current.generation).await {
+            Ok(next) => self.send(&next, body).await,
+            Err(why) => {
+                warn!(status, why = %why, "Braze refused the API key and no other key is stored.");
+                Err(TrackError::Unauthorized {
+                    status,
+                    message: format!("{message} (the key {why})"),
+                })
+            }
+        }
     }
 
     fn describe(&self) -> String {
@@ -326,6 +419,15 @@ pub fn classify(
         .map(|es| es.iter().map(|e| item_error(e, &scrub)).collect())
         .unwrap_or_default();
     let code = status.as_u16();
+    // Braze always answers `{"message": ...}`; a 2xx without it (a proxy's page, an empty or
+    // cut body) confirms nothing.
+    let braze_json = matches!(&parsed, Some(Body { message: Some(_), .. }));
+    if status.is_success() && !braze_json {
+        return Err(TrackError::Unconfirmed {
+            status: code,
+            message,
+        });
+    }
     if status.is_success() {
         return Ok(TrackResponse {
             status: code,
@@ -425,6 +527,33 @@ mod tests {
         assert_eq!(r.errors[0].index, Some(1));
         assert_eq!(r.errors[0].input_array.as_deref(), Some("attributes"));
         assert!(r.errors[0].message.contains("is required"));
+    }
+
+    #[test]
+    fn a_2xx_that_is_not_braze_json_is_unconfirmed() {
+        let c = |s: u16, body: &[u8]| {
+            classify(
+                StatusCode::from_u16(s).unwrap(),
+                RateLimitInfo::default(),
+                body,
+                no_scrub,
+                "h",
+            )
+        };
+        for body in [
+            &b"<html>OK</html>"[..],
+            b"",
+            b"{\"attributes_processed\": 1}",
+            b"[1]",
+            b"{\"message\": \"succ",
+        ] {
+            assert!(
+                matches!(c(201, body), Err(TrackError::Unconfirmed { status: 201, .. })),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        assert!(c(200, br#"{"message":"success"}"#).is_ok());
     }
 
     #[test]

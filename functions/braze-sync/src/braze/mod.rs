@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-pub use api_key::{ApiKey, ApiKeyCache, ApiKeyError, ApiKeySource};
+pub use api_key::{ApiKey, ApiKeyCache, ApiKeyError, ApiKeySource, KeyReread, SourceReread};
 pub use client::{BrazeClient, ClientBuildError, ClientOptions};
 pub use endpoint::{Endpoint, EndpointError, Instance};
 
@@ -128,6 +128,15 @@ pub enum TrackError {
         errors: Vec<ItemError>,
         /// Rate-limit headers.
         rate: RateLimitInfo,
+    },
+    /// A 2xx whose body is not Braze's JSON (`{"message": ...}`), e.g. a proxy's page: nothing
+    /// says which objects Braze applied, so none of the request's users may be confirmed.
+    #[error("Braze answered HTTP {status} with a body that is not Braze's JSON ({message}); its users are left unconfirmed")]
+    Unconfirmed {
+        /// The 2xx status.
+        status: u16,
+        /// The start of the body.
+        message: String,
     },
     /// No answer in time (or 408).
     #[error("request to Braze timed out: {detail}")]

@@ -1,6 +1,7 @@
 //! Size bounds on reading: a decompressed-bytes budget shared by every layer of one object, a
 //! guard that fails a row growing past `max_row_bytes` while it is still being read, and the
-//! temp-file spill that gives zip and Parquet the random access they need.
+//! temp-file spill that gives zip and Parquet the random access they need (which checks the
+//! free space of its folder first and fails fast, naming the sizes, when it would not fit).
 
 use std::cell::Cell;
 use std::fs::{File, OpenOptions};
@@ -144,9 +145,57 @@ impl<R: Read> Read for RowGuarded<R> {
 
 static SPILL_SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// Bytes an unprivileged writer may still put under `dir`, when the platform says.
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    rustix::fs::statvfs(dir)
+        .ok()
+        .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+/// Why a spill does not fit: names the folder, what is needed and what is free.
+fn no_room(dir: &Path, needed: u64, free: u64, known: bool) -> io::Error {
+    const MIB: u64 = 1024 * 1024;
+    let need = if known {
+        format!("{needed} bytes ({} MiB)", needed.div_ceil(MIB))
+    } else {
+        format!("more than {needed} bytes ({} MiB)", needed / MIB)
+    };
+    io::Error::new(
+        io::ErrorKind::StorageFull,
+        format!(
+            "spilling to {} needs {need} but only {free} bytes ({} MiB) are free there; raise the \
+             function's ephemeral storage (EphemeralStorage, /tmp)",
+            dir.display(),
+            free / MIB
+        ),
+    )
+}
+
 /// Copies `reader` into a new temp file under `dir` and returns it rewound. The file is
-/// unlinked at once, so it disappears when closed (or when the process dies).
+/// unlinked at once, so it disappears when closed (or when the process dies). Fails fast with
+/// [`io::ErrorKind::StorageFull`], naming the sizes, when `dir` has not enough room.
 pub fn spill(reader: &mut dyn Read, dir: &Path) -> io::Result<File> {
+    spill_sized(reader, dir, None)
+}
+
+/// [`spill`] with the size to spill when known (an object's length): checked against the free
+/// space before a byte is written.
+pub fn spill_sized(reader: &mut dyn Read, dir: &Path, size: Option<u64>) -> io::Result<File> {
+    spill_within(reader, dir, size, free_bytes(dir))
+}
+
+/// [`spill_sized`] against a given amount of free space (`None`: unknown, not checked).
+fn spill_within(
+    reader: &mut dyn Read,
+    dir: &Path,
+    size: Option<u64>,
+    free: Option<u64>,
+) -> io::Result<File> {
+    if let (Some(size), Some(free)) = (size, free)
+        && size > free
+    {
+        return Err(no_room(dir, size, free, true));
+    }
     let seq = SPILL_SEQ.fetch_add(1, Ordering::Relaxed);
     let path = dir.join(format!("braze-sync-{}-{seq}.spill", std::process::id()));
     let mut file = OpenOptions::new()
@@ -156,6 +205,7 @@ pub fn spill(reader: &mut dyn Read, dir: &Path) -> io::Result<File> {
         .open(&path)?;
     let _ = std::fs::remove_file(&path);
     let mut buf = vec![0u8; 256 * 1024];
+    let mut written: u64 = 0;
     loop {
         let n = match reader.read(&mut buf) {
             Ok(0) => break,
@@ -163,6 +213,12 @@ pub fn spill(reader: &mut dyn Read, dir: &Path) -> io::Result<File> {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
+        written += n as u64;
+        if let Some(free) = free
+            && written > free
+        {
+            return Err(no_room(dir, free, free, false));
+        }
         file.write_all(&buf[..n])?;
     }
     file.flush()?;
@@ -201,6 +257,33 @@ mod tests {
         let mut g = RowGuarded::new(&data[..], mark, 10, 4);
         let mut all = Vec::new();
         assert!(g.read_to_end(&mut all).is_err());
+    }
+
+    #[test]
+    fn a_spill_that_does_not_fit_fails_fast_naming_the_sizes() {
+        let dir = std::env::temp_dir();
+        // Known size over the free space: refused before a byte is written.
+        let err = spill_within(&mut &[0u8; 10][..], &dir, Some(3 << 30), Some(1 << 30))
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::StorageFull);
+        let msg = err.to_string();
+        assert!(msg.contains("3221225472 bytes (3072 MiB)"), "{msg}");
+        assert!(msg.contains("1073741824 bytes (1024 MiB) are free"), "{msg}");
+        assert!(msg.contains("EphemeralStorage"), "{msg}");
+        // Unknown size: stops as soon as the free space is passed.
+        let data = vec![7u8; 600 * 1024];
+        let err = spill_within(&mut &data[..], &dir, None, Some(300 * 1024)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::StorageFull);
+        assert!(err.to_string().contains("more than 307200 bytes"), "{err}");
+        // Room enough: spilled.
+        let mut f = spill_within(&mut &data[..], &dir, Some(data.len() as u64), Some(1 << 30))
+            .unwrap();
+        let mut back = Vec::new();
+        f.read_to_end(&mut back).unwrap();
+        assert_eq!(back, data);
+        // The real free space of the temp folder is known on this platform.
+        assert!(free_bytes(&dir).is_some_and(|b| b > 0));
+        assert!(spill_sized(&mut &b"x"[..], &dir, Some(u64::MAX)).is_err());
     }
 
     #[test]

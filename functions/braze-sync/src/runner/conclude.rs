@@ -96,6 +96,20 @@ impl RunRecord {
         }
     }
 
+    /// Records a refused API key (the report and its `api_key_refused` metric say so) and
+    /// classifies it as retryable for the export.
+    pub async fn key_refused(&mut self, store: &dyn ObjectStore, message: String) -> RunError {
+        let message = format!("API key refused: {message}");
+        self.report.status = RunStatus::Failed;
+        self.report.api_key_refused = true;
+        self.report.error = Some(message.clone());
+        self.finish(store).await;
+        RunError::KeyRefused {
+            message,
+            report: Some(self.uri.to_string()),
+        }
+    }
+
     /// The outcome for the handler (the report must be finished).
     pub fn outcome(&self, hand_over: bool, summary: Value) -> RunOutcome {
         RunOutcome {
@@ -148,6 +162,7 @@ impl Ended {
             && self.read_error().is_none()
             && !self.unsent()
             && self.delivery.stats.braze_rejected == 0
+            && self.delivery.stats.users_unconfirmed == 0
             && committer.failure.is_none()
     }
 

@@ -30,7 +30,7 @@ use tracing::{info, warn};
 pub use hand_over::{Continuation, SqsContinuation};
 
 use crate::braze::BrazeApi;
-use crate::deliver::DeliverConfig;
+use crate::deliver::{DeliverConfig, DeliverError};
 use crate::handler::{ExportPlan, ExportRunner, RunError, RunOutcome};
 use crate::model::{DeliveryOutcome, UserDelta};
 use crate::report::RunStatus;
@@ -377,6 +377,9 @@ impl SyncRunner {
             return Err(RunError::Retryable(e.clone()));
         }
         if let Some(e) = &ended.delivery.error {
+            if matches!(e, DeliverError::Unauthorized { .. }) {
+                return Err(record.key_refused(store, e.to_string()).await);
+            }
             return Err(record.failed(store, e.to_string(), e.is_retryable()).await);
         }
         if let Some(e) = ended.read_error() {
