@@ -124,7 +124,11 @@ impl RetriesByCause {
 
     /// All retries (splits included).
     pub fn total(&self) -> u64 {
-        self.http_429 + self.http_5xx + self.timeout + self.connection + self.split_413
+        self.http_429
+            + self.http_5xx
+            + self.timeout
+            + self.connection
+            + self.split_413
             + self.bisect_400
     }
 }
@@ -804,8 +808,9 @@ async fn handle_done(
                 warn!(batch = done.id, status = 400, braze_message = %message, refused = taken.len(),
                       "Braze refused a request naming some of its objects; those go to rejects, the rest is sent again.");
                 for (delta, o) in taken.into_iter().zip(own.into_iter().flatten()) {
-                    let reason =
-                        format!("Braze refused the request (HTTP 400: {message}); this object: {o}");
+                    let reason = format!(
+                        "Braze refused the request (HTTP 400: {message}); this object: {o}"
+                    );
                     run.emit(DeliveryOutcome::Rejected { delta, reason }).await;
                 }
                 if let Some(rest) = rest {

@@ -424,13 +424,8 @@ mod tests {
         assert_eq!(v["object_not_found"]["key_received"], "a/x+y.csv");
         let line: Value = serde_json::from_str(&r.emf_line(1)).unwrap();
         assert_eq!(line["object_not_found"], 1.0);
-        let alarm: Value = serde_json::from_str(&emf_line(
-            METRICS_NAMESPACE,
-            &[],
-            &r.alarm_metrics(),
-            1,
-        ))
-        .unwrap();
+        let alarm: Value =
+            serde_json::from_str(&emf_line(METRICS_NAMESPACE, &[], &r.alarm_metrics(), 1)).unwrap();
         assert_eq!(alarm["object_not_found"], 1.0);
         assert_eq!(alarm["api_key_refused"], 0.0);
         assert_eq!(

@@ -513,7 +513,11 @@ async fn a_non_400_client_error_rejects_the_batch_without_retry() {
     let ran = run(80, &api, fast_cfg()).await;
     let by_id = exactly_one_each(&ran);
     assert_eq!(api.requests().len(), 2);
-    assert!(by_id.values().all(|o| matches!(o, DeliveryOutcome::Rejected { .. })));
+    assert!(
+        by_id
+            .values()
+            .all(|o| matches!(o, DeliveryOutcome::Rejected { .. }))
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -539,9 +543,15 @@ async fn an_index_less_error_or_a_non_braze_2xx_confirms_no_user_of_its_request(
         for id in ids {
             let o = &by_id[id];
             if r < 2 {
-                assert!(matches!(o, DeliveryOutcome::Unsent(_)), "request {r}: {o:?}");
+                assert!(
+                    matches!(o, DeliveryOutcome::Unsent(_)),
+                    "request {r}: {o:?}"
+                );
             } else {
-                assert!(matches!(o, DeliveryOutcome::Confirmed(_)), "request {r}: {o:?}");
+                assert!(
+                    matches!(o, DeliveryOutcome::Confirmed(_)),
+                    "request {r}: {o:?}"
+                );
             }
         }
     }

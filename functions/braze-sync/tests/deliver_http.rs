@@ -369,7 +369,10 @@ async fn a_refused_key_is_read_again_once_and_a_changed_key_is_used_from_then_on
         panic!("an unchanged wrong key is refused")
     };
     assert_eq!(status, 401);
-    assert!(message.contains("read again from its store and is unchanged"), "{message}");
+    assert!(
+        message.contains("read again from its store and is unchanged"),
+        "{message}"
+    );
     assert!(!message.contains(wrong_key), "{message}");
     assert_eq!(stub.bodies.lock().unwrap().len(), 1);
     assert_eq!(*store.reads.lock().unwrap(), 1);
@@ -430,13 +433,17 @@ async fn json_log_lines_never_carry_two_message_keys() {
     let good = client(addr, GOOD_KEY, Duration::from_secs(5));
     let (stats, _) = run_deliver(&good, 200).await;
     let stats = stats.unwrap();
-    assert!(stats.braze_rejected >= 1 && stats.users_unconfirmed >= 1, "{stats:?}");
+    assert!(
+        stats.braze_rejected >= 1 && stats.users_unconfirmed >= 1,
+        "{stats:?}"
+    );
     // A 400 for a request of ten (bisected, then accepted), then for a request of one.
     for n in [10, 1] {
-        stub.script
-            .lock()
-            .unwrap()
-            .push_back((400, vec![], json!({"message": "bad object"}).to_string()));
+        stub.script.lock().unwrap().push_back((
+            400,
+            vec![],
+            json!({"message": "bad object"}).to_string(),
+        ));
         let (stats, _) = run_deliver(&good, n).await;
         assert!(stats.is_ok());
     }

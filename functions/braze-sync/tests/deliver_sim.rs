@@ -354,7 +354,7 @@ async fn index_less_errors_leave_every_user_of_the_request_unconfirmed() {
         ..SimConfig::default()
     })
     .await;
-    let n = 750;
+    let n = 300;
     let ran = run(n, &client(&sim, KEY), cfg()).await;
     let stats = ran.result.as_ref().unwrap();
     // A batch with a refused object answers errors[] that name no object: none of its users
@@ -378,7 +378,10 @@ async fn index_less_errors_leave_every_user_of_the_request_unconfirmed() {
     );
     assert_eq!(ran.outcomes.len(), n);
     assert_eq!(stats.users_unconfirmed, unconfirmed);
-    assert_eq!(stats.users_unsent, 0, "unconfirmed users are not counted unsent");
+    assert_eq!(
+        stats.users_unsent, 0,
+        "unconfirmed users are not counted unsent"
+    );
     assert_eq!(stats.users_confirmed + stats.users_unconfirmed, n as u64);
     assert!(stats.unconfirmed_requests > 0);
 }
@@ -393,7 +396,7 @@ async fn strict_400_isolates_each_offending_object(errors_without_index: bool) {
         ..SimConfig::default()
     })
     .await;
-    let n = 1_500;
+    let n = 300;
     let ran = run(n, &client(&sim, KEY), cfg()).await;
     let stats = ran.result.as_ref().unwrap();
     // Every valid user sent and confirmed; each invalid one rejected with Braze's message.
@@ -403,7 +406,10 @@ async fn strict_400_isolates_each_offending_object(errors_without_index: bool) {
     assert_eq!(stats.braze_rejected, refused);
     assert_eq!(stats.users_confirmed, n as u64 - refused);
     assert!(stats.retries_by_cause.bisect_400 > 0);
-    assert_eq!(stats.users_sent, n as u64, "narrowing down does not count users twice");
+    assert_eq!(
+        stats.users_sent, n as u64,
+        "narrowing down does not count users twice"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

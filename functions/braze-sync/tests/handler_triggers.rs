@@ -333,7 +333,14 @@ fn eventbridge(bucket: &str, raw_key: &str) -> Value {
 #[tokio::test]
 async fn eventbridge_key_with_a_plus_is_the_object_with_a_plus() {
     let (store, rec, h) = setup();
-    put(&store, "exp", "amperity/customers/export+v2 2026-11-30.csv", "x", &[]).await;
+    put(
+        &store,
+        "exp",
+        "amperity/customers/export+v2 2026-11-30.csv",
+        "x",
+        &[],
+    )
+    .await;
     let out = h
         .handle(
             &eventbridge("exp", "amperity/customers/export+v2%202026-11-30.csv"),
@@ -366,7 +373,10 @@ async fn a_missing_object_is_reported_as_object_not_found_and_acknowledged() {
     // The report object says so, with both keys.
     let report = S3Uri::from_str(result["report"].as_str().unwrap()).unwrap();
     assert_eq!(report.bucket, "acme-state");
-    assert!(report.key.starts_with("bridge/reports/customers/"), "{report}");
+    assert!(
+        report.key.starts_with("bridge/reports/customers/"),
+        "{report}"
+    );
     let (_, body) = store.get(&report).await.unwrap();
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["status"], "object_not_found");

@@ -7,7 +7,9 @@
 use std::time::Duration;
 
 use harness::samples;
-use harness::stack::{BRAZE_KEY, BRAZE_KEY_SECRET, EXPORTS_BUCKET, STATE_BUCKET, Stack, StackOptions};
+use harness::stack::{
+    BRAZE_KEY, BRAZE_KEY_SECRET, EXPORTS_BUCKET, STATE_BUCKET, Stack, StackOptions,
+};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -109,11 +111,20 @@ async fn refused_key_then_fixed_and_keys_decoded_per_shape_and_missing_objects_r
         assert_eq!(r["status"], "failed");
         let err = r["error"].as_str().unwrap_or_default();
         assert!(err.starts_with("API key refused"), "{err}");
-        assert!(err.contains("read again from its store and is unchanged"), "{err}");
-        assert!(!err.contains("braze-wrong-key-0000"), "the key never shows: {err}");
+        assert!(
+            err.contains("read again from its store and is unchanged"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("braze-wrong-key-0000"),
+            "the key never shows: {err}"
+        );
     }
     let object = format!("s3://{EXPORTS_BUCKET}/{k}");
-    assert_eq!(ledger_statuses(&stack, &object).await?, ["failed_retryable"]);
+    assert_eq!(
+        ledger_statuses(&stack, &object).await?,
+        ["failed_retryable"]
+    );
     let dlq = stack.sync_dlq_url.clone().expect("dlq");
     let parked = stack
         .moto
@@ -122,7 +133,11 @@ async fn refused_key_then_fixed_and_keys_decoded_per_shape_and_missing_objects_r
         .queue_url(&dlq)
         .send()
         .await?;
-    assert_eq!(parked.messages().len(), 1, "the notification waits in the DLQ");
+    assert_eq!(
+        parked.messages().len(),
+        1,
+        "the notification waits in the DLQ"
+    );
     assert_eq!(
         sim.stats().requests_total,
         refused.len() as u64,
@@ -149,7 +164,10 @@ async fn refused_key_then_fixed_and_keys_decoded_per_shape_and_missing_objects_r
         .await?;
     stack.wait_idle(WAIT).await?;
     let raw = eventbridge_encode(hard);
-    assert!(raw.contains("export+v2%20") && raw.contains("%25=%C3%A9"), "{raw}");
+    assert!(
+        raw.contains("export+v2%20") && raw.contains("%25=%C3%A9"),
+        "{raw}"
+    );
     let r = f.invoke(&eventbridge_event(&raw)).await?;
     let outcome = r.body["results"][0]["outcome"].as_str().unwrap_or_default();
     assert!(

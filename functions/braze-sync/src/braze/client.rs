@@ -224,7 +224,6 @@ impl BrazeClient {
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
     }
-
 }
 
 #[async_trait]
@@ -421,7 +420,13 @@ pub fn classify(
     let code = status.as_u16();
     // Braze always answers `{"message": ...}`; a 2xx without it (a proxy's page, an empty or
     // cut body) confirms nothing.
-    let braze_json = matches!(&parsed, Some(Body { message: Some(_), .. }));
+    let braze_json = matches!(
+        &parsed,
+        Some(Body {
+            message: Some(_),
+            ..
+        })
+    );
     if status.is_success() && !braze_json {
         return Err(TrackError::Unconfirmed {
             status: code,
@@ -548,7 +553,10 @@ mod tests {
             b"{\"message\": \"succ",
         ] {
             assert!(
-                matches!(c(201, body), Err(TrackError::Unconfirmed { status: 201, .. })),
+                matches!(
+                    c(201, body),
+                    Err(TrackError::Unconfirmed { status: 201, .. })
+                ),
                 "{:?}",
                 String::from_utf8_lossy(body)
             );

@@ -131,7 +131,9 @@ pub enum TrackError {
     },
     /// A 2xx whose body is not Braze's JSON (`{"message": ...}`), e.g. a proxy's page: nothing
     /// says which objects Braze applied, so none of the request's users may be confirmed.
-    #[error("Braze answered HTTP {status} with a body that is not Braze's JSON ({message}); its users are left unconfirmed")]
+    #[error(
+        "Braze answered HTTP {status} with a body that is not Braze's JSON ({message}); its users are left unconfirmed"
+    )]
     Unconfirmed {
         /// The 2xx status.
         status: u16,

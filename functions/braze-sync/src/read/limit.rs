@@ -263,12 +263,15 @@ mod tests {
     fn a_spill_that_does_not_fit_fails_fast_naming_the_sizes() {
         let dir = std::env::temp_dir();
         // Known size over the free space: refused before a byte is written.
-        let err = spill_within(&mut &[0u8; 10][..], &dir, Some(3 << 30), Some(1 << 30))
-            .unwrap_err();
+        let err =
+            spill_within(&mut &[0u8; 10][..], &dir, Some(3 << 30), Some(1 << 30)).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::StorageFull);
         let msg = err.to_string();
         assert!(msg.contains("3221225472 bytes (3072 MiB)"), "{msg}");
-        assert!(msg.contains("1073741824 bytes (1024 MiB) are free"), "{msg}");
+        assert!(
+            msg.contains("1073741824 bytes (1024 MiB) are free"),
+            "{msg}"
+        );
         assert!(msg.contains("EphemeralStorage"), "{msg}");
         // Unknown size: stops as soon as the free space is passed.
         let data = vec![7u8; 600 * 1024];
@@ -276,8 +279,8 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::StorageFull);
         assert!(err.to_string().contains("more than 307200 bytes"), "{err}");
         // Room enough: spilled.
-        let mut f = spill_within(&mut &data[..], &dir, Some(data.len() as u64), Some(1 << 30))
-            .unwrap();
+        let mut f =
+            spill_within(&mut &data[..], &dir, Some(data.len() as u64), Some(1 << 30)).unwrap();
         let mut back = Vec::new();
         f.read_to_end(&mut back).unwrap();
         assert_eq!(back, data);
