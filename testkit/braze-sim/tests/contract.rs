@@ -692,6 +692,7 @@ async fn export_ids_answers_braze_shape_within_its_own_rate_window() {
         1,
         "/users/track's window is separate"
     );
+}
 
 #[tokio::test]
 async fn errors_without_index_fault_drops_index_but_still_refuses_the_object() {

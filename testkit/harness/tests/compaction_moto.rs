@@ -65,16 +65,7 @@ async fn normalize(
         .await?;
     let handler = Handler::new(cfg(bucket), store, Arc::new(Registry::builtin()?));
     let r = handler
-        .process(
-            &ObjectRef {
-                uri: S3Uri::new(bucket, key),
-                version_id: None,
-                etag: None,
-                size: None,
-                event_name: "test".into(),
-            },
-            false,
-        )
+        .process(&ObjectRef::named(S3Uri::new(bucket, key), "test"), false)
         .await;
     anyhow::ensure!(r.outcome == Outcome::Written, "{r:?}");
     r.part

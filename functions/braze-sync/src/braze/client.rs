@@ -294,6 +294,8 @@ impl crate::adopt::UserLookup for BrazeClient {
                 bodies.push(json!({ "braze_id": b }));
             }
         }
+        let current = self.snapshot();
+        let scrub = |t: &str| scrub_key(t, &current.key);
         let mut users = Vec::new();
         for body in bodies {
             let mut tries = 0;
@@ -302,15 +304,15 @@ impl crate::adopt::UserLookup for BrazeClient {
                 let resp = self
                     .http
                     .post(&url)
-                    .header(AUTHORIZATION, self.auth.clone())
+                    .header(AUTHORIZATION, current.auth.clone())
                     .header(CONTENT_TYPE, "application/json")
                     .body(body.to_string())
                     .send()
                     .await
                     .map_err(|e| {
-                        crate::adopt::LookupError(
-                            self.scrub(&transport_error(&e, &self.key).to_string()),
-                        )
+                        crate::adopt::LookupError(scrub(
+                            &transport_error(&e, &current.key).to_string(),
+                        ))
                     })?;
                 let status = resp.status();
                 let rate = rate_limit_info(resp.headers());
@@ -325,7 +327,7 @@ impl crate::adopt::UserLookup for BrazeClient {
                     continue;
                 }
                 if !status.is_success() {
-                    let shown: String = self.scrub(&text).chars().take(MAX_MESSAGE_CHARS).collect();
+                    let shown: String = scrub(&text).chars().take(MAX_MESSAGE_CHARS).collect();
                     return Err(crate::adopt::LookupError(format!(
                         "{} answered {status}: {shown}",
                         self.endpoint.host()
