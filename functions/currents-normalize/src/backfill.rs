@@ -274,11 +274,8 @@ impl Backfill {
                 let dry_run = req.dry_run;
                 async move {
                     let obj = ObjectRef {
-                        uri: t.uri.clone(),
-                        version_id: None,
-                        etag: None,
                         size: i64::try_from(t.size).ok(),
-                        event_name: "backfill".into(),
+                        ..ObjectRef::named(t.uri.clone(), "backfill")
                     };
                     (t, handler.process(&obj, dry_run).await)
                 }

@@ -85,13 +85,7 @@ async fn backfill_converts_every_layout_skips_done_work_and_compacts_touched_day
     let handler = Handler::new(cfg.clone(), store.clone(), registry.clone());
     let pre = handler
         .process(
-            &ObjectRef {
-                uri: S3Uri::new("raw", &keys[3]),
-                version_id: None,
-                etag: None,
-                size: None,
-                event_name: "test".into(),
-            },
+            &ObjectRef::named(S3Uri::new("raw", &keys[3]), "test"),
             false,
         )
         .await;
