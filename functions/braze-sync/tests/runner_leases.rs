@@ -158,6 +158,7 @@ async fn the_continuation_is_queued_only_after_the_lock_and_the_claim_are_releas
             state_bucket: "state".into(),
             output_prefixes: vec!["s/".into(), "r/".into(), "x/".into()],
             state_prefix: "s/".into(),
+            reports_prefix: "r/".into(),
             routes: vec![route.binding()],
             lease_s: 60,
         },
