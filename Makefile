@@ -71,7 +71,7 @@ CFN_LINT := $(VENV_INFRA)/sam/bin/cfn-lint --include-checks I --
 CHECKOV := $(VENV_INFRA)/checkov/bin/checkov --quiet --compact --skip-download --framework cloudformation -f
 LAMBDA_TARGET := aarch64-unknown-linux-gnu
 
-.PHONY: infra-tools infra-test build deploy
+.PHONY: infra-tools infra-test build deploy dashboard
 
 $(INFRA_SAM_STAMP): testkit/requirements-infra.txt
 	$(PYTHON) -m venv $(VENV_INFRA)/sam
@@ -86,6 +86,9 @@ $(INFRA_CHECKOV_STAMP): testkit/requirements-checkov.txt
 $(INFRA_NODE_STAMP): infra/package.json infra/package-lock.json
 	cd infra && npm ci --no-audit --no-fund
 	touch $@
+
+dashboard: ## Paste infra/dashboard.json (the operations dashboard the CDK construct reads) into template.yaml
+	$(PYTHON) infra/scripts/paste-dashboard.py
 
 infra-tools: $(INFRA_SAM_STAMP) $(INFRA_CHECKOV_STAMP) $(INFRA_NODE_STAMP) ## Install the pinned deployment checkers (.venv-infra, infra/node_modules)
 

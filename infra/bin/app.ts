@@ -73,10 +73,14 @@ function stubCodePaths(): Pick<BrazeBridgeProps, 'brazeSyncCodePath' | 'currents
 
 const stub = String(app.node.tryGetContext('stubAssets') ?? 'false') === 'true';
 
-new BrazeBridge(stack, 'Bridge', {
+const bridge = new BrazeBridge(stack, 'Bridge', {
   ...contextProps(),
   ...(stub ? stubCodePaths() : {}),
   brazeApiKeySecretArn: secretArn.valueAsString,
+});
+new cdk.CfnOutput(stack, 'DashboardUrl', {
+  description: 'CloudWatch dashboard of both functions (one widget per on-call question).',
+  value: bridge.dashboardUrl,
 });
 
 app.synth();

@@ -325,6 +325,10 @@ export class BrazeBridge extends Construct {
   };
   /** ARN of the SNS topic the alarms notify. */
   public readonly alarmTopicArn: string;
+  /** The operations dashboard (body: `infra/dashboard.json`). */
+  public readonly dashboard: cloudwatch.CfnDashboard;
+  /** Console URL of the operations dashboard. */
+  public readonly dashboardUrl: string;
 
   constructor(scope: Construct, id: string, props: BrazeBridgeProps) {
     super(scope, id);
@@ -800,8 +804,34 @@ export class BrazeBridge extends Construct {
         statistic: cloudwatch.Stats.SUM,
       }),
     );
+
+    // ---------------------------------------------------------------------------------------
+    // Operations dashboard: infra/dashboard.json, the same body template.yaml embeds.
+    // ---------------------------------------------------------------------------------------
+    this.dashboard = new cloudwatch.CfnDashboard(this, 'OperationsDashboard', {
+      dashboardBody: cdk.Fn.sub(fs.readFileSync(DASHBOARD_JSON, 'utf8'), {
+        BrazeSyncFunctionName: this.brazeSyncFunction.functionName,
+        CurrentsNormalizeFunctionName: this.currentsNormalizeFunction.functionName,
+        CurrentsCompactFunctionName: this.currentsCompactFunction.functionName,
+        BrazeSyncQueueName: this.brazeSyncQueue.queueName,
+        CurrentsNormalizeQueueName: this.currentsNormalizeQueue.queueName,
+        BrazeSyncDeadLetterQueueName: this.brazeSyncDeadLetterQueue.queueName,
+        CurrentsNormalizeDeadLetterQueueName: this.currentsNormalizeDeadLetterQueue.queueName,
+      }),
+    });
+    this.dashboardUrl = cdk.Fn.sub(
+      'https://${AWS::Region}.console.aws.amazon.com/cloudwatch/home?region=${AWS::Region}#dashboards:name=${Name}',
+      { Name: this.dashboard.ref },
+    );
   }
 }
+
+/**
+ * The dashboard body: CloudWatch dashboard JSON with `${...}` placeholders for `Fn::Sub`. Its
+ * metric names are checked against the functions' EMF emitters by `tests/dashboard_metrics.rs`
+ * in both function crates.
+ */
+export const DASHBOARD_JSON = path.resolve(__dirname, '..', 'dashboard.json');
 
 /** Drops props that are explicitly `undefined`, so they do not override defaults. */
 function definedOnly<T extends object>(props: T): Partial<T> {

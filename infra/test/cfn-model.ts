@@ -340,6 +340,8 @@ export interface BridgeModel {
   alarms: Record<string, JsonObject>;
   /** Schedules, Glue databases and Glue tables, whole. */
   catalog: Record<string, string>;
+  /** Dashboard label -> its body, parsed. */
+  dashboards: Record<string, Json>;
   removal: Record<string, string>;
   checkovSkips: Record<string, string[]>;
 }
@@ -360,6 +362,7 @@ export function bridgeModel(t: EvaluatedTemplate): BridgeModel {
     iamActions: {},
     alarms: {},
     catalog: {},
+    dashboards: {},
     removal: {},
     checkovSkips: {},
   };
@@ -490,6 +493,9 @@ export function bridgeModel(t: EvaluatedTemplate): BridgeModel {
       case 'AWS::Glue::Database':
       case 'AWS::Glue::Table':
         model.catalog[label] = canonical(props);
+        break;
+      case 'AWS::CloudWatch::Dashboard':
+        model.dashboards[label] = JSON.parse(String(props.DashboardBody)) as Json;
         break;
       default:
         break;

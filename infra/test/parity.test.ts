@@ -7,7 +7,9 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 
-import { BRAZE_BRIDGE_DEFAULTS, BRAZE_BRIDGE_PARAMETER_PROPS, BrazeBridgeProps, FUNCTION_SIZING } from '../lib/braze-bridge';
+import * as fs from 'node:fs';
+
+import { BRAZE_BRIDGE_DEFAULTS, BRAZE_BRIDGE_PARAMETER_PROPS, BrazeBridgeProps, DASHBOARD_JSON, FUNCTION_SIZING } from '../lib/braze-bridge';
 import { BridgeModel, bridgeModel, cdkLabel, evaluateTemplate, loadYamlTemplate } from './cfn-model';
 import { CONSTRUCT_ID, SECRET_ARN, TEMPLATE_YAML, parametersFor, synth } from './helpers';
 
@@ -92,6 +94,10 @@ for (const [name, props] of Object.entries(SCENARIOS)) {
       const schedule = JSON.parse(sam.catalog.CurrentsCompactSchedule) as { Target: { Input: string } };
       assert.deepEqual(JSON.parse(schedule.Target.Input), { compact: {} });
     });
+    test('same dashboard, from infra/dashboard.json', () => {
+      assert.deepEqual(cdk.dashboards, sam.dashboards);
+      assert.deepEqual(Object.keys(sam.dashboards), ['OperationsDashboard']);
+    });
     test('same removal policies', () => assert.deepEqual(cdk.removal, sam.removal));
     test('same checkov skips', () => assert.deepEqual(cdk.checkovSkips, sam.checkovSkips));
   });
@@ -145,5 +151,36 @@ describe('construct props and template parameters', () => {
       assert.deepEqual(resources[id].Metadata.BuildProperties, { Binary: binary });
       assert.equal(resources[id].Properties.CodeUri, `functions/${binary}`);
     }
+  });
+});
+
+describe('operations dashboard', () => {
+  const resources = yamlTemplate.Resources as Record<string, { Properties: Record<string, unknown> }>;
+  const body = resources.OperationsDashboard.Properties.DashboardBody as { 'Fn::Sub': [string, Record<string, unknown>] };
+
+  test('template.yaml embeds infra/dashboard.json verbatim (edit the file, then paste it into the template)', () => {
+    assert.equal(body['Fn::Sub'][0], fs.readFileSync(DASHBOARD_JSON, 'utf8'));
+  });
+
+  test('every placeholder of the body is given a value, and every value is used', () => {
+    const text = fs.readFileSync(DASHBOARD_JSON, 'utf8');
+    const used = new Set([...text.matchAll(/\$\{([^}]+)\}/g)].map((m) => m[1]).filter((n) => !n.startsWith('AWS::')));
+    assert.deepEqual([...used].sort(), Object.keys(body['Fn::Sub'][1]).sort());
+  });
+
+  test('every metric widget has a title, a region and at least one metric', () => {
+    const widgets = (JSON.parse(fs.readFileSync(DASHBOARD_JSON, 'utf8')) as { widgets: { type: string; properties: Record<string, unknown> }[] }).widgets;
+    const metricWidgets = widgets.filter((w) => w.type === 'metric');
+    assert.ok(metricWidgets.length >= 10);
+    for (const w of metricWidgets) {
+      assert.ok(typeof w.properties.title === 'string' && w.properties.title.length > 0);
+      assert.equal(w.properties.region, '${AWS::Region}');
+      assert.ok(Array.isArray(w.properties.metrics) && w.properties.metrics.length > 0, String(w.properties.title));
+    }
+  });
+
+  test('the stack outputs the dashboard URL', () => {
+    const outputs = yamlTemplate.Outputs as Record<string, { Value: { 'Fn::Sub': string } }>;
+    assert.match(outputs.DashboardUrl.Value['Fn::Sub'], /#dashboards:name=\$\{OperationsDashboard\}$/);
   });
 });

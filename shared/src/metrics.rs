@@ -69,9 +69,173 @@ pub fn emit(namespace: &str, dimensions: &[(&str, &str)], metrics: &[(&str, Metr
     );
 }
 
+/// One CloudWatch metric as a dashboard or an emitter names it: namespace, metric name and the
+/// (sorted) names of its dimensions. Used to hold the operations dashboard to what the code emits.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MetricKey {
+    /// CloudWatch namespace.
+    pub namespace: String,
+    /// Metric name.
+    pub name: String,
+    /// Dimension names, sorted.
+    pub dimensions: Vec<String>,
+}
+
+impl std::fmt::Display for MetricKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}/{} [{}]",
+            self.namespace,
+            self.name,
+            self.dimensions.join(",")
+        )
+    }
+}
+
+/// The metrics an EMF line declares (every namespace and dimension set it lists).
+pub fn emf_metric_keys(line: &str) -> Result<Vec<MetricKey>, String> {
+    let v: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+    let directives = v["_aws"]["CloudWatchMetrics"]
+        .as_array()
+        .ok_or("no _aws.CloudWatchMetrics")?;
+    let mut out = Vec::new();
+    for d in directives {
+        let namespace = d["Namespace"]
+            .as_str()
+            .ok_or("directive without Namespace")?;
+        let dim_sets = d["Dimensions"]
+            .as_array()
+            .ok_or("directive without Dimensions")?;
+        for set in dim_sets {
+            let mut dims: Vec<String> = set
+                .as_array()
+                .ok_or("dimension set is not a list")?
+                .iter()
+                .filter_map(|d| d.as_str().map(String::from))
+                .collect();
+            dims.sort();
+            for m in d["Metrics"].as_array().ok_or("directive without Metrics")? {
+                let name = m["Name"].as_str().ok_or("metric without Name")?;
+                out.push(MetricKey {
+                    namespace: namespace.into(),
+                    name: name.into(),
+                    dimensions: dims.clone(),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The metrics a CloudWatch dashboard body's widgets name: plain metric rows
+/// (`[namespace, name, dim, value, ..., {options}]`) and `SEARCH('{namespace,dim,...}
+/// MetricName="name"', ...)` expressions. Any other metric entry is an error, so nothing escapes
+/// the check.
+pub fn dashboard_metric_keys(body: &str) -> Result<Vec<MetricKey>, String> {
+    let v: Value = serde_json::from_str(body).map_err(|e| format!("dashboard is not JSON: {e}"))?;
+    let widgets = v["widgets"].as_array().ok_or("dashboard without widgets")?;
+    let mut out = Vec::new();
+    for w in widgets {
+        let title = w["properties"]["title"].as_str().unwrap_or("(untitled)");
+        let Some(rows) = w["properties"]["metrics"].as_array() else {
+            continue;
+        };
+        for row in rows {
+            let items = row
+                .as_array()
+                .ok_or_else(|| format!("widget {title:?}: a metric row is not a list"))?;
+            match items.first() {
+                Some(Value::String(namespace)) => {
+                    let name = items
+                        .get(1)
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| format!("widget {title:?}: row without a metric name"))?;
+                    let strings: Vec<&str> = items[2..].iter().filter_map(Value::as_str).collect();
+                    let mut dims: Vec<String> =
+                        strings.chunks(2).map(|c| c[0].to_string()).collect();
+                    dims.sort();
+                    out.push(MetricKey {
+                        namespace: namespace.clone(),
+                        name: name.into(),
+                        dimensions: dims,
+                    });
+                }
+                Some(Value::Object(o)) => {
+                    let expr = o.get("expression").and_then(Value::as_str).ok_or_else(|| {
+                        format!("widget {title:?}: options row without expression")
+                    })?;
+                    out.push(search_key(expr).map_err(|e| format!("widget {title:?}: {e}"))?);
+                }
+                _ => return Err(format!("widget {title:?}: empty or unreadable metric row")),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `SEARCH('{ns,dim1,dim2} MetricName="name"', ...)` -> its metric key.
+fn search_key(expr: &str) -> Result<MetricKey, String> {
+    let open = expr
+        .find('{')
+        .ok_or_else(|| format!("no {{schema}} in {expr:?}"))?;
+    let close = expr[open..]
+        .find('}')
+        .ok_or_else(|| format!("unclosed schema in {expr:?}"))?
+        + open;
+    let mut parts = expr[open + 1..close].split(',').map(str::trim);
+    let namespace = parts.next().unwrap_or_default().to_string();
+    let mut dims: Vec<String> = parts.map(String::from).collect();
+    dims.sort();
+    let tag = "MetricName=\"";
+    let at = expr
+        .find(tag)
+        .ok_or_else(|| format!("no MetricName=\"...\" in {expr:?}"))?
+        + tag.len();
+    let end = expr[at..]
+        .find('"')
+        .ok_or_else(|| format!("unclosed MetricName in {expr:?}"))?
+        + at;
+    Ok(MetricKey {
+        namespace,
+        name: expr[at..end].to_string(),
+        dimensions: dims,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dashboard_keys_come_from_rows_and_searches() {
+        let body = r#"{"widgets": [
+            {"type": "text", "properties": {"markdown": "x"}},
+            {"type": "metric", "properties": {"title": "t", "metrics": [
+                ["NS", "A", "Function", "f", {"label": "a"}],
+                [{"expression": "SEARCH('{NS/B,Route} MetricName=\"b\"', 'Sum', 300)", "id": "e0"}]
+            ]}}]}"#;
+        let keys = dashboard_metric_keys(body).unwrap();
+        assert_eq!(keys.len(), 2);
+        assert_eq!(keys[0].to_string(), "NS/A [Function]");
+        assert_eq!(keys[1].to_string(), "NS/B/b [Route]");
+        assert!(
+            dashboard_metric_keys(r#"{"widgets": [{"properties": {"metrics": [[1]]}}]}"#).is_err()
+        );
+    }
+
+    #[test]
+    fn emf_keys_list_each_metric_with_its_dimensions() {
+        let line = emf_line(
+            "NS",
+            &[("Route", "r"), ("A", "x")],
+            &[("m", Metric::Count(1.0))],
+            0,
+        );
+        let keys = emf_metric_keys(&line).unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].to_string(), "NS/m [A,Route]");
+    }
 
     #[test]
     fn emf_line_declares_each_metric_with_its_unit() {

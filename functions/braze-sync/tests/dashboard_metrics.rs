@@ -1,0 +1,98 @@
+//! The operations dashboard (`infra/dashboard.json`, embedded in template.yaml and read by the CDK
+//! construct) names only metrics braze-sync's EMF emitter writes, and shows every one of them
+//! unless it is listed in [`NOT_ON_DASHBOARD`] with a reason.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use braze_sync::report::{METRICS_NAMESPACE, RunReport};
+use bridge_shared::metrics::{MetricKey, dashboard_metric_keys, emf_line, emf_metric_keys};
+
+/// Emitted metrics deliberately left off the dashboard: (metric name, why).
+const NOT_ON_DASHBOARD: &[(&str, &str)] = &[];
+
+/// Source files allowed to write EMF lines; an emitter anywhere else must be added to this test.
+const EMITTERS: &[&str] = &["src/report.rs"];
+
+fn crate_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn dashboard() -> Vec<MetricKey> {
+    let path = crate_dir().join("../../infra/dashboard.json");
+    let body = std::fs::read_to_string(&path).unwrap();
+    dashboard_metric_keys(&body).unwrap()
+}
+
+/// What the emitter writes: every metric of a run report's EMF line.
+fn emitted() -> BTreeSet<MetricKey> {
+    let report = RunReport::new("run", "customers");
+    // The two lines `RunReport::emit_metrics` prints: per route, and alarm metrics across routes.
+    let across_routes = emf_line(METRICS_NAMESPACE, &[], &report.alarm_metrics(), 0);
+    [report.emf_line(0), across_routes]
+        .iter()
+        .flat_map(|l| emf_metric_keys(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn dashboard_names_only_metrics_braze_sync_emits() {
+    let emitted = emitted();
+    let unknown: Vec<String> = dashboard()
+        .into_iter()
+        .filter(|k| k.namespace == METRICS_NAMESPACE && !emitted.contains(k))
+        .map(|k| k.to_string())
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "infra/dashboard.json shows metrics braze-sync never emits: {unknown:?}"
+    );
+}
+
+#[test]
+fn every_emitted_metric_is_on_the_dashboard_or_excluded_with_a_reason() {
+    let shown: BTreeSet<MetricKey> = dashboard().into_iter().collect();
+    let missing: Vec<String> = emitted()
+        .into_iter()
+        .filter(|k| !shown.contains(k))
+        .filter(|k| !NOT_ON_DASHBOARD.iter().any(|(n, _)| *n == k.name))
+        .map(|k| k.to_string())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "braze-sync emits metrics infra/dashboard.json does not show (add a widget, then `make \
+         dashboard`, or list them in NOT_ON_DASHBOARD with a reason): {missing:?}"
+    );
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+#[test]
+fn emf_lines_are_written_only_by_the_emitters_this_test_reads() {
+    let root = crate_dir();
+    let mut files = Vec::new();
+    rust_files(&root.join("src"), &mut files);
+    let strays: Vec<String> = files
+        .iter()
+        .filter(|f| {
+            let text = std::fs::read_to_string(f).unwrap();
+            text.contains("bridge_shared::metrics") || text.contains("emf_line(")
+        })
+        .map(|f| f.strip_prefix(&root).unwrap().display().to_string())
+        .filter(|f| !EMITTERS.contains(&f.as_str()))
+        .collect();
+    assert!(
+        strays.is_empty(),
+        "EMF written outside {EMITTERS:?}: {strays:?}; add their metrics to `emitted()` here"
+    );
+}
