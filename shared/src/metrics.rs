@@ -203,6 +203,45 @@ fn search_key(expr: &str) -> Result<MetricKey, String> {
     })
 }
 
+/// The `.rs` files under `crate_dir/src` that write EMF (they name `bridge_shared::metrics` or
+/// call `emf_line(`) but are not in `emitters` (paths relative to `crate_dir`). A crate's
+/// dashboard-drift test reads only its known emitters, so any file listed here would slip past.
+#[cfg(feature = "test-util")]
+pub fn emf_writers_outside(
+    crate_dir: &std::path::Path,
+    emitters: &[&str],
+) -> std::io::Result<Vec<String>> {
+    fn rust_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                rust_files(&path, out)?;
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    rust_files(&crate_dir.join("src"), &mut files)?;
+    let mut strays = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file)?;
+        if !(text.contains("bridge_shared::metrics") || text.contains("emf_line(")) {
+            continue;
+        }
+        let rel = file
+            .strip_prefix(crate_dir)
+            .unwrap_or(&file)
+            .display()
+            .to_string();
+        if !emitters.contains(&rel.as_str()) {
+            strays.push(rel);
+        }
+    }
+    Ok(strays)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

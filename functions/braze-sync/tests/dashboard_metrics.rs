@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use braze_sync::report::{METRICS_NAMESPACE, RunReport};
 use bridge_shared::metrics::{MetricKey, dashboard_metric_keys, emf_line, emf_metric_keys};
@@ -66,31 +66,9 @@ fn every_emitted_metric_is_on_the_dashboard_or_excluded_with_a_reason() {
     );
 }
 
-fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            rust_files(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            out.push(path);
-        }
-    }
-}
-
 #[test]
 fn emf_lines_are_written_only_by_the_emitters_this_test_reads() {
-    let root = crate_dir();
-    let mut files = Vec::new();
-    rust_files(&root.join("src"), &mut files);
-    let strays: Vec<String> = files
-        .iter()
-        .filter(|f| {
-            let text = std::fs::read_to_string(f).unwrap();
-            text.contains("bridge_shared::metrics") || text.contains("emf_line(")
-        })
-        .map(|f| f.strip_prefix(&root).unwrap().display().to_string())
-        .filter(|f| !EMITTERS.contains(&f.as_str()))
-        .collect();
+    let strays = bridge_shared::metrics::emf_writers_outside(&crate_dir(), EMITTERS).unwrap();
     assert!(
         strays.is_empty(),
         "EMF written outside {EMITTERS:?}: {strays:?}; add their metrics to `emitted()` here"
