@@ -106,6 +106,39 @@ fn prefix(v: String) -> String {
     }
 }
 
+/// Where the routes and the state are: all `braze-sync status` needs (no Braze settings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Locations {
+    /// `ROUTES_LOCATION`, as in [`Config::routes_location`].
+    pub routes_location: RoutesLocation,
+    /// `STATE_BUCKET` (required).
+    pub state_bucket: String,
+    /// `STATE_PREFIX`, as in [`Config::state_prefix`].
+    pub state_prefix: String,
+    /// `REPORTS_PREFIX`, as in [`Config::reports_prefix`].
+    pub reports_prefix: String,
+}
+
+impl Locations {
+    /// Reads the environment.
+    pub fn from_env() -> Result<Locations, ConfigError> {
+        Self::from_lookup(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+    }
+
+    /// Reads variables through `get`, with the same names and defaults as [`Config`].
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Locations, ConfigError> {
+        let or = |k: &str, d: &str| get(k).unwrap_or_else(|| d.to_string());
+        let routes = or("ROUTES_LOCATION", "routes");
+        Ok(Locations {
+            routes_location: RoutesLocation::parse(&routes)
+                .map_err(|_| ConfigError::Invalid("ROUTES_LOCATION".into(), routes.clone()))?,
+            state_bucket: get("STATE_BUCKET").ok_or(ConfigError::Missing("STATE_BUCKET".into()))?,
+            state_prefix: prefix(or("STATE_PREFIX", "bridge/state/")),
+            reports_prefix: prefix(or("REPORTS_PREFIX", "bridge/reports/")),
+        })
+    }
+}
+
 impl Config {
     /// Reads the process environment. Under Lambda a plain `BRAZE_API_KEY` is refused.
     pub fn from_env() -> Result<Config, ConfigError> {
@@ -401,5 +434,39 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("routes");
         let routes = load_routes_dir(&dir).unwrap();
         assert!(routes.iter().any(|r| r.name() == "customers"));
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod locations_tests {
+    use super::*;
+
+    #[test]
+    fn locations_read_like_the_full_config() {
+        for env in [
+            vec![("STATE_BUCKET", "b")],
+            vec![
+                ("STATE_BUCKET", "b"),
+                ("STATE_PREFIX", "s"),
+                ("REPORTS_PREFIX", "r/"),
+                ("ROUTES_LOCATION", "s3://c/routes/"),
+            ],
+        ] {
+            let mut full = env.clone();
+            full.extend([("BRAZE_INSTANCE", "US-03"), ("BRAZE_API_KEY", "k-123")]);
+            let get = |vars: &Vec<(&str, &str)>, k: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            };
+            let c = Config::from_lookup(|k| get(&full, k), false).unwrap();
+            let l = Locations::from_lookup(|k| get(&env, k)).unwrap();
+            assert_eq!(l.routes_location, c.routes_location);
+            assert_eq!(l.state_bucket, c.state_bucket);
+            assert_eq!(l.state_prefix, c.state_prefix);
+            assert_eq!(l.reports_prefix, c.reports_prefix);
+        }
+        assert!(Locations::from_lookup(|_| None).is_err());
     }
 }

@@ -120,6 +120,33 @@ impl<'a> Ledger<'a> {
         )
     }
 
+    /// The ledger of `route` under `s3://bucket/<state_prefix><route>/ledger/`.
+    pub fn for_route(
+        store: &'a dyn ObjectStore,
+        bucket: &str,
+        state_prefix: &str,
+        route: &str,
+    ) -> Self {
+        Self::new(store, bucket, format!("{state_prefix}{route}/ledger/"))
+    }
+
+    /// The entry of `export_id`, if the ledger has one (read-only; for `status`).
+    pub async fn entry(&self, export_id: &str) -> Result<Option<LedgerEntry>, LedgerError> {
+        let uri = self.uri(export_id);
+        match self.store.get(&uri).await {
+            Ok((_, bytes)) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| LedgerError::Corrupt {
+                        uri,
+                        reason: e.to_string(),
+                    })
+            }
+            Err(StoreError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Claims `export_id` for `lease_s` seconds from `now`. `force` takes over any entry that
     /// is not running (a forced replay).
     pub async fn claim(

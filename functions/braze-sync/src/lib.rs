@@ -30,5 +30,6 @@ pub mod route;
 pub mod route_lock;
 pub mod runner;
 pub mod snapshot;
+pub mod status;
 pub mod sync;
 pub mod vocab;

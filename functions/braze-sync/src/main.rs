@@ -5,6 +5,7 @@
 //! braze-sync run s3://bucket/amperity/customers/export.csv [--dry-run] [--force-full]
 //! braze-sync run ./export.csv --route customers --dry-run      # preview a local file
 //! braze-sync check-routes [DIR]                                 # validate route files
+//! braze-sync status [ROUTE] [--json]                            # state, last runs, lease
 //! braze-sync adopt s3://bucket/amperity/customers/export.csv --verify-sample 500
 //! ```
 
@@ -13,12 +14,13 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use braze_sync::braze::{ApiKeyCache, BrazeApi, BrazeClient, ClientOptions, SourceReread};
-use braze_sync::config::{Config, RoutesLocation, load_routes, load_routes_dir};
+use braze_sync::config::{Config, Locations, RoutesLocation, load_routes, load_routes_dir};
 use braze_sync::handler::{Handler, HandlerConfig, RunFlags};
 use braze_sync::route::Route;
 use braze_sync::runner::{Continuation, RunnerSettings, SqsContinuation, SyncRunner};
 use braze_sync::snapshot::Snapshot;
 use braze_sync::snapshot::store::StateStore;
+use braze_sync::status::{StatusLocation, read_route_status, render};
 use braze_sync::sync::{ProduceOptions, dry_run, local_parts, open_local_parts, open_s3_part};
 use bridge_shared::object_store::S3Store;
 use bridge_shared::{ObjectStore, S3Uri, logging, runtime};
@@ -68,6 +70,15 @@ enum Command {
         /// Largest share (0..1) of sampled users that may differ.
         #[arg(long, default_value_t = braze_sync::adopt::DEFAULT_MAX_DIFFER_SHARE)]
         max_differ_share: f64,
+    },
+    /// Each route's state, last export, last runs, anything held or skipped, and the lease
+    /// holder if a run is in progress (read-only, from the state bucket).
+    Status {
+        /// Only this route.
+        route: Option<String>,
+        /// JSON for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Validate the route files of a folder (default: `ROUTES_LOCATION`).
     CheckRoutes {
@@ -209,8 +220,35 @@ fn remaining_ms(ctx: &lambda_runtime::Context) -> Option<u64> {
     (deadline > now).then(|| (deadline - now) as u64)
 }
 
+async fn status(route: Option<String>, json: bool) -> anyhow::Result<()> {
+    let loc = Locations::from_env()?;
+    let store: Arc<dyn ObjectStore> = Arc::new(S3Store::from_env().await);
+    let mut routes = load_routes(&loc.routes_location, store.as_ref()).await?;
+    if let Some(name) = &route {
+        routes.retain(|r| r.name() == name);
+        anyhow::ensure!(!routes.is_empty(), "no route {name:?}");
+    }
+    let at = StatusLocation {
+        bucket: loc.state_bucket.clone(),
+        state_prefix: loc.state_prefix.clone(),
+        reports_prefix: loc.reports_prefix.clone(),
+    };
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let mut statuses = Vec::new();
+    for r in &routes {
+        statuses.push(read_route_status(store.clone(), &at, r, now_ms).await?);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&statuses)?);
+    } else {
+        print!("{}", render(&statuses));
+    }
+    Ok(())
+}
+
 async fn cli(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Status { route, json } => status(route, json).await,
         Command::CheckRoutes { dir } => {
             let dir = match dir {
                 Some(d) => d,

@@ -80,6 +80,19 @@ fn body(doc: &LockDoc) -> Bytes {
     Bytes::from(serde_json::to_vec(doc).unwrap_or_default())
 }
 
+/// Reads the lock object without taking it (for `status`): `None` when the route never ran.
+pub async fn read_lock(store: &dyn ObjectStore, uri: &S3Uri) -> Result<Option<LockDoc>, LockError> {
+    match store.get(uri).await {
+        // An unreadable lock object protects nobody (see `acquire`): shown as free.
+        Ok((_, bytes)) => Ok(serde_json::from_slice(&bytes).ok()),
+        Err(StoreError::NotFound { .. }) => Ok(None),
+        Err(error) => Err(LockError::Store {
+            uri: uri.clone(),
+            error,
+        }),
+    }
+}
+
 impl RouteLock {
     /// Takes the lock for `lease_s` seconds from `now_ms` (epoch milliseconds), or returns
     /// `None` when another holder's lease is alive (or another run took it at the same moment).

@@ -75,6 +75,8 @@ pub struct Stack {
     pub currents_poller: Option<Poller>,
     /// braze-sync's dead-letter queue.
     pub sync_dlq_url: Option<String>,
+    /// The routes folder braze-sync was started with.
+    pub routes_dir: PathBuf,
 }
 
 impl Stack {
@@ -89,6 +91,7 @@ impl Stack {
             sync_poller: None,
             currents_poller: None,
             sync_dlq_url: None,
+            routes_dir: opts.routes_dir.clone(),
         };
         let env = aws_env(&stack.moto.endpoint);
         let log = |name: &str| opts.log_dir.as_ref().map(|d| d.join(format!("{name}.log")));
@@ -177,6 +180,40 @@ impl Stack {
             stack.currents_fn = Some(f);
         }
         Ok(stack)
+    }
+
+    /// The environment an operator's CLI (`braze-sync status`, `currents-normalize status`)
+    /// needs to read this stack's buckets.
+    pub fn cli_env(&self) -> Vec<(String, String)> {
+        let mut env = aws_env(&self.moto.endpoint);
+        for (k, v) in [
+            ("ROUTES_LOCATION", self.routes_dir.display().to_string()),
+            ("STATE_BUCKET", STATE_BUCKET.to_string()),
+            ("TABLES_BUCKET", CURRENTS_BUCKET.to_string()),
+            ("TABLES_PREFIX", "tables/".to_string()),
+            ("CURRENTS_PREFIX", "currents/".to_string()),
+        ] {
+            env.push((k.to_string(), v));
+        }
+        env
+    }
+
+    /// Runs a built function binary as the operator's CLI against this stack (output piped,
+    /// so never a terminal) and returns its output.
+    pub async fn cli(&self, binary: &str, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        let path = crate::paths::function_binary(binary)?;
+        let env = self.cli_env();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(path)
+                .args(args)
+                .envs(env)
+                .env_remove("AWS_LAMBDA_RUNTIME_API")
+                .stdin(std::process::Stdio::null())
+                .output()
+        })
+        .await??;
+        Ok(out)
     }
 
     /// Waits until both functions have drained their queues.
