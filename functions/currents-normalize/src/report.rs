@@ -142,6 +142,34 @@ pub struct RunReport {
     pub objects: Vec<ObjectResult>,
 }
 
+/// Where a report started at `started_at` (RFC 3339) by `request_id` is written:
+/// `<prefix><sub><yyyy-mm-dd>/<HHMMSS>-<request id>.json`, the id reduced to `[A-Za-z0-9-]`
+/// (anything else becomes `_`) so it is one safe key segment. Shared by the conversion and
+/// compaction reports.
+pub fn report_key(reports_prefix: &str, sub: &str, started_at: &str, request_id: &str) -> String {
+    let started = chrono::DateTime::parse_from_rfc3339(started_at)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .unwrap_or_else(|_| chrono::Utc::now());
+    let safe_id: String = request_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    bridge_shared::s3_uri::join_key(
+        reports_prefix,
+        &format!(
+            "{sub}{}/{}-{safe_id}.json",
+            started.format("%Y-%m-%d"),
+            started.format("%H%M%S")
+        ),
+    )
+}
+
 /// Sums per-object results.
 pub fn totals(objects: &[ObjectResult]) -> Totals {
     let mut t = Totals {
@@ -197,28 +225,7 @@ impl RunReport {
 
     /// The report's key: `<prefix><yyyy-mm-dd>/<HHMMSS>-<request id>.json` (start time, UTC).
     pub fn key(&self, reports_prefix: &str) -> String {
-        let started = chrono::DateTime::parse_from_rfc3339(&self.started_at)
-            .map(|t| t.with_timezone(&chrono::Utc))
-            .unwrap_or_else(|_| chrono::Utc::now());
-        let safe_id: String = self
-            .request_id
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        bridge_shared::s3_uri::join_key(
-            reports_prefix,
-            &format!(
-                "{}/{}-{safe_id}.json",
-                started.format("%Y-%m-%d"),
-                started.format("%H%M%S")
-            ),
-        )
+        report_key(reports_prefix, "", &self.started_at, &self.request_id)
     }
 
     /// The EMF lines for this run: run totals, rows per table, and a warning metric per

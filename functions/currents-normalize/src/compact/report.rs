@@ -180,27 +180,11 @@ impl CompactReport {
 
     /// The report's key under `reports_prefix`.
     pub fn key(&self, reports_prefix: &str) -> String {
-        let started = chrono::DateTime::parse_from_rfc3339(&self.started_at)
-            .map(|t| t.with_timezone(&chrono::Utc))
-            .unwrap_or_else(|_| chrono::Utc::now());
-        let safe_id: String = self
-            .request_id
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        bridge_shared::s3_uri::join_key(
+        crate::report::report_key(
             reports_prefix,
-            &format!(
-                "compaction/{}/{}-{safe_id}.json",
-                started.format("%Y-%m-%d"),
-                started.format("%H%M%S")
-            ),
+            "compaction/",
+            &self.started_at,
+            &self.request_id,
         )
     }
 
