@@ -459,6 +459,13 @@ export class BrazeBridge extends Construct {
         actions: ['s3:GetObject', 's3:PutObject'],
         resources: [objectsArn(state, p.statePrefix)],
       }),
+      // Runs sending at once share the workspace's rate limit through one lease each under
+      // _workspace/senders/; a run deletes its own at the end, and a dead run's.
+      new iam.PolicyStatement({
+        sid: 'DeleteSenderLeases',
+        actions: ['s3:DeleteObject'],
+        resources: [objectsArn(state, `${p.statePrefix}_workspace/senders/`)],
+      }),
       // Without ListBucket, S3 answers a read of a missing key (a route's first snapshot) with
       // 403 instead of 404; a prefix condition would not cover those reads.
       new iam.PolicyStatement({
@@ -800,6 +807,19 @@ export class BrazeBridge extends Construct {
       new cloudwatch.Metric({
         namespace: 'AmperityBrazeBridge/BrazeSync',
         metricName: 'departures_held',
+        period,
+        statistic: cloudwatch.Stats.SUM,
+      }),
+    );
+    // A notification naming an export object that is not there (EMF metric without dimensions).
+    alarm(
+      'BrazeSyncObjectNotFoundAlarm',
+      'object_not_found: a notification named an export object that is not there (deleted or renamed after upload, ' +
+        'or its key decoded unexpectedly). Never retried; read the report (key_received, key_decoded), then ' +
+        're-upload or re-copy the export. See the runbook.',
+      new cloudwatch.Metric({
+        namespace: 'AmperityBrazeBridge/BrazeSync',
+        metricName: 'object_not_found',
         period,
         statistic: cloudwatch.Stats.SUM,
       }),

@@ -385,7 +385,13 @@ describe('least-privilege IAM', () => {
           .flatMap(resourceText)
           .map((r) => r.replace(/^.*:s3:::[^/]+\//, ''))
           .sort();
-      assert.deepEqual(writes('BrazeSyncFunction'), ['bridge/rejects/*', 'bridge/reports/*', 'bridge/state/*']);
+      assert.deepEqual(writes('BrazeSyncFunction'), [
+        'bridge/rejects/*',
+        'bridge/reports/*',
+        'bridge/state/*',
+        // Deletes only the workspace's sender leases, not state.
+        'bridge/state/_workspace/senders/*',
+      ]);
       assert.deepEqual(writes('CurrentsNormalizeFunction'), ['quarantine/*', 'reports/currents/*', 'tables/*']);
     });
 
@@ -418,7 +424,7 @@ describe('least-privilege IAM', () => {
 describe('alarms', () => {
   test('errors, throttles and DLQ depth alarm per function, notifying a created topic', () => {
     const template = synth();
-    template.resourceCountIs('AWS::CloudWatch::Alarm', 9);
+    template.resourceCountIs('AWS::CloudWatch::Alarm', 10);
     template.resourceCountIs('AWS::SNS::Topic', 1);
     const topic = { Ref: logicalId(template, 'AlarmTopic') };
     for (const fn of ['BrazeSync', 'CurrentsNormalize']) {
@@ -460,6 +466,17 @@ describe('alarms', () => {
       AlarmDescription: Match.stringLikeRegexp('^API key refused'),
       AlarmActions: [topic],
     });
+    // A notification naming a missing export object: braze-sync's own metric, across routes.
+    template.hasResourceProperties('AWS::CloudWatch::Alarm', {
+      Namespace: 'AmperityBrazeBridge/BrazeSync',
+      MetricName: 'object_not_found',
+      Statistic: 'Sum',
+      Threshold: 0,
+      ComparisonOperator: 'GreaterThanThreshold',
+      AlarmDescription: Match.stringLikeRegexp('^object_not_found'),
+      AlarmActions: [topic],
+      OKActions: [topic],
+    });
   });
 
   test('braze-sync has ephemeral storage for its spills', () => {
@@ -473,7 +490,7 @@ describe('alarms', () => {
     const arn = 'arn:aws:sns:us-east-1:123456789012:ops';
     const template = synth({ alarmTopicArn: arn });
     template.resourceCountIs('AWS::SNS::Topic', 0);
-    template.resourcePropertiesCountIs('AWS::CloudWatch::Alarm', { AlarmActions: [arn], OKActions: [arn] }, 9);
+    template.resourcePropertiesCountIs('AWS::CloudWatch::Alarm', { AlarmActions: [arn], OKActions: [arn] }, 10);
   });
 });
 

@@ -471,6 +471,13 @@ mod memory {
                 .collect()
         }
 
+        /// Sets an object's `LastModified` (RFC 3339), to age it in tests; no-op when absent.
+        pub fn set_last_modified(&self, bucket: &str, key: &str, at: &str) {
+            if let Some((meta, _)) = self.lock().get_mut(&(bucket.to_string(), key.to_string())) {
+                meta.last_modified = Some(at.to_string());
+            }
+        }
+
         fn lock(
             &self,
         ) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), (ObjectMeta, Bytes)>> {

@@ -47,6 +47,9 @@ pub struct DeliverConfig {
     pub max_in_flight: usize,
     /// This sender's rate budget.
     pub rate: RateBudget,
+    /// How many senders share the workspace limit right now, this one included
+    /// ([`crate::workspace_share`]); the budget is divided by it. `None`: alone.
+    pub peers: Option<watch::Receiver<u32>>,
     /// When and how to retry.
     pub retry: RetryPolicy,
     /// Stop starting requests at this instant (the Lambda's remaining time minus a margin that
@@ -75,6 +78,7 @@ impl Default for DeliverConfig {
             max_body_bytes: MAX_BODY_BYTES,
             max_in_flight: 256,
             rate: RateBudget::default(),
+            peers: None,
             retry: RetryPolicy::default(),
             deadline: None,
             in_flight_grace: Duration::from_secs(10),
@@ -192,6 +196,9 @@ pub struct DeliveryStats {
     pub requests_per_s: f64,
     /// Why the run stopped early, if it did.
     pub stopped: Option<StopReason>,
+    /// The most senders that shared the workspace rate limit during the delivery (this one
+    /// included; 1 when it was alone or not coordinated).
+    pub workspace_senders: u32,
 }
 
 /// The run had to stop. Each variant carries the statistics so far; every delta received has
@@ -382,7 +389,7 @@ impl<A: BrazeApi + ?Sized> Shared<'_, A> {
             }
             let reset_in = err
                 .rate()
-                .and_then(|r| r.reset_in(self.limiter.epoch_now()));
+                .and_then(|r| r.retry_in(self.limiter.epoch_now()));
             drop(permit);
             let cause = match err {
                 TrackError::Unauthorized { status, message } => {
@@ -534,7 +541,7 @@ where
     let (stop_tx, stop_rx) = watch::channel(false);
     let shared = Shared {
         api,
-        limiter: RateLimiter::new(cfg.rate),
+        limiter: RateLimiter::shared(cfg.rate, cfg.peers.clone()),
         policy: cfg.retry.clone(),
         rng: Mutex::new(StdRng::seed_from_u64(cfg.seed)),
         deadline: cfg.deadline,
@@ -545,7 +552,8 @@ where
         target_host = %api.describe(),
         max_objects = limits.max_objects,
         max_in_flight,
-        planned_requests_per_s = cfg.rate.per_second(),
+        planned_requests_per_s = shared.limiter.per_second(),
+        workspace_senders = cfg.peers.as_ref().map_or(1, |p| *p.borrow()),
         "Starting delivery to Braze."
     );
     let mut run = Run {
@@ -683,6 +691,7 @@ where
         0.0
     };
     run.stats.stopped = run.stopping;
+    run.stats.workspace_senders = shared.limiter.most_peers();
     let stats = run.stats.clone();
     info!(
         deltas_in = stats.deltas_in,
@@ -694,6 +703,7 @@ where
         retries = stats.retries_by_cause.total(),
         duration_s = stats.duration_s,
         requests_per_s = stats.requests_per_s,
+        workspace_senders = stats.workspace_senders,
         stopped = ?stats.stopped,
         "Delivery to Braze finished."
     );

@@ -33,3 +33,4 @@ pub mod snapshot;
 pub mod status;
 pub mod sync;
 pub mod vocab;
+pub mod workspace_share;

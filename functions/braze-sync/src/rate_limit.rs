@@ -1,17 +1,22 @@
 //! Paces requests to Braze's `/users/track` rate limit. The budget comes from configuration
-//! (3,000 requests per 3 s per workspace by default, times this route's share when several syncs
-//! run at once) and is spent smoothly — one request every `window / budget`, with a small burst
-//! allowance — rather than all at the start of a window. The server's `X-RateLimit-Remaining` and
-//! `X-RateLimit-Reset` correct it: when fewer requests remain than we would send before the
-//! reset, sending slows to what remains; when none remain, or on a 429, sending pauses until the
-//! reset.
+//! (3,000 requests per 3 s per workspace by default, times this deployment's `RATE_LIMIT_SHARE`),
+//! divided by the number of senders using the workspace right now (kept up to date by
+//! [`crate::workspace_share`]), and is spent smoothly — one request every `window / budget`, with
+//! a small burst allowance — rather than all at the start of a window. The server's view corrects
+//! it: when `X-RateLimit-Remaining` is less than this sender's part of what is left before
+//! `X-RateLimit-Reset`, sending slows to that part; when none remain, or on a 429, sending pauses
+//! until the reset (or `Retry-After`, when the server sends one). A 429 also lowers the pace
+//! multiplicatively (once per window), and the pace climbs back step by step while no 429
+//! comes, so a workspace shared with senders we do not know about settles below its limit.
 //!
 //! [`LimiterCore`] is the pure scheduler (times are offsets from the limiter's start, so tests use
 //! a fake clock); [`RateLimiter`] wraps it for async callers.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
 
 use crate::braze::RateLimitInfo;
 
@@ -40,6 +45,12 @@ pub struct RateBudget {
     pub reset_resolution: Duration,
     /// Longest pause a 429 or an exhausted window can impose at once.
     pub max_pause: Duration,
+    /// Factor the pace is multiplied by after a 429 (at most once per window), in (0, 1].
+    pub decrease_on_429: f64,
+    /// Lowest the 429 factor can bring the pace, as a fraction of the planned pace.
+    pub min_pace: f64,
+    /// How much of the planned pace comes back per quarter window without a 429.
+    pub recover_step: f64,
 }
 
 impl Default for RateBudget {
@@ -52,6 +63,9 @@ impl Default for RateBudget {
             burst_fraction: 0.01,
             reset_resolution: Duration::from_secs(1),
             max_pause: Duration::from_secs(60),
+            decrease_on_429: 0.8,
+            min_pace: 0.25,
+            recover_step: 0.05,
         }
     }
 }
@@ -106,6 +120,14 @@ struct Throttle {
 #[derive(Debug, Clone)]
 pub struct LimiterCore {
     budget: RateBudget,
+    /// Senders sharing the budget (this one included), at least one.
+    peers: u32,
+    /// The 429 factor on the pace, in `[min_pace, 1]`.
+    pace: f64,
+    /// No further 429 cut before this (the 429s of one window count once).
+    no_cut_until: Duration,
+    /// The pace climbs one step at this time, while below 1.
+    next_raise: Duration,
     interval: Duration,
     tolerance: Duration,
     /// Theoretical arrival time of the next request (GCRA).
@@ -118,20 +140,82 @@ pub struct LimiterCore {
 impl LimiterCore {
     /// A scheduler for `budget`, with no history.
     pub fn new(budget: RateBudget) -> Self {
-        let interval = budget.interval();
-        Self {
+        let mut core = Self {
             budget,
-            interval,
-            tolerance: interval.saturating_mul(budget.burst().saturating_sub(1)),
+            peers: 1,
+            pace: 1.0,
+            no_cut_until: Duration::ZERO,
+            next_raise: Duration::ZERO,
+            interval: Duration::ZERO,
+            tolerance: Duration::ZERO,
             tat: Duration::ZERO,
             hold_until: Duration::ZERO,
             throttle: None,
-        }
+        };
+        core.recompute();
+        core
+    }
+
+    /// Interval and burst tolerance from the budget, the peers and the 429 factor.
+    fn recompute(&mut self) {
+        let b = &self.budget;
+        let per_window =
+            (b.planned_per_window() / f64::from(self.peers.max(1)) * self.pace).max(1.0);
+        self.interval = b.window.max(Duration::from_millis(1)).div_f64(per_window);
+        let f = if b.burst_fraction.is_finite() {
+            b.burst_fraction.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        let burst = ((per_window * f) as u32).max(1);
+        self.tolerance = self.interval.saturating_mul(burst.saturating_sub(1));
     }
 
     /// The budget.
     pub fn budget(&self) -> &RateBudget {
         &self.budget
+    }
+
+    /// Senders sharing the workspace limit, as last told.
+    pub fn peers(&self) -> u32 {
+        self.peers
+    }
+
+    /// The 429 factor on the pace (1 when no 429 came lately).
+    pub fn pace(&self) -> f64 {
+        self.pace
+    }
+
+    /// Tells how many senders (this one included) share the budget now; the pace becomes
+    /// `1 / peers` of it from the next reservation on.
+    pub fn set_peers(&mut self, peers: u32) {
+        let peers = peers.max(1);
+        if peers != self.peers {
+            self.peers = peers;
+            self.recompute();
+        }
+    }
+
+    /// Planned requests per second right now (peers and the 429 factor included).
+    pub fn per_second(&self) -> f64 {
+        1.0 / self.interval.as_secs_f64().max(1e-9)
+    }
+
+    /// Climbs back towards the planned pace, one step per quarter window without a 429.
+    fn recover(&mut self, now: Duration) {
+        if self.pace >= 1.0 || now < self.next_raise {
+            return;
+        }
+        let step = if self.budget.recover_step.is_finite() {
+            self.budget.recover_step.clamp(0.001, 1.0)
+        } else {
+            0.05
+        };
+        let quarter = (self.budget.window / 4).max(Duration::from_millis(1));
+        let steps = ((now - self.next_raise).as_secs_f64() / quarter.as_secs_f64()) as u32 + 1;
+        self.pace = (self.pace + step * f64::from(steps)).min(1.0);
+        self.next_raise = now + quarter;
+        self.recompute();
     }
 
     /// Time between requests right now (slower while throttled).
@@ -149,6 +233,7 @@ impl LimiterCore {
 
     /// Reserves the next slot: the returned time (≥ `now`) is when the caller may send.
     pub fn reserve(&mut self, now: Duration) -> Duration {
+        self.recover(now);
         let interval = self.current_interval(now);
         let earliest = now.max(self.hold_until);
         let slot = earliest.max(self.tat.saturating_sub(self.tolerance));
@@ -170,12 +255,30 @@ impl LimiterCore {
         self.tat = self.tat.max(self.hold_until);
     }
 
-    /// A 429 arrived: pause until the reset (or a third of a window when the server gave none).
-    pub fn on_rate_limited(&mut self, now: Duration, reset_in: Option<Duration>) {
-        let wait = reset_in
+    /// A 429 arrived: pause until the server said to retry (`Retry-After`, else the reset; a
+    /// third of a window when it said nothing), and lower the pace by `decrease_on_429` — once
+    /// per window, since the 429s of requests already in flight tell nothing new.
+    pub fn on_rate_limited(&mut self, now: Duration, retry_in: Option<Duration>) {
+        let wait = retry_in
             .filter(|d| !d.is_zero())
             .unwrap_or(self.budget.window / 3);
         self.hold(now, now + wait);
+        if now >= self.no_cut_until {
+            let cut = if self.budget.decrease_on_429.is_finite() {
+                self.budget.decrease_on_429.clamp(0.05, 1.0)
+            } else {
+                0.8
+            };
+            let floor = if self.budget.min_pace.is_finite() {
+                self.budget.min_pace.clamp(0.01, 1.0)
+            } else {
+                0.25
+            };
+            self.pace = (self.pace * cut).max(floor);
+            self.recompute();
+            self.no_cut_until = self.hold_until + self.budget.window;
+            self.next_raise = self.no_cut_until;
+        }
     }
 
     /// A response told how many requests remain in the server's window and when it resets;
@@ -195,7 +298,10 @@ impl LimiterCore {
             return;
         }
         let until = now + reset_in;
-        let available = remaining.saturating_sub(in_flight);
+        // Every sender has about as many requests in flight as we do; what is left after them
+        // is shared equally.
+        let peers = u64::from(self.peers.max(1));
+        let available = remaining.saturating_sub(in_flight.saturating_mul(peers)) / peers;
         if available == 0 {
             self.hold(now, until);
             return;
@@ -224,11 +330,20 @@ pub struct RateLimiter {
     epoch_at_start: f64,
     in_flight: AtomicU64,
     waits: AtomicU64,
+    /// How many senders share the workspace limit (from [`crate::workspace_share`]).
+    peers: Option<watch::Receiver<u32>>,
+    most_peers: AtomicU32,
 }
 
 impl RateLimiter {
-    /// A limiter for `budget`, starting now.
+    /// A limiter for `budget`, starting now, alone on the workspace limit.
     pub fn new(budget: RateBudget) -> Self {
+        Self::shared(budget, None)
+    }
+
+    /// A limiter for `budget` that divides it by the number of senders `peers` says share the
+    /// workspace limit (this one included), re-read before every slot.
+    pub fn shared(budget: RateBudget, peers: Option<watch::Receiver<u32>>) -> Self {
         let epoch_at_start = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
@@ -239,7 +354,25 @@ impl RateLimiter {
             epoch_at_start,
             in_flight: AtomicU64::new(0),
             waits: AtomicU64::new(0),
+            peers,
+            most_peers: AtomicU32::new(1),
         }
+    }
+
+    /// The most senders that shared the workspace limit with this one (itself included).
+    pub fn most_peers(&self) -> u32 {
+        self.most_peers.load(Ordering::Relaxed)
+    }
+
+    /// Planned requests per second right now.
+    pub fn per_second(&self) -> f64 {
+        self.with_core(|c| c.per_second())
+    }
+
+    fn peers_now(&self) -> Option<u32> {
+        let n = (*self.peers.as_ref()?.borrow()).max(1);
+        self.most_peers.fetch_max(n, Ordering::Relaxed);
+        Some(n)
     }
 
     fn now(&self) -> Duration {
@@ -264,7 +397,13 @@ impl RateLimiter {
     pub async fn acquire(&self) -> Permit<'_> {
         loop {
             let now = self.now();
-            let slot = self.with_core(|c| c.reserve(now));
+            let peers = self.peers_now();
+            let slot = self.with_core(|c| {
+                if let Some(n) = peers {
+                    c.set_peers(n);
+                }
+                c.reserve(now)
+            });
             if slot > now {
                 self.waits.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep_until(self.start + slot).await;
@@ -290,14 +429,14 @@ impl RateLimiter {
 
     fn observe(&self, rate: &RateLimitInfo, rate_limited: bool) {
         let now = self.now();
-        let reset_in = rate.reset_in(self.epoch_now());
+        let epoch = self.epoch_now();
         // Our own request is answered: it no longer counts as in flight.
         let in_flight = self.in_flight().saturating_sub(1);
         self.with_core(|c| {
             if rate_limited {
-                c.on_rate_limited(now, reset_in);
+                c.on_rate_limited(now, rate.retry_in(epoch));
             } else {
-                c.observe(now, rate.remaining, reset_in, in_flight);
+                c.observe(now, rate.remaining, rate.reset_in(epoch), in_flight);
             }
         });
     }
@@ -452,6 +591,70 @@ mod tests {
     }
 
     #[test]
+    fn peers_divide_the_budget_and_a_leaver_gives_its_part_back() {
+        let mut core = LimiterCore::new(budget(3000));
+        core.set_peers(5);
+        // 3,000 per 3 s shared by five: 200/s each.
+        let sends = drain(&mut core, Duration::ZERO, ms(3000));
+        assert!((598..=610).contains(&sends.len()), "{}", sends.len());
+        core.set_peers(2);
+        let sends = drain(&mut core, ms(3000), ms(3000));
+        assert!((1495..=1510).contains(&sends.len()), "{}", sends.len());
+        // Zero is read as alone.
+        core.set_peers(0);
+        assert_eq!(core.peers(), 1);
+    }
+
+    #[test]
+    fn a_429_lowers_the_pace_once_per_window_then_it_climbs_back() {
+        let mut core = LimiterCore::new(budget(3000));
+        assert_eq!(core.current_interval(ms(0)), ms(1));
+        // Three 429s from requests that were in flight together: one cut.
+        core.on_rate_limited(ms(100), Some(ms(900)));
+        core.on_rate_limited(ms(110), Some(ms(890)));
+        core.on_rate_limited(ms(120), Some(ms(880)));
+        assert!((core.pace() - 0.8).abs() < 1e-9, "{}", core.pace());
+        assert!((core.per_second() - 800.0).abs() < 1.0);
+        // Another 429 in a later window cuts again.
+        core.on_rate_limited(ms(4_100), Some(ms(900)));
+        assert!((core.pace() - 0.64).abs() < 1e-9, "{}", core.pace());
+        // Quiet from then on: a step per quarter window once a window has passed since the
+        // pause, back to the planned pace.
+        core.reserve(ms(7_000));
+        assert!(core.pace() > 0.64 && core.pace() < 1.0, "{}", core.pace());
+        core.reserve(ms(20_000));
+        assert!((core.pace() - 1.0).abs() < 1e-9, "{}", core.pace());
+        assert_eq!(core.current_interval(ms(20_000)), ms(1));
+    }
+
+    #[test]
+    fn the_pace_never_falls_below_its_floor() {
+        let mut core = LimiterCore::new(budget(3000));
+        for w in 0..40 {
+            core.on_rate_limited(Duration::from_secs(10 * w), Some(ms(100)));
+        }
+        assert!((core.pace() - 0.25).abs() < 1e-9, "{}", core.pace());
+    }
+
+    #[test]
+    fn what_the_server_has_left_is_shared_among_the_peers() {
+        // 600 left for the next 2.5 s; five senders with 10 in flight each: 110 for us.
+        let mut core = LimiterCore::new(budget(3000));
+        core.set_peers(5);
+        core.observe(ms(500), Some(600), Some(ms(2500)), 10);
+        let sends = drain(&mut core, ms(500), ms(2500));
+        assert!(
+            (100..=112 + core.budget().burst() as usize).contains(&sends.len()),
+            "{}",
+            sends.len()
+        );
+        // Alone, the same answer would not slow us below the planned pace for long.
+        let mut alone = LimiterCore::new(budget(3000));
+        alone.observe(ms(500), Some(600), Some(ms(2500)), 10);
+        assert!(drain(&mut alone, ms(500), ms(2500)).len() > 500);
+    }
+
+    #[test]
     fn stale_answers_from_a_past_window_are_ignored() {
         let mut core = LimiterCore::new(budget(3000));
         core.observe(ms(500), Some(0), Some(Duration::ZERO), 0);
@@ -476,6 +679,54 @@ mod tests {
         assert_eq!(limiter.in_flight(), 11);
         drop(permits);
         assert_eq!(limiter.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn async_limiter_follows_the_peer_count() {
+        let (tx, rx) = watch::channel(3u32);
+        let limiter = RateLimiter::shared(
+            RateBudget {
+                requests_per_window: 30,
+                headroom: 0.0,
+                burst_fraction: 0.0,
+                ..Default::default()
+            },
+            Some(rx),
+        );
+        let start = tokio::time::Instant::now();
+        for _ in 0..4 {
+            drop(limiter.acquire().await);
+        }
+        // A third of 10/s: one every 300 ms; the 4th at 900 ms.
+        assert_eq!(start.elapsed(), ms(900));
+        tx.send_replace(1);
+        let start = tokio::time::Instant::now();
+        for _ in 0..4 {
+            drop(limiter.acquire().await);
+        }
+        // The slot reserved before the change still waits 300 ms, the next ones 100 ms each.
+        assert_eq!(start.elapsed(), ms(600));
+        assert_eq!(limiter.most_peers(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn async_limiter_honours_retry_after_over_the_reset() {
+        let limiter = RateLimiter::new(budget(3000));
+        let p = limiter.acquire().await;
+        p.observe(
+            &RateLimitInfo {
+                remaining: Some(0),
+                reset: Some(limiter.epoch_now() + 3.0),
+                retry_after_s: Some(0.5),
+                ..Default::default()
+            },
+            true,
+        );
+        drop(p);
+        let start = tokio::time::Instant::now();
+        let _p = limiter.acquire().await;
+        let waited = start.elapsed();
+        assert!(waited >= ms(490) && waited <= ms(510), "{waited:?}");
     }
 
     #[tokio::test(start_paused = true)]

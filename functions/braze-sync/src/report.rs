@@ -111,6 +111,9 @@ pub struct RunReport {
     pub send_duration_s: f64,
     /// Achieved requests per second while delivering.
     pub requests_per_s: f64,
+    /// The most senders (runs of any route, this one included) that shared the workspace's
+    /// rate limit while this run sent; each paced at its share of the limit.
+    pub workspace_senders: u32,
     /// Why sending stopped early, if it did.
     pub stopped: Option<StopReason>,
     /// Where rejected rows were written.
@@ -160,6 +163,7 @@ impl RunReport {
         self.requests = d.requests;
         self.send_duration_s = d.duration_s;
         self.requests_per_s = d.requests_per_s;
+        self.workspace_senders = d.workspace_senders;
         self.stopped = d.stopped;
         if d.unmapped_errors > 0 {
             self.notes.push(format!(

@@ -319,7 +319,10 @@ pub struct Route {
 pub const MAX_SLOTS: usize = 1000;
 
 fn valid_name(name: &str) -> bool {
+    // A leading '_' is reserved for the bridge's own folders beside the routes' state
+    // (`_workspace/`, see `crate::workspace_share`).
     !name.is_empty()
+        && !name.starts_with('_')
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
@@ -343,7 +346,7 @@ impl Route {
         };
         if !valid_name(&config.name) {
             return Err(invalid(format!(
-                "name {:?} must be lowercase letters, digits, '-' or '_'",
+                "name {:?} must be lowercase letters, digits, '-' or '_', not starting with '_'",
                 config.name
             )));
         }
@@ -727,6 +730,14 @@ column = "amperity_id"
         assert_eq!(r.slot_names(), ["dob", "first_name", "ltv", "aud_vip"]);
         assert_eq!(r.slot_of("ltv"), Some(2));
         assert!(r.tracks_departures());
+    }
+
+    #[test]
+    fn names_starting_with_underscore_are_reserved() {
+        let text = BASE.replace("\"customers\"", "\"_workspace\"");
+        let err = Route::from_toml(&text, "t").unwrap_err();
+        assert!(err.to_string().contains("not starting with '_'"), "{err}");
+        assert!(Route::from_toml(&BASE.replace("customers\"", "cust_omers\""), "t").is_ok());
     }
 
     #[test]

@@ -314,3 +314,42 @@ async fn a_state_too_large_for_memory_is_refused_before_the_route_lock_is_taken(
     );
     assert_eq!(api.sent.load(Ordering::SeqCst), 0);
 }
+
+#[tokio::test]
+async fn a_run_shares_the_workspace_limit_with_the_senders_it_finds_and_leaves_no_lease() {
+    let store = Arc::new(MemoryStore::new());
+    // Another route's run is sending: its lease was written just now.
+    let other = S3Uri::new("state", "s/_workspace/senders/orders--run-x.json");
+    store
+        .put(
+            &other,
+            Bytes::from_static(b"{}"),
+            PutCondition::None,
+            BTreeMap::new(),
+        )
+        .await
+        .unwrap();
+    let dyn_store: Arc<dyn ObjectStore> = store.clone();
+    let r = runner(dyn_store.clone(), braze(30), settings(), None);
+    let p = plan(dyn_store.as_ref(), "in/some.csv", csv(50)).await;
+    assert!(r.run(&p, None).await.unwrap().complete());
+    // The report says two senders shared the limit.
+    let report_key = store
+        .keys("state")
+        .into_iter()
+        .find(|k| k.starts_with("r/people/"))
+        .unwrap();
+    let (_, body) = store
+        .get(&S3Uri::new("state", report_key.as_str()))
+        .await
+        .unwrap();
+    let report: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(report["workspace_senders"], 2, "{report}");
+    // Our lease is gone; the other run's stays.
+    let leases: Vec<String> = store
+        .keys("state")
+        .into_iter()
+        .filter(|k| k.starts_with("s/_workspace/"))
+        .collect();
+    assert_eq!(leases, vec![other.key.clone()]);
+}

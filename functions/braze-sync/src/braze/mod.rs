@@ -53,6 +53,18 @@ impl RateLimitInfo {
         };
         Some(Duration::from_secs_f64(secs.clamp(0.0, 86_400.0)))
     }
+
+    /// How long to wait before sending again after a 429: `Retry-After` when the server sent
+    /// one (its explicit instruction, often finer than the whole-second reset), else the time
+    /// until the reset.
+    pub fn retry_in(&self, now_epoch_s: f64) -> Option<Duration> {
+        match self.retry_after_s {
+            Some(ra) if ra.is_finite() && ra >= 0.0 => {
+                Some(Duration::from_secs_f64(ra.min(86_400.0)))
+            }
+            _ => self.reset_in(now_epoch_s),
+        }
+    }
 }
 
 /// One entry of `errors[]` in a Braze response.
@@ -189,5 +201,24 @@ mod tests {
         };
         assert_eq!(r.reset_in(1_700_000_000.0), Some(Duration::from_secs(2)));
         assert_eq!(RateLimitInfo::default().reset_in(0.0), None);
+    }
+
+    #[test]
+    fn retry_after_wins_over_the_reset_after_a_429() {
+        let r = RateLimitInfo {
+            reset: Some(1_700_000_003.0),
+            retry_after_s: Some(0.5),
+            ..Default::default()
+        };
+        assert_eq!(
+            r.retry_in(1_700_000_000.0),
+            Some(Duration::from_millis(500))
+        );
+        // Without Retry-After, the reset.
+        let r = RateLimitInfo {
+            reset: Some(1_700_000_003.0),
+            ..Default::default()
+        };
+        assert_eq!(r.retry_in(1_700_000_000.0), Some(Duration::from_secs(3)));
     }
 }

@@ -38,6 +38,7 @@ use crate::route::Route;
 use crate::route_lock::{RouteLock, lock_uri};
 use crate::snapshot::store::{Head, StateStore};
 use crate::sync::ProduceOptions;
+use crate::workspace_share::{SenderRegistry, ShareSettings, WorkspaceShare};
 use committer::Committer;
 use conclude::{Ended, RunRecord};
 use producer::Producer;
@@ -70,6 +71,9 @@ pub struct RunnerSettings {
     /// The function's memory (`AWS_LAMBDA_FUNCTION_MEMORY_SIZE`, in bytes); a route whose
     /// state cannot fit in [`STATE_MEMORY_SHARE`] of it fails before the route lock is taken.
     pub memory_limit_bytes: Option<u64>,
+    /// How the runs' senders share the workspace rate limit through leases in the state
+    /// bucket ([`crate::workspace_share`]); `None`: each run paces at the whole budget.
+    pub workspace_share: Option<ShareSettings>,
 }
 
 /// Share of the function's memory the confirmed state may take; the rest is for the readers,
@@ -96,6 +100,7 @@ impl RunnerSettings {
             max_run: None,
             route_lease_s: 60,
             memory_limit_bytes: None,
+            workspace_share: Some(ShareSettings::default()),
         }
     }
 }
@@ -324,7 +329,12 @@ impl SyncRunner {
         dcfg.deadline = self
             .deadline(remaining_ms)
             .map(tokio::time::Instant::from_std);
-        let sender = Sender::start(self.api.clone(), dcfg, delta_rx, out_tx);
+        let share = s.workspace_share.clone().map(|settings| {
+            let registry =
+                SenderRegistry::new(self.store.clone(), &s.state_bucket, &s.state_prefix);
+            WorkspaceShare::new(registry, settings, route.name(), &record.run_id)
+        });
+        let sender = Sender::start(self.api.clone(), dcfg, delta_rx, out_tx, share);
         let mut committer = Committer::new(state, head, route.clone(), s.checkpoint_every);
         committer.follow(out_rx, lock_lost).await;
 

@@ -1,5 +1,7 @@
 //! Stage 2 of a run: the sender ([`crate::deliver::deliver`]) as a task, taking deltas from the
-//! producer and reporting each one's outcome to the committer.
+//! producer and reporting each one's outcome to the committer. While it sends, it is one of the
+//! workspace's senders ([`crate::workspace_share`]): it registers before the first request,
+//! paces at its share of the workspace limit as senders come and go, and leaves at the end.
 
 use std::sync::Arc;
 
@@ -10,6 +12,7 @@ use crate::braze::BrazeApi;
 use crate::deliver::{DeliverConfig, DeliverError, DeliveryStats, deliver};
 use crate::handler::RunError;
 use crate::model::{DeliveryOutcome, UserDelta};
+use crate::workspace_share::WorkspaceShare;
 
 /// How the sender ended: its figures, and the error that stopped it, if one did.
 pub(super) struct Delivery {
@@ -25,14 +28,24 @@ pub(super) struct Sender {
 }
 
 impl Sender {
-    /// Starts sending what arrives on `rx`; outcomes go to `outcomes`.
+    /// Starts sending what arrives on `rx`; outcomes go to `outcomes`. With `share`, the sender
+    /// joins the workspace's senders first and paces at its share of the limit.
     pub fn start(
         api: Arc<dyn BrazeApi>,
-        cfg: DeliverConfig,
+        mut cfg: DeliverConfig,
         rx: mpsc::Receiver<UserDelta>,
         outcomes: mpsc::Sender<DeliveryOutcome>,
+        share: Option<(WorkspaceShare, tokio::sync::watch::Receiver<u32>)>,
     ) -> Self {
-        let handle = tokio::spawn(async move { deliver(rx, api.as_ref(), cfg, outcomes).await });
+        let handle = tokio::spawn(async move {
+            match share {
+                None => deliver(rx, api.as_ref(), cfg, outcomes).await,
+                Some((share, peers)) => {
+                    cfg.peers = Some(peers);
+                    share.around(deliver(rx, api.as_ref(), cfg, outcomes)).await
+                }
+            }
+        });
         Self { handle }
     }
 

@@ -1,19 +1,24 @@
 //! `make bench` figure for braze-sync's sender: 1,000,000 changed users sent to the Braze
 //! simulator at its default limit (3,000 requests / 3 s) with 20–80 ms latency, next to the floor
 //! that limit allows (ceil(users / 75) requests at 1,000/s), measured in the same run; then the
-//! same with 2% 5xx injected; then 5 routes sending at once (5 independent senders, each with
-//! its own rate limiter as separate invocations have, the same users split between them)
-//! against the one workspace limit: aggregate wall time against the same floor and the share of
-//! 429 answers (`routes5_ratio_to_floor`, `routes5_http_429_share`; targets ≤ 1.1×, ≤ 1%).
+//! same with 2% 5xx injected; then 5 routes sending at once (5 senders, each with its own rate
+//! limiter as separate invocations have, the same users split between them) against the one
+//! workspace limit, sharing it through the sender registry in a state bucket (moto S3, as
+//! `braze-sync` does in Lambda): aggregate wall time against the same floor and the share of 429
+//! answers (`routes5_ratio_to_floor`, `routes5_http_429_share`; targets ≤ 1.1×, ≤ 1%); and, as
+//! the same-run comparison, the 5 routes without the registry (`routes5_uncoordinated_*`: each
+//! paces at the whole limit until the server's headers slow it).
 //! Writes `target/bench/sync-send.json`.
 //!
 //! The simulator runs in a child process (this same binary with `--serve-sim`), so the peak RSS
 //! reported is the sender's alone; the deltas are generated lazily, as a reader would.
 //!
-//! Options: `--users N` (default 1,000,000), `--out PATH`, `--skip-5xx`, `--skip-routes5`.
+//! Options: `--users N` (default 1,000,000), `--out PATH`, `--skip-5xx`, `--skip-routes5`,
+//! `--skip-uncoordinated`.
 
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -21,6 +26,9 @@ use braze_sim::{Faults, SimConfig};
 use braze_sync::braze::{ApiKey, BrazeClient, ClientOptions, Endpoint};
 use braze_sync::deliver::{DeliverConfig, DeliveryStats, deliver};
 use braze_sync::model::{AttributeChange, DeliveryOutcome, Identifier, RowPos, UserDelta};
+use braze_sync::workspace_share::{SenderRegistry, ShareSettings, WorkspaceShare};
+use bridge_shared::ObjectStore;
+use bridge_shared::object_store::S3Store;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
@@ -202,12 +210,14 @@ async fn round(client: &BrazeClient, users: u64, sim: &mut SimChild) -> anyhow::
     })
 }
 
-/// `routes` senders at once, each with its own limiter, sending `users / routes` users each.
+/// `routes` senders at once, each with its own limiter, sending `users / routes` users each;
+/// with `registry`, each is a member of the workspace's senders there (as a run is).
 async fn round_routes(
     client: &BrazeClient,
     users: u64,
     routes: u64,
     sim: &mut SimChild,
+    registry: Option<&SenderRegistry>,
 ) -> anyhow::Result<Round> {
     let per_route = users / routes;
     let started = Instant::now();
@@ -232,10 +242,26 @@ async fn round_routes(
             }
             confirmed
         });
-        sends.push((
-            deliver(rx, client, DeliverConfig::default(), otx),
-            collector,
-        ));
+        let send = async move {
+            match registry {
+                None => deliver(rx, client, DeliverConfig::default(), otx).await,
+                Some(registry) => {
+                    let run_id = format!("bench-{r}");
+                    let (share, peers) = WorkspaceShare::new(
+                        registry.clone(),
+                        ShareSettings::default(),
+                        &format!("route-{r}"),
+                        &run_id,
+                    );
+                    let cfg = DeliverConfig {
+                        peers: Some(peers),
+                        ..DeliverConfig::default()
+                    };
+                    share.around(deliver(rx, client, cfg, otx)).await
+                }
+            }
+        };
+        sends.push((send, collector));
     }
     let (delivers, collectors): (Vec<_>, Vec<_>) = sends.into_iter().unzip();
     let results = futures::future::join_all(delivers).await;
@@ -249,6 +275,7 @@ async fn round_routes(
         }
         stats.requests += st.requests;
         stats.http_429 += st.http_429;
+        stats.workspace_senders = stats.workspace_senders.max(st.workspace_senders);
     }
     Ok(Round {
         wall_s,
@@ -271,6 +298,7 @@ fn main() -> anyhow::Result<()> {
         .join("sync-send.json");
     let mut with_5xx = true;
     let mut with_routes5 = true;
+    let mut with_uncoordinated = true;
     let mut it = args.iter().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -278,13 +306,60 @@ fn main() -> anyhow::Result<()> {
             "--out" => out = PathBuf::from(it.next().context("--out PATH")?),
             "--skip-5xx" => with_5xx = false,
             "--skip-routes5" => with_routes5 = false,
+            "--skip-uncoordinated" => with_uncoordinated = false,
             other => bail!("unknown argument {other}"),
         }
     }
-    rt.block_on(bench(users, out, with_5xx, with_routes5))
+    rt.block_on(bench(
+        users,
+        out,
+        with_5xx,
+        with_routes5,
+        with_uncoordinated,
+    ))
 }
 
-async fn bench(users: u64, out: PathBuf, with_5xx: bool, with_routes5: bool) -> anyhow::Result<()> {
+/// One 5-route round: ratio to the floor and share of 429 answers.
+async fn routes5(
+    client: &BrazeClient,
+    users: u64,
+    sim: &mut SimChild,
+    registry: Option<&SenderRegistry>,
+    floor_s: f64,
+) -> anyhow::Result<(f64, f64)> {
+    sim.ask("reset").await?;
+    let faults = json!({"latency_ms": [20, 80]});
+    sim.ask(&format!("faults {faults}")).await?;
+    let five = round_routes(client, users, 5, sim, registry).await?;
+    let requests = five.sim["requests_total"].as_f64().unwrap_or(0.0);
+    let r429 = five.sim["responses_429"].as_f64().unwrap_or(0.0);
+    let share = if requests > 0.0 { r429 / requests } else { 0.0 };
+    // The floor is the same: the same users, the same workspace limit.
+    let ratio5 = five.wall_s / floor_s;
+    println!(
+        "sync-send, 5 routes at once on one workspace limit ({}): {:.2} s = {:.3}x floor; {} requests, 429s {} ({:.2}%); most senders seen by one: {}",
+        if registry.is_some() {
+            "sharing it through the sender registry"
+        } else {
+            "uncoordinated"
+        },
+        five.wall_s,
+        ratio5,
+        five.stats.requests,
+        r429,
+        share * 100.0,
+        five.stats.workspace_senders,
+    );
+    Ok((ratio5, share))
+}
+
+async fn bench(
+    users: u64,
+    out: PathBuf,
+    with_5xx: bool,
+    with_routes5: bool,
+    with_uncoordinated: bool,
+) -> anyhow::Result<()> {
     let mut sim = SimChild::start().await?;
     let client = BrazeClient::new(
         Endpoint::parse(&sim.base_url)?,
@@ -334,26 +409,22 @@ async fn bench(users: u64, out: PathBuf, with_5xx: bool, with_routes5: bool) -> 
         wall_s_with_5xx = json!(faulty.wall_s);
     }
     let (mut routes5_ratio, mut routes5_429) = (Value::Null, Value::Null);
+    let (mut loose_ratio, mut loose_429) = (Value::Null, Value::Null);
     if with_routes5 {
-        sim.ask("reset").await?;
-        let faults = json!({"latency_ms": [20, 80]});
-        sim.ask(&format!("faults {faults}")).await?;
-        let five = round_routes(&client, users, 5, &mut sim).await?;
-        let requests = five.sim["requests_total"].as_f64().unwrap_or(0.0);
-        let r429 = five.sim["responses_429"].as_f64().unwrap_or(0.0);
-        let share = if requests > 0.0 { r429 / requests } else { 0.0 };
-        // The floor is the same: the same users, the same workspace limit.
-        let ratio5 = five.wall_s / floor_s;
-        println!(
-            "sync-send, 5 routes at once on one workspace limit: {:.2} s = {:.3}x floor; {} requests, 429s {} ({:.2}%)",
-            five.wall_s,
-            ratio5,
-            five.stats.requests,
-            r429,
-            share * 100.0,
-        );
-        routes5_ratio = json!(ratio5);
+        // The registry lives in a state bucket on moto's S3, as in Lambda.
+        let moto = harness::moto::Moto::start(None).await?;
+        moto.create_bucket("bench-state").await?;
+        let store: Arc<dyn ObjectStore> = Arc::new(S3Store::new(moto.s3.clone()));
+        let registry = SenderRegistry::new(store, "bench-state", "bridge/state/");
+        let (ratio, share) = routes5(&client, users, &mut sim, Some(&registry), floor_s).await?;
+        routes5_ratio = json!(ratio);
         routes5_429 = json!(share);
+        moto.stop().await;
+        if with_uncoordinated {
+            let (ratio, share) = routes5(&client, users, &mut sim, None, floor_s).await?;
+            loose_ratio = json!(ratio);
+            loose_429 = json!(share);
+        }
     }
     let peak_rss_mb = peak_rss_mb();
     let sim_rss_mb: f64 = sim.ask("rss").await?.parse().unwrap_or(f64::NAN);
@@ -374,6 +445,8 @@ async fn bench(users: u64, out: PathBuf, with_5xx: bool, with_routes5: bool) -> 
         "sim_peak_rss_mb": sim_rss_mb,
         "routes5_ratio_to_floor": routes5_ratio,
         "routes5_http_429_share": routes5_429,
+        "routes5_uncoordinated_ratio_to_floor": loose_ratio,
+        "routes5_uncoordinated_http_429_share": loose_429,
     });
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;
