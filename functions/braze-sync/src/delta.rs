@@ -190,6 +190,12 @@ impl Seen {
         }
     }
 
+    /// Forgets the users outside the base (the bounded diff's next hash range holds none of
+    /// them: keys of different ranges never collide).
+    pub fn clear_others(&mut self) {
+        self.others.clear();
+    }
+
     /// Whether a base user was seen.
     pub fn has_base(&self, index: usize) -> bool {
         self.base
@@ -337,7 +343,21 @@ pub fn departures(snapshot: &Snapshot, route: &Route, seen: &Seen, source: &str)
 /// nothing else are dropped), so they are never sent and the state keeps those users as
 /// members. `allow` (the operator's release) sends them anyway and marks them released.
 pub fn guard_departures(d: &mut Departures, rows_without_identifier: u64, allow: bool) {
-    for a in &mut d.audiences {
+    let held = decide_departures(&mut d.audiences, rows_without_identifier, allow);
+    for delta in &mut d.deltas {
+        hold_departure(delta, &mut d.audiences, &held);
+    }
+    d.deltas.retain(|delta| !delta.changes.is_empty());
+}
+
+/// The guard's verdict per audience (see [`guard_departures`]), from the audiences' totals:
+/// which audiences' departures are held. Sets `held_because` / `released`.
+pub fn decide_departures(
+    audiences: &mut [AudienceDepartures],
+    rows_without_identifier: u64,
+    allow: bool,
+) -> Vec<bool> {
+    for a in audiences.iter_mut() {
         let reason = if rows_without_identifier > 0 && a.leaving > 0 {
             Some(format!(
                 "{rows_without_identifier} rows of the export have no readable identifier, so absence does not prove departure"
@@ -358,25 +378,23 @@ pub fn guard_departures(d: &mut Departures, rows_without_identifier: u64, allow:
             (reason, _) => a.held_because = reason,
         }
     }
-    let held: Vec<bool> = d
-        .audiences
-        .iter()
-        .map(|a| a.held_because.is_some())
-        .collect();
-    for delta in &mut d.deltas {
-        delta.changes.retain(|c| {
-            let Some(j) = d.audiences.iter().position(|a| a.audience == c.name) else {
-                return true;
-            };
-            if held[j] {
-                d.audiences[j].held += 1;
-            } else {
-                d.audiences[j].sent += 1;
-            }
-            !held[j]
-        });
-    }
-    d.deltas.retain(|delta| !delta.changes.is_empty());
+    audiences.iter().map(|a| a.held_because.is_some()).collect()
+}
+
+/// Removes the held audiences' changes from one departure delta, counting what is sent and
+/// held; the delta is to be sent only if changes remain.
+pub fn hold_departure(delta: &mut UserDelta, audiences: &mut [AudienceDepartures], held: &[bool]) {
+    delta.changes.retain(|c| {
+        let Some(j) = audiences.iter().position(|a| a.audience == c.name) else {
+            return true;
+        };
+        if held[j] {
+            audiences[j].held += 1;
+        } else {
+            audiences[j].sent += 1;
+        }
+        !held[j]
+    });
 }
 
 #[cfg(test)]

@@ -79,6 +79,19 @@ pub enum SyncError {
     /// The delta callback asked to stop.
     #[error("stopped: {0}")]
     Stopped(String),
+    /// The bounded diff's local spill failed (or would outgrow the local storage).
+    #[error(transparent)]
+    Spill(crate::spill::SpillError),
+    /// A hash range of the confirmed state could not be loaded.
+    #[error("loading state range {range}: {message}")]
+    State {
+        /// The range.
+        range: usize,
+        /// Why.
+        message: String,
+        /// Whether a retry can succeed.
+        retryable: bool,
+    },
 }
 
 impl SyncError {
@@ -94,6 +107,8 @@ impl SyncError {
             SyncError::Read(_) => false,
             SyncError::Open { error, .. } => error.is_retryable(),
             SyncError::Stopped(_) => true,
+            SyncError::Spill(e) => !matches!(e, crate::spill::SpillError::Full { .. }),
+            SyncError::State { retryable, .. } => *retryable,
         }
     }
 }

@@ -204,6 +204,80 @@ impl MappedRow {
         Some(xxhash_rust::xxh3::xxh3_64(buf))
     }
 
+    /// Appends this row's compact binary form (key, identifier, values) to `out`, for
+    /// [`crate::spill`]; [`MappedRow::decode_from`] reads it back into an equal row.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.key.0.to_le_bytes());
+        out.push(match self.kind {
+            None => 0,
+            Some(IdentifierKind::ExternalId) => 1,
+            Some(IdentifierKind::BrazeId) => 2,
+            Some(IdentifierKind::UserAlias) => 3,
+        });
+        for x in [self.id.0, self.id.1, self.label.0, self.label.1] {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+        out.extend_from_slice(&(self.text.len() as u32).to_le_bytes());
+        out.extend_from_slice(self.text.as_bytes());
+        out.extend_from_slice(&(self.values.len() as u16).to_le_bytes());
+        for v in &self.values {
+            match v {
+                Norm::Null => out.push(0),
+                Norm::Skip => out.push(1),
+                Norm::Bool(false) => out.push(2),
+                Norm::Bool(true) => out.push(3),
+                Norm::Int(i) => {
+                    out.push(4);
+                    out.extend_from_slice(&i.to_le_bytes());
+                }
+                Norm::Float(f) => {
+                    out.push(5);
+                    out.extend_from_slice(&f.to_bits().to_le_bytes());
+                }
+                Norm::Text(a, b) => {
+                    out.push(6);
+                    out.extend_from_slice(&a.to_le_bytes());
+                    out.extend_from_slice(&b.to_le_bytes());
+                }
+            }
+        }
+    }
+
+    /// Reads a row written by [`MappedRow::encode_into`] from the front of `b`, reusing this
+    /// row's buffers; returns the bytes consumed, `None` when `b` is truncated or not a row.
+    pub fn decode_from(&mut self, b: &[u8]) -> Option<usize> {
+        let mut r = SpillCursor { b, at: 0 };
+        self.key = UserKey(u128::from_le_bytes(r.array()?));
+        self.kind = match r.byte()? {
+            0 => None,
+            1 => Some(IdentifierKind::ExternalId),
+            2 => Some(IdentifierKind::BrazeId),
+            3 => Some(IdentifierKind::UserAlias),
+            _ => return None,
+        };
+        self.id = (r.u32()?, r.u32()?);
+        self.label = (r.u32()?, r.u32()?);
+        let n = r.u32()? as usize;
+        self.text.clear();
+        self.text.push_str(std::str::from_utf8(r.take(n)?).ok()?);
+        let count = u16::from_le_bytes(r.array()?) as usize;
+        self.values.clear();
+        for _ in 0..count {
+            let v = match r.byte()? {
+                0 => Norm::Null,
+                1 => Norm::Skip,
+                2 => Norm::Bool(false),
+                3 => Norm::Bool(true),
+                4 => Norm::Int(i64::from_le_bytes(r.array()?)),
+                5 => Norm::Float(f64::from_bits(u64::from_le_bytes(r.array()?))),
+                6 => Norm::Text(r.u32()?, r.u32()?),
+                _ => return None,
+            };
+            self.values.push(v);
+        }
+        Some(r.at)
+    }
+
     /// The owned form, with nulls and without skipped slots.
     pub fn to_user(&self, pos: RowPos) -> MappedUser {
         MappedUser {
@@ -217,6 +291,31 @@ impl MappedRow {
                 .map(|(i, _)| (i as u16, self.value(i)))
                 .collect(),
         }
+    }
+}
+
+struct SpillCursor<'b> {
+    b: &'b [u8],
+    at: usize,
+}
+
+impl<'b> SpillCursor<'b> {
+    fn take(&mut self, n: usize) -> Option<&'b [u8]> {
+        let s = self.b.get(self.at..self.at.checked_add(n)?)?;
+        self.at += n;
+        Some(s)
+    }
+
+    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.take(N)?.try_into().ok()
+    }
+
+    fn byte(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.array()?))
     }
 }
 

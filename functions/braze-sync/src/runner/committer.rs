@@ -119,6 +119,40 @@ impl Committer {
         }
     }
 
+    /// The bounded commit ([`StateStore::commit_ranged`]): folds this run's segments range by
+    /// range through a spill folder under `spill_base`; `expected_users` sizes the layout.
+    pub async fn commit_ranged(
+        &mut self,
+        expected_users: u64,
+        spill_base: &std::path::Path,
+        tag: &str,
+        watermark: Option<Watermark>,
+    ) -> Option<String> {
+        if self.failure.is_some() {
+            return None;
+        }
+        let dir = match crate::spill::SpillDir::create(spill_base, tag) {
+            Ok(d) => d,
+            Err(e) => return Some(e.to_string()),
+        };
+        self.state
+            .commit_ranged(
+                &mut self.head,
+                &self.route,
+                watermark,
+                expected_users,
+                dir.path(),
+            )
+            .await
+            .err()
+            .map(|e| e.to_string())
+    }
+
+    /// The state's users before this run.
+    pub fn users_before(&self) -> u64 {
+        self.head.doc.users
+    }
+
     /// Folds this run's segments into a new base, moving the watermark when one is given.
     /// Returns why it could not, if it could not. After a failure (checkpoint, lost lock)
     /// nothing is committed (the retry re-reads the state).

@@ -33,10 +33,14 @@ use crate::braze::BrazeApi;
 use crate::deliver::{DeliverConfig, DeliverError};
 use crate::handler::{ExportPlan, ExportRunner, RunError, RunOutcome};
 use crate::model::{DeliveryOutcome, UserDelta};
+use crate::ranged::RangedSettings;
 use crate::report::RunStatus;
 use crate::route::Route;
 use crate::route_lock::{RouteLock, lock_uri};
-use crate::snapshot::store::{Head, StateStore};
+use crate::snapshot::Snapshot;
+use crate::snapshot::store::{
+    Head, HeadDoc, LEGACY_HEAD_FORMAT, RANGE_USERS, StateStore, memory_estimate,
+};
 use crate::sync::ProduceOptions;
 use crate::workspace_share::{SenderRegistry, ShareSettings, WorkspaceShare};
 use committer::Committer;
@@ -74,7 +78,25 @@ pub struct RunnerSettings {
     /// How the runs' senders share the workspace rate limit through leases in the state
     /// bucket ([`crate::workspace_share`]); `None`: each run paces at the whole budget.
     pub workspace_share: Option<ShareSettings>,
+    /// Routes with at least this many users (the state's plus the export's estimated rows)
+    /// take the bounded diff ([`crate::ranged`]); smaller ones diff in memory. Default
+    /// [`RANGE_USERS`]: a state of one hash range gains nothing from ranges.
+    pub bounded_min_users: u64,
+    /// Folder the bounded diff spills to (the function's `/tmp`).
+    pub spill_dir: std::path::PathBuf,
+    /// Most bytes the bounded diff may spill (90% of the function's ephemeral storage).
+    pub spill_limit_bytes: Option<u64>,
+    /// Hash ranges diffed at once (default: the cores the function has).
+    pub diff_workers: usize,
+    /// Target users per state hash range ([`RANGE_USERS`]; tests use small ranges).
+    pub state_range_users: u64,
 }
+
+/// Export bytes per row assumed when estimating a route's size from its parts (a low guess,
+/// so big exports take the bounded diff early).
+pub const EST_ROW_BYTES: u64 = 100;
+/// Memory the bounded diff's spill buffers take.
+pub const SPILL_BUFFERS: u64 = 32 << 20;
 
 /// Share of the function's memory the confirmed state may take; the rest is for the readers,
 /// the sender's buffers and the runtime.
@@ -101,6 +123,11 @@ impl RunnerSettings {
             route_lease_s: 60,
             memory_limit_bytes: None,
             workspace_share: Some(ShareSettings::default()),
+            bounded_min_users: RANGE_USERS,
+            state_range_users: RANGE_USERS,
+            spill_dir: std::env::temp_dir(),
+            spill_limit_bytes: Some(crate::read::default_max_decompressed_bytes() / 10 * 9),
+            diff_workers: crate::ranged::cores(),
         }
     }
 }
@@ -155,6 +182,7 @@ impl SyncRunner {
             &s.state_prefix,
             route.name(),
         )
+        .with_range_users(s.state_range_users)
     }
 
     /// Takes the route's lock, or says why this run must wait.
@@ -188,7 +216,7 @@ impl ExportRunner for SyncRunner {
         };
         let mut record = RunRecord::new(plan, route.name(), &self.settings);
         let exported_at = self.date_export(plan, &route, &mut record).await?;
-        self.check_memory(&route, &mut record).await?;
+        let bounded = self.check_memory(plan, &route, &mut record).await?;
         // One run per route at a time: exports of a route apply one after the other. The lease
         // is renewed while the run lives; losing it stops the run.
         let mut lock = self.lock(&route, &record.run_id).await?;
@@ -200,6 +228,7 @@ impl ExportRunner for SyncRunner {
             &mut record,
             remaining_ms,
             lost_rx,
+            bounded,
         );
         let result = lease::keep_lock(work, &mut lock, &lost_tx).await;
         if let Err(e) = lock.release().await {
@@ -244,28 +273,80 @@ impl SyncRunner {
         }
     }
 
+    /// Whether this run takes the bounded diff: a format-2 (or new) state and a route of at
+    /// least [`RunnerSettings::bounded_min_users`] users (state plus the export's estimated
+    /// rows), or a state whose whole snapshot would take more than a quarter of the memory.
+    fn takes_bounded(&self, plan: &ExportPlan, route: &Route, doc: &HeadDoc) -> bool {
+        if doc.format == LEGACY_HEAD_FORMAT {
+            return false;
+        }
+        let s = &self.settings;
+        let est_rows: u64 = plan.parts.iter().map(|p| p.size / EST_ROW_BYTES).sum();
+        let users = doc
+            .users
+            .max(doc.ranges.iter().map(|r| r.users).sum::<u64>())
+            .saturating_add(est_rows);
+        let heavy = s
+            .memory_limit_bytes
+            .is_some_and(|l| memory_estimate(doc, route) > l / 4);
+        users >= s.bounded_min_users || heavy
+    }
+
+    /// Memory the bounded diff needs per worker: its largest hash range, loaded.
+    fn range_memory(doc: &HeadDoc, route: &Route) -> u64 {
+        // A head without ranges holds its users in one.
+        let widest = doc
+            .ranges
+            .iter()
+            .map(|r| r.users)
+            .max()
+            .unwrap_or(doc.users);
+        let one = HeadDoc {
+            users: widest,
+            ..HeadDoc::default()
+        };
+        memory_estimate(&one, route)
+    }
+
     /// Fails fast, before the route lock is taken (so a state that cannot fit never leaves
     /// the lock held by a process that dies loading it), when the state the head describes
-    /// cannot fit in this function's memory.
-    async fn check_memory(&self, route: &Route, record: &mut RunRecord) -> Result<(), RunError> {
-        let Some(limit) = self.settings.memory_limit_bytes else {
-            return Ok(());
-        };
+    /// cannot fit in this function's memory: the whole snapshot for the in-memory diff, one
+    /// hash range per worker plus the spill buffers for the bounded one. Returns whether the
+    /// run takes the bounded diff.
+    async fn check_memory(
+        &self,
+        plan: &ExportPlan,
+        route: &Route,
+        record: &mut RunRecord,
+    ) -> Result<bool, RunError> {
         let head = match self.state(route).read_head().await {
             Ok(h) => h,
             Err(e) if e.is_retryable() => return Err(RunError::Retryable(e.to_string())),
             // An unreadable head fails the load with its own reason.
-            Err(_) => return Ok(()),
+            Err(_) => return Ok(false),
         };
-        let need = crate::snapshot::store::memory_estimate(&head.doc, route);
+        let bounded = self.takes_bounded(plan, route, &head.doc);
+        let Some(limit) = self.settings.memory_limit_bytes else {
+            return Ok(bounded);
+        };
+        let need = if bounded {
+            Self::range_memory(&head.doc, route) + SPILL_BUFFERS
+        } else {
+            memory_estimate(&head.doc, route)
+        };
         let budget = (limit as f64 * STATE_MEMORY_SHARE) as u64;
         if need <= budget {
-            return Ok(());
+            return Ok(bounded);
         }
         let mb = |b: u64| b.div_ceil(1024 * 1024);
         let want = ((need as f64 / STATE_MEMORY_SHARE) as u64).div_ceil(64 << 20) * 64;
+        let what = if bounded {
+            "its largest state range and the spill buffers need"
+        } else {
+            "needs"
+        };
         let message = format!(
-            "route {}: its confirmed state ({} users, {} attributes) needs about {} MB in memory, more than the {} MB this function gives it ({}% of its {} MB); nothing was sent and the route lock was not taken. Raise the function's memory (MemorySize of BrazeSyncFunction in template.yaml, memorySize in the CDK construct) to at least {} MB",
+            "route {}: its confirmed state ({} users, {} attributes) {what} about {} MB in memory, more than the {} MB this function gives it ({}% of its {} MB); nothing was sent and the route lock was not taken. Raise the function's memory (MemorySize of BrazeSyncFunction in template.yaml, memorySize in the CDK construct) to at least {} MB",
             route.name(),
             head.doc.users,
             route.slot_names().len(),
@@ -278,6 +359,25 @@ impl SyncRunner {
         Err(record.failed(self.store.as_ref(), message, false).await)
     }
 
+    /// The bounded diff's settings for this run: workers bounded by the cores and by the
+    /// memory one loaded range takes.
+    fn ranged_settings(&self, doc: &HeadDoc, route: &Route, run_id: &str) -> RangedSettings {
+        let s = &self.settings;
+        let mut r = RangedSettings::new(run_id);
+        r.spill_base = s.spill_dir.clone();
+        r.disk_limit = s.spill_limit_bytes;
+        r.buffer_budget = SPILL_BUFFERS as usize;
+        let mut workers = s.diff_workers.max(1);
+        if let Some(limit) = s.memory_limit_bytes {
+            let budget = (limit as f64 * STATE_MEMORY_SHARE) as u64;
+            let per = Self::range_memory(doc, route).max(1);
+            let fit = budget.saturating_sub(SPILL_BUFFERS) / per;
+            workers = workers.min(fit.max(1) as usize);
+        }
+        r.workers = workers;
+        r
+    }
+
     /// The run under the route lock: load, skip if stale, stream, conclude.
     async fn run_locked(
         &self,
@@ -287,10 +387,16 @@ impl SyncRunner {
         record: &mut RunRecord,
         remaining_ms: Option<u64>,
         lock_lost: watch::Receiver<Option<String>>,
+        bounded: bool,
     ) -> Result<RunOutcome, RunError> {
         let store = self.store.as_ref();
         let state = self.state(route);
-        let (mut head, snapshot) = match state.load(route).await {
+        let loaded = if bounded {
+            state.read_head().await.map(|h| (h, None))
+        } else {
+            state.load(route).await.map(|(h, snap)| (h, Some(snap)))
+        };
+        let (mut head, snapshot) = match loaded {
             Ok(x) => x,
             Err(e) if e.is_retryable() => return Err(RunError::Retryable(e.to_string())),
             Err(e) => {
@@ -311,20 +417,37 @@ impl SyncRunner {
         }
 
         let s = &self.settings;
+        if bounded && !head.doc.segments.is_empty() {
+            // A killed run's checkpoints are folded into range deltas first, so every range
+            // loads alone.
+            self.fold_segments(route, &state, &mut head, record).await?;
+        }
         let mut opts = ProduceOptions::for_route(route, &plan.trigger.to_string());
         opts.full_resend |= plan.force_full;
         opts.allow_departures = plan.allow_departures;
-        let snapshot = Arc::new(snapshot);
+        let snapshot: Option<Arc<Snapshot>> = snapshot.map(Arc::new);
         let (delta_tx, delta_rx) = mpsc::channel::<UserDelta>(s.channel_capacity);
         let (out_tx, out_rx) = mpsc::channel::<DeliveryOutcome>(s.channel_capacity);
-        let producer = Producer::start(
-            self.store.clone(),
-            route.clone(),
-            snapshot.clone(),
-            plan,
-            opts,
-            delta_tx,
-        );
+        let producer = match &snapshot {
+            Some(snap) => Producer::start(
+                self.store.clone(),
+                route.clone(),
+                snap.clone(),
+                plan,
+                opts,
+                delta_tx,
+            ),
+            None => Producer::start_ranged(
+                self.store.clone(),
+                route.clone(),
+                state.clone(),
+                head.doc.clone(),
+                plan,
+                opts,
+                self.ranged_settings(&head.doc, route, &record.run_id),
+                delta_tx,
+            ),
+        };
         let mut dcfg = s.deliver.clone();
         dcfg.deadline = self
             .deadline(remaining_ms)
@@ -342,10 +465,54 @@ impl SyncRunner {
         let produced = producer.finish().await?;
         let mut ended = Ended { produced, delivery };
         ended.account(record, &committer, store, s).await;
-        let commit_error = committer
-            .commit(snapshot, ended.watermark(plan, exported_at))
-            .await;
+        let watermark = ended.watermark(plan, exported_at);
+        let commit_error = match snapshot {
+            Some(snap) => committer.commit(snap, watermark).await,
+            None => {
+                let new_users = ended
+                    .produced
+                    .result
+                    .as_ref()
+                    .map_or(0, |summary| summary.users_new);
+                let expected = committer.users_before().saturating_add(new_users);
+                let tag = format!("{}-commit", record.run_id);
+                committer
+                    .commit_ranged(expected, &s.spill_dir, &tag, watermark)
+                    .await
+            }
+        };
         self.conclude(record, ended, &committer, commit_error).await
+    }
+
+    /// Folds the checkpoint segments a killed run left into range deltas (no watermark, no
+    /// base rewritten), so the bounded diff can load each range alone.
+    async fn fold_segments(
+        &self,
+        route: &Route,
+        state: &StateStore,
+        head: &mut Head,
+        record: &mut RunRecord,
+    ) -> Result<(), RunError> {
+        let s = &self.settings;
+        let dir = match crate::spill::SpillDir::create(
+            &s.spill_dir,
+            &format!("{}-fold", record.run_id),
+        ) {
+            Ok(d) => d,
+            Err(e) => return Err(RunError::Retryable(e.to_string())),
+        };
+        let users = head.doc.users;
+        match state
+            .commit_ranged(head, route, None, users, dir.path())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_retryable() => Err(RunError::Retryable(e.to_string())),
+            Err(e) => {
+                let message = format!("folding the state's checkpoints: {e}");
+                Err(record.failed(self.store.as_ref(), message, false).await)
+            }
+        }
     }
 
     /// Records an export older than the state as `skipped_stale`, without touching the state.

@@ -10,9 +10,11 @@ use tokio::task::JoinHandle;
 
 use crate::handler::{ExportPlan, RunError};
 use crate::model::UserDelta;
+use crate::ranged::{RangeState, RangedSettings, produce_ranged};
 use crate::rejects::RejectLog;
 use crate::route::Route;
 use crate::snapshot::Snapshot;
+use crate::snapshot::store::{HeadDoc, StateStore};
 use crate::sync::{ProduceOptions, Stop, Summary, SyncError, open_s3_part, produce};
 
 /// What the producer ended with: its counts (or why planning stopped) and the rejected rows.
@@ -65,10 +67,81 @@ impl Producer {
         Self { handle }
     }
 
+    /// Starts the bounded diff of `plan`'s parts ([`crate::ranged`]) against the state `doc`
+    /// describes, loading one hash range per worker at a time from `state`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_ranged(
+        store: Arc<dyn ObjectStore>,
+        route: Arc<Route>,
+        state: StateStore,
+        doc: HeadDoc,
+        plan: &ExportPlan,
+        opts: ProduceOptions,
+        settings: RangedSettings,
+        tx: mpsc::Sender<UserDelta>,
+    ) -> Self {
+        let parts: Vec<S3Uri> = plan
+            .parts
+            .iter()
+            .map(|p| S3Uri::new(&plan.trigger.bucket, &p.key))
+            .collect();
+        let rt = tokio::runtime::Handle::current();
+        let handle = tokio::task::spawn_blocking(move || {
+            let mut rejects = RejectLog::new(crate::rejects::DEFAULT_MAX_BYTES);
+            let parts_iter = parts
+                .iter()
+                .map(|uri| open_s3_part(&store, uri, &rt).map(|(_, part)| part));
+            let ranges = StoreRanges {
+                state,
+                doc,
+                route: route.clone(),
+                rt: rt.clone(),
+            };
+            let result = produce_ranged(
+                parts_iter,
+                &route,
+                &ranges,
+                &opts,
+                &settings,
+                &|d| {
+                    tx.blocking_send(d)
+                        .map_err(|_| Stop("the sender stopped".into()))
+                },
+                &mut |r| rejects.push(&r),
+            );
+            Produced { result, rejects }
+        });
+        Self { handle }
+    }
+
     /// Waits for the producer to end (it ends once the sender stops taking deltas).
     pub async fn finish(self) -> Result<Produced, RunError> {
         self.handle
             .await
             .map_err(|e| RunError::Retryable(format!("the reader task failed: {e}")))
+    }
+}
+
+/// The state in S3, one hash range at a time (from the bounded diff's worker threads).
+struct StoreRanges {
+    state: StateStore,
+    doc: HeadDoc,
+    route: Arc<Route>,
+    rt: tokio::runtime::Handle,
+}
+
+impl RangeState for StoreRanges {
+    fn bits(&self) -> Option<u32> {
+        (!self.doc.ranges.is_empty()).then_some(self.doc.range_bits)
+    }
+
+    fn load(&self, range: usize) -> Result<Snapshot, SyncError> {
+        self.rt
+            .block_on(self.state.load_range(&self.doc, range, &self.route))
+            .map_err(|e| SyncError::State {
+                range,
+                message: e.to_string(),
+                retryable: e.is_retryable(),
+            })
     }
 }

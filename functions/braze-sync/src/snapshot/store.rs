@@ -205,6 +205,9 @@ pub enum StateError {
     /// A state object does not decode.
     #[error("state: {0}")]
     Corrupt(#[from] SnapshotError),
+    /// The local spill of a ranged commit failed.
+    #[error("state: {0}")]
+    Spill(#[from] crate::spill::SpillError),
     /// `head.json` does not parse.
     #[error("state {uri}: head is not valid: {reason}")]
     BadHead {
@@ -221,6 +224,7 @@ impl StateError {
         match self {
             StateError::Store(e) => e.is_retryable(),
             StateError::Conflict { .. } => true,
+            StateError::Spill(e) => !matches!(e, crate::spill::SpillError::Full { .. }),
             StateError::Corrupt(_) | StateError::BadHead { .. } => false,
         }
     }
@@ -252,6 +256,34 @@ pub fn memory_estimate(doc: &HeadDoc, route: &Route) -> u64 {
         + 2
         + if route.tracks_departures() { 40 } else { 0 };
     users.saturating_mul(per_user).saturating_mul(5) / 4
+}
+
+/// Hash ranges a ranged commit loads and writes at once (each holds one range's snapshot
+/// and its encoded shard: about 2 × 35 MB at the default range size and 20 attributes).
+pub const COMMIT_RANGES_AT_ONCE: usize = 2;
+
+/// What one unit of a ranged commit wrote.
+#[derive(Debug, Default)]
+struct UnitOut {
+    docs: Vec<(usize, RangeDoc)>,
+    written: Vec<String>,
+    old: Vec<String>,
+    shards: usize,
+    deltas: usize,
+    bytes: u64,
+}
+
+fn read16(b: &[u8]) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    a.copy_from_slice(&b[..16]);
+    a
+}
+
+fn corrupt_spill(dir: &std::path::Path, range: usize) -> StateError {
+    StateError::Spill(crate::spill::SpillError::Corrupt {
+        path: crate::spill::range_path(dir, range).display().to_string(),
+        offset: 0,
+    })
 }
 
 /// One range's upload: `(object name, users, bytes)`, `None` for an empty range.
@@ -696,6 +728,311 @@ impl StateStore {
             stats.bytes += bytes;
         }
         Ok(())
+    }
+
+    /// The confirmed state of hash range `r` alone (its base and deltas), laid out for
+    /// `route`: what the bounded diff holds in memory per range. A head with checkpoint
+    /// segments must be folded first ([`StateStore::commit_ranged`] without a watermark).
+    pub async fn load_range(
+        &self,
+        doc: &HeadDoc,
+        r: usize,
+        route: &Route,
+    ) -> Result<Snapshot, StateError> {
+        let mut snap = Snapshot::for_route(route);
+        let Some(range) = doc.ranges.get(r) else {
+            return Ok(snap);
+        };
+        if let Some(b) = &range.base {
+            let (bytes, what) = self.get(b).await?;
+            snap.load_base_shard(&bytes, &what)?;
+        }
+        for chunk in range.deltas.chunks(GET_CONCURRENCY) {
+            for (bytes, what) in self.get_all(chunk).await? {
+                snap.apply_segment(&bytes, &what)?;
+            }
+        }
+        snap.compact();
+        Ok(snap)
+    }
+
+    /// [`StateStore::commit`] in bounded memory, for format-2 heads: the segments' records are
+    /// partitioned by hash range into local files under `spill` (one segment in memory at a
+    /// time), then each range they touch is loaded alone, updated and written (a delta, or a
+    /// new base on the same rules as [`StateStore::commit`]), [`COMMIT_RANGES_AT_ONCE`] ranges
+    /// at a time. `expected_users` (the state's users plus this run's new ones) sizes the
+    /// ranges of a first layout and decides when they double; a re-layout also goes range by
+    /// range (an old range splits into its sub-ranges). Nothing needs the whole state.
+    pub async fn commit_ranged(
+        &self,
+        head: &mut Head,
+        route: &Route,
+        export: Option<Watermark>,
+        expected_users: u64,
+        spill: &std::path::Path,
+    ) -> Result<CommitStats, StateError> {
+        if head.doc.format == LEGACY_HEAD_FORMAT {
+            return Err(StateError::BadHead {
+                uri: self.head_uri(),
+                reason: "a format-1 head is rewritten by the in-memory commit, not the ranged one"
+                    .into(),
+            });
+        }
+        let complete = export.is_some();
+        let names = route.slot_names();
+        let keep_ids = route.tracks_departures();
+        let doc0 = head.doc.clone();
+        let fresh = doc0.ranges.is_empty();
+        let b = doc0.range_bits;
+        let wanted = bits_for(doc0.users.max(expected_users), self.range_users);
+        let nb = if fresh || (complete && wanted > b + 1) {
+            wanted
+        } else {
+            b
+        };
+        let relayout = !fresh && nb != b;
+        // 1. The segments' records, by range of the new layout, in the order they apply.
+        let mut part = crate::spill::Partitioner::new(spill, nb, 16 << 20, None);
+        let mut rec = Vec::with_capacity(64);
+        for name in &doc0.segments {
+            let (bytes, what) = self.get(name).await?;
+            let mut seg = SegmentData::default();
+            seg.extend_from(&bytes, &what, &names)?;
+            drop(bytes);
+            for (key, slot, fp) in seg.records {
+                rec.clear();
+                rec.push(0);
+                rec.extend_from_slice(&key.to_le_bytes());
+                rec.extend_from_slice(&slot.to_le_bytes());
+                rec.extend_from_slice(&fp.to_le_bytes());
+                part.push(super::range_of(key, nb), &rec)?;
+            }
+            for (key, id) in seg.ids {
+                rec.clear();
+                rec.push(1);
+                rec.extend_from_slice(&key.to_le_bytes());
+                rec.extend_from_slice(id.as_bytes());
+                part.push(super::range_of(key, nb), &rec)?;
+            }
+        }
+        let sizes = part.finish()?;
+        let touched = |r: usize| sizes.get(r).is_some_and(|s| *s > 0);
+        // 2. The units of work: (old range to load, new ranges it becomes).
+        let units: Vec<(Option<usize>, std::ops::Range<usize>)> = if fresh {
+            (0..1usize << nb)
+                .filter(|r| touched(*r))
+                .map(|r| (None, r..r + 1))
+                .collect()
+        } else if relayout {
+            let k = nb - b;
+            (0..1usize << b)
+                .map(|r| (Some(r), (r << k)..((r + 1) << k)))
+                .collect()
+        } else {
+            (0..1usize << b)
+                .filter(|r| touched(*r))
+                .map(|r| (Some(r), r..r + 1))
+                .collect()
+        };
+        let generation = doc0.generation + 1;
+        let tag = nonce();
+        let work = units.into_iter().map(|(old, new)| {
+            let this = self.clone();
+            let doc0 = &doc0;
+            let names = &names;
+            let tag = &tag;
+            async move {
+                this.commit_unit(
+                    doc0,
+                    route,
+                    old,
+                    new,
+                    nb,
+                    relayout || fresh,
+                    complete,
+                    generation,
+                    tag,
+                    names,
+                    keep_ids,
+                    spill,
+                )
+                .await
+            }
+        });
+        use futures::StreamExt;
+        let outs: Vec<Result<UnitOut, StateError>> = futures::stream::iter(work)
+            .buffer_unordered(COMMIT_RANGES_AT_ONCE)
+            .collect()
+            .await;
+        let mut doc = doc0.clone();
+        if relayout || fresh {
+            doc.range_bits = nb;
+            doc.ranges = vec![RangeDoc::default(); 1usize << nb];
+        }
+        let mut written = Vec::new();
+        let mut old: Vec<String> = doc0.segments.clone();
+        let mut stats = CommitStats {
+            segments_folded: doc0.segments.len(),
+            ..CommitStats::default()
+        };
+        let mut first_error = None;
+        for out in outs {
+            match out {
+                Ok(u) => {
+                    written.extend(u.written);
+                    old.extend(u.old);
+                    for (r, d) in u.docs {
+                        if let Some(slot) = doc.ranges.get_mut(r) {
+                            *slot = d;
+                        }
+                    }
+                    stats.shards += u.shards;
+                    stats.deltas += u.deltas;
+                    stats.bytes += u.bytes;
+                }
+                Err(e) => first_error = first_error.or(Some(e)),
+            }
+        }
+        if let Some(e) = first_error {
+            self.delete_all(&written).await;
+            return Err(e);
+        }
+        let users: u64 = doc.ranges.iter().map(|r| r.users).sum();
+        stats.users = users;
+        doc.format = HEAD_FORMAT;
+        doc.generation = generation;
+        doc.users = users;
+        doc.segments.clear();
+        if let Some(w) = export {
+            doc.applied_exports.retain(|e| *e != w.export_id);
+            doc.applied_exports.push(w.export_id.clone());
+            let excess = doc
+                .applied_exports
+                .len()
+                .saturating_sub(APPLIED_EXPORTS_KEPT);
+            doc.applied_exports.drain(..excess);
+            if !head.is_stale(w.exported_at.as_deref()) {
+                doc.watermark = Some(w);
+            }
+        }
+        doc.updated_at = chrono::Utc::now().to_rfc3339();
+        stats.ranges = doc.ranges.len();
+        stats.state_bytes = doc.state_bytes();
+        if let Err(e) = self.put_head(head, doc).await {
+            self.delete_all(&written).await;
+            return Err(e);
+        }
+        head.loaded_segments = 0;
+        self.delete_all(&old).await;
+        Ok(stats)
+    }
+
+    /// One unit of [`StateStore::commit_ranged`]: loads old range `old` (none: empty),
+    /// applies the spilled records of the new ranges `new`, and writes them.
+    #[allow(clippy::too_many_arguments)]
+    async fn commit_unit(
+        &self,
+        doc0: &HeadDoc,
+        route: &Route,
+        old: Option<usize>,
+        new: std::ops::Range<usize>,
+        nb: u32,
+        rebase_all: bool,
+        complete: bool,
+        generation: u64,
+        tag: &str,
+        names: &[String],
+        keep_ids: bool,
+        spill: &std::path::Path,
+    ) -> Result<UnitOut, StateError> {
+        let mut out = UnitOut::default();
+        let mut snap = match old {
+            Some(r) => self.load_range(doc0, r, route).await?,
+            None => Snapshot::for_route(route),
+        };
+        let mut records = SegmentData::default();
+        for s in new.clone() {
+            crate::spill::read_range::<StateError>(spill, s, &mut |b| {
+                let key = b
+                    .get(1..17)
+                    .map(|k| u128::from_le_bytes(read16(k)))
+                    .ok_or_else(|| corrupt_spill(spill, s))?;
+                match b.first() {
+                    Some(0) if b.len() == 27 => {
+                        let slot = u16::from_le_bytes([b[17], b[18]]);
+                        let mut fp = [0u8; 8];
+                        fp.copy_from_slice(&b[19..27]);
+                        records.records.push((key, slot, u64::from_le_bytes(fp)));
+                    }
+                    Some(1) => {
+                        let id =
+                            std::str::from_utf8(&b[17..]).map_err(|_| corrupt_spill(spill, s))?;
+                        records.ids.push((key, id.to_string()));
+                    }
+                    _ => return Err(corrupt_spill(spill, s)),
+                }
+                Ok(())
+            })?;
+        }
+        for (key, slot, fp) in &records.records {
+            snap.set(crate::model::UserKey(*key), *slot as usize, *fp);
+        }
+        for (key, id) in &records.ids {
+            snap.set_identifier(crate::model::UserKey(*key), id);
+        }
+        snap.compact();
+        let range = old
+            .and_then(|r| doc0.ranges.get(r))
+            .cloned()
+            .unwrap_or_default();
+        if !rebase_all {
+            let delta = records.encode(names, keep_ids);
+            records = SegmentData::default();
+            let rebase = range.base.is_none()
+                || (complete && (range.delta_bytes + delta.len() as u64) * 4 > range.bytes);
+            if !rebase {
+                let r = new.start;
+                let name = format!("delta-{r:05}-{generation:08}-{tag}.bin");
+                let bytes = delta.len() as u64;
+                self.put_new(&name, delta).await?;
+                out.written.push(name.clone());
+                let mut d = range.clone();
+                d.deltas.push(name);
+                d.delta_bytes += bytes;
+                d.users = snap.len() as u64;
+                out.docs.push((r, d));
+                out.deltas += 1;
+                out.bytes += bytes;
+                return Ok(out);
+            }
+        }
+        drop(records);
+        out.old.extend(range.base.iter().cloned());
+        out.old.extend(range.deltas.iter().cloned());
+        for r in new {
+            let (shard, users) = snap.encode_hash_range(r, nb);
+            if users == 0 {
+                out.docs.push((r, RangeDoc::default()));
+                continue;
+            }
+            let name = format!("base-{r:05}-{generation:08}-{tag}.bin");
+            let bytes = shard.len() as u64;
+            self.put_new(&name, shard).await?;
+            out.written.push(name.clone());
+            out.docs.push((
+                r,
+                RangeDoc {
+                    base: Some(name),
+                    users,
+                    bytes,
+                    deltas: Vec::new(),
+                    delta_bytes: 0,
+                },
+            ));
+            out.shards += 1;
+            out.bytes += bytes;
+        }
+        Ok(out)
     }
 
     async fn delete_all(&self, names: &[String]) {

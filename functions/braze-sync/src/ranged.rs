@@ -1,0 +1,624 @@
+//! The bounded diff: one export against a state of any size, with memory bounded by the size
+//! of one hash range, not by the route.
+//!
+//! 1. **Partition.** Every part is read and mapped in order; each mapped row is written, in a
+//!    compact binary form ([`crate::map::MappedRow::encode_into`] plus its position), to the
+//!    local spill file of its user-hash range ([`crate::spill`]; range = top bits of the user
+//!    key, the same ranges as the state's, or finer). Rows that cannot be mapped are rejected
+//!    here exactly as [`crate::sync::produce`] does; a row rejected after its identifier was
+//!    read leaves a marker, so the user counts as present (never departed) and a later row
+//!    of theirs is a duplicate.
+//! 2. **Diff, range by range.** A worker takes one state range, loads only that range's base
+//!    and deltas ([`RangeState::load`]), streams its spill files (rows in export order, so the
+//!    first row of a user wins, as today) and diffs each row against the range; deltas go to
+//!    the sender as they are found. Workers run in parallel (one per core), so at most that
+//!    many ranges are in memory at once.
+//! 3. **Departures.** Per range, members absent from the export are counted per audience and
+//!    their removals written to a local file, not sent. After the last range, the departure
+//!    guard ([`delta::decide_departures`]) judges each audience on the export's totals,
+//!    exactly as the in-memory path does, and the removals it lets through are sent.
+//!
+//! Same deltas, rejects, counts and departure verdicts as [`crate::sync::produce`]; only the
+//! order differs (by range instead of by row, and duplicate rows are rejected after the
+//! mapping rejects).
+
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use serde_json::Value;
+use tracing::warn;
+
+use crate::delta::{self, AudienceDepartures, Seen};
+use crate::map::{Binding, MapOutcome, MappedRow, Mapper};
+use crate::model::{AttributeChange, RowPos, UserDelta, UserKey, fingerprint};
+use crate::read::{self, ReadError, RowItem, RowSource};
+use crate::rejects::RowReject;
+use crate::route::Route;
+use crate::snapshot::{Snapshot, identifier_text, parse_identifier, range_of};
+use crate::spill::{Partitioner, SpillDir, SpillError, read_range};
+use crate::sync::{Part, ProduceOptions, Stop, Summary, SyncError};
+
+const REC_ROW: u8 = 0;
+const REC_SEEN: u8 = 1;
+const NO_LINE: u64 = u64::MAX;
+
+/// The confirmed state, one hash range at a time.
+pub trait RangeState: Sync {
+    /// The state's `range_bits`; `None` when it has no range layout yet (no users).
+    fn bits(&self) -> Option<u32>;
+    /// The confirmed state of range `range` alone.
+    fn load(&self, range: usize) -> Result<Snapshot, SyncError>;
+}
+
+/// How the bounded diff runs.
+#[derive(Debug, Clone)]
+pub struct RangedSettings {
+    /// Folder the spill folder is created in (the function's `/tmp`).
+    pub spill_base: PathBuf,
+    /// Spill at least `1 << min_spill_bits` ranges (finer than the state's when it is small
+    /// or empty, so a range of a first run stays small).
+    pub min_spill_bits: u32,
+    /// Ranges diffed at once (threads).
+    pub workers: usize,
+    /// Bytes of spill buffers in all.
+    pub buffer_budget: usize,
+    /// Most bytes the spill may write (the function's ephemeral storage, with a margin).
+    pub disk_limit: Option<u64>,
+    /// Names the spill folder (the run id).
+    pub tag: String,
+}
+
+impl RangedSettings {
+    /// Defaults: the system temporary folder, 256 spill ranges, one worker per core, 32 MB
+    /// of buffers, no disk limit.
+    pub fn new(tag: &str) -> Self {
+        Self {
+            spill_base: std::env::temp_dir(),
+            min_spill_bits: 8,
+            workers: cores(),
+            buffer_budget: 32 << 20,
+            disk_limit: None,
+            tag: tag.to_string(),
+        }
+    }
+}
+
+/// The cores this process may use (Lambda: 1 vCPU per 1,769 MB, up to 6).
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+impl From<SpillError> for SyncError {
+    fn from(e: SpillError) -> Self {
+        SyncError::Spill(e)
+    }
+}
+
+/// Step 1: reads, maps and spills every row by range; rejects rows that cannot be mapped.
+struct Partition<'a> {
+    route: &'a Route,
+    mapper: Mapper<'a>,
+    mapped: MappedRow,
+    out: Partitioner,
+    bits: u32,
+    rec: Vec<u8>,
+    sources: Vec<String>,
+    summary: Summary,
+    ignored: BTreeSet<String>,
+}
+
+impl Partition<'_> {
+    fn table(
+        &mut self,
+        src: &mut dyn RowSource,
+        on_reject: &mut dyn FnMut(RowReject),
+    ) -> Result<(), SyncError> {
+        self.summary.tables += 1;
+        let header = src.header().to_vec();
+        let source = src.source().to_string();
+        let source_index = self.sources.len() as u32;
+        self.sources.push(source.clone());
+        let binding = Binding::new(self.route, &header, &source)?;
+        self.ignored.extend(binding.unknown_columns.iter().cloned());
+        while let Some(item) = src.next_row()? {
+            self.summary.rows_read += 1;
+            let row = match item {
+                RowItem::Bad(b) => {
+                    self.summary.rejected += 1;
+                    self.summary.rows_without_identifier += 1;
+                    on_reject(RowReject {
+                        pos: RowPos {
+                            source: source.clone(),
+                            row: b.row,
+                            line: b.line,
+                        },
+                        column: b.column,
+                        reason: b.reason,
+                        identifier: None,
+                    });
+                    continue;
+                }
+                RowItem::Row(r) => r,
+            };
+            let mapped = self
+                .mapper
+                .map_row(&binding, &header, &row, &mut self.mapped);
+            self.rec.clear();
+            if let Err((outcome, e)) = mapped {
+                self.summary.rejected += 1;
+                let identifier = match outcome {
+                    MapOutcome::Identified => {
+                        // Present in the export: a marker, so the user never departs and a
+                        // later row of theirs is a duplicate.
+                        self.rec.push(REC_SEEN);
+                        self.rec.extend_from_slice(&self.mapped.key.0.to_le_bytes());
+                        let r = range_of(self.mapped.key.0, self.bits);
+                        self.out.push(r, &self.rec)?;
+                        Some(self.mapped.identifier())
+                    }
+                    MapOutcome::NoIdentifier => {
+                        self.summary.rows_without_identifier += 1;
+                        None
+                    }
+                };
+                on_reject(RowReject {
+                    pos: RowPos {
+                        source: source.clone(),
+                        row: row.row,
+                        line: row.line,
+                    },
+                    column: e.column,
+                    reason: e.reason,
+                    identifier,
+                });
+                continue;
+            }
+            self.rec.push(REC_ROW);
+            self.rec.extend_from_slice(&source_index.to_le_bytes());
+            self.rec.extend_from_slice(&row.row.to_le_bytes());
+            self.rec
+                .extend_from_slice(&row.line.unwrap_or(NO_LINE).to_le_bytes());
+            self.mapped.encode_into(&mut self.rec);
+            let r = range_of(self.mapped.key.0, self.bits);
+            self.out.push(r, &self.rec)?;
+        }
+        Ok(())
+    }
+}
+
+/// What one worker found.
+#[derive(Default)]
+struct Found {
+    unchanged: u64,
+    users_changed: u64,
+    users_new: u64,
+    attributes_changed: u64,
+    duplicates: u64,
+    audiences: Vec<AudienceDepartures>,
+    unaddressable: u64,
+}
+
+/// Reads, maps and diffs every part of one export against `state` one hash range at a time
+/// (see the module docs), calling `on_delta` for each user to send (from several threads)
+/// and `on_reject` for each rejected row. Blocking. An `Err` means the export is not fully
+/// planned and nothing of it may be committed.
+pub fn produce_ranged<I, R>(
+    parts: I,
+    route: &Route,
+    state: &dyn RangeState,
+    opts: &ProduceOptions,
+    settings: &RangedSettings,
+    on_delta: &(dyn Fn(UserDelta) -> Result<(), Stop> + Sync),
+    on_reject: &mut (dyn FnMut(RowReject) + Send),
+) -> Result<Summary, SyncError>
+where
+    I: IntoIterator<Item = Result<Part<R>, SyncError>>,
+    R: Read,
+{
+    let spill = SpillDir::create(&settings.spill_base, &settings.tag)?;
+    let state_bits = state.bits();
+    let bits = state_bits.unwrap_or(0).max(settings.min_spill_bits);
+    let rows_dir = spill.sub("rows")?;
+    let read_opts = route.read_options();
+    let mut p = Partition {
+        route,
+        mapper: Mapper::new(route),
+        mapped: MappedRow::default(),
+        out: Partitioner::new(&rows_dir, bits, settings.buffer_budget, settings.disk_limit),
+        bits,
+        rec: Vec::with_capacity(1024),
+        sources: Vec::new(),
+        summary: Summary::default(),
+        ignored: BTreeSet::new(),
+    };
+    for part in parts {
+        let part = part?;
+        read::read_export(
+            part.reader,
+            &part.source,
+            &read_opts,
+            &mut |src: &mut dyn RowSource| p.table(src, on_reject),
+        )?;
+    }
+    if p.summary.tables == 0 {
+        return Err(ReadError::NoTable {
+            source_name: opts.export_name.clone(),
+            detail: "no part, or only folders, links or hidden files in its archives".into(),
+        }
+        .into());
+    }
+    if p.summary.rows_read == 0 && !route.config.allow_empty {
+        return Err(ReadError::EmptyExport {
+            source_name: opts.export_name.clone(),
+        }
+        .into());
+    }
+    if !p.ignored.is_empty() {
+        warn!(route = route.name(), columns = ?p.ignored, "Export columns not mapped by the route are ignored.");
+    }
+    let spilled = p.out.written();
+    p.out.finish()?;
+    let mut summary = std::mem::take(&mut p.summary);
+    summary.ignored_columns = p.ignored.into_iter().collect();
+    let sources = p.sources;
+    tracing::info!(
+        route = route.name(),
+        rows = summary.rows_read,
+        spilled_mb = spilled >> 20,
+        ranges = 1u64 << bits,
+        "Export partitioned by hash range."
+    );
+
+    // Step 2: the diff, one unit (a state range, or a spill range of an empty state) per
+    // worker at a time.
+    let unit_bits = state_bits.unwrap_or(bits);
+    let per_unit = bits - unit_bits;
+    let units = 1usize << unit_bits;
+    let dep_dir = spill.sub("departures")?;
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let rejects = Mutex::new(on_reject);
+    let workers = settings.workers.clamp(1, units);
+    let results: Vec<Result<Found, SyncError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let ctx = DiffCtx {
+                    route,
+                    state,
+                    opts,
+                    rows_dir: &rows_dir,
+                    sources: &sources,
+                    on_delta,
+                    rejects: &rejects,
+                    stop: &stop,
+                };
+                let next = &next;
+                let dep_dir = &dep_dir;
+                scope.spawn(move || {
+                    let mine = dep_dir.join(format!("w{w}"));
+                    std::fs::create_dir_all(&mine).map_err(|error| {
+                        SyncError::Spill(SpillError::Io {
+                            path: mine.display().to_string(),
+                            error,
+                        })
+                    })?;
+                    let mut deps = Partitioner::new(&mine, 0, 1 << 20, settings.disk_limit);
+                    let mut found = Found::default();
+                    loop {
+                        let u = next.fetch_add(1, Ordering::Relaxed);
+                        if u >= units || ctx.stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let subs = (u << per_unit)..((u + 1) << per_unit);
+                        if let Err(e) =
+                            ctx.unit(u, state_bits.is_some(), subs, &mut found, &mut deps)
+                        {
+                            ctx.stop.store(true, Ordering::Relaxed);
+                            return Err(e);
+                        }
+                    }
+                    deps.finish()?;
+                    Ok(found)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(SyncError::Stopped("a diff worker panicked".into())))
+            })
+            .collect()
+    });
+    let mut audiences: Option<Vec<AudienceDepartures>> = None;
+    for r in results {
+        let f = r?;
+        summary.unchanged += f.unchanged;
+        summary.users_changed += f.users_changed;
+        summary.users_new += f.users_new;
+        summary.attributes_changed += f.attributes_changed;
+        summary.rejected += f.duplicates;
+        summary.departures_unaddressable += f.unaddressable;
+        match &mut audiences {
+            None => audiences = Some(f.audiences),
+            Some(all) => {
+                for (a, b) in all.iter_mut().zip(f.audiences) {
+                    a.members_before += b.members_before;
+                    a.leaving += b.leaving;
+                }
+            }
+        }
+    }
+    let Some(mut audiences) = audiences.filter(|_| opts.departures) else {
+        return Ok(summary);
+    };
+    // Step 3: the guard on the export's totals, then the removals it lets through.
+    for a in &mut audiences {
+        a.share = if a.members_before > 0 {
+            a.leaving as f64 / a.members_before as f64
+        } else {
+            0.0
+        };
+    }
+    let held = delta::decide_departures(
+        &mut audiences,
+        summary.rows_without_identifier,
+        opts.allow_departures,
+    );
+    for a in &audiences {
+        if let Some(reason) = &a.held_because {
+            warn!(route = route.name(), audience = %a.audience, held = a.leaving, reason = %reason,
+                  "Departures held: not sent until an operator releases them.");
+        }
+    }
+    for w in 0..workers {
+        let dir = dep_dir.join(format!("w{w}"));
+        read_range::<SyncError>(&dir, 0, &mut |b| {
+            let mut d =
+                decode_departure(b, route, &audiences, &opts.export_name).ok_or_else(|| {
+                    SyncError::Spill(SpillError::Corrupt {
+                        path: dir.display().to_string(),
+                        offset: 0,
+                    })
+                })?;
+            delta::hold_departure(&mut d, &mut audiences, &held);
+            if d.changes.is_empty() {
+                return Ok(());
+            }
+            summary.users_departed += 1;
+            summary.attributes_changed += d.changes.len() as u64;
+            on_delta(d).map_err(|s| SyncError::Stopped(s.0))
+        })?;
+    }
+    summary.departures = audiences;
+    drop(spill);
+    Ok(summary)
+}
+
+type RejectSink<'r> = Mutex<&'r mut (dyn FnMut(RowReject) + Send)>;
+
+struct DiffCtx<'a, 'r> {
+    route: &'a Route,
+    state: &'a dyn RangeState,
+    opts: &'a ProduceOptions,
+    rows_dir: &'a Path,
+    sources: &'a [String],
+    on_delta: &'a (dyn Fn(UserDelta) -> Result<(), Stop> + Sync),
+    rejects: &'a RejectSink<'r>,
+    stop: &'a AtomicBool,
+}
+
+impl DiffCtx<'_, '_> {
+    /// Diffs the spill ranges `subs` against state range `u`, then finds its departures.
+    fn unit(
+        &self,
+        u: usize,
+        has_state: bool,
+        subs: std::ops::Range<usize>,
+        found: &mut Found,
+        deps: &mut Partitioner,
+    ) -> Result<(), SyncError> {
+        let snap = if has_state {
+            self.state.load(u)?
+        } else {
+            Snapshot::for_route(self.route)
+        };
+        let mut seen = Seen::new(&snap);
+        let mut mapped = MappedRow::default();
+        let mut buf = Vec::with_capacity(256);
+        for s in subs {
+            seen.clear_others();
+            read_range::<SyncError>(self.rows_dir, s, &mut |rec| {
+                if self.stop.load(Ordering::Relaxed) {
+                    return Err(SyncError::Stopped("another range failed".into()));
+                }
+                self.row(rec, &snap, &mut seen, &mut mapped, &mut buf, found)
+                    .ok_or_else(|| {
+                        SyncError::Spill(SpillError::Corrupt {
+                            path: crate::spill::range_path(self.rows_dir, s)
+                                .display()
+                                .to_string(),
+                            offset: 0,
+                        })
+                    })?
+            })?;
+        }
+        if !self.opts.departures {
+            return Ok(());
+        }
+        let d = delta::departures(&snap, self.route, &seen, &self.opts.export_name);
+        if found.audiences.is_empty() {
+            found.audiences = d.audiences.clone();
+            for a in &mut found.audiences {
+                a.members_before = 0;
+                a.leaving = 0;
+            }
+        }
+        for (a, b) in found.audiences.iter_mut().zip(&d.audiences) {
+            a.members_before += b.members_before;
+            a.leaving += b.leaving;
+        }
+        found.unaddressable += d.unaddressable;
+        let mut rec = Vec::with_capacity(64);
+        for delta in &d.deltas {
+            encode_departure(delta, &d.audiences, &mut rec);
+            deps.push(0, &rec)?;
+        }
+        Ok(())
+    }
+
+    /// One spilled record; `None` when it does not decode.
+    fn row(
+        &self,
+        rec: &[u8],
+        snap: &Snapshot,
+        seen: &mut Seen,
+        mapped: &mut MappedRow,
+        buf: &mut Vec<u8>,
+        found: &mut Found,
+    ) -> Option<Result<(), SyncError>> {
+        match *rec.first()? {
+            REC_SEEN => {
+                let key = UserKey(u128::from_le_bytes(rec.get(1..17)?.try_into().ok()?));
+                seen.insert(key, snap.get(key));
+                Some(Ok(()))
+            }
+            REC_ROW => {
+                let src = u32::from_le_bytes(rec.get(1..5)?.try_into().ok()?) as usize;
+                let row = u64::from_le_bytes(rec.get(5..13)?.try_into().ok()?);
+                let line = u64::from_le_bytes(rec.get(13..21)?.try_into().ok()?);
+                mapped.decode_from(rec.get(21..)?)?;
+                let pos = || RowPos {
+                    source: self.sources.get(src).cloned().unwrap_or_default(),
+                    row,
+                    line: (line != NO_LINE).then_some(line),
+                };
+                let state = snap.get(mapped.key);
+                if !seen.insert(mapped.key, state) {
+                    found.duplicates += 1;
+                    let reject = RowReject {
+                        pos: pos(),
+                        column: Some(self.route.config.identifier.column.clone()),
+                        reason: "duplicate identifier: the user already appeared earlier in this export; the earlier row is kept and this one is not sent".into(),
+                        identifier: Some(mapped.identifier()),
+                    };
+                    if let Ok(mut sink) = self.rejects.lock() {
+                        (*sink)(reject);
+                    }
+                    return Some(Ok(()));
+                }
+                let changes =
+                    delta::changes(state, &*mapped, self.route, self.opts.full_resend, buf);
+                if changes.is_empty() {
+                    found.unchanged += 1;
+                    return Some(Ok(()));
+                }
+                found.users_changed += 1;
+                found.attributes_changed += changes.len() as u64;
+                if state.is_none() {
+                    found.users_new += 1;
+                }
+                let d = UserDelta {
+                    identifier: mapped.identifier(),
+                    pos: pos(),
+                    changes,
+                    update_existing_only: self.route.config.update_existing_only,
+                    is_new: state.is_none(),
+                };
+                Some((self.on_delta)(d).map_err(|s| SyncError::Stopped(s.0)))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A departure delta as `u16` change count, per change (`u16` audience index, `u8` value:
+/// 0 null, 1 false), then the identifier's canonical text.
+fn encode_departure(d: &UserDelta, audiences: &[AudienceDepartures], out: &mut Vec<u8>) {
+    out.clear();
+    let changes: Vec<(u16, u8)> = d
+        .changes
+        .iter()
+        .filter_map(|c| {
+            let j = audiences.iter().position(|a| a.audience == c.name)?;
+            Some((j as u16, u8::from(!c.value.is_null())))
+        })
+        .collect();
+    out.extend_from_slice(&(changes.len() as u16).to_le_bytes());
+    for (j, v) in changes {
+        out.extend_from_slice(&j.to_le_bytes());
+        out.push(v);
+    }
+    out.extend_from_slice(identifier_text(&d.identifier).as_bytes());
+}
+
+fn decode_departure(
+    b: &[u8],
+    route: &Route,
+    audiences: &[AudienceDepartures],
+    source: &str,
+) -> Option<UserDelta> {
+    let n = u16::from_le_bytes(b.get(..2)?.try_into().ok()?) as usize;
+    let mut changes = Vec::with_capacity(n);
+    for i in 0..n {
+        let at = 2 + i * 3;
+        let j = u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?) as usize;
+        let value = match b.get(at + 2)? {
+            0 => Value::Null,
+            _ => Value::Bool(false),
+        };
+        changes.push(AttributeChange {
+            name: audiences.get(j)?.audience.clone(),
+            fingerprint: (!value.is_null()).then(|| fingerprint(&value)),
+            value,
+        });
+    }
+    let identifier = parse_identifier(std::str::from_utf8(b.get(2 + n * 3..)?).ok()?)?;
+    Some(UserDelta {
+        identifier,
+        pos: RowPos {
+            source: source.to_string(),
+            row: 0,
+            line: None,
+        },
+        changes,
+        update_existing_only: route.config.update_existing_only,
+        is_new: false,
+    })
+}
+
+/// A whole in-memory [`Snapshot`] served one hash range at a time (tests, benches, and the
+/// equivalence of both paths). The snapshot must be compacted.
+pub struct SplitSnapshot<'a> {
+    snap: &'a Snapshot,
+    bits: Option<u32>,
+}
+
+impl<'a> SplitSnapshot<'a> {
+    /// `snap` as `1 << bits` ranges (`None`: no layout, the snapshot must be empty).
+    pub fn new(snap: &'a Snapshot, bits: Option<u32>) -> Self {
+        Self { snap, bits }
+    }
+}
+
+impl RangeState for SplitSnapshot<'_> {
+    fn bits(&self) -> Option<u32> {
+        self.bits
+    }
+
+    fn load(&self, range: usize) -> Result<Snapshot, SyncError> {
+        let bits = self.bits.unwrap_or(0);
+        let (shard, _) = self.snap.encode_hash_range(range, bits);
+        let mut out = Snapshot::empty(self.snap.names().to_vec(), self.snap.keeps_ids());
+        out.load_base_shard(&shard, "range")
+            .map_err(|e| SyncError::State {
+                range,
+                message: e.to_string(),
+                retryable: false,
+            })?;
+        Ok(out)
+    }
+}
