@@ -69,6 +69,23 @@ pub struct RangedSettings {
     pub disk_limit: Option<u64>,
     /// Names the spill folder (the run id).
     pub tag: String,
+    /// Where to record how long each step took (benches).
+    pub times: Option<std::sync::Arc<Mutex<RangedTimes>>>,
+}
+
+/// Seconds each step of [`produce_ranged`] took.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RangedTimes {
+    /// Read, map and spill by range.
+    pub partition_s: f64,
+    /// Diff every range (deltas handed over included).
+    pub diff_s: f64,
+    /// Departure guard and removals.
+    pub departures_s: f64,
+    /// Bytes spilled.
+    pub spilled_bytes: u64,
+    /// Workers used.
+    pub workers: usize,
 }
 
 impl RangedSettings {
@@ -82,6 +99,7 @@ impl RangedSettings {
             buffer_budget: 32 << 20,
             disk_limit: None,
             tag: tag.to_string(),
+            times: None,
         }
     }
 }
@@ -218,6 +236,7 @@ where
     I: IntoIterator<Item = Result<Part<R>, SyncError>>,
     R: Read,
 {
+    let started = std::time::Instant::now();
     let spill = SpillDir::create(&settings.spill_base, &settings.tag)?;
     let state_bits = state.bits();
     let bits = state_bits.unwrap_or(0).max(settings.min_spill_bits);
@@ -259,8 +278,12 @@ where
     if !p.ignored.is_empty() {
         warn!(route = route.name(), columns = ?p.ignored, "Export columns not mapped by the route are ignored.");
     }
-    let spilled = p.out.written();
-    p.out.finish()?;
+    let spilled: u64 = std::mem::replace(&mut p.out, Partitioner::new(&rows_dir, 0, 0, None))
+        .finish()?
+        .iter()
+        .sum();
+    let partition_s = started.elapsed().as_secs_f64();
+    let started = std::time::Instant::now();
     let mut summary = std::mem::take(&mut p.summary);
     summary.ignored_columns = p.ignored.into_iter().collect();
     let sources = p.sources;
@@ -352,7 +375,23 @@ where
             }
         }
     }
+    let diff_s = started.elapsed().as_secs_f64();
+    let started = std::time::Instant::now();
+    let record = |departures_s: f64| {
+        if let Some(t) = &settings.times
+            && let Ok(mut t) = t.lock()
+        {
+            *t = RangedTimes {
+                partition_s,
+                diff_s,
+                departures_s,
+                spilled_bytes: spilled,
+                workers,
+            };
+        }
+    };
     let Some(mut audiences) = audiences.filter(|_| opts.departures) else {
+        record(0.0);
         return Ok(summary);
     };
     // Step 3: the guard on the export's totals, then the removals it lets through.
@@ -394,6 +433,7 @@ where
         })?;
     }
     summary.departures = audiences;
+    record(started.elapsed().as_secs_f64());
     drop(spill);
     Ok(summary)
 }

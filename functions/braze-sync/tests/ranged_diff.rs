@@ -74,7 +74,7 @@ fn export(n: u64, round: u64, seed: u64, bad: bool) -> String {
         } else {
             (i % 50 + v).to_string()
         };
-        let tier = if r % 13 == 0 { "" } else { "gold" };
+        let tier = if r.is_multiple_of(13) { "" } else { "gold" };
         let a = (i + v) % 3 == 0;
         let b = i % 2 == 0;
         s.push_str(&format!("u{i},N{},{orders},{tier},{a},{b}\n", i % 7));
@@ -100,7 +100,7 @@ fn parts(csv: &str) -> Vec<Result<Part<&[u8]>, SyncError>> {
     vec![
         Ok(Part {
             source: "s3://in/amperity/big/part-0.csv".into(),
-            reader: csv[..half].as_bytes(),
+            reader: &csv.as_bytes()[..half],
         }),
         Ok(Part {
             source: "s3://in/amperity/big/part-1.csv".into(),

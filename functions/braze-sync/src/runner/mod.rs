@@ -379,6 +379,7 @@ impl SyncRunner {
     }
 
     /// The run under the route lock: load, skip if stale, stream, conclude.
+    #[allow(clippy::too_many_arguments)]
     async fn run_locked(
         &self,
         plan: &ExportPlan,
