@@ -135,6 +135,15 @@ pub trait ObjectStore: Send + Sync {
         })?;
         self.put(uri, Bytes::from(body), condition, metadata).await
     }
+    /// Reads the last `n` bytes of an object (all of it when it is shorter), e.g. a Parquet
+    /// footer. The default reads the whole object; [`S3Store`] asks for a suffix range.
+    async fn get_tail(&self, uri: &S3Uri, n: u64) -> Result<Bytes, StoreError> {
+        let (_, body) = self.get(uri).await?;
+        let start = body
+            .len()
+            .saturating_sub(usize::try_from(n).unwrap_or(usize::MAX));
+        Ok(body.slice(start..))
+    }
     /// Copies an object within the store.
     async fn copy(&self, from: &S3Uri, to: &S3Uri) -> Result<(), StoreError>;
     /// Deletes an object (no error when absent).
@@ -255,6 +264,32 @@ impl ObjectStore for S3Store {
             })?
             .into_bytes();
         Ok((meta, body))
+    }
+
+    async fn get_tail(&self, uri: &S3Uri, n: u64) -> Result<Bytes, StoreError> {
+        if n == 0 {
+            return Ok(Bytes::new());
+        }
+        let out = self
+            .client
+            .get_object()
+            .bucket(&uri.bucket)
+            .key(&uri.key)
+            .range(format!("bytes=-{n}"))
+            .send()
+            .await
+            .map_err(|e| classify("GetObject", uri, e))?;
+        Ok(out
+            .body
+            .collect()
+            .await
+            .map_err(|e| StoreError::Other {
+                op: "GetObject",
+                uri: uri.clone(),
+                message: e.to_string(),
+                retryable: true,
+            })?
+            .into_bytes())
     }
 
     async fn get_reader(&self, uri: &S3Uri) -> Result<(ObjectMeta, ObjectReader), StoreError> {

@@ -46,7 +46,7 @@ pub struct RouteStatus {
     /// The last [`RUNS_SHOWN`] runs, newest first.
     pub runs: Vec<RunRow>,
     /// Runs among those whose export still waits for something: departures held, skipped as
-    /// stale, failed (retryable or not), incomplete — unless a later run completed the export.
+    /// stale, failed (retryable or not), incomplete, object not found — unless a later run completed the export.
     pub attention: Vec<Attention>,
     /// The run holding the route lock now, when one is in progress.
     pub lease: Option<Lease>,
@@ -338,7 +338,7 @@ impl RouteStatus {
             }
             let waits = matches!(
                 row.status.as_str(),
-                "departures_held" | "skipped_stale" | "failed" | "incomplete"
+                "departures_held" | "skipped_stale" | "failed" | "incomplete" | "object_not_found"
             );
             let ledger_status = ledger_of(&row.export_id);
             let done_later = row.export_id.as_ref().is_some_and(|e| settled.contains(e))

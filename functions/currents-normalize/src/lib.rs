@@ -30,6 +30,7 @@ pub mod registry;
 pub mod registry_gen;
 pub mod report;
 pub mod schema;
+pub mod status;
 #[cfg(feature = "dev")]
 pub mod synth;
 

@@ -6,6 +6,7 @@
 //! currents-normalize run-file ./file.avro --key 'currents/…/event_type=T/date=YYYY-MM-DD-HH/…/file.avro' --out ./lake [--dry-run]
 //! currents-normalize compact [--day YYYY-MM-DD] [--table TABLE] [--dry-run]
 //! currents-normalize backfill s3://bucket/prefix/ [--from DAY] [--to DAY] [--concurrency N] [--dry-run] [--no-compact]
+//! currents-normalize status [--day YYYY-MM-DD|today|yesterday|-N] [--json]
 //! ```
 
 use std::path::PathBuf;
@@ -27,6 +28,7 @@ use currents_normalize::local_store::LocalStore;
 use currents_normalize::quarantine::Keep;
 use currents_normalize::registry::Registry;
 use currents_normalize::report::{ObjectResult, Outcome, RunReport};
+use currents_normalize::status;
 use lambda_runtime::{LambdaEvent, service_fn};
 use serde_json::Value;
 
@@ -89,6 +91,16 @@ enum Command {
         #[arg(long)]
         no_compact: bool,
     },
+    /// Per table for one delivery day: parts, rows (from Parquet footers), bytes, last write,
+    /// compacted or not; and the objects quarantined for that day (read-only).
+    Status {
+        /// The day: YYYY-MM-DD, today (default, UTC), yesterday, or -N for N days ago.
+        #[arg(long, default_value = "today")]
+        day: String,
+        /// JSON for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Compact table-days in TABLES_BUCKET: one deduplicated part per table and day. Without
     /// --day: yesterday and every earlier day that received parts since it was compacted.
     Compact {
@@ -144,6 +156,34 @@ async fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     match cli.command {
+        Command::Status { day, json } => {
+            let Some(bucket) = cfg.tables_bucket.clone() else {
+                eprintln!("currents-normalize: status needs TABLES_BUCKET");
+                return ExitCode::from(2);
+            };
+            let day = match status::parse_day(&day, chrono::Utc::now().date_naive()) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("currents-normalize: --day {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let store = S3Store::from_env().await;
+            match status::read_day_status(&store, &cfg, &bucket, day).await {
+                Ok(s) if json => {
+                    println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Ok(s) => {
+                    print!("{}", status::render(&s));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("currents-normalize: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Backfill {
             uri,
             from,

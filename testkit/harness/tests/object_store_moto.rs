@@ -95,5 +95,21 @@ async fn s3_store_conditional_writes_metadata_and_odd_keys_work_against_moto() -
         store.get(&S3Uri::new("bridge-test", "nope")).await,
         Err(StoreError::NotFound { .. })
     ));
+
+    // A suffix range: the last bytes only (a Parquet footer), all of a shorter object.
+    let long = S3Uri::new("bridge-test", "tables/t/part-1.parquet");
+    store
+        .put(
+            &long,
+            Bytes::from_static(b"0123456789PAR1"),
+            PutCondition::None,
+            BTreeMap::new(),
+        )
+        .await?;
+    assert_eq!(store.get_tail(&long, 4).await?, Bytes::from_static(b"PAR1"));
+    assert_eq!(
+        store.get_tail(&long, 100).await?,
+        Bytes::from_static(b"0123456789PAR1")
+    );
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! An upload of a Currents Avro file to moto reaches currents-normalize through S3 → SQS →
-//! poller → Lambda runtime emulator, and the table lands where Amperity looks for it.
+//! poller → Lambda runtime emulator, and the table lands where Amperity looks for it;
+//! `currents-normalize status` then shows the day's parts, rows, compaction and quarantine.
 
 use std::time::Duration;
 
@@ -20,6 +21,12 @@ async fn currents_upload_becomes_a_parquet_table_via_sqs_and_the_emulator() -> a
     let key =
         samples::currents_key("currents", t, "2026-11-29-10", 7).replace("zone-a", "zone a+b");
     stack.moto.put(CURRENTS_BUCKET, &key, body).await?;
+    // Not Avro: quarantined, with its reason.
+    let bad = samples::currents_key("currents", t, "2026-11-29-11", 8);
+    stack
+        .moto
+        .put(CURRENTS_BUCKET, &bad, b"not avro".to_vec())
+        .await?;
     stack.wait_idle(Duration::from_secs(60)).await?;
 
     let parts = stack
@@ -41,5 +48,69 @@ async fn currents_upload_becomes_a_parquet_table_via_sqs_and_the_emulator() -> a
         40,
         "duplicates dropped"
     );
+
+    // status: one table, one part of 40 rows, not compacted yet, one object quarantined.
+    let status = |args: &'static [&'static str]| {
+        let stack = &stack;
+        async move {
+            let out = stack.cli("currents-normalize", args).await?;
+            anyhow::ensure!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok::<_, anyhow::Error>(out.stdout)
+        }
+    };
+    let v: serde_json::Value =
+        serde_json::from_slice(&status(&["status", "--day", "2026-11-29", "--json"]).await?)?;
+    let table = &v["tables"][0];
+    assert_eq!(table["table"], "users_messages_email_send", "{v:#}");
+    assert_eq!(
+        (
+            table["parts"].as_u64(),
+            table["rows"].as_u64(),
+            table["compacted"].as_bool()
+        ),
+        (Some(1), Some(40), Some(false)),
+        "{v:#}"
+    );
+    assert!(table["last_write"].is_string(), "{v:#}");
+    let q = v["quarantined"].as_array().expect("quarantined");
+    assert_eq!(q.len(), 1, "{v:#}");
+    assert!(
+        q[0]["source"].as_str().unwrap_or("").ends_with(&bad),
+        "{v:#}"
+    );
+
+    // After compaction the day is compacted: one compacted part, the same rows.
+    let out = stack
+        .cli("currents-normalize", &["compact", "--day", "2026-11-29"])
+        .await?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&status(&["status", "--day", "2026-11-29", "--json"]).await?)?;
+    let table = &v["tables"][0];
+    assert_eq!(
+        (
+            table["parts"].as_u64(),
+            table["compacted_parts"].as_u64(),
+            table["rows"].as_u64(),
+            table["compacted"].as_bool()
+        ),
+        (Some(1), Some(1), Some(40), Some(true)),
+        "{v:#}"
+    );
+    let text = String::from_utf8(status(&["status", "--day", "2026-11-29"]).await?)?;
+    assert!(text.contains("users_messages_email_send"), "{text}");
+    assert!(text.contains("quarantined: 1"), "{text}");
+    // Another day has nothing.
+    let v: serde_json::Value =
+        serde_json::from_slice(&status(&["status", "--day", "2026-11-28", "--json"]).await?)?;
+    assert_eq!(v["tables"], serde_json::json!([]));
     Ok(())
 }
