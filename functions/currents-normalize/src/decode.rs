@@ -1,6 +1,9 @@
 //! Reading Avro object container files: the header (magic, metadata, writer schema, codec,
-//! sync marker), the data blocks with their sync markers, the `null`, `deflate` and `snappy`
-//! codecs (any other is refused), and the primitive datum reads every value is built from.
+//! sync marker), the data blocks with their sync markers, and the `null`, `deflate` and
+//! `snappy` codecs (any other is refused). The records inside each block are decoded by
+//! `arrow-avro` ([`crate::normalize`]); this framing stays here because `arrow-avro`'s own
+//! container reader inflates a block without any bound (`read_to_end`), so it could not keep
+//! the per-block and per-object decompression limits, nor name the block that failed.
 //! Every length read from the file is checked against what is actually there and against
 //! [`Limits`] before anything is allocated, so a corrupt or hostile file fails with a
 //! positioned error instead of exhausting memory.
@@ -478,6 +481,10 @@ pub enum DatumError {
     /// Nested deeper than the decoder allows.
     #[error("value nested too deep")]
     TooDeep,
+    /// A decoded value has a shape the JSON rendering does not know (the file's schema uses
+    /// a type Currents does not).
+    #[error("{0} cannot be rendered as JSON")]
+    Unsupported(&'static str),
     /// A value does not fit the column its plan chose (an internal error, never data).
     #[error("value does not fit its column")]
     Mismatch,
@@ -576,55 +583,6 @@ impl<'a> Cursor<'a> {
     #[inline]
     pub fn read_str(&mut self) -> Result<&'a str, DatumError> {
         std::str::from_utf8(self.read_bytes()?).map_err(|_| DatumError::BadUtf8)
-    }
-
-    /// Reads a `float`.
-    #[inline]
-    pub fn read_f32(&mut self) -> Result<f32, DatumError> {
-        let b = self.take(4)?;
-        Ok(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
-
-    /// Reads a `double`.
-    #[inline]
-    pub fn read_f64(&mut self) -> Result<f64, DatumError> {
-        let b = self.take(8)?;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(b);
-        Ok(f64::from_le_bytes(a))
-    }
-
-    /// Reads a `boolean`.
-    #[inline]
-    pub fn read_bool(&mut self) -> Result<bool, DatumError> {
-        match self.take(1)?[0] {
-            0 => Ok(false),
-            1 => Ok(true),
-            b => Err(DatumError::BadBool(b)),
-        }
-    }
-
-    /// Reads an array or map block header: the item count of the next block (0 ends the
-    /// value). A negative count is followed by the block's byte size, which is skipped over.
-    #[inline]
-    pub fn read_block_count(&mut self) -> Result<usize, DatumError> {
-        let n = self.read_long()?;
-        let n = if n < 0 {
-            self.read_long()?;
-            n.checked_neg().ok_or(DatumError::BadLength(n))?
-        } else {
-            n
-        };
-        // Every item takes at least... zero bytes (nulls), so bound the count by the data
-        // left plus a generous constant rather than trusting it.
-        if n as u64
-            > (self.remaining() as u64)
-                .saturating_mul(8)
-                .saturating_add(1024)
-        {
-            return Err(DatumError::BadLength(n));
-        }
-        Ok(n as usize)
     }
 }
 

@@ -1,12 +1,17 @@
-//! Avro datums as JSON text: what arrays, maps, records, and fields the registry does not know
+//! Avro datums (as `arrow-avro` decodes them into Arrow arrays) as JSON text: what arrays, maps, records, and fields the registry does not know
 //! become in the tables. Unions are unwrapped to their value (no `{"string": ...}` wrapper),
 //! bytes become strings of code points U+0000..U+00FF (Avro's JSON convention), and
 //! non-finite floats become `null`.
 
 use std::fmt::Write as _;
 
-use crate::decode::{Cursor, DatumError};
-use crate::schema::{Node, NodeId, WriterSchema};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float32Type, Float64Type, Int32Type, Int64Type};
+use arrow_array::{Array, UnionArray};
+use arrow_schema::{DataType, Field};
+use std::sync::Arc;
+
+use crate::decode::DatumError;
 
 const MAX_DEPTH: usize = 64;
 
@@ -115,26 +120,63 @@ impl Budget {
     }
 }
 
-/// Decodes one datum of type `node`, appends it as JSON and charges it to `budget`.
+/// Appends row `row` of `array` (a value `arrow-avro` decoded) as JSON and charges it to
+/// `budget`: array items and map entries, and the text's bytes.
 pub fn write_value(
-    schema: &WriterSchema,
-    node: NodeId,
-    c: &mut Cursor<'_>,
+    array: &dyn Array,
+    row: usize,
     out: &mut String,
     budget: &mut Budget,
 ) -> Result<(), DatumError> {
     budget.base = out.len();
-    write_depth(schema, node, c, out, 0, budget)?;
+    write_depth(array, row, out, 0, budget)?;
     budget.room(out, 0)?;
     let used = out.len().saturating_sub(budget.base) as u64;
     budget.bytes_left = budget.bytes_left.saturating_sub(used);
     Ok(())
 }
 
+/// True when row `row` of `array` (through unions) is null, so it has no JSON of its own.
+pub fn is_null_value(array: &dyn Array, row: usize) -> bool {
+    if matches!(array.data_type(), DataType::Null) || array.is_null(row) {
+        return true;
+    }
+    if let Some(u) = array.as_any().downcast_ref::<UnionArray>() {
+        let child = u.child(u.type_id(row));
+        return is_null_value(child.as_ref(), u.value_offset(row));
+    }
+    false
+}
+
+/// The value at `row` through any unions: the array holding it and its row there.
+pub fn resolve_union(array: &dyn Array, row: usize) -> (&dyn Array, usize) {
+    let (mut a, mut r) = (array, row);
+    for _ in 0..MAX_DEPTH {
+        match a.as_any().downcast_ref::<UnionArray>() {
+            Some(u) => {
+                let id = u.type_id(r);
+                r = u.value_offset(r);
+                a = u.child(id).as_ref();
+            }
+            None => break,
+        }
+    }
+    (a, r)
+}
+
+/// True for the empty records that stand for `null` items and values in the schema
+/// `arrow-avro` decodes with ([`crate::schema::NULL_ITEM`]).
+fn stands_for_null(field: &Arc<Field>) -> bool {
+    matches!(field.data_type(), DataType::Struct(f) if f.is_empty())
+        && field
+            .metadata()
+            .get("avro.name")
+            .is_some_and(|n| n.contains(crate::schema::NULL_ITEM))
+}
+
 fn write_depth(
-    schema: &WriterSchema,
-    node: NodeId,
-    c: &mut Cursor<'_>,
+    a: &dyn Array,
+    i: usize,
     out: &mut String,
     depth: usize,
     budget: &mut Budget,
@@ -142,100 +184,126 @@ fn write_depth(
     if depth > MAX_DEPTH {
         return Err(DatumError::TooDeep);
     }
-    match schema.node(node) {
-        Node::Null => out.push_str("null"),
-        Node::Boolean => out.push_str(if c.read_bool()? { "true" } else { "false" }),
-        Node::Int | Node::Long => {
-            let _ = write!(out, "{}", c.read_long()?);
+    if matches!(a.data_type(), DataType::Null) || a.is_null(i) {
+        out.push_str("null");
+        return Ok(());
+    }
+    match a.data_type() {
+        DataType::Boolean => out.push_str(if a.as_boolean().value(i) {
+            "true"
+        } else {
+            "false"
+        }),
+        DataType::Int32 => {
+            let _ = write!(out, "{}", a.as_primitive::<Int32Type>().value(i));
         }
-        Node::Float => push_f32(out, c.read_f32()?),
-        Node::Double => push_f64(out, c.read_f64()?),
-        Node::Bytes => {
-            let b = c.read_bytes()?;
+        DataType::Int64 => {
+            let _ = write!(out, "{}", a.as_primitive::<Int64Type>().value(i));
+        }
+        DataType::Float32 => push_f32(out, a.as_primitive::<Float32Type>().value(i)),
+        DataType::Float64 => push_f64(out, a.as_primitive::<Float64Type>().value(i)),
+        DataType::Binary => {
+            let b = a.as_binary::<i32>().value(i);
             budget.room(out, b.len())?;
             push_latin1(out, b)
         }
-        Node::String => {
-            let s = c.read_str()?;
+        DataType::FixedSizeBinary(_) => {
+            let b = a.as_fixed_size_binary().value(i);
+            budget.room(out, b.len())?;
+            push_latin1(out, b)
+        }
+        DataType::Utf8 => {
+            let s = a.as_string::<i32>().value(i);
             budget.room(out, s.len())?;
             push_str(out, s)
         }
-        Node::Fixed { size, .. } => {
-            let b = c.take(*size)?;
-            budget.room(out, b.len())?;
-            push_latin1(out, b)
-        }
-        Node::Enum { symbols, .. } => {
-            let i = c.read_long()?;
-            let s = usize::try_from(i)
+        DataType::Dictionary(_, _) => {
+            let d = a
+                .as_dictionary_opt::<Int32Type>()
+                .ok_or(DatumError::Unsupported("a dictionary not keyed by int32"))?;
+            let k = d.keys().value(i);
+            let symbols = d
+                .values()
+                .as_string_opt::<i32>()
+                .ok_or(DatumError::Unsupported("a dictionary of non-strings"))?;
+            let s = usize::try_from(k)
                 .ok()
-                .and_then(|i| symbols.get(i))
-                .ok_or(DatumError::BadIndex(i))?;
+                .filter(|k| *k < symbols.len())
+                .map(|k| symbols.value(k))
+                .ok_or(DatumError::BadIndex(i64::from(k)))?;
             push_str(out, s);
         }
-        Node::Union(branches) => {
-            let i = c.read_long()?;
-            let b = usize::try_from(i)
-                .ok()
-                .and_then(|i| branches.get(i))
-                .ok_or(DatumError::BadIndex(i))?;
-            write_depth(schema, *b, c, out, depth + 1, budget)?;
+        DataType::Union(_, _) => {
+            let (v, r) = resolve_union(a, i);
+            write_depth(v, r, out, depth + 1, budget)?;
         }
-        Node::Array(item) => {
+        DataType::List(item) => {
+            let nulls = stands_for_null(item);
+            let list = a.as_list::<i32>();
+            let offsets = list.value_offsets();
+            let (start, end) = (offsets[i] as usize, offsets[i + 1] as usize);
+            let items = list.values();
             out.push('[');
-            let mut first = true;
-            loop {
-                let n = c.read_block_count()?;
-                if n == 0 {
-                    break;
+            for j in start..end {
+                budget.item()?;
+                budget.room(out, 1)?;
+                if j > start {
+                    out.push(',');
                 }
-                for _ in 0..n {
-                    budget.item()?;
-                    budget.room(out, 1)?;
-                    if !first {
-                        out.push(',');
-                    }
-                    first = false;
-                    write_depth(schema, *item, c, out, depth + 1, budget)?;
+                if nulls {
+                    out.push_str("null");
+                    continue;
                 }
+                write_depth(items.as_ref(), j, out, depth + 1, budget)?;
             }
             out.push(']');
         }
-        Node::Map(value) => {
+        DataType::Map(_, _) => {
+            let map = a.as_map();
+            let offsets = map.value_offsets();
+            let (start, end) = (offsets[i] as usize, offsets[i + 1] as usize);
+            let keys = map
+                .keys()
+                .as_string_opt::<i32>()
+                .ok_or(DatumError::Unsupported("a map with non-string keys"))?;
+            let values = map.values();
+            let nulls = map.entries().fields().get(1).is_some_and(stands_for_null);
             out.push('{');
-            let mut first = true;
-            loop {
-                let n = c.read_block_count()?;
-                if n == 0 {
-                    break;
+            for j in start..end {
+                budget.item()?;
+                let k = keys.value(j);
+                budget.room(out, k.len() + 2)?;
+                if j > start {
+                    out.push(',');
                 }
-                for _ in 0..n {
-                    budget.item()?;
-                    let k = c.read_str()?;
-                    budget.room(out, k.len() + 2)?;
-                    if !first {
-                        out.push(',');
-                    }
-                    first = false;
-                    push_str(out, k);
-                    out.push(':');
-                    write_depth(schema, *value, c, out, depth + 1, budget)?;
+                push_str(out, k);
+                out.push(':');
+                if nulls {
+                    out.push_str("null");
+                    continue;
                 }
+                write_depth(values.as_ref(), j, out, depth + 1, budget)?;
             }
             out.push('}');
         }
-        Node::Record { fields, .. } => {
+        DataType::Struct(fields) => {
+            let s = a.as_struct();
             out.push('{');
-            for (i, (name, f)) in fields.iter().enumerate() {
-                if i > 0 {
+            for (n, (field, column)) in fields.iter().zip(s.columns()).enumerate() {
+                if n > 0 {
                     out.push(',');
                 }
-                push_str(out, name);
+                push_str(out, field.name());
                 out.push(':');
-                budget.room(out, name.len() + 3)?;
-                write_depth(schema, *f, c, out, depth + 1, budget)?;
+                budget.room(out, field.name().len() + 3)?;
+                write_depth(column.as_ref(), i, out, depth + 1, budget)?;
             }
             out.push('}');
+        }
+        _ => {
+            return Err(DatumError::Unsupported(
+                "an Arrow type without a JSON rendering",
+            ));
         }
     }
     Ok(())
@@ -249,6 +317,18 @@ mod tests {
     use apache_avro::types::Value as AvroValue;
     use apache_avro::writer::datum::GenericDatumWriter;
 
+    /// Decodes `bytes`, one datum of `schema_json`, with `arrow-avro` (as a record's only
+    /// field, which encodes the same) and returns the Arrow array holding it.
+    fn decode(schema_json: &str, bytes: &[u8]) -> arrow_array::ArrayRef {
+        let record = format!(
+            r#"{{"type":"record","name":"W","fields":[{{"name":"v","type":{schema_json}}}]}}"#
+        );
+        let schema = crate::schema::WriterSchema::parse(&record).unwrap();
+        let mut d = crate::normalize::datum_decoder(&schema, 1).unwrap();
+        assert_eq!(d.decode(bytes).unwrap(), bytes.len());
+        d.flush().unwrap().unwrap().column(0).clone()
+    }
+
     fn render(schema_json: &str, value: AvroValue) -> String {
         let avro = Schema::parse_str(schema_json).unwrap();
         let bytes = GenericDatumWriter::builder(&avro)
@@ -256,48 +336,25 @@ mod tests {
             .unwrap()
             .write_value_to_vec(value)
             .unwrap();
-        let ours = WriterSchema::parse(schema_json).unwrap();
-        let mut c = Cursor::new(&bytes);
+        let array = decode(schema_json, &bytes);
         let mut out = String::new();
-        write_value(
-            &ours,
-            ours.root(),
-            &mut c,
-            &mut out,
-            &mut Budget::unlimited(),
-        )
-        .unwrap();
-        assert_eq!(c.remaining(), 0);
+        write_value(array.as_ref(), 0, &mut out, &mut Budget::unlimited()).unwrap();
         out
     }
 
-    /// An array of `n` nulls written as `blocks` blocks of `n / blocks` items: one byte of
-    /// input per block whatever `n` is.
-    fn null_array(n: u64, blocks: u64) -> Vec<u8> {
-        let mut bytes = Vec::new();
-        let per = n / blocks;
-        for _ in 0..blocks {
-            let mut z = per << 1; // zig-zag of a positive count
-            loop {
-                let b = (z & 0x7f) as u8;
-                z >>= 7;
-                if z == 0 {
-                    bytes.push(b);
-                    break;
-                }
-                bytes.push(b | 0x80);
-            }
-        }
-        bytes.push(0);
-        bytes
+    /// A list of one row holding `n` nulls.
+    fn null_list(n: usize) -> arrow_array::ArrayRef {
+        use arrow_array::builder::{ListBuilder, NullBuilder};
+        let mut b = ListBuilder::new(NullBuilder::new());
+        b.values().append_nulls(n);
+        b.append(true);
+        std::sync::Arc::new(b.finish())
     }
 
     #[test]
     fn null_items_are_bounded_by_the_item_budget_not_the_input() {
-        let schema = WriterSchema::parse(r#"{"type":"array","items":"null"}"#).unwrap();
-        // 2,000 bytes of input claim 2,000,000 null items (1,000 per block).
-        let bytes = null_array(2_000_000, 2_000);
-        assert!(bytes.len() < 4_100, "{}", bytes.len());
+        // An array of 2,000,000 nulls (as `arrow-avro` would hold one: a few bytes).
+        let array = null_list(2_000_000);
         let items_err = DatumError::OverLimit {
             what: "array/map items in one record",
             limit: 1000,
@@ -308,35 +365,20 @@ mod tests {
         };
         let mut budget = Budget::new(1000, items_err, 1 << 30, bytes_err);
         let mut out = String::new();
-        let err = write_value(
-            &schema,
-            schema.root(),
-            &mut Cursor::new(&bytes),
-            &mut out,
-            &mut budget,
-        )
-        .unwrap_err();
+        let err = write_value(array.as_ref(), 0, &mut out, &mut budget).unwrap_err();
         assert_eq!(err, items_err);
         assert!(out.len() < 6_000, "stopped at the limit: {}", out.len());
         // The byte budget stops it too, before the text grows past it.
         let mut budget = Budget::new(u64::MAX, items_err, 4096, bytes_err);
         let mut out = String::new();
-        let err = write_value(
-            &schema,
-            schema.root(),
-            &mut Cursor::new(&bytes),
-            &mut out,
-            &mut budget,
-        )
-        .unwrap_err();
+        let err = write_value(array.as_ref(), 0, &mut out, &mut budget).unwrap_err();
         assert_eq!(err, bytes_err);
         assert!(out.len() <= 4096 + 8, "{}", out.len());
     }
 
     #[test]
     fn a_budget_is_charged_across_values() {
-        let schema = WriterSchema::parse(r#"{"type":"array","items":"null"}"#).unwrap();
-        let bytes = null_array(10, 1);
+        let array = null_list(10);
         let err = DatumError::OverLimit {
             what: "array/map items in the file",
             limit: 25,
@@ -344,19 +386,35 @@ mod tests {
         let mut budget = Budget::new(25, err, u64::MAX, err);
         for round in 0..3 {
             let mut out = String::new();
-            let r = write_value(
-                &schema,
-                schema.root(),
-                &mut Cursor::new(&bytes),
-                &mut out,
-                &mut budget,
-            );
+            let r = write_value(array.as_ref(), 0, &mut out, &mut budget);
             if round < 2 {
                 assert_eq!(out, "[null,null,null,null,null,null,null,null,null,null]");
             } else {
                 assert_eq!(r, Err(err));
             }
         }
+    }
+
+    #[test]
+    fn null_items_and_map_values_render_as_null() {
+        let out = render(
+            r#"{"type":"array","items":"null"}"#,
+            AvroValue::Array(vec![AvroValue::Null, AvroValue::Null]),
+        );
+        assert_eq!(out, "[null,null]");
+        let out = render(
+            r#"{"type":"map","values":"null"}"#,
+            AvroValue::Map([("k".to_string(), AvroValue::Null)].into()),
+        );
+        assert_eq!(out, r#"{"k":null}"#);
+        let out = render(
+            r#"{"type":"array","items":{"type":"array","items":"null"}}"#,
+            AvroValue::Array(vec![
+                AvroValue::Array(vec![AvroValue::Null]),
+                AvroValue::Array(vec![]),
+            ]),
+        );
+        assert_eq!(out, "[[null],[]]");
     }
 
     #[test]

@@ -3,9 +3,10 @@
 //! so Amperity's S3 courier finds them.
 //!
 //! From key to part: [`key`] (what the object key says) → [`decode`] + [`schema`] (Avro
-//! container and writer schema) → [`normalize`] (records → rows of the table's columns, fixed
-//! by [`registry`]) → [`encode`] (Parquet, Snappy) → [`partition`] (where the part goes).
-//! [`convert`] runs that chain for one object; [`handler`] does the I/O around it.
+//! container framing and writer schema) → [`normalize`] (records decoded by `arrow-avro` →
+//! rows of the table's columns, fixed by [`registry`]) → [`encode`] (Parquet, Snappy) →
+//! [`partition`] (where the part goes). [`convert`] runs that chain for one object;
+//! [`handler`] does the I/O around it.
 //!
 //! The `dev` feature (off by default, so the function binary does not link them or
 //! `apache-avro`) adds `synth` (synthetic Currents files for tests and the benchmark) and

@@ -1,24 +1,30 @@
 //! Event records → rows of the table's columns. A [`Plan`] is compiled once per file from the
-//! writer schema and the registry table: each writer field is read straight from the block
-//! bytes into a cell (no per-record allocation), routed to its column, or (when the registry
-//! does not know it yet) into the row's `extra` JSON object. A writer schema that contradicts
-//! the registry (type or nullability change, missing required field) is refused before any
-//! record is read. Records whose `id` was already seen in the file are dropped. Rows are
+//! writer schema and the registry table: each writer field is routed to its column, or (when
+//! the registry does not know it yet) into the row's `extra` JSON object. A writer schema that
+//! contradicts the registry (type or nullability change, missing required field) is refused
+//! before any record is read. The records themselves are decoded by `arrow-avro` (one datum at
+//! a time from each block [`crate::decode`] unpacks, so an error names its block and record)
+//! into Arrow arrays of the writer schema, which become the table's columns; arrays, maps and
+//! records, and the `extra`/`event` objects, are rendered as JSON from those arrays within the
+//! item and size limits. Records whose `id` was already seen in the file are dropped. Rows are
 //! handed out as Arrow record batches of a fixed size.
 
 use std::collections::HashSet;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
-use arrow_array::builder::{
-    BinaryBuilder, BooleanBuilder, Float64Builder, Int64Builder, TimestampMicrosecondBuilder,
-};
+use arrow_array::builder::{StringBuilder, TimestampMicrosecondBuilder};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float32Type, Int64Type};
 use arrow_array::{
-    Array, ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+    Array, ArrayRef, BooleanArray, Int32Array, Int64Array, RecordBatch, StringArray,
+    TimestampMicrosecondArray,
 };
+use arrow_avro::reader::{Decoder, DecoderMode, ReaderBuilder};
+use arrow_avro::schema::{AvroSchema, SchemaStore};
 use arrow_schema::DataType;
 
-use crate::decode::{Container, Cursor, DatumError, DecodeError, Limits};
+use crate::decode::{Container, DatumError, DecodeError, Limits};
 use crate::json::{self, Budget};
 use crate::registry::{Column, ColumnSource, FieldType, Registry, TableDef, event_type_of_record};
 use crate::schema::{Node, NodeId, SchemaError, WriterSchema};
@@ -81,6 +87,35 @@ pub enum NormalizeError {
         /// What went wrong.
         error: DatumError,
     },
+    /// `arrow-avro` could not decode a record (truncated, bad index, bad length, ...).
+    #[error("block {block} (at byte {offset}), record {record}: {reason}")]
+    Record {
+        /// Block number.
+        block: usize,
+        /// The block's byte offset in the object.
+        offset: usize,
+        /// Record number in the file, from 0.
+        record: u64,
+        /// What `arrow-avro` said.
+        reason: String,
+    },
+    /// `arrow-avro` could not make Arrow arrays of a batch of decoded records (a string that
+    /// is not UTF-8, ...).
+    #[error(
+        "blocks {first_block}..={last_block}, records {first_record}..={last_record}: {reason}"
+    )]
+    Records {
+        /// First block of the batch.
+        first_block: usize,
+        /// Last block of the batch.
+        last_block: usize,
+        /// First record of the batch.
+        first_record: u64,
+        /// Last record of the batch.
+        last_record: u64,
+        /// What `arrow-avro` said.
+        reason: String,
+    },
     /// A block holds more bytes than its records.
     #[error("block {block}: {bytes} bytes left after its {records} records")]
     TrailingBytes {
@@ -119,40 +154,17 @@ pub struct NormalizeStats {
     pub blocks: usize,
 }
 
-#[derive(Debug, Clone)]
-enum Read {
-    Null,
-    Bool,
-    Int,
-    Long,
-    Float,
-    Double,
-    Str,
-    Enum(Vec<String>),
-    Union(Vec<Read>),
-    Json(NodeId),
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Cell<'a> {
-    Null,
-    Bool(bool),
-    Int(i64),
-    Float(f64),
-    Str(&'a str),
-    /// JSON text in the row's scratch buffer.
-    Json(usize, usize),
-}
-
+/// One writer field, as the plan maps it.
 #[derive(Debug)]
 struct FieldPlan {
     name: String,
     /// `"name":` as JSON, for the extra/event object.
     json_key: String,
-    read: Read,
-    /// Index into the table's fields.
+    /// Index into the table's fields when the field fills a column.
     slot: Option<usize>,
-    /// Also (or only) written into the JSON column.
+    /// That column holds JSON text (arrays, maps, records).
+    json_column: bool,
+    /// Also (or only) written into the row's JSON object (`extra` / `event`).
     to_json: bool,
 }
 
@@ -177,32 +189,20 @@ impl Plan {
     pub fn extra_fields(&self) -> &[String] {
         &self.extra_fields
     }
-}
 
-fn natural_read(schema: &WriterSchema, node: NodeId) -> Read {
-    match schema.node(node) {
-        Node::Null => Read::Null,
-        Node::Boolean => Read::Bool,
-        Node::Int => Read::Int,
-        Node::Long => Read::Long,
-        Node::Float => Read::Float,
-        Node::Double => Read::Double,
-        Node::String => Read::Str,
-        Node::Enum { symbols, .. } => Read::Enum(symbols.clone()),
-        Node::Union(bs) => Read::Union(bs.iter().map(|b| natural_read(schema, *b)).collect()),
-        Node::Bytes | Node::Fixed { .. } | Node::Array(_) | Node::Map(_) | Node::Record { .. } => {
-            Read::Json(node)
-        }
+    /// The writer schema.
+    pub fn schema(&self) -> &WriterSchema {
+        &self.schema
     }
 }
 
-/// How to read a writer field into a column of type `ty`, or why it cannot be.
-fn column_read(
+/// Whether a writer field can fill a column of type `ty`, or why it cannot.
+fn column_fits(
     schema: &WriterSchema,
     node: NodeId,
     ty: FieldType,
     nullable: bool,
-) -> Result<Read, String> {
+) -> Result<(), String> {
     let (branches, writer_nullable) = schema.branches(node);
     let desc = schema.describe(node);
     if writer_nullable && !nullable {
@@ -210,38 +210,25 @@ fn column_read(
             "the file allows null ({desc}) but the registry column is required"
         ));
     }
-    let fits = |b: NodeId| -> Option<Read> {
-        let n = schema.node(b);
-        let ok = match ty {
-            FieldType::String => matches!(n, Node::String | Node::Enum { .. }),
-            FieldType::Int | FieldType::Long => matches!(n, Node::Int | Node::Long),
-            FieldType::Float | FieldType::Double => matches!(n, Node::Float | Node::Double),
-            FieldType::Boolean => matches!(n, Node::Boolean),
-            FieldType::Json => matches!(n, Node::Array(_) | Node::Map(_) | Node::Record { .. }),
-        };
-        ok.then(|| match ty {
-            FieldType::Json => Read::Json(b),
-            _ => natural_read(schema, b),
-        })
-    };
     let contradiction = || format!("registry type {}, file type {desc}", ty.name());
     if branches.is_empty() || (branches.len() > 1 && ty != FieldType::Json) {
         return Err(contradiction());
     }
-    match schema.node(node) {
-        Node::Union(all) => {
-            let mut reads = Vec::with_capacity(all.len());
-            for b in all {
-                if matches!(schema.node(*b), Node::Null) {
-                    reads.push(Read::Null);
-                } else {
-                    reads.push(fits(*b).ok_or_else(contradiction)?);
-                }
+    for b in branches {
+        let ok = match (ty, schema.node(b)) {
+            (FieldType::String, n) => matches!(n, Node::String | Node::Enum { .. }),
+            (FieldType::Int | FieldType::Long, n) => matches!(n, Node::Int | Node::Long),
+            (FieldType::Float | FieldType::Double, n) => matches!(n, Node::Float | Node::Double),
+            (FieldType::Boolean, n) => matches!(n, Node::Boolean),
+            (FieldType::Json, n) => {
+                matches!(n, Node::Array(_) | Node::Map(_) | Node::Record { .. })
             }
-            Ok(Read::Union(reads))
+        };
+        if !ok {
+            return Err(contradiction());
         }
-        _ => fits(node).ok_or_else(contradiction),
     }
+    Ok(())
 }
 
 impl Plan {
@@ -252,6 +239,14 @@ impl Plan {
         registry: &Registry,
     ) -> Result<Self, NormalizeError> {
         let (record_name, writer_fields) = schema.record()?;
+        if schema.has_free_array_items_other_than_null() {
+            return Err(NormalizeError::Schema(SchemaError::Invalid {
+                path: "$".into(),
+                reason: "an array's items cost no input bytes (a fixed of size 0 or a record of \
+                         only such fields): refused"
+                    .into(),
+            }));
+        }
         if let Some(record_type) = event_type_of_record(record_name)
             && record_type != event_type
         {
@@ -281,14 +276,14 @@ impl Plan {
             let plan = match slot {
                 Some(i) => {
                     let f = &table.fields[i];
-                    match column_read(&schema, *node, f.ty, f.nullable) {
-                        Ok(read) => {
+                    match column_fits(&schema, *node, f.ty, f.nullable) {
+                        Ok(()) => {
                             seen[i] = true;
                             FieldPlan {
                                 name: name.clone(),
                                 json_key,
-                                read,
                                 slot: Some(i),
+                                json_column: f.ty == FieldType::Json,
                                 to_json: generic,
                             }
                         }
@@ -297,8 +292,8 @@ impl Plan {
                         Err(_) if generic && f.nullable => FieldPlan {
                             name: name.clone(),
                             json_key,
-                            read: natural_read(&schema, *node),
                             slot: None,
+                            json_column: false,
                             to_json: true,
                         },
                         Err(reason) => return Err(contradiction(name, reason)),
@@ -311,8 +306,8 @@ impl Plan {
                     FieldPlan {
                         name: name.clone(),
                         json_key,
-                        read: natural_read(&schema, *node),
                         slot: None,
+                        json_column: false,
                         to_json: true,
                     }
                 }
@@ -360,70 +355,40 @@ impl Hasher for IdHasher {
     }
 }
 
-/// Where a table column's values are gathered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Slot {
-    /// `Builders::strs[i]` (strings and JSON text, UTF-8 checked per batch).
-    Str(usize),
-    /// `Builders::ints[i]`.
-    Int(usize),
-    /// `Builders::floats[i]`.
-    Float(usize),
-    /// `Builders::bools[i]`.
-    Bool(usize),
-    /// `event_time`.
-    EventTime,
-    /// `extra` / `event`.
-    Json,
-    /// A registry field the file does not have: all null.
-    Absent,
-    /// Same value on every row, built when the batch is finished.
-    Const,
+/// Runs a call into `arrow-avro` so that a panic inside it (a third-party decoder reading
+/// untrusted bytes) becomes an error for this file instead of taking the function down (the
+/// release profile unwinds).
+fn contained<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(format!("the Avro decoder panicked: {msg}"))
+        }
+    }
 }
 
-#[derive(Default)]
-struct Builders {
-    strs: Vec<BinaryBuilder>,
-    ints: Vec<Int64Builder>,
-    floats: Vec<Float64Builder>,
-    bools: Vec<BooleanBuilder>,
-    event_time: TimestampMicrosecondBuilder,
-    json: BinaryBuilder,
-}
-
-/// What a field's value is also used for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
-    Plain,
-    /// The dedup key.
-    Id,
-    /// Seconds since the epoch; feeds `event_time`.
-    Time,
-}
-
-/// One writer field, compiled. The common shapes (a required or `["null", T]` primitive going
-/// straight to its column) are flat steps; everything else goes through a [`Cell`].
-#[derive(Debug, Clone, Copy)]
-enum Step {
-    Str(usize),
-    OptStr(usize, i64),
-    Int(usize),
-    OptInt(usize, i64),
-    Long(usize),
-    OptLong(usize, i64),
-    Float(usize),
-    OptFloat(usize, i64),
-    Double(usize),
-    OptDouble(usize, i64),
-    Bool(usize),
-    OptBool(usize, i64),
-    /// Via a cell: `slot` receives it, `role` says what else it feeds, `json` adds it to the
-    /// row's JSON object.
-    Cell {
-        slot: Option<Slot>,
-        role: Role,
-        json: bool,
-    },
+/// An `arrow-avro` decoder of single records (datums) written with `schema`, `batch_rows`
+/// records per Arrow batch. The container's framing (blocks, codecs, sync markers and the
+/// size guards on them) is [`crate::decode`]'s; each record's bytes go to this decoder.
+pub fn datum_decoder(schema: &WriterSchema, batch_rows: usize) -> Result<Decoder, String> {
+    contained(|| {
+        let mut store = SchemaStore::new();
+        let fingerprint = store
+            .register(AvroSchema::new(schema.arrow_avro_json().to_string()))
+            .map_err(|e| e.to_string())?;
+        ReaderBuilder::new()
+            .with_batch_size(batch_rows.max(1))
+            .with_decoder_mode(DecoderMode::UnframedDatum)
+            .with_writer_schema_store(store)
+            .with_active_fingerprint(fingerprint)
+            .build_decoder()
+            .map_err(|e| e.to_string())
+    })
 }
 
 /// Turns a file's records into record batches of the plan's table.
@@ -431,22 +396,19 @@ pub struct Normalizer<'p> {
     plan: &'p Plan,
     ctx: FileContext,
     batch_rows: usize,
-    steps: Vec<Step>,
-    slots: Vec<Slot>,
-    b: Builders,
-    rows_in_batch: usize,
+    /// The block of each record decoded into the current batch.
+    row_blocks: Vec<usize>,
     batch_first_record: u64,
-    /// Rows of the current batch that repeat an earlier `id`.
-    dropped_in_batch: Vec<usize>,
     seen_ids: HashSet<u128, BuildHasherDefault<IdHasher>>,
     json_buf: String,
     row_json: String,
     stats: NormalizeStats,
 }
 
-/// Rows of one batch hold at most about this many bytes of values before the batch is handed
-/// on early (Arrow's string columns cannot pass 2 GiB, and memory stays bounded).
-pub const MAX_BATCH_BYTES: usize = 256 << 20;
+/// A batch is handed on once its records took this many bytes of (decompressed) Avro, even
+/// before it has `batch_rows` rows: the Arrow arrays `arrow-avro` builds from them are a
+/// small multiple of that, and memory stays bounded.
+pub const MAX_BATCH_BYTES: usize = 64 << 20;
 
 /// What the rest of a file may still use of the limits that its bytes alone do not bound.
 struct FileBudget {
@@ -516,321 +478,39 @@ impl FileBudget {
     }
 }
 
-fn append_cell(b: &mut Builders, slot: Slot, cell: Cell<'_>, json_buf: &str) -> bool {
-    match (slot, cell) {
-        (Slot::Str(i), Cell::Str(s)) => b.strs[i].append_value(s),
-        (Slot::Str(i), Cell::Json(s, e)) => b.strs[i].append_value(&json_buf[s..e]),
-        (Slot::Int(i), Cell::Int(v)) => b.ints[i].append_value(v),
-        (Slot::Float(i), Cell::Float(v)) => b.floats[i].append_value(v),
-        (Slot::Bool(i), Cell::Bool(v)) => b.bools[i].append_value(v),
-        (Slot::Str(i), Cell::Null) => b.strs[i].append_null(),
-        (Slot::Int(i), Cell::Null) => b.ints[i].append_null(),
-        (Slot::Float(i), Cell::Null) => b.floats[i].append_null(),
-        (Slot::Bool(i), Cell::Null) => b.bools[i].append_null(),
-        _ => return false,
+/// True for values that become JSON text with the size budget (as opposed to a top-level
+/// string, number or boolean, which the input's bytes bound).
+fn json_kind(dt: &DataType) -> bool {
+    matches!(
+        dt,
+        DataType::List(_)
+            | DataType::Map(_, _)
+            | DataType::Struct(_)
+            | DataType::Binary
+            | DataType::FixedSizeBinary(_)
+    )
+}
+
+/// Appends a top-level scalar (a field's own value, through its union) to the row's JSON
+/// object: a `float` as the double it widens to, like its column would hold it.
+fn push_scalar(out: &mut String, a: &dyn Array, row: usize) -> Result<(), DatumError> {
+    if let Some(f) = a.as_primitive_opt::<Float32Type>() {
+        json::push_f64(out, f64::from(f.value(row)));
+        return Ok(());
     }
-    true
-}
-
-fn push_cell_json(out: &mut String, cell: Cell<'_>, json_buf: &str) {
-    match cell {
-        Cell::Null => out.push_str("null"),
-        Cell::Bool(b) => out.push_str(if b { "true" } else { "false" }),
-        Cell::Int(v) => {
-            use std::fmt::Write as _;
-            let _ = write!(out, "{v}");
-        }
-        Cell::Float(v) => json::push_f64(out, v),
-        Cell::Str(s) => json::push_str(out, s),
-        Cell::Json(s, e) => out.push_str(&json_buf[s..e]),
-    }
-}
-
-fn read_cell<'a>(
-    read: &'a Read,
-    schema: &WriterSchema,
-    c: &mut Cursor<'a>,
-    json_buf: &mut String,
-    budget: &mut Budget,
-) -> Result<Cell<'a>, DatumError> {
-    Ok(match read {
-        Read::Null => Cell::Null,
-        Read::Str => Cell::Str(c.read_str()?),
-        Read::Int => Cell::Int(i64::from(c.read_int()?)),
-        Read::Long => Cell::Int(c.read_long()?),
-        Read::Bool => Cell::Bool(c.read_bool()?),
-        Read::Float => Cell::Float(f64::from(c.read_f32()?)),
-        Read::Double => Cell::Float(c.read_f64()?),
-        Read::Enum(symbols) => {
-            let i = c.read_long()?;
-            Cell::Str(
-                usize::try_from(i)
-                    .ok()
-                    .and_then(|i| symbols.get(i))
-                    .ok_or(DatumError::BadIndex(i))?,
-            )
-        }
-        Read::Union(branches) => {
-            let i = c.read_long()?;
-            match usize::try_from(i).ok().and_then(|i| branches.get(i)) {
-                Some(Read::Union(_)) => return Err(DatumError::TooDeep),
-                Some(other) => read_cell(other, schema, c, json_buf, budget)?,
-                None => return Err(DatumError::BadIndex(i)),
-            }
-        }
-        Read::Json(node) => {
-            let start = json_buf.len();
-            json::write_value(schema, *node, c, json_buf, budget)?;
-            Cell::Json(start, json_buf.len())
-        }
-    })
-}
-
-/// Reads the branch index of a `["null", T]` union: `Ok(false)` for null, `Ok(true)` for a
-/// value.
-#[inline(always)]
-fn present(c: &mut Cursor<'_>, null: i64) -> Result<bool, DatumError> {
-    let i = c.read_long()?;
-    if i == null {
-        Ok(false)
-    } else if i == 1 - null {
-        Ok(true)
-    } else {
-        Err(DatumError::BadIndex(i))
-    }
-}
-
-/// Why a row failed: the writer field index and the error.
-enum RowError {
-    Datum(usize, DatumError),
-    Time(i64),
-}
-
-/// What decoding a row found out besides its values.
-struct RowInfo {
-    duplicate: bool,
-    json_fields: usize,
-}
-
-/// The per-row state the decoder writes to, borrowed apart from the plan.
-struct RowSink<'s> {
-    b: &'s mut Builders,
-    seen_ids: &'s mut HashSet<u128, BuildHasherDefault<IdHasher>>,
-    json_buf: &'s mut String,
-    row_json: &'s mut String,
-    budget: &'s mut Budget,
-}
-
-/// Decodes one record into the builders (the hot path).
-#[inline]
-fn decode_row<'a>(
-    steps: &[Step],
-    plan: &'a Plan,
-    c: &mut Cursor<'a>,
-    s: &mut RowSink<'_>,
-) -> Result<RowInfo, RowError> {
-    let mut info = RowInfo {
-        duplicate: false,
-        json_fields: 0,
-    };
-    s.row_json.clear();
-    for (fi, step) in steps.iter().enumerate() {
-        let e = |err| RowError::Datum(fi, err);
-        let b = &mut *s.b;
-        match *step {
-            Step::Str(i) => b.strs[i].append_value(c.read_bytes().map_err(e)?),
-            Step::OptStr(i, null) => {
-                if present(c, null).map_err(e)? {
-                    b.strs[i].append_value(c.read_bytes().map_err(e)?);
-                } else {
-                    b.strs[i].append_null();
-                }
-            }
-            Step::Int(i) => b.ints[i].append_value(i64::from(c.read_int().map_err(e)?)),
-            Step::OptInt(i, null) => {
-                if present(c, null).map_err(e)? {
-                    b.ints[i].append_value(i64::from(c.read_int().map_err(e)?));
-                } else {
-                    b.ints[i].append_null();
-                }
-            }
-            Step::Long(i) => b.ints[i].append_value(c.read_long().map_err(e)?),
-            Step::OptLong(i, null) => {
-                if present(c, null).map_err(e)? {
-                    b.ints[i].append_value(c.read_long().map_err(e)?);
-                } else {
-                    b.ints[i].append_null();
-                }
-            }
-            Step::Float(i) => b.floats[i].append_value(f64::from(c.read_f32().map_err(e)?)),
-            Step::OptFloat(i, null) => {
-                if present(c, null).map_err(e)? {
-                    b.floats[i].append_value(f64::from(c.read_f32().map_err(e)?));
-                } else {
-                    b.floats[i].append_null();
-                }
-            }
-            Step::Double(i) => b.floats[i].append_value(c.read_f64().map_err(e)?),
-            Step::OptDouble(i, null) => {
-                if present(c, null).map_err(e)? {
-                    b.floats[i].append_value(c.read_f64().map_err(e)?);
-                } else {
-                    b.floats[i].append_null();
-                }
-            }
-            Step::Bool(i) => b.bools[i].append_value(c.read_bool().map_err(e)?),
-            Step::OptBool(i, null) => {
-                if present(c, null).map_err(e)? {
-                    b.bools[i].append_value(c.read_bool().map_err(e)?);
-                } else {
-                    b.bools[i].append_null();
-                }
-            }
-            Step::Cell { slot, role, json } => {
-                let fp = &plan.fields[fi];
-                s.json_buf.clear();
-                let cell = read_cell(&fp.read, &plan.schema, c, s.json_buf, s.budget).map_err(e)?;
-                if let Some(slot) = slot
-                    && !append_cell(b, slot, cell, s.json_buf)
-                {
-                    return Err(e(DatumError::Mismatch));
-                }
-                match (role, cell) {
-                    (Role::Plain, _) => {}
-                    (Role::Id, Cell::Str(id)) => {
-                        info.duplicate = !s
-                            .seen_ids
-                            .insert(xxhash_rust::xxh3::xxh3_128(id.as_bytes()));
-                    }
-                    (Role::Time, Cell::Int(time)) => {
-                        let micros = time.checked_mul(1_000_000).ok_or(RowError::Time(time))?;
-                        b.event_time.append_value(micros);
-                    }
-                    _ => return Err(e(DatumError::Mismatch)),
-                }
-                if json {
-                    s.row_json
-                        .push(if info.json_fields == 0 { '{' } else { ',' });
-                    s.row_json.push_str(&fp.json_key);
-                    push_cell_json(s.row_json, cell, s.json_buf);
-                    info.json_fields += 1;
-                }
-            }
-        }
-    }
-    Ok(info)
-}
-
-fn compile_step(fp: &FieldPlan, slot: Option<Slot>, role: Role) -> Step {
-    let cell = Step::Cell {
-        slot,
-        role,
-        json: fp.to_json,
-    };
-    if role != Role::Plain || fp.to_json {
-        return cell;
-    }
-    // `["null", T]` or `[T, null]`: the null branch's index and T.
-    let (inner, null) = match &fp.read {
-        Read::Union(bs) => match bs.as_slice() {
-            [Read::Null, t] => (t, Some(0)),
-            [t, Read::Null] => (t, Some(1)),
-            _ => return cell,
-        },
-        other => (other, None),
-    };
-    match (inner, slot, null) {
-        (Read::Str, Some(Slot::Str(i)), None) => Step::Str(i),
-        (Read::Str, Some(Slot::Str(i)), Some(n)) => Step::OptStr(i, n),
-        (Read::Int, Some(Slot::Int(i)), None) => Step::Int(i),
-        (Read::Int, Some(Slot::Int(i)), Some(n)) => Step::OptInt(i, n),
-        (Read::Long, Some(Slot::Int(i)), None) => Step::Long(i),
-        (Read::Long, Some(Slot::Int(i)), Some(n)) => Step::OptLong(i, n),
-        (Read::Float, Some(Slot::Float(i)), None) => Step::Float(i),
-        (Read::Float, Some(Slot::Float(i)), Some(n)) => Step::OptFloat(i, n),
-        (Read::Double, Some(Slot::Float(i)), None) => Step::Double(i),
-        (Read::Double, Some(Slot::Float(i)), Some(n)) => Step::OptDouble(i, n),
-        (Read::Bool, Some(Slot::Bool(i)), None) => Step::Bool(i),
-        (Read::Bool, Some(Slot::Bool(i)), Some(n)) => Step::OptBool(i, n),
-        _ => cell,
-    }
+    json::write_value(a, row, out, &mut Budget::unlimited())
 }
 
 impl<'p> Normalizer<'p> {
     /// Starts a file. `batch_rows` is the size of the batches handed to the sink.
     pub fn new(plan: &'p Plan, ctx: FileContext, batch_rows: usize, expected_rows: usize) -> Self {
-        let table = &plan.table;
         let batch_rows = batch_rows.max(1);
-        let cap = batch_rows.min(expected_rows.max(1));
-        let mut present_fields = vec![false; table.fields.len()];
-        for f in &plan.fields {
-            if let Some(s) = f.slot {
-                present_fields[s] = true;
-            }
-        }
-        let mut b = Builders {
-            event_time: TimestampMicrosecondBuilder::with_capacity(cap),
-            json: BinaryBuilder::with_capacity(cap, cap * 8),
-            ..Builders::default()
-        };
-        let mut field_slots = vec![None; table.fields.len()];
-        let slots: Vec<Slot> = table
-            .columns
-            .iter()
-            .map(|c| match c.source {
-                ColumnSource::Field(fi) if present_fields.get(fi).copied().unwrap_or(false) => {
-                    let slot = match c.data_type {
-                        DataType::Int64 => {
-                            b.ints.push(Int64Builder::with_capacity(cap));
-                            Slot::Int(b.ints.len() - 1)
-                        }
-                        DataType::Float64 => {
-                            b.floats.push(Float64Builder::with_capacity(cap));
-                            Slot::Float(b.floats.len() - 1)
-                        }
-                        DataType::Boolean => {
-                            b.bools.push(BooleanBuilder::with_capacity(cap));
-                            Slot::Bool(b.bools.len() - 1)
-                        }
-                        _ => {
-                            b.strs.push(BinaryBuilder::with_capacity(cap, cap * 32));
-                            Slot::Str(b.strs.len() - 1)
-                        }
-                    };
-                    if let Some(s) = field_slots.get_mut(fi) {
-                        *s = Some(slot);
-                    }
-                    slot
-                }
-                ColumnSource::Field(_) => Slot::Absent,
-                ColumnSource::EventTime => Slot::EventTime,
-                ColumnSource::Json => Slot::Json,
-                _ => Slot::Const,
-            })
-            .collect();
-        let steps = plan
-            .fields
-            .iter()
-            .map(|f| {
-                let role = match f.slot {
-                    Some(s) if s == plan.id_slot => Role::Id,
-                    Some(s) if s == plan.time_slot => Role::Time,
-                    _ => Role::Plain,
-                };
-                let slot = f.slot.and_then(|s| field_slots.get(s).copied().flatten());
-                compile_step(f, slot, role)
-            })
-            .collect();
         Self {
             plan,
             ctx,
             batch_rows,
-            steps,
-            slots,
-            b,
-            rows_in_batch: 0,
+            row_blocks: Vec::with_capacity(batch_rows.min(expected_rows.max(1))),
             batch_first_record: 0,
-            dropped_in_batch: Vec::new(),
             seen_ids: HashSet::with_capacity_and_hasher(expected_rows, Default::default()),
             json_buf: String::new(),
             row_json: String::new(),
@@ -847,173 +527,285 @@ impl<'p> Normalizer<'p> {
         container: &Container<'_>,
         mut sink: impl FnMut(RecordBatch) -> Result<(), String>,
     ) -> Result<NormalizeStats, NormalizeError> {
-        let plan = self.plan;
-        let has_json = self.slots.contains(&Slot::Json);
-        let generic = plan.table.generic;
         let limits = container.limits();
         let mut file_budget = FileBudget::new(limits);
+        // Array items of type `null` cost no input, and the decoder counts each one (up to
+        // 2^31 per array): such files go one record per batch, so the item limit stops the
+        // first record that goes over. Otherwise every item costs at least one input byte and
+        // what a batch decodes is bounded by the bytes it consumes.
+        let batch_rows = if self.plan.schema.has_free_array_items() {
+            1
+        } else {
+            self.batch_rows
+        };
+        let mut decoder = datum_decoder(&self.plan.schema, batch_rows).map_err(|reason| {
+            NormalizeError::Schema(SchemaError::Invalid {
+                path: "$".into(),
+                reason: format!("arrow-avro cannot decode it: {reason}"),
+            })
+        })?;
         let mut batch_bytes = 0usize;
         for block in container.blocks() {
             let block = block?;
             self.stats.blocks += 1;
-            let mut c = Cursor::new(&block.data);
+            let data: &[u8] = &block.data;
+            let mut pos = 0usize;
             for _ in 0..block.count {
                 let record = self.stats.events_in;
                 self.stats.events_in += 1;
-                let row_start = c.pos;
-                let start_budget = file_budget.record();
-                let mut budget = start_budget;
-                let mut sinks = RowSink {
-                    b: &mut self.b,
-                    seen_ids: &mut self.seen_ids,
-                    json_buf: &mut self.json_buf,
-                    row_json: &mut self.row_json,
-                    budget: &mut budget,
-                };
-                let info =
-                    decode_row(&self.steps, plan, &mut c, &mut sinks).map_err(|e| match e {
-                        RowError::Datum(fi, error) => NormalizeError::Datum {
-                            block: block.index,
-                            record,
-                            field: plan
-                                .fields
-                                .get(fi)
-                                .map(|f| f.name.clone())
-                                .unwrap_or_default(),
-                            error,
-                        },
-                        RowError::Time(time) => NormalizeError::TimeOutOfRange { record, time },
-                    })?;
-                file_budget.charge(&start_budget, &budget);
-                if self.row_json.len() as u64 > limits.max_record_json_bytes {
-                    return Err(NormalizeError::Datum {
+                let rest = data.get(pos..).unwrap_or_default();
+                let used = contained(|| decoder.decode(rest).map_err(|e| e.to_string())).map_err(
+                    |reason| NormalizeError::Record {
                         block: block.index,
+                        offset: block.offset,
                         record,
-                        field: if generic { "event" } else { "extra" }.to_string(),
-                        error: DatumError::OverLimit {
-                            what: "rendered JSON bytes of one record",
-                            limit: limits.max_record_json_bytes,
-                        },
-                    });
-                }
-                batch_bytes = batch_bytes
-                    .saturating_add(c.pos - row_start)
-                    .saturating_add(
-                        start_budget.bytes_left.saturating_sub(budget.bytes_left) as usize
-                    )
-                    .saturating_add(self.row_json.len());
-                if has_json {
-                    if info.json_fields > 0 {
-                        self.row_json.push('}');
-                        self.b.json.append_value(&self.row_json);
-                    } else if generic {
-                        self.b.json.append_value("{}");
-                    } else {
-                        self.b.json.append_null();
-                    }
-                }
-                if info.duplicate {
-                    self.stats.duplicates_dropped += 1;
-                    self.dropped_in_batch.push(self.rows_in_batch);
-                } else {
-                    self.stats.rows_out += 1;
-                }
-                self.rows_in_batch += 1;
-                if (self.rows_in_batch == self.batch_rows || batch_bytes >= MAX_BATCH_BYTES)
-                    && let Some(batch) = self.finish_batch()?
-                {
-                    sink(batch).map_err(NormalizeError::Sink)?;
-                }
-                if self.rows_in_batch == 0 {
+                        reason,
+                    },
+                )?;
+                pos = pos.saturating_add(used);
+                batch_bytes = batch_bytes.saturating_add(used);
+                self.row_blocks.push(block.index);
+                if decoder.batch_is_full() || batch_bytes >= MAX_BATCH_BYTES {
+                    self.flush(&mut decoder, &mut file_budget, &mut sink)?;
                     batch_bytes = 0;
                 }
             }
-            if c.remaining() != 0 {
+            if pos != data.len() {
                 return Err(NormalizeError::TrailingBytes {
                     block: block.index,
                     records: block.count,
-                    bytes: c.remaining(),
+                    bytes: data.len().saturating_sub(pos),
                 });
             }
         }
-        if self.rows_in_batch > 0
-            && let Some(batch) = self.finish_batch()?
-        {
-            sink(batch).map_err(NormalizeError::Sink)?;
-        }
+        self.flush(&mut decoder, &mut file_budget, &mut sink)?;
         Ok(self.stats)
     }
 
-    /// Checks a string column's bytes are UTF-8 (once for the whole batch) and makes it a
-    /// string array; names the first bad record when they are not.
-    fn strings(
-        &self,
-        b: &mut BinaryBuilder,
-        column: &str,
-        rows: usize,
-    ) -> Result<ArrayRef, NormalizeError> {
-        let binary = b.finish();
-        let used = binary.value_data().len();
-        // Size the next batch's buffer from this one's, so it never regrows.
-        *b = BinaryBuilder::with_capacity(rows, used + used / 8 + 64);
-        match StringArray::try_from_binary(binary.clone()) {
-            Ok(a) => Ok(Arc::new(a)),
-            Err(_) => {
-                let row = (0..binary.len())
-                    .find(|i| std::str::from_utf8(binary.value(*i)).is_err())
-                    .unwrap_or(0);
-                Err(NormalizeError::Datum {
-                    block: self.stats.blocks.saturating_sub(1),
-                    record: self.batch_first_record + row as u64,
-                    field: column.to_string(),
-                    error: DatumError::BadUtf8,
-                })
-            }
+    /// Takes the decoded records from `decoder`, makes them rows of the table (without
+    /// repeated ids) and hands them to `sink`.
+    fn flush(
+        &mut self,
+        decoder: &mut Decoder,
+        file_budget: &mut FileBudget,
+        sink: &mut impl FnMut(RecordBatch) -> Result<(), String>,
+    ) -> Result<(), NormalizeError> {
+        let n = self.row_blocks.len();
+        if n == 0 {
+            return Ok(());
         }
+        let first = self.batch_first_record;
+        let decoded =
+            contained(|| decoder.flush().map_err(|e| e.to_string())).map_err(|reason| {
+                NormalizeError::Records {
+                    first_block: self.row_blocks.first().copied().unwrap_or_default(),
+                    last_block: self.row_blocks.last().copied().unwrap_or_default(),
+                    first_record: first,
+                    last_record: first + n as u64 - 1,
+                    reason,
+                }
+            })?;
+        let Some(decoded) = decoded else {
+            return Err(NormalizeError::Sink(format!(
+                "the decoder returned no rows for records {first}..{}",
+                first + n as u64
+            )));
+        };
+        if decoded.num_rows() != n {
+            return Err(NormalizeError::Sink(format!(
+                "the decoder returned {} rows for {n} records",
+                decoded.num_rows()
+            )));
+        }
+        let out = self.table_batch(&decoded, file_budget)?;
+        self.batch_first_record += n as u64;
+        self.row_blocks.clear();
+        if let Some(out) = out {
+            sink(out).map_err(NormalizeError::Sink)?;
+        }
+        Ok(())
     }
 
-    /// Finishes the current batch (without its duplicate rows); `None` when every row of it
-    /// was a duplicate.
-    fn finish_batch(&mut self) -> Result<Option<RecordBatch>, NormalizeError> {
-        let n = self.rows_in_batch;
-        self.rows_in_batch = 0;
-        let table = self.plan.table.clone();
+    /// One batch of decoded records (the writer schema's columns) as rows of the table.
+    fn table_batch(
+        &mut self,
+        decoded: &RecordBatch,
+        file_budget: &mut FileBudget,
+    ) -> Result<Option<RecordBatch>, NormalizeError> {
+        let plan = self.plan;
+        let table = plan.table.clone();
+        let generic = table.generic;
+        let limits = file_budget.limits;
+        let n = decoded.num_rows();
+        let sink_err = |e: arrow_schema::ArrowError| NormalizeError::Sink(e.to_string());
+        let has_json = table
+            .columns
+            .iter()
+            .any(|c| matches!(c.source, ColumnSource::Json));
+        // Writer field filling each table field, if any.
+        let mut filled_by: Vec<Option<usize>> = vec![None; table.fields.len()];
+        for (fi, f) in plan.fields.iter().enumerate() {
+            if let Some(s) = f.slot
+                && let Some(slot) = filled_by.get_mut(s)
+            {
+                *slot = Some(fi);
+            }
+        }
+        let column_of = |slot: usize| -> Result<Option<ArrayRef>, NormalizeError> {
+            let Some(fi) = filled_by.get(slot).copied().flatten() else {
+                return Ok(None);
+            };
+            let ty = table.fields[slot].ty.data_type();
+            arrow_cast::cast(decoded.column(fi), &ty)
+                .map(Some)
+                .map_err(sink_err)
+        };
+        let ids = column_of(plan.id_slot)?;
+        let ids = ids.as_ref().and_then(|a| a.as_string_opt::<i32>());
+        let times = column_of(plan.time_slot)?;
+        let times = times
+            .as_ref()
+            .and_then(|a| a.as_primitive_opt::<Int64Type>());
+        let mut json_columns: Vec<(usize, StringBuilder)> = plan
+            .fields
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.json_column && f.slot.is_some())
+            .map(|(fi, _)| (fi, StringBuilder::with_capacity(n, n * 64)))
+            .collect();
+        let mut row_json_column =
+            StringBuilder::with_capacity(n, if has_json { n * 64 } else { 0 });
+        let mut event_time = TimestampMicrosecondBuilder::with_capacity(n);
+        let mut keep = Vec::with_capacity(n);
+        for r in 0..n {
+            let record = self.batch_first_record + r as u64;
+            let block = self.row_blocks.get(r).copied().unwrap_or_default();
+            let start_budget = file_budget.record();
+            let mut budget = start_budget;
+            self.row_json.clear();
+            let mut json_fields = 0usize;
+            let mut next_json_column = 0usize;
+            for (fi, fp) in plan.fields.iter().enumerate() {
+                let in_column = fp.json_column && fp.slot.is_some();
+                if !in_column && !fp.to_json {
+                    continue;
+                }
+                let err = |error| NormalizeError::Datum {
+                    block,
+                    record,
+                    field: fp.name.clone(),
+                    error,
+                };
+                let col = decoded.column(fi).as_ref();
+                let null = json::is_null_value(col, r);
+                let (value, at) = json::resolve_union(col, r);
+                let budgeted = !null && json_kind(value.data_type());
+                if budgeted {
+                    self.json_buf.clear();
+                    json::write_value(col, r, &mut self.json_buf, &mut budget).map_err(err)?;
+                }
+                if in_column {
+                    if let Some((_, b)) = json_columns.get_mut(next_json_column) {
+                        if null {
+                            b.append_null();
+                        } else if budgeted {
+                            b.append_value(&self.json_buf);
+                        } else {
+                            return Err(err(DatumError::Mismatch));
+                        }
+                    }
+                    next_json_column += 1;
+                }
+                if fp.to_json {
+                    self.row_json.push(if json_fields == 0 { '{' } else { ',' });
+                    self.row_json.push_str(&fp.json_key);
+                    if null {
+                        self.row_json.push_str("null");
+                    } else if budgeted {
+                        self.row_json.push_str(&self.json_buf);
+                    } else {
+                        push_scalar(&mut self.row_json, value, at).map_err(err)?;
+                    }
+                    json_fields += 1;
+                }
+            }
+            file_budget.charge(&start_budget, &budget);
+            if self.row_json.len() as u64 > limits.max_record_json_bytes {
+                return Err(NormalizeError::Datum {
+                    block,
+                    record,
+                    field: if generic { "event" } else { "extra" }.to_string(),
+                    error: DatumError::OverLimit {
+                        what: "rendered JSON bytes of one record",
+                        limit: limits.max_record_json_bytes,
+                    },
+                });
+            }
+            if has_json {
+                if json_fields > 0 {
+                    self.row_json.push('}');
+                    row_json_column.append_value(&self.row_json);
+                } else if generic {
+                    row_json_column.append_value("{}");
+                } else {
+                    row_json_column.append_null();
+                }
+            }
+            match times {
+                Some(t) if !t.is_null(r) => {
+                    let time = t.value(r);
+                    let micros = time
+                        .checked_mul(1_000_000)
+                        .ok_or(NormalizeError::TimeOutOfRange { record, time })?;
+                    event_time.append_value(micros);
+                }
+                _ => event_time.append_null(),
+            }
+            let duplicate = match ids {
+                Some(ids) if !ids.is_null(r) => !self
+                    .seen_ids
+                    .insert(xxhash_rust::xxh3::xxh3_128(ids.value(r).as_bytes())),
+                _ => false,
+            };
+            if duplicate {
+                self.stats.duplicates_dropped += 1;
+            } else {
+                self.stats.rows_out += 1;
+            }
+            keep.push(!duplicate);
+        }
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(table.columns.len());
-        let mut b = std::mem::take(&mut self.b);
-        for (col, slot) in table.columns.iter().zip(self.slots.iter()) {
-            let array: ArrayRef = match *slot {
-                Slot::Str(i) => self.strings(&mut b.strs[i], &col.name, self.batch_rows)?,
-                Slot::Json => self.strings(&mut b.json, &col.name, self.batch_rows)?,
-                Slot::Int(i) => Arc::new(b.ints[i].finish()),
-                Slot::Float(i) => Arc::new(b.floats[i].finish()),
-                Slot::Bool(i) => Arc::new(b.bools[i].finish()),
-                Slot::EventTime => Arc::new(b.event_time.finish().with_timezone("UTC")),
-                Slot::Absent => arrow_array::new_null_array(&col.data_type, n),
-                Slot::Const => self.constant(&table, col, n)?,
+        for col in &table.columns {
+            let array: ArrayRef = match col.source {
+                ColumnSource::Field(slot) => match filled_by.get(slot).copied().flatten() {
+                    None => arrow_array::new_null_array(&col.data_type, n),
+                    Some(fi) if plan.fields[fi].json_column => {
+                        match json_columns.iter_mut().find(|(f, _)| *f == fi) {
+                            Some((_, b)) => Arc::new(b.finish()),
+                            None => arrow_array::new_null_array(&col.data_type, n),
+                        }
+                    }
+                    Some(fi) => {
+                        arrow_cast::cast(decoded.column(fi), &col.data_type).map_err(sink_err)?
+                    }
+                },
+                ColumnSource::EventTime => Arc::new(event_time.finish().with_timezone("UTC")),
+                ColumnSource::Json => Arc::new(row_json_column.finish()),
+                _ => self.constant(&table, col, n)?,
             };
             arrays.push(array);
         }
-        self.b = b;
-        self.batch_first_record = self.stats.events_in;
-        let batch = RecordBatch::try_new(table.schema.clone(), arrays)
-            .map_err(|e| NormalizeError::Sink(e.to_string()))?;
-        if self.dropped_in_batch.is_empty() {
+        let batch = RecordBatch::try_new(table.schema.clone(), arrays).map_err(sink_err)?;
+        if keep.iter().all(|k| *k) {
             return Ok(Some(batch));
         }
-        let mut keep = vec![true; n];
-        for &row in &self.dropped_in_batch {
-            if let Some(k) = keep.get_mut(row) {
-                *k = false;
-            }
-        }
-        self.dropped_in_batch.clear();
         if keep.iter().all(|k| !k) {
             return Ok(None);
         }
-        let mask = arrow_array::BooleanArray::from(keep);
+        let mask = BooleanArray::from(keep);
         arrow_select::filter::filter_record_batch(&batch, &mask)
             .map(Some)
-            .map_err(|e| NormalizeError::Sink(e.to_string()))
+            .map_err(sink_err)
     }
 
     fn constant(
@@ -1463,5 +1255,80 @@ mod tests {
             run(&forged, "users.behaviors.Location"),
             Err(NormalizeError::TrailingBytes { .. })
         ));
+    }
+
+    #[test]
+    fn array_items_that_cost_no_input_and_are_not_null_are_refused_with_the_schema() {
+        let mut data = Vec::new();
+        null_array_record(&mut data, "a", 1, 3);
+        for items in [
+            r#"{"type":"fixed","name":"Nothing","size":0}"#,
+            r#"{"type":"record","name":"Empty","fields":[{"name":"n","type":"null"}]}"#,
+        ] {
+            let schema =
+                null_array_schema().replace(r#""items":"null""#, &format!(r#""items":{items}"#));
+            let err = run(&container(&schema, 1, &data), "users.behaviors.Location").unwrap_err();
+            assert!(
+                matches!(&err, NormalizeError::Schema(SchemaError::Invalid { reason, .. }) if reason.contains("cost no input bytes")),
+                "{items}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_record_that_does_not_decode_names_its_block_byte_offset_and_record() {
+        // Two records claimed, the bytes of one and a half.
+        let mut data = Vec::new();
+        null_array_record(&mut data, "a", 1, 2);
+        let whole = data.len();
+        null_array_record(&mut data, "b", 1, 2);
+        data.truncate(whole + 3);
+        let bytes = container(&null_array_schema(), 2, &data);
+        let err = run(&bytes, "users.behaviors.Location").unwrap_err();
+        match &err {
+            NormalizeError::Record {
+                block: 0,
+                offset,
+                record: 1,
+                ..
+            } => assert!(*offset > 0),
+            other => panic!("{other}"),
+        }
+        assert!(err.to_string().starts_with("block 0 (at byte "), "{err}");
+    }
+
+    #[test]
+    fn a_string_that_is_not_utf8_names_its_records() {
+        let mut data = Vec::new();
+        null_array_record(&mut data, "a", 0, 0);
+        null_array_record(&mut data, "b", 0, 0);
+        // The second record's `user_id` ("u") becomes the byte 0xff.
+        let at = data.len() - (data.len() / 2) + 3;
+        assert_eq!(data[at], b'u');
+        data[at] = 0xff;
+        let bytes = container(&null_array_schema(), 2, &data);
+        let err = run(&bytes, "users.behaviors.Location").unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                // This schema's arrays of nulls decode one record per batch.
+                NormalizeError::Records {
+                    first_block: 0,
+                    first_record: 1,
+                    last_record: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().to_lowercase().contains("utf"), "{err}");
+    }
+
+    #[test]
+    fn a_panic_in_the_decoder_is_an_error_for_the_file() {
+        let r: Result<(), String> = contained(|| panic!("shift overflow"));
+        assert_eq!(r.unwrap_err(), "the Avro decoder panicked: shift overflow");
+        let r: Result<u8, String> = contained(|| Ok(7));
+        assert_eq!(r, Ok(7));
     }
 }

@@ -71,6 +71,10 @@ pub enum Node {
 pub struct WriterSchema {
     nodes: Vec<Node>,
     root: NodeId,
+    /// The schema as given to `arrow-avro`, which decodes the records: logical types
+    /// removed, so every value arrives as its encoding (a `timestamp-millis` long as a long,
+    /// a `uuid` string as a string), as Braze's decoded JSON shows them.
+    arrow_json: String,
 }
 
 /// Why a schema cannot be used.
@@ -107,10 +111,57 @@ impl WriterSchema {
             names: HashMap::new(),
         };
         let root = p.parse(value, "", "$", 0)?;
+        let mut plain = value.clone();
+        strip_logical_types(&mut plain, 0);
+        let mut substituted = 0usize;
+        substitute_null_items(&mut plain, 0, &mut substituted);
         Ok(Self {
             nodes: p.nodes,
             root,
+            arrow_json: plain.to_string(),
         })
+    }
+
+    /// The schema JSON `arrow-avro` decodes with: logical types removed, and `null` array
+    /// items and map values written as empty records named [`NULL_ITEM`]`<n>` (which encode
+    /// the same, in no bytes): `arrow-avro` 60 builds a non-nullable list of nulls for
+    /// `{"type":"array","items":"null"}` and then refuses its own array. The JSON rendering
+    /// writes such items as `null`.
+    pub fn arrow_avro_json(&self) -> &str {
+        &self.arrow_json
+    }
+
+    /// True when some array's items cost no input bytes and are not plain `null`s (a `fixed`
+    /// of size 0, a record of only such fields): refused, as Currents never writes them.
+    pub fn has_free_array_items_other_than_null(&self) -> bool {
+        self.nodes.iter().any(|n| {
+            matches!(n, Node::Array(item)
+                if !matches!(self.node(*item), Node::Null) && self.costs_nothing(*item, 0))
+        })
+    }
+
+    /// True when some array's items cost no input bytes (`null`, `fixed` of size 0, or a
+    /// record of only such fields): the decoder then spends time per item that the input
+    /// does not pay for, so such files are decoded one record at a time and the item limit is
+    /// checked after each.
+    pub fn has_free_array_items(&self) -> bool {
+        self.nodes
+            .iter()
+            .any(|n| matches!(n, Node::Array(item) if self.costs_nothing(*item, 0)))
+    }
+
+    fn costs_nothing(&self, id: NodeId, depth: usize) -> bool {
+        if depth > MAX_DEPTH {
+            return false;
+        }
+        match self.node(id) {
+            Node::Null => true,
+            Node::Fixed { size, .. } => *size == 0,
+            Node::Record { fields, .. } => fields
+                .iter()
+                .all(|(_, f)| self.costs_nothing(*f, depth + 1)),
+            _ => false,
+        }
     }
 
     /// The root node.
@@ -208,6 +259,75 @@ impl WriterSchema {
             }
             _ => (vec![id], false),
         }
+    }
+}
+
+/// The name (prefix) of the empty records that stand for `null` array items and map values in
+/// the schema `arrow-avro` decodes with.
+pub const NULL_ITEM: &str = "CurrentsNullItem";
+
+fn is_null_type(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s == "null",
+        Value::Object(o) => o.get("type").and_then(Value::as_str) == Some("null"),
+        _ => false,
+    }
+}
+
+fn substitute_null_items(v: &mut Value, depth: usize, n: &mut usize) {
+    if depth > MAX_DEPTH * 4 {
+        return;
+    }
+    match v {
+        Value::Object(o) => {
+            let slot = match o.get("type").and_then(Value::as_str) {
+                Some("array") => Some("items"),
+                Some("map") => Some("values"),
+                _ => None,
+            };
+            if let Some(slot) = slot
+                && o.get(slot).is_some_and(is_null_type)
+            {
+                *n += 1;
+                o.insert(
+                    slot.into(),
+                    serde_json::json!({
+                        "type": "record",
+                        "name": format!("currents_bridge.{NULL_ITEM}{n}"),
+                        "fields": [],
+                    }),
+                );
+            }
+            for child in o.values_mut() {
+                substitute_null_items(child, depth + 1, n);
+            }
+        }
+        Value::Array(a) => {
+            for child in a {
+                substitute_null_items(child, depth + 1, n);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn strip_logical_types(v: &mut Value, depth: usize) {
+    if depth > MAX_DEPTH * 4 {
+        return;
+    }
+    match v {
+        Value::Object(o) => {
+            o.remove("logicalType");
+            for child in o.values_mut() {
+                strip_logical_types(child, depth + 1);
+            }
+        }
+        Value::Array(a) => {
+            for child in a {
+                strip_logical_types(child, depth + 1);
+            }
+        }
+        _ => {}
     }
 }
 
