@@ -457,6 +457,59 @@ fn a_parquet_page_decoding_past_the_page_limit_is_refused_before_decoding() {
     assert!(e.contains("page limit"), "{e}");
 }
 
+/// A dictionary-encoded string column (the writer's dictionary page allowed up to 64 MiB).
+fn dictionary_column(values: Vec<String>) -> Vec<u8> {
+    let schema = Arc::new(Schema::new(vec![Field::new("note", DataType::Utf8, true)]));
+    let props = WriterProperties::builder()
+        .set_compression(PqCompression::SNAPPY)
+        .set_dictionary_enabled(true)
+        .set_dictionary_page_size_limit(64 * 1024 * 1024)
+        .build();
+    let batch =
+        RecordBatch::try_new(schema.clone(), vec![Arc::new(StringArray::from(values))]).unwrap();
+    let mut out = Vec::new();
+    let mut w = ArrowWriter::try_new(&mut out, schema, Some(props)).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    out
+}
+
+#[test]
+fn a_parquet_dictionary_value_over_max_row_bytes_is_refused_before_decoding() {
+    // One 5,000-byte value, used by 2,000 rows: decoding would copy it into each.
+    let data = dictionary_column(vec!["y".repeat(5000); 2000]);
+    assert!(data.len() < 20_000, "{}", data.len());
+    let e = read_all_text(&data[..], "x.parquet", &text_opts(1000, 1 << 30))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("refused before decoding"), "{e}");
+    assert!(
+        e.contains(
+            "dictionary page at byte 4 holds a value of 5000 bytes, over max_row_bytes (1000)"
+        ),
+        "{e}"
+    );
+    // Within the limit, the same file reads.
+    let t = read_all_text(&data[..], "x.parquet", &text_opts(8000, 1 << 30)).unwrap();
+    assert_eq!(t[0].rows.len(), 2000);
+}
+
+#[test]
+fn a_huge_parquet_dictionary_page_is_refused_before_decoding() {
+    // 17 distinct 1 MiB values: a 17 MiB dictionary page (under the 64 MiB page limit).
+    let values: Vec<String> = (0..17u8)
+        .map(|i| char::from(b'a' + i).to_string().repeat(1 << 20))
+        .collect();
+    let data = dictionary_column(values);
+    let e = read_all_text(&data[..], "x.parquet", &text_opts(1 << 30, 1 << 30))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("over the 16777216-byte dictionary page limit"),
+        "{e}"
+    );
+}
+
 #[test]
 fn max_row_bytes_applies_to_parquet_rows() {
     let data = one_string_column(

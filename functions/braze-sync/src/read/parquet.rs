@@ -213,15 +213,21 @@ impl ParquetSource {
             .map_err(|e| ReadError::io(source, "reopening the Parquet part", e))?;
         let builder = contained(source, || ParquetRecordBatchReaderBuilder::try_new(file))?
             .map_err(|e| err(format!("cannot open the part: {e}")))?;
-        super::parquet_pages::check_pages(&mut scan, builder.metadata())
-            .map_err(|m| err(format!("refused before decoding: {m}")))?;
+        let dictionary_row =
+            super::parquet_pages::check_pages(&mut scan, builder.metadata(), max_row)
+                .map_err(|m| err(format!("refused before decoding: {m}")))?;
         let header = builder
             .schema()
             .fields()
             .iter()
             .map(|f| f.name().clone())
             .collect();
-        let rows = (MAX_BATCH_BYTES / max_row.max(1)).clamp(1, BATCH_ROWS);
+        // Rows within `max_row_bytes` fit a batch, and so do rows that each take the largest
+        // value of every column's dictionary (decoding copies them into each row).
+        let widest = (max_row as u64).max(dictionary_row).max(1);
+        let rows = usize::try_from(MAX_BATCH_BYTES as u64 / widest)
+            .unwrap_or(BATCH_ROWS)
+            .clamp(1, BATCH_ROWS);
         let reader = contained(source, || builder.with_batch_size(rows).build())?
             .map_err(|e| err(format!("cannot read the part: {e}")))?;
         Ok(Self {

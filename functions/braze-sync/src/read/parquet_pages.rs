@@ -10,11 +10,17 @@
 
 use std::io::{self, Read, Seek, SeekFrom};
 
-use parquet::basic::Compression;
+use parquet::basic::{Compression, Type as PhysicalType};
 use parquet::file::metadata::ParquetMetaData;
 
 /// Largest decoded page (writers use ~1 MiB data pages and dictionary pages).
 pub const MAX_PAGE_BYTES: u64 = 64 * 1024 * 1024;
+/// Largest decoded dictionary page (writers cap dictionaries at ~1 MiB and fall back to plain
+/// pages beyond): a dictionary's values are copied into every row that uses them, so a large
+/// one multiplies.
+pub const MAX_DICTIONARY_PAGE_BYTES: u64 = 16 * 1024 * 1024;
+/// Parquet's page type of a dictionary page.
+const DICTIONARY_PAGE: i32 = 2;
 /// Largest page header (statistics included).
 pub const MAX_PAGE_HEADER_BYTES: usize = 1024 * 1024;
 const MAX_DEPTH: usize = 16;
@@ -22,6 +28,8 @@ const MAX_DEPTH: usize = 16;
 /// One page header's sizes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PageSizes {
+    /// Page type (0 data, 1 index, 2 dictionary, 3 data v2).
+    pub page_type: i32,
     /// Bytes of the header itself.
     pub header_len: usize,
     /// Declared decoded size.
@@ -170,6 +178,10 @@ pub fn page_header(b: &[u8]) -> Result<PageSizes, String> {
     let mut out = PageSizes::default();
     let (mut have_u, mut have_c) = (false, false);
     t.struct_fields(0, &mut |id, ty, t| match (id, ty) {
+        (1, 5) => {
+            out.page_type = i32::try_from(t.zigzag()?).map_err(|_| "bad page type")?;
+            Ok(true)
+        }
         (2, 5) => {
             out.uncompressed = t.zigzag()?;
             have_u = true;
@@ -226,13 +238,54 @@ impl io::Write for Counted {
     }
 }
 
-/// Checks every page of every column chunk of `file`. `Err` names the first bad page.
-pub fn check_pages<F: Read + Seek>(file: &mut F, meta: &ParquetMetaData) -> Result<(), String> {
+/// Checks every page of every column chunk of `file`. `Err` names the first bad page. A
+/// dictionary page is also refused when it declares more than [`MAX_DICTIONARY_PAGE_BYTES`],
+/// or when one of its values is longer than `max_value` (the route's `max_row_bytes`: every
+/// row using it would be over, and decoding copies it into each one). `Ok` is the most bytes
+/// one row can take from the dictionaries of one row group (the largest value of each
+/// column's dictionary, summed), which sizes the batches.
+pub fn check_pages<F: Read + Seek>(
+    file: &mut F,
+    meta: &ParquetMetaData,
+    max_value: usize,
+) -> Result<u64, String> {
+    check_pages_with(file, meta, max_value, MAX_DICTIONARY_PAGE_BYTES)
+}
+
+/// The largest value of a dictionary page's plain-encoded byte arrays (`body`, decoded).
+fn largest_plain_value(body: &[u8]) -> Result<u64, String> {
+    let mut largest = 0u64;
+    let mut i = 0usize;
+    while i < body.len() {
+        let len = body
+            .get(i..i + 4)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_le_bytes)
+            .ok_or("a dictionary value's length is cut off")?;
+        largest = largest.max(u64::from(len));
+        i = i
+            .checked_add(4 + len as usize)
+            .filter(|&e| e <= body.len())
+            .ok_or("a dictionary value runs past its page")?;
+    }
+    Ok(largest)
+}
+
+/// [`check_pages`] with the dictionary page limit given (tests).
+pub fn check_pages_with<F: Read + Seek>(
+    file: &mut F,
+    meta: &ParquetMetaData,
+    max_value: usize,
+    max_dictionary: u64,
+) -> Result<u64, String> {
+    let mut widest_row = 0u64;
     let len = file.seek(SeekFrom::End(0)).map_err(|e| e.to_string())?;
     let mut head = Vec::new();
     let mut body = Vec::new();
     for (g, rg) in meta.row_groups().iter().enumerate() {
+        let mut group_row = 0u64;
         for (c, col) in rg.columns().iter().enumerate() {
+            let mut column_largest = 0u64;
             let at = |what: String| format!("row group {g}, column {c}: {what}");
             let start = col
                 .dictionary_page_offset()
@@ -283,6 +336,70 @@ pub fn check_pages<F: Read + Seek>(file: &mut F, meta: &ParquetMetaData) -> Resu
                         sizes.uncompressed
                     )));
                 }
+                if sizes.page_type == DICTIONARY_PAGE {
+                    if sizes.uncompressed as u64 > max_dictionary {
+                        return Err(at(format!(
+                            "dictionary page at byte {pos} declares {} decoded bytes, over the {max_dictionary}-byte dictionary page limit",
+                            sizes.uncompressed
+                        )));
+                    }
+                    let largest = match col.column_type() {
+                        PhysicalType::FIXED_LEN_BYTE_ARRAY => {
+                            Some(col.column_descr().type_length().max(0) as u64)
+                        }
+                        PhysicalType::BYTE_ARRAY => {
+                            let declared = sizes.uncompressed as u64;
+                            body.resize(sizes.compressed as usize, 0);
+                            file.seek(SeekFrom::Start(data_at))
+                                .map_err(|e| e.to_string())?;
+                            file.read_exact(&mut body).map_err(|e| at(e.to_string()))?;
+                            let decoded: Option<Vec<u8>> = match codec {
+                                Compression::UNCOMPRESSED => Some(body.clone()),
+                                Compression::SNAPPY => snap::raw::Decoder::new()
+                                    .decompress_vec(&body)
+                                    .ok()
+                                    .filter(|d| d.len() as u64 <= declared),
+                                Compression::GZIP(_) => {
+                                    let mut d = Vec::new();
+                                    flate2::read::MultiGzDecoder::new(&body[..])
+                                        .take(declared + 1)
+                                        .read_to_end(&mut d)
+                                        .ok()
+                                        .filter(|_| d.len() as u64 <= declared)
+                                        .map(|_| d)
+                                }
+                                // The parquet crate here reads no other codec.
+                                _ => None,
+                            };
+                            match decoded {
+                                Some(d) => Some(largest_plain_value(&d).map_err(|e| {
+                                    at(format!("dictionary page at byte {pos}: {e}"))
+                                })?),
+                                None if matches!(
+                                    codec,
+                                    Compression::UNCOMPRESSED
+                                        | Compression::SNAPPY
+                                        | Compression::GZIP(_)
+                                ) =>
+                                {
+                                    return Err(at(format!(
+                                        "dictionary page at byte {pos} does not decompress (corrupt or over its declared {declared} bytes)"
+                                    )));
+                                }
+                                None => None,
+                            }
+                        }
+                        _ => None,
+                    };
+                    if let Some(largest) = largest {
+                        if largest > max_value as u64 {
+                            return Err(at(format!(
+                                "dictionary page at byte {pos} holds a value of {largest} bytes, over max_row_bytes ({max_value}): every row using it would be refused, and decoding would copy it into each"
+                            )));
+                        }
+                        column_largest = column_largest.max(largest);
+                    }
+                }
                 let declared = (sizes.uncompressed - sizes.v2_levels).max(0) as u64;
                 let packed = (sizes.compressed - sizes.v2_levels) as u64;
                 if matches!(codec, Compression::GZIP(_) | Compression::SNAPPY)
@@ -320,9 +437,11 @@ pub fn check_pages<F: Read + Seek>(file: &mut F, meta: &ParquetMetaData) -> Resu
                 }
                 pos = data_at + sizes.compressed as u64;
             }
+            group_row = group_row.saturating_add(column_largest);
         }
+        widest_row = widest_row.max(group_row);
     }
-    Ok(())
+    Ok(widest_row)
 }
 
 #[cfg(test)]
