@@ -751,6 +751,14 @@ async fn handle_done(
             stats.users_sent += done.batch.len() as u64;
             stats.attributes_sent += done.batch.attribute_count() as u64;
         }
+        crate::progress::LIVE.sent(
+            if done.fresh {
+                done.batch.len() as u64
+            } else {
+                0
+            },
+            done.requests,
+        );
     }
     let gave_up = matches!(done.result, BatchResult::Unsent { gave_up: true, .. });
     if gave_up {

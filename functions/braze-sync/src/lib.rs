@@ -21,6 +21,7 @@ pub mod ledger;
 pub mod map;
 pub mod model;
 pub mod order;
+pub mod progress;
 pub mod ranged;
 pub mod rate_limit;
 pub mod read;

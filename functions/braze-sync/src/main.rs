@@ -372,7 +372,25 @@ async fn cli(cli: Cli) -> anyhow::Result<()> {
                 force_full,
                 allow_departures,
             };
-            match handler.run_object(&uri, flags, None).await {
+            // On a terminal: rows read, users sent, requests/s, and an ETA against the users
+            // the route's state holds (the previous export's size).
+            let expected = match app.routes.iter().find(|r| r.binding().owns(&uri)) {
+                Some(route) => StateStore::new(
+                    app.store.clone(),
+                    &app.config.state_bucket,
+                    &app.config.state_prefix,
+                    route.name(),
+                )
+                .read_head()
+                .await
+                .ok()
+                .map(|h| h.doc.users),
+                None => None,
+            };
+            let bar = braze_sync::progress::Bar::start(expected);
+            let result = handler.run_object(&uri, flags, None).await;
+            bar.finish();
+            match result {
                 Ok(v) => {
                     println!("{}", serde_json::to_string_pretty(&v)?);
                     Ok(())

@@ -143,6 +143,7 @@ impl Partition<'_> {
         self.ignored.extend(binding.unknown_columns.iter().cloned());
         while let Some(item) = src.next_row()? {
             self.summary.rows_read += 1;
+            crate::progress::LIVE.row_read();
             let row = match item {
                 RowItem::Bad(b) => {
                     self.summary.rejected += 1;

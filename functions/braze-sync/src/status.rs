@@ -568,7 +568,7 @@ fn render_one(out: &mut String, s: &RouteStatus) {
     } else {
         let _ = writeln!(
             out,
-            "  Last {} runs (newest first):\n    {:<20} {:<16} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9}",
+            "  Last {} runs (newest first):\n    {:<20} {:<16} {:>9} {:>9} {:>9} {:>8} {:>9} {:>8} {:>9}",
             s.runs.len(),
             "started",
             "status",
@@ -583,7 +583,7 @@ fn render_one(out: &mut String, s: &RouteStatus) {
         for r in &s.runs {
             let _ = writeln!(
                 out,
-                "    {:<20} {:<16} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8.1}s",
+                "    {:<20} {:<16} {:>9} {:>9} {:>9} {:>8} {:>9} {:>8} {:>8.1}s",
                 when(r.started_at.as_deref()),
                 r.status,
                 r.rows_in,

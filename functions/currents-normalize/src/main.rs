@@ -257,7 +257,8 @@ async fn main() -> ExitCode {
                 deadline: None,
                 owner: format!("cli-{}", started.timestamp_millis()),
             };
-            let compactor = Compactor::new(cfg.clone(), store.clone(), registry);
+            let compactor =
+                Compactor::new(cfg.clone(), store.clone(), registry).with_progress(compact_bar());
             let owner = request.owner.clone();
             match run_and_report(&compactor, &cfg, store.as_ref(), &bucket, request, &owner).await {
                 Ok(report) => {
@@ -317,6 +318,22 @@ async fn main() -> ExitCode {
             finish(&handler, "local", started, result, dry_run).await
         }
     }
+}
+
+/// A bar of the bytes compacted, on a terminal only (never under Lambda: this is the CLI).
+fn compact_bar() -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg} (ETA {eta})",
+    ) {
+        bar.set_style(style);
+    }
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    bar
 }
 
 /// The Lambda deadline (milliseconds since the epoch) as an [`std::time::Instant`].

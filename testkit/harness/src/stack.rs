@@ -195,6 +195,18 @@ impl Stack {
         ] {
             env.push((k.to_string(), v));
         }
+        if let Some(sim) = &self.sim {
+            for (k, v) in [
+                ("BRAZE_REST_ENDPOINT", sim.base_url()),
+                ("BRAZE_API_KEY", BRAZE_KEY.to_string()),
+                (
+                    braze_sync::config::INSECURE_PLAIN_KEY_SWITCH,
+                    "1".to_string(),
+                ),
+            ] {
+                env.push((k.to_string(), v));
+            }
+        }
         env
     }
 

@@ -92,6 +92,14 @@ async fn currents_upload_becomes_a_parquet_table_via_sqs_and_the_emulator() -> a
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Piped, not a terminal: no progress bar.
+    for bytes in [&out.stdout, &out.stderr] {
+        let text = String::from_utf8_lossy(bytes);
+        assert!(
+            !text.contains('\r') && !text.contains('█') && !text.contains("ETA"),
+            "{text}"
+        );
+    }
     let v: serde_json::Value =
         serde_json::from_slice(&status(&["status", "--day", "2026-11-29", "--json"]).await?)?;
     let table = &v["tables"][0];

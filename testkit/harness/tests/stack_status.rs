@@ -174,5 +174,50 @@ async fn status_json_shows_state_runs_held_skipped_and_the_lease_holder() -> any
         "{text}"
     );
     assert!(text.contains("Held/skipped:"), "{text}");
+
+    // `braze-sync run` with its output piped (not a terminal): metrics, JSON and logs, no
+    // progress bar (no carriage returns, no bar or spinner characters).
+    stack
+        .moto
+        .put(
+            STATE_BUCKET,
+            "bridge/state/watched/route-lock.json",
+            serde_json::to_vec(&json!({"holder": "20261130T101010.000Z-0badf00d",
+                "lease_until_ms": 0, "released": true}))?,
+        )
+        .await?;
+    let target = format!("s3://{EXPORTS_BUCKET}/{held}");
+    let out = stack
+        .cli("braze-sync", &["run", &target, "--force-full"])
+        .await?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // stdout carries the EMF metric lines, then the run's JSON.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("\"departures_held\""), "{stdout}");
+    for (name, bytes) in [("stdout", &out.stdout), ("stderr", &out.stderr)] {
+        let text = String::from_utf8_lossy(bytes);
+        assert!(!text.contains('\r'), "{name} has a carriage return: {text}");
+        for c in [
+            '█', '░', '▉', '▏', '⠁', '⠂', '⠄', '⡀', '⢀', '⠠', '⠐', '⠈', '#',
+        ] {
+            assert!(
+                !text.contains(c),
+                "{name} has progress character {c:?}: {text}"
+            );
+        }
+        assert!(
+            !text.contains("req/s"),
+            "{name} has the progress message: {text}"
+        );
+    }
+    assert_eq!(
+        status(&stack).await?["runs"][0]["rows_in"],
+        10,
+        "the CLI run is the newest run"
+    );
     Ok(())
 }

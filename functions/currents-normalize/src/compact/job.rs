@@ -61,6 +61,7 @@ pub struct Compactor {
     store: Arc<dyn ObjectStore>,
     registry: Arc<Registry>,
     opts: MergeOptions,
+    progress: indicatif::ProgressBar,
 }
 
 fn fail(mut r: DayResult, reason: String, retryable: bool) -> DayResult {
@@ -79,7 +80,15 @@ impl Compactor {
             store,
             registry,
             opts: MergeOptions::default(),
+            progress: indicatif::ProgressBar::hidden(),
         }
+    }
+
+    /// Advances `bar` by the bytes of each table-day as it is done (the CLI's progress on a
+    /// terminal; hidden by default).
+    pub fn with_progress(mut self, bar: indicatif::ProgressBar) -> Self {
+        self.progress = bar;
+        self
     }
 
     /// Replaces the merge options (size limit, batch sizes).
@@ -176,7 +185,10 @@ impl Compactor {
             "Compaction run starts."
         );
         let mut results = Vec::with_capacity(days.len());
+        self.progress
+            .set_length(days.iter().map(DayParts::bytes).sum());
         for day in days {
+            self.progress.set_message(day.table_day.to_string());
             let out_of_time = req
                 .deadline
                 .is_some_and(|d| d.saturating_duration_since(Instant::now()) < DEADLINE_MARGIN);
@@ -191,7 +203,9 @@ impl Compactor {
                 continue;
             }
             results.push(self.compact_day(bucket, day, req).await);
+            self.progress.inc(day.bytes());
         }
+        self.progress.finish_and_clear();
         Ok(results)
     }
 

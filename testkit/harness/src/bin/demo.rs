@@ -9,6 +9,8 @@ use harness::samples;
 use harness::stack::{CURRENTS_BUCKET, EXPORTS_BUCKET, Stack, StackOptions};
 
 const USERS: u64 = 1_000;
+/// The delivery day of the demo's Currents files.
+const CURRENTS_DAY: &str = "2026-11-29";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -24,6 +26,8 @@ async fn main() -> anyhow::Result<()> {
     let mut summary = Vec::new();
     braze_part(&stack, &mut summary).await?;
     currents_part(&stack, &mut summary).await?;
+
+    status_part(&stack).await?;
 
     println!("\n== Summary");
     for line in &summary {
@@ -108,7 +112,7 @@ async fn currents_part(stack: &Stack, summary: &mut Vec<String>) -> anyhow::Resu
         let events = 500 + 250 * n as u64;
         let dups = 20;
         let body = samples::currents_avro(t, 0, events, dups)?;
-        let key = samples::currents_key("currents", t, "2026-11-29-10", n as u64);
+        let key = samples::currents_key("currents", t, &format!("{CURRENTS_DAY}-10"), n as u64);
         stack.moto.put(CURRENTS_BUCKET, &key, body).await?;
         println!(
             "   {t}: {} events ({dups} duplicates) -> {key}",
@@ -150,6 +154,41 @@ async fn currents_part(stack: &Stack, summary: &mut Vec<String>) -> anyhow::Resu
         samples::CURRENTS_TYPES.len(),
         parts.len()
     ));
+    Ok(())
+}
+
+/// What an operator sees: the real `braze-sync status` and `currents-normalize status`
+/// binaries run against the demo's buckets.
+async fn status_part(stack: &Stack) -> anyhow::Result<()> {
+    if stack.sim.is_some() {
+        println!("\n== 4. braze-sync status (what the state bucket says of each route)");
+        show(stack, "braze-sync", &["status"]).await?;
+    }
+    if stack.currents_fn.is_some() {
+        println!(
+            "\n== 5. currents-normalize status --day {CURRENTS_DAY} (the Currents tables of that day)"
+        );
+        show(
+            stack,
+            "currents-normalize",
+            &["status", "--day", CURRENTS_DAY],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn show(stack: &Stack, binary: &str, args: &[&str]) -> anyhow::Result<()> {
+    let out = stack.cli(binary, args).await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{binary} {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("   {line}");
+    }
     Ok(())
 }
 
