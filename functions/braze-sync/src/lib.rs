@@ -14,6 +14,7 @@ pub mod braze;
 pub mod config;
 pub mod deliver;
 pub mod delta;
+pub mod dry_summary;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod handler;

@@ -4,6 +4,7 @@
 //! ```text
 //! braze-sync run s3://bucket/amperity/customers/export.csv [--dry-run] [--force-full]
 //! braze-sync run ./export.csv --route customers --dry-run      # preview a local file
+//! braze-sync run s3://bucket/amperity/customers/export.csv --dry-run --summary   # counts per attribute
 //! braze-sync check-routes [DIR]                                 # validate route files
 //! braze-sync status [ROUTE] [--json]                            # state, last runs, lease
 //! braze-sync adopt s3://bucket/amperity/customers/export.csv --verify-sample 500
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use braze_sync::braze::{ApiKeyCache, BrazeApi, BrazeClient, ClientOptions, SourceReread};
 use braze_sync::config::{Config, Locations, RoutesLocation, load_routes, load_routes_dir};
+use braze_sync::dry_summary::dry_run_summary;
 use braze_sync::handler::{Handler, HandlerConfig, RunFlags};
 use braze_sync::route::Route;
 use braze_sync::runner::{Continuation, RunnerSettings, SqsContinuation, SyncRunner};
@@ -46,6 +48,10 @@ enum Command {
         /// Print the Braze payloads and a summary; send and commit nothing.
         #[arg(long)]
         dry_run: bool,
+        /// With --dry-run: instead of every payload, per attribute how many users would
+        /// change, be removed or stay unchanged, and 5 example payloads.
+        #[arg(long, requires = "dry_run")]
+        summary: bool,
         /// Resend every attribute, ignoring confirmed state.
         #[arg(long)]
         force_full: bool,
@@ -273,6 +279,7 @@ async fn cli(cli: Cli) -> anyhow::Result<()> {
         Command::Run {
             target,
             dry_run: true,
+            summary,
             force_full,
             route,
             ..
@@ -291,6 +298,18 @@ async fn cli(cli: Cli) -> anyhow::Result<()> {
             opts.full_resend |= force_full;
             let parts = local_parts(std::path::Path::new(&target), &route.config.marker_suffix)?;
             let snapshot = Snapshot::for_route(&route);
+            if summary {
+                let view = dry_run_summary(
+                    open_local_parts(parts),
+                    &route,
+                    &snapshot,
+                    &opts,
+                    &mut std::io::stderr().lock(),
+                )?;
+                print!("{}", view.render());
+                eprintln!("{}", serde_json::to_string(&view.summary)?);
+                return Ok(());
+            }
             let summary = dry_run(
                 open_local_parts(parts),
                 &route,
@@ -305,6 +324,7 @@ async fn cli(cli: Cli) -> anyhow::Result<()> {
         Command::Run {
             target,
             dry_run: true,
+            summary: summary_view,
             force_full,
             allow_departures,
             ..
@@ -338,6 +358,23 @@ async fn cli(cli: Cli) -> anyhow::Result<()> {
             opts.allow_departures = allow_departures;
             let store = app.store.clone();
             let handle = tokio::runtime::Handle::current();
+            if summary_view {
+                let view = tokio::task::spawn_blocking(move || {
+                    dry_run_summary(
+                        parts
+                            .iter()
+                            .map(|u| open_s3_part(&store, u, &handle).map(|(_, p)| p)),
+                        &route,
+                        &snapshot,
+                        &opts,
+                        &mut std::io::stderr().lock(),
+                    )
+                })
+                .await??;
+                print!("{}", view.render());
+                eprintln!("{}", serde_json::to_string(&view.summary)?);
+                return Ok(());
+            }
             let summary = tokio::task::spawn_blocking(move || {
                 dry_run(
                     parts
