@@ -194,6 +194,9 @@ pub struct DeliveryStats {
     pub duration_s: f64,
     /// `requests / duration_s`.
     pub requests_per_s: f64,
+    /// The configured limit this deployment may use: `requests_per_window / window x share`
+    /// (before dividing among concurrent senders), to read `requests_per_s` against.
+    pub rate_limit_configured_rps: f64,
     /// Why the run stopped early, if it did.
     pub stopped: Option<StopReason>,
     /// The most senders that shared the workspace rate limit during the delivery (this one
@@ -557,7 +560,10 @@ where
         "Starting delivery to Braze."
     );
     let mut run = Run {
-        stats: DeliveryStats::default(),
+        stats: DeliveryStats {
+            rate_limit_configured_rps: configured_rps(&cfg.rate),
+            ..DeliveryStats::default()
+        },
         outcomes,
         outcomes_closed: false,
         stopping: None,
@@ -726,6 +732,16 @@ where
         });
     }
     Ok(stats)
+}
+
+/// The configured request rate of a budget: `requests_per_window / window x share`.
+pub fn configured_rps(rate: &crate::rate_limit::RateBudget) -> f64 {
+    let window = rate.window.as_secs_f64();
+    if window > 0.0 {
+        f64::from(rate.requests_per_window) / window * rate.share
+    } else {
+        0.0
+    }
 }
 
 /// Accounts for a finished batch and reports its deltas.

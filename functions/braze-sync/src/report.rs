@@ -111,6 +111,9 @@ pub struct RunReport {
     pub send_duration_s: f64,
     /// Achieved requests per second while delivering.
     pub requests_per_s: f64,
+    /// The configured limit (`BRAZE_RATE_LIMIT_REQUESTS / BRAZE_RATE_LIMIT_WINDOW_SECS x
+    /// RATE_LIMIT_SHARE`) `requests_per_s` is read against; 0 when nothing was sent.
+    pub rate_limit_configured_rps: f64,
     /// The most senders (runs of any route, this one included) that shared the workspace's
     /// rate limit while this run sent; each paced at its share of the limit.
     pub workspace_senders: u32,
@@ -163,6 +166,7 @@ impl RunReport {
         self.requests = d.requests;
         self.send_duration_s = d.duration_s;
         self.requests_per_s = d.requests_per_s;
+        self.rate_limit_configured_rps = d.rate_limit_configured_rps;
         self.workspace_senders = d.workspace_senders;
         self.stopped = d.stopped;
         if d.unmapped_errors > 0 {
@@ -226,6 +230,10 @@ impl RunReport {
             ("duration_s", Metric::Seconds(self.duration_s)),
             ("send_duration_s", Metric::Seconds(self.send_duration_s)),
             ("requests_per_s", Metric::PerSecond(self.requests_per_s)),
+            (
+                "rate_limit_configured_rps",
+                Metric::PerSecond(self.rate_limit_configured_rps),
+            ),
             (
                 "skipped_stale",
                 c(u64::from(self.status == RunStatus::SkippedStale)),
@@ -325,6 +333,7 @@ mod tests {
             },
             duration_s: 1.5,
             requests_per_s: 2.0,
+            rate_limit_configured_rps: 950.0,
             ..Default::default()
         });
         r
@@ -360,6 +369,17 @@ mod tests {
     }
 
     #[test]
+    fn the_configured_rate_is_the_window_budget_times_the_share() {
+        let rate = crate::rate_limit::RateBudget {
+            requests_per_window: 3000,
+            window: std::time::Duration::from_secs(3),
+            share: 0.5,
+            ..Default::default()
+        };
+        assert_eq!(crate::deliver::configured_rps(&rate), 500.0);
+    }
+
+    #[test]
     fn metrics_carry_the_report_names_and_values() {
         let r = sample();
         let line: Value = serde_json::from_str(&r.emf_line(1)).unwrap();
@@ -369,6 +389,7 @@ mod tests {
         assert_eq!(line["retries_http_429"], 1.0);
         assert_eq!(line["retries"], 2.0);
         assert_eq!(line["requests_per_s"], 2.0);
+        assert_eq!(line["rate_limit_configured_rps"], 950.0);
         let names: Vec<&str> = line["_aws"]["CloudWatchMetrics"][0]["Metrics"]
             .as_array()
             .unwrap()

@@ -352,6 +352,7 @@ impl Handler {
                     .await;
             }
         };
+        let delivery = parsed.delivery;
         let registry = self.registry.clone();
         let opts = self.opts.clone();
         let source_key = source.key.clone();
@@ -477,6 +478,8 @@ impl Handler {
             .await
         {
             Ok(_) => {
+                let mut result = result;
+                result.delivery_lag_s = Some(delivery.lag_seconds(chrono::Utc::now()));
                 info!(object = %source, part = %part_uri, events_in = result.events_in,
                     rows = result.rows_written, duplicates = result.duplicates_dropped,
                     "Wrote table part.");

@@ -22,6 +22,12 @@ impl DeliveryHour {
         let t = NaiveTime::from_hms_opt(self.hour, 0, 0).unwrap_or(NaiveTime::MIN);
         NaiveDateTime::new(self.day, t).and_utc().timestamp_micros()
     }
+
+    /// Whole seconds from the start of this hour to `at` (0 when `at` is earlier).
+    pub fn lag_seconds(&self, at: chrono::DateTime<chrono::Utc>) -> u64 {
+        let micros = at.timestamp_micros() - self.timestamp_micros();
+        u64::try_from(micros / 1_000_000).unwrap_or(0)
+    }
 }
 
 /// A parsed Currents object key.
@@ -179,6 +185,26 @@ pub fn parse(key: &str) -> Result<CurrentsKey, KeyError> {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delivery_lag_counts_from_the_start_of_the_delivery_hour() {
+        let h = DeliveryHour {
+            day: NaiveDate::from_ymd_opt(2026, 11, 29).unwrap(),
+            hour: 10,
+        };
+        let at = |s: &str| {
+            chrono::DateTime::parse_from_rfc3339(s)
+                .unwrap()
+                .with_timezone(&chrono::Utc)
+        };
+        assert_eq!(h.lag_seconds(at("2026-11-29T10:00:00Z")), 0);
+        assert_eq!(h.lag_seconds(at("2026-11-29T11:30:05Z")), 5405);
+        assert_eq!(
+            h.lag_seconds(at("2026-11-29T09:00:00Z")),
+            0,
+            "clock skew is no lag"
+        );
+    }
 
     #[test]
     fn schema_id_layout_is_parsed_by_name() {

@@ -66,6 +66,10 @@ pub struct ObjectResult {
     /// Address of the quarantine reason object.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quarantine: Option<String>,
+    /// Seconds from the start of the Currents delivery hour (`date=YYYY-MM-DD-HH` of the
+    /// key) to the moment its table part was written; set for written objects.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivery_lag_s: Option<u64>,
 }
 
 impl ObjectResult {
@@ -86,6 +90,7 @@ impl ObjectResult {
             step: None,
             reason: None,
             quarantine: None,
+            delivery_lag_s: None,
         }
     }
 
@@ -121,6 +126,9 @@ pub struct Totals {
     pub unregistered_events: BTreeMap<String, u64>,
     /// Objects carrying fields the registry does not know.
     pub objects_with_extra_fields: u64,
+    /// The largest delivery lag of the objects written (see [`ObjectResult::delivery_lag_s`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_delivery_lag_s: Option<u64>,
 }
 
 /// The report of one invocation (or CLI run).
@@ -200,6 +208,9 @@ pub fn totals(objects: &[ObjectResult]) -> Totals {
         if !o.extra_fields.is_empty() {
             t.objects_with_extra_fields += 1;
         }
+        if let Some(lag) = o.delivery_lag_s {
+            t.max_delivery_lag_s = Some(t.max_delivery_lag_s.unwrap_or(0).max(lag));
+        }
     }
     t
 }
@@ -256,6 +267,15 @@ impl RunReport {
             ],
             timestamp_ms,
         )];
+        // Only when something was written: a run that wrote nothing has no lag to report.
+        if let Some(lag) = t.max_delivery_lag_s {
+            lines.push(emf_line(
+                namespace,
+                &[f],
+                &[("DeliveryLagSeconds", Metric::Seconds(lag as f64))],
+                timestamp_ms,
+            ));
+        }
         for (table, rows) in &t.written_per_table {
             lines.push(emf_line(
                 namespace,
@@ -289,6 +309,44 @@ mod tests {
             duplicates_dropped: 1,
             ..ObjectResult::new("s3://b/k", Outcome::Written)
         }
+    }
+
+    #[test]
+    fn the_largest_delivery_lag_of_written_objects_is_a_metric_only_when_something_was_written() {
+        let t0 = chrono::DateTime::parse_from_rfc3339("2026-11-29T10:11:12Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let lagged = |s| ObjectResult {
+            delivery_lag_s: Some(s),
+            ..written("a", 1)
+        };
+        let r = RunReport::new(
+            "r",
+            t0,
+            t0,
+            vec![lagged(100), lagged(7200), written("b", 1)],
+        );
+        assert_eq!(r.totals.max_delivery_lag_s, Some(7200));
+        let lag: Vec<serde_json::Value> = r
+            .metric_lines("NS", 1)
+            .iter()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v.get("DeliveryLagSeconds").is_some())
+            .collect();
+        assert_eq!(lag.len(), 1);
+        assert_eq!(lag[0]["DeliveryLagSeconds"], 7200.0);
+        assert_eq!(lag[0]["Function"], "currents-normalize");
+        let none = RunReport::new(
+            "r",
+            t0,
+            t0,
+            vec![ObjectResult::new("s3://b/x", Outcome::Quarantined)],
+        );
+        assert!(
+            none.metric_lines("NS", 1)
+                .iter()
+                .all(|l| !l.contains("DeliveryLagSeconds"))
+        );
     }
 
     #[test]

@@ -39,6 +39,7 @@ fn emitted() -> BTreeSet<MetricKey> {
     let written = ObjectResult {
         table: Some("users_messages_email_send".into()),
         rows_written: 2,
+        delivery_lag_s: Some(3600),
         ..ObjectResult::new("s3://b/k", Outcome::Written)
     };
     let unregistered = ObjectResult {
