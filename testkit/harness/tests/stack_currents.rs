@@ -49,6 +49,27 @@ async fn currents_upload_becomes_a_parquet_table_via_sqs_and_the_emulator() -> a
         "duplicates dropped"
     );
 
+    // The run report records the delay from the delivery hour in the key to the part write.
+    let mut lags = Vec::new();
+    for k in stack
+        .moto
+        .list(CURRENTS_BUCKET, "reports/currents/")
+        .await?
+    {
+        let r: serde_json::Value =
+            serde_json::from_slice(&stack.moto.get(CURRENTS_BUCKET, &k).await?)?;
+        if let Some(l) = r["totals"]["max_delivery_lag_s"].as_u64() {
+            lags.push(l);
+        }
+    }
+    let since_hour = (chrono::Utc::now()
+        - chrono::DateTime::parse_from_rfc3339("2026-11-29T10:00:00Z")?.with_timezone(&chrono::Utc))
+    .num_seconds() as u64;
+    assert!(
+        lags.iter().any(|l| *l > 0 && *l <= since_hour),
+        "{lags:?} vs {since_hour}"
+    );
+
     // status: one table, one part of 40 rows, not compacted yet, one object quarantined.
     let status = |args: &'static [&'static str]| {
         let stack = &stack;
