@@ -40,9 +40,14 @@ demo: venv ## Run the whole job on the local stack (moto + runtime emulator + Br
 bench: venv ## Benchmarks (release): diff, send and Currents figures next to their same-run baselines -> target/bench/*.json
 	$(CARGO) build --release -p braze-sync -p currents-normalize -p harness --bins --features currents-normalize/dev
 	$(CARGO) run --release --quiet -p braze-sync --bin sync-diff-bench
+	$(CARGO) run --release --quiet -p braze-sync --bin sync-scale-bench -- --users $(SCALE_USERS)
 	$(CARGO) run --release --quiet -p harness --bin sync-send-bench
 	$(CARGO) run --release --quiet -p currents-normalize --features dev --bin currents-bench
 	@echo "Figures written to target/bench/"; ls target/bench/
+
+# sync-scale-bench route size: 10M users needs ~15 GB of free disk in /tmp (exports, spill,
+# checkpoints and state of the first run); `make bench SCALE_USERS=1000000` for a quick run.
+SCALE_USERS ?= 10000000
 
 FUZZ_SECONDS ?= 600
 fuzz: ## Run every cargo-fuzz target in fuzz/ for FUZZ_SECONDS each (stable via RUSTC_BOOTSTRAP, no sanitizer); findings land in fuzz/artifacts/

@@ -139,11 +139,11 @@ export const BRAZE_BRIDGE_PARAMETER_PROPS = [
 
 /** Memory and timeout of each function; the reasons are beside the values in template.yaml. */
 export const FUNCTION_SIZING = {
-  // Sized from `make bench`: see README. I/O bound; memory holds the route's snapshot
-  // (~100 bytes per user). 900 s is Lambda's maximum: a run checkpoints and hands over before it.
-  // /tmp holds spilled zip archives and Parquet parts (measured: ~0.6 GB at once for the
-  // 10M-user target); see template.yaml.
-  brazeSync: { memorySize: 1024, timeoutSeconds: 900, ephemeralStorageMiB: 2048 },
+  // Sized from `make bench` (sync-scale-bench): see README "Sizing guide". Big routes diff range
+  // by range, so memory does not grow with the route. 900 s is Lambda's maximum: a run
+  // checkpoints and hands over before it. /tmp holds the bounded diff's spill (~357 bytes per
+  // export row: 3.6 GB at 10M users) and spilled zip/Parquet parts; see template.yaml.
+  brazeSync: { memorySize: 1024, timeoutSeconds: 900, ephemeralStorageMiB: 4096 },
   // Sized from `make bench`: see README. One Avro file (<= ~100k events) decoded at a time.
   currentsNormalize: { memorySize: 1024, timeoutSeconds: 300 },
   // Sized from `make bench`: see README. A table-day's parts are copied to /tmp (4096 MiB) and

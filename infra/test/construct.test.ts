@@ -101,7 +101,7 @@ describe('functions', () => {
           RATE_LIMIT_SHARE: '1',
           BRAZE_MAX_OBJECTS_PER_REQUEST: '75',
           CONTINUATION_QUEUE_URL: { Ref: logicalId(template, 'BrazeSyncQueue') },
-          BRIDGE_EPHEMERAL_STORAGE_MB: '2048',
+          BRIDGE_EPHEMERAL_STORAGE_MB: '4096',
           RUST_LOG: 'info',
         }),
       },
@@ -482,7 +482,7 @@ describe('alarms', () => {
   test('braze-sync has ephemeral storage for its spills', () => {
     synth().hasResourceProperties('AWS::Lambda::Function', {
       Description: Match.stringLikeRegexp('Braze /users/track'),
-      EphemeralStorage: { Size: 2048 },
+      EphemeralStorage: { Size: 4096 },
     });
   });
 

@@ -950,7 +950,16 @@ impl StateStore {
             Some(r) => self.load_range(doc0, r, route).await?,
             None => Snapshot::for_route(route),
         };
+        // Records are applied as they are read; only a range that may get a delta object
+        // keeps them (to encode it), so a first layout or a re-layout holds none.
         let mut records = SegmentData::default();
+        let mut set = |key: u128, slot: u16, fp: u64, records: &mut SegmentData| {
+            snap.set(crate::model::UserKey(key), slot as usize, fp);
+            if !rebase_all {
+                records.records.push((key, slot, fp));
+            }
+        };
+        let mut ids: Vec<(u128, String)> = Vec::new();
         for s in new.clone() {
             crate::spill::read_range::<StateError>(spill, s, &mut |b| {
                 let key = b
@@ -962,23 +971,27 @@ impl StateStore {
                         let slot = u16::from_le_bytes([b[17], b[18]]);
                         let mut fp = [0u8; 8];
                         fp.copy_from_slice(&b[19..27]);
-                        records.records.push((key, slot, u64::from_le_bytes(fp)));
+                        set(key, slot, u64::from_le_bytes(fp), &mut records);
                     }
                     Some(1) => {
                         let id =
                             std::str::from_utf8(&b[17..]).map_err(|_| corrupt_spill(spill, s))?;
-                        records.ids.push((key, id.to_string()));
+                        ids.push((key, id.to_string()));
                     }
                     _ => return Err(corrupt_spill(spill, s)),
                 }
                 Ok(())
             })?;
         }
-        for (key, slot, fp) in &records.records {
-            snap.set(crate::model::UserKey(*key), *slot as usize, *fp);
-        }
-        for (key, id) in &records.ids {
+        // Identifiers after the fingerprints: a user new to the state exists once its
+        // first fingerprint is set.
+        for (key, id) in &ids {
             snap.set_identifier(crate::model::UserKey(*key), id);
+        }
+        if rebase_all {
+            drop(ids);
+        } else {
+            records.ids = ids;
         }
         snap.compact();
         let range = old
