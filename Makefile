@@ -33,7 +33,7 @@ test: venv lint build-dev ## Everything CI runs: lint, unit and integration test
 	$(CARGO) test --workspace --no-fail-fast
 	$(MAKE) --no-print-directory infra-test
 
-demo: venv ## Run the whole job on the local stack (moto + runtime emulator + Braze simulator)
+demo: venv ## Run the whole job on the local stack (moto + runtime emulator + Braze simulator), ending with both status commands
 	$(CARGO) build --workspace --bins
 	$(CARGO) run --quiet -p harness --bin demo
 
