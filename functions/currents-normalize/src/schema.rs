@@ -1,7 +1,8 @@
 //! Avro writer schemas as this crate needs them: the JSON schema embedded in a container file,
 //! parsed into a small arena of nodes (named types resolved, recursion allowed, logical types
-//! reduced to their encoding) that the datum decoder walks, plus a one-line description of a
-//! field's type for the registry.
+//! reduced to their encoding) that the plan checks against the registry, a one-line
+//! description of a field's type for the registry, and the same schema prepared for
+//! `arrow-avro`, which decodes the records ([`WriterSchema::arrow_avro_json`]).
 
 use std::collections::HashMap;
 
@@ -624,5 +625,31 @@ mod tests {
     fn top_level_must_be_a_record() {
         let s = WriterSchema::parse(r#""string""#).unwrap();
         assert!(matches!(s.record(), Err(SchemaError::NotRecord(_))));
+    }
+
+    #[test]
+    fn arrow_avro_gets_encodings_and_null_items_as_empty_records() {
+        let s = WriterSchema::parse(
+            r#"{"type":"record","name":"R","fields":[
+                {"name":"t","type":{"type":"long","logicalType":"timestamp-millis"}},
+                {"name":"u","type":["null",{"type":"string","logicalType":"uuid"}]},
+                {"name":"a","type":{"type":"array","items":"null"}},
+                {"name":"m","type":{"type":"map","values":{"type":"null"}}}]}"#,
+        )
+        .unwrap();
+        let j: Value = serde_json::from_str(s.arrow_avro_json()).unwrap();
+        assert!(!s.arrow_avro_json().contains("logicalType"), "{j}");
+        assert_eq!(j["fields"][0]["type"]["type"], "long");
+        assert_eq!(j["fields"][2]["type"]["items"]["type"], "record");
+        assert_eq!(
+            j["fields"][2]["type"]["items"]["name"],
+            format!("currents_bridge.{NULL_ITEM}1")
+        );
+        assert_eq!(
+            j["fields"][3]["type"]["values"]["name"],
+            format!("currents_bridge.{NULL_ITEM}2")
+        );
+        assert!(s.has_free_array_items());
+        assert!(!s.has_free_array_items_other_than_null());
     }
 }

@@ -1,10 +1,11 @@
-//! The two other Avro decoders `currents-bench` measures next to today's hand-written one, each
-//! doing the same conversion end to end on the same files: read the object, decode its records
+//! The two other Avro paths `currents-bench` measures next to production (our container
+//! framing + `arrow-avro` datums with the writer schema): `arrow-avro`'s own container `Reader`
+//! and `apache-avro`, each doing the same conversion end to end on the same files: read the object, decode its records
 //! with the registry table's schema as the reader schema, build the table's columns (event
 //! fields, `event_time`, lineage), drop repeated `id`s, and write the Snappy Parquet part with
 //! the same writer settings. `extra` is all null here: the files are written with the
 //! registry's own schema, so there are no unknown fields to keep (a reader schema drops them,
-//! which is what production would have to add back for these decoders).
+//! which is why production decodes with the writer schema instead).
 
 use std::collections::HashSet;
 use std::io::Read;
