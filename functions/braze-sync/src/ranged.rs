@@ -208,6 +208,18 @@ impl Partition<'_> {
     }
 }
 
+/// One part, partitioned.
+struct PartOut {
+    index: usize,
+    sources: Vec<String>,
+    summary: Summary,
+    ignored: BTreeSet<String>,
+}
+
+fn part_dir(rows: &Path, part: usize) -> PathBuf {
+    rows.join(format!("p{part:05}"))
+}
+
 /// What one worker found.
 #[derive(Default)]
 struct Found {
@@ -235,7 +247,8 @@ pub fn produce_ranged<I, R>(
 ) -> Result<Summary, SyncError>
 where
     I: IntoIterator<Item = Result<Part<R>, SyncError>>,
-    R: Read,
+    I::IntoIter: Send,
+    R: Read + Send,
 {
     let started = std::time::Instant::now();
     let spill = SpillDir::create(&settings.spill_base, &settings.tag)?;
@@ -243,56 +256,134 @@ where
     let bits = state_bits.unwrap_or(0).max(settings.min_spill_bits);
     let rows_dir = spill.sub("rows")?;
     let read_opts = route.read_options();
-    let mut p = Partition {
-        route,
-        mapper: Mapper::new(route),
-        mapped: MappedRow::default(),
-        out: Partitioner::new(&rows_dir, bits, settings.buffer_budget, settings.disk_limit),
-        bits,
-        rec: Vec::with_capacity(1024),
-        sources: Vec::new(),
-        summary: Summary::default(),
-        ignored: BTreeSet::new(),
-    };
-    for part in parts {
+    // Step 1, parts in parallel: each reader takes the next part and spills it into its own
+    // per-range files (rows/p<part>/), so the diff can read a range's rows in export order.
+    let readers = settings.workers.max(1);
+    let queue = Mutex::new(parts.into_iter().enumerate());
+    let rejects = Mutex::new(on_reject);
+    let stop = AtomicBool::new(false);
+    let total = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let read_part = |i: usize, part: Result<Part<R>, SyncError>| -> Result<PartOut, SyncError> {
         let part = part?;
+        let dir = part_dir(&rows_dir, i);
+        std::fs::create_dir_all(&dir).map_err(|error| {
+            SyncError::Spill(SpillError::Io {
+                path: dir.display().to_string(),
+                error,
+            })
+        })?;
+        let out = Partitioner::new(
+            &dir,
+            bits,
+            settings.buffer_budget / readers,
+            settings.disk_limit,
+        )
+        .with_shared_total(total.clone());
+        let mut p = Partition {
+            route,
+            mapper: Mapper::new(route),
+            mapped: MappedRow::default(),
+            out,
+            bits,
+            rec: Vec::with_capacity(1024),
+            sources: Vec::new(),
+            summary: Summary::default(),
+            ignored: BTreeSet::new(),
+        };
+        let mut reject = |r: RowReject| {
+            if let Ok(mut sink) = rejects.lock() {
+                (*sink)(r);
+            }
+        };
         read::read_export(
             part.reader,
             &part.source,
             &read_opts,
-            &mut |src: &mut dyn RowSource| p.table(src, on_reject),
+            &mut |src: &mut dyn RowSource| p.table(src, &mut reject),
         )?;
+        p.out.finish()?;
+        Ok(PartOut {
+            index: i,
+            sources: p.sources,
+            summary: p.summary,
+            ignored: p.ignored,
+        })
+    };
+    let read: Vec<Result<Vec<PartOut>, SyncError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..readers)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut outs = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let next = match queue.lock() {
+                            Ok(mut q) => q.next(),
+                            Err(_) => None,
+                        };
+                        let Some((i, part)) = next else { break };
+                        match read_part(i, part) {
+                            Ok(o) => outs.push(o),
+                            Err(e) => {
+                                stop.store(true, Ordering::Relaxed);
+                                return Err(e);
+                            }
+                        }
+                    }
+                    Ok(outs)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(SyncError::Stopped("a reader panicked".into())))
+            })
+            .collect()
+    });
+    let mut outs: Vec<PartOut> = Vec::new();
+    for r in read {
+        outs.extend(r?);
     }
-    if p.summary.tables == 0 {
+    outs.sort_by_key(|o| o.index);
+    let mut summary = Summary::default();
+    let mut ignored = BTreeSet::new();
+    let mut sources: Vec<Vec<String>> = Vec::with_capacity(outs.len());
+    for o in outs {
+        summary.tables += o.summary.tables;
+        summary.rows_read += o.summary.rows_read;
+        summary.rejected += o.summary.rejected;
+        summary.rows_without_identifier += o.summary.rows_without_identifier;
+        ignored.extend(o.ignored);
+        sources.push(o.sources);
+    }
+    let rejects = rejects;
+    if summary.tables == 0 {
         return Err(ReadError::NoTable {
             source_name: opts.export_name.clone(),
             detail: "no part, or only folders, links or hidden files in its archives".into(),
         }
         .into());
     }
-    if p.summary.rows_read == 0 && !route.config.allow_empty {
+    if summary.rows_read == 0 && !route.config.allow_empty {
         return Err(ReadError::EmptyExport {
             source_name: opts.export_name.clone(),
         }
         .into());
     }
-    if !p.ignored.is_empty() {
-        warn!(route = route.name(), columns = ?p.ignored, "Export columns not mapped by the route are ignored.");
+    if !ignored.is_empty() {
+        warn!(route = route.name(), columns = ?ignored, "Export columns not mapped by the route are ignored.");
     }
-    let spilled: u64 = std::mem::replace(&mut p.out, Partitioner::new(&rows_dir, 0, 0, None))
-        .finish()?
-        .iter()
-        .sum();
+    let spilled = total.load(Ordering::Relaxed);
     let partition_s = started.elapsed().as_secs_f64();
     let started = std::time::Instant::now();
-    let mut summary = std::mem::take(&mut p.summary);
-    summary.ignored_columns = p.ignored.into_iter().collect();
-    let sources = p.sources;
+    summary.ignored_columns = ignored.into_iter().collect();
+    let part_dirs: Vec<PathBuf> = (0..sources.len()).map(|i| part_dir(&rows_dir, i)).collect();
     tracing::info!(
         route = route.name(),
         rows = summary.rows_read,
         spilled_mb = spilled >> 20,
         ranges = 1u64 << bits,
+        parts = sources.len(),
         "Export partitioned by hash range."
     );
 
@@ -303,8 +394,6 @@ where
     let units = 1usize << unit_bits;
     let dep_dir = spill.sub("departures")?;
     let next = AtomicUsize::new(0);
-    let stop = AtomicBool::new(false);
-    let rejects = Mutex::new(on_reject);
     let workers = settings.workers.clamp(1, units);
     let results: Vec<Result<Found, SyncError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
@@ -313,7 +402,7 @@ where
                     route,
                     state,
                     opts,
-                    rows_dir: &rows_dir,
+                    part_dirs: &part_dirs,
                     sources: &sources,
                     on_delta,
                     rejects: &rejects,
@@ -445,8 +534,8 @@ struct DiffCtx<'a, 'r> {
     route: &'a Route,
     state: &'a dyn RangeState,
     opts: &'a ProduceOptions,
-    rows_dir: &'a Path,
-    sources: &'a [String],
+    part_dirs: &'a [PathBuf],
+    sources: &'a [Vec<String>],
     on_delta: &'a (dyn Fn(UserDelta) -> Result<(), Stop> + Sync),
     rejects: &'a RejectSink<'r>,
     stop: &'a AtomicBool,
@@ -471,21 +560,22 @@ impl DiffCtx<'_, '_> {
         let mut mapped = MappedRow::default();
         let mut buf = Vec::with_capacity(256);
         for s in subs {
+            // A range's rows, part after part: export order, so a user's first row wins.
             seen.clear_others();
-            read_range::<SyncError>(self.rows_dir, s, &mut |rec| {
-                if self.stop.load(Ordering::Relaxed) {
-                    return Err(SyncError::Stopped("another range failed".into()));
-                }
-                self.row(rec, &snap, &mut seen, &mut mapped, &mut buf, found)
-                    .ok_or_else(|| {
-                        SyncError::Spill(SpillError::Corrupt {
-                            path: crate::spill::range_path(self.rows_dir, s)
-                                .display()
-                                .to_string(),
-                            offset: 0,
-                        })
-                    })?
-            })?;
+            for (part, dir) in self.part_dirs.iter().enumerate() {
+                read_range::<SyncError>(dir, s, &mut |rec| {
+                    if self.stop.load(Ordering::Relaxed) {
+                        return Err(SyncError::Stopped("another range failed".into()));
+                    }
+                    self.row(part, rec, &snap, &mut seen, &mut mapped, &mut buf, found)
+                        .ok_or_else(|| {
+                            SyncError::Spill(SpillError::Corrupt {
+                                path: crate::spill::range_path(dir, s).display().to_string(),
+                                offset: 0,
+                            })
+                        })?
+                })?;
+            }
         }
         if !self.opts.departures {
             return Ok(());
@@ -512,8 +602,10 @@ impl DiffCtx<'_, '_> {
     }
 
     /// One spilled record; `None` when it does not decode.
+    #[allow(clippy::too_many_arguments)]
     fn row(
         &self,
+        part: usize,
         rec: &[u8],
         snap: &Snapshot,
         seen: &mut Seen,
@@ -533,7 +625,12 @@ impl DiffCtx<'_, '_> {
                 let line = u64::from_le_bytes(rec.get(13..21)?.try_into().ok()?);
                 mapped.decode_from(rec.get(21..)?)?;
                 let pos = || RowPos {
-                    source: self.sources.get(src).cloned().unwrap_or_default(),
+                    source: self
+                        .sources
+                        .get(part)
+                        .and_then(|p| p.get(src))
+                        .cloned()
+                        .unwrap_or_default(),
                     row,
                     line: (line != NO_LINE).then_some(line),
                 };

@@ -128,6 +128,7 @@ pub struct Partitioner {
     written: u64,
     limit: Option<u64>,
     sizes: Vec<u64>,
+    total: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Partitioner {
@@ -142,7 +143,18 @@ impl Partitioner {
             written: 0,
             limit,
             sizes: vec![0; n],
+            total: None,
         }
+    }
+
+    /// Counts against `total`, shared with other partitioners: the limit then bounds all of
+    /// them together.
+    pub fn with_shared_total(
+        mut self,
+        total: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> Self {
+        self.total = Some(total);
+        self
     }
 
     /// Number of ranges.
@@ -169,12 +181,16 @@ impl Partitioner {
             return Ok(());
         }
         let len = buf.len() as u64;
+        let before = match &self.total {
+            Some(t) => t.fetch_add(len, std::sync::atomic::Ordering::Relaxed),
+            None => self.written,
+        };
         if let Some(limit) = self.limit
-            && self.written + len > limit
+            && before + len > limit
         {
             return Err(SpillError::Full {
                 limit_mb: limit >> 20,
-                written_mb: self.written >> 20,
+                written_mb: before >> 20,
             });
         }
         let path = range_path(&self.dir, range);

@@ -95,7 +95,9 @@ fn parts(csv: &str) -> Vec<Result<Part<&[u8]>, SyncError>> {
     let half = csv[..csv.len() / 2].rfind('\n').unwrap() + 1;
     let header = "id,given_name,orders,tier,in_a,in_b\n";
     // Two parts, so "first row wins" spans parts.
-    let second = format!("{header}{}", &csv[half..]);
+    // It opens with a later row of a user of the first part (a duplicate across parts: the
+    // first part's row wins, even though parts are read in parallel).
+    let second = format!("{header}u1,Late,9,late,true,true\n{}", &csv[half..]);
     let second: &'static str = Box::leak(second.into_boxed_str());
     vec![
         Ok(Part {

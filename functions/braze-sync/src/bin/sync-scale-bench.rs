@@ -15,7 +15,9 @@
 //!
 //! Writes `target/bench/sync-scale.json`.
 //!
-//! `cargo run --release -p braze-sync --bin sync-scale-bench [-- --users N] [--limit-mb M]`
+//! Each export is written as `--parts` CSV parts (default: one per core), read in parallel.
+//!
+//! `cargo run --release -p braze-sync --bin sync-scale-bench [-- --users N] [--limit-mb M] [--parts P]`
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -97,28 +99,36 @@ fn row(out: &mut String, id: u64, version: u64) {
     );
 }
 
-/// Writes export `which` (1 or 2) of `rows` users; each is written only when needed, so the
-/// bench holds one export on disk at a time.
-fn generate(dir: &Path, rows: u64, which: u32) -> PathBuf {
-    let a = dir.join("export-1.csv");
-    let b = dir.join("export-2.csv");
-    let sink = |p: &Path, on: bool| -> Box<dyn Write> {
-        if on {
-            Box::new(BufWriter::with_capacity(
-                1 << 20,
-                std::fs::File::create(p).unwrap(),
-            ))
-        } else {
-            Box::new(std::io::sink())
-        }
+/// Writes export `which` (1 or 2) of `rows` users as `parts` CSV parts (a folder, as Amperity
+/// splits big exports); each export is written only when needed, so the bench holds one on
+/// disk at a time.
+fn generate(dir: &Path, rows: u64, which: u32, parts: u64) -> PathBuf {
+    let out = dir.join(format!("export-{which}"));
+    std::fs::create_dir_all(&out).unwrap();
+    let per_part = rows.div_ceil(parts.max(1)).max(1);
+    let open = |p: u64| -> Box<dyn Write> {
+        let mut w = BufWriter::with_capacity(
+            1 << 20,
+            std::fs::File::create(out.join(format!("part-{p:05}.csv"))).unwrap(),
+        );
+        w.write_all(HEADER.as_bytes()).unwrap();
+        Box::new(w)
     };
-    let mut wa = sink(&a, which == 1);
-    let mut wb = sink(&b, which == 2);
-    wa.write_all(HEADER.as_bytes()).unwrap();
-    wb.write_all(HEADER.as_bytes()).unwrap();
+    let mut part = 0u64;
+    let mut w = open(0);
     let mut line = String::with_capacity(512);
     let mut pick = Rng(42);
     for id in 0..rows {
+        if id / per_part != part {
+            w.flush().unwrap();
+            part = id / per_part;
+            w = open(part);
+        }
+        let (mut wa, mut wb): (Box<dyn Write>, Box<dyn Write>) = if which == 1 {
+            (Box::new(&mut w), Box::new(std::io::sink()))
+        } else {
+            (Box::new(std::io::sink()), Box::new(&mut w))
+        };
         line.clear();
         row(&mut line, id, 0);
         wa.write_all(line.as_bytes()).unwrap();
@@ -132,14 +142,22 @@ fn generate(dir: &Path, rows: u64, which: u32) -> PathBuf {
         }
         wb.write_all(line.as_bytes()).unwrap();
     }
-    for id in rows..rows + rows / 200 {
-        line.clear();
-        row(&mut line, id, 0);
-        wb.write_all(line.as_bytes()).unwrap();
+    if which == 2 {
+        for id in rows..rows + rows / 200 {
+            line.clear();
+            row(&mut line, id, 0);
+            w.write_all(line.as_bytes()).unwrap();
+        }
     }
-    wa.flush().unwrap();
-    wb.flush().unwrap();
-    if which == 1 { a } else { b }
+    w.flush().unwrap();
+    out
+}
+
+fn folder_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum()
 }
 
 /// An object store over a local folder (`<root>/<bucket>/<key>`), with conditional puts, so
@@ -358,7 +376,7 @@ fn worker(dir: &Path, export: &Path, tag: &str) {
         let t = Instant::now();
         let producer = tokio::task::spawn_blocking(move || {
             produce_ranged(
-                sync::open_local_parts(vec![export]),
+                sync::open_local_parts(sync::local_parts(&export, ".DONE").unwrap()),
                 &r2,
                 &ranges,
                 &opts,
@@ -480,27 +498,30 @@ fn main() {
     }
     let users: u64 = arg(&args, "--users").unwrap_or(10_000_000);
     let limit_mb: u64 = arg(&args, "--limit-mb").unwrap_or(512);
+    let parts: u64 = arg(&args, "--parts").unwrap_or(braze_sync::ranged::cores() as u64);
     let dir = std::env::temp_dir().join(format!("sync-scale-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let first = generate(&dir, users, 1);
+    let first = generate(&dir, users, 1, parts);
     eprintln!(
-        "generated export 1 of {users} users ({} MB)",
-        std::fs::metadata(&first).unwrap().len() >> 20
+        "generated export 1 of {users} users ({} MB in {parts} parts)",
+        folder_bytes(&first) >> 20
     );
     let run1 = run_worker(&dir, &first, "export-1", limit_mb);
     eprintln!("run 1 (first sync, every user new): {run1}");
-    let _ = std::fs::remove_file(&first);
-    let second = generate(&dir, users, 2);
+    let _ = std::fs::remove_dir_all(&first);
+    let second = generate(&dir, users, 2, parts);
 
     // The baseline: a bare CSV read of the second export, one core, same run.
     let t = Instant::now();
-    let mut rdr = csv::ReaderBuilder::new().from_path(&second).unwrap();
     let mut rec = csv::ByteRecord::new();
     let mut bare_rows = 0u64;
     let mut bytes = 0usize;
-    while rdr.read_byte_record(&mut rec).unwrap() {
-        bare_rows += 1;
-        bytes += rec.as_slice().len();
+    for part in sync::local_parts(&second, ".DONE").unwrap() {
+        let mut rdr = csv::ReaderBuilder::new().from_path(&part).unwrap();
+        while rdr.read_byte_record(&mut rec).unwrap() {
+            bare_rows += 1;
+            bytes += rec.as_slice().len();
+        }
     }
     std::hint::black_box(bytes);
     let bare_rps = bare_rows as f64 / t.elapsed().as_secs_f64();
@@ -534,7 +555,7 @@ fn main() {
         "extrapolated_100m_wall_s": extrapolated.round(),
     });
     println!(
-        "sync-scale bench ({users} users, 20 columns, {cores} cores, worker under prlimit --as={limit_mb} MB)"
+        "sync-scale bench ({users} users, 20 columns in {parts} CSV parts, {cores} cores, worker under prlimit --as={limit_mb} MB)"
     );
     println!(
         "  bare CSV read (1 core)     {bare_rps:>12.0} rows/s   (baseline, same file, same run)"
