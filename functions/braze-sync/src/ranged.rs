@@ -356,7 +356,6 @@ where
         ignored.extend(o.ignored);
         sources.push(o.sources);
     }
-    let rejects = rejects;
     if summary.tables == 0 {
         return Err(ReadError::NoTable {
             source_name: opts.export_name.clone(),
