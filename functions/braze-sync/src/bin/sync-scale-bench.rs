@@ -17,7 +17,8 @@
 //!
 //! Each export is written as `--parts` CSV parts (default: one per core), read in parallel.
 //!
-//! `cargo run --release -p braze-sync --bin sync-scale-bench [-- --users N] [--limit-mb M] [--parts P]`
+//! `cargo run --release -p braze-sync --bin sync-scale-bench [-- --users N] [--limit-mb M]
+//! [--parts P] [--range-users R] [--out FILE]`
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -355,7 +356,12 @@ fn worker(dir: &Path, export: &Path, tag: &str) {
             lock: Mutex::new(()),
         });
         let route = Route::from_toml(ROUTE, "customers.toml").unwrap();
-        let state = StateStore::new(store.clone(), "state", "s/", "customers");
+        let range_users = std::env::var("SCALE_RANGE_USERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(braze_sync::snapshot::store::RANGE_USERS);
+        let state = StateStore::new(store.clone(), "state", "s/", "customers")
+            .with_range_users(range_users);
         let mut head = state.read_head().await.unwrap();
         let users_before = head.doc.users;
         let ranges = Ranges {
@@ -453,7 +459,7 @@ fn worker(dir: &Path, export: &Path, tag: &str) {
 }
 
 /// Runs the worker as a child under an address-space limit of `limit_mb`.
-fn run_worker(dir: &Path, export: &Path, tag: &str, limit_mb: u64) -> Value {
+fn run_worker(dir: &Path, export: &Path, tag: &str, limit_mb: u64, range_users: u64) -> Value {
     let exe = std::env::current_exe().unwrap();
     let t = Instant::now();
     let out = std::process::Command::new("prlimit")
@@ -467,6 +473,7 @@ fn run_worker(dir: &Path, export: &Path, tag: &str, limit_mb: u64) -> Value {
         // glibc reserves 64 MB of address space per malloc arena: two arenas keep the
         // address-space limit about memory, not reservations.
         .env("MALLOC_ARENA_MAX", "2")
+        .env("SCALE_RANGE_USERS", range_users.to_string())
         // The readers' bound on an export's bytes follows the function's ephemeral storage
         // (Lambda's maximum here, as the sizing guide sets for routes this big).
         .env("BRIDGE_EPHEMERAL_STORAGE_MB", "10240")
@@ -499,6 +506,12 @@ fn main() {
     let users: u64 = arg(&args, "--users").unwrap_or(10_000_000);
     let limit_mb: u64 = arg(&args, "--limit-mb").unwrap_or(512);
     let parts: u64 = arg(&args, "--parts").unwrap_or(braze_sync::ranged::cores() as u64);
+    // Users per state range (smaller ranges: more of them, for tests of the bounded path).
+    let range_users: u64 =
+        arg(&args, "--range-users").unwrap_or(braze_sync::snapshot::store::RANGE_USERS);
+    let out_path: PathBuf = arg(&args, "--out").unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench/sync-scale.json")
+    });
     let dir = std::env::temp_dir().join(format!("sync-scale-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let first = generate(&dir, users, 1, parts);
@@ -506,7 +519,7 @@ fn main() {
         "generated export 1 of {users} users ({} MB in {parts} parts)",
         folder_bytes(&first) >> 20
     );
-    let run1 = run_worker(&dir, &first, "export-1", limit_mb);
+    let run1 = run_worker(&dir, &first, "export-1", limit_mb, range_users);
     eprintln!("run 1 (first sync, every user new): {run1}");
     let _ = std::fs::remove_dir_all(&first);
     let second = generate(&dir, users, 2, parts);
@@ -526,7 +539,7 @@ fn main() {
     std::hint::black_box(bytes);
     let bare_rps = bare_rows as f64 / t.elapsed().as_secs_f64();
 
-    let run2 = run_worker(&dir, &second, "export-2", limit_mb);
+    let run2 = run_worker(&dir, &second, "export-2", limit_mb, range_users);
     eprintln!("run 2 (2% changed, 0.5% new, 0.5% gone): {run2}");
 
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
@@ -595,13 +608,10 @@ fn main() {
     println!(
         "  100M users, extrapolated   {extrapolated:>12.0} s        (linear in rows on these {cores} cores; ranges keep their size so memory does not grow; sending to Braze not included)"
     );
-    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench");
-    std::fs::create_dir_all(&target).unwrap();
-    std::fs::write(
-        target.join("sync-scale.json"),
-        serde_json::to_vec_pretty(&figures).unwrap(),
-    )
-    .unwrap();
-    println!("  wrote target/bench/sync-scale.json: {figures}");
+    if let Some(parent) = out_path.parent() {
+        std::fs::create_dir_all(parent).unwrap();
+    }
+    std::fs::write(&out_path, serde_json::to_vec_pretty(&figures).unwrap()).unwrap();
+    println!("  wrote {}: {figures}", out_path.display());
     let _ = std::fs::remove_dir_all(&dir);
 }
