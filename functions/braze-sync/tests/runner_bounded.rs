@@ -282,3 +282,68 @@ async fn a_cut_run_hands_over_and_a_killed_runs_checkpoints_are_not_resent() {
     assert!(head.doc.segments.is_empty());
     assert!(head.doc.watermark.is_some());
 }
+
+/// A head of `users` users in `1 << bits` ranges (no objects: only the sizes matter here).
+async fn big_head(store: &MemoryStore, users: u64, bits: u32) {
+    let per = users >> bits;
+    let ranges: Vec<Value> = (0..1u64 << bits)
+        .map(|_| json!({"users": per, "bytes": 0, "delta_bytes": 0}))
+        .collect();
+    let head = json!({"format": 2, "route": "people", "generation": 3, "users": users,
+        "range_bits": bits, "ranges": ranges,
+        "segments": [], "applied_exports": [], "updated_at": "2026-11-30T00:00:00Z"});
+    store
+        .put(
+            &S3Uri::new("state", "s/people/head.json"),
+            Bytes::from(head.to_string()),
+            PutCondition::None,
+            BTreeMap::new(),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_memory_check_of_a_bounded_run_counts_one_range_per_worker_not_the_route() {
+    use braze_sync::handler::RunError;
+    let spill = tempfile::tempdir().unwrap();
+    let h = Arc::new(Handovers::default());
+    let braze = Arc::new(Recorder {
+        delay: Duration::ZERO,
+        sent: Mutex::new(Vec::new()),
+    });
+    // 50M users in 256 ranges: the whole state would need ~7 GB, one range ~27 MB.
+    let store = Arc::new(MemoryStore::new());
+    big_head(&store, 50_000_000, 8).await;
+    let mut settings = RunnerSettings::new("state", "s/", "r/", "x/");
+    settings.memory_limit_bytes = Some(1024 << 20);
+    settings.spill_dir = spill.path().to_path_buf();
+    let r = SyncRunner::new(
+        store.clone(),
+        vec![route()],
+        braze.clone(),
+        settings,
+        Some(h.clone() as Arc<dyn Continuation>),
+    );
+    let p = plan(&store, "in/a.csv", csv(10, &[], &[], 0)).await;
+    let out = r.run(&p, None).await.unwrap();
+    assert!(out.complete(), "{:?}", out.status);
+    assert_eq!(braze.sent.lock().unwrap().len(), 10);
+    // The same route in one range does not fit: refused before sending, naming the sizes.
+    let store = Arc::new(MemoryStore::new());
+    big_head(&store, 50_000_000, 0).await;
+    let mut settings = RunnerSettings::new("state", "s/", "r/", "x/");
+    settings.memory_limit_bytes = Some(1024 << 20);
+    settings.spill_dir = spill.path().to_path_buf();
+    let r = SyncRunner::new(store.clone(), vec![route()], braze.clone(), settings, None);
+    let p = plan(&store, "in/a.csv", csv(10, &[], &[], 0)).await;
+    let err = r.run(&p, None).await.unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, RunError::Permanent { .. }), "{text}");
+    assert!(
+        text.contains("50000000 users")
+            && text.contains("largest state range")
+            && text.contains("MemorySize"),
+        "{text}"
+    );
+}
