@@ -9,6 +9,11 @@
 //! multiplicatively (once per window), and the pace climbs back step by step while no 429
 //! comes, so a workspace shared with senders we do not know about settles below its limit.
 //!
+//! Requests wait for their turn and only the first in line holds a slot, taken when it is due:
+//! a slower or faster pace applies to the very next request. (Reserving a slot for every waiting
+//! request at once, as before, let slots reserved under a brief throttle push the whole queue
+//! seconds into the future: several senders on one limit stalled for tens of seconds.)
+//!
 //! [`LimiterCore`] is the pure scheduler (times are offsets from the limiter's start, so tests use
 //! a fake clock); [`RateLimiter`] wraps it for async callers.
 
@@ -233,12 +238,23 @@ impl LimiterCore {
 
     /// Reserves the next slot: the returned time (≥ `now`) is when the caller may send.
     pub fn reserve(&mut self, now: Duration) -> Duration {
-        self.recover(now);
-        let interval = self.current_interval(now);
-        let earliest = now.max(self.hold_until);
-        let slot = earliest.max(self.tat.saturating_sub(self.tolerance));
-        self.tat = self.tat.max(slot) + interval;
+        let slot = self.next_slot(now);
+        self.take(slot);
         slot
+    }
+
+    /// When the next request may go (≥ `now`), without reserving it: the pace in force when it
+    /// is taken ([`LimiterCore::take`]) sets the spacing of the one after.
+    pub fn next_slot(&mut self, now: Duration) -> Duration {
+        self.recover(now);
+        let earliest = now.max(self.hold_until);
+        earliest.max(self.tat.saturating_sub(self.tolerance))
+    }
+
+    /// A request goes at `at`.
+    pub fn take(&mut self, at: Duration) {
+        let interval = self.current_interval(at);
+        self.tat = self.tat.max(at) + interval;
     }
 
     /// A slot reserved earlier is still good at `now` (no pause began that covers it).
@@ -322,10 +338,16 @@ impl LimiterCore {
     }
 }
 
-/// The async limiter shared by every in-flight request of a run.
+/// The async limiter shared by every in-flight request of a run. Callers queue for their turn
+/// (first come, first served) and only the first in line waits for a slot, which it takes only
+/// when it is due; so a pace that changes meanwhile (a throttle, a pause, senders joining or
+/// leaving) applies to the very next request, instead of to slots reserved long before by every
+/// waiting request.
 #[derive(Debug)]
 pub struct RateLimiter {
     core: Mutex<LimiterCore>,
+    turn: tokio::sync::Mutex<()>,
+    changed: tokio::sync::Notify,
     start: tokio::time::Instant,
     epoch_at_start: f64,
     in_flight: AtomicU64,
@@ -350,6 +372,8 @@ impl RateLimiter {
             .unwrap_or(0.0);
         Self {
             core: Mutex::new(LimiterCore::new(budget)),
+            turn: tokio::sync::Mutex::new(()),
+            changed: tokio::sync::Notify::new(),
             start: tokio::time::Instant::now(),
             epoch_at_start,
             in_flight: AtomicU64::new(0),
@@ -395,26 +419,56 @@ impl RateLimiter {
     /// Waits for a send slot. The returned permit counts the request as in flight until it is
     /// dropped; report the answer's headers through it.
     pub async fn acquire(&self) -> Permit<'_> {
+        let _turn = self.turn.lock().await;
+        let mut waited = false;
         loop {
+            // Registered before the slot is computed, so no change is missed.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let mut peers_rx = self.peers.clone();
+            if let Some(rx) = peers_rx.as_mut() {
+                // Only a change from now on wakes us.
+                rx.borrow_and_update();
+            }
             let now = self.now();
             let peers = self.peers_now();
             let slot = self.with_core(|c| {
                 if let Some(n) = peers {
                     c.set_peers(n);
                 }
-                c.reserve(now)
-            });
-            if slot > now {
-                self.waits.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep_until(self.start + slot).await;
-                let now = self.now();
-                if !self.with_core(|c| c.still_valid(now)) {
-                    continue;
+                let slot = c.next_slot(now);
+                if slot <= now {
+                    c.take(now);
                 }
+                slot
+            });
+            if slot <= now {
+                break;
             }
-            self.in_flight.fetch_add(1, Ordering::Relaxed);
-            return Permit { limiter: self };
+            if !waited {
+                self.waits.fetch_add(1, Ordering::Relaxed);
+                waited = true;
+            }
+            let peers_changed = async {
+                match peers_rx.as_mut() {
+                    Some(rx) => {
+                        if rx.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            // Wait for the slot, or for a change of pace, then look again.
+            tokio::select! {
+                () = tokio::time::sleep_until(self.start + slot) => {}
+                () = &mut changed => {}
+                () = peers_changed => {}
+            }
         }
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Permit { limiter: self }
     }
 
     /// Requests sent and not yet answered.
@@ -432,13 +486,19 @@ impl RateLimiter {
         let epoch = self.epoch_now();
         // Our own request is answered: it no longer counts as in flight.
         let in_flight = self.in_flight().saturating_sub(1);
-        self.with_core(|c| {
+        let changed = self.with_core(|c| {
+            let before = (c.current_interval(now), c.paused_until(now));
             if rate_limited {
                 c.on_rate_limited(now, rate.retry_in(epoch));
             } else {
                 c.observe(now, rate.remaining, rate.reset_in(epoch), in_flight);
             }
+            before != (c.current_interval(now), c.paused_until(now))
         });
+        if changed {
+            // The request waiting for its slot looks again.
+            self.changed.notify_waiters();
+        }
     }
 }
 
@@ -707,6 +767,48 @@ mod tests {
         // The slot reserved before the change still waits 300 ms, the next ones 100 ms each.
         assert_eq!(start.elapsed(), ms(600));
         assert_eq!(limiter.most_peers(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_requests_follow_a_pace_that_changes_while_they_wait() {
+        use std::sync::Arc;
+        let limiter = Arc::new(RateLimiter::new(RateBudget {
+            requests_per_window: 30,
+            headroom: 0.0,
+            burst_fraction: 0.0,
+            ..Default::default()
+        }));
+        let info = |remaining: u64, l: &RateLimiter| RateLimitInfo {
+            remaining: Some(remaining),
+            reset: Some(l.epoch_now() + 3.0),
+            ..Default::default()
+        };
+        // Two requests in flight (at 0 and 100 ms); the first answer says 2 are left for 3 s:
+        // one every 1.5 s.
+        let first = limiter.acquire().await;
+        let second = limiter.acquire().await;
+        first.observe(&info(2, &limiter), false);
+        drop(first);
+        let start = tokio::time::Instant::now();
+        let mut waiting = Vec::new();
+        for _ in 0..10 {
+            let l = limiter.clone();
+            waiting.push(tokio::spawn(async move {
+                drop(l.acquire().await);
+                start.elapsed()
+            }));
+        }
+        tokio::time::sleep(ms(50)).await;
+        // The second answer comes from a new window with room: the planned 100 ms pace is back
+        // for every waiting request (slots reserved at the slow pace would have spread them
+        // over 13 s).
+        second.observe(&info(30, &limiter), false);
+        drop(second);
+        let mut last = Duration::ZERO;
+        for w in waiting {
+            last = last.max(w.await.unwrap());
+        }
+        assert!(last <= ms(1_100), "{last:?}");
     }
 
     #[tokio::test(start_paused = true)]
