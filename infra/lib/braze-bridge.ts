@@ -71,7 +71,11 @@ export interface BrazeBridgeProps {
   readonly brazeRestEndpoint?: string;
   /** Full ARN of the Secrets Manager secret holding the Braze REST API key. */
   readonly brazeApiKeySecretArn: string;
-  /** Fraction (0..1] of the workspace's /users/track rate limit to use. @default 1 */
+  /**
+   * Fraction (0..1] of the workspace's /users/track rate limit this deployment's runs use together
+   * (they split it among themselves); below 1 only when another deployment or tool sends to the
+   * same workspace. @default 1
+   */
   readonly rateLimitShare?: number;
   /** @default 3000 */
   readonly brazeRateLimitRequests?: number;

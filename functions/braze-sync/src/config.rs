@@ -60,8 +60,10 @@ pub struct Config {
     pub rate_limit_requests: u32,
     /// `BRAZE_RATE_LIMIT_WINDOW_SECS`: the rate-limit window, seconds (default 3).
     pub rate_limit_window_secs: u64,
-    /// `RATE_LIMIT_SHARE`: the share of the workspace limit this function may use, 0 < s ≤ 1
-    /// (default 1.0), when other senders share the workspace.
+    /// `RATE_LIMIT_SHARE`: the share of the workspace limit this deployment's runs may use
+    /// together, 0 < s ≤ 1 (default 1.0); they divide it among themselves through the sender
+    /// registry ([`crate::workspace_share`]). Below 1 only when something outside this
+    /// deployment also sends to the workspace.
     pub rate_limit_share: f64,
     /// `BRAZE_MAX_OBJECTS_PER_REQUEST`: attribute objects per request, 1–75 (default 75; 50
     /// on combined-limit plans).
