@@ -595,32 +595,8 @@ impl StateStore {
             self.delete_all(&written).await;
             return Err(e.into());
         }
-        doc.format = HEAD_FORMAT;
-        doc.generation = generation;
-        doc.users = users;
-        doc.segments.clear();
-        if let Some(w) = export {
-            doc.applied_exports.retain(|e| *e != w.export_id);
-            doc.applied_exports.push(w.export_id.clone());
-            let excess = doc
-                .applied_exports
-                .len()
-                .saturating_sub(APPLIED_EXPORTS_KEPT);
-            doc.applied_exports.drain(..excess);
-            if !head.is_stale(w.exported_at.as_deref()) {
-                doc.watermark = Some(w);
-            }
-        }
-        doc.updated_at = chrono::Utc::now().to_rfc3339();
-        stats.ranges = doc.ranges.len();
-        stats.state_bytes = doc.state_bytes();
-        if let Err(e) = self.put_head(head, doc).await {
-            self.delete_all(&written).await;
-            return Err(e);
-        }
-        head.loaded_segments = 0;
-        self.delete_all(&old).await;
-        Ok(stats)
+        self.publish(head, doc, generation, users, export, stats, &written, &old)
+            .await
     }
 
     /// Writes a fresh base for each range in `ranges` (empty ranges get none).
@@ -899,32 +875,8 @@ impl StateStore {
         }
         let users: u64 = doc.ranges.iter().map(|r| r.users).sum();
         stats.users = users;
-        doc.format = HEAD_FORMAT;
-        doc.generation = generation;
-        doc.users = users;
-        doc.segments.clear();
-        if let Some(w) = export {
-            doc.applied_exports.retain(|e| *e != w.export_id);
-            doc.applied_exports.push(w.export_id.clone());
-            let excess = doc
-                .applied_exports
-                .len()
-                .saturating_sub(APPLIED_EXPORTS_KEPT);
-            doc.applied_exports.drain(..excess);
-            if !head.is_stale(w.exported_at.as_deref()) {
-                doc.watermark = Some(w);
-            }
-        }
-        doc.updated_at = chrono::Utc::now().to_rfc3339();
-        stats.ranges = doc.ranges.len();
-        stats.state_bytes = doc.state_bytes();
-        if let Err(e) = self.put_head(head, doc).await {
-            self.delete_all(&written).await;
-            return Err(e);
-        }
-        head.loaded_segments = 0;
-        self.delete_all(&old).await;
-        Ok(stats)
+        self.publish(head, doc, generation, users, export, stats, &written, &old)
+            .await
     }
 
     /// One unit of [`StateStore::commit_ranged`]: loads old range `old` (none: empty),
@@ -1046,6 +998,49 @@ impl StateStore {
             out.bytes += bytes;
         }
         Ok(out)
+    }
+
+    /// The end of both commits: stamps the new head (generation, users, the export applied and,
+    /// unless stale, its watermark), writes it with one conditional put and deletes what it
+    /// replaced; on a failed put, deletes what this commit wrote instead.
+    #[allow(clippy::too_many_arguments)]
+    async fn publish(
+        &self,
+        head: &mut Head,
+        mut doc: HeadDoc,
+        generation: u64,
+        users: u64,
+        export: Option<Watermark>,
+        mut stats: CommitStats,
+        written: &[String],
+        old: &[String],
+    ) -> Result<CommitStats, StateError> {
+        doc.format = HEAD_FORMAT;
+        doc.generation = generation;
+        doc.users = users;
+        doc.segments.clear();
+        if let Some(w) = export {
+            doc.applied_exports.retain(|e| *e != w.export_id);
+            doc.applied_exports.push(w.export_id.clone());
+            let excess = doc
+                .applied_exports
+                .len()
+                .saturating_sub(APPLIED_EXPORTS_KEPT);
+            doc.applied_exports.drain(..excess);
+            if !head.is_stale(w.exported_at.as_deref()) {
+                doc.watermark = Some(w);
+            }
+        }
+        doc.updated_at = chrono::Utc::now().to_rfc3339();
+        stats.ranges = doc.ranges.len();
+        stats.state_bytes = doc.state_bytes();
+        if let Err(e) = self.put_head(head, doc).await {
+            self.delete_all(written).await;
+            return Err(e);
+        }
+        head.loaded_segments = 0;
+        self.delete_all(old).await;
+        Ok(stats)
     }
 
     async fn delete_all(&self, names: &[String]) {
