@@ -44,61 +44,9 @@ const ROUTE: &str = include_str!("../../routes/customers.toml");
 /// Confirmed deltas per checkpoint segment in the worker.
 const CHECKPOINT_USERS: usize = 20_000;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
-        xs[self.below(xs.len() as u64) as usize]
-    }
-}
-
-const HEADER: &str = "amperity_id,given_name,surname,email,phone,birthdate,gender,city,country,language,time_zone,email_opt_in,lifetime_value,order_count,loyalty_tier,is_vip,first_order_date,last_order_at,churn_score,in_winback\n";
-
-/// One row of user `id` (as `sync-diff-bench`); `version` changes a few of its values.
-fn row(out: &mut String, id: u64, version: u64) {
-    use std::fmt::Write;
-    let mut r = Rng(id.wrapping_mul(7919));
-    let first = r.pick(&["Ada", "Bob", "Cyd", "Dana", "Eve", "Finn", "Gus", "Hana"]);
-    let last = r.pick(&["Lovelace", "Smith", "Garcia", "Nguyen", "Okafor", "Rossi"]);
-    let city = r.pick(&["Seattle", "Paris", "Lagos", "Lyon", "Osaka", "Austin"]);
-    let country = r.pick(&["US", "FR", "NG", "JP", "GB", "DE"]);
-    let lang = r.pick(&["en", "fr", "ja", "de"]);
-    let tz = r.pick(&[
-        "America/Los_Angeles",
-        "Europe/Paris",
-        "Africa/Lagos",
-        "Asia/Tokyo",
-    ]);
-    let gender = r.pick(&["F", "M", "O", "", "female", "male"]);
-    let optin = r.pick(&["opted_in", "subscribed", "unsubscribed"]);
-    let tier = r.pick(&["bronze", "silver", "gold", "platinum"]);
-    let ltv_cents = r.below(10_000_000) + version * 1234;
-    let orders = r.below(200) + version;
-    let (y, m, d) = (1950 + r.below(55), 1 + r.below(12), 1 + r.below(28));
-    let (fy, fm, fd) = (2015 + r.below(9), 1 + r.below(12), 1 + r.below(28));
-    let (hh, mm, ss) = (r.below(24), r.below(60), r.below(60));
-    let churn = r.below(1000);
-    let vip = r.below(10) == 0;
-    let winback = r.below(5) == 0;
-    let _ = writeln!(
-        out,
-        "{id},{first},{last},{}{id}@example.com,+1206555{:04},{y}-{m:02}-{d:02},{gender},{city},{country},{lang},{tz},{optin},{}.{:04},{orders},{tier},{vip},{fy}-{fm:02}-{fd:02},2024-{fm:02}-{fd:02} {hh:02}:{mm:02}:{ss:02}.000,0.{churn:03}7,{winback}",
-        first.to_ascii_lowercase(),
-        id % 10_000,
-        ltv_cents / 10_000,
-        ltv_cents % 10_000,
-    );
-}
+#[path = "bench/rows.rs"]
+mod rows;
+use rows::{HEADER, Rng, row};
 
 /// Writes export `which` (1 or 2) of `rows` users as `parts` CSV parts (a folder, as Amperity
 /// splits big exports); each export is written only when needed, so the bench holds one on
