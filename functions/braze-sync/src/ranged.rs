@@ -148,16 +148,7 @@ impl Partition<'_> {
                 RowItem::Bad(b) => {
                     self.summary.rejected += 1;
                     self.summary.rows_without_identifier += 1;
-                    on_reject(RowReject {
-                        pos: RowPos {
-                            source: source.clone(),
-                            row: b.row,
-                            line: b.line,
-                        },
-                        column: b.column,
-                        reason: b.reason,
-                        identifier: None,
-                    });
+                    on_reject(RowReject::unreadable(&source, b));
                     continue;
                 }
                 RowItem::Row(r) => r,

@@ -23,6 +23,20 @@ pub struct RowReject {
 }
 
 impl RowReject {
+    /// A row the reader could not turn into cells (its identifier unread), at `source`.
+    pub fn unreadable(source: &str, bad: crate::read::BadRow) -> Self {
+        Self {
+            pos: RowPos {
+                source: source.to_string(),
+                row: bad.row,
+                line: bad.line,
+            },
+            column: bad.column,
+            reason: bad.reason,
+            identifier: None,
+        }
+    }
+
     /// A row Braze refused (a [`crate::model::DeliveryOutcome::Rejected`]).
     pub fn from_braze(delta: &UserDelta, reason: &str) -> Self {
         Self {
