@@ -251,6 +251,26 @@ pub struct Departures {
     pub audiences: Vec<AudienceDepartures>,
 }
 
+/// The audiences of `route` that send something on leave, in slot order, nothing counted
+/// yet: the list [`departures`] fills (and the index space of departure records).
+pub fn departure_audiences(route: &Route) -> Vec<AudienceDepartures> {
+    route
+        .slots
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| match s.kind {
+            SlotKind::Audience { on_leave } if on_leave != OnLeave::Keep => {
+                Some(AudienceDepartures {
+                    audience: s.name.clone(),
+                    cap: route.departure_cap(i),
+                    ..Default::default()
+                })
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 /// Audience removals for users the state knows as members but `seen` did not contain, with
 /// each audience's member and leaver counts. Only call this after a complete, successfully
 /// read export. `source` names the export in the deltas' positions (row 0).
@@ -268,14 +288,7 @@ pub fn departures(snapshot: &Snapshot, route: &Route, seen: &Seen, source: &str)
         })
         .collect();
     let mut out = Departures {
-        audiences: leaving
-            .iter()
-            .map(|(slot, name, _)| AudienceDepartures {
-                audience: (*name).to_string(),
-                cap: route.departure_cap(*slot),
-                ..Default::default()
-            })
-            .collect(),
+        audiences: departure_audiences(route),
         ..Default::default()
     };
     if leaving.is_empty() {

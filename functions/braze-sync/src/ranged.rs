@@ -71,6 +71,21 @@ pub struct RangedSettings {
     pub tag: String,
     /// Where to record how long each step took (benches).
     pub times: Option<std::sync::Arc<Mutex<RangedTimes>>>,
+    /// Diff only these hash ranges of the state (indices at its `range_bits`; a fan-out
+    /// piece). Rows of other ranges are dropped when partitioned: not spilled, counted or
+    /// rejected. Rows without an identifier and unreadable rows are counted and rejected
+    /// only by the span that starts at range 0, and so are the export's tables, so the
+    /// pieces' summaries add up ([`add_piece`]) to a single run's. Needs a state with a
+    /// range layout.
+    pub only_ranges: Option<std::ops::Range<usize>>,
+    /// Do not judge or send departures: count them per audience in `summary.departures`
+    /// (no verdict) and write the removals to `departures_file` (a departure file, see
+    /// [`read_departure_file`]), for [`release_departures`] to judge on the export's totals
+    /// and send (a fan-out's finalizer).
+    pub defer_departures: bool,
+    /// Where a run with `defer_departures` writes its removals (created or truncated; empty
+    /// when there are none). Required with `defer_departures`.
+    pub departures_file: Option<PathBuf>,
 }
 
 /// Seconds each step of [`produce_ranged`] took.
@@ -100,6 +115,9 @@ impl RangedSettings {
             disk_limit: None,
             tag: tag.to_string(),
             times: None,
+            only_ranges: None,
+            defer_departures: false,
+            departures_file: None,
         }
     }
 }
@@ -126,15 +144,32 @@ struct Partition<'a> {
     sources: Vec<String>,
     summary: Summary,
     ignored: BTreeSet<String>,
+    /// Keep only rows whose key is in this span of ranges at these bits (`only_ranges`).
+    keep: Option<(u32, std::ops::Range<usize>)>,
+    /// Count tables, unreadable rows and rows without an identifier (the span at 0).
+    unkeyed: bool,
+    /// Tables and rows read, kept or not.
+    tables_seen: u64,
+    rows_seen: u64,
 }
 
 impl Partition<'_> {
+    /// Whether this run diffs the user with key `key`.
+    fn keeps(&self, key: u128) -> bool {
+        self.keep
+            .as_ref()
+            .is_none_or(|(bits, span)| span.contains(&range_of(key, *bits)))
+    }
+
     fn table(
         &mut self,
         src: &mut dyn RowSource,
         on_reject: &mut dyn FnMut(RowReject),
     ) -> Result<(), SyncError> {
-        self.summary.tables += 1;
+        self.tables_seen += 1;
+        if self.unkeyed {
+            self.summary.tables += 1;
+        }
         let header = src.header().to_vec();
         let source = src.source().to_string();
         let source_index = self.sources.len() as u32;
@@ -142,13 +177,16 @@ impl Partition<'_> {
         let binding = Binding::new(self.route, &header, &source)?;
         self.ignored.extend(binding.unknown_columns.iter().cloned());
         while let Some(item) = src.next_row()? {
-            self.summary.rows_read += 1;
+            self.rows_seen += 1;
             crate::progress::LIVE.row_read();
             let row = match item {
                 RowItem::Bad(b) => {
-                    self.summary.rejected += 1;
-                    self.summary.rows_without_identifier += 1;
-                    on_reject(RowReject::unreadable(&source, b));
+                    if self.unkeyed {
+                        self.summary.rows_read += 1;
+                        self.summary.rejected += 1;
+                        self.summary.rows_without_identifier += 1;
+                        on_reject(RowReject::unreadable(&source, b));
+                    }
                     continue;
                 }
                 RowItem::Row(r) => r,
@@ -158,9 +196,11 @@ impl Partition<'_> {
                 .map_row(&binding, &header, &row, &mut self.mapped);
             self.rec.clear();
             if let Err((outcome, e)) = mapped {
-                self.summary.rejected += 1;
                 let identifier = match outcome {
                     MapOutcome::Identified => {
+                        if !self.keeps(self.mapped.key.0) {
+                            continue;
+                        }
                         // Present in the export: a marker, so the user never departs and a
                         // later row of theirs is a duplicate.
                         self.rec.push(REC_SEEN);
@@ -170,10 +210,15 @@ impl Partition<'_> {
                         Some(self.mapped.identifier())
                     }
                     MapOutcome::NoIdentifier => {
+                        if !self.unkeyed {
+                            continue;
+                        }
                         self.summary.rows_without_identifier += 1;
                         None
                     }
                 };
+                self.summary.rows_read += 1;
+                self.summary.rejected += 1;
                 on_reject(RowReject {
                     pos: RowPos {
                         source: source.clone(),
@@ -186,6 +231,10 @@ impl Partition<'_> {
                 });
                 continue;
             }
+            if !self.keeps(self.mapped.key.0) {
+                continue;
+            }
+            self.summary.rows_read += 1;
             self.rec.push(REC_ROW);
             self.rec.extend_from_slice(&source_index.to_le_bytes());
             self.rec.extend_from_slice(&row.row.to_le_bytes());
@@ -205,6 +254,8 @@ struct PartOut {
     sources: Vec<String>,
     summary: Summary,
     ignored: BTreeSet<String>,
+    tables_seen: u64,
+    rows_seen: u64,
 }
 
 fn part_dir(rows: &Path, part: usize) -> PathBuf {
@@ -242,8 +293,38 @@ where
     R: Read + Send,
 {
     let started = std::time::Instant::now();
-    let spill = SpillDir::create(&settings.spill_base, &settings.tag)?;
     let state_bits = state.bits();
+    if let Some(span) = &settings.only_ranges {
+        let n = state_bits.map(|b| 1usize << b);
+        if n.is_none_or(|n| span.start > span.end || span.end > n) {
+            return Err(SyncError::State {
+                range: span.end,
+                message: format!(
+                    "only_ranges {}..{} is not a span of the state's {} hash ranges (a fan-out piece needs a state laid out in ranges)",
+                    span.start,
+                    span.end,
+                    n.unwrap_or(0)
+                ),
+                retryable: false,
+            });
+        }
+    }
+    if settings.defer_departures && opts.departures && settings.departures_file.is_none() {
+        return Err(SyncError::Spill(SpillError::Io {
+            path: "departures_file".into(),
+            error: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "defer_departures needs a departures_file to write the removals to",
+            ),
+        }));
+    }
+    let keep = settings
+        .only_ranges
+        .clone()
+        .zip(state_bits)
+        .map(|(span, b)| (b, span));
+    let unkeyed = keep.as_ref().is_none_or(|(_, span)| span.start == 0);
+    let spill = SpillDir::create(&settings.spill_base, &settings.tag)?;
     let bits = state_bits.unwrap_or(0).max(settings.min_spill_bits);
     let rows_dir = spill.sub("rows")?;
     let read_opts = route.read_options();
@@ -280,6 +361,10 @@ where
             sources: Vec::new(),
             summary: Summary::default(),
             ignored: BTreeSet::new(),
+            keep: keep.clone(),
+            unkeyed,
+            tables_seen: 0,
+            rows_seen: 0,
         };
         let mut reject = |r: RowReject| {
             if let Ok(mut sink) = rejects.lock() {
@@ -298,6 +383,8 @@ where
             sources: p.sources,
             summary: p.summary,
             ignored: p.ignored,
+            tables_seen: p.tables_seen,
+            rows_seen: p.rows_seen,
         })
     };
     let read: Vec<Result<Vec<PartOut>, SyncError>> = std::thread::scope(|scope| {
@@ -339,7 +426,10 @@ where
     let mut summary = Summary::default();
     let mut ignored = BTreeSet::new();
     let mut sources: Vec<Vec<String>> = Vec::with_capacity(outs.len());
+    let (mut tables_seen, mut rows_seen) = (0u64, 0u64);
     for o in outs {
+        tables_seen += o.tables_seen;
+        rows_seen += o.rows_seen;
         summary.tables += o.summary.tables;
         summary.rows_read += o.summary.rows_read;
         summary.rejected += o.summary.rejected;
@@ -347,14 +437,14 @@ where
         ignored.extend(o.ignored);
         sources.push(o.sources);
     }
-    if summary.tables == 0 {
+    if tables_seen == 0 {
         return Err(ReadError::NoTable {
             source_name: opts.export_name.clone(),
             detail: "no part, or only folders, links or hidden files in its archives".into(),
         }
         .into());
     }
-    if summary.rows_read == 0 && !route.config.allow_empty {
+    if rows_seen == 0 && !route.config.allow_empty {
         return Err(ReadError::EmptyExport {
             source_name: opts.export_name.clone(),
         }
@@ -381,10 +471,13 @@ where
     // worker at a time.
     let unit_bits = state_bits.unwrap_or(bits);
     let per_unit = bits - unit_bits;
-    let units = 1usize << unit_bits;
+    let span = settings
+        .only_ranges
+        .clone()
+        .unwrap_or(0..1usize << unit_bits);
     let dep_dir = spill.sub("departures")?;
-    let next = AtomicUsize::new(0);
-    let workers = settings.workers.clamp(1, units);
+    let next = AtomicUsize::new(span.start);
+    let workers = settings.workers.max(1).min(span.len().max(1));
     let results: Vec<Result<Found, SyncError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|w| {
@@ -410,9 +503,14 @@ where
                     })?;
                     let mut deps = Partitioner::new(&mine, 0, 1 << 20, settings.disk_limit);
                     let mut found = Found::default();
+                    if opts.departures {
+                        // Every worker sums into the route's full list, even one that
+                        // diffed no range.
+                        found.audiences = delta::departure_audiences(route);
+                    }
                     loop {
                         let u = next.fetch_add(1, Ordering::Relaxed);
-                        if u >= units || ctx.stop.load(Ordering::Relaxed) {
+                        if u >= span.end || ctx.stop.load(Ordering::Relaxed) {
                             break;
                         }
                         let subs = (u << per_unit)..((u + 1) << per_unit);
@@ -474,13 +572,98 @@ where
         record(0.0);
         return Ok(summary);
     };
+    let files: Vec<PathBuf> = (0..workers)
+        .map(|w| crate::spill::range_path(&dep_dir.join(format!("w{w}")), 0))
+        .collect();
+    if settings.defer_departures {
+        // Step 3 is the finalizer's: hand the counts and the removals over.
+        for a in &mut audiences {
+            a.share = share(a);
+        }
+        summary.departures = audiences;
+        if let Some(path) = &settings.departures_file {
+            concat_files(&files, path)?;
+        }
+        record(started.elapsed().as_secs_f64());
+        drop(spill);
+        return Ok(summary);
+    }
     // Step 3: the guard on the export's totals, then the removals it lets through.
-    for a in &mut audiences {
-        a.share = if a.members_before > 0 {
-            a.leaving as f64 / a.members_before as f64
-        } else {
-            0.0
+    summary.departures = audiences;
+    let mut readers = Vec::with_capacity(files.len());
+    for f in &files {
+        match std::fs::File::open(f) {
+            Ok(file) => readers.push((f.display().to_string(), file)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                return Err(SyncError::Spill(SpillError::Io {
+                    path: f.display().to_string(),
+                    error,
+                }));
+            }
+        }
+    }
+    release_departures(&mut summary, route, opts, readers, on_delta)?;
+    record(started.elapsed().as_secs_f64());
+    drop(spill);
+    Ok(summary)
+}
+
+fn share(a: &AudienceDepartures) -> f64 {
+    if a.members_before > 0 {
+        a.leaving as f64 / a.members_before as f64
+    } else {
+        0.0
+    }
+}
+
+/// Writes the departure files `files` (those that exist) one after the other into `out`.
+fn concat_files(files: &[PathBuf], out: &Path) -> Result<(), SyncError> {
+    let err = |path: &Path, error: std::io::Error| {
+        SyncError::Spill(SpillError::Io {
+            path: path.display().to_string(),
+            error,
+        })
+    };
+    let mut w = std::fs::File::create(out).map_err(|e| err(out, e))?;
+    for f in files {
+        let mut r = match std::fs::File::open(f) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(err(f, e)),
         };
+        std::io::copy(&mut r, &mut w).map_err(|e| err(out, e))?;
+    }
+    std::io::Write::flush(&mut w).map_err(|e| err(out, e))
+}
+
+/// Step 3 of [`produce_ranged`] on the export's totals, also a fan-out finalizer's: judges
+/// each audience of `summary.departures` (members and leavers summed over every range of
+/// the export; `summary.rows_without_identifier` likewise) with the departure guard, then
+/// reads the removals from the departure files `files` (`(name for errors, bytes)`, as
+/// written with `defer_departures`), sends those it lets through with `on_delta` and counts
+/// them (`users_departed`, `attributes_changed`, per audience `sent` / `held`). Does
+/// nothing when `opts.departures` is off.
+pub fn release_departures<R: Read>(
+    summary: &mut Summary,
+    route: &Route,
+    opts: &ProduceOptions,
+    files: impl IntoIterator<Item = (String, R)>,
+    on_delta: &(dyn Fn(UserDelta) -> Result<(), Stop> + Sync),
+) -> Result<(), SyncError> {
+    if !opts.departures {
+        return Ok(());
+    }
+    let mut audiences = std::mem::take(&mut summary.departures);
+    if audiences.is_empty() {
+        audiences = delta::departure_audiences(route);
+    }
+    for a in &mut audiences {
+        a.share = share(a);
+        a.held_because = None;
+        a.released = false;
+        a.sent = 0;
+        a.held = 0;
     }
     let held = delta::decide_departures(
         &mut audiences,
@@ -493,13 +676,12 @@ where
                   "Departures held: not sent until an operator releases them.");
         }
     }
-    for w in 0..workers {
-        let dir = dep_dir.join(format!("w{w}"));
-        read_range::<SyncError>(&dir, 0, &mut |b| {
+    for (what, r) in files {
+        read_departure_file::<SyncError>(r, &what, &mut |b| {
             let mut d =
                 decode_departure(b, route, &audiences, &opts.export_name).ok_or_else(|| {
                     SyncError::Spill(SpillError::Corrupt {
-                        path: dir.display().to_string(),
+                        path: what.clone(),
                         offset: 0,
                     })
                 })?;
@@ -513,9 +695,63 @@ where
         })?;
     }
     summary.departures = audiences;
-    record(started.elapsed().as_secs_f64());
-    drop(spill);
-    Ok(summary)
+    Ok(())
+}
+
+/// Calls `f` with each record of a departure file (length-framed records of
+/// [`encode_departure`], the spill format), in order; `what` names it in errors.
+pub fn read_departure_file<E: From<SpillError>>(
+    r: impl Read,
+    what: &str,
+    f: &mut dyn FnMut(&[u8]) -> Result<(), E>,
+) -> Result<(), E> {
+    crate::spill::read_records(r, what, f)
+}
+
+/// Appends one departure record to a departure file being written in `out` (its length,
+/// then [`encode_departure`]'s bytes).
+pub fn write_departure_record(rec: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(rec.len() as u32).to_le_bytes());
+    out.extend_from_slice(rec);
+}
+
+/// Adds one fan-out piece's summary (a run with `only_ranges` and `defer_departures`) to
+/// `total`: counts summed, departures summed per audience (members, leavers, sent, held),
+/// ignored columns joined. The pieces of one export add up to a single run's summary before
+/// its departures are released ([`release_departures`]).
+pub fn add_piece(total: &mut Summary, piece: &Summary) {
+    total.rows_read += piece.rows_read;
+    total.rejected += piece.rejected;
+    total.unchanged += piece.unchanged;
+    total.users_changed += piece.users_changed;
+    total.users_new += piece.users_new;
+    total.attributes_changed += piece.attributes_changed;
+    total.users_departed += piece.users_departed;
+    total.departures_unaddressable += piece.departures_unaddressable;
+    total.rows_without_identifier += piece.rows_without_identifier;
+    total.tables += piece.tables;
+    for c in &piece.ignored_columns {
+        if !total.ignored_columns.contains(c) {
+            total.ignored_columns.push(c.clone());
+        }
+    }
+    total.ignored_columns.sort();
+    for a in &piece.departures {
+        match total
+            .departures
+            .iter_mut()
+            .find(|t| t.audience == a.audience)
+        {
+            Some(t) => {
+                t.members_before += a.members_before;
+                t.leaving += a.leaving;
+                t.sent += a.sent;
+                t.held += a.held;
+                t.share = share(t);
+            }
+            None => total.departures.push(a.clone()),
+        }
+    }
 }
 
 type RejectSink<'r> = Mutex<&'r mut (dyn FnMut(RowReject) + Send)>;
@@ -571,13 +807,6 @@ impl DiffCtx<'_, '_> {
             return Ok(());
         }
         let d = delta::departures(&snap, self.route, &seen, &self.opts.export_name);
-        if found.audiences.is_empty() {
-            found.audiences = d.audiences.clone();
-            for a in &mut found.audiences {
-                a.members_before = 0;
-                a.leaving = 0;
-            }
-        }
         for (a, b) in found.audiences.iter_mut().zip(&d.audiences) {
             a.members_before += b.members_before;
             a.leaving += b.leaving;
@@ -663,9 +892,11 @@ impl DiffCtx<'_, '_> {
     }
 }
 
-/// A departure delta as `u16` change count, per change (`u16` audience index, `u8` value:
-/// 0 null, 1 false), then the identifier's canonical text.
-fn encode_departure(d: &UserDelta, audiences: &[AudienceDepartures], out: &mut Vec<u8>) {
+/// A departure delta as one record of a departure file, into `out` (cleared first): `u16`
+/// change count, per change (`u16` index into `audiences`, `u8` value: 0 null, 1 false),
+/// then the identifier's canonical text. `audiences` is the route's list in slot order
+/// ([`delta::departure_audiences`], or a summary's `departures` of the same route).
+pub fn encode_departure(d: &UserDelta, audiences: &[AudienceDepartures], out: &mut Vec<u8>) {
     out.clear();
     let changes: Vec<(u16, u8)> = d
         .changes
@@ -683,7 +914,9 @@ fn encode_departure(d: &UserDelta, audiences: &[AudienceDepartures], out: &mut V
     out.extend_from_slice(identifier_text(&d.identifier).as_bytes());
 }
 
-fn decode_departure(
+/// One record of [`encode_departure`] back as the removal to send (`None` when it does not
+/// decode); `source` names the export in its position.
+pub fn decode_departure(
     b: &[u8],
     route: &Route,
     audiences: &[AudienceDepartures],

@@ -233,7 +233,17 @@ pub fn read_range<E: From<SpillError>>(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(io(&path, e).into()),
     };
-    let mut r = BufReader::with_capacity(256 * 1024, file);
+    read_records(file, &path.display().to_string(), f)
+}
+
+/// Calls `f` with each length-framed record of `r` (the spill format: `u32` little-endian
+/// length, then the bytes), in order; `what` names the source in errors.
+pub fn read_records<E: From<SpillError>>(
+    r: impl Read,
+    what: &str,
+    f: &mut dyn FnMut(&[u8]) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut r = BufReader::with_capacity(256 * 1024, r);
     let mut rec = Vec::with_capacity(1024);
     let mut offset = 0u64;
     loop {
@@ -241,12 +251,18 @@ pub fn read_range<E: From<SpillError>>(
         match r.read_exact(&mut len) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(io(&path, e).into()),
+            Err(error) => {
+                return Err(SpillError::Io {
+                    path: what.to_string(),
+                    error,
+                }
+                .into());
+            }
         }
         let n = u32::from_le_bytes(len) as usize;
         rec.resize(n, 0);
         r.read_exact(&mut rec).map_err(|_| SpillError::Corrupt {
-            path: path.display().to_string(),
+            path: what.to_string(),
             offset,
         })?;
         offset += 4 + n as u64;

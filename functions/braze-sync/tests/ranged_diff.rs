@@ -8,7 +8,9 @@
 use std::sync::Mutex;
 
 use braze_sync::model::UserDelta;
-use braze_sync::ranged::{RangedSettings, SplitSnapshot, produce_ranged};
+use braze_sync::ranged::{
+    RangedSettings, SplitSnapshot, add_piece, produce_ranged, release_departures,
+};
 use braze_sync::rejects::RowReject;
 use braze_sync::route::Route;
 use braze_sync::snapshot::Snapshot;
@@ -137,12 +139,24 @@ fn ranged(
     opts: &ProduceOptions,
     workers: usize,
 ) -> Found {
+    ranged_with(csv, snap, bits, opts, workers, |_| {})
+}
+
+fn ranged_with(
+    csv: &str,
+    snap: &Snapshot,
+    bits: Option<u32>,
+    opts: &ProduceOptions,
+    workers: usize,
+    tune: impl FnOnce(&mut RangedSettings),
+) -> Found {
     let base = tempfile::tempdir().unwrap();
     let mut settings = RangedSettings::new("test");
     settings.spill_base = base.path().to_path_buf();
     settings.min_spill_bits = 3;
     settings.workers = workers;
     settings.buffer_budget = 4096;
+    tune(&mut settings);
     let deltas = Mutex::new(Vec::new());
     let mut rejects = Vec::new();
     let summary = produce_ranged(
@@ -233,4 +247,122 @@ fn the_bounded_diff_finds_what_the_in_memory_diff_finds() {
     let b = ranged(&next, &snap, Some(1), &release, 2);
     assert_same(&a, &b, "released");
     assert!(a.2.departures.iter().any(|d| d.released));
+}
+
+/// A fan-out: the same export diffed as pieces, each restricted to a span of the state's
+/// ranges (`only_ranges`) and handing its removals over (`defer_departures`); the pieces'
+/// deltas, rejects and summaries (departure counts included) add up to one full run's, and
+/// the removals released on the summed counts are the full run's.
+#[test]
+fn pieces_over_disjoint_spans_add_up_to_one_full_run() {
+    let r = route();
+    let opts = ProduceOptions::for_route(&r, "s3://in/amperity/big/export");
+    let first = export(3000, 0, 7, false);
+    let mut snap = Snapshot::for_route(&r);
+    let (d, _, _) = in_memory(&first, &snap, &opts);
+    confirm(&mut snap, &d);
+    let mut release = opts.clone();
+    release.allow_departures = true;
+    let next = export(3000, 1, 11, false);
+    let unidentifiable = export(3000, 2, 12, true);
+    let cases: [(&str, &String, &ProduceOptions); 3] = [
+        ("guard", &next, &opts),
+        ("released", &next, &release),
+        ("unidentifiable", &unidentifiable, &opts),
+    ];
+    for (what, csv, o) in cases {
+        let bits = 3u32;
+        let full = ranged(csv, &snap, Some(bits), o, 2);
+        assert!(full.2.departures.iter().any(|a| a.leaving > 0), "{what}");
+        for ends in [&[3usize, 5, 8][..], &[1, 8], &[8]] {
+            let spans: Vec<std::ops::Range<usize>> = ends
+                .iter()
+                .scan(0, |start, &end| Some(std::mem::replace(start, end)..end))
+                .collect();
+            let dir = tempfile::tempdir().unwrap();
+            let mut deltas = Vec::new();
+            let mut rejects = Vec::new();
+            let mut total = Summary::default();
+            let mut files = Vec::new();
+            for (i, span) in spans.iter().enumerate() {
+                let file = dir.path().join(format!("p{i}.bin"));
+                let (d, rj, summary) = ranged_with(csv, &snap, Some(bits), o, 3, |s| {
+                    s.only_ranges = Some(span.clone());
+                    s.defer_departures = true;
+                    s.departures_file = Some(file.clone());
+                });
+                // A piece sends no removal and judges nothing.
+                assert!(
+                    d.iter().all(|x| x.pos.source != o.export_name),
+                    "{what}: a piece sent a removal"
+                );
+                assert_eq!(summary.users_departed, 0, "{what}");
+                assert!(
+                    summary
+                        .departures
+                        .iter()
+                        .all(|a| a.held_because.is_none() && a.sent == 0),
+                    "{what}: {:?}",
+                    summary.departures
+                );
+                deltas.extend(d);
+                rejects.extend(rj);
+                add_piece(&mut total, &summary);
+                files.push((
+                    file.display().to_string(),
+                    std::fs::File::open(&file).unwrap(),
+                ));
+            }
+            let sent = Mutex::new(Vec::new());
+            release_departures(&mut total, &r, o, files, &|d| {
+                sent.lock().unwrap().push(d);
+                Ok(())
+            })
+            .unwrap();
+            deltas.extend(sent.into_inner().unwrap());
+            deltas.sort_by_key(key);
+            rejects.sort();
+            assert_same(
+                &full,
+                &(deltas, rejects, total),
+                &format!("{what}: pieces {spans:?}"),
+            );
+        }
+    }
+}
+
+/// `only_ranges` needs a state laid out in ranges and a span inside it; `defer_departures`
+/// needs a file to write the removals to.
+#[test]
+fn a_piece_without_a_layout_or_a_file_is_refused() {
+    let r = route();
+    let opts = ProduceOptions::for_route(&r, "s3://in/amperity/big/export");
+    let csv = export(100, 0, 7, false);
+    let snap = Snapshot::for_route(&r);
+    let run = |bits: Option<u32>, tune: &dyn Fn(&mut RangedSettings)| {
+        let base = tempfile::tempdir().unwrap();
+        let mut settings = RangedSettings::new("test");
+        settings.spill_base = base.path().to_path_buf();
+        tune(&mut settings);
+        produce_ranged(
+            parts(&csv),
+            &r,
+            &SplitSnapshot::new(&snap, bits),
+            &opts,
+            &settings,
+            &|_| Ok(()),
+            &mut |_| {},
+        )
+        .map(|_| ())
+    };
+    let no_layout = run(None, &|s| s.only_ranges = Some(0..1)).unwrap_err();
+    assert!(
+        no_layout.to_string().contains("only_ranges 0..1"),
+        "{no_layout}"
+    );
+    let outside = run(Some(2), &|s| s.only_ranges = Some(2..5)).unwrap_err();
+    assert!(outside.to_string().contains("4 hash ranges"), "{outside}");
+    let no_file = run(Some(2), &|s| s.defer_departures = true).unwrap_err();
+    assert!(no_file.to_string().contains("departures_file"), "{no_file}");
+    run(Some(2), &|s| s.only_ranges = Some(1..3)).unwrap();
 }

@@ -216,6 +216,15 @@ pub enum StateError {
         /// Why.
         reason: String,
     },
+    /// The state cannot take this step as it is (a fork of a state without a range layout, a
+    /// merge of forks with another layout or unfolded checkpoints, a format-1 head).
+    #[error("state {uri}: {reason}")]
+    Unusable {
+        /// The head.
+        uri: S3Uri,
+        /// Why, and what to do first.
+        reason: String,
+    },
 }
 
 impl StateError {
@@ -225,7 +234,9 @@ impl StateError {
             StateError::Store(e) => e.is_retryable(),
             StateError::Conflict { .. } => true,
             StateError::Spill(e) => !matches!(e, crate::spill::SpillError::Full { .. }),
-            StateError::Corrupt(_) | StateError::BadHead { .. } => false,
+            StateError::Corrupt(_) | StateError::BadHead { .. } | StateError::Unusable { .. } => {
+                false
+            }
         }
     }
 }
@@ -238,6 +249,11 @@ pub struct StateStore {
     folder: String,
     route: String,
     range_users: u64,
+    /// `head.json`, or `<fork>/head.json` for a fork.
+    head_name: String,
+    /// A fork's folder (`<fork>/`): its objects are written there and its commits delete
+    /// nothing outside it.
+    own: Option<String>,
 }
 
 fn nonce() -> String {
@@ -312,6 +328,59 @@ impl StateStore {
             folder: format!("{prefix}{route}/"),
             route: route.to_string(),
             range_users: RANGE_USERS,
+            head_name: "head.json".into(),
+            own: None,
+        }
+    }
+
+    /// A fork of this route's state (fan-out pieces): the same route folder, but its head is
+    /// `<route folder><name>/head.json` and the objects it writes are named `<name>/...`
+    /// (relative to the route folder, so the route head can take them over by merging, see
+    /// [`StateStore::merge_forks`]). A fork's commits never delete an object outside
+    /// `<name>/` (the route head still points to the bases and deltas the fork inherited),
+    /// never rebase a range whose objects it inherited (it appends deltas instead, so a
+    /// merge leaves nothing unreferenced behind), and never change `range_bits` (no first
+    /// layout, no re-layout: [`StateStore::ensure_layout`] comes first). Create its head with
+    /// [`StateStore::create_fork`].
+    pub fn fork(&self, name: &str) -> StateStore {
+        let name = name.trim_matches('/');
+        let name = if name.is_empty() { "_fork" } else { name };
+        let mut f = self.clone();
+        f.head_name = format!("{name}/head.json");
+        f.own = Some(format!("{name}/"));
+        f
+    }
+
+    /// True for a view made by [`StateStore::fork`].
+    pub fn is_fork(&self) -> bool {
+        self.own.is_some()
+    }
+
+    /// The name of a new object this store writes (inside the fork's folder for a fork).
+    fn named(&self, name: String) -> String {
+        match &self.own {
+            Some(p) => format!("{p}{name}"),
+            None => name,
+        }
+    }
+
+    /// Whether this store wrote `name` and may delete it (always, for the route itself).
+    fn owns(&self, name: &str) -> bool {
+        self.own
+            .as_ref()
+            .is_none_or(|p| name.starts_with(p.as_str()))
+    }
+
+    /// Whether a commit may replace range `r`'s objects by a new base: always for the route,
+    /// only when it wrote all of them for a fork.
+    fn may_rebase(&self, r: &RangeDoc) -> bool {
+        r.base.iter().chain(r.deltas.iter()).all(|n| self.owns(n))
+    }
+
+    fn unusable(&self, reason: impl Into<String>) -> StateError {
+        StateError::Unusable {
+            uri: self.head_uri(),
+            reason: reason.into(),
         }
     }
 
@@ -327,7 +396,7 @@ impl StateStore {
 
     /// The head's address.
     pub fn head_uri(&self) -> S3Uri {
-        self.uri("head.json")
+        self.uri(&self.head_name)
     }
 
     /// Reads the head (an empty one when the route has no state yet).
@@ -474,12 +543,12 @@ impl StateStore {
         if confirmed.iter().all(|d| d.changes.is_empty()) {
             return Ok(());
         }
-        let name = format!(
+        let name = self.named(format!(
             "seg-{:08}-{:06}-{}.bin",
             head.doc.generation,
             head.doc.segments.len(),
             nonce()
-        );
+        ));
         let uri = self.uri(&name);
         let body = encode_segment(&route.slot_names(), confirmed, route.tracks_departures());
         self.store
@@ -554,8 +623,14 @@ impl StateStore {
             ..CommitStats::default()
         };
         let wanted_bits = bits_for(users, self.range_users);
-        let relayout =
-            legacy || doc.ranges.is_empty() || (complete && wanted_bits > doc.range_bits + 1);
+        if self.is_fork() && (legacy || doc.ranges.is_empty()) {
+            return Err(self.unusable(
+                "a fork commits into the route's range layout, and this state has none: lay it out first (ensure_layout)",
+            ));
+        }
+        let relayout = legacy
+            || doc.ranges.is_empty()
+            || (complete && !self.is_fork() && wanted_bits > doc.range_bits + 1);
         let result = if relayout {
             let bits = if doc.ranges.is_empty() || complete {
                 wanted_bits
@@ -623,7 +698,7 @@ impl StateStore {
                     results.push((r, Ok(None)));
                     continue;
                 }
-                let name = format!("base-{r:05}-{generation:08}-{tag}.bin");
+                let name = self.named(format!("base-{r:05}-{generation:08}-{tag}.bin"));
                 let this = self.clone();
                 futs.push(async move {
                     let bytes = shard.len() as u64;
@@ -683,8 +758,9 @@ impl StateStore {
                 continue;
             };
             let delta = part.encode(&names, keep_ids);
-            let rebase = range.base.is_none()
-                || (complete && (range.delta_bytes + delta.len() as u64) * 4 > range.bytes);
+            let rebase = (range.base.is_none()
+                || (complete && (range.delta_bytes + delta.len() as u64) * 4 > range.bytes))
+                && self.may_rebase(&range);
             if rebase {
                 old.extend(range.base.iter().cloned());
                 old.extend(range.deltas.iter().cloned());
@@ -692,7 +768,7 @@ impl StateStore {
                     .await?;
                 continue;
             }
-            let name = format!("delta-{r:05}-{generation:08}-{tag}.bin");
+            let name = self.named(format!("delta-{r:05}-{generation:08}-{tag}.bin"));
             let bytes = delta.len() as u64;
             self.put_new(&name, delta).await?;
             written.push(name.clone());
@@ -747,6 +823,64 @@ impl StateStore {
         expected_users: u64,
         spill: &std::path::Path,
     ) -> Result<CommitStats, StateError> {
+        self.commit_ranged_bits(head, route, export, expected_users, spill, None)
+            .await
+    }
+
+    /// Makes sure the state has a hash-range layout of at least `min_ranges` ranges (the
+    /// fan-out lays the route out before forking it): when `head` has no layout or fewer
+    /// ranges, it is rewritten with `max(bits_for(expected_users), ceil(log2(min_ranges)))`
+    /// range bits (at most [`MAX_RANGE_BITS`]): an empty state gets empty ranges and no
+    /// object; an existing one is re-laid out range by range (its checkpoint segments folded
+    /// in), as [`StateStore::commit_ranged`] does, spilling to the system temporary folder.
+    /// One conditional head write; nothing to do leaves the head as it is. The watermark is
+    /// kept. A format-1 head is an error (it migrates through a normal run first), and so is
+    /// a fork (its layout is the route's).
+    pub async fn ensure_layout(
+        &self,
+        head: &mut Head,
+        route: &Route,
+        expected_users: u64,
+        min_ranges: usize,
+    ) -> Result<(), StateError> {
+        if self.is_fork() {
+            return Err(self.unusable("a fork keeps the layout of the route it was forked from"));
+        }
+        if head.doc.format == LEGACY_HEAD_FORMAT {
+            return Err(self.unusable(
+                "a format-1 head is rewritten into ranges by a normal run first; it cannot be laid out for a fan-out",
+            ));
+        }
+        let has = !head.doc.ranges.is_empty();
+        if has && head.doc.ranges.len() >= min_ranges.max(1) {
+            return Ok(());
+        }
+        let min_bits = match min_ranges {
+            0 | 1 => 0,
+            n => (n - 1).ilog2() + 1,
+        };
+        let bits = bits_for(expected_users.max(head.doc.users), self.range_users)
+            .max(min_bits)
+            .min(MAX_RANGE_BITS);
+        if has && bits <= head.doc.range_bits {
+            return Ok(());
+        }
+        let spill = crate::spill::SpillDir::create(&std::env::temp_dir(), "layout")?;
+        self.commit_ranged_bits(head, route, None, expected_users, spill.path(), Some(bits))
+            .await
+            .map(|_| ())
+    }
+
+    /// [`StateStore::commit_ranged`], laid out with `force_bits` range bits when given.
+    async fn commit_ranged_bits(
+        &self,
+        head: &mut Head,
+        route: &Route,
+        export: Option<Watermark>,
+        expected_users: u64,
+        spill: &std::path::Path,
+        force_bits: Option<u32>,
+    ) -> Result<CommitStats, StateError> {
         if head.doc.format == LEGACY_HEAD_FORMAT {
             return Err(StateError::BadHead {
                 uri: self.head_uri(),
@@ -760,8 +894,17 @@ impl StateStore {
         let doc0 = head.doc.clone();
         let fresh = doc0.ranges.is_empty();
         let b = doc0.range_bits;
+        if self.is_fork() && fresh {
+            return Err(self.unusable(
+                "a fork commits into the route's range layout, and this state has none: lay it out first (ensure_layout)",
+            ));
+        }
         let wanted = bits_for(doc0.users.max(expected_users), self.range_users);
-        let nb = if fresh || (complete && wanted > b + 1) {
+        let nb = if let Some(f) = force_bits {
+            f
+        } else if self.is_fork() {
+            b
+        } else if fresh || (complete && wanted > b + 1) {
             wanted
         } else {
             b
@@ -953,11 +1096,12 @@ impl StateStore {
         if !rebase_all {
             let delta = records.encode(names, keep_ids);
             records = SegmentData::default();
-            let rebase = range.base.is_none()
-                || (complete && (range.delta_bytes + delta.len() as u64) * 4 > range.bytes);
+            let rebase = (range.base.is_none()
+                || (complete && (range.delta_bytes + delta.len() as u64) * 4 > range.bytes))
+                && self.may_rebase(&range);
             if !rebase {
                 let r = new.start;
-                let name = format!("delta-{r:05}-{generation:08}-{tag}.bin");
+                let name = self.named(format!("delta-{r:05}-{generation:08}-{tag}.bin"));
                 let bytes = delta.len() as u64;
                 self.put_new(&name, delta).await?;
                 out.written.push(name.clone());
@@ -980,7 +1124,7 @@ impl StateStore {
                 out.docs.push((r, RangeDoc::default()));
                 continue;
             }
-            let name = format!("base-{r:05}-{generation:08}-{tag}.bin");
+            let name = self.named(format!("base-{r:05}-{generation:08}-{tag}.bin"));
             let bytes = shard.len() as u64;
             self.put_new(&name, shard).await?;
             out.written.push(name.clone());
@@ -1015,6 +1159,8 @@ impl StateStore {
         written: &[String],
         old: &[String],
     ) -> Result<CommitStats, StateError> {
+        // A fork deletes only what it wrote: the route head still points to what it inherited.
+        let old: Vec<String> = old.iter().filter(|n| self.owns(n)).cloned().collect();
         doc.format = HEAD_FORMAT;
         doc.generation = generation;
         doc.users = users;
@@ -1039,7 +1185,130 @@ impl StateStore {
             return Err(e);
         }
         head.loaded_segments = 0;
-        self.delete_all(old).await;
+        self.delete_all(&old).await;
+        Ok(stats)
+    }
+
+    /// Creates the head of fork `name` (see [`StateStore::fork`]): a copy of the route head's
+    /// document (ranges, `range_bits`, users, watermark, applied exports) without checkpoint
+    /// segments, written with a conditional create. When it already exists (a coordinator
+    /// retried), it is read and returned as it is. The route head must have a range layout
+    /// ([`StateStore::ensure_layout`]) and no unfolded checkpoint segments.
+    pub async fn create_fork(
+        &self,
+        route_head: &Head,
+        name: &str,
+    ) -> Result<(StateStore, Head), StateError> {
+        if self.is_fork() {
+            return Err(self.unusable("a fork cannot be forked again; fork the route's state"));
+        }
+        let d = &route_head.doc;
+        if d.format != HEAD_FORMAT || d.ranges.is_empty() {
+            return Err(self.unusable(
+                "the state has no range layout to fork: lay it out first (ensure_layout)",
+            ));
+        }
+        if !d.segments.is_empty() {
+            return Err(self.unusable(format!(
+                "the state has {} unfolded checkpoint segments: commit them before forking",
+                d.segments.len()
+            )));
+        }
+        let fork = self.fork(name);
+        let mut doc = d.clone();
+        doc.segments.clear();
+        doc.updated_at = chrono::Utc::now().to_rfc3339();
+        let mut head = Head {
+            doc: HeadDoc::default(),
+            etag: None,
+            loaded_segments: 0,
+        };
+        match fork.put_head(&mut head, doc).await {
+            Ok(()) => Ok((fork, head)),
+            Err(StateError::Conflict { .. }) => {
+                let head = fork.read_head().await?;
+                if head.doc.range_bits != d.range_bits || head.doc.ranges.len() != d.ranges.len() {
+                    return Err(fork.unusable(format!(
+                        "the fork exists with {} ranges, the route has {}",
+                        head.doc.ranges.len(),
+                        d.ranges.len()
+                    )));
+                }
+                Ok((fork, head))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Takes the forks' work into the route head: `ranges[r]` from the fork whose span holds
+    /// `r` (ranges no span holds stay as they are), users recomputed from the ranges,
+    /// generation + 1, watermark and applied exports unchanged. One conditional write
+    /// (`If-Match` the route head: [`StateError::Conflict`] when it moved). Idempotent by
+    /// content: merging the same forks again gives the same ranges and users. Deletes
+    /// nothing. The forks must share the route's layout, have no checkpoint segments (pieces
+    /// commit before they finish), and their spans must not overlap.
+    pub async fn merge_forks(
+        &self,
+        head: &mut Head,
+        forks: &[(std::ops::Range<usize>, HeadDoc)],
+    ) -> Result<CommitStats, StateError> {
+        if self.is_fork() {
+            return Err(self.unusable("forks merge into the route's head, not into a fork"));
+        }
+        let n = head.doc.ranges.len();
+        if head.doc.format != HEAD_FORMAT || n == 0 {
+            return Err(self.unusable("the state has no range layout to merge forks into"));
+        }
+        if !head.doc.segments.is_empty() {
+            return Err(self.unusable(format!(
+                "the route head has {} unfolded checkpoint segments: commit them before merging forks",
+                head.doc.segments.len()
+            )));
+        }
+        let mut doc = head.doc.clone();
+        let mut taken = vec![false; n];
+        for (span, f) in forks {
+            if span.start > span.end || span.end > n {
+                return Err(self.unusable(format!(
+                    "fork span {}..{} is outside the state's {n} ranges",
+                    span.start, span.end
+                )));
+            }
+            if f.range_bits != doc.range_bits || f.ranges.len() != n {
+                return Err(self.unusable(format!(
+                    "a fork has {} ranges (range_bits {}), the route has {n} (range_bits {})",
+                    f.ranges.len(),
+                    f.range_bits,
+                    doc.range_bits
+                )));
+            }
+            if !f.segments.is_empty() {
+                return Err(self.unusable(format!(
+                    "the fork of ranges {}..{} has {} uncommitted checkpoint segments: its piece must commit first",
+                    span.start,
+                    span.end,
+                    f.segments.len()
+                )));
+            }
+            for r in span.clone() {
+                if std::mem::replace(&mut taken[r], true) {
+                    return Err(self.unusable(format!("two forks both hold range {r}")));
+                }
+                doc.ranges[r] = f.ranges[r].clone();
+            }
+        }
+        let users: u64 = doc.ranges.iter().map(|r| r.users).sum();
+        doc.users = users;
+        doc.generation = head.doc.generation + 1;
+        doc.updated_at = chrono::Utc::now().to_rfc3339();
+        let stats = CommitStats {
+            users,
+            ranges: n,
+            state_bytes: doc.state_bytes(),
+            ..CommitStats::default()
+        };
+        self.put_head(head, doc).await?;
+        head.loaded_segments = 0;
         Ok(stats)
     }
 
@@ -1243,5 +1512,289 @@ mod tests {
         let (head, snap) = st.load(&route()).await.unwrap();
         assert_eq!(snap.len(), 200);
         assert_eq!(head.doc.ranges.iter().map(|r| r.users).sum::<u64>(), 200);
+    }
+
+    fn range_of_user(id: &str, bits: u32) -> usize {
+        crate::snapshot::range_of(Identifier::ExternalId(id.into()).user_key().0, bits)
+    }
+
+    fn fp_of(snap: &Snapshot, id: &str) -> Option<u64> {
+        snap.get(Identifier::ExternalId(id.into()).user_key())
+            .and_then(|u| u.fp(0))
+    }
+
+    fn want(v: i64) -> Option<u64> {
+        Some(crate::snapshot::stored_fp(fingerprint(&json!(v))))
+    }
+
+    #[tokio::test]
+    async fn ensure_layout_lays_out_an_empty_state_and_re_lays_an_existing_one() {
+        let mem: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let st = StateStore::new(mem.clone(), "state", "s/", "r").with_range_users(1000);
+        let r = route();
+        // An empty route: empty ranges, no object but the head.
+        let mut head = st.read_head().await.unwrap();
+        st.ensure_layout(&mut head, &r, 0, 8).await.unwrap();
+        assert_eq!((head.doc.range_bits, head.doc.ranges.len()), (3, 8));
+        assert!(head.doc.ranges.iter().all(|x| *x == RangeDoc::default()));
+        assert_eq!(names_under(&mem).await, vec!["head.json".to_string()]);
+        assert_eq!(st.read_head().await.unwrap(), head);
+        // Enough ranges already: nothing written.
+        let etag = head.etag.clone();
+        st.ensure_layout(&mut head, &r, 0, 4).await.unwrap();
+        assert_eq!(head.etag, etag);
+        // Expected users size the layout too: 5,000 users at 1,000 per range need 8.
+        let st2 = StateStore::new(mem.clone(), "state", "s/", "r2").with_range_users(1000);
+        let mut h2 = st2.read_head().await.unwrap();
+        st2.ensure_layout(&mut h2, &r, 5000, 2).await.unwrap();
+        assert_eq!(h2.doc.ranges.len(), 8);
+
+        // An existing state in one range, with a checkpoint not yet folded: re-laid out in
+        // 4 ranges, range by range; same users, watermark kept, old objects deleted.
+        let mem: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let st = StateStore::new(mem.clone(), "state", "s/", "r").with_range_users(1000);
+        let first: Vec<UserDelta> = (0..100).map(|i| d(&i.to_string(), i)).collect();
+        run(&st, &first, w("e1")).await;
+        let (mut head, _) = st.load(&r).await.unwrap();
+        st.checkpoint(&mut head, &r, &[d("5", 555)]).await.unwrap();
+        assert_eq!(head.doc.ranges.len(), 1);
+        st.ensure_layout(&mut head, &r, 100, 4).await.unwrap();
+        assert_eq!((head.doc.range_bits, head.doc.ranges.len()), (2, 4));
+        assert!(head.doc.segments.is_empty());
+        assert_eq!(head.doc.watermark, w("e1"));
+        assert_eq!(head.doc.users, 100);
+        for (i, x) in head.doc.ranges.iter().enumerate() {
+            let n = (0..100)
+                .filter(|u| range_of_user(&u.to_string(), 2) == i)
+                .count() as u64;
+            assert_eq!(x.users, n, "range {i}");
+        }
+        let names = names_under(&mem).await;
+        assert_eq!(names.len(), 5, "head and 4 new bases only: {names:?}");
+        let (_, snap) = st.load(&r).await.unwrap();
+        assert_eq!(snap.len(), 100);
+        assert_eq!(fp_of(&snap, "5"), want(555));
+        assert_eq!(fp_of(&snap, "6"), want(6));
+
+        // A format-1 head migrates through a normal run first.
+        let legacy = json!({"format": 1, "route": "old", "generation": 1, "users": 0,
+            "segments": [], "watermark": null, "applied_exports": [], "updated_at": ""});
+        mem.put(
+            &S3Uri::new("state", "s/old/head.json"),
+            Bytes::from(legacy.to_string()),
+            PutCondition::None,
+            BTreeMap::new(),
+        )
+        .await
+        .unwrap();
+        let old = StateStore::new(mem.clone(), "state", "s/", "old");
+        let mut h = old.read_head().await.unwrap();
+        let err = old.ensure_layout(&mut h, &r, 0, 4).await.unwrap_err();
+        assert!(matches!(err, StateError::Unusable { .. }), "{err}");
+        assert!(!err.is_retryable());
+    }
+
+    /// Every object under the route folder with its bytes.
+    async fn objects(mem: &Arc<dyn ObjectStore>) -> BTreeMap<String, Bytes> {
+        let mut out = BTreeMap::new();
+        for o in mem.list("state", "s/r/").await.unwrap() {
+            let (_, b) = mem.get(&S3Uri::new("state", &o.key)).await.unwrap();
+            out.insert(o.key.trim_start_matches("s/r/").to_string(), b);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_fork_commits_into_its_own_head_and_leaves_the_routes_objects() {
+        let mem: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let st = StateStore::new(mem.clone(), "state", "s/", "r").with_range_users(16);
+        let r = route();
+        let first: Vec<UserDelta> = (0..200).map(|i| d(&i.to_string(), i)).collect();
+        run(&st, &first, w("e1")).await;
+        let route_head = st.read_head().await.unwrap();
+        assert_eq!(route_head.doc.range_bits, 4);
+        let before = objects(&mem).await;
+        let (fork, fhead) = st
+            .create_fork(&route_head, "_fan_out/run1/p000")
+            .await
+            .unwrap();
+        assert_eq!(fork.head_uri().key, "s/r/_fan_out/run1/p000/head.json");
+        assert_eq!(fhead.doc.ranges, route_head.doc.ranges);
+        assert_eq!(fhead.doc.watermark, route_head.doc.watermark);
+        // A retried coordinator gets the same fork head back.
+        let (_, again) = st
+            .create_fork(&route_head, "_fan_out/run1/p000")
+            .await
+            .unwrap();
+        assert_eq!(again, fhead);
+
+        // Every user changed, in two complete commits (the in-memory one and the ranged
+        // one, which also expects far more users): a route would rebase and re-lay out;
+        // the fork only appends deltas in its own folder, keeps the layout and deletes
+        // nothing of the route's.
+        let all: Vec<UserDelta> = (0..200).map(|i| d(&i.to_string(), i + 1000)).collect();
+        let (mut h, snap) = fork.load(&r).await.unwrap();
+        fork.checkpoint(&mut h, &r, &all).await.unwrap();
+        let stats = fork.commit(&mut h, snap, w("e2")).await.unwrap();
+        assert_eq!((stats.shards, stats.deltas), (0, 16), "{stats:?}");
+        let more: Vec<UserDelta> = (0..400).map(|i| d(&i.to_string(), i + 2000)).collect();
+        let mut h = fork.read_head().await.unwrap();
+        fork.checkpoint(&mut h, &r, &more).await.unwrap();
+        let spill = tempfile::tempdir().unwrap();
+        let stats = fork
+            .commit_ranged(&mut h, &r, w("e2"), 1_000_000, spill.path())
+            .await
+            .unwrap();
+        assert_eq!(stats.shards, 0, "{stats:?}");
+        let h = fork.read_head().await.unwrap();
+        assert_eq!(h.doc.range_bits, 4);
+        assert_eq!(h.doc.users, 400);
+        assert!(h.doc.segments.is_empty());
+        let after = objects(&mem).await;
+        for (name, bytes) in &before {
+            if name == "head.json" {
+                continue;
+            }
+            assert_eq!(after.get(name), Some(bytes), "{name} kept as it was");
+        }
+        assert_eq!(
+            after.get("head.json"),
+            before.get("head.json"),
+            "route head untouched"
+        );
+        assert!(
+            after
+                .keys()
+                .filter(|n| !before.contains_key(*n))
+                .all(|n| n.starts_with("_fan_out/run1/p000/")),
+            "{after:?}"
+        );
+        let (_, snap) = fork.load(&r).await.unwrap();
+        assert_eq!(fp_of(&snap, "7"), want(2007));
+        let (_, snap) = st.load(&r).await.unwrap();
+        assert_eq!(
+            fp_of(&snap, "7"),
+            want(7),
+            "the route still has its own state"
+        );
+
+        // A fork needs the route laid out, with its checkpoints folded.
+        let bare = StateStore::new(mem.clone(), "state", "s/", "bare");
+        let empty = bare.read_head().await.unwrap();
+        let err = bare.create_fork(&empty, "p").await.map(|_| ()).unwrap_err();
+        assert!(matches!(err, StateError::Unusable { .. }), "{err}");
+        let (mut h, _) = st.load(&r).await.unwrap();
+        st.checkpoint(&mut h, &r, &[d("1", 5)]).await.unwrap();
+        let err = st.create_fork(&h, "p").await.map(|_| ()).unwrap_err();
+        assert!(err.to_string().contains("checkpoint"), "{err}");
+        // A fork never lays out a state of its own.
+        let f = bare.fork("p");
+        let (mut fh, _) = f.load(&r).await.unwrap();
+        f.checkpoint(&mut fh, &r, &[d("1", 1)]).await.unwrap();
+        let spill = tempfile::tempdir().unwrap();
+        let err = f
+            .commit_ranged(&mut fh, &r, None, 1, spill.path())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StateError::Unusable { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn merge_forks_takes_each_span_from_its_fork() {
+        let mem: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let st = StateStore::new(mem.clone(), "state", "s/", "r").with_range_users(16);
+        let r = route();
+        let first: Vec<UserDelta> = (0..200).map(|i| d(&i.to_string(), i)).collect();
+        run(&st, &first, w("e1")).await;
+        let mut route_head = st.read_head().await.unwrap();
+        let bits = route_head.doc.range_bits;
+        // Piece 0 holds ranges 0..8, piece 1 ranges 8..16. Each confirms changes of its own
+        // users and new users; piece 0 also (wrongly) a user of piece 1's ranges, which the
+        // merge must not take.
+        let spans = [0..8usize, 8..16];
+        let mut forks = Vec::new();
+        for (p, span) in spans.iter().enumerate() {
+            let (fork, mut h) = st
+                .create_fork(&route_head, &format!("_fan_out/x/p{p}"))
+                .await
+                .unwrap();
+            let mut mine: Vec<UserDelta> = (0..200)
+                .filter(|i| span.contains(&range_of_user(&i.to_string(), bits)) && i % 3 == 0)
+                .map(|i| d(&i.to_string(), i + 1000))
+                .collect();
+            mine.extend(
+                (0..50)
+                    .map(|i| format!("new{i}"))
+                    .filter(|id| span.contains(&range_of_user(id, bits)))
+                    .map(|id| d(&id, 1)),
+            );
+            if p == 0 {
+                let stray = (0..200)
+                    .find(|i| range_of_user(&i.to_string(), bits) >= 8)
+                    .unwrap();
+                mine.push(d(&stray.to_string(), 99_999));
+            }
+            fork.checkpoint(&mut h, &r, &mine).await.unwrap();
+            let export = if p == 0 { None } else { w("e2") };
+            // A fresh spill folder per commit, as runs have.
+            let spill = tempfile::tempdir().unwrap();
+            fork.commit_ranged(&mut h, &r, export, 250, spill.path())
+                .await
+                .unwrap();
+            forks.push((span.clone(), fork.read_head().await.unwrap().doc));
+        }
+        let stale = route_head.clone();
+        let before = objects(&mem).await;
+        let stats = st.merge_forks(&mut route_head, &forks).await.unwrap();
+        assert_eq!(stats.users, 250);
+        let merged = st.read_head().await.unwrap();
+        assert_eq!(merged, route_head);
+        assert_eq!(merged.doc.users, 250);
+        assert_eq!(merged.doc.generation, stale.doc.generation + 1);
+        assert_eq!(merged.doc.watermark, w("e1"), "watermark unchanged");
+        assert_eq!(merged.doc.range_bits, bits);
+        let after = objects(&mem).await;
+        assert!(
+            before.keys().all(|k| after.contains_key(k)),
+            "deletes nothing"
+        );
+        let (_, snap) = st.load(&r).await.unwrap();
+        assert_eq!(snap.len(), 250);
+        for i in 0..200i64 {
+            let v = if i % 3 == 0 { i + 1000 } else { i };
+            assert_eq!(fp_of(&snap, &i.to_string()), want(v), "user {i}");
+        }
+        assert_eq!(fp_of(&snap, "new3"), want(1));
+        // Idempotent by content.
+        st.merge_forks(&mut route_head, &forks).await.unwrap();
+        let again = st.read_head().await.unwrap();
+        assert_eq!(again.doc.ranges, merged.doc.ranges);
+        assert_eq!(again.doc.users, merged.doc.users);
+        // A head that moved since it was read: a clean conflict, nothing changed.
+        let mut stale = stale;
+        let err = st.merge_forks(&mut stale, &forks).await.unwrap_err();
+        assert!(matches!(err, StateError::Conflict { .. }), "{err}");
+        assert_eq!(st.read_head().await.unwrap(), again);
+        // Overlapping spans, a fork with checkpoints left, a span outside: refused.
+        let mut h = st.read_head().await.unwrap();
+        let overlap = vec![(0..9, forks[0].1.clone()), (8..16, forks[1].1.clone())];
+        let err = st.merge_forks(&mut h, &overlap).await.unwrap_err();
+        assert!(err.to_string().contains("range 8"), "{err}");
+        let mut dirty = forks[0].1.clone();
+        dirty.segments.push("_fan_out/x/p0/seg.bin".into());
+        let err = st.merge_forks(&mut h, &[(0..8, dirty)]).await.unwrap_err();
+        assert!(err.to_string().contains("checkpoint"), "{err}");
+        let err = st
+            .merge_forks(&mut h, &[(8..17, forks[1].1.clone())])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StateError::Unusable { .. }), "{err}");
+        assert_eq!(st.read_head().await.unwrap(), again);
+        // The route commits on top of the merge as usual, and may then drop what it replaced.
+        run(&st, &[d("1", 4242)], w("e3")).await;
+        let (_, snap) = st.load(&r).await.unwrap();
+        assert_eq!(snap.len(), 250);
+        assert_eq!(fp_of(&snap, "1"), want(4242));
+        assert_eq!(fp_of(&snap, "3"), want(1003));
     }
 }
