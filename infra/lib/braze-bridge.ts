@@ -470,6 +470,14 @@ export class BrazeBridge extends Construct {
         actions: ['s3:DeleteObject'],
         resources: [objectsArn(state, `${p.statePrefix}_workspace/senders/`)],
       }),
+      // A fan-out (one export run as pieces by several invocations) deletes its control
+      // objects under <route>/_fan_out/<run id>/ when it ends (and, when it failed, the forks'
+      // unmerged state objects there).
+      new iam.PolicyStatement({
+        sid: 'DeleteFanOutControlObjects',
+        actions: ['s3:DeleteObject'],
+        resources: [objectsArn(state, `${p.statePrefix}*/_fan_out/`)],
+      }),
       // Without ListBucket, S3 answers a read of a missing key (a route's first snapshot) with
       // 403 instead of 404; a prefix condition would not cover those reads.
       new iam.PolicyStatement({

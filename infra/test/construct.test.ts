@@ -389,7 +389,8 @@ describe('least-privilege IAM', () => {
         'bridge/rejects/*',
         'bridge/reports/*',
         'bridge/state/*',
-        // Deletes only the workspace's sender leases, not state.
+        // Deletes only fan-out control objects and the workspace's sender leases.
+        'bridge/state/*/_fan_out/*',
         'bridge/state/_workspace/senders/*',
       ]);
       assert.deepEqual(writes('CurrentsNormalizeFunction'), ['quarantine/*', 'reports/currents/*', 'tables/*']);

@@ -17,6 +17,7 @@ use tracing::{info, warn};
 
 use crate::ledger::{Claim, Ledger, LedgerStatus};
 use crate::report::{MissingObject, RunReport, RunStatus};
+use crate::route_lock::{lock_uri, read_lock};
 
 /// Object metadata key that forces a full resend of an export (`x-amz-meta-bridge-force-full: true`).
 pub const FORCE_FULL_METADATA: &str = "bridge-force-full";
@@ -96,6 +97,9 @@ pub struct RunOutcome {
     /// The run stopped before its deadline with users left: once the export's claim is
     /// released, [`ExportRunner::hand_over`] queues the rest.
     pub hand_over: bool,
+    /// The export was split across invocations by this fan-out run (its ledger entry stays
+    /// open until the last piece finishes it).
+    pub fan_out: Option<String>,
 }
 
 impl RunOutcome {
@@ -110,6 +114,7 @@ impl RunOutcome {
             RunStatus::Complete => (LedgerStatus::Complete, "synced"),
             RunStatus::SkippedStale => (LedgerStatus::SkippedStale, "skipped_stale"),
             RunStatus::DeparturesHeld => (LedgerStatus::Incomplete, "departures_held"),
+            RunStatus::FannedOut => (LedgerStatus::FannedOut, "fanned_out"),
             _ => (LedgerStatus::Incomplete, "incomplete"),
         }
     }
@@ -156,6 +161,62 @@ pub trait ExportRunner: Send + Sync {
     async fn hand_over(&self, _plan: &ExportPlan) -> Result<(), String> {
         Err("this runner cannot hand work over".into())
     }
+
+    /// Runs one piece of an export split across invocations: `message` is the value under
+    /// [`FAN_OUT_KEY`] of a message this function queued for itself. Returns the piece's
+    /// result document.
+    async fn run_piece(
+        &self,
+        _message: &Value,
+        _remaining_ms: Option<u64>,
+    ) -> Result<Value, RunError> {
+        Err(RunError::Permanent {
+            message: "this runner cannot run fan-out pieces".into(),
+            report: None,
+        })
+    }
+}
+
+/// The key of a message this function queues for itself to run one piece of an export split
+/// across invocations: `{"bridge_fan_out": {"route", "run_id", "piece"}}`.
+pub const FAN_OUT_KEY: &str = "bridge_fan_out";
+
+/// Takes the fan-out piece messages out of an SQS payload: `(message id, piece message)` for
+/// each, and the payload without them (`None` when nothing else is left).
+pub fn split_fan_out(payload: &Value) -> (Vec<(Option<String>, Value)>, Option<Value>) {
+    let records = match payload.get("Records").and_then(Value::as_array) {
+        Some(r)
+            if r.first()
+                .and_then(|r| r.get("eventSource"))
+                .and_then(Value::as_str)
+                == Some("aws:sqs") =>
+        {
+            r
+        }
+        _ => return (Vec::new(), Some(payload.clone())),
+    };
+    let mut pieces = Vec::new();
+    let mut rest = Vec::new();
+    for r in records {
+        let piece = r
+            .get("body")
+            .and_then(Value::as_str)
+            .and_then(|b| serde_json::from_str::<Value>(b).ok())
+            .and_then(|mut b| b.get_mut(FAN_OUT_KEY).map(Value::take));
+        match piece {
+            Some(p) => pieces.push((
+                r.get("messageId").and_then(Value::as_str).map(String::from),
+                p,
+            )),
+            None => rest.push(r.clone()),
+        }
+    }
+    if rest.is_empty() && !pieces.is_empty() {
+        return (pieces, None);
+    }
+    let mut payload = payload.clone();
+    payload["Records"] = Value::Array(rest);
+    (pieces, Some(payload))
 }
 
 /// What the handler decided for one object.
@@ -257,6 +318,32 @@ impl Handler {
         payload: &Value,
         remaining_ms: Option<u64>,
     ) -> Result<Value, String> {
+        let (pieces, rest) = split_fan_out(payload);
+        let mut failures = Vec::new();
+        let mut results = Vec::new();
+        for (id, piece) in &pieces {
+            match self.runner.run_piece(piece, remaining_ms).await {
+                Ok(v) => results.push(v),
+                Err(RunError::Permanent { message, report }) => {
+                    warn!(piece = %piece, error = %message, "Fan-out piece failed permanently; see the report.");
+                    results.push(json!({"piece": piece, "outcome": "failed", "error": message, "report": report}));
+                }
+                Err(
+                    RunError::Retryable(reason)
+                    | RunError::KeyRefused {
+                        message: reason, ..
+                    },
+                ) => {
+                    warn!(piece = %piece, error = %reason, "Fan-out piece failed; it will be retried.");
+                    results.push(json!({"piece": piece, "retry": reason}));
+                    failures.push(json!({"itemIdentifier": id}));
+                }
+            }
+        }
+        let Some(payload) = rest else {
+            return Ok(json!({"batchItemFailures": failures, "results": results}));
+        };
+        let payload = &payload;
         let invocation: Invocation = match parse_invocation(payload) {
             Ok(i) => i,
             Err(e) => {
@@ -265,8 +352,6 @@ impl Handler {
                 return Ok(json!({"ignored": e.to_string()}));
             }
         };
-        let mut failures = Vec::new();
-        let mut results = Vec::new();
         for item in &invocation.items {
             let objects = match &item.objects {
                 Ok(o) => o.clone(),
@@ -375,6 +460,41 @@ impl Handler {
             "report": report_uri.to_string()}))
     }
 
+    /// A replay of an export that was split across invocations: it waits while the fan-out
+    /// run holds the route lock (its pieces are running), and claims the export once that run
+    /// is gone (it died, or ended without recording it). Never a second fan-out at once.
+    async fn claim_after_fan_out(
+        &self,
+        ledger: &Ledger<'_>,
+        export_id: &str,
+        route: &str,
+        run_id: &str,
+        now: i64,
+    ) -> Result<String, String> {
+        let lock = lock_uri(&self.cfg.state_bucket, &self.cfg.state_prefix, route);
+        let held = read_lock(self.store.as_ref(), &lock)
+            .await
+            .map_err(|e| e.to_string())?
+            .is_some_and(|l| {
+                l.holder == run_id
+                    && !l.released
+                    && l.lease_until_ms > chrono::Utc::now().timestamp_millis()
+            });
+        if held {
+            return Err(format!(
+                "this export is being synced by fan-out run {run_id} (its pieces hold the route lock); the replay waits"
+            ));
+        }
+        match ledger
+            .take_over_fan_out(export_id, run_id, now, self.cfg.lease_s)
+            .await
+        {
+            Ok(Claim::Acquired { etag }) => Ok(etag),
+            Ok(_) => Err("the export's ledger entry changed; trying again".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     async fn process_object(
         &self,
         obj: &ObjectRef,
@@ -452,6 +572,15 @@ impl Handler {
                     "another invocation is syncing {uri} right now"
                 ));
             }
+            Ok(Claim::FannedOut { run_id }) => {
+                match self
+                    .claim_after_fan_out(&ledger, &export_id, &route.name, &run_id, now)
+                    .await
+                {
+                    Ok(etag) => etag,
+                    Err(reason) => return ObjectOutcome::Retry(reason),
+                }
+            }
             Err(e) => return ObjectOutcome::Retry(e.to_string()),
         };
         info!(object = %uri, route = %route.name, parts = plan.parts.len(), force_full, "Starting export sync.");
@@ -465,9 +594,11 @@ impl Handler {
             )
             .await;
         let mut hand_over = false;
+        let mut fan_out = None;
         let (status, report, outcome) = match result {
             Ok(o) => {
                 hand_over = o.hand_over;
+                fan_out = o.fan_out.clone();
                 let (status, word) = o.ledger_status();
                 (
                     status,
@@ -500,7 +631,15 @@ impl Handler {
                 )
             }
         };
-        if let Err(e) = ledger.finish(&export_id, &claim_etag, status, report).await {
+        let recorded = match (&status, &fan_out) {
+            (LedgerStatus::FannedOut, Some(run_id)) => {
+                ledger
+                    .finish_fanned_out(&export_id, &claim_etag, run_id, report)
+                    .await
+            }
+            _ => ledger.finish(&export_id, &claim_etag, status, report).await,
+        };
+        if let Err(e) = recorded {
             warn!(object = %uri, error = %e, "Could not record the run in the ledger.");
         }
         // Only now, with the route lock and the export claim released, may the rest be queued:

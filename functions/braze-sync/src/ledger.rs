@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 
+use bridge_shared::object_store::ObjectMeta;
 use bridge_shared::{ObjectStore, PutCondition, S3Uri, StoreError};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -32,6 +33,10 @@ pub enum LedgerStatus {
     /// The export is dated before the one the route's state reflects: nothing was applied
     /// (see the report). Not final: a forced replay runs it.
     SkippedStale,
+    /// The export was split into pieces run by later invocations (`fan_out` names the
+    /// run); the last piece records how it ended. While that run holds the route lock, a
+    /// replay of the export waits ([`Claim::FannedOut`]); once it is gone, a replay runs it.
+    FannedOut,
 }
 
 impl LedgerStatus {
@@ -53,6 +58,9 @@ pub struct LedgerEntry {
     pub lease_until: i64,
     /// The report of the last run, when there is one.
     pub report: Option<String>,
+    /// The fan-out run the export was split into ([`LedgerStatus::FannedOut`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fan_out: Option<String>,
 }
 
 /// The outcome of trying to claim an export.
@@ -70,6 +78,12 @@ pub enum Claim {
     },
     /// Another invocation holds a live lease.
     Busy,
+    /// The export was split into the pieces of fan-out run `run_id`: it is running while
+    /// that run holds the route lock; otherwise [`Ledger::take_over_fan_out`] claims it.
+    FannedOut {
+        /// The fan-out's run id.
+        run_id: String,
+    },
 }
 
 /// Ledger errors.
@@ -162,6 +176,7 @@ impl<'a> Ledger<'a> {
             export_id: export_id.to_string(),
             lease_until: now + lease_s,
             report: None,
+            fan_out: None,
         };
         let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
         match self
@@ -181,6 +196,11 @@ impl<'a> Ledger<'a> {
             })?;
         match current.status {
             LedgerStatus::Running if current.lease_until > now => return Ok(Claim::Busy),
+            LedgerStatus::FannedOut => {
+                return Ok(Claim::FannedOut {
+                    run_id: current.fan_out.unwrap_or_default(),
+                });
+            }
             ref s if s.is_final() && !force => {
                 return Ok(Claim::AlreadyComplete {
                     report: current.report,
@@ -218,6 +238,7 @@ impl<'a> Ledger<'a> {
             export_id: export_id.to_string(),
             lease_until: now + lease_s,
             report: None,
+            fan_out: None,
         };
         let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
         let meta = self
@@ -260,6 +281,128 @@ impl<'a> Ledger<'a> {
         }
     }
 
+    /// Claims an export left [`LedgerStatus::FannedOut`] by fan-out run `run_id` once that
+    /// run is gone (it no longer holds the route lock): [`Claim::Busy`] if the entry changed.
+    pub async fn take_over_fan_out(
+        &self,
+        export_id: &str,
+        run_id: &str,
+        now: i64,
+        lease_s: i64,
+    ) -> Result<Claim, LedgerError> {
+        let uri = self.uri(export_id);
+        let (meta, current) = self.read(&uri).await?;
+        if current.status != LedgerStatus::FannedOut || current.fan_out.as_deref() != Some(run_id) {
+            return Ok(Claim::Busy);
+        }
+        let entry = LedgerEntry {
+            status: LedgerStatus::Running,
+            export_id: export_id.to_string(),
+            lease_until: now + lease_s,
+            report: None,
+            fan_out: None,
+        };
+        let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
+        match self
+            .store
+            .put(
+                &uri,
+                body,
+                PutCondition::IfMatch(meta.etag),
+                BTreeMap::new(),
+            )
+            .await
+        {
+            Ok(meta) => Ok(Claim::Acquired { etag: meta.etag }),
+            Err(StoreError::PreconditionFailed { .. }) => Ok(Claim::Busy),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn read(&self, uri: &S3Uri) -> Result<(ObjectMeta, LedgerEntry), LedgerError> {
+        let (meta, bytes) = self.store.get(uri).await?;
+        let entry = serde_json::from_slice(&bytes).map_err(|e| LedgerError::Corrupt {
+            uri: uri.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok((meta, entry))
+    }
+
+    /// Records that the export was split into fan-out run `run_id` (only if our claim is
+    /// still the current entry: the fan-out's last piece may have finished it already).
+    pub async fn finish_fanned_out(
+        &self,
+        export_id: &str,
+        claim_etag: &str,
+        run_id: &str,
+        report: Option<String>,
+    ) -> Result<(), LedgerError> {
+        let entry = LedgerEntry {
+            status: LedgerStatus::FannedOut,
+            export_id: export_id.to_string(),
+            lease_until: 0,
+            report,
+            fan_out: Some(run_id.to_string()),
+        };
+        let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
+        self.store
+            .put(
+                &self.uri(export_id),
+                body,
+                PutCondition::IfMatch(claim_etag.to_string()),
+                BTreeMap::new(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// How fan-out run `run_id` ended, recorded by its last piece: over the fan-out's entry,
+    /// or over the coordinator's own running claim when its invocation has not recorded the
+    /// fan-out yet; never over a `complete` entry or another run's. Re-reads and retries when
+    /// the entry changes under it.
+    pub async fn finish_fan_out(
+        &self,
+        export_id: &str,
+        run_id: &str,
+        status: LedgerStatus,
+        report: Option<String>,
+    ) -> Result<(), LedgerError> {
+        let uri = self.uri(export_id);
+        let entry = LedgerEntry {
+            status,
+            export_id: export_id.to_string(),
+            lease_until: 0,
+            report,
+            fan_out: Some(run_id.to_string()),
+        };
+        let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
+        for _ in 0..5 {
+            let condition = match self.read(&uri).await {
+                // Another run's entry since (a later replay's): not ours to write.
+                Ok((_, current))
+                    if current.status.is_final()
+                        || (current.status != LedgerStatus::Running
+                            && current.fan_out.as_deref() != Some(run_id)) =>
+                {
+                    return Ok(());
+                }
+                Ok((meta, _)) => PutCondition::IfMatch(meta.etag),
+                Err(LedgerError::Store(StoreError::NotFound { .. })) => PutCondition::IfAbsent,
+                Err(e) => return Err(e),
+            };
+            match self
+                .store
+                .put(&uri, body.clone(), condition, BTreeMap::new())
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(StoreError::PreconditionFailed { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(LedgerError::Store(StoreError::PreconditionFailed { uri }))
+    }
+
     /// Records how the run ended (only if our claim is still the current entry).
     pub async fn finish(
         &self,
@@ -273,6 +416,7 @@ impl<'a> Ledger<'a> {
             export_id: export_id.to_string(),
             lease_until: 0,
             report,
+            fan_out: None,
         };
         let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
         self.store
@@ -380,6 +524,78 @@ mod tests {
             l.finish("y", &etag, LedgerStatus::Complete, None)
                 .await
                 .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_fanned_out_export_stays_open_until_its_last_piece_finishes_it() {
+        let store = MemoryStore::new();
+        let l = Ledger::new(&store, "state", "p/".into());
+        let Claim::Acquired { etag } = l.claim("f", 100, 60, false).await.unwrap() else {
+            panic!()
+        };
+        l.finish_fanned_out("f", &etag, "run1", Some("r.json".into()))
+            .await
+            .unwrap();
+        for force in [false, true] {
+            assert_eq!(
+                l.claim("f", 200, 60, force).await.unwrap(),
+                Claim::FannedOut {
+                    run_id: "run1".into()
+                }
+            );
+        }
+        // Another run's ending is not recorded over it; the fan-out's own is.
+        l.finish_fan_out("f", "run0", LedgerStatus::Failed, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            l.entry("f").await.unwrap().unwrap().status,
+            LedgerStatus::FannedOut
+        );
+        l.finish_fan_out("f", "run1", LedgerStatus::Complete, None)
+            .await
+            .unwrap();
+        assert!(matches!(
+            l.claim("f", 300, 60, false).await.unwrap(),
+            Claim::AlreadyComplete { .. }
+        ));
+        // Never over a complete entry.
+        l.finish_fan_out("f", "run1", LedgerStatus::Failed, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            l.entry("f").await.unwrap().unwrap().status,
+            LedgerStatus::Complete
+        );
+        // A dead fan-out's export is taken over only under its run id.
+        let Claim::Acquired { etag } = l.claim("g", 100, 60, false).await.unwrap() else {
+            panic!()
+        };
+        l.finish_fanned_out("g", &etag, "run2", None).await.unwrap();
+        assert_eq!(
+            l.take_over_fan_out("g", "other", 200, 60).await.unwrap(),
+            Claim::Busy
+        );
+        assert!(matches!(
+            l.take_over_fan_out("g", "run2", 200, 60).await.unwrap(),
+            Claim::Acquired { .. }
+        ));
+        // A last piece finishing before its coordinator recorded the fan-out writes over the
+        // coordinator's running claim.
+        let Claim::Acquired { etag } = l.claim("h", 100, 60, false).await.unwrap() else {
+            panic!()
+        };
+        l.finish_fan_out("h", "run3", LedgerStatus::Complete, None)
+            .await
+            .unwrap();
+        assert!(
+            l.finish_fanned_out("h", &etag, "run3", None).await.is_err(),
+            "the coordinator's late record loses"
+        );
+        assert_eq!(
+            l.entry("h").await.unwrap().unwrap().status,
+            LedgerStatus::Complete
         );
     }
 }

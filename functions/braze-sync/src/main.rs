@@ -179,6 +179,10 @@ async fn handler(app: &App) -> anyhow::Result<Handler> {
     )?)
     .filter(|mb| *mb > 0)
     .map(|mb| mb * 1024 * 1024);
+    // Split every bounded run into this many pieces across invocations (0: only when the
+    // export's spill would not fit the ephemeral storage).
+    settings.fan_out_pieces =
+        Some(runtime::env_parse::<usize>("BRIDGE_FAN_OUT_PIECES", 0)?).filter(|n| *n > 0);
     let lease_s = runtime::env_parse::<i64>("BRIDGE_LEASE_SECONDS", 60)?;
     settings.route_lease_s = lease_s;
     let continuation: Option<Arc<dyn Continuation>> =

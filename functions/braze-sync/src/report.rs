@@ -38,6 +38,9 @@ pub enum RunStatus {
     DryRun,
     /// The notification named an object that does not exist (see `object_not_found`).
     ObjectNotFound,
+    /// The export was too big for one invocation and was split into pieces, each run by a
+    /// later invocation (`fan_out`); the last piece rewrites this report with how it ended.
+    FannedOut,
 }
 
 /// The object a notification named but S3 does not have.
@@ -140,6 +143,43 @@ pub struct RunReport {
     pub departures: Vec<AudienceDepartures>,
     /// Set when `status` is `object_not_found`: the key as received and as decoded.
     pub object_not_found: Option<MissingObject>,
+    /// Set for an export split across invocations: its pieces and their reports' figures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fan_out: Option<FanOutReport>,
+}
+
+/// How an export split across invocations was run ([`crate::runner`]'s fan-out).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct FanOutReport {
+    /// Pieces the export was split into.
+    pub pieces: usize,
+    /// Per piece: the state's hash ranges it diffed, its figures, its rejects object.
+    pub piece_reports: Vec<FanOutPiece>,
+}
+
+/// One piece of a fan-out, as the combined report lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct FanOutPiece {
+    /// Piece number (0-based).
+    pub piece: usize,
+    /// First state hash range it diffed.
+    pub range_start: usize,
+    /// One past its last range.
+    pub range_end: usize,
+    /// Users it sent.
+    pub users_sent: u64,
+    /// Users Braze confirmed.
+    pub users_confirmed: u64,
+    /// Users left unchanged.
+    pub unchanged: u64,
+    /// Requests it sent.
+    pub requests: u64,
+    /// 429 answers it got.
+    pub http_429: u64,
+    /// Its rejects object, when it rejected rows.
+    pub rejects_object: Option<String>,
 }
 
 impl RunReport {

@@ -65,6 +65,19 @@ pub struct RouteLock {
     lease_s: i64,
     etag: String,
     lease_until_ms: i64,
+    /// Held by several invocations at once under one holder name (the pieces of a fan-out,
+    /// [`RouteLock::join`]): a renewal that finds a sibling's write is not a loss.
+    shared: bool,
+}
+
+/// What [`RouteLock::join`] found.
+pub enum Joined {
+    /// The lock is held under the holder name asked for (joined, or taken again once free).
+    Held(RouteLock),
+    /// The holder name asked for released the lock: its work is over.
+    Ended,
+    /// Another holder's lease is alive.
+    Busy(String),
 }
 
 /// The lock object of a route: `s3://<bucket>/<state_prefix><route>/route-lock.json`.
@@ -157,6 +170,87 @@ impl RouteLock {
             lease_s,
             etag,
             lease_until_ms: doc.lease_until_ms,
+            shared: false,
+        }
+    }
+
+    /// Joins the lock held under `holder` by other invocations of the same work (the pieces
+    /// of a fan-out share their run's lock): renews it for `lease_s` from `now_ms` when it is
+    /// held under `holder`, or takes it under `holder` when it is free or expired. Renewals of
+    /// a joined lock tolerate the siblings' renewals.
+    pub async fn join(
+        store: Arc<dyn ObjectStore>,
+        uri: S3Uri,
+        holder: &str,
+        now_ms: i64,
+        lease_s: i64,
+    ) -> Result<Joined, LockError> {
+        let err = |error| LockError::Store {
+            uri: uri.clone(),
+            error,
+        };
+        for _ in 0..5 {
+            let (meta, bytes) = match store.get(&uri).await {
+                Ok(x) => x,
+                Err(StoreError::NotFound { .. }) => {
+                    return match Self::acquire(store, uri.clone(), holder, now_ms, lease_s).await? {
+                        Some(mut l) => {
+                            l.shared = true;
+                            Ok(Joined::Held(l))
+                        }
+                        None => Ok(Joined::Busy("another run".into())),
+                    };
+                }
+                Err(e) => return Err(err(e)),
+            };
+            let current: Option<LockDoc> = serde_json::from_slice(&bytes).ok();
+            if let Some(c) = &current {
+                if c.holder == holder && c.released {
+                    return Ok(Joined::Ended);
+                }
+                if c.holder != holder && !c.released && c.lease_until_ms > now_ms {
+                    return Ok(Joined::Busy(c.holder.clone()));
+                }
+            }
+            let doc = LockDoc {
+                holder: holder.to_string(),
+                lease_until_ms: now_ms + lease_s * 1000,
+                released: false,
+            };
+            match store
+                .put(
+                    &uri,
+                    body(&doc),
+                    PutCondition::IfMatch(meta.etag),
+                    BTreeMap::new(),
+                )
+                .await
+            {
+                Ok(meta) => {
+                    let mut l = Self::held(store, uri, doc, lease_s, meta.etag);
+                    l.shared = true;
+                    return Ok(Joined::Held(l));
+                }
+                // A sibling renewed at the same moment: read again.
+                Err(StoreError::PreconditionFailed { .. }) => continue,
+                Err(e) => return Err(err(e)),
+            }
+        }
+        Ok(Joined::Busy("(the lock changed too often to join)".into()))
+    }
+
+    /// A shared lock whose ETag moved: adopt a sibling's write when the holder is still ours.
+    async fn sibling_etag(&self) -> Result<Option<(String, LockDoc)>, LockError> {
+        match self.store.get(&self.uri).await {
+            Ok((meta, b)) => Ok(serde_json::from_slice::<LockDoc>(&b)
+                .ok()
+                .filter(|d| d.holder == self.holder && !d.released)
+                .map(|d| (meta.etag, d))),
+            Err(StoreError::NotFound { .. }) => Ok(None),
+            Err(error) => Err(LockError::Store {
+                uri: self.uri.clone(),
+                error,
+            }),
         }
     }
 
@@ -175,9 +269,44 @@ impl RouteLock {
         self.lease_s
     }
 
+    /// Changes the lease length the next renewals write.
+    pub fn set_lease_s(&mut self, lease_s: i64) {
+        self.lease_s = lease_s.max(1);
+    }
+
+    /// Lets other invocations join this lock under the same holder name (a fan-out's
+    /// pieces): from now on their renewals are not a loss.
+    pub fn share(&mut self) {
+        self.shared = true;
+    }
+
+    /// The holder name.
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
     /// Extends the lease to `now_ms + lease_s`. [`LockError::Lost`] when another run replaced
     /// it.
     pub async fn renew(&mut self, now_ms: i64) -> Result<(), LockError> {
+        match self.renew_once(now_ms).await {
+            Err(LockError::Lost { .. }) if self.shared => match self.sibling_etag().await? {
+                Some((etag, _)) => {
+                    self.etag = etag;
+                    match self.renew_once(now_ms).await {
+                        // A sibling renewed again meanwhile: the lease is alive either way.
+                        Err(LockError::Lost {
+                            holder: Some(h), ..
+                        }) if h == self.holder => Ok(()),
+                        r => r,
+                    }
+                }
+                None => self.renew_once(now_ms).await,
+            },
+            r => r,
+        }
+    }
+
+    async fn renew_once(&mut self, now_ms: i64) -> Result<(), LockError> {
         let doc = LockDoc {
             holder: self.holder.clone(),
             lease_until_ms: now_ms + self.lease_s * 1000,
@@ -215,8 +344,14 @@ impl RouteLock {
         }
     }
 
-    /// Lets the lock go (only if our lease is still the current one).
-    pub async fn release(self) -> Result<(), LockError> {
+    /// Lets the lock go (only if our lease is still the current one; for a joined lock, if
+    /// the holder is still ours, whichever sibling wrote last).
+    pub async fn release(mut self) -> Result<(), LockError> {
+        if self.shared
+            && let Some((etag, _)) = self.sibling_etag().await?
+        {
+            self.etag = etag;
+        }
         let doc = LockDoc {
             holder: self.holder.clone(),
             lease_until_ms: 0,
@@ -308,5 +443,58 @@ mod tests {
             "{err}"
         );
         assert!(a.release().await.is_err(), "a lost lease is not released");
+    }
+
+    #[tokio::test]
+    async fn pieces_join_their_runs_lock_and_sibling_renewals_are_no_loss() {
+        let (store, uri) = setup();
+        let mut run = RouteLock::acquire(store.clone(), uri.clone(), "run1", 100_000, 60)
+            .await
+            .unwrap()
+            .unwrap();
+        let Joined::Held(mut p1) = RouteLock::join(store.clone(), uri.clone(), "run1", 101_000, 60)
+            .await
+            .unwrap()
+        else {
+            panic!("a piece joins its run's lock")
+        };
+        let Joined::Held(mut p2) = RouteLock::join(store.clone(), uri.clone(), "run1", 102_000, 60)
+            .await
+            .unwrap()
+        else {
+            panic!("a second piece joins too")
+        };
+        // Siblings renew in turn: each finds the other's write, neither has lost the lock.
+        p1.renew(103_000).await.unwrap();
+        p2.renew(104_000).await.unwrap();
+        p1.renew(105_000).await.unwrap();
+        // An unshared holder of another run cannot take it, nor join it.
+        assert!(
+            RouteLock::acquire(store.clone(), uri.clone(), "other", 106_000, 60)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(matches!(
+            RouteLock::join(store.clone(), uri.clone(), "other", 106_000, 60)
+                .await
+                .unwrap(),
+            Joined::Busy(h) if h == "run1"
+        ));
+        // The coordinator's own (unshared) renewal does see the pieces' writes as a loss.
+        assert!(run.renew(106_000).await.is_err());
+        p2.release().await.unwrap();
+        assert!(matches!(
+            RouteLock::join(store.clone(), uri.clone(), "run1", 107_000, 60)
+                .await
+                .unwrap(),
+            Joined::Ended
+        ));
+        assert!(
+            RouteLock::acquire(store.clone(), uri.clone(), "other", 107_000, 60)
+                .await
+                .unwrap()
+                .is_some()
+        );
     }
 }

@@ -652,6 +652,7 @@ mod tests {
                 export_id: export.to_string(),
                 lease_until: 0,
                 report: None,
+                fan_out: None,
             },
         )
     }

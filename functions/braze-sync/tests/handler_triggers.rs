@@ -48,6 +48,7 @@ impl ExportRunner for Recorder {
             report: Some("r.json".into()),
             summary: json!({}),
             hand_over: false,
+            fan_out: None,
         })
     }
 }
@@ -416,6 +417,7 @@ impl ExportRunner for KeyRunner {
             report: Some("r2.json".into()),
             summary: json!({}),
             hand_over: false,
+            fan_out: None,
         })
     }
 }

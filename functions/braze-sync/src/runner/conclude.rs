@@ -117,6 +117,7 @@ impl RunRecord {
             report: Some(self.uri.to_string()),
             summary,
             hand_over,
+            fan_out: None,
         }
     }
 }

@@ -3,6 +3,7 @@
 //! route lock and export claim are released, so the continuation never meets its own lock.
 
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::handler::ExportPlan;
@@ -12,6 +13,35 @@ use crate::handler::ExportPlan;
 pub trait Continuation: Send + Sync {
     /// Queues a new trigger for the export.
     async fn hand_over(&self, plan: &ExportPlan) -> Result<(), String>;
+
+    /// Queues one piece of an export split across invocations (also a piece's own hand-over
+    /// before its deadline, and the finalizer's retry).
+    async fn queue_piece(&self, piece: &PieceMessage) -> Result<(), String> {
+        Err(format!(
+            "this continuation cannot queue fan-out pieces (piece {} of {})",
+            piece.piece, piece.run_id
+        ))
+    }
+}
+
+/// One piece of a fan-out, as queued on the function's own queue:
+/// `{"bridge_fan_out": {"route": ..., "run_id": ..., "piece": ...}}`
+/// ([`crate::handler::FAN_OUT_KEY`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PieceMessage {
+    /// The route.
+    pub route: String,
+    /// The fan-out run (the coordinator's run id).
+    pub run_id: String,
+    /// The piece number (0-based).
+    pub piece: usize,
+}
+
+impl PieceMessage {
+    /// The message body.
+    pub fn body(&self) -> String {
+        json!({ crate::handler::FAN_OUT_KEY: self }).to_string()
+    }
 }
 
 /// [`Continuation`] through the function's own SQS queue: an S3-notification-shaped message for
@@ -34,6 +64,17 @@ impl Continuation for SqsContinuation {
             .send_message()
             .queue_url(&self.queue_url)
             .message_body(body.to_string())
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| aws_sdk_sqs::error::DisplayErrorContext(e).to_string())
+    }
+
+    async fn queue_piece(&self, piece: &PieceMessage) -> Result<(), String> {
+        self.client
+            .send_message()
+            .queue_url(&self.queue_url)
+            .message_body(piece.body())
             .send()
             .await
             .map(|_| ())

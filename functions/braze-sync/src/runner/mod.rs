@@ -13,6 +13,7 @@
 
 mod committer;
 mod conclude;
+pub mod fan_out;
 mod hand_over;
 pub(crate) mod lease;
 mod producer;
@@ -27,7 +28,7 @@ use bridge_shared::ObjectStore;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-pub use hand_over::{Continuation, SqsContinuation};
+pub use hand_over::{Continuation, PieceMessage, SqsContinuation};
 
 use crate::braze::BrazeApi;
 use crate::deliver::{DeliverConfig, DeliverError};
@@ -90,6 +91,12 @@ pub struct RunnerSettings {
     pub diff_workers: usize,
     /// Target users per state hash range ([`RANGE_USERS`]; tests use small ranges).
     pub state_range_users: u64,
+    /// Split every bounded run into this many pieces across invocations
+    /// (`BRIDGE_FAN_OUT_PIECES`, for tests and operators); `None`: only an export whose
+    /// spill would not fit `spill_limit_bytes` fans out ([`fan_out`]).
+    pub fan_out_pieces: Option<usize>,
+    /// The route lock's lease while a fan-out's pieces run ([`fan_out::FAN_OUT_LEASE_S`]).
+    pub fan_out_lease_s: i64,
 }
 
 /// Export bytes per row assumed when estimating a route's size from its parts (a low guess,
@@ -128,6 +135,8 @@ impl RunnerSettings {
             spill_dir: std::env::temp_dir(),
             spill_limit_bytes: Some(crate::read::default_max_decompressed_bytes() / 10 * 9),
             diff_workers: crate::ranged::cores(),
+            fan_out_pieces: None,
+            fan_out_lease_s: fan_out::FAN_OUT_LEASE_S,
         }
     }
 }
@@ -231,10 +240,44 @@ impl ExportRunner for SyncRunner {
             bounded,
         );
         let result = lease::keep_lock(work, &mut lock, &lost_tx).await;
+        if let Ok(RunOutcome {
+            fan_out: Some(run_id),
+            summary,
+            ..
+        }) = &result
+        {
+            // The pieces hold this lock from now on: made shareable and long before the
+            // first piece is queued.
+            let pieces = summary["fan_out"]["pieces"].as_u64().unwrap_or(0) as usize;
+            lock.share();
+            lock.set_lease_s(self.settings.fan_out_lease_s);
+            let queued = match lock.renew(chrono::Utc::now().timestamp_millis()).await {
+                Ok(()) => self.queue_pieces(route.name(), run_id, pieces).await,
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = queued {
+                // Pieces already queued find the lock released and end at once.
+                if let Err(e) = lock.release().await {
+                    warn!(route = route.name(), error = %e, "Could not release the route lock; it expires by itself.");
+                }
+                return Err(RunError::Retryable(format!(
+                    "could not queue the fan-out's pieces: {e}"
+                )));
+            }
+            return result;
+        }
         if let Err(e) = lock.release().await {
             warn!(route = route.name(), error = %e, "Could not release the route lock; it expires by itself.");
         }
         result
+    }
+
+    async fn run_piece(
+        &self,
+        message: &serde_json::Value,
+        remaining_ms: Option<u64>,
+    ) -> Result<serde_json::Value, RunError> {
+        self.piece(message, remaining_ms).await
     }
 
     async fn hand_over(&self, plan: &ExportPlan) -> Result<(), String> {
@@ -422,6 +465,11 @@ impl SyncRunner {
             // A killed run's checkpoints are folded into range deltas first, so every range
             // loads alone.
             self.fold_segments(route, &state, &mut head, record).await?;
+        }
+        if bounded && let Some(pieces) = self.fan_out_pieces(plan) {
+            return self
+                .fan_out(plan, route, &state, head, exported_at, record, pieces)
+                .await;
         }
         let mut opts = ProduceOptions::for_route(route, &plan.trigger.to_string());
         opts.full_resend |= plan.force_full;

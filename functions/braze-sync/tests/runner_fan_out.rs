@@ -1,0 +1,504 @@
+//! Fan-out across invocations, in process: the real handler and runner over an in-memory
+//! store and a fake Braze that applies every attribute object to per-user profiles. An export
+//! forced into 4 pieces (`fan_out_pieces`), whose piece messages the test delivers itself
+//! (one piece killed midway and redelivered, one delivered twice), ends with exactly the
+//! profiles a single-invocation run of the same export gives on the same starting state; the
+//! route head holds the same users and the export's watermark, no control object is left,
+//! the route lock is released, the export's ledger entry is complete, a replay waits while
+//! the pieces run, and departures are judged on the export's totals (a share one piece
+//! alone would hold is sent).
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use braze_sync::braze::{BrazeApi, RateLimitInfo, TrackError, TrackResponse};
+use braze_sync::handler::{ExportPlan, Handler, HandlerConfig};
+use braze_sync::model::Identifier;
+use braze_sync::route::Route;
+use braze_sync::route_lock::{lock_uri, read_lock};
+use braze_sync::runner::fan_out::spans;
+use braze_sync::runner::{Continuation, PieceMessage, RunnerSettings, SyncRunner};
+use braze_sync::snapshot::range_of;
+use braze_sync::snapshot::store::StateStore;
+use bridge_shared::S3Uri;
+use bridge_shared::object_store::{MemoryStore, ObjectStore, PutCondition};
+use bytes::Bytes;
+use serde_json::{Map, Value, json};
+
+const ROUTE: &str = r#"
+name = "people"
+prefix = "in/"
+update_existing_only = false
+[identifier]
+kind = "external_id"
+column = "id"
+[attributes.tier]
+type = "String"
+[[audiences]]
+attribute = "aud_vip"
+column = "vip"
+max_departure_share = 0.1
+"#;
+
+type Profiles = BTreeMap<String, Map<String, Value>>;
+
+/// Applies every attribute object to its user's profile. Armed, it hangs every request after
+/// `budget` more (a Lambda that dies mid-piece).
+#[derive(Default)]
+struct Braze {
+    profiles: Mutex<Profiles>,
+    requests: AtomicU64,
+    armed: AtomicBool,
+    budget: AtomicU64,
+}
+
+#[async_trait]
+impl BrazeApi for Braze {
+    async fn track(&self, body: Bytes) -> Result<TrackResponse, TrackError> {
+        if self.armed.load(Ordering::SeqCst) {
+            if self.budget.load(Ordering::SeqCst) == 0 {
+                std::future::pending::<()>().await;
+            }
+            self.budget.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        let mut profiles = self.profiles.lock().unwrap();
+        for o in v["attributes"].as_array().unwrap() {
+            let id = o["external_id"].as_str().unwrap().to_string();
+            let p = profiles.entry(id).or_default();
+            for (k, val) in o.as_object().unwrap() {
+                if k == "external_id" || k.starts_with('_') {
+                    continue;
+                }
+                if val.is_null() {
+                    p.remove(k);
+                } else {
+                    p.insert(k.clone(), val.clone());
+                }
+            }
+        }
+        Ok(TrackResponse {
+            status: 201,
+            message: "success".into(),
+            errors: Vec::new(),
+            rate: RateLimitInfo::default(),
+        })
+    }
+}
+
+/// The function's own queue: collects what the runner queues.
+#[derive(Default)]
+struct Queue {
+    pieces: Mutex<Vec<PieceMessage>>,
+    handovers: Mutex<u32>,
+}
+
+#[async_trait]
+impl Continuation for Queue {
+    async fn hand_over(&self, _: &ExportPlan) -> Result<(), String> {
+        *self.handovers.lock().unwrap() += 1;
+        Ok(())
+    }
+
+    async fn queue_piece(&self, piece: &PieceMessage) -> Result<(), String> {
+        self.pieces.lock().unwrap().push(piece.clone());
+        Ok(())
+    }
+}
+
+fn route() -> Route {
+    Route::from_toml(ROUTE, "test").unwrap()
+}
+
+const N: u32 = 400;
+
+/// Users `0..N` except `gone`; tier `changed` for even ids in `changed_evens`, else `t<i>`;
+/// every user a vip member.
+fn csv(changed_evens: bool, gone: &BTreeSet<u32>, new: u32) -> Bytes {
+    let mut s = String::from("id,tier,vip\n");
+    for i in 0..N {
+        if gone.contains(&i) {
+            continue;
+        }
+        let tier = if changed_evens && i % 2 == 0 {
+            "changed".to_string()
+        } else {
+            format!("t{i}")
+        };
+        s.push_str(&format!("u{i},{tier},true\n"));
+    }
+    for j in 0..new {
+        s.push_str(&format!("n{j},fresh,false\n"));
+    }
+    Bytes::from(s)
+}
+
+fn handler(
+    store: &Arc<MemoryStore>,
+    braze: &Arc<Braze>,
+    queue: &Arc<Queue>,
+    spill: &std::path::Path,
+    pieces: Option<usize>,
+) -> Handler {
+    let mut settings = RunnerSettings::new("state", "s/", "r/", "x/");
+    settings.checkpoint_every = Duration::from_millis(20);
+    settings.deliver.max_objects = 5;
+    settings.deliver.in_flight_grace = Duration::from_millis(0);
+    settings.deliver.max_in_flight = 1;
+    settings.bounded_min_users = 0;
+    settings.state_range_users = 64;
+    settings.diff_workers = 2;
+    settings.spill_dir = spill.to_path_buf();
+    settings.fan_out_pieces = pieces;
+    let runner = SyncRunner::new(
+        store.clone(),
+        vec![route()],
+        braze.clone(),
+        settings,
+        Some(queue.clone() as Arc<dyn Continuation>),
+    );
+    let cfg = HandlerConfig {
+        state_bucket: "state".into(),
+        output_prefixes: vec!["s/".into(), "r/".into(), "x/".into()],
+        state_prefix: "s/".into(),
+        reports_prefix: "r/".into(),
+        routes: vec![route().binding()],
+        lease_s: 60,
+    };
+    Handler::new(cfg, store.clone(), Arc::new(runner))
+}
+
+async fn put(store: &MemoryStore, key: &str, body: Bytes) {
+    store
+        .put(
+            &S3Uri::new("exports", key),
+            body,
+            PutCondition::None,
+            BTreeMap::new(),
+        )
+        .await
+        .unwrap();
+}
+
+fn s3_event(key: &str) -> Value {
+    json!({"Records": [{"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
+        "s3": {"bucket": {"name": "exports"}, "object": {"key": key}}}]})
+}
+
+fn sqs(msg: &PieceMessage, id: &str) -> Value {
+    json!({"Records": [{"messageId": id, "receiptHandle": "r", "body": msg.body(),
+        "eventSource": "aws:sqs", "eventSourceARN": "arn:aws:sqs:us-east-1:1:q", "awsRegion": "us-east-1"}]})
+}
+
+fn state(store: &Arc<MemoryStore>) -> StateStore {
+    StateStore::new(store.clone(), "state", "s/", "people").with_range_users(64)
+}
+
+async fn sync(h: &Handler, key: &str) -> Value {
+    h.handle(&s3_event(key), None).await.unwrap()
+}
+
+/// The outcome word of a one-object result.
+fn outcome(v: &Value) -> String {
+    v["results"][0]["outcome"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[tokio::test]
+async fn an_export_in_four_pieces_ends_as_a_single_run_with_one_piece_killed_and_retried() {
+    // The reference: a single invocation per export, on its own store.
+    let one_store = Arc::new(MemoryStore::new());
+    let one_braze = Arc::new(Braze::default());
+    let one_queue = Arc::new(Queue::default());
+    let spill = tempfile::tempdir().unwrap();
+    let one = handler(&one_store, &one_braze, &one_queue, spill.path(), None);
+    put(&one_store, "in/e1.csv", csv(false, &BTreeSet::new(), 0)).await;
+    assert_eq!(outcome(&sync(&one, "in/e1.csv").await), "synced");
+
+    // The same starting state on the fan-out's store.
+    let store = Arc::new(MemoryStore::new());
+    let braze = Arc::new(Braze::default());
+    let queue = Arc::new(Queue::default());
+    let single = handler(&store, &braze, &queue, spill.path(), None);
+    put(&store, "in/e1.csv", csv(false, &BTreeSet::new(), 0)).await;
+    assert_eq!(outcome(&sync(&single, "in/e1.csv").await), "synced");
+    let head = state(&store).read_head().await.unwrap();
+    assert_eq!(head.doc.users, u64::from(N));
+
+    // The second export: half the users changed, 8 new, and 7% of the audience gone, all of
+    // it from the first piece's ranges (so that piece alone would see a share above the
+    // audience's 10% cap; on the export's totals it is below).
+    let bits = head.doc.range_bits;
+    let first_span = spans(head.doc.ranges.len(), 4)[0].clone();
+    let gone: BTreeSet<u32> = (0..N)
+        .filter(|i| {
+            let k = Identifier::ExternalId(format!("u{i}")).user_key();
+            first_span.contains(&range_of(k.0, bits))
+        })
+        .take((N as usize) * 7 / 100)
+        .collect();
+    assert_eq!(gone.len(), 28, "enough users in the first piece's ranges");
+    let e2 = csv(true, &gone, 8);
+    put(&one_store, "in/e2.csv", e2.clone()).await;
+    assert_eq!(outcome(&sync(&one, "in/e2.csv").await), "synced");
+    put(&store, "in/e2.csv", e2).await;
+
+    // The coordinator: forced into 4 pieces, queued on the function's own queue.
+    let fan = handler(&store, &braze, &queue, spill.path(), Some(4));
+    let before = braze.requests.load(Ordering::SeqCst);
+    let out = sync(&fan, "in/e2.csv").await;
+    assert_eq!(outcome(&out), "fanned_out", "{out}");
+    assert_eq!(
+        braze.requests.load(Ordering::SeqCst),
+        before,
+        "the coordinator sends nothing"
+    );
+    let msgs = queue.pieces.lock().unwrap().clone();
+    assert_eq!(msgs.len(), 4);
+    let run_id = msgs[0].run_id.clone();
+    assert!(
+        msgs.iter()
+            .enumerate()
+            .all(|(k, m)| m.piece == k && m.run_id == run_id)
+    );
+    let coordinated = head_etag(&store).await;
+    let lock = lock_uri("state", "s/", "people");
+    let held = read_lock(store.as_ref(), &lock).await.unwrap().unwrap();
+    assert!(
+        held.holder == run_id && !held.released,
+        "the fan-out keeps the route lock"
+    );
+
+    // A replay of the same export while the pieces run waits (no second fan-out).
+    let replay = fan.handle(&s3_event("in/e2.csv"), None).await;
+    assert!(replay.is_err(), "{replay:?}");
+    assert_eq!(queue.pieces.lock().unwrap().len(), 4);
+
+    // Piece 1 dies after 3 requests (its Lambda is gone: the invocation never returns).
+    braze.budget.store(3, Ordering::SeqCst);
+    braze.armed.store(true, Ordering::SeqCst);
+    let killed = tokio::time::timeout(
+        Duration::from_secs(3),
+        fan.handle(&sqs(&msgs[1], "m1"), None),
+    )
+    .await;
+    assert!(killed.is_err(), "the killed piece never finished");
+    braze.armed.store(false, Ordering::SeqCst);
+    // Its checkpoints are on its fork: the route head has not moved.
+    assert_eq!(head_etag(&store).await, coordinated);
+    let fork = state(&store).fork(&format!("_fan_out/{run_id}/p001"));
+    let fork_head = fork.read_head().await.unwrap();
+    assert!(
+        !fork_head.doc.segments.is_empty(),
+        "the killed piece checkpointed what Braze confirmed"
+    );
+
+    // Pieces 0 and 2 run; piece 2 is delivered twice (the duplicate is a no-op).
+    for k in [0, 2] {
+        let r = fan.handle(&sqs(&msgs[k], "m"), None).await.unwrap();
+        assert_eq!(r["batchItemFailures"], json!([]), "{r}");
+        assert_eq!(r["results"][0]["outcome"], "piece_done", "{r}");
+    }
+    let sent = braze.requests.load(Ordering::SeqCst);
+    let dup = fan.handle(&sqs(&msgs[2], "m2b"), None).await.unwrap();
+    assert_eq!(dup["results"][0]["outcome"], "piece_done", "{dup}");
+    assert_eq!(
+        braze.requests.load(Ordering::SeqCst),
+        sent,
+        "a duplicate piece sends nothing"
+    );
+
+    // Piece 1 redelivered: it resumes from its own checkpoints. Then piece 3, the last one,
+    // finalizes.
+    let r = fan.handle(&sqs(&msgs[1], "m1b"), None).await.unwrap();
+    assert_eq!(r["results"][0]["outcome"], "piece_done", "{r}");
+    let r = fan.handle(&sqs(&msgs[3], "m3"), None).await.unwrap();
+    assert_eq!(r["results"][0]["outcome"], "fan_out_finished", "{r}");
+    assert_eq!(r["results"][0]["status"], "complete", "{r}");
+
+    // Exactly the profiles of the single-invocation run.
+    let got = braze.profiles.lock().unwrap().clone();
+    let want = one_braze.profiles.lock().unwrap().clone();
+    assert_eq!(got.len(), want.len());
+    assert_eq!(got, want);
+    for i in &gone {
+        assert_eq!(
+            got[&format!("u{i}")]["aud_vip"],
+            json!(false),
+            "u{i} departed"
+        );
+    }
+    // The route head: the same users, the export's watermark.
+    let h = state(&store).read_head().await.unwrap();
+    let h1 = state(&one_store).read_head().await.unwrap();
+    assert_eq!(h.doc.users, h1.doc.users);
+    assert_eq!(h.doc.users, u64::from(N) + 8);
+    let w = h.doc.watermark.clone().unwrap();
+    assert!(w.export_id.starts_with("s3://exports/in/e2.csv#"), "{w:?}");
+    assert!(h.doc.segments.is_empty());
+    // Departures judged on the totals: all 28 sent, none held.
+    let report_uri = r["results"][0]["report"].as_str().unwrap();
+    let (_, body) = store
+        .get(&report_uri.parse::<S3Uri>().unwrap())
+        .await
+        .unwrap();
+    let report: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(report["departures_sent"], 28, "{report}");
+    assert_eq!(report["departures_held"], 0, "{report}");
+    assert_eq!(report["fan_out"]["pieces"], 4);
+    assert_eq!(report["rows_in"], u64::from(N) - 28 + 8, "{report}");
+    // No control object left; what is left under _fan_out/ is state the head references.
+    let referenced: BTreeSet<String> = h
+        .doc
+        .ranges
+        .iter()
+        .flat_map(|r| r.base.iter().chain(r.deltas.iter()).cloned())
+        .collect();
+    let left = store.list("state", "s/people/_fan_out/").await.unwrap();
+    for o in &left {
+        let name = o.key.strip_prefix("s/people/").unwrap();
+        assert!(referenced.contains(name), "{name} is left over");
+    }
+    // The route lock is released, the ledger says complete, a late piece is a no-op.
+    let l = read_lock(store.as_ref(), &lock).await.unwrap().unwrap();
+    assert!(l.released);
+    assert_eq!(outcome(&sync(&fan, "in/e2.csv").await), "duplicate_no_op");
+    let late = fan.handle(&sqs(&msgs[0], "late"), None).await.unwrap();
+    assert_eq!(late["results"][0]["outcome"], "fan_out_over", "{late}");
+    assert_eq!(*queue.handovers.lock().unwrap(), 0);
+    // And the state reads back like the single run's: a third identical export sends nothing.
+    let sent = braze.requests.load(Ordering::SeqCst);
+    put(&store, "in/e3.csv", csv(true, &gone, 8)).await;
+    assert_eq!(outcome(&sync(&single, "in/e3.csv").await), "synced");
+    assert_eq!(braze.requests.load(Ordering::SeqCst), sent);
+}
+
+async fn head_etag(store: &Arc<MemoryStore>) -> Option<String> {
+    state(store).read_head().await.unwrap().etag
+}
+
+#[tokio::test]
+async fn a_piece_that_fails_for_good_ends_the_fan_out_and_frees_the_route() {
+    let store = Arc::new(MemoryStore::new());
+    let braze = Arc::new(Braze::default());
+    let queue = Arc::new(Queue::default());
+    let spill = tempfile::tempdir().unwrap();
+    let single = handler(&store, &braze, &queue, spill.path(), None);
+    put(&store, "in/e1.csv", csv(false, &BTreeSet::new(), 0)).await;
+    assert_eq!(outcome(&sync(&single, "in/e1.csv").await), "synced");
+    let before = state(&store).read_head().await.unwrap();
+
+    let fan = handler(&store, &braze, &queue, spill.path(), Some(2));
+    put(&store, "in/e2.csv", csv(true, &BTreeSet::new(), 0)).await;
+    assert_eq!(outcome(&sync(&fan, "in/e2.csv").await), "fanned_out");
+    let msgs = queue.pieces.lock().unwrap().clone();
+    assert_eq!(msgs.len(), 2);
+    let run_id = msgs[0].run_id.clone();
+    // Piece 1's fork head is corrupt: it cannot run, ever.
+    let fork_head = S3Uri::new(
+        "state",
+        format!("s/people/_fan_out/{run_id}/p001/head.json"),
+    );
+    store
+        .put(
+            &fork_head,
+            Bytes::from_static(b"not json"),
+            PutCondition::None,
+            BTreeMap::new(),
+        )
+        .await
+        .unwrap();
+    let r = fan.handle(&sqs(&msgs[1], "m1"), None).await.unwrap();
+    assert_eq!(
+        r["batchItemFailures"],
+        json!([]),
+        "acknowledged, not retried: {r}"
+    );
+    assert_eq!(r["results"][0]["outcome"], "failed", "{r}");
+    let report_uri = r["results"][0]["report"].as_str().unwrap();
+    assert_eq!(report_uri, format!("s3://state/r/people/{run_id}.json"));
+    let (_, body) = store
+        .get(&report_uri.parse::<S3Uri>().unwrap())
+        .await
+        .unwrap();
+    let report: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(report["status"], "failed");
+    assert!(
+        report["error"].as_str().unwrap().contains("piece 1"),
+        "{report}"
+    );
+    // The route is free, nothing is left of the fan-out, the route head never moved.
+    let l = read_lock(store.as_ref(), &lock_uri("state", "s/", "people"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(l.released);
+    let left = store
+        .list("state", &format!("s/people/_fan_out/{run_id}/"))
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(state(&store).read_head().await.unwrap(), before);
+    // The other piece, delivered later, ends at once.
+    let late = fan.handle(&sqs(&msgs[0], "m0"), None).await.unwrap();
+    assert_eq!(late["results"][0]["outcome"], "fan_out_over", "{late}");
+    // The ledger says failed (not final): a replay of the export runs again.
+    let export_id = report["export_id"].as_str().unwrap().to_string();
+    let entry = braze_sync::ledger::Ledger::for_route(store.as_ref(), "state", "s/", "people")
+        .entry(&export_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(entry.status, braze_sync::ledger::LedgerStatus::Failed);
+    assert_eq!(outcome(&sync(&fan, "in/e2.csv").await), "fanned_out");
+    assert_eq!(queue.pieces.lock().unwrap().len(), 4);
+    assert_ne!(queue.pieces.lock().unwrap()[2].run_id, run_id);
+}
+
+#[tokio::test]
+async fn a_replay_takes_over_an_export_whose_fan_out_died() {
+    let store = Arc::new(MemoryStore::new());
+    let braze = Arc::new(Braze::default());
+    let queue = Arc::new(Queue::default());
+    let spill = tempfile::tempdir().unwrap();
+    let fan = handler(&store, &braze, &queue, spill.path(), Some(2));
+    put(&store, "in/e1.csv", csv(false, &BTreeSet::new(), 0)).await;
+    assert_eq!(outcome(&sync(&fan, "in/e1.csv").await), "fanned_out");
+    let first = queue.pieces.lock().unwrap()[0].run_id.clone();
+    // While its pieces may run, a replay waits.
+    assert!(fan.handle(&s3_event("in/e1.csv"), None).await.is_err());
+    // Its pieces never ran (lost in a DLQ) and its lease ran out.
+    let lock = lock_uri("state", "s/", "people");
+    let dead = json!({"holder": first, "lease_until_ms": 0, "released": false});
+    store
+        .put(
+            &lock,
+            Bytes::from(dead.to_string()),
+            PutCondition::None,
+            BTreeMap::new(),
+        )
+        .await
+        .unwrap();
+    let out = sync(&fan, "in/e1.csv").await;
+    assert_eq!(outcome(&out), "fanned_out", "{out}");
+    let msgs = queue.pieces.lock().unwrap().clone();
+    assert_eq!(msgs.len(), 4);
+    let second = msgs[2].run_id.clone();
+    assert_ne!(second, first);
+    // The dead run's pieces, delivered late, cannot join the new run's lock.
+    let r = fan.handle(&sqs(&msgs[0], "old"), None).await.unwrap();
+    assert_eq!(r["batchItemFailures"].as_array().unwrap().len(), 1, "{r}");
+    // The new run's pieces finish the export.
+    for m in &msgs[2..] {
+        fan.handle(&sqs(m, "new"), None).await.unwrap();
+    }
+    assert_eq!(braze.profiles.lock().unwrap().len(), N as usize);
+    assert_eq!(outcome(&sync(&fan, "in/e1.csv").await), "duplicate_no_op");
+}
