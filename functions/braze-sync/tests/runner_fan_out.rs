@@ -502,3 +502,117 @@ async fn a_replay_takes_over_an_export_whose_fan_out_died() {
     assert_eq!(braze.profiles.lock().unwrap().len(), N as usize);
     assert_eq!(outcome(&sync(&fan, "in/e1.csv").await), "duplicate_no_op");
 }
+
+/// The pieces of one export sending at once against the Braze simulator's rate limit: they
+/// share the workspace limit through the sender registry, so almost no request meets a 429,
+/// and the simulator ends with the profiles a single run gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pieces_sending_at_once_share_the_workspace_limit() {
+    use braze_sync::braze::{ApiKey, BrazeClient, ClientOptions, Endpoint};
+    const KEY: &str = "fan-out-key";
+    const LIMIT: u64 = 40;
+    let limited = braze_sim::start(braze_sim::SimConfig {
+        api_key: KEY.into(),
+        rate_limit_requests: LIMIT,
+        rate_limit_window: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let free = braze_sim::start(braze_sim::SimConfig {
+        api_key: KEY.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let client = |sim: &braze_sim::SimHandle| -> Arc<dyn BrazeApi> {
+        Arc::new(
+            BrazeClient::new(
+                Endpoint::parse(&sim.base_url()).unwrap(),
+                ApiKey::new(KEY).unwrap(),
+                &ClientOptions::default(),
+            )
+            .unwrap(),
+        )
+    };
+    let spill = tempfile::tempdir().unwrap();
+    let run = |api: Arc<dyn BrazeApi>, store: Arc<MemoryStore>, queue: Arc<Queue>, pieces| {
+        let mut settings = RunnerSettings::new("state", "s/", "r/", "x/");
+        settings.checkpoint_every = Duration::from_millis(200);
+        settings.deliver.max_objects = 10;
+        settings.deliver.rate.requests_per_window = LIMIT as u32;
+        settings.deliver.rate.window = Duration::from_secs(1);
+        settings.bounded_min_users = 0;
+        settings.state_range_users = 64;
+        settings.diff_workers = 2;
+        settings.spill_dir = spill.path().to_path_buf();
+        settings.fan_out_pieces = pieces;
+        let runner = SyncRunner::new(store.clone(), vec![route()], api, settings, Some(queue));
+        let cfg = HandlerConfig {
+            state_bucket: "state".into(),
+            output_prefixes: vec!["s/".into(), "r/".into(), "x/".into()],
+            state_prefix: "s/".into(),
+            reports_prefix: "r/".into(),
+            routes: vec![route().binding()],
+            lease_s: 60,
+        };
+        Handler::new(cfg, store, Arc::new(runner))
+    };
+    let mut body = String::from("id,tier,vip\n");
+    for i in 0..1_200 {
+        body.push_str(&format!("u{i},t{i},{}\n", i % 2 == 0));
+    }
+    // The single run, on a simulator without a limit.
+    let one_store = Arc::new(MemoryStore::new());
+    let one = run(
+        client(&free),
+        one_store.clone(),
+        Arc::new(Queue::default()),
+        None,
+    );
+    put(&one_store, "in/e1.csv", Bytes::from(body.clone())).await;
+    assert_eq!(outcome(&sync(&one, "in/e1.csv").await), "synced");
+
+    // The fan-out: 3 pieces delivered at once.
+    let store = Arc::new(MemoryStore::new());
+    let queue = Arc::new(Queue::default());
+    let fan = run(client(&limited), store.clone(), queue.clone(), Some(3));
+    put(&store, "in/e1.csv", Bytes::from(body)).await;
+    assert_eq!(outcome(&sync(&fan, "in/e1.csv").await), "fanned_out");
+    let msgs = queue.pieces.lock().unwrap().clone();
+    let results = futures::future::join_all(msgs.iter().enumerate().map(|(k, m)| {
+        let id = format!("m{k}");
+        let fan = &fan;
+        async move { fan.handle(&sqs(m, &id), None).await.unwrap() }
+    }))
+    .await;
+    let finished: Vec<&Value> = results
+        .iter()
+        .filter(|r| r["results"][0]["outcome"] == "fan_out_finished")
+        .collect();
+    assert_eq!(finished.len(), 1, "{results:?}");
+    assert_eq!(limited.users(), free.users());
+    let report_uri = finished[0]["results"][0]["report"].as_str().unwrap();
+    let (_, body) = store
+        .get(&report_uri.parse::<S3Uri>().unwrap())
+        .await
+        .unwrap();
+    let report: Value = serde_json::from_slice(&body).unwrap();
+    assert!(
+        report["workspace_senders"].as_u64().unwrap() >= 2,
+        "the pieces sent at the same time, as registered senders: {report}"
+    );
+    let stats = limited.stats();
+    let http_429 = stats.by_status.get("429").copied().unwrap_or(0);
+    let share = http_429 as f64 / stats.requests_total.max(1) as f64;
+    eprintln!(
+        "3 pieces at once: {} requests, {http_429} answered 429 ({:.2}%)",
+        stats.requests_total,
+        share * 100.0
+    );
+    assert!(
+        share <= 0.01,
+        "{http_429} of {} requests met a 429",
+        stats.requests_total
+    );
+}

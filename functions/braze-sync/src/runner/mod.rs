@@ -318,7 +318,8 @@ impl SyncRunner {
 
     /// Whether this run takes the bounded diff: a format-2 (or new) state and a route of at
     /// least [`RunnerSettings::bounded_min_users`] users (state plus the export's estimated
-    /// rows), or a state whose whole snapshot would take more than a quarter of the memory.
+    /// rows), or a state whose whole snapshot would take more than a quarter of the memory,
+    /// or a forced fan-out.
     fn takes_bounded(&self, plan: &ExportPlan, route: &Route, doc: &HeadDoc) -> bool {
         if doc.format == LEGACY_HEAD_FORMAT {
             return false;
@@ -332,7 +333,9 @@ impl SyncRunner {
         let heavy = s
             .memory_limit_bytes
             .is_some_and(|l| memory_estimate(doc, route) > l / 4);
-        users >= s.bounded_min_users || heavy
+        // A forced fan-out (`BRIDGE_FAN_OUT_PIECES`) splits the bounded diff, whatever the size.
+        let forced = s.fan_out_pieces.is_some_and(|n| n >= 2) && self.continuation.is_some();
+        users >= s.bounded_min_users || heavy || forced
     }
 
     /// Memory the bounded diff needs per worker: its largest hash range, loaded.
