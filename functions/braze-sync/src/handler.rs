@@ -730,4 +730,28 @@ mod tests {
         let keys: Vec<_> = parts.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, ["a/run1/part-0001.csv", "a/run1/part-0002.csv"]);
     }
+
+    #[test]
+    fn fan_out_pieces_are_taken_out_of_an_sqs_batch() {
+        let piece = json!({"bridge_fan_out": {"route": "r", "run_id": "x", "piece": 2}});
+        let s3 = json!({"Records": [{"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
+            "s3": {"bucket": {"name": "b"}, "object": {"key": "k"}}}]});
+        let batch = json!({"Records": [
+            {"messageId": "a", "body": piece.to_string(), "eventSource": "aws:sqs"},
+            {"messageId": "b", "body": s3.to_string(), "eventSource": "aws:sqs"}]});
+        let (pieces, rest) = split_fan_out(&batch);
+        assert_eq!(
+            pieces,
+            vec![(Some("a".to_string()), piece[FAN_OUT_KEY].clone())]
+        );
+        let rest = rest.unwrap();
+        assert_eq!(rest["Records"].as_array().unwrap().len(), 1);
+        assert_eq!(rest["Records"][0]["messageId"], "b");
+        // Only pieces: nothing else to parse. Not SQS: untouched.
+        let only = json!({"Records": [{"messageId": "a", "body": piece.to_string(), "eventSource": "aws:sqs"}]});
+        assert!(split_fan_out(&only).1.is_none());
+        let (pieces, rest) = split_fan_out(&s3);
+        assert!(pieces.is_empty());
+        assert_eq!(rest.unwrap(), s3);
+    }
 }

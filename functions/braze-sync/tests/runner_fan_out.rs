@@ -2,7 +2,8 @@
 //! store and a fake Braze that applies every attribute object to per-user profiles. An export
 //! forced into 4 pieces (`fan_out_pieces`), whose piece messages the test delivers itself
 //! (one piece killed midway and redelivered, one delivered twice), ends with exactly the
-//! profiles a single-invocation run of the same export gives on the same starting state; the
+//! profiles a single-invocation run of the same export gives on the same starting state (its
+//! finalizer killed midway and redelivered too); the
 //! route head holds the same users and the export's watermark, no control object is left,
 //! the route lock is released, the export's ledger entry is complete, a replay waits while
 //! the pieces run, and departures are judged on the export's totals (a share one piece
@@ -54,6 +55,9 @@ struct Braze {
     requests: AtomicU64,
     armed: AtomicBool,
     budget: AtomicU64,
+    /// Hang at the first departure (an object with `aud_vip` and no `tier`: only the
+    /// finalizer sends those).
+    hang_on_departure: AtomicBool,
 }
 
 #[async_trait]
@@ -65,8 +69,16 @@ impl BrazeApi for Braze {
             }
             self.budget.fetch_sub(1, Ordering::SeqCst);
         }
-        self.requests.fetch_add(1, Ordering::SeqCst);
         let v: Value = serde_json::from_slice(&body).unwrap();
+        let departure = v["attributes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o.get("aud_vip").is_some() && o.get("tier").is_none());
+        if departure && self.hang_on_departure.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        self.requests.fetch_add(1, Ordering::SeqCst);
         let mut profiles = self.profiles.lock().unwrap();
         for o in v["attributes"].as_array().unwrap() {
             let id = o["external_id"].as_str().unwrap().to_string();
@@ -319,7 +331,26 @@ async fn an_export_in_four_pieces_ends_as_a_single_run_with_one_piece_killed_and
     // finalizes.
     let r = fan.handle(&sqs(&msgs[1], "m1b"), None).await.unwrap();
     assert_eq!(r["results"][0]["outcome"], "piece_done", "{r}");
-    let r = fan.handle(&sqs(&msgs[3], "m3"), None).await.unwrap();
+    // The finalizer dies while sending the departures, after merging the forks.
+    braze.hang_on_departure.store(true, Ordering::SeqCst);
+    let killed = tokio::time::timeout(
+        Duration::from_secs(3),
+        fan.handle(&sqs(&msgs[3], "m3"), None),
+    )
+    .await;
+    assert!(killed.is_err(), "the killed finalizer never finished");
+    braze.hang_on_departure.store(false, Ordering::SeqCst);
+    let fin = S3Uri::new("state", format!("s/people/_fan_out/{run_id}/final.json"));
+    let (_, body) = store.get(&fin).await.unwrap();
+    let fin: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(fin, json!({"finalizer": 3, "merged": true}));
+    let held = read_lock(store.as_ref(), &lock).await.unwrap().unwrap();
+    assert!(
+        held.holder == run_id && !held.released,
+        "still the fan-out's"
+    );
+    // Its message, redelivered, finishes the fan-out (the merge is not redone).
+    let r = fan.handle(&sqs(&msgs[3], "m3b"), None).await.unwrap();
     assert_eq!(r["results"][0]["outcome"], "fan_out_finished", "{r}");
     assert_eq!(r["results"][0]["status"], "complete", "{r}");
 
