@@ -59,7 +59,61 @@ impl<R: Read> QuoteCheck<R> {
         })
     }
 
-    fn scan(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+    /// Scans `bytes`: spans without a quote (the bulk of any export) in one `memchr` pass,
+    /// the bytes around quotes one at a time.
+    fn scan(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+        while !bytes.is_empty() {
+            match self.state {
+                Q::FieldStart | Q::Unquoted => {
+                    // Up to the next quote the state only follows the last byte: a field
+                    // boundary (delimiter or line end) or inside an unquoted field.
+                    let end = memchr::memchr(b'"', bytes).unwrap_or(bytes.len());
+                    if end > 0 {
+                        let span = &bytes[..end];
+                        self.line += memchr::memchr_iter(b'\n', span).count() as u64;
+                        let last = span[end - 1];
+                        self.state = if last == self.delimiter || last == b'\n' || last == b'\r' {
+                            Q::FieldStart
+                        } else {
+                            Q::Unquoted
+                        };
+                    }
+                    let quote = end.min(bytes.len());
+                    let stop = (quote + 1).min(bytes.len());
+                    self.scan_bytes(&bytes[quote..stop])?;
+                    bytes = &bytes[stop..];
+                }
+                Q::Quoted => {
+                    // Inside a quoted field nothing matters until a quote or the escape.
+                    let end = match self.escape {
+                        Some(e) => memchr::memchr2(b'"', e, bytes),
+                        None => memchr::memchr(b'"', bytes),
+                    }
+                    .unwrap_or(bytes.len());
+                    let span = &bytes[..end];
+                    self.line += memchr::memchr_iter(b'\n', span).count() as u64;
+                    self.quoted_bytes += end as u64;
+                    if self.quoted_bytes > self.max_row {
+                        return Err(self.fail(format!(
+                            "the quoted field opened at line {} runs past max_row_bytes ({} bytes): an unterminated quote",
+                            self.open_line, self.max_row
+                        )));
+                    }
+                    let stop = (end + 1).min(bytes.len());
+                    self.scan_bytes(&bytes[end..stop])?;
+                    bytes = &bytes[stop..];
+                }
+                Q::QuotedEscape | Q::QuoteSeen => {
+                    self.scan_bytes(&bytes[..1])?;
+                    bytes = &bytes[1..];
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The byte-at-a-time state machine [`QuoteCheck::scan`] runs around quotes.
+    fn scan_bytes(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         for &b in bytes {
             if b == b'\n' {
                 self.line += 1;
@@ -181,8 +235,8 @@ pub struct DelimitedSource<'a> {
     mark: RowMark,
     source: String,
     header: Vec<String>,
-    record: ByteRecord,
-    text: StringRecord,
+    record: Option<ByteRecord>,
+    text: Option<StringRecord>,
     row: u64,
     max_row: usize,
 }
@@ -223,8 +277,8 @@ impl<'a> DelimitedSource<'a> {
             mark,
             source: source.to_string(),
             header: Vec::new(),
-            record: ByteRecord::new(),
-            text: StringRecord::new(),
+            record: Some(ByteRecord::new()),
+            text: None,
             row: 0,
             max_row,
         };
@@ -293,19 +347,21 @@ impl RowSource for DelimitedSource<'_> {
     }
 
     fn next_row(&mut self) -> Result<Option<RowItem<'_>>, ReadError> {
-        // Reuse the buffers of the previous row's text record.
-        let mut record = std::mem::take(&mut self.text).into_byte_record();
-        if record.as_slice().is_empty() {
-            record = std::mem::take(&mut self.record);
-        }
+        // Reuse the buffers of the previous row's record (`Option::take`: a default record
+        // would be a fresh allocation per row).
+        let mut record = match (self.text.take(), self.record.take()) {
+            (Some(text), _) => text.into_byte_record(),
+            (None, Some(record)) => record,
+            (None, None) => ByteRecord::new(),
+        };
         let more = self.read(&mut record);
-        self.record = record;
         if !more? {
+            self.record = Some(record);
             return Ok(None);
         }
         self.row += 1;
-        let line = self.record.position().map(|p| p.line());
-        if self.record.as_slice().len() > self.max_row {
+        let line = record.position().map(|p| p.line());
+        if record.as_slice().len() > self.max_row {
             return Err(ReadError::LimitExceeded {
                 source_name: self.source.clone(),
                 limit: "max_row_bytes",
@@ -313,43 +369,41 @@ impl RowSource for DelimitedSource<'_> {
                 at: Some(self.row),
             });
         }
-        if self.record.len() != self.header.len() {
+        if record.len() != self.header.len() {
+            let found = record.len();
+            self.record = Some(record);
             return Ok(Some(RowItem::Bad(BadRow {
                 row: self.row,
                 line,
                 column: None,
                 reason: format!(
-                    "wrong field count: expected {} fields (the header's), found {}",
+                    "wrong field count: expected {} fields (the header's), found {found}",
                     self.header.len(),
-                    self.record.len()
                 ),
             })));
         }
         // A NUL byte is never data: it rejects the row wherever it is (the same rule as JSON
-        // and Parquet values).
-        if let Some(field) =
-            (0..self.record.len()).find(|&i| self.record.get(i).is_some_and(|f| f.contains(&0)))
-        {
+        // and Parquet values). One scan of the record; the field only when there is one.
+        if memchr::memchr(0, record.as_slice()).is_some() {
+            let field = (0..record.len()).find(|&i| record.get(i).is_some_and(|f| f.contains(&0)));
+            self.record = Some(record);
             return Ok(Some(RowItem::Bad(BadRow {
                 row: self.row,
                 line,
-                column: self.header.get(field).cloned(),
+                column: field.and_then(|f| self.header.get(f).cloned()),
                 reason: "a NUL byte in the value (binary data is never sent)".into(),
             })));
         }
         // One UTF-8 check per record; a bad byte rejects the row and names its column.
-        match StringRecord::from_byte_record(std::mem::take(&mut self.record)) {
-            Ok(text) => {
-                self.text = text;
-                Ok(Some(RowItem::Row(Row {
-                    row: self.row,
-                    line,
-                    cells: &self.text,
-                })))
-            }
+        match StringRecord::from_byte_record(record) {
+            Ok(text) => Ok(Some(RowItem::Row(Row {
+                row: self.row,
+                line,
+                cells: self.text.insert(text),
+            }))),
             Err(e) => {
                 let (field, at) = (e.utf8_error().field(), e.utf8_error().valid_up_to());
-                self.record = e.into_byte_record();
+                self.record = Some(e.into_byte_record());
                 Ok(Some(RowItem::Bad(BadRow {
                     row: self.row,
                     line,
