@@ -7,7 +7,10 @@
 //!    key, the same ranges as the state's, or finer). Rows that cannot be mapped are rejected
 //!    here exactly as [`crate::sync::produce`] does; a row rejected after its identifier was
 //!    read leaves a marker, so the user counts as present (never departed) and a later row
-//!    of theirs is a duplicate.
+//!    of theirs is a duplicate. Parts are read in parallel; with fewer parts than workers
+//!    (one big file), a part's reader only splits rows and reads their identifier, and
+//!    hands each row, in batches, to the mapping thread of its range
+//!    ([`crate::read::batch`]): a range's rows stay in export order on every core.
 //! 2. **Diff, range by range.** A worker takes one state range, loads only that range's base
 //!    and deltas ([`RangeState::load`]), streams its spill files (rows in export order, so the
 //!    first row of a user wins, as today) and diffs each row against the range; deltas go to
@@ -34,7 +37,8 @@ use tracing::warn;
 use crate::delta::{self, AudienceDepartures, Seen};
 use crate::map::{Binding, MapOutcome, MappedRow, Mapper};
 use crate::model::{AttributeChange, RowPos, UserDelta, UserKey, fingerprint};
-use crate::read::{self, ReadError, RowItem, RowSource};
+use crate::read::batch::{Columns, RowBatch};
+use crate::read::{self, ReadError, Row, RowItem, RowSource};
 use crate::rejects::RowReject;
 use crate::route::Route;
 use crate::snapshot::{Snapshot, identifier_text, parse_identifier, range_of};
@@ -101,6 +105,9 @@ pub struct RangedTimes {
     pub spilled_bytes: u64,
     /// Workers used.
     pub workers: usize,
+    /// Threads that mapped each part's rows (more than one when there are fewer parts than
+    /// workers: one big file is mapped on several cores).
+    pub mappers: usize,
 }
 
 impl RangedSettings {
@@ -133,41 +140,202 @@ impl From<SpillError> for SyncError {
     }
 }
 
-/// Step 1: reads, maps and spills every row by range; rejects rows that cannot be mapped.
-struct Partition<'a> {
-    route: &'a Route,
+/// Rows a reader hands a mapping thread at once (a batch also ends at [`BATCH_BYTES`]).
+const BATCH_ROWS: usize = 512;
+/// Text bytes that end a batch.
+const BATCH_BYTES: usize = 256 * 1024;
+
+/// Where one part's rows are spilled: the partitioner of each thread that maps them.
+struct SpillTo {
+    dir: PathBuf,
+    bits: u32,
+    budget: usize,
+    limit: Option<u64>,
+    total: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl SpillTo {
+    fn partitioner(&self) -> Partitioner {
+        Partitioner::new(&self.dir, self.bits, self.budget, self.limit)
+            .with_shared_total(self.total.clone())
+    }
+}
+
+/// Which rows a run keeps (`only_ranges`).
+#[derive(Debug, Clone)]
+struct Keep {
+    /// Keep only rows whose key is in this span of ranges at these bits.
+    span: Option<(u32, std::ops::Range<usize>)>,
+    /// Count tables, unreadable rows and rows without an identifier (the span at 0).
+    unkeyed: bool,
+}
+
+impl Keep {
+    /// Whether this run diffs the user with key `key`.
+    fn keeps(&self, key: u128) -> bool {
+        self.span
+            .as_ref()
+            .is_none_or(|(bits, span)| span.contains(&range_of(key, *bits)))
+    }
+}
+
+/// What became of one row.
+enum Spilled {
+    /// Spilled to its range.
+    Row,
+    /// Not this run's (another range's, or without an identifier outside the span at 0).
+    Dropped,
+    /// Refused (after a marker of its user when the identifier was read, so the user
+    /// counts as present and a later row of theirs is a duplicate).
+    Rejected(RowReject),
+}
+
+/// Maps rows and spills each to its range (one per mapping thread).
+struct Spiller<'a> {
     mapper: Mapper<'a>,
     mapped: MappedRow,
     out: Partitioner,
     bits: u32,
     rec: Vec<u8>,
+    keep: Keep,
+}
+
+impl<'a> Spiller<'a> {
+    fn new(route: &'a Route, out: Partitioner, bits: u32, keep: Keep) -> Self {
+        Self {
+            mapper: Mapper::new(route),
+            mapped: MappedRow::default(),
+            out,
+            bits,
+            rec: Vec::with_capacity(1024),
+            keep,
+        }
+    }
+
+    /// Maps `row` (its values only when its user is this run's) and spills it.
+    fn row(
+        &mut self,
+        binding: &Binding,
+        header: &[String],
+        row: &Row<'_>,
+        source_index: u32,
+        source: &str,
+    ) -> Result<Spilled, SyncError> {
+        let mut mapped = self.mapper.map_key(binding, header, row, &mut self.mapped);
+        if mapped.is_ok() {
+            if !self.keep.keeps(self.mapped.key.0) {
+                return Ok(Spilled::Dropped);
+            }
+            mapped = self
+                .mapper
+                .map_values(binding, header, row, &mut self.mapped);
+        }
+        self.rec.clear();
+        if let Err((outcome, e)) = mapped {
+            let identifier = match outcome {
+                MapOutcome::Identified => {
+                    self.rec.push(REC_SEEN);
+                    self.rec.extend_from_slice(&self.mapped.key.0.to_le_bytes());
+                    let r = range_of(self.mapped.key.0, self.bits);
+                    self.out.push(r, &self.rec)?;
+                    Some(self.mapped.identifier())
+                }
+                MapOutcome::NoIdentifier => {
+                    if !self.keep.unkeyed {
+                        return Ok(Spilled::Dropped);
+                    }
+                    None
+                }
+            };
+            return Ok(Spilled::Rejected(RowReject {
+                pos: RowPos {
+                    source: source.to_string(),
+                    row: row.row,
+                    line: row.line,
+                },
+                column: e.column,
+                reason: e.reason,
+                identifier,
+            }));
+        }
+        self.rec.push(REC_ROW);
+        self.rec.extend_from_slice(&source_index.to_le_bytes());
+        self.rec.extend_from_slice(&row.row.to_le_bytes());
+        self.rec
+            .extend_from_slice(&row.line.unwrap_or(NO_LINE).to_le_bytes());
+        self.mapped.encode_into(&mut self.rec);
+        let r = range_of(self.mapped.key.0, self.bits);
+        self.out.push(r, &self.rec)?;
+        Ok(Spilled::Row)
+    }
+}
+
+/// Counts of what mapping threads spilled or refused.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counted {
+    rows_read: u64,
+    rejected: u64,
+    rows_without_identifier: u64,
+}
+
+impl Counted {
+    /// Counts `s`; its reject, when it is one.
+    fn count(&mut self, s: Spilled) -> Option<RowReject> {
+        match s {
+            Spilled::Dropped => None,
+            Spilled::Row => {
+                self.rows_read += 1;
+                None
+            }
+            Spilled::Rejected(r) => {
+                self.rows_read += 1;
+                self.rejected += 1;
+                if r.identifier.is_none() {
+                    self.rows_without_identifier += 1;
+                }
+                Some(r)
+            }
+        }
+    }
+}
+
+/// Step 1: reads, maps and spills every row by range; rejects rows that cannot be mapped.
+struct Partition<'a> {
+    route: &'a Route,
+    spiller: Spiller<'a>,
+    spill_to: SpillTo,
+    /// Threads that map one table's rows (1: the reader maps them itself).
+    mappers: usize,
     sources: Vec<String>,
     summary: Summary,
     ignored: BTreeSet<String>,
-    /// Keep only rows whose key is in this span of ranges at these bits (`only_ranges`).
-    keep: Option<(u32, std::ops::Range<usize>)>,
-    /// Count tables, unreadable rows and rows without an identifier (the span at 0).
-    unkeyed: bool,
     /// Tables and rows read, kept or not.
     tables_seen: u64,
     rows_seen: u64,
 }
 
+type OnReject<'r> = &'r (dyn Fn(RowReject) + Sync);
+
 impl Partition<'_> {
-    /// Whether this run diffs the user with key `key`.
-    fn keeps(&self, key: u128) -> bool {
-        self.keep
-            .as_ref()
-            .is_none_or(|(bits, span)| span.contains(&range_of(key, *bits)))
+    fn add(&mut self, c: Counted) {
+        self.summary.rows_read += c.rows_read;
+        self.summary.rejected += c.rejected;
+        self.summary.rows_without_identifier += c.rows_without_identifier;
     }
 
-    fn table(
-        &mut self,
-        src: &mut dyn RowSource,
-        on_reject: &mut dyn FnMut(RowReject),
-    ) -> Result<(), SyncError> {
+    /// An unreadable row: counted and rejected by the span at 0 only.
+    fn unreadable(&mut self, source: &str, b: crate::read::BadRow, on_reject: OnReject<'_>) {
+        if self.spiller.keep.unkeyed {
+            self.summary.rows_read += 1;
+            self.summary.rejected += 1;
+            self.summary.rows_without_identifier += 1;
+            on_reject(RowReject::unreadable(source, b));
+        }
+    }
+
+    fn table(&mut self, src: &mut dyn RowSource, on_reject: OnReject<'_>) -> Result<(), SyncError> {
         self.tables_seen += 1;
-        if self.unkeyed {
+        if self.spiller.keep.unkeyed {
             self.summary.tables += 1;
         }
         let header = src.header().to_vec();
@@ -176,75 +344,153 @@ impl Partition<'_> {
         self.sources.push(source.clone());
         let binding = Binding::new(self.route, &header, &source)?;
         self.ignored.extend(binding.unknown_columns.iter().cloned());
+        if self.mappers > 1 {
+            return self.table_parallel(src, &binding, &header, &source, source_index, on_reject);
+        }
         while let Some(item) = src.next_row()? {
             self.rows_seen += 1;
             crate::progress::LIVE.row_read();
             let row = match item {
                 RowItem::Bad(b) => {
-                    if self.unkeyed {
-                        self.summary.rows_read += 1;
-                        self.summary.rejected += 1;
-                        self.summary.rows_without_identifier += 1;
-                        on_reject(RowReject::unreadable(&source, b));
-                    }
+                    self.unreadable(&source, b, on_reject);
                     continue;
                 }
                 RowItem::Row(r) => r,
             };
-            let mapped = self
-                .mapper
-                .map_row(&binding, &header, &row, &mut self.mapped);
-            self.rec.clear();
-            if let Err((outcome, e)) = mapped {
-                let identifier = match outcome {
-                    MapOutcome::Identified => {
-                        if !self.keeps(self.mapped.key.0) {
-                            continue;
-                        }
-                        // Present in the export: a marker, so the user never departs and a
-                        // later row of theirs is a duplicate.
-                        self.rec.push(REC_SEEN);
-                        self.rec.extend_from_slice(&self.mapped.key.0.to_le_bytes());
-                        let r = range_of(self.mapped.key.0, self.bits);
-                        self.out.push(r, &self.rec)?;
-                        Some(self.mapped.identifier())
-                    }
-                    MapOutcome::NoIdentifier => {
-                        if !self.unkeyed {
-                            continue;
-                        }
-                        self.summary.rows_without_identifier += 1;
-                        None
-                    }
-                };
-                self.summary.rows_read += 1;
-                self.summary.rejected += 1;
-                on_reject(RowReject {
-                    pos: RowPos {
-                        source: source.clone(),
-                        row: row.row,
-                        line: row.line,
-                    },
-                    column: e.column,
-                    reason: e.reason,
-                    identifier,
-                });
-                continue;
+            let s = self
+                .spiller
+                .row(&binding, &header, &row, source_index, &source)?;
+            let mut c = Counted::default();
+            if let Some(reject) = c.count(s) {
+                on_reject(reject);
             }
-            if !self.keeps(self.mapped.key.0) {
-                continue;
-            }
-            self.summary.rows_read += 1;
-            self.rec.push(REC_ROW);
-            self.rec.extend_from_slice(&source_index.to_le_bytes());
-            self.rec.extend_from_slice(&row.row.to_le_bytes());
-            self.rec
-                .extend_from_slice(&row.line.unwrap_or(NO_LINE).to_le_bytes());
-            self.mapped.encode_into(&mut self.rec);
-            let r = range_of(self.mapped.key.0, self.bits);
-            self.out.push(r, &self.rec)?;
+            self.add(c);
         }
         Ok(())
+    }
+
+    /// [`Partition::table`] with the mapping on [`Partition::mappers`] threads: this thread
+    /// reads each row and its identifier (refusing a row without one, dropping another
+    /// run's) and hands the row to the thread of its range, in batches. A range's rows all
+    /// go to one thread, in order, so each range file keeps the export's order and a user's
+    /// first row still wins.
+    fn table_parallel(
+        &mut self,
+        src: &mut dyn RowSource,
+        binding: &Binding,
+        header: &[String],
+        source: &str,
+        source_index: u32,
+        on_reject: OnReject<'_>,
+    ) -> Result<(), SyncError> {
+        let n = self.mappers;
+        let bits = self.spiller.bits;
+        let columns = Columns::new(header.len(), binding.columns());
+        let fresh = || RowBatch::new(columns.clone(), header.len(), BATCH_ROWS);
+        std::thread::scope(|scope| {
+            let mut txs = Vec::with_capacity(n);
+            let mut handles = Vec::with_capacity(n);
+            for _ in 0..n {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<RowBatch>(2);
+                txs.push(tx);
+                let mut sp = Spiller::new(
+                    self.route,
+                    self.spill_to.partitioner(),
+                    bits,
+                    self.spiller.keep.clone(),
+                );
+                handles.push(scope.spawn(move || -> Result<Counted, SyncError> {
+                    let mut c = Counted::default();
+                    for batch in rx {
+                        for i in 0..batch.len() {
+                            let Some((row, line, cells)) = batch.row(i) else {
+                                break;
+                            };
+                            let r = Row {
+                                row,
+                                line,
+                                cells: &cells,
+                            };
+                            let s = sp.row(binding, header, &r, source_index, source)?;
+                            if let Some(reject) = c.count(s) {
+                                on_reject(reject);
+                            }
+                        }
+                    }
+                    sp.out.finish()?;
+                    Ok(c)
+                }));
+            }
+            let mut read = || -> Result<(), SyncError> {
+                let mut batches: Vec<RowBatch> = (0..n).map(|_| fresh()).collect();
+                while let Some(item) = src.next_row()? {
+                    self.rows_seen += 1;
+                    crate::progress::LIVE.row_read();
+                    let row = match item {
+                        RowItem::Bad(b) => {
+                            self.unreadable(source, b, on_reject);
+                            continue;
+                        }
+                        RowItem::Row(r) => r,
+                    };
+                    let sp = &mut self.spiller;
+                    if let Err((_, e)) = sp.mapper.map_key(binding, header, &row, &mut sp.mapped) {
+                        if sp.keep.unkeyed {
+                            self.summary.rows_read += 1;
+                            self.summary.rejected += 1;
+                            self.summary.rows_without_identifier += 1;
+                            on_reject(RowReject {
+                                pos: RowPos {
+                                    source: source.to_string(),
+                                    row: row.row,
+                                    line: row.line,
+                                },
+                                column: e.column,
+                                reason: e.reason,
+                                identifier: None,
+                            });
+                        }
+                        continue;
+                    }
+                    if !sp.keep.keeps(sp.mapped.key.0) {
+                        continue;
+                    }
+                    let w = range_of(sp.mapped.key.0, bits) % n;
+                    let (Some(batch), Some(tx)) = (batches.get_mut(w), txs.get(w)) else {
+                        continue;
+                    };
+                    batch.push(&row);
+                    if batch.len() >= BATCH_ROWS || batch.text_bytes() >= BATCH_BYTES {
+                        let full = std::mem::replace(batch, fresh());
+                        if tx.send(full).is_err() {
+                            // That thread stopped on an error, reported below.
+                            return Ok(());
+                        }
+                    }
+                }
+                for (batch, tx) in batches.into_iter().zip(&txs) {
+                    if !batch.is_empty() {
+                        let _ = tx.send(batch);
+                    }
+                }
+                Ok(())
+            };
+            let read = read();
+            drop(txs);
+            let mut first = read.err();
+            for h in handles {
+                let done = h.join().unwrap_or_else(|_| {
+                    Err(SyncError::Stopped("a mapping thread panicked".into()))
+                });
+                match done {
+                    Ok(c) => self.add(c),
+                    Err(e) => {
+                        first.get_or_insert(e);
+                    }
+                }
+            }
+            first.map_or(Ok(()), Err)
+        })
     }
 }
 
@@ -331,7 +577,13 @@ where
     // Step 1, parts in parallel: each reader takes the next part and spills it into its own
     // per-range files (rows/p<part>/), so the diff can read a range's rows in export order.
     let readers = settings.workers.max(1);
-    let queue = Mutex::new(parts.into_iter().enumerate());
+    let parts = parts.into_iter();
+    // Fewer parts than cores (one big file): each part's rows are mapped on several threads.
+    let mappers = match parts.size_hint() {
+        (_, Some(n)) if n > 0 && n < readers => readers / n,
+        _ => 1,
+    };
+    let queue = Mutex::new(parts.enumerate());
     let rejects = Mutex::new(on_reject);
     let stop = AtomicBool::new(false);
     let total = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -344,29 +596,29 @@ where
                 error,
             })
         })?;
-        let out = Partitioner::new(
-            &dir,
+        let spill_to = SpillTo {
+            dir,
             bits,
-            settings.buffer_budget / readers,
-            settings.disk_limit,
-        )
-        .with_shared_total(total.clone());
+            budget: settings.buffer_budget / readers,
+            limit: settings.disk_limit,
+            total: total.clone(),
+        };
+        let keep = Keep {
+            span: keep.clone(),
+            unkeyed,
+        };
         let mut p = Partition {
             route,
-            mapper: Mapper::new(route),
-            mapped: MappedRow::default(),
-            out,
-            bits,
-            rec: Vec::with_capacity(1024),
+            spiller: Spiller::new(route, spill_to.partitioner(), bits, keep),
+            spill_to,
+            mappers,
             sources: Vec::new(),
             summary: Summary::default(),
             ignored: BTreeSet::new(),
-            keep: keep.clone(),
-            unkeyed,
             tables_seen: 0,
             rows_seen: 0,
         };
-        let mut reject = |r: RowReject| {
+        let reject = |r: RowReject| {
             if let Ok(mut sink) = rejects.lock() {
                 (*sink)(r);
             }
@@ -375,9 +627,9 @@ where
             part.reader,
             &part.source,
             &read_opts,
-            &mut |src: &mut dyn RowSource| p.table(src, &mut reject),
+            &mut |src: &mut dyn RowSource| p.table(src, &reject),
         )?;
-        p.out.finish()?;
+        p.spiller.out.finish()?;
         Ok(PartOut {
             index: i,
             sources: p.sources,
@@ -565,6 +817,7 @@ where
                 departures_s,
                 spilled_bytes: spilled,
                 workers,
+                mappers,
             };
         }
     };

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use braze_sync::model::UserDelta;
 use braze_sync::ranged::{
-    RangedSettings, SplitSnapshot, add_piece, produce_ranged, release_departures,
+    RangedSettings, RangedTimes, SplitSnapshot, add_piece, produce_ranged, release_departures,
 };
 use braze_sync::rejects::RowReject;
 use braze_sync::route::Route;
@@ -123,8 +123,27 @@ fn reject_key(r: &RowReject) -> String {
 
 type Found = (Vec<UserDelta>, Vec<String>, Summary);
 
+/// The whole export as one part, with a late duplicate of `u1` at its end: a big single file,
+/// which the bounded diff maps on several threads.
+fn one_part(csv: &str) -> Vec<Result<Part<&[u8]>, SyncError>> {
+    let whole = format!("{csv}u1,Late,9,late,true,true\n");
+    let whole: &'static str = Box::leak(whole.into_boxed_str());
+    vec![Ok(Part {
+        source: "s3://in/amperity/big/part-0.csv".into(),
+        reader: whole.as_bytes(),
+    })]
+}
+
 fn in_memory(csv: &str, snap: &Snapshot, opts: &ProduceOptions) -> Found {
-    let p = sync::plan(parts(csv), &route(), snap, opts).unwrap();
+    in_memory_parts(parts(csv), snap, opts)
+}
+
+fn in_memory_parts(
+    parts: Vec<Result<Part<&[u8]>, SyncError>>,
+    snap: &Snapshot,
+    opts: &ProduceOptions,
+) -> Found {
+    let p = sync::plan(parts, &route(), snap, opts).unwrap();
     let mut d = p.deltas;
     d.sort_by_key(key);
     let mut r: Vec<String> = p.rejects.iter().map(reject_key).collect();
@@ -139,11 +158,21 @@ fn ranged(
     opts: &ProduceOptions,
     workers: usize,
 ) -> Found {
-    ranged_with(csv, snap, bits, opts, workers, |_| {})
+    ranged_with(parts(csv), snap, bits, opts, workers, |_| {})
+}
+
+fn ranged_parts(
+    parts: Vec<Result<Part<&[u8]>, SyncError>>,
+    snap: &Snapshot,
+    bits: Option<u32>,
+    opts: &ProduceOptions,
+    workers: usize,
+) -> Found {
+    ranged_with(parts, snap, bits, opts, workers, |_| {})
 }
 
 fn ranged_with(
-    csv: &str,
+    parts: Vec<Result<Part<&[u8]>, SyncError>>,
     snap: &Snapshot,
     bits: Option<u32>,
     opts: &ProduceOptions,
@@ -160,7 +189,7 @@ fn ranged_with(
     let deltas = Mutex::new(Vec::new());
     let mut rejects = Vec::new();
     let summary = produce_ranged(
-        parts(csv),
+        parts,
         &route(),
         &SplitSnapshot::new(snap, bits),
         opts,
@@ -270,9 +299,14 @@ fn pieces_over_disjoint_spans_add_up_to_one_full_run() {
         ("released", &next, &release),
         ("unidentifiable", &unidentifiable, &opts),
     ];
-    for (what, csv, o) in cases {
+    // Parts read in parallel, and one big part mapped on several threads.
+    type Split = fn(&str) -> Vec<Result<Part<&[u8]>, SyncError>>;
+    for (split, (what, csv, o)) in [parts as Split, one_part]
+        .into_iter()
+        .flat_map(|split| cases.map(|c| (split, c)))
+    {
         let bits = 3u32;
-        let full = ranged(csv, &snap, Some(bits), o, 2);
+        let full = ranged_parts(split(csv), &snap, Some(bits), o, 2);
         assert!(full.2.departures.iter().any(|a| a.leaving > 0), "{what}");
         for ends in [&[3usize, 5, 8][..], &[1, 8], &[8]] {
             let spans: Vec<std::ops::Range<usize>> = ends
@@ -286,7 +320,7 @@ fn pieces_over_disjoint_spans_add_up_to_one_full_run() {
             let mut files = Vec::new();
             for (i, span) in spans.iter().enumerate() {
                 let file = dir.path().join(format!("p{i}.bin"));
-                let (d, rj, summary) = ranged_with(csv, &snap, Some(bits), o, 3, |s| {
+                let (d, rj, summary) = ranged_with(split(csv), &snap, Some(bits), o, 3, |s| {
                     s.only_ranges = Some(span.clone());
                     s.defer_departures = true;
                     s.departures_file = Some(file.clone());
@@ -365,4 +399,61 @@ fn a_piece_without_a_layout_or_a_file_is_refused() {
     let no_file = run(Some(2), &|s| s.defer_departures = true).unwrap_err();
     assert!(no_file.to_string().contains("departures_file"), "{no_file}");
     run(Some(2), &|s| s.only_ranges = Some(1..3)).unwrap();
+}
+
+#[test]
+fn one_big_part_mapped_on_several_threads_finds_what_one_thread_finds() {
+    // One part and more workers than parts: the reader hands rows to mapping threads by
+    // range. Duplicates (in a row, and `u1` again at the very end) keep the first row;
+    // rejects (unmappable values, a row without an identifier) and counts are those of
+    // the in-memory diff and of one thread.
+    let r = route();
+    let opts = ProduceOptions::for_route(&r, "s3://in/amperity/big/export");
+    let first = export(3000, 0, 7, true);
+    let empty = Snapshot::for_route(&r);
+    let a = in_memory_parts(one_part(&first), &empty, &opts);
+    for workers in [1, 2, 3] {
+        let b = ranged_parts(one_part(&first), &empty, None, &opts, workers);
+        assert_same(&a, &b, &format!("first run, {workers} workers"));
+    }
+    assert!(
+        a.1.iter()
+            .any(|r| r.contains("duplicate identifier") && r.contains("ExternalId(\"u1\")"))
+    );
+    assert!(
+        a.1.iter().any(|r| r.contains("missing identifier")),
+        "{:?}",
+        a.1
+    );
+    let mut snap = Snapshot::for_route(&r);
+    confirm(&mut snap, &a.0);
+    let next = export(3000, 1, 11, false);
+    let a = in_memory_parts(one_part(&next), &snap, &opts);
+    for (bits, workers) in [(0, 2), (2, 3)] {
+        let b = ranged_parts(one_part(&next), &snap, Some(bits), &opts, workers);
+        assert_same(
+            &a,
+            &b,
+            &format!("second run, bits {bits}, {workers} workers"),
+        );
+    }
+    assert!(a.2.users_changed > 0 && a.2.rejected > 0, "{:?}", a.2);
+    // And it did map on several threads.
+    let base = tempfile::tempdir().unwrap();
+    let mut settings = RangedSettings::new("test");
+    settings.spill_base = base.path().to_path_buf();
+    settings.workers = 3;
+    let times = std::sync::Arc::new(Mutex::new(RangedTimes::default()));
+    settings.times = Some(times.clone());
+    produce_ranged(
+        one_part(&next),
+        &r,
+        &SplitSnapshot::new(&snap, Some(2)),
+        &opts,
+        &settings,
+        &|_| Ok(()),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(times.lock().unwrap().mappers, 3);
 }

@@ -98,6 +98,13 @@ impl Binding {
             unknown_columns,
         })
     }
+
+    /// The header columns a row's mapping reads (identifier, alias label, slots).
+    pub fn columns(&self) -> impl Iterator<Item = usize> + '_ {
+        std::iter::once(self.id)
+            .chain(self.label)
+            .chain(self.slots.iter().flatten().copied())
+    }
 }
 
 /// A normalized value in a [`MappedRow`].

@@ -427,6 +427,67 @@ mod tests {
             .remove(0)
     }
 
+    fn checker(escape: Option<u8>, max_row: u64) -> QuoteCheck<std::io::Empty> {
+        QuoteCheck {
+            inner: std::io::empty(),
+            delimiter: b',',
+            escape,
+            state: Q::FieldStart,
+            line: 1,
+            open_line: 1,
+            quoted_bytes: 0,
+            max_row,
+            started: false,
+        }
+    }
+
+    #[test]
+    fn the_span_scan_ends_where_the_byte_scan_does() {
+        // Random texts of quotes, delimiters, line ends, escapes and letters, fed in random
+        // chunks: the memchr scan must reach the same state, line and error as the byte
+        // scan it replaces.
+        let alphabet = b"a,\"\n\r\\x";
+        let mut seed = 7u64;
+        let mut next = |n: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        for case in 0..3000 {
+            let len = next(60) as usize;
+            let text: Vec<u8> = (0..len)
+                .map(|_| alphabet[next(alphabet.len() as u64) as usize])
+                .collect();
+            let escape = (case % 2 == 0).then_some(b'\\');
+            let max_row = 5 + next(30);
+            let mut fast = checker(escape, max_row);
+            let mut slow = checker(escape, max_row);
+            let mut rest = &text[..];
+            let mut fast_err = None;
+            while !rest.is_empty() && fast_err.is_none() {
+                let n = 1 + next(rest.len() as u64) as usize;
+                fast_err = fast.scan(&rest[..n]).err().map(|e| e.to_string());
+                rest = &rest[n..];
+            }
+            let slow_err = slow.scan_bytes(&text).err().map(|e| e.to_string());
+            let t = String::from_utf8_lossy(&text);
+            assert_eq!(fast_err.is_some(), slow_err.is_some(), "{t:?}");
+            if let (Some(f), Some(s)) = (&fast_err, &slow_err) {
+                // The message names the line where the quote opened (the same), and for
+                // stray text the line of the closing quote (the same byte).
+                assert_eq!(f, s, "{t:?}");
+                continue;
+            }
+            assert_eq!(fast.state, slow.state, "{t:?}");
+            assert_eq!(fast.line, slow.line, "{t:?}");
+            assert_eq!(fast.open_line, slow.open_line, "{t:?}");
+            if matches!(fast.state, Q::Quoted | Q::QuotedEscape | Q::QuoteSeen) {
+                assert_eq!(fast.quoted_bytes, slow.quoted_bytes, "{t:?}");
+            }
+        }
+    }
+
     #[test]
     fn quoted_fields_embedded_newlines_bom_and_crlf() {
         let t = rows(

@@ -16,6 +16,7 @@
 //! confirmed by sniffing the first bytes (see [`format`]); a route that declares one thing while
 //! the bytes say another fails with [`ReadError::Mismatch`].
 
+pub mod batch;
 pub mod delimited;
 pub mod format;
 pub mod json;
