@@ -2,7 +2,8 @@
 //! of one hash range, not by the route.
 //!
 //! 1. **Partition.** Every part is read and mapped in order; each mapped row is written, in a
-//!    compact binary form ([`crate::map::MappedRow::encode_into`] plus its position), to the
+//!    compact binary form ([`crate::map::MappedRow::encode_into`] plus its position, in
+//!    varints), to the
 //!    local spill file of its user-hash range ([`crate::spill`]; range = top bits of the user
 //!    key, the same ranges as the state's, or finer). Rows that cannot be mapped are rejected
 //!    here exactly as [`crate::sync::produce`] does; a row rejected after its identifier was
@@ -35,7 +36,7 @@ use serde_json::Value;
 use tracing::warn;
 
 use crate::delta::{self, AudienceDepartures, Seen};
-use crate::map::{Binding, MapOutcome, MappedRow, Mapper};
+use crate::map::{Binding, MapOutcome, MappedRow, Mapper, put_varint};
 use crate::model::{AttributeChange, RowPos, UserDelta, UserKey, fingerprint};
 use crate::read::batch::{Columns, RowBatch};
 use crate::read::{self, ReadError, Row, RowItem, RowSource};
@@ -179,6 +180,20 @@ impl Keep {
     }
 }
 
+/// Reads a varint written by [`put_varint`] at `*at`, moving `at` past it.
+fn get_varint(b: &[u8], at: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let x = *b.get(*at)?;
+        *at += 1;
+        v |= u64::from(x & 0x7f) << shift;
+        if x & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
 /// What became of one row.
 enum Spilled {
     /// Spilled to its range.
@@ -259,10 +274,9 @@ impl<'a> Spiller<'a> {
             }));
         }
         self.rec.push(REC_ROW);
-        self.rec.extend_from_slice(&source_index.to_le_bytes());
-        self.rec.extend_from_slice(&row.row.to_le_bytes());
-        self.rec
-            .extend_from_slice(&row.line.unwrap_or(NO_LINE).to_le_bytes());
+        put_varint(&mut self.rec, u64::from(source_index));
+        put_varint(&mut self.rec, row.row);
+        put_varint(&mut self.rec, row.line.unwrap_or(NO_LINE));
         self.mapped.encode_into(&mut self.rec);
         let r = range_of(self.mapped.key.0, self.bits);
         self.out.push(r, &self.rec)?;
@@ -1092,10 +1106,11 @@ impl DiffCtx<'_, '_> {
                 Some(Ok(()))
             }
             REC_ROW => {
-                let src = u32::from_le_bytes(rec.get(1..5)?.try_into().ok()?) as usize;
-                let row = u64::from_le_bytes(rec.get(5..13)?.try_into().ok()?);
-                let line = u64::from_le_bytes(rec.get(13..21)?.try_into().ok()?);
-                mapped.decode_from(rec.get(21..)?)?;
+                let mut at = 1;
+                let src = usize::try_from(get_varint(rec, &mut at)?).ok()?;
+                let row = get_varint(rec, &mut at)?;
+                let line = get_varint(rec, &mut at)?;
+                mapped.decode_from(rec.get(at..)?)?;
                 let pos = || RowPos {
                     source: self
                         .sources

@@ -91,7 +91,7 @@ impl StandardField {
 
 fn text<'c>(cell: &Cell<'c>) -> std::borrow::Cow<'c, str> {
     match cell {
-        Cell::Str(s) => std::borrow::Cow::Borrowed(s.trim()),
+        Cell::Str(s) => std::borrow::Cow::Borrowed(types::trim(s)),
         other => {
             let mut s = String::new();
             types::text_of(other, &mut s);
@@ -197,7 +197,7 @@ pub fn subscription(cell: &Cell<'_>) -> Result<&'static str, Reason> {
 
 /// ISO-3166-1 alpha-2 from an alpha-2, alpha-3, numeric code or English name.
 pub fn country(s: &str) -> Result<&'static str, Reason> {
-    let t = s.trim();
+    let t = types::trim(s);
     if t.eq_ignore_ascii_case("uk") {
         return Ok("GB");
     }
@@ -213,7 +213,7 @@ pub fn country(s: &str) -> Result<&'static str, Reason> {
 
 /// ISO-639-1 from a 639-1 or 639-3 code, a locale (`en_US`, `pt-BR`) or an English name.
 pub fn language(s: &str) -> Result<&'static str, Reason> {
-    let t = s.trim();
+    let t = types::trim(s);
     let primary = t.split(['-', '_', '.']).next().unwrap_or(t);
     let mut low = [0u8; 3];
     let primary: &str = if primary.len() <= 3 && primary.is_ascii() {
@@ -240,7 +240,7 @@ pub fn language(s: &str) -> Result<&'static str, Reason> {
 
 /// The IANA name of a time zone (exact, else case-insensitive).
 pub fn time_zone(s: &str) -> Result<&'static str, Reason> {
-    let t = s.trim();
+    let t = types::trim(s);
     if let Ok(tz) = Tz::from_str(t) {
         return Ok(tz.name());
     }

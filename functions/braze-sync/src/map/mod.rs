@@ -212,7 +212,9 @@ impl MappedRow {
     }
 
     /// Appends this row's compact binary form (key, identifier, values) to `out`, for
-    /// [`crate::spill`]; [`MappedRow::decode_from`] reads it back into an equal row.
+    /// [`crate::spill`]; [`MappedRow::decode_from`] reads it back into an equal row. Text
+    /// spans are written as varints relative to the previous span's end (mapped text is laid
+    /// out in order, so most are one byte each), integers as zigzag varints.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.key.0.to_le_bytes());
         out.push(match self.kind {
@@ -221,12 +223,12 @@ impl MappedRow {
             Some(IdentifierKind::BrazeId) => 2,
             Some(IdentifierKind::UserAlias) => 3,
         });
-        for x in [self.id.0, self.id.1, self.label.0, self.label.1] {
-            out.extend_from_slice(&x.to_le_bytes());
-        }
-        out.extend_from_slice(&(self.text.len() as u32).to_le_bytes());
+        put_varint(out, self.text.len() as u64);
         out.extend_from_slice(self.text.as_bytes());
-        out.extend_from_slice(&(self.values.len() as u16).to_le_bytes());
+        let mut end = 0u32;
+        put_span(out, &mut end, self.id);
+        put_span(out, &mut end, self.label);
+        put_varint(out, self.values.len() as u64);
         for v in &self.values {
             match v {
                 Norm::Null => out.push(0),
@@ -235,7 +237,7 @@ impl MappedRow {
                 Norm::Bool(true) => out.push(3),
                 Norm::Int(i) => {
                     out.push(4);
-                    out.extend_from_slice(&i.to_le_bytes());
+                    put_varint(out, zigzag(*i));
                 }
                 Norm::Float(f) => {
                     out.push(5);
@@ -243,8 +245,7 @@ impl MappedRow {
                 }
                 Norm::Text(a, b) => {
                     out.push(6);
-                    out.extend_from_slice(&a.to_le_bytes());
-                    out.extend_from_slice(&b.to_le_bytes());
+                    put_span(out, &mut end, (*a, *b));
                 }
             }
         }
@@ -262,12 +263,13 @@ impl MappedRow {
             3 => Some(IdentifierKind::UserAlias),
             _ => return None,
         };
-        self.id = (r.u32()?, r.u32()?);
-        self.label = (r.u32()?, r.u32()?);
-        let n = r.u32()? as usize;
+        let n = usize::try_from(r.varint()?).ok()?;
         self.text.clear();
         self.text.push_str(std::str::from_utf8(r.take(n)?).ok()?);
-        let count = u16::from_le_bytes(r.array()?) as usize;
+        let mut end = 0u32;
+        self.id = r.span(&mut end)?;
+        self.label = r.span(&mut end)?;
+        let count = usize::try_from(r.varint()?).ok()?;
         self.values.clear();
         for _ in 0..count {
             let v = match r.byte()? {
@@ -275,9 +277,12 @@ impl MappedRow {
                 1 => Norm::Skip,
                 2 => Norm::Bool(false),
                 3 => Norm::Bool(true),
-                4 => Norm::Int(i64::from_le_bytes(r.array()?)),
+                4 => Norm::Int(unzigzag(r.varint()?)),
                 5 => Norm::Float(f64::from_bits(u64::from_le_bytes(r.array()?))),
-                6 => Norm::Text(r.u32()?, r.u32()?),
+                6 => {
+                    let (a, b) = r.span(&mut end)?;
+                    Norm::Text(a, b)
+                }
                 _ => return None,
             };
             self.values.push(v);
@@ -321,9 +326,51 @@ impl<'b> SpillCursor<'b> {
         Some(self.take(1)?[0])
     }
 
-    fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_le_bytes(self.array()?))
+    fn varint(&mut self) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte()?;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
     }
+
+    /// A span written by [`put_span`] after the span that ended at `end`.
+    fn span(&mut self, end: &mut u32) -> Option<(u32, u32)> {
+        let start = i64::from(*end).checked_add(unzigzag(self.varint()?))?;
+        let start = u32::try_from(start).ok()?;
+        let stop = start.checked_add(u32::try_from(self.varint()?).ok()?)?;
+        *end = stop;
+        Some((start, stop))
+    }
+}
+
+/// Appends `v` as a LEB128 varint.
+pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
+}
+
+/// Appends the text span `(a, b)` as its start relative to `end` (the previous span's end;
+/// then `end` is this one's) and its length.
+fn put_span(out: &mut Vec<u8>, end: &mut u32, (a, b): (u32, u32)) {
+    put_varint(out, zigzag(i64::from(a) - i64::from(*end)));
+    put_varint(out, u64::from(b.saturating_sub(a)));
+    *end = a + b.saturating_sub(a);
 }
 
 /// A mapped user in owned form: every slot's value (`Value::Null` for empty).
@@ -478,7 +525,7 @@ impl<'r> Mapper<'r> {
                 None => Cell::Null,
             };
             let cell = match cell {
-                Cell::Str(s) if s.trim().is_empty() => Cell::Null,
+                Cell::Str(s) if types::trim(s).is_empty() => Cell::Null,
                 c => c,
             };
             let v = self
@@ -724,6 +771,47 @@ on_leave = "null"
             } else {
                 assert_eq!(fp, Some(fingerprint(v)), "slot {i}");
             }
+        }
+    }
+
+    #[test]
+    fn the_spill_form_reads_back_into_an_equal_row() {
+        let row = MappedRow {
+            key: UserKey(u128::MAX - 7),
+            kind: Some(IdentifierKind::UserAlias),
+            id: (0, 3),
+            label: (3, 8),
+            values: vec![
+                Norm::Null,
+                Norm::Skip,
+                Norm::Bool(false),
+                Norm::Bool(true),
+                Norm::Int(-5),
+                Norm::Int(i64::MIN),
+                Norm::Int(i64::MAX),
+                Norm::Float(-0.5),
+                Norm::Float(f64::MAX),
+                Norm::Text(8, 12),
+                Norm::Text(12, 12),
+                // Out of order (never written so, still read back).
+                Norm::Text(0, 3),
+                Norm::Text(12, 400),
+            ],
+            text: "ann\u{e9}lab\"x\"\u{1f600}".into(),
+            key_buf: Vec::new(),
+        };
+        let mut out = vec![9u8];
+        row.encode_into(&mut out);
+        let mut back = MappedRow::default();
+        assert_eq!(back.decode_from(&out[1..]), Some(out.len() - 1));
+        assert_eq!(back.key, row.key);
+        assert_eq!(back.kind, row.kind);
+        assert_eq!((back.id, back.label), (row.id, row.label));
+        assert_eq!(back.values, row.values);
+        assert_eq!(back.text, row.text);
+        assert_eq!(back.identifier(), row.identifier());
+        for cut in 0..out.len() - 1 {
+            assert_eq!(back.decode_from(&out[1..1 + cut]), None, "cut at {cut}");
         }
     }
 

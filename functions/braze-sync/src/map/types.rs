@@ -23,7 +23,7 @@ pub fn parse_bool(cell: &Cell<'_>) -> Result<bool, Reason> {
         Cell::Int(0) => Ok(false),
         Cell::Int(1) => Ok(true),
         Cell::Str(s) => {
-            let t = s.trim();
+            let t = trim(s);
             if ["true", "t", "yes", "y", "1", "on"]
                 .iter()
                 .any(|w| t.eq_ignore_ascii_case(w))
@@ -54,7 +54,7 @@ pub fn parse_int(cell: &Cell<'_>) -> Result<i64, Reason> {
             parse_int(&Cell::Str(&text))
         }
         Cell::Str(s) => {
-            let t = s.trim();
+            let t = trim(s);
             if let Ok(i) = t.parse::<i64>() {
                 return Ok(i);
             }
@@ -88,7 +88,7 @@ pub fn parse_number(cell: &Cell<'_>, round: Option<u8>) -> Result<f64, Reason> {
             format!("{f}").into()
         }
         Cell::Decimal { unscaled, scale } => decimal_text(*unscaled, *scale).into(),
-        Cell::Str(s) => s.trim().into(),
+        Cell::Str(s) => trim(s).into(),
         other => return Err(format!("{} is not a number", describe(other))),
     };
     // Fast path: plain decimal text that needs no rounding, or rounding on the stack.
@@ -222,7 +222,7 @@ pub fn parse_date(cell: &Cell<'_>) -> Result<NaiveDate, Reason> {
         Cell::Date(d) => Ok(*d),
         Cell::Timestamp(t) => Ok(t.date_naive()),
         Cell::Str(s) => {
-            let t = s.trim();
+            let t = trim(s);
             if let Some(d) = fast_date(t.as_bytes())
                 && (t.len() == 10 || (t.len() > 10 && fast_datetime(t.as_bytes()).is_some()))
             {
@@ -278,7 +278,7 @@ fn parse_datetime_any(cell: &Cell<'_>) -> Result<DateTime<Utc>, Reason> {
         Cell::Timestamp(t) => Ok(*t),
         Cell::Date(d) => Ok(d.and_time(chrono::NaiveTime::MIN).and_utc()),
         Cell::Str(s) => {
-            let t = s.trim();
+            let t = trim(s);
             if let Some(dt) = fast_datetime(t.as_bytes()) {
                 return Ok(dt);
             }
@@ -342,8 +342,16 @@ fn push_num(out: &mut String, v: u32, width: usize) {
             break;
         }
     }
-    for &b in &buf[i..] {
-        out.push(b as char);
+    // ASCII digits: one copy, not a char push per digit.
+    out.push_str(std::str::from_utf8(&buf[i..]).unwrap_or_default());
+}
+
+/// [`str::trim`], without decoding characters when both ends are visible ASCII (the common
+/// case: then nothing is trimmed).
+pub fn trim(s: &str) -> &str {
+    match (s.as_bytes().first(), s.as_bytes().last()) {
+        (Some(a), Some(b)) if a.is_ascii_graphic() && b.is_ascii_graphic() => s,
+        _ => s.trim(),
     }
 }
 
@@ -504,7 +512,7 @@ pub fn text_of(cell: &Cell<'_>, out: &mut String) {
     use std::fmt::Write;
     match cell {
         Cell::Null => {}
-        Cell::Str(s) => out.push_str(s.trim()),
+        Cell::Str(s) => out.push_str(trim(s)),
         Cell::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
         Cell::Int(i) => {
             let _ = write!(out, "{i}");
@@ -556,6 +564,28 @@ pub fn describe(c: &Cell<'_>) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fast_trim_is_str_trim() {
+        for s in [
+            "",
+            " ",
+            "a",
+            " a",
+            "a ",
+            "\u{a0}x\u{3000}",
+            "é",
+            " é ",
+            "\tx\n",
+            "x\u{2003}",
+            "ab",
+            "\u{85}",
+            "~!",
+            "a b",
+        ] {
+            assert_eq!(trim(s), s.trim(), "{s:?}");
+        }
+    }
 
     #[test]
     fn booleans_from_amperity_spellings() {
