@@ -390,6 +390,7 @@ fn worker(dir: &Path, export: &Path, tag: &str) {
             "departures_s": times.departures_s,
             "spilled_bytes": times.spilled_bytes,
             "workers": times.workers,
+            "mappers": times.mappers,
             "produce_wall_s": produce_wall_s,
             "checkpoint_s": checkpoint_s,
             "cpu_produce_s": cpu_produce_s,
@@ -522,9 +523,10 @@ fn main() {
         "  bare CSV read (1 core)     {bare_rps:>12.0} rows/s   (baseline, same file, same run)"
     );
     println!(
-        "  read+map+spill+diff, all   {all_rps:>12.0} rows/s   ({:.3}x the bare read; {} diff workers)",
+        "  read+map+spill+diff, all   {all_rps:>12.0} rows/s   ({:.3}x the bare read; {} diff workers, {} mapping threads per part)",
         all_rps / bare_rps,
-        run2["workers"]
+        run2["workers"],
+        run2["mappers"]
     );
     println!(
         "  per core (rows / CPU s)    {per_core_rps:>12.0} rows/s   ({:.3}x the bare read; target >= 0.17x)",

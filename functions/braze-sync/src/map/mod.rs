@@ -205,7 +205,16 @@ impl MappedRow {
                 let _ = serde_json::to_writer(&mut *buf, &Value::from(*f));
             }
             Norm::Text(a, b) => {
-                let _ = serde_json::to_writer(&mut *buf, self.span((*a, *b)));
+                let s = self.span((*a, *b));
+                // JSON escapes only control bytes, quotes and backslashes: text without any
+                // is its JSON string as is, between quotes.
+                if s.bytes().all(|c| c >= 0x20 && c != b'"' && c != b'\\') {
+                    buf.push(b'"');
+                    buf.extend_from_slice(s.as_bytes());
+                    buf.push(b'"');
+                } else {
+                    let _ = serde_json::to_writer(&mut *buf, s);
+                }
             }
         }
         Some(xxhash_rust::xxh3::xxh3_64(buf))
@@ -771,6 +780,35 @@ on_leave = "null"
             } else {
                 assert_eq!(fp, Some(fingerprint(v)), "slot {i}");
             }
+        }
+    }
+
+    #[test]
+    fn text_fingerprints_match_the_model_with_and_without_escapes() {
+        let texts = [
+            "plain",
+            "quo\"te",
+            "back\\slash",
+            "tab\tx",
+            "nl\n",
+            "\u{1}",
+            "\u{7f}",
+            "é ünï \u{1f600}",
+            "",
+        ];
+        let mut row = MappedRow::default();
+        for t in texts {
+            let a = row.text.len() as u32;
+            row.text.push_str(t);
+            row.values.push(Norm::Text(a, row.text.len() as u32));
+        }
+        let mut buf = Vec::new();
+        for (i, t) in texts.iter().enumerate() {
+            assert_eq!(
+                row.fingerprint(i, &mut buf),
+                Some(fingerprint(&Value::String((*t).into()))),
+                "{t:?}"
+            );
         }
     }
 
