@@ -19,11 +19,15 @@ use serde_json::Value;
 use tracing::info;
 
 use crate::model::{Identifier, UserDelta};
+use crate::ranged::{RangedSettings, StoreRanges, produce_ranged};
 use crate::route::Route;
 use crate::route_lock::{RouteLock, lock_uri};
 use crate::snapshot::Snapshot;
-use crate::snapshot::store::{StateError, StateStore, Watermark};
-use crate::sync::{ProduceOptions, Stop, SyncError, open_s3_part, produce};
+use crate::snapshot::store::{
+    CommitStats, Head, LEGACY_HEAD_FORMAT, StateError, StateStore, Watermark,
+};
+use crate::spill::SpillDir;
+use crate::sync::{ProduceOptions, Stop, Summary, SyncError, open_s3_part, produce};
 
 /// Default largest share of sampled users that may differ from Braze.
 pub const DEFAULT_MAX_DIFFER_SHARE: f64 = 0.02;
@@ -94,7 +98,7 @@ impl Default for AdoptOptions {
         Self {
             verify_sample: None,
             max_differ_share: DEFAULT_MAX_DIFFER_SHARE,
-            checkpoint_users: 50_000,
+            checkpoint_users: 20_000,
             seed: rand::random(),
             lease_s: 3_600,
         }
@@ -449,6 +453,51 @@ async fn adopt_locked(
         &target.state_prefix,
         route.name(),
     );
+    let head = state.read_head().await?;
+    let (summary, recorded, stats) = if head.doc.format == LEGACY_HEAD_FORMAT {
+        adopt_in_memory(store.clone(), &state, route.clone(), parts, export, opts).await?
+    } else {
+        adopt_bounded(
+            store.clone(),
+            &state,
+            head,
+            route.clone(),
+            parts,
+            export,
+            opts,
+            run_id,
+        )
+        .await?
+    };
+    report.status = "adopted".into();
+    report.rows_read = summary.rows_read;
+    report.rejected = summary.rejected;
+    report.users_recorded = recorded.0;
+    report.attributes_recorded = recorded.1;
+    report.state_users = stats.users;
+    write_report(store.as_ref(), &report_uri, &report).await;
+    info!(
+        route = route.name(),
+        users = recorded.0,
+        "Export adopted as confirmed without sending."
+    );
+    Ok(report)
+}
+
+/// What pass 2 recorded: the diff's counts, `(users, attributes)` recorded, the commit.
+type Recorded = (Summary, (u64, u64), CommitStats);
+
+/// Pass 2 for a format-1 state (its migration goes through the in-memory commit): the whole
+/// snapshot in memory.
+async fn adopt_in_memory(
+    store: Arc<dyn ObjectStore>,
+    state: &StateStore,
+    route: Arc<Route>,
+    parts: Vec<S3Uri>,
+    export: Watermark,
+    opts: &AdoptOptions,
+) -> Result<Recorded, AdoptError> {
+    let handle = tokio::runtime::Handle::current();
     let (head, snapshot) = state.load(&route).await?;
     let (st, r, every) = (store.clone(), route.clone(), opts.checkpoint_users.max(1));
     let state2 = state.clone();
@@ -500,19 +549,114 @@ async fn adopt_locked(
     let summary = summary?;
     let mut head = head;
     let stats = state.commit(&mut head, snapshot, Some(export)).await?;
-    report.status = "adopted".into();
-    report.rows_read = summary.rows_read;
-    report.rejected = summary.rejected;
-    report.users_recorded = recorded.0;
-    report.attributes_recorded = recorded.1;
-    report.state_users = stats.users;
-    write_report(store.as_ref(), &report_uri, &report).await;
-    info!(
-        route = route.name(),
-        users = recorded.0,
-        "Export adopted as confirmed without sending."
+    Ok((summary, recorded, stats))
+}
+
+/// What the bounded pass 2's delta callback (called from several diff workers) holds.
+struct Pending {
+    head: Head,
+    deltas: Vec<UserDelta>,
+    recorded: (u64, u64),
+    failed: Option<StateError>,
+}
+
+/// Pass 2 for a format-2 (or new) state, in memory bounded by one hash range whatever the
+/// route's size, as a bounded run ([`crate::ranged`]): checkpoints a killed run left are
+/// folded first, the export is diffed range by range against the state, what differs is
+/// checkpointed as confirmed, and the commit goes range by range
+/// ([`StateStore::commit_ranged`]). Spills to the system temporary folder.
+#[allow(clippy::too_many_arguments)]
+async fn adopt_bounded(
+    store: Arc<dyn ObjectStore>,
+    state: &StateStore,
+    mut head: Head,
+    route: Arc<Route>,
+    parts: Vec<S3Uri>,
+    export: Watermark,
+    opts: &AdoptOptions,
+    run_id: &str,
+) -> Result<Recorded, AdoptError> {
+    let base = std::env::temp_dir();
+    if !head.doc.segments.is_empty() {
+        let dir = SpillDir::create(&base, &format!("{run_id}-fold")).map_err(StateError::from)?;
+        let users = head.doc.users;
+        state
+            .commit_ranged(&mut head, &route, None, users, dir.path())
+            .await?;
+    }
+    let handle = tokio::runtime::Handle::current();
+    let ranges = StoreRanges::new(
+        state.clone(),
+        head.doc.clone(),
+        route.clone(),
+        handle.clone(),
     );
-    Ok(report)
+    let (st, r, every) = (store.clone(), route.clone(), opts.checkpoint_users.max(1));
+    let state2 = state.clone();
+    let settings = RangedSettings::new(run_id);
+    let (summary, pending) = tokio::task::spawn_blocking(move || {
+        let pending = std::sync::Mutex::new(Pending {
+            head,
+            deltas: Vec::new(),
+            recorded: (0, 0),
+            failed: None,
+        });
+        let flush = |p: &mut Pending| -> Result<(), StateError> {
+            handle.block_on(state2.checkpoint(&mut p.head, &r, &p.deltas))?;
+            p.deltas.clear();
+            Ok(())
+        };
+        let mut popts = ProduceOptions::for_route(&r, "");
+        popts.departures = false;
+        let summary = produce_ranged(
+            parts
+                .iter()
+                .map(|u| open_s3_part(&st, u, &handle).map(|(_, part)| part)),
+            &r,
+            &ranges,
+            &popts,
+            &settings,
+            &|d| {
+                let mut p = pending
+                    .lock()
+                    .map_err(|_| Stop("a diff worker panicked".into()))?;
+                p.recorded.0 += 1;
+                p.recorded.1 += d.changes.len() as u64;
+                p.deltas.push(d);
+                if p.deltas.len() >= every
+                    && let Err(e) = flush(&mut p)
+                {
+                    let msg = e.to_string();
+                    p.failed = Some(e);
+                    return Err(Stop(msg));
+                }
+                Ok(())
+            },
+            &mut |_| {},
+        );
+        let mut p = match pending.into_inner() {
+            Ok(p) => p,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let summary = match (summary, p.failed.take()) {
+            (_, Some(e)) => Err(AdoptError::State(e)),
+            (Err(e), None) => Err(AdoptError::Sync(e)),
+            (Ok(s), None) => flush(&mut p).map(|()| s).map_err(AdoptError::State),
+        };
+        (summary, p)
+    })
+    .await
+    .map_err(|e| AdoptError::Busy(format!("the adoption task failed: {e}")))?;
+    let summary = summary?;
+    let Pending {
+        mut head, recorded, ..
+    } = pending;
+    let expected = head.doc.users.saturating_add(summary.users_new);
+    let dir = SpillDir::create(&base, &format!("{run_id}-commit")).map_err(StateError::from)?;
+    let stats = state
+        .commit_ranged(&mut head, &route, Some(export), expected, dir.path())
+        .await?;
+    Ok((summary, recorded, stats))
 }
 
 async fn write_report(store: &dyn ObjectStore, uri: &S3Uri, report: &AdoptReport) {

@@ -1251,3 +1251,47 @@ impl RangeState for SplitSnapshot<'_> {
         Ok(out)
     }
 }
+
+/// The state in an object store, one hash range at a time (from the bounded diff's worker
+/// threads, which are not the runtime's: each load blocks on `rt`). `doc` must have no
+/// checkpoint segments (fold them first, [`crate::snapshot::store::StateStore::commit_ranged`]
+/// without a watermark).
+pub struct StoreRanges {
+    state: crate::snapshot::store::StateStore,
+    doc: crate::snapshot::store::HeadDoc,
+    route: std::sync::Arc<Route>,
+    rt: tokio::runtime::Handle,
+}
+
+impl StoreRanges {
+    /// The ranges of `doc` in `state`, laid out for `route`.
+    pub fn new(
+        state: crate::snapshot::store::StateStore,
+        doc: crate::snapshot::store::HeadDoc,
+        route: std::sync::Arc<Route>,
+        rt: tokio::runtime::Handle,
+    ) -> Self {
+        Self {
+            state,
+            doc,
+            route,
+            rt,
+        }
+    }
+}
+
+impl RangeState for StoreRanges {
+    fn bits(&self) -> Option<u32> {
+        (!self.doc.ranges.is_empty()).then_some(self.doc.range_bits)
+    }
+
+    fn load(&self, range: usize) -> Result<Snapshot, SyncError> {
+        self.rt
+            .block_on(self.state.load_range(&self.doc, range, &self.route))
+            .map_err(|e| SyncError::State {
+                range,
+                message: e.to_string(),
+                retryable: e.is_retryable(),
+            })
+    }
+}

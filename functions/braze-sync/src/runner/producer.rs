@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 
 use crate::handler::{ExportPlan, RunError};
 use crate::model::UserDelta;
-use crate::ranged::{RangeState, RangedSettings, produce_ranged};
+use crate::ranged::{RangedSettings, StoreRanges, produce_ranged};
 use crate::rejects::RejectLog;
 use crate::route::Route;
 use crate::snapshot::Snapshot;
@@ -91,12 +91,7 @@ impl Producer {
             let parts_iter = parts
                 .iter()
                 .map(|uri| open_s3_part(&store, uri, &rt).map(|(_, part)| part));
-            let ranges = StoreRanges {
-                state,
-                doc,
-                route: route.clone(),
-                rt: rt.clone(),
-            };
+            let ranges = StoreRanges::new(state, doc, route.clone(), rt.clone());
             let result = produce_ranged(
                 parts_iter,
                 &route,
@@ -119,29 +114,5 @@ impl Producer {
         self.handle
             .await
             .map_err(|e| RunError::Retryable(format!("the reader task failed: {e}")))
-    }
-}
-
-/// The state in S3, one hash range at a time (from the bounded diff's worker threads).
-struct StoreRanges {
-    state: StateStore,
-    doc: HeadDoc,
-    route: Arc<Route>,
-    rt: tokio::runtime::Handle,
-}
-
-impl RangeState for StoreRanges {
-    fn bits(&self) -> Option<u32> {
-        (!self.doc.ranges.is_empty()).then_some(self.doc.range_bits)
-    }
-
-    fn load(&self, range: usize) -> Result<Snapshot, SyncError> {
-        self.rt
-            .block_on(self.state.load_range(&self.doc, range, &self.route))
-            .map_err(|e| SyncError::State {
-                range,
-                message: e.to_string(),
-                retryable: e.is_retryable(),
-            })
     }
 }
