@@ -50,6 +50,51 @@ pub struct RouteStatus {
     pub attention: Vec<Attention>,
     /// The run holding the route lock now, when one is in progress.
     pub lease: Option<Lease>,
+    /// Exports split across invocations whose pieces are still at work (their control
+    /// objects under `<route>/_fan_out/<run id>/`).
+    #[serde(default)]
+    pub fan_outs: Vec<FanOutProgress>,
+}
+
+/// An export split across invocations, as far as its control objects tell.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FanOutProgress {
+    /// The fan-out's run id (the route lock's holder while it runs).
+    pub run_id: String,
+    /// Pieces (forks of the state).
+    pub pieces: usize,
+    /// Pieces finished (`done.json`).
+    pub pieces_done: usize,
+    /// The last piece is merging, sending departures and committing (`final.json`).
+    pub finalizing: bool,
+}
+
+/// The fan-outs a route folder's listing shows (`_fan_out/<run id>/...`, keys relative to
+/// the route folder), in run order.
+fn fan_outs(relative: &[&str]) -> Vec<FanOutProgress> {
+    let mut by_run: BTreeMap<&str, FanOutProgress> = BTreeMap::new();
+    for key in relative {
+        let Some(rest) = key.strip_prefix(crate::runner::fan_out::CONTROL_FOLDER) else {
+            continue;
+        };
+        let Some((run, file)) = rest.trim_start_matches('/').split_once('/') else {
+            continue;
+        };
+        let f = by_run.entry(run).or_insert_with(|| FanOutProgress {
+            run_id: run.to_string(),
+            pieces: 0,
+            pieces_done: 0,
+            finalizing: false,
+        });
+        match file.split_once('/') {
+            Some((p, "head.json")) if p.starts_with('p') => f.pieces += 1,
+            Some((p, "done.json")) if p.starts_with('p') => f.pieces_done += 1,
+            None if file == "final.json" => f.finalizing = true,
+            _ => {}
+        }
+    }
+    // A finished fan-out leaves only state objects the route head references.
+    by_run.into_values().filter(|f| f.pieces > 0).collect()
 }
 
 /// A route's confirmed state.
@@ -291,15 +336,27 @@ impl RouteStatus {
             lock,
         } = reading;
         let mut state = StateSummary {
-            head: head_uri,
+            head: head_uri.clone(),
             attributes_tracked,
             ..StateSummary::default()
         };
         let mut watermark = None;
+        // Keys relative to the route folder (what the head names): `<folder>head.json`.
+        let folder = head_uri
+            .strip_prefix("s3://")
+            .and_then(|u| u.split_once('/'))
+            .map_or("", |(_, k)| k.trim_end_matches("head.json"))
+            .to_string();
+        let relative: Vec<&str> = state_objects
+            .iter()
+            .map(|m| m.key.strip_prefix(folder.as_str()).unwrap_or(&m.key))
+            .collect();
+        let fan_outs = fan_outs(&relative);
         if let Some(h) = &head {
-            let sizes: BTreeMap<&str, u64> = state_objects
+            let sizes: BTreeMap<&str, u64> = relative
                 .iter()
-                .map(|m| (m.key.rsplit('/').next().unwrap_or(&m.key), m.size))
+                .zip(&state_objects)
+                .map(|(k, m)| (*k, m.size))
                 .collect();
             let names = head_objects(h);
             state.users = h.users.max(h.ranges.iter().map(|r| r.users).sum());
@@ -380,6 +437,7 @@ impl RouteStatus {
             runs,
             attention,
             lease,
+            fan_outs,
         }
     }
 }
@@ -562,6 +620,17 @@ fn render_one(out: &mut String, s: &RouteStatus) {
         None => {
             let _ = writeln!(out, "  Running    no run in progress");
         }
+    }
+    for f in &s.fan_outs {
+        let _ = writeln!(
+            out,
+            "  Fan-out    {}: {} of {} pieces done{} (control objects under _fan_out/{}/)",
+            f.run_id,
+            f.pieces_done,
+            f.pieces,
+            if f.finalizing { ", finalizing" } else { "" },
+            f.run_id
+        );
     }
     if s.runs.is_empty() {
         let _ = writeln!(out, "  Runs       none yet");
@@ -825,6 +894,7 @@ mod tests {
             "runs",
             "attention",
             "lease",
+            "fan_outs",
         ] {
             assert!(v.get(f).is_some(), "{f}");
         }
@@ -869,5 +939,47 @@ mod tests {
         assert_eq!(s.runs[0].status, "adopted");
         assert_eq!((s.runs[0].rows_in, s.runs[0].rejected), (5, 1));
         assert_eq!(s.last_export.unwrap().key, "s3://x/a/3.csv");
+    }
+
+    #[test]
+    fn fan_outs_in_progress_are_shown_and_merged_fork_objects_are_counted() {
+        let mut r = reading();
+        let obj = |name: &str, size| ObjectMeta {
+            key: format!("bridge/state/customers/{name}"),
+            size,
+            ..ObjectMeta::default()
+        };
+        // A merged fan-out's delta, now referenced by the head; and a fan-out at work.
+        let merged = "_fan_out/run0/p001/delta-00000-00000005-aa.bin";
+        if let Some(h) = r.head.as_mut() {
+            h.ranges[0].deltas.push(merged.into());
+        }
+        r.state_objects.extend([
+            obj(merged, 50),
+            obj("_fan_out/run1/manifest.json", 10),
+            obj("_fan_out/run1/p000/head.json", 10),
+            obj("_fan_out/run1/p001/head.json", 10),
+            obj("_fan_out/run1/p002/head.json", 10),
+            obj("_fan_out/run1/p000/done.json", 10),
+            obj("_fan_out/run1/p000/departures.bin", 10),
+            obj("_fan_out/run1/p002/done.json", 10),
+            obj("_fan_out/run1/p002/delta-00001-00000006-bb.bin", 10),
+        ]);
+        let s = RouteStatus::build(r, 0);
+        assert_eq!(s.state.bytes, 9000 + 100 + 24 + 50);
+        assert_eq!(
+            s.fan_outs,
+            vec![FanOutProgress {
+                run_id: "run1".into(),
+                pieces: 3,
+                pieces_done: 2,
+                finalizing: false,
+            }]
+        );
+        let text = render(std::slice::from_ref(&s));
+        assert!(
+            text.contains("Fan-out    run1: 2 of 3 pieces done"),
+            "{text}"
+        );
     }
 }

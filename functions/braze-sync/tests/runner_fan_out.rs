@@ -327,6 +327,20 @@ async fn an_export_in_four_pieces_ends_as_a_single_run_with_one_piece_killed_and
         "a duplicate piece sends nothing"
     );
 
+    // `status` shows the fan-out at work: 2 of 4 pieces done.
+    let at = braze_sync::status::StatusLocation {
+        bucket: "state".into(),
+        state_prefix: "s/".into(),
+        reports_prefix: "r/".into(),
+    };
+    let now = chrono::Utc::now().timestamp_millis();
+    let st = braze_sync::status::read_route_status(store.clone(), &at, &route(), now)
+        .await
+        .unwrap();
+    assert_eq!(st.fan_outs.len(), 1, "{:?}", st.fan_outs);
+    assert_eq!((st.fan_outs[0].pieces, st.fan_outs[0].pieces_done), (4, 2));
+    assert_eq!(st.lease.unwrap().holder, run_id);
+
     // Piece 1 redelivered: it resumes from its own checkpoints. Then piece 3, the last one,
     // finalizes.
     let r = fan.handle(&sqs(&msgs[1], "m1b"), None).await.unwrap();
@@ -400,6 +414,10 @@ async fn an_export_in_four_pieces_ends_as_a_single_run_with_one_piece_killed_and
     // The route lock is released, the ledger says complete, a late piece is a no-op.
     let l = read_lock(store.as_ref(), &lock).await.unwrap().unwrap();
     assert!(l.released);
+    let st = braze_sync::status::read_route_status(store.clone(), &at, &route(), now)
+        .await
+        .unwrap();
+    assert!(st.fan_outs.is_empty(), "{:?}", st.fan_outs);
     assert_eq!(outcome(&sync(&fan, "in/e2.csv").await), "duplicate_no_op");
     let late = fan.handle(&sqs(&msgs[0], "late"), None).await.unwrap();
     assert_eq!(late["results"][0]["outcome"], "fan_out_over", "{late}");
