@@ -398,6 +398,7 @@ async fn an_export_in_four_pieces_ends_as_a_single_run_with_one_piece_killed_and
     assert_eq!(report["departures_sent"], 28, "{report}");
     assert_eq!(report["departures_held"], 0, "{report}");
     assert_eq!(report["fan_out"]["pieces"], 4);
+    assert!(report["duration_s"].as_f64().unwrap() > 0.0, "{report}");
     assert_eq!(report["rows_in"], u64::from(N) - 28 + 8, "{report}");
     // No control object left; what is left under _fan_out/ is state the head references.
     let referenced: BTreeSet<String> = h

@@ -862,6 +862,13 @@ impl SyncRunner {
             report.unconfirmed_requests += r.unconfirmed_requests;
             report.http_429 += r.http_429;
             report.requests += r.requests;
+            let (t, p) = (&mut report.retries_by_cause, &r.retries_by_cause);
+            t.http_429 += p.http_429;
+            t.http_5xx += p.http_5xx;
+            t.timeout += p.timeout;
+            t.connection += p.connection;
+            t.split_413 += p.split_413;
+            t.bisect_400 += p.bisect_400;
             report.send_duration_s = report.send_duration_s.max(r.send_duration_s);
             report.workspace_senders = report.workspace_senders.max(r.workspace_senders);
             report.rate_limit_configured_rps = r.rate_limit_configured_rps;
@@ -989,6 +996,16 @@ impl SyncRunner {
         report.users_confirmed += delivery.stats.users_confirmed;
         report.braze_rejected += delivery.stats.braze_rejected;
         report.requests += delivery.stats.requests;
+        let (t, d) = (
+            &mut report.retries_by_cause,
+            &delivery.stats.retries_by_cause,
+        );
+        t.http_429 += d.http_429;
+        t.http_5xx += d.http_5xx;
+        t.timeout += d.timeout;
+        t.connection += d.connection;
+        t.split_413 += d.split_413;
+        t.bisect_400 += d.bisect_400;
         report.http_429 += delivery.stats.http_429;
         let watermark = Watermark {
             export_id: manifest.export_id.clone(),
@@ -1018,7 +1035,16 @@ impl SyncRunner {
             piece_reports: pieces,
         });
         let report_uri = self.report_uri(route.name(), &manifest.run_id);
-        report.finished_at = Some(chrono::Utc::now().to_rfc3339());
+        let now = chrono::Utc::now();
+        report.finished_at = Some(now.to_rfc3339());
+        // The whole fan-out, from the coordinator's start.
+        report.duration_s = manifest
+            .started_at
+            .as_deref()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map_or(0.0, |t| {
+                (now - t.with_timezone(&chrono::Utc)).num_milliseconds() as f64 / 1000.0
+            });
         if let Err(e) = report.put(store, &report_uri).await {
             return Err(RunError::Retryable(format!(
                 "writing the combined report {report_uri}: {e}"
