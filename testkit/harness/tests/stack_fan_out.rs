@@ -4,7 +4,8 @@
 //! against a rate-limited Braze simulator and handing itself over, the last one merging the
 //! forks. The simulator ends with exactly the profiles of single-invocation runs (the CLI, on
 //! a fresh state bucket and simulator) of the same exports; every report is complete and
-//! lists its pieces; no fan-out control object is left; the route lock is free.
+//! lists its pieces; no fan-out control object is left; the route lock is free. And 3 pieces
+//! in 3 concurrent invocations share the simulator's rate limit (the 429 share is printed).
 
 use std::time::Duration;
 
@@ -177,5 +178,114 @@ async fn an_export_fanned_out_over_the_queue_ends_as_a_single_run() -> anyhow::R
             .await?,
     )?;
     assert_eq!(lock["released"], true);
+    Ok(())
+}
+
+/// Three copies of the function (three "concurrent executions"), each fed one message at a
+/// time by its own poller from the one queue: the 3 pieces of an export send at the same time
+/// against the simulator's rate limit, sharing it through the sender registry in moto S3.
+/// Prints the share of requests answered 429 and holds it to 1%.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pieces_in_concurrent_invocations_share_the_rate_limit() -> anyhow::Result<()> {
+    use harness::emulator::FunctionUnderEmulator;
+    use harness::moto::Moto;
+    use harness::poller::Poller;
+    use std::sync::Arc;
+    const LIMIT: u64 = 30;
+    let moto = Moto::start(None).await?;
+    moto.create_bucket(EXPORTS_BUCKET).await?;
+    moto.create_bucket(STATE_BUCKET).await?;
+    let (url, arn, _dlq) = moto
+        .create_queue_with_dlq("braze-sync-exports", 30, 3)
+        .await?;
+    moto.notify_queue(EXPORTS_BUCKET, "amperity/", &arn).await?;
+    let sim = braze_sim::start(braze_sim::SimConfig {
+        api_key: BRAZE_KEY.to_string(),
+        rate_limit_requests: LIMIT,
+        rate_limit_window: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await?;
+    let mut env = aws_env(&moto.endpoint);
+    for (k, v) in [
+        (
+            "ROUTES_LOCATION",
+            harness::paths::workspace_root()
+                .join("functions/braze-sync/routes")
+                .display()
+                .to_string(),
+        ),
+        ("STATE_BUCKET", STATE_BUCKET.to_string()),
+        ("BRAZE_REST_ENDPOINT", sim.base_url()),
+        ("BRAZE_API_KEY", BRAZE_KEY.to_string()),
+        ("CONTINUATION_QUEUE_URL", url.clone()),
+        ("BRIDGE_FAN_OUT_PIECES", "3".to_string()),
+        ("BRAZE_RATE_LIMIT_REQUESTS", LIMIT.to_string()),
+        ("BRAZE_RATE_LIMIT_WINDOW_SECS", "1".to_string()),
+        ("BRAZE_MAX_OBJECTS_PER_REQUEST", "10".to_string()),
+        ("RUST_LOG", "info".to_string()),
+        (
+            braze_sync::config::INSECURE_PLAIN_KEY_SWITCH,
+            "1".to_string(),
+        ),
+    ] {
+        env.push((k.to_string(), v));
+    }
+    let logs: Option<std::path::PathBuf> = std::env::var_os("BRIDGE_TEST_LOGS").map(Into::into);
+    let mut pollers = Vec::new();
+    let mut functions = Vec::new();
+    for i in 0..3 {
+        let log = logs.as_ref().map(|d| d.join(format!("braze-sync-{i}.log")));
+        let f = Arc::new(FunctionUnderEmulator::start("braze-sync", &env, log.as_deref()).await?);
+        pollers.push(Poller::start(
+            moto.sqs.clone(),
+            url.clone(),
+            arn.clone(),
+            f.clone(),
+            1,
+        ));
+        functions.push(f);
+    }
+    moto.put(
+        EXPORTS_BUCKET,
+        "amperity/customers/customers_2026-11-29.csv",
+        samples::customers_csv(0..1_500, 1),
+    )
+    .await?;
+    // Every poller idle at once.
+    for _ in 0..3 {
+        for p in &pollers {
+            p.wait_idle(WAIT).await?;
+        }
+    }
+    assert_eq!(sim.users().len(), 1_500);
+    let mut finished = Vec::new();
+    for k in moto.list(STATE_BUCKET, "bridge/reports/").await? {
+        let r: Value = serde_json::from_slice(&moto.get(STATE_BUCKET, &k).await?)?;
+        if r["fan_out"]["piece_reports"]
+            .as_array()
+            .is_some_and(|p| p.len() == 3)
+        {
+            finished.push(r);
+        }
+    }
+    assert_eq!(finished.len(), 1);
+    assert_eq!(finished[0]["status"], "complete", "{}", finished[0]);
+    let senders = finished[0]["workspace_senders"].as_u64().unwrap_or(0);
+    let stats = sim.stats();
+    let http_429 = stats.by_status.get("429").copied().unwrap_or(0);
+    let share = http_429 as f64 / stats.requests_total.max(1) as f64;
+    eprintln!(
+        "3 pieces in 3 invocations at once (up to {senders} senders seen): {} requests, {http_429} answered 429 ({:.2}%)",
+        stats.requests_total,
+        share * 100.0
+    );
+    assert!(senders >= 2, "the pieces did not send at the same time");
+    assert!(
+        share <= 0.01,
+        "{http_429} of {} requests met a 429",
+        stats.requests_total
+    );
+    drop(pollers);
     Ok(())
 }
