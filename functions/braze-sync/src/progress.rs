@@ -39,6 +39,12 @@ impl Live {
         self.rows_read.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// `n` data rows read (readers on several threads count locally and add in steps, so
+    /// they do not contend on this counter's cache line per row).
+    pub fn rows_read(&self, n: u64) {
+        self.rows_read.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// A batch finished: `users` first sent, in `requests` requests.
     pub fn sent(&self, users: u64, requests: u64) {
         self.users_sent.fetch_add(users, Ordering::Relaxed);

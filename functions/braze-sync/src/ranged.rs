@@ -146,6 +146,9 @@ const BATCH_ROWS: usize = 512;
 /// Text bytes that end a batch.
 const BATCH_BYTES: usize = 256 * 1024;
 
+/// Rows a reader counts before adding them to the live progress counter.
+const LIVE_STEP: u64 = 1024;
+
 /// Where one part's rows are spilled: the partitioner of each thread that maps them.
 struct SpillTo {
     dir: PathBuf,
@@ -331,6 +334,14 @@ struct Partition<'a> {
 type OnReject<'r> = &'r (dyn Fn(RowReject) + Sync);
 
 impl Partition<'_> {
+    /// One more row read; the live progress counter gets them in steps.
+    fn seen_row(&mut self) {
+        self.rows_seen += 1;
+        if self.rows_seen.is_multiple_of(LIVE_STEP) {
+            crate::progress::LIVE.rows_read(LIVE_STEP);
+        }
+    }
+
     fn add(&mut self, c: Counted) {
         self.summary.rows_read += c.rows_read;
         self.summary.rejected += c.rejected;
@@ -362,8 +373,7 @@ impl Partition<'_> {
             return self.table_parallel(src, &binding, &header, &source, source_index, on_reject);
         }
         while let Some(item) = src.next_row()? {
-            self.rows_seen += 1;
-            crate::progress::LIVE.row_read();
+            self.seen_row();
             let row = match item {
                 RowItem::Bad(b) => {
                     self.unreadable(&source, b, on_reject);
@@ -438,8 +448,7 @@ impl Partition<'_> {
             let mut read = || -> Result<(), SyncError> {
                 let mut batches: Vec<RowBatch> = (0..n).map(|_| fresh()).collect();
                 while let Some(item) = src.next_row()? {
-                    self.rows_seen += 1;
-                    crate::progress::LIVE.row_read();
+                    self.seen_row();
                     let row = match item {
                         RowItem::Bad(b) => {
                             self.unreadable(source, b, on_reject);
@@ -644,6 +653,7 @@ where
             &mut |src: &mut dyn RowSource| p.table(src, &reject),
         )?;
         p.spiller.out.finish()?;
+        crate::progress::LIVE.rows_read(p.rows_seen % LIVE_STEP);
         Ok(PartOut {
             index: i,
             sources: p.sources,

@@ -195,8 +195,55 @@ pub fn subscription(cell: &Cell<'_>) -> Result<&'static str, Reason> {
     })
 }
 
+/// Slots of [`memo`]'s table (per thread).
+const MEMO_SLOTS: usize = 256;
+/// Longest spelling [`memo`] keeps.
+const MEMO_MAX_LEN: usize = 48;
+
+type MemoSlot = Option<(u8, Box<str>, &'static str)>;
+
+thread_local! {
+    static MEMO: std::cell::RefCell<Vec<MemoSlot>> =
+        std::cell::RefCell::new(vec![None; MEMO_SLOTS]);
+}
+
+/// `lookup(s)`, remembered per thread for recent spellings: an export repeats a few country,
+/// language and time-zone spellings millions of times, and each lookup hashes the text
+/// through a table (and may copy it). `table` names the lookup; only successes are kept.
+fn memo(
+    table: u8,
+    s: &str,
+    lookup: fn(&str) -> Result<&'static str, Reason>,
+) -> Result<&'static str, Reason> {
+    if s.len() > MEMO_MAX_LEN {
+        return lookup(s);
+    }
+    let at = (xxhash_rust::xxh3::xxh3_64(s.as_bytes()) as usize ^ usize::from(table)) % MEMO_SLOTS;
+    let hit = MEMO.with(|m| {
+        m.borrow()
+            .get(at)
+            .and_then(|e| e.as_ref())
+            .filter(|(t, key, _)| *t == table && &**key == s)
+            .map(|(_, _, v)| *v)
+    });
+    if let Some(v) = hit {
+        return Ok(v);
+    }
+    let v = lookup(s)?;
+    MEMO.with(|m| {
+        if let Some(e) = m.borrow_mut().get_mut(at) {
+            *e = Some((table, s.into(), v));
+        }
+    });
+    Ok(v)
+}
+
 /// ISO-3166-1 alpha-2 from an alpha-2, alpha-3, numeric code or English name.
 pub fn country(s: &str) -> Result<&'static str, Reason> {
+    memo(0, s, country_lookup)
+}
+
+fn country_lookup(s: &str) -> Result<&'static str, Reason> {
     let t = types::trim(s);
     if t.eq_ignore_ascii_case("uk") {
         return Ok("GB");
@@ -213,6 +260,10 @@ pub fn country(s: &str) -> Result<&'static str, Reason> {
 
 /// ISO-639-1 from a 639-1 or 639-3 code, a locale (`en_US`, `pt-BR`) or an English name.
 pub fn language(s: &str) -> Result<&'static str, Reason> {
+    memo(1, s, language_lookup)
+}
+
+fn language_lookup(s: &str) -> Result<&'static str, Reason> {
     let t = types::trim(s);
     let primary = t.split(['-', '_', '.']).next().unwrap_or(t);
     let mut low = [0u8; 3];
@@ -240,6 +291,10 @@ pub fn language(s: &str) -> Result<&'static str, Reason> {
 
 /// The IANA name of a time zone (exact, else case-insensitive).
 pub fn time_zone(s: &str) -> Result<&'static str, Reason> {
+    memo(2, s, time_zone_lookup)
+}
+
+fn time_zone_lookup(s: &str) -> Result<&'static str, Reason> {
     let t = types::trim(s);
     if let Ok(tz) = Tz::from_str(t) {
         return Ok(tz.name());
@@ -255,6 +310,36 @@ pub fn time_zone(s: &str) -> Result<&'static str, Reason> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remembered_lookups_answer_as_the_tables_do() {
+        // Twice each (the second from the memo), mixed so slots are shared and replaced.
+        let spellings = [
+            "US",
+            "usa",
+            "France",
+            "xx",
+            "en",
+            "en_US",
+            "fr-FR",
+            "klingon",
+            "Europe/Paris",
+            "america/los_angeles",
+            "Mars/Base",
+            " GB ",
+            "uk",
+        ];
+        for _ in 0..2 {
+            for s in spellings {
+                assert_eq!(country(s), country_lookup(s), "{s:?}");
+                assert_eq!(language(s), language_lookup(s), "{s:?}");
+                assert_eq!(time_zone(s), time_zone_lookup(s), "{s:?}");
+            }
+        }
+        assert_eq!(country("usa"), Ok("US"));
+        assert_eq!(time_zone("america/los_angeles"), Ok("America/Los_Angeles"));
+        assert!(language("klingon").is_err());
+    }
 
     fn norm(f: StandardField, v: &str) -> Result<Option<String>, Reason> {
         let mut out = String::new();

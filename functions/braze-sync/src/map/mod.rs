@@ -336,6 +336,11 @@ impl<'b> SpillCursor<'b> {
     }
 
     fn varint(&mut self) -> Option<u64> {
+        let first = self.byte()?;
+        if first < 0x80 {
+            return Some(u64::from(first));
+        }
+        self.at -= 1;
         let mut v = 0u64;
         for shift in (0..64).step_by(7) {
             let b = self.byte()?;

@@ -487,6 +487,29 @@ pub fn check_braze_year(d: &NaiveDate) -> Result<(), Reason> {
     }
 }
 
+/// Calls of [`latest_dob`] between two reads of the clock.
+const CLOCK_EVERY: u32 = 4096;
+
+thread_local! {
+    static LATEST_DOB: std::cell::Cell<(u32, NaiveDate)> =
+        const { std::cell::Cell::new((0, NaiveDate::MIN)) };
+}
+
+/// Tomorrow (UTC), the latest date of birth accepted; the clock is read once per
+/// [`CLOCK_EVERY`] rows of a thread, not per row.
+fn latest_dob() -> NaiveDate {
+    LATEST_DOB.with(|c| {
+        let (left, latest) = c.get();
+        if left > 0 {
+            c.set((left - 1, latest));
+            return latest;
+        }
+        let latest = (Utc::now() + chrono::Duration::days(1)).date_naive();
+        c.set((CLOCK_EVERY - 1, latest));
+        latest
+    })
+}
+
 /// Earliest date of birth accepted: anything before is a placeholder (`0000-01-01`,
 /// `0001-01-01`), not a birth date.
 pub const MIN_DOB_YEAR: i32 = 1800;
@@ -495,7 +518,7 @@ pub const MIN_DOB_YEAR: i32 = 1800;
 /// zones).
 pub fn check_dob(d: &NaiveDate) -> Result<(), Reason> {
     use chrono::Datelike;
-    let latest = (Utc::now() + chrono::Duration::days(1)).date_naive();
+    let latest = latest_dob();
     if d.year() < MIN_DOB_YEAR {
         return Err(format!(
             "{d} is not a plausible date of birth (before {MIN_DOB_YEAR})"
@@ -564,6 +587,19 @@ pub fn describe(c: &Cell<'_>) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_date_of_birth_in_the_future_is_refused_on_every_call() {
+        // The clock is read once per CLOCK_EVERY calls: every call still judges by it.
+        let today = Utc::now().date_naive();
+        let next_week = today + chrono::Duration::days(7);
+        for _ in 0..(2 * CLOCK_EVERY + 3) {
+            assert!(check_dob(&today).is_ok());
+            let e = check_dob(&next_week).unwrap_err();
+            assert!(e.contains("in the future"), "{e}");
+        }
+        assert!(check_dob(&NaiveDate::from_ymd_opt(1799, 12, 31).unwrap()).is_err());
+    }
 
     #[test]
     fn the_fast_trim_is_str_trim() {
