@@ -666,3 +666,41 @@ async fn pieces_sending_at_once_share_the_workspace_limit() {
         stats.requests_total
     );
 }
+
+#[tokio::test]
+async fn an_unreadable_control_object_ends_the_fan_out_instead_of_holding_the_route() {
+    let store = Arc::new(MemoryStore::new());
+    let braze = Arc::new(Braze::default());
+    let queue = Arc::new(Queue::default());
+    let spill = tempfile::tempdir().unwrap();
+    let fan = handler(&store, &braze, &queue, spill.path(), Some(2));
+    put(&store, "in/e1.csv", csv(false, &BTreeSet::new(), 0)).await;
+    assert_eq!(outcome(&sync(&fan, "in/e1.csv").await), "fanned_out");
+    let msgs = queue.pieces.lock().unwrap().clone();
+    let r = fan.handle(&sqs(&msgs[0], "m0"), None).await.unwrap();
+    assert_eq!(r["results"][0]["outcome"], "piece_done", "{r}");
+    let run_id = &msgs[0].run_id;
+    let done = S3Uri::new(
+        "state",
+        format!("s/people/_fan_out/{run_id}/p000/done.json"),
+    );
+    store
+        .put(
+            &done,
+            Bytes::from_static(b"{"),
+            PutCondition::None,
+            BTreeMap::new(),
+        )
+        .await
+        .unwrap();
+    let r = fan.handle(&sqs(&msgs[0], "m0b"), None).await.unwrap();
+    assert_eq!(r["results"][0]["outcome"], "failed", "{r}");
+    assert_eq!(r["batchItemFailures"], json!([]));
+    let l = read_lock(store.as_ref(), &lock_uri("state", "s/", "people"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(l.released, "the route is free again");
+    let late = fan.handle(&sqs(&msgs[1], "m1"), None).await.unwrap();
+    assert_eq!(late["results"][0]["outcome"], "fan_out_over", "{late}");
+}

@@ -490,13 +490,28 @@ impl SyncRunner {
                 }
                 return Ok(ack("fan_out_over"));
             }
-            Err(e) => return Err(e),
+            Err(e @ RunError::Retryable(_)) => return Err(e),
+            Err(e) => {
+                // An unreadable manifest: no piece can run, nor end the fan-out properly.
+                if let Err(e) = lock.release().await {
+                    warn!(error = %e, "Could not release the route lock; it expires by itself.");
+                }
+                return Err(e);
+            }
         };
         let (lost_tx, lost_rx) = watch::channel(None);
         let work = self.piece_locked(&msg, &route, &control, &manifest, remaining_ms, lost_rx);
         let result = lease::keep_lock(work, &mut lock, &lost_tx).await;
         let (after, result) = match result {
             Ok((after, v)) => (after, Ok(v)),
+            // A permanent failure (an unreadable control object) ends the fan-out, so it never
+            // holds the route until its lease runs out.
+            Err((LockAfter::Keep, RunError::Permanent { message, .. })) => {
+                let e = self
+                    .fail_fan_out(&route, &control, &manifest, &message)
+                    .await;
+                (LockAfter::Release, Err(e))
+            }
             Err((after, e)) => (after, Err(e)),
         };
         if let LockAfter::Release = after
