@@ -551,6 +551,25 @@ async fn a_replay_takes_over_an_export_whose_fan_out_died() {
     }
     assert_eq!(braze.profiles.lock().unwrap().len(), N as usize);
     assert_eq!(outcome(&sync(&fan, "in/e1.csv").await), "duplicate_no_op");
+    // The dead run's piece, redriven now the route is free: the state moved on since its
+    // fan-out began, so it ends that fan-out (its objects deleted) without sending anything.
+    let sent = braze.requests.load(Ordering::SeqCst);
+    let r = fan.handle(&sqs(&msgs[0], "old2"), None).await.unwrap();
+    assert_eq!(r["results"][0]["outcome"], "failed", "{r}");
+    assert_eq!(braze.requests.load(Ordering::SeqCst), sent);
+    let left = store
+        .list("state", &format!("s/people/_fan_out/{first}/"))
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(
+        read_lock(store.as_ref(), &lock)
+            .await
+            .unwrap()
+            .unwrap()
+            .released
+    );
+    assert_eq!(outcome(&sync(&fan, "in/e1.csv").await), "duplicate_no_op");
 }
 
 /// The pieces of one export sending at once against the Braze simulator's rate limit: they
