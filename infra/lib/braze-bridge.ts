@@ -458,25 +458,15 @@ export class BrazeBridge extends Construct {
         resources: [bucketArn(routes)],
         conditions: { StringLike: { 's3:prefix': `${p.routesPrefix}*` } },
       }),
+      // The state is the function's own: a commit deletes what it replaced (folded checkpoint
+      // segments, rewritten bases, a format-1 state's shards after its migration), a run its
+      // sender lease under _workspace/senders/, a fan-out its control objects under
+      // <route>/_fan_out/<run id>/. Without DeleteObject these deletes are refused and the
+      // replaced objects pile up.
       new iam.PolicyStatement({
         sid: 'ReadWriteState',
-        actions: ['s3:GetObject', 's3:PutObject'],
+        actions: ['s3:GetObject', 's3:PutObject', 's3:DeleteObject'],
         resources: [objectsArn(state, p.statePrefix)],
-      }),
-      // Runs sending at once share the workspace's rate limit through one lease each under
-      // _workspace/senders/; a run deletes its own at the end, and a dead run's.
-      new iam.PolicyStatement({
-        sid: 'DeleteSenderLeases',
-        actions: ['s3:DeleteObject'],
-        resources: [objectsArn(state, `${p.statePrefix}_workspace/senders/`)],
-      }),
-      // A fan-out (one export run as pieces by several invocations) deletes its control
-      // objects under <route>/_fan_out/<run id>/ when it ends (and, when it failed, the forks'
-      // unmerged state objects there).
-      new iam.PolicyStatement({
-        sid: 'DeleteFanOutControlObjects',
-        actions: ['s3:DeleteObject'],
-        resources: [objectsArn(state, `${p.statePrefix}*/_fan_out/`)],
       }),
       // Without ListBucket, S3 answers a read of a missing key (a route's first snapshot) with
       // 403 instead of 404; a prefix condition would not cover those reads.

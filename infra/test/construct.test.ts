@@ -388,10 +388,9 @@ describe('least-privilege IAM', () => {
       assert.deepEqual(writes('BrazeSyncFunction'), [
         'bridge/rejects/*',
         'bridge/reports/*',
+        // Deletes only in its own state (replaced state objects, sender leases, fan-out
+        // control objects).
         'bridge/state/*',
-        // Deletes only fan-out control objects and the workspace's sender leases.
-        'bridge/state/*/_fan_out/*',
-        'bridge/state/_workspace/senders/*',
       ]);
       assert.deepEqual(writes('CurrentsNormalizeFunction'), ['quarantine/*', 'reports/currents/*', 'tables/*']);
     });
