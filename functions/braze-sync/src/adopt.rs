@@ -6,8 +6,11 @@
 //! the differences, when more than `max_differ_share` of them differ.
 //!
 //! Adoption holds the route lock (no sync of the route runs meanwhile), writes the state
-//! through the same checkpoint + commit path as a run, and writes a report
-//! (`<REPORTS_PREFIX><route>/adopt-<time>.json`) whether it adopts or refuses.
+//! range by range in bounded memory like a bounded run (the export diffed one hash range at a
+//! time, what it records spilled by range and committed range by range; no checkpoints,
+//! since nothing is sent: a killed adoption simply runs again; a format-1 state is adopted
+//! in memory, its migration), and writes a report (`<REPORTS_PREFIX><route>/adopt-<time>.json`)
+//! whether it adopts or refuses.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,7 +27,8 @@ use crate::route::Route;
 use crate::route_lock::{RouteLock, lock_uri};
 use crate::snapshot::Snapshot;
 use crate::snapshot::store::{
-    CommitStats, Head, LEGACY_HEAD_FORMAT, StateError, StateStore, Watermark,
+    CommitStats, Head, LEGACY_HEAD_FORMAT, RecordSpill, StateError, StateStore, Watermark,
+    record_spill_bits,
 };
 use crate::spill::SpillDir;
 use crate::sync::{ProduceOptions, Stop, Summary, SyncError, open_s3_part, produce};
@@ -85,7 +89,7 @@ pub struct AdoptOptions {
     pub verify_sample: Option<usize>,
     /// Refuse when more than this share of the sample differs.
     pub max_differ_share: f64,
-    /// Confirmed users per checkpoint segment.
+    /// Confirmed users per checkpoint segment (a format-1 state's in-memory adoption).
     pub checkpoint_users: usize,
     /// Seed of the sample.
     pub seed: u64,
@@ -98,7 +102,7 @@ impl Default for AdoptOptions {
         Self {
             verify_sample: None,
             max_differ_share: DEFAULT_MAX_DIFFER_SHARE,
-            checkpoint_users: 20_000,
+            checkpoint_users: 50_000,
             seed: rand::random(),
             lease_s: 3_600,
         }
@@ -464,7 +468,6 @@ async fn adopt_locked(
             route.clone(),
             parts,
             export,
-            opts,
             run_id,
         )
         .await?
@@ -552,19 +555,14 @@ async fn adopt_in_memory(
     Ok((summary, recorded, stats))
 }
 
-/// What the bounded pass 2's delta callback (called from several diff workers) holds.
-struct Pending {
-    head: Head,
-    deltas: Vec<UserDelta>,
-    recorded: (u64, u64),
-    failed: Option<StateError>,
-}
-
 /// Pass 2 for a format-2 (or new) state, in memory bounded by one hash range whatever the
 /// route's size, as a bounded run ([`crate::ranged`]): checkpoints a killed run left are
-/// folded first, the export is diffed range by range against the state, what differs is
-/// checkpointed as confirmed, and the commit goes range by range
-/// ([`StateStore::commit_ranged`]). Spills to the system temporary folder.
+/// folded first, the export is diffed range by range against the state, and what differs is
+/// spilled by hash range ([`RecordSpill`]) and committed range by range
+/// ([`StateStore::commit_ranged_with`]). No checkpoints: nothing is sent, so a killed
+/// adoption loses nothing and is simply run again (checkpoints would write and read back
+/// ~24 bytes per attribute of every user through S3). Spills to the system temporary
+/// folder.
 #[allow(clippy::too_many_arguments)]
 async fn adopt_bounded(
     store: Arc<dyn ObjectStore>,
@@ -573,7 +571,6 @@ async fn adopt_bounded(
     route: Arc<Route>,
     parts: Vec<S3Uri>,
     export: Watermark,
-    opts: &AdoptOptions,
     run_id: &str,
 ) -> Result<Recorded, AdoptError> {
     let base = std::env::temp_dir();
@@ -591,21 +588,18 @@ async fn adopt_bounded(
         route.clone(),
         handle.clone(),
     );
-    let (st, r, every) = (store.clone(), route.clone(), opts.checkpoint_users.max(1));
-    let state2 = state.clone();
+    let records_dir =
+        SpillDir::create(&base, &format!("{run_id}-records")).map_err(StateError::from)?;
+    let bits = record_spill_bits(head.doc.range_bits);
+    let spill = RecordSpill::new(records_dir.path(), bits, &route, 16 << 20, None);
+    let (st, r, dir) = (
+        store.clone(),
+        route.clone(),
+        records_dir.path().to_path_buf(),
+    );
     let settings = RangedSettings::new(run_id);
-    let (summary, pending) = tokio::task::spawn_blocking(move || {
-        let pending = std::sync::Mutex::new(Pending {
-            head,
-            deltas: Vec::new(),
-            recorded: (0, 0),
-            failed: None,
-        });
-        let flush = |p: &mut Pending| -> Result<(), StateError> {
-            handle.block_on(state2.checkpoint(&mut p.head, &r, &p.deltas))?;
-            p.deltas.clear();
-            Ok(())
-        };
+    let (summary, recorded, records) = tokio::task::spawn_blocking(move || {
+        let spill = std::sync::Mutex::new((spill, (0u64, 0u64)));
         let mut popts = ProduceOptions::for_route(&r, "");
         popts.departures = false;
         let summary = produce_ranged(
@@ -617,45 +611,50 @@ async fn adopt_bounded(
             &popts,
             &settings,
             &|d| {
-                let mut p = pending
+                let mut g = spill
                     .lock()
                     .map_err(|_| Stop("a diff worker panicked".into()))?;
-                p.recorded.0 += 1;
-                p.recorded.1 += d.changes.len() as u64;
-                p.deltas.push(d);
-                if p.deltas.len() >= every
-                    && let Err(e) = flush(&mut p)
-                {
-                    let msg = e.to_string();
-                    p.failed = Some(e);
-                    return Err(Stop(msg));
-                }
-                Ok(())
+                let (sp, recorded) = &mut *g;
+                recorded.0 += 1;
+                recorded.1 += d.changes.len() as u64;
+                sp.push(&d).map_err(|e| Stop(e.to_string()))
             },
             &mut |_| {},
         );
-        let mut p = match pending.into_inner() {
-            Ok(p) => p,
+        let (sp, recorded) = match spill.into_inner() {
+            Ok(x) => x,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let summary = match (summary, p.failed.take()) {
-            (_, Some(e)) => Err(AdoptError::State(e)),
-            (Err(e), None) => Err(AdoptError::Sync(e)),
-            (Ok(s), None) => flush(&mut p).map(|()| s).map_err(AdoptError::State),
-        };
-        (summary, p)
+        let records = sp
+            .finish()
+            .map_err(|e| AdoptError::State(StateError::Spill(e)));
+        (summary, recorded, records)
     })
     .await
     .map_err(|e| AdoptError::Busy(format!("the adoption task failed: {e}")))?;
     let summary = summary?;
-    let Pending {
-        mut head, recorded, ..
-    } = pending;
+    let records = records?;
+    info!(
+        route = route.name(),
+        users = recorded.0,
+        spilled_mb = records.bytes() >> 20,
+        records = %dir.display(),
+        "Adoption diffed; committing range by range."
+    );
     let expected = head.doc.users.saturating_add(summary.users_new);
-    let dir = SpillDir::create(&base, &format!("{run_id}-commit")).map_err(StateError::from)?;
+    let commit_dir =
+        SpillDir::create(&base, &format!("{run_id}-commit")).map_err(StateError::from)?;
     let stats = state
-        .commit_ranged(&mut head, &route, Some(export), expected, dir.path())
+        .commit_ranged_with(
+            &mut head,
+            &route,
+            Some(export),
+            expected,
+            commit_dir.path(),
+            &records,
+        )
         .await?;
+    drop(records_dir);
     Ok((summary, recorded, stats))
 }
 

@@ -315,6 +315,103 @@ pub fn bits_for(users: u64, target: u64) -> u32 {
     bits
 }
 
+/// Confirmed records spilled by hash range outside checkpoints, in the ranged commit's spill
+/// format (`0`, key, slot, fingerprint; `1`, key, identifier): an adoption writes what it
+/// records here while it diffs, then commits it with [`StateStore::commit_ranged_with`].
+pub struct RecordSpill {
+    part: crate::spill::Partitioner,
+    dir: std::path::PathBuf,
+    bits: u32,
+    slots: std::collections::HashMap<String, u16>,
+    keep_ids: bool,
+    rec: Vec<u8>,
+}
+
+/// What a [`RecordSpill`] wrote.
+#[derive(Debug, Clone)]
+pub struct SpilledRecords {
+    dir: std::path::PathBuf,
+    bits: u32,
+    sizes: Vec<u64>,
+}
+
+impl SpilledRecords {
+    /// Bytes spilled.
+    pub fn bytes(&self) -> u64 {
+        self.sizes.iter().sum()
+    }
+}
+
+/// The range bits an adoption spills its records in for a state of `state_bits` (finer than
+/// any layout up to 256M users at the default range size, so the commit can lay out as it
+/// would from checkpoints).
+pub fn record_spill_bits(state_bits: u32) -> u32 {
+    state_bits.clamp(10, MAX_RANGE_BITS)
+}
+
+impl RecordSpill {
+    /// Spills into `dir` (created by the caller, empty) in `1 << bits` ranges, buffering about
+    /// `buffer_budget` bytes, writing at most `limit` bytes, for `route`'s slot layout.
+    pub fn new(
+        dir: &std::path::Path,
+        bits: u32,
+        route: &Route,
+        buffer_budget: usize,
+        limit: Option<u64>,
+    ) -> Self {
+        Self {
+            part: crate::spill::Partitioner::new(dir, bits, buffer_budget, limit),
+            dir: dir.to_path_buf(),
+            bits,
+            slots: route
+                .slot_names()
+                .into_iter()
+                .enumerate()
+                .map(|(i, n)| (n, i as u16))
+                .collect(),
+            keep_ids: route.tracks_departures(),
+            rec: Vec::with_capacity(64),
+        }
+    }
+
+    /// Records `delta` as confirmed (its changes of attributes in the route's layout, and its
+    /// identifier when the route tracks departures).
+    pub fn push(&mut self, delta: &UserDelta) -> Result<(), crate::spill::SpillError> {
+        let key = delta.user_key().0;
+        let r = super::range_of(key, self.bits);
+        for c in &delta.changes {
+            let Some(slot) = self.slots.get(c.name.as_str()) else {
+                continue;
+            };
+            self.rec.clear();
+            self.rec.push(0);
+            self.rec.extend_from_slice(&key.to_le_bytes());
+            self.rec.extend_from_slice(&slot.to_le_bytes());
+            let fp = c.fingerprint.map_or(0, super::stored_fp);
+            self.rec.extend_from_slice(&fp.to_le_bytes());
+            self.part.push(r, &self.rec)?;
+        }
+        if self.keep_ids && !delta.changes.is_empty() {
+            self.rec.clear();
+            self.rec.push(1);
+            self.rec.extend_from_slice(&key.to_le_bytes());
+            self.rec
+                .extend_from_slice(super::identifier_text(&delta.identifier).as_bytes());
+            self.part.push(r, &self.rec)?;
+        }
+        Ok(())
+    }
+
+    /// Flushes the spill.
+    pub fn finish(self) -> Result<SpilledRecords, crate::spill::SpillError> {
+        Ok(SpilledRecords {
+            sizes: self.part.finish()?,
+            dir: self.dir,
+            bits: self.bits,
+        })
+    }
+}
+
 impl StateStore {
     /// The state of `route` under `s3://<bucket>/<state_prefix><route>/`.
     pub fn new(store: Arc<dyn ObjectStore>, bucket: &str, state_prefix: &str, route: &str) -> Self {
@@ -823,8 +920,34 @@ impl StateStore {
         expected_users: u64,
         spill: &std::path::Path,
     ) -> Result<CommitStats, StateError> {
-        self.commit_ranged_bits(head, route, export, expected_users, spill, None)
+        self.commit_ranged_bits(head, route, export, expected_users, spill, None, None)
             .await
+    }
+
+    /// [`StateStore::commit_ranged`] of records confirmed without checkpoints (an adoption,
+    /// which sends nothing, so a killed one loses nothing and simply runs again): `records`
+    /// were spilled by hash range while the export was diffed ([`RecordSpill`]), and are
+    /// applied range by range after the head's own segments. Laid out as
+    /// [`StateStore::commit_ranged`] would, with at most `records`' range bits.
+    pub async fn commit_ranged_with(
+        &self,
+        head: &mut Head,
+        route: &Route,
+        export: Option<Watermark>,
+        expected_users: u64,
+        spill: &std::path::Path,
+        records: &SpilledRecords,
+    ) -> Result<CommitStats, StateError> {
+        self.commit_ranged_bits(
+            head,
+            route,
+            export,
+            expected_users,
+            spill,
+            None,
+            Some(records),
+        )
+        .await
     }
 
     /// Makes sure the state has a hash-range layout of at least `min_ranges` ranges (the
@@ -866,12 +989,22 @@ impl StateStore {
             return Ok(());
         }
         let spill = crate::spill::SpillDir::create(&std::env::temp_dir(), "layout")?;
-        self.commit_ranged_bits(head, route, None, expected_users, spill.path(), Some(bits))
-            .await
-            .map(|_| ())
+        self.commit_ranged_bits(
+            head,
+            route,
+            None,
+            expected_users,
+            spill.path(),
+            Some(bits),
+            None,
+        )
+        .await
+        .map(|_| ())
     }
 
-    /// [`StateStore::commit_ranged`], laid out with `force_bits` range bits when given.
+    /// [`StateStore::commit_ranged`], laid out with `force_bits` range bits when given, with
+    /// `extra` records after the segments'.
+    #[allow(clippy::too_many_arguments)]
     async fn commit_ranged_bits(
         &self,
         head: &mut Head,
@@ -880,6 +1013,7 @@ impl StateStore {
         expected_users: u64,
         spill: &std::path::Path,
         force_bits: Option<u32>,
+        extra: Option<&SpilledRecords>,
     ) -> Result<CommitStats, StateError> {
         if head.doc.format == LEGACY_HEAD_FORMAT {
             return Err(StateError::BadHead {
@@ -909,6 +1043,19 @@ impl StateStore {
         } else {
             b
         };
+        // Extra records are spilled at their own (finer) bits: a new range reads its share.
+        let nb = match extra {
+            Some(x) if x.bits < nb => {
+                if x.bits < b {
+                    return Err(self.unusable(format!(
+                        "records spilled in {} range bits cannot be committed into a state of {b}",
+                        x.bits
+                    )));
+                }
+                x.bits
+            }
+            _ => nb,
+        };
         let relayout = !fresh && nb != b;
         // 1. The segments' records, by range of the new layout, in the order they apply.
         let mut part = crate::spill::Partitioner::new(spill, nb, 16 << 20, None);
@@ -935,7 +1082,15 @@ impl StateStore {
             }
         }
         let sizes = part.finish()?;
-        let touched = |r: usize| sizes.get(r).is_some_and(|s| *s > 0);
+        let touched = |r: usize| {
+            sizes.get(r).is_some_and(|s| *s > 0)
+                || extra.is_some_and(|x| {
+                    let sub = x.bits - nb;
+                    x.sizes
+                        .get(r << sub..(r + 1) << sub)
+                        .is_some_and(|s| s.iter().any(|n| *n > 0))
+                })
+        };
         // 2. The units of work: (old range to load, new ranges it becomes).
         let units: Vec<(Option<usize>, std::ops::Range<usize>)> = if fresh {
             (0..1usize << nb)
@@ -974,6 +1129,7 @@ impl StateStore {
                     names,
                     keep_ids,
                     spill,
+                    extra,
                 )
                 .await
             }
@@ -1039,6 +1195,7 @@ impl StateStore {
         names: &[String],
         keep_ids: bool,
         spill: &std::path::Path,
+        extra: Option<&SpilledRecords>,
     ) -> Result<UnitOut, StateError> {
         let mut out = UnitOut::default();
         let mut snap = match old {
@@ -1055,7 +1212,16 @@ impl StateStore {
             }
         };
         let mut ids: Vec<(u128, String)> = Vec::new();
+        // Each new range's records: the segments', then its share of the extra ones.
+        let mut sources: Vec<(&std::path::Path, usize)> = Vec::new();
         for s in new.clone() {
+            sources.push((spill, s));
+            if let Some(x) = extra {
+                let sub = x.bits - nb;
+                sources.extend(((s << sub)..((s + 1) << sub)).map(|t| (x.dir.as_path(), t)));
+            }
+        }
+        for (spill, s) in sources {
             crate::spill::read_range::<StateError>(spill, s, &mut |b| {
                 let key = b
                     .get(1..17)
@@ -1796,5 +1962,58 @@ mod tests {
         assert_eq!(snap.len(), 250);
         assert_eq!(fp_of(&snap, "1"), want(4242));
         assert_eq!(fp_of(&snap, "3"), want(1003));
+    }
+
+    #[tokio::test]
+    async fn records_spilled_outside_checkpoints_commit_range_by_range() {
+        let mem: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let st = StateStore::new(mem.clone(), "state", "s/", "r").with_range_users(16);
+        let r = route();
+        let commit = |deltas: Vec<UserDelta>, tag: &'static str| {
+            let st = st.clone();
+            let r = r.clone();
+            async move {
+                let mut head = st.read_head().await.unwrap();
+                let dir = tempfile::tempdir().unwrap();
+                let mut spill = RecordSpill::new(
+                    dir.path(),
+                    record_spill_bits(head.doc.range_bits),
+                    &r,
+                    4096,
+                    None,
+                );
+                for d in &deltas {
+                    spill.push(d).unwrap();
+                }
+                let records = spill.finish().unwrap();
+                let work = tempfile::tempdir().unwrap();
+                let expected = head.doc.users + deltas.len() as u64;
+                st.commit_ranged_with(&mut head, &r, w(tag), expected, work.path(), &records)
+                    .await
+                    .unwrap()
+            }
+        };
+        // A first adoption lays the state out as checkpoints would: 200 users, 16 ranges.
+        let stats = commit((0..200).map(|i| d(&i.to_string(), i)).collect(), "e1").await;
+        assert_eq!((stats.ranges, stats.shards, stats.users), (16, 16, 200));
+        assert!(
+            names_under(&mem)
+                .await
+                .iter()
+                .all(|n| !n.starts_with("seg-"))
+        );
+        // A later one with a few changes appends deltas to the ranges it touches.
+        let stats = commit(vec![d("7", 700), d("300", 3)], "e2").await;
+        assert_eq!(
+            (stats.shards, stats.deltas, stats.users),
+            (0, 2, 201),
+            "{stats:?}"
+        );
+        let (head, snap) = st.load(&r).await.unwrap();
+        assert_eq!(head.doc.watermark, w("e2"));
+        assert_eq!(snap.len(), 201);
+        assert_eq!(fp_of(&snap, "7"), want(700));
+        assert_eq!(fp_of(&snap, "8"), want(8));
+        assert_eq!(fp_of(&snap, "300"), want(3));
     }
 }
