@@ -11,14 +11,17 @@
 //!    "confirmed" and checkpointed as a run does, then committed range by range);
 //! 4. worker run 2: the second export against that state; its figures are the bench's:
 //!    peak RSS (VmHWM), diff rows/s on all cores (rows / wall of read + map + spill + diff),
-//!    per core (rows / CPU seconds of the worker), state bytes per user, seconds to commit.
+//!    per core (rows / CPU seconds of the worker), state bytes per user, seconds to commit;
+//! 5. with `--piece-of N`: the second export again, whole and as one fan-out piece (the first
+//!    1/N of the state's ranges, `only_ranges`, removals deferred), same run: what a piece
+//!    costs next to the whole export (it still reads every row, but maps only its own).
 //!
 //! Writes `target/bench/sync-scale.json`.
 //!
 //! Each export is written as `--parts` CSV parts (default: one per core), read in parallel.
 //!
 //! `cargo run --release -p braze-sync --bin sync-scale-bench [-- --users N] [--limit-mb M]
-//! [--parts P] [--range-users R] [--out FILE]`
+//! [--parts P] [--range-users R] [--piece-of N] [--out FILE]`
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -30,11 +33,10 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use braze_sync::model::UserDelta;
-use braze_sync::ranged::{RangeState, RangedSettings, RangedTimes, produce_ranged};
+use braze_sync::ranged::{RangedSettings, RangedTimes, StoreRanges, produce_ranged};
 use braze_sync::route::Route;
-use braze_sync::snapshot::Snapshot;
-use braze_sync::snapshot::store::{HeadDoc, StateStore, Watermark};
-use braze_sync::sync::{self, ProduceOptions, Stop, SyncError};
+use braze_sync::snapshot::store::{StateStore, Watermark};
+use braze_sync::sync::{self, ProduceOptions, Stop};
 use bridge_shared::object_store::{ObjectMeta, ObjectReader, ObjectStore, PutCondition};
 use bridge_shared::{S3Uri, StoreError};
 use bytes::Bytes;
@@ -247,30 +249,6 @@ impl ObjectStore for DirStore {
     }
 }
 
-/// The state in the store, one range at a time, from the diff's worker threads.
-struct Ranges {
-    state: StateStore,
-    doc: HeadDoc,
-    route: Route,
-    rt: tokio::runtime::Handle,
-}
-
-impl RangeState for Ranges {
-    fn bits(&self) -> Option<u32> {
-        (!self.doc.ranges.is_empty()).then_some(self.doc.range_bits)
-    }
-
-    fn load(&self, range: usize) -> Result<Snapshot, SyncError> {
-        self.rt
-            .block_on(self.state.load_range(&self.doc, range, &self.route))
-            .map_err(|e| SyncError::State {
-                range,
-                message: e.to_string(),
-                retryable: false,
-            })
-    }
-}
-
 fn vm_hwm_mb() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
@@ -312,17 +290,27 @@ fn worker(dir: &Path, export: &Path, tag: &str) {
             .with_range_users(range_users);
         let mut head = state.read_head().await.unwrap();
         let users_before = head.doc.users;
-        let ranges = Ranges {
-            state: state.clone(),
-            doc: head.doc.clone(),
-            route: route.clone(),
-            rt: tokio::runtime::Handle::current(),
-        };
+        let ranges = StoreRanges::new(
+            state.clone(),
+            head.doc.clone(),
+            Arc::new(route.clone()),
+            tokio::runtime::Handle::current(),
+        );
         let times = Arc::new(Mutex::new(RangedTimes::default()));
         let mut settings = RangedSettings::new(tag);
         settings.spill_base = dir.join("tmp");
         std::fs::create_dir_all(&settings.spill_base).unwrap();
         settings.times = Some(times.clone());
+        // A fan-out piece: only these state ranges, removals handed over to a file.
+        if let Some((a, b)) = std::env::var("SCALE_ONLY_RANGES")
+            .ok()
+            .and_then(|v| v.split_once("..").map(|(a, b)| (a.parse(), b.parse())))
+            .and_then(|(a, b)| Some((a.ok()?, b.ok()?)))
+        {
+            settings.only_ranges = Some(a..b);
+            settings.defer_departures = true;
+            settings.departures_file = Some(dir.join("tmp").join(format!("{tag}-departures.bin")));
+        }
         let opts = ProduceOptions::for_route(&route, tag);
         let (tx, mut rx) = tokio::sync::mpsc::channel::<UserDelta>(8192);
         let export = export.to_path_buf();
@@ -408,7 +396,14 @@ fn worker(dir: &Path, export: &Path, tag: &str) {
 }
 
 /// Runs the worker as a child under an address-space limit of `limit_mb`.
-fn run_worker(dir: &Path, export: &Path, tag: &str, limit_mb: u64, range_users: u64) -> Value {
+fn run_worker(
+    dir: &Path,
+    export: &Path,
+    tag: &str,
+    limit_mb: u64,
+    range_users: u64,
+    env: &[(&str, String)],
+) -> Value {
     let exe = std::env::current_exe().unwrap();
     let t = Instant::now();
     let out = std::process::Command::new("prlimit")
@@ -426,6 +421,7 @@ fn run_worker(dir: &Path, export: &Path, tag: &str, limit_mb: u64, range_users: 
         // The readers' bound on an export's bytes follows the function's ephemeral storage
         // (Lambda's maximum here, as the sizing guide sets for routes this big).
         .env("BRIDGE_EPHEMERAL_STORAGE_MB", "10240")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .output()
         .expect("prlimit (util-linux) runs the worker");
     let mut v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
@@ -468,7 +464,7 @@ fn main() {
         "generated export 1 of {users} users ({} MB in {parts} parts)",
         folder_bytes(&first) >> 20
     );
-    let run1 = run_worker(&dir, &first, "export-1", limit_mb, range_users);
+    let run1 = run_worker(&dir, &first, "export-1", limit_mb, range_users, &[]);
     eprintln!("run 1 (first sync, every user new): {run1}");
     let _ = std::fs::remove_dir_all(&first);
     let second = generate(&dir, users, 2, parts);
@@ -488,8 +484,26 @@ fn main() {
     std::hint::black_box(bytes);
     let bare_rps = bare_rows as f64 / t.elapsed().as_secs_f64();
 
-    let run2 = run_worker(&dir, &second, "export-2", limit_mb, range_users);
+    let run2 = run_worker(&dir, &second, "export-2", limit_mb, range_users, &[]);
     eprintln!("run 2 (2% changed, 0.5% new, 0.5% gone): {run2}");
+    // A fan-out piece (`--piece-of N`): the same export again, once whole and once restricted
+    // to the first 1/N of the state's ranges (rows of other ranges dropped before their
+    // values are mapped), same run.
+    let piece_of: u64 = arg(&args, "--piece-of").unwrap_or(0);
+    let pieces = (piece_of > 0).then(|| {
+        let n = run2["ranges"].as_u64().unwrap_or(1);
+        let span = n.div_ceil(piece_of).max(1);
+        let again = run_worker(&dir, &second, "export-2-again", limit_mb, range_users, &[]);
+        let piece = run_worker(
+            &dir,
+            &second,
+            "export-2-piece",
+            limit_mb,
+            range_users,
+            &[("SCALE_ONLY_RANGES", format!("0..{span}"))],
+        );
+        (span, n, again, piece)
+    });
 
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
     let cores = braze_sync::ranged::cores();
@@ -560,6 +574,28 @@ fn main() {
     );
     if let Some(parent) = out_path.parent() {
         std::fs::create_dir_all(parent).unwrap();
+    }
+    let mut figures = figures;
+    if let Some((span, n, again, piece)) = &pieces {
+        let wall = |v: &Value| f(v, "produce_wall_s");
+        let cpu = |v: &Value| f(v, "cpu_produce_s");
+        println!(
+            "  fan-out piece ({span} of {n} ranges) {:>7.2} s wall, {:.2} s CPU  (the whole export again: {:.2} s, {:.2} s CPU; {:.2}x the wall, {:.2}x the CPU; spilled {} of {} MB, peak RSS {:.1} MB)",
+            wall(piece),
+            cpu(piece),
+            wall(again),
+            cpu(again),
+            wall(piece) / wall(again).max(1e-9),
+            cpu(piece) / cpu(again).max(1e-9),
+            (f(piece, "spilled_bytes") as u64) >> 20,
+            (f(again, "spilled_bytes") as u64) >> 20,
+            f(piece, "peak_rss_mb"),
+        );
+        figures["piece_ranges"] = json!(format!("{span}/{n}"));
+        figures["piece_wall_ratio"] =
+            json!((wall(piece) / wall(again).max(1e-9) * 1000.0).round() / 1000.0);
+        figures["piece_cpu_ratio"] =
+            json!((cpu(piece) / cpu(again).max(1e-9) * 1000.0).round() / 1000.0);
     }
     std::fs::write(&out_path, serde_json::to_vec_pretty(&figures).unwrap()).unwrap();
     println!("  wrote {}: {figures}", out_path.display());
