@@ -149,6 +149,119 @@ const BATCH_BYTES: usize = 256 * 1024;
 /// Rows a reader counts before adding them to the live progress counter.
 const LIVE_STEP: u64 = 1024;
 
+/// What the partition step measured, shared by its threads (published per part and per
+/// mapping thread, not per row), for [`SpillOverflow`].
+#[derive(Debug, Default)]
+struct Measure {
+    rows_seen: std::sync::atomic::AtomicU64,
+    rows_spilled: std::sync::atomic::AtomicU64,
+    record_bytes: std::sync::atomic::AtomicU64,
+    source_bytes: std::sync::atomic::AtomicU64,
+}
+
+/// Counts the bytes read from a part as stored (compressed or not) into [`Measure`].
+struct CountingRead<'a, R> {
+    inner: R,
+    n: &'a std::sync::atomic::AtomicU64,
+}
+
+impl<R: Read> Read for CountingRead<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let k = self.inner.read(buf)?;
+        self.n.fetch_add(k as u64, Ordering::Relaxed);
+        Ok(k)
+    }
+}
+
+/// The partition step's spill outgrew the local storage it may use
+/// ([`RangedSettings::disk_limit`]) before any range was diffed, so nothing was sent; with
+/// what it had measured by then, from which the whole export's spill is extrapolated
+/// ([`SpillOverflow::projected_spill`]).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct SpillOverflow {
+    /// The limit (bytes).
+    pub limit_bytes: u64,
+    /// Bytes written to disk when it was reached.
+    pub written_bytes: u64,
+    /// Rows read so far (every range's).
+    pub rows_read: u64,
+    /// Rows of this run's ranges spilled so far (all of them, unless `only_ranges`).
+    pub rows_spilled: u64,
+    /// Bytes of those rows' spill records (framing included, buffered ones too).
+    pub record_bytes: u64,
+    /// Bytes of the parts read so far, as stored (compressed or not).
+    pub source_bytes_read: u64,
+    /// The export's parts' bytes in all, as stored (filled by the caller, which knows the
+    /// parts' sizes; 0: unknown, no projection).
+    pub parts_bytes: u64,
+}
+
+impl SpillOverflow {
+    /// Spill bytes per row kept, as measured.
+    pub fn bytes_per_row(&self) -> f64 {
+        self.record_bytes as f64 / self.rows_spilled.max(1) as f64
+    }
+
+    /// Rows per byte of the parts as stored, as measured (a compressed part gives more).
+    pub fn rows_per_part_byte(&self) -> f64 {
+        self.rows_read as f64 / self.source_bytes_read.max(1) as f64
+    }
+
+    /// The spill of the whole export (`parts_bytes`) at the measured rates: rows per part
+    /// byte × share of rows kept × bytes per row; never less than what was already spilled.
+    pub fn projected_spill(&self, parts_bytes: u64) -> u64 {
+        let kept = self.rows_spilled as f64 / self.rows_read.max(1) as f64;
+        let rows = parts_bytes as f64 * self.rows_per_part_byte();
+        let spill = (rows * kept * self.bytes_per_row()) as u64;
+        spill.max(self.record_bytes).max(self.written_bytes)
+    }
+}
+
+impl std::fmt::Display for SpillOverflow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the export's rows need more than the {} of local storage (/tmp) this function may spill to: {} rows read from {} of its parts spilled {} ({:.0} bytes per row, {:.4} rows per part byte)",
+            size_text(self.limit_bytes),
+            self.rows_read,
+            size_text(self.source_bytes_read),
+            size_text(self.record_bytes),
+            self.bytes_per_row(),
+            self.rows_per_part_byte(),
+        )?;
+        if self.parts_bytes > 0 {
+            let whose = if self.rows_spilled < self.rows_read {
+                "this run's ranges of the export"
+            } else {
+                "the whole export"
+            };
+            write!(
+                f,
+                ", about {} for {whose} ({} of parts)",
+                size_text(self.projected_spill(self.parts_bytes)),
+                size_text(self.parts_bytes)
+            )?;
+        }
+        write!(
+            f,
+            "; nothing of it was sent. Raise the function's ephemeral storage (EphemeralStorage of BrazeSyncFunction in template.yaml, ephemeralStorageSize in the CDK construct, and BRIDGE_EPHEMERAL_STORAGE_MB with it), run it where a continuation queue (CONTINUATION_QUEUE_URL) lets it fan out, or split the export into smaller parts across runs"
+        )
+    }
+}
+
+/// Bytes as a short text: `812 KB`, `37 MB`, `3.6 GB` (binary units).
+pub fn size_text(b: u64) -> String {
+    if b >= 1 << 30 {
+        format!("{:.1} GB", b as f64 / f64::from(1u32 << 30))
+    } else if b >= 1 << 20 {
+        format!("{} MB", b.div_ceil(1 << 20))
+    } else {
+        format!("{} KB", b.div_ceil(1 << 10))
+    }
+}
+
+impl std::error::Error for SpillOverflow {}
+
 /// Where one part's rows are spilled: the partitioner of each thread that maps them.
 struct SpillTo {
     dir: PathBuf,
@@ -156,6 +269,7 @@ struct SpillTo {
     budget: usize,
     limit: Option<u64>,
     total: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    measure: std::sync::Arc<Measure>,
 }
 
 impl SpillTo {
@@ -216,10 +330,36 @@ struct Spiller<'a> {
     bits: u32,
     rec: Vec<u8>,
     keep: Keep,
+    tally: Tally,
+}
+
+/// Rows one spiller spilled and their records' bytes, published to [`Measure`] when
+/// dropped (also when the spill stops on an error).
+struct Tally {
+    rows_spilled: u64,
+    record_bytes: u64,
+    measure: std::sync::Arc<Measure>,
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        self.measure
+            .rows_spilled
+            .fetch_add(self.rows_spilled, Ordering::Relaxed);
+        self.measure
+            .record_bytes
+            .fetch_add(self.record_bytes, Ordering::Relaxed);
+    }
 }
 
 impl<'a> Spiller<'a> {
-    fn new(route: &'a Route, out: Partitioner, bits: u32, keep: Keep) -> Self {
+    fn new(
+        route: &'a Route,
+        out: Partitioner,
+        bits: u32,
+        keep: Keep,
+        measure: std::sync::Arc<Measure>,
+    ) -> Self {
         Self {
             mapper: Mapper::new(route),
             mapped: MappedRow::default(),
@@ -227,6 +367,11 @@ impl<'a> Spiller<'a> {
             bits,
             rec: Vec::with_capacity(1024),
             keep,
+            tally: Tally {
+                rows_spilled: 0,
+                record_bytes: 0,
+                measure,
+            },
         }
     }
 
@@ -255,6 +400,7 @@ impl<'a> Spiller<'a> {
                     self.rec.push(REC_SEEN);
                     self.rec.extend_from_slice(&self.mapped.key.0.to_le_bytes());
                     let r = range_of(self.mapped.key.0, self.bits);
+                    self.tally.record_bytes += self.rec.len() as u64 + 4;
                     self.out.push(r, &self.rec)?;
                     Some(self.mapped.identifier())
                 }
@@ -282,6 +428,8 @@ impl<'a> Spiller<'a> {
         put_varint(&mut self.rec, row.line.unwrap_or(NO_LINE));
         self.mapped.encode_into(&mut self.rec);
         let r = range_of(self.mapped.key.0, self.bits);
+        self.tally.rows_spilled += 1;
+        self.tally.record_bytes += self.rec.len() as u64 + 4;
         self.out.push(r, &self.rec)?;
         Ok(Spilled::Row)
     }
@@ -422,6 +570,7 @@ impl Partition<'_> {
                     self.spill_to.partitioner(),
                     bits,
                     self.spiller.keep.clone(),
+                    self.spill_to.measure.clone(),
                 );
                 handles.push(scope.spawn(move || -> Result<Counted, SyncError> {
                     let mut c = Counted::default();
@@ -610,6 +759,7 @@ where
     let rejects = Mutex::new(on_reject);
     let stop = AtomicBool::new(false);
     let total = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let measure = std::sync::Arc::new(Measure::default());
     let read_part = |i: usize, part: Result<Part<R>, SyncError>| -> Result<PartOut, SyncError> {
         let part = part?;
         let dir = part_dir(&rows_dir, i);
@@ -625,6 +775,7 @@ where
             budget: settings.buffer_budget / readers,
             limit: settings.disk_limit,
             total: total.clone(),
+            measure: measure.clone(),
         };
         let keep = Keep {
             span: keep.clone(),
@@ -632,7 +783,7 @@ where
         };
         let mut p = Partition {
             route,
-            spiller: Spiller::new(route, spill_to.partitioner(), bits, keep),
+            spiller: Spiller::new(route, spill_to.partitioner(), bits, keep, measure.clone()),
             spill_to,
             mappers,
             sources: Vec::new(),
@@ -646,12 +797,18 @@ where
                 (*sink)(r);
             }
         };
-        read::read_export(
-            part.reader,
+        let counted = CountingRead {
+            inner: part.reader,
+            n: &measure.source_bytes,
+        };
+        let read = read::read_export(
+            counted,
             &part.source,
             &read_opts,
             &mut |src: &mut dyn RowSource| p.table(src, &reject),
-        )?;
+        );
+        measure.rows_seen.fetch_add(p.rows_seen, Ordering::Relaxed);
+        read?;
         p.spiller.out.finish()?;
         crate::progress::LIVE.rows_read(p.rows_seen % LIVE_STEP);
         Ok(PartOut {
@@ -696,7 +853,24 @@ where
     });
     let mut outs: Vec<PartOut> = Vec::new();
     for r in read {
-        outs.extend(r?);
+        match r {
+            Ok(o) => outs.extend(o),
+            // Nothing was diffed or sent yet: say what was measured, so the caller can
+            // split the export from real figures instead of failing.
+            Err(SyncError::Spill(SpillError::Full { .. })) => {
+                let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+                return Err(SyncError::SpillOverflow(SpillOverflow {
+                    limit_bytes: settings.disk_limit.unwrap_or(0),
+                    written_bytes: load(&total),
+                    rows_read: load(&measure.rows_seen),
+                    rows_spilled: load(&measure.rows_spilled),
+                    record_bytes: load(&measure.record_bytes),
+                    source_bytes_read: load(&measure.source_bytes),
+                    parts_bytes: 0,
+                }));
+            }
+            Err(e) => return Err(e),
+        }
     }
     outs.sort_by_key(|o| o.index);
     let mut summary = Summary::default();

@@ -82,6 +82,11 @@ pub enum SyncError {
     /// The bounded diff's local spill failed (or would outgrow the local storage).
     #[error(transparent)]
     Spill(crate::spill::SpillError),
+    /// The bounded diff's partition step outgrew the local storage before anything was
+    /// diffed or sent, with what it measured so far (a run with a continuation queue fans
+    /// the export out from these figures instead of failing).
+    #[error(transparent)]
+    SpillOverflow(crate::ranged::SpillOverflow),
     /// A hash range of the confirmed state could not be loaded.
     #[error("loading state range {range}: {message}")]
     State {
@@ -108,6 +113,7 @@ impl SyncError {
             SyncError::Open { error, .. } => error.is_retryable(),
             SyncError::Stopped(_) => true,
             SyncError::Spill(e) => !matches!(e, crate::spill::SpillError::Full { .. }),
+            SyncError::SpillOverflow(_) => false,
             SyncError::State { retryable, .. } => *retryable,
         }
     }

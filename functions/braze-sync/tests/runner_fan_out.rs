@@ -53,6 +53,8 @@ type Profiles = BTreeMap<String, Map<String, Value>>;
 struct Braze {
     profiles: Mutex<Profiles>,
     requests: AtomicU64,
+    /// Attribute objects received (one per user sent).
+    objects: AtomicU64,
     armed: AtomicBool,
     budget: AtomicU64,
     /// Hang at the first departure (an object with `aud_vip` and no `tier`: only the
@@ -81,6 +83,7 @@ impl BrazeApi for Braze {
         self.requests.fetch_add(1, Ordering::SeqCst);
         let mut profiles = self.profiles.lock().unwrap();
         for o in v["attributes"].as_array().unwrap() {
+            self.objects.fetch_add(1, Ordering::SeqCst);
             let id = o["external_id"].as_str().unwrap().to_string();
             let p = profiles.entry(id).or_default();
             for (k, val) in o.as_object().unwrap() {
@@ -157,6 +160,19 @@ fn handler(
     spill: &std::path::Path,
     pieces: Option<usize>,
 ) -> Handler {
+    handler_limited(store, braze, Some(queue), spill, pieces, None)
+}
+
+/// [`handler`] with a spill limit (`None`: the default) and an optional queue (`None`: the
+/// CLI, which cannot fan out).
+fn handler_limited(
+    store: &Arc<MemoryStore>,
+    braze: &Arc<Braze>,
+    queue: Option<&Arc<Queue>>,
+    spill: &std::path::Path,
+    pieces: Option<usize>,
+    spill_limit: Option<u64>,
+) -> Handler {
     let mut settings = RunnerSettings::new("state", "s/", "r/", "x/");
     settings.checkpoint_every = Duration::from_millis(20);
     settings.deliver.max_objects = 5;
@@ -167,12 +183,15 @@ fn handler(
     settings.diff_workers = 2;
     settings.spill_dir = spill.to_path_buf();
     settings.fan_out_pieces = pieces;
+    if spill_limit.is_some() {
+        settings.spill_limit_bytes = spill_limit;
+    }
     let runner = SyncRunner::new(
         store.clone(),
         vec![route()],
         braze.clone(),
         settings,
-        Some(queue.clone() as Arc<dyn Continuation>),
+        queue.map(|q| q.clone() as Arc<dyn Continuation>),
     );
     let cfg = HandlerConfig {
         state_bucket: "state".into(),
@@ -720,6 +739,159 @@ async fn an_unreadable_control_object_ends_the_fan_out_instead_of_holding_the_ro
         .unwrap()
         .unwrap();
     assert!(l.released, "the route is free again");
+    let late = fan.handle(&sqs(&msgs[1], "m1"), None).await.unwrap();
+    assert_eq!(late["results"][0]["outcome"], "fan_out_over", "{late}");
+}
+
+/// 2,000 users with a 250-character tier that gzip shrinks ~85×: the parts' size says about
+/// 110 KB of spill (even as text, [`braze_sync::runner::text_bytes`]), the rows spill ~540 KB.
+fn wide_gz() -> Bytes {
+    use std::io::Write;
+    let mut s = String::from("id,tier,vip\n");
+    let tier = "x".repeat(250);
+    for i in 0..2_000 {
+        s.push_str(&format!("u{i},{tier},{}\n", i % 3 == 0));
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(s.as_bytes()).unwrap();
+    Bytes::from(gz.finish().unwrap())
+}
+
+/// The spill limit of the overflow tests: above the parts' estimate, below the real spill.
+const TIGHT: u64 = 256 << 10;
+
+async fn report_of(store: &MemoryStore, r: &Value) -> Value {
+    let uri = r["results"][0]["report"].as_str().unwrap();
+    let (_, body) = store.get(&uri.parse::<S3Uri>().unwrap()).await.unwrap();
+    serde_json::from_slice(&body).unwrap()
+}
+
+#[tokio::test]
+async fn a_spill_the_estimate_missed_fans_out_from_what_was_measured() {
+    let spill = tempfile::tempdir().unwrap();
+    // The reference: one invocation with room to spill.
+    let one_store = Arc::new(MemoryStore::new());
+    let one_braze = Arc::new(Braze::default());
+    let one = handler(
+        &one_store,
+        &one_braze,
+        &Arc::new(Queue::default()),
+        spill.path(),
+        None,
+    );
+    put(&one_store, "in/e1.csv.gz", wide_gz()).await;
+    assert_eq!(outcome(&sync(&one, "in/e1.csv.gz").await), "synced");
+
+    // A 256 KB spill limit: the estimate says one invocation fits, the partition step
+    // overflows; with a queue the run fans out from what it measured instead of failing.
+    let store = Arc::new(MemoryStore::new());
+    let braze = Arc::new(Braze::default());
+    let queue = Arc::new(Queue::default());
+    let fan = handler_limited(
+        &store,
+        &braze,
+        Some(&queue),
+        spill.path(),
+        None,
+        Some(TIGHT),
+    );
+    put(&store, "in/e1.csv.gz", wide_gz()).await;
+    let out = sync(&fan, "in/e1.csv.gz").await;
+    assert_eq!(outcome(&out), "fanned_out", "{out}");
+    assert_eq!(braze.requests.load(Ordering::SeqCst), 0, "nothing was sent");
+    let msgs = queue.pieces.lock().unwrap().clone();
+    assert!(
+        (3..=6).contains(&msgs.len()),
+        "~540 KB of spill, half again, per 256 KB: {} pieces",
+        msgs.len()
+    );
+    let mut last = Value::Null;
+    for (k, m) in msgs.iter().enumerate() {
+        last = fan.handle(&sqs(m, &format!("m{k}")), None).await.unwrap();
+        assert_eq!(last["batchItemFailures"], json!([]), "{last}");
+    }
+    assert_eq!(last["results"][0]["outcome"], "fan_out_finished", "{last}");
+    assert_eq!(last["results"][0]["status"], "complete", "{last}");
+    // The same profiles as the single run, every user sent exactly once.
+    assert_eq!(
+        *braze.profiles.lock().unwrap(),
+        *one_braze.profiles.lock().unwrap()
+    );
+    assert_eq!(braze.objects.load(Ordering::SeqCst), 2_000);
+    assert_eq!(state(&store).read_head().await.unwrap().doc.users, 2_000);
+    // The report says why it fanned out, with the measured figures.
+    let report = report_of(&store, &last).await;
+    let notes = report["notes"].to_string();
+    eprintln!("{} pieces; notes: {notes}", msgs.len());
+    assert!(notes.contains("fans out into"), "{notes}");
+    assert!(notes.contains("bytes per row"), "{notes}");
+    assert_eq!(report["rows_in"], 2_000, "{report}");
+    let l = read_lock(store.as_ref(), &lock_uri("state", "s/", "people"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(l.released);
+}
+
+#[tokio::test]
+async fn without_a_queue_an_overflow_fails_naming_the_sizes() {
+    let spill = tempfile::tempdir().unwrap();
+    let store = Arc::new(MemoryStore::new());
+    let braze = Arc::new(Braze::default());
+    let cli = handler_limited(&store, &braze, None, spill.path(), None, Some(TIGHT));
+    put(&store, "in/e1.csv.gz", wide_gz()).await;
+    let out = cli.handle(&s3_event("in/e1.csv.gz"), None).await;
+    let text = format!("{out:?}");
+    eprintln!("{text}");
+    assert!(
+        text.contains("more than the 256 KB of local storage"),
+        "{text}"
+    );
+    assert!(text.contains("bytes per row"), "{text}");
+    assert!(text.contains("EphemeralStorage"), "{text}");
+    assert_eq!(braze.requests.load(Ordering::SeqCst), 0);
+    let l = read_lock(store.as_ref(), &lock_uri("state", "s/", "people"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(l.released, "the route is free");
+}
+
+#[tokio::test]
+async fn a_piece_whose_own_spill_overflows_ends_the_fan_out_instead_of_looping() {
+    let spill = tempfile::tempdir().unwrap();
+    let store = Arc::new(MemoryStore::new());
+    let braze = Arc::new(Braze::default());
+    let queue = Arc::new(Queue::default());
+    // Forced into 2 pieces of ~270 KB of spill each, with 64 KB allowed.
+    let fan = handler_limited(
+        &store,
+        &braze,
+        Some(&queue),
+        spill.path(),
+        Some(2),
+        Some(64 << 10),
+    );
+    put(&store, "in/e1.csv.gz", wide_gz()).await;
+    assert_eq!(outcome(&sync(&fan, "in/e1.csv.gz").await), "fanned_out");
+    let msgs = queue.pieces.lock().unwrap().clone();
+    assert_eq!(msgs.len(), 2);
+    let r = fan.handle(&sqs(&msgs[0], "m0"), None).await.unwrap();
+    assert_eq!(r["results"][0]["outcome"], "failed", "{r}");
+    assert_eq!(r["batchItemFailures"], json!([]), "not redelivered: {r}");
+    let report = report_of(&store, &r).await;
+    let error = report["error"].as_str().unwrap();
+    eprintln!("{error}");
+    assert!(error.contains("piece 0"), "{error}");
+    assert!(error.contains("still overflows"), "{error}");
+    assert!(error.contains("BRIDGE_FAN_OUT_PIECES="), "{error}");
+    assert!(error.contains("bytes per row"), "{error}");
+    assert_eq!(braze.requests.load(Ordering::SeqCst), 0, "nothing was sent");
+    assert_eq!(
+        queue.pieces.lock().unwrap().len(),
+        2,
+        "nothing was re-queued"
+    );
     let late = fan.handle(&sqs(&msgs[1], "m1"), None).await.unwrap();
     assert_eq!(late["results"][0]["outcome"], "fan_out_over", "{late}");
 }

@@ -45,7 +45,7 @@ use crate::delta::AudienceDepartures;
 use crate::handler::{ExportPlan, RunError, RunOutcome};
 use crate::ledger::{Ledger, LedgerStatus};
 use crate::model::{DeliveryOutcome, UserDelta};
-use crate::ranged::release_departures;
+use crate::ranged::{SpillOverflow, release_departures, size_text};
 use crate::report::{FanOutPiece, FanOutReport, RunReport, RunStatus};
 use crate::route::Route;
 use crate::route_lock::{Joined, RouteLock, lock_uri};
@@ -185,7 +185,8 @@ pub struct FinalDoc {
 }
 
 /// The number of pieces to split an export into: `forced` (`BRIDGE_FAN_OUT_PIECES`), else
-/// enough that each piece's spill (the export's rows estimated from its parts' sizes, times
+/// enough that each piece's spill (the export's rows estimated from its parts' sizes as text,
+/// [`super::text_bytes`], times
 /// [`SPILL_BYTES_PER_ROW`]) fits `spill_limit` with a quarter to spare; `None`: one
 /// invocation does (pure).
 pub fn pieces_for(
@@ -203,6 +204,56 @@ pub fn pieces_for(
     }
     let want = spill.saturating_mul(5) / 4;
     Some((want.div_ceil(limit) as usize).max(2))
+}
+
+/// Most pieces a fan-out splits into (a span holds at least one of the state's ranges, and a
+/// state has at most `2^16`).
+pub const MAX_PIECES: usize = 1 << 16;
+
+/// The number of pieces for an export whose bounded run's spill overflowed `limit` although
+/// the estimate from its parts' sizes said it would fit (compressed parts, wide rows): its
+/// spill extrapolated from what the partition step measured
+/// ([`SpillOverflow::projected_spill`] of the parts' bytes), half again for margin (the
+/// parts' read-ahead counts bytes before their rows, spans of ranges are not all even), per
+/// `limit` (pure).
+pub fn pieces_measured(o: &SpillOverflow, parts_bytes: u64, limit: u64) -> usize {
+    let spill = o.projected_spill(parts_bytes);
+    let want = spill.saturating_mul(3) / 2;
+    (want.div_ceil(limit.max(1)) as usize).clamp(2, MAX_PIECES)
+}
+
+/// The pieces' removal files as a lazy iterator of streams: each object is opened (a
+/// streamed GET) only when the iterator is advanced, so its consumer holds one at a time. A
+/// file that cannot be opened reads as an I/O error naming it (retryable: the finalizer is
+/// redelivered). Blocking: call from a blocking thread.
+fn departure_streams(
+    store: Arc<dyn ObjectStore>,
+    uris: Vec<S3Uri>,
+    rt: tokio::runtime::Handle,
+) -> impl Iterator<Item = (String, Box<dyn std::io::Read + Send>)> + Send {
+    uris.into_iter().map(move |uri| {
+        let r: Box<dyn std::io::Read + Send> = match rt.block_on(store.get_reader(&uri)) {
+            Ok((_, r)) => Box::new(crate::sync::blocking_reader(r, rt.clone())),
+            Err(e) => {
+                let message = format!("opening {uri}: {e}");
+                Box::new(FailedOpen(Some(message)))
+            }
+        };
+        (uri.to_string(), r)
+    })
+}
+
+/// A departure file that could not be opened: its first read fails with why.
+struct FailedOpen(Option<String>);
+
+impl std::io::Read for FailedOpen {
+    fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+        Err(std::io::Error::other(
+            self.0
+                .take()
+                .unwrap_or_else(|| "could not be opened".into()),
+        ))
+    }
 }
 
 /// Splits ranges `0..ranges` into `pieces` contiguous spans as even as possible (pure).
@@ -335,12 +386,59 @@ impl SyncRunner {
     /// continuation queue (the CLI has none: a spill that cannot fit fails fast instead).
     pub(super) fn fan_out_pieces(&self, plan: &ExportPlan) -> Option<usize> {
         self.continuation.as_ref()?;
-        let bytes: u64 = plan.parts.iter().map(|p| p.size).sum();
+        let bytes = super::export_text_bytes(plan);
         pieces_for(
             bytes,
             self.settings.spill_limit_bytes,
             self.settings.fan_out_pieces,
         )
+    }
+
+    /// A bounded run whose partition step overflowed the spill limit, with a continuation
+    /// queue: fans the export out into [`pieces_measured`] pieces instead of failing
+    /// (nothing was sent: sending starts only after the export is fully partitioned). The
+    /// report and the log say why.
+    pub(super) async fn fan_out_on_overflow(
+        &self,
+        plan: &ExportPlan,
+        route: &Route,
+        exported_at: &str,
+        record: &mut RunRecord,
+        o: &SpillOverflow,
+    ) -> Result<RunOutcome, RunError> {
+        let store = self.store.as_ref();
+        let limit = o.limit_bytes.max(1);
+        let pieces = pieces_measured(o, o.parts_bytes, limit);
+        let projected = o.projected_spill(o.parts_bytes);
+        let why = format!(
+            "the estimate from the parts' sizes said one invocation's spill fits, but the partition step passed the {} limit after {} rows ({} of parts read, {:.0} spill bytes per row, {:.4} rows per part byte): about {} for the whole export ({} of parts), so it fans out into {pieces} pieces instead (nothing had been sent)",
+            size_text(limit),
+            o.rows_read,
+            size_text(o.source_bytes_read),
+            o.bytes_per_row(),
+            o.rows_per_part_byte(),
+            size_text(projected),
+            size_text(o.parts_bytes),
+        );
+        warn!(
+            route = route.name(),
+            pieces,
+            limit_bytes = limit,
+            projected_bytes = projected,
+            "Spill estimate too low: fanning out from measured figures."
+        );
+        record.report.notes.push(why);
+        let state = self.state(route);
+        let head = match state.read_head().await {
+            Ok(h) => h,
+            Err(e) if e.is_retryable() => return Err(RunError::Retryable(e.to_string())),
+            Err(e) => {
+                let message = format!("loading state: {e}");
+                return Err(record.failed(store, message, false).await);
+            }
+        };
+        self.fan_out(plan, route, &state, head, exported_at, record, pieces)
+            .await
     }
 
     /// The coordinator: lays the state out, writes the manifest, forks the state per piece.
@@ -357,7 +455,7 @@ impl SyncRunner {
         pieces: usize,
     ) -> Result<RunOutcome, RunError> {
         let store = self.store.as_ref();
-        let bytes: u64 = plan.parts.iter().map(|p| p.size).sum();
+        let bytes = super::export_text_bytes(plan);
         let expected = head.doc.users.saturating_add(bytes / EST_ROW_BYTES);
         if let Err(e) = state
             .ensure_layout(&mut head, route, expected, pieces)
@@ -707,6 +805,21 @@ impl SyncRunner {
                 },
             });
         }
+        if let Err(crate::sync::SyncError::SpillOverflow(o)) = &mut ended.produced.result {
+            // A piece's own spill still overflows (the estimate that split the export was
+            // low): it is not split again. The fan-out ends with the sizes and the number of
+            // pieces the measured figures call for, before this piece sent anything.
+            o.parts_bytes = manifest.parts.iter().map(|p| p.size).sum();
+            let n = manifest.pieces.len();
+            let want = n.saturating_mul(pieces_measured(o, o.parts_bytes, o.limit_bytes));
+            return Err(RunError::Permanent {
+                message: format!(
+                    "its share of the export (one of {n} pieces) still overflows: {o}. A piece is not split again, so the fan-out ends here; replay the export with BRIDGE_FAN_OUT_PIECES={} (or more), or raise the ephemeral storage",
+                    want.min(MAX_PIECES)
+                ),
+                report: None,
+            });
+        }
         if let Some(e) = ended.read_error() {
             return Err(if e.is_retryable() {
                 RunError::Retryable(e.to_string())
@@ -934,16 +1047,20 @@ impl SyncRunner {
         }
 
         // Departures, judged on the export's totals; the removals the guard lets through
-        // are sent, then the state is committed with the export's watermark.
-        let mut files = Vec::new();
-        for d in &dones {
-            if d.departures_bytes == 0 {
-                continue;
-            }
-            let uri = control.uri(&format!("{}/departures.bin", Control::piece_name(d.piece)));
-            let (_, body) = store.get(&uri).await.map_err(store_err)?;
-            files.push((uri.to_string(), std::io::Cursor::new(body)));
-        }
+        // are sent, then the state is committed with the export's watermark. Memory: the
+        // pieces' removal files are streamed from S3 one after the other, each opened only
+        // when the previous one was read to its end and dropped
+        // (`release_departures` takes them from a lazy iterator and reads them in turn,
+        // record by record), so a departure day of any size costs the stream's buffers,
+        // never a whole piece's removals, let alone every piece's.
+        let uris: Vec<S3Uri> = dones
+            .iter()
+            .filter(|d| d.departures_bytes > 0)
+            .map(|d| control.uri(&format!("{}/departures.bin", Control::piece_name(d.piece))))
+            .collect();
+        let rt = tokio::runtime::Handle::current();
+        let dep_store = self.store.clone();
+        let files = departure_streams(dep_store, uris, rt);
         let mut totals = Summary {
             departures: audiences,
             rows_without_identifier: without_id,
@@ -1165,6 +1282,74 @@ mod tests {
         assert_eq!(pieces_for(1_000_000, None, None), None);
         assert_eq!(pieces_for(1_000, Some(limit), Some(4)), Some(4));
         assert_eq!(pieces_for(1_000, Some(limit), Some(1)), None);
+    }
+
+    #[test]
+    fn compressed_parts_are_estimated_as_text() {
+        use super::super::{GZIP_EXPANSION, PARQUET_EXPANSION, text_bytes};
+        assert_eq!(text_bytes("in/a.csv", 1_000), 1_000);
+        assert_eq!(text_bytes("in/a.csv.gz", 1_000), 1_000 * GZIP_EXPANSION);
+        assert_eq!(text_bytes("in/a.CSV.GZIP", 1_000), 5_000);
+        assert_eq!(text_bytes("in/a.tar.gz", 1_000), 5_000);
+        assert_eq!(text_bytes("in/a.zip", 1_000), 5_000);
+        assert_eq!(text_bytes("in/a.csv.bz2", 1_000), 6_000);
+        assert_eq!(text_bytes("in/a.csv.zst", 1_000), 6_000);
+        assert_eq!(text_bytes("in/a.parquet", 1_000), 1_000 * PARQUET_EXPANSION);
+        assert_eq!(text_bytes("in/gz/a.json", 1_000), 1_000);
+        // 2 GB of gzip parts: as stored they would seem to fit a 9 GB spill (7.2 GB); as
+        // text (~10 GB, ~100M rows) they need 5 pieces.
+        let limit = 9 << 30;
+        assert_eq!(pieces_for(2_000_000_000, Some(limit), None), None);
+        let text = text_bytes("e.csv.gz", 2_000_000_000);
+        assert_eq!(pieces_for(text, Some(limit), None), Some(5));
+    }
+
+    #[test]
+    fn an_overflow_splits_by_what_was_measured() {
+        // Stopped at a 1 GiB limit after 1M rows from 100 MB of gzip parts (0.01 rows per
+        // part byte), 1,100 bytes per row spilled: 5 GB of parts → 50M rows → 55 GB of
+        // spill, half again → 77 pieces of 1 GiB.
+        let o = SpillOverflow {
+            limit_bytes: 1 << 30,
+            written_bytes: 1 << 30,
+            rows_read: 1_000_000,
+            rows_spilled: 1_000_000,
+            record_bytes: 1_100_000_000,
+            source_bytes_read: 100_000_000,
+            parts_bytes: 5_000_000_000,
+        };
+        assert_eq!(o.projected_spill(o.parts_bytes), 55_000_000_000);
+        assert_eq!(pieces_measured(&o, o.parts_bytes, 1 << 30), 77);
+        // A piece keeping a quarter of the rows projects a quarter of the spill.
+        let piece = SpillOverflow {
+            rows_spilled: 250_000,
+            record_bytes: 275_000_000,
+            ..o
+        };
+        assert_eq!(piece.projected_spill(o.parts_bytes), 13_750_000_000);
+        let text = SpillOverflow {
+            parts_bytes: o.parts_bytes,
+            ..piece
+        }
+        .to_string();
+        assert!(
+            text.contains("for this run's ranges of the export"),
+            "{text}"
+        );
+        // Never fewer than 2, never more than the ranges a state can have.
+        let tiny = SpillOverflow {
+            record_bytes: 10,
+            written_bytes: 10,
+            ..o
+        };
+        assert_eq!(pieces_measured(&tiny, 0, 1 << 30), 2);
+        assert_eq!(pieces_measured(&o, u64::MAX / 2, 1), MAX_PIECES);
+        assert!(o.to_string().contains("more than the 1.0 GB"), "{o}");
+        assert!(
+            o.to_string().contains("about 51.2 GB for the whole export"),
+            "{o}"
+        );
+        assert!(o.to_string().contains("EphemeralStorage"), "{o}");
     }
 
     #[test]
