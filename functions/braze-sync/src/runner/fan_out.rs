@@ -256,6 +256,20 @@ impl std::io::Read for FailedOpen {
     }
 }
 
+fn forced_setting(setting: Option<usize>) -> bool {
+    setting.is_some_and(|n| n >= 2)
+}
+
+/// The fewest pieces, at least `pieces`, whose even spans of `ranges` ranges ([`spans`]) each
+/// hold at most `ranges / pieces` (rounded down, at least 1) ranges, so no piece gets more
+/// than its `1/pieces` share of the export: e.g. 8 ranges in 3 pieces would give a span of 3
+/// (37.5%); 4 pieces of 2 do not (pure).
+pub fn even_pieces(ranges: usize, pieces: usize) -> usize {
+    let ranges = ranges.max(1);
+    let width = (ranges / pieces.max(1)).max(1);
+    ranges.div_ceil(width).max(pieces.min(ranges))
+}
+
 /// Splits ranges `0..ranges` into `pieces` contiguous spans as even as possible (pure).
 pub fn spans(ranges: usize, pieces: usize) -> Vec<Range<usize>> {
     let pieces = pieces.clamp(1, ranges.max(1));
@@ -465,7 +479,14 @@ impl SyncRunner {
             let message = format!("laying the state out for a fan-out into {pieces} pieces: {e}");
             return Err(record.failed(store, message, retryable).await);
         }
-        let spans = spans(head.doc.ranges.len(), pieces);
+        let ranges = head.doc.ranges.len();
+        // A count from an estimate or a measure (not the operator's setting) is rounded up
+        // so no span holds more than 1/pieces of the ranges.
+        let pieces = match forced_setting(self.settings.fan_out_pieces) {
+            true => pieces,
+            false => even_pieces(ranges, pieces),
+        };
+        let spans = spans(ranges, pieces);
         let run_id = record.run_id.clone();
         let manifest = Manifest {
             run_id: run_id.clone(),
@@ -1350,6 +1371,26 @@ mod tests {
             "{o}"
         );
         assert!(o.to_string().contains("EphemeralStorage"), "{o}");
+    }
+
+    #[test]
+    fn estimated_pieces_get_even_spans() {
+        for (ranges, pieces, want) in [(8, 3, 4), (4, 3, 4), (16, 5, 6), (16, 4, 4), (2, 4, 2)] {
+            let n = even_pieces(ranges, pieces);
+            assert_eq!(n, want, "{ranges} ranges, {pieces} pieces");
+            let widest = spans(ranges, n).iter().map(|s| s.len()).max().unwrap();
+            assert!(
+                widest * pieces.min(ranges) <= ranges,
+                "{ranges}/{pieces}: {widest}"
+            );
+        }
+        for ranges in [1usize, 7, 64, 1024, 65_536] {
+            for pieces in 2..40 {
+                let n = even_pieces(ranges, pieces);
+                let widest = spans(ranges, n).iter().map(|s| s.len()).max().unwrap();
+                assert!(widest <= (ranges / pieces).max(1), "{ranges}/{pieces}");
+            }
+        }
     }
 
     #[test]
