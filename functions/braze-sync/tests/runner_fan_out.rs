@@ -746,10 +746,18 @@ async fn an_unreadable_control_object_ends_the_fan_out_instead_of_holding_the_ro
 /// 2,000 users with a 250-character tier that gzip shrinks ~85×: the parts' size says about
 /// 110 KB of spill (even as text, [`braze_sync::runner::text_bytes`]), the rows spill ~540 KB.
 fn wide_gz() -> Bytes {
+    wide_gz_without(|_| false)
+}
+
+/// [`wide_gz`] without the users `gone` picks.
+fn wide_gz_without(gone: impl Fn(u32) -> bool) -> Bytes {
     use std::io::Write;
     let mut s = String::from("id,tier,vip\n");
     let tier = "x".repeat(250);
     for i in 0..2_000 {
+        if gone(i) {
+            continue;
+        }
         s.push_str(&format!("u{i},{tier},{}\n", i % 3 == 0));
     }
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
@@ -831,6 +839,38 @@ async fn a_spill_the_estimate_missed_fans_out_from_what_was_measured() {
         .unwrap()
         .unwrap();
     assert!(l.released);
+
+    // A second export with every 25th user gone (members of every piece's ranges): it
+    // overflows and fans out again; the finalizer streams each piece's removals in turn and
+    // the profiles again equal the single run's.
+    let e2 = wide_gz_without(|i| i % 25 == 0);
+    put(&one_store, "in/e2.csv.gz", e2.clone()).await;
+    assert_eq!(outcome(&sync(&one, "in/e2.csv.gz").await), "synced");
+    put(&store, "in/e2.csv.gz", e2).await;
+    let out = sync(&fan, "in/e2.csv.gz").await;
+    assert_eq!(outcome(&out), "fanned_out", "{out}");
+    let msgs: Vec<PieceMessage> = queue.pieces.lock().unwrap()[msgs.len()..].to_vec();
+    let run_id = msgs[0].run_id.clone();
+    let mut files = 0;
+    for (k, m) in msgs.iter().enumerate() {
+        last = fan.handle(&sqs(m, &format!("n{k}")), None).await.unwrap();
+        assert_eq!(last["batchItemFailures"], json!([]), "{last}");
+        let dep = S3Uri::new(
+            "state",
+            format!("s/people/_fan_out/{run_id}/p{k:03}/departures.bin"),
+        );
+        files += usize::from(store.head(&dep).await.unwrap().is_some());
+    }
+    assert!(files >= 2, "removals in several pieces: {files}");
+    assert_eq!(last["results"][0]["outcome"], "fan_out_finished", "{last}");
+    assert_eq!(
+        *braze.profiles.lock().unwrap(),
+        *one_braze.profiles.lock().unwrap()
+    );
+    let report = report_of(&store, &last).await;
+    // 80 users gone, of whom the members (every 3rd id) are removed from the audience.
+    let members_gone = (0..2_000).filter(|i| i % 25 == 0 && i % 3 == 0).count();
+    assert_eq!(report["departures_sent"], members_gone, "{report}");
 }
 
 #[tokio::test]
