@@ -26,7 +26,10 @@ use braze_sync::runner::{Continuation, PieceMessage, RunnerSettings, SyncRunner}
 use braze_sync::snapshot::range_of;
 use braze_sync::snapshot::store::StateStore;
 use bridge_shared::S3Uri;
-use bridge_shared::object_store::{MemoryStore, ObjectStore, PutCondition};
+use bridge_shared::StoreError;
+use bridge_shared::object_store::{
+    MemoryStore, ObjectMeta, ObjectReader, ObjectStore, PutCondition,
+};
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
@@ -173,6 +176,18 @@ fn handler_limited(
     pieces: Option<usize>,
     spill_limit: Option<u64>,
 ) -> Handler {
+    handler_on(store.clone(), braze, queue, spill, pieces, spill_limit)
+}
+
+/// [`handler_limited`] over any store (a faulty one).
+fn handler_on(
+    store: Arc<dyn ObjectStore>,
+    braze: &Arc<Braze>,
+    queue: Option<&Arc<Queue>>,
+    spill: &std::path::Path,
+    pieces: Option<usize>,
+    spill_limit: Option<u64>,
+) -> Handler {
     let mut settings = RunnerSettings::new("state", "s/", "r/", "x/");
     settings.checkpoint_every = Duration::from_millis(20);
     settings.deliver.max_objects = 5;
@@ -201,7 +216,7 @@ fn handler_limited(
         routes: vec![route().binding()],
         lease_s: 60,
     };
-    Handler::new(cfg, store.clone(), Arc::new(runner))
+    Handler::new(cfg, store, Arc::new(runner))
 }
 
 async fn put(store: &MemoryStore, key: &str, body: Bytes) {
@@ -451,6 +466,175 @@ async fn an_export_in_four_pieces_ends_as_a_single_run_with_one_piece_killed_and
 
 async fn head_etag(store: &Arc<MemoryStore>) -> Option<String> {
     state(store).read_head().await.unwrap().etag
+}
+
+/// A store whose write of the finalizer's `merged` mark fails once with a 5xx while armed
+/// (S3 throttling right after the merge's head write).
+struct FlakyFinal {
+    inner: Arc<MemoryStore>,
+    armed: AtomicBool,
+}
+
+#[async_trait]
+impl ObjectStore for FlakyFinal {
+    async fn get(&self, uri: &S3Uri) -> Result<(ObjectMeta, Bytes), StoreError> {
+        self.inner.get(uri).await
+    }
+    async fn get_reader(&self, uri: &S3Uri) -> Result<(ObjectMeta, ObjectReader), StoreError> {
+        self.inner.get_reader(uri).await
+    }
+    async fn head(&self, uri: &S3Uri) -> Result<Option<ObjectMeta>, StoreError> {
+        self.inner.head(uri).await
+    }
+    async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        self.inner.list(bucket, prefix).await
+    }
+    async fn put(
+        &self,
+        uri: &S3Uri,
+        body: Bytes,
+        cond: PutCondition,
+        meta: BTreeMap<String, String>,
+    ) -> Result<ObjectMeta, StoreError> {
+        let merged_mark = uri.key.ends_with("/final.json")
+            && String::from_utf8_lossy(&body).contains("\"merged\":true");
+        if merged_mark && self.armed.swap(false, Ordering::SeqCst) {
+            return Err(StoreError::Other {
+                op: "PutObject",
+                uri: uri.clone(),
+                message: "SlowDown".into(),
+                retryable: true,
+            });
+        }
+        self.inner.put(uri, body, cond, meta).await
+    }
+    async fn copy(&self, from: &S3Uri, to: &S3Uri) -> Result<(), StoreError> {
+        self.inner.copy(from, to).await
+    }
+    async fn delete(&self, uri: &S3Uri) -> Result<(), StoreError> {
+        self.inner.delete(uri).await
+    }
+}
+
+/// A 2-piece fan-out of a changed export (8 new users) whose finalizer merged the forks into
+/// the route head but failed to record it (a 5xx on `final.json`): the state, the handlers
+/// (single, fan-out), the pieces' messages.
+struct MergedUnmarked {
+    store: Arc<MemoryStore>,
+    braze: Arc<Braze>,
+    single: Handler,
+    fan: Handler,
+    msgs: Vec<PieceMessage>,
+    _spill: tempfile::TempDir,
+}
+
+async fn merged_unmarked() -> MergedUnmarked {
+    let store = Arc::new(MemoryStore::new());
+    let flaky = Arc::new(FlakyFinal {
+        inner: store.clone(),
+        armed: AtomicBool::new(false),
+    });
+    let braze = Arc::new(Braze::default());
+    let queue = Arc::new(Queue::default());
+    let spill = tempfile::tempdir().unwrap();
+    let single = handler_on(
+        flaky.clone(),
+        &braze,
+        Some(&queue),
+        spill.path(),
+        None,
+        None,
+    );
+    put(&store, "in/e1.csv", csv(false, &BTreeSet::new(), 0)).await;
+    assert_eq!(outcome(&sync(&single, "in/e1.csv").await), "synced");
+
+    let fan = handler_on(
+        flaky.clone(),
+        &braze,
+        Some(&queue),
+        spill.path(),
+        Some(2),
+        None,
+    );
+    put(&store, "in/e2.csv", csv(true, &BTreeSet::new(), 8)).await;
+    assert_eq!(outcome(&sync(&fan, "in/e2.csv").await), "fanned_out");
+    let msgs = queue.pieces.lock().unwrap().clone();
+    let r = fan.handle(&sqs(&msgs[0], "m0"), None).await.unwrap();
+    assert_eq!(r["results"][0]["outcome"], "piece_done", "{r}");
+    // The last piece merges the forks into the route head, then its write of the `merged`
+    // mark meets a 5xx: the message is retried.
+    flaky.armed.store(true, Ordering::SeqCst);
+    let r = fan.handle(&sqs(&msgs[1], "m1"), None).await.unwrap();
+    assert_eq!(r["batchItemFailures"].as_array().unwrap().len(), 1, "{r}");
+    assert!(
+        !flaky.armed.load(Ordering::SeqCst),
+        "the mark's write failed"
+    );
+    MergedUnmarked {
+        store,
+        braze,
+        single,
+        fan,
+        msgs,
+        _spill: spill,
+    }
+}
+
+/// Every object the route head references exists.
+async fn assert_head_objects_exist(store: &Arc<MemoryStore>) {
+    let h = state(store).read_head().await.unwrap();
+    for name in h
+        .doc
+        .ranges
+        .iter()
+        .flat_map(|r| r.base.iter().chain(r.deltas.iter()))
+    {
+        let uri = S3Uri::new("state", format!("s/people/{name}"));
+        assert!(
+            store.head(&uri).await.unwrap().is_some(),
+            "{name} was deleted"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_finalizer_that_fails_after_merging_finishes_on_redelivery_without_losing_the_merge() {
+    let MergedUnmarked {
+        store,
+        braze,
+        single,
+        fan,
+        msgs,
+        _spill,
+    } = merged_unmarked().await;
+    let run_id = msgs[0].run_id.clone();
+    // Redelivered, it sees the route head already is the merge and finishes the fan-out.
+    let r = fan.handle(&sqs(&msgs[1], "m1b"), None).await.unwrap();
+    assert_eq!(r["results"][0]["outcome"], "fan_out_finished", "{r}");
+    assert_eq!(r["results"][0]["status"], "complete", "{r}");
+    // Every object the route head references exists, and it holds the export.
+    let h = state(&store).read_head().await.unwrap();
+    assert_eq!(h.doc.users, u64::from(N) + 8);
+    assert!(
+        h.doc
+            .watermark
+            .unwrap()
+            .export_id
+            .starts_with("s3://exports/in/e2.csv#")
+    );
+    assert_head_objects_exist(&store).await;
+    assert!(
+        h.doc.ranges.iter().any(|r| r
+            .deltas
+            .iter()
+            .any(|d| d.starts_with(&format!("_fan_out/{run_id}/")))),
+        "the merged head takes the forks' objects"
+    );
+    // The state reads back: the same export again sends nothing.
+    let sent = braze.requests.load(Ordering::SeqCst);
+    put(&store, "in/e3.csv", csv(true, &BTreeSet::new(), 8)).await;
+    assert_eq!(outcome(&sync(&single, "in/e3.csv").await), "synced");
+    assert_eq!(braze.requests.load(Ordering::SeqCst), sent);
 }
 
 #[tokio::test]
@@ -934,4 +1118,48 @@ async fn a_piece_whose_own_spill_overflows_ends_the_fan_out_instead_of_looping()
     );
     let late = fan.handle(&sqs(&msgs[1], "m1"), None).await.unwrap();
     assert_eq!(late["results"][0]["outcome"], "fan_out_over", "{late}");
+}
+
+#[tokio::test]
+async fn a_failing_fan_out_never_deletes_objects_the_route_head_references() {
+    let MergedUnmarked {
+        store,
+        single,
+        fan,
+        msgs,
+        ..
+    } = merged_unmarked().await;
+    let run_id = msgs[0].run_id.clone();
+    // The fan-out's lease runs out before its finalizer is redelivered; a newer export takes
+    // the route and commits on top of the merged head (changing one user only, so most
+    // ranges still reference the forks' objects).
+    let lock = lock_uri("state", "s/", "people");
+    let dead = json!({"holder": run_id, "lease_until_ms": 0, "released": false});
+    store
+        .put(
+            &lock,
+            Bytes::from(dead.to_string()),
+            PutCondition::None,
+            BTreeMap::new(),
+        )
+        .await
+        .unwrap();
+    let e3 = String::from_utf8(csv(true, &BTreeSet::new(), 8).to_vec()).unwrap();
+    let e3 = e3.replace("u1,t1,", "u1,newer,");
+    put(&store, "in/e3.csv", Bytes::from(e3)).await;
+    assert_eq!(outcome(&sync(&single, "in/e3.csv").await), "synced");
+    let h = state(&store).read_head().await.unwrap();
+    assert!(
+        h.doc.ranges.iter().any(|r| r
+            .deltas
+            .iter()
+            .any(|d| d.starts_with(&format!("_fan_out/{run_id}/")))),
+        "the head still references the forks' objects"
+    );
+    // The old finalizer, redelivered, cannot finish the fan-out (the state moved on), but
+    // it deletes only its control objects, not the state the head references.
+    let r = fan.handle(&sqs(&msgs[1], "m1c"), None).await.unwrap();
+    assert_eq!(r["results"][0]["outcome"], "failed", "{r}");
+    assert_head_objects_exist(&store).await;
+    assert_eq!(state(&store).read_head().await.unwrap(), h);
 }

@@ -278,6 +278,19 @@ pub fn spans(ranges: usize, pieces: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
+/// Whether `head` already holds the forks' work: every range of every span is the fork's
+/// (a finalizer merged, then died before recording it), and no export was applied since the
+/// forks were made (a merge keeps the watermark and applied exports the forks copied) (pure).
+fn is_merge_of(head: &HeadDoc, forks: &[(Range<usize>, HeadDoc)]) -> bool {
+    forks.iter().all(|(span, f)| {
+        f.range_bits == head.range_bits
+            && f.ranges.len() == head.ranges.len()
+            && f.watermark == head.watermark
+            && f.applied_exports == head.applied_exports
+            && span.clone().all(|r| head.ranges.get(r) == f.ranges.get(r))
+    })
+}
+
 /// Where one fan-out's control objects are.
 struct Control {
     store: Arc<dyn ObjectStore>,
@@ -953,15 +966,6 @@ impl SyncRunner {
         let state = self.state(route);
         let mut head = state.read_head().await.map_err(retry)?;
         if !fin.merged {
-            if head.etag != manifest.route_head_etag {
-                return Err(RunError::Permanent {
-                    message: format!(
-                        "the route's state changed since the fan-out began (head {:?}, expected {:?}): the pieces' work is not merged; replay the export",
-                        head.etag, manifest.route_head_etag
-                    ),
-                    report: None,
-                });
-            }
             let mut forks: Vec<(Range<usize>, HeadDoc)> = Vec::with_capacity(n);
             for k in 0..n {
                 let fork = state.fork(&format!(
@@ -973,7 +977,19 @@ impl SyncRunner {
                 let span = manifest.span(k).unwrap_or(0..0);
                 forks.push((span, h.doc));
             }
-            state.merge_forks(&mut head, &forks).await.map_err(retry)?;
+            if head.etag == manifest.route_head_etag {
+                state.merge_forks(&mut head, &forks).await.map_err(retry)?;
+            } else if !is_merge_of(&head.doc, &forks) {
+                return Err(RunError::Permanent {
+                    message: format!(
+                        "the route's state changed since the fan-out began (head {:?}, expected {:?}): the pieces' work is not merged; replay the export",
+                        head.etag, manifest.route_head_etag
+                    ),
+                    report: None,
+                });
+            }
+            // Else a finalizer attempt merged, then failed before recording it (a 5xx on
+            // `final.json`, killed): the route head already is the merge; go on from it.
             fin.merged = true;
             let body = Bytes::from(serde_json::to_vec(&fin).unwrap_or_default());
             control
@@ -1281,7 +1297,21 @@ impl SyncRunner {
             control.get_json::<FinalDoc>("final.json").await,
             Ok(Some(FinalDoc { merged: true, .. }))
         );
-        control.clean(manifest.pieces.len(), !merged).await;
+        // The forks' objects go only when the route head (read now: it may have moved on
+        // from an unrecorded merge) references none of them; unsure, they stay.
+        let own = format!("{CONTROL_FOLDER}/{}/", manifest.run_id);
+        let referenced = match self.state(route).read_head().await {
+            Ok(h) => h
+                .doc
+                .ranges
+                .iter()
+                .flat_map(|r| r.base.iter().chain(r.deltas.iter()))
+                .any(|n| n.starts_with(&own)),
+            Err(_) => true,
+        };
+        control
+            .clean(manifest.pieces.len(), !merged && !referenced)
+            .await;
         RunError::Permanent {
             message,
             report: Some(report_uri.to_string()),
