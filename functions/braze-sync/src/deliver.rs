@@ -117,6 +117,16 @@ pub struct RetriesByCause {
 }
 
 impl RetriesByCause {
+    /// Adds another count's retries (a fan-out's pieces, a piece's earlier invocations).
+    pub fn merge(&mut self, o: &RetriesByCause) {
+        self.http_429 += o.http_429;
+        self.http_5xx += o.http_5xx;
+        self.timeout += o.timeout;
+        self.connection += o.connection;
+        self.split_413 += o.split_413;
+        self.bisect_400 += o.bisect_400;
+    }
+
     fn add(&mut self, cause: RetryCause) {
         match cause {
             RetryCause::RateLimited => self.http_429 += 1,

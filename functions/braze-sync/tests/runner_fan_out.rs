@@ -63,6 +63,8 @@ struct Braze {
     /// Hang at the first departure (an object with `aud_vip` and no `tier`: only the
     /// finalizer sends those).
     hang_on_departure: AtomicBool,
+    /// Milliseconds each request takes.
+    delay_ms: AtomicU64,
 }
 
 #[async_trait]
@@ -73,6 +75,10 @@ impl BrazeApi for Braze {
                 std::future::pending::<()>().await;
             }
             self.budget.fetch_sub(1, Ordering::SeqCst);
+        }
+        let delay = self.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
         }
         let v: Value = serde_json::from_slice(&body).unwrap();
         let departure = v["attributes"]
@@ -1162,4 +1168,69 @@ async fn a_failing_fan_out_never_deletes_objects_the_route_head_references() {
     assert_eq!(r["results"][0]["outcome"], "failed", "{r}");
     assert_head_objects_exist(&store).await;
     assert_eq!(state(&store).read_head().await.unwrap(), h);
+}
+
+#[tokio::test]
+async fn a_piece_handed_over_before_its_deadline_counts_what_it_sent_in_the_combined_report() {
+    // The reference: one invocation per export.
+    let spill = tempfile::tempdir().unwrap();
+    let one_store = Arc::new(MemoryStore::new());
+    let one_braze = Arc::new(Braze::default());
+    let one = handler(
+        &one_store,
+        &one_braze,
+        &Arc::new(Queue::default()),
+        spill.path(),
+        None,
+    );
+    let e1 = csv(false, &BTreeSet::new(), 0);
+    let e2 = csv(true, &BTreeSet::new(), 8);
+    put(&one_store, "in/e1.csv", e1.clone()).await;
+    assert_eq!(outcome(&sync(&one, "in/e1.csv").await), "synced");
+    put(&one_store, "in/e2.csv", e2.clone()).await;
+    let r = sync(&one, "in/e2.csv").await;
+    let want = report_of(&one_store, &r).await;
+
+    let store = Arc::new(MemoryStore::new());
+    let braze = Arc::new(Braze::default());
+    let queue = Arc::new(Queue::default());
+    let single = handler(&store, &braze, &queue, spill.path(), None);
+    put(&store, "in/e1.csv", e1).await;
+    assert_eq!(outcome(&sync(&single, "in/e1.csv").await), "synced");
+    let fan = handler(&store, &braze, &queue, spill.path(), Some(2));
+    put(&store, "in/e2.csv", e2).await;
+    assert_eq!(outcome(&sync(&fan, "in/e2.csv").await), "fanned_out");
+    let msgs = queue.pieces.lock().unwrap().clone();
+    // Piece 0 meets its deadline midway (Braze is slow): it hands itself over.
+    braze.delay_ms.store(30, Ordering::SeqCst);
+    let r = fan
+        .handle(&sqs(&msgs[0], "m0"), Some(45_000 + 200))
+        .await
+        .unwrap();
+    assert_eq!(r["results"][0]["outcome"], "piece_handed_over", "{r}");
+    let sent_before = braze.objects.load(Ordering::SeqCst);
+    assert!(sent_before > 0, "it sent some users before its deadline");
+    braze.delay_ms.store(0, Ordering::SeqCst);
+    let again = queue.pieces.lock().unwrap().last().unwrap().clone();
+    assert_eq!((again.piece, &again.run_id), (0, &msgs[0].run_id));
+    let r = fan.handle(&sqs(&again, "m0b"), None).await.unwrap();
+    assert_eq!(r["results"][0]["outcome"], "piece_done", "{r}");
+    let r = fan.handle(&sqs(&msgs[1], "m1"), None).await.unwrap();
+    assert_eq!(r["results"][0]["outcome"], "fan_out_finished", "{r}");
+    assert_eq!(
+        *braze.profiles.lock().unwrap(),
+        *one_braze.profiles.lock().unwrap()
+    );
+    // The combined report counts the users the first invocation sent, as a single run does.
+    let got = report_of(&store, &r).await;
+    for field in [
+        "rows_in",
+        "users_sent",
+        "users_confirmed",
+        "unchanged",
+        "rejected",
+        "departures_sent",
+    ] {
+        assert_eq!(got[field], want[field], "{field}: {got} vs {want}");
+    }
 }

@@ -571,6 +571,7 @@ impl SyncRunner {
                 route: route.to_string(),
                 run_id: run_id.to_string(),
                 piece,
+                carried: None,
             };
             c.queue_piece(&msg).await?;
         }
@@ -883,7 +884,12 @@ impl SyncRunner {
                     "piece cut short by its deadline".into(),
                 ));
             };
-            c.queue_piece(msg)
+            // What it sent goes with the message, for the piece's report.
+            let mut next = msg.clone();
+            next.carried
+                .get_or_insert_with(Default::default)
+                .add(&ended.delivery.stats);
+            c.queue_piece(&next)
                 .await
                 .map_err(|e| RunError::Retryable(format!("could not hand the piece over: {e}")))?;
             info!(
@@ -896,6 +902,9 @@ impl SyncRunner {
             ));
         }
         ended.account(&mut record, &committer, store, s).await;
+        if let Some(c) = &msg.carried {
+            c.apply(&mut record.report);
+        }
         let departures_bytes = std::fs::metadata(&dep_path).map_or(0, |m| m.len());
         if departures_bytes > 0 {
             self.store
@@ -1030,13 +1039,7 @@ impl SyncRunner {
             report.unconfirmed_requests += r.unconfirmed_requests;
             report.http_429 += r.http_429;
             report.requests += r.requests;
-            let (t, p) = (&mut report.retries_by_cause, &r.retries_by_cause);
-            t.http_429 += p.http_429;
-            t.http_5xx += p.http_5xx;
-            t.timeout += p.timeout;
-            t.connection += p.connection;
-            t.split_413 += p.split_413;
-            t.bisect_400 += p.bisect_400;
+            report.retries_by_cause.merge(&r.retries_by_cause);
             report.send_duration_s = report.send_duration_s.max(r.send_duration_s);
             report.workspace_senders = report.workspace_senders.max(r.workspace_senders);
             report.rate_limit_configured_rps = r.rate_limit_configured_rps;
@@ -1168,16 +1171,9 @@ impl SyncRunner {
         report.users_confirmed += delivery.stats.users_confirmed;
         report.braze_rejected += delivery.stats.braze_rejected;
         report.requests += delivery.stats.requests;
-        let (t, d) = (
-            &mut report.retries_by_cause,
-            &delivery.stats.retries_by_cause,
-        );
-        t.http_429 += d.http_429;
-        t.http_5xx += d.http_5xx;
-        t.timeout += d.timeout;
-        t.connection += d.connection;
-        t.split_413 += d.split_413;
-        t.bisect_400 += d.bisect_400;
+        report
+            .retries_by_cause
+            .merge(&delivery.stats.retries_by_cause);
         report.http_429 += delivery.stats.http_429;
         let watermark = Watermark {
             export_id: manifest.export_id.clone(),

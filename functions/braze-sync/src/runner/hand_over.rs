@@ -6,7 +6,9 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::deliver::{DeliveryStats, RetriesByCause};
 use crate::handler::ExportPlan;
+use crate::report::RunReport;
 
 /// Hands the rest of an unfinished export to a later invocation.
 #[async_trait]
@@ -35,6 +37,49 @@ pub struct PieceMessage {
     pub run_id: String,
     /// The piece number (0-based).
     pub piece: usize,
+    /// What this piece's earlier invocations, handed over before their deadline, sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carried: Option<Carried>,
+}
+
+/// What a piece's earlier invocations sent: the users Braze confirmed are in the piece's
+/// fork, so the invocation that finishes the piece finds them unchanged; these figures are
+/// added back to its report, so the combined report counts them as a single run does.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Carried {
+    /// Users sent and confirmed.
+    pub users_confirmed: u64,
+    /// Attribute values sent.
+    pub attributes_sent: u64,
+    /// Requests made.
+    pub requests: u64,
+    /// Responses that were 429.
+    pub http_429: u64,
+    /// Retries by cause.
+    pub retries_by_cause: RetriesByCause,
+}
+
+impl Carried {
+    /// Adds one invocation's delivery figures.
+    pub fn add(&mut self, d: &DeliveryStats) {
+        self.users_confirmed += d.users_confirmed;
+        self.attributes_sent += d.attributes_sent;
+        self.requests += d.requests;
+        self.http_429 += d.http_429;
+        self.retries_by_cause.merge(&d.retries_by_cause);
+    }
+
+    /// Adds the carried figures to the report of the invocation that finished the piece.
+    pub fn apply(&self, r: &mut RunReport) {
+        r.users_sent += self.users_confirmed;
+        r.users_confirmed += self.users_confirmed;
+        r.unchanged = r.unchanged.saturating_sub(self.users_confirmed);
+        r.attributes_sent += self.attributes_sent;
+        r.requests += self.requests;
+        r.http_429 += self.http_429;
+        r.retries_by_cause.merge(&self.retries_by_cause);
+    }
 }
 
 impl PieceMessage {

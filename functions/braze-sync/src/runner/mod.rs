@@ -28,7 +28,7 @@ use bridge_shared::ObjectStore;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-pub use hand_over::{Continuation, PieceMessage, SqsContinuation};
+pub use hand_over::{Carried, Continuation, PieceMessage, SqsContinuation};
 
 use crate::braze::BrazeApi;
 use crate::deliver::{DeliverConfig, DeliverError};
