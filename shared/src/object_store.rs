@@ -14,8 +14,10 @@ use tokio::io::AsyncRead;
 
 use crate::s3_uri::S3Uri;
 
-/// What a store knows of an object besides its bytes.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// What a store knows of an object besides its bytes (serializable: a fan-out's manifest
+/// keeps its export's parts as planned).
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct ObjectMeta {
     /// Object key.
     pub key: String,

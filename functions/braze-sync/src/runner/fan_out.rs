@@ -51,7 +51,6 @@ use crate::route::Route;
 use crate::route_lock::{Joined, RouteLock, lock_uri};
 use crate::snapshot::store::{Head, HeadDoc, StateStore, Watermark};
 use crate::sync::{ProduceOptions, Stop, Summary};
-use crate::workspace_share::{SenderRegistry, WorkspaceShare};
 
 /// Folder of a route's fan-out control objects, inside its state folder.
 pub const CONTROL_FOLDER: &str = "_fan_out";
@@ -65,50 +64,6 @@ pub const SPILL_BYTES_PER_ROW: u64 = 360;
 /// run): long enough for queued pieces to start, short enough that a dead fan-out frees
 /// the route within one Lambda timeout.
 pub const FAN_OUT_LEASE_S: i64 = 900;
-
-/// An object's metadata as the manifest keeps it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(default)]
-pub struct PartMeta {
-    /// Key.
-    pub key: String,
-    /// ETag.
-    pub etag: String,
-    /// Bytes.
-    pub size: u64,
-    /// Version id.
-    pub version_id: Option<String>,
-    /// Last-modified time.
-    pub last_modified: Option<String>,
-    /// User metadata.
-    pub metadata: BTreeMap<String, String>,
-}
-
-impl From<&ObjectMeta> for PartMeta {
-    fn from(m: &ObjectMeta) -> Self {
-        Self {
-            key: m.key.clone(),
-            etag: m.etag.clone(),
-            size: m.size,
-            version_id: m.version_id.clone(),
-            last_modified: m.last_modified.clone(),
-            metadata: m.metadata.clone(),
-        }
-    }
-}
-
-impl From<&PartMeta> for ObjectMeta {
-    fn from(m: &PartMeta) -> Self {
-        Self {
-            key: m.key.clone(),
-            etag: m.etag.clone(),
-            size: m.size,
-            version_id: m.version_id.clone(),
-            last_modified: m.last_modified.clone(),
-            metadata: m.metadata.clone(),
-        }
-    }
-}
 
 /// `manifest.json`: the export plan every piece runs, written once by the coordinator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -125,9 +80,9 @@ pub struct Manifest {
     /// The trigger object's key.
     pub trigger_key: String,
     /// The trigger object as planned.
-    pub trigger_meta: PartMeta,
+    pub trigger_meta: ObjectMeta,
     /// The parts, in order.
-    pub parts: Vec<PartMeta>,
+    pub parts: Vec<ObjectMeta>,
     /// The export's date (RFC 3339), for the watermark.
     pub exported_at: String,
     /// Resend every attribute.
@@ -151,9 +106,9 @@ impl Manifest {
         ExportPlan {
             route: self.route.clone(),
             trigger: S3Uri::new(&self.bucket, &self.trigger_key),
-            parts: self.parts.iter().map(ObjectMeta::from).collect(),
+            parts: self.parts.clone(),
             export_id: self.export_id.clone(),
-            trigger_meta: (&self.trigger_meta).into(),
+            trigger_meta: self.trigger_meta.clone(),
             force_full: self.force_full,
             allow_departures: self.allow_departures,
         }
@@ -304,6 +259,18 @@ struct Control {
 
 fn store_err(e: StoreError) -> RunError {
     RunError::Retryable(e.to_string())
+}
+
+/// A state error as the piece's answer: retried when it may pass, else the fan-out ends.
+fn state_err(e: crate::snapshot::store::StateError) -> RunError {
+    if e.is_retryable() {
+        RunError::Retryable(e.to_string())
+    } else {
+        RunError::Permanent {
+            message: e.to_string(),
+            report: None,
+        }
+    }
 }
 
 impl Control {
@@ -510,8 +477,8 @@ impl SyncRunner {
             export_id: plan.export_id.clone(),
             bucket: plan.trigger.bucket.clone(),
             trigger_key: plan.trigger.key.clone(),
-            trigger_meta: (&plan.trigger_meta).into(),
-            parts: plan.parts.iter().map(PartMeta::from).collect(),
+            trigger_meta: plan.trigger_meta.clone(),
+            parts: plan.parts.clone(),
             exported_at: exported_at.to_string(),
             force_full: plan.force_full,
             allow_departures: plan.allow_departures,
@@ -756,18 +723,8 @@ impl SyncRunner {
         let s = &self.settings;
         let store = self.store.as_ref();
         let name = Control::piece_name(msg.piece);
-        let retry = |e: crate::snapshot::store::StateError| {
-            if e.is_retryable() {
-                RunError::Retryable(e.to_string())
-            } else {
-                RunError::Permanent {
-                    message: e.to_string(),
-                    report: None,
-                }
-            }
-        };
         let state = self.state(route);
-        let route_head = state.read_head().await.map_err(retry)?;
+        let route_head = state.read_head().await.map_err(state_err)?;
         if route_head.etag != manifest.route_head_etag {
             return Err(RunError::Permanent {
                 message: format!(
@@ -778,7 +735,7 @@ impl SyncRunner {
             });
         }
         let fork = state.fork(&format!("{CONTROL_FOLDER}/{}/{name}", msg.run_id));
-        let mut head = fork.read_head().await.map_err(retry)?;
+        let mut head = fork.read_head().await.map_err(state_err)?;
         let plan = manifest.plan();
         let piece_id = format!("{}-{name}", msg.run_id);
         let mut record = RunRecord::new(&plan, route.name(), s);
@@ -791,7 +748,7 @@ impl SyncRunner {
             let users = head.doc.users;
             fork.commit_ranged(&mut head, route, None, users, dir.path())
                 .await
-                .map_err(retry)?;
+                .map_err(state_err)?;
         }
         let mut opts = ProduceOptions::for_route(route, &plan.trigger.to_string());
         opts.full_resend |= plan.force_full;
@@ -817,11 +774,7 @@ impl SyncRunner {
         dcfg.deadline = self
             .deadline(remaining_ms)
             .map(tokio::time::Instant::from_std);
-        let share = s.workspace_share.clone().map(|settings| {
-            let registry =
-                SenderRegistry::new(self.store.clone(), &s.state_bucket, &s.state_prefix);
-            WorkspaceShare::new(registry, settings, route.name(), &piece_id)
-        });
+        let share = self.workspace_share(route.name(), &piece_id);
         let sender = Sender::start(self.api.clone(), dcfg, delta_rx, out_tx, share);
         let mut committer = Committer::new(fork, head, route.clone(), s.checkpoint_every);
         committer.follow(out_rx, lost).await;
@@ -948,16 +901,6 @@ impl SyncRunner {
     ) -> Result<Value, RunError> {
         let s = &self.settings;
         let store = self.store.as_ref();
-        let retry = |e: crate::snapshot::store::StateError| {
-            if e.is_retryable() {
-                RunError::Retryable(e.to_string())
-            } else {
-                RunError::Permanent {
-                    message: e.to_string(),
-                    report: None,
-                }
-            }
-        };
         let n = manifest.pieces.len();
         let mut dones = Vec::with_capacity(n);
         for k in 0..n {
@@ -976,7 +919,7 @@ impl SyncRunner {
             }
         }
         let state = self.state(route);
-        let mut head = state.read_head().await.map_err(retry)?;
+        let mut head = state.read_head().await.map_err(state_err)?;
         if !fin.merged {
             let mut forks: Vec<(Range<usize>, HeadDoc)> = Vec::with_capacity(n);
             for k in 0..n {
@@ -985,12 +928,15 @@ impl SyncRunner {
                     manifest.run_id,
                     Control::piece_name(k)
                 ));
-                let h = fork.read_head().await.map_err(retry)?;
+                let h = fork.read_head().await.map_err(state_err)?;
                 let span = manifest.span(k).unwrap_or(0..0);
                 forks.push((span, h.doc));
             }
             if head.etag == manifest.route_head_etag {
-                state.merge_forks(&mut head, &forks).await.map_err(retry)?;
+                state
+                    .merge_forks(&mut head, &forks)
+                    .await
+                    .map_err(state_err)?;
             } else if !is_merge_of(&head.doc, &forks) {
                 return Err(RunError::Permanent {
                     message: format!(
@@ -1127,11 +1073,7 @@ impl SyncRunner {
             .deadline(remaining_ms)
             .map(tokio::time::Instant::from_std);
         let fin_id = format!("{}-final", manifest.run_id);
-        let share = s.workspace_share.clone().map(|settings| {
-            let registry =
-                SenderRegistry::new(self.store.clone(), &s.state_bucket, &s.state_prefix);
-            WorkspaceShare::new(registry, settings, route.name(), &fin_id)
-        });
+        let share = self.workspace_share(route.name(), &fin_id);
         let sender = Sender::start(self.api.clone(), dcfg, delta_rx, out_tx, share);
         let mut committer = Committer::new(state, head, route.clone(), s.checkpoint_every);
         let (_never_lost, lost_rx) = watch::channel(None);
@@ -1420,6 +1362,33 @@ mod tests {
                 assert!(widest <= (ranges / pieces).max(1), "{ranges}/{pieces}");
             }
         }
+    }
+
+    #[test]
+    fn the_manifest_keeps_the_parts_as_object_metadata() {
+        let parts = vec![ObjectMeta {
+            key: "in/a.csv".into(),
+            etag: "e1".into(),
+            size: 10,
+            version_id: Some("v1".into()),
+            last_modified: Some("2026-12-01T00:00:00Z".into()),
+            metadata: BTreeMap::from([("k".to_string(), "v".to_string())]),
+        }];
+        let m = Manifest {
+            bucket: "exports".into(),
+            trigger_key: "in/a.csv".into(),
+            trigger_meta: parts[0].clone(),
+            parts: parts.clone(),
+            ..Manifest::default()
+        };
+        let back: Manifest = serde_json::from_slice(&serde_json::to_vec(&m).unwrap()).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(back.plan().parts, parts);
+        // A part written with fewer fields reads with the rest empty.
+        let v = json!({"parts": [{"key": "in/b.csv", "etag": "e2", "size": 3}]});
+        let m: Manifest = serde_json::from_value(v).unwrap();
+        assert_eq!((m.parts[0].key.as_str(), m.parts[0].size), ("in/b.csv", 3));
+        assert_eq!(m.parts[0].version_id, None);
     }
 
     #[test]

@@ -224,6 +224,20 @@ impl SyncRunner {
         }
     }
 
+    /// The sender `sender` of `route` as one of the workspace's senders (`None`: sharing off).
+    fn workspace_share(
+        &self,
+        route: &str,
+        sender: &str,
+    ) -> Option<(WorkspaceShare, watch::Receiver<u32>)> {
+        let s = &self.settings;
+        s.workspace_share.clone().map(|settings| {
+            let registry =
+                SenderRegistry::new(self.store.clone(), &s.state_bucket, &s.state_prefix);
+            WorkspaceShare::new(registry, settings, route, sender)
+        })
+    }
+
     fn state(&self, route: &Route) -> StateStore {
         let s = &self.settings;
         StateStore::new(
@@ -545,11 +559,7 @@ impl SyncRunner {
         dcfg.deadline = self
             .deadline(remaining_ms)
             .map(tokio::time::Instant::from_std);
-        let share = s.workspace_share.clone().map(|settings| {
-            let registry =
-                SenderRegistry::new(self.store.clone(), &s.state_bucket, &s.state_prefix);
-            WorkspaceShare::new(registry, settings, route.name(), &record.run_id)
-        });
+        let share = self.workspace_share(route.name(), &record.run_id);
         let sender = Sender::start(self.api.clone(), dcfg, delta_rx, out_tx, share);
         let mut committer = Committer::new(state, head, route.clone(), s.checkpoint_every);
         committer.follow(out_rx, lock_lost).await;
