@@ -448,6 +448,27 @@ fn main() {
         worker(Path::new(&args[2]), Path::new(&args[3]), &args[4]);
         return;
     }
+    const USAGE: &str = "usage: sync-scale-bench [--users N (10000000)] [--limit-mb MB (512)] [--parts N (cores)] [--range-users N] [--piece-of N] [--out FILE]\n\
+        Generates a route of N users in /tmp (10M needs ~15 GB free), syncs it twice under the memory limit and writes target/bench/sync-scale.json.";
+    const FLAGS: [&str; 6] = [
+        "--users",
+        "--limit-mb",
+        "--parts",
+        "--range-users",
+        "--piece-of",
+        "--out",
+    ];
+    let mut rest = args.iter().skip(1);
+    while let Some(a) = rest.next() {
+        if a == "--help" || a == "-h" {
+            println!("{USAGE}");
+            return;
+        }
+        if !FLAGS.contains(&a.as_str()) || rest.next().is_none() {
+            eprintln!("sync-scale-bench: unknown argument or missing value: {a}\n{USAGE}");
+            std::process::exit(2);
+        }
+    }
     let users: u64 = arg(&args, "--users").unwrap_or(10_000_000);
     let limit_mb: u64 = arg(&args, "--limit-mb").unwrap_or(512);
     let parts: u64 = arg(&args, "--parts").unwrap_or(braze_sync::ranged::cores() as u64);
