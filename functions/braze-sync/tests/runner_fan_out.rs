@@ -115,6 +115,14 @@ impl BrazeApi for Braze {
     }
 }
 
+/// A store, a fake Braze and the function's queue: one deployment.
+#[derive(Default)]
+struct Bed {
+    store: Arc<MemoryStore>,
+    braze: Arc<Braze>,
+    queue: Arc<Queue>,
+}
+
 /// The function's own queue: collects what the runner queues.
 #[derive(Default)]
 struct Queue {
@@ -275,9 +283,11 @@ async fn an_export_in_four_pieces_ends_as_a_single_run_with_one_piece_killed_and
     assert_eq!(outcome(&sync(&one, "in/e1.csv").await), "synced");
 
     // The same starting state on the fan-out's store.
-    let store = Arc::new(MemoryStore::new());
-    let braze = Arc::new(Braze::default());
-    let queue = Arc::new(Queue::default());
+    let Bed {
+        store,
+        braze,
+        queue,
+    } = Bed::default();
     let single = handler(&store, &braze, &queue, spill.path(), None);
     put(&store, "in/e1.csv", csv(false, &BTreeSet::new(), 0)).await;
     assert_eq!(outcome(&sync(&single, "in/e1.csv").await), "synced");
@@ -470,6 +480,23 @@ async fn an_export_in_four_pieces_ends_as_a_single_run_with_one_piece_killed_and
     assert_eq!(braze.requests.load(Ordering::SeqCst), sent);
 }
 
+/// Makes the route lock `holder`'s with its lease run out (its invocations died); returns
+/// the lock's address.
+async fn expire_lock(store: &MemoryStore, holder: &str) -> S3Uri {
+    let lock = lock_uri("state", "s/", "people");
+    let dead = json!({"holder": holder, "lease_until_ms": 0, "released": false});
+    store
+        .put(
+            &lock,
+            Bytes::from(dead.to_string()),
+            PutCondition::None,
+            BTreeMap::new(),
+        )
+        .await
+        .unwrap();
+    lock
+}
+
 async fn head_etag(store: &Arc<MemoryStore>) -> Option<String> {
     state(store).read_head().await.unwrap().etag
 }
@@ -645,9 +672,11 @@ async fn a_finalizer_that_fails_after_merging_finishes_on_redelivery_without_los
 
 #[tokio::test]
 async fn a_piece_that_fails_for_good_ends_the_fan_out_and_frees_the_route() {
-    let store = Arc::new(MemoryStore::new());
-    let braze = Arc::new(Braze::default());
-    let queue = Arc::new(Queue::default());
+    let Bed {
+        store,
+        braze,
+        queue,
+    } = Bed::default();
     let spill = tempfile::tempdir().unwrap();
     let single = handler(&store, &braze, &queue, spill.path(), None);
     put(&store, "in/e1.csv", csv(false, &BTreeSet::new(), 0)).await;
@@ -723,9 +752,11 @@ async fn a_piece_that_fails_for_good_ends_the_fan_out_and_frees_the_route() {
 
 #[tokio::test]
 async fn a_replay_takes_over_an_export_whose_fan_out_died() {
-    let store = Arc::new(MemoryStore::new());
-    let braze = Arc::new(Braze::default());
-    let queue = Arc::new(Queue::default());
+    let Bed {
+        store,
+        braze,
+        queue,
+    } = Bed::default();
     let spill = tempfile::tempdir().unwrap();
     let fan = handler(&store, &braze, &queue, spill.path(), Some(2));
     put(&store, "in/e1.csv", csv(false, &BTreeSet::new(), 0)).await;
@@ -734,17 +765,7 @@ async fn a_replay_takes_over_an_export_whose_fan_out_died() {
     // While its pieces may run, a replay waits.
     assert!(fan.handle(&s3_event("in/e1.csv"), None).await.is_err());
     // Its pieces never ran (lost in a DLQ) and its lease ran out.
-    let lock = lock_uri("state", "s/", "people");
-    let dead = json!({"holder": first, "lease_until_ms": 0, "released": false});
-    store
-        .put(
-            &lock,
-            Bytes::from(dead.to_string()),
-            PutCondition::None,
-            BTreeMap::new(),
-        )
-        .await
-        .unwrap();
+    let lock = expire_lock(&store, &first).await;
     let out = sync(&fan, "in/e1.csv").await;
     assert_eq!(outcome(&out), "fanned_out", "{out}");
     let msgs = queue.pieces.lock().unwrap().clone();
@@ -897,9 +918,11 @@ async fn pieces_sending_at_once_share_the_workspace_limit() {
 
 #[tokio::test]
 async fn an_unreadable_control_object_ends_the_fan_out_instead_of_holding_the_route() {
-    let store = Arc::new(MemoryStore::new());
-    let braze = Arc::new(Braze::default());
-    let queue = Arc::new(Queue::default());
+    let Bed {
+        store,
+        braze,
+        queue,
+    } = Bed::default();
     let spill = tempfile::tempdir().unwrap();
     let fan = handler(&store, &braze, &queue, spill.path(), Some(2));
     put(&store, "in/e1.csv", csv(false, &BTreeSet::new(), 0)).await;
@@ -958,6 +981,13 @@ fn wide_gz_without(gone: impl Fn(u32) -> bool) -> Bytes {
 /// The spill limit of the overflow tests: above the parts' estimate, below the real spill.
 const TIGHT: u64 = 256 << 10;
 
+/// The reference deployment: every export in one invocation (a store and Braze of its own).
+fn reference(spill: &std::path::Path) -> (Arc<MemoryStore>, Arc<Braze>, Handler) {
+    let bed = Bed::default();
+    let one = handler(&bed.store, &bed.braze, &bed.queue, spill, None);
+    (bed.store, bed.braze, one)
+}
+
 async fn report_of(store: &MemoryStore, r: &Value) -> Value {
     let uri = r["results"][0]["report"].as_str().unwrap();
     let (_, body) = store.get(&uri.parse::<S3Uri>().unwrap()).await.unwrap();
@@ -968,23 +998,17 @@ async fn report_of(store: &MemoryStore, r: &Value) -> Value {
 async fn a_spill_the_estimate_missed_fans_out_from_what_was_measured() {
     let spill = tempfile::tempdir().unwrap();
     // The reference: one invocation with room to spill.
-    let one_store = Arc::new(MemoryStore::new());
-    let one_braze = Arc::new(Braze::default());
-    let one = handler(
-        &one_store,
-        &one_braze,
-        &Arc::new(Queue::default()),
-        spill.path(),
-        None,
-    );
+    let (one_store, one_braze, one) = reference(spill.path());
     put(&one_store, "in/e1.csv.gz", wide_gz()).await;
     assert_eq!(outcome(&sync(&one, "in/e1.csv.gz").await), "synced");
 
     // A 256 KB spill limit: the estimate says one invocation fits, the partition step
     // overflows; with a queue the run fans out from what it measured instead of failing.
-    let store = Arc::new(MemoryStore::new());
-    let braze = Arc::new(Braze::default());
-    let queue = Arc::new(Queue::default());
+    let Bed {
+        store,
+        braze,
+        queue,
+    } = Bed::default();
     let fan = handler_limited(
         &store,
         &braze,
@@ -1090,9 +1114,11 @@ async fn without_a_queue_an_overflow_fails_naming_the_sizes() {
 #[tokio::test]
 async fn a_piece_whose_own_spill_overflows_ends_the_fan_out_instead_of_looping() {
     let spill = tempfile::tempdir().unwrap();
-    let store = Arc::new(MemoryStore::new());
-    let braze = Arc::new(Braze::default());
-    let queue = Arc::new(Queue::default());
+    let Bed {
+        store,
+        braze,
+        queue,
+    } = Bed::default();
     // Forced into 2 pieces of ~270 KB of spill each, with 64 KB allowed.
     let fan = handler_limited(
         &store,
@@ -1139,17 +1165,7 @@ async fn a_failing_fan_out_never_deletes_objects_the_route_head_references() {
     // The fan-out's lease runs out before its finalizer is redelivered; a newer export takes
     // the route and commits on top of the merged head (changing one user only, so most
     // ranges still reference the forks' objects).
-    let lock = lock_uri("state", "s/", "people");
-    let dead = json!({"holder": run_id, "lease_until_ms": 0, "released": false});
-    store
-        .put(
-            &lock,
-            Bytes::from(dead.to_string()),
-            PutCondition::None,
-            BTreeMap::new(),
-        )
-        .await
-        .unwrap();
+    expire_lock(&store, &run_id).await;
     let e3 = String::from_utf8(csv(true, &BTreeSet::new(), 8).to_vec()).unwrap();
     let e3 = e3.replace("u1,t1,", "u1,newer,");
     put(&store, "in/e3.csv", Bytes::from(e3)).await;
@@ -1174,15 +1190,7 @@ async fn a_failing_fan_out_never_deletes_objects_the_route_head_references() {
 async fn a_piece_handed_over_before_its_deadline_counts_what_it_sent_in_the_combined_report() {
     // The reference: one invocation per export.
     let spill = tempfile::tempdir().unwrap();
-    let one_store = Arc::new(MemoryStore::new());
-    let one_braze = Arc::new(Braze::default());
-    let one = handler(
-        &one_store,
-        &one_braze,
-        &Arc::new(Queue::default()),
-        spill.path(),
-        None,
-    );
+    let (one_store, one_braze, one) = reference(spill.path());
     let e1 = csv(false, &BTreeSet::new(), 0);
     let e2 = csv(true, &BTreeSet::new(), 8);
     put(&one_store, "in/e1.csv", e1.clone()).await;
@@ -1191,9 +1199,11 @@ async fn a_piece_handed_over_before_its_deadline_counts_what_it_sent_in_the_comb
     let r = sync(&one, "in/e2.csv").await;
     let want = report_of(&one_store, &r).await;
 
-    let store = Arc::new(MemoryStore::new());
-    let braze = Arc::new(Braze::default());
-    let queue = Arc::new(Queue::default());
+    let Bed {
+        store,
+        braze,
+        queue,
+    } = Bed::default();
     let single = handler(&store, &braze, &queue, spill.path(), None);
     put(&store, "in/e1.csv", e1).await;
     assert_eq!(outcome(&sync(&single, "in/e1.csv").await), "synced");
