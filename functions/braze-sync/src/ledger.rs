@@ -208,14 +208,20 @@ impl<'a> Ledger<'a> {
             }
             _ => {}
         }
+        self.replace_claim(&uri, body, meta.etag).await
+    }
+
+    /// Replaces the entry at `uri` (ETag `etag`) by a running claim: [`Claim::Busy`] when
+    /// another writer got there first.
+    async fn replace_claim(
+        &self,
+        uri: &S3Uri,
+        body: Bytes,
+        etag: String,
+    ) -> Result<Claim, LedgerError> {
         match self
             .store
-            .put(
-                &uri,
-                body,
-                PutCondition::IfMatch(meta.etag),
-                BTreeMap::new(),
-            )
+            .put(uri, body, PutCondition::IfMatch(etag), BTreeMap::new())
             .await
         {
             Ok(meta) => Ok(Claim::Acquired { etag: meta.etag }),
@@ -303,20 +309,7 @@ impl<'a> Ledger<'a> {
             fan_out: None,
         };
         let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
-        match self
-            .store
-            .put(
-                &uri,
-                body,
-                PutCondition::IfMatch(meta.etag),
-                BTreeMap::new(),
-            )
-            .await
-        {
-            Ok(meta) => Ok(Claim::Acquired { etag: meta.etag }),
-            Err(StoreError::PreconditionFailed { .. }) => Ok(Claim::Busy),
-            Err(e) => Err(e.into()),
-        }
+        self.replace_claim(&uri, body, meta.etag).await
     }
 
     async fn read(&self, uri: &S3Uri) -> Result<(ObjectMeta, LedgerEntry), LedgerError> {
