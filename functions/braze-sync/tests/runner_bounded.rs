@@ -5,12 +5,14 @@
 //! and not resent.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use braze_sync::braze::{BrazeApi, RateLimitInfo, TrackError, TrackResponse};
+use braze_sync::braze::{BrazeApi, TrackError, TrackResponse};
 use braze_sync::handler::{ExportPlan, ExportRunner};
 use braze_sync::model::{AttributeChange, Identifier, RowPos, UserDelta, fingerprint};
 use braze_sync::route::Route;
@@ -50,12 +52,7 @@ impl BrazeApi for Recorder {
         for o in v["attributes"].as_array().unwrap() {
             self.sent.lock().unwrap().push(o.clone());
         }
-        Ok(TrackResponse {
-            status: 201,
-            message: "success".into(),
-            errors: Vec::new(),
-            rate: RateLimitInfo::default(),
-        })
+        Ok(common::success())
     }
 }
 

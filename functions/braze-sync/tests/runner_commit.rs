@@ -4,12 +4,14 @@
 //! run finishes the export without resending what was confirmed.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use braze_sync::braze::{BrazeApi, ItemError, RateLimitInfo, TrackError, TrackResponse};
+use braze_sync::braze::{BrazeApi, ItemError, TrackError, TrackResponse};
 use braze_sync::handler::{ExportPlan, ExportRunner, RunError};
 use braze_sync::route::Route;
 use braze_sync::runner::{Continuation, RunnerSettings, SyncRunner};
@@ -55,12 +57,7 @@ impl BrazeApi for ScriptedBraze {
             }
             self.sent.lock().unwrap().push(id);
         }
-        Ok(TrackResponse {
-            status: 201,
-            message: "success".into(),
-            errors,
-            rate: RateLimitInfo::default(),
-        })
+        Ok(common::accepted(errors))
     }
 }
 

@@ -10,13 +10,15 @@
 //! alone would hold is sent).
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use braze_sync::braze::{BrazeApi, RateLimitInfo, TrackError, TrackResponse};
+use braze_sync::braze::{BrazeApi, TrackError, TrackResponse};
 use braze_sync::handler::{ExportPlan, Handler, HandlerConfig};
 use braze_sync::model::Identifier;
 use braze_sync::route::Route;
@@ -26,10 +28,7 @@ use braze_sync::runner::{Continuation, PieceMessage, RunnerSettings, SyncRunner}
 use braze_sync::snapshot::range_of;
 use braze_sync::snapshot::store::StateStore;
 use bridge_shared::S3Uri;
-use bridge_shared::StoreError;
-use bridge_shared::object_store::{
-    MemoryStore, ObjectMeta, ObjectReader, ObjectStore, PutCondition,
-};
+use bridge_shared::object_store::{MemoryStore, ObjectStore, PutCondition};
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
@@ -106,12 +105,7 @@ impl BrazeApi for Braze {
                 }
             }
         }
-        Ok(TrackResponse {
-            status: 201,
-            message: "success".into(),
-            errors: Vec::new(),
-            rate: RateLimitInfo::default(),
-        })
+        Ok(common::success())
     }
 }
 
@@ -501,54 +495,6 @@ async fn head_etag(store: &Arc<MemoryStore>) -> Option<String> {
     state(store).read_head().await.unwrap().etag
 }
 
-/// A store whose write of the finalizer's `merged` mark fails once with a 5xx while armed
-/// (S3 throttling right after the merge's head write).
-struct FlakyFinal {
-    inner: Arc<MemoryStore>,
-    armed: AtomicBool,
-}
-
-#[async_trait]
-impl ObjectStore for FlakyFinal {
-    async fn get(&self, uri: &S3Uri) -> Result<(ObjectMeta, Bytes), StoreError> {
-        self.inner.get(uri).await
-    }
-    async fn get_reader(&self, uri: &S3Uri) -> Result<(ObjectMeta, ObjectReader), StoreError> {
-        self.inner.get_reader(uri).await
-    }
-    async fn head(&self, uri: &S3Uri) -> Result<Option<ObjectMeta>, StoreError> {
-        self.inner.head(uri).await
-    }
-    async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
-        self.inner.list(bucket, prefix).await
-    }
-    async fn put(
-        &self,
-        uri: &S3Uri,
-        body: Bytes,
-        cond: PutCondition,
-        meta: BTreeMap<String, String>,
-    ) -> Result<ObjectMeta, StoreError> {
-        let merged_mark = uri.key.ends_with("/final.json")
-            && String::from_utf8_lossy(&body).contains("\"merged\":true");
-        if merged_mark && self.armed.swap(false, Ordering::SeqCst) {
-            return Err(StoreError::Other {
-                op: "PutObject",
-                uri: uri.clone(),
-                message: "SlowDown".into(),
-                retryable: true,
-            });
-        }
-        self.inner.put(uri, body, cond, meta).await
-    }
-    async fn copy(&self, from: &S3Uri, to: &S3Uri) -> Result<(), StoreError> {
-        self.inner.copy(from, to).await
-    }
-    async fn delete(&self, uri: &S3Uri) -> Result<(), StoreError> {
-        self.inner.delete(uri).await
-    }
-}
-
 /// A 2-piece fan-out of a changed export (8 new users) whose finalizer merged the forks into
 /// the route head but failed to record it (a 5xx on `final.json`): the state, the handlers
 /// (single, fan-out), the pieces' messages.
@@ -563,10 +509,15 @@ struct MergedUnmarked {
 
 async fn merged_unmarked() -> MergedUnmarked {
     let store = Arc::new(MemoryStore::new());
-    let flaky = Arc::new(FlakyFinal {
-        inner: store.clone(),
-        armed: AtomicBool::new(false),
-    });
+    // The finalizer's write of its `merged` mark fails once with a 5xx while armed (S3
+    // throttling right after the merge's head write).
+    let armed = Arc::new(AtomicBool::new(false));
+    let arm = armed.clone();
+    let flaky = Arc::new(common::FailingPuts::new(store.clone(), move |uri, body| {
+        uri.key.ends_with("/final.json")
+            && String::from_utf8_lossy(body).contains("\"merged\":true")
+            && arm.swap(false, Ordering::SeqCst)
+    }));
     let braze = Arc::new(Braze::default());
     let queue = Arc::new(Queue::default());
     let spill = tempfile::tempdir().unwrap();
@@ -596,13 +547,10 @@ async fn merged_unmarked() -> MergedUnmarked {
     assert_eq!(r["results"][0]["outcome"], "piece_done", "{r}");
     // The last piece merges the forks into the route head, then its write of the `merged`
     // mark meets a 5xx: the message is retried.
-    flaky.armed.store(true, Ordering::SeqCst);
+    armed.store(true, Ordering::SeqCst);
     let r = fan.handle(&sqs(&msgs[1], "m1"), None).await.unwrap();
     assert_eq!(r["batchItemFailures"].as_array().unwrap().len(), 1, "{r}");
-    assert!(
-        !flaky.armed.load(Ordering::SeqCst),
-        "the mark's write failed"
-    );
+    assert!(!armed.load(Ordering::SeqCst), "the mark's write failed");
     MergedUnmarked {
         store,
         braze,

@@ -4,20 +4,20 @@
 //! ends the run retryably; a state too large for memory is refused before the lock is taken.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use braze_sync::braze::{BrazeApi, RateLimitInfo, TrackError, TrackResponse};
+use braze_sync::braze::{BrazeApi, TrackError, TrackResponse};
 use braze_sync::handler::{ExportPlan, ExportRunner, Handler, HandlerConfig, RunError};
 use braze_sync::route::Route;
 use braze_sync::runner::{Continuation, RunnerSettings, SyncRunner};
-use bridge_shared::object_store::{
-    MemoryStore, ObjectMeta, ObjectReader, ObjectStore, PutCondition,
-};
-use bridge_shared::{S3Uri, StoreError};
+use bridge_shared::S3Uri;
+use bridge_shared::object_store::{MemoryStore, ObjectStore, PutCondition};
 use bytes::Bytes;
 use serde_json::{Value, json};
 
@@ -45,12 +45,7 @@ impl BrazeApi for SlowBraze {
         let v: Value = serde_json::from_slice(&body).unwrap();
         self.sent
             .fetch_add(v["attributes"].as_array().unwrap().len(), Ordering::SeqCst);
-        Ok(TrackResponse {
-            status: 201,
-            message: "success".into(),
-            errors: Vec::new(),
-            rate: RateLimitInfo::default(),
-        })
+        Ok(common::success())
     }
 }
 
@@ -221,51 +216,13 @@ async fn a_short_lease_is_renewed_so_a_long_run_keeps_its_route() {
     assert!(second.run(&p2, None).await.unwrap().complete());
 }
 
-/// A store whose checkpoint segments fail to write.
-struct NoSegments(MemoryStore);
-
-#[async_trait]
-impl ObjectStore for NoSegments {
-    async fn get(&self, uri: &S3Uri) -> Result<(ObjectMeta, Bytes), StoreError> {
-        self.0.get(uri).await
-    }
-    async fn get_reader(&self, uri: &S3Uri) -> Result<(ObjectMeta, ObjectReader), StoreError> {
-        self.0.get_reader(uri).await
-    }
-    async fn head(&self, uri: &S3Uri) -> Result<Option<ObjectMeta>, StoreError> {
-        self.0.head(uri).await
-    }
-    async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
-        self.0.list(bucket, prefix).await
-    }
-    async fn put(
-        &self,
-        uri: &S3Uri,
-        body: Bytes,
-        cond: PutCondition,
-        meta: BTreeMap<String, String>,
-    ) -> Result<ObjectMeta, StoreError> {
-        if uri.key.contains("/seg-") {
-            return Err(StoreError::Other {
-                op: "PutObject",
-                uri: uri.clone(),
-                message: "SlowDown".into(),
-                retryable: true,
-            });
-        }
-        self.0.put(uri, body, cond, meta).await
-    }
-    async fn copy(&self, from: &S3Uri, to: &S3Uri) -> Result<(), StoreError> {
-        self.0.copy(from, to).await
-    }
-    async fn delete(&self, uri: &S3Uri) -> Result<(), StoreError> {
-        self.0.delete(uri).await
-    }
-}
-
 #[tokio::test]
 async fn a_failed_checkpoint_stops_the_sender_promptly_and_the_run_is_retryable() {
-    let store: Arc<dyn ObjectStore> = Arc::new(NoSegments(MemoryStore::new()));
+    // A store whose checkpoint segments fail to write.
+    let store: Arc<dyn ObjectStore> = Arc::new(common::FailingPuts::new(
+        Arc::new(MemoryStore::new()),
+        |uri, _| uri.key.contains("/seg-"),
+    ));
     let api = braze(60);
     let r = runner(store.clone(), api.clone(), settings(), None);
     let p = plan(store.as_ref(), "in/big.csv", csv(400)).await; // 40 requests

@@ -4,11 +4,13 @@
 //! version is ignored.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use braze_sync::braze::{BrazeApi, RateLimitInfo, TrackError, TrackResponse};
+use braze_sync::braze::{BrazeApi, TrackError, TrackResponse};
 use braze_sync::handler::{ExportPlan, ExportRunner, RunError};
 use braze_sync::report::{RunReport, RunStatus};
 use braze_sync::route::Route;
@@ -52,12 +54,7 @@ impl BrazeApi for Braze {
                 .unwrap()
                 .push(format!("{}={}", o["external_id"], o["tier"]));
         }
-        Ok(TrackResponse {
-            status: 201,
-            message: "success".into(),
-            errors: Vec::new(),
-            rate: RateLimitInfo::default(),
-        })
+        Ok(common::success())
     }
 }
 
