@@ -122,6 +122,8 @@ struct Bed {
 struct Queue {
     pieces: Mutex<Vec<PieceMessage>>,
     handovers: Mutex<u32>,
+    /// Refuses every piece message once it holds this many (SQS unavailable).
+    full_at: Mutex<Option<usize>>,
 }
 
 #[async_trait]
@@ -132,7 +134,11 @@ impl Continuation for Queue {
     }
 
     async fn queue_piece(&self, piece: &PieceMessage) -> Result<(), String> {
-        self.pieces.lock().unwrap().push(piece.clone());
+        let mut pieces = self.pieces.lock().unwrap();
+        if Some(pieces.len()) == *self.full_at.lock().unwrap() {
+            return Err("ServiceUnavailable".into());
+        }
+        pieces.push(piece.clone());
         Ok(())
     }
 }
@@ -1191,4 +1197,47 @@ async fn a_piece_handed_over_before_its_deadline_counts_what_it_sent_in_the_comb
     ] {
         assert_eq!(got[field], want[field], "{field}: {got} vs {want}");
     }
+}
+
+#[tokio::test]
+async fn a_fan_out_whose_pieces_cannot_all_be_queued_leaves_no_phantom_behind() {
+    let Bed {
+        store,
+        braze,
+        queue,
+    } = Bed::default();
+    let spill = tempfile::tempdir().unwrap();
+    let fan = handler(&store, &braze, &queue, spill.path(), Some(2));
+    put(&store, "in/e1.csv", csv(false, &BTreeSet::new(), 0)).await;
+    // SQS takes the first piece's message, then refuses the second.
+    *queue.full_at.lock().unwrap() = Some(1);
+    assert!(fan.handle(&s3_event("in/e1.csv"), None).await.is_err());
+    let first = queue.pieces.lock().unwrap()[0].clone();
+    // The route is free, and `status` shows no fan-out at work.
+    let lock = read_lock(store.as_ref(), &lock_uri("state", "s/", "people"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(lock.released);
+    let at = braze_sync::status::StatusLocation {
+        bucket: "state".into(),
+        state_prefix: "s/".into(),
+        reports_prefix: "r/".into(),
+    };
+    let now = chrono::Utc::now().timestamp_millis();
+    let st = braze_sync::status::read_route_status(store.clone(), &at, &route(), now)
+        .await
+        .unwrap();
+    assert!(st.fan_outs.is_empty(), "{:?}", st.fan_outs);
+    // The queued piece ends at once; the export's retry fans out again and finishes.
+    let r = fan.handle(&sqs(&first, "p0"), None).await.unwrap();
+    assert_eq!(r["results"][0]["outcome"], "fan_out_over", "{r}");
+    *queue.full_at.lock().unwrap() = None;
+    assert_eq!(outcome(&sync(&fan, "in/e1.csv").await), "fanned_out");
+    let msgs = queue.pieces.lock().unwrap().clone();
+    for m in &msgs[1..] {
+        fan.handle(&sqs(m, "new"), None).await.unwrap();
+    }
+    assert_eq!(braze.profiles.lock().unwrap().len(), N as usize);
+    assert_eq!(outcome(&sync(&fan, "in/e1.csv").await), "duplicate_no_op");
 }

@@ -1185,6 +1185,31 @@ impl SyncRunner {
                         "departures_held": report.departures_held, "pieces": n}}))
     }
 
+    /// Whether the route head (read now: it may have moved on from an unrecorded merge)
+    /// references an object fan-out `run_id`'s forks wrote; unsure (unreadable), yes.
+    async fn head_references(&self, route: &Route, run_id: &str) -> bool {
+        let own = format!("{CONTROL_FOLDER}/{run_id}/");
+        match self.state(route).read_head().await {
+            Ok(h) => h
+                .doc
+                .ranges
+                .iter()
+                .flat_map(|r| r.base.iter().chain(r.deltas.iter()))
+                .any(|n| n.starts_with(&own)),
+            Err(_) => true,
+        }
+    }
+
+    /// A fan-out whose pieces could not all be queued (its route lock already released, so
+    /// the queued ones end at once): its control objects and forks are deleted, so no
+    /// phantom fan-out stays behind (`status`), and the export's retry starts afresh.
+    pub(super) async fn drop_unqueued_fan_out(&self, route: &Route, run_id: &str, pieces: usize) {
+        let referenced = self.head_references(route, run_id).await;
+        self.control(route.name(), run_id)
+            .clean(pieces, !referenced)
+            .await;
+    }
+
     fn report_uri(&self, route: &str, run_id: &str) -> S3Uri {
         S3Uri::new(
             &self.settings.state_bucket,
@@ -1238,18 +1263,7 @@ impl SyncRunner {
             control.get_json::<FinalDoc>("final.json").await,
             Ok(Some(FinalDoc { merged: true, .. }))
         );
-        // The forks' objects go only when the route head (read now: it may have moved on
-        // from an unrecorded merge) references none of them; unsure, they stay.
-        let own = format!("{CONTROL_FOLDER}/{}/", manifest.run_id);
-        let referenced = match self.state(route).read_head().await {
-            Ok(h) => h
-                .doc
-                .ranges
-                .iter()
-                .flat_map(|r| r.base.iter().chain(r.deltas.iter()))
-                .any(|n| n.starts_with(&own)),
-            Err(_) => true,
-        };
+        let referenced = self.head_references(route, &manifest.run_id).await;
         control
             .clean(manifest.pieces.len(), !merged && !referenced)
             .await;

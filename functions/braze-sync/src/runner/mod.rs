@@ -315,6 +315,7 @@ impl ExportRunner for SyncRunner {
                 if let Err(e) = lock.release().await {
                     warn!(route = route.name(), error = %e, "Could not release the route lock; it expires by itself.");
                 }
+                self.drop_unqueued_fan_out(&route, run_id, pieces).await;
                 return Err(RunError::Retryable(format!(
                     "could not queue the fan-out's pieces: {e}"
                 )));
