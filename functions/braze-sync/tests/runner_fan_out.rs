@@ -1241,3 +1241,53 @@ async fn a_fan_out_whose_pieces_cannot_all_be_queued_leaves_no_phantom_behind() 
     assert_eq!(braze.profiles.lock().unwrap().len(), N as usize);
     assert_eq!(outcome(&sync(&fan, "in/e1.csv").await), "duplicate_no_op");
 }
+
+#[tokio::test]
+async fn a_piece_that_never_gets_through_its_deadline_ends_the_fan_out_instead_of_looping() {
+    let Bed {
+        store,
+        braze,
+        queue,
+    } = Bed::default();
+    let spill = tempfile::tempdir().unwrap();
+    let single = handler(&store, &braze, &queue, spill.path(), None);
+    put(&store, "in/e1.csv", csv(false, &BTreeSet::new(), 0)).await;
+    assert_eq!(outcome(&sync(&single, "in/e1.csv").await), "synced");
+    let fan = handler(&store, &braze, &queue, spill.path(), Some(2));
+    put(&store, "in/e2.csv", csv(true, &BTreeSet::new(), 0)).await;
+    assert_eq!(outcome(&sync(&fan, "in/e2.csv").await), "fanned_out");
+    // Every invocation of piece 0 is at its deadline from the start: nothing is confirmed.
+    let mut msg = queue.pieces.lock().unwrap()[0].clone();
+    let sent = braze.requests.load(Ordering::SeqCst);
+    let mut outcomes = Vec::new();
+    for k in 0..5 {
+        let r = fan
+            .handle(&sqs(&msg, &format!("m{k}")), Some(45_000))
+            .await
+            .unwrap();
+        let o = r["results"][0]["outcome"].as_str().unwrap().to_string();
+        outcomes.push(o.clone());
+        if o != "piece_handed_over" {
+            assert!(
+                r["results"][0]["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("BRIDGE_FAN_OUT_PIECES"),
+                "{r}"
+            );
+            break;
+        }
+        msg = queue.pieces.lock().unwrap().last().unwrap().clone();
+    }
+    assert_eq!(
+        outcomes,
+        ["piece_handed_over", "piece_handed_over", "failed"],
+        "ended on the third stalled invocation"
+    );
+    assert_eq!(braze.requests.load(Ordering::SeqCst), sent);
+    let l = read_lock(store.as_ref(), &lock_uri("state", "s/", "people"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(l.released);
+}

@@ -164,6 +164,10 @@ pub fn pieces_for(
     Some((want.div_ceil(limit) as usize).max(2))
 }
 
+/// Consecutive invocations of a piece that hand over without Braze confirming a user before
+/// the fan-out ends (the next would start where they did).
+pub const STALLED_LIMIT: u32 = 3;
+
 /// Most pieces a fan-out splits into (a span holds at least one of the state's ranges, and a
 /// state has at most `2^16`).
 pub const MAX_PIECES: usize = 1 << 16;
@@ -839,9 +843,23 @@ impl SyncRunner {
             };
             // What it sent goes with the message, for the piece's report.
             let mut next = msg.clone();
-            next.carried
-                .get_or_insert_with(Default::default)
-                .add(&ended.delivery.stats);
+            let carried = next.carried.get_or_insert_with(Default::default);
+            carried.add(&ended.delivery.stats);
+            // An invocation that confirmed nobody leaves the next one where it started: after
+            // STALLED_LIMIT in a row the piece would loop, so the fan-out ends instead.
+            carried.stalled = match ended.delivery.stats.users_confirmed {
+                0 => carried.stalled + 1,
+                _ => 0,
+            };
+            if carried.stalled >= STALLED_LIMIT {
+                return Err(RunError::Permanent {
+                    message: format!(
+                        "its last {STALLED_LIMIT} invocations reached their deadline without Braze confirming a user (its share of the export does not get through one invocation), so it would hand itself over forever; replay the export with a larger BRIDGE_FAN_OUT_PIECES (now {}), or a longer Timeout",
+                        manifest.pieces.len()
+                    ),
+                    report: None,
+                });
+            }
             c.queue_piece(&next)
                 .await
                 .map_err(|e| RunError::Retryable(format!("could not hand the piece over: {e}")))?;

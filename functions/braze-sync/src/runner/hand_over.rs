@@ -58,6 +58,8 @@ pub struct Carried {
     pub http_429: u64,
     /// Retries by cause.
     pub retries_by_cause: RetriesByCause,
+    /// Invocations in a row that handed over without Braze confirming a user.
+    pub stalled: u32,
 }
 
 impl Carried {
