@@ -1770,13 +1770,18 @@ mod tests {
         out
     }
 
-    #[tokio::test]
-    async fn a_fork_commits_into_its_own_head_and_leaves_the_routes_objects() {
+    /// A route state of 200 users committed in 16 hash ranges (export `e1`), ready to fork.
+    async fn forkable_state() -> (Arc<dyn ObjectStore>, StateStore, Route) {
         let mem: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
         let st = StateStore::new(mem.clone(), "state", "s/", "r").with_range_users(16);
-        let r = route();
         let first: Vec<UserDelta> = (0..200).map(|i| d(&i.to_string(), i)).collect();
         run(&st, &first, w("e1")).await;
+        (mem, st, route())
+    }
+
+    #[tokio::test]
+    async fn a_fork_commits_into_its_own_head_and_leaves_the_routes_objects() {
+        let (mem, st, r) = forkable_state().await;
         let route_head = st.read_head().await.unwrap();
         assert_eq!(route_head.doc.range_bits, 4);
         let before = objects(&mem).await;
@@ -1867,11 +1872,7 @@ mod tests {
 
     #[tokio::test]
     async fn merge_forks_takes_each_span_from_its_fork() {
-        let mem: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
-        let st = StateStore::new(mem.clone(), "state", "s/", "r").with_range_users(16);
-        let r = route();
-        let first: Vec<UserDelta> = (0..200).map(|i| d(&i.to_string(), i)).collect();
-        run(&st, &first, w("e1")).await;
+        let (mem, st, r) = forkable_state().await;
         let mut route_head = st.read_head().await.unwrap();
         let bits = route_head.doc.range_bits;
         // Piece 0 holds ranges 0..8, piece 1 ranges 8..16. Each confirms changes of its own
