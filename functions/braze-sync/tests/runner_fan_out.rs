@@ -288,9 +288,7 @@ async fn an_export_in_four_pieces_ends_as_a_single_run_with_one_piece_killed_and
         braze,
         queue,
     } = Bed::default();
-    let single = handler(&store, &braze, &queue, spill.path(), None);
-    put(&store, "in/e1.csv", csv(false, &BTreeSet::new(), 0)).await;
-    assert_eq!(outcome(&sync(&single, "in/e1.csv").await), "synced");
+    let single = first_synced(&store, &braze, &queue, spill.path()).await;
     let head = state(&store).read_head().await.unwrap();
     assert_eq!(head.doc.users, u64::from(N));
 
@@ -632,9 +630,7 @@ async fn a_piece_that_fails_for_good_ends_the_fan_out_and_frees_the_route() {
         queue,
     } = Bed::default();
     let spill = tempfile::tempdir().unwrap();
-    let single = handler(&store, &braze, &queue, spill.path(), None);
-    put(&store, "in/e1.csv", csv(false, &BTreeSet::new(), 0)).await;
-    assert_eq!(outcome(&sync(&single, "in/e1.csv").await), "synced");
+    first_synced(&store, &braze, &queue, spill.path()).await;
     let before = state(&store).read_head().await.unwrap();
 
     let fan = handler(&store, &braze, &queue, spill.path(), Some(2));
@@ -934,6 +930,20 @@ fn wide_gz_without(gone: impl Fn(u32) -> bool) -> Bytes {
 
 /// The spill limit of the overflow tests: above the parts' estimate, below the real spill.
 const TIGHT: u64 = 256 << 10;
+
+/// A single-invocation handler, after it synced the first export (`in/e1.csv`: every user
+/// `t<i>`): the starting state of the fan-out tests.
+async fn first_synced(
+    store: &Arc<MemoryStore>,
+    braze: &Arc<Braze>,
+    queue: &Arc<Queue>,
+    spill: &std::path::Path,
+) -> Handler {
+    let single = handler(store, braze, queue, spill, None);
+    put(store, "in/e1.csv", csv(false, &BTreeSet::new(), 0)).await;
+    assert_eq!(outcome(&sync(&single, "in/e1.csv").await), "synced");
+    single
+}
 
 /// The reference deployment: every export in one invocation (a store and Braze of its own).
 fn reference(spill: &std::path::Path) -> (Arc<MemoryStore>, Arc<Braze>, Handler) {
@@ -1250,9 +1260,7 @@ async fn a_piece_that_never_gets_through_its_deadline_ends_the_fan_out_instead_o
         queue,
     } = Bed::default();
     let spill = tempfile::tempdir().unwrap();
-    let single = handler(&store, &braze, &queue, spill.path(), None);
-    put(&store, "in/e1.csv", csv(false, &BTreeSet::new(), 0)).await;
-    assert_eq!(outcome(&sync(&single, "in/e1.csv").await), "synced");
+    first_synced(&store, &braze, &queue, spill.path()).await;
     let fan = handler(&store, &braze, &queue, spill.path(), Some(2));
     put(&store, "in/e2.csv", csv(true, &BTreeSet::new(), 0)).await;
     assert_eq!(outcome(&sync(&fan, "in/e2.csv").await), "fanned_out");
