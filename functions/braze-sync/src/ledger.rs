@@ -211,6 +211,26 @@ impl<'a> Ledger<'a> {
         self.replace_claim(&uri, body, meta.etag).await
     }
 
+    /// Writes `entry` over our claim `claim_etag` on `export_id` (only if it is still the
+    /// current entry); returns the new object's metadata.
+    async fn write_over(
+        &self,
+        export_id: &str,
+        claim_etag: &str,
+        entry: &LedgerEntry,
+    ) -> Result<ObjectMeta, LedgerError> {
+        let body = Bytes::from(serde_json::to_vec(entry).unwrap_or_default());
+        Ok(self
+            .store
+            .put(
+                &self.uri(export_id),
+                body,
+                PutCondition::IfMatch(claim_etag.to_string()),
+                BTreeMap::new(),
+            )
+            .await?)
+    }
+
     /// Replaces the entry at `uri` (ETag `etag`) by a running claim: [`Claim::Busy`] when
     /// another writer got there first.
     async fn replace_claim(
@@ -246,16 +266,7 @@ impl<'a> Ledger<'a> {
             report: None,
             fan_out: None,
         };
-        let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
-        let meta = self
-            .store
-            .put(
-                &self.uri(export_id),
-                body,
-                PutCondition::IfMatch(claim_etag.to_string()),
-                BTreeMap::new(),
-            )
-            .await?;
+        let meta = self.write_over(export_id, claim_etag, &entry).await?;
         Ok(meta.etag)
     }
 
@@ -337,15 +348,7 @@ impl<'a> Ledger<'a> {
             report,
             fan_out: Some(run_id.to_string()),
         };
-        let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
-        self.store
-            .put(
-                &self.uri(export_id),
-                body,
-                PutCondition::IfMatch(claim_etag.to_string()),
-                BTreeMap::new(),
-            )
-            .await?;
+        self.write_over(export_id, claim_etag, &entry).await?;
         Ok(())
     }
 
@@ -411,15 +414,7 @@ impl<'a> Ledger<'a> {
             report,
             fan_out: None,
         };
-        let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
-        self.store
-            .put(
-                &self.uri(export_id),
-                body,
-                PutCondition::IfMatch(claim_etag.to_string()),
-                BTreeMap::new(),
-            )
-            .await?;
+        self.write_over(export_id, claim_etag, &entry).await?;
         Ok(())
     }
 }

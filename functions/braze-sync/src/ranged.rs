@@ -411,16 +411,9 @@ impl<'a> Spiller<'a> {
                     None
                 }
             };
-            return Ok(Spilled::Rejected(RowReject {
-                pos: RowPos {
-                    source: source.to_string(),
-                    row: row.row,
-                    line: row.line,
-                },
-                column: e.column,
-                reason: e.reason,
-                identifier,
-            }));
+            return Ok(Spilled::Rejected(RowReject::unmapped(
+                source, row, e, identifier,
+            )));
         }
         self.rec.push(REC_ROW);
         put_varint(&mut self.rec, u64::from(source_index));
@@ -611,16 +604,7 @@ impl Partition<'_> {
                             self.summary.rows_read += 1;
                             self.summary.rejected += 1;
                             self.summary.rows_without_identifier += 1;
-                            on_reject(RowReject {
-                                pos: RowPos {
-                                    source: source.to_string(),
-                                    row: row.row,
-                                    line: row.line,
-                                },
-                                column: e.column,
-                                reason: e.reason,
-                                identifier: None,
-                            });
+                            on_reject(RowReject::unmapped(source, &row, e, None));
                         }
                         continue;
                     }

@@ -37,6 +37,25 @@ impl RowReject {
         }
     }
 
+    /// A row the mapper refused (`e`), at `source`; `identifier` when it was read.
+    pub fn unmapped(
+        source: &str,
+        row: &crate::read::Row<'_>,
+        e: crate::map::MapError,
+        identifier: Option<Identifier>,
+    ) -> Self {
+        Self {
+            pos: RowPos {
+                source: source.to_string(),
+                row: row.row,
+                line: row.line,
+            },
+            column: e.column,
+            reason: e.reason,
+            identifier,
+        }
+    }
+
     /// A row Braze refused (a [`crate::model::DeliveryOutcome::Rejected`]).
     pub fn from_braze(delta: &UserDelta, reason: &str) -> Self {
         Self {

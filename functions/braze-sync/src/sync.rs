@@ -224,12 +224,7 @@ impl Planner<'_> {
                         None
                     }
                 };
-                on_reject(RowReject {
-                    pos: pos(),
-                    column: e.column,
-                    reason: e.reason,
-                    identifier,
-                });
+                on_reject(RowReject::unmapped(&source, &row, e, identifier));
                 continue;
             }
             if !self.seen.insert(self.mapped.key, state) {
