@@ -63,6 +63,36 @@ pub struct LedgerEntry {
     pub fan_out: Option<String>,
 }
 
+impl LedgerEntry {
+    /// A running claim on `export_id`, leased until `lease_until` (epoch seconds).
+    fn running(export_id: &str, lease_until: i64) -> Self {
+        Self {
+            status: LedgerStatus::Running,
+            export_id: export_id.to_string(),
+            lease_until,
+            report: None,
+            fan_out: None,
+        }
+    }
+
+    /// An entry that holds no lease: `status` with its `report`, and the fan-out run it
+    /// belongs to.
+    fn ended(
+        status: LedgerStatus,
+        export_id: &str,
+        report: Option<String>,
+        fan_out: Option<&str>,
+    ) -> Self {
+        Self {
+            status,
+            export_id: export_id.to_string(),
+            lease_until: 0,
+            report,
+            fan_out: fan_out.map(str::to_string),
+        }
+    }
+}
+
 /// The outcome of trying to claim an export.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
@@ -171,13 +201,7 @@ impl<'a> Ledger<'a> {
         force: bool,
     ) -> Result<Claim, LedgerError> {
         let uri = self.uri(export_id);
-        let entry = LedgerEntry {
-            status: LedgerStatus::Running,
-            export_id: export_id.to_string(),
-            lease_until: now + lease_s,
-            report: None,
-            fan_out: None,
-        };
+        let entry = LedgerEntry::running(export_id, now + lease_s);
         let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
         match self
             .store
@@ -259,13 +283,7 @@ impl<'a> Ledger<'a> {
         now: i64,
         lease_s: i64,
     ) -> Result<String, LedgerError> {
-        let entry = LedgerEntry {
-            status: LedgerStatus::Running,
-            export_id: export_id.to_string(),
-            lease_until: now + lease_s,
-            report: None,
-            fan_out: None,
-        };
+        let entry = LedgerEntry::running(export_id, now + lease_s);
         let meta = self.write_over(export_id, claim_etag, &entry).await?;
         Ok(meta.etag)
     }
@@ -312,13 +330,7 @@ impl<'a> Ledger<'a> {
         if current.status != LedgerStatus::FannedOut || current.fan_out.as_deref() != Some(run_id) {
             return Ok(Claim::Busy);
         }
-        let entry = LedgerEntry {
-            status: LedgerStatus::Running,
-            export_id: export_id.to_string(),
-            lease_until: now + lease_s,
-            report: None,
-            fan_out: None,
-        };
+        let entry = LedgerEntry::running(export_id, now + lease_s);
         let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
         self.replace_claim(&uri, body, meta.etag).await
     }
@@ -341,13 +353,7 @@ impl<'a> Ledger<'a> {
         run_id: &str,
         report: Option<String>,
     ) -> Result<(), LedgerError> {
-        let entry = LedgerEntry {
-            status: LedgerStatus::FannedOut,
-            export_id: export_id.to_string(),
-            lease_until: 0,
-            report,
-            fan_out: Some(run_id.to_string()),
-        };
+        let entry = LedgerEntry::ended(LedgerStatus::FannedOut, export_id, report, Some(run_id));
         self.write_over(export_id, claim_etag, &entry).await?;
         Ok(())
     }
@@ -364,13 +370,7 @@ impl<'a> Ledger<'a> {
         report: Option<String>,
     ) -> Result<(), LedgerError> {
         let uri = self.uri(export_id);
-        let entry = LedgerEntry {
-            status,
-            export_id: export_id.to_string(),
-            lease_until: 0,
-            report,
-            fan_out: Some(run_id.to_string()),
-        };
+        let entry = LedgerEntry::ended(status, export_id, report, Some(run_id));
         let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
         for _ in 0..5 {
             let condition = match self.read(&uri).await {
@@ -407,13 +407,7 @@ impl<'a> Ledger<'a> {
         status: LedgerStatus,
         report: Option<String>,
     ) -> Result<(), LedgerError> {
-        let entry = LedgerEntry {
-            status,
-            export_id: export_id.to_string(),
-            lease_until: 0,
-            report,
-            fan_out: None,
-        };
+        let entry = LedgerEntry::ended(status, export_id, report, None);
         self.write_over(export_id, claim_etag, &entry).await?;
         Ok(())
     }

@@ -107,21 +107,21 @@ impl Continuation for SqsContinuation {
         let body = json!({"Records": [{
             "eventSource": "aws:s3", "eventName": "ObjectCreated:Continuation",
             "s3": {"bucket": {"name": plan.trigger.bucket}, "object": {"key": key}}}]});
-        self.client
-            .send_message()
-            .queue_url(&self.queue_url)
-            .message_body(body.to_string())
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| aws_sdk_sqs::error::DisplayErrorContext(e).to_string())
+        self.send(body.to_string()).await
     }
 
     async fn queue_piece(&self, piece: &PieceMessage) -> Result<(), String> {
+        self.send(piece.body()).await
+    }
+}
+
+impl SqsContinuation {
+    /// Sends one message to the function's own queue.
+    async fn send(&self, body: String) -> Result<(), String> {
         self.client
             .send_message()
             .queue_url(&self.queue_url)
-            .message_body(piece.body())
+            .message_body(body)
             .send()
             .await
             .map(|_| ())
