@@ -290,6 +290,10 @@ impl RunReport {
                 c(u64::from(self.status == RunStatus::ObjectNotFound)),
             ),
             ("api_key_refused", c(u64::from(self.api_key_refused))),
+            (
+                "fanned_out",
+                c(u64::from(self.status == RunStatus::FannedOut)),
+            ),
         ]
     }
 
@@ -468,6 +472,17 @@ mod tests {
             alarm["_aws"]["CloudWatchMetrics"][0]["Dimensions"],
             json!([[]])
         );
+    }
+
+    #[test]
+    fn an_export_split_into_pieces_is_its_own_metric() {
+        let mut r = RunReport::new("run-3", "customers");
+        let fanned = |r: &RunReport| {
+            serde_json::from_str::<Value>(&r.emf_line(1)).unwrap()["fanned_out"].clone()
+        };
+        assert_eq!(fanned(&r), 0.0);
+        r.status = RunStatus::FannedOut;
+        assert_eq!(fanned(&r), 1.0);
     }
 
     #[test]
