@@ -524,7 +524,7 @@ async fn adopt_in_memory(
             &snapshot,
             &opts,
             &mut |d| {
-                recorded.0 += 1;
+                recorded.0 += u64::from(!d.records_only());
                 recorded.1 += d.changes.len() as u64;
                 pending.push(d);
                 if pending.len() >= every
@@ -615,7 +615,7 @@ async fn adopt_bounded(
                     .lock()
                     .map_err(|_| Stop("a diff worker panicked".into()))?;
                 let (sp, recorded) = &mut *g;
-                recorded.0 += 1;
+                recorded.0 += u64::from(!d.records_only());
                 recorded.1 += d.changes.len() as u64;
                 sp.push(&d).map_err(|e| Stop(e.to_string()))
             },

@@ -271,6 +271,7 @@ mod tests {
             }],
             update_existing_only: true,
             is_new: false,
+            row_digest: None,
         }
     }
 

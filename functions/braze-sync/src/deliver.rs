@@ -503,6 +503,7 @@ impl Run {
             DeliveryOutcome::Confirmed(_) => self.stats.users_confirmed += 1,
             DeliveryOutcome::Rejected { .. } => self.stats.braze_rejected += 1,
             DeliveryOutcome::Unsent(_) => self.stats.users_unsent += 1,
+            DeliveryOutcome::Recorded(_) => {}
         }
         self.hand_back(outcome).await;
     }
@@ -619,6 +620,10 @@ where
             info!(reason = ?reason, in_flight = in_flight.len(), "Stopping delivery; remaining users are reported unsent.");
             rx.close();
             while let Ok(d) = rx.try_recv() {
+                if d.records_only() {
+                    run.emit(DeliveryOutcome::Recorded(d)).await;
+                    continue;
+                }
                 run.stats.deltas_in += 1;
                 run.emit(DeliveryOutcome::Unsent(d)).await;
             }
@@ -651,6 +656,15 @@ where
                         // Take what is already queued without going round the loop each time.
                         let mut budget = 4 * limits.max_objects;
                         while let Some(d) = next.take() {
+                            if d.records_only() {
+                                // Nothing to send: only the state records its digest.
+                                run.emit(DeliveryOutcome::Recorded(d)).await;
+                                budget -= 1;
+                                if budget > 0 && ready.is_empty() {
+                                    next = rx.try_recv().ok();
+                                }
+                                continue;
+                            }
                             run.stats.deltas_in += 1;
                             if batcher.pending() == 0 {
                                 open_since = Some(Instant::now());

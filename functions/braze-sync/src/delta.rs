@@ -131,6 +131,7 @@ pub fn diff_row(
         changes,
         update_existing_only: route.config.update_existing_only,
         is_new: state.is_none(),
+        row_digest: None,
     })
 }
 
@@ -153,6 +154,7 @@ pub fn diff(snapshot: &Snapshot, user: &MappedUser, route: &Route) -> Option<Use
         changes,
         update_existing_only: route.config.update_existing_only,
         is_new: state.is_none(),
+        row_digest: None,
     })
 }
 
@@ -329,6 +331,7 @@ pub fn departures(snapshot: &Snapshot, route: &Route, seen: &Seen, source: &str)
                 changes,
                 update_existing_only: route.config.update_existing_only,
                 is_new: false,
+                row_digest: None,
             }),
             None => out.unaddressable += 1,
         }

@@ -161,7 +161,9 @@ where
         snapshot,
         opts,
         &mut |d| {
-            view.add(&d);
+            if !d.records_only() {
+                view.add(&d);
+            }
             Ok(())
         },
         &mut |r| {
@@ -194,6 +196,7 @@ mod tests {
                 .collect(),
             update_existing_only: false,
             is_new: false,
+            row_digest: None,
         }
     }
 

@@ -71,7 +71,7 @@ pub fn export_through_mapper(selector: u8, body: &[u8]) -> Result<String, String
     };
     let route =
         Route::from_toml(&route_toml(extra, kind), "fuzz.toml").map_err(|e| e.to_string())?;
-    let snapshot = Snapshot::empty(route.slot_names(), route.tracks_departures());
+    let snapshot = Snapshot::empty(route.state_names(), route.tracks_departures());
     let opts = ProduceOptions::for_route(&route, key);
     let part = Part {
         source: format!("s3://fuzz/in/{key}"),

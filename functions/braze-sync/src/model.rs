@@ -100,11 +100,25 @@ pub struct UserDelta {
     pub update_existing_only: bool,
     /// True when the snapshot had never seen this user (the whole profile is sent).
     pub is_new: bool,
+    /// The digest of the export row this delta came from ([`crate::map::digest`]): once Braze
+    /// confirms the delta, the state records it, and a later row with the same digest is
+    /// unchanged without being mapped. `None` (departures, hand-built deltas) clears it.
+    pub row_digest: Option<u64>,
 }
 
 impl UserDelta {
+    /// True for a delta with nothing to send: the row's values equal the confirmed state, only
+    /// its digest is new ([`DeliveryOutcome::Recorded`]).
+    pub fn records_only(&self) -> bool {
+        self.changes.is_empty()
+    }
+
     /// The Braze attribute object for this delta.
     pub fn to_attribute_object(&self) -> Value {
+        debug_assert!(
+            !self.records_only(),
+            "a delta without changes is never sent"
+        );
         let mut obj = Map::with_capacity(self.changes.len() + 2);
         self.identifier.write_to(&mut obj);
         obj.insert(
@@ -143,13 +157,18 @@ pub enum DeliveryOutcome {
     /// key), or transient failures outlasted the retry budget. The snapshot must not advance;
     /// the next run or a replay sends it again.
     Unsent(UserDelta),
+    /// Nothing to send (the row's values equal the confirmed state; only its digest is new):
+    /// never sent, never counted as confirmed, recorded in the state with the confirmed.
+    Recorded(UserDelta),
 }
 
 impl DeliveryOutcome {
     /// The delta this outcome is about.
     pub fn delta(&self) -> &UserDelta {
         match self {
-            DeliveryOutcome::Confirmed(d) | DeliveryOutcome::Unsent(d) => d,
+            DeliveryOutcome::Confirmed(d)
+            | DeliveryOutcome::Unsent(d)
+            | DeliveryOutcome::Recorded(d) => d,
             DeliveryOutcome::Rejected { delta, .. } => delta,
         }
     }
@@ -172,6 +191,7 @@ mod tests {
             }],
             update_existing_only: true,
             is_new: false,
+            row_digest: None,
         };
         assert_eq!(
             d.to_attribute_object(),

@@ -36,13 +36,16 @@ use serde_json::Value;
 use tracing::warn;
 
 use crate::delta::{self, AudienceDepartures, Seen};
+use crate::map::digest::{self, TableDigest};
 use crate::map::{Binding, MapOutcome, MappedRow, Mapper, put_varint};
 use crate::model::{AttributeChange, RowPos, UserDelta, UserKey, fingerprint};
-use crate::read::batch::{Columns, RowBatch};
+use crate::read::batch::{Columns, EncodedRow, RowBatch};
 use crate::read::{self, ReadError, Row, RowItem, RowSource};
 use crate::rejects::RowReject;
 use crate::route::Route;
-use crate::snapshot::{Snapshot, identifier_text, parse_identifier, range_of};
+use crate::snapshot::{
+    ROW_DIGEST, Snapshot, identifier_text, parse_identifier, range_of, stored_digest,
+};
 use crate::spill::{Partitioner, SpillDir, SpillError, read_range};
 use crate::sync::{Part, ProduceOptions, Stop, Summary, SyncError};
 
@@ -311,6 +314,16 @@ fn get_varint(b: &[u8], at: &mut usize) -> Option<u64> {
     None
 }
 
+/// One table of the export (a part holds one or more): its header, how the route binds it,
+/// and how its rows are encoded and digested. The diff maps a spilled row with these.
+#[derive(Debug, Clone)]
+struct Table {
+    source: String,
+    header: Vec<String>,
+    binding: Binding,
+    digest: TableDigest,
+}
+
 /// What became of one row.
 enum Spilled {
     /// Spilled to its range.
@@ -324,6 +337,7 @@ enum Spilled {
 
 /// Maps rows and spills each to its range (one per mapping thread).
 struct Spiller<'a> {
+    /// Reads identifiers only: values are mapped by the diff.
     mapper: Mapper<'a>,
     mapped: MappedRow,
     out: Partitioner,
@@ -375,52 +389,40 @@ impl<'a> Spiller<'a> {
         }
     }
 
-    /// Maps `row` (its values only when its user is this run's) and spills it.
+    /// Reads `row`'s identifier and, when its user is this run's, spills the row's cells as
+    /// read with their digest ([`TableDigest`]); its values are mapped by the diff, and only
+    /// when the digest differs from the one the state recorded.
     fn row(
         &mut self,
-        binding: &Binding,
-        header: &[String],
+        table: &Table,
         row: &Row<'_>,
         source_index: u32,
         source: &str,
     ) -> Result<Spilled, SyncError> {
-        let mut mapped = self.mapper.map_key(binding, header, row, &mut self.mapped);
-        if mapped.is_ok() {
-            if !self.keep.keeps(self.mapped.key.0) {
+        if let Err((_, e)) =
+            self.mapper
+                .map_key(&table.binding, &table.header, row, &mut self.mapped)
+        {
+            if !self.keep.unkeyed {
                 return Ok(Spilled::Dropped);
             }
-            mapped = self
-                .mapper
-                .map_values(binding, header, row, &mut self.mapped);
+            return Ok(Spilled::Rejected(RowReject::unmapped(source, row, e, None)));
+        }
+        let key = self.mapped.key.0;
+        if !self.keep.keeps(key) {
+            return Ok(Spilled::Dropped);
         }
         self.rec.clear();
-        if let Err((outcome, e)) = mapped {
-            let identifier = match outcome {
-                MapOutcome::Identified => {
-                    self.rec.push(REC_SEEN);
-                    self.rec.extend_from_slice(&self.mapped.key.0.to_le_bytes());
-                    let r = range_of(self.mapped.key.0, self.bits);
-                    self.tally.record_bytes += self.rec.len() as u64 + 4;
-                    self.out.push(r, &self.rec)?;
-                    Some(self.mapped.identifier())
-                }
-                MapOutcome::NoIdentifier => {
-                    if !self.keep.unkeyed {
-                        return Ok(Spilled::Dropped);
-                    }
-                    None
-                }
-            };
-            return Ok(Spilled::Rejected(RowReject::unmapped(
-                source, row, e, identifier,
-            )));
-        }
         self.rec.push(REC_ROW);
         put_varint(&mut self.rec, u64::from(source_index));
         put_varint(&mut self.rec, row.row);
         put_varint(&mut self.rec, row.line.unwrap_or(NO_LINE));
-        self.mapped.encode_into(&mut self.rec);
-        let r = range_of(self.mapped.key.0, self.bits);
+        self.rec.extend_from_slice(&key.to_le_bytes());
+        let at = self.rec.len();
+        self.rec.extend_from_slice(&[0u8; 8]);
+        let digest = table.digest.encode(row.cells, &mut self.rec);
+        self.rec[at..at + 8].copy_from_slice(&digest.to_le_bytes());
+        let r = range_of(key, self.bits);
         self.tally.rows_spilled += 1;
         self.tally.record_bytes += self.rec.len() as u64 + 4;
         self.out.push(r, &self.rec)?;
@@ -462,9 +464,11 @@ struct Partition<'a> {
     route: &'a Route,
     spiller: Spiller<'a>,
     spill_to: SpillTo,
-    /// Threads that map one table's rows (1: the reader maps them itself).
+    /// Threads that encode one table's rows (1: the reader encodes them itself).
     mappers: usize,
-    sources: Vec<String>,
+    /// [`digest::route_seed`] of the route.
+    route_seed: u64,
+    sources: Vec<Table>,
     summary: Summary,
     ignored: BTreeSet<String>,
     /// Tables and rows read, kept or not.
@@ -507,11 +511,17 @@ impl Partition<'_> {
         let header = src.header().to_vec();
         let source = src.source().to_string();
         let source_index = self.sources.len() as u32;
-        self.sources.push(source.clone());
         let binding = Binding::new(self.route, &header, &source)?;
         self.ignored.extend(binding.unknown_columns.iter().cloned());
+        let table = Table {
+            digest: TableDigest::new(self.route_seed, &binding, header.len()),
+            source: source.clone(),
+            header,
+            binding,
+        };
+        self.sources.push(table.clone());
         if self.mappers > 1 {
-            return self.table_parallel(src, &binding, &header, &source, source_index, on_reject);
+            return self.table_parallel(src, &table, source_index, on_reject);
         }
         while let Some(item) = src.next_row()? {
             self.seen_row();
@@ -522,9 +532,7 @@ impl Partition<'_> {
                 }
                 RowItem::Row(r) => r,
             };
-            let s = self
-                .spiller
-                .row(&binding, &header, &row, source_index, &source)?;
+            let s = self.spiller.row(&table, &row, source_index, &source)?;
             let mut c = Counted::default();
             if let Some(reject) = c.count(s) {
                 on_reject(reject);
@@ -542,12 +550,11 @@ impl Partition<'_> {
     fn table_parallel(
         &mut self,
         src: &mut dyn RowSource,
-        binding: &Binding,
-        header: &[String],
-        source: &str,
+        table: &Table,
         source_index: u32,
         on_reject: OnReject<'_>,
     ) -> Result<(), SyncError> {
+        let (binding, header, source) = (&table.binding, &table.header[..], &table.source[..]);
         let n = self.mappers;
         let bits = self.spiller.bits;
         let columns = Columns::new(header.len(), binding.columns());
@@ -577,7 +584,7 @@ impl Partition<'_> {
                                 line,
                                 cells: &cells,
                             };
-                            let s = sp.row(binding, header, &r, source_index, source)?;
+                            let s = sp.row(table, &r, source_index, source)?;
                             if let Some(reject) = c.count(s) {
                                 on_reject(reject);
                             }
@@ -653,7 +660,7 @@ impl Partition<'_> {
 /// One part, partitioned.
 struct PartOut {
     index: usize,
-    sources: Vec<String>,
+    sources: Vec<Table>,
     summary: Summary,
     ignored: BTreeSet<String>,
     tables_seen: u64,
@@ -668,6 +675,10 @@ fn part_dir(rows: &Path, part: usize) -> PathBuf {
 #[derive(Default)]
 struct Found {
     unchanged: u64,
+    /// Of the unchanged, users whose row digest is recorded anew.
+    digests_recorded: u64,
+    /// Rows whose values could not be mapped.
+    unmapped: u64,
     users_changed: u64,
     users_new: u64,
     attributes_changed: u64,
@@ -730,6 +741,7 @@ where
     let bits = state_bits.unwrap_or(0).max(settings.min_spill_bits);
     let rows_dir = spill.sub("rows")?;
     let read_opts = route.read_options();
+    let route_seed = digest::route_seed(route);
     // Step 1, parts in parallel: each reader takes the next part and spills it into its own
     // per-range files (rows/p<part>/), so the diff can read a range's rows in export order.
     let readers = settings.workers.max(1);
@@ -770,6 +782,7 @@ where
             spiller: Spiller::new(route, spill_to.partitioner(), bits, keep, measure.clone()),
             spill_to,
             mappers,
+            route_seed,
             sources: Vec::new(),
             summary: Summary::default(),
             ignored: BTreeSet::new(),
@@ -859,7 +872,7 @@ where
     outs.sort_by_key(|o| o.index);
     let mut summary = Summary::default();
     let mut ignored = BTreeSet::new();
-    let mut sources: Vec<Vec<String>> = Vec::with_capacity(outs.len());
+    let mut sources: Vec<Vec<Table>> = Vec::with_capacity(outs.len());
     let (mut tables_seen, mut rows_seen) = (0u64, 0u64);
     for o in outs {
         tables_seen += o.tables_seen;
@@ -972,6 +985,8 @@ where
     for r in results {
         let f = r?;
         summary.unchanged += f.unchanged;
+        summary.digests_recorded += f.digests_recorded;
+        summary.rejected += f.unmapped;
         summary.users_changed += f.users_changed;
         summary.users_new += f.users_new;
         summary.attributes_changed += f.attributes_changed;
@@ -1158,6 +1173,7 @@ pub fn add_piece(total: &mut Summary, piece: &Summary) {
     total.rows_read += piece.rows_read;
     total.rejected += piece.rejected;
     total.unchanged += piece.unchanged;
+    total.digests_recorded += piece.digests_recorded;
     total.users_changed += piece.users_changed;
     total.users_new += piece.users_new;
     total.attributes_changed += piece.attributes_changed;
@@ -1196,7 +1212,7 @@ struct DiffCtx<'a, 'r> {
     state: &'a dyn RangeState,
     opts: &'a ProduceOptions,
     part_dirs: &'a [PathBuf],
-    sources: &'a [Vec<String>],
+    sources: &'a [Vec<Table>],
     on_delta: &'a (dyn Fn(UserDelta) -> Result<(), Stop> + Sync),
     rejects: &'a RejectSink<'r>,
     stop: &'a AtomicBool,
@@ -1218,8 +1234,12 @@ impl DiffCtx<'_, '_> {
             Snapshot::for_route(self.route)
         };
         let mut seen = Seen::new(&snap);
-        let mut mapped = MappedRow::default();
-        let mut buf = Vec::with_capacity(256);
+        let mut w = Worker {
+            mapper: Mapper::new(self.route),
+            mapped: MappedRow::default(),
+            buf: Vec::with_capacity(256),
+            digest_slot: snap.slot_of_name(ROW_DIGEST),
+        };
         for s in subs {
             // A range's rows, part after part: export order, so a user's first row wins.
             seen.clear_others();
@@ -1228,7 +1248,7 @@ impl DiffCtx<'_, '_> {
                     if self.stop.load(Ordering::Relaxed) {
                         return Err(SyncError::Stopped("another range failed".into()));
                     }
-                    self.row(part, rec, &snap, &mut seen, &mut mapped, &mut buf, found)
+                    self.row(part, rec, &snap, &mut seen, &mut w, found)
                         .ok_or_else(|| {
                             SyncError::Spill(SpillError::Corrupt {
                                 path: crate::spill::range_path(dir, s).display().to_string(),
@@ -1256,15 +1276,13 @@ impl DiffCtx<'_, '_> {
     }
 
     /// One spilled record; `None` when it does not decode.
-    #[allow(clippy::too_many_arguments)]
     fn row(
         &self,
         part: usize,
         rec: &[u8],
         snap: &Snapshot,
         seen: &mut Seen,
-        mapped: &mut MappedRow,
-        buf: &mut Vec<u8>,
+        w: &mut Worker<'_>,
         found: &mut Found,
     ) -> Option<Result<(), SyncError>> {
         match *rec.first()? {
@@ -1278,35 +1296,80 @@ impl DiffCtx<'_, '_> {
                 let src = usize::try_from(get_varint(rec, &mut at)?).ok()?;
                 let row = get_varint(rec, &mut at)?;
                 let line = get_varint(rec, &mut at)?;
-                mapped.decode_from(rec.get(at..)?)?;
+                let key = UserKey(u128::from_le_bytes(rec.get(at..at + 16)?.try_into().ok()?));
+                let digest = u64::from_le_bytes(rec.get(at + 16..at + 24)?.try_into().ok()?);
+                let cells = rec.get(at + 24..)?;
+                let table = self.sources.get(part)?.get(src)?;
+                let state = snap.get(key);
+                let full_resend = self.opts.full_resend;
+                let recorded = w
+                    .digest_slot
+                    .and_then(|slot| state.and_then(|st| st.fp(slot)))
+                    == Some(stored_digest(digest));
+                // The row the state's values came from, again: unchanged, nothing to map.
+                // (A second row of the user is a duplicate: mapped below, as its reject
+                // depends on whether its values map.)
+                if recorded && !full_resend && seen.insert(key, state) {
+                    found.unchanged += 1;
+                    return Some(Ok(()));
+                }
+                let first = !recorded || full_resend;
+                let line = (line != NO_LINE).then_some(line);
                 let pos = || RowPos {
-                    source: self
-                        .sources
-                        .get(part)
-                        .and_then(|p| p.get(src))
-                        .cloned()
-                        .unwrap_or_default(),
+                    source: table.source.clone(),
                     row,
-                    line: (line != NO_LINE).then_some(line),
+                    line,
                 };
-                let state = snap.get(mapped.key);
-                if !seen.insert(mapped.key, state) {
+                let cells =
+                    EncodedRow::decode(table.digest.columns(), table.digest.width(), cells)?;
+                let r = Row {
+                    row,
+                    line,
+                    cells: &cells,
+                };
+                let mapped = w
+                    .mapper
+                    .map_key(&table.binding, &table.header, &r, &mut w.mapped)
+                    .and_then(|()| {
+                        w.mapper
+                            .map_values(&table.binding, &table.header, &r, &mut w.mapped)
+                    });
+                if let Err((outcome, e)) = mapped {
+                    // The user is in the export: never treat them as departed.
+                    seen.insert(key, state);
+                    found.unmapped += 1;
+                    let identifier =
+                        matches!(outcome, MapOutcome::Identified).then(|| w.mapped.identifier());
+                    self.reject(RowReject::unmapped(&table.source, &r, e, identifier));
+                    return Some(Ok(()));
+                }
+                if !first || !seen.insert(key, state) {
                     found.duplicates += 1;
-                    let reject = RowReject {
+                    self.reject(RowReject {
                         pos: pos(),
                         column: Some(self.route.config.identifier.column.clone()),
                         reason: "duplicate identifier: the user already appeared earlier in this export; the earlier row is kept and this one is not sent".into(),
-                        identifier: Some(mapped.identifier()),
-                    };
-                    if let Ok(mut sink) = self.rejects.lock() {
-                        (*sink)(reject);
-                    }
+                        identifier: Some(w.mapped.identifier()),
+                    });
                     return Some(Ok(()));
                 }
-                let changes =
-                    delta::changes(state, &*mapped, self.route, self.opts.full_resend, buf);
+                let changes = delta::changes(state, &w.mapped, self.route, full_resend, &mut w.buf);
                 if changes.is_empty() {
                     found.unchanged += 1;
+                    // Same values from other cells (a new digest, or a state written before
+                    // digests): record the digest, so the next run skips this row.
+                    if state.is_some() && w.digest_slot.is_some() && !recorded {
+                        found.digests_recorded += 1;
+                        let d = UserDelta {
+                            identifier: w.mapped.identifier(),
+                            pos: pos(),
+                            changes,
+                            update_existing_only: self.route.config.update_existing_only,
+                            is_new: false,
+                            row_digest: Some(digest),
+                        };
+                        return Some((self.on_delta)(d).map_err(|s| SyncError::Stopped(s.0)));
+                    }
                     return Some(Ok(()));
                 }
                 found.users_changed += 1;
@@ -1315,17 +1378,33 @@ impl DiffCtx<'_, '_> {
                     found.users_new += 1;
                 }
                 let d = UserDelta {
-                    identifier: mapped.identifier(),
+                    identifier: w.mapped.identifier(),
                     pos: pos(),
                     changes,
                     update_existing_only: self.route.config.update_existing_only,
                     is_new: state.is_none(),
+                    row_digest: Some(digest),
                 };
                 Some((self.on_delta)(d).map_err(|s| SyncError::Stopped(s.0)))
             }
             _ => None,
         }
     }
+
+    fn reject(&self, r: RowReject) {
+        if let Ok(mut sink) = self.rejects.lock() {
+            (*sink)(r);
+        }
+    }
+}
+
+/// One diff worker's mapping tools.
+struct Worker<'a> {
+    mapper: Mapper<'a>,
+    mapped: MappedRow,
+    buf: Vec<u8>,
+    /// The state's [`ROW_DIGEST`] slot (`None`: a layout without one).
+    digest_slot: Option<usize>,
 }
 
 /// A departure delta as one record of a departure file, into `out` (cleared first): `u16`
@@ -1384,6 +1463,7 @@ pub fn decode_departure(
         changes,
         update_existing_only: route.config.update_existing_only,
         is_new: false,
+        row_digest: None,
     })
 }
 

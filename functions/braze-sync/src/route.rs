@@ -560,6 +560,13 @@ impl Route {
         self.slots.iter().map(|s| s.name.clone()).collect()
     }
 
+    /// The state's slot layout: the attributes' names, then [`crate::snapshot::ROW_DIGEST`].
+    pub fn state_names(&self) -> Vec<String> {
+        let mut names = self.slot_names();
+        names.push(crate::snapshot::ROW_DIGEST.to_string());
+        names
+    }
+
     /// Every column the route reads: identifier columns first, then slot columns.
     pub fn columns(&self) -> Vec<String> {
         let mut cols = self.identifier_columns();

@@ -56,6 +56,19 @@ use crate::route::Route;
 
 /// Bytes per attribute fingerprint.
 pub const FP_BYTES: usize = 6;
+
+/// The state's last slot: not a Braze attribute but the digest of the export row whose
+/// values the user's fingerprints hold ([`crate::map::digest`]), written with every
+/// confirmed delta (cleared by one without a digest: departures). A row with the same
+/// digest is unchanged without being mapped. The name cannot be an attribute's (it starts
+/// with a control character); a state written before it existed has no such slot, so every
+/// user reads as "no digest" and is mapped as before.
+pub const ROW_DIGEST: &str = "\u{1}row_digest";
+
+/// How a row digest is stored in the [`ROW_DIGEST`] slot (48 bits, never 0).
+pub fn stored_digest(digest: u64) -> u64 {
+    stored_fp(digest)
+}
 const FP_MASK: u64 = (1 << (8 * FP_BYTES)) - 1;
 const MAGIC: &[u8; 8] = b"BZSNAP\0\x01";
 /// Object kind byte of a base shard.
@@ -219,7 +232,7 @@ impl Snapshot {
 
     /// An empty state laid out for `route`.
     pub fn for_route(route: &Route) -> Self {
-        Self::empty(route.slot_names(), route.tracks_departures())
+        Self::empty(route.state_names(), route.tracks_departures())
     }
 
     /// Attribute names in slot order.
@@ -299,6 +312,11 @@ impl Snapshot {
         }
         buckets.push(n as u32);
         self.buckets = buckets;
+    }
+
+    /// The slot of attribute (or [`ROW_DIGEST`]) `name` in this layout.
+    pub fn slot_of_name(&self, name: &str) -> Option<usize> {
+        self.slot_of.get(name).map(|s| *s as usize)
     }
 
     /// The base index of a user.
@@ -412,6 +430,13 @@ impl Snapshot {
             if let Some(&slot) = self.slot_of.get(&c.name) {
                 self.set(key, slot as usize, c.fingerprint.map_or(0, stored_fp));
             }
+        }
+        if let Some(&slot) = self.slot_of.get(ROW_DIGEST) {
+            self.set(
+                key,
+                slot as usize,
+                delta.row_digest.map_or(0, stored_digest),
+            );
         }
         if self.ids.is_some() {
             self.set_identifier(key, &identifier_text(&delta.identifier));
@@ -910,17 +935,24 @@ pub fn encode_segment(names: &[String], deltas: &[UserDelta], keep_ids: bool) ->
         .collect();
     let mut records: Vec<u8> = Vec::new();
     let mut n = 0u64;
+    let digest_slot = slot_of.get(ROW_DIGEST).copied();
     for d in deltas {
         let key = d.user_key().0.to_le_bytes();
-        for c in &d.changes {
-            if let Some(&slot) = slot_of.get(c.name.as_str()) {
-                records.extend_from_slice(&key);
-                records.extend_from_slice(&slot.to_le_bytes());
-                let mut fp = [0u8; FP_BYTES];
-                put_fp(&mut fp, c.fingerprint.map_or(0, stored_fp));
-                records.extend_from_slice(&fp);
-                n += 1;
-            }
+        let fps = d
+            .changes
+            .iter()
+            .filter_map(|c| {
+                let slot = *slot_of.get(c.name.as_str())?;
+                Some((slot, c.fingerprint.map_or(0, stored_fp)))
+            })
+            .chain(digest_slot.map(|s| (s, d.row_digest.map_or(0, stored_digest))));
+        for (slot, stored) in fps {
+            records.extend_from_slice(&key);
+            records.extend_from_slice(&slot.to_le_bytes());
+            let mut fp = [0u8; FP_BYTES];
+            put_fp(&mut fp, stored);
+            records.extend_from_slice(&fp);
+            n += 1;
         }
     }
     let mut buf = header(KIND_SEGMENT, if keep_ids { FLAG_IDS } else { 0 }, names, n);
@@ -957,6 +989,7 @@ mod tests {
                 .collect(),
             update_existing_only: true,
             is_new: false,
+            row_digest: None,
         }
     }
 

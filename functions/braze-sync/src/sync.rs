@@ -21,12 +21,13 @@ use tokio_util::io::SyncIoBridge;
 use tracing::warn;
 
 use crate::delta::{self, AudienceDepartures, Seen};
+use crate::map::digest::TableDigest;
 use crate::map::{Binding, MapOutcome, MappedRow, Mapper};
 use crate::model::{RowPos, UserDelta};
 use crate::read::{self, ReadError, RowItem, RowSource};
 use crate::rejects::RowReject;
 use crate::route::Route;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{Snapshot, stored_digest};
 
 /// Counts of one run's planning.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -37,6 +38,10 @@ pub struct Summary {
     pub rejected: u64,
     /// Rows whose user had nothing to change.
     pub unchanged: u64,
+    /// Of those, users whose row digest the state records anew (same values from other
+    /// cells, or a state written before digests): nothing is sent, the next run skips them
+    /// without mapping.
+    pub digests_recorded: u64,
     /// Users with at least one change (new users included, departures not).
     pub users_changed: u64,
     /// Of those, users the state had never confirmed.
@@ -164,6 +169,11 @@ struct Planner<'a> {
     buf: Vec<u8>,
     summary: Summary,
     ignored: BTreeSet<String>,
+    /// [`crate::map::digest::route_seed`] of the route.
+    route_seed: u64,
+    /// The snapshot's [`crate::snapshot::ROW_DIGEST`] slot.
+    digest_slot: Option<usize>,
+    encoded: Vec<u8>,
 }
 
 impl Planner<'_> {
@@ -178,6 +188,7 @@ impl Planner<'_> {
         let source = src.source().to_string();
         let binding = Binding::new(self.route, &header, &source)?;
         self.ignored.extend(binding.unknown_columns.iter().cloned());
+        let table = TableDigest::new(self.route_seed, &binding, header.len());
         while let Some(item) = src.next_row()? {
             self.summary.rows_read += 1;
             crate::progress::LIVE.row_read();
@@ -204,6 +215,23 @@ impl Planner<'_> {
                 Ok(()) => self.snapshot.get(self.mapped.key),
                 Err(_) => None,
             };
+            // The row the state's values came from, again: unchanged without mapping (see
+            // `crate::map::digest`).
+            let mut digest = None;
+            let mut recorded = false;
+            if mapped.is_ok() {
+                self.encoded.clear();
+                let d = table.encode(row.cells, &mut self.encoded);
+                digest = Some(d);
+                recorded = self
+                    .digest_slot
+                    .and_then(|slot| state.and_then(|st| st.fp(slot)))
+                    == Some(stored_digest(d));
+                if recorded && !self.opts.full_resend && self.seen.insert(self.mapped.key, state) {
+                    self.summary.unchanged += 1;
+                    continue;
+                }
+            }
             if let Some(st) = &state {
                 std::hint::black_box(st.touch());
             }
@@ -227,7 +255,8 @@ impl Planner<'_> {
                 on_reject(RowReject::unmapped(&source, &row, e, identifier));
                 continue;
             }
-            if !self.seen.insert(self.mapped.key, state) {
+            let first = !recorded || self.opts.full_resend;
+            if !first || !self.seen.insert(self.mapped.key, state) {
                 self.summary.rejected += 1;
                 on_reject(RowReject {
                     pos: pos(),
@@ -246,6 +275,19 @@ impl Planner<'_> {
             );
             if changes.is_empty() {
                 self.summary.unchanged += 1;
+                // Same values from other cells: record the row's digest (nothing is sent).
+                if state.is_some() && self.digest_slot.is_some() && !recorded {
+                    self.summary.digests_recorded += 1;
+                    on_delta(UserDelta {
+                        identifier: self.mapped.identifier(),
+                        pos: pos(),
+                        changes,
+                        update_existing_only: self.route.config.update_existing_only,
+                        is_new: false,
+                        row_digest: digest,
+                    })
+                    .map_err(|s| SyncError::Stopped(s.0))?;
+                }
                 continue;
             }
             self.summary.users_changed += 1;
@@ -259,6 +301,7 @@ impl Planner<'_> {
                 changes,
                 update_existing_only: self.route.config.update_existing_only,
                 is_new: state.is_none(),
+                row_digest: digest,
             })
             .map_err(|s| SyncError::Stopped(s.0))?;
         }
@@ -294,6 +337,9 @@ where
         buf: Vec::with_capacity(256),
         summary: Summary::default(),
         ignored: BTreeSet::new(),
+        route_seed: crate::map::digest::route_seed(route),
+        digest_slot: snapshot.slot_of_name(crate::snapshot::ROW_DIGEST),
+        encoded: Vec::with_capacity(256),
     };
     for part in parts {
         let part = part?;
@@ -359,7 +405,8 @@ pub struct Plan {
     pub summary: Summary,
 }
 
-/// [`produce`] into memory (tests, small exports).
+/// [`produce`] into memory (tests, small exports): the deltas to send (not the ones that only
+/// record a row digest, [`UserDelta::records_only`]).
 pub fn plan<I, R>(
     parts: I,
     route: &Route,
@@ -378,7 +425,9 @@ where
         snapshot,
         opts,
         &mut |d| {
-            deltas.push(d);
+            if !d.records_only() {
+                deltas.push(d);
+            }
             Ok(())
         },
         &mut |r| rejects.push(r),
@@ -413,6 +462,9 @@ where
         snapshot,
         opts,
         &mut |d| {
+            if d.records_only() {
+                return Ok(());
+            }
             line.clear();
             let _ = serde_json::to_writer(&mut line, &d.to_attribute_object());
             line.push(b'\n');

@@ -42,6 +42,7 @@ fn delta(i: usize) -> UserDelta {
         ],
         update_existing_only: false,
         is_new: true,
+        row_digest: None,
     }
 }
 

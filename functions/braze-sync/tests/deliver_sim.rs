@@ -53,6 +53,7 @@ fn delta(i: usize) -> UserDelta {
         ],
         update_existing_only: false,
         is_new: true,
+        row_digest: None,
     }
 }
 
@@ -163,6 +164,7 @@ fn check_outcomes(ran: &Ran, n: usize) {
                 assert_eq!(delta.pos.row, i as u64 + 1);
             }
             DeliveryOutcome::Unsent(_) => panic!("user-{i} unsent"),
+            DeliveryOutcome::Recorded(_) => panic!("user-{i} had changes"),
         }
     }
 }
@@ -368,6 +370,7 @@ async fn index_less_errors_leave_every_user_of_the_request_unconfirmed() {
             }
             DeliveryOutcome::Unsent(_) => unconfirmed += 1,
             DeliveryOutcome::Rejected { reason, .. } => panic!("user-{i} rejected: {reason}"),
+            DeliveryOutcome::Recorded(_) => panic!("user-{i} had changes"),
         }
     }
     let refused = (0..n).filter(|i| is_refused(*i)).count() as u64;

@@ -251,6 +251,7 @@ async fn a_cut_run_hands_over_and_a_killed_runs_checkpoints_are_not_resent() {
             ],
             update_existing_only: false,
             is_new: true,
+            row_digest: None,
         })
         .collect();
     st.checkpoint(&mut head, &route(), &confirmed)

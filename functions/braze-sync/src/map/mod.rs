@@ -8,6 +8,7 @@
 //! `serde_json::Value` is built only for attributes that changed. [`MappedUser`] is the
 //! owned, simple form for tests and callers that want values.
 
+pub mod digest;
 pub mod fields;
 pub mod types;
 

@@ -70,6 +70,7 @@ impl Committer {
                     Some(DeliveryOutcome::Rejected { delta, reason }) => {
                         self.braze_rejects.push(RowReject::from_braze(&delta, &reason));
                     }
+                    Some(DeliveryOutcome::Recorded(d)) => self.pending.push(d),
                     Some(DeliveryOutcome::Unsent(_)) => {}
                     None => break,
                 },

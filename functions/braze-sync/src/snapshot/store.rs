@@ -268,7 +268,7 @@ pub fn memory_estimate(doc: &HeadDoc, route: &Route) -> u64 {
         .users
         .max(doc.ranges.iter().map(|r| r.users).sum::<u64>());
     let per_user = 16
-        + super::FP_BYTES as u64 * route.slot_names().len() as u64
+        + super::FP_BYTES as u64 * route.state_names().len() as u64
         + 2
         + if route.tracks_departures() { 40 } else { 0 };
     users.saturating_mul(per_user).saturating_mul(5) / 4
@@ -364,7 +364,7 @@ impl RecordSpill {
             dir: dir.to_path_buf(),
             bits,
             slots: route
-                .slot_names()
+                .state_names()
                 .into_iter()
                 .enumerate()
                 .map(|(i, n)| (n, i as u16))
@@ -379,15 +379,23 @@ impl RecordSpill {
     pub fn push(&mut self, delta: &UserDelta) -> Result<(), crate::spill::SpillError> {
         let key = delta.user_key().0;
         let r = super::range_of(key, self.bits);
-        for c in &delta.changes {
-            let Some(slot) = self.slots.get(c.name.as_str()) else {
-                continue;
-            };
+        let fps = delta
+            .changes
+            .iter()
+            .filter_map(|c| {
+                let slot = *self.slots.get(c.name.as_str())?;
+                Some((slot, c.fingerprint.map_or(0, super::stored_fp)))
+            })
+            .chain(
+                self.slots
+                    .get(super::ROW_DIGEST)
+                    .map(|s| (*s, delta.row_digest.map_or(0, super::stored_digest))),
+            );
+        for (slot, fp) in fps {
             self.rec.clear();
             self.rec.push(0);
             self.rec.extend_from_slice(&key.to_le_bytes());
             self.rec.extend_from_slice(&slot.to_le_bytes());
-            let fp = c.fingerprint.map_or(0, super::stored_fp);
             self.rec.extend_from_slice(&fp.to_le_bytes());
             self.part.push(r, &self.rec)?;
         }
@@ -637,7 +645,10 @@ impl StateStore {
         route: &Route,
         confirmed: &[UserDelta],
     ) -> Result<(), StateError> {
-        if confirmed.iter().all(|d| d.changes.is_empty()) {
+        if confirmed
+            .iter()
+            .all(|d| d.changes.is_empty() && d.row_digest.is_none())
+        {
             return Ok(());
         }
         let name = self.named(format!(
@@ -647,7 +658,7 @@ impl StateStore {
             nonce()
         ));
         let uri = self.uri(&name);
-        let body = encode_segment(&route.slot_names(), confirmed, route.tracks_departures());
+        let body = encode_segment(&route.state_names(), confirmed, route.tracks_departures());
         self.store
             .put(
                 &uri,
@@ -1023,7 +1034,7 @@ impl StateStore {
             });
         }
         let complete = export.is_some();
-        let names = route.slot_names();
+        let names = route.state_names();
         let keep_ids = route.tracks_departures();
         let doc0 = head.doc.clone();
         let fresh = doc0.ranges.is_empty();
@@ -1514,6 +1525,7 @@ mod tests {
             }],
             update_existing_only: true,
             is_new: true,
+            row_digest: None,
         }
     }
 
@@ -1968,7 +1980,7 @@ mod tests {
     #[tokio::test]
     async fn records_spilled_outside_checkpoints_commit_range_by_range() {
         let mem: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
-        let st = StateStore::new(mem.clone(), "state", "s/", "r").with_range_users(16);
+        let st = StateStore::new(mem.clone(), "state", "s/", "r").with_range_users(32);
         let r = route();
         let commit = |deltas: Vec<UserDelta>, tag: &'static str| {
             let st = st.clone();
@@ -1994,9 +2006,9 @@ mod tests {
                     .unwrap()
             }
         };
-        // A first adoption lays the state out as checkpoints would: 200 users, 16 ranges.
-        let stats = commit((0..200).map(|i| d(&i.to_string(), i)).collect(), "e1").await;
-        assert_eq!((stats.ranges, stats.shards, stats.users), (16, 16, 200));
+        // A first adoption lays the state out as checkpoints would: 400 users, 16 ranges.
+        let stats = commit((0..400).map(|i| d(&i.to_string(), i)).collect(), "e1").await;
+        assert_eq!((stats.ranges, stats.shards, stats.users), (16, 16, 400));
         assert!(
             names_under(&mem)
                 .await
@@ -2004,17 +2016,17 @@ mod tests {
                 .all(|n| !n.starts_with("seg-"))
         );
         // A later one with a few changes appends deltas to the ranges it touches.
-        let stats = commit(vec![d("7", 700), d("300", 3)], "e2").await;
+        let stats = commit(vec![d("7", 700), d("600", 3)], "e2").await;
         assert_eq!(
             (stats.shards, stats.deltas, stats.users),
-            (0, 2, 201),
+            (0, 2, 401),
             "{stats:?}"
         );
         let (head, snap) = st.load(&r).await.unwrap();
         assert_eq!(head.doc.watermark, w("e2"));
-        assert_eq!(snap.len(), 201);
+        assert_eq!(snap.len(), 401);
         assert_eq!(fp_of(&snap, "7"), want(700));
         assert_eq!(fp_of(&snap, "8"), want(8));
-        assert_eq!(fp_of(&snap, "300"), want(3));
+        assert_eq!(fp_of(&snap, "600"), want(3));
     }
 }

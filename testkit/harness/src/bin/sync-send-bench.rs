@@ -64,6 +64,7 @@ fn delta(i: u64) -> UserDelta {
         ],
         update_existing_only: false,
         is_new: true,
+        row_digest: None,
     }
 }
 
