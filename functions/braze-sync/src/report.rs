@@ -84,6 +84,11 @@ pub struct RunReport {
     pub rejected: u64,
     /// Users whose attributes had not changed since Braze last confirmed them.
     pub unchanged: u64,
+    /// Of those, users whose export row the state records anew (its row digest: same values
+    /// from other cells, or a state written before digests); nothing is sent for them, and
+    /// the next run skips their row without mapping it.
+    #[serde(default)]
+    pub digests_recorded: u64,
     /// Users (attribute objects) sent to Braze.
     pub users_sent: u64,
     /// Attributes in those objects.

@@ -457,3 +457,123 @@ fn one_big_part_mapped_on_several_threads_finds_what_one_thread_finds() {
     .unwrap();
     assert_eq!(times.lock().unwrap().mappers, 3);
 }
+
+/// Every delta `produce` hands over (records-only ones included), sorted.
+fn in_memory_all(csv: &str, snap: &Snapshot, opts: &ProduceOptions) -> Found {
+    let mut deltas = Vec::new();
+    let mut rejects = Vec::new();
+    let summary = sync::produce(
+        parts(csv),
+        &route(),
+        snap,
+        opts,
+        &mut |d| {
+            deltas.push(d);
+            Ok(())
+        },
+        &mut |r| rejects.push(reject_key(&r)),
+    )
+    .unwrap();
+    deltas.sort_by_key(key);
+    rejects.sort();
+    (deltas, rejects, summary)
+}
+
+/// Row digests: a state written before them (no digest slot values) is diffed by mapping
+/// every row, as before; its unchanged users come back as records-only deltas (nothing to
+/// send) that record their digests; once confirmed, the same export is unchanged without a
+/// delta, with the same rejects (duplicates, unmappable rows), in both diffs. A full resend
+/// still sends every user.
+#[test]
+fn a_state_without_digests_records_them_once_then_rows_are_skipped() {
+    let r = route();
+    let opts = ProduceOptions::for_route(&r, "s3://in/amperity/big/export");
+    let csv = export(3000, 0, 7, false);
+    let first = in_memory_all(&csv, &Snapshot::for_route(&r), &opts);
+    assert!(first.0.iter().all(|d| d.row_digest.is_some()));
+    // The state as an older version wrote it: the same values, no digests.
+    let mut old = Snapshot::for_route(&r);
+    let stripped: Vec<UserDelta> = first
+        .0
+        .iter()
+        .cloned()
+        .map(|mut d| {
+            d.row_digest = None;
+            d
+        })
+        .collect();
+    confirm(&mut old, &stripped);
+    let a = in_memory_all(&csv, &old, &opts);
+    for (bits, workers) in [(0, 1), (2, 2)] {
+        let b = ranged(&csv, &old, Some(bits), &opts, workers);
+        assert_same(&a, &b, &format!("records-only, bits {bits}"));
+    }
+    assert_eq!(a.2.users_changed, 0, "{:?}", a.2);
+    assert!(a.0.iter().all(UserDelta::records_only));
+    assert_eq!(a.2.digests_recorded, a.0.len() as u64);
+    assert_eq!(a.2.digests_recorded, first.0.len() as u64, "every user");
+    assert_eq!(a.1, first.1, "the same rejects");
+    assert!(
+        sync::plan(parts(&csv), &r, &old, &opts)
+            .unwrap()
+            .deltas
+            .is_empty(),
+        "nothing to send"
+    );
+    // Recorded: the export again is unchanged without mapping, nothing handed over.
+    confirm(&mut old, &a.0);
+    let again = in_memory_all(&csv, &old, &opts);
+    let b = ranged(&csv, &old, Some(2), &opts, 2);
+    assert_same(&again, &b, "skipped");
+    assert!(again.0.is_empty(), "{:?}", again.0.first());
+    assert_eq!(again.2.digests_recorded, 0);
+    assert_eq!(again.2.unchanged, a.2.unchanged);
+    assert_eq!(again.1, first.1, "the same rejects");
+    // A full resend ignores digests.
+    let mut forced = opts.clone();
+    forced.full_resend = true;
+    let f = ranged(&csv, &old, Some(2), &forced, 2);
+    assert_eq!(f.0.len(), first.0.len());
+    assert!(f.0.iter().all(|d| !d.records_only()));
+}
+
+/// A departure clears the user's digest: a member who left and comes back with the very row
+/// the state recorded before is sent again (audience membership restored), in both diffs.
+#[test]
+fn a_member_who_left_and_returns_with_the_same_row_is_sent_again() {
+    let r = route();
+    let mut opts = ProduceOptions::for_route(&r, "s3://in/amperity/big/export");
+    opts.allow_departures = true;
+    let header = "id,given_name,orders,tier,in_a,in_b\n";
+    let rows: Vec<String> = (0..200)
+        .map(|i| format!("u{i},N,{i},gold,true,true\n"))
+        .collect();
+    let all = format!("{header}{}", rows.concat());
+    let without = format!(
+        "{header}{}",
+        rows.iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 5)
+            .map(|(_, r)| r.as_str())
+            .collect::<String>()
+    );
+    let mut snap = Snapshot::for_route(&r);
+    let (d, _, _) = in_memory(&all, &snap, &opts);
+    confirm(&mut snap, &d);
+    let (d, _, s) = in_memory(&without, &snap, &opts);
+    assert_eq!(s.users_departed, 1, "{s:?}");
+    assert!(d.iter().all(|x| x.row_digest.is_none()));
+    confirm(&mut snap, &d);
+    let a = in_memory(&all, &snap, &opts);
+    let b = ranged(&all, &snap, Some(2), &opts, 2);
+    assert_same(&a, &b, "return");
+    assert_eq!(a.0.len(), 1, "{:?}", a.0);
+    let back = &a.0[0];
+    assert_eq!(format!("{:?}", back.identifier), "ExternalId(\"u5\")");
+    assert!(
+        back.changes
+            .iter()
+            .any(|c| c.name == "aud_a" && c.value == serde_json::json!(true)),
+        "{back:?}"
+    );
+}

@@ -345,3 +345,44 @@ async fn the_memory_check_of_a_bounded_run_counts_one_range_per_worker_not_the_r
         "{text}"
     );
 }
+
+async fn report(store: &MemoryStore, uri: &str) -> Value {
+    let uri: S3Uri = uri.parse().unwrap();
+    let (_, body) = store.get(&uri).await.unwrap();
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// Row digests through the real runner: an export whose cells changed but whose values did
+/// not (`TRUE` for `true`) sends nothing, and its users' new row digests are recorded with
+/// the checkpoints (`digests_recorded`); the same export again records none.
+#[tokio::test]
+async fn rows_with_the_same_values_in_other_cells_send_nothing_and_record_their_digest() {
+    let store = Arc::new(MemoryStore::new());
+    let spill = tempfile::tempdir().unwrap();
+    let braze = Arc::new(Recorder {
+        delay: Duration::ZERO,
+        sent: Mutex::new(Vec::new()),
+    });
+    let h = Arc::new(Handovers::default());
+    let r = runner(&store, &braze, None, &h, spill.path());
+    let p1 = plan(&store, "in/a.csv", csv(600, &[], &[], 0)).await;
+    assert!(r.run(&p1, None).await.unwrap().complete());
+    assert_eq!(braze.sent.lock().unwrap().len(), 600);
+    braze.sent.lock().unwrap().clear();
+    let shouted = String::from_utf8(csv(600, &[], &[], 0).to_vec())
+        .unwrap()
+        .replace(",true", ",TRUE")
+        .replace(",false", ",FALSE");
+    // Every row's cells changed ("true" → "TRUE", "false" → "FALSE"), no value did.
+    for (key, recorded) in [("in/b.csv", 600), ("in/c.csv", 0)] {
+        let p = plan(&store, key, Bytes::from(shouted.clone())).await;
+        let out = r.run(&p, None).await.unwrap();
+        assert!(out.complete(), "{:?}", out.summary);
+        assert!(braze.sent.lock().unwrap().is_empty(), "nothing sent");
+        let rep = report(&store, out.report.as_deref().unwrap()).await;
+        assert_eq!(rep["unchanged"], json!(600), "{rep}");
+        assert_eq!(rep["users_sent"], json!(0), "{rep}");
+        assert_eq!(rep["users_confirmed"], json!(0), "{rep}");
+        assert_eq!(rep["digests_recorded"], json!(recorded), "{key}: {rep}");
+    }
+}

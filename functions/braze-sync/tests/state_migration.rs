@@ -94,6 +94,10 @@ async fn format_1_state_is_read_without_a_resend_and_rewritten_into_ranges() {
         p.deltas.first()
     );
     assert_eq!(p.summary.unchanged, 40);
+    assert_eq!(
+        p.summary.digests_recorded, 40,
+        "a state written before row digests records them, sending nothing"
+    );
 
     // A hand-over (no watermark) leaves the format-1 state as it is.
     let before = keys(&mem).await;

@@ -181,6 +181,7 @@ impl Ended {
         if let Ok(sm) = &self.produced.result {
             report.rows_in = sm.rows_read;
             report.unchanged = sm.unchanged;
+            report.digests_recorded = sm.digests_recorded;
             report.apply_departures(&sm.departures, sm.rows_without_identifier);
             if !sm.ignored_columns.is_empty() {
                 report.notes.push(format!(

@@ -994,6 +994,7 @@ impl SyncRunner {
             report.rows_in += r.rows_in;
             report.rejected += r.rejected;
             report.unchanged += r.unchanged;
+            report.digests_recorded += r.digests_recorded;
             report.users_sent += r.users_sent;
             report.attributes_sent += r.attributes_sent;
             report.users_confirmed += r.users_confirmed;
