@@ -1,30 +1,34 @@
 //! The bounded diff: one export against a state of any size, with memory bounded by the size
 //! of one hash range, not by the route.
 //!
-//! 1. **Partition.** Every part is read and mapped in order; each mapped row is written, in a
-//!    compact binary form ([`crate::map::MappedRow::encode_into`] plus its position, in
-//!    varints), to the
-//!    local spill file of its user-hash range ([`crate::spill`]; range = top bits of the user
-//!    key, the same ranges as the state's, or finer). Rows that cannot be mapped are rejected
-//!    here exactly as [`crate::sync::produce`] does; a row rejected after its identifier was
-//!    read leaves a marker, so the user counts as present (never departed) and a later row
-//!    of theirs is a duplicate. Parts are read in parallel; with fewer parts than workers
-//!    (one big file), a part's reader only splits rows and reads their identifier, and
-//!    hands each row, in batches, to the mapping thread of its range
-//!    ([`crate::read::batch`]): a range's rows stay in export order on every core.
+//! 1. **Partition.** Every part is read in order; each row's identifier is read (a row
+//!    without one is rejected here, as [`crate::sync::produce`] does), and the row's cells
+//!    as read (the columns the route binds, [`crate::read::batch::encode_row`]) are written
+//!    with their position, user key and row digest ([`crate::map::digest`]) to the local
+//!    spill file of the user's hash range ([`crate::spill`]; range = top bits of the user
+//!    key, the same ranges as the state's, or finer). Values are not mapped here. Parts are
+//!    read in parallel; with fewer parts than workers (one big file), a part's reader only
+//!    splits rows and reads their identifier, and hands each row, in batches, to the thread
+//!    of its range ([`crate::read::batch`]): a range's rows stay in export order on every
+//!    core.
 //! 2. **Diff, range by range.** A worker takes one state range, loads only that range's base
 //!    and deltas ([`RangeState::load`]), streams its spill files (rows in export order, so the
-//!    first row of a user wins, as today) and diffs each row against the range; deltas go to
-//!    the sender as they are found. Workers run in parallel (one per core), so at most that
-//!    many ranges are in memory at once.
+//!    first row of a user wins, as today) and diffs each row against the range: a row whose
+//!    digest is the one the state recorded with the user's last confirmed delta is unchanged
+//!    without being mapped (most rows of a daily export); any other row is mapped (one whose
+//!    values cannot be mapped is rejected here, its user counted as present) and diffed
+//!    attribute by attribute. Deltas go to the sender as they are found, each with its row
+//!    digest; an unchanged user whose digest is new gets a records-only delta (nothing is
+//!    sent; the state records the digest). Workers run in parallel (one per core), so at
+//!    most that many ranges are in memory at once.
 //! 3. **Departures.** Per range, members absent from the export are counted per audience and
 //!    their removals written to a local file, not sent. After the last range, the departure
 //!    guard ([`delta::decide_departures`]) judges each audience on the export's totals,
 //!    exactly as the in-memory path does, and the removals it lets through are sent.
 //!
 //! Same deltas, rejects, counts and departure verdicts as [`crate::sync::produce`]; only the
-//! order differs (by range instead of by row, and duplicate rows are rejected after the
-//! mapping rejects).
+//! order differs (by range instead of by row, and rows without an identifier are rejected
+//! before the others).
 
 use std::collections::BTreeSet;
 use std::io::Read;

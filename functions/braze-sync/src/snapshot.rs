@@ -558,6 +558,15 @@ impl Snapshot {
             .map(|n| h.names.iter().position(|m| m == n))
             .collect();
         let rec = 16 + h.names.len() * FP_BYTES;
+        // Slots `0..n` read slot for slot and the rest are new: `Some(n)`.
+        let same_prefix = {
+            let n = remap
+                .iter()
+                .enumerate()
+                .take_while(|(i, m)| **m == Some(*i))
+                .count();
+            remap[n..].iter().all(Option::is_none).then_some(n)
+        };
         let n = usize::try_from(h.records).map_err(|_| format_err(what, "too many records"))?;
         let fixed = n
             .checked_mul(rec)
@@ -578,12 +587,20 @@ impl Snapshot {
             last = Some(key);
             self.keys.push(key);
             let src = &body[16..rec];
-            for m in &remap {
-                match m {
-                    Some(j) => self
-                        .fps
-                        .extend_from_slice(&src[j * FP_BYTES..(j + 1) * FP_BYTES]),
-                    None => self.fps.extend_from_slice(&[0u8; FP_BYTES]),
+            if let Some(n) = same_prefix {
+                // The usual case: the shard's layout is this one's (or its start, before
+                // slots added since): one copy per user.
+                self.fps.extend_from_slice(&src[..n * FP_BYTES]);
+                self.fps
+                    .resize(self.fps.len() + (remap.len() - n) * FP_BYTES, 0);
+            } else {
+                for m in &remap {
+                    match m {
+                        Some(j) => self
+                            .fps
+                            .extend_from_slice(&src[j * FP_BYTES..(j + 1) * FP_BYTES]),
+                        None => self.fps.extend_from_slice(&[0u8; FP_BYTES]),
+                    }
                 }
             }
             if let Some(t) = &mut self.ids {
