@@ -1243,6 +1243,7 @@ impl DiffCtx<'_, '_> {
             mapped: MappedRow::default(),
             buf: Vec::with_capacity(256),
             digest_slot: snap.slot_of_name(ROW_DIGEST),
+            pending: Vec::with_capacity(HAND_DELTAS),
         };
         for s in subs {
             // A range's rows, part after part: export order, so a user's first row wins.
@@ -1262,10 +1263,15 @@ impl DiffCtx<'_, '_> {
                 })?;
             }
         }
+        self.flush(&mut w)?;
         if !self.opts.departures {
+            drop(seen);
+            snap.recycle();
             return Ok(());
         }
         let d = delta::departures(&snap, self.route, &seen, &self.opts.export_name);
+        drop(seen);
+        snap.recycle();
         for (a, b) in found.audiences.iter_mut().zip(&d.audiences) {
             a.members_before += b.members_before;
             a.leaving += b.leaving;
@@ -1372,7 +1378,7 @@ impl DiffCtx<'_, '_> {
                             is_new: false,
                             row_digest: Some(digest),
                         };
-                        return Some((self.on_delta)(d).map_err(|s| SyncError::Stopped(s.0)));
+                        return Some(self.hand(w, d));
                     }
                     return Some(Ok(()));
                 }
@@ -1389,10 +1395,29 @@ impl DiffCtx<'_, '_> {
                     is_new: state.is_none(),
                     row_digest: Some(digest),
                 };
-                Some((self.on_delta)(d).map_err(|s| SyncError::Stopped(s.0)))
+                Some(self.hand(w, d))
             }
             _ => None,
         }
+    }
+
+    /// Queues `d` for the sender, handing the queue over once it holds [`HAND_DELTAS`]: in
+    /// bursts, so the consumer is woken once per burst, not per delta (a wake-up per delta was
+    /// ~4% of the diff's CPU).
+    fn hand(&self, w: &mut Worker<'_>, d: UserDelta) -> Result<(), SyncError> {
+        w.pending.push(d);
+        if w.pending.len() >= HAND_DELTAS {
+            return self.flush(w);
+        }
+        Ok(())
+    }
+
+    /// Hands every queued delta to the sender.
+    fn flush(&self, w: &mut Worker<'_>) -> Result<(), SyncError> {
+        for d in w.pending.drain(..) {
+            (self.on_delta)(d).map_err(|s| SyncError::Stopped(s.0))?;
+        }
+        Ok(())
     }
 
     fn reject(&self, r: RowReject) {
@@ -1402,8 +1427,14 @@ impl DiffCtx<'_, '_> {
     }
 }
 
+/// Deltas a diff worker hands to the sender at once.
+const HAND_DELTAS: usize = 64;
+
 /// One diff worker's mapping tools.
 struct Worker<'a> {
+    /// Deltas not yet handed to the sender (at most [`HAND_DELTAS`]; all at the end of a
+    /// range).
+    pending: Vec<UserDelta>,
     mapper: Mapper<'a>,
     mapped: MappedRow,
     buf: Vec<u8>,
