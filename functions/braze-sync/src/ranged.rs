@@ -1569,8 +1569,8 @@ impl RangeState for StoreRanges {
     }
 
     fn load(&self, range: usize) -> Result<Snapshot, SyncError> {
-        self.rt
-            .block_on(self.state.load_range(&self.doc, range, &self.route))
+        self.state
+            .load_range_blocking(&self.doc, range, &self.route, &self.rt)
             .map_err(|e| SyncError::State {
                 range,
                 message: e.to_string(),

@@ -648,6 +648,113 @@ impl Snapshot {
         Ok(())
     }
 
+    /// [`Snapshot::load_base_shard`] from a stream of `size` bytes (an S3 body), decoded as it
+    /// arrives through one small buffer instead of the whole object in memory: a range's
+    /// load needs its decoded arrays only, not a second copy of its shard. The checksum is
+    /// checked at the end; on any error the caller drops this snapshot.
+    pub fn load_base_shard_stream(
+        &mut self,
+        r: &mut dyn std::io::Read,
+        size: u64,
+        what: &str,
+    ) -> Result<(), SnapshotError> {
+        let mut st = CrcStream::new(r, what);
+        let head = st.take(8 + 3 + 2)?;
+        if head[..7] != MAGIC[..7] {
+            return Err(format_err(what, "bad magic"));
+        }
+        if head[7] != MAGIC[7] {
+            return Err(format_err(what, &format!("format version {}", head[7])));
+        }
+        if head[8] != KIND_BASE {
+            return Err(format_err(what, "not a base shard"));
+        }
+        if head[9] as usize != FP_BYTES {
+            return Err(format_err(what, "unexpected fingerprint width"));
+        }
+        let flags = head[10];
+        let n_names = u16::from_le_bytes(read_array(&head[11..13])) as usize;
+        let mut names = Vec::with_capacity(n_names);
+        for _ in 0..n_names {
+            let len = u16::from_le_bytes(read_array(st.take(2)?)) as usize;
+            let name = std::str::from_utf8(st.take(len)?)
+                .map_err(|_| format_err(what, "truncated names"))?
+                .to_string();
+            names.push(name);
+        }
+        let records = u64::from_le_bytes(read_array(st.take(8)?));
+        let remap: Vec<Option<usize>> = self
+            .names
+            .iter()
+            .map(|n| names.iter().position(|m| m == n))
+            .collect();
+        let same_prefix = {
+            let n = remap
+                .iter()
+                .enumerate()
+                .take_while(|(i, m)| **m == Some(*i))
+                .count();
+            remap[n..].iter().all(Option::is_none).then_some(n)
+        };
+        let rec = 16 + names.len() * FP_BYTES;
+        // The count is not trusted before the checksum: it must fit the object's size.
+        let n = usize::try_from(records)
+            .ok()
+            .filter(|n| n.checked_mul(rec).is_some_and(|b| b as u64 <= size))
+            .ok_or_else(|| format_err(what, "record count does not match the length"))?;
+        self.keys.reserve(n);
+        self.fps.reserve(n * self.row_bytes());
+        let mut last = self.keys.last().copied();
+        let mut left = n;
+        while left > 0 {
+            let block = st.take_records(rec, left)?;
+            left -= block.len() / rec;
+            for r in block.chunks_exact(rec) {
+                let key = u128::from_le_bytes(read_array(&r[..16]));
+                if last.is_some_and(|l| l >= key) {
+                    return Err(format_err(what, "keys are not in ascending order"));
+                }
+                last = Some(key);
+                self.keys.push(key);
+                let src = &r[16..];
+                if let Some(k) = same_prefix {
+                    self.fps.extend_from_slice(&src[..k * FP_BYTES]);
+                    self.fps
+                        .resize(self.fps.len() + (remap.len() - k) * FP_BYTES, 0);
+                } else {
+                    for m in &remap {
+                        match m {
+                            Some(j) => self
+                                .fps
+                                .extend_from_slice(&src[j * FP_BYTES..(j + 1) * FP_BYTES]),
+                            None => self.fps.extend_from_slice(&[0u8; FP_BYTES]),
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(t) = &mut self.ids {
+            for _ in 0..n {
+                if flags & FLAG_IDS != 0 {
+                    let len = u16::from_le_bytes(read_array(st.take(2)?)) as usize;
+                    let id = std::str::from_utf8(st.take(len)?)
+                        .map_err(|_| format_err(what, "truncated identifier section"))?;
+                    t.push(Some(id));
+                } else {
+                    t.push(None);
+                }
+            }
+        } else if flags & FLAG_IDS != 0 {
+            for _ in 0..n {
+                let len = u16::from_le_bytes(read_array(st.take(2)?)) as usize;
+                st.take(len)?;
+            }
+        }
+        st.finish()?;
+        self.rebuild_buckets();
+        Ok(())
+    }
+
     /// Applies a checkpoint segment on top of the state; returns the records applied.
     pub fn apply_segment(&mut self, bytes: &[u8], what: &str) -> Result<u64, SnapshotError> {
         let h = open(bytes, what)?;
@@ -859,6 +966,106 @@ fn open<'b>(bytes: &'b [u8], what: &str) -> Result<Opened<'b>, SnapshotError> {
         records,
         body: &rest[8..],
     })
+}
+
+/// An object read from a stream: hands out its content (every byte but the trailing CRC-32)
+/// in order, hashing it, through one reused buffer; [`CrcStream::finish`] checks the CRC.
+struct CrcStream<'r> {
+    r: &'r mut dyn std::io::Read,
+    buf: Vec<u8>,
+    at: usize,
+    end: usize,
+    eof: bool,
+    crc: crc32fast::Hasher,
+    what: &'r str,
+}
+
+impl<'r> CrcStream<'r> {
+    fn new(r: &'r mut dyn std::io::Read, what: &'r str) -> Self {
+        Self {
+            r,
+            buf: vec![0; 256 * 1024],
+            at: 0,
+            end: 0,
+            eof: false,
+            crc: crc32fast::Hasher::new(),
+            what,
+        }
+    }
+
+    /// Reads until `n` content bytes are buffered (4 more may be the CRC), or the end.
+    fn fill(&mut self, n: usize) -> Result<(), SnapshotError> {
+        while self.end - self.at < n + 4 && !self.eof {
+            if self.at > 0 {
+                self.buf.copy_within(self.at..self.end, 0);
+                self.end -= self.at;
+                self.at = 0;
+            }
+            if self.end == self.buf.len() {
+                let want = (n + 4).max(self.buf.len() * 2);
+                self.buf.resize(want, 0);
+            }
+            let k = loop {
+                match self.r.read(&mut self.buf[self.end..]) {
+                    Ok(k) => break k,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        return Err(format_err(self.what, &format!("reading the object: {e}")));
+                    }
+                }
+            };
+            if k == 0 {
+                self.eof = true;
+            }
+            self.end += k;
+        }
+        Ok(())
+    }
+
+    /// Content bytes buffered (not counting a possible trailing CRC).
+    fn available(&self) -> usize {
+        (self.end - self.at).saturating_sub(4)
+    }
+
+    /// The next `n` content bytes.
+    fn take(&mut self, n: usize) -> Result<&[u8], SnapshotError> {
+        self.fill(n)?;
+        if self.available() < n {
+            return Err(format_err(self.what, "truncated"));
+        }
+        let s = &self.buf[self.at..self.at + n];
+        self.crc.update(s);
+        self.at += n;
+        Ok(s)
+    }
+
+    /// The next whole records of `rec` bytes, at least one and at most `max`.
+    fn take_records(&mut self, rec: usize, max: usize) -> Result<&[u8], SnapshotError> {
+        self.fill(rec)?;
+        let n = (self.available() / rec).min(max);
+        if n == 0 {
+            return Err(format_err(
+                self.what,
+                "record count does not match the length",
+            ));
+        }
+        self.take(n * rec)
+    }
+
+    /// Checks that exactly the CRC is left and that it matches.
+    fn finish(mut self) -> Result<(), SnapshotError> {
+        self.fill(1)?;
+        if self.end - self.at != 4 || !self.eof {
+            return Err(format_err(self.what, "trailing bytes after the records"));
+        }
+        let stored = u32::from_le_bytes(read_array(&self.buf[self.at..self.end]));
+        if self.crc.finalize() != stored {
+            return Err(SnapshotError::Checksum {
+                what: self.what.to_string(),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// The hash range (of `1 << bits`) a user key falls in: its top `bits` bits.
@@ -1078,6 +1285,81 @@ mod tests {
             assert!(
                 back.get(Identifier::ExternalId("nope".into()).user_key())
                     .is_none()
+            );
+        }
+    }
+
+    /// A reader handing out at most `step` bytes per call.
+    struct Trickle<'b>(&'b [u8], usize);
+    impl std::io::Read for Trickle<'_> {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.0.len().min(out.len()).min(self.1);
+            out[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_shard_streamed_in_any_pieces_loads_as_from_bytes_and_a_bad_one_is_refused() {
+        for keep_ids in [false, true] {
+            let mut s = Snapshot::empty(names(), keep_ids);
+            for i in 0..3000 {
+                s.apply_confirmed(&delta(
+                    &i.to_string(),
+                    &[("a", json!(i)), ("b", json!("x"))],
+                ));
+            }
+            s.compact();
+            let shard = s.encode_base(1 << 30).remove(0);
+            // Read as written, with a slot added since (new layouts end in new slots), and
+            // without identifiers kept.
+            for (layout, ids) in [
+                (names(), keep_ids),
+                (vec!["a".into(), "b".into(), "c".into()], keep_ids),
+                (vec!["b".into(), "a".into()], false),
+            ] {
+                let mut want = Snapshot::empty(layout.clone(), ids);
+                want.load_base_shard(&shard, "shard").unwrap();
+                for step in [1usize, 7, 4096, usize::MAX] {
+                    let mut got = Snapshot::empty(layout.clone(), ids);
+                    got.load_base_shard_stream(
+                        &mut Trickle(&shard, step),
+                        shard.len() as u64,
+                        "shard",
+                    )
+                    .unwrap();
+                    assert_eq!(got.keys, want.keys, "step {step}");
+                    assert_eq!(got.fps, want.fps, "step {step}");
+                    let id = Identifier::ExternalId("17".into());
+                    assert_eq!(
+                        got.identifier(id.user_key()),
+                        want.identifier(id.user_key())
+                    );
+                }
+            }
+            // A flipped byte, a cut, a trailing byte, a count past the object: refused.
+            let mut flipped = shard.clone();
+            let mid = flipped.len() / 2;
+            flipped[mid] ^= 1;
+            let cut = &shard[..shard.len() - 10];
+            let mut longer = shard.clone();
+            longer.push(0);
+            for (bad, what) in [
+                (&flipped[..], "flipped"),
+                (cut, "cut"),
+                (&longer[..], "longer"),
+            ] {
+                let mut got = Snapshot::empty(names(), keep_ids);
+                let err =
+                    got.load_base_shard_stream(&mut Trickle(bad, 999), bad.len() as u64, "shard");
+                assert!(err.is_err(), "{what}");
+            }
+            let mut got = Snapshot::empty(names(), keep_ids);
+            assert!(
+                got.load_base_shard_stream(&mut Trickle(&shard, 999), 100, "shard")
+                    .is_err(),
+                "a record count past the object's size"
             );
         }
     }

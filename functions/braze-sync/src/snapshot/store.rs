@@ -916,6 +916,35 @@ impl StateStore {
         Ok(snap)
     }
 
+    /// [`StateStore::load_range`] on a blocking thread (a diff worker, through `rt`), the base
+    /// shard decoded as it streams from the store ([`Snapshot::load_base_shard_stream`]): the
+    /// range's memory is its decoded arrays, without a second copy of its shard.
+    pub fn load_range_blocking(
+        &self,
+        doc: &HeadDoc,
+        r: usize,
+        route: &Route,
+        rt: &tokio::runtime::Handle,
+    ) -> Result<Snapshot, StateError> {
+        let mut snap = Snapshot::for_route(route);
+        let Some(range) = doc.ranges.get(r) else {
+            return Ok(snap);
+        };
+        if let Some(b) = &range.base {
+            let uri = self.uri(b);
+            let (meta, reader) = rt.block_on(self.store.get_reader(&uri))?;
+            let mut body = tokio_util::io::SyncIoBridge::new_with_handle(reader, rt.clone());
+            snap.load_base_shard_stream(&mut body, meta.size, &uri.to_string())?;
+        }
+        for chunk in range.deltas.chunks(GET_CONCURRENCY) {
+            for (bytes, what) in rt.block_on(self.get_all(chunk))? {
+                snap.apply_segment(&bytes, &what)?;
+            }
+        }
+        snap.compact();
+        Ok(snap)
+    }
+
     /// [`StateStore::commit`] in bounded memory, for format-2 heads: the segments' records are
     /// partitioned by hash range into local files under `spill` (one segment in memory at a
     /// time), then each range they touch is loaded alone, updated and written (a delta, or a
