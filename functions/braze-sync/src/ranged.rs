@@ -1244,7 +1244,11 @@ impl DiffCtx<'_, '_> {
             buf: Vec::with_capacity(256),
             digest_slot: snap.slot_of_name(ROW_DIGEST),
             pending: Vec::with_capacity(HAND_DELTAS),
+            digests: DIGESTS.take(),
         };
+        if let Some(slot) = w.digest_slot {
+            snap.base_column_into(slot, &mut w.digests);
+        }
         for s in subs {
             // A range's rows, part after part: export order, so a user's first row wins.
             seen.clear_others();
@@ -1264,6 +1268,7 @@ impl DiffCtx<'_, '_> {
             }
         }
         self.flush(&mut w)?;
+        DIGESTS.set(std::mem::take(&mut w.digests));
         if !self.opts.departures {
             drop(seen);
             snap.recycle();
@@ -1312,10 +1317,13 @@ impl DiffCtx<'_, '_> {
                 let table = self.sources.get(part)?.get(src)?;
                 let state = snap.get(key);
                 let full_resend = self.opts.full_resend;
-                let recorded = w
-                    .digest_slot
-                    .and_then(|slot| state.and_then(|st| st.fp(slot)))
-                    == Some(stored_digest(digest));
+                let recorded = match state {
+                    Some(st) => match st.index {
+                        Some(i) => w.digests.get(i).copied(),
+                        None => w.digest_slot.and_then(|slot| st.fp(slot)),
+                    },
+                    None => None,
+                } == Some(stored_digest(digest));
                 // The row the state's values came from, again: unchanged, nothing to map.
                 // (A second row of the user is a duplicate: mapped below, as its reject
                 // depends on whether its values map.)
@@ -1427,6 +1435,11 @@ impl DiffCtx<'_, '_> {
     }
 }
 
+thread_local! {
+    /// A diff worker's digest column, kept from one range to the next (its memory reused).
+    static DIGESTS: std::cell::Cell<Vec<u64>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// Deltas a diff worker hands to the sender at once.
 const HAND_DELTAS: usize = 64;
 
@@ -1440,6 +1453,8 @@ struct Worker<'a> {
     buf: Vec<u8>,
     /// The state's [`ROW_DIGEST`] slot (`None`: a layout without one).
     digest_slot: Option<usize>,
+    /// That slot of the range's base users, as one column ([`Snapshot::base_column_into`]).
+    digests: Vec<u64>,
 }
 
 /// A departure delta as one record of a departure file, into `out` (cleared first): `u16`

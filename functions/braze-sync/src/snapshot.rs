@@ -378,6 +378,24 @@ impl Snapshot {
         })
     }
 
+    /// Slot `slot`'s stored value for every base user, in base order (`0`: none): one compact
+    /// column for a diff that reads that slot of most users (the row digest), so each lookup
+    /// touches 8 bytes instead of a user's whole row.
+    /// Written into `out` (cleared first, its memory reused).
+    pub fn base_column_into(&self, slot: usize, out: &mut Vec<u64>) {
+        out.clear();
+        let rb = self.row_bytes();
+        if slot >= self.slots() || rb == 0 {
+            out.resize(self.keys.len(), 0);
+            return;
+        }
+        out.extend(
+            self.fps
+                .chunks_exact(rb)
+                .map(|row| get_fp(&row[slot * FP_BYTES..])),
+        );
+    }
+
     /// The key and state of base user `index`.
     pub fn base_user(&self, index: usize) -> Option<(UserKey, UserState<'_>)> {
         let rb = self.row_bytes();
