@@ -346,7 +346,6 @@ struct Spiller<'a> {
     mapped: MappedRow,
     out: Partitioner,
     bits: u32,
-    rec: Vec<u8>,
     keep: Keep,
     tally: Tally,
 }
@@ -383,7 +382,6 @@ impl<'a> Spiller<'a> {
             mapped: MappedRow::default(),
             out,
             bits,
-            rec: Vec::with_capacity(1024),
             keep,
             tally: Tally {
                 rows_spilled: 0,
@@ -416,20 +414,20 @@ impl<'a> Spiller<'a> {
         if !self.keep.keeps(key) {
             return Ok(Spilled::Dropped);
         }
-        self.rec.clear();
-        self.rec.push(REC_ROW);
-        put_varint(&mut self.rec, u64::from(source_index));
-        put_varint(&mut self.rec, row.row);
-        put_varint(&mut self.rec, row.line.unwrap_or(NO_LINE));
-        self.rec.extend_from_slice(&key.to_le_bytes());
-        let at = self.rec.len();
-        self.rec.extend_from_slice(&[0u8; 8]);
-        let digest = table.digest.encode(row.cells, &mut self.rec);
-        self.rec[at..at + 8].copy_from_slice(&digest.to_le_bytes());
         let r = range_of(key, self.bits);
+        let len = self.out.push_with(r, |rec| {
+            rec.push(REC_ROW);
+            put_varint(rec, u64::from(source_index));
+            put_varint(rec, row.row);
+            put_varint(rec, row.line.unwrap_or(NO_LINE));
+            rec.extend_from_slice(&key.to_le_bytes());
+            let at = rec.len();
+            rec.extend_from_slice(&[0u8; 8]);
+            let digest = table.digest.encode(row.cells, rec);
+            rec[at..at + 8].copy_from_slice(&digest.to_le_bytes());
+        })?;
         self.tally.rows_spilled += 1;
-        self.tally.record_bytes += self.rec.len() as u64 + 4;
-        self.out.push(r, &self.rec)?;
+        self.tally.record_bytes += len as u64 + 4;
         Ok(Spilled::Row)
     }
 }

@@ -193,15 +193,45 @@ impl Partitioner {
 
     /// Appends one record to `range`'s file.
     pub fn push(&mut self, range: usize, record: &[u8]) -> Result<(), SpillError> {
+        let flush_at = self.flush_at;
         let Some(buf) = self.bufs.get_mut(range) else {
             return Ok(());
         };
+        if buf.capacity() == 0 {
+            // Once, at its full size: no chain of reallocations copying it as it grows.
+            buf.reserve(flush_at + 1024);
+        }
         buf.extend_from_slice(&(record.len() as u32).to_le_bytes());
         buf.extend_from_slice(record);
         if buf.len() >= self.flush_at {
             self.flush(range)?;
         }
         Ok(())
+    }
+
+    /// Appends one record that `write` writes straight into `range`'s buffer (no copy of it
+    /// is made first); returns the record's length.
+    pub fn push_with(
+        &mut self,
+        range: usize,
+        write: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<usize, SpillError> {
+        let flush_at = self.flush_at;
+        let Some(buf) = self.bufs.get_mut(range) else {
+            return Ok(0);
+        };
+        if buf.capacity() == 0 {
+            buf.reserve(flush_at + 1024);
+        }
+        let at = buf.len();
+        buf.extend_from_slice(&[0u8; 4]);
+        write(buf);
+        let len = buf.len() - at - 4;
+        buf[at..at + 4].copy_from_slice(&(len as u32).to_le_bytes());
+        if buf.len() >= flush_at {
+            self.flush(range)?;
+        }
+        Ok(len)
     }
 
     fn flush(&mut self, range: usize) -> Result<(), SpillError> {
