@@ -46,6 +46,14 @@
 //! in order on top of the base. Objects carry their names, so a route that adds, drops or
 //! reorders attributes still loads its old state: records are remapped by name, and an
 //! attribute the state never had is simply "not confirmed" (sent in full on the next run).
+//!
+//! # The row digest
+//! The layout's last slot is not an attribute: [`ROW_DIGEST`] holds the digest of the export
+//! row whose values the user's fingerprints are ([`crate::map::digest`]), written with every
+//! confirmed delta (a delta without one, a departure, clears it). A later row with the same
+//! digest is unchanged without being mapped. It is an ordinary slot in every object, so a
+//! state written before it loads with it empty (every row mapped, as before) and records it
+//! as users are confirmed: no format change, no resend.
 
 pub mod store;
 
