@@ -219,7 +219,7 @@ fn main() {
     );
     println!("  peak RSS (diff run)    {peak:>12.1} MB       (target <= 400 MB for 1M users)");
     println!(
-        "  state bytes per user   {state_bpu:>12.1}          (16-byte key + 19 x 6-byte fingerprints + identifier)"
+        "  state bytes per user   {state_bpu:>12.1}          (16-byte key + 19 x 6-byte fingerprints + 6-byte row digest + identifier)"
     );
     println!(
         "  10M users x 20 attributes: {:.2} GB of state in memory (target < 3 GB)",

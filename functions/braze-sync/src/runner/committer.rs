@@ -14,12 +14,20 @@ use crate::route::Route;
 use crate::snapshot::Snapshot;
 use crate::snapshot::store::{Head, StateStore, Watermark};
 
+/// Users pending that force a checkpoint by default. Recorded row digests are not paced by
+/// Braze's rate limit: a run recording them for every user of a big route (its first run
+/// after a state without digests, or after a mapping change) confirms a million a second, so
+/// time alone would hold millions of deltas in memory between checkpoints.
+pub const DEFAULT_MAX_PENDING: usize = 50_000;
+
 /// The committer of one run.
 pub(super) struct Committer {
     state: StateStore,
     head: Head,
     route: Arc<Route>,
     every: Duration,
+    /// Users pending that force a checkpoint before `every` has passed.
+    max_pending: usize,
     pending: Vec<UserDelta>,
     /// Users Braze confirmed.
     pub confirmed: u64,
@@ -40,6 +48,7 @@ impl Committer {
             head,
             route,
             every,
+            max_pending: DEFAULT_MAX_PENDING,
             pending: Vec::new(),
             confirmed: 0,
             checkpoints: 0,
@@ -48,7 +57,14 @@ impl Committer {
         }
     }
 
-    /// Follows the outcomes until the sender closes the channel, checkpointing every `every`.
+    /// Checkpoints as soon as `n` users are pending, whatever the time.
+    pub fn with_max_pending(mut self, n: usize) -> Self {
+        self.max_pending = n.max(1);
+        self
+    }
+
+    /// Follows the outcomes until the sender closes the channel, checkpointing every `every`
+    /// (or sooner, once [`Committer::with_max_pending`] users are pending).
     /// A failed checkpoint, or the route lock reported lost on `lock_lost`, ends it at once:
     /// the outcomes receiver is dropped, which stops the sender after the requests in flight,
     /// so confirmed-but-unpersisted work stays within one checkpoint window.
@@ -84,7 +100,10 @@ impl Committer {
                 },
                 _ = tick.tick() => {}
             }
-            if self.failure.is_none() && !self.pending.is_empty() && last.elapsed() >= self.every {
+            if self.failure.is_none()
+                && !self.pending.is_empty()
+                && (last.elapsed() >= self.every || self.pending.len() >= self.max_pending)
+            {
                 self.checkpoint().await;
                 last = Instant::now();
             }

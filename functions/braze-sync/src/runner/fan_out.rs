@@ -780,7 +780,8 @@ impl SyncRunner {
             .map(tokio::time::Instant::from_std);
         let share = self.workspace_share(route.name(), &piece_id);
         let sender = Sender::start(self.api.clone(), dcfg, delta_rx, out_tx, share);
-        let mut committer = Committer::new(fork, head, route.clone(), s.checkpoint_every);
+        let mut committer = Committer::new(fork, head, route.clone(), s.checkpoint_every)
+            .with_max_pending(s.checkpoint_max_users);
         committer.follow(out_rx, lost).await;
         let delivery = sender.finish().await?;
         let produced = producer.finish().await?;
@@ -1094,7 +1095,8 @@ impl SyncRunner {
         let fin_id = format!("{}-final", manifest.run_id);
         let share = self.workspace_share(route.name(), &fin_id);
         let sender = Sender::start(self.api.clone(), dcfg, delta_rx, out_tx, share);
-        let mut committer = Committer::new(state, head, route.clone(), s.checkpoint_every);
+        let mut committer = Committer::new(state, head, route.clone(), s.checkpoint_every)
+            .with_max_pending(s.checkpoint_max_users);
         let (_never_lost, lost_rx) = watch::channel(None);
         committer.follow(out_rx, lost_rx).await;
         let delivery = sender.finish().await?;

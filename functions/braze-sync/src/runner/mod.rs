@@ -64,6 +64,10 @@ pub struct RunnerSettings {
     pub deliver: DeliverConfig,
     /// How often confirmed progress is persisted.
     pub checkpoint_every: Duration,
+    /// Confirmed (or recorded) users that are persisted at once, before `checkpoint_every`:
+    /// bounds the committer's memory when users are confirmed faster than Braze's pace
+    /// (recorded row digests).
+    pub checkpoint_max_users: usize,
     /// Time kept back before the Lambda deadline for the final commit and report.
     pub deadline_margin: Duration,
     /// Deltas buffered between the producer and the sender.
@@ -165,6 +169,7 @@ impl RunnerSettings {
             rejects_prefix: rejects_prefix.to_string(),
             deliver: DeliverConfig::default(),
             checkpoint_every: Duration::from_secs(3),
+            checkpoint_max_users: committer::DEFAULT_MAX_PENDING,
             deadline_margin: Duration::from_secs(45),
             channel_capacity: 8_192,
             max_run: None,
@@ -562,7 +567,8 @@ impl SyncRunner {
             .map(tokio::time::Instant::from_std);
         let share = self.workspace_share(route.name(), &record.run_id);
         let sender = Sender::start(self.api.clone(), dcfg, delta_rx, out_tx, share);
-        let mut committer = Committer::new(state, head, route.clone(), s.checkpoint_every);
+        let mut committer = Committer::new(state, head, route.clone(), s.checkpoint_every)
+            .with_max_pending(s.checkpoint_max_users);
         committer.follow(out_rx, lock_lost).await;
 
         let delivery = sender.finish().await?;
