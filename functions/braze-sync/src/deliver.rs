@@ -172,6 +172,8 @@ pub struct DeliveryStats {
     pub attributes_sent: u64,
     /// Deltas Braze accepted.
     pub users_confirmed: u64,
+    /// Records-only deltas (a new row digest, nothing to send) handed to the committer.
+    pub users_recorded: u64,
     /// Deltas Braze refused (`errors[]`, permanent 4xx, or too large to send).
     pub braze_rejected: u64,
     /// Deltas not sent or not known to be applied.
@@ -503,7 +505,7 @@ impl Run {
             DeliveryOutcome::Confirmed(_) => self.stats.users_confirmed += 1,
             DeliveryOutcome::Rejected { .. } => self.stats.braze_rejected += 1,
             DeliveryOutcome::Unsent(_) => self.stats.users_unsent += 1,
-            DeliveryOutcome::Recorded(_) => {}
+            DeliveryOutcome::Recorded(_) => self.stats.users_recorded += 1,
         }
         self.hand_back(outcome).await;
     }

@@ -846,9 +846,11 @@ impl SyncRunner {
             let mut next = msg.clone();
             let carried = next.carried.get_or_insert_with(Default::default);
             carried.add(&ended.delivery.stats);
-            // An invocation that confirmed nobody leaves the next one where it started: after
-            // STALLED_LIMIT in a row the piece would loop, so the fan-out ends instead.
-            carried.stalled = match ended.delivery.stats.users_confirmed {
+            // An invocation that confirmed nobody (and recorded no row digest) leaves the next
+            // one where it started: after STALLED_LIMIT in a row the piece would loop, so the
+            // fan-out ends instead.
+            let stats = &ended.delivery.stats;
+            carried.stalled = match stats.users_confirmed + stats.users_recorded {
                 0 => carried.stalled + 1,
                 _ => 0,
             };
