@@ -1373,25 +1373,15 @@ impl DiffCtx<'_, '_> {
                 if changes.is_empty() {
                     found.unchanged += 1;
                     // Same values from other cells (a new digest, or a state written before
-                    // digests): record the digest, so the next run skips this row.
-                    if state.is_some() && w.digest_slot.is_some() && !recorded {
-                        found.digests_recorded += 1;
-                        let d = UserDelta {
-                            identifier: w.mapped.identifier(),
-                            pos: pos(),
-                            changes,
-                            update_existing_only: self.route.config.update_existing_only,
-                            is_new: false,
-                            row_digest: Some(digest),
-                        };
-                        return Some(self.hand(w, d));
+                    // digests): a records-only delta, so the next run skips this row.
+                    if state.is_none() || w.digest_slot.is_none() || recorded {
+                        return Some(Ok(()));
                     }
-                    return Some(Ok(()));
-                }
-                found.users_changed += 1;
-                found.attributes_changed += changes.len() as u64;
-                if state.is_none() {
-                    found.users_new += 1;
+                    found.digests_recorded += 1;
+                } else {
+                    found.users_changed += 1;
+                    found.attributes_changed += changes.len() as u64;
+                    found.users_new += u64::from(state.is_none());
                 }
                 let d = UserDelta {
                     identifier: w.mapped.identifier(),

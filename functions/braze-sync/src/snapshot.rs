@@ -602,82 +602,23 @@ impl Snapshot {
     }
 
     /// Appends one base shard (its keys must follow the ones already loaded), remapping its
-    /// attributes onto this snapshot's layout by name.
+    /// attributes onto this snapshot's layout by name. The checksum and header are checked
+    /// before anything is loaded; the records are decoded by
+    /// [`Snapshot::load_base_shard_stream`].
     pub fn load_base_shard(&mut self, bytes: &[u8], what: &str) -> Result<(), SnapshotError> {
         let h = open(bytes, what)?;
         if h.kind != KIND_BASE {
             return Err(format_err(what, "not a base shard"));
         }
-        let remap: Vec<Option<usize>> = self
-            .names
-            .iter()
-            .map(|n| h.names.iter().position(|m| m == n))
-            .collect();
-        let rec = 16 + h.names.len() * FP_BYTES;
-        // Slots `0..n` read slot for slot and the rest are new: `Some(n)`.
-        let same_prefix = {
-            let n = remap
-                .iter()
-                .enumerate()
-                .take_while(|(i, m)| **m == Some(*i))
-                .count();
-            remap[n..].iter().all(Option::is_none).then_some(n)
-        };
-        let n = usize::try_from(h.records).map_err(|_| format_err(what, "too many records"))?;
-        let fixed = n
-            .checked_mul(rec)
-            .filter(|l| *l <= h.body.len())
-            .ok_or_else(|| format_err(what, "record count does not match the length"))?;
-        let (mut body, mut id_section) = h.body.split_at(fixed);
-        if h.flags & FLAG_IDS == 0 && !id_section.is_empty() {
-            return Err(format_err(what, "trailing bytes after the records"));
-        }
-        self.keys.reserve(n);
-        self.fps.reserve(n * self.row_bytes());
-        let mut last = self.keys.last().copied();
-        while body.len() >= rec {
-            let key = u128::from_le_bytes(read_array(&body[..16]));
-            if last.is_some_and(|l| l >= key) {
-                return Err(format_err(what, "keys are not in ascending order"));
-            }
-            last = Some(key);
-            self.keys.push(key);
-            let src = &body[16..rec];
-            if let Some(n) = same_prefix {
-                // The usual case: the shard's layout is this one's (or its start, before
-                // slots added since): one copy per user.
-                self.fps.extend_from_slice(&src[..n * FP_BYTES]);
-                self.fps
-                    .resize(self.fps.len() + (remap.len() - n) * FP_BYTES, 0);
-            } else {
-                for m in &remap {
-                    match m {
-                        Some(j) => self
-                            .fps
-                            .extend_from_slice(&src[j * FP_BYTES..(j + 1) * FP_BYTES]),
-                        None => self.fps.extend_from_slice(&[0u8; FP_BYTES]),
-                    }
-                }
-            }
-            if let Some(t) = &mut self.ids {
-                if h.flags & FLAG_IDS != 0 {
-                    let id = take_str(&mut id_section)
-                        .ok_or_else(|| format_err(what, "truncated identifier section"))?;
-                    t.push(Some(id));
-                } else {
-                    t.push(None);
-                }
-            }
-            body = &body[rec..];
-        }
-        self.rebuild_buckets();
-        Ok(())
+        let mut body = bytes;
+        self.load_base_shard_stream(&mut body, bytes.len() as u64, what)
     }
 
-    /// [`Snapshot::load_base_shard`] from a stream of `size` bytes (an S3 body), decoded as it
+    /// Appends one base shard read from a stream of `size` bytes (an S3 body), decoded as it
     /// arrives through one small buffer instead of the whole object in memory: a range's
-    /// load needs its decoded arrays only, not a second copy of its shard. The checksum is
-    /// checked at the end; on any error the caller drops this snapshot.
+    /// load needs its decoded arrays only, not a second copy of its shard. Attributes are
+    /// remapped onto this snapshot's layout by name. The checksum is checked at the end; on
+    /// any error the caller drops this snapshot.
     pub fn load_base_shard_stream(
         &mut self,
         r: &mut dyn std::io::Read,

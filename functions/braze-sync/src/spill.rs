@@ -338,8 +338,7 @@ pub fn read_range<E: From<SpillError>>(
     if !indexes.is_empty() {
         indexes.sort();
         for index in indexes {
-            let bytes = std::fs::read(&index).map_err(|e| io(&index, e))?;
-            read_chunks(&index, &bytes, range, f)?;
+            read_chunks(&index, range, f)?;
         }
         return Ok(());
     }
@@ -352,10 +351,10 @@ pub fn read_range<E: From<SpillError>>(
     read_records(file, &path.display().to_string(), f)
 }
 
-/// [`read_range`] over one chunk file, by its index (`index_path`, read into `index`).
+/// [`read_range`] over one chunk file, by its index (`index_path`): only the index's header
+/// and the range's entries are read, not the whole index once per range.
 fn read_chunks<E: From<SpillError>>(
     index_path: &Path,
-    index: &[u8],
     range: usize,
     f: &mut dyn FnMut(&[u8]) -> Result<(), E>,
 ) -> Result<(), E> {
@@ -365,31 +364,50 @@ fn read_chunks<E: From<SpillError>>(
         path: index_path.display().to_string(),
         offset,
     };
-    let u64_at = |at: usize| -> Option<u64> {
-        Some(u64::from_le_bytes(index.get(at..at + 8)?.try_into().ok()?))
+    let mut idx = File::open(index_path).map_err(|e| io(index_path, e))?;
+    let index_len = idx.metadata().map_err(|e| io(index_path, e))?.len();
+    let mut read_at = |offset: u64, len: usize| -> Result<Vec<u8>, SpillError> {
+        let mut b = vec![0u8; len];
+        idx.seek(std::io::SeekFrom::Start(offset))
+            .and_then(|_| idx.read_exact(&mut b))
+            .map_err(|_| corrupt(offset))?;
+        Ok(b)
     };
-    let n = u64_at(0).ok_or_else(|| corrupt(0))? as usize;
+    let u64_of = |b: &[u8], at: usize| -> u64 {
+        b.get(at..at + 8)
+            .and_then(|x| x.try_into().ok())
+            .map_or(0, u64::from_le_bytes)
+    };
+    let n = u64_of(&read_at(0, 8)?, 0) as usize;
+    let entries_start = (n as u64)
+        .saturating_add(1)
+        .saturating_mul(8)
+        .saturating_add(8);
+    if entries_start > index_len {
+        return Err(corrupt(0).into());
+    }
     if range >= n {
         return Ok(());
     }
-    let (a, b) = (
-        u64_at(8 + 8 * range).ok_or_else(|| corrupt(8))? as usize,
-        u64_at(16 + 8 * range).ok_or_else(|| corrupt(8))? as usize,
-    );
-    if a == b {
+    let starts = read_at(8 + 8 * range as u64, 16)?;
+    let (a, b) = (u64_of(&starts, 0) as usize, u64_of(&starts, 8) as usize);
+    if b <= a {
         return Ok(());
     }
-    let entries = 8 + 8 * (n + 1);
+    let entries_at = entries_start.saturating_add((a as u64).saturating_mul(12));
+    if entries_at.saturating_add(((b - a) as u64).saturating_mul(12)) > index_len {
+        return Err(corrupt(entries_at).into());
+    }
+    let entries = read_at(entries_at, 12 * (b - a))?;
     let mut file = File::open(&path).map_err(|e| io(&path, e))?;
+    let data_len = file.metadata().map_err(|e| io(&path, e))?.len();
     let mut buf = Vec::new();
-    for i in a..b {
-        let at = entries + 12 * i;
-        let offset = u64_at(at).ok_or_else(|| corrupt(at as u64))?;
-        let len = index
-            .get(at + 8..at + 12)
-            .and_then(|l| l.try_into().ok())
-            .map(u32::from_le_bytes)
-            .ok_or_else(|| corrupt(at as u64))?;
+    for e in entries.chunks_exact(12) {
+        let offset = u64_of(e, 0);
+        let len = u32::from_le_bytes([e[8], e[9], e[10], e[11]]);
+        if offset.saturating_add(u64::from(len)) > data_len {
+            return Err(SpillError::Corrupt { path: what, offset }.into());
+        }
         buf.resize(len as usize, 0);
         file.seek(std::io::SeekFrom::Start(offset))
             .and_then(|_| file.read_exact(&mut buf))

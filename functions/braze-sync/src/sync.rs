@@ -275,25 +275,15 @@ impl Planner<'_> {
             );
             if changes.is_empty() {
                 self.summary.unchanged += 1;
-                // Same values from other cells: record the row's digest (nothing is sent).
-                if state.is_some() && self.digest_slot.is_some() && !recorded {
-                    self.summary.digests_recorded += 1;
-                    on_delta(UserDelta {
-                        identifier: self.mapped.identifier(),
-                        pos: pos(),
-                        changes,
-                        update_existing_only: self.route.config.update_existing_only,
-                        is_new: false,
-                        row_digest: digest,
-                    })
-                    .map_err(|s| SyncError::Stopped(s.0))?;
+                // Same values from other cells: a records-only delta (nothing is sent).
+                if state.is_none() || self.digest_slot.is_none() || recorded {
+                    continue;
                 }
-                continue;
-            }
-            self.summary.users_changed += 1;
-            self.summary.attributes_changed += changes.len() as u64;
-            if state.is_none() {
-                self.summary.users_new += 1;
+                self.summary.digests_recorded += 1;
+            } else {
+                self.summary.users_changed += 1;
+                self.summary.attributes_changed += changes.len() as u64;
+                self.summary.users_new += u64::from(state.is_none());
             }
             on_delta(UserDelta {
                 identifier: self.mapped.identifier(),

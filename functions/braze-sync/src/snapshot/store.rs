@@ -907,13 +907,24 @@ impl StateStore {
             let (bytes, what) = self.get(b).await?;
             snap.load_base_shard(&bytes, &what)?;
         }
-        for chunk in range.deltas.chunks(GET_CONCURRENCY) {
+        self.apply_range_deltas(&mut snap, &range.deltas).await?;
+        Ok(snap)
+    }
+
+    /// Applies a range's deltas (fetched [`GET_CONCURRENCY`] at a time, applied in order) on
+    /// top of its loaded base, then compacts.
+    async fn apply_range_deltas(
+        &self,
+        snap: &mut Snapshot,
+        deltas: &[String],
+    ) -> Result<(), StateError> {
+        for chunk in deltas.chunks(GET_CONCURRENCY) {
             for (bytes, what) in self.get_all(chunk).await? {
                 snap.apply_segment(&bytes, &what)?;
             }
         }
         snap.compact();
-        Ok(snap)
+        Ok(())
     }
 
     /// [`StateStore::load_range`] on a blocking thread (a diff worker, through `rt`), the base
@@ -936,12 +947,7 @@ impl StateStore {
             let mut body = tokio_util::io::SyncIoBridge::new_with_handle(reader, rt.clone());
             snap.load_base_shard_stream(&mut body, meta.size, &uri.to_string())?;
         }
-        for chunk in range.deltas.chunks(GET_CONCURRENCY) {
-            for (bytes, what) in rt.block_on(self.get_all(chunk))? {
-                snap.apply_segment(&bytes, &what)?;
-            }
-        }
-        snap.compact();
+        rt.block_on(self.apply_range_deltas(&mut snap, &range.deltas))?;
         Ok(snap)
     }
 
