@@ -257,6 +257,7 @@ impl RunReport {
             ("rows_in", c(self.rows_in)),
             ("rejected", c(self.rejected)),
             ("unchanged", c(self.unchanged)),
+            ("digests_recorded", c(self.digests_recorded)),
             ("users_sent", c(self.users_sent)),
             ("attributes_sent", c(self.attributes_sent)),
             ("users_confirmed", c(self.users_confirmed)),
