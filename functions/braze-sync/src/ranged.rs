@@ -54,7 +54,6 @@ use crate::spill::{Partitioner, SpillDir, SpillError, read_range};
 use crate::sync::{Part, ProduceOptions, Stop, Summary, SyncError};
 
 const REC_ROW: u8 = 0;
-const REC_SEEN: u8 = 1;
 const NO_LINE: u64 = u64::MAX;
 
 /// The confirmed state, one hash range at a time.
@@ -334,12 +333,12 @@ enum Spilled {
     Row,
     /// Not this run's (another range's, or without an identifier outside the span at 0).
     Dropped,
-    /// Refused (after a marker of its user when the identifier was read, so the user
-    /// counts as present and a later row of theirs is a duplicate).
+    /// Refused: its identifier could not be read (rows whose values do not map are refused
+    /// by the diff, which counts their user as present).
     Rejected(RowReject),
 }
 
-/// Maps rows and spills each to its range (one per mapping thread).
+/// Reads each row's identifier and spills the row to its range (one per mapping thread).
 struct Spiller<'a> {
     /// Reads identifiers only: values are mapped by the diff.
     mapper: Mapper<'a>,
@@ -1299,11 +1298,6 @@ impl DiffCtx<'_, '_> {
         found: &mut Found,
     ) -> Option<Result<(), SyncError>> {
         match *rec.first()? {
-            REC_SEEN => {
-                let key = UserKey(u128::from_le_bytes(rec.get(1..17)?.try_into().ok()?));
-                seen.insert(key, snap.get(key));
-                Some(Ok(()))
-            }
             REC_ROW => {
                 let mut at = 1;
                 let src = usize::try_from(get_varint(rec, &mut at)?).ok()?;
