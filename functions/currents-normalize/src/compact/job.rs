@@ -1,6 +1,7 @@
 //! A compaction run over the store: list the tables prefix, pick the table-days, and for each
 //! take its lease, copy its parts to local disk, merge them ([`super::merge`]), upload the
-//! compacted part(s), record the day's manifest, renew the lease, and only then delete the
+//! compacted part(s), renew the lease, record the day's manifest (conditionally on the version
+//! read, so a run that lost the day never overwrites the winner's), and only then delete the
 //! parts that were read (compacted ones first, normalizer parts last, each only if it is
 //! still the version that was read). A crash at any point leaves every row readable and a
 //! rerun converges; a part that lands meanwhile is never deleted.
@@ -345,58 +346,21 @@ impl Compactor {
             let retry = e.is_retryable();
             return fail(r, format!("writing the compacted part: {e}"), retry);
         }
-        // The manifest: what the compacted parts hold, for backfill's skip test.
-        let mut manifest = Manifest {
-            table: td.table.clone(),
-            day: td.day.format("%Y-%m-%d").to_string(),
-            outputs: outputs.iter().map(|o| o.name.clone()).collect(),
-            sources: BTreeSet::new(),
-        };
-        if read.iter().any(|(p, _)| p.compacted) {
-            match self.manifest(bucket, td).await {
-                Ok(Some(m)) => manifest.sources = m.sources,
-                Ok(None) => {}
-                Err(e) => {
-                    let retry = e.is_retryable();
-                    return fail(r, format!("reading the manifest: {e}"), retry);
-                }
-            }
-        }
-        manifest.sources.extend(
-            read.iter()
-                .filter_map(|(p, _)| p.source_id().map(str::to_string)),
-        );
-        let body = Bytes::from(serde_json::to_vec_pretty(&manifest).unwrap_or_default());
-        if let Err(e) = self
-            .store
-            .put(
-                &self.manifest_uri(bucket, td),
-                body,
-                PutCondition::None,
-                BTreeMap::new(),
-            )
+        // The manifest: what the compacted parts hold, for backfill's skip test. Written
+        // only while the lease is still ours, and only over the version read here, so a run
+        // that lost the day can never overwrite the winner's record.
+        if let Some(outcome) = self
+            .record_manifest(bucket, td, &outputs, &read, lease)
             .await
         {
-            let retry = e.is_retryable();
-            return fail(r, format!("writing the manifest: {e}"), retry);
-        }
-        // Still ours? A lost lease means another run owns the day now: delete nothing.
-        if let Some(lease) = lease {
-            match lease.renew(self.store.as_ref(), chrono::Utc::now()).await {
-                Ok(true) => {}
-                Ok(false) => {
+            return match outcome {
+                Err((reason, retry)) => fail(r, reason, retry),
+                Ok(reason) => {
                     r.outcome = DayOutcome::LeaseLost;
-                    r.reason = Some(
-                        "lease expired and was taken by another run; compacted part written, nothing deleted"
-                            .into(),
-                    );
-                    return r;
+                    r.reason = Some(reason);
+                    r
                 }
-                Err(e) => {
-                    let retry = e.is_retryable();
-                    return fail(r, format!("renewing the lease: {e}"), retry);
-                }
-            }
+            };
         }
         let written: BTreeSet<String> = outputs
             .iter()
@@ -433,6 +397,85 @@ impl Compactor {
             rows_in = r.rows_in, rows_out = r.rows_out, duplicates = r.duplicates_removed,
             "Compacted table-day.");
         r
+    }
+
+    /// Renews the lease, then writes the day's manifest conditionally on the version it
+    /// read. `None` when the manifest was recorded and the lease is held for the deletes;
+    /// `Some(Ok(reason))` when the day was lost to another run (nothing may be deleted);
+    /// `Some(Err((reason, retryable)))` when the store failed.
+    async fn record_manifest(
+        &self,
+        bucket: &str,
+        td: &TableDay,
+        outputs: &[MergeOutput],
+        read: &[(super::plan::PartRef, String)],
+        lease: Option<&mut lease::Lease>,
+    ) -> Option<Result<String, (String, bool)>> {
+        const LOST: &str =
+            "lease expired and was taken by another run; compacted part written, nothing deleted";
+        if let Some(lease) = lease {
+            match lease.renew(self.store.as_ref(), chrono::Utc::now()).await {
+                Ok(true) => {}
+                Ok(false) => return Some(Ok(LOST.into())),
+                Err(e) => {
+                    let retry = e.is_retryable();
+                    return Some(Err((format!("renewing the lease: {e}"), retry)));
+                }
+            }
+        }
+        let uri = self.manifest_uri(bucket, td);
+        let (condition, previous) = match self.store.get(&uri).await {
+            Ok((meta, body)) => (
+                PutCondition::IfMatch(meta.etag),
+                serde_json::from_slice::<Manifest>(&body).ok(),
+            ),
+            Err(StoreError::NotFound { .. }) => (PutCondition::IfAbsent, None),
+            Err(e) => {
+                let retry = e.is_retryable();
+                return Some(Err((format!("reading the manifest: {e}"), retry)));
+            }
+        };
+        let mut manifest = Manifest {
+            table: td.table.clone(),
+            day: td.day.format("%Y-%m-%d").to_string(),
+            outputs: outputs.iter().map(|o| o.name.clone()).collect(),
+            sources: BTreeSet::new(),
+        };
+        // The earlier sources stay only while a compacted part that holds them was read.
+        if read.iter().any(|(p, _)| p.compacted)
+            && let Some(m) = previous
+        {
+            manifest.sources = m.sources;
+        }
+        manifest.sources.extend(
+            read.iter()
+                .filter_map(|(p, _)| p.source_id().map(str::to_string)),
+        );
+        let body = Bytes::from(serde_json::to_vec_pretty(&manifest).unwrap_or_default());
+        match self.store.put(&uri, body, condition, BTreeMap::new()).await {
+            Ok(_) => None,
+            Err(StoreError::PreconditionFailed { .. }) => {
+                // Either another run wrote it, or our own write landed and its answer was
+                // lost (the client retried): re-read and decide.
+                match self.store.get(&uri).await {
+                    Ok((_, now)) if serde_json::from_slice::<Manifest>(&now).ok() == Some(manifest) => {
+                        None
+                    }
+                    Ok(_) | Err(StoreError::NotFound { .. }) => Some(Ok(
+                        "the manifest was rewritten by another run meanwhile; compacted part written, nothing deleted"
+                            .into(),
+                    )),
+                    Err(e) => {
+                        let retry = e.is_retryable();
+                        Some(Err((format!("re-reading the manifest: {e}"), retry)))
+                    }
+                }
+            }
+            Err(e) => {
+                let retry = e.is_retryable();
+                Some(Err((format!("writing the manifest: {e}"), retry)))
+            }
+        }
     }
 
     async fn upload(

@@ -1,0 +1,245 @@
+//! Compaction over an in-memory store: a run that loses its lease while it works writes
+//! neither the day's manifest nor deletes anything, so the winner's record of what the
+//! compacted parts hold stays whole.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use apache_avro::Codec;
+use async_trait::async_trait;
+use bridge_shared::object_store::{MemoryStore, ObjectMeta, ObjectReader};
+use bridge_shared::trigger::ObjectRef;
+use bridge_shared::{ObjectStore, PutCondition, S3Uri, StoreError};
+use bytes::Bytes;
+use chrono::NaiveDate;
+use currents_normalize::compact::{CompactRequest, Compactor, DayOutcome, Manifest, TableDay};
+use currents_normalize::config::Config;
+use currents_normalize::handler::Handler;
+use currents_normalize::registry::Registry;
+use currents_normalize::report::Outcome;
+use currents_normalize::synth::{self, FileSpec};
+
+const BUCKET: &str = "acme-braze-currents";
+const T: &str = "users.messages.email.Send";
+const TABLE: &str = "users_messages_email_send";
+const LEASE: &str = "state/currents/compaction/leases/users_messages_email_send/2026-11-29.json";
+const MANIFEST: &str =
+    "state/currents/compaction/manifests/users_messages_email_send/2026-11-29.json";
+
+fn registry() -> Arc<Registry> {
+    Arc::new(Registry::builtin().unwrap())
+}
+
+async fn normalize(store: Arc<dyn ObjectStore>, offset: u64, seed: u64) {
+    let r = registry();
+    let entry = r.entries().iter().find(|e| e.event_type == T).unwrap();
+    let body = synth::file(
+        entry,
+        &FileSpec {
+            events: 30,
+            duplicates: 3,
+            seed,
+            codec: Codec::Null,
+        },
+    )
+    .unwrap();
+    let key = synth::key("currents", T, "2026-11-29-10", offset);
+    let uri = S3Uri::new(BUCKET, key);
+    store
+        .put(&uri, Bytes::from(body), PutCondition::None, BTreeMap::new())
+        .await
+        .unwrap();
+    let h = Handler::new(Config::default(), store, r);
+    let out = h.process(&ObjectRef::named(uri, "test"), false).await;
+    assert_eq!(out.outcome, Outcome::Written, "{out:?}");
+}
+
+/// A store in which another run takes the day's lease over (and records its own manifest)
+/// while this run uploads its compacted part: the moment a slow run's lease expires.
+struct TakenOverWhileUploading {
+    inner: Arc<MemoryStore>,
+    armed: AtomicBool,
+}
+
+#[async_trait]
+impl ObjectStore for TakenOverWhileUploading {
+    async fn get(&self, uri: &S3Uri) -> Result<(ObjectMeta, Bytes), StoreError> {
+        self.inner.get(uri).await
+    }
+    async fn get_reader(&self, uri: &S3Uri) -> Result<(ObjectMeta, ObjectReader), StoreError> {
+        self.inner.get_reader(uri).await
+    }
+    async fn head(&self, uri: &S3Uri) -> Result<Option<ObjectMeta>, StoreError> {
+        self.inner.head(uri).await
+    }
+    async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        self.inner.list(bucket, prefix).await
+    }
+    async fn put(
+        &self,
+        uri: &S3Uri,
+        body: Bytes,
+        condition: PutCondition,
+        metadata: BTreeMap<String, String>,
+    ) -> Result<ObjectMeta, StoreError> {
+        if uri.key.contains("/part-compacted-") && self.armed.swap(false, Ordering::SeqCst) {
+            let lease = serde_json::json!({
+                "owner": "winner",
+                "expires_at_ms": chrono::Utc::now().timestamp_millis() + 600_000,
+                "released": false,
+            });
+            self.inner
+                .put(
+                    &S3Uri::new(BUCKET, LEASE),
+                    Bytes::from(lease.to_string()),
+                    PutCondition::None,
+                    BTreeMap::new(),
+                )
+                .await?;
+            let winner = Manifest {
+                table: TABLE.into(),
+                day: "2026-11-29".into(),
+                outputs: vec!["part-compacted-winner.parquet".into()],
+                sources: ["winner-source".to_string()].into(),
+            };
+            self.inner
+                .put(
+                    &S3Uri::new(BUCKET, MANIFEST),
+                    Bytes::from(serde_json::to_vec(&winner).unwrap()),
+                    PutCondition::None,
+                    BTreeMap::new(),
+                )
+                .await?;
+        }
+        self.inner.put(uri, body, condition, metadata).await
+    }
+    async fn copy(&self, from: &S3Uri, to: &S3Uri) -> Result<(), StoreError> {
+        self.inner.copy(from, to).await
+    }
+    async fn delete(&self, uri: &S3Uri) -> Result<(), StoreError> {
+        self.inner.delete(uri).await
+    }
+}
+
+fn request() -> CompactRequest {
+    CompactRequest {
+        selection: Default::default(),
+        dry_run: false,
+        today: NaiveDate::from_ymd_opt(2026, 11, 30).unwrap(),
+        deadline: None,
+        owner: "slow-run".into(),
+    }
+}
+
+#[tokio::test]
+async fn a_run_that_lost_its_lease_leaves_the_winners_manifest_and_the_parts_alone() {
+    let mem = Arc::new(MemoryStore::new());
+    normalize(mem.clone(), 1, 1).await;
+    normalize(mem.clone(), 2, 2).await;
+    let parts_before: Vec<String> = mem
+        .keys(BUCKET)
+        .into_iter()
+        .filter(|k| k.starts_with("tables/"))
+        .collect();
+    assert_eq!(parts_before.len(), 2);
+    let store = Arc::new(TakenOverWhileUploading {
+        inner: mem.clone(),
+        armed: AtomicBool::new(true),
+    });
+    let compactor = Compactor::new(Config::default(), store, registry());
+    let days = compactor.run(BUCKET, &request()).await.unwrap();
+    assert_eq!(days.len(), 1);
+    assert_eq!(days[0].outcome, DayOutcome::LeaseLost, "{:?}", days[0]);
+    assert_eq!(days[0].parts_deleted, 0);
+
+    let td = TableDay {
+        day: NaiveDate::from_ymd_opt(2026, 11, 29).unwrap(),
+        table: TABLE.into(),
+    };
+    let m = compactor.manifest(BUCKET, &td).await.unwrap().unwrap();
+    assert_eq!(
+        m.outputs,
+        ["part-compacted-winner.parquet"],
+        "the loser overwrote the winner's manifest"
+    );
+    assert_eq!(m.sources, ["winner-source".to_string()].into());
+    for p in &parts_before {
+        assert!(mem.keys(BUCKET).contains(p), "{p} was deleted");
+    }
+}
+
+#[tokio::test]
+async fn a_manifest_written_meanwhile_by_another_run_is_not_overwritten() {
+    // The lease is still ours when checked, but the manifest changed since it was read:
+    // the conditional write refuses, and nothing is deleted.
+    let mem = Arc::new(MemoryStore::new());
+    normalize(mem.clone(), 1, 1).await;
+    let store = Arc::new(ManifestChangesAfterRead {
+        inner: mem.clone(),
+        reads: std::sync::atomic::AtomicUsize::new(0),
+    });
+    let compactor = Compactor::new(Config::default(), store, registry());
+    let days = compactor.run(BUCKET, &request()).await.unwrap();
+    assert_eq!(days[0].outcome, DayOutcome::LeaseLost, "{:?}", days[0]);
+    assert_eq!(days[0].parts_deleted, 0);
+    let (_, body) = mem.get(&S3Uri::new(BUCKET, MANIFEST)).await.unwrap();
+    let m: Manifest = serde_json::from_slice(&body).unwrap();
+    assert_eq!(m.outputs, ["part-compacted-other.parquet"]);
+}
+
+/// A store whose manifest is written by someone else right after this run reads it.
+struct ManifestChangesAfterRead {
+    inner: Arc<MemoryStore>,
+    reads: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait]
+impl ObjectStore for ManifestChangesAfterRead {
+    async fn get(&self, uri: &S3Uri) -> Result<(ObjectMeta, Bytes), StoreError> {
+        let r = self.inner.get(uri).await;
+        if uri.key == MANIFEST && self.reads.fetch_add(1, Ordering::SeqCst) == 0 {
+            let other = Manifest {
+                table: TABLE.into(),
+                day: "2026-11-29".into(),
+                outputs: vec!["part-compacted-other.parquet".into()],
+                sources: Default::default(),
+            };
+            self.inner
+                .put(
+                    uri,
+                    Bytes::from(serde_json::to_vec(&other).unwrap()),
+                    PutCondition::None,
+                    BTreeMap::new(),
+                )
+                .await?;
+        }
+        r
+    }
+    async fn get_reader(&self, uri: &S3Uri) -> Result<(ObjectMeta, ObjectReader), StoreError> {
+        self.inner.get_reader(uri).await
+    }
+    async fn head(&self, uri: &S3Uri) -> Result<Option<ObjectMeta>, StoreError> {
+        self.inner.head(uri).await
+    }
+    async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        self.inner.list(bucket, prefix).await
+    }
+    async fn put(
+        &self,
+        uri: &S3Uri,
+        body: Bytes,
+        condition: PutCondition,
+        metadata: BTreeMap<String, String>,
+    ) -> Result<ObjectMeta, StoreError> {
+        self.inner.put(uri, body, condition, metadata).await
+    }
+    async fn copy(&self, from: &S3Uri, to: &S3Uri) -> Result<(), StoreError> {
+        self.inner.copy(from, to).await
+    }
+    async fn delete(&self, uri: &S3Uri) -> Result<(), StoreError> {
+        self.inner.delete(uri).await
+    }
+}
