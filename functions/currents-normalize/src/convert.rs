@@ -7,7 +7,8 @@
 
 use std::path::PathBuf;
 
-use crate::decode::{Container, DatumError, DecodeError, Limits};
+use crate::container::{Container, DecodeError, Limits};
+use crate::datum::DatumError;
 use crate::encode::{EncodeError, Part, PartWriter};
 use crate::key::{CurrentsKey, KeyError};
 use crate::normalize::{FileContext, NormalizeError, NormalizeStats, Normalizer, Plan};

@@ -182,11 +182,6 @@ impl PartWriter {
         Ok(Self { writer })
     }
 
-    /// Bytes held in memory for the row group being built.
-    pub fn in_progress_bytes(&self) -> usize {
-        self.writer.in_progress_size()
-    }
-
     /// Appends a batch; closes the row group early once it holds `MAX_ROW_GROUP_BYTES` of
     /// encoded data, so wide rows do not pile up in memory.
     pub fn write(&mut self, batch: &RecordBatch) -> Result<(), EncodeError> {

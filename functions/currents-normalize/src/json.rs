@@ -11,7 +11,7 @@ use arrow_array::{Array, UnionArray};
 use arrow_schema::{DataType, Field};
 use std::sync::Arc;
 
-use crate::decode::DatumError;
+use crate::datum::DatumError;
 
 const MAX_DEPTH: usize = 64;
 
@@ -52,7 +52,8 @@ pub fn push_f64(out: &mut String, v: f64) {
     }
 }
 
-fn push_f32(out: &mut String, v: f32) {
+/// Appends a `float` as JSON (`null` when not finite).
+pub fn push_f32(out: &mut String, v: f32) {
     if v.is_finite() {
         let _ = write!(out, "{v}");
     } else {
@@ -60,7 +61,8 @@ fn push_f32(out: &mut String, v: f32) {
     }
 }
 
-fn push_latin1(out: &mut String, bytes: &[u8]) {
+/// Appends `bytes`/`fixed` as a JSON string of one character per byte (Latin-1).
+pub fn push_latin1(out: &mut String, bytes: &[u8]) {
     let s: String = bytes.iter().map(|&b| char::from(b)).collect();
     push_str(out, &s);
 }

@@ -2,7 +2,7 @@
 //! deduplicated Parquet tables, one per event type, partitioned by delivery day and laid out
 //! so Amperity's S3 courier finds them.
 //!
-//! From key to part: [`key`] (what the object key says) → [`decode`] + [`schema`] (Avro
+//! From key to part: [`key`] (what the object key says) → [`container`] + [`schema`] (Avro
 //! container framing and writer schema) → [`normalize`] (records decoded by `arrow-avro` →
 //! rows of the table's columns, fixed by [`registry`]) → [`encode`] (Parquet, Snappy) →
 //! [`partition`] (where the part goes). [`convert`] runs that chain for one object;
@@ -10,14 +10,17 @@
 //!
 //! The `dev` feature (off by default, so the function binary does not link them or
 //! `apache-avro`) adds `synth` (synthetic Currents files for tests and the benchmark) and
-//! `registry_gen` (the registry generator behind `currents-registry`).
+//! `registry_gen` (the registry generator behind `currents-registry`); the `fuzzing` feature
+//! adds `fuzzing`, the entry point the fuzz target drives.
 
 pub mod backfill;
 pub mod compact;
 pub mod config;
+pub mod container;
 pub mod convert;
-pub mod decode;
+pub mod datum;
 pub mod encode;
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod handler;
 pub mod json;
@@ -58,11 +61,16 @@ mod tests {
         );
         assert!(!manifest.contains("default = ["), "no default features");
         let lib = include_str!("lib.rs");
-        for m in ["pub mod synth;", "pub mod registry_gen;"] {
+        for m in [
+            "pub mod synth;",
+            "pub mod registry_gen;",
+            "pub mod fuzzing;",
+        ] {
             let at = lib.find(m).unwrap_or(0);
             assert!(
-                lib[..at].ends_with("#[cfg(feature = \"dev\")]\n"),
-                "{m} is behind the dev feature"
+                lib[..at].ends_with("#[cfg(feature = \"dev\")]\n")
+                    || lib[..at].ends_with("#[cfg(feature = \"fuzzing\")]\n"),
+                "{m} is behind a feature"
             );
         }
     }

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::decode::{Container, Limits};
+use crate::container::{Container, Limits};
 use crate::registry::{FieldEntry, FieldType, RegistryFile, TableEntry, table_name};
 use crate::schema::{Node, WriterSchema};
 

@@ -76,6 +76,10 @@ pub struct WriterSchema {
     /// removed, so every value arrives as its encoding (a `timestamp-millis` long as a long,
     /// a `uuid` string as a string), as Braze's decoded JSON shows them.
     arrow_json: String,
+    /// Per top-level field: its type is recursive (a named type that contains itself), which
+    /// `arrow-avro` cannot decode; such a field reaches `arrow-avro` as a `string` holding
+    /// the value rendered as JSON ([`crate::datum::rewrite`]).
+    rendered: Vec<bool>,
 }
 
 /// Why a schema cannot be used.
@@ -112,15 +116,129 @@ impl WriterSchema {
             names: HashMap::new(),
         };
         let root = p.parse(value, "", "$", 0)?;
-        let mut plain = value.clone();
+        let mut schema = Self {
+            nodes: p.nodes,
+            root,
+            arrow_json: String::new(),
+            rendered: Vec::new(),
+        };
+        if let Node::Record { fields, .. } = schema.node(root) {
+            schema.rendered = fields
+                .iter()
+                .map(|(_, f)| schema.recursive(*f, &mut Vec::new()))
+                .collect();
+        }
+        let mut plain = if schema.rendered.iter().any(|r| *r) {
+            schema.emit_rendered()
+        } else {
+            value.clone()
+        };
         strip_logical_types(&mut plain, 0);
         let mut substituted = 0usize;
         substitute_null_items(&mut plain, 0, &mut substituted);
-        Ok(Self {
-            nodes: p.nodes,
-            root,
-            arrow_json: plain.to_string(),
-        })
+        schema.arrow_json = plain.to_string();
+        Ok(schema)
+    }
+
+    /// Whether top-level field `i`'s value reaches `arrow-avro` rendered as JSON text (its
+    /// type is recursive).
+    pub fn is_rendered(&self, i: usize) -> bool {
+        self.rendered.get(i).copied().unwrap_or(false)
+    }
+
+    /// Whether some top-level field is rendered as JSON text ([`Self::is_rendered`]).
+    pub fn has_rendered_fields(&self) -> bool {
+        self.rendered.iter().any(|r| *r)
+    }
+
+    /// True when the type at `id` reaches a named record that contains itself. `stack`: the
+    /// records on the way here.
+    fn recursive(&self, id: NodeId, stack: &mut Vec<NodeId>) -> bool {
+        if stack.contains(&id) {
+            return true;
+        }
+        if stack.len() > MAX_DEPTH {
+            return false;
+        }
+        let children: Vec<NodeId> = match self.node(id) {
+            Node::Array(i) | Node::Map(i) => vec![*i],
+            Node::Union(bs) => bs.clone(),
+            Node::Record { fields, .. } => fields.iter().map(|(_, f)| *f).collect(),
+            _ => return false,
+        };
+        stack.push(id);
+        let r = children.into_iter().any(|c| self.recursive(c, stack));
+        stack.pop();
+        r
+    }
+
+    /// The schema for `arrow-avro` written out from the nodes, with each recursive top-level
+    /// field as a `string` (each named type defined where it first occurs).
+    fn emit_rendered(&self) -> Value {
+        let mut defined = std::collections::HashSet::new();
+        let Node::Record { name, fields } = self.node(self.root) else {
+            return Value::Null;
+        };
+        defined.insert(name.clone());
+        let fields: Vec<Value> = fields
+            .iter()
+            .enumerate()
+            .map(|(i, (n, f))| {
+                let ty = if self.is_rendered(i) {
+                    Value::from("string")
+                } else {
+                    self.emit(*f, &mut defined, 0)
+                };
+                serde_json::json!({"name": n, "type": ty})
+            })
+            .collect();
+        serde_json::json!({"type": "record", "name": name, "fields": fields})
+    }
+
+    fn emit(
+        &self,
+        id: NodeId,
+        defined: &mut std::collections::HashSet<String>,
+        depth: usize,
+    ) -> Value {
+        use serde_json::json;
+        if depth > MAX_DEPTH {
+            return Value::from("null");
+        }
+        match self.node(id) {
+            Node::Enum { name, symbols } => {
+                if defined.insert(name.clone()) {
+                    json!({"type": "enum", "name": name, "symbols": symbols})
+                } else {
+                    Value::from(name.clone())
+                }
+            }
+            Node::Fixed { name, size } => {
+                if defined.insert(name.clone()) {
+                    json!({"type": "fixed", "name": name, "size": size})
+                } else {
+                    Value::from(name.clone())
+                }
+            }
+            Node::Array(i) => json!({"type": "array", "items": self.emit(*i, defined, depth + 1)}),
+            Node::Map(i) => json!({"type": "map", "values": self.emit(*i, defined, depth + 1)}),
+            Node::Union(bs) => Value::Array(
+                bs.iter()
+                    .map(|b| self.emit(*b, defined, depth + 1))
+                    .collect(),
+            ),
+            Node::Record { name, fields } => {
+                if !defined.insert(name.clone()) {
+                    return Value::from(name.clone());
+                }
+                let fields: Vec<Value> = fields
+                    .iter()
+                    .map(|(n, f)| json!({"name": n, "type": self.emit(*f, defined, depth + 1)}))
+                    .collect();
+                json!({"type": "record", "name": name, "fields": fields})
+            }
+            other => Value::from(self.kind_name(other)),
+        }
     }
 
     /// The schema JSON `arrow-avro` decodes with: logical types removed, and `null` array
@@ -137,7 +255,7 @@ impl WriterSchema {
     pub fn has_free_array_items_other_than_null(&self) -> bool {
         self.nodes.iter().any(|n| {
             matches!(n, Node::Array(item)
-                if !matches!(self.node(*item), Node::Null) && self.costs_nothing(*item, 0))
+                if !matches!(self.node(*item), Node::Null) && self.costs_nothing(*item))
         })
     }
 
@@ -148,10 +266,16 @@ impl WriterSchema {
     pub fn has_free_array_items(&self) -> bool {
         self.nodes
             .iter()
-            .any(|n| matches!(n, Node::Array(item) if self.costs_nothing(*item, 0)))
+            .any(|n| matches!(n, Node::Array(item) if self.costs_nothing(*item)))
     }
 
-    fn costs_nothing(&self, id: NodeId, depth: usize) -> bool {
+    /// True when a value of this type is encoded in no bytes (`null`, `fixed` of size 0, a
+    /// record of only such fields).
+    pub fn costs_nothing(&self, id: NodeId) -> bool {
+        self.costs_nothing_at(id, 0)
+    }
+
+    fn costs_nothing_at(&self, id: NodeId, depth: usize) -> bool {
         if depth > MAX_DEPTH {
             return false;
         }
@@ -160,7 +284,7 @@ impl WriterSchema {
             Node::Fixed { size, .. } => *size == 0,
             Node::Record { fields, .. } => fields
                 .iter()
-                .all(|(_, f)| self.costs_nothing(*f, depth + 1)),
+                .all(|(_, f)| self.costs_nothing_at(*f, depth + 1)),
             _ => false,
         }
     }

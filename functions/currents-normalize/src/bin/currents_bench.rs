@@ -571,7 +571,7 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         "peak_rss_mb_100k_file": peak,
         "arrow_avro_events_per_s": arrow_avro_eps,
         "apache_avro_events_per_s": apache_avro_eps,
-        "production_decoder": "container framing (decode.rs) + arrow-avro datum decoder (normalize.rs)",
+        "production_decoder": "container framing (container.rs) + arrow-avro datum decoder (normalize/)",
         "arrow_avro_vs_today": arrow_avro_eps.map(|a| a / events_per_s),
         "apache_avro_vs_today": apache_avro_eps.map(|a| a / events_per_s),
         "rss_mb_512mib_object": large["peak_rss_mb"].as_f64(),

@@ -12,6 +12,8 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::Read;
 
+use crate::datum::{Cursor, DatumError};
+
 /// The four bytes every container file starts with.
 pub const MAGIC: &[u8; 4] = b"Obj\x01";
 const SYNC_LEN: usize = 16;
@@ -454,138 +456,6 @@ fn decompress(codec: Codec, raw: &[u8], limit: usize) -> Result<Cow<'_, [u8]>, C
     }
 }
 
-/// What went wrong reading one datum.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum DatumError {
-    /// The bytes end mid-value.
-    #[error("unexpected end of data")]
-    Eof,
-    /// A varint runs over 10 bytes or overflows.
-    #[error("malformed variable-length integer")]
-    BadVarint,
-    /// An `int` value does not fit 32 bits.
-    #[error("int value out of range")]
-    IntRange,
-    /// A length or count is negative or larger than the data left.
-    #[error("length {0} is negative or exceeds the data left")]
-    BadLength(i64),
-    /// A string is not UTF-8.
-    #[error("string is not valid UTF-8")]
-    BadUtf8,
-    /// A boolean byte is neither 0 nor 1.
-    #[error("boolean byte {0} is neither 0 nor 1")]
-    BadBool(u8),
-    /// A union or enum index is out of range.
-    #[error("index {0} is out of range")]
-    BadIndex(i64),
-    /// Nested deeper than the decoder allows.
-    #[error("value nested too deep")]
-    TooDeep,
-    /// A decoded value has a shape the JSON rendering does not know (the file's schema uses
-    /// a type Currents does not).
-    #[error("{0} cannot be rendered as JSON")]
-    Unsupported(&'static str),
-    /// A value does not fit the column its plan chose (an internal error, never data).
-    #[error("value does not fit its column")]
-    Mismatch,
-    /// A record or the file goes over a size guard that the input bytes alone do not bound
-    /// (array items and map entries, rendered JSON text).
-    #[error("{what} over the limit of {limit}")]
-    OverLimit {
-        /// What was counted (`array/map items in one record`, ...).
-        what: &'static str,
-        /// The limit.
-        limit: u64,
-    },
-}
-
-/// A read position over bytes.
-#[derive(Debug, Clone)]
-pub struct Cursor<'a> {
-    buf: &'a [u8],
-    /// Current position.
-    pub pos: usize,
-}
-
-impl<'a> Cursor<'a> {
-    /// A cursor at the start of `buf`.
-    pub fn new(buf: &'a [u8]) -> Self {
-        Self { buf, pos: 0 }
-    }
-
-    /// A cursor at `pos`.
-    pub fn at(buf: &'a [u8], pos: usize) -> Self {
-        Self { buf, pos }
-    }
-
-    /// Bytes left.
-    #[inline]
-    pub fn remaining(&self) -> usize {
-        self.buf.len().saturating_sub(self.pos)
-    }
-
-    /// Takes the next `n` bytes.
-    #[inline]
-    pub fn take(&mut self, n: usize) -> Result<&'a [u8], DatumError> {
-        let end = self.pos.checked_add(n).ok_or(DatumError::Eof)?;
-        let s = self.buf.get(self.pos..end).ok_or(DatumError::Eof)?;
-        self.pos = end;
-        Ok(s)
-    }
-
-    /// Reads a zig-zag varint `long`.
-    #[inline]
-    pub fn read_long(&mut self) -> Result<i64, DatumError> {
-        let mut value: u64 = 0;
-        let mut shift = 0u32;
-        loop {
-            let b = *self.buf.get(self.pos).ok_or(DatumError::Eof)?;
-            self.pos += 1;
-            if shift == 63 && b > 1 {
-                return Err(DatumError::BadVarint);
-            }
-            value |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                break;
-            }
-            shift += 7;
-            if shift > 63 {
-                return Err(DatumError::BadVarint);
-            }
-        }
-        Ok(((value >> 1) as i64) ^ -((value & 1) as i64))
-    }
-
-    /// Reads an `int` (a varint that must fit 32 bits).
-    #[inline]
-    pub fn read_int(&mut self) -> Result<i32, DatumError> {
-        i32::try_from(self.read_long()?).map_err(|_| DatumError::IntRange)
-    }
-
-    /// Reads a non-negative length that fits the remaining data.
-    #[inline]
-    pub fn read_len(&mut self) -> Result<usize, DatumError> {
-        let n = self.read_long()?;
-        if n < 0 || n as u64 > self.remaining() as u64 {
-            return Err(DatumError::BadLength(n));
-        }
-        Ok(n as usize)
-    }
-
-    /// Reads length-prefixed bytes.
-    #[inline]
-    pub fn read_bytes(&mut self) -> Result<&'a [u8], DatumError> {
-        let n = self.read_len()?;
-        self.take(n)
-    }
-
-    /// Reads a length-prefixed UTF-8 string.
-    #[inline]
-    pub fn read_str(&mut self) -> Result<&'a str, DatumError> {
-        std::str::from_utf8(self.read_bytes()?).map_err(|_| DatumError::BadUtf8)
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -782,25 +652,5 @@ mod tests {
                 ..
             })
         ));
-    }
-
-    #[test]
-    fn varints_decode_zigzag_and_reject_overflow() {
-        let mut c = Cursor::new(&[0x00, 0x01, 0x02, 0x7f, 0x80, 0x01]);
-        assert_eq!(c.read_long().unwrap(), 0);
-        assert_eq!(c.read_long().unwrap(), -1);
-        assert_eq!(c.read_long().unwrap(), 1);
-        assert_eq!(c.read_long().unwrap(), -64);
-        assert_eq!(c.read_long().unwrap(), 64);
-        let mut c = Cursor::new(&[0xff; 11]);
-        assert_eq!(c.read_long(), Err(DatumError::BadVarint));
-        let mut c = Cursor::new(&[0xfe, 0xff, 0xff, 0xff, 0xff, 0x01]);
-        assert_eq!(c.read_int(), Err(DatumError::IntRange));
-    }
-
-    #[test]
-    fn string_length_beyond_data_is_an_error() {
-        let mut c = Cursor::new(&[0x10, b'a']);
-        assert_eq!(c.read_str(), Err(DatumError::BadLength(8)));
     }
 }
