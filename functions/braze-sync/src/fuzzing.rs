@@ -1,9 +1,9 @@
 //! Entry points shared by the fuzz targets (`fuzz/`, run by `make fuzz`) and the regression
 //! tests that replay their findings on stable (`tests/fuzz_regressions.rs`). Not an API.
 
-use crate::route::Route;
-use crate::snapshot::Snapshot;
-use crate::sync::{self, Part, ProduceOptions};
+use crate::config::route::Route;
+use crate::diff::in_memory::{self, Part, ProduceOptions};
+use crate::state::confirmed::Snapshot;
 
 /// The route shapes an input is read through, picked by the input's first byte: each
 /// declared format and compression, and nothing declared (sniffed from the bytes).
@@ -77,7 +77,7 @@ pub fn export_through_mapper(selector: u8, body: &[u8]) -> Result<String, String
         source: format!("s3://fuzz/in/{key}"),
         reader: body,
     };
-    match sync::plan([Ok(part)], &route, &snapshot, &opts) {
+    match in_memory::plan([Ok(part)], &route, &snapshot, &opts) {
         Ok(plan) => Ok(format!(
             "{} deltas, {} rejects, {} tables",
             plan.deltas.len(),

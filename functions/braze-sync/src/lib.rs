@@ -2,39 +2,41 @@
 //! profile fields and custom attributes, diffs them against the values Braze last confirmed,
 //! and sends only the changes to `POST /users/track`.
 //!
-//! Follow a row: [`read`] (bytes → rows) → [`map`] (row → typed Braze attributes) →
-//! [`delta`] (attributes vs [`snapshot`] → [`model::UserDelta`]) → [`batch`] (deltas → request
-//! bodies) → [`deliver`] (rate-limited, retried sends via [`braze`]) → confirmed deltas advance
-//! the [`snapshot`]. [`sync`] runs those stages for one export; [`handler`] turns a Lambda
-//! event into runs; [`report`] and [`rejects`] account for every row.
+//! The folders follow a row, in order:
+//!
+//! 1. [`config`]: the function's environment, its routes (one per export stream) and how a
+//!    route orders its exports.
+//! 2. [`read`]: bytes → rows (CSV/TSV, NDJSON, Parquet, compressed or archived), bounded in
+//!    memory.
+//! 3. [`map`]: row → typed Braze attributes, one slot per route attribute.
+//! 4. [`diff`]: attributes vs the confirmed state → one [`model::UserDelta`] per user that
+//!    changed. [`diff::in_memory`] when the state fits in memory; [`diff::bounded`] for any
+//!    size, range by range through [`state::spill`] files. [`diff::digest`] skips rows unchanged
+//!    since the last confirmed delta.
+//! 5. [`send`]: deltas → request bodies ([`send::request_body`]) → rate-limited, retried
+//!    requests ([`send::deliver`]) through the [`send::braze`] client.
+//! 6. [`state`]: what Braze confirmed advances the route's confirmed state
+//!    ([`state::confirmed`], stored by [`state::store`]); the [`state::ledger`] and the
+//!    [`state::route_lock`] keep one run per export and per route.
+//! 7. [`run`]: the Lambda [`run::handler`] turns an event into export runs; the
+//!    [`run::runner`] drives read → diff → send → commit for one export, fanning a big one out
+//!    in pieces.
+//! 8. [`ops`]: the run [`ops::report`] (every row accounted for), `status`, the dry-run
+//!    summary and adoption.
+//!
+//! [`vocab`] and [`model`] are the shared vocabulary every stage speaks; [`progress`] holds
+//! the live counters a terminal run draws.
 
-pub mod adopt;
-pub mod batch;
-pub mod braze;
 pub mod config;
-pub mod deliver;
-pub mod delta;
-pub mod dry_summary;
+pub mod diff;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod handler;
-pub mod ledger;
 pub mod map;
 pub mod model;
-pub mod order;
+pub mod ops;
 pub mod progress;
-pub mod ranged;
-pub mod rate_limit;
 pub mod read;
-pub mod rejects;
-pub mod report;
-pub mod retry;
-pub mod route;
-pub mod route_lock;
-pub mod runner;
-pub mod snapshot;
-pub mod spill;
-pub mod status;
-pub mod sync;
+pub mod run;
+pub mod send;
+pub mod state;
 pub mod vocab;
-pub mod workspace_share;

@@ -14,16 +14,18 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use braze_sync::braze::{ApiKeyCache, BrazeApi, BrazeClient, ClientOptions, SourceReread};
-use braze_sync::config::{Config, Locations, RoutesLocation, load_routes, load_routes_dir};
-use braze_sync::dry_summary::dry_run_summary;
-use braze_sync::handler::{Handler, HandlerConfig, RunFlags};
-use braze_sync::route::Route;
-use braze_sync::runner::{Continuation, RunnerSettings, SqsContinuation, SyncRunner};
-use braze_sync::snapshot::Snapshot;
-use braze_sync::snapshot::store::StateStore;
-use braze_sync::status::{StatusLocation, read_route_status, render};
-use braze_sync::sync::{ProduceOptions, dry_run, local_parts, open_local_parts, open_s3_part};
+use braze_sync::config::env::{Config, Locations, RoutesLocation, load_routes, load_routes_dir};
+use braze_sync::config::route::Route;
+use braze_sync::diff::in_memory::{
+    ProduceOptions, dry_run, local_parts, open_local_parts, open_s3_part,
+};
+use braze_sync::ops::dry_run::dry_run_summary;
+use braze_sync::ops::status::{StatusLocation, read_route_status, render};
+use braze_sync::run::handler::{Handler, HandlerConfig, RunFlags};
+use braze_sync::run::runner::{Continuation, RunnerSettings, SqsContinuation, SyncRunner};
+use braze_sync::send::braze::{ApiKeyCache, BrazeApi, BrazeClient, ClientOptions, SourceReread};
+use braze_sync::state::confirmed::Snapshot;
+use braze_sync::state::store::StateStore;
 use bridge_shared::object_store::S3Store;
 use bridge_shared::{ObjectStore, S3Uri, logging, runtime};
 use clap::{Parser, Subcommand};
@@ -74,7 +76,7 @@ enum Command {
         #[arg(long)]
         verify_sample: Option<usize>,
         /// Largest share (0..1) of sampled users that may differ.
-        #[arg(long, default_value_t = braze_sync::adopt::DEFAULT_MAX_DIFFER_SHARE)]
+        #[arg(long, default_value_t = braze_sync::ops::adopt::DEFAULT_MAX_DIFFER_SHARE)]
         max_differ_share: f64,
     },
     /// Each route's state, last export, last runs, anything held or skipped, and the lease
@@ -350,10 +352,14 @@ async fn cli(cli: Cli) -> anyhow::Result<()> {
             let (_, snapshot) = state.load(&route).await?;
             let parts: Vec<S3Uri> = if uri.key.ends_with(&route.config.marker_suffix) {
                 let listing = app.store.list(&uri.bucket, uri.folder()).await?;
-                braze_sync::handler::parts_of_marker(&listing, &uri, &route.config.marker_suffix)
-                    .into_iter()
-                    .map(|m| uri.with_key(m.key))
-                    .collect()
+                braze_sync::run::handler::parts_of_marker(
+                    &listing,
+                    &uri,
+                    &route.config.marker_suffix,
+                )
+                .into_iter()
+                .map(|m| uri.with_key(m.key))
+                .collect()
             } else {
                 vec![uri.clone()]
             };
@@ -447,8 +453,8 @@ async fn adopt_cli(
     verify_sample: Option<usize>,
     max_differ_share: f64,
 ) -> anyhow::Result<()> {
-    use braze_sync::adopt::{AdoptOptions, AdoptTarget, UserLookup, adopt};
-    use braze_sync::snapshot::store::Watermark;
+    use braze_sync::ops::adopt::{AdoptOptions, AdoptTarget, UserLookup, adopt};
+    use braze_sync::state::store::Watermark;
     let app = app().await?;
     let uri: S3Uri = target.parse()?;
     let route = app
@@ -472,7 +478,7 @@ async fn adopt_cli(
     };
     let parts: Vec<S3Uri> = if uri.key.ends_with(&route.config.marker_suffix) {
         let listing = app.store.list(&uri.bucket, uri.folder()).await?;
-        braze_sync::handler::parts_of_marker(&listing, &uri, &route.config.marker_suffix)
+        braze_sync::run::handler::parts_of_marker(&listing, &uri, &route.config.marker_suffix)
             .into_iter()
             .map(|m| uri.with_key(m.key))
             .collect()

@@ -100,7 +100,7 @@ pub struct UserDelta {
     pub update_existing_only: bool,
     /// True when the snapshot had never seen this user (the whole profile is sent).
     pub is_new: bool,
-    /// The digest of the export row this delta came from ([`crate::map::digest`]): once Braze
+    /// The digest of the export row this delta came from ([`crate::diff::digest`]): once Braze
     /// confirms the delta, the state records it, and a later row with the same digest is
     /// unchanged without being mapped. `None` (departures, hand-built deltas) clears it.
     pub row_digest: Option<u64>,
@@ -138,7 +138,7 @@ impl UserDelta {
 }
 
 /// How the sender finished with one [`UserDelta`]: every delta handed to
-/// [`deliver`](crate::deliver::deliver) comes back as exactly one outcome.
+/// [`deliver`](crate::send::deliver::deliver) comes back as exactly one outcome.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DeliveryOutcome {
     /// Braze accepted the attribute object (a 2xx that did not list it in `errors[]`): the

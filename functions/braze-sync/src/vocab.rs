@@ -1,5 +1,5 @@
 //! The crate's shared vocabulary: the small value types that the reader ([`crate::read`]), the
-//! mapper ([`crate::map`]) and the route config ([`crate::route`]) all speak — a typed
+//! mapper ([`crate::map`]) and the route config ([`crate::config::route`]) all speak — a typed
 //! [`Cell`], the table [`Format`] and [`Compression`], Amperity's column types, Braze's
 //! standard profile fields and identifier kinds, and what a route slot holds.
 //!

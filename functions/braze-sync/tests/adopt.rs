@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use braze_sim::{SimConfig, SimHandle};
-use braze_sync::adopt::{AdoptError, AdoptOptions, AdoptTarget, UserLookup, adopt};
-use braze_sync::braze::{ApiKey, BrazeClient, ClientOptions, Endpoint};
-use braze_sync::route::Route;
-use braze_sync::snapshot::store::{StateStore, Watermark};
-use braze_sync::sync::{self, Part, ProduceOptions};
+use braze_sync::config::route::Route;
+use braze_sync::diff::in_memory::{self, Part, ProduceOptions};
+use braze_sync::ops::adopt::{AdoptError, AdoptOptions, AdoptTarget, UserLookup, adopt};
+use braze_sync::send::braze::{ApiKey, BrazeClient, ClientOptions, Endpoint};
+use braze_sync::state::store::{StateStore, Watermark};
 use bridge_shared::object_store::MemoryStore;
 use bridge_shared::{ObjectStore, PutCondition, S3Uri};
 use bytes::Bytes;
@@ -157,7 +157,7 @@ async fn adopt_then_a_changed_export_sends_only_the_changes() {
         source: EXPORT.to_string(),
         reader: next.as_bytes(),
     })];
-    let p = sync::plan(parts, &r, &snap, &ProduceOptions::for_route(&r, EXPORT)).unwrap();
+    let p = in_memory::plan(parts, &r, &snap, &ProduceOptions::for_route(&r, EXPORT)).unwrap();
     let objects: Vec<Value> = p.deltas.iter().map(|d| d.to_attribute_object()).collect();
     assert_eq!(
         objects,

@@ -9,11 +9,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use braze_sync::braze::{BrazeApi, ItemError, RateLimitInfo, TrackError, TrackResponse};
-use braze_sync::deliver::{DeliverConfig, DeliverError, DeliveryStats, StopReason, deliver};
 use braze_sync::model::{AttributeChange, DeliveryOutcome, Identifier, RowPos, UserDelta};
-use braze_sync::rate_limit::RateBudget;
-use braze_sync::retry::RetryPolicy;
+use braze_sync::send::braze::{BrazeApi, ItemError, RateLimitInfo, TrackError, TrackResponse};
+use braze_sync::send::deliver::{DeliverConfig, DeliverError, DeliveryStats, StopReason, deliver};
+use braze_sync::send::rate_limit::RateBudget;
+use braze_sync::send::retry::RetryPolicy;
 use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

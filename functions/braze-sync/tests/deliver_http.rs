@@ -14,10 +14,10 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use braze_sync::braze::{ApiKey, BrazeApi, BrazeClient, ClientOptions, Endpoint, TrackError};
-use braze_sync::deliver::{DeliverConfig, DeliverError, deliver};
 use braze_sync::model::{AttributeChange, DeliveryOutcome, Identifier, RowPos, UserDelta};
-use braze_sync::report::{RunReport, RunStatus};
+use braze_sync::ops::report::{RunReport, RunStatus};
+use braze_sync::send::braze::{ApiKey, BrazeApi, BrazeClient, ClientOptions, Endpoint, TrackError};
+use braze_sync::send::deliver::{DeliverConfig, DeliverError, deliver};
 use bytes::Bytes;
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -309,7 +309,7 @@ async fn run_deliver(
     api: &BrazeClient,
     n: usize,
 ) -> (
-    Result<braze_sync::deliver::DeliveryStats, DeliverError>,
+    Result<braze_sync::send::deliver::DeliveryStats, DeliverError>,
     Vec<DeliveryOutcome>,
 ) {
     let (tx, rx) = mpsc::channel(32);
@@ -329,7 +329,7 @@ async fn run_deliver(
         v
     });
     let cfg = DeliverConfig {
-        retry: braze_sync::retry::RetryPolicy {
+        retry: braze_sync::send::retry::RetryPolicy {
             base_delay: Duration::from_millis(5),
             ..Default::default()
         },
@@ -347,8 +347,8 @@ struct StoredKey {
 }
 
 #[async_trait::async_trait]
-impl braze_sync::braze::KeyReread for StoredKey {
-    async fn reread(&self) -> Result<ApiKey, braze_sync::braze::ApiKeyError> {
+impl braze_sync::send::braze::KeyReread for StoredKey {
+    async fn reread(&self) -> Result<ApiKey, braze_sync::send::braze::ApiKeyError> {
         *self.reads.lock().unwrap() += 1;
         ApiKey::new(self.key.lock().unwrap().as_str())
     }

@@ -8,11 +8,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use braze_sim::{Burst429, Faults, SimConfig, SimHandle};
-use braze_sync::braze::{ApiKey, BrazeClient, ClientOptions, Endpoint};
-use braze_sync::deliver::{DeliverConfig, DeliverError, DeliveryStats, deliver};
 use braze_sync::model::{AttributeChange, DeliveryOutcome, Identifier, RowPos, UserDelta};
-use braze_sync::rate_limit::RateBudget;
-use braze_sync::retry::RetryPolicy;
+use braze_sync::send::braze::{ApiKey, BrazeClient, ClientOptions, Endpoint};
+use braze_sync::send::deliver::{DeliverConfig, DeliverError, DeliveryStats, deliver};
+use braze_sync::send::rate_limit::RateBudget;
+use braze_sync::send::retry::RetryPolicy;
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 

@@ -10,11 +10,11 @@ use std::sync::Arc;
 
 use arrow_array::{ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
+use braze_sync::config::route::Route;
+use braze_sync::diff::in_memory::{self, Part, Plan, ProduceOptions, SyncError};
 use braze_sync::model::UserDelta;
-use braze_sync::route::Route;
-use braze_sync::snapshot::Snapshot;
-use braze_sync::snapshot::store::{StateStore, Watermark};
-use braze_sync::sync::{self, Part, Plan, ProduceOptions, SyncError};
+use braze_sync::state::confirmed::Snapshot;
+use braze_sync::state::store::{StateStore, Watermark};
 use bridge_shared::ObjectStore;
 use bridge_shared::object_store::MemoryStore;
 use serde_json::{Value, json};
@@ -67,7 +67,7 @@ fn parts(csv: &str) -> Vec<Result<Part<&[u8]>, SyncError>> {
 
 fn plan(csv: &str, snap: &Snapshot) -> Plan {
     let r = route();
-    sync::plan(
+    in_memory::plan(
         parts(csv),
         &r,
         snap,
@@ -182,7 +182,7 @@ fn only_changes_are_sent_with_null_for_emptied_and_removals_for_users_who_left()
     // Released by the operator, the departure goes.
     let mut release = ProduceOptions::for_route(&r, "s3://in/amperity/customers/export.csv");
     release.allow_departures = true;
-    let p = sync::plan(parts(&export2), &r, &snap, &release).unwrap();
+    let p = in_memory::plan(parts(&export2), &r, &snap, &release).unwrap();
     assert!(p.summary.departures[0].released);
     assert_eq!(
         objects(&p),
@@ -242,7 +242,7 @@ fn full_resend_sends_every_value_again() {
         export_name: "x".into(),
         allow_departures: false,
     };
-    let p = sync::plan(parts(&export1()), &r, &snap, &opts).unwrap();
+    let p = in_memory::plan(parts(&export1()), &r, &snap, &opts).unwrap();
     assert_eq!(p.deltas.len(), 4);
     assert_eq!(
         p.deltas[3].to_attribute_object(),
@@ -303,10 +303,10 @@ fn a_parquet_folder_is_one_export_across_its_parts() {
     )
     .unwrap();
     std::fs::write(folder.join(".DONE"), b"").unwrap();
-    let paths = sync::local_parts(&folder, ".DONE").unwrap();
+    let paths = in_memory::local_parts(&folder, ".DONE").unwrap();
     assert_eq!(paths.len(), 2);
-    let p = sync::plan(
-        sync::open_local_parts(paths),
+    let p = in_memory::plan(
+        in_memory::open_local_parts(paths),
         &r,
         &snap,
         &ProduceOptions::for_route(&r, "folder"),
@@ -339,7 +339,7 @@ fn the_dry_run_prints_payloads_and_a_summary_and_changes_nothing() {
     let mut out = Vec::new();
     let mut rej = Vec::new();
     let csv = format!("{HEADER}1,Ada,,,,,,,,x\n,NoId,,,,,,,,x\n");
-    let summary = sync::dry_run(
+    let summary = in_memory::dry_run(
         parts(&csv),
         &r,
         &snap,

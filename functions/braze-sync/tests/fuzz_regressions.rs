@@ -68,7 +68,9 @@ fn trigger_and_route_inputs_end_in_a_result_not_a_panic() {
                 }
                 if let Ok(text) = std::str::from_utf8(&bytes) {
                     let _ = bridge_shared::trigger::decode_s3_key(text);
-                    if let Ok(route) = braze_sync::route::Route::from_toml(text, "fuzz.toml") {
+                    if let Ok(route) =
+                        braze_sync::config::route::Route::from_toml(text, "fuzz.toml")
+                    {
                         let _ = route.read_options();
                         let _ = route.binding();
                     }
@@ -89,7 +91,7 @@ fn trigger_and_route_inputs_end_in_a_result_not_a_panic() {
     for (path, bytes) in inputs("corpus/route_toml") {
         let text = std::str::from_utf8(&bytes).unwrap();
         assert!(
-            braze_sync::route::Route::from_toml(text, "t").is_ok(),
+            braze_sync::config::route::Route::from_toml(text, "t").is_ok(),
             "{}",
             path.display()
         );

@@ -7,11 +7,11 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use braze_sync::handler::{
+use braze_sync::ops::report::RunStatus;
+use braze_sync::run::handler::{
     ExportPlan, ExportRunner, FORCE_FULL_METADATA, Handler, HandlerConfig, RouteBinding, RunError,
     RunOutcome,
 };
-use braze_sync::report::RunStatus;
 use bridge_shared::S3Uri;
 use bridge_shared::object_store::{MemoryStore, ObjectStore, PutCondition};
 use bytes::Bytes;

@@ -9,10 +9,10 @@ use std::sync::Arc;
 
 use arrow_array::{ArrayRef, Date32Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
+use braze_sync::config::route::Route;
+use braze_sync::diff::in_memory::{self, Part, Plan, ProduceOptions, SyncError};
 use braze_sync::read::{Limits, ReadOptions, read_all_text};
-use braze_sync::route::Route;
-use braze_sync::snapshot::Snapshot;
-use braze_sync::sync::{self, Part, Plan, ProduceOptions, SyncError};
+use braze_sync::state::confirmed::Snapshot;
 use flate2::Compression as GzLevel;
 use flate2::write::GzEncoder;
 use parquet::arrow::ArrowWriter;
@@ -57,7 +57,7 @@ fn route_min() -> Route {
 
 fn run(route: &Route, name: &str, data: &[u8]) -> Result<Plan, SyncError> {
     let snap = Snapshot::for_route(route);
-    sync::plan(
+    in_memory::plan(
         vec![Ok(Part {
             source: name.to_string(),
             reader: data,
@@ -269,7 +269,7 @@ fn an_export_with_no_table_is_an_error() {
     // A marker folder with no parts.
     let snap = Snapshot::for_route(&r);
     let none: Vec<Result<Part<&[u8]>, SyncError>> = Vec::new();
-    let e = sync::plan(
+    let e = in_memory::plan(
         none,
         &r,
         &snap,

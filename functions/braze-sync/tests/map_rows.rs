@@ -4,11 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use braze_sync::config::route::Route;
+use braze_sync::diff::in_memory::{self, Part, Plan, ProduceOptions, SyncError};
+use braze_sync::diff::rejects::RejectLog;
 use braze_sync::read::ReadError;
-use braze_sync::rejects::RejectLog;
-use braze_sync::route::Route;
-use braze_sync::snapshot::Snapshot;
-use braze_sync::sync::{self, Part, Plan, ProduceOptions, SyncError};
+use braze_sync::state::confirmed::Snapshot;
 use serde_json::{Value, json};
 
 fn route(extra: &str) -> Route {
@@ -47,7 +47,7 @@ const HEADER: &[u8] = b"id,email,dob,country,language,tz,email_sub,orders,note,s
 
 fn run(route: &Route, name: &str, data: Vec<u8>) -> Result<Plan, SyncError> {
     let snap = Snapshot::for_route(route);
-    sync::plan(
+    in_memory::plan(
         vec![Ok(Part {
             source: name.to_string(),
             reader: &data[..],

@@ -1,4 +1,4 @@
-//! The bounded diff ([`braze_sync::ranged`]) against the in-memory one ([`sync::plan`]): on
+//! The bounded diff ([`braze_sync::diff::bounded`]) against the in-memory one ([`in_memory::plan`]): on
 //! exports with changed, new, departed, duplicate, unmappable and unidentifiable rows, with
 //! and without a state layout, one or several workers, the departure guard holding or not,
 //! and full resends, both find the same deltas, rejects and counts (only the order differs).
@@ -7,14 +7,14 @@
 
 use std::sync::Mutex;
 
-use braze_sync::model::UserDelta;
-use braze_sync::ranged::{
+use braze_sync::config::route::Route;
+use braze_sync::diff::bounded::{
     RangedSettings, RangedTimes, SplitSnapshot, add_piece, produce_ranged, release_departures,
 };
-use braze_sync::rejects::RowReject;
-use braze_sync::route::Route;
-use braze_sync::snapshot::Snapshot;
-use braze_sync::sync::{self, Part, ProduceOptions, Summary, SyncError};
+use braze_sync::diff::in_memory::{self, Part, ProduceOptions, Summary, SyncError};
+use braze_sync::diff::rejects::RowReject;
+use braze_sync::model::UserDelta;
+use braze_sync::state::confirmed::Snapshot;
 
 const ROUTE: &str = r#"
 name = "big"
@@ -143,7 +143,7 @@ fn in_memory_parts(
     snap: &Snapshot,
     opts: &ProduceOptions,
 ) -> Found {
-    let p = sync::plan(parts, &route(), snap, opts).unwrap();
+    let p = in_memory::plan(parts, &route(), snap, opts).unwrap();
     let mut d = p.deltas;
     d.sort_by_key(key);
     let mut r: Vec<String> = p.rejects.iter().map(reject_key).collect();
@@ -462,7 +462,7 @@ fn one_big_part_mapped_on_several_threads_finds_what_one_thread_finds() {
 fn in_memory_all(csv: &str, snap: &Snapshot, opts: &ProduceOptions) -> Found {
     let mut deltas = Vec::new();
     let mut rejects = Vec::new();
-    let summary = sync::produce(
+    let summary = in_memory::produce(
         parts(csv),
         &route(),
         snap,
@@ -514,7 +514,7 @@ fn a_state_without_digests_records_them_once_then_rows_are_skipped() {
     assert_eq!(a.2.digests_recorded, first.0.len() as u64, "every user");
     assert_eq!(a.1, first.1, "the same rejects");
     assert!(
-        sync::plan(parts(&csv), &r, &old, &opts)
+        in_memory::plan(parts(&csv), &r, &old, &opts)
             .unwrap()
             .deltas
             .is_empty(),

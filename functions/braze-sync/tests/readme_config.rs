@@ -4,7 +4,7 @@
 fn readme_lists_every_variable() {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
         .expect("README.md at the workspace root");
-    for var in braze_sync::config::VARIABLES {
+    for var in braze_sync::config::env::VARIABLES {
         assert!(
             readme.contains(&format!("`{var}`")),
             "README.md does not document {var}"
@@ -16,7 +16,7 @@ fn readme_lists_every_variable() {
 fn readme_warns_against_the_insecure_plain_key_switch() {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
         .expect("README.md at the workspace root");
-    let var = braze_sync::config::INSECURE_PLAIN_KEY_SWITCH;
+    let var = braze_sync::config::env::INSECURE_PLAIN_KEY_SWITCH;
     let row = readme
         .lines()
         .find(|l| l.starts_with(&format!("| `{var}`")))

@@ -1,11 +1,11 @@
 //! Route configs: what is refused (unknown keys, custom attributes that duplicate a standard
 //! field under another name, bad types, rounding, identifiers, delimiters), the demo routes
-//! load, and the README's config reference matches the doc comments in `src/route.rs`
+//! load, and the README's config reference matches the doc comments in `src/config/route.rs`
 //! (regenerate it with `UPDATE_README=1 cargo test -p braze-sync --test route_config`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use braze_sync::route::{Route, RouteError};
+use braze_sync::config::route::{Route, RouteError};
 
 const BASE: &str =
     "name = \"c\"\nprefix = \"p/\"\n[identifier]\nkind = \"external_id\"\ncolumn = \"id\"\n";
@@ -197,17 +197,17 @@ fn order_and_departure_settings_are_checked_naming_the_key() {
 #[test]
 fn every_demo_route_loads() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("routes");
-    let routes = braze_sync::config::load_routes_dir(&dir).unwrap();
+    let routes = braze_sync::config::env::load_routes_dir(&dir).unwrap();
     let c = routes.iter().find(|r| r.name() == "customers").unwrap();
     assert_eq!(c.config.prefix, "amperity/customers/");
     assert!(c.slots.len() >= 15);
     assert!(c.binding().marker_suffix.is_none());
 }
 
-/// The doc comments of the config structs in `src/route.rs`, as markdown tables.
+/// The doc comments of the config structs in `src/config/route.rs`, as markdown tables.
 fn reference_from_source() -> String {
     let src = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/route.rs"),
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/config/route.rs"),
     )
     .unwrap();
     let sections = [

@@ -1,4 +1,4 @@
-//! The real runner taking the bounded diff ([`braze_sync::ranged`]) over an in-memory store and
+//! The real runner taking the bounded diff ([`braze_sync::diff::bounded`]) over an in-memory store and
 //! a recording Braze: a first run lays the state out in hash ranges, a later export sends
 //! exactly its changed, new and departed users and writes only range deltas, a run cut by
 //! its deadline hands over without resending, and checkpoints left by a killed run are folded
@@ -12,13 +12,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use braze_sync::braze::{BrazeApi, TrackError, TrackResponse};
-use braze_sync::handler::{ExportPlan, ExportRunner};
+use braze_sync::config::route::Route;
 use braze_sync::model::{AttributeChange, Identifier, RowPos, UserDelta, fingerprint};
-use braze_sync::route::Route;
-use braze_sync::runner::{Continuation, RunnerSettings, SyncRunner};
-use braze_sync::snapshot::store::StateStore;
-use braze_sync::snapshot::stored_fp;
+use braze_sync::run::handler::{ExportPlan, ExportRunner};
+use braze_sync::run::runner::{Continuation, RunnerSettings, SyncRunner};
+use braze_sync::send::braze::{BrazeApi, TrackError, TrackResponse};
+use braze_sync::state::confirmed::stored_fp;
+use braze_sync::state::store::StateStore;
 use bridge_shared::S3Uri;
 use bridge_shared::object_store::{MemoryStore, ObjectStore, PutCondition};
 use bytes::Bytes;
@@ -315,7 +315,7 @@ async fn big_head(store: &MemoryStore, users: u64, bits: u32) {
 
 #[tokio::test]
 async fn the_memory_check_of_a_bounded_run_counts_one_range_per_worker_not_the_route() {
-    use braze_sync::handler::RunError;
+    use braze_sync::run::handler::RunError;
     let spill = tempfile::tempdir().unwrap();
     let h = Arc::new(Handovers::default());
     let braze = Arc::new(Recorder {

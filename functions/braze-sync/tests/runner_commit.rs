@@ -11,11 +11,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use braze_sync::braze::{BrazeApi, ItemError, TrackError, TrackResponse};
-use braze_sync::handler::{ExportPlan, ExportRunner, RunError};
-use braze_sync::route::Route;
-use braze_sync::runner::{Continuation, RunnerSettings, SyncRunner};
-use braze_sync::snapshot::store::StateStore;
+use braze_sync::config::route::Route;
+use braze_sync::run::handler::{ExportPlan, ExportRunner, RunError};
+use braze_sync::run::runner::{Continuation, RunnerSettings, SyncRunner};
+use braze_sync::send::braze::{BrazeApi, ItemError, TrackError, TrackResponse};
+use braze_sync::state::store::StateStore;
 use bridge_shared::S3Uri;
 use bridge_shared::object_store::{MemoryStore, ObjectStore, PutCondition};
 use bytes::Bytes;

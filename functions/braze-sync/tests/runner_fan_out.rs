@@ -18,15 +18,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use braze_sync::braze::{BrazeApi, TrackError, TrackResponse};
-use braze_sync::handler::{ExportPlan, Handler, HandlerConfig};
+use braze_sync::config::route::Route;
 use braze_sync::model::Identifier;
-use braze_sync::route::Route;
-use braze_sync::route_lock::{lock_uri, read_lock};
-use braze_sync::runner::fan_out::spans;
-use braze_sync::runner::{Continuation, PieceMessage, RunnerSettings, SyncRunner};
-use braze_sync::snapshot::range_of;
-use braze_sync::snapshot::store::StateStore;
+use braze_sync::run::handler::{ExportPlan, Handler, HandlerConfig};
+use braze_sync::run::runner::fan_out::spans;
+use braze_sync::run::runner::{Continuation, PieceMessage, RunnerSettings, SyncRunner};
+use braze_sync::send::braze::{BrazeApi, TrackError, TrackResponse};
+use braze_sync::state::confirmed::range_of;
+use braze_sync::state::route_lock::{lock_uri, read_lock};
+use braze_sync::state::store::StateStore;
 use bridge_shared::S3Uri;
 use bridge_shared::object_store::{MemoryStore, ObjectStore, PutCondition};
 use bytes::Bytes;
@@ -376,13 +376,13 @@ async fn an_export_in_four_pieces_ends_as_a_single_run_with_one_piece_killed_and
     );
 
     // `status` shows the fan-out at work: 2 of 4 pieces done.
-    let at = braze_sync::status::StatusLocation {
+    let at = braze_sync::ops::status::StatusLocation {
         bucket: "state".into(),
         state_prefix: "s/".into(),
         reports_prefix: "r/".into(),
     };
     let now = chrono::Utc::now().timestamp_millis();
-    let st = braze_sync::status::read_route_status(store.clone(), &at, &route(), now)
+    let st = braze_sync::ops::status::read_route_status(store.clone(), &at, &route(), now)
         .await
         .unwrap();
     assert_eq!(st.fan_outs.len(), 1, "{:?}", st.fan_outs);
@@ -463,7 +463,7 @@ async fn an_export_in_four_pieces_ends_as_a_single_run_with_one_piece_killed_and
     // The route lock is released, the ledger says complete, a late piece is a no-op.
     let l = read_lock(store.as_ref(), &lock).await.unwrap().unwrap();
     assert!(l.released);
-    let st = braze_sync::status::read_route_status(store.clone(), &at, &route(), now)
+    let st = braze_sync::ops::status::read_route_status(store.clone(), &at, &route(), now)
         .await
         .unwrap();
     assert!(st.fan_outs.is_empty(), "{:?}", st.fan_outs);
@@ -689,12 +689,16 @@ async fn a_piece_that_fails_for_good_ends_the_fan_out_and_frees_the_route() {
     assert_eq!(late["results"][0]["outcome"], "fan_out_over", "{late}");
     // The ledger says failed (not final): a replay of the export runs again.
     let export_id = report["export_id"].as_str().unwrap().to_string();
-    let entry = braze_sync::ledger::Ledger::for_route(store.as_ref(), "state", "s/", "people")
-        .entry(&export_id)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(entry.status, braze_sync::ledger::LedgerStatus::Failed);
+    let entry =
+        braze_sync::state::ledger::Ledger::for_route(store.as_ref(), "state", "s/", "people")
+            .entry(&export_id)
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(
+        entry.status,
+        braze_sync::state::ledger::LedgerStatus::Failed
+    );
     assert_eq!(outcome(&sync(&fan, "in/e2.csv").await), "fanned_out");
     assert_eq!(queue.pieces.lock().unwrap().len(), 4);
     assert_ne!(queue.pieces.lock().unwrap()[2].run_id, run_id);
@@ -757,7 +761,7 @@ async fn a_replay_takes_over_an_export_whose_fan_out_died() {
 /// and the simulator ends with the profiles a single run gives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pieces_sending_at_once_share_the_workspace_limit() {
-    use braze_sync::braze::{ApiKey, BrazeClient, ClientOptions, Endpoint};
+    use braze_sync::send::braze::{ApiKey, BrazeClient, ClientOptions, Endpoint};
     const KEY: &str = "fan-out-key";
     const LIMIT: u64 = 40;
     let limited = braze_sim::start(braze_sim::SimConfig {
@@ -907,7 +911,7 @@ async fn an_unreadable_control_object_ends_the_fan_out_instead_of_holding_the_ro
 }
 
 /// 2,000 users with a 250-character tier that gzip shrinks ~85×: the parts' size says about
-/// 110 KB of spill (even as text, [`braze_sync::runner::text_bytes`]), the rows spill ~540 KB.
+/// 110 KB of spill (even as text, [`braze_sync::run::runner::text_bytes`]), the rows spill ~540 KB.
 fn wide_gz() -> Bytes {
     wide_gz_without(|_| false)
 }
@@ -1229,13 +1233,13 @@ async fn a_fan_out_whose_pieces_cannot_all_be_queued_leaves_no_phantom_behind() 
         .unwrap()
         .unwrap();
     assert!(lock.released);
-    let at = braze_sync::status::StatusLocation {
+    let at = braze_sync::ops::status::StatusLocation {
         bucket: "state".into(),
         state_prefix: "s/".into(),
         reports_prefix: "r/".into(),
     };
     let now = chrono::Utc::now().timestamp_millis();
-    let st = braze_sync::status::read_route_status(store.clone(), &at, &route(), now)
+    let st = braze_sync::ops::status::read_route_status(store.clone(), &at, &route(), now)
         .await
         .unwrap();
     assert!(st.fan_outs.is_empty(), "{:?}", st.fan_outs);

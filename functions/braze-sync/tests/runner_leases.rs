@@ -12,10 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use braze_sync::braze::{BrazeApi, TrackError, TrackResponse};
-use braze_sync::handler::{ExportPlan, ExportRunner, Handler, HandlerConfig, RunError};
-use braze_sync::route::Route;
-use braze_sync::runner::{Continuation, RunnerSettings, SyncRunner};
+use braze_sync::config::route::Route;
+use braze_sync::run::handler::{ExportPlan, ExportRunner, Handler, HandlerConfig, RunError};
+use braze_sync::run::runner::{Continuation, RunnerSettings, SyncRunner};
+use braze_sync::send::braze::{BrazeApi, TrackError, TrackResponse};
 use bridge_shared::S3Uri;
 use bridge_shared::object_store::{MemoryStore, ObjectStore, PutCondition};
 use bytes::Bytes;

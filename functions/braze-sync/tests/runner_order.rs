@@ -10,12 +10,12 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use braze_sync::braze::{BrazeApi, TrackError, TrackResponse};
-use braze_sync::handler::{ExportPlan, ExportRunner, RunError};
-use braze_sync::report::{RunReport, RunStatus};
-use braze_sync::route::Route;
-use braze_sync::runner::{RunnerSettings, SyncRunner};
-use braze_sync::snapshot::store::{StateStore, Watermark};
+use braze_sync::config::route::Route;
+use braze_sync::ops::report::{RunReport, RunStatus};
+use braze_sync::run::handler::{ExportPlan, ExportRunner, RunError};
+use braze_sync::run::runner::{RunnerSettings, SyncRunner};
+use braze_sync::send::braze::{BrazeApi, TrackError, TrackResponse};
+use braze_sync::state::store::{StateStore, Watermark};
 use bridge_shared::S3Uri;
 use bridge_shared::object_store::{MemoryStore, ObjectStore, PutCondition};
 use bytes::Bytes;

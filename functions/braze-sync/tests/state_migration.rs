@@ -8,10 +8,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use braze_sync::route::Route;
-use braze_sync::snapshot::Snapshot;
-use braze_sync::snapshot::store::{HEAD_FORMAT, StateStore, Watermark};
-use braze_sync::sync::{self, Part, Plan, ProduceOptions};
+use braze_sync::config::route::Route;
+use braze_sync::diff::in_memory::{self, Part, Plan, ProduceOptions};
+use braze_sync::state::confirmed::Snapshot;
+use braze_sync::state::store::{HEAD_FORMAT, StateStore, Watermark};
 use bridge_shared::object_store::MemoryStore;
 use bridge_shared::{ObjectStore, PutCondition, S3Uri};
 use bytes::Bytes;
@@ -53,7 +53,7 @@ fn plan(csv: &str, snap: &Snapshot) -> Plan {
         source: SOURCE.to_string(),
         reader: csv.as_bytes(),
     })];
-    sync::plan(parts, &r, snap, &ProduceOptions::for_route(&r, SOURCE)).unwrap()
+    in_memory::plan(parts, &r, snap, &ProduceOptions::for_route(&r, SOURCE)).unwrap()
 }
 
 async fn keys(mem: &Arc<dyn ObjectStore>) -> Vec<String> {

@@ -116,7 +116,7 @@ impl Stack {
                 ("CONTINUATION_QUEUE_URL", url.clone()),
                 ("RUST_LOG", "info".to_string()),
                 (
-                    braze_sync::config::INSECURE_PLAIN_KEY_SWITCH,
+                    braze_sync::config::env::INSECURE_PLAIN_KEY_SWITCH,
                     "1".to_string(),
                 ),
             ] {
@@ -200,7 +200,7 @@ impl Stack {
                 ("BRAZE_REST_ENDPOINT", sim.base_url()),
                 ("BRAZE_API_KEY", BRAZE_KEY.to_string()),
                 (
-                    braze_sync::config::INSECURE_PLAIN_KEY_SWITCH,
+                    braze_sync::config::env::INSECURE_PLAIN_KEY_SWITCH,
                     "1".to_string(),
                 ),
             ] {

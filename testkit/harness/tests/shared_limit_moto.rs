@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use braze_sim::{Faults, SimConfig, SimHandle};
-use braze_sync::braze::{ApiKey, BrazeClient, ClientOptions, Endpoint};
-use braze_sync::deliver::{DeliverConfig, DeliveryStats, deliver};
 use braze_sync::model::{AttributeChange, DeliveryOutcome, Identifier, RowPos, UserDelta};
-use braze_sync::rate_limit::RateBudget;
-use braze_sync::workspace_share::{SenderRegistry, ShareSettings, WorkspaceShare};
+use braze_sync::send::braze::{ApiKey, BrazeClient, ClientOptions, Endpoint};
+use braze_sync::send::deliver::{DeliverConfig, DeliveryStats, deliver};
+use braze_sync::send::rate_limit::RateBudget;
+use braze_sync::send::workspace_share::{SenderRegistry, ShareSettings, WorkspaceShare};
 use bridge_shared::ObjectStore;
 use bridge_shared::object_store::S3Store;
 use harness::moto::Moto;

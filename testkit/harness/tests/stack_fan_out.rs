@@ -225,7 +225,7 @@ async fn pieces_in_concurrent_invocations_share_the_rate_limit() -> anyhow::Resu
         ("BRAZE_MAX_OBJECTS_PER_REQUEST", "10".to_string()),
         ("RUST_LOG", "info".to_string()),
         (
-            braze_sync::config::INSECURE_PLAIN_KEY_SWITCH,
+            braze_sync::config::env::INSECURE_PLAIN_KEY_SWITCH,
             "1".to_string(),
         ),
     ] {

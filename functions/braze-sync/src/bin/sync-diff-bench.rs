@@ -14,9 +14,9 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use braze_sync::route::Route;
-use braze_sync::snapshot::Snapshot;
-use braze_sync::sync::{self, Part, ProduceOptions};
+use braze_sync::config::route::Route;
+use braze_sync::diff::in_memory::{self, Part, ProduceOptions};
+use braze_sync::state::confirmed::Snapshot;
 use serde_json::json;
 
 const ROUTE: &str = include_str!("../../routes/customers.toml");
@@ -70,8 +70,8 @@ fn vm_hwm_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn parts(path: &Path) -> Vec<Result<Part<std::fs::File>, sync::SyncError>> {
-    sync::open_local_parts(vec![path.to_path_buf()]).collect()
+fn parts(path: &Path) -> Vec<Result<Part<std::fs::File>, in_memory::SyncError>> {
+    in_memory::open_local_parts(vec![path.to_path_buf()]).collect()
 }
 
 /// Child: load the state, then time the bare CSV read and parse + map + diff.
@@ -109,7 +109,7 @@ fn diff_child(dir: &Path) {
     let opts = ProduceOptions::for_route(&route, "export-2.csv");
     let t = Instant::now();
     let mut changed_attrs = 0u64;
-    let summary = sync::produce(
+    let summary = in_memory::produce(
         parts(&export),
         &route,
         &snap,
@@ -163,7 +163,7 @@ fn main() {
     let route = Route::from_toml(ROUTE, "customers.toml").unwrap();
     let mut snap = Snapshot::for_route(&route);
     let t = Instant::now();
-    let seed = sync::produce(
+    let seed = in_memory::produce(
         parts(&first),
         &route,
         &Snapshot::for_route(&route),
@@ -179,7 +179,7 @@ fn main() {
     snap.compact();
     let first_run_s = t.elapsed().as_secs_f64();
     for (i, shard) in snap
-        .base_shards(braze_sync::snapshot::store::SHARD_BYTES)
+        .base_shards(braze_sync::state::store::SHARD_BYTES)
         .enumerate()
     {
         std::fs::write(dir.join(format!("state-{i:04}.bin")), shard).unwrap();

@@ -1,5 +1,5 @@
 //! `make bench` figure for big routes: a 10,000,000-user, 20-column route (`--users N` to
-//! change it) through the bounded diff ([`braze_sync::ranged`]) and the ranged commit, the
+//! change it) through the bounded diff ([`braze_sync::diff::bounded`]) and the ranged commit, the
 //! worker running as a child process under a 512 MB address-space limit (`prlimit --as`;
 //! no user systemd/cgroup here), its state in a file-backed object store.
 //!
@@ -32,11 +32,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use async_trait::async_trait;
+use braze_sync::config::route::Route;
+use braze_sync::diff::bounded::{RangedSettings, RangedTimes, StoreRanges, produce_ranged};
+use braze_sync::diff::in_memory::{self, ProduceOptions, Stop};
 use braze_sync::model::UserDelta;
-use braze_sync::ranged::{RangedSettings, RangedTimes, StoreRanges, produce_ranged};
-use braze_sync::route::Route;
-use braze_sync::snapshot::store::{StateStore, Watermark};
-use braze_sync::sync::{self, ProduceOptions, Stop};
+use braze_sync::state::store::{StateStore, Watermark};
 use bridge_shared::object_store::{ObjectMeta, ObjectReader, ObjectStore, PutCondition};
 use bridge_shared::{S3Uri, StoreError};
 use bytes::Bytes;
@@ -285,7 +285,7 @@ fn worker(dir: &Path, export: &Path, tag: &str) {
         let range_users = std::env::var("SCALE_RANGE_USERS")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(braze_sync::snapshot::store::RANGE_USERS);
+            .unwrap_or(braze_sync::state::store::RANGE_USERS);
         let state = StateStore::new(store.clone(), "state", "s/", "customers")
             .with_range_users(range_users);
         let mut head = state.read_head().await.unwrap();
@@ -318,7 +318,7 @@ fn worker(dir: &Path, export: &Path, tag: &str) {
         let t = Instant::now();
         let producer = tokio::task::spawn_blocking(move || {
             produce_ranged(
-                sync::open_local_parts(sync::local_parts(&export, ".DONE").unwrap()),
+                in_memory::open_local_parts(in_memory::local_parts(&export, ".DONE").unwrap()),
                 &r2,
                 &ranges,
                 &opts,
@@ -471,10 +471,10 @@ fn main() {
     }
     let users: u64 = arg(&args, "--users").unwrap_or(10_000_000);
     let limit_mb: u64 = arg(&args, "--limit-mb").unwrap_or(512);
-    let parts: u64 = arg(&args, "--parts").unwrap_or(braze_sync::ranged::cores() as u64);
+    let parts: u64 = arg(&args, "--parts").unwrap_or(braze_sync::diff::bounded::cores() as u64);
     // Users per state range (smaller ranges: more of them, for tests of the bounded path).
     let range_users: u64 =
-        arg(&args, "--range-users").unwrap_or(braze_sync::snapshot::store::RANGE_USERS);
+        arg(&args, "--range-users").unwrap_or(braze_sync::state::store::RANGE_USERS);
     let out_path: PathBuf = arg(&args, "--out").unwrap_or_else(|| {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench/sync-scale.json")
     });
@@ -495,7 +495,7 @@ fn main() {
     let mut rec = csv::ByteRecord::new();
     let mut bare_rows = 0u64;
     let mut bytes = 0usize;
-    for part in sync::local_parts(&second, ".DONE").unwrap() {
+    for part in in_memory::local_parts(&second, ".DONE").unwrap() {
         let mut rdr = csv::ReaderBuilder::new().from_path(&part).unwrap();
         while rdr.read_byte_record(&mut rec).unwrap() {
             bare_rows += 1;
@@ -527,7 +527,7 @@ fn main() {
     });
 
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
-    let cores = braze_sync::ranged::cores();
+    let cores = braze_sync::diff::bounded::cores();
     let rows = f(&run2, "rows");
     let produce = f(&run2, "produce_wall_s");
     let all_rps = rows / produce;

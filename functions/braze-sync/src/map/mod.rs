@@ -8,16 +8,15 @@
 //! `serde_json::Value` is built only for attributes that changed. [`MappedUser`] is the
 //! owned, simple form for tests and callers that want values.
 
-pub mod digest;
 pub mod fields;
 pub mod types;
 
 use serde_json::Value;
 use xxhash_rust::xxh3::Xxh3Default;
 
+use crate::config::route::Route;
 use crate::model::{Fingerprint, Identifier, RowPos, UserKey};
 use crate::read::{ReadError, Row};
-use crate::route::Route;
 use crate::vocab::AmperityType;
 use crate::vocab::{Cell, IdentifierKind, OnLeave, SlotKind, StringPolicy};
 use fields::StdValue;
@@ -25,9 +24,9 @@ use fields::StdValue;
 /// Where each column the route reads sits in a source's header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Binding {
-    id: usize,
-    label: Option<usize>,
-    slots: Vec<Option<usize>>,
+    pub(crate) id: usize,
+    pub(crate) label: Option<usize>,
+    pub(crate) slots: Vec<Option<usize>>,
     /// Header columns the route does not read (warned about once per run).
     pub unknown_columns: Vec<String>,
 }
@@ -222,7 +221,7 @@ impl MappedRow {
     }
 
     /// Appends this row's compact binary form (key, identifier, values) to `out`, for
-    /// [`crate::spill`]; [`MappedRow::decode_from`] reads it back into an equal row. Text
+    /// [`crate::state::spill`]; [`MappedRow::decode_from`] reads it back into an equal row. Text
     /// spans are written as varints relative to the previous span's end (mapped text is laid
     /// out in order, so most are one byte each), integers as zigzag varints.
     pub fn encode_into(&self, out: &mut Vec<u8>) {

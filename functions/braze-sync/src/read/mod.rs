@@ -16,13 +16,13 @@
 //! confirmed by sniffing the first bytes (see [`format`]); a route that declares one thing while
 //! the bytes say another fails with [`ReadError::Mismatch`].
 
-pub mod batch;
 pub mod delimited;
 pub mod format;
 pub mod json;
 pub mod limit;
 pub mod parquet;
 pub mod parquet_pages;
+pub mod row_codec;
 
 use std::io::Read;
 use std::path::PathBuf;

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use braze_sync::braze::{ItemError, RateLimitInfo, TrackResponse};
+use braze_sync::send::braze::{ItemError, RateLimitInfo, TrackResponse};
 use bridge_shared::object_store::{
     MemoryStore, ObjectMeta, ObjectReader, ObjectStore, PutCondition,
 };

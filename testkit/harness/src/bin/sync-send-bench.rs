@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use braze_sim::{Faults, SimConfig};
-use braze_sync::braze::{ApiKey, BrazeClient, ClientOptions, Endpoint};
-use braze_sync::deliver::{DeliverConfig, DeliveryStats, deliver};
 use braze_sync::model::{AttributeChange, DeliveryOutcome, Identifier, RowPos, UserDelta};
-use braze_sync::workspace_share::{SenderRegistry, ShareSettings, WorkspaceShare};
+use braze_sync::send::braze::{ApiKey, BrazeClient, ClientOptions, Endpoint};
+use braze_sync::send::deliver::{DeliverConfig, DeliveryStats, deliver};
+use braze_sync::send::workspace_share::{SenderRegistry, ShareSettings, WorkspaceShare};
 use bridge_shared::ObjectStore;
 use bridge_shared::object_store::S3Store;
 use serde_json::{Value, json};

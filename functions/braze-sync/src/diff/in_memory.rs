@@ -1,0 +1,542 @@
+//! One export, read → map → diff, as a blocking producer: every part is read in order, each
+//! row mapped and diffed against the confirmed [`Snapshot`], and each resulting
+//! [`UserDelta`] handed to a callback as soon as it exists (the Lambda path sends it into a
+//! bounded channel to the sender while reading goes on). Rejected rows go to another
+//! callback. After the last part, users who left an audience get their removals (when the
+//! route asks). The snapshot is only read here: nothing in this module advances state.
+//!
+//! [`dry_run`] prints the attribute objects that would be sent and a summary, without
+//! sending or committing. [`blocking_reader`] and [`open_s3_part`] bridge S3's async streams
+//! into the synchronous reader (run the producer in `spawn_blocking`).
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bridge_shared::object_store::{ObjectMeta, ObjectReader};
+use bridge_shared::{ObjectStore, S3Uri, StoreError};
+use serde::Serialize;
+use tokio_util::io::SyncIoBridge;
+use tracing::warn;
+
+use crate::config::route::Route;
+use crate::diff::digest::TableDigest;
+use crate::diff::rejects::RowReject;
+use crate::diff::user::{self, AudienceDepartures, Seen};
+use crate::map::{Binding, MapOutcome, MappedRow, Mapper};
+use crate::model::{RowPos, UserDelta};
+use crate::read::{self, ReadError, RowItem, RowSource};
+use crate::state::confirmed::{Snapshot, stored_digest};
+
+/// Counts of one run's planning.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Summary {
+    /// Data rows read (good and bad).
+    pub rows_read: u64,
+    /// Rows rejected.
+    pub rejected: u64,
+    /// Rows whose user had nothing to change.
+    pub unchanged: u64,
+    /// Of those, users whose row digest the state records anew (same values from other
+    /// cells, or a state written before digests): nothing is sent, the next run skips them
+    /// without mapping.
+    pub digests_recorded: u64,
+    /// Users with at least one change (new users included, departures not).
+    pub users_changed: u64,
+    /// Of those, users the state had never confirmed.
+    pub users_new: u64,
+    /// Attribute changes in all deltas (departures included).
+    pub attributes_changed: u64,
+    /// Users who left an audience (absent from the export) and get its `on_leave` value.
+    pub users_departed: u64,
+    /// Departed members whose identifier the state does not hold.
+    pub departures_unaddressable: u64,
+    /// Rows whose identifier could not be read (unparseable rows, empty or invalid
+    /// identifiers): when there are any, departures are held.
+    pub rows_without_identifier: u64,
+    /// Departures by absence per audience: members before, leaving, sent, held and why.
+    pub departures: Vec<AudienceDepartures>,
+    /// Tables read (parts, archive members).
+    pub tables: u64,
+    /// Header columns the route does not map (warned once per run).
+    pub ignored_columns: Vec<String>,
+}
+
+/// The producer was asked to stop (the receiving side is gone or the run is out of time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stop(pub String);
+
+/// Why a run's planning failed: nothing of it may be committed.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// An object cannot be read (unknown format, truncated gzip, missing identifier column).
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// A part could not be opened.
+    #[error("opening {uri}: {error}")]
+    Open {
+        /// The part.
+        uri: String,
+        /// Why.
+        error: StoreError,
+    },
+    /// The delta callback asked to stop.
+    #[error("stopped: {0}")]
+    Stopped(String),
+    /// The bounded diff's local spill failed (or would outgrow the local storage).
+    #[error(transparent)]
+    Spill(crate::state::spill::SpillError),
+    /// The bounded diff's partition step outgrew the local storage before anything was
+    /// diffed or sent, with what it measured so far (a run with a continuation queue fans
+    /// the export out from these figures instead of failing).
+    #[error(transparent)]
+    SpillOverflow(crate::diff::bounded::SpillOverflow),
+    /// A hash range of the confirmed state could not be loaded.
+    #[error("loading state range {range}: {message}")]
+    State {
+        /// The range.
+        range: usize,
+        /// Why.
+        message: String,
+        /// Whether a retry can succeed.
+        retryable: bool,
+    },
+}
+
+impl SyncError {
+    /// Whether a retry can succeed (a store hiccup or a stop), as opposed to a file that
+    /// will never read.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            SyncError::Read(ReadError::Io { error, .. }) => {
+                error.kind() != std::io::ErrorKind::UnexpectedEof
+                    && error.kind() != std::io::ErrorKind::InvalidData
+                    && error.kind() != std::io::ErrorKind::InvalidInput
+            }
+            SyncError::Read(_) => false,
+            SyncError::Open { error, .. } => error.is_retryable(),
+            SyncError::Stopped(_) => true,
+            SyncError::Spill(e) => !matches!(e, crate::state::spill::SpillError::Full { .. }),
+            SyncError::SpillOverflow(_) => false,
+            SyncError::State { retryable, .. } => *retryable,
+        }
+    }
+}
+
+/// One part of an export: its address and its bytes.
+pub struct Part<R> {
+    /// `s3://bucket/key` (or a local path).
+    pub source: String,
+    /// The bytes.
+    pub reader: R,
+}
+
+/// How to plan a run.
+#[derive(Debug, Clone, Default)]
+pub struct ProduceOptions {
+    /// Resend every non-empty value, ignoring confirmed state (route `full_resend` or a
+    /// forced replay).
+    pub full_resend: bool,
+    /// Send audience removals for confirmed members absent from this export. Only for a
+    /// complete export of everyone the route covers.
+    pub departures: bool,
+    /// The export's name, used as the source of departure deltas.
+    pub export_name: String,
+    /// Send departures the guard would hold (the operator's release).
+    pub allow_departures: bool,
+}
+
+impl ProduceOptions {
+    /// Options from the route: its `full_resend`, departures when it tracks them.
+    pub fn for_route(route: &Route, export_name: &str) -> Self {
+        Self {
+            full_resend: route.config.full_resend,
+            departures: route.tracks_departures(),
+            export_name: export_name.to_string(),
+            allow_departures: false,
+        }
+    }
+}
+
+struct Planner<'a> {
+    route: &'a Route,
+    snapshot: &'a Snapshot,
+    opts: &'a ProduceOptions,
+    mapper: Mapper<'a>,
+    seen: Seen,
+    mapped: MappedRow,
+    buf: Vec<u8>,
+    summary: Summary,
+    ignored: BTreeSet<String>,
+    /// [`crate::diff::digest::route_seed`] of the route.
+    route_seed: u64,
+    /// The snapshot's [`crate::state::confirmed::ROW_DIGEST`] slot.
+    digest_slot: Option<usize>,
+    encoded: Vec<u8>,
+}
+
+impl Planner<'_> {
+    fn table(
+        &mut self,
+        src: &mut dyn RowSource,
+        on_delta: &mut dyn FnMut(UserDelta) -> Result<(), Stop>,
+        on_reject: &mut dyn FnMut(RowReject),
+    ) -> Result<(), SyncError> {
+        self.summary.tables += 1;
+        let header = src.header().to_vec();
+        let source = src.source().to_string();
+        let binding = Binding::new(self.route, &header, &source)?;
+        self.ignored.extend(binding.unknown_columns.iter().cloned());
+        let table = TableDigest::new(self.route_seed, &binding, header.len());
+        while let Some(item) = src.next_row()? {
+            self.summary.rows_read += 1;
+            crate::progress::LIVE.row_read();
+            let row = match item {
+                RowItem::Bad(b) => {
+                    self.summary.rejected += 1;
+                    self.summary.rows_without_identifier += 1;
+                    on_reject(RowReject::unreadable(&source, b));
+                    continue;
+                }
+                RowItem::Row(r) => r,
+            };
+            let pos = || RowPos {
+                source: source.clone(),
+                row: row.row,
+                line: row.line,
+            };
+            // The user's state is looked up as soon as the key is known, before the values
+            // are mapped, so the memory accesses overlap with the mapping work.
+            let mapped = self
+                .mapper
+                .map_key(&binding, &header, &row, &mut self.mapped);
+            let state = match mapped {
+                Ok(()) => self.snapshot.get(self.mapped.key),
+                Err(_) => None,
+            };
+            // The row the state's values came from, again: unchanged without mapping (see
+            // `crate::diff::digest`).
+            let mut digest = None;
+            let mut recorded = false;
+            if mapped.is_ok() {
+                self.encoded.clear();
+                let d = table.encode(row.cells, &mut self.encoded);
+                digest = Some(d);
+                recorded = self
+                    .digest_slot
+                    .and_then(|slot| state.and_then(|st| st.fp(slot)))
+                    == Some(stored_digest(d));
+                if recorded && !self.opts.full_resend && self.seen.insert(self.mapped.key, state) {
+                    self.summary.unchanged += 1;
+                    continue;
+                }
+            }
+            if let Some(st) = &state {
+                std::hint::black_box(st.touch());
+            }
+            let mapped = mapped.and_then(|()| {
+                self.mapper
+                    .map_values(&binding, &header, &row, &mut self.mapped)
+            });
+            if let Err((outcome, e)) = mapped {
+                self.summary.rejected += 1;
+                let identifier = match outcome {
+                    MapOutcome::Identified => {
+                        // The user is in the export: never treat them as departed.
+                        self.seen.insert(self.mapped.key, state);
+                        Some(self.mapped.identifier())
+                    }
+                    MapOutcome::NoIdentifier => {
+                        self.summary.rows_without_identifier += 1;
+                        None
+                    }
+                };
+                on_reject(RowReject::unmapped(&source, &row, e, identifier));
+                continue;
+            }
+            let first = !recorded || self.opts.full_resend;
+            if !first || !self.seen.insert(self.mapped.key, state) {
+                self.summary.rejected += 1;
+                on_reject(RowReject {
+                    pos: pos(),
+                    column: Some(self.route.config.identifier.column.clone()),
+                    reason: "duplicate identifier: the user already appeared earlier in this export; the earlier row is kept and this one is not sent".into(),
+                    identifier: Some(self.mapped.identifier()),
+                });
+                continue;
+            }
+            let changes = user::changes(
+                state,
+                &self.mapped,
+                self.route,
+                self.opts.full_resend,
+                &mut self.buf,
+            );
+            if changes.is_empty() {
+                self.summary.unchanged += 1;
+                // Same values from other cells: a records-only delta (nothing is sent).
+                if state.is_none() || self.digest_slot.is_none() || recorded {
+                    continue;
+                }
+                self.summary.digests_recorded += 1;
+            } else {
+                self.summary.users_changed += 1;
+                self.summary.attributes_changed += changes.len() as u64;
+                self.summary.users_new += u64::from(state.is_none());
+            }
+            on_delta(UserDelta {
+                identifier: self.mapped.identifier(),
+                pos: pos(),
+                changes,
+                update_existing_only: self.route.config.update_existing_only,
+                is_new: state.is_none(),
+                row_digest: digest,
+            })
+            .map_err(|s| SyncError::Stopped(s.0))?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads, maps and diffs every part of one export, calling `on_delta` for each user to send
+/// and `on_reject` for each rejected row, then (when asked) sends departures. Blocking: run it
+/// in `spawn_blocking`. An `Err` means the export is not fully planned and nothing of it may
+/// be committed (deltas already handed over may have been sent; the state does not move, so
+/// a replay sends them again).
+pub fn produce<I, R>(
+    parts: I,
+    route: &Route,
+    snapshot: &Snapshot,
+    opts: &ProduceOptions,
+    on_delta: &mut dyn FnMut(UserDelta) -> Result<(), Stop>,
+    on_reject: &mut dyn FnMut(RowReject),
+) -> Result<Summary, SyncError>
+where
+    I: IntoIterator<Item = Result<Part<R>, SyncError>>,
+    R: Read,
+{
+    let read_opts = route.read_options();
+    let mut p = Planner {
+        route,
+        snapshot,
+        opts,
+        mapper: Mapper::new(route),
+        seen: Seen::new(snapshot),
+        mapped: MappedRow::default(),
+        buf: Vec::with_capacity(256),
+        summary: Summary::default(),
+        ignored: BTreeSet::new(),
+        route_seed: crate::diff::digest::route_seed(route),
+        digest_slot: snapshot.slot_of_name(crate::state::confirmed::ROW_DIGEST),
+        encoded: Vec::with_capacity(256),
+    };
+    for part in parts {
+        let part = part?;
+        read::read_export(
+            part.reader,
+            &part.source,
+            &read_opts,
+            &mut |src: &mut dyn RowSource| p.table(src, on_delta, on_reject),
+        )?;
+    }
+    // An export must hold a table, and rows unless the route expects empty ones: an empty
+    // export would otherwise read as every member leaving every audience.
+    if p.summary.tables == 0 {
+        return Err(ReadError::NoTable {
+            source_name: opts.export_name.clone(),
+            detail: "no part, or only folders, links or hidden files in its archives".into(),
+        }
+        .into());
+    }
+    if p.summary.rows_read == 0 && !route.config.allow_empty {
+        return Err(ReadError::EmptyExport {
+            source_name: opts.export_name.clone(),
+        }
+        .into());
+    }
+    if !p.ignored.is_empty() {
+        warn!(route = route.name(), columns = ?p.ignored, "Export columns not mapped by the route are ignored.");
+    }
+    let mut summary = std::mem::take(&mut p.summary);
+    summary.ignored_columns = p.ignored.into_iter().collect();
+    if opts.departures {
+        let mut d = user::departures(snapshot, route, &p.seen, &opts.export_name);
+        user::guard_departures(
+            &mut d,
+            summary.rows_without_identifier,
+            opts.allow_departures,
+        );
+        summary.departures_unaddressable = d.unaddressable;
+        for a in &d.audiences {
+            if let Some(reason) = &a.held_because {
+                warn!(route = route.name(), audience = %a.audience, held = a.held, reason = %reason,
+                      "Departures held: not sent until an operator releases them.");
+            }
+        }
+        summary.departures = d.audiences;
+        for delta in d.deltas {
+            summary.users_departed += 1;
+            summary.attributes_changed += delta.changes.len() as u64;
+            on_delta(delta).map_err(|s| SyncError::Stopped(s.0))?;
+        }
+    }
+    Ok(summary)
+}
+
+/// Everything [`plan`] found.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    /// Deltas in the order they would be sent.
+    pub deltas: Vec<UserDelta>,
+    /// Rejected rows.
+    pub rejects: Vec<RowReject>,
+    /// Counts.
+    pub summary: Summary,
+}
+
+/// [`produce`] into memory (tests, small exports): the deltas to send (not the ones that only
+/// record a row digest, [`UserDelta::records_only`]).
+pub fn plan<I, R>(
+    parts: I,
+    route: &Route,
+    snapshot: &Snapshot,
+    opts: &ProduceOptions,
+) -> Result<Plan, SyncError>
+where
+    I: IntoIterator<Item = Result<Part<R>, SyncError>>,
+    R: Read,
+{
+    let mut deltas = Vec::new();
+    let mut rejects = Vec::new();
+    let summary = produce(
+        parts,
+        route,
+        snapshot,
+        opts,
+        &mut |d| {
+            if !d.records_only() {
+                deltas.push(d);
+            }
+            Ok(())
+        },
+        &mut |r| rejects.push(r),
+    )?;
+    Ok(Plan {
+        deltas,
+        rejects,
+        summary,
+    })
+}
+
+/// The dry run: writes each attribute object that would be sent as one JSON line to
+/// `payloads`, each reject as one NDJSON line to `rejects`, and finally
+/// `{"summary": {...}}` to `payloads`. Sends nothing and commits nothing.
+pub fn dry_run<I, R>(
+    parts: I,
+    route: &Route,
+    snapshot: &Snapshot,
+    opts: &ProduceOptions,
+    payloads: &mut dyn Write,
+    rejects: &mut dyn Write,
+) -> Result<Summary, SyncError>
+where
+    I: IntoIterator<Item = Result<Part<R>, SyncError>>,
+    R: Read,
+{
+    let mut write_err: Option<std::io::Error> = None;
+    let mut line = Vec::with_capacity(512);
+    let summary = produce(
+        parts,
+        route,
+        snapshot,
+        opts,
+        &mut |d| {
+            if d.records_only() {
+                return Ok(());
+            }
+            line.clear();
+            let _ = serde_json::to_writer(&mut line, &d.to_attribute_object());
+            line.push(b'\n');
+            payloads.write_all(&line).map_err(|e| {
+                let stop = Stop(format!("writing the dry-run output: {e}"));
+                write_err = Some(e);
+                stop
+            })
+        },
+        &mut |r| {
+            let mut l = Vec::new();
+            r.write_line(&mut l);
+            let _ = rejects.write_all(&l);
+        },
+    )?;
+    if let Some(e) = write_err {
+        return Err(SyncError::Stopped(e.to_string()));
+    }
+    let _ = writeln!(payloads, "{}", serde_json::json!({ "summary": summary }));
+    Ok(summary)
+}
+
+/// Wraps an S3 stream as a blocking reader for the producer (call from a blocking thread,
+/// e.g. `tokio::task::spawn_blocking`, with the runtime's handle).
+pub fn blocking_reader(
+    reader: ObjectReader,
+    handle: tokio::runtime::Handle,
+) -> SyncIoBridge<ObjectReader> {
+    SyncIoBridge::new_with_handle(reader, handle)
+}
+
+/// Opens one S3 part for the producer, from a blocking thread.
+pub fn open_s3_part(
+    store: &Arc<dyn ObjectStore>,
+    uri: &S3Uri,
+    handle: &tokio::runtime::Handle,
+) -> Result<(ObjectMeta, Part<SyncIoBridge<ObjectReader>>), SyncError> {
+    let (meta, reader) =
+        handle
+            .block_on(store.get_reader(uri))
+            .map_err(|error| SyncError::Open {
+                uri: uri.to_string(),
+                error,
+            })?;
+    Ok((
+        meta,
+        Part {
+            source: uri.to_string(),
+            reader: blocking_reader(reader, handle.clone()),
+        },
+    ))
+}
+
+/// The parts of a local export: the file itself, or the files of a folder (a Parquet folder,
+/// split parts) in name order without markers and hidden files.
+pub fn local_parts(path: &Path, marker_suffix: &str) -> std::io::Result<Vec<PathBuf>> {
+    if path.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut parts: Vec<PathBuf> = std::fs::read_dir(path)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            !name.starts_with('.') && !name.starts_with('_') && !name.ends_with(marker_suffix)
+        })
+        .collect();
+    parts.sort();
+    Ok(parts)
+}
+
+/// Opens local parts lazily, for [`produce`].
+pub fn open_local_parts(
+    paths: Vec<PathBuf>,
+) -> impl Iterator<Item = Result<Part<std::fs::File>, SyncError>> {
+    paths.into_iter().map(|p| {
+        let source = p.display().to_string();
+        std::fs::File::open(&p)
+            .map(|reader| Part {
+                source: source.clone(),
+                reader,
+            })
+            .map_err(|e| SyncError::Read(ReadError::io(&source, "opening the file", e)))
+    })
+}

@@ -1,0 +1,676 @@
+//! Adoption: the first sync of a route whose values Braze already has (a team moving from
+//! another sync or a CSV import). [`adopt`] records an export as confirmed **without sending
+//! it**, so the next export sends only what changed since. With a verify sample it first
+//! fetches that many random users of the export from Braze (`POST /users/export/ids`, 50
+//! identifiers per call, within that endpoint's own rate limit) and refuses to adopt, listing
+//! the differences, when more than `max_differ_share` of them differ.
+//!
+//! Adoption holds the route lock (no sync of the route runs meanwhile), writes the state
+//! range by range in bounded memory like a bounded run (the export diffed one hash range at a
+//! time, what it records spilled by range and committed range by range; no checkpoints,
+//! since nothing is sent: a killed adoption simply runs again; a format-1 state is adopted
+//! in memory, its migration), and writes a report (`<REPORTS_PREFIX><route>/adopt-<time>.json`)
+//! whether it adopts or refuses.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bridge_shared::{ObjectStore, S3Uri};
+use serde::Serialize;
+use serde_json::Value;
+use tracing::info;
+
+use crate::config::route::Route;
+use crate::diff::bounded::{RangedSettings, StoreRanges, produce_ranged};
+use crate::diff::in_memory::{ProduceOptions, Stop, Summary, SyncError, open_s3_part, produce};
+use crate::model::{Identifier, UserDelta};
+use crate::state::confirmed::Snapshot;
+use crate::state::route_lock::{RouteLock, lock_uri};
+use crate::state::spill::SpillDir;
+use crate::state::store::{
+    CommitStats, Head, LEGACY_HEAD_FORMAT, RecordSpill, StateError, StateStore, Watermark,
+    record_spill_bits,
+};
+
+/// Default largest share of sampled users that may differ from Braze.
+pub const DEFAULT_MAX_DIFFER_SHARE: f64 = 0.02;
+/// Identifiers per `/users/export/ids` call (Braze's limit).
+pub const EXPORT_IDS_BATCH: usize = 50;
+/// Differences listed in the report and the refusal message at most.
+pub const DIFFERENCES_LISTED: usize = 100;
+
+/// Reads profiles back from Braze.
+#[async_trait]
+pub trait UserLookup: Send + Sync {
+    /// The profiles of up to [`EXPORT_IDS_BATCH`] users, in Braze's export shape (standard
+    /// fields at the top level, custom attributes under `custom_attributes`); users Braze does
+    /// not know are simply absent.
+    async fn export_ids(&self, ids: &[Identifier]) -> Result<Vec<Value>, LookupError>;
+}
+
+/// `/users/export/ids` failed.
+#[derive(Debug, thiserror::Error)]
+#[error("POST /users/export/ids: {0}")]
+pub struct LookupError(pub String);
+
+/// One attribute whose Braze value differs from the export's.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Difference {
+    /// The user (`external_id:…`, `braze_id:…`, `alias:label:name`).
+    pub user: String,
+    /// Braze attribute name (`*` when Braze has no such user).
+    pub attribute: String,
+    /// The export's value.
+    pub export: Value,
+    /// Braze's value (`null` when absent).
+    pub braze: Value,
+}
+
+/// The verify sample's result.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Verification {
+    /// Users sampled.
+    pub sampled: usize,
+    /// Of those, users with at least one difference.
+    pub differing_users: usize,
+    /// `differing_users / sampled`.
+    pub differing_share: f64,
+    /// The allowed share.
+    pub max_differ_share: f64,
+    /// The first [`DIFFERENCES_LISTED`] differences.
+    pub differences: Vec<Difference>,
+}
+
+/// How to adopt.
+#[derive(Debug, Clone)]
+pub struct AdoptOptions {
+    /// Users to check against Braze first (`None`: no check).
+    pub verify_sample: Option<usize>,
+    /// Refuse when more than this share of the sample differs.
+    pub max_differ_share: f64,
+    /// Confirmed users per checkpoint segment (a format-1 state's in-memory adoption).
+    pub checkpoint_users: usize,
+    /// Seed of the sample.
+    pub seed: u64,
+    /// How long the route lock is held at most.
+    pub lease_s: i64,
+}
+
+impl Default for AdoptOptions {
+    fn default() -> Self {
+        Self {
+            verify_sample: None,
+            max_differ_share: DEFAULT_MAX_DIFFER_SHARE,
+            checkpoint_users: 50_000,
+            seed: rand::random(),
+            lease_s: 3_600,
+        }
+    }
+}
+
+/// Where the route's state and reports live.
+#[derive(Debug, Clone)]
+pub struct AdoptTarget {
+    /// State bucket.
+    pub state_bucket: String,
+    /// State prefix.
+    pub state_prefix: String,
+    /// Reports prefix.
+    pub reports_prefix: String,
+}
+
+/// What adoption did (also the report object's body).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AdoptReport {
+    /// Route.
+    pub route: String,
+    /// The export adopted.
+    pub export_id: String,
+    /// `adopted` or `refused`.
+    pub status: String,
+    /// Rows read.
+    pub rows_read: u64,
+    /// Rows rejected (not recorded).
+    pub rejected: u64,
+    /// Users recorded as confirmed.
+    pub users_recorded: u64,
+    /// Attributes recorded as confirmed.
+    pub attributes_recorded: u64,
+    /// Users in the state afterwards.
+    pub state_users: u64,
+    /// The verify sample, when asked for.
+    pub verification: Option<Verification>,
+    /// The report's address.
+    pub report: String,
+}
+
+/// Why adoption did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    /// Too many sampled users differ from Braze.
+    #[error(
+        "refusing to adopt {export}: {differing} of {sampled} sampled users differ from Braze ({share:.1}% > {max:.1}% allowed); report {report}; differences: {list}"
+    )]
+    Refused {
+        /// The export.
+        export: String,
+        /// Users differing.
+        differing: usize,
+        /// Users sampled.
+        sampled: usize,
+        /// Share in percent.
+        share: f64,
+        /// Allowed share in percent.
+        max: f64,
+        /// `user attribute: export=… braze=…`, `; `-separated.
+        list: String,
+        /// The report object.
+        report: String,
+    },
+    /// Reading or mapping the export failed.
+    #[error("adopting: {0}")]
+    Sync(#[from] SyncError),
+    /// The state could not be read or written.
+    #[error("adopting: {0}")]
+    State(#[from] StateError),
+    /// Braze could not be asked.
+    #[error("adopting: {0}")]
+    Lookup(#[from] LookupError),
+    /// Another run holds the route.
+    #[error("adopting: {0}")]
+    Busy(String),
+}
+
+/// A user's identifier as shown in reports.
+pub fn user_label(id: &Identifier) -> String {
+    match id {
+        Identifier::ExternalId(e) => format!("external_id:{e}"),
+        Identifier::BrazeId(b) => format!("braze_id:{b}"),
+        Identifier::UserAlias { name, label } => format!("alias:{label}:{name}"),
+    }
+}
+
+fn splitmix(x: &mut u64) -> u64 {
+    *x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *x;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Two values are the same for Braze: equal JSON, numbers compared as numbers.
+fn same(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => match (x.as_f64(), y.as_f64()) {
+            (Some(x), Some(y)) => (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1.0),
+            _ => x == y,
+        },
+        _ => a == b,
+    }
+}
+
+fn braze_value<'v>(profile: &'v Value, name: &str) -> Option<&'v Value> {
+    profile
+        .get("custom_attributes")
+        .and_then(|c| c.get(name))
+        .or_else(|| profile.get(name).filter(|_| name != "custom_attributes"))
+}
+
+fn profile_ids(p: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(e) = p.get("external_id").and_then(Value::as_str) {
+        out.push(user_label(&Identifier::ExternalId(e.into())));
+    }
+    if let Some(b) = p.get("braze_id").and_then(Value::as_str) {
+        out.push(user_label(&Identifier::BrazeId(b.into())));
+    }
+    for a in p
+        .get("user_aliases")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let (Some(l), Some(n)) = (
+            a.get("alias_label").and_then(Value::as_str),
+            a.get("alias_name").and_then(Value::as_str),
+        ) {
+            out.push(user_label(&Identifier::UserAlias {
+                name: n.into(),
+                label: l.into(),
+            }));
+        }
+    }
+    out
+}
+
+/// Compares sampled users (every non-empty attribute the export has for them) with Braze.
+pub async fn verify(
+    sample: &[UserDelta],
+    lookup: &dyn UserLookup,
+    max_differ_share: f64,
+) -> Result<Verification, LookupError> {
+    let mut profiles: HashMap<String, Value> = HashMap::new();
+    for chunk in sample.chunks(EXPORT_IDS_BATCH) {
+        let ids: Vec<Identifier> = chunk.iter().map(|d| d.identifier.clone()).collect();
+        for p in lookup.export_ids(&ids).await? {
+            for label in profile_ids(&p) {
+                profiles.insert(label, p.clone());
+            }
+        }
+    }
+    let mut differences = Vec::new();
+    let mut differing_users = 0usize;
+    for d in sample {
+        let user = user_label(&d.identifier);
+        let Some(p) = profiles.get(&user) else {
+            differing_users += 1;
+            differences.push(Difference {
+                user,
+                attribute: "*".into(),
+                export: Value::String("user in the export".into()),
+                braze: Value::String("no such user in Braze".into()),
+            });
+            continue;
+        };
+        let mut differs = false;
+        for c in &d.changes {
+            let theirs = braze_value(p, &c.name).cloned().unwrap_or(Value::Null);
+            if !same(&c.value, &theirs) {
+                differs = true;
+                differences.push(Difference {
+                    user: user.clone(),
+                    attribute: c.name.clone(),
+                    export: c.value.clone(),
+                    braze: theirs,
+                });
+            }
+        }
+        differing_users += usize::from(differs);
+    }
+    differences.truncate(DIFFERENCES_LISTED);
+    Ok(Verification {
+        sampled: sample.len(),
+        differing_users,
+        differing_share: if sample.is_empty() {
+            0.0
+        } else {
+            differing_users as f64 / sample.len() as f64
+        },
+        max_differ_share,
+        differences,
+    })
+}
+
+/// Adopts the export whose parts are `parts` (see the module docs). `export` is its id and
+/// date, as a run would record them.
+pub async fn adopt(
+    store: Arc<dyn ObjectStore>,
+    target: &AdoptTarget,
+    route: Arc<Route>,
+    parts: Vec<S3Uri>,
+    export: Watermark,
+    lookup: Option<&dyn UserLookup>,
+    opts: &AdoptOptions,
+) -> Result<AdoptReport, AdoptError> {
+    let run_id = format!("adopt-{}", chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ"));
+    let lock = RouteLock::acquire(
+        store.clone(),
+        lock_uri(&target.state_bucket, &target.state_prefix, route.name()),
+        &run_id,
+        chrono::Utc::now().timestamp(),
+        opts.lease_s,
+    )
+    .await
+    .map_err(|e| AdoptError::Busy(e.to_string()))?
+    .ok_or_else(|| {
+        AdoptError::Busy(format!(
+            "another run holds route {}; adopt when it has finished",
+            route.name()
+        ))
+    })?;
+    let result = adopt_locked(
+        store.clone(),
+        target,
+        route.clone(),
+        parts,
+        export,
+        lookup,
+        opts,
+        &run_id,
+    )
+    .await;
+    if let Err(e) = lock.release().await {
+        tracing::warn!(route = route.name(), error = %e, "Could not release the route lock; it expires by itself.");
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn adopt_locked(
+    store: Arc<dyn ObjectStore>,
+    target: &AdoptTarget,
+    route: Arc<Route>,
+    parts: Vec<S3Uri>,
+    export: Watermark,
+    lookup: Option<&dyn UserLookup>,
+    opts: &AdoptOptions,
+    run_id: &str,
+) -> Result<AdoptReport, AdoptError> {
+    let report_uri = S3Uri::new(
+        &target.state_bucket,
+        format!("{}{}/{run_id}.json", target.reports_prefix, route.name()),
+    );
+    let mut report = AdoptReport {
+        route: route.name().to_string(),
+        export_id: export.export_id.clone(),
+        status: "refused".into(),
+        rows_read: 0,
+        rejected: 0,
+        users_recorded: 0,
+        attributes_recorded: 0,
+        state_users: 0,
+        verification: None,
+        report: report_uri.to_string(),
+    };
+    let handle = tokio::runtime::Handle::current();
+
+    if let (Some(n), Some(lookup)) = (opts.verify_sample, lookup) {
+        // Pass 1: a uniform sample (reservoir) of the export's users, every attribute.
+        let (st, rt, r, p, seed) = (
+            store.clone(),
+            handle.clone(),
+            route.clone(),
+            parts.clone(),
+            opts.seed,
+        );
+        let sample = tokio::task::spawn_blocking(move || -> Result<Vec<UserDelta>, SyncError> {
+            let mut opts = ProduceOptions::for_route(&r, "");
+            opts.full_resend = true;
+            opts.departures = false;
+            let empty = Snapshot::for_route(&r);
+            let mut rng = seed;
+            let mut seen = 0u64;
+            let mut sample: Vec<UserDelta> = Vec::with_capacity(n);
+            produce(
+                p.iter()
+                    .map(|u| open_s3_part(&st, u, &rt).map(|(_, part)| part)),
+                &r,
+                &empty,
+                &opts,
+                &mut |d| {
+                    seen += 1;
+                    if sample.len() < n {
+                        sample.push(d);
+                    } else {
+                        let j = (splitmix(&mut rng) % seen) as usize;
+                        if j < n {
+                            sample[j] = d;
+                        }
+                    }
+                    Ok(())
+                },
+                &mut |_| {},
+            )?;
+            Ok(sample)
+        })
+        .await
+        .map_err(|e| AdoptError::Busy(format!("the sampling task failed: {e}")))??;
+        let v = verify(&sample, lookup, opts.max_differ_share).await?;
+        info!(
+            route = route.name(),
+            sampled = v.sampled,
+            differing = v.differing_users,
+            "Verify sample checked against Braze."
+        );
+        let refused = v.differing_share > opts.max_differ_share;
+        report.verification = Some(v.clone());
+        if refused {
+            write_report(store.as_ref(), &report_uri, &report).await;
+            let list = v
+                .differences
+                .iter()
+                .map(|d| {
+                    format!(
+                        "{} {}: export={} braze={}",
+                        d.user, d.attribute, d.export, d.braze
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(AdoptError::Refused {
+                export: export.export_id,
+                differing: v.differing_users,
+                sampled: v.sampled,
+                share: v.differing_share * 100.0,
+                max: opts.max_differ_share * 100.0,
+                list,
+                report: report_uri.to_string(),
+            });
+        }
+    }
+
+    // Pass 2: record every change against the current state as confirmed, in checkpoints.
+    let state = StateStore::new(
+        store.clone(),
+        &target.state_bucket,
+        &target.state_prefix,
+        route.name(),
+    );
+    let head = state.read_head().await?;
+    let (summary, recorded, stats) = if head.doc.format == LEGACY_HEAD_FORMAT {
+        adopt_in_memory(store.clone(), &state, route.clone(), parts, export, opts).await?
+    } else {
+        adopt_bounded(
+            store.clone(),
+            &state,
+            head,
+            route.clone(),
+            parts,
+            export,
+            run_id,
+        )
+        .await?
+    };
+    report.status = "adopted".into();
+    report.rows_read = summary.rows_read;
+    report.rejected = summary.rejected;
+    report.users_recorded = recorded.0;
+    report.attributes_recorded = recorded.1;
+    report.state_users = stats.users;
+    write_report(store.as_ref(), &report_uri, &report).await;
+    info!(
+        route = route.name(),
+        users = recorded.0,
+        "Export adopted as confirmed without sending."
+    );
+    Ok(report)
+}
+
+/// What pass 2 recorded: the diff's counts, `(users, attributes)` recorded, the commit.
+type Recorded = (Summary, (u64, u64), CommitStats);
+
+/// Pass 2 for a format-1 state (its migration goes through the in-memory commit): the whole
+/// snapshot in memory.
+async fn adopt_in_memory(
+    store: Arc<dyn ObjectStore>,
+    state: &StateStore,
+    route: Arc<Route>,
+    parts: Vec<S3Uri>,
+    export: Watermark,
+    opts: &AdoptOptions,
+) -> Result<Recorded, AdoptError> {
+    let handle = tokio::runtime::Handle::current();
+    let (head, snapshot) = state.load(&route).await?;
+    let (st, r, every) = (store.clone(), route.clone(), opts.checkpoint_users.max(1));
+    let state2 = state.clone();
+    let (summary, head, snapshot, recorded) = tokio::task::spawn_blocking(move || {
+        let mut head = head;
+        let mut pending: Vec<UserDelta> = Vec::new();
+        let mut recorded = (0u64, 0u64);
+        let mut failed: Option<StateError> = None;
+        let mut opts = ProduceOptions::for_route(&r, "");
+        opts.departures = false;
+        let flush = |pending: &mut Vec<UserDelta>, head: &mut _| -> Result<(), StateError> {
+            handle.block_on(state2.checkpoint(head, &r, pending))?;
+            pending.clear();
+            Ok(())
+        };
+        let summary = produce(
+            parts
+                .iter()
+                .map(|u| open_s3_part(&st, u, &handle).map(|(_, part)| part)),
+            &r,
+            &snapshot,
+            &opts,
+            &mut |d| {
+                recorded.0 += u64::from(!d.records_only());
+                recorded.1 += d.changes.len() as u64;
+                pending.push(d);
+                if pending.len() >= every
+                    && let Err(e) = flush(&mut pending, &mut head)
+                {
+                    let msg = e.to_string();
+                    failed = Some(e);
+                    return Err(Stop(msg));
+                }
+                Ok(())
+            },
+            &mut |_| {},
+        );
+        let summary = match (summary, failed) {
+            (_, Some(e)) => Err(AdoptError::State(e)),
+            (Err(e), None) => Err(AdoptError::Sync(e)),
+            (Ok(s), None) => flush(&mut pending, &mut head)
+                .map(|()| s)
+                .map_err(AdoptError::State),
+        };
+        (summary, head, snapshot, recorded)
+    })
+    .await
+    .map_err(|e| AdoptError::Busy(format!("the adoption task failed: {e}")))?;
+    let summary = summary?;
+    let mut head = head;
+    let stats = state.commit(&mut head, snapshot, Some(export)).await?;
+    Ok((summary, recorded, stats))
+}
+
+/// Pass 2 for a format-2 (or new) state, in memory bounded by one hash range whatever the
+/// route's size, as a bounded run ([`crate::diff::bounded`]): checkpoints a killed run left are
+/// folded first, the export is diffed range by range against the state, and what differs is
+/// spilled by hash range ([`RecordSpill`]) and committed range by range
+/// ([`StateStore::commit_ranged_with`]). No checkpoints: nothing is sent, so a killed
+/// adoption loses nothing and is simply run again (checkpoints would write and read back
+/// ~24 bytes per attribute of every user through S3). Spills to the system temporary
+/// folder.
+#[allow(clippy::too_many_arguments)]
+async fn adopt_bounded(
+    store: Arc<dyn ObjectStore>,
+    state: &StateStore,
+    mut head: Head,
+    route: Arc<Route>,
+    parts: Vec<S3Uri>,
+    export: Watermark,
+    run_id: &str,
+) -> Result<Recorded, AdoptError> {
+    let base = std::env::temp_dir();
+    if !head.doc.segments.is_empty() {
+        let dir = SpillDir::create(&base, &format!("{run_id}-fold")).map_err(StateError::from)?;
+        let users = head.doc.users;
+        state
+            .commit_ranged(&mut head, &route, None, users, dir.path())
+            .await?;
+    }
+    let handle = tokio::runtime::Handle::current();
+    let ranges = StoreRanges::new(
+        state.clone(),
+        head.doc.clone(),
+        route.clone(),
+        handle.clone(),
+    );
+    let records_dir =
+        SpillDir::create(&base, &format!("{run_id}-records")).map_err(StateError::from)?;
+    let bits = record_spill_bits(head.doc.range_bits);
+    let spill = RecordSpill::new(records_dir.path(), bits, &route, 16 << 20, None);
+    let (st, r, dir) = (
+        store.clone(),
+        route.clone(),
+        records_dir.path().to_path_buf(),
+    );
+    let settings = RangedSettings::new(run_id);
+    let (summary, recorded, records) = tokio::task::spawn_blocking(move || {
+        let spill = std::sync::Mutex::new((spill, (0u64, 0u64)));
+        let mut popts = ProduceOptions::for_route(&r, "");
+        popts.departures = false;
+        let summary = produce_ranged(
+            parts
+                .iter()
+                .map(|u| open_s3_part(&st, u, &handle).map(|(_, part)| part)),
+            &r,
+            &ranges,
+            &popts,
+            &settings,
+            &|d| {
+                let mut g = spill
+                    .lock()
+                    .map_err(|_| Stop("a diff worker panicked".into()))?;
+                let (sp, recorded) = &mut *g;
+                recorded.0 += u64::from(!d.records_only());
+                recorded.1 += d.changes.len() as u64;
+                sp.push(&d).map_err(|e| Stop(e.to_string()))
+            },
+            &mut |_| {},
+        );
+        let (sp, recorded) = match spill.into_inner() {
+            Ok(x) => x,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let records = sp
+            .finish()
+            .map_err(|e| AdoptError::State(StateError::Spill(e)));
+        (summary, recorded, records)
+    })
+    .await
+    .map_err(|e| AdoptError::Busy(format!("the adoption task failed: {e}")))?;
+    let summary = summary?;
+    let records = records?;
+    info!(
+        route = route.name(),
+        users = recorded.0,
+        spilled_mb = records.bytes() >> 20,
+        records = %dir.display(),
+        "Adoption diffed; committing range by range."
+    );
+    let expected = head.doc.users.saturating_add(summary.users_new);
+    let commit_dir =
+        SpillDir::create(&base, &format!("{run_id}-commit")).map_err(StateError::from)?;
+    let stats = state
+        .commit_ranged_with(
+            &mut head,
+            &route,
+            Some(export),
+            expected,
+            commit_dir.path(),
+            &records,
+        )
+        .await?;
+    drop(records_dir);
+    Ok((summary, recorded, stats))
+}
+
+async fn write_report(store: &dyn ObjectStore, uri: &S3Uri, report: &AdoptReport) {
+    let body = serde_json::to_vec_pretty(report).unwrap_or_default();
+    let mut meta = std::collections::BTreeMap::new();
+    meta.insert("content-type".to_string(), "application/json".to_string());
+    if let Err(e) = store
+        .put(
+            uri,
+            bytes::Bytes::from(body),
+            bridge_shared::PutCondition::None,
+            meta,
+        )
+        .await
+    {
+        tracing::warn!(report = %uri, error = %e, "Could not write the adoption report.");
+    }
+}

@@ -1,0 +1,200 @@
+//! Stage 3 of a run: the committer. It follows the sender's outcomes, persists what Braze
+//! confirmed as a checkpoint segment every few seconds, collects what Braze refused, and at
+//! the end folds the run into a new base ([`StateStore::commit`]). Nothing else moves state.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tracing::warn;
+
+use crate::config::route::Route;
+use crate::diff::rejects::RowReject;
+use crate::model::{DeliveryOutcome, UserDelta};
+use crate::state::confirmed::Snapshot;
+use crate::state::store::{Head, StateStore, Watermark};
+
+/// Users pending that force a checkpoint by default. Recorded row digests are not paced by
+/// Braze's rate limit: a run recording them for every user of a big route (its first run
+/// after a state without digests, or after a mapping change) confirms a million a second, so
+/// time alone would hold millions of deltas in memory between checkpoints.
+pub const DEFAULT_MAX_PENDING: usize = 50_000;
+
+/// The committer of one run.
+pub(super) struct Committer {
+    state: StateStore,
+    head: Head,
+    route: Arc<Route>,
+    every: Duration,
+    /// Users pending that force a checkpoint before `every` has passed.
+    max_pending: usize,
+    pending: Vec<UserDelta>,
+    /// Users Braze confirmed.
+    pub confirmed: u64,
+    /// Checkpoints written.
+    pub checkpoints: u64,
+    /// Why the committer stopped early (a failed checkpoint, a lost route lock); nothing is
+    /// persisted after it, and the sender is stopped.
+    pub failure: Option<String>,
+    /// Users Braze refused, for the rejects object.
+    pub braze_rejects: Vec<RowReject>,
+}
+
+impl Committer {
+    /// A committer over the loaded `head`.
+    pub fn new(state: StateStore, head: Head, route: Arc<Route>, every: Duration) -> Self {
+        Self {
+            state,
+            head,
+            route,
+            every,
+            max_pending: DEFAULT_MAX_PENDING,
+            pending: Vec::new(),
+            confirmed: 0,
+            checkpoints: 0,
+            failure: None,
+            braze_rejects: Vec::new(),
+        }
+    }
+
+    /// Checkpoints as soon as `n` users are pending, whatever the time.
+    pub fn with_max_pending(mut self, n: usize) -> Self {
+        self.max_pending = n.max(1);
+        self
+    }
+
+    /// Follows the outcomes until the sender closes the channel, checkpointing every `every`
+    /// (or sooner, once [`Committer::with_max_pending`] users are pending).
+    /// A failed checkpoint, or the route lock reported lost on `lock_lost`, ends it at once:
+    /// the outcomes receiver is dropped, which stops the sender after the requests in flight,
+    /// so confirmed-but-unpersisted work stays within one checkpoint window.
+    pub async fn follow(
+        &mut self,
+        mut outcomes: mpsc::Receiver<DeliveryOutcome>,
+        mut lock_lost: watch::Receiver<Option<String>>,
+    ) {
+        let mut last = Instant::now();
+        let mut tick = tokio::time::interval(self.every);
+        let mut watching = true;
+        loop {
+            tokio::select! {
+                outcome = outcomes.recv() => match outcome {
+                    Some(DeliveryOutcome::Confirmed(d)) => {
+                        self.confirmed += 1;
+                        self.pending.push(d);
+                    }
+                    Some(DeliveryOutcome::Rejected { delta, reason }) => {
+                        self.braze_rejects.push(RowReject::from_braze(&delta, &reason));
+                    }
+                    Some(DeliveryOutcome::Recorded(d)) => self.pending.push(d),
+                    Some(DeliveryOutcome::Unsent(_)) => {}
+                    None => break,
+                },
+                changed = lock_lost.changed(), if watching => match changed {
+                    Ok(()) => {
+                        if let Some(why) = lock_lost.borrow().clone() {
+                            self.failure = Some(why);
+                        }
+                    }
+                    Err(_) => watching = false,
+                },
+                _ = tick.tick() => {}
+            }
+            if self.failure.is_none()
+                && !self.pending.is_empty()
+                && (last.elapsed() >= self.every || self.pending.len() >= self.max_pending)
+            {
+                self.checkpoint().await;
+                last = Instant::now();
+            }
+            if self.failure.is_some() {
+                warn!(
+                    route = self.route.name(),
+                    "Stopping the sender: confirmed work can no longer be persisted."
+                );
+                return;
+            }
+        }
+        self.checkpoint().await;
+    }
+
+    /// Persists the confirmed users not yet persisted (after a failure: nothing more).
+    async fn checkpoint(&mut self) {
+        if self.pending.is_empty() || self.failure.is_some() {
+            return;
+        }
+        match self
+            .state
+            .checkpoint(&mut self.head, &self.route, &self.pending)
+            .await
+        {
+            Ok(()) => {
+                self.checkpoints += 1;
+                self.pending.clear();
+            }
+            Err(e) => {
+                warn!(route = self.route.name(), error = %e, "Checkpoint failed; confirmed users of this window will be re-sent by the retry.");
+                self.failure = Some(format!("checkpoint failed, the run stopped: {e}"));
+            }
+        }
+    }
+
+    /// The bounded commit ([`StateStore::commit_ranged`]): folds this run's segments range by
+    /// range through a spill folder under `spill_base`; `expected_users` sizes the layout.
+    pub async fn commit_ranged(
+        &mut self,
+        expected_users: u64,
+        spill_base: &std::path::Path,
+        tag: &str,
+        watermark: Option<Watermark>,
+    ) -> Option<String> {
+        if self.failure.is_some() {
+            return None;
+        }
+        let dir = match crate::state::spill::SpillDir::create(spill_base, tag) {
+            Ok(d) => d,
+            Err(e) => return Some(e.to_string()),
+        };
+        self.state
+            .commit_ranged(
+                &mut self.head,
+                &self.route,
+                watermark,
+                expected_users,
+                dir.path(),
+            )
+            .await
+            .err()
+            .map(|e| e.to_string())
+    }
+
+    /// The state's users before this run.
+    pub fn users_before(&self) -> u64 {
+        self.head.doc.users
+    }
+
+    /// Folds this run's segments into a new base, moving the watermark when one is given.
+    /// Returns why it could not, if it could not. After a failure (checkpoint, lost lock)
+    /// nothing is committed (the retry re-reads the state).
+    pub async fn commit(
+        &mut self,
+        snapshot: Arc<Snapshot>,
+        watermark: Option<Watermark>,
+    ) -> Option<String> {
+        if self.failure.is_some() {
+            return None;
+        }
+        // The producer has been joined, so the run holds the only reference.
+        match Arc::try_unwrap(snapshot) {
+            Ok(snap) => self
+                .state
+                .commit(&mut self.head, snap, watermark)
+                .await
+                .err()
+                .map(|e| e.to_string()),
+            Err(_) => {
+                Some("state snapshot still shared after the reader ended; not committed".into())
+            }
+        }
+    }
+}

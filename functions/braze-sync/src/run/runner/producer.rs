@@ -1,0 +1,118 @@
+//! Stage 1 of a run: read → map → diff ([`crate::diff::in_memory::produce`]) on a blocking thread, feeding
+//! the sender through a bounded channel. It only reads the snapshot; rejected rows collect in
+//! a [`RejectLog`].
+
+use std::sync::Arc;
+
+use bridge_shared::{ObjectStore, S3Uri};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::config::route::Route;
+use crate::diff::bounded::{RangedSettings, StoreRanges, produce_ranged};
+use crate::diff::in_memory::{ProduceOptions, Stop, Summary, SyncError, open_s3_part, produce};
+use crate::diff::rejects::RejectLog;
+use crate::model::UserDelta;
+use crate::run::handler::{ExportPlan, RunError};
+use crate::state::confirmed::Snapshot;
+use crate::state::store::{HeadDoc, StateStore};
+
+/// What the producer ended with: its counts (or why planning stopped) and the rejected rows.
+pub(super) struct Produced {
+    /// The planning result.
+    pub result: Result<Summary, SyncError>,
+    /// Rows refused before sending.
+    pub rejects: RejectLog,
+}
+
+/// The running producer.
+pub(super) struct Producer {
+    handle: JoinHandle<Produced>,
+}
+
+impl Producer {
+    /// Starts planning `plan`'s parts against `snapshot`, sending each delta into `tx`.
+    pub fn start(
+        store: Arc<dyn ObjectStore>,
+        route: Arc<Route>,
+        snapshot: Arc<Snapshot>,
+        plan: &ExportPlan,
+        opts: ProduceOptions,
+        tx: mpsc::Sender<UserDelta>,
+    ) -> Self {
+        let parts: Vec<S3Uri> = plan
+            .parts
+            .iter()
+            .map(|p| S3Uri::new(&plan.trigger.bucket, &p.key))
+            .collect();
+        let rt = tokio::runtime::Handle::current();
+        let handle = tokio::task::spawn_blocking(move || {
+            let mut rejects = RejectLog::new(crate::diff::rejects::DEFAULT_MAX_BYTES);
+            let parts_iter = parts
+                .iter()
+                .map(|uri| open_s3_part(&store, uri, &rt).map(|(_, part)| part));
+            let result = produce(
+                parts_iter,
+                &route,
+                &snapshot,
+                &opts,
+                &mut |d| {
+                    tx.blocking_send(d)
+                        .map_err(|_| Stop("the sender stopped".into()))
+                },
+                &mut |r| rejects.push(&r),
+            );
+            Produced { result, rejects }
+        });
+        Self { handle }
+    }
+
+    /// Starts the bounded diff of `plan`'s parts ([`crate::diff::bounded`]) against the state `doc`
+    /// describes, loading one hash range per worker at a time from `state`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_ranged(
+        store: Arc<dyn ObjectStore>,
+        route: Arc<Route>,
+        state: StateStore,
+        doc: HeadDoc,
+        plan: &ExportPlan,
+        opts: ProduceOptions,
+        settings: RangedSettings,
+        tx: mpsc::Sender<UserDelta>,
+    ) -> Self {
+        let parts: Vec<S3Uri> = plan
+            .parts
+            .iter()
+            .map(|p| S3Uri::new(&plan.trigger.bucket, &p.key))
+            .collect();
+        let rt = tokio::runtime::Handle::current();
+        let handle = tokio::task::spawn_blocking(move || {
+            let mut rejects = RejectLog::new(crate::diff::rejects::DEFAULT_MAX_BYTES);
+            let parts_iter = parts
+                .iter()
+                .map(|uri| open_s3_part(&store, uri, &rt).map(|(_, part)| part));
+            let ranges = StoreRanges::new(state, doc, route.clone(), rt.clone());
+            let result = produce_ranged(
+                parts_iter,
+                &route,
+                &ranges,
+                &opts,
+                &settings,
+                &|d| {
+                    tx.blocking_send(d)
+                        .map_err(|_| Stop("the sender stopped".into()))
+                },
+                &mut |r| rejects.push(&r),
+            );
+            Produced { result, rejects }
+        });
+        Self { handle }
+    }
+
+    /// Waits for the producer to end (it ends once the sender stops taking deltas).
+    pub async fn finish(self) -> Result<Produced, RunError> {
+        self.handle
+            .await
+            .map_err(|e| RunError::Retryable(format!("the reader task failed: {e}")))
+    }
+}

@@ -1,0 +1,583 @@
+//! The run ledger: one small object per export (`<state prefix><route>/ledger/<export id>.json`)
+//! that makes duplicate notifications and unchanged re-uploads no-ops. An invocation claims an
+//! export with a create-only write (a lease); a second invocation for the same export sees the
+//! claim and stands back; a finished run records how it ended. Only a *final* entry
+//! ([`LedgerStatus::is_final`]: `complete`) blocks a later run of the same export, so an export
+//! whose run was cut short, left rejects or failed can be replayed by a redelivered or re-copied
+//! notification (same object, same ETag). The route lock lives in [`crate::state::route_lock`].
+
+use std::collections::BTreeMap;
+
+use bridge_shared::object_store::ObjectMeta;
+use bridge_shared::{ObjectStore, PutCondition, S3Uri, StoreError};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// What the ledger says of an export.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LedgerStatus {
+    /// An invocation is syncing it until `lease_until`.
+    Running,
+    /// Everything was confirmed or found unchanged; a duplicate trigger is a no-op.
+    Complete,
+    /// The run ended with work left (unsent users, transient failure); a replay continues it.
+    Incomplete,
+    /// The run failed permanently (unreadable file, bad config); see the report. Not final:
+    /// a re-copy after fixing the route config runs again.
+    Failed,
+    /// The run failed for a reason an operator or time fixes without touching the export
+    /// (e.g. Braze refused the API key): the notification may be acknowledged, yet a
+    /// redelivered or re-copied notification for the same object and ETag runs it again.
+    FailedRetryable,
+    /// The export is dated before the one the route's state reflects: nothing was applied
+    /// (see the report). Not final: a forced replay runs it.
+    SkippedStale,
+    /// The export was split into pieces run by later invocations (`fan_out` names the
+    /// run); the last piece records how it ended. While that run holds the route lock, a
+    /// replay of the export waits ([`Claim::FannedOut`]); once it is gone, a replay runs it.
+    FannedOut,
+}
+
+impl LedgerStatus {
+    /// Whether this entry ends the export for good: a later claim without `force` is
+    /// answered [`Claim::AlreadyComplete`] instead of running again.
+    pub fn is_final(&self) -> bool {
+        matches!(self, LedgerStatus::Complete)
+    }
+}
+
+/// One ledger entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    /// Status.
+    pub status: LedgerStatus,
+    /// The export id (`s3://bucket/key` + ETag/version).
+    pub export_id: String,
+    /// Lease expiry, epoch seconds (only meaningful while `running`).
+    pub lease_until: i64,
+    /// The report of the last run, when there is one.
+    pub report: Option<String>,
+    /// The fan-out run the export was split into ([`LedgerStatus::FannedOut`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fan_out: Option<String>,
+}
+
+impl LedgerEntry {
+    /// A running claim on `export_id`, leased until `lease_until` (epoch seconds).
+    fn running(export_id: &str, lease_until: i64) -> Self {
+        Self {
+            status: LedgerStatus::Running,
+            export_id: export_id.to_string(),
+            lease_until,
+            report: None,
+            fan_out: None,
+        }
+    }
+
+    /// An entry that holds no lease: `status` with its `report`, and the fan-out run it
+    /// belongs to.
+    fn ended(
+        status: LedgerStatus,
+        export_id: &str,
+        report: Option<String>,
+        fan_out: Option<&str>,
+    ) -> Self {
+        Self {
+            status,
+            export_id: export_id.to_string(),
+            lease_until: 0,
+            report,
+            fan_out: fan_out.map(str::to_string),
+        }
+    }
+}
+
+/// The outcome of trying to claim an export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// We own the run; keep the ETag to finish it.
+    Acquired {
+        /// ETag of our claim.
+        etag: String,
+    },
+    /// A complete run already exists: nothing to do.
+    AlreadyComplete {
+        /// Its report.
+        report: Option<String>,
+    },
+    /// Another invocation holds a live lease.
+    Busy,
+    /// The export was split into the pieces of fan-out run `run_id`: it is running while
+    /// that run holds the route lock; otherwise [`Ledger::take_over_fan_out`] claims it.
+    FannedOut {
+        /// The fan-out's run id.
+        run_id: String,
+    },
+}
+
+/// Ledger errors.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The store failed.
+    #[error("ledger: {0}")]
+    Store(#[from] StoreError),
+    /// An entry does not parse.
+    #[error("ledger entry {uri} is not valid: {reason}")]
+    Corrupt {
+        /// The entry.
+        uri: S3Uri,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The ledger of one route.
+pub struct Ledger<'a> {
+    store: &'a dyn ObjectStore,
+    bucket: String,
+    prefix: String,
+}
+
+/// A file-name-safe id for an export: a hash of bucket, key and ETag/version.
+pub fn entry_name(export_id: &str) -> String {
+    format!(
+        "{:032x}.json",
+        xxhash_rust::xxh3::xxh3_128(export_id.as_bytes())
+    )
+}
+
+impl<'a> Ledger<'a> {
+    /// The ledger under `s3://bucket/<prefix>` (prefix ends with `/`).
+    pub fn new(store: &'a dyn ObjectStore, bucket: &str, prefix: String) -> Self {
+        Self {
+            store,
+            bucket: bucket.to_string(),
+            prefix,
+        }
+    }
+
+    fn uri(&self, export_id: &str) -> S3Uri {
+        S3Uri::new(
+            &self.bucket,
+            format!("{}{}", self.prefix, entry_name(export_id)),
+        )
+    }
+
+    /// The ledger of `route` under `s3://bucket/<state_prefix><route>/ledger/`.
+    pub fn for_route(
+        store: &'a dyn ObjectStore,
+        bucket: &str,
+        state_prefix: &str,
+        route: &str,
+    ) -> Self {
+        Self::new(store, bucket, format!("{state_prefix}{route}/ledger/"))
+    }
+
+    /// The entry of `export_id`, if the ledger has one (read-only; for `status`).
+    pub async fn entry(&self, export_id: &str) -> Result<Option<LedgerEntry>, LedgerError> {
+        let uri = self.uri(export_id);
+        match self.store.get(&uri).await {
+            Ok((_, bytes)) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| LedgerError::Corrupt {
+                        uri,
+                        reason: e.to_string(),
+                    })
+            }
+            Err(StoreError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Claims `export_id` for `lease_s` seconds from `now`. `force` takes over any entry that
+    /// is not running (a forced replay).
+    pub async fn claim(
+        &self,
+        export_id: &str,
+        now: i64,
+        lease_s: i64,
+        force: bool,
+    ) -> Result<Claim, LedgerError> {
+        let uri = self.uri(export_id);
+        let entry = LedgerEntry::running(export_id, now + lease_s);
+        let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
+        match self
+            .store
+            .put(&uri, body.clone(), PutCondition::IfAbsent, BTreeMap::new())
+            .await
+        {
+            Ok(meta) => return Ok(Claim::Acquired { etag: meta.etag }),
+            Err(StoreError::PreconditionFailed { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let (meta, bytes) = self.store.get(&uri).await?;
+        let current: LedgerEntry =
+            serde_json::from_slice(&bytes).map_err(|e| LedgerError::Corrupt {
+                uri: uri.clone(),
+                reason: e.to_string(),
+            })?;
+        match current.status {
+            LedgerStatus::Running if current.lease_until > now => return Ok(Claim::Busy),
+            LedgerStatus::FannedOut => {
+                return Ok(Claim::FannedOut {
+                    run_id: current.fan_out.unwrap_or_default(),
+                });
+            }
+            ref s if s.is_final() && !force => {
+                return Ok(Claim::AlreadyComplete {
+                    report: current.report,
+                });
+            }
+            _ => {}
+        }
+        self.replace_claim(&uri, body, meta.etag).await
+    }
+
+    /// Writes `entry` over our claim `claim_etag` on `export_id` (only if it is still the
+    /// current entry); returns the new object's metadata.
+    async fn write_over(
+        &self,
+        export_id: &str,
+        claim_etag: &str,
+        entry: &LedgerEntry,
+    ) -> Result<ObjectMeta, LedgerError> {
+        let body = Bytes::from(serde_json::to_vec(entry).unwrap_or_default());
+        Ok(self
+            .store
+            .put(
+                &self.uri(export_id),
+                body,
+                PutCondition::IfMatch(claim_etag.to_string()),
+                BTreeMap::new(),
+            )
+            .await?)
+    }
+
+    /// Replaces the entry at `uri` (ETag `etag`) by a running claim: [`Claim::Busy`] when
+    /// another writer got there first.
+    async fn replace_claim(
+        &self,
+        uri: &S3Uri,
+        body: Bytes,
+        etag: String,
+    ) -> Result<Claim, LedgerError> {
+        match self
+            .store
+            .put(uri, body, PutCondition::IfMatch(etag), BTreeMap::new())
+            .await
+        {
+            Ok(meta) => Ok(Claim::Acquired { etag: meta.etag }),
+            Err(StoreError::PreconditionFailed { .. }) => Ok(Claim::Busy),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Extends our running claim to `now + lease_s` (only if it is still the current entry);
+    /// returns the claim's new ETag, to renew or finish with next.
+    pub async fn renew(
+        &self,
+        export_id: &str,
+        claim_etag: &str,
+        now: i64,
+        lease_s: i64,
+    ) -> Result<String, LedgerError> {
+        let entry = LedgerEntry::running(export_id, now + lease_s);
+        let meta = self.write_over(export_id, claim_etag, &entry).await?;
+        Ok(meta.etag)
+    }
+
+    /// Runs `work` to its end while renewing our claim on `export_id` every third of
+    /// `lease_s`, so a long run keeps its claim and a dead one frees it within a lease.
+    /// `etag` is the claim's current ETag before and after.
+    pub async fn renewing<F: std::future::Future>(
+        &self,
+        work: F,
+        export_id: &str,
+        etag: &mut String,
+        lease_s: i64,
+    ) -> F::Output {
+        tokio::pin!(work);
+        let every = crate::state::lease::renew_every(lease_s);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                out = &mut work => return out,
+                _ = tick.tick() => {
+                    let now = chrono::Utc::now().timestamp();
+                    match self.renew(export_id, etag, now, lease_s).await {
+                        Ok(next) => *etag = next,
+                        Err(e) => tracing::warn!(export = export_id, error = %e, "Could not renew the export claim; trying again."),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Claims an export left [`LedgerStatus::FannedOut`] by fan-out run `run_id` once that
+    /// run is gone (it no longer holds the route lock): [`Claim::Busy`] if the entry changed.
+    pub async fn take_over_fan_out(
+        &self,
+        export_id: &str,
+        run_id: &str,
+        now: i64,
+        lease_s: i64,
+    ) -> Result<Claim, LedgerError> {
+        let uri = self.uri(export_id);
+        let (meta, current) = self.read(&uri).await?;
+        if current.status != LedgerStatus::FannedOut || current.fan_out.as_deref() != Some(run_id) {
+            return Ok(Claim::Busy);
+        }
+        let entry = LedgerEntry::running(export_id, now + lease_s);
+        let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
+        self.replace_claim(&uri, body, meta.etag).await
+    }
+
+    async fn read(&self, uri: &S3Uri) -> Result<(ObjectMeta, LedgerEntry), LedgerError> {
+        let (meta, bytes) = self.store.get(uri).await?;
+        let entry = serde_json::from_slice(&bytes).map_err(|e| LedgerError::Corrupt {
+            uri: uri.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok((meta, entry))
+    }
+
+    /// Records that the export was split into fan-out run `run_id` (only if our claim is
+    /// still the current entry: the fan-out's last piece may have finished it already).
+    pub async fn finish_fanned_out(
+        &self,
+        export_id: &str,
+        claim_etag: &str,
+        run_id: &str,
+        report: Option<String>,
+    ) -> Result<(), LedgerError> {
+        let entry = LedgerEntry::ended(LedgerStatus::FannedOut, export_id, report, Some(run_id));
+        self.write_over(export_id, claim_etag, &entry).await?;
+        Ok(())
+    }
+
+    /// How fan-out run `run_id` ended, recorded by its last piece: over the fan-out's entry,
+    /// or over the coordinator's own running claim when its invocation has not recorded the
+    /// fan-out yet; never over a `complete` entry or another run's. Re-reads and retries when
+    /// the entry changes under it.
+    pub async fn finish_fan_out(
+        &self,
+        export_id: &str,
+        run_id: &str,
+        status: LedgerStatus,
+        report: Option<String>,
+    ) -> Result<(), LedgerError> {
+        let uri = self.uri(export_id);
+        let entry = LedgerEntry::ended(status, export_id, report, Some(run_id));
+        let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
+        for _ in 0..5 {
+            let condition = match self.read(&uri).await {
+                // Another run's entry since (a later replay's): not ours to write.
+                Ok((_, current))
+                    if current.status.is_final()
+                        || (current.status != LedgerStatus::Running
+                            && current.fan_out.as_deref() != Some(run_id)) =>
+                {
+                    return Ok(());
+                }
+                Ok((meta, _)) => PutCondition::IfMatch(meta.etag),
+                Err(LedgerError::Store(StoreError::NotFound { .. })) => PutCondition::IfAbsent,
+                Err(e) => return Err(e),
+            };
+            match self
+                .store
+                .put(&uri, body.clone(), condition, BTreeMap::new())
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(StoreError::PreconditionFailed { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(LedgerError::Store(StoreError::PreconditionFailed { uri }))
+    }
+
+    /// Records how the run ended (only if our claim is still the current entry).
+    pub async fn finish(
+        &self,
+        export_id: &str,
+        claim_etag: &str,
+        status: LedgerStatus,
+        report: Option<String>,
+    ) -> Result<(), LedgerError> {
+        let entry = LedgerEntry::ended(status, export_id, report, None);
+        self.write_over(export_id, claim_etag, &entry).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use bridge_shared::object_store::MemoryStore;
+
+    #[tokio::test]
+    async fn second_claim_of_a_complete_export_is_a_no_op() {
+        let store = MemoryStore::new();
+        let l = Ledger::new(&store, "state", "s/r/ledger/".into());
+        let Claim::Acquired { etag } = l.claim("x", 100, 60, false).await.unwrap() else {
+            panic!("first claim must acquire")
+        };
+        assert_eq!(l.claim("x", 110, 60, false).await.unwrap(), Claim::Busy);
+        l.finish("x", &etag, LedgerStatus::Complete, Some("r.json".into()))
+            .await
+            .unwrap();
+        assert_eq!(
+            l.claim("x", 120, 60, false).await.unwrap(),
+            Claim::AlreadyComplete {
+                report: Some("r.json".into())
+            }
+        );
+        assert!(matches!(
+            l.claim("x", 120, 60, true).await.unwrap(),
+            Claim::Acquired { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_retryable_failure_is_not_final_so_the_same_etag_runs_again() {
+        let store = MemoryStore::new();
+        let l = Ledger::new(&store, "state", "p/".into());
+        let Claim::Acquired { etag } = l.claim("k#etag1", 100, 60, false).await.unwrap() else {
+            panic!()
+        };
+        l.finish(
+            "k#etag1",
+            &etag,
+            LedgerStatus::FailedRetryable,
+            Some("r.json".into()),
+        )
+        .await
+        .unwrap();
+        assert!(!LedgerStatus::FailedRetryable.is_final());
+        let Claim::Acquired { etag } = l.claim("k#etag1", 101, 60, false).await.unwrap() else {
+            panic!("a redelivery of a retryably failed export must run again")
+        };
+        let (_, body) = store
+            .get(&S3Uri::new("state", format!("p/{}", entry_name("k#etag1"))))
+            .await
+            .unwrap();
+        let entry: LedgerEntry = serde_json::from_slice(&body).unwrap();
+        assert_eq!(entry.status, LedgerStatus::Running);
+        l.finish("k#etag1", &etag, LedgerStatus::Complete, None)
+            .await
+            .unwrap();
+        assert!(matches!(
+            l.claim("k#etag1", 102, 60, false).await.unwrap(),
+            Claim::AlreadyComplete { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_renewed_claim_stays_busy_past_its_first_lease() {
+        let store = MemoryStore::new();
+        let l = Ledger::new(&store, "state", "p/".into());
+        let Claim::Acquired { etag } = l.claim("z", 100, 60, false).await.unwrap() else {
+            panic!()
+        };
+        let etag = l.renew("z", &etag, 150, 60).await.unwrap();
+        assert_eq!(l.claim("z", 170, 60, false).await.unwrap(), Claim::Busy);
+        l.finish("z", &etag, LedgerStatus::Complete, None)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_expired_lease_or_incomplete_run_can_be_taken_over() {
+        let store = MemoryStore::new();
+        let l = Ledger::new(&store, "state", "p/".into());
+        let Claim::Acquired { etag } = l.claim("y", 100, 60, false).await.unwrap() else {
+            panic!()
+        };
+        assert!(matches!(
+            l.claim("y", 200, 60, false).await.unwrap(),
+            Claim::Acquired { .. }
+        ));
+        // Our old claim lost its place: finishing with it fails.
+        assert!(
+            l.finish("y", &etag, LedgerStatus::Complete, None)
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_fanned_out_export_stays_open_until_its_last_piece_finishes_it() {
+        let store = MemoryStore::new();
+        let l = Ledger::new(&store, "state", "p/".into());
+        let Claim::Acquired { etag } = l.claim("f", 100, 60, false).await.unwrap() else {
+            panic!()
+        };
+        l.finish_fanned_out("f", &etag, "run1", Some("r.json".into()))
+            .await
+            .unwrap();
+        for force in [false, true] {
+            assert_eq!(
+                l.claim("f", 200, 60, force).await.unwrap(),
+                Claim::FannedOut {
+                    run_id: "run1".into()
+                }
+            );
+        }
+        // Another run's ending is not recorded over it; the fan-out's own is.
+        l.finish_fan_out("f", "run0", LedgerStatus::Failed, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            l.entry("f").await.unwrap().unwrap().status,
+            LedgerStatus::FannedOut
+        );
+        l.finish_fan_out("f", "run1", LedgerStatus::Complete, None)
+            .await
+            .unwrap();
+        assert!(matches!(
+            l.claim("f", 300, 60, false).await.unwrap(),
+            Claim::AlreadyComplete { .. }
+        ));
+        // Never over a complete entry.
+        l.finish_fan_out("f", "run1", LedgerStatus::Failed, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            l.entry("f").await.unwrap().unwrap().status,
+            LedgerStatus::Complete
+        );
+        // A dead fan-out's export is taken over only under its run id.
+        let Claim::Acquired { etag } = l.claim("g", 100, 60, false).await.unwrap() else {
+            panic!()
+        };
+        l.finish_fanned_out("g", &etag, "run2", None).await.unwrap();
+        assert_eq!(
+            l.take_over_fan_out("g", "other", 200, 60).await.unwrap(),
+            Claim::Busy
+        );
+        assert!(matches!(
+            l.take_over_fan_out("g", "run2", 200, 60).await.unwrap(),
+            Claim::Acquired { .. }
+        ));
+        // A last piece finishing before its coordinator recorded the fan-out writes over the
+        // coordinator's running claim.
+        let Claim::Acquired { etag } = l.claim("h", 100, 60, false).await.unwrap() else {
+            panic!()
+        };
+        l.finish_fan_out("h", "run3", LedgerStatus::Complete, None)
+            .await
+            .unwrap();
+        assert!(
+            l.finish_fanned_out("h", &etag, "run3", None).await.is_err(),
+            "the coordinator's late record loses"
+        );
+        assert_eq!(
+            l.entry("h").await.unwrap().unwrap().status,
+            LedgerStatus::Complete
+        );
+    }
+}
