@@ -243,3 +243,37 @@ impl ObjectStore for ManifestChangesAfterRead {
         self.inner.delete(uri).await
     }
 }
+
+/// Three parts of one day, the second and third repeating rows of the first (same seed).
+async fn day_with_duplicates() -> Arc<MemoryStore> {
+    let mem = Arc::new(MemoryStore::new());
+    normalize(mem.clone(), 1, 1).await;
+    normalize(mem.clone(), 2, 1).await;
+    normalize(mem.clone(), 3, 2).await;
+    mem
+}
+
+#[tokio::test]
+async fn a_day_deduplicated_in_many_buckets_keeps_the_same_rows_in_the_same_bytes() {
+    let mut names = Vec::new();
+    for max_set_rows in [u64::MAX, 7, 1] {
+        let mem = day_with_duplicates().await;
+        let opts = currents_normalize::compact::merge::MergeOptions {
+            max_set_rows,
+            ..Default::default()
+        };
+        let compactor =
+            Compactor::new(Config::default(), mem.clone(), registry()).with_options(opts);
+        let days = compactor.run(BUCKET, &request()).await.unwrap();
+        let d = &days[0];
+        assert_eq!(d.outcome, DayOutcome::Compacted, "{d:?}");
+        assert_eq!(
+            (d.rows_in, d.rows_out, d.duplicates_removed),
+            (90, 60, 30),
+            "{max_set_rows}: {d:?}"
+        );
+        names.push(d.outputs.clone());
+    }
+    assert_eq!(names[0], names[1], "7 rows a bucket");
+    assert_eq!(names[0], names[2], "1 row a bucket");
+}

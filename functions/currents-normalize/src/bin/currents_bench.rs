@@ -64,6 +64,12 @@ struct Args {
     /// Parts that table-day is made of.
     #[arg(long, default_value_t = 150)]
     compact_parts: u64,
+    /// Events of the large compaction figure's table-day (0: skip it).
+    #[arg(long, default_value_t = 20_000_000)]
+    compact20m_events: u64,
+    /// Parts that large table-day is made of.
+    #[arg(long, default_value_t = 400)]
+    compact20m_parts: u64,
     /// Internal: compact the table-day under this folder and print the result with peak RSS.
     #[arg(long, hide = true)]
     compact_probe: Option<PathBuf>,
@@ -582,13 +588,30 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         "method": "single thread each; files generated once (null codec, Braze's default) and read from the page cache; time covers read + decode + dedup + normalize + Parquet (Snappy) encode + write to disk; the peer times the same inside Python (imports excluded); each side runs `passes` times per file size and its fastest pass counts (the machine is shared); peak RSS is VmHWM of a separate process converting one 100,000-event file; arrow-avro and apache-avro do the same conversion (registry schema as reader schema, same columns, dedup and Parquet settings) on the same files, fastest of `passes` each; rss_mb_512mib_object is VmHWM of a separate process converting one object of that size (null codec) as the function does",
     });
     std::fs::create_dir_all(&out)?;
-    if args.compact_events > 0
-        && let (Value::Object(r), Value::Object(c)) = (
-            &mut result,
-            compact::run(&out, args.compact_events, args.compact_parts, args.passes)?,
-        )
-    {
-        r.extend(c);
+    let rounds = [
+        (
+            "compact",
+            args.compact_events,
+            args.compact_parts,
+            args.passes,
+        ),
+        // One pass: the large day takes minutes to prepare and to compact.
+        (
+            "compact20m",
+            args.compact20m_events,
+            args.compact20m_parts,
+            1,
+        ),
+    ];
+    for (label, events, parts, passes) in rounds {
+        if events > 0
+            && let (Value::Object(r), Value::Object(c)) = (
+                &mut result,
+                compact::run(&out, label, events, parts, passes)?,
+            )
+        {
+            r.extend(c);
+        }
     }
     let path = out.join("currents.json");
     std::fs::write(&path, serde_json::to_string_pretty(&result)?)?;

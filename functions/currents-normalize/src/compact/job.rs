@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use super::lease;
 use super::merge::{MergeInput, MergeOptions, MergeOutput, merge, table_for};
-use super::plan::{DayParts, Selection, TableDay, group, select};
+use super::plan::{DayParts, PartRef, Selection, TableDay, group, select};
 use super::report::{DayOutcome, DayResult};
 use crate::config::Config;
 use crate::registry::Registry;
@@ -280,33 +280,15 @@ impl Compactor {
             Ok(t) => t,
             Err(e) => return fail(r, format!("creating a temporary folder: {e}"), true),
         };
-        // Copy the parts to local disk (streamed), skipping any that vanished since listing.
-        let mut inputs = Vec::with_capacity(day.parts.len());
-        let mut read = Vec::with_capacity(day.parts.len());
-        for (i, part) in day.parts.iter().enumerate() {
-            let uri = S3Uri::new(bucket, &part.key);
-            let path = tmp.path().join(format!("in-{i}.parquet"));
-            match download(self.store.as_ref(), &uri, &path).await {
-                Ok(etag) => {
-                    inputs.push(MergeInput {
-                        key: uri.to_string(),
-                        path,
-                    });
-                    read.push((part.clone(), etag));
-                    r.bytes_in += part.size;
-                }
-                Err(DownloadError::Store(StoreError::NotFound { .. })) => {
-                    info!(part = %uri, "Part vanished since listing; skipped.");
-                }
-                Err(DownloadError::Store(e)) => {
-                    let retry = e.is_retryable();
-                    return fail(r, format!("reading {uri}: {e}"), retry);
-                }
-                Err(DownloadError::Local(e)) => {
-                    return fail(r, format!("copying {uri} to local disk: {e}"), true);
-                }
-            }
+        if let Some(free) = free_bytes(tmp.path())
+            && let Err(reason) = local_disk_fits(day.bytes(), free, tmp.path())
+        {
+            return fail(r, reason, false);
         }
+        let (inputs, read) = match self.download_parts(bucket, day, tmp.path(), &mut r).await {
+            Ok(x) => x,
+            Err((reason, retry)) => return fail(r, reason, retry),
+        };
         r.parts_in = inputs.len() as u64;
         let out_dir = tmp.path().join("out");
         if let Err(e) = std::fs::create_dir_all(&out_dir) {
@@ -399,6 +381,43 @@ impl Compactor {
         r
     }
 
+    /// Copies the day's parts to `dir` (streamed), skipping any that vanished since listing:
+    /// the local copies to merge, and each part read with the ETag it had.
+    async fn download_parts(
+        &self,
+        bucket: &str,
+        day: &DayParts,
+        dir: &Path,
+        r: &mut DayResult,
+    ) -> Result<(Vec<MergeInput>, Vec<(PartRef, String)>), (String, bool)> {
+        let mut inputs = Vec::with_capacity(day.parts.len());
+        let mut read = Vec::with_capacity(day.parts.len());
+        for (i, part) in day.parts.iter().enumerate() {
+            let uri = S3Uri::new(bucket, &part.key);
+            let path = dir.join(format!("in-{i}.parquet"));
+            match download(self.store.as_ref(), &uri, &path).await {
+                Ok(etag) => {
+                    inputs.push(MergeInput {
+                        key: uri.to_string(),
+                        path,
+                    });
+                    read.push((part.clone(), etag));
+                    r.bytes_in += part.size;
+                }
+                Err(DownloadError::Store(StoreError::NotFound { .. })) => {
+                    info!(part = %uri, "Part vanished since listing; skipped.");
+                }
+                Err(DownloadError::Store(e)) => {
+                    return Err((format!("reading {uri}: {e}"), e.is_retryable()));
+                }
+                Err(DownloadError::Local(e)) => {
+                    return Err((format!("copying {uri} to local disk: {e}"), true));
+                }
+            }
+        }
+        Ok((inputs, read))
+    }
+
     /// Renews the lease, then writes the day's manifest conditionally on the version it
     /// read. `None` when the manifest was recorded and the lease is held for the deletes;
     /// `Some(Ok(reason))` when the day was lost to another run (nothing may be deleted);
@@ -408,7 +427,7 @@ impl Compactor {
         bucket: &str,
         td: &TableDay,
         outputs: &[MergeOutput],
-        read: &[(super::plan::PartRef, String)],
+        read: &[(PartRef, String)],
         lease: Option<&mut lease::Lease>,
     ) -> Option<Result<String, (String, bool)>> {
         const LOST: &str =
@@ -550,6 +569,34 @@ pub async fn finish_report(
     Ok(report)
 }
 
+/// Bytes free for this process in the file system holding `dir` (`None` when unknown).
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let s = rustix::fs::statvfs(dir).ok()?;
+    Some(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+/// Room a table-day needs on local disk beyond its parts' bytes: the compacted output (at
+/// most about the parts' size again) and a margin.
+const LOCAL_DISK_MARGIN: u64 = 64 << 20;
+
+/// Whether a table-day whose parts hold `parts_bytes` can be compacted with `free` bytes of
+/// local disk (its parts are copied there, and the output is written beside them). The error
+/// names the sizes and what to change; retrying cannot help.
+pub fn local_disk_fits(parts_bytes: u64, free: u64, dir: &Path) -> Result<(), String> {
+    let need = parts_bytes
+        .saturating_mul(2)
+        .saturating_add(LOCAL_DISK_MARGIN);
+    if need <= free {
+        return Ok(());
+    }
+    Err(format!(
+        "the table-day's parts hold {parts_bytes} bytes; compacting it needs about {need} bytes \
+         of local disk (the parts, the compacted output and a margin) but {free} are free in {}: \
+         raise the compaction function's ephemeral storage (EphemeralStorage, up to 10240 MB)",
+        dir.display()
+    ))
+}
+
 fn folder_of(key: &str) -> String {
     match key.rfind('/') {
         Some(i) => key[..=i].to_string(),
@@ -617,6 +664,21 @@ pub fn parse_payload(payload: &serde_json::Value) -> Option<Result<(Selection, b
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_day_larger_than_the_local_disk_fails_naming_the_sizes() {
+        let dir = Path::new("/tmp/x");
+        assert!(local_disk_fits(1 << 30, 3 << 30, dir).is_ok());
+        let err = local_disk_fits(3 << 30, 4 << 30, dir).unwrap_err();
+        assert!(
+            err.starts_with("the table-day's parts hold 3221225472 bytes; compacting it needs about 6509559808 bytes"),
+            "{err}"
+        );
+        assert!(
+            err.contains("but 4294967296 are free in /tmp/x: raise the compaction function's ephemeral storage"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn compaction_payloads_are_told_apart_from_object_events() {

@@ -2,9 +2,13 @@
 //! deduplicated part (several only beyond the size limit), synchronously and in bounded memory.
 //!
 //! Pass 1 reads only the `id` column of every part and keeps the first occurrence of each id:
-//! a set of 128-bit XXH3 hashes of the ids (16 bytes per distinct event, ~100 MB for five
-//! million; a collision between two distinct ids is about 1 in 10^25 for that many) and one
-//! keep-bit per input row. Pass 2 streams the parts again one row group at a time, drops the
+//! a set of 128-bit XXH3 hashes of the ids (a collision between two distinct ids is about 1 in
+//! 10^25 for five million) and one keep-bit per input row. The set's memory is bounded at any
+//! size of day: the ids are split by hash into as many buckets as it takes for each to hold at
+//! most [`MergeOptions::max_set_rows`] rows, and pass 1 reads the id column once per bucket,
+//! deduplicating only that bucket's ids (an id and its repeats share a bucket, and each bucket
+//! is read in input order, so the rows kept are the same whatever the number of buckets).
+//! Pass 2 streams the parts again one row group at a time, drops the
 //! rows not kept, re-chunks them into fixed-size batches (so the output depends only on the
 //! row sequence, not on how the inputs were chunked) and writes them with the table's
 //! registry schema, Snappy. The output's name is the hash of its bytes: the same input parts
@@ -18,6 +22,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use arrow_array::builder::BooleanBufferBuilder;
 use arrow_array::cast::AsArray;
 use arrow_array::{Array, ArrayRef, BooleanArray, RecordBatch, new_null_array};
 use arrow_schema::{DataType, SchemaRef};
@@ -40,6 +45,9 @@ pub struct MergeOptions {
     pub batch_rows: usize,
     /// Rows per output row group.
     pub row_group_rows: usize,
+    /// Most rows whose id hashes one set holds at a time (default 4,000,000: ~140 MB); a
+    /// day with more rows is deduplicated in that many buckets, one pass over its ids each.
+    pub max_set_rows: u64,
 }
 
 impl Default for MergeOptions {
@@ -48,6 +56,7 @@ impl Default for MergeOptions {
             max_part_bytes: 1 << 30,
             batch_rows: 8192,
             row_group_rows: crate::encode::ROW_GROUP_ROWS,
+            max_set_rows: 4_000_000,
         }
     }
 }
@@ -149,23 +158,72 @@ fn open(
         .with_batch_size(batch_rows))
 }
 
-/// Pass 1: which rows of each input to keep (first occurrence of each id, in input order).
+/// Pass 1: which rows of each input to keep (first occurrence of each id, in input order),
+/// bucket by bucket.
 fn first_occurrences(
     inputs: &[MergeInput],
     opts: &MergeOptions,
 ) -> Result<(Vec<BooleanArray>, MergeStats), MergeError> {
-    let mut total_rows = 0usize;
-    let mut builders = Vec::with_capacity(inputs.len());
-    for input in inputs {
-        let b = open(input, opts.batch_rows)?;
-        total_rows += usize::try_from(b.metadata().file_metadata().num_rows()).unwrap_or(0);
-        builders.push(b);
-    }
-    // Sized once for every row, so the set never doubles (and briefly holds both tables).
-    let mut seen: HashSet<u128> = HashSet::with_capacity(total_rows);
+    let mut total_rows = 0u64;
     let mut keep = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        let rows = open(input, opts.batch_rows)?
+            .metadata()
+            .file_metadata()
+            .num_rows();
+        total_rows += u64::try_from(rows).unwrap_or(0);
+        let rows = usize::try_from(rows).unwrap_or(0);
+        let mut bits = BooleanBufferBuilder::new(rows);
+        bits.append_n(rows, false);
+        keep.push(bits);
+    }
+    let buckets = buckets_for(total_rows, opts.max_set_rows);
     let mut stats = MergeStats::default();
-    for (input, builder) in inputs.iter().zip(builders) {
+    for bucket in 0..buckets {
+        // Sized once for the bucket's share, so the set rarely doubles (and briefly holds both
+        // tables).
+        let share = usize::try_from(total_rows / buckets + total_rows / buckets / 16 + 1024)
+            .unwrap_or(usize::MAX);
+        let mut seen: HashSet<u128> = HashSet::with_capacity(share);
+        for (input, bits) in inputs.iter().zip(keep.iter_mut()) {
+            let ids = IdPass {
+                input,
+                buckets,
+                bucket,
+            };
+            ids.run(opts, &mut seen, bits, &mut stats)?;
+        }
+    }
+    let keep = keep
+        .into_iter()
+        .map(|mut b| BooleanArray::new(b.finish(), None))
+        .collect();
+    Ok((keep, stats))
+}
+
+/// How many buckets a day of `rows` rows is deduplicated in.
+pub fn buckets_for(rows: u64, max_set_rows: u64) -> u64 {
+    rows.div_ceil(max_set_rows.max(1)).max(1)
+}
+
+/// One read of an input's ids for one bucket.
+struct IdPass<'a> {
+    input: &'a MergeInput,
+    buckets: u64,
+    bucket: u64,
+}
+
+impl IdPass<'_> {
+    /// Marks in `bits` the rows of this bucket whose id is not in `seen` yet (and adds it).
+    fn run(
+        &self,
+        opts: &MergeOptions,
+        seen: &mut HashSet<u128>,
+        bits: &mut BooleanBufferBuilder,
+        stats: &mut MergeStats,
+    ) -> Result<(), MergeError> {
+        let input = self.input;
+        let builder = open(input, opts.batch_rows)?;
         let Some(idx) = builder.schema().index_of("id").ok() else {
             return Err(MergeError::Schema {
                 key: input.key.clone(),
@@ -177,7 +235,7 @@ fn first_occurrences(
             .with_projection(mask)
             .build()
             .map_err(|e| input_err(&input.key, e))?;
-        let mut bits = arrow_array::builder::BooleanBuilder::new();
+        let mut row = 0usize;
         for batch in reader {
             let batch = batch.map_err(|e| input_err(&input.key, e))?;
             let col = batch.column(0);
@@ -187,22 +245,39 @@ fn first_occurrences(
                     key: input.key.clone(),
                     message: format!("id column is {}, not Utf8", col.data_type()),
                 })?;
+            if row + ids.len() > bits.len() {
+                return Err(input_err(
+                    &input.key,
+                    "part has more rows than its footer says",
+                ));
+            }
             for i in 0..ids.len() {
+                let at = row + i;
+                // A row without an id cannot be a duplicate of anything: kept, in bucket 0.
+                if ids.is_null(i) {
+                    if self.bucket == 0 {
+                        stats.rows_in += 1;
+                        stats.rows_out += 1;
+                        bits.set_bit(at, true);
+                    }
+                    continue;
+                }
+                let h = xxhash_rust::xxh3::xxh3_128(ids.value(i).as_bytes());
+                if ((h >> 64) as u64) % self.buckets != self.bucket {
+                    continue;
+                }
                 stats.rows_in += 1;
-                // A row without an id cannot be a duplicate of anything: keep it.
-                let new = ids.is_null(i)
-                    || seen.insert(xxhash_rust::xxh3::xxh3_128(ids.value(i).as_bytes()));
-                if new {
+                if seen.insert(h) {
                     stats.rows_out += 1;
+                    bits.set_bit(at, true);
                 } else {
                     stats.duplicates += 1;
                 }
-                bits.append_value(new);
             }
+            row += ids.len();
         }
-        keep.push(bits.finish());
+        Ok(())
     }
-    Ok((keep, stats))
 }
 
 /// Fits a part's batch to the table's schema by column name: a column the part lacks is null
