@@ -2,7 +2,9 @@
 //! key, every EMF metric, every alarm in `template.yaml` and every run, ledger and outcome
 //! status the code knows is listed in a reference table of the README or `docs/`; every name
 //! those tables list exists in the code; and the dead-letter receive count the docs state is
-//! the `maxReceiveCount` of `template.yaml` (and of the CDK construct).
+//! the `maxReceiveCount` of `template.yaml` (and of the CDK construct). Every source file
+//! (`*.rs`) the docs name, and every folder `docs/architecture.md` and `docs/development.md`
+//! name, exists.
 //!
 //! A reference table is the markdown table right after a `<!-- reference: KIND -->` line; its
 //! first column names the items in backticks. Route keys are the generated reference of
@@ -120,7 +122,7 @@ fn place(refs: &BTreeMap<String, Reference>, kind: &str) -> String {
 // The code side
 
 /// Every `.rs` file under `dir` (relative to the workspace root), as (path, production text):
-/// comment lines and the trailing `#[cfg(test)] mod` are left out.
+/// comment lines, the trailing `#[cfg(test)] mod` and `tests.rs` files are left out.
 fn sources(dir: &str) -> Vec<(String, String)> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
         let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -131,7 +133,9 @@ fn sources(dir: &str) -> Vec<(String, String)> {
         for p in entries {
             if p.is_dir() {
                 walk(&p, out);
-            } else if p.extension().is_some_and(|e| e == "rs") {
+            } else if p.extension().is_some_and(|e| e == "rs")
+                && p.file_name().is_none_or(|f| f != "tests.rs")
+            {
                 out.push(p);
             }
         }
@@ -674,4 +678,70 @@ fn the_dead_letter_receive_count_in_the_docs_is_the_templates() {
         "no doc states the dead-letter receive count ({count} receives); the runbook should"
     );
     report(errors);
+}
+
+/// Where a path the docs name may be rooted.
+const PATH_BASES: &[&str] = &[
+    "",
+    "functions/braze-sync/src",
+    "functions/braze-sync",
+    "functions/currents-normalize/src",
+    "functions/currents-normalize",
+    "testkit/harness/src",
+    "testkit/harness",
+];
+
+/// Whether `name` (no `/`) is a file anywhere under the workspace's code folders.
+fn file_named(name: &str) -> bool {
+    fn walk(dir: &Path, name: &str) -> bool {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return false;
+        };
+        entries.flatten().any(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                !p.ends_with("target") && !p.ends_with("node_modules") && walk(&p, name)
+            } else {
+                p.file_name().is_some_and(|f| f == name)
+            }
+        })
+    }
+    ["functions", "shared", "testkit", "fuzz"]
+        .iter()
+        .any(|d| walk(&root().join(d), name))
+}
+
+#[test]
+fn every_source_file_and_folder_the_docs_name_exists() {
+    let mut errors = BTreeSet::new();
+    for &file in DOCS {
+        // Folders are checked where the docs walk the code; elsewhere a `name/` is usually an
+        // S3 prefix.
+        let folders = matches!(file, "docs/architecture.md" | "docs/development.md");
+        for token in backticked(&read(file)) {
+            let wanted =
+                token.ends_with(".rs") || (folders && token.len() > 1 && token.ends_with('/'));
+            if !wanted || token.contains(|c: char| c.is_whitespace() || "<>*:${".contains(c)) {
+                continue;
+            }
+            let path = token.trim_end_matches('/');
+            let found = if path.contains('/') {
+                PATH_BASES
+                    .iter()
+                    .any(|b| root().join(b).join(path).exists())
+            } else if token.ends_with('/') {
+                PATH_BASES
+                    .iter()
+                    .any(|b| root().join(b).join(path).is_dir())
+            } else {
+                file_named(path)
+            };
+            if !found {
+                errors.insert(format!(
+                    "{file} names `{token}`, which is not in the repository: fix the path"
+                ));
+            }
+        }
+    }
+    report(errors.into_iter().collect());
 }
