@@ -55,10 +55,9 @@ use crate::state::store::{Head, HeadDoc, StateStore, Watermark};
 /// Folder of a route's fan-out control objects, inside its state folder.
 pub const CONTROL_FOLDER: &str = "_fan_out";
 /// Bytes the bounded diff spills per export row, used to tell whether an export's spill fits
-/// the ephemeral storage: `sync-scale-bench` measured ~357 at 20 attributes before the spill
-/// was written in varints and ~241 since; 360 is kept as the margin of an estimate whose rows
-/// are themselves guessed from bytes (a spill the estimate still misses fans out from what was
-/// measured, [`pieces_measured`]).
+/// the ephemeral storage: a margin over what `sync-scale-bench` measures at 20 attributes
+/// (`docs/benchmarks.md`), since the estimate's rows are themselves guessed from bytes (a spill
+/// the estimate still misses fans out from what was measured, [`pieces_measured`]).
 pub const SPILL_BYTES_PER_ROW: u64 = 360;
 /// How long a fan-out's route lock holds without a renewal (pieces renew it while they
 /// run): long enough for queued pieces to start, short enough that a dead fan-out frees
