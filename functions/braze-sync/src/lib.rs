@@ -27,6 +27,7 @@
 //! [`vocab`] and [`model`] are the shared vocabulary every stage speaks; [`progress`] holds
 //! the live counters a terminal run draws.
 
+pub mod clock;
 pub mod config;
 pub mod diff;
 #[doc(hidden)]

@@ -313,12 +313,12 @@ pub async fn adopt(
     lookup: Option<&dyn UserLookup>,
     opts: &AdoptOptions,
 ) -> Result<AdoptReport, AdoptError> {
-    let run_id = format!("adopt-{}", chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ"));
+    let run_id = format!("adopt-{}", crate::clock::now().format("%Y%m%dT%H%M%S%.3fZ"));
     let lock = RouteLock::acquire(
         store.clone(),
         lock_uri(&target.state_bucket, &target.state_prefix, route.name()),
         &run_id,
-        chrono::Utc::now().timestamp(),
+        crate::clock::now().timestamp(),
         opts.lease_s,
     )
     .await

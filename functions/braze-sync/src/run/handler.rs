@@ -412,7 +412,7 @@ impl Handler {
     /// retried.
     async fn object_not_found(&self, obj: &ObjectRef, route: &RouteBinding) -> ObjectOutcome {
         let uri = &obj.uri;
-        let now = chrono::Utc::now();
+        let now = crate::clock::now();
         let run_id = format!(
             "{}-{:08x}",
             now.format("%Y%m%dT%H%M%S%.3fZ"),
@@ -478,7 +478,7 @@ impl Handler {
             .is_some_and(|l| {
                 l.holder == run_id
                     && !l.released
-                    && l.lease_until_ms > chrono::Utc::now().timestamp_millis()
+                    && l.lease_until_ms > crate::clock::now().timestamp_millis()
             });
         if held {
             return Err(format!(
@@ -555,7 +555,7 @@ impl Handler {
             &self.cfg.state_bucket,
             format!("{}{}/ledger/", self.cfg.state_prefix, route.name),
         );
-        let now = chrono::Utc::now().timestamp();
+        let now = crate::clock::now().timestamp();
         let mut claim_etag = match ledger
             .claim(&export_id, now, self.cfg.lease_s, force_full)
             .await

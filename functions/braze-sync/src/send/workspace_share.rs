@@ -276,7 +276,7 @@ impl SenderRegistry {
         let doc = LeaseDoc {
             route,
             run_id,
-            renewed_at: chrono::Utc::now().to_rfc3339(),
+            renewed_at: crate::clock::now().to_rfc3339(),
             lease_ttl_s: ttl.as_secs(),
         };
         let body = Bytes::from(serde_json::to_vec(&doc).unwrap_or_default());
@@ -315,7 +315,7 @@ pub struct WorkspaceShare {
 }
 
 fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
+    crate::clock::now().timestamp_millis()
 }
 
 impl WorkspaceShare {
@@ -675,7 +675,7 @@ mod tests {
         let store = Arc::new(MemoryStore::new());
         let registry = SenderRegistry::new(store.clone(), "state", "s/");
         // A lease written 20 minutes ago by a sender that died.
-        let old = (chrono::Utc::now() - chrono::Duration::minutes(20)).to_rfc3339();
+        let old = (crate::clock::now() - chrono::Duration::minutes(20)).to_rfc3339();
         let dead = registry.key_of("r0", "dead");
         let (mut a, peers) = WorkspaceShare::new(registry.clone(), settings(), "r1", "run-a");
         // Write the dead lease with an old LastModified through the fake's own put, then age it.

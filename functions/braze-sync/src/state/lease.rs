@@ -32,7 +32,7 @@ pub(crate) async fn keep_lock<F: Future>(
         tokio::select! {
             out = &mut work => return out,
             _ = tick.tick(), if holding => {
-                match lock.renew(chrono::Utc::now().timestamp_millis()).await {
+                match lock.renew(crate::clock::now().timestamp_millis()).await {
                     Ok(()) => {}
                     Err(e @ LockError::Lost { .. }) => {
                         warn!(lock = %lock.uri(), error = %e, "Route lock lost; stopping the run.");

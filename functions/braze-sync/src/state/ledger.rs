@@ -306,7 +306,7 @@ impl<'a> Ledger<'a> {
             tokio::select! {
                 out = &mut work => return out,
                 _ = tick.tick() => {
-                    let now = chrono::Utc::now().timestamp();
+                    let now = crate::clock::now().timestamp();
                     match self.renew(export_id, etag, now, lease_s).await {
                         Ok(next) => *etag = next,
                         Err(e) => tracing::warn!(export = export_id, error = %e, "Could not renew the export claim; trying again."),

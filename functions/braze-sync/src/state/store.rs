@@ -257,7 +257,7 @@ pub struct StateStore {
 }
 
 fn nonce() -> String {
-    format!("{:08x}", rand::random::<u32>())
+    format!("{:08x}", crate::clock::nonce())
 }
 
 /// Bytes of memory the snapshot of `doc` needs once loaded for `route` (an estimate: key,
@@ -682,7 +682,7 @@ impl StateStore {
             .await?;
         let mut doc = head.doc.clone();
         doc.segments.push(name);
-        doc.updated_at = chrono::Utc::now().to_rfc3339();
+        doc.updated_at = crate::clock::now().to_rfc3339();
         if let Err(e) = self.put_head(head, doc).await {
             let _ = self.store.delete(&uri).await;
             return Err(e);
@@ -1402,7 +1402,7 @@ impl StateStore {
                 doc.watermark = Some(w);
             }
         }
-        doc.updated_at = chrono::Utc::now().to_rfc3339();
+        doc.updated_at = crate::clock::now().to_rfc3339();
         stats.ranges = doc.ranges.len();
         stats.state_bytes = doc.state_bytes();
         if let Err(e) = self.put_head(head, doc).await {
@@ -1442,7 +1442,7 @@ impl StateStore {
         let fork = self.fork(name);
         let mut doc = d.clone();
         doc.segments.clear();
-        doc.updated_at = chrono::Utc::now().to_rfc3339();
+        doc.updated_at = crate::clock::now().to_rfc3339();
         let mut head = Head {
             doc: HeadDoc::default(),
             etag: None,
@@ -1525,7 +1525,7 @@ impl StateStore {
         let users: u64 = doc.ranges.iter().map(|r| r.users).sum();
         doc.users = users;
         doc.generation = head.doc.generation + 1;
-        doc.updated_at = chrono::Utc::now().to_rfc3339();
+        doc.updated_at = crate::clock::now().to_rfc3339();
         let stats = CommitStats {
             users,
             ranges: n,

@@ -3,9 +3,10 @@
 //! the end folds the run into a new base ([`StateStore::commit`]). Nothing else moves state.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tracing::warn;
 
 use crate::config::route::Route;

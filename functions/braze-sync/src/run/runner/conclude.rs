@@ -34,7 +34,7 @@ pub(super) struct RunRecord {
 fn run_id(plan: &ExportPlan) -> String {
     format!(
         "{}-{:08x}",
-        chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ"),
+        crate::clock::now().format("%Y%m%dT%H%M%S%.3fZ"),
         xxhash_rust::xxh3::xxh3_64(plan.export_id.as_bytes()) as u32
     )
 }
@@ -50,7 +50,7 @@ impl RunRecord {
             .iter()
             .map(|p| S3Uri::new(&plan.trigger.bucket, &p.key).to_string())
             .collect();
-        report.started_at = Some(chrono::Utc::now().to_rfc3339());
+        report.started_at = Some(crate::clock::now().to_rfc3339());
         let uri = S3Uri::new(
             &s.state_bucket,
             format!("{}{route}/{run_id}.json", s.reports_prefix),
@@ -67,7 +67,7 @@ impl RunRecord {
     pub async fn finish(&mut self, store: &dyn ObjectStore) {
         let r = &mut self.report;
         r.duration_s = self.started.elapsed().as_secs_f64();
-        r.finished_at = Some(chrono::Utc::now().to_rfc3339());
+        r.finished_at = Some(crate::clock::now().to_rfc3339());
         if let Err(e) = r.put(store, &self.uri).await {
             warn!(report = %self.uri, error = %e, "Could not write the run report.");
         }

@@ -570,7 +570,7 @@ impl SyncRunner {
         };
         let s = &self.settings;
         let uri = lock_uri(&s.state_bucket, &s.state_prefix, route.name());
-        let now = chrono::Utc::now().timestamp_millis();
+        let now = crate::clock::now().timestamp_millis();
         let joined = RouteLock::join(self.store.clone(), uri, &msg.run_id, now, s.fan_out_lease_s)
             .await
             .map_err(|e| RunError::Retryable(e.to_string()))?;
@@ -776,8 +776,7 @@ impl SyncRunner {
         );
         let mut dcfg = s.deliver.clone();
         dcfg.deadline = self
-            .deadline(remaining_ms)
-            .map(tokio::time::Instant::from_std);
+            .deadline(remaining_ms);
         let share = self.workspace_share(route.name(), &piece_id);
         let sender = Sender::start(self.api.clone(), dcfg, delta_rx, out_tx, share);
         let mut committer = Committer::new(fork, head, route.clone(), s.checkpoint_every)
@@ -1093,8 +1092,7 @@ impl SyncRunner {
         });
         let mut dcfg = s.deliver.clone();
         dcfg.deadline = self
-            .deadline(remaining_ms)
-            .map(tokio::time::Instant::from_std);
+            .deadline(remaining_ms);
         let fin_id = format!("{}-final", manifest.run_id);
         let share = self.workspace_share(route.name(), &fin_id);
         let sender = Sender::start(self.api.clone(), dcfg, delta_rx, out_tx, share);
@@ -1169,7 +1167,7 @@ impl SyncRunner {
             piece_reports: pieces,
         });
         let report_uri = self.report_uri(route.name(), &manifest.run_id);
-        let now = chrono::Utc::now();
+        let now = crate::clock::now();
         report.finished_at = Some(now.to_rfc3339());
         // The whole fan-out, from the coordinator's start.
         report.duration_s = manifest
@@ -1259,7 +1257,7 @@ impl SyncRunner {
         report.export_id = Some(manifest.export_id.clone());
         report.exported_at = Some(manifest.exported_at.clone());
         report.started_at = manifest.started_at.clone();
-        report.finished_at = Some(chrono::Utc::now().to_rfc3339());
+        report.finished_at = Some(crate::clock::now().to_rfc3339());
         report.status = RunStatus::Failed;
         report.error = Some(message.clone());
         report.notes = manifest.notes.clone();

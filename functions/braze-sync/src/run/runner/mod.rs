@@ -20,11 +20,12 @@ mod sender;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bridge_shared::ObjectStore;
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 pub use hand_over::{Carried, Continuation, PieceMessage, SqsContinuation};
@@ -258,7 +259,7 @@ impl SyncRunner {
     async fn lock(&self, route: &Route, run_id: &str) -> Result<RouteLock, RunError> {
         let s = &self.settings;
         let uri = lock_uri(&s.state_bucket, &s.state_prefix, route.name());
-        let now = chrono::Utc::now().timestamp_millis();
+        let now = crate::clock::now().timestamp_millis();
         match RouteLock::acquire(self.store.clone(), uri, run_id, now, s.route_lease_s).await {
             Ok(Some(lock)) => Ok(lock),
             Ok(None) => Err(RunError::Retryable(format!(
@@ -311,7 +312,7 @@ impl ExportRunner for SyncRunner {
             let pieces = summary["fan_out"]["pieces"].as_u64().unwrap_or(0) as usize;
             lock.share();
             lock.set_lease_s(self.settings.fan_out_lease_s);
-            let queued = match lock.renew(chrono::Utc::now().timestamp_millis()).await {
+            let queued = match lock.renew(crate::clock::now().timestamp_millis()).await {
                 Ok(()) => self.queue_pieces(route.name(), run_id, pieces).await,
                 Err(e) => Err(e.to_string()),
             };
@@ -363,7 +364,7 @@ impl SyncRunner {
             .export_time(&plan.trigger, &plan.trigger_meta)
             .and_then(|t| {
                 order
-                    .check_skew(&plan.trigger, t, chrono::Utc::now())
+                    .check_skew(&plan.trigger, t, crate::clock::now())
                     .map(|()| t.to_rfc3339())
             });
         match dated {
@@ -563,8 +564,7 @@ impl SyncRunner {
         };
         let mut dcfg = s.deliver.clone();
         dcfg.deadline = self
-            .deadline(remaining_ms)
-            .map(tokio::time::Instant::from_std);
+            .deadline(remaining_ms);
         let share = self.workspace_share(route.name(), &record.run_id);
         let sender = Sender::start(self.api.clone(), dcfg, delta_rx, out_tx, share);
         let mut committer = Committer::new(state, head, route.clone(), s.checkpoint_every)
@@ -736,7 +736,7 @@ fn forget_future_watermark(route: &Route, head: &mut Head, record: &mut RunRecor
         .and_then(|w| w.exported_at.as_deref())
         .and_then(crate::config::export_order::parse_instant);
     if let Some(at) = at
-        && order.too_far_ahead(at, chrono::Utc::now())
+        && order.too_far_ahead(at, crate::clock::now())
     {
         record.report.notes.push(format!(
             "the state's watermark ({}) lies beyond max_future_skew; it is ignored and replaced by this export's",
