@@ -10,7 +10,7 @@ VENV_STAMP := $(VENV)/.installed
 CARGO ?= cargo
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help venv build-dev test lint demo bench sim clean fuzz
+.PHONY: help venv build-dev test lint demo bench sim simulate clean fuzz
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -59,6 +59,13 @@ fuzz: ## Run every cargo-fuzz target in fuzz/ for FUZZ_SECONDS each (stable via 
 
 sim: ## Run the Braze simulator on 127.0.0.1:4010 (key: sim-key)
 	$(CARGO) run -p braze-sim -- --port 4010 --api-key sim-key
+
+# Seeds SEED_START..SEED_START+SEEDS of the protocol simulation (testkit/sim), on every core.
+SEEDS ?= 1000
+SEED_START ?= 0
+simulate: ## Deterministic simulation of braze-sync (crashes, lost answers, races): violations with their replay command -> target/bench/sim.json
+	$(CARGO) build --release -p sim --bin simulate
+	./target/release/simulate --seeds $(SEEDS) --seed-start $(SEED_START) --out target/bench/sim.json > /dev/null
 
 clean: ## Remove build output, venvs and installed node modules
 	$(CARGO) clean

@@ -65,7 +65,15 @@ impl SimBraze {
             let all = std::mem::take(objs);
             for (i, o) in all.into_iter().enumerate() {
                 let id = o["external_id"].as_str().unwrap_or("?").to_string();
-                let draw = keyed(self.world.seed, &[b"refuse", &gate.inv.to_le_bytes(), id.as_bytes(), &o.to_string().into_bytes()]);
+                let draw = keyed(
+                    self.world.seed,
+                    &[
+                        b"refuse",
+                        &gate.inv.to_le_bytes(),
+                        id.as_bytes(),
+                        &o.to_string().into_bytes(),
+                    ],
+                );
                 if draw < f.braze_refuse {
                     refused.push((i, id));
                 } else {
@@ -86,7 +94,11 @@ impl SimBraze {
         let mut status = 400;
         let mut message = json!("no valid data");
         if !applied_ids.is_empty() {
-            let mut profiles = self.braze.profiles.lock().unwrap_or_else(|e| e.into_inner());
+            let mut profiles = self
+                .braze
+                .profiles
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             let out = track_with(
                 &mut profiles,
                 &serde_json::to_vec(&v).unwrap_or_default(),
@@ -111,7 +123,9 @@ impl SimBraze {
                         .filter(|(i, _)| !invalid.contains(i))
                         .map(|(_, o)| {
                             o.as_object().map_or(0, |m| {
-                                m.keys().filter(|k| *k != "external_id" && !k.starts_with('_')).count() as u64
+                                m.keys()
+                                    .filter(|k| *k != "external_id" && !k.starts_with('_'))
+                                    .count() as u64
                             })
                         })
                         .sum()
@@ -172,8 +186,12 @@ impl BrazeApi for SimBraze {
         let rate = RateLimitInfo::default();
         if fate.fail {
             self.world.stat(|s| s.failed_calls += 1);
-            let draw = keyed(self.world.seed, &[b"which", &gate.inv.to_le_bytes(), key.as_bytes()]);
-            self.world.trace(|| format!("inv {} braze {key} failed before applying", gate.inv));
+            let draw = keyed(
+                self.world.seed,
+                &[b"which", &gate.inv.to_le_bytes(), key.as_bytes()],
+            );
+            self.world
+                .trace(|| format!("inv {} braze {key} failed before applying", gate.inv));
             return Err(if draw * (f.braze_429 + f.braze_5xx) < 1000 * f.braze_429 {
                 TrackError::RateLimited {
                     message: "rate limited".into(),
@@ -182,7 +200,7 @@ impl BrazeApi for SimBraze {
                         ..rate
                     },
                 }
-            } else if draw % 2 == 0 {
+            } else if draw.is_multiple_of(2) {
                 TrackError::Server {
                     status: 503,
                     message: "unavailable".into(),

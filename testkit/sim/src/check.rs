@@ -77,7 +77,12 @@ pub async fn check(
     }
     if clean {
         let minimal: u64 = exports.values().map(|l| minimal_updates(l)).sum();
-        let applied = env.world.stats.lock().unwrap_or_else(|e| e.into_inner()).attributes_applied;
+        let applied = env
+            .world
+            .stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .attributes_applied;
         if applied as f64 > 1.1 * minimal as f64 + 1.0 {
             v.push(format!(
                 "invariant 5: {applied} attribute updates applied in a schedule without faults, more than 1.1 x the minimal {minimal}"
@@ -87,7 +92,11 @@ pub async fn check(
     v
 }
 
-async fn report_of(store: &Arc<dyn ObjectStore>, route: &Route, id: &str) -> Option<(LedgerStatus, Option<Value>)> {
+async fn report_of(
+    store: &Arc<dyn ObjectStore>,
+    route: &Route,
+    id: &str,
+) -> Option<(LedgerStatus, Option<Value>)> {
     let ledger = Ledger::new(
         store.as_ref(),
         STATE_BUCKET,
@@ -120,7 +129,12 @@ async fn braze_holds_newest(
     };
     let (tier, score, aud) = names(route.name());
     let profiles = profiles(env, route.name());
-    let refused = env.braze.refused.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let refused = env
+        .braze
+        .refused
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     for (id, row) in &newest.rows {
         if refused.contains(id) {
             continue;
@@ -129,7 +143,8 @@ async fn braze_holds_newest(
         let got_tier = p.and_then(|p| p.get(tier)).and_then(Value::as_str);
         let got_score = p.and_then(|p| p.get(score)).and_then(Value::as_i64);
         let got_aud = as_bool(p.and_then(|p| p.get(aud))).unwrap_or(false);
-        if got_tier != Some(row.tier.as_str()) || got_score != Some(row.score) || got_aud != row.vip {
+        if got_tier != Some(row.tier.as_str()) || got_score != Some(row.score) || got_aud != row.vip
+        {
             v.push(format!(
                 "invariant 1: route {} user {id}: Braze holds {tier}={got_tier:?} {score}={got_score:?} {aud}={got_aud}, the newest export ({} #{}) says {}/{}/{}",
                 route.name(),
@@ -152,7 +167,10 @@ async fn braze_holds_newest(
     };
     if held == 0 {
         for (id, p) in &profiles {
-            if !newest.rows.contains_key(id) && !refused.contains(id) && as_bool(p.get(aud)) == Some(true) {
+            if !newest.rows.contains_key(id)
+                && !refused.contains(id)
+                && as_bool(p.get(aud)) == Some(true)
+            {
                 v.push(format!(
                     "invariant 1: route {} user {id} left the audience in the newest export ({}), whose run held no departures, yet Braze still has {aud}=true",
                     route.name(),
@@ -191,12 +209,21 @@ fn braze_as_export(env: &Env, route: &Route) -> String {
     s
 }
 
-async fn state_agrees_with_braze(env: &Env, store: &Arc<dyn ObjectStore>, route: &Route) -> Vec<String> {
+async fn state_agrees_with_braze(
+    env: &Env,
+    store: &Arc<dyn ObjectStore>,
+    route: &Route,
+) -> Vec<String> {
     let state = StateStore::new(store.clone(), STATE_BUCKET, STATE_PREFIX, route.name())
         .with_range_users(env.deployment.range_users);
     let snapshot = match state.load(route).await {
         Ok((_, s)) => s,
-        Err(e) => return vec![format!("invariant 2: route {}: the state does not load: {e}", route.name())],
+        Err(e) => {
+            return vec![format!(
+                "invariant 2: route {}: the state does not load: {e}",
+                route.name()
+            )];
+        }
     };
     let csv = braze_as_export(env, route);
     let parts = vec![Ok(Part {
@@ -227,12 +254,19 @@ async fn state_agrees_with_braze(env: &Env, store: &Arc<dyn ObjectStore>, route:
         &mut |_| {},
     );
     if let Err(e) = result {
-        out.push(format!("invariant 2: route {}: diffing Braze against the state failed: {e}", route.name()));
+        out.push(format!(
+            "invariant 2: route {}: diffing Braze against the state failed: {e}",
+            route.name()
+        ));
     }
     out
 }
 
-async fn nothing_left_behind(env: &Env, store: &Arc<dyn ObjectStore>, route: &Route) -> Vec<String> {
+async fn nothing_left_behind(
+    env: &Env,
+    store: &Arc<dyn ObjectStore>,
+    route: &Route,
+) -> Vec<String> {
     let mut v = Vec::new();
     let lock = lock_uri(STATE_BUCKET, STATE_PREFIX, route.name());
     if let Ok(Some(doc)) = read_lock(store.as_ref(), &lock).await
@@ -246,8 +280,20 @@ async fn nothing_left_behind(env: &Env, store: &Arc<dyn ObjectStore>, route: &Ro
     }
     let prefix = format!("{STATE_PREFIX}{}/", route.name());
     for key in env.s3.keys(STATE_BUCKET, &prefix) {
-        if key.contains("/_fan_out/") {
-            v.push(format!("invariant 3: route {}: {key} is left behind", route.name()));
+        // A merged fork's state objects stay (the route head names them); the fan-out's
+        // control objects must not.
+        let control = [
+            "manifest.json",
+            "final.json",
+            "done.json",
+            "head.json",
+            "departures.bin",
+        ];
+        if key.contains("/_fan_out/") && control.iter().any(|c| key.ends_with(c)) {
+            v.push(format!(
+                "invariant 3: route {}: fan-out control object {key} is left behind",
+                route.name()
+            ));
             break;
         }
     }
@@ -255,7 +301,10 @@ async fn nothing_left_behind(env: &Env, store: &Arc<dyn ObjectStore>, route: &Ro
     for key in env.s3.keys(STATE_BUCKET, &ledger) {
         if let Some(body) = env.s3.body(STATE_BUCKET, &key)
             && let Ok(entry) = serde_json::from_slice::<braze_sync::ledger::LedgerEntry>(&body)
-            && matches!(entry.status, LedgerStatus::Running | LedgerStatus::FannedOut)
+            && matches!(
+                entry.status,
+                LedgerStatus::Running | LedgerStatus::FannedOut
+            )
         {
             v.push(format!(
                 "invariant 3: route {}: export {} is left {:?} in the ledger",
@@ -277,7 +326,11 @@ async fn every_export_recorded(
     let mut v = Vec::new();
     for e in list {
         let Some(id) = export_id(env, e) else {
-            v.push(format!("invariant 4: route {}: export {} was never uploaded", route.name(), e.trigger_key()));
+            v.push(format!(
+                "invariant 4: route {}: export {} was never uploaded",
+                route.name(),
+                e.trigger_key()
+            ));
             continue;
         };
         match report_of(store, route, &id).await {
@@ -296,9 +349,13 @@ async fn every_export_recorded(
                     ));
                 }
                 let want_applied = e.kind == Kind::Regular || e.kind == Kind::ForcedReplay;
+                let why = report
+                    .as_ref()
+                    .map(|r| format!("{} {}", r["status"], r["error"]))
+                    .unwrap_or_default();
                 if want_applied && !matches!(status, LedgerStatus::Complete | LedgerStatus::SkippedStale | LedgerStatus::Incomplete) {
                     v.push(format!(
-                        "invariant 4: route {}: export {} ended {status:?}",
+                        "invariant 4: route {}: export {} ended {status:?}: {why}",
                         route.name(),
                         e.trigger_key()
                     ));

@@ -94,7 +94,11 @@ impl Container {
             env.s3.clone(),
             gate.clone(),
         ));
-        let api = Arc::new(SimBraze::new(env.world.clone(), env.braze.clone(), gate.clone()));
+        let api = Arc::new(SimBraze::new(
+            env.world.clone(),
+            env.braze.clone(),
+            gate.clone(),
+        ));
         let cont: Arc<dyn Continuation> = Arc::new(SimContinuation::new(
             env.world.clone(),
             env.queue.clone(),

@@ -86,7 +86,11 @@ fn deployment(rng: &mut Rng) -> Deployment {
         concurrency: rng.range(1, 4) as usize,
         batch_size: if rng.chance(700) { 1 } else { 2 },
         bounded_min_users: if mode == 0 { u64::MAX } else { 0 },
-        fan_out_pieces: if mode == 2 { Some(rng.range(2, 3) as usize) } else { None },
+        fan_out_pieces: if mode == 2 {
+            Some(rng.range(2, 3) as usize)
+        } else {
+            None
+        },
         range_users: 16,
         max_objects: rng.range(3, 10) as usize,
     }
@@ -109,7 +113,9 @@ pub fn run_seed(seed: u64, opts: &Options) -> SeedOutcome {
 }
 
 async fn run_world(seed: u64, opts: &Options) -> SeedOutcome {
-    braze_sync::clock::set_virtual(chrono::DateTime::from_timestamp_millis(EPOCH_MS).unwrap_or_default());
+    braze_sync::clock::set_virtual(
+        chrono::DateTime::from_timestamp_millis(EPOCH_MS).unwrap_or_default(),
+    );
     braze_sync::clock::set_nonce_seed(seed);
     let mut rng = Rng::new(seed);
     let faults = Faults::choose(&mut rng);
@@ -131,8 +137,14 @@ async fn run_world(seed: u64, opts: &Options) -> SeedOutcome {
     let mut exports: BTreeMap<&'static str, Vec<Export>> = BTreeMap::new();
     let people_users = rng.range(20, 80) as usize;
     let member_users = rng.range(30, 120) as usize;
-    exports.insert("people", workload::exports(&mut rng, "people", people_users, 0));
-    exports.insert("members", workload::exports(&mut rng, "members", member_users, 0));
+    exports.insert(
+        "people",
+        workload::exports(&mut rng, "people", people_users, 0),
+    );
+    exports.insert(
+        "members",
+        workload::exports(&mut rng, "members", member_users, 0),
+    );
     let mut uploads: Vec<&Export> = exports.values().flatten().collect();
     uploads.sort_by_key(|e| (e.upload_ms, e.route, e.seq));
     let raw: Arc<dyn ObjectStore> = Arc::new(s3::SimStore::new(
@@ -174,17 +186,22 @@ async fn run_world(seed: u64, opts: &Options) -> SeedOutcome {
                 },
             };
             running.fetch_add(1, Ordering::SeqCst);
-            let (env2, running2, done2, pool2) = (env.clone(), running.clone(), done.clone(), pool.clone());
+            let (env2, running2, done2, pool2) =
+                (env.clone(), running.clone(), done.clone(), pool.clone());
             tokio::spawn(async move {
                 let ended = lambda::invoke(&env2, &container, inv, &msgs).await;
                 if matches!(ended, lambda::Ended::Returned(_) | lambda::Ended::Failed) {
-                    pool2.lock().unwrap_or_else(|e| e.into_inner()).push(container);
+                    pool2
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(container);
                 }
                 running2.fetch_sub(1, Ordering::SeqCst);
                 done2.notify_one();
             });
         }
-        let quiet = next_upload == uploads.len() && running.load(Ordering::SeqCst) == 0 && queue.is_empty();
+        let quiet =
+            next_upload == uploads.len() && running.load(Ordering::SeqCst) == 0 && queue.is_empty();
         if quiet {
             if !queue.dlq().is_empty() && redrives < 2 {
                 redrives += 1;
@@ -229,7 +246,11 @@ async fn run_world(seed: u64, opts: &Options) -> SeedOutcome {
         let clean = !faults.any();
         violations.extend(check::check(&env, &raw, &exports, clean).await);
     }
-    let stats = world.stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let stats = world
+        .stats
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     SeedOutcome {
         seed,
         faults,
@@ -249,7 +270,10 @@ fn rfc3339(ms: i64) -> String {
 
 async fn put(raw: &Arc<dyn ObjectStore>, key: &str, body: String, meta: BTreeMap<String, String>) {
     let uri = S3Uri::new(EXPORTS_BUCKET, key);
-    if let Err(e) = raw.put(&uri, Bytes::from(body), PutCondition::None, meta).await {
+    if let Err(e) = raw
+        .put(&uri, Bytes::from(body), PutCondition::None, meta)
+        .await
+    {
         panic!("the world's own upload of {uri} failed: {e}");
     }
 }
@@ -288,11 +312,13 @@ async fn upload(env: &Env, raw: &Arc<dyn ObjectStore>, e: &Export, rng: &mut Rng
         let delay = rng.range(0, 2_000) as i64;
         env.queue.send(body.clone(), delay);
         if rng.chance(dup_rate) {
-            env.queue.send(body.clone(), delay + rng.range(0, 600_000) as i64);
+            env.queue
+                .send(body.clone(), delay + rng.range(0, 600_000) as i64);
         }
         if key == trigger {
             for _ in 0..e.duplicates {
-                env.queue.send(body.clone(), rng.range(1_000, 3_600_000) as i64);
+                env.queue
+                    .send(body.clone(), rng.range(1_000, 3_600_000) as i64);
             }
         }
     }

@@ -151,10 +151,13 @@ impl SimContinuation {
         }
         let f = &self.world.faults;
         let key = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(body.as_bytes()));
-        let fate = self.world.fate(&gate, "SendMessage", &key, f.sqs_fail, f.sqs_lost, 50);
+        let fate = self
+            .world
+            .fate(&gate, "SendMessage", &key, f.sqs_fail, f.sqs_lost, 50);
         tokio::time::sleep(fate.latency).await;
         if fate.crash {
-            self.world.trace(|| format!("inv {} crash at sqs send {key}", gate.inv));
+            self.world
+                .trace(|| format!("inv {} crash at sqs send {key}", gate.inv));
             gate.crash();
             std::future::pending::<()>().await;
         }
@@ -163,7 +166,10 @@ impl SimContinuation {
             return Err("SQS SendMessage failed: ServiceUnavailable".into());
         }
         let id = self.queue.send(body.clone(), 0);
-        let dup = keyed(self.world.seed, &[b"dup", &gate.inv.to_le_bytes(), key.as_bytes()]) < f.sqs_dup;
+        let dup = keyed(
+            self.world.seed,
+            &[b"dup", &gate.inv.to_le_bytes(), key.as_bytes()],
+        ) < f.sqs_dup;
         if dup {
             self.queue.send(body, 1_000);
         }

@@ -145,7 +145,11 @@ pub fn exports(rng: &mut Rng, route: &'static str, users: usize, start_ms: i64) 
     let mut out: Vec<Export> = Vec::new();
     let mut upload = start_ms + rng.range(0, 600_000) as i64;
     let hour = 3_600_000;
-    let parts = if route == "people" { 1 } else { rng.range(1, 3) as usize };
+    let parts = if route == "people" {
+        1
+    } else {
+        rng.range(1, 3) as usize
+    };
     let mut history: Vec<BTreeMap<String, Row>> = Vec::new();
     for seq in 0..n {
         if seq > 0 {
@@ -178,7 +182,11 @@ pub fn exports(rng: &mut Rng, route: &'static str, users: usize, start_ms: i64) 
                 }
             }
             // Departures, under or over the cap.
-            let share = if rng.chance(250) { 300 } else { rng.range(0, 120) };
+            let share = if rng.chance(250) {
+                300
+            } else {
+                rng.range(0, 120)
+            };
             let ids: Vec<String> = rows.keys().cloned().collect();
             for id in ids {
                 if rng.chance(share) {

@@ -194,6 +194,7 @@ pub struct World {
     pub stats: Mutex<Stats>,
     trace: Mutex<(u64, u64, Option<Vec<String>>)>,
     main: ThreadId,
+    start: tokio::time::Instant,
 }
 
 impl World {
@@ -205,6 +206,7 @@ impl World {
             stats: Mutex::new(Stats::default()),
             trace: Mutex::new((0, 0, keep_trace.then(Vec::new))),
             main: std::thread::current().id(),
+            start: tokio::time::Instant::now(),
         })
     }
 
@@ -225,7 +227,9 @@ impl World {
         t.0 = crate::rng::mix(t.0 ^ xxhash_rust::xxh3::xxh3_64(line.as_bytes()));
         t.1 += 1;
         if let Some(lines) = &mut t.2 {
-            lines.push(format!("{:>12} {line}", now_ms()));
+            // Tokio's clock, which the blocking readers share with the runtime thread.
+            let at = tokio::time::Instant::now().saturating_duration_since(self.start);
+            lines.push(format!("{:>12} {line}", at.as_millis()));
         }
     }
 
@@ -243,13 +247,26 @@ impl World {
 
     /// The fate of one call of `gate`'s invocation: `op` on `key`. `(fail, lose)` are the
     /// rates that apply to this kind of call.
-    pub fn fate(&self, gate: &Gate, op: &str, key: &str, fail: u64, lose: u64, latency_ms: u64) -> Fate {
+    pub fn fate(
+        &self,
+        gate: &Gate,
+        op: &str,
+        key: &str,
+        fail: u64,
+        lose: u64,
+        latency_ms: u64,
+    ) -> Fate {
         if gate.inv == 0 {
             return Fate::default();
         }
         let nth = gate.nth(op, key).to_le_bytes();
         let inv = gate.inv.to_le_bytes();
-        let draw = |salt: &[u8]| keyed(self.seed, &[salt, &inv, op.as_bytes(), key.as_bytes(), &nth]);
+        let draw = |salt: &[u8]| {
+            keyed(
+                self.seed,
+                &[salt, &inv, op.as_bytes(), key.as_bytes(), &nth],
+            )
+        };
         let latency = if latency_ms == 0 {
             0
         } else {

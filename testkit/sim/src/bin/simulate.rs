@@ -30,9 +30,15 @@ fn parse() -> Result<Args, String> {
     while let Some(arg) = it.next() {
         let mut val = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
         match arg.as_str() {
-            "--seeds" => a.seeds = val("--seeds")?.parse().map_err(|e| format!("--seeds: {e}"))?,
+            "--seeds" => {
+                a.seeds = val("--seeds")?
+                    .parse()
+                    .map_err(|e| format!("--seeds: {e}"))?
+            }
             "--seed-start" => {
-                a.seed_start = val("--seed-start")?.parse().map_err(|e| format!("--seed-start: {e}"))?;
+                a.seed_start = val("--seed-start")?
+                    .parse()
+                    .map_err(|e| format!("--seed-start: {e}"))?;
             }
             "--seed" => {
                 a.seed_start = val("--seed")?.parse().map_err(|e| format!("--seed: {e}"))?;
@@ -108,7 +114,22 @@ fn main() -> ExitCode {
                         }
                     }
                     if end - start == 1 {
-                        eprintln!("seed {seed}: trace digest {:016x} over {} events", o.trace_digest.0, o.trace_digest.1);
+                        eprintln!(
+                            "seed {seed}: faults {}",
+                            serde_json::to_string(&o.faults).unwrap_or_default()
+                        );
+                        eprintln!(
+                            "seed {seed}: deployment {}",
+                            serde_json::to_string(&o.deployment).unwrap_or_default()
+                        );
+                        eprintln!(
+                            "seed {seed}: stats {}",
+                            serde_json::to_string(&o.stats).unwrap_or_default()
+                        );
+                        eprintln!(
+                            "seed {seed}: trace digest {:016x} over {} events",
+                            o.trace_digest.0, o.trace_digest.1
+                        );
                     }
                     for v in &o.violations {
                         eprintln!("seed {seed}: {v}");
@@ -149,7 +170,11 @@ fn main() -> ExitCode {
     }
     match std::fs::File::create(&args.out) {
         Ok(mut f) => {
-            let _ = writeln!(f, "{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+            let _ = writeln!(
+                f,
+                "{}",
+                serde_json::to_string_pretty(&doc).unwrap_or_default()
+            );
         }
         Err(e) => eprintln!("simulate: writing {}: {e}", args.out),
     }

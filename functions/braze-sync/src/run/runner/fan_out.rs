@@ -775,8 +775,7 @@ impl SyncRunner {
             delta_tx,
         );
         let mut dcfg = s.deliver.clone();
-        dcfg.deadline = self
-            .deadline(remaining_ms);
+        dcfg.deadline = self.deadline(remaining_ms);
         let share = self.workspace_share(route.name(), &piece_id);
         let sender = Sender::start(self.api.clone(), dcfg, delta_rx, out_tx, share);
         let mut committer = Committer::new(fork, head, route.clone(), s.checkpoint_every)
@@ -1091,8 +1090,7 @@ impl SyncRunner {
             r.map(|()| totals)
         });
         let mut dcfg = s.deliver.clone();
-        dcfg.deadline = self
-            .deadline(remaining_ms);
+        dcfg.deadline = self.deadline(remaining_ms);
         let fin_id = format!("{}-final", manifest.run_id);
         let share = self.workspace_share(route.name(), &fin_id);
         let sender = Sender::start(self.api.clone(), dcfg, delta_rx, out_tx, share);

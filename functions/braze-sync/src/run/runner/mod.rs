@@ -563,8 +563,7 @@ impl SyncRunner {
             ),
         };
         let mut dcfg = s.deliver.clone();
-        dcfg.deadline = self
-            .deadline(remaining_ms);
+        dcfg.deadline = self.deadline(remaining_ms);
         let share = self.workspace_share(route.name(), &record.run_id);
         let sender = Sender::start(self.api.clone(), dcfg, delta_rx, out_tx, share);
         let mut committer = Committer::new(state, head, route.clone(), s.checkpoint_every)

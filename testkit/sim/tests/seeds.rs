@@ -1,0 +1,155 @@
+//! Simulation seeds as tests: a fixed list of fast seeds that must hold every invariant (run
+//! by `make test`), a replay that must be byte for byte the same, and every seed that ever
+//! failed, named for the bug it found (ignored while the bug is open).
+#![allow(clippy::unwrap_used)]
+
+use sim::{Options, SeedOutcome, replay_command, run_seed};
+
+/// Seeds that run in well under a second each in debug and cover both diffs, fan-out,
+/// hand-overs, crashes and lost answers.
+const FAST_SEEDS: &[u64] = &[
+    0, 3, 4, 5, 6, 14, 16, 17, 18, 19, 20, 22, 23, 24, 26, 27, 28, 30, 31, 34, 35, 36, 37, 38, 39,
+    42, 47, 50, 52, 54, 55, 56, 57,
+];
+
+fn violations(o: &SeedOutcome) -> String {
+    format!(
+        "seed {}: {} violation(s):\n{}\nreplay: {}",
+        o.seed,
+        o.violations.len(),
+        o.violations.join("\n"),
+        replay_command(o.seed)
+    )
+}
+
+fn holds(seed: u64) {
+    let o = run_seed(seed, &Options::default());
+    assert!(o.violations.is_empty(), "{}", violations(&o));
+}
+
+#[test]
+fn fast_seeds_hold_every_invariant() {
+    let mut failed = Vec::new();
+    let mut faults = 0;
+    for &seed in FAST_SEEDS {
+        let o = run_seed(seed, &Options::default());
+        faults += u32::from(o.with_faults());
+        if !o.violations.is_empty() {
+            failed.push(violations(&o));
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n\n"));
+    assert!(
+        faults as usize * 2 > FAST_SEEDS.len(),
+        "most fast seeds inject faults"
+    );
+}
+
+#[test]
+fn a_seed_replays_byte_for_byte() {
+    let a = run_seed(9, &Options { trace: true });
+    let b = run_seed(9, &Options { trace: true });
+    assert!(a.trace.len() > 100);
+    assert_eq!(a.trace, b.trace);
+    assert_eq!(a.trace_digest, b.trace_digest);
+    assert_eq!(a.violations, b.violations);
+}
+
+#[test]
+#[ignore = "open: a lost answer to a head write makes the retry delete objects the live head names; the route's state no longer loads"]
+fn seed_1_ambiguous_head_write_deletes_what_the_head_names() {
+    holds(1);
+}
+
+#[test]
+#[ignore = "open: same as seed 1, in the bounded diff's range deltas"]
+fn seed_7_ambiguous_head_write_deletes_a_range_delta() {
+    holds(7);
+}
+
+#[test]
+#[ignore = "open: same as seed 1, a base shard"]
+fn seed_33_ambiguous_head_write_deletes_a_base_shard() {
+    holds(33);
+}
+
+#[test]
+#[ignore = "open: the run report is written best-effort; the ledger names a report that does not exist"]
+fn seed_8_ledger_names_a_report_that_was_never_written() {
+    holds(8);
+}
+
+#[test]
+#[ignore = "open: the handler acknowledges a run whose ledger entry could not be finished: the export stays running"]
+fn seed_13_export_acknowledged_while_its_claim_stays_running() {
+    holds(13);
+}
+
+#[test]
+#[ignore = "open: a run that crashed after Braze applied a batch, before its checkpoint, is skipped as stale once a newer export applied; users whose values that newer export reverted keep the crashed run's values in Braze"]
+fn seed_12_crashed_runs_unconfirmed_sends_are_never_resent() {
+    holds(12);
+}
+
+#[test]
+#[ignore = "open: same as seed 12, with the bounded diff and fan-out"]
+fn seed_29_crashed_runs_unconfirmed_sends_are_never_resent() {
+    holds(29);
+}
+
+#[test]
+#[ignore = "open: a failed fan-out throws away the forks of pieces Braze confirmed; the route head does not know their users"]
+fn seed_15_failed_fan_out_discards_confirmed_pieces() {
+    holds(15);
+}
+
+#[test]
+#[ignore = "open: same as seed 15"]
+fn seed_25_failed_fan_out_discards_confirmed_pieces() {
+    holds(25);
+}
+
+#[test]
+#[ignore = "open: same as seed 15, and a route lock left held"]
+fn seed_32_failed_fan_out_discards_confirmed_pieces() {
+    holds(32);
+}
+
+#[test]
+#[ignore = "open: a lost answer to a fork's head write deletes its segment; the fan-out fails, leaves control objects and its export fanned out"]
+fn seed_21_fork_segment_deleted_after_a_lost_answer() {
+    holds(21);
+}
+
+#[test]
+#[ignore = "open: a message stays in the DLQ after two redrives"]
+fn seed_9_message_stays_in_the_dlq() {
+    holds(9);
+}
+
+#[test]
+#[ignore = "open: fan-out control objects and a running claim left behind"]
+fn seed_2_fan_out_leaves_its_control_objects() {
+    holds(2);
+}
+
+/// `SEED=n cargo test -p sim --test seeds first_divergence_of_two_replays -- --ignored`: where
+/// two runs of a seed part ways, if they do (for finding a new source of nondeterminism).
+#[test]
+#[ignore = "a diagnostic, run on demand"]
+fn first_divergence_of_two_replays() {
+    let seed: u64 = std::env::var("SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(9);
+    let a = run_seed(seed, &Options { trace: true });
+    let b = run_seed(seed, &Options { trace: true });
+    for (i, (x, y)) in a.trace.iter().zip(b.trace.iter()).enumerate() {
+        if x != y {
+            panic!(
+                "line {i}:\n{}\n{x}\n{y}",
+                a.trace[i.saturating_sub(5)..i].join("\n")
+            );
+        }
+    }
+}
