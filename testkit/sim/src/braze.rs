@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use braze_sim::contract::{AnswerMode, Limits, track_with};
 use braze_sim::profile::ProfileStore;
-use braze_sync::braze::{BrazeApi, RateLimitInfo, TrackError, TrackResponse};
+use braze_sync::send::braze::{BrazeApi, RateLimitInfo, TrackError, TrackResponse};
 use bytes::Bytes;
 use serde_json::{Value, json};
 
@@ -229,7 +229,7 @@ impl BrazeApi for SimBraze {
             });
         }
         let code = reqwest::StatusCode::from_u16(status).unwrap_or(reqwest::StatusCode::OK);
-        braze_sync::braze::client::classify(
+        braze_sync::send::braze::client::classify(
             code,
             rate,
             &serde_json::to_vec(&answer).unwrap_or_default(),

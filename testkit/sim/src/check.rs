@@ -12,11 +12,11 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use braze_sync::ledger::{Ledger, LedgerStatus};
-use braze_sync::route::Route;
-use braze_sync::route_lock::{lock_uri, read_lock};
-use braze_sync::snapshot::store::StateStore;
-use braze_sync::sync::{Part, ProduceOptions, produce};
+use braze_sync::config::route::Route;
+use braze_sync::diff::in_memory::{Part, ProduceOptions, produce};
+use braze_sync::state::ledger::{Ledger, LedgerStatus};
+use braze_sync::state::route_lock::{lock_uri, read_lock};
+use braze_sync::state::store::StateStore;
 use bridge_shared::{ObjectStore, S3Uri};
 use serde_json::Value;
 
@@ -300,7 +300,8 @@ async fn nothing_left_behind(
     let ledger = format!("{prefix}ledger/");
     for key in env.s3.keys(STATE_BUCKET, &ledger) {
         if let Some(body) = env.s3.body(STATE_BUCKET, &key)
-            && let Ok(entry) = serde_json::from_slice::<braze_sync::ledger::LedgerEntry>(&body)
+            && let Ok(entry) =
+                serde_json::from_slice::<braze_sync::state::ledger::LedgerEntry>(&body)
             && matches!(
                 entry.status,
                 LedgerStatus::Running | LedgerStatus::FannedOut

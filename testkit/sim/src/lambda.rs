@@ -6,9 +6,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use braze_sync::handler::{Handler, HandlerConfig};
-use braze_sync::route::Route;
-use braze_sync::runner::{Continuation, RunnerSettings, SyncRunner};
+use braze_sync::config::route::Route;
+use braze_sync::run::handler::{Handler, HandlerConfig};
+use braze_sync::run::runner::{Continuation, RunnerSettings, SyncRunner};
 use serde_json::{Value, json};
 
 use crate::braze::{Braze, SimBraze};

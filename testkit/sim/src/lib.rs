@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use braze_sync::handler::{ALLOW_DEPARTURES_METADATA, FORCE_FULL_METADATA};
-use braze_sync::route::Route;
+use braze_sync::config::route::Route;
+use braze_sync::run::handler::{ALLOW_DEPARTURES_METADATA, FORCE_FULL_METADATA};
 use bridge_shared::object_store::PutCondition;
 use bridge_shared::{ObjectStore, S3Uri};
 use bytes::Bytes;
@@ -284,7 +284,7 @@ async fn upload(env: &Env, raw: &Arc<dyn ObjectStore>, e: &Export, rng: &mut Rng
     world.stat(|s| s.exports += 1);
     let mut meta = BTreeMap::new();
     meta.insert(
-        braze_sync::handler::EXPORTED_AT_METADATA.to_string(),
+        braze_sync::run::handler::EXPORTED_AT_METADATA.to_string(),
         rfc3339(e.dated_ms),
     );
     if e.kind == Kind::ForcedReplay {

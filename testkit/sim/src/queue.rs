@@ -5,8 +5,8 @@
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use braze_sync::handler::ExportPlan;
-use braze_sync::runner::{Continuation, PieceMessage};
+use braze_sync::run::handler::ExportPlan;
+use braze_sync::run::runner::{Continuation, PieceMessage};
 use serde_json::json;
 
 use crate::rng::keyed;
