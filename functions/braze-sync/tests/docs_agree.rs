@@ -4,7 +4,7 @@
 //! those tables list exists in the code; and the dead-letter receive count the docs state is
 //! the `maxReceiveCount` of `template.yaml` (and of the CDK construct). Every source file
 //! (`*.rs`) the docs name, and every folder `docs/architecture.md` and `docs/development.md`
-//! name, exists.
+//! name, exists, and so does every `make` target they name.
 //!
 //! A reference table is the markdown table right after a `<!-- reference: KIND -->` line; its
 //! first column names the items in backticks. Route keys are the generated reference of
@@ -740,6 +740,40 @@ fn every_source_file_and_folder_the_docs_name_exists() {
                 errors.insert(format!(
                     "{file} names `{token}`, which is not in the repository: fix the path"
                 ));
+            }
+        }
+    }
+    report(errors.into_iter().collect());
+}
+
+#[test]
+fn every_make_target_the_docs_name_exists() {
+    let makefile = read("Makefile");
+    let targets: BTreeSet<&str> = makefile
+        .lines()
+        .filter(|l| !l.starts_with(['\t', ' ', '#', '.']))
+        .filter_map(|l| l.split_once(':').map(|(t, _)| t.trim()))
+        .filter(|t| !t.is_empty() && !t.contains(['=', '$', ' ']))
+        .collect();
+    assert!(
+        targets.contains("test"),
+        "no targets read from the Makefile"
+    );
+    let mut errors = BTreeSet::new();
+    for &file in DOCS {
+        for token in backticked(&read(file)) {
+            let Some(rest) = token.strip_prefix("make ") else {
+                continue;
+            };
+            for target in rest
+                .split_whitespace()
+                .filter(|w| !w.contains('=') && *w != "/")
+            {
+                if !targets.contains(target) {
+                    errors.insert(format!(
+                        "{file} names `make {target}`, which the Makefile does not have"
+                    ));
+                }
             }
         }
     }
