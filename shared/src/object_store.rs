@@ -111,6 +111,25 @@ pub trait ObjectStore: Send + Sync {
     async fn head(&self, uri: &S3Uri) -> Result<Option<ObjectMeta>, StoreError>;
     /// Lists every object under a prefix, in key order.
     async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError>;
+    /// Lists at most `max` objects under a prefix whose keys sort after `start_after`, in key
+    /// order: one page of a listing too large to hold (an empty page means the end). The
+    /// default filters [`ObjectStore::list`], which holds the whole listing (fine for fakes and
+    /// small stores); [`S3Store`] asks S3 for one page (`StartAfter`, `MaxKeys`, at most 1,000).
+    async fn list_page(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        start_after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<ObjectMeta>, StoreError> {
+        let mut all = self.list(bucket, prefix).await?;
+        all.sort_by(|a, b| a.key.cmp(&b.key));
+        let from = match start_after {
+            Some(s) => all.partition_point(|o| o.key.as_str() <= s),
+            None => 0,
+        };
+        Ok(all.into_iter().skip(from).take(max.max(1)).collect())
+    }
     /// Writes an object; returns its new metadata (ETag).
     async fn put(
         &self,
@@ -365,6 +384,41 @@ impl ObjectStore for S3Store {
         Ok(out)
     }
 
+    async fn list_page(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        start_after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<ObjectMeta>, StoreError> {
+        let uri = S3Uri::new(bucket, prefix);
+        let mut req = self
+            .client
+            .list_objects_v2()
+            .bucket(bucket)
+            .prefix(prefix)
+            .max_keys(i32::try_from(max.clamp(1, 1000)).unwrap_or(1000));
+        if let Some(s) = start_after {
+            req = req.start_after(s);
+        }
+        let page = req
+            .send()
+            .await
+            .map_err(|e| classify("ListObjectsV2", &uri, e))?;
+        Ok(page
+            .contents()
+            .iter()
+            .map(|o| ObjectMeta {
+                key: o.key().unwrap_or_default().to_string(),
+                etag: strip_quotes(o.e_tag()),
+                size: o.size().unwrap_or_default().max(0) as u64,
+                version_id: None,
+                last_modified: o.last_modified().map(|t| t.to_string()),
+                metadata: BTreeMap::new(),
+            })
+            .collect())
+    }
+
     async fn put(
         &self,
         uri: &S3Uri,
@@ -603,6 +657,40 @@ mod memory {
     #[cfg(test)]
     mod tests {
         use super::*;
+
+        #[tokio::test]
+        async fn a_listing_comes_page_by_page_after_a_key() {
+            let s = MemoryStore::new();
+            for k in ["p/a", "p/b", "p/c", "p/d", "q/e"] {
+                s.put(
+                    &S3Uri::new("b", k),
+                    Bytes::new(),
+                    PutCondition::None,
+                    BTreeMap::new(),
+                )
+                .await
+                .unwrap();
+            }
+            let keys = |v: Vec<ObjectMeta>| v.into_iter().map(|o| o.key).collect::<Vec<_>>();
+            assert_eq!(
+                keys(s.list_page("b", "p/", None, 2).await.unwrap()),
+                ["p/a", "p/b"]
+            );
+            assert_eq!(
+                keys(s.list_page("b", "p/", Some("p/b"), 2).await.unwrap()),
+                ["p/c", "p/d"]
+            );
+            assert_eq!(
+                keys(s.list_page("b", "p/", Some("p/bb"), 5).await.unwrap()),
+                ["p/c", "p/d"]
+            );
+            assert!(
+                s.list_page("b", "p/", Some("p/d"), 2)
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
+        }
 
         #[tokio::test]
         async fn conditional_puts_refuse_a_lost_race() {

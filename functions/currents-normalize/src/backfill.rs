@@ -6,6 +6,13 @@
 //! already quarantined, is skipped: a backfill can be interrupted and rerun at any point and
 //! only does what is left. [`plan`] decides that from listings (pure); [`Backfill`] runs it
 //! with bounded concurrency and a progress bar on a terminal.
+//!
+//! Memory does not grow with the history: the input is listed a page at a time, in key order,
+//! where one event type's objects of one delivery day are adjacent (`…/date=YYYY-MM-DD-HH/…`);
+//! each such day (at most [`MAX_GROUP`] objects at a time) is planned against what its own
+//! table-day already holds (that day's parts, its manifest when it has compacted parts, the
+//! quarantine below that day's prefix), converted, and let go. Days outside `--from`/`--to`
+//! are skipped by listing on after the range (`StartAfter`), not by reading them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::IsTerminal;
@@ -168,6 +175,9 @@ pub struct BackfillSummary {
     pub normalized: u64,
     /// Skipped: already done.
     pub skipped: u64,
+    /// Keys listed below the prefix that are not Currents objects (days outside the range are
+    /// listed past, not read, so they are not counted).
+    pub not_selected: u64,
     /// Quarantined now.
     pub quarantined: u64,
     /// Failed with a retryable error (rerun the backfill).
@@ -184,7 +194,7 @@ pub struct BackfillSummary {
     pub days_failed: u64,
     /// Nothing was written.
     pub dry_run: bool,
-    /// Objects that failed or were quarantined, with the reason.
+    /// Objects that failed or were quarantined, with the reason (the first 1,000).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<ObjectResult>,
 }
@@ -209,30 +219,37 @@ impl Backfill {
         }
     }
 
-    /// What is already done in `out_bucket`, for the table-days of `listing`.
-    async fn done(&self, out_bucket: &str) -> Result<Done, StoreError> {
+    /// What is already done in `out_bucket` for one day of input: `table_day`'s parts, the
+    /// sources its compacted parts hold, and the quarantined objects below `input_prefix`.
+    async fn done_for(
+        &self,
+        out_bucket: &str,
+        table_day: &TableDay,
+        input_prefix: &str,
+    ) -> Result<Done, StoreError> {
         let mut done = Done::default();
-        let parts = self.store.list(out_bucket, &self.cfg.tables_prefix).await?;
-        let mut compacted_days = BTreeSet::new();
-        for p in parts {
-            if let Some((td, compacted)) = parse_part_key(&self.cfg.tables_prefix, &p.key) {
-                if compacted {
-                    compacted_days.insert(td);
-                }
+        let folder = PartLocation {
+            table: table_day.table.clone(),
+            day: table_day.day,
+            id: PartId::for_source(""),
+        }
+        .partition_folder(&self.cfg.tables_prefix);
+        let mut compacted = false;
+        for p in self.store.list(out_bucket, &folder).await? {
+            if let Some((_, c)) = parse_part_key(&self.cfg.tables_prefix, &p.key) {
+                compacted |= c;
                 done.parts.insert(p.key);
             }
         }
-        let compactor = Compactor::new(self.cfg.clone(), self.store.clone(), self.registry.clone());
-        for td in compacted_days {
-            if let Some(m) = compactor.manifest(out_bucket, &td).await? {
-                done.compacted.insert(td, m.sources);
+        if compacted {
+            let compactor =
+                Compactor::new(self.cfg.clone(), self.store.clone(), self.registry.clone());
+            if let Some(m) = compactor.manifest(out_bucket, table_day).await? {
+                done.compacted.insert(table_day.clone(), m.sources);
             }
         }
-        for q in self
-            .store
-            .list(out_bucket, &self.cfg.quarantine_prefix)
-            .await?
-        {
+        let quarantine = format!("{}{input_prefix}", self.cfg.quarantine_prefix);
+        for q in self.store.list(out_bucket, &quarantine).await? {
             if let Some(source) = q
                 .key
                 .strip_suffix(".reason.json")
@@ -247,10 +264,97 @@ impl Backfill {
     /// Runs a backfill. `Err` only when a listing fails.
     pub async fn run(&self, req: &BackfillRequest) -> Result<BackfillSummary, StoreError> {
         let out_bucket = self.cfg.output_bucket(&req.bucket).to_string();
-        let listing = self.store.list(&req.bucket, &req.prefix).await?;
-        let done = self.done(&out_bucket).await?;
+        let mut run = Run {
+            req,
+            out_bucket: &out_bucket,
+            summary: BackfillSummary {
+                dry_run: req.dry_run,
+                ..Default::default()
+            },
+            touched: BTreeSet::new(),
+            bar: progress_bar(req.progress),
+        };
+        tracing::info!(bucket = %req.bucket, prefix = %req.prefix, "Backfill starts.");
+        let mut group: Option<(DayPrefix, Vec<ObjectMeta>)> = None;
+        let mut start_after: Option<String> = None;
+        'listing: loop {
+            let page = self
+                .store
+                .list_page(&req.bucket, &req.prefix, start_after.as_deref(), LIST_PAGE)
+                .await?;
+            let Some(last) = page.last() else { break };
+            start_after = Some(last.key.clone());
+            for o in page {
+                let Some(dp) = day_prefix(&o.key) else {
+                    run.summary.not_selected += 1;
+                    continue;
+                };
+                if let Some(skip_to) = dp.skip_to(req.from, req.to) {
+                    // Outside the range: list on after it instead of reading the rest.
+                    start_after = Some(skip_to);
+                    continue 'listing;
+                }
+                match &mut group {
+                    Some((p, keys)) if *p == dp && keys.len() < MAX_GROUP => keys.push(o),
+                    _ => {
+                        if let Some((p, keys)) = group.replace((dp, vec![o])) {
+                            self.day(&mut run, &p, &keys).await?;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some((p, keys)) = group.take() {
+            self.day(&mut run, &p, &keys).await?;
+        }
+        run.bar.finish_and_clear();
+        let Run {
+            mut summary,
+            touched,
+            ..
+        } = run;
+        if !req.dry_run && !req.no_compact && !touched.is_empty() {
+            let days = self.compact(&out_bucket, &touched).await?;
+            for d in &days {
+                match d.outcome {
+                    crate::compact::DayOutcome::Compacted => summary.days_compacted += 1,
+                    crate::compact::DayOutcome::Failed => summary.days_failed += 1,
+                    _ => {}
+                }
+            }
+        }
+        Ok(summary)
+    }
+
+    /// Plans and converts one day of one event type's objects (`keys`, all below `prefix`).
+    async fn day(
+        &self,
+        run: &mut Run<'_>,
+        prefix: &DayPrefix,
+        keys: &[ObjectMeta],
+    ) -> Result<(), StoreError> {
+        let req = run.req;
+        let Some(first) = keys.first() else {
+            return Ok(());
+        };
+        let table_day = match key::parse(&first.key) {
+            Ok(k) => TableDay {
+                day: k.delivery.day,
+                table: match self.registry.get(&k.event_type) {
+                    Some(t) => t.table.clone(),
+                    None => self.registry.other_events().table.clone(),
+                },
+            },
+            Err(_) => {
+                run.summary.not_selected += keys.len() as u64;
+                return Ok(());
+            }
+        };
+        let done = self
+            .done_for(run.out_bucket, &table_day, &prefix.prefix)
+            .await?;
         let plan = plan(
-            &listing,
+            keys,
             &req.bucket,
             &self.cfg,
             &self.registry,
@@ -258,16 +362,10 @@ impl Backfill {
             req.to,
             &done,
         );
-        let mut summary = BackfillSummary {
-            objects: (plan.todo.len() + plan.skipped.len()) as u64,
-            skipped: plan.skipped.len() as u64,
-            dry_run: req.dry_run,
-            ..Default::default()
-        };
-        tracing::info!(bucket = %req.bucket, prefix = %req.prefix, todo = plan.todo.len(),
-            skipped = plan.skipped.len(), "Backfill starts.");
-        let bar = progress_bar(&plan.todo, req.progress);
-        let mut touched = BTreeSet::new();
+        let s = &mut run.summary;
+        s.objects += (plan.todo.len() + plan.skipped.len()) as u64;
+        s.skipped += plan.skipped.len() as u64;
+        s.not_selected += plan.not_selected;
         let mut results = futures::stream::iter(plan.todo.iter().cloned())
             .map(|t| {
                 let handler = self.handler.clone();
@@ -281,47 +379,10 @@ impl Backfill {
                 }
             })
             .buffer_unordered(req.concurrency.max(1));
-        let (mut objects_done, total) = (0u64, plan.todo.len() as u64);
         while let Some((t, r)) = results.next().await {
-            objects_done += 1;
-            summary.bytes += t.size;
-            summary.events += r.events_in;
-            summary.rows += r.rows_written;
-            match r.outcome {
-                Outcome::Written | Outcome::Empty | Outcome::DryRun => {
-                    summary.normalized += 1;
-                    if r.outcome == Outcome::Written {
-                        touched.insert(t.table_day.clone());
-                    }
-                }
-                Outcome::Ignored => summary.skipped += 1,
-                Outcome::Quarantined => {
-                    summary.quarantined += 1;
-                    summary.problems.push(r);
-                }
-                Outcome::Retry => {
-                    summary.failed += 1;
-                    summary.problems.push(r);
-                }
-            }
-            bar.inc(t.size);
-            bar.set_message(format!(
-                "{objects_done}/{total} objects, {} events",
-                summary.events
-            ));
+            run.record(t, r);
         }
-        bar.finish_and_clear();
-        if !req.dry_run && !req.no_compact && !touched.is_empty() {
-            let days = self.compact(&out_bucket, &touched).await?;
-            for d in &days {
-                match d.outcome {
-                    crate::compact::DayOutcome::Compacted => summary.days_compacted += 1,
-                    crate::compact::DayOutcome::Failed => summary.days_failed += 1,
-                    _ => {}
-                }
-            }
-        }
-        Ok(summary)
+        Ok(())
     }
 
     async fn compact(
@@ -353,15 +414,120 @@ impl Backfill {
     }
 }
 
-fn progress_bar(todo: &[Todo], wanted: bool) -> indicatif::ProgressBar {
+/// Objects listed per page.
+const LIST_PAGE: usize = 1000;
+
+/// Most objects of one day planned and converted at once (a larger day goes in several).
+pub const MAX_GROUP: usize = 10_000;
+
+/// Where one event type's objects of one delivery day sit in the input: the key up to and
+/// including `date=YYYY-MM-DD` (every hour of that day, and only those, below it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DayPrefix {
+    /// The key's text up to and including the day.
+    pub prefix: String,
+    /// Where `date=` starts in it.
+    date_at: usize,
+    /// The day.
+    pub day: NaiveDate,
+}
+
+impl DayPrefix {
+    /// When `day` is outside `from..=to`: the key to list on after (the range's first day,
+    /// or past every day, of this same event type's folder).
+    pub fn skip_to(&self, from: Option<NaiveDate>, to: Option<NaiveDate>) -> Option<String> {
+        let folder = &self.prefix[..self.date_at + "date=".len()];
+        if let Some(f) = from
+            && self.day < f
+        {
+            return Some(format!("{folder}{}", f.format("%Y-%m-%d")));
+        }
+        if let Some(t) = to
+            && self.day > t
+        {
+            // `~` sorts after every digit: past this folder's last day.
+            return Some(format!("{folder}~"));
+        }
+        None
+    }
+}
+
+/// The day prefix of a Currents key (`…/date=YYYY-MM-DD-HH/…`), `None` for other keys.
+pub fn day_prefix(key: &str) -> Option<DayPrefix> {
+    let date_at = if key.starts_with("date=") {
+        0
+    } else {
+        key.find("/date=")? + 1
+    };
+    let day_text = key.get(date_at + 5..date_at + 15)?;
+    let day = NaiveDate::parse_from_str(day_text, "%Y-%m-%d").ok()?;
+    Some(DayPrefix {
+        prefix: key[..date_at + 15].to_string(),
+        date_at,
+        day,
+    })
+}
+
+/// A backfill under way: what it has counted and which table-days it wrote to.
+struct Run<'a> {
+    req: &'a BackfillRequest,
+    out_bucket: &'a str,
+    summary: BackfillSummary,
+    touched: BTreeSet<TableDay>,
+    bar: indicatif::ProgressBar,
+}
+
+/// Objects whose problems the summary lists; the rest are counted only (their reasons are in
+/// the quarantine and the logs).
+const MAX_PROBLEMS_LISTED: usize = 1000;
+
+impl Run<'_> {
+    fn record(&mut self, t: Todo, r: ObjectResult) {
+        let summary = &mut self.summary;
+        summary.bytes += t.size;
+        summary.events += r.events_in;
+        summary.rows += r.rows_written;
+        let problem = match r.outcome {
+            Outcome::Written | Outcome::Empty | Outcome::DryRun => {
+                summary.normalized += 1;
+                if r.outcome == Outcome::Written {
+                    self.touched.insert(t.table_day.clone());
+                }
+                false
+            }
+            Outcome::Ignored => {
+                summary.skipped += 1;
+                false
+            }
+            Outcome::Quarantined => {
+                summary.quarantined += 1;
+                true
+            }
+            Outcome::Retry => {
+                summary.failed += 1;
+                true
+            }
+        };
+        if problem && summary.problems.len() < MAX_PROBLEMS_LISTED {
+            summary.problems.push(r);
+        }
+        self.bar.inc(t.size);
+        self.bar.set_message(format!(
+            "{} objects, {} events",
+            summary.normalized + summary.quarantined + summary.failed,
+            summary.events
+        ));
+    }
+}
+
+fn progress_bar(wanted: bool) -> indicatif::ProgressBar {
     if !wanted || !std::io::stderr().is_terminal() {
         return indicatif::ProgressBar::hidden();
     }
-    let bytes: u64 = todo.iter().map(|t| t.size).sum();
-    let bar = indicatif::ProgressBar::new(bytes);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg} (ETA {eta})",
-    ) {
+    let bar = indicatif::ProgressBar::new_spinner();
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bytes} {msg}")
+    {
         bar.set_style(style);
     }
     bar.enable_steady_tick(Duration::from_millis(200));

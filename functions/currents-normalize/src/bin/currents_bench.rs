@@ -14,6 +14,8 @@
 
 #[path = "bench/avro_paths.rs"]
 mod avro_paths;
+#[path = "currents_bench/backfill.rs"]
+mod backfill;
 #[path = "currents_bench/compact.rs"]
 mod compact;
 
@@ -70,6 +72,12 @@ struct Args {
     /// Parts that large table-day is made of.
     #[arg(long, default_value_t = 400)]
     compact20m_parts: u64,
+    /// Skip the backfill listing figure (1,008,000 keys).
+    #[arg(long)]
+    skip_backfill_list: bool,
+    /// Internal: plan the synthetic backfill listing (`streamed` or `whole`) and print peak RSS.
+    #[arg(long, hide = true)]
+    backfill_list_probe: Option<String>,
     /// Internal: compact the table-day under this folder and print the result with peak RSS.
     #[arg(long, hide = true)]
     compact_probe: Option<PathBuf>,
@@ -283,6 +291,15 @@ fn rss_probe(path: &Path, k: &str) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(mode) = &args.backfill_list_probe {
+        return match backfill::probe(mode, peak_rss_mb) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("backfill probe failed: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(lake) = &args.compact_probe {
         return match compact::probe(lake, peak_rss_mb) {
             Ok(()) => ExitCode::SUCCESS,
@@ -612,6 +629,11 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         {
             r.extend(c);
         }
+    }
+    if !args.skip_backfill_list
+        && let (Value::Object(r), Value::Object(b)) = (&mut result, backfill::run()?)
+    {
+        r.extend(b);
     }
     let path = out.join("currents.json");
     std::fs::write(&path, serde_json::to_string_pretty(&result)?)?;

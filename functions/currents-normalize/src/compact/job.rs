@@ -158,19 +158,30 @@ impl Compactor {
     }
 
     /// Compacts exactly these table-days (those that need it), whatever their day (backfill
-    /// compacts the days it touched). `Err` only when the tables cannot be listed.
+    /// compacts the days it touched). Each day's folder is listed on its own, so the tables
+    /// prefix is never listed whole. `Err` only when a listing fails.
     pub async fn run_selected(
         &self,
         bucket: &str,
         wanted: &BTreeSet<TableDay>,
         req: &CompactRequest,
     ) -> Result<Vec<DayResult>, StoreError> {
-        let listing = self.store.list(bucket, &self.cfg.tables_prefix).await?;
-        let days: Vec<DayParts> = group(&self.cfg.tables_prefix, &listing)
-            .into_iter()
-            .filter(|d| wanted.contains(&d.table_day) && d.needs_compaction())
-            .collect();
-        self.run_days(bucket, &days, req).await
+        let mut results = Vec::with_capacity(wanted.len());
+        for td in wanted {
+            let folder = crate::partition::PartLocation {
+                table: td.table.clone(),
+                day: td.day,
+                id: crate::partition::PartId::for_source(""),
+            }
+            .partition_folder(&self.cfg.tables_prefix);
+            let listing = self.store.list(bucket, &folder).await?;
+            let days: Vec<DayParts> = group(&self.cfg.tables_prefix, &listing)
+                .into_iter()
+                .filter(|d| d.table_day == *td && d.needs_compaction())
+                .collect();
+            results.extend(self.run_days(bucket, &days, req).await?);
+        }
+        Ok(results)
     }
 
     async fn run_days(
