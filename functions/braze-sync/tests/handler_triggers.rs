@@ -39,7 +39,9 @@ impl ExportRunner for Recorder {
             } else {
                 RunError::Permanent {
                     message: "unreadable".into(),
-                    report: None,
+                    // "norep": the report could not be written.
+                    report: (!plan.trigger.key.contains("norep"))
+                        .then(|| "s3://state/reports/bad.json".to_string()),
                 }
             });
         }
@@ -205,6 +207,24 @@ async fn permanent_failure_is_acknowledged_not_retried() {
         .unwrap();
     assert_eq!(out["batchItemFailures"], json!([]));
     assert_eq!(out["results"][0]["outcome"], "failed");
+}
+
+#[tokio::test]
+async fn a_permanent_failure_without_its_report_is_retried_not_acknowledged() {
+    let (store, rec, h) = setup();
+    put(&store, "exp", "amperity/customers/norep.csv", "x", &[]).await;
+    rec.fail_keys.lock().unwrap().push(("norep".into(), false));
+    let out = h
+        .handle(
+            &sqs(&[(
+                "m1",
+                s3_event("exp", "amperity/customers/norep.csv").to_string(),
+            )]),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out["batchItemFailures"], json!([{"itemIdentifier": "m1"}]));
 }
 
 #[tokio::test]

@@ -56,31 +56,26 @@ fn a_seed_replays_byte_for_byte() {
 }
 
 #[test]
-#[ignore = "open: a lost answer to a head write makes the retry delete objects the live head names; the route's state no longer loads"]
 fn seed_1_ambiguous_head_write_deletes_what_the_head_names() {
     holds(1);
 }
 
 #[test]
-#[ignore = "open: same as seed 1, in the bounded diff's range deltas"]
 fn seed_7_ambiguous_head_write_deletes_a_range_delta() {
     holds(7);
 }
 
 #[test]
-#[ignore = "open: same as seed 1, a base shard"]
 fn seed_33_ambiguous_head_write_deletes_a_base_shard() {
     holds(33);
 }
 
 #[test]
-#[ignore = "open: the run report is written best-effort; the ledger names a report that does not exist"]
 fn seed_8_ledger_names_a_report_that_was_never_written() {
     holds(8);
 }
 
 #[test]
-#[ignore = "open: the handler acknowledges a run whose ledger entry could not be finished: the export stays running"]
 fn seed_13_export_acknowledged_while_its_claim_stays_running() {
     holds(13);
 }

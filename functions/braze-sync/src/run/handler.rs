@@ -595,6 +595,20 @@ impl Handler {
             .await;
         let mut hand_over = false;
         let mut fan_out = None;
+        let result = match result {
+            // A run whose report could not be written is not acknowledged: nothing would
+            // record how it ended. Its retry finds the state it committed.
+            Ok(o) if o.report.is_none() => Err(RunError::Retryable(
+                "the run's report could not be written".into(),
+            )),
+            Err(RunError::Permanent {
+                message,
+                report: None,
+            }) => Err(RunError::Retryable(format!(
+                "{message} (and its report could not be written)"
+            ))),
+            other => other,
+        };
         let (status, report, outcome) = match result {
             Ok(o) => {
                 hand_over = o.hand_over;
@@ -640,7 +654,11 @@ impl Handler {
             _ => ledger.finish(&export_id, &claim_etag, status, report).await,
         };
         if let Err(e) = recorded {
-            warn!(object = %uri, error = %e, "Could not record the run in the ledger.");
+            // Acknowledged, the notification would leave the export claimed with no record
+            // of how it ended: it is retried instead (a claim that is already final answers
+            // the retry as a duplicate).
+            warn!(object = %uri, error = %e, "Could not record the run in the ledger; the notification is retried.");
+            return ObjectOutcome::Retry(format!("recording the run in the ledger: {e}"));
         }
         // Only now, with the route lock and the export claim released, may the rest be queued:
         // the continuation never meets this run's own claims.

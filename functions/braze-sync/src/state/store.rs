@@ -635,7 +635,7 @@ impl StateStore {
             Some(e) => PutCondition::IfMatch(e.clone()),
             None => PutCondition::IfAbsent,
         };
-        match self
+        let failed = match self
             .store
             .put(&uri, Bytes::from(body), cond, BTreeMap::new())
             .await
@@ -643,11 +643,52 @@ impl StateStore {
             Ok(meta) => {
                 head.etag = Some(meta.etag);
                 head.doc = doc;
-                Ok(())
+                return Ok(());
             }
-            Err(StoreError::PreconditionFailed { .. }) => Err(StateError::Conflict { uri }),
-            Err(e) => Err(e.into()),
+            Err(StoreError::PreconditionFailed { .. }) => StateError::Conflict { uri },
+            Err(e) => e.into(),
+        };
+        // A timeout can hide a write that landed (and a retry of it then meets 412): the head
+        // as it is now decides. When it is this very document, the write happened.
+        if let Ok(now) = self.read_head().await
+            && now.doc == doc
+        {
+            head.etag = now.etag;
+            head.doc = doc;
+            return Ok(());
         }
+        Err(failed)
+    }
+
+    /// Every object a head document names (bases, range deltas, checkpoint segments).
+    fn named_by(doc: &HeadDoc) -> std::collections::BTreeSet<&str> {
+        doc.base
+            .iter()
+            .chain(doc.segments.iter())
+            .chain(
+                doc.ranges
+                    .iter()
+                    .flat_map(|r| r.base.iter().chain(r.deltas.iter())),
+            )
+            .map(String::as_str)
+            .collect()
+    }
+
+    /// After a head write that failed, deletes what it wrote, except anything the head names
+    /// as it is read now (the write may have landed, its answer lost, and another run built on
+    /// it). When the head cannot be read, nothing is deleted: an unreferenced object is only
+    /// garbage, a missing one breaks every later load.
+    async fn delete_unnamed(&self, written: &[String]) {
+        let Ok(now) = self.read_head().await else {
+            return;
+        };
+        let named = Self::named_by(&now.doc);
+        let unnamed: Vec<String> = written
+            .iter()
+            .filter(|n| !named.contains(n.as_str()))
+            .cloned()
+            .collect();
+        self.delete_all(&unnamed).await;
     }
 
     /// Persists confirmed deltas as one segment and appends it to the head. Call it every few
@@ -681,10 +722,10 @@ impl StateStore {
             )
             .await?;
         let mut doc = head.doc.clone();
-        doc.segments.push(name);
+        doc.segments.push(name.clone());
         doc.updated_at = crate::clock::now().to_rfc3339();
         if let Err(e) = self.put_head(head, doc).await {
-            let _ = self.store.delete(&uri).await;
+            self.delete_unnamed(&[name]).await;
             return Err(e);
         }
         Ok(())
@@ -1406,7 +1447,7 @@ impl StateStore {
         stats.ranges = doc.ranges.len();
         stats.state_bytes = doc.state_bytes();
         if let Err(e) = self.put_head(head, doc).await {
-            self.delete_all(written).await;
+            self.delete_unnamed(written).await;
             return Err(e);
         }
         head.loaded_segments = 0;
@@ -1551,7 +1592,7 @@ impl StateStore {
 mod tests {
     use super::*;
     use crate::model::{AttributeChange, Identifier, RowPos, fingerprint};
-    use bridge_shared::object_store::MemoryStore;
+    use bridge_shared::object_store::{MemoryStore, ObjectMeta};
     use serde_json::json;
 
     fn route() -> Route {
@@ -1611,6 +1652,102 @@ mod tests {
             2,
             "old segments were cleaned up: {listing:?}"
         );
+    }
+
+    /// A store whose next head write lands and then loses its answer (the caller sees a
+    /// timeout), as S3 does when the connection drops after the write.
+    struct LosesHeadAnswer {
+        inner: MemoryStore,
+        armed: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for LosesHeadAnswer {
+        async fn get(&self, uri: &S3Uri) -> Result<(ObjectMeta, Bytes), StoreError> {
+            self.inner.get(uri).await
+        }
+        async fn get_reader(
+            &self,
+            uri: &S3Uri,
+        ) -> Result<(ObjectMeta, bridge_shared::object_store::ObjectReader), StoreError> {
+            self.inner.get_reader(uri).await
+        }
+        async fn head(&self, uri: &S3Uri) -> Result<Option<ObjectMeta>, StoreError> {
+            self.inner.head(uri).await
+        }
+        async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+            self.inner.list(bucket, prefix).await
+        }
+        async fn put(
+            &self,
+            uri: &S3Uri,
+            body: Bytes,
+            cond: PutCondition,
+            meta: BTreeMap<String, String>,
+        ) -> Result<ObjectMeta, StoreError> {
+            let out = self.inner.put(uri, body, cond, meta).await?;
+            if uri.key.ends_with("head.json")
+                && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                return Err(StoreError::Other {
+                    op: "PutObject",
+                    uri: uri.clone(),
+                    message: "timeout waiting for the response".into(),
+                    retryable: true,
+                });
+            }
+            Ok(out)
+        }
+        async fn copy(&self, from: &S3Uri, to: &S3Uri) -> Result<(), StoreError> {
+            self.inner.copy(from, to).await
+        }
+        async fn delete(&self, uri: &S3Uri) -> Result<(), StoreError> {
+            self.inner.delete(uri).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_head_write_whose_answer_was_lost_keeps_what_the_head_names() {
+        let store = Arc::new(LosesHeadAnswer {
+            inner: MemoryStore::new(),
+            armed: false.into(),
+        });
+        let mem: Arc<dyn ObjectStore> = store.clone();
+        let st = StateStore::new(mem.clone(), "state", "s/", "r");
+        let r = route();
+        let (mut head, _) = st.load(&r).await.unwrap();
+        st.checkpoint(&mut head, &r, &[d("1", 1)]).await.unwrap();
+        // The checkpoint's head write lands; its answer is lost: the head names the segment,
+        // so the segment stays, and the run carries on from the head it wrote.
+        store.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+        st.checkpoint(&mut head, &r, &[d("2", 2)]).await.unwrap();
+        st.checkpoint(&mut head, &r, &[d("3", 3)]).await.unwrap();
+        let (mut head2, snap) = st.load(&r).await.unwrap();
+        assert_eq!(snap.len(), 3);
+        // The same for the commit's head write: what it wrote and the head names stays.
+        store.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+        st.commit(&mut head2, snap, w("e1")).await.unwrap();
+        let (head3, snap3) = st.load(&r).await.unwrap();
+        assert_eq!(snap3.len(), 3);
+        assert!(head3.doc.segments.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_head_write_that_lost_the_race_deletes_only_what_no_head_names() {
+        let mem: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let st = StateStore::new(mem.clone(), "state", "s/", "r");
+        let r = route();
+        let (mut a, _) = st.load(&r).await.unwrap();
+        let (mut b, _) = st.load(&r).await.unwrap();
+        st.checkpoint(&mut a, &r, &[d("1", 1)]).await.unwrap();
+        let before = names_under(&mem).await;
+        assert!(st.checkpoint(&mut b, &r, &[d("2", 2)]).await.is_err());
+        assert_eq!(
+            names_under(&mem).await,
+            before,
+            "the loser's segment is gone"
+        );
+        assert_eq!(st.load(&r).await.unwrap().1.len(), 1);
     }
 
     #[tokio::test]

@@ -29,7 +29,12 @@ pub(super) struct RunRecord {
     /// Where it is written.
     pub uri: S3Uri,
     started: Instant,
+    /// Whether the report object was written (the ledger may name it only then).
+    written: bool,
 }
+
+/// Attempts at writing a run report before the run is left unrecorded (and retried).
+const REPORT_ATTEMPTS: u32 = 3;
 
 fn run_id(plan: &ExportPlan) -> String {
     format!(
@@ -60,6 +65,7 @@ impl RunRecord {
             report,
             uri,
             started: Instant::now(),
+            written: false,
         }
     }
 
@@ -68,8 +74,21 @@ impl RunRecord {
         let r = &mut self.report;
         r.duration_s = self.started.elapsed().as_secs_f64();
         r.finished_at = Some(crate::clock::now().to_rfc3339());
-        if let Err(e) = r.put(store, &self.uri).await {
-            warn!(report = %self.uri, error = %e, "Could not write the run report.");
+        self.written = false;
+        for attempt in 1..=REPORT_ATTEMPTS {
+            match r.put(store, &self.uri).await {
+                Ok(()) => {
+                    self.written = true;
+                    break;
+                }
+                Err(e) if e.is_retryable() && attempt < REPORT_ATTEMPTS => {
+                    tokio::time::sleep(std::time::Duration::from_millis(200 << attempt)).await;
+                }
+                Err(e) => {
+                    warn!(report = %self.uri, error = %e, "Could not write the run report; the run is not recorded as ended.");
+                    break;
+                }
+            }
         }
         r.emit_metrics();
         info!(report = %self.uri, status = ?r.status, rows_in = r.rows_in,
@@ -91,9 +110,14 @@ impl RunRecord {
         } else {
             RunError::Permanent {
                 message,
-                report: Some(self.uri.to_string()),
+                report: self.report_uri(),
             }
         }
+    }
+
+    /// The report's address once it is written.
+    pub fn report_uri(&self) -> Option<String> {
+        self.written.then(|| self.uri.to_string())
     }
 
     /// Records a refused API key (the report and its `api_key_refused` metric say so) and
@@ -106,7 +130,7 @@ impl RunRecord {
         self.finish(store).await;
         RunError::KeyRefused {
             message,
-            report: Some(self.uri.to_string()),
+            report: self.report_uri(),
         }
     }
 
@@ -114,7 +138,7 @@ impl RunRecord {
     pub fn outcome(&self, hand_over: bool, summary: Value) -> RunOutcome {
         RunOutcome {
             status: self.report.status,
-            report: Some(self.uri.to_string()),
+            report: self.report_uri(),
             summary,
             hand_over,
             fan_out: None,
