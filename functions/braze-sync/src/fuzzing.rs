@@ -2,7 +2,8 @@
 //! tests that replay their findings on stable (`tests/fuzz_regressions.rs`). Not an API.
 
 use crate::config::route::Route;
-use crate::diff::in_memory::{self, Part, ProduceOptions};
+use crate::diff::export::{Part, ProduceOptions};
+use crate::diff::in_memory;
 use crate::state::confirmed::Snapshot;
 
 /// The route shapes an input is read through, picked by the input's first byte: each

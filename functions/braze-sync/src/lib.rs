@@ -24,8 +24,20 @@
 //! 8. [`ops`]: the run [`ops::report`] (every row accounted for), `status`, the dry-run
 //!    summary and adoption.
 //!
-//! [`vocab`] and [`model`] are the shared vocabulary every stage speaks; [`progress`] holds
-//! the live counters a terminal run draws.
+//! [`vocab`] and [`model`] are the shared vocabulary every stage speaks; [`clock`] the time and
+//! nonces the code reads; [`progress`] holds the live counters a terminal run draws. All four
+//! import nothing from the crate.
+//!
+//! # Layers
+//! A module imports only from stages on earlier layers (lowest first; `fuzzing` is test
+//! support). The reader comes before the configuration because a route configures its
+//! reader; `ops` (report, status, adopt, dry run) builds on diff, state and send, and the
+//! runner on all of them. `tests/import_graph.rs` checks this line and that no files import
+//! each other in a loop.
+//!
+//! ```text
+//! layers: vocab model clock progress < read < config < map < state < diff < send < ops < run < fuzzing
+//! ```
 
 pub mod clock;
 pub mod config;

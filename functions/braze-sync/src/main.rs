@@ -14,16 +14,16 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
+use braze_sync::config::api_key::{ApiKeyCache, SourceReread};
 use braze_sync::config::env::{Config, Locations, RoutesLocation, load_routes, load_routes_dir};
 use braze_sync::config::route::Route;
-use braze_sync::diff::in_memory::{
-    ProduceOptions, dry_run, local_parts, open_local_parts, open_s3_part,
-};
+use braze_sync::diff::export::ProduceOptions;
+use braze_sync::diff::in_memory::{dry_run, local_parts, open_local_parts, open_s3_part};
 use braze_sync::ops::dry_run::dry_run_summary;
 use braze_sync::ops::status::{StatusLocation, read_route_status, render};
 use braze_sync::run::handler::{Handler, HandlerConfig, RunFlags};
 use braze_sync::run::runner::{Continuation, RunnerSettings, SqsContinuation, SyncRunner};
-use braze_sync::send::braze::{ApiKeyCache, BrazeApi, BrazeClient, ClientOptions, SourceReread};
+use braze_sync::send::braze::{BrazeApi, BrazeClient, ClientOptions};
 use braze_sync::state::confirmed::Snapshot;
 use braze_sync::state::store::StateStore;
 use bridge_shared::object_store::S3Store;
@@ -453,7 +453,8 @@ async fn adopt_cli(
     verify_sample: Option<usize>,
     max_differ_share: f64,
 ) -> anyhow::Result<()> {
-    use braze_sync::ops::adopt::{AdoptOptions, AdoptTarget, UserLookup, adopt};
+    use braze_sync::ops::adopt::{AdoptOptions, AdoptTarget, adopt};
+    use braze_sync::send::braze::UserLookup;
     use braze_sync::state::store::Watermark;
     let app = app().await?;
     let uri: S3Uri = target.parse()?;

@@ -3,12 +3,20 @@
 //! [`Cell`], the table [`Format`] and [`Compression`], Amperity's column types, Braze's
 //! standard profile fields and identifier kinds, and what a route slot holds.
 //!
-//! This module is a leaf: it imports nothing from the crate, so `read`, `map` and `route`
-//! depend on it and never on each other in a cycle (`map` uses `read` and `route`; neither
-//! uses `map`).
+//! This module is a leaf: it imports nothing from the crate, so the reader, the route config
+//! and the mapper can all depend on it (`tests/import_graph.rs` holds every module to the
+//! layering of `lib.rs`: `read` < `config` < `map`, with no loop).
 
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::Deserialize;
+
+/// The state's last slot: not a Braze attribute but the digest of the export row whose
+/// values the user's fingerprints hold (the diff's row digest), written with every
+/// confirmed delta (cleared by one without a digest: departures). A row with the same
+/// digest is unchanged without being mapped. The name cannot be an attribute's (it starts
+/// with a control character); a state written before it existed has no such slot, so every
+/// user reads as "no digest" and is mapped as before.
+pub const ROW_DIGEST: &str = "\u{1}row_digest";
 
 /// Braze identifier kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

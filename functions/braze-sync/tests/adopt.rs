@@ -8,10 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use braze_sim::{SimConfig, SimHandle};
+use braze_sync::config::api_key::ApiKey;
+use braze_sync::config::braze_endpoint::Endpoint;
 use braze_sync::config::route::Route;
-use braze_sync::diff::in_memory::{self, Part, ProduceOptions};
-use braze_sync::ops::adopt::{AdoptError, AdoptOptions, AdoptTarget, UserLookup, adopt};
-use braze_sync::send::braze::{ApiKey, BrazeClient, ClientOptions, Endpoint};
+use braze_sync::diff::export::{Part, ProduceOptions};
+use braze_sync::diff::in_memory;
+use braze_sync::ops::adopt::{AdoptError, AdoptOptions, AdoptTarget, adopt};
+use braze_sync::send::braze::{BrazeClient, ClientOptions, UserLookup};
 use braze_sync::state::store::{StateStore, Watermark};
 use bridge_shared::object_store::MemoryStore;
 use bridge_shared::{ObjectStore, PutCondition, S3Uri};

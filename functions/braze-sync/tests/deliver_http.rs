@@ -14,9 +14,11 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use braze_sync::config::api_key::ApiKey;
+use braze_sync::config::braze_endpoint::Endpoint;
 use braze_sync::model::{AttributeChange, DeliveryOutcome, Identifier, RowPos, UserDelta};
 use braze_sync::ops::report::{RunReport, RunStatus};
-use braze_sync::send::braze::{ApiKey, BrazeApi, BrazeClient, ClientOptions, Endpoint, TrackError};
+use braze_sync::send::braze::{BrazeApi, BrazeClient, ClientOptions, TrackError};
 use braze_sync::send::deliver::{DeliverConfig, DeliverError, deliver};
 use bytes::Bytes;
 use serde_json::json;
@@ -347,8 +349,8 @@ struct StoredKey {
 }
 
 #[async_trait::async_trait]
-impl braze_sync::send::braze::KeyReread for StoredKey {
-    async fn reread(&self) -> Result<ApiKey, braze_sync::send::braze::ApiKeyError> {
+impl braze_sync::config::api_key::KeyReread for StoredKey {
+    async fn reread(&self) -> Result<ApiKey, braze_sync::config::api_key::ApiKeyError> {
         *self.reads.lock().unwrap() += 1;
         ApiKey::new(self.key.lock().unwrap().as_str())
     }

@@ -8,8 +8,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use braze_sim::{Burst429, Faults, SimConfig, SimHandle};
+use braze_sync::config::api_key::ApiKey;
+use braze_sync::config::braze_endpoint::Endpoint;
 use braze_sync::model::{AttributeChange, DeliveryOutcome, Identifier, RowPos, UserDelta};
-use braze_sync::send::braze::{ApiKey, BrazeClient, ClientOptions, Endpoint};
+use braze_sync::send::braze::{BrazeClient, ClientOptions};
 use braze_sync::send::deliver::{DeliverConfig, DeliverError, DeliveryStats, deliver};
 use braze_sync::send::rate_limit::RateBudget;
 use braze_sync::send::retry::RetryPolicy;

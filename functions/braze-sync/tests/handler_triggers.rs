@@ -7,10 +7,10 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use braze_sync::config::route::RouteBinding;
 use braze_sync::ops::report::RunStatus;
 use braze_sync::run::handler::{
-    ExportPlan, ExportRunner, FORCE_FULL_METADATA, Handler, HandlerConfig, RouteBinding, RunError,
-    RunOutcome,
+    ExportPlan, ExportRunner, FORCE_FULL_METADATA, Handler, HandlerConfig, RunError, RunOutcome,
 };
 use bridge_shared::S3Uri;
 use bridge_shared::object_store::{MemoryStore, ObjectStore, PutCondition};

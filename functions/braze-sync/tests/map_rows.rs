@@ -5,7 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use braze_sync::config::route::Route;
-use braze_sync::diff::in_memory::{self, Part, Plan, ProduceOptions, SyncError};
+use braze_sync::diff::export::{Part, ProduceOptions, SyncError};
+use braze_sync::diff::in_memory::{self, Plan};
 use braze_sync::diff::rejects::RejectLog;
 use braze_sync::read::ReadError;
 use braze_sync::state::confirmed::Snapshot;

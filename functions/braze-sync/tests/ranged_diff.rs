@@ -11,7 +11,8 @@ use braze_sync::config::route::Route;
 use braze_sync::diff::bounded::{
     RangedSettings, RangedTimes, SplitSnapshot, add_piece, produce_ranged, release_departures,
 };
-use braze_sync::diff::in_memory::{self, Part, ProduceOptions, Summary, SyncError};
+use braze_sync::diff::export::{Part, ProduceOptions, Summary, SyncError};
+use braze_sync::diff::in_memory;
 use braze_sync::diff::rejects::RowReject;
 use braze_sync::model::UserDelta;
 use braze_sync::state::confirmed::Snapshot;

@@ -761,7 +761,9 @@ async fn a_replay_takes_over_an_export_whose_fan_out_died() {
 /// and the simulator ends with the profiles a single run gives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pieces_sending_at_once_share_the_workspace_limit() {
-    use braze_sync::send::braze::{ApiKey, BrazeClient, ClientOptions, Endpoint};
+    use braze_sync::config::api_key::ApiKey;
+    use braze_sync::config::braze_endpoint::Endpoint;
+    use braze_sync::send::braze::{BrazeClient, ClientOptions};
     const KEY: &str = "fan-out-key";
     const LIMIT: u64 = 40;
     let limited = braze_sim::start(braze_sim::SimConfig {

@@ -9,7 +9,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use braze_sync::config::route::Route;
-use braze_sync::diff::in_memory::{self, Part, Plan, ProduceOptions};
+use braze_sync::diff::export::{Part, ProduceOptions};
+use braze_sync::diff::in_memory::{self, Plan};
 use braze_sync::state::confirmed::Snapshot;
 use braze_sync::state::store::{HEAD_FORMAT, StateStore, Watermark};
 use bridge_shared::object_store::MemoryStore;

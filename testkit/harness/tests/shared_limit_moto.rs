@@ -11,8 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use braze_sim::{Faults, SimConfig, SimHandle};
+use braze_sync::config::api_key::ApiKey;
+use braze_sync::config::braze_endpoint::Endpoint;
 use braze_sync::model::{AttributeChange, DeliveryOutcome, Identifier, RowPos, UserDelta};
-use braze_sync::send::braze::{ApiKey, BrazeClient, ClientOptions, Endpoint};
+use braze_sync::send::braze::{BrazeClient, ClientOptions};
 use braze_sync::send::deliver::{DeliverConfig, DeliveryStats, deliver};
 use braze_sync::send::rate_limit::RateBudget;
 use braze_sync::send::workspace_share::{SenderRegistry, ShareSettings, WorkspaceShare};

@@ -13,7 +13,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use braze_sync::config::route::Route;
-use braze_sync::diff::in_memory::{Part, ProduceOptions, produce};
+use braze_sync::diff::export::{Part, ProduceOptions};
+use braze_sync::diff::in_memory::produce;
 use braze_sync::state::ledger::{Ledger, LedgerStatus};
 use braze_sync::state::route_lock::{lock_uri, read_lock};
 use braze_sync::state::store::StateStore;

@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use braze_sync::config::route::Route;
-use braze_sync::diff::in_memory::{self, Part, ProduceOptions};
+use braze_sync::diff::export::{Part, ProduceOptions, SyncError};
+use braze_sync::diff::in_memory;
 use braze_sync::state::confirmed::Snapshot;
 use serde_json::json;
 
@@ -70,7 +71,7 @@ fn vm_hwm_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn parts(path: &Path) -> Vec<Result<Part<std::fs::File>, in_memory::SyncError>> {
+fn parts(path: &Path) -> Vec<Result<Part<std::fs::File>, SyncError>> {
     in_memory::open_local_parts(vec![path.to_path_buf()]).collect()
 }
 

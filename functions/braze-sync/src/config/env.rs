@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use bridge_shared::runtime::ConfigError;
 use bridge_shared::{ObjectStore, S3Uri, StoreError};
 
+use crate::config::api_key::{ApiKey, ApiKeySource};
+use crate::config::braze_endpoint::Endpoint;
 use crate::config::route::{Route, RouteError};
-use crate::send::braze::{ApiKey, ApiKeySource, Endpoint};
 
 /// Where the route files are.
 #[derive(Debug, Clone, PartialEq, Eq)]

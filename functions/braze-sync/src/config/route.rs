@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use bridge_shared::S3Uri;
 use serde::Deserialize;
 
 use crate::config::export_order::{ExportOrder, OrderBy};
@@ -560,10 +561,10 @@ impl Route {
         self.slots.iter().map(|s| s.name.clone()).collect()
     }
 
-    /// The state's slot layout: the attributes' names, then [`crate::state::confirmed::ROW_DIGEST`].
+    /// The state's slot layout: the attributes' names, then [`crate::vocab::ROW_DIGEST`].
     pub fn state_names(&self) -> Vec<String> {
         let mut names = self.slot_names();
-        names.push(crate::state::confirmed::ROW_DIGEST.to_string());
+        names.push(crate::vocab::ROW_DIGEST.to_string());
         names
     }
 
@@ -657,8 +658,8 @@ impl Route {
     }
 
     /// The handler's view of this route (which objects it claims).
-    pub fn binding(&self) -> crate::run::handler::RouteBinding {
-        crate::run::handler::RouteBinding {
+    pub fn binding(&self) -> RouteBinding {
+        RouteBinding {
             name: self.config.name.clone(),
             bucket: self.config.bucket.clone(),
             prefix: self.config.prefix.clone(),
@@ -667,6 +668,26 @@ impl Route {
                 Mode::Marker => Some(self.config.marker_suffix.clone()),
             },
         }
+    }
+}
+
+/// How one route claims objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteBinding {
+    /// Route name (state, reports and rejects live under it).
+    pub name: String,
+    /// Bucket the route reads, or `None` for any bucket.
+    pub bucket: Option<String>,
+    /// Key prefix the route owns.
+    pub prefix: String,
+    /// Marker mode: sync the whole folder when a key ending in `marker_suffix` lands.
+    pub marker_suffix: Option<String>,
+}
+
+impl RouteBinding {
+    /// Whether this route owns an object (its bucket, if set, and its prefix).
+    pub fn owns(&self, obj: &S3Uri) -> bool {
+        self.bucket.as_deref().is_none_or(|b| b == obj.bucket) && obj.key.starts_with(&self.prefix)
     }
 }
 

@@ -41,17 +41,18 @@ use tracing::warn;
 
 use crate::config::route::Route;
 use crate::diff::digest::{self, TableDigest};
-use crate::diff::in_memory::{Part, ProduceOptions, Stop, Summary, SyncError};
+use crate::diff::export::{Part, ProduceOptions, SpillOverflow, Stop, Summary, SyncError};
 use crate::diff::rejects::RowReject;
 use crate::diff::user::{self, AudienceDepartures, Seen};
-use crate::map::{Binding, MapOutcome, MappedRow, Mapper, put_varint};
+use crate::map::{Binding, MapOutcome, MappedRow, Mapper};
 use crate::model::{AttributeChange, RowPos, UserDelta, UserKey, fingerprint};
-use crate::read::row_codec::{Columns, EncodedRow, RowBatch};
+use crate::read::row_codec::{Columns, EncodedRow, RowBatch, put_varint};
 use crate::read::{self, ReadError, Row, RowItem, RowSource};
 use crate::state::confirmed::{
-    ROW_DIGEST, Snapshot, identifier_text, parse_identifier, range_of, stored_digest,
+    Snapshot, identifier_text, parse_identifier, range_of, stored_digest,
 };
 use crate::state::spill::{Partitioner, SpillDir, SpillError, read_range};
+use crate::vocab::ROW_DIGEST;
 
 const REC_ROW: u8 = 0;
 const NO_LINE: u64 = u64::MAX;
@@ -178,95 +179,6 @@ impl<R: Read> Read for CountingRead<'_, R> {
         Ok(k)
     }
 }
-
-/// The partition step's spill outgrew the local storage it may use
-/// ([`RangedSettings::disk_limit`]) before any range was diffed, so nothing was sent; with
-/// what it had measured by then, from which the whole export's spill is extrapolated
-/// ([`SpillOverflow::projected_spill`]).
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct SpillOverflow {
-    /// The limit (bytes).
-    pub limit_bytes: u64,
-    /// Bytes written to disk when it was reached.
-    pub written_bytes: u64,
-    /// Rows read so far (every range's).
-    pub rows_read: u64,
-    /// Rows of this run's ranges spilled so far (all of them, unless `only_ranges`).
-    pub rows_spilled: u64,
-    /// Bytes of those rows' spill records (framing included, buffered ones too).
-    pub record_bytes: u64,
-    /// Bytes of the parts read so far, as stored (compressed or not).
-    pub source_bytes_read: u64,
-    /// The export's parts' bytes in all, as stored (filled by the caller, which knows the
-    /// parts' sizes; 0: unknown, no projection).
-    pub parts_bytes: u64,
-}
-
-impl SpillOverflow {
-    /// Spill bytes per row kept, as measured.
-    pub fn bytes_per_row(&self) -> f64 {
-        self.record_bytes as f64 / self.rows_spilled.max(1) as f64
-    }
-
-    /// Rows per byte of the parts as stored, as measured (a compressed part gives more).
-    pub fn rows_per_part_byte(&self) -> f64 {
-        self.rows_read as f64 / self.source_bytes_read.max(1) as f64
-    }
-
-    /// The spill of the whole export (`parts_bytes`) at the measured rates: rows per part
-    /// byte × share of rows kept × bytes per row; never less than what was already spilled.
-    pub fn projected_spill(&self, parts_bytes: u64) -> u64 {
-        let kept = self.rows_spilled as f64 / self.rows_read.max(1) as f64;
-        let rows = parts_bytes as f64 * self.rows_per_part_byte();
-        let spill = (rows * kept * self.bytes_per_row()) as u64;
-        spill.max(self.record_bytes).max(self.written_bytes)
-    }
-}
-
-impl std::fmt::Display for SpillOverflow {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "the export's rows need more than the {} of local storage (/tmp) this function may spill to: {} rows read from {} of its parts spilled {} ({:.0} bytes per row, {:.4} rows per part byte)",
-            size_text(self.limit_bytes),
-            self.rows_read,
-            size_text(self.source_bytes_read),
-            size_text(self.record_bytes),
-            self.bytes_per_row(),
-            self.rows_per_part_byte(),
-        )?;
-        if self.parts_bytes > 0 {
-            let whose = if self.rows_spilled < self.rows_read {
-                "this run's ranges of the export"
-            } else {
-                "the whole export"
-            };
-            write!(
-                f,
-                ", about {} for {whose} ({} of parts)",
-                size_text(self.projected_spill(self.parts_bytes)),
-                size_text(self.parts_bytes)
-            )?;
-        }
-        write!(
-            f,
-            "; nothing of it was sent. Raise the function's ephemeral storage (EphemeralStorage of BrazeSyncFunction in template.yaml, ephemeralStorageSize in the CDK construct, and BRIDGE_EPHEMERAL_STORAGE_MB with it), run it where a continuation queue (CONTINUATION_QUEUE_URL) lets it fan out, or split the export into smaller parts across runs"
-        )
-    }
-}
-
-/// Bytes as a short text: `812 KB`, `37 MB`, `3.6 GB` (binary units).
-pub fn size_text(b: u64) -> String {
-    if b >= 1 << 30 {
-        format!("{:.1} GB", b as f64 / f64::from(1u32 << 30))
-    } else if b >= 1 << 20 {
-        format!("{} MB", b.div_ceil(1 << 20))
-    } else {
-        format!("{} KB", b.div_ceil(1 << 10))
-    }
-}
-
-impl std::error::Error for SpillOverflow {}
 
 /// Where one part's rows are spilled: the partitioner of each thread that maps them.
 struct SpillTo {

@@ -2,7 +2,7 @@
 //! its [`Binding`] reads, as [`crate::read::row_codec::encode_row`] writes them), seeded with
 //! how the route maps them. Two rows with the same digest map to the same values, so a row
 //! whose digest equals the one the state recorded with the user's last confirmed delta
-//! ([`crate::state::confirmed::ROW_DIGEST`]) is unchanged without being mapped or diffed: most rows
+//! ([`crate::vocab::ROW_DIGEST`]) is unchanged without being mapped or diffed: most rows
 //! of a daily export cost a hash and a lookup.
 //!
 //! The seed covers everything mapping depends on: [`MAPPER_VERSION`] (raise it whenever the

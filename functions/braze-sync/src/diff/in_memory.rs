@@ -15,149 +15,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bridge_shared::object_store::{ObjectMeta, ObjectReader};
-use bridge_shared::{ObjectStore, S3Uri, StoreError};
-use serde::Serialize;
+use bridge_shared::{ObjectStore, S3Uri};
 use tokio_util::io::SyncIoBridge;
 use tracing::warn;
 
 use crate::config::route::Route;
 use crate::diff::digest::TableDigest;
+use crate::diff::export::{Part, ProduceOptions, Stop, Summary, SyncError};
 use crate::diff::rejects::RowReject;
-use crate::diff::user::{self, AudienceDepartures, Seen};
+use crate::diff::user::{self, Seen};
 use crate::map::{Binding, MapOutcome, MappedRow, Mapper};
 use crate::model::{RowPos, UserDelta};
 use crate::read::{self, ReadError, RowItem, RowSource};
 use crate::state::confirmed::{Snapshot, stored_digest};
-
-/// Counts of one run's planning.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct Summary {
-    /// Data rows read (good and bad).
-    pub rows_read: u64,
-    /// Rows rejected.
-    pub rejected: u64,
-    /// Rows whose user had nothing to change.
-    pub unchanged: u64,
-    /// Of those, users whose row digest the state records anew (same values from other
-    /// cells, or a state written before digests): nothing is sent, the next run skips them
-    /// without mapping.
-    pub digests_recorded: u64,
-    /// Users with at least one change (new users included, departures not).
-    pub users_changed: u64,
-    /// Of those, users the state had never confirmed.
-    pub users_new: u64,
-    /// Attribute changes in all deltas (departures included).
-    pub attributes_changed: u64,
-    /// Users who left an audience (absent from the export) and get its `on_leave` value.
-    pub users_departed: u64,
-    /// Departed members whose identifier the state does not hold.
-    pub departures_unaddressable: u64,
-    /// Rows whose identifier could not be read (unparseable rows, empty or invalid
-    /// identifiers): when there are any, departures are held.
-    pub rows_without_identifier: u64,
-    /// Departures by absence per audience: members before, leaving, sent, held and why.
-    pub departures: Vec<AudienceDepartures>,
-    /// Tables read (parts, archive members).
-    pub tables: u64,
-    /// Header columns the route does not map (warned once per run).
-    pub ignored_columns: Vec<String>,
-}
-
-/// The producer was asked to stop (the receiving side is gone or the run is out of time).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stop(pub String);
-
-/// Why a run's planning failed: nothing of it may be committed.
-#[derive(Debug, thiserror::Error)]
-pub enum SyncError {
-    /// An object cannot be read (unknown format, truncated gzip, missing identifier column).
-    #[error(transparent)]
-    Read(#[from] ReadError),
-    /// A part could not be opened.
-    #[error("opening {uri}: {error}")]
-    Open {
-        /// The part.
-        uri: String,
-        /// Why.
-        error: StoreError,
-    },
-    /// The delta callback asked to stop.
-    #[error("stopped: {0}")]
-    Stopped(String),
-    /// The bounded diff's local spill failed (or would outgrow the local storage).
-    #[error(transparent)]
-    Spill(crate::state::spill::SpillError),
-    /// The bounded diff's partition step outgrew the local storage before anything was
-    /// diffed or sent, with what it measured so far (a run with a continuation queue fans
-    /// the export out from these figures instead of failing).
-    #[error(transparent)]
-    SpillOverflow(crate::diff::bounded::SpillOverflow),
-    /// A hash range of the confirmed state could not be loaded.
-    #[error("loading state range {range}: {message}")]
-    State {
-        /// The range.
-        range: usize,
-        /// Why.
-        message: String,
-        /// Whether a retry can succeed.
-        retryable: bool,
-    },
-}
-
-impl SyncError {
-    /// Whether a retry can succeed (a store hiccup or a stop), as opposed to a file that
-    /// will never read.
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            SyncError::Read(ReadError::Io { error, .. }) => {
-                error.kind() != std::io::ErrorKind::UnexpectedEof
-                    && error.kind() != std::io::ErrorKind::InvalidData
-                    && error.kind() != std::io::ErrorKind::InvalidInput
-            }
-            SyncError::Read(_) => false,
-            SyncError::Open { error, .. } => error.is_retryable(),
-            SyncError::Stopped(_) => true,
-            SyncError::Spill(e) => !matches!(e, crate::state::spill::SpillError::Full { .. }),
-            SyncError::SpillOverflow(_) => false,
-            SyncError::State { retryable, .. } => *retryable,
-        }
-    }
-}
-
-/// One part of an export: its address and its bytes.
-pub struct Part<R> {
-    /// `s3://bucket/key` (or a local path).
-    pub source: String,
-    /// The bytes.
-    pub reader: R,
-}
-
-/// How to plan a run.
-#[derive(Debug, Clone, Default)]
-pub struct ProduceOptions {
-    /// Resend every non-empty value, ignoring confirmed state (route `full_resend` or a
-    /// forced replay).
-    pub full_resend: bool,
-    /// Send audience removals for confirmed members absent from this export. Only for a
-    /// complete export of everyone the route covers.
-    pub departures: bool,
-    /// The export's name, used as the source of departure deltas.
-    pub export_name: String,
-    /// Send departures the guard would hold (the operator's release).
-    pub allow_departures: bool,
-}
-
-impl ProduceOptions {
-    /// Options from the route: its `full_resend`, departures when it tracks them.
-    pub fn for_route(route: &Route, export_name: &str) -> Self {
-        Self {
-            full_resend: route.config.full_resend,
-            departures: route.tracks_departures(),
-            export_name: export_name.to_string(),
-            allow_departures: false,
-        }
-    }
-}
 
 struct Planner<'a> {
     route: &'a Route,
@@ -171,7 +41,7 @@ struct Planner<'a> {
     ignored: BTreeSet<String>,
     /// [`crate::diff::digest::route_seed`] of the route.
     route_seed: u64,
-    /// The snapshot's [`crate::state::confirmed::ROW_DIGEST`] slot.
+    /// The snapshot's [`crate::vocab::ROW_DIGEST`] slot.
     digest_slot: Option<usize>,
     encoded: Vec<u8>,
 }
@@ -328,7 +198,7 @@ where
         summary: Summary::default(),
         ignored: BTreeSet::new(),
         route_seed: crate::diff::digest::route_seed(route),
-        digest_slot: snapshot.slot_of_name(crate::state::confirmed::ROW_DIGEST),
+        digest_slot: snapshot.slot_of_name(crate::vocab::ROW_DIGEST),
         encoded: Vec::with_capacity(256),
     };
     for part in parts {

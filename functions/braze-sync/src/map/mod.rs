@@ -16,6 +16,7 @@ use xxhash_rust::xxh3::Xxh3Default;
 
 use crate::config::route::Route;
 use crate::model::{Fingerprint, Identifier, RowPos, UserKey};
+use crate::read::row_codec::put_varint;
 use crate::read::{ReadError, Row};
 use crate::vocab::AmperityType;
 use crate::vocab::{Cell, IdentifierKind, OnLeave, SlotKind, StringPolicy};
@@ -360,15 +361,6 @@ impl<'b> SpillCursor<'b> {
         *end = stop;
         Some((start, stop))
     }
-}
-
-/// Appends `v` as a LEB128 varint.
-pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
 }
 
 fn zigzag(v: i64) -> u64 {

@@ -15,7 +15,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use bridge_shared::{ObjectStore, S3Uri};
 use serde::Serialize;
 use serde_json::Value;
@@ -23,8 +22,10 @@ use tracing::info;
 
 use crate::config::route::Route;
 use crate::diff::bounded::{RangedSettings, StoreRanges, produce_ranged};
-use crate::diff::in_memory::{ProduceOptions, Stop, Summary, SyncError, open_s3_part, produce};
+use crate::diff::export::{ProduceOptions, Stop, Summary, SyncError};
+use crate::diff::in_memory::{open_s3_part, produce};
 use crate::model::{Identifier, UserDelta};
+use crate::send::braze::{EXPORT_IDS_BATCH, LookupError, UserLookup};
 use crate::state::confirmed::Snapshot;
 use crate::state::route_lock::{RouteLock, lock_uri};
 use crate::state::spill::SpillDir;
@@ -35,24 +36,8 @@ use crate::state::store::{
 
 /// Default largest share of sampled users that may differ from Braze.
 pub const DEFAULT_MAX_DIFFER_SHARE: f64 = 0.02;
-/// Identifiers per `/users/export/ids` call (Braze's limit).
-pub const EXPORT_IDS_BATCH: usize = 50;
 /// Differences listed in the report and the refusal message at most.
 pub const DIFFERENCES_LISTED: usize = 100;
-
-/// Reads profiles back from Braze.
-#[async_trait]
-pub trait UserLookup: Send + Sync {
-    /// The profiles of up to [`EXPORT_IDS_BATCH`] users, in Braze's export shape (standard
-    /// fields at the top level, custom attributes under `custom_attributes`); users Braze does
-    /// not know are simply absent.
-    async fn export_ids(&self, ids: &[Identifier]) -> Result<Vec<Value>, LookupError>;
-}
-
-/// `/users/export/ids` failed.
-#[derive(Debug, thiserror::Error)]
-#[error("POST /users/export/ids: {0}")]
-pub struct LookupError(pub String);
 
 /// One attribute whose Braze value differs from the export's.
 #[derive(Debug, Clone, PartialEq, Serialize)]

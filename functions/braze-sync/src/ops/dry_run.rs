@@ -11,7 +11,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::config::route::Route;
-use crate::diff::in_memory::{Part, ProduceOptions, Summary, SyncError, produce};
+use crate::diff::export::{Part, ProduceOptions, Summary, SyncError};
+use crate::diff::in_memory::produce;
 use crate::model::UserDelta;
 use crate::state::confirmed::Snapshot;
 

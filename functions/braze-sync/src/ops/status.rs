@@ -74,7 +74,7 @@ pub struct FanOutProgress {
 fn fan_outs(relative: &[&str]) -> Vec<FanOutProgress> {
     let mut by_run: BTreeMap<&str, FanOutProgress> = BTreeMap::new();
     for key in relative {
-        let Some(rest) = key.strip_prefix(crate::run::runner::fan_out::CONTROL_FOLDER) else {
+        let Some(rest) = key.strip_prefix(crate::state::store::CONTROL_FOLDER) else {
             continue;
         };
         let Some((run, file)) = rest.trim_start_matches('/').split_once('/') else {

@@ -343,7 +343,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let e = crate::diff::in_memory::SyncError::Read(ReadError::DecoderPanic {
+        let e = crate::diff::export::SyncError::Read(ReadError::DecoderPanic {
             source_name: "s".into(),
             decoder: "Parquet",
             message: "m".into(),

@@ -200,7 +200,7 @@ pub fn encode_row(columns: &Columns, cells: &dyn Cells, out: &mut Vec<u8>) {
             Ok(Cell::Null) => out.push(T_NULL),
             Ok(Cell::Str(s)) => {
                 out.push(T_STR);
-                crate::map::put_varint(out, s.len() as u64);
+                put_varint(out, s.len() as u64);
                 out.extend_from_slice(s.as_bytes());
             }
             Ok(Cell::Bool(b)) => out.push(if b { T_TRUE } else { T_FALSE }),
@@ -228,12 +228,12 @@ pub fn encode_row(columns: &Columns, cells: &dyn Cells, out: &mut Vec<u8>) {
             }
             Err(CellError::InvalidUtf8(at)) => {
                 out.push(T_ERR_UTF8);
-                crate::map::put_varint(out, at as u64);
+                put_varint(out, at as u64);
             }
             Err(CellError::Nul) => out.push(T_ERR_NUL),
             Err(CellError::Unsupported(what)) => {
                 out.push(T_ERR_OTHER);
-                crate::map::put_varint(out, what.len() as u64);
+                put_varint(out, what.len() as u64);
                 out.extend_from_slice(what.as_bytes());
             }
         }
@@ -328,6 +328,15 @@ impl Cells for EncodedRow<'_> {
             Some(c) => c.clone(),
         }
     }
+}
+
+/// Appends `v` as a LEB128 varint.
+pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ use bridge_shared::{ObjectStore, S3Uri};
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
+use crate::config::route::RouteBinding;
 use crate::ops::report::{MissingObject, RunReport, RunStatus};
 use crate::state::ledger::{Claim, Ledger, LedgerStatus};
 use crate::state::route_lock::{lock_uri, read_lock};
@@ -24,26 +25,6 @@ pub const FORCE_FULL_METADATA: &str = "bridge-force-full";
 
 /// Object metadata key that releases held departures (`x-amz-meta-bridge-allow-departures: true`).
 pub const ALLOW_DEPARTURES_METADATA: &str = "bridge-allow-departures";
-
-/// How one route claims objects.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RouteBinding {
-    /// Route name (state, reports and rejects live under it).
-    pub name: String,
-    /// Bucket the route reads, or `None` for any bucket.
-    pub bucket: Option<String>,
-    /// Key prefix the route owns.
-    pub prefix: String,
-    /// Marker mode: sync the whole folder when a key ending in `marker_suffix` lands.
-    pub marker_suffix: Option<String>,
-}
-
-impl RouteBinding {
-    /// Whether this route owns an object (its bucket, if set, and its prefix).
-    pub fn owns(&self, obj: &S3Uri) -> bool {
-        self.bucket.as_deref().is_none_or(|b| b == obj.bucket) && obj.key.starts_with(&self.prefix)
-    }
-}
 
 /// What the handler needs to know about the deployment.
 #[derive(Debug, Clone)]

@@ -59,17 +59,10 @@ use std::collections::HashMap;
 
 use crate::config::route::Route;
 use crate::model::{Fingerprint, Identifier, UserDelta, UserKey};
+use crate::vocab::ROW_DIGEST;
 
 /// Bytes per attribute fingerprint.
 pub const FP_BYTES: usize = 6;
-
-/// The state's last slot: not a Braze attribute but the digest of the export row whose
-/// values the user's fingerprints hold ([`crate::diff::digest`]), written with every
-/// confirmed delta (cleared by one without a digest: departures). A row with the same
-/// digest is unchanged without being mapped. The name cannot be an attribute's (it starts
-/// with a control character); a state written before it existed has no such slot, so every
-/// user reads as "no digest" and is mapped as before.
-pub const ROW_DIGEST: &str = "\u{1}row_digest";
 
 /// How a row digest is stored in the [`ROW_DIGEST`] slot (48 bits, never 0).
 pub fn stored_digest(digest: u64) -> u64 {

@@ -46,6 +46,9 @@ use crate::config::route::Route;
 use crate::model::UserDelta;
 use crate::state::confirmed::{SegmentData, Snapshot, SnapshotError, encode_segment};
 
+/// Folder of a route's fan-out control objects, inside its state folder.
+pub const CONTROL_FOLDER: &str = "_fan_out";
+
 /// Head format version written.
 pub const HEAD_FORMAT: u32 = 2;
 /// The format before hash ranges (read, and rewritten by the next complete commit).
@@ -391,18 +394,14 @@ impl RecordSpill {
                     c.fingerprint.map_or(0, crate::state::confirmed::stored_fp),
                 ))
             })
-            .chain(
-                self.slots
-                    .get(crate::state::confirmed::ROW_DIGEST)
-                    .map(|s| {
-                        (
-                            *s,
-                            delta
-                                .row_digest
-                                .map_or(0, crate::state::confirmed::stored_digest),
-                        )
-                    }),
-            );
+            .chain(self.slots.get(crate::vocab::ROW_DIGEST).map(|s| {
+                (
+                    *s,
+                    delta
+                        .row_digest
+                        .map_or(0, crate::state::confirmed::stored_digest),
+                )
+            }));
         for (slot, fp) in fps {
             self.rec.clear();
             self.rec.push(0);

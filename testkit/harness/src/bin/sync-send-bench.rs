@@ -23,8 +23,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use braze_sim::{Faults, SimConfig};
+use braze_sync::config::api_key::ApiKey;
+use braze_sync::config::braze_endpoint::Endpoint;
 use braze_sync::model::{AttributeChange, DeliveryOutcome, Identifier, RowPos, UserDelta};
-use braze_sync::send::braze::{ApiKey, BrazeClient, ClientOptions, Endpoint};
+use braze_sync::send::braze::{BrazeClient, ClientOptions};
 use braze_sync::send::deliver::{DeliverConfig, DeliveryStats, deliver};
 use braze_sync::send::workspace_share::{SenderRegistry, ShareSettings, WorkspaceShare};
 use bridge_shared::ObjectStore;

@@ -13,7 +13,7 @@ use super::RunnerSettings;
 use super::committer::Committer;
 use super::producer::Produced;
 use super::sender::Delivery;
-use crate::diff::in_memory::SyncError;
+use crate::diff::export::SyncError;
 use crate::diff::rejects::rejects_key;
 use crate::ops::report::{RunReport, RunStatus};
 use crate::run::handler::{ExportPlan, RunError, RunOutcome};

@@ -40,8 +40,9 @@ use super::producer::Producer;
 use super::sender::Sender;
 use super::{EST_ROW_BYTES, SyncRunner};
 use crate::config::route::Route;
-use crate::diff::bounded::{SpillOverflow, release_departures, size_text};
-use crate::diff::in_memory::{ProduceOptions, Stop, Summary};
+use crate::diff::bounded::release_departures;
+use crate::diff::export::{ProduceOptions, Stop, Summary};
+use crate::diff::export::{SpillOverflow, size_text};
 use crate::diff::user::AudienceDepartures;
 use crate::model::{DeliveryOutcome, UserDelta};
 use crate::ops::report::{FanOutPiece, FanOutReport, RunReport, RunStatus};
@@ -50,10 +51,8 @@ use crate::send::deliver::DeliverError;
 use crate::state::lease;
 use crate::state::ledger::{Ledger, LedgerStatus};
 use crate::state::route_lock::{Joined, RouteLock, lock_uri};
-use crate::state::store::{Head, HeadDoc, StateStore, Watermark};
+use crate::state::store::{CONTROL_FOLDER, Head, HeadDoc, StateStore, Watermark};
 
-/// Folder of a route's fan-out control objects, inside its state folder.
-pub const CONTROL_FOLDER: &str = "_fan_out";
 /// Bytes the bounded diff spills per export row, used to tell whether an export's spill fits
 /// the ephemeral storage: a margin over what `sync-scale-bench` measures at 20 attributes
 /// (`docs/benchmarks.md`), since the estimate's rows are themselves guessed from bytes (a spill
@@ -799,8 +798,7 @@ impl SyncRunner {
                 },
             });
         }
-        if let Err(crate::diff::in_memory::SyncError::SpillOverflow(o)) = &mut ended.produced.result
-        {
+        if let Err(crate::diff::export::SyncError::SpillOverflow(o)) = &mut ended.produced.result {
             // A piece's own spill still overflows (the estimate that split the export was
             // low): it is not split again. The fan-out ends with the sizes and the number of
             // pieces the measured figures call for, before this piece sent anything.

@@ -32,7 +32,7 @@ pub use hand_over::{Carried, Continuation, PieceMessage, SqsContinuation};
 
 use crate::config::route::Route;
 use crate::diff::bounded::RangedSettings;
-use crate::diff::in_memory::{ProduceOptions, SyncError};
+use crate::diff::export::{ProduceOptions, SyncError};
 use crate::model::{DeliveryOutcome, UserDelta};
 use crate::ops::report::RunStatus;
 use crate::run::handler::{ExportPlan, ExportRunner, RunError, RunOutcome};

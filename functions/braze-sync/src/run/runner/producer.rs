@@ -10,7 +10,8 @@ use tokio::task::JoinHandle;
 
 use crate::config::route::Route;
 use crate::diff::bounded::{RangedSettings, StoreRanges, produce_ranged};
-use crate::diff::in_memory::{ProduceOptions, Stop, Summary, SyncError, open_s3_part, produce};
+use crate::diff::export::{ProduceOptions, Stop, Summary, SyncError};
+use crate::diff::in_memory::{open_s3_part, produce};
 use crate::diff::rejects::RejectLog;
 use crate::model::UserDelta;
 use crate::run::handler::{ExportPlan, RunError};

@@ -16,9 +16,9 @@ use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
 use serde::Deserialize;
 use tracing::{info, warn};
 
-use super::api_key::{ApiKey, KeyReread};
-use super::endpoint::Endpoint;
 use super::{BrazeApi, ItemError, RateLimitInfo, TrackError, TrackResponse};
+use crate::config::api_key::{ApiKey, KeyReread};
+use crate::config::braze_endpoint::Endpoint;
 
 /// Longest message kept from a response body.
 const MAX_MESSAGE_CHARS: usize = 500;
@@ -258,11 +258,11 @@ impl BrazeApi for BrazeClient {
 /// request, a Braze id per request (the endpoint takes one). A 429 waits for the window's
 /// reset (`X-RateLimit-Reset`, else 5 s) and tries again, up to 20 times.
 #[async_trait]
-impl crate::ops::adopt::UserLookup for BrazeClient {
+impl super::UserLookup for BrazeClient {
     async fn export_ids(
         &self,
         ids: &[crate::model::Identifier],
-    ) -> Result<Vec<serde_json::Value>, crate::ops::adopt::LookupError> {
+    ) -> Result<Vec<serde_json::Value>, super::LookupError> {
         use crate::model::Identifier;
         use serde_json::{Value, json};
         let url = format!(
@@ -310,9 +310,7 @@ impl crate::ops::adopt::UserLookup for BrazeClient {
                     .send()
                     .await
                     .map_err(|e| {
-                        crate::ops::adopt::LookupError(scrub(
-                            &transport_error(&e, &current.key).to_string(),
-                        ))
+                        super::LookupError(scrub(&transport_error(&e, &current.key).to_string()))
                     })?;
                 let status = resp.status();
                 let rate = rate_limit_info(resp.headers());
@@ -328,14 +326,13 @@ impl crate::ops::adopt::UserLookup for BrazeClient {
                 }
                 if !status.is_success() {
                     let shown: String = scrub(&text).chars().take(MAX_MESSAGE_CHARS).collect();
-                    return Err(crate::ops::adopt::LookupError(format!(
+                    return Err(super::LookupError(format!(
                         "{} answered {status}: {shown}",
                         self.endpoint.host()
                     )));
                 }
-                let v: Value = serde_json::from_str(&text).map_err(|e| {
-                    crate::ops::adopt::LookupError(format!("the answer is not JSON: {e}"))
-                })?;
+                let v: Value = serde_json::from_str(&text)
+                    .map_err(|e| super::LookupError(format!("the answer is not JSON: {e}")))?;
                 users.extend(
                     v.get("users")
                         .and_then(Value::as_array)

@@ -1,19 +1,20 @@
-//! Talking to Braze: where it is ([`endpoint`]), with which key ([`api_key`]), and the
-//! `POST /users/track` call with its answers classified ([`client`]). The sender depends only
-//! on the [`BrazeApi`] trait, so tests can put a fake in its place.
+//! Talking to Braze: the `POST /users/track` call with its answers classified ([`client`]),
+//! and `POST /users/export/ids` for adoption ([`UserLookup`]). Where Braze is and with which
+//! key come from the configuration ([`crate::config::braze_endpoint`],
+//! [`crate::config::api_key`]). The sender depends only on the [`BrazeApi`] trait, so tests can
+//! put a fake in its place.
 
-pub mod api_key;
 pub mod client;
-pub mod endpoint;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use serde_json::Value;
 
-pub use api_key::{ApiKey, ApiKeyCache, ApiKeyError, ApiKeySource, KeyReread, SourceReread};
+use crate::model::Identifier;
+
 pub use client::{BrazeClient, ClientBuildError, ClientOptions};
-pub use endpoint::{Endpoint, EndpointError, Instance};
 
 /// `POST /users/track`, as the sender sees it.
 #[async_trait]
@@ -26,6 +27,23 @@ pub trait BrazeApi: Send + Sync {
         "Braze".to_string()
     }
 }
+
+/// Identifiers per `/users/export/ids` call (Braze's limit).
+pub const EXPORT_IDS_BATCH: usize = 50;
+
+/// Reads profiles back from Braze.
+#[async_trait]
+pub trait UserLookup: Send + Sync {
+    /// The profiles of up to [`EXPORT_IDS_BATCH`] users, in Braze's export shape (standard
+    /// fields at the top level, custom attributes under `custom_attributes`); users Braze does
+    /// not know are simply absent.
+    async fn export_ids(&self, ids: &[Identifier]) -> Result<Vec<Value>, LookupError>;
+}
+
+/// `/users/export/ids` failed.
+#[derive(Debug, thiserror::Error)]
+#[error("POST /users/export/ids: {0}")]
+pub struct LookupError(pub String);
 
 /// The `X-RateLimit-*` (and `Retry-After`) headers of one response; absent headers are `None`.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
