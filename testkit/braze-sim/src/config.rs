@@ -51,6 +51,13 @@ pub struct SimConfig {
     /// Length of the export endpoint's fixed rate window.
     #[serde(rename = "export_rate_limit_window_ms", with = "duration_ms")]
     pub export_rate_limit_window: Duration,
+    /// The rate-limit headers of an account on MAU pricing: no `X-RateLimit-Limit` or
+    /// `-Remaining`, `X-RateLimit-Reset` as seconds remaining (not epoch seconds), and a 429
+    /// carries `X-Ratelimit-Retry-After` (seconds).
+    pub mau_headers: bool,
+    /// `/users/track` requests allowed per clock hour (UTC), as MAU contracts set them; a
+    /// request past it gets 429 until the next hour. `None`: no hourly limit.
+    pub hourly_request_limit: Option<u64>,
 }
 
 impl Default for SimConfig {
@@ -70,6 +77,8 @@ impl Default for SimConfig {
             log_bodies: false,
             export_rate_limit_requests: 250,
             export_rate_limit_window: Duration::from_secs(60),
+            mau_headers: false,
+            hourly_request_limit: None,
         }
     }
 }

@@ -19,7 +19,7 @@ use crate::config::SimConfig;
 use crate::contract::{ObjectCounts, TrackOutcome};
 use crate::faults::{FaultAction, Faults};
 use crate::rate_window::Admission;
-use crate::state::{Arrival, Disposition, RequestLog, Shared};
+use crate::state::{Arrival, Disposition, RateHeaders, RequestLog, Shared};
 
 type AppState = Arc<Shared>;
 
@@ -112,8 +112,34 @@ fn rfc3339_now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-fn with_rate_headers(mut resp: Response, a: &Admission) -> Response {
+fn with_rate_headers(resp: Response, a: &Admission) -> Response {
+    with_headers(
+        resp,
+        &RateHeaders {
+            admission: *a,
+            now_ms: 0,
+            retry_after_s: None,
+            mau: false,
+        },
+    )
+}
+
+/// The standard set (`X-RateLimit-Limit/Remaining/Reset`, the reset in epoch seconds) or, for
+/// an account on MAU pricing, `X-RateLimit-Reset` as seconds remaining and, on a 429,
+/// `X-Ratelimit-Retry-After`.
+fn with_headers(mut resp: Response, r: &RateHeaders) -> Response {
+    let a = &r.admission;
     let h = resp.headers_mut();
+    if r.mau {
+        let remaining_s = (a.reset_epoch_secs * 1000)
+            .saturating_sub(r.now_ms)
+            .div_ceil(1000);
+        h.insert("x-ratelimit-reset", HeaderValue::from(remaining_s));
+        if let Some(s) = r.retry_after_s {
+            h.insert("x-ratelimit-retry-after", HeaderValue::from(s));
+        }
+        return resp;
+    }
     for (name, value) in [
         ("x-ratelimit-limit", a.limit),
         ("x-ratelimit-remaining", a.remaining),
@@ -188,10 +214,15 @@ fn early_outcome(arrival: &Arrival, headers: &HeaderMap, body: Option<&[u8]>) ->
         FaultAction::None => {}
     }
     if !arrival.admission.allowed {
+        let disposition = if arrival.hourly_refused {
+            Disposition::HourlyLimited
+        } else {
+            Disposition::RateLimited
+        };
         return Some(Early::Respond(
             429,
             json!({ "message": "Rate Limited" }),
-            Disposition::RateLimited,
+            disposition,
         ));
     }
     let too_large = body.is_none_or(|b| b.len() > arrival.max_body_bytes);
@@ -282,7 +313,7 @@ async fn track(State(state): State<AppState>, headers: HeaderMap, body: Body) ->
             entry.status = Some(status);
             entry.disposition = disposition;
             state.lock().finish(entry, None);
-            with_rate_headers(json_response(status, &body), &arrival.admission)
+            with_headers(json_response(status, &body), &arrival.headers)
         }
         None => {
             let bytes = read.unwrap_or_default();
@@ -300,9 +331,9 @@ async fn track(State(state): State<AppState>, headers: HeaderMap, body: Body) ->
                 s.finish(entry, Some(&outcome));
                 outcome
             };
-            with_rate_headers(
+            with_headers(
                 json_response(outcome.status, &outcome.body),
-                &arrival.admission,
+                &arrival.headers,
             )
         }
     }

@@ -68,6 +68,13 @@ struct Args {
     /// Keep request bodies in the request log.
     #[arg(long)]
     log_bodies: bool,
+    /// Answer with the rate-limit headers of an account on MAU pricing
+    /// (`X-Ratelimit-Retry-After` on a 429, `X-RateLimit-Reset` as seconds remaining).
+    #[arg(long)]
+    mau_headers: bool,
+    /// `/users/track` requests allowed per clock hour (none by default).
+    #[arg(long)]
+    hourly_request_limit: Option<u64>,
 }
 
 fn pair(name: &str, s: &str) -> anyhow::Result<(u64, u64)> {
@@ -125,6 +132,8 @@ fn config(args: Args) -> anyhow::Result<SimConfig> {
         },
         seed: args.seed,
         log_bodies: args.log_bodies,
+        mau_headers: args.mau_headers,
+        hourly_request_limit: args.hourly_request_limit,
         ..SimConfig::default()
     };
     cfg.validate()?;

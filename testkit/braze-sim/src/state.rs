@@ -57,6 +57,9 @@ pub struct Stats {
     pub export_requests: u64,
     /// `/users/export/ids` requests refused by their rate window.
     pub export_rate_limited_429: u64,
+    /// `/users/track` requests refused because the clock hour's budget was spent (also
+    /// counted in `rate_limited_429`).
+    pub hourly_limited_429: u64,
 }
 
 /// What happened to one request.
@@ -79,6 +82,8 @@ pub enum Disposition {
     TooLarge,
     /// 429 from the rate window.
     RateLimited,
+    /// 429: the clock hour's request budget is spent.
+    HourlyLimited,
     /// 429 from an injected burst.
     Burst429,
     /// Injected 5xx.
@@ -127,6 +132,24 @@ pub(crate) struct State {
     log: Vec<RequestLog>,
     seq: u64,
     returned_401: bool,
+    /// The clock hour (UTC epoch hours) and the `/users/track` requests admitted in it.
+    hour: (u64, u64),
+}
+
+/// Milliseconds in an hour.
+const HOUR_MS: u64 = 3_600_000;
+
+/// The rate-limit headers one response carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RateHeaders {
+    /// The window's admission (limit, remaining, reset).
+    pub(crate) admission: Admission,
+    /// When the request arrived (UTC epoch milliseconds).
+    pub(crate) now_ms: u64,
+    /// Seconds until a refused request may be sent again (`None` when admitted).
+    pub(crate) retry_after_s: Option<u64>,
+    /// The MAU-pricing header set ([`SimConfig::mau_headers`]).
+    pub(crate) mau: bool,
 }
 
 /// What a request learns when it arrives.
@@ -134,6 +157,8 @@ pub(crate) struct State {
 pub(crate) struct Arrival {
     pub(crate) seq: u64,
     pub(crate) admission: Admission,
+    pub(crate) headers: RateHeaders,
+    pub(crate) hourly_refused: bool,
     pub(crate) fault: FaultDecision,
     pub(crate) api_key: String,
     pub(crate) key_lacks_users_track: bool,
@@ -206,7 +231,25 @@ impl State {
             log: Vec::new(),
             seq: 0,
             returned_401: false,
+            hour: (0, 0),
         }
+    }
+
+    /// Counts a request against the clock hour's budget (when one is configured): `true`
+    /// when it is admitted. Only requests the rate window admitted are counted.
+    fn take_hour(&mut self, now_ms: u64) -> bool {
+        let Some(limit) = self.cfg.hourly_request_limit else {
+            return true;
+        };
+        let hour = now_ms / HOUR_MS;
+        if self.hour.0 != hour {
+            self.hour = (hour, 0);
+        }
+        if self.hour.1 >= limit {
+            return false;
+        }
+        self.hour.1 += 1;
+        true
     }
 
     /// Counts a request in the rate window and draws its faults.
@@ -216,9 +259,30 @@ impl State {
         if self.returned_401 {
             self.stats.requests_after_first_401 += 1;
         }
+        let mut admission = self.window.take(now_ms);
+        let mut retry_after_s = (!admission.allowed).then(|| {
+            (admission.reset_epoch_secs * 1000)
+                .saturating_sub(now_ms)
+                .div_ceil(1000)
+        });
+        let hourly_refused = admission.allowed && !self.take_hour(now_ms);
+        if hourly_refused {
+            let next_hour_ms = (now_ms / HOUR_MS + 1) * HOUR_MS;
+            admission.allowed = false;
+            admission.remaining = 0;
+            admission.reset_epoch_secs = next_hour_ms / 1000;
+            retry_after_s = Some((next_hour_ms - now_ms).div_ceil(1000));
+        }
         Arrival {
             seq: self.seq,
-            admission: self.window.take(now_ms),
+            admission,
+            headers: RateHeaders {
+                admission,
+                now_ms,
+                retry_after_s,
+                mau: self.cfg.mau_headers,
+            },
+            hourly_refused,
             fault: self.faults.next_decision(),
             api_key: self.cfg.api_key.clone(),
             key_lacks_users_track: self.cfg.key_lacks_users_track,
@@ -253,6 +317,11 @@ impl State {
             Disposition::Unauthorized => self.returned_401 = true,
             Disposition::RateLimited => {
                 s.rate_limited_429 += 1;
+                s.responses_429 += 1;
+            }
+            Disposition::HourlyLimited => {
+                s.rate_limited_429 += 1;
+                s.hourly_limited_429 += 1;
                 s.responses_429 += 1;
             }
             Disposition::Burst429 => {
@@ -426,6 +495,7 @@ impl State {
         self.window = window_for(&cfg);
         self.export_window = export_window_for(&cfg);
         self.faults = FaultPlan::new(cfg.faults.clone(), cfg.seed);
+        self.hour = (0, 0);
         self.cfg = cfg;
         Ok(())
     }

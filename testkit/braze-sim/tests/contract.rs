@@ -351,6 +351,72 @@ async fn events_and_purchases_are_counted_and_stored() {
 }
 
 #[tokio::test]
+async fn mau_accounts_get_retry_after_and_the_reset_in_seconds_remaining() {
+    let sim = sim(SimConfig {
+        rate_limit_requests: 1,
+        rate_limit_window: Duration::from_secs(3),
+        mau_headers: true,
+        ..SimConfig::default()
+    })
+    .await;
+    let r = post(&sim, &json!({"attributes": [{"external_id": "a"}]})).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert!(r.headers().get("x-ratelimit-limit").is_none());
+    assert!(r.headers().get("x-ratelimit-remaining").is_none());
+    assert!(r.headers().get("x-ratelimit-retry-after").is_none());
+    let reset: u64 = r.headers()["x-ratelimit-reset"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=4).contains(&reset), "seconds remaining, got {reset}");
+    let r = post(&sim, &json!({"attributes": [{"external_id": "b"}]})).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let wait: u64 = r.headers()["x-ratelimit-retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=4).contains(&wait), "retry after {wait}");
+    assert!(r.headers().get("x-ratelimit-limit").is_none());
+    assert!(sim.user("b").is_none());
+}
+
+#[tokio::test]
+async fn the_hourly_budget_refuses_requests_until_the_next_clock_hour() {
+    let sim = sim(SimConfig {
+        hourly_request_limit: Some(2),
+        mau_headers: true,
+        ..SimConfig::default()
+    })
+    .await;
+    for id in ["a", "b"] {
+        let r = post(&sim, &json!({"attributes": [{"external_id": id}]})).await;
+        assert_eq!(r.status(), StatusCode::CREATED);
+    }
+    let r = post(&sim, &json!({"attributes": [{"external_id": "c"}]})).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let wait: u64 = r.headers()["x-ratelimit-retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let to_next_hour = 3600 - now % 3600;
+    assert!(
+        wait.abs_diff(to_next_hour) <= 1,
+        "retry after {wait}, next hour in {to_next_hour}"
+    );
+    assert!(sim.user("c").is_none());
+    let st = sim.stats();
+    assert_eq!(st.hourly_limited_429, 1);
+    assert_eq!(st.rate_limited_429, 1);
+}
+
+#[tokio::test]
 async fn past_the_rate_limit_requests_get_429_with_headers_and_apply_nothing() {
     let sim = sim(SimConfig {
         rate_limit_requests: 5,

@@ -413,6 +413,9 @@ pub fn user_key(kind: IdentifierKind, id: &str, label: &str) -> UserKey {
     UserKey(h.digest128())
 }
 
+/// Braze's limit on an `external_id`, in bytes of UTF-8.
+pub const MAX_EXTERNAL_ID_BYTES: usize = 987;
+
 /// Maps rows of one route.
 #[derive(Debug, Clone)]
 pub struct Mapper<'r> {
@@ -457,8 +460,9 @@ impl<'r> Mapper<'r> {
         let col_name = |i: usize| header.get(i).cloned();
         let idc = &self.route.config.identifier;
         out.kind = Some(idc.kind);
+        let external_id = idc.kind == IdentifierKind::ExternalId;
         out.id = self
-            .identifier_text(row, binding.id, out)
+            .identifier_text(row, binding.id, external_id, out)
             .map_err(|reason| {
                 (
                     MapOutcome::NoIdentifier,
@@ -469,7 +473,7 @@ impl<'r> Mapper<'r> {
                 )
             })?;
         out.label = match (binding.label, &idc.alias_label) {
-            (Some(i), _) => self.identifier_text(row, i, out).map_err(|reason| {
+            (Some(i), _) => self.identifier_text(row, i, false, out).map_err(|reason| {
                 (
                     MapOutcome::NoIdentifier,
                     MapError {
@@ -550,10 +554,13 @@ impl<'r> Mapper<'r> {
         Ok(())
     }
 
+    /// The text of the identifier (or alias label) in column `index`, appended to `out.text`;
+    /// `external_id` when it is an `external_id` (Braze's byte limit applies).
     fn identifier_text(
         &self,
         row: &Row<'_>,
         index: usize,
+        external_id: bool,
         out: &mut MappedRow,
     ) -> Result<(u32, u32), String> {
         let cell = row.cells.cell(index).map_err(|e| e.to_string())?;
@@ -579,7 +586,17 @@ impl<'r> Mapper<'r> {
         if out.text.len() == start {
             return Err("empty identifier".into());
         }
-        if out.text[start..].chars().count() > types::MAX_STRING_CHARS {
+        let text = &out.text[start..];
+        // Braze's limit on an external_id is in bytes; aliases and Braze ids stay within the
+        // 255 characters of any string value.
+        if external_id {
+            if text.len() > MAX_EXTERNAL_ID_BYTES {
+                return Err(format!(
+                    "external_id of {} bytes: Braze accepts at most {MAX_EXTERNAL_ID_BYTES}",
+                    text.len()
+                ));
+            }
+        } else if text.chars().count() > types::MAX_STRING_CHARS {
             return Err("identifier longer than 255 characters".into());
         }
         Ok((start as u32, out.text.len() as u32))
@@ -848,6 +865,40 @@ on_leave = "null"
         for cut in 0..out.len() - 1 {
             assert_eq!(back.decode_from(&out[1..1 + cut]), None, "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn external_id_over_987_bytes_is_refused_and_987_bytes_pass() {
+        let r = route();
+        let h = header();
+        let b = Binding::new(&r, &h, "s").unwrap();
+        let map = |id: String| {
+            let id: &'static str = Box::leak(id.into_boxed_str());
+            let mut cells = vec![None; h.len()];
+            cells[0] = Some(id);
+            let cells = V(cells);
+            let row = Row {
+                row: 4,
+                line: Some(5),
+                cells: &cells,
+            };
+            let mut out = MappedRow::default();
+            Mapper::new(&r)
+                .map_row(&b, &h, &row, &mut out)
+                .map(|()| out)
+        };
+        // 987 bytes of ASCII (more than 255 characters) is a valid external_id.
+        let ok = map("x".repeat(MAX_EXTERNAL_ID_BYTES)).unwrap();
+        assert_eq!(
+            ok.identifier(),
+            Identifier::ExternalId("x".repeat(MAX_EXTERNAL_ID_BYTES))
+        );
+        // 247 four-byte characters: 988 bytes, fewer than 255 characters.
+        let (outcome, e) = map("\u{1f600}".repeat(247)).unwrap_err();
+        assert_eq!(outcome, MapOutcome::NoIdentifier);
+        assert_eq!(e.column.as_deref(), Some("id"));
+        assert!(e.reason.contains("988 bytes"), "{}", e.reason);
+        assert!(e.reason.contains("987"), "{}", e.reason);
     }
 
     #[test]

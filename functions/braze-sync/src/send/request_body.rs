@@ -1,8 +1,9 @@
 //! Packs [`UserDelta`]s into `/users/track` request bodies `{"attributes":[...]}`: at most 75
-//! attribute objects (50 on the combined-limit plan) and never over the 4 MB payload limit,
-//! measured in bytes as objects are appended. A [`Batch`] remembers which delta sits at which
-//! index, so Braze's `errors[].index` maps back to a user and a row, and splits in two when
-//! Braze answers 413. Pure: no I/O, no clock.
+//! objects (`BRAZE_MAX_OBJECTS_PER_REQUEST`; 50 on the combined-limit plan) across the three
+//! arrays together, since a body carries only attribute objects, and never over the 4 MB
+//! payload limit, measured in bytes as objects are appended. A [`Batch`] remembers which
+//! delta sits at which index, so Braze's `errors[].index` maps back to a user and a row, and
+//! splits in two when Braze answers 413. Pure: no I/O, no clock.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -290,6 +291,22 @@ mod tests {
         let batches = pack(BatchLimits::default(), (0..200).map(|i| delta(i, 3)));
         let sizes: Vec<_> = batches.iter().map(Batch::len).collect();
         assert_eq!(sizes, [75, 75, 50]);
+    }
+
+    #[test]
+    fn objects_across_all_three_arrays_stay_within_the_configured_size() {
+        // Braze counts attributes, events and purchases of a request together on current
+        // contracts: a body carries only attribute objects, so the configured size (75 by
+        // default, lower per deployment) bounds the three arrays together.
+        for max in [75, 60, 1] {
+            let limits = BatchLimits::new(max, false, MAX_BODY_BYTES);
+            for b in pack(limits, (0..160).map(|i| delta(i, 3))) {
+                let v: Value = serde_json::from_slice(&b.body()).unwrap();
+                let len = |k: &str| v.get(k).and_then(Value::as_array).map_or(0, Vec::len);
+                assert!(len("attributes") + len("events") + len("purchases") <= max);
+                assert_eq!(len("events") + len("purchases"), 0);
+            }
+        }
     }
 
     #[test]

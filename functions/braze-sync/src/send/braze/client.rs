@@ -320,7 +320,7 @@ impl super::UserLookup for BrazeClient {
                         .duration_since(std::time::UNIX_EPOCH)
                         .map(|d| d.as_secs_f64())
                         .unwrap_or(0.0);
-                    let wait = rate.reset_in(now).unwrap_or(Duration::from_secs(5));
+                    let wait = rate.retry_in(now).unwrap_or(Duration::from_secs(5));
                     tokio::time::sleep(wait.min(Duration::from_secs(60))).await;
                     continue;
                 }
@@ -371,7 +371,9 @@ fn scrub_key(text: &str, key: &ApiKey) -> String {
     }
 }
 
-/// Reads `X-RateLimit-Limit/Remaining/Reset` (header names are case-insensitive).
+/// Reads `X-RateLimit-Limit/Remaining/Reset` and the wait after a 429: `Retry-After`, or
+/// `X-Ratelimit-Retry-After` (seconds), which accounts on MAU pricing send instead of the
+/// `X-RateLimit-*` set. Header names are case-insensitive.
 pub fn rate_limit_info(headers: &HeaderMap) -> RateLimitInfo {
     let num = |name: &str| -> Option<f64> {
         headers
@@ -384,7 +386,7 @@ pub fn rate_limit_info(headers: &HeaderMap) -> RateLimitInfo {
         limit: num("x-ratelimit-limit").map(|v| v as u64),
         remaining: num("x-ratelimit-remaining").map(|v| v as u64),
         reset: num("x-ratelimit-reset"),
-        retry_after_s: num("retry-after"),
+        retry_after_s: num("x-ratelimit-retry-after").or_else(|| num("retry-after")),
     }
 }
 
@@ -514,6 +516,32 @@ mod tests {
         assert_eq!(r.limit, Some(3000));
         assert_eq!(r.remaining, Some(2999));
         assert_eq!(r.reset, Some(1_700_000_003.0));
+    }
+
+    #[test]
+    fn mau_retry_after_header_sets_the_wait_after_a_429() {
+        // Accounts on MAU pricing: no X-RateLimit-Limit/Remaining, the reset as seconds
+        // remaining, and X-Ratelimit-Retry-After.
+        let mut h = HeaderMap::new();
+        h.insert("X-Ratelimit-Retry-After", HeaderValue::from_static("7"));
+        h.insert("X-RateLimit-Reset", HeaderValue::from_static("2"));
+        let r = rate_limit_info(&h);
+        assert_eq!(r.limit, None);
+        assert_eq!(r.retry_after_s, Some(7.0));
+        assert_eq!(r.retry_in(1_700_000_000.0), Some(Duration::from_secs(7)));
+        // Only the MAU header: it alone says how long to wait.
+        let mut h = HeaderMap::new();
+        h.insert("x-ratelimit-retry-after", HeaderValue::from_static("1.5"));
+        assert_eq!(
+            rate_limit_info(&h).retry_in(1_700_000_000.0),
+            Some(Duration::from_millis(1500))
+        );
+        // A plain Retry-After still counts; the MAU header wins when both are sent.
+        let mut h = HeaderMap::new();
+        h.insert("Retry-After", HeaderValue::from_static("3"));
+        assert_eq!(rate_limit_info(&h).retry_after_s, Some(3.0));
+        h.insert("X-Ratelimit-Retry-After", HeaderValue::from_static("9"));
+        assert_eq!(rate_limit_info(&h).retry_after_s, Some(9.0));
     }
 
     #[test]

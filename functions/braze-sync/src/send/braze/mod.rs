@@ -45,7 +45,8 @@ pub trait UserLookup: Send + Sync {
 #[error("POST /users/export/ids: {0}")]
 pub struct LookupError(pub String);
 
-/// The `X-RateLimit-*` (and `Retry-After`) headers of one response; absent headers are `None`.
+/// The `X-RateLimit-*` (and `Retry-After` / `X-Ratelimit-Retry-After`) headers of one
+/// response; absent headers are `None`.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct RateLimitInfo {
     /// `X-RateLimit-Limit`: requests allowed in the window.
@@ -53,9 +54,10 @@ pub struct RateLimitInfo {
     /// `X-RateLimit-Remaining`: requests left in the current window.
     pub remaining: Option<u64>,
     /// `X-RateLimit-Reset` as sent: UTC epoch seconds per Braze's docs (a value below 10^9 is
-    /// read as seconds from now).
+    /// read as seconds from now, as accounts on MAU pricing send it).
     pub reset: Option<f64>,
-    /// `Retry-After` in seconds, when a proxy sends it.
+    /// Seconds to wait after a 429: `X-Ratelimit-Retry-After` (accounts on MAU pricing send it
+    /// in place of the `X-RateLimit-*` set) or, when a proxy sends it, `Retry-After`.
     pub retry_after_s: Option<f64>,
 }
 
