@@ -45,6 +45,8 @@ pub const MAX_VIRTUAL_MS: i64 = 72 * 3_600_000;
 pub struct Options {
     /// Keep the trace lines (replays).
     pub trace: bool,
+    /// Replaces the function timeout the seed chose, ms (a deployment too short to work).
+    pub timeout_ms: Option<u64>,
 }
 
 /// What one seed did.
@@ -119,7 +121,10 @@ async fn run_world(seed: u64, opts: &Options) -> SeedOutcome {
     braze_sync::clock::set_nonce_seed(seed);
     let mut rng = Rng::new(seed);
     let faults = Faults::choose(&mut rng);
-    let deployment = deployment(&mut rng);
+    let mut deployment = deployment(&mut rng);
+    if let Some(t) = opts.timeout_ms {
+        deployment.timeout_ms = t;
+    }
     let world = World::new(seed, faults.clone(), opts.trace);
     let routes: Vec<Route> = ["people", "members"]
         .iter()

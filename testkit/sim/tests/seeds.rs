@@ -47,8 +47,20 @@ fn fast_seeds_hold_every_invariant() {
 
 #[test]
 fn a_seed_replays_byte_for_byte() {
-    let a = run_seed(9, &Options { trace: true });
-    let b = run_seed(9, &Options { trace: true });
+    let a = run_seed(
+        9,
+        &Options {
+            trace: true,
+            ..Options::default()
+        },
+    );
+    let b = run_seed(
+        9,
+        &Options {
+            trace: true,
+            ..Options::default()
+        },
+    );
     assert!(a.trace.len() > 100);
     assert_eq!(a.trace, b.trace);
     assert_eq!(a.trace_digest, b.trace_digest);
@@ -137,8 +149,20 @@ fn first_divergence_of_two_replays() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(9);
-    let a = run_seed(seed, &Options { trace: true });
-    let b = run_seed(seed, &Options { trace: true });
+    let a = run_seed(
+        seed,
+        &Options {
+            trace: true,
+            ..Options::default()
+        },
+    );
+    let b = run_seed(
+        seed,
+        &Options {
+            trace: true,
+            ..Options::default()
+        },
+    );
     for (i, (x, y)) in a.trace.iter().zip(b.trace.iter()).enumerate() {
         if x != y {
             panic!(
@@ -147,4 +171,19 @@ fn first_divergence_of_two_replays() {
             );
         }
     }
+}
+
+#[test]
+fn a_timeout_too_short_to_send_ends_with_its_reason_instead_of_handing_over_forever() {
+    // 30 s: less than the runner's deadline margin, so no run gets to send anything.
+    let o = run_seed(
+        3,
+        &Options {
+            timeout_ms: Some(30_000),
+            ..Options::default()
+        },
+    );
+    let all = o.violations.join("\n");
+    assert!(!all.contains("never became quiet"), "{all}");
+    assert!(all.contains("would hand itself over forever"), "{all}");
 }

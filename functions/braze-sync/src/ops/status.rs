@@ -722,6 +722,7 @@ mod tests {
                 lease_until: 0,
                 report: None,
                 fan_out: None,
+                stalled: 0,
             },
         )
     }

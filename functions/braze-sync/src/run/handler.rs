@@ -575,6 +575,7 @@ impl Handler {
             )
             .await;
         let mut hand_over = false;
+        let mut stalled = 0;
         let mut fan_out = None;
         let result = match result {
             // A run whose report could not be written is not acknowledged: nothing would
@@ -593,6 +594,7 @@ impl Handler {
         let (status, report, outcome) = match result {
             Ok(o) => {
                 hand_over = o.hand_over;
+                stalled = o.summary["stalled"].as_u64().unwrap_or(0) as u32;
                 fan_out = o.fan_out.clone();
                 let (status, word) = o.ledger_status();
                 (
@@ -632,7 +634,11 @@ impl Handler {
                     .finish_fanned_out(&export_id, &claim_etag, run_id, report)
                     .await
             }
-            _ => ledger.finish(&export_id, &claim_etag, status, report).await,
+            _ => {
+                ledger
+                    .finish_stalled(&export_id, &claim_etag, status, report, stalled)
+                    .await
+            }
         };
         if let Err(e) = recorded {
             // Acknowledged, the notification would leave the export claimed with no record

@@ -61,7 +61,19 @@ pub struct LedgerEntry {
     /// The fan-out run the export was split into ([`LedgerStatus::FannedOut`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fan_out: Option<String>,
+    /// Runs of this export in a row that handed over without Braze confirming a user (a
+    /// claim carries it from the entry it replaces); see [`STALLED_LIMIT`].
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub stalled: u32,
 }
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// Runs of one export in a row that may hand over without Braze confirming a user; the next
+/// such run fails with its reason instead of handing over forever.
+pub const STALLED_LIMIT: u32 = 3;
 
 impl LedgerEntry {
     /// A running claim on `export_id`, leased until `lease_until` (epoch seconds).
@@ -72,6 +84,7 @@ impl LedgerEntry {
             lease_until,
             report: None,
             fan_out: None,
+            stalled: 0,
         }
     }
 
@@ -89,6 +102,7 @@ impl LedgerEntry {
             lease_until: 0,
             report,
             fan_out: fan_out.map(str::to_string),
+            stalled: 0,
         }
     }
 }
@@ -232,6 +246,16 @@ impl<'a> Ledger<'a> {
             }
             _ => {}
         }
+        let body = match current.stalled {
+            0 => body,
+            stalled => {
+                let entry = LedgerEntry {
+                    stalled,
+                    ..LedgerEntry::running(export_id, now + lease_s)
+                };
+                Bytes::from(serde_json::to_vec(&entry).unwrap_or_default())
+            }
+        };
         self.replace_claim(&uri, body, meta.etag).await
     }
 
@@ -407,7 +431,24 @@ impl<'a> Ledger<'a> {
         status: LedgerStatus,
         report: Option<String>,
     ) -> Result<(), LedgerError> {
-        let entry = LedgerEntry::ended(status, export_id, report, None);
+        self.finish_stalled(export_id, claim_etag, status, report, 0)
+            .await
+    }
+
+    /// [`Ledger::finish`] for a run that handed over: `stalled` runs in a row have now done so
+    /// without Braze confirming a user (0: this one made progress).
+    pub async fn finish_stalled(
+        &self,
+        export_id: &str,
+        claim_etag: &str,
+        status: LedgerStatus,
+        report: Option<String>,
+        stalled: u32,
+    ) -> Result<(), LedgerError> {
+        let entry = LedgerEntry {
+            stalled,
+            ..LedgerEntry::ended(status, export_id, report, None)
+        };
         self.write_over(export_id, claim_etag, &entry).await?;
         Ok(())
     }

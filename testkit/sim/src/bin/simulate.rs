@@ -54,7 +54,10 @@ fn parse() -> Result<Args, String> {
 }
 
 fn one(seed: u64, trace: bool) -> SeedOutcome {
-    let opts = Options { trace };
+    let opts = Options {
+        trace,
+        ..Options::default()
+    };
     match std::panic::catch_unwind(|| run_seed(seed, &opts)) {
         Ok(o) => o,
         Err(p) => {

@@ -41,6 +41,7 @@ use crate::send::deliver::{DeliverConfig, DeliverError};
 use crate::send::workspace_share::{SenderRegistry, ShareSettings, WorkspaceShare};
 use crate::state::confirmed::Snapshot;
 use crate::state::lease;
+use crate::state::ledger::{Ledger, STALLED_LIMIT};
 use crate::state::route_lock::{RouteLock, lock_uri};
 use crate::state::store::{
     Head, HeadDoc, LEGACY_HEAD_FORMAT, RANGE_USERS, StateStore, memory_estimate,
@@ -696,10 +697,26 @@ impl SyncRunner {
                 record.finish(store).await;
                 return Err(RunError::Retryable("run cut short by its deadline".into()));
             }
+            let stats = &ended.delivery.stats;
+            let progressed =
+                stats.users_confirmed + stats.users_recorded > 0 || committer.checkpoints > 0;
+            let stalled = match progressed {
+                true => 0,
+                false => self.stalled_before(record).await + 1,
+            };
+            if stalled >= STALLED_LIMIT {
+                let message = format!(
+                    "the export's last {STALLED_LIMIT} runs reached their deadline without Braze confirming a user, so it would hand itself over forever: the function's timeout leaves too little time after the deadline margin ({} s) to send, or Braze refused every request meanwhile. Nothing is lost (what Braze confirmed is in the state); replay the export once the function's Timeout is longer or Braze answers",
+                    self.settings.deadline_margin.as_secs()
+                );
+                return Err(record.failed(store, message, false).await);
+            }
             record.report.notes.push(
                 "stopped before the deadline; the rest is handed to a new invocation once this run's claims are released".into(),
             );
             record.finish(store).await;
+            let mut summary = summary;
+            summary["stalled"] = serde_json::json!(stalled);
             return Ok(record.outcome(true, summary));
         }
         record.report.status = match ended.complete(committer) {
@@ -709,6 +726,28 @@ impl SyncRunner {
         };
         record.finish(store).await;
         Ok(record.outcome(false, summary))
+    }
+}
+
+impl SyncRunner {
+    /// Runs of this run's export in a row that handed over without progress, as its ledger
+    /// entry (this run's claim) carries them; unreadable: none.
+    async fn stalled_before(&self, record: &RunRecord) -> u32 {
+        let s = &self.settings;
+        let Some(export_id) = record.report.export_id.as_deref() else {
+            return 0;
+        };
+        Ledger::for_route(
+            self.store.as_ref(),
+            &s.state_bucket,
+            &s.state_prefix,
+            &record.report.route,
+        )
+        .entry(export_id)
+        .await
+        .ok()
+        .flatten()
+        .map_or(0, |e| e.stalled)
     }
 }
 
