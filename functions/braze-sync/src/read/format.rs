@@ -203,319 +203,368 @@ fn skip_member(name: &str) -> bool {
     name.ends_with('/') || name.starts_with("__MACOSX/") || base.starts_with('.') || base.is_empty()
 }
 
-/// Peels one layer of `reader` and recurses, or opens the table and visits it.
-/// `expect` is the compression still expected at this layer (declared by the route), `None`
-/// when anything found is fine.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn open_layers<'a, E>(
-    mut reader: Box<dyn Read + 'a>,
-    name: &str,
-    source: &str,
-    opts: &ReadOptions,
-    expect: Option<Compression>,
-    budget: &Budget,
-    depth: usize,
-    visit: &mut dyn FnMut(&mut dyn RowSource) -> Result<(), E>,
-) -> Result<(), E>
-where
-    E: From<ReadError>,
-{
-    if depth > MAX_NESTING {
-        return Err(ReadError::Archive {
-            source_name: source.to_string(),
-            message: format!("archives nested more than {MAX_NESTING} deep"),
-        }
-        .into());
-    }
-    let head = peek(&mut reader, 8192).map_err(|e| ReadError::io(source, "reading", e))?;
-    let sniffed = sniff(&head);
-    let mismatch = |declared: String| -> E {
-        ReadError::Mismatch {
-            source_name: source.to_string(),
-            declared,
-            found: sniffed.describe().to_string(),
-        }
-        .into()
-    };
-    let reader: Box<dyn Read + 'a> = Box::new(io::Cursor::new(head.clone()).chain(reader));
-    match sniffed {
-        Sniffed::Gzip => {
-            let inner_expect = match expect {
-                None => None,
-                Some(Compression::Gzip) => Some(Compression::None),
-                Some(Compression::Tgz) => Some(Compression::Tar),
-                Some(other) => return Err(mismatch(other.describe().into())),
-            };
-            let decoded = budget.wrap(MultiGzDecoder::new(reader));
-            let inner_name = member_name(name, &[".gz", ".gzip", ".tgz"]);
-            open_layers(
-                Box::new(decoded),
-                &inner_name,
-                source,
-                opts,
-                // A declared plain gzip may still hold a tar: accept what is inside.
-                if inner_expect == Some(Compression::None) {
-                    None
-                } else {
-                    inner_expect
-                },
-                budget,
-                depth + 1,
-                visit,
-            )
-        }
-        Sniffed::Zip => {
-            if let Some(e) = expect
-                && e != Compression::Zip
-            {
-                return Err(mismatch(e.describe().into()));
-            }
-            let mut reader = reader;
-            let file = limit::spill(&mut reader, &opts.temp_dir)
-                .map_err(|e| ReadError::io(source, "spilling the zip archive to a temp file", e))?;
-            let zip_err = |m: String| ReadError::Archive {
+/// What every layer of one object shares: how it is read, the bound on its decompressed bytes
+/// and the visitor each of its tables goes to.
+pub(crate) struct Layers<'o, E> {
+    pub(crate) opts: &'o ReadOptions,
+    pub(crate) budget: &'o Budget,
+    pub(crate) visit: &'o mut dyn FnMut(&mut dyn RowSource) -> Result<(), E>,
+}
+
+/// One layer of an object: its bytes, the name its suffixes are read from, the address errors
+/// name (`object!member`), the compression still expected at this layer (declared by the
+/// route; `None` when anything found is fine) and how deep in archives it sits.
+pub(crate) struct Layer<'a, 'n> {
+    pub(crate) reader: Box<dyn Read + 'a>,
+    pub(crate) name: &'n str,
+    pub(crate) source: &'n str,
+    pub(crate) expect: Option<Compression>,
+    pub(crate) depth: usize,
+}
+
+impl<E: From<ReadError>> Layers<'_, E> {
+    /// Peels one layer and recurses, or opens the table and visits it.
+    pub(crate) fn open(&mut self, layer: Layer<'_, '_>) -> Result<(), E> {
+        let Layer {
+            mut reader,
+            source,
+            depth,
+            ..
+        } = layer;
+        if depth > MAX_NESTING {
+            return Err(ReadError::Archive {
                 source_name: source.to_string(),
-                message: m,
-            };
-            let mut archive = zip::ZipArchive::new(file)
-                .map_err(|e| zip_err(format!("not a readable zip: {e}")))?;
-            if archive.len() > MAX_ARCHIVE_MEMBERS {
+                message: format!("archives nested more than {MAX_NESTING} deep"),
+            }
+            .into());
+        }
+        let head = peek(&mut reader, 8192).map_err(|e| ReadError::io(source, "reading", e))?;
+        let sniffed = sniff(&head);
+        let layer = Layer {
+            reader: Box::new(io::Cursor::new(head.clone()).chain(reader)),
+            ..layer
+        };
+        match sniffed {
+            Sniffed::Gzip => self.gzip(layer),
+            Sniffed::Zip => self.zip(layer),
+            Sniffed::Tar => self.tar(layer),
+            Sniffed::Unknown => Err(ReadError::UnknownFormat {
+                source_name: source.to_string(),
+                detail: format!(
+                    "the first bytes ({}) are not gzip, zip, tar, Parquet, JSON or delimited text",
+                    hex_prefix(&head)
+                ),
+            }
+            .into()),
+            Sniffed::Parquet | Sniffed::JsonArray | Sniffed::NdJson | Sniffed::Text => {
+                self.table(layer, sniffed, &head)
+            }
+        }
+    }
+
+    /// The member of an archive at `depth`, named `name` in the archive at `source`.
+    fn member(
+        &mut self,
+        reader: Box<dyn Read + '_>,
+        name: &str,
+        source: &str,
+        depth: usize,
+    ) -> Result<(), E> {
+        let msource = format!("{source}!{name}");
+        self.open(Layer {
+            reader,
+            name,
+            source: &msource,
+            expect: None,
+            depth: depth + 1,
+        })
+    }
+
+    fn gzip(&mut self, layer: Layer<'_, '_>) -> Result<(), E> {
+        let inner_expect = match layer.expect {
+            None => None,
+            Some(Compression::Gzip) => Some(Compression::None),
+            Some(Compression::Tgz) => Some(Compression::Tar),
+            Some(other) => {
+                return Err(mismatch(layer.source, Sniffed::Gzip, other.describe()).into());
+            }
+        };
+        let decoded = self.budget.wrap(MultiGzDecoder::new(layer.reader));
+        let inner_name = member_name(layer.name, &[".gz", ".gzip", ".tgz"]);
+        self.open(Layer {
+            reader: Box::new(decoded),
+            name: &inner_name,
+            source: layer.source,
+            // A declared plain gzip may still hold a tar: accept what is inside.
+            expect: if inner_expect == Some(Compression::None) {
+                None
+            } else {
+                inner_expect
+            },
+            depth: layer.depth + 1,
+        })
+    }
+
+    fn zip(&mut self, layer: Layer<'_, '_>) -> Result<(), E> {
+        let source = layer.source;
+        if let Some(e) = layer.expect
+            && e != Compression::Zip
+        {
+            return Err(mismatch(source, Sniffed::Zip, e.describe()).into());
+        }
+        let mut reader = layer.reader;
+        let file = limit::spill(&mut reader, &self.opts.temp_dir)
+            .map_err(|e| ReadError::io(source, "spilling the zip archive to a temp file", e))?;
+        let zip_err = |m: String| ReadError::Archive {
+            source_name: source.to_string(),
+            message: m,
+        };
+        let mut archive =
+            zip::ZipArchive::new(file).map_err(|e| zip_err(format!("not a readable zip: {e}")))?;
+        if archive.len() > MAX_ARCHIVE_MEMBERS {
+            return Err(zip_err(format!(
+                "{} members, more than the {MAX_ARCHIVE_MEMBERS} an export may hold",
+                archive.len()
+            ))
+            .into());
+        }
+        for i in 0..archive.len() {
+            let member = archive
+                .by_index(i)
+                .map_err(|e| zip_err(format!("member {i}: {e}")))?;
+            let mname = member
+                .name()
+                .map(|n| n.into_owned())
+                .unwrap_or_else(|_| String::from_utf8_lossy(member.name_raw()).into_owned());
+            if mname.len() > MAX_MEMBER_NAME_BYTES {
                 return Err(zip_err(format!(
-                    "{} members, more than the {MAX_ARCHIVE_MEMBERS} an export may hold",
-                    archive.len()
+                    "member {i} has a {}-byte name, over the {MAX_MEMBER_NAME_BYTES}-byte limit on member names",
+                    mname.len()
                 ))
                 .into());
             }
-            for i in 0..archive.len() {
-                let member = archive
-                    .by_index(i)
-                    .map_err(|e| zip_err(format!("member {i}: {e}")))?;
-                let mname = member
-                    .name()
-                    .map(|n| n.into_owned())
-                    .unwrap_or_else(|_| String::from_utf8_lossy(member.name_raw()).into_owned());
-                if mname.len() > MAX_MEMBER_NAME_BYTES {
-                    return Err(zip_err(format!(
-                        "member {i} has a {}-byte name, over the {MAX_MEMBER_NAME_BYTES}-byte limit on member names",
-                        mname.len()
-                    ))
-                    .into());
-                }
-                if member.is_dir() || skip_member(&mname) {
-                    continue;
-                }
-                let msource = format!("{source}!{mname}");
-                open_layers(
-                    Box::new(budget.wrap(member)),
-                    &mname,
-                    &msource,
-                    opts,
-                    None,
-                    budget,
-                    depth + 1,
-                    visit,
-                )?;
+            if member.is_dir() || skip_member(&mname) {
+                continue;
             }
-            Ok(())
+            let member = Box::new(self.budget.wrap(member));
+            self.member(member, &mname, source, layer.depth)?;
         }
-        Sniffed::Tar => {
-            if let Some(e) = expect
-                && e != Compression::Tar
-                && e != Compression::Tgz
-            {
-                return Err(mismatch(e.describe().into()));
-            }
-            let mut archive = tar::Archive::new(reader);
-            let tar_err = |m: String| ReadError::Archive {
-                source_name: source.to_string(),
-                message: m,
-            };
-            // Raw entries: GNU long-name and PAX records come to us as entries, so their size
-            // is checked against MAX_ARCHIVE_METADATA_BYTES before any of it is read (the
-            // crate itself would read a record of any claimed size into memory).
-            let entries = archive
-                .entries()
-                .map_err(|e| ReadError::io(source, "reading the tar archive", e))?
-                .raw(true);
-            let mut long_name: Option<String> = None;
-            let mut members = 0usize;
-            for entry in entries {
-                let mut entry =
-                    entry.map_err(|e| ReadError::io(source, "reading the tar archive", e))?;
-                let kind = entry.header().entry_type();
-                let meta = matches!(
-                    kind,
-                    tar::EntryType::GNULongName
-                        | tar::EntryType::GNULongLink
-                        | tar::EntryType::XHeader
-                        | tar::EntryType::XGlobalHeader
-                );
-                if meta {
-                    let size = entry.size();
-                    if size > MAX_ARCHIVE_METADATA_BYTES {
-                        return Err(tar_err(format!(
-                            "a tar {kind:?} record of {size} bytes exceeds the {MAX_ARCHIVE_METADATA_BYTES}-byte limit on archive metadata"
-                        ))
-                        .into());
-                    }
-                    let mut data = Vec::with_capacity(size as usize);
-                    (&mut entry)
-                        .take(MAX_ARCHIVE_METADATA_BYTES)
-                        .read_to_end(&mut data)
-                        .map_err(|e| ReadError::io(source, "reading the tar archive", e))?;
-                    match kind {
-                        tar::EntryType::GNULongName => {
-                            let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
-                            long_name = Some(String::from_utf8_lossy(&data[..end]).into_owned());
-                        }
-                        tar::EntryType::XHeader => {
-                            for ext in tar::PaxExtensions::new(&data) {
-                                let ext =
-                                    ext.map_err(|e| tar_err(format!("malformed PAX record: {e}")))?;
-                                if ext.key() == Ok("path") {
-                                    long_name = Some(
-                                        String::from_utf8_lossy(ext.value_bytes()).into_owned(),
-                                    );
-                                }
-                            }
-                        }
-                        _ => {}
-                    }
-                    continue;
-                }
-                let name = long_name.take();
-                if !kind.is_file() {
-                    continue;
-                }
-                let mname = match name {
-                    Some(n) => n,
-                    None => entry
-                        .path()
-                        .map_err(|e| tar_err(format!("member name: {e}")))?
-                        .to_string_lossy()
-                        .into_owned(),
-                };
-                if mname.len() > MAX_MEMBER_NAME_BYTES {
-                    return Err(tar_err(format!(
-                        "a member has a {}-byte name, over the {MAX_MEMBER_NAME_BYTES}-byte limit on member names",
-                        mname.len()
-                    ))
-                    .into());
-                }
-                if skip_member(&mname) {
-                    continue;
-                }
-                members += 1;
-                if members > MAX_ARCHIVE_MEMBERS {
-                    return Err(tar_err(format!("more than {MAX_ARCHIVE_MEMBERS} members")).into());
-                }
-                let msource = format!("{source}!{mname}");
-                open_layers(
-                    Box::new(entry),
-                    &mname,
-                    &msource,
-                    opts,
-                    None,
-                    budget,
-                    depth + 1,
-                    visit,
-                )?;
-            }
-            Ok(())
+        Ok(())
+    }
+
+    fn tar(&mut self, layer: Layer<'_, '_>) -> Result<(), E> {
+        let source = layer.source;
+        if let Some(e) = layer.expect
+            && e != Compression::Tar
+            && e != Compression::Tgz
+        {
+            return Err(mismatch(source, Sniffed::Tar, e.describe()).into());
         }
-        Sniffed::Unknown => Err(ReadError::UnknownFormat {
+        let mut archive = tar::Archive::new(layer.reader);
+        let tar_err = |m: String| ReadError::Archive {
             source_name: source.to_string(),
-            detail: format!(
-                "the first bytes ({}) are not gzip, zip, tar, Parquet, JSON or delimited text",
-                hex_prefix(&head)
-            ),
-        }
-        .into()),
-        Sniffed::Parquet | Sniffed::JsonArray | Sniffed::NdJson | Sniffed::Text => {
-            if let Some(e) = expect
-                && e != Compression::None
-            {
-                return Err(mismatch(e.describe().into()));
+            message: m,
+        };
+        // Raw entries: GNU long-name and PAX records come to us as entries, so their size
+        // is checked against MAX_ARCHIVE_METADATA_BYTES before any of it is read (the
+        // crate itself would read a record of any claimed size into memory).
+        let entries = archive
+            .entries()
+            .map_err(|e| ReadError::io(source, "reading the tar archive", e))?
+            .raw(true);
+        let mut long_name: Option<String> = None;
+        let mut members = 0usize;
+        for entry in entries {
+            let mut entry =
+                entry.map_err(|e| ReadError::io(source, "reading the tar archive", e))?;
+            let kind = entry.header().entry_type();
+            if matches!(
+                kind,
+                tar::EntryType::GNULongName
+                    | tar::EntryType::GNULongLink
+                    | tar::EntryType::XHeader
+                    | tar::EntryType::XGlobalHeader
+            ) {
+                tar_metadata(&mut entry, source, &mut long_name)?;
+                continue;
             }
-            let (_, suffix_format) = from_suffixes(name);
-            let declared = opts.format;
-            let wanted = declared.or(suffix_format);
-            let format = match (sniffed, wanted) {
-                (Sniffed::Parquet, None | Some(Format::Parquet)) => Format::Parquet,
-                (Sniffed::Parquet, Some(f)) if declared.is_some() => {
-                    return Err(mismatch(f.describe()));
-                }
-                // A suffix is only a hint: the bytes win.
-                (Sniffed::Parquet, Some(_)) => Format::Parquet,
-                (_, Some(Format::Parquet)) => {
-                    return Err(mismatch(Format::Parquet.describe()));
-                }
-                (Sniffed::JsonArray, None | Some(Format::Json | Format::JsonArray)) => {
-                    Format::JsonArray
-                }
-                (Sniffed::NdJson, None | Some(Format::Json | Format::NdJson)) => Format::NdJson,
-                (Sniffed::JsonArray | Sniffed::NdJson, Some(f @ Format::Delimited { .. })) => f,
-                (Sniffed::Text, Some(f @ (Format::Json | Format::NdJson | Format::JsonArray)))
-                    if head.iter().all(u8::is_ascii_whitespace) =>
-                {
-                    // An empty JSON file has no rows.
-                    f
-                }
-                (_, Some(f @ (Format::Json | Format::NdJson | Format::JsonArray))) => {
-                    return Err(mismatch(f.describe()));
-                }
-                // A suffix's delimiter that the header line does not contain yields to the
-                // sniffed one (a pipe-delimited file named `.csv`).
-                (_, Some(Format::Delimited { delimiter, escape }))
-                    if declared.is_none() && !header_line(&head).contains(&delimiter) =>
-                {
-                    Format::Delimited {
-                        delimiter: sniff_delimiter(&head),
-                        escape,
-                    }
-                }
-                (_, Some(f @ Format::Delimited { .. })) => f,
-                (Sniffed::Text, None) => Format::Delimited {
-                    delimiter: sniff_delimiter(&head),
-                    escape: None,
-                },
-                (_, _) => Format::Delimited {
-                    delimiter: sniff_delimiter(&head),
-                    escape: None,
-                },
+            let name = long_name.take();
+            if !kind.is_file() {
+                continue;
+            }
+            let mname = match name {
+                Some(n) => n,
+                None => entry
+                    .path()
+                    .map_err(|e| tar_err(format!("member name: {e}")))?
+                    .to_string_lossy()
+                    .into_owned(),
             };
-            let reader: Box<dyn Read + 'a> = Box::new(budget.wrap(reader));
-            match format {
-                Format::Parquet => {
-                    let mut reader = reader;
-                    let file = limit::spill(&mut reader, &opts.temp_dir).map_err(|e| {
-                        ReadError::io(source, "spilling the Parquet part to a temp file", e)
-                    })?;
-                    let mut src =
-                        parquet::ParquetSource::open(file, source, opts.limits.max_row_bytes)?;
-                    visit(&mut src)
-                }
-                Format::Delimited { delimiter, escape } => {
-                    let mut src = delimited::DelimitedSource::open(
-                        reader,
-                        source,
-                        delimiter,
-                        escape,
-                        opts.limits.max_row_bytes,
-                    )?;
-                    visit(&mut src)
-                }
-                Format::JsonArray => {
-                    let mut src = json::JsonArraySource::open(reader, source, opts)?;
-                    visit(&mut src)
-                }
-                Format::NdJson | Format::Json => {
-                    let mut src = json::NdJsonSource::open(reader, source, opts)?;
-                    visit(&mut src)
-                }
+            if mname.len() > MAX_MEMBER_NAME_BYTES {
+                return Err(tar_err(format!(
+                    "a member has a {}-byte name, over the {MAX_MEMBER_NAME_BYTES}-byte limit on member names",
+                    mname.len()
+                ))
+                .into());
+            }
+            if skip_member(&mname) {
+                continue;
+            }
+            members += 1;
+            if members > MAX_ARCHIVE_MEMBERS {
+                return Err(tar_err(format!("more than {MAX_ARCHIVE_MEMBERS} members")).into());
+            }
+            self.member(Box::new(entry), &mname, source, layer.depth)?;
+        }
+        Ok(())
+    }
+
+    /// The innermost layer: a table in the format the bytes, the route and the name agree on.
+    fn table(&mut self, layer: Layer<'_, '_>, sniffed: Sniffed, head: &[u8]) -> Result<(), E> {
+        let (source, opts) = (layer.source, self.opts);
+        if let Some(e) = layer.expect
+            && e != Compression::None
+        {
+            return Err(mismatch(source, sniffed, e.describe()).into());
+        }
+        let (_, suffix_format) = from_suffixes(layer.name);
+        let format = table_format(sniffed, opts.format, suffix_format, head)
+            .map_err(|declared| mismatch(source, sniffed, &declared))?;
+        let reader: Box<dyn Read + '_> = Box::new(self.budget.wrap(layer.reader));
+        match format {
+            Format::Parquet => {
+                let mut reader = reader;
+                let file = limit::spill(&mut reader, &opts.temp_dir).map_err(|e| {
+                    ReadError::io(source, "spilling the Parquet part to a temp file", e)
+                })?;
+                let mut src =
+                    parquet::ParquetSource::open(file, source, opts.limits.max_row_bytes)?;
+                (self.visit)(&mut src)
+            }
+            Format::Delimited { delimiter, escape } => {
+                let mut src = delimited::DelimitedSource::open(
+                    reader,
+                    source,
+                    delimiter,
+                    escape,
+                    opts.limits.max_row_bytes,
+                )?;
+                (self.visit)(&mut src)
+            }
+            Format::JsonArray => {
+                let mut src = json::JsonArraySource::open(reader, source, opts)?;
+                (self.visit)(&mut src)
+            }
+            Format::NdJson | Format::Json => {
+                let mut src = json::NdJsonSource::open(reader, source, opts)?;
+                (self.visit)(&mut src)
             }
         }
     }
+}
+
+/// The bytes say `sniffed` where the route declared (or this layer expected) `declared`.
+fn mismatch(source: &str, sniffed: Sniffed, declared: &str) -> ReadError {
+    ReadError::Mismatch {
+        source_name: source.to_string(),
+        declared: declared.to_string(),
+        found: sniffed.describe().to_string(),
+    }
+}
+
+/// The format of a table whose bytes look like `sniffed`, given the route's `declared` format
+/// and the name's `suffix` format; `Err` with the description of the wanted format the bytes
+/// contradict.
+fn table_format(
+    sniffed: Sniffed,
+    declared: Option<Format>,
+    suffix: Option<Format>,
+    head: &[u8],
+) -> Result<Format, String> {
+    let wanted = declared.or(suffix);
+    Ok(match (sniffed, wanted) {
+        (Sniffed::Parquet, None | Some(Format::Parquet)) => Format::Parquet,
+        (Sniffed::Parquet, Some(f)) if declared.is_some() => {
+            return Err(f.describe());
+        }
+        // A suffix is only a hint: the bytes win.
+        (Sniffed::Parquet, Some(_)) => Format::Parquet,
+        (_, Some(Format::Parquet)) => {
+            return Err(Format::Parquet.describe());
+        }
+        (Sniffed::JsonArray, None | Some(Format::Json | Format::JsonArray)) => Format::JsonArray,
+        (Sniffed::NdJson, None | Some(Format::Json | Format::NdJson)) => Format::NdJson,
+        (Sniffed::JsonArray | Sniffed::NdJson, Some(f @ Format::Delimited { .. })) => f,
+        (Sniffed::Text, Some(f @ (Format::Json | Format::NdJson | Format::JsonArray)))
+            if head.iter().all(u8::is_ascii_whitespace) =>
+        {
+            // An empty JSON file has no rows.
+            f
+        }
+        (_, Some(f @ (Format::Json | Format::NdJson | Format::JsonArray))) => {
+            return Err(f.describe());
+        }
+        // A suffix's delimiter that the header line does not contain yields to the
+        // sniffed one (a pipe-delimited file named `.csv`).
+        (_, Some(Format::Delimited { delimiter, escape }))
+            if declared.is_none() && !header_line(head).contains(&delimiter) =>
+        {
+            Format::Delimited {
+                delimiter: sniff_delimiter(head),
+                escape,
+            }
+        }
+        (_, Some(f @ Format::Delimited { .. })) => f,
+        (Sniffed::Text, None) => Format::Delimited {
+            delimiter: sniff_delimiter(head),
+            escape: None,
+        },
+        (_, _) => Format::Delimited {
+            delimiter: sniff_delimiter(head),
+            escape: None,
+        },
+    })
+}
+
+/// Reads a tar GNU long-name or PAX record (at most [`MAX_ARCHIVE_METADATA_BYTES`]): a path it
+/// gives names the next member.
+fn tar_metadata(
+    entry: &mut tar::Entry<'_, impl Read>,
+    source: &str,
+    long_name: &mut Option<String>,
+) -> Result<(), ReadError> {
+    let kind = entry.header().entry_type();
+    let tar_err = |m: String| ReadError::Archive {
+        source_name: source.to_string(),
+        message: m,
+    };
+    let size = entry.size();
+    if size > MAX_ARCHIVE_METADATA_BYTES {
+        return Err(tar_err(format!(
+            "a tar {kind:?} record of {size} bytes exceeds the {MAX_ARCHIVE_METADATA_BYTES}-byte limit on archive metadata"
+        )));
+    }
+    let mut data = Vec::with_capacity(size as usize);
+    entry
+        .take(MAX_ARCHIVE_METADATA_BYTES)
+        .read_to_end(&mut data)
+        .map_err(|e| ReadError::io(source, "reading the tar archive", e))?;
+    match kind {
+        tar::EntryType::GNULongName => {
+            let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
+            *long_name = Some(String::from_utf8_lossy(&data[..end]).into_owned());
+        }
+        tar::EntryType::XHeader => {
+            for ext in tar::PaxExtensions::new(&data) {
+                let ext = ext.map_err(|e| tar_err(format!("malformed PAX record: {e}")))?;
+                if ext.key() == Ok("path") {
+                    *long_name = Some(String::from_utf8_lossy(ext.value_bytes()).into_owned());
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 fn hex_prefix(b: &[u8]) -> String {

@@ -336,16 +336,18 @@ where
     E: From<ReadError>,
 {
     let budget = limit::Budget::new(opts.limits.max_decompressed_bytes);
-    format::open_layers(
-        Box::new(reader),
-        name,
-        name,
+    let mut layers = format::Layers {
         opts,
-        opts.compression,
-        &budget,
-        0,
+        budget: &budget,
         visit,
-    )
+    };
+    layers.open(format::Layer {
+        reader: Box::new(reader),
+        name,
+        source: name,
+        expect: opts.compression,
+        depth: 0,
+    })
 }
 
 /// Collects every row of an object as text (`None` for null), for tests and debugging: not

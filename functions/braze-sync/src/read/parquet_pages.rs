@@ -11,7 +11,7 @@
 use std::io::{self, Read, Seek, SeekFrom};
 
 use parquet::basic::{Compression, Type as PhysicalType};
-use parquet::file::metadata::ParquetMetaData;
+use parquet::file::metadata::{ColumnChunkMetaData, ParquetMetaData};
 
 /// Largest decoded page (writers use ~1 MiB data pages and dictionary pages).
 pub const MAX_PAGE_BYTES: u64 = 64 * 1024 * 1024;
@@ -278,170 +278,259 @@ pub fn check_pages_with<F: Read + Seek>(
     max_value: usize,
     max_dictionary: u64,
 ) -> Result<u64, String> {
-    let mut widest_row = 0u64;
     let len = file.seek(SeekFrom::End(0)).map_err(|e| e.to_string())?;
-    let mut head = Vec::new();
-    let mut body = Vec::new();
+    let mut scan = PageScan {
+        file,
+        len,
+        max_value,
+        max_dictionary,
+        head: Vec::new(),
+        body: Vec::new(),
+    };
+    let mut widest_row = 0u64;
     for (g, rg) in meta.row_groups().iter().enumerate() {
         let mut group_row = 0u64;
         for (c, col) in rg.columns().iter().enumerate() {
-            let mut column_largest = 0u64;
-            let at = |what: String| format!("row group {g}, column {c}: {what}");
-            let start = col
-                .dictionary_page_offset()
-                .filter(|&d| d > 0)
-                .unwrap_or(col.data_page_offset());
-            let end = start.checked_add(col.compressed_size()).unwrap_or(-1);
-            if start < 0 || end < start || end as u64 > len {
-                return Err(at(format!(
-                    "column chunk bytes {start}..{end} lie outside the {len}-byte part"
-                )));
-            }
-            let codec = col.compression();
-            let mut pos = start as u64;
-            while pos < end as u64 {
-                let room = (end as u64 - pos).min(MAX_PAGE_HEADER_BYTES as u64) as usize;
-                let mut want = room.min(64 * 1024);
-                let sizes = loop {
-                    head.resize(want, 0);
-                    file.seek(SeekFrom::Start(pos)).map_err(|e| e.to_string())?;
-                    file.read_exact(&mut head).map_err(|e| at(e.to_string()))?;
-                    match page_header(&head) {
-                        Ok(s) => break s,
-                        Err(e) if e.starts_with("truncated") && want < room => {
-                            want = room;
-                        }
-                        Err(e) if e.starts_with("truncated") => {
-                            return Err(at(format!(
-                                "a page header at byte {pos} is truncated or over {MAX_PAGE_HEADER_BYTES} bytes"
-                            )));
-                        }
-                        Err(e) => return Err(at(format!("page at byte {pos}: {e}"))),
-                    }
-                };
-                let data_at = pos + sizes.header_len as u64;
-                if sizes.uncompressed < 0
-                    || sizes.compressed < 0
-                    || sizes.v2_levels < 0
-                    || sizes.v2_levels > sizes.compressed
-                    || data_at + sizes.compressed as u64 > end as u64
-                {
-                    return Err(at(format!(
-                        "page at byte {pos} has sizes that do not fit its column chunk"
-                    )));
-                }
-                if sizes.uncompressed as u64 > MAX_PAGE_BYTES {
-                    return Err(at(format!(
-                        "page at byte {pos} declares {} decoded bytes, over the {MAX_PAGE_BYTES}-byte page limit",
-                        sizes.uncompressed
-                    )));
-                }
-                if sizes.page_type == DICTIONARY_PAGE {
-                    if sizes.uncompressed as u64 > max_dictionary {
-                        return Err(at(format!(
-                            "dictionary page at byte {pos} declares {} decoded bytes, over the {max_dictionary}-byte dictionary page limit",
-                            sizes.uncompressed
-                        )));
-                    }
-                    let largest = match col.column_type() {
-                        PhysicalType::FIXED_LEN_BYTE_ARRAY => {
-                            Some(col.column_descr().type_length().max(0) as u64)
-                        }
-                        PhysicalType::BYTE_ARRAY => {
-                            let declared = sizes.uncompressed as u64;
-                            body.resize(sizes.compressed as usize, 0);
-                            file.seek(SeekFrom::Start(data_at))
-                                .map_err(|e| e.to_string())?;
-                            file.read_exact(&mut body).map_err(|e| at(e.to_string()))?;
-                            let decoded: Option<Vec<u8>> = match codec {
-                                Compression::UNCOMPRESSED => Some(body.clone()),
-                                Compression::SNAPPY => snap::raw::Decoder::new()
-                                    .decompress_vec(&body)
-                                    .ok()
-                                    .filter(|d| d.len() as u64 <= declared),
-                                Compression::GZIP(_) => {
-                                    let mut d = Vec::new();
-                                    flate2::read::MultiGzDecoder::new(&body[..])
-                                        .take(declared + 1)
-                                        .read_to_end(&mut d)
-                                        .ok()
-                                        .filter(|_| d.len() as u64 <= declared)
-                                        .map(|_| d)
-                                }
-                                // The parquet crate here reads no other codec.
-                                _ => None,
-                            };
-                            match decoded {
-                                Some(d) => Some(largest_plain_value(&d).map_err(|e| {
-                                    at(format!("dictionary page at byte {pos}: {e}"))
-                                })?),
-                                None if matches!(
-                                    codec,
-                                    Compression::UNCOMPRESSED
-                                        | Compression::SNAPPY
-                                        | Compression::GZIP(_)
-                                ) =>
-                                {
-                                    return Err(at(format!(
-                                        "dictionary page at byte {pos} does not decompress (corrupt or over its declared {declared} bytes)"
-                                    )));
-                                }
-                                None => None,
-                            }
-                        }
-                        _ => None,
-                    };
-                    if let Some(largest) = largest {
-                        if largest > max_value as u64 {
-                            return Err(at(format!(
-                                "dictionary page at byte {pos} holds a value of {largest} bytes, over max_row_bytes ({max_value}): every row using it would be refused, and decoding would copy it into each"
-                            )));
-                        }
-                        column_largest = column_largest.max(largest);
-                    }
-                }
-                let declared = (sizes.uncompressed - sizes.v2_levels).max(0) as u64;
-                let packed = (sizes.compressed - sizes.v2_levels) as u64;
-                if matches!(codec, Compression::GZIP(_) | Compression::SNAPPY)
-                    && packed > 0
-                    && !sizes.v2_uncompressed
-                {
-                    body.resize(packed as usize, 0);
-                    file.seek(SeekFrom::Start(data_at + sizes.v2_levels as u64))
-                        .map_err(|e| e.to_string())?;
-                    file.read_exact(&mut body).map_err(|e| at(e.to_string()))?;
-                    let actual = match codec {
-                        Compression::SNAPPY => {
-                            snap::raw::decompress_len(&body).ok().map(|n| n as u64)
-                        }
-                        _ => {
-                            let mut sink = Counted(0, declared);
-                            io::copy(&mut flate2::read::MultiGzDecoder::new(&body[..]), &mut sink)
-                                .ok()
-                                .map(|_| sink.0)
-                        }
-                    };
-                    match actual {
-                        Some(n) if n <= declared => {}
-                        Some(n) => {
-                            return Err(at(format!(
-                                "page at byte {pos} decodes to {n} bytes, more than the {declared} it declares"
-                            )));
-                        }
-                        None => {
-                            return Err(at(format!(
-                                "page at byte {pos} does not decompress (corrupt or over its declared {declared} bytes)"
-                            )));
-                        }
-                    }
-                }
-                pos = data_at + sizes.compressed as u64;
-            }
+            let column_largest = scan.column(col, Chunk { g, c })?;
             group_row = group_row.saturating_add(column_largest);
         }
         widest_row = widest_row.max(group_row);
     }
     Ok(widest_row)
+}
+
+/// Where a column chunk is, for errors: `row group {g}, column {c}: ...`.
+#[derive(Clone, Copy)]
+struct Chunk {
+    g: usize,
+    c: usize,
+}
+
+impl Chunk {
+    fn at(self, what: String) -> String {
+        format!("row group {}, column {}: {what}", self.g, self.c)
+    }
+}
+
+/// One page: where its header starts, where its data starts and its header's sizes.
+struct Page {
+    pos: u64,
+    data_at: u64,
+    sizes: PageSizes,
+}
+
+/// The scan of one part's pages, with its read buffers and limits.
+struct PageScan<'f, F> {
+    file: &'f mut F,
+    /// The part's bytes.
+    len: u64,
+    max_value: usize,
+    max_dictionary: u64,
+    head: Vec<u8>,
+    body: Vec<u8>,
+}
+
+impl<F: Read + Seek> PageScan<'_, F> {
+    /// Checks every page of one column chunk; the largest dictionary value it holds (0 when
+    /// it has no dictionary of byte arrays).
+    fn column(&mut self, col: &ColumnChunkMetaData, chunk: Chunk) -> Result<u64, String> {
+        let mut column_largest = 0u64;
+        let start = col
+            .dictionary_page_offset()
+            .filter(|&d| d > 0)
+            .unwrap_or(col.data_page_offset());
+        let end = start.checked_add(col.compressed_size()).unwrap_or(-1);
+        if start < 0 || end < start || end as u64 > self.len {
+            return Err(chunk.at(format!(
+                "column chunk bytes {start}..{end} lie outside the {}-byte part",
+                self.len
+            )));
+        }
+        let end = end as u64;
+        let mut pos = start as u64;
+        while pos < end {
+            let page = self.page(pos, end, chunk)?;
+            if page.sizes.page_type == DICTIONARY_PAGE
+                && let Some(largest) = self.dictionary(col, &page, chunk)?
+            {
+                if largest > self.max_value as u64 {
+                    return Err(chunk.at(format!(
+                        "dictionary page at byte {pos} holds a value of {largest} bytes, over max_row_bytes ({}): every row using it would be refused, and decoding would copy it into each",
+                        self.max_value
+                    )));
+                }
+                column_largest = column_largest.max(largest);
+            }
+            self.check_decoded_size(col.compression(), &page, chunk)?;
+            pos = page.data_at + page.sizes.compressed as u64;
+        }
+        Ok(column_largest)
+    }
+
+    /// The page whose header starts at `pos`, its sizes checked against the chunk's `end` and
+    /// [`MAX_PAGE_BYTES`].
+    fn page(&mut self, pos: u64, end: u64, chunk: Chunk) -> Result<Page, String> {
+        let room = (end - pos).min(MAX_PAGE_HEADER_BYTES as u64) as usize;
+        let mut want = room.min(64 * 1024);
+        let sizes = loop {
+            self.head.resize(want, 0);
+            self.file
+                .seek(SeekFrom::Start(pos))
+                .map_err(|e| e.to_string())?;
+            self.file
+                .read_exact(&mut self.head)
+                .map_err(|e| chunk.at(e.to_string()))?;
+            match page_header(&self.head) {
+                Ok(s) => break s,
+                Err(e) if e.starts_with("truncated") && want < room => {
+                    want = room;
+                }
+                Err(e) if e.starts_with("truncated") => {
+                    return Err(chunk.at(format!(
+                        "a page header at byte {pos} is truncated or over {MAX_PAGE_HEADER_BYTES} bytes"
+                    )));
+                }
+                Err(e) => return Err(chunk.at(format!("page at byte {pos}: {e}"))),
+            }
+        };
+        let data_at = pos + sizes.header_len as u64;
+        if sizes.uncompressed < 0
+            || sizes.compressed < 0
+            || sizes.v2_levels < 0
+            || sizes.v2_levels > sizes.compressed
+            || data_at + sizes.compressed as u64 > end
+        {
+            return Err(chunk.at(format!(
+                "page at byte {pos} has sizes that do not fit its column chunk"
+            )));
+        }
+        if sizes.uncompressed as u64 > MAX_PAGE_BYTES {
+            return Err(chunk.at(format!(
+                "page at byte {pos} declares {} decoded bytes, over the {MAX_PAGE_BYTES}-byte page limit",
+                sizes.uncompressed
+            )));
+        }
+        Ok(Page {
+            pos,
+            data_at,
+            sizes,
+        })
+    }
+
+    /// Reads `n` bytes at `at` into `body`.
+    fn read_body(&mut self, at: u64, n: usize, chunk: Chunk) -> Result<(), String> {
+        self.body.resize(n, 0);
+        self.file
+            .seek(SeekFrom::Start(at))
+            .map_err(|e| e.to_string())?;
+        self.file
+            .read_exact(&mut self.body)
+            .map_err(|e| chunk.at(e.to_string()))
+    }
+
+    /// A dictionary page within its limit: the largest value it holds, when the column's type
+    /// and codec let it be known.
+    fn dictionary(
+        &mut self,
+        col: &ColumnChunkMetaData,
+        page: &Page,
+        chunk: Chunk,
+    ) -> Result<Option<u64>, String> {
+        let (pos, sizes) = (page.pos, page.sizes);
+        if sizes.uncompressed as u64 > self.max_dictionary {
+            return Err(chunk.at(format!(
+                "dictionary page at byte {pos} declares {} decoded bytes, over the {}-byte dictionary page limit",
+                sizes.uncompressed, self.max_dictionary
+            )));
+        }
+        match col.column_type() {
+            PhysicalType::FIXED_LEN_BYTE_ARRAY => {
+                Ok(Some(col.column_descr().type_length().max(0) as u64))
+            }
+            PhysicalType::BYTE_ARRAY => {
+                let codec = col.compression();
+                let declared = sizes.uncompressed as u64;
+                self.read_body(page.data_at, sizes.compressed as usize, chunk)?;
+                let body = &self.body;
+                let decoded: Option<Vec<u8>> = match codec {
+                    Compression::UNCOMPRESSED => Some(body.clone()),
+                    Compression::SNAPPY => snap::raw::Decoder::new()
+                        .decompress_vec(body)
+                        .ok()
+                        .filter(|d| d.len() as u64 <= declared),
+                    Compression::GZIP(_) => {
+                        let mut d = Vec::new();
+                        flate2::read::MultiGzDecoder::new(&body[..])
+                            .take(declared + 1)
+                            .read_to_end(&mut d)
+                            .ok()
+                            .filter(|_| d.len() as u64 <= declared)
+                            .map(|_| d)
+                    }
+                    // The parquet crate here reads no other codec.
+                    _ => None,
+                };
+                match decoded {
+                    Some(d) => Ok(Some(largest_plain_value(&d).map_err(|e| {
+                        chunk.at(format!("dictionary page at byte {pos}: {e}"))
+                    })?)),
+                    None if matches!(
+                        codec,
+                        Compression::UNCOMPRESSED | Compression::SNAPPY | Compression::GZIP(_)
+                    ) =>
+                    {
+                        Err(chunk.at(format!(
+                            "dictionary page at byte {pos} does not decompress (corrupt or over its declared {declared} bytes)"
+                        )))
+                    }
+                    None => Ok(None),
+                }
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// A gzip or Snappy page decompresses to no more than it declares.
+    fn check_decoded_size(
+        &mut self,
+        codec: Compression,
+        page: &Page,
+        chunk: Chunk,
+    ) -> Result<(), String> {
+        let (pos, sizes) = (page.pos, page.sizes);
+        let declared = (sizes.uncompressed - sizes.v2_levels).max(0) as u64;
+        let packed = (sizes.compressed - sizes.v2_levels) as u64;
+        if !(matches!(codec, Compression::GZIP(_) | Compression::SNAPPY)
+            && packed > 0
+            && !sizes.v2_uncompressed)
+        {
+            return Ok(());
+        }
+        self.read_body(
+            page.data_at + sizes.v2_levels as u64,
+            packed as usize,
+            chunk,
+        )?;
+        let body = &self.body;
+        let actual = match codec {
+            Compression::SNAPPY => snap::raw::decompress_len(body).ok().map(|n| n as u64),
+            _ => {
+                let mut sink = Counted(0, declared);
+                io::copy(&mut flate2::read::MultiGzDecoder::new(&body[..]), &mut sink)
+                    .ok()
+                    .map(|_| sink.0)
+            }
+        };
+        match actual {
+            Some(n) if n <= declared => Ok(()),
+            Some(n) => Err(chunk.at(format!(
+                "page at byte {pos} decodes to {n} bytes, more than the {declared} it declares"
+            ))),
+            None => Err(chunk.at(format!(
+                "page at byte {pos} does not decompress (corrupt or over its declared {declared} bytes)"
+            ))),
+        }
+    }
 }
 
 #[cfg(test)]
