@@ -314,60 +314,119 @@ pub async fn adopt(
             route.name()
         ))
     })?;
-    let result = adopt_locked(
-        store.clone(),
+    let job = Adoption {
+        store,
         target,
-        route.clone(),
+        route,
         parts,
         export,
-        lookup,
         opts,
-        &run_id,
-    )
-    .await;
+        run_id,
+    };
+    let result = job.adopt_locked(lookup).await;
     if let Err(e) = lock.release().await {
-        tracing::warn!(route = route.name(), error = %e, "Could not release the route lock; it expires by itself.");
+        tracing::warn!(route = job.route.name(), error = %e, "Could not release the route lock; it expires by itself.");
     }
     result
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn adopt_locked(
+/// One adoption: the export it records, for which route, where, how, and the run's id.
+struct Adoption<'a> {
     store: Arc<dyn ObjectStore>,
-    target: &AdoptTarget,
+    target: &'a AdoptTarget,
     route: Arc<Route>,
     parts: Vec<S3Uri>,
     export: Watermark,
-    lookup: Option<&dyn UserLookup>,
-    opts: &AdoptOptions,
-    run_id: &str,
-) -> Result<AdoptReport, AdoptError> {
-    let report_uri = S3Uri::new(
-        &target.state_bucket,
-        format!("{}{}/{run_id}.json", target.reports_prefix, route.name()),
-    );
-    let mut report = AdoptReport {
-        route: route.name().to_string(),
-        export_id: export.export_id.clone(),
-        status: "refused".into(),
-        rows_read: 0,
-        rejected: 0,
-        users_recorded: 0,
-        attributes_recorded: 0,
-        state_users: 0,
-        verification: None,
-        report: report_uri.to_string(),
-    };
-    let handle = tokio::runtime::Handle::current();
+    opts: &'a AdoptOptions,
+    run_id: String,
+}
 
-    if let (Some(n), Some(lookup)) = (opts.verify_sample, lookup) {
-        // Pass 1: a uniform sample (reservoir) of the export's users, every attribute.
-        let (st, rt, r, p, seed) = (
+/// What pass 2 recorded: the diff's counts, `(users, attributes)` recorded, the commit.
+type Recorded = (Summary, (u64, u64), CommitStats);
+
+impl Adoption<'_> {
+    /// Verifies a sample against Braze (pass 1, when asked for), then records the export as
+    /// confirmed (pass 2); writes the report either way.
+    async fn adopt_locked(
+        &self,
+        lookup: Option<&dyn UserLookup>,
+    ) -> Result<AdoptReport, AdoptError> {
+        let (store, route, opts) = (&self.store, &self.route, self.opts);
+        let report_uri = S3Uri::new(
+            &self.target.state_bucket,
+            format!(
+                "{}{}/{}.json",
+                self.target.reports_prefix,
+                route.name(),
+                self.run_id
+            ),
+        );
+        let mut report = AdoptReport {
+            route: route.name().to_string(),
+            export_id: self.export.export_id.clone(),
+            status: "refused".into(),
+            rows_read: 0,
+            rejected: 0,
+            users_recorded: 0,
+            attributes_recorded: 0,
+            state_users: 0,
+            verification: None,
+            report: report_uri.to_string(),
+        };
+
+        if let (Some(n), Some(lookup)) = (opts.verify_sample, lookup) {
+            let sample = self.sample(n).await?;
+            let v = verify(&sample, lookup, opts.max_differ_share).await?;
+            info!(
+                route = route.name(),
+                sampled = v.sampled,
+                differing = v.differing_users,
+                "Verify sample checked against Braze."
+            );
+            let refused = v.differing_share > opts.max_differ_share;
+            report.verification = Some(v.clone());
+            if refused {
+                write_report(store.as_ref(), &report_uri, &report).await;
+                return Err(self.refusal(&v, &report_uri));
+            }
+        }
+
+        // Pass 2: record every change against the current state as confirmed, in checkpoints.
+        let state = StateStore::new(
             store.clone(),
-            handle.clone(),
-            route.clone(),
-            parts.clone(),
-            opts.seed,
+            &self.target.state_bucket,
+            &self.target.state_prefix,
+            route.name(),
+        );
+        let head = state.read_head().await?;
+        let (summary, recorded, stats) = if head.doc.format == LEGACY_HEAD_FORMAT {
+            self.in_memory(&state).await?
+        } else {
+            self.bounded(&state, head).await?
+        };
+        report.status = "adopted".into();
+        report.rows_read = summary.rows_read;
+        report.rejected = summary.rejected;
+        report.users_recorded = recorded.0;
+        report.attributes_recorded = recorded.1;
+        report.state_users = stats.users;
+        write_report(store.as_ref(), &report_uri, &report).await;
+        info!(
+            route = route.name(),
+            users = recorded.0,
+            "Export adopted as confirmed without sending."
+        );
+        Ok(report)
+    }
+
+    /// Pass 1: a uniform sample (reservoir) of `n` of the export's users, every attribute.
+    async fn sample(&self, n: usize) -> Result<Vec<UserDelta>, AdoptError> {
+        let (st, rt, r, p, seed) = (
+            self.store.clone(),
+            tokio::runtime::Handle::current(),
+            self.route.clone(),
+            self.parts.clone(),
+            self.opts.seed,
         );
         let sample = tokio::task::spawn_blocking(move || -> Result<Vec<UserDelta>, SyncError> {
             let mut opts = ProduceOptions::for_route(&r, "");
@@ -401,246 +460,194 @@ async fn adopt_locked(
         })
         .await
         .map_err(|e| AdoptError::Busy(format!("the sampling task failed: {e}")))??;
-        let v = verify(&sample, lookup, opts.max_differ_share).await?;
-        info!(
-            route = route.name(),
-            sampled = v.sampled,
-            differing = v.differing_users,
-            "Verify sample checked against Braze."
-        );
-        let refused = v.differing_share > opts.max_differ_share;
-        report.verification = Some(v.clone());
-        if refused {
-            write_report(store.as_ref(), &report_uri, &report).await;
-            let list = v
-                .differences
-                .iter()
-                .map(|d| {
-                    format!(
-                        "{} {}: export={} braze={}",
-                        d.user, d.attribute, d.export, d.braze
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join("; ");
-            return Err(AdoptError::Refused {
-                export: export.export_id,
-                differing: v.differing_users,
-                sampled: v.sampled,
-                share: v.differing_share * 100.0,
-                max: opts.max_differ_share * 100.0,
-                list,
-                report: report_uri.to_string(),
-            });
+        Ok(sample)
+    }
+
+    /// The refusal of a sample that differs from Braze too much, listing the differences.
+    fn refusal(&self, v: &Verification, report_uri: &S3Uri) -> AdoptError {
+        let list = v
+            .differences
+            .iter()
+            .map(|d| {
+                format!(
+                    "{} {}: export={} braze={}",
+                    d.user, d.attribute, d.export, d.braze
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        AdoptError::Refused {
+            export: self.export.export_id.clone(),
+            differing: v.differing_users,
+            sampled: v.sampled,
+            share: v.differing_share * 100.0,
+            max: self.opts.max_differ_share * 100.0,
+            list,
+            report: report_uri.to_string(),
         }
     }
 
-    // Pass 2: record every change against the current state as confirmed, in checkpoints.
-    let state = StateStore::new(
-        store.clone(),
-        &target.state_bucket,
-        &target.state_prefix,
-        route.name(),
-    );
-    let head = state.read_head().await?;
-    let (summary, recorded, stats) = if head.doc.format == LEGACY_HEAD_FORMAT {
-        adopt_in_memory(store.clone(), &state, route.clone(), parts, export, opts).await?
-    } else {
-        adopt_bounded(
+    /// Pass 2 for a format-1 state (its migration goes through the in-memory commit): the whole
+    /// snapshot in memory.
+    async fn in_memory(&self, state: &StateStore) -> Result<Recorded, AdoptError> {
+        let (store, route, parts) = (&self.store, &self.route, self.parts.clone());
+        let handle = tokio::runtime::Handle::current();
+        let (head, snapshot) = state.load(route).await?;
+        let (st, r, every) = (
             store.clone(),
-            &state,
-            head,
             route.clone(),
-            parts,
-            export,
-            run_id,
-        )
-        .await?
-    };
-    report.status = "adopted".into();
-    report.rows_read = summary.rows_read;
-    report.rejected = summary.rejected;
-    report.users_recorded = recorded.0;
-    report.attributes_recorded = recorded.1;
-    report.state_users = stats.users;
-    write_report(store.as_ref(), &report_uri, &report).await;
-    info!(
-        route = route.name(),
-        users = recorded.0,
-        "Export adopted as confirmed without sending."
-    );
-    Ok(report)
-}
-
-/// What pass 2 recorded: the diff's counts, `(users, attributes)` recorded, the commit.
-type Recorded = (Summary, (u64, u64), CommitStats);
-
-/// Pass 2 for a format-1 state (its migration goes through the in-memory commit): the whole
-/// snapshot in memory.
-async fn adopt_in_memory(
-    store: Arc<dyn ObjectStore>,
-    state: &StateStore,
-    route: Arc<Route>,
-    parts: Vec<S3Uri>,
-    export: Watermark,
-    opts: &AdoptOptions,
-) -> Result<Recorded, AdoptError> {
-    let handle = tokio::runtime::Handle::current();
-    let (head, snapshot) = state.load(&route).await?;
-    let (st, r, every) = (store.clone(), route.clone(), opts.checkpoint_users.max(1));
-    let state2 = state.clone();
-    let (summary, head, snapshot, recorded) = tokio::task::spawn_blocking(move || {
-        let mut head = head;
-        let mut pending: Vec<UserDelta> = Vec::new();
-        let mut recorded = (0u64, 0u64);
-        let mut failed: Option<StateError> = None;
-        let mut opts = ProduceOptions::for_route(&r, "");
-        opts.departures = false;
-        let flush = |pending: &mut Vec<UserDelta>, head: &mut _| -> Result<(), StateError> {
-            handle.block_on(state2.checkpoint(head, &r, pending))?;
-            pending.clear();
-            Ok(())
-        };
-        let summary = produce(
-            parts
-                .iter()
-                .map(|u| open_s3_part(&st, u, &handle).map(|(_, part)| part)),
-            &r,
-            &snapshot,
-            &opts,
-            &mut |d| {
-                recorded.0 += u64::from(!d.records_only());
-                recorded.1 += d.changes.len() as u64;
-                pending.push(d);
-                if pending.len() >= every
-                    && let Err(e) = flush(&mut pending, &mut head)
-                {
-                    let msg = e.to_string();
-                    failed = Some(e);
-                    return Err(Stop(msg));
-                }
+            self.opts.checkpoint_users.max(1),
+        );
+        let state2 = state.clone();
+        let (summary, head, snapshot, recorded) = tokio::task::spawn_blocking(move || {
+            let mut head = head;
+            let mut pending: Vec<UserDelta> = Vec::new();
+            let mut recorded = (0u64, 0u64);
+            let mut failed: Option<StateError> = None;
+            let mut opts = ProduceOptions::for_route(&r, "");
+            opts.departures = false;
+            let flush = |pending: &mut Vec<UserDelta>, head: &mut _| -> Result<(), StateError> {
+                handle.block_on(state2.checkpoint(head, &r, pending))?;
+                pending.clear();
                 Ok(())
-            },
-            &mut |_| {},
-        );
-        let summary = match (summary, failed) {
-            (_, Some(e)) => Err(AdoptError::State(e)),
-            (Err(e), None) => Err(AdoptError::Sync(e)),
-            (Ok(s), None) => flush(&mut pending, &mut head)
-                .map(|()| s)
-                .map_err(AdoptError::State),
-        };
-        (summary, head, snapshot, recorded)
-    })
-    .await
-    .map_err(|e| AdoptError::Busy(format!("the adoption task failed: {e}")))?;
-    let summary = summary?;
-    let mut head = head;
-    let stats = state.commit(&mut head, snapshot, Some(export)).await?;
-    Ok((summary, recorded, stats))
-}
-
-/// Pass 2 for a format-2 (or new) state, in memory bounded by one hash range whatever the
-/// route's size, as a bounded run ([`crate::diff::bounded`]): checkpoints a killed run left are
-/// folded first, the export is diffed range by range against the state, and what differs is
-/// spilled by hash range ([`RecordSpill`]) and committed range by range
-/// ([`StateStore::commit_ranged_with`]). No checkpoints: nothing is sent, so a killed
-/// adoption loses nothing and is simply run again (checkpoints would write and read back
-/// ~24 bytes per attribute of every user through S3). Spills to the system temporary
-/// folder.
-#[allow(clippy::too_many_arguments)]
-async fn adopt_bounded(
-    store: Arc<dyn ObjectStore>,
-    state: &StateStore,
-    mut head: Head,
-    route: Arc<Route>,
-    parts: Vec<S3Uri>,
-    export: Watermark,
-    run_id: &str,
-) -> Result<Recorded, AdoptError> {
-    let base = std::env::temp_dir();
-    if !head.doc.segments.is_empty() {
-        let dir = SpillDir::create(&base, &format!("{run_id}-fold")).map_err(StateError::from)?;
-        let users = head.doc.users;
-        state
-            .commit_ranged(&mut head, &route, None, users, dir.path())
+            };
+            let summary = produce(
+                parts
+                    .iter()
+                    .map(|u| open_s3_part(&st, u, &handle).map(|(_, part)| part)),
+                &r,
+                &snapshot,
+                &opts,
+                &mut |d| {
+                    recorded.0 += u64::from(!d.records_only());
+                    recorded.1 += d.changes.len() as u64;
+                    pending.push(d);
+                    if pending.len() >= every
+                        && let Err(e) = flush(&mut pending, &mut head)
+                    {
+                        let msg = e.to_string();
+                        failed = Some(e);
+                        return Err(Stop(msg));
+                    }
+                    Ok(())
+                },
+                &mut |_| {},
+            );
+            let summary = match (summary, failed) {
+                (_, Some(e)) => Err(AdoptError::State(e)),
+                (Err(e), None) => Err(AdoptError::Sync(e)),
+                (Ok(s), None) => flush(&mut pending, &mut head)
+                    .map(|()| s)
+                    .map_err(AdoptError::State),
+            };
+            (summary, head, snapshot, recorded)
+        })
+        .await
+        .map_err(|e| AdoptError::Busy(format!("the adoption task failed: {e}")))?;
+        let summary = summary?;
+        let mut head = head;
+        let stats = state
+            .commit(&mut head, snapshot, Some(self.export.clone()))
             .await?;
+        Ok((summary, recorded, stats))
     }
-    let handle = tokio::runtime::Handle::current();
-    let ranges = StoreRanges::new(
-        state.clone(),
-        head.doc.clone(),
-        route.clone(),
-        handle.clone(),
-    );
-    let records_dir =
-        SpillDir::create(&base, &format!("{run_id}-records")).map_err(StateError::from)?;
-    let bits = record_spill_bits(head.doc.range_bits);
-    let spill = RecordSpill::new(records_dir.path(), bits, &route, 16 << 20, None);
-    let (st, r, dir) = (
-        store.clone(),
-        route.clone(),
-        records_dir.path().to_path_buf(),
-    );
-    let settings = RangedSettings::new(run_id);
-    let (summary, recorded, records) = tokio::task::spawn_blocking(move || {
-        let spill = std::sync::Mutex::new((spill, (0u64, 0u64)));
-        let mut popts = ProduceOptions::for_route(&r, "");
-        popts.departures = false;
-        let summary = produce_ranged(
-            parts
-                .iter()
-                .map(|u| open_s3_part(&st, u, &handle).map(|(_, part)| part)),
-            &r,
-            &ranges,
-            &popts,
-            &settings,
-            &|d| {
-                let mut g = spill
-                    .lock()
-                    .map_err(|_| Stop("a diff worker panicked".into()))?;
-                let (sp, recorded) = &mut *g;
-                recorded.0 += u64::from(!d.records_only());
-                recorded.1 += d.changes.len() as u64;
-                sp.push(&d).map_err(|e| Stop(e.to_string()))
-            },
-            &mut |_| {},
+
+    /// Pass 2 for a format-2 (or new) state, in memory bounded by one hash range whatever the
+    /// route's size, as a bounded run ([`crate::diff::bounded`]): checkpoints a killed run left are
+    /// folded first, the export is diffed range by range against the state, and what differs is
+    /// spilled by hash range ([`RecordSpill`]) and committed range by range
+    /// ([`StateStore::commit_ranged_with`]). No checkpoints: nothing is sent, so a killed
+    /// adoption loses nothing and is simply run again (checkpoints would write and read back
+    /// ~24 bytes per attribute of every user through S3). Spills to the system temporary
+    /// folder.
+    async fn bounded(&self, state: &StateStore, mut head: Head) -> Result<Recorded, AdoptError> {
+        let (store, route, parts, run_id) =
+            (&self.store, &self.route, self.parts.clone(), &self.run_id);
+        let base = std::env::temp_dir();
+        if !head.doc.segments.is_empty() {
+            let dir =
+                SpillDir::create(&base, &format!("{run_id}-fold")).map_err(StateError::from)?;
+            let users = head.doc.users;
+            state
+                .commit_ranged(&mut head, route, None, users, dir.path())
+                .await?;
+        }
+        let handle = tokio::runtime::Handle::current();
+        let ranges = StoreRanges::new(
+            state.clone(),
+            head.doc.clone(),
+            route.clone(),
+            handle.clone(),
         );
-        let (sp, recorded) = match spill.into_inner() {
-            Ok(x) => x,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let records = sp
-            .finish()
-            .map_err(|e| AdoptError::State(StateError::Spill(e)));
-        (summary, recorded, records)
-    })
-    .await
-    .map_err(|e| AdoptError::Busy(format!("the adoption task failed: {e}")))?;
-    let summary = summary?;
-    let records = records?;
-    info!(
-        route = route.name(),
-        users = recorded.0,
-        spilled_mb = records.bytes() >> 20,
-        records = %dir.display(),
-        "Adoption diffed; committing range by range."
-    );
-    let expected = head.doc.users.saturating_add(summary.users_new);
-    let commit_dir =
-        SpillDir::create(&base, &format!("{run_id}-commit")).map_err(StateError::from)?;
-    let stats = state
-        .commit_ranged_with(
-            &mut head,
-            &route,
-            Some(export),
-            expected,
-            commit_dir.path(),
-            &records,
-        )
-        .await?;
-    drop(records_dir);
-    Ok((summary, recorded, stats))
+        let records_dir =
+            SpillDir::create(&base, &format!("{run_id}-records")).map_err(StateError::from)?;
+        let bits = record_spill_bits(head.doc.range_bits);
+        let spill = RecordSpill::new(records_dir.path(), bits, route, 16 << 20, None);
+        let (st, r, dir) = (
+            store.clone(),
+            route.clone(),
+            records_dir.path().to_path_buf(),
+        );
+        let settings = RangedSettings::new(run_id);
+        let (summary, recorded, records) = tokio::task::spawn_blocking(move || {
+            let spill = std::sync::Mutex::new((spill, (0u64, 0u64)));
+            let mut popts = ProduceOptions::for_route(&r, "");
+            popts.departures = false;
+            let summary = produce_ranged(
+                parts
+                    .iter()
+                    .map(|u| open_s3_part(&st, u, &handle).map(|(_, part)| part)),
+                &r,
+                &ranges,
+                &popts,
+                &settings,
+                &|d| {
+                    let mut g = spill
+                        .lock()
+                        .map_err(|_| Stop("a diff worker panicked".into()))?;
+                    let (sp, recorded) = &mut *g;
+                    recorded.0 += u64::from(!d.records_only());
+                    recorded.1 += d.changes.len() as u64;
+                    sp.push(&d).map_err(|e| Stop(e.to_string()))
+                },
+                &mut |_| {},
+            );
+            let (sp, recorded) = match spill.into_inner() {
+                Ok(x) => x,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            let records = sp
+                .finish()
+                .map_err(|e| AdoptError::State(StateError::Spill(e)));
+            (summary, recorded, records)
+        })
+        .await
+        .map_err(|e| AdoptError::Busy(format!("the adoption task failed: {e}")))?;
+        let summary = summary?;
+        let records = records?;
+        info!(
+            route = route.name(),
+            users = recorded.0,
+            spilled_mb = records.bytes() >> 20,
+            records = %dir.display(),
+            "Adoption diffed; committing range by range."
+        );
+        let expected = head.doc.users.saturating_add(summary.users_new);
+        let commit_dir =
+            SpillDir::create(&base, &format!("{run_id}-commit")).map_err(StateError::from)?;
+        let stats = state
+            .commit_ranged_with(
+                &mut head,
+                route,
+                Some(self.export.clone()),
+                expected,
+                commit_dir.path(),
+                &records,
+            )
+            .await?;
+        drop(records_dir);
+        Ok((summary, recorded, stats))
+    }
 }
 
 async fn write_report(store: &dyn ObjectStore, uri: &S3Uri, report: &AdoptReport) {

@@ -632,13 +632,19 @@ fn render_one(out: &mut String, s: &RouteStatus) {
             f.run_id
         );
     }
-    if s.runs.is_empty() {
+    render_runs(out, &s.runs);
+    render_attention(out, &s.attention);
+}
+
+/// The newest runs, one line each.
+fn render_runs(out: &mut String, runs: &[RunRow]) {
+    if runs.is_empty() {
         let _ = writeln!(out, "  Runs       none yet");
     } else {
         let _ = writeln!(
             out,
             "  Last {} runs (newest first):\n    {:<20} {:<16} {:>9} {:>9} {:>9} {:>8} {:>9} {:>8} {:>9}",
-            s.runs.len(),
+            runs.len(),
             "started",
             "status",
             "rows in",
@@ -649,7 +655,7 @@ fn render_one(out: &mut String, s: &RouteStatus) {
             "held",
             "duration"
         );
-        for r in &s.runs {
+        for r in runs {
             let _ = writeln!(
                 out,
                 "    {:<20} {:<16} {:>9} {:>9} {:>9} {:>8} {:>9} {:>8} {:>8.1}s",
@@ -665,11 +671,15 @@ fn render_one(out: &mut String, s: &RouteStatus) {
             );
         }
     }
-    if s.attention.is_empty() {
+}
+
+/// The exports held or skipped that still wait for an operator.
+fn render_attention(out: &mut String, attention: &[Attention]) {
+    if attention.is_empty() {
         let _ = writeln!(out, "  Held/skipped nothing");
     } else {
         let _ = writeln!(out, "  Held/skipped:");
-        for a in &s.attention {
+        for a in attention {
             let _ = writeln!(
                 out,
                 "    {} {}{}: {}\n      {}",
