@@ -24,7 +24,7 @@ const ROUTE: &str = include_str!("../../routes/customers.toml");
 
 #[path = "bench/rows.rs"]
 mod rows;
-use rows::{HEADER, Rng, row};
+use rows::{HEADER, both_exports};
 
 fn generate(dir: &Path, rows: u64) -> (PathBuf, PathBuf) {
     let a = dir.join("export-1.csv");
@@ -33,29 +33,14 @@ fn generate(dir: &Path, rows: u64) -> (PathBuf, PathBuf) {
     let mut wb = BufWriter::with_capacity(1 << 20, std::fs::File::create(&b).unwrap());
     wa.write_all(HEADER.as_bytes()).unwrap();
     wb.write_all(HEADER.as_bytes()).unwrap();
-    let mut line = String::with_capacity(512);
-    let mut pick = Rng(42);
-    for id in 0..rows {
-        line.clear();
-        row(&mut line, id, 0);
-        wa.write_all(line.as_bytes()).unwrap();
-        // Export 2: 0.5% gone, 2% changed, the rest unchanged.
-        let p = pick.below(1000);
-        if p < 5 {
-            continue;
+    both_exports(rows, |_, first, second| {
+        if let Some(line) = first {
+            wa.write_all(line.as_bytes()).unwrap();
         }
-        if p < 25 {
-            line.clear();
-            row(&mut line, id, 1);
+        if let Some(line) = second {
+            wb.write_all(line.as_bytes()).unwrap();
         }
-        wb.write_all(line.as_bytes()).unwrap();
-    }
-    // 0.5% new users.
-    for id in rows..rows + rows / 200 {
-        line.clear();
-        row(&mut line, id, 0);
-        wb.write_all(line.as_bytes()).unwrap();
-    }
+    });
     wa.flush().unwrap();
     wb.flush().unwrap();
     (a, b)

@@ -37,11 +37,12 @@ use braze_sync::diff::bounded::{RangedSettings, RangedTimes, StoreRanges, produc
 use braze_sync::diff::export::{ProduceOptions, Stop};
 use braze_sync::diff::in_memory;
 use braze_sync::model::UserDelta;
-use braze_sync::state::store::{StateStore, Watermark};
+use braze_sync::state::store::{Head, StateStore, Watermark};
 use bridge_shared::object_store::{ObjectMeta, ObjectReader, ObjectStore, PutCondition};
 use bridge_shared::{S3Uri, StoreError};
 use bytes::Bytes;
 use serde_json::{Value, json};
+use tokio::sync::mpsc;
 
 const ROUTE: &str = include_str!("../../routes/customers.toml");
 /// Confirmed deltas per checkpoint segment in the worker.
@@ -49,7 +50,7 @@ const CHECKPOINT_USERS: usize = 20_000;
 
 #[path = "bench/rows.rs"]
 mod rows;
-use rows::{HEADER, Rng, row};
+use rows::{HEADER, both_exports};
 
 /// Writes export `which` (1 or 2) of `rows` users as `parts` CSV parts (a folder, as Amperity
 /// splits big exports); each export is written only when needed, so the bench holds one on
@@ -68,39 +69,18 @@ fn generate(dir: &Path, rows: u64, which: u32, parts: u64) -> PathBuf {
     };
     let mut part = 0u64;
     let mut w = open(0);
-    let mut line = String::with_capacity(512);
-    let mut pick = Rng(42);
-    for id in 0..rows {
-        if id / per_part != part {
+    both_exports(rows, |id, first, second| {
+        // New users (past `rows`) go to the last part.
+        if id < rows && id / per_part != part {
             w.flush().unwrap();
             part = id / per_part;
             w = open(part);
         }
-        let (mut wa, mut wb): (Box<dyn Write>, Box<dyn Write>) = if which == 1 {
-            (Box::new(&mut w), Box::new(std::io::sink()))
-        } else {
-            (Box::new(std::io::sink()), Box::new(&mut w))
-        };
-        line.clear();
-        row(&mut line, id, 0);
-        wa.write_all(line.as_bytes()).unwrap();
-        let p = pick.below(1000);
-        if p < 5 {
-            continue;
-        }
-        if p < 25 {
-            line.clear();
-            row(&mut line, id, 1);
-        }
-        wb.write_all(line.as_bytes()).unwrap();
-    }
-    if which == 2 {
-        for id in rows..rows + rows / 200 {
-            line.clear();
-            row(&mut line, id, 0);
+        let line = if which == 1 { first } else { second };
+        if let Some(line) = line {
             w.write_all(line.as_bytes()).unwrap();
         }
-    }
+    });
     w.flush().unwrap();
     out
 }
@@ -269,6 +249,51 @@ fn cpu_seconds() -> f64 {
     (tick(11) + tick(12)) / 100.0
 }
 
+/// The worker's bounded-diff settings: spill under `dir/tmp`, step times into `times`; with
+/// `SCALE_ONLY_RANGES=a..b` a fan-out piece (only those state ranges, removals handed over
+/// to a file).
+fn worker_settings(dir: &Path, tag: &str, times: Arc<Mutex<RangedTimes>>) -> RangedSettings {
+    let mut settings = RangedSettings::new(tag);
+    settings.spill_base = dir.join("tmp");
+    std::fs::create_dir_all(&settings.spill_base).unwrap();
+    settings.times = Some(times);
+    if let Some((a, b)) = std::env::var("SCALE_ONLY_RANGES")
+        .ok()
+        .and_then(|v| v.split_once("..").map(|(a, b)| (a.parse(), b.parse())))
+        .and_then(|(a, b)| Some((a.ok()?, b.ok()?)))
+    {
+        settings.only_ranges = Some(a..b);
+        settings.defer_departures = true;
+        settings.departures_file = Some(dir.join("tmp").join(format!("{tag}-departures.bin")));
+    }
+    settings
+}
+
+/// Takes every delta as confirmed and checkpoints them every [`CHECKPOINT_USERS`], as a run
+/// does: the deltas received and the seconds spent checkpointing.
+async fn confirm_all(
+    rx: &mut mpsc::Receiver<UserDelta>,
+    state: &StateStore,
+    head: &mut Head,
+    route: &Route,
+) -> (u64, f64) {
+    let mut pending = Vec::with_capacity(CHECKPOINT_USERS);
+    let mut deltas = 0u64;
+    let mut checkpoint_s = 0.0;
+    while let Some(d) = rx.recv().await {
+        deltas += 1;
+        pending.push(d);
+        if pending.len() >= CHECKPOINT_USERS {
+            let c = Instant::now();
+            state.checkpoint(head, route, &pending).await.unwrap();
+            checkpoint_s += c.elapsed().as_secs_f64();
+            pending.clear();
+        }
+    }
+    state.checkpoint(head, route, &pending).await.unwrap();
+    (deltas, checkpoint_s)
+}
+
 /// The worker (child process): one sync of `export` against the state under `dir/s3`, every
 /// delta confirmed at once and checkpointed, then the ranged commit. Prints its figures.
 fn worker(dir: &Path, export: &Path, tag: &str) {
@@ -298,22 +323,9 @@ fn worker(dir: &Path, export: &Path, tag: &str) {
             tokio::runtime::Handle::current(),
         );
         let times = Arc::new(Mutex::new(RangedTimes::default()));
-        let mut settings = RangedSettings::new(tag);
-        settings.spill_base = dir.join("tmp");
-        std::fs::create_dir_all(&settings.spill_base).unwrap();
-        settings.times = Some(times.clone());
-        // A fan-out piece: only these state ranges, removals handed over to a file.
-        if let Some((a, b)) = std::env::var("SCALE_ONLY_RANGES")
-            .ok()
-            .and_then(|v| v.split_once("..").map(|(a, b)| (a.parse(), b.parse())))
-            .and_then(|(a, b)| Some((a.ok()?, b.ok()?)))
-        {
-            settings.only_ranges = Some(a..b);
-            settings.defer_departures = true;
-            settings.departures_file = Some(dir.join("tmp").join(format!("{tag}-departures.bin")));
-        }
+        let settings = worker_settings(dir, tag, times.clone());
         let opts = ProduceOptions::for_route(&route, tag);
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<UserDelta>(8192);
+        let (tx, mut rx) = mpsc::channel::<UserDelta>(8192);
         let export = export.to_path_buf();
         let r2 = route.clone();
         let t = Instant::now();
@@ -331,21 +343,7 @@ fn worker(dir: &Path, export: &Path, tag: &str) {
                 &mut |_| {},
             )
         });
-        let mut pending = Vec::with_capacity(CHECKPOINT_USERS);
-        let mut deltas = 0u64;
-        let mut checkpoint_s = 0.0;
-        while let Some(d) = rx.recv().await {
-            deltas += 1;
-            pending.push(d);
-            if pending.len() >= CHECKPOINT_USERS {
-                let c = Instant::now();
-                state.checkpoint(&mut head, &route, &pending).await.unwrap();
-                checkpoint_s += c.elapsed().as_secs_f64();
-                pending.clear();
-            }
-        }
-        state.checkpoint(&mut head, &route, &pending).await.unwrap();
-        drop(pending);
+        let (deltas, checkpoint_s) = confirm_all(&mut rx, &state, &mut head, &route).await;
         let summary = producer.await.unwrap().unwrap();
         let produce_wall_s = t.elapsed().as_secs_f64();
         let cpu_produce_s = cpu_seconds();
@@ -443,12 +441,20 @@ fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
         .and_then(|v| v.parse().ok())
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("--worker") {
-        worker(Path::new(&args[2]), Path::new(&args[3]), &args[4]);
-        return;
-    }
+/// The bench's command line.
+struct Options {
+    users: u64,
+    limit_mb: u64,
+    parts: u64,
+    /// Users per state range (smaller ranges: more of them, for tests of the bounded path).
+    range_users: u64,
+    /// Also run one fan-out piece of this many (0: none).
+    piece_of: u64,
+    out_path: PathBuf,
+}
+
+/// Reads the command line; prints the usage and exits on `--help` or a wrong argument.
+fn options(args: &[String]) -> Options {
     const USAGE: &str = "usage: sync-scale-bench [--users N (10000000)] [--limit-mb MB (512)] [--parts N (cores)] [--range-users N] [--piece-of N] [--out FILE]\n\
         Generates a route of N users in /tmp (10M needs ~15 GB free), syncs it twice under the memory limit and writes target/bench/sync-scale.json.";
     const FLAGS: [&str; 6] = [
@@ -463,22 +469,64 @@ fn main() {
     while let Some(a) = rest.next() {
         if a == "--help" || a == "-h" {
             println!("{USAGE}");
-            return;
+            std::process::exit(0);
         }
         if !FLAGS.contains(&a.as_str()) || rest.next().is_none() {
             eprintln!("sync-scale-bench: unknown argument or missing value: {a}\n{USAGE}");
             std::process::exit(2);
         }
     }
-    let users: u64 = arg(&args, "--users").unwrap_or(10_000_000);
-    let limit_mb: u64 = arg(&args, "--limit-mb").unwrap_or(512);
-    let parts: u64 = arg(&args, "--parts").unwrap_or(braze_sync::diff::bounded::cores() as u64);
-    // Users per state range (smaller ranges: more of them, for tests of the bounded path).
-    let range_users: u64 =
-        arg(&args, "--range-users").unwrap_or(braze_sync::state::store::RANGE_USERS);
-    let out_path: PathBuf = arg(&args, "--out").unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench/sync-scale.json")
-    });
+    Options {
+        users: arg(args, "--users").unwrap_or(10_000_000),
+        limit_mb: arg(args, "--limit-mb").unwrap_or(512),
+        parts: arg(args, "--parts").unwrap_or(braze_sync::diff::bounded::cores() as u64),
+        range_users: arg(args, "--range-users").unwrap_or(braze_sync::state::store::RANGE_USERS),
+        piece_of: arg(args, "--piece-of").unwrap_or(0),
+        out_path: arg(args, "--out").unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench/sync-scale.json")
+        }),
+    }
+}
+
+/// The baseline: rows per second of a bare CSV read of the export in `folder`, one core.
+fn bare_read(folder: &Path) -> f64 {
+    let t = Instant::now();
+    let mut rec = csv::ByteRecord::new();
+    let mut bare_rows = 0u64;
+    let mut bytes = 0usize;
+    for part in in_memory::local_parts(folder, ".DONE").unwrap() {
+        let mut rdr = csv::ReaderBuilder::new().from_path(&part).unwrap();
+        while rdr.read_byte_record(&mut rec).unwrap() {
+            bare_rows += 1;
+            bytes += rec.as_slice().len();
+        }
+    }
+    std::hint::black_box(bytes);
+    bare_rows as f64 / t.elapsed().as_secs_f64()
+}
+
+/// What the worker runs measured, with the baseline of the same run.
+struct Runs {
+    bare_rps: f64,
+    run1: Value,
+    run2: Value,
+    /// With `--piece-of`: the piece's ranges, the state's ranges, the whole export again and
+    /// the piece.
+    pieces: Option<(u64, u64, Value, Value)>,
+}
+
+fn f(v: &Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or(0.0)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--worker") {
+        worker(Path::new(&args[2]), Path::new(&args[3]), &args[4]);
+        return;
+    }
+    let o = options(&args);
+    let (users, limit_mb, parts, range_users) = (o.users, o.limit_mb, o.parts, o.range_users);
     let dir = std::env::temp_dir().join(format!("sync-scale-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let first = generate(&dir, users, 1, parts);
@@ -490,31 +538,16 @@ fn main() {
     eprintln!("run 1 (first sync, every user new): {run1}");
     let _ = std::fs::remove_dir_all(&first);
     let second = generate(&dir, users, 2, parts);
-
-    // The baseline: a bare CSV read of the second export, one core, same run.
-    let t = Instant::now();
-    let mut rec = csv::ByteRecord::new();
-    let mut bare_rows = 0u64;
-    let mut bytes = 0usize;
-    for part in in_memory::local_parts(&second, ".DONE").unwrap() {
-        let mut rdr = csv::ReaderBuilder::new().from_path(&part).unwrap();
-        while rdr.read_byte_record(&mut rec).unwrap() {
-            bare_rows += 1;
-            bytes += rec.as_slice().len();
-        }
-    }
-    std::hint::black_box(bytes);
-    let bare_rps = bare_rows as f64 / t.elapsed().as_secs_f64();
+    let bare_rps = bare_read(&second);
 
     let run2 = run_worker(&dir, &second, "export-2", limit_mb, range_users, &[]);
     eprintln!("run 2 (2% changed, 0.5% new, 0.5% gone): {run2}");
     // A fan-out piece (`--piece-of N`): the same export again, once whole and once restricted
     // to the first 1/N of the state's ranges (rows of other ranges dropped before their
     // values are mapped), same run.
-    let piece_of: u64 = arg(&args, "--piece-of").unwrap_or(0);
-    let pieces = (piece_of > 0).then(|| {
+    let pieces = (o.piece_of > 0).then(|| {
         let n = run2["ranges"].as_u64().unwrap_or(1);
-        let span = n.div_ceil(piece_of).max(1);
+        let span = n.div_ceil(o.piece_of).max(1);
         let again = run_worker(&dir, &second, "export-2-again", limit_mb, range_users, &[]);
         let piece = run_worker(
             &dir,
@@ -526,16 +559,36 @@ fn main() {
         );
         (span, n, again, piece)
     });
+    let runs = Runs {
+        bare_rps,
+        run1,
+        run2,
+        pieces,
+    };
+    let mut figures = print_figures(&o, &runs);
+    if let Some(piece) = print_piece(&runs) {
+        figures.as_object_mut().unwrap().extend(piece);
+    }
+    if let Some(parent) = o.out_path.parent() {
+        std::fs::create_dir_all(parent).unwrap();
+    }
+    std::fs::write(&o.out_path, serde_json::to_vec_pretty(&figures).unwrap()).unwrap();
+    println!("  wrote {}: {figures}", o.out_path.display());
+    let _ = std::fs::remove_dir_all(&dir);
+}
 
-    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+/// Prints the bench's figures; returns them for the JSON file.
+fn print_figures(o: &Options, runs: &Runs) -> Value {
+    let (users, parts, limit_mb) = (o.users, o.parts, o.limit_mb);
+    let (bare_rps, run1, run2) = (runs.bare_rps, &runs.run1, &runs.run2);
     let cores = braze_sync::diff::bounded::cores();
-    let rows = f(&run2, "rows");
-    let produce = f(&run2, "produce_wall_s");
+    let rows = f(run2, "rows");
+    let produce = f(run2, "produce_wall_s");
     let all_rps = rows / produce;
-    let per_core_rps = rows / f(&run2, "cpu_produce_s").max(1e-9);
-    let peak = f(&run1, "peak_rss_mb").max(f(&run2, "peak_rss_mb"));
-    let state_bpu = f(&run2, "state_bytes") / f(&run2, "users").max(1.0);
-    let commit_s = f(&run2, "commit_s");
+    let per_core_rps = rows / f(run2, "cpu_produce_s").max(1e-9);
+    let peak = f(run1, "peak_rss_mb").max(f(run2, "peak_rss_mb"));
+    let state_bpu = f(run2, "state_bytes") / f(run2, "users").max(1.0);
+    let commit_s = f(run2, "commit_s");
     // 100M users: every step is linear in rows (read, map, spill, diff per range) or in the
     // ranges touched (commit); ranges keep their size (they double with the users), so memory
     // stays put. Same 2 cores, same disk; Braze sending (rate-limited) not included.
@@ -570,16 +623,16 @@ fn main() {
     );
     println!(
         "    phases: partition {:.1}s, diff {:.1}s, departures {:.1}s, checkpoints {:.1}s, spilled {} MB",
-        f(&run2, "partition_s"),
-        f(&run2, "diff_s"),
-        f(&run2, "departures_s"),
-        f(&run2, "checkpoint_s"),
-        (f(&run2, "spilled_bytes") as u64) >> 20
+        f(run2, "partition_s"),
+        f(run2, "diff_s"),
+        f(run2, "departures_s"),
+        f(run2, "checkpoint_s"),
+        (f(run2, "spilled_bytes") as u64) >> 20
     );
     println!(
         "  peak RSS of the worker     {peak:>12.1} MB       (limit {limit_mb} MB; run 1 {:.1}, run 2 {:.1})",
-        f(&run1, "peak_rss_mb"),
-        f(&run2, "peak_rss_mb")
+        f(run1, "peak_rss_mb"),
+        f(run2, "peak_rss_mb")
     );
     println!(
         "  state bytes per user       {state_bpu:>12.1}          ({} ranges)",
@@ -589,37 +642,41 @@ fn main() {
         "  commit, run 2              {commit_s:>12.2} s        ({} range deltas, {} bases; run 1 commit {:.1}s)",
         run2["commit_deltas"],
         run2["commit_shards"],
-        f(&run1, "commit_s")
+        f(run1, "commit_s")
     );
     println!(
         "  100M users, extrapolated   {extrapolated:>12.0} s        (linear in rows on these {cores} cores; ranges keep their size so memory does not grow; sending to Braze not included)"
     );
-    if let Some(parent) = out_path.parent() {
-        std::fs::create_dir_all(parent).unwrap();
-    }
-    let mut figures = figures;
-    if let Some((span, n, again, piece)) = &pieces {
-        let wall = |v: &Value| f(v, "produce_wall_s");
-        let cpu = |v: &Value| f(v, "cpu_produce_s");
-        println!(
-            "  fan-out piece ({span} of {n} ranges) {:>7.2} s wall, {:.2} s CPU  (the whole export again: {:.2} s, {:.2} s CPU; {:.2}x the wall, {:.2}x the CPU; spilled {} of {} MB, peak RSS {:.1} MB)",
-            wall(piece),
-            cpu(piece),
-            wall(again),
-            cpu(again),
-            wall(piece) / wall(again).max(1e-9),
-            cpu(piece) / cpu(again).max(1e-9),
-            (f(piece, "spilled_bytes") as u64) >> 20,
-            (f(again, "spilled_bytes") as u64) >> 20,
-            f(piece, "peak_rss_mb"),
-        );
-        figures["piece_ranges"] = json!(format!("{span}/{n}"));
-        figures["piece_wall_ratio"] =
-            json!((wall(piece) / wall(again).max(1e-9) * 1000.0).round() / 1000.0);
-        figures["piece_cpu_ratio"] =
-            json!((cpu(piece) / cpu(again).max(1e-9) * 1000.0).round() / 1000.0);
-    }
-    std::fs::write(&out_path, serde_json::to_vec_pretty(&figures).unwrap()).unwrap();
-    println!("  wrote {}: {figures}", out_path.display());
-    let _ = std::fs::remove_dir_all(&dir);
+    figures
+}
+
+/// Prints the fan-out piece's figures next to the whole export's; returns them for the JSON
+/// file.
+fn print_piece(runs: &Runs) -> Option<serde_json::Map<String, Value>> {
+    let (span, n, again, piece) = runs.pieces.as_ref()?;
+    let wall = |v: &Value| f(v, "produce_wall_s");
+    let cpu = |v: &Value| f(v, "cpu_produce_s");
+    println!(
+        "  fan-out piece ({span} of {n} ranges) {:>7.2} s wall, {:.2} s CPU  (the whole export again: {:.2} s, {:.2} s CPU; {:.2}x the wall, {:.2}x the CPU; spilled {} of {} MB, peak RSS {:.1} MB)",
+        wall(piece),
+        cpu(piece),
+        wall(again),
+        cpu(again),
+        wall(piece) / wall(again).max(1e-9),
+        cpu(piece) / cpu(again).max(1e-9),
+        (f(piece, "spilled_bytes") as u64) >> 20,
+        (f(again, "spilled_bytes") as u64) >> 20,
+        f(piece, "peak_rss_mb"),
+    );
+    let mut figures = serde_json::Map::new();
+    figures.insert("piece_ranges".into(), json!(format!("{span}/{n}")));
+    figures.insert(
+        "piece_wall_ratio".into(),
+        json!((wall(piece) / wall(again).max(1e-9) * 1000.0).round() / 1000.0),
+    );
+    figures.insert(
+        "piece_cpu_ratio".into(),
+        json!((cpu(piece) / cpu(again).max(1e-9) * 1000.0).round() / 1000.0),
+    );
+    Some(figures)
 }

@@ -57,3 +57,33 @@ pub fn row(out: &mut String, id: u64, version: u64) {
         ltv_cents % 10_000,
     );
 }
+
+/// Both exports of the benches, user by user: `emit(id, first, second)` with the user's line
+/// in export 1 (`None`: a new user) and in export 2 (`None`: gone). Export 2 has 0.5% of the
+/// users gone, 2% changed and the rest unchanged, then 0.5% new users.
+pub fn both_exports(rows: u64, mut emit: impl FnMut(u64, Option<&str>, Option<&str>)) {
+    let mut first = String::with_capacity(512);
+    let mut changed = String::with_capacity(512);
+    let mut pick = Rng(42);
+    for id in 0..rows {
+        first.clear();
+        row(&mut first, id, 0);
+        let p = pick.below(1000);
+        if p < 5 {
+            emit(id, Some(&first), None);
+            continue;
+        }
+        if p < 25 {
+            changed.clear();
+            row(&mut changed, id, 1);
+            emit(id, Some(&first), Some(&changed));
+        } else {
+            emit(id, Some(&first), Some(&first));
+        }
+    }
+    for id in rows..rows + rows / 200 {
+        first.clear();
+        row(&mut first, id, 0);
+        emit(id, None, Some(&first));
+    }
+}
