@@ -26,7 +26,7 @@ use crate::diff::rejects::RowReject;
 use crate::diff::user::{self, Seen};
 use crate::map::{Binding, MapOutcome, MappedRow, Mapper};
 use crate::model::{RowPos, UserDelta};
-use crate::read::{self, ReadError, RowItem, RowSource};
+use crate::read::{self, ReadError, Row, RowItem, RowSource};
 use crate::state::confirmed::{Snapshot, stored_digest};
 
 struct Planner<'a> {
@@ -58,115 +58,142 @@ impl Planner<'_> {
         let source = src.source().to_string();
         let binding = Binding::new(self.route, &header, &source)?;
         self.ignored.extend(binding.unknown_columns.iter().cloned());
-        let table = TableDigest::new(self.route_seed, &binding, header.len());
+        let table = Table {
+            digest: TableDigest::new(self.route_seed, &binding, header.len()),
+            header,
+            source,
+            binding,
+        };
         while let Some(item) = src.next_row()? {
             self.summary.rows_read += 1;
             crate::progress::LIVE.row_read();
-            let row = match item {
+            match item {
                 RowItem::Bad(b) => {
                     self.summary.rejected += 1;
                     self.summary.rows_without_identifier += 1;
-                    on_reject(RowReject::unreadable(&source, b));
-                    continue;
+                    on_reject(RowReject::unreadable(&table.source, b));
                 }
-                RowItem::Row(r) => r,
-            };
-            let pos = || RowPos {
-                source: source.clone(),
-                row: row.row,
-                line: row.line,
-            };
-            // The user's state is looked up as soon as the key is known, before the values
-            // are mapped, so the memory accesses overlap with the mapping work.
-            let mapped = self
-                .mapper
-                .map_key(&binding, &header, &row, &mut self.mapped);
-            let state = match mapped {
-                Ok(()) => self.snapshot.get(self.mapped.key),
-                Err(_) => None,
-            };
-            // The row the state's values came from, again: unchanged without mapping (see
-            // `crate::diff::digest`).
-            let mut digest = None;
-            let mut recorded = false;
-            if mapped.is_ok() {
-                self.encoded.clear();
-                let d = table.encode(row.cells, &mut self.encoded);
-                digest = Some(d);
-                recorded = self
-                    .digest_slot
-                    .and_then(|slot| state.and_then(|st| st.fp(slot)))
-                    == Some(stored_digest(d));
-                if recorded && !self.opts.full_resend && self.seen.insert(self.mapped.key, state) {
-                    self.summary.unchanged += 1;
-                    continue;
-                }
+                RowItem::Row(row) => self.row(&table, &row, on_delta, on_reject)?,
             }
-            if let Some(st) = &state {
-                std::hint::black_box(st.touch());
-            }
-            let mapped = mapped.and_then(|()| {
-                self.mapper
-                    .map_values(&binding, &header, &row, &mut self.mapped)
-            });
-            if let Err((outcome, e)) = mapped {
-                self.summary.rejected += 1;
-                let identifier = match outcome {
-                    MapOutcome::Identified => {
-                        // The user is in the export: never treat them as departed.
-                        self.seen.insert(self.mapped.key, state);
-                        Some(self.mapped.identifier())
-                    }
-                    MapOutcome::NoIdentifier => {
-                        self.summary.rows_without_identifier += 1;
-                        None
-                    }
-                };
-                on_reject(RowReject::unmapped(&source, &row, e, identifier));
-                continue;
-            }
-            let first = !recorded || self.opts.full_resend;
-            if !first || !self.seen.insert(self.mapped.key, state) {
-                self.summary.rejected += 1;
-                on_reject(RowReject {
-                    pos: pos(),
-                    column: Some(self.route.config.identifier.column.clone()),
-                    reason: "duplicate identifier: the user already appeared earlier in this export; the earlier row is kept and this one is not sent".into(),
-                    identifier: Some(self.mapped.identifier()),
-                });
-                continue;
-            }
-            let changes = user::changes(
-                state,
-                &self.mapped,
-                self.route,
-                self.opts.full_resend,
-                &mut self.buf,
-            );
-            if changes.is_empty() {
-                self.summary.unchanged += 1;
-                // Same values from other cells: a records-only delta (nothing is sent).
-                if state.is_none() || self.digest_slot.is_none() || recorded {
-                    continue;
-                }
-                self.summary.digests_recorded += 1;
-            } else {
-                self.summary.users_changed += 1;
-                self.summary.attributes_changed += changes.len() as u64;
-                self.summary.users_new += u64::from(state.is_none());
-            }
-            on_delta(UserDelta {
-                identifier: self.mapped.identifier(),
-                pos: pos(),
-                changes,
-                update_existing_only: self.route.config.update_existing_only,
-                is_new: state.is_none(),
-                row_digest: digest,
-            })
-            .map_err(|s| SyncError::Stopped(s.0))?;
         }
         Ok(())
     }
+
+    /// One readable row: unchanged, rejected, or a delta handed to `on_delta`.
+    fn row(
+        &mut self,
+        table: &Table,
+        row: &Row<'_>,
+        on_delta: &mut dyn FnMut(UserDelta) -> Result<(), Stop>,
+        on_reject: &mut dyn FnMut(RowReject),
+    ) -> Result<(), SyncError> {
+        let Table {
+            header,
+            source,
+            binding,
+            digest: table,
+        } = table;
+        let pos = || RowPos {
+            source: source.clone(),
+            row: row.row,
+            line: row.line,
+        };
+        // The user's state is looked up as soon as the key is known, before the values
+        // are mapped, so the memory accesses overlap with the mapping work.
+        let mapped = self.mapper.map_key(binding, header, row, &mut self.mapped);
+        let state = match mapped {
+            Ok(()) => self.snapshot.get(self.mapped.key),
+            Err(_) => None,
+        };
+        // The row the state's values came from, again: unchanged without mapping (see
+        // `crate::diff::digest`).
+        let mut digest = None;
+        let mut recorded = false;
+        if mapped.is_ok() {
+            self.encoded.clear();
+            let d = table.encode(row.cells, &mut self.encoded);
+            digest = Some(d);
+            recorded = self
+                .digest_slot
+                .and_then(|slot| state.and_then(|st| st.fp(slot)))
+                == Some(stored_digest(d));
+            if recorded && !self.opts.full_resend && self.seen.insert(self.mapped.key, state) {
+                self.summary.unchanged += 1;
+                return Ok(());
+            }
+        }
+        if let Some(st) = &state {
+            std::hint::black_box(st.touch());
+        }
+        let mapped = mapped.and_then(|()| {
+            self.mapper
+                .map_values(binding, header, row, &mut self.mapped)
+        });
+        if let Err((outcome, e)) = mapped {
+            self.summary.rejected += 1;
+            let identifier = match outcome {
+                MapOutcome::Identified => {
+                    // The user is in the export: never treat them as departed.
+                    self.seen.insert(self.mapped.key, state);
+                    Some(self.mapped.identifier())
+                }
+                MapOutcome::NoIdentifier => {
+                    self.summary.rows_without_identifier += 1;
+                    None
+                }
+            };
+            on_reject(RowReject::unmapped(source, row, e, identifier));
+            return Ok(());
+        }
+        let first = !recorded || self.opts.full_resend;
+        if !first || !self.seen.insert(self.mapped.key, state) {
+            self.summary.rejected += 1;
+            on_reject(RowReject {
+                pos: pos(),
+                column: Some(self.route.config.identifier.column.clone()),
+                reason: "duplicate identifier: the user already appeared earlier in this export; the earlier row is kept and this one is not sent".into(),
+                identifier: Some(self.mapped.identifier()),
+            });
+            return Ok(());
+        }
+        let changes = user::changes(
+            state,
+            &self.mapped,
+            self.route,
+            self.opts.full_resend,
+            &mut self.buf,
+        );
+        if changes.is_empty() {
+            self.summary.unchanged += 1;
+            // Same values from other cells: a records-only delta (nothing is sent).
+            if state.is_none() || self.digest_slot.is_none() || recorded {
+                return Ok(());
+            }
+            self.summary.digests_recorded += 1;
+        } else {
+            self.summary.users_changed += 1;
+            self.summary.attributes_changed += changes.len() as u64;
+            self.summary.users_new += u64::from(state.is_none());
+        }
+        on_delta(UserDelta {
+            identifier: self.mapped.identifier(),
+            pos: pos(),
+            changes,
+            update_existing_only: self.route.config.update_existing_only,
+            is_new: state.is_none(),
+            row_digest: digest,
+        })
+        .map_err(|s| SyncError::Stopped(s.0))
+    }
+}
+
+/// One table of the export: its header, where it came from, how the route binds it and how
+/// its rows are digested.
+struct Table {
+    header: Vec<String>,
+    source: String,
+    binding: Binding,
+    digest: TableDigest,
 }
 
 /// Reads, maps and diffs every part of one export, calling `on_delta` for each user to send
