@@ -306,15 +306,13 @@ where
 {
     let mut deltas = Vec::new();
     let mut rejects = Vec::new();
-    let summary = produce(
+    let summary = produce_unsent(
         parts,
         route,
         snapshot,
         opts,
         &mut |d| {
-            if !d.records_only() {
-                deltas.push(d);
-            }
+            deltas.push(d);
             Ok(())
         },
         &mut |r| rejects.push(r),
@@ -343,15 +341,12 @@ where
 {
     let mut write_err: Option<std::io::Error> = None;
     let mut line = Vec::with_capacity(512);
-    let summary = produce(
+    let summary = produce_unsent(
         parts,
         route,
         snapshot,
         opts,
         &mut |d| {
-            if d.records_only() {
-                return Ok(());
-            }
             line.clear();
             let _ = serde_json::to_writer(&mut line, &d.to_attribute_object());
             line.push(b'\n');
@@ -361,17 +356,52 @@ where
                 stop
             })
         },
-        &mut |r| {
-            let mut l = Vec::new();
-            r.write_line(&mut l);
-            let _ = rejects.write_all(&l);
-        },
+        &mut ndjson_rejects(rejects),
     )?;
     if let Some(e) = write_err {
         return Err(SyncError::Stopped(e.to_string()));
     }
     let _ = writeln!(payloads, "{}", serde_json::json!({ "summary": summary }));
     Ok(summary)
+}
+
+/// [`produce`] for a caller that sends nothing (a plan, a dry run): `on_delta` sees only the
+/// deltas that would be sent, not the ones that only record a row digest
+/// ([`UserDelta::records_only`]).
+pub fn produce_unsent<I, R>(
+    parts: I,
+    route: &Route,
+    snapshot: &Snapshot,
+    opts: &ProduceOptions,
+    on_delta: &mut dyn FnMut(UserDelta) -> Result<(), Stop>,
+    on_reject: &mut dyn FnMut(RowReject),
+) -> Result<Summary, SyncError>
+where
+    I: IntoIterator<Item = Result<Part<R>, SyncError>>,
+    R: Read,
+{
+    produce(
+        parts,
+        route,
+        snapshot,
+        opts,
+        &mut |d| {
+            if d.records_only() {
+                return Ok(());
+            }
+            on_delta(d)
+        },
+        on_reject,
+    )
+}
+
+/// Writes each reject as one NDJSON line to `out`, as a dry run does.
+pub fn ndjson_rejects(out: &mut dyn Write) -> impl FnMut(RowReject) + '_ {
+    move |r| {
+        let mut l = Vec::new();
+        r.write_line(&mut l);
+        let _ = out.write_all(&l);
+    }
 }
 
 /// Wraps an S3 stream as a blocking reader for the producer (call from a blocking thread,

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::config::route::Route;
 use crate::diff::export::{Part, ProduceOptions, Summary, SyncError};
-use crate::diff::in_memory::produce;
+use crate::diff::in_memory::{ndjson_rejects, produce_unsent};
 use crate::model::UserDelta;
 use crate::state::confirmed::Snapshot;
 
@@ -156,22 +156,16 @@ where
     R: Read,
 {
     let mut view = DiffView::default();
-    let summary = produce(
+    let summary = produce_unsent(
         parts,
         route,
         snapshot,
         opts,
         &mut |d| {
-            if !d.records_only() {
-                view.add(&d);
-            }
+            view.add(&d);
             Ok(())
         },
-        &mut |r| {
-            let mut l = Vec::new();
-            r.write_line(&mut l);
-            let _ = rejects.write_all(&l);
-        },
+        &mut ndjson_rejects(rejects),
     )?;
     Ok(view.finish(&route.slot_names(), summary))
 }
