@@ -155,6 +155,28 @@ impl RejectLog {
         self.total == 0
     }
 
+    /// Bytes of lines kept.
+    pub fn len_bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Appends another log's lines (as many as fit) and counts.
+    pub fn absorb(&mut self, other: &RejectLog) {
+        self.total += other.total;
+        self.dropped += other.dropped;
+        if self.buf.len() + other.buf.len() <= self.max_bytes {
+            self.buf.extend_from_slice(&other.buf);
+            return;
+        }
+        for line in other.buf.split_inclusive(|b| *b == b'\n') {
+            if self.buf.len() + line.len() <= self.max_bytes {
+                self.buf.extend_from_slice(line);
+            } else {
+                self.dropped += 1;
+            }
+        }
+    }
+
     /// The NDJSON body.
     pub fn into_body(self) -> Bytes {
         Bytes::from(self.buf)
@@ -188,6 +210,30 @@ mod tests {
             json!({"source":"s3://b/k.csv","row":7,"line":9,"column":"visits",
                    "reason":"\"x\" is not an integer","identifier":{"external_id":"42"}})
         );
+    }
+
+    #[test]
+    fn absorbing_a_log_keeps_the_bound_and_every_count() {
+        let r = RowReject {
+            pos: RowPos::default(),
+            column: None,
+            reason: "x".repeat(100),
+            identifier: None,
+        };
+        let mut a = RejectLog::new(1_000);
+        let mut b = RejectLog::new(100_000);
+        for _ in 0..5 {
+            a.push(&r);
+        }
+        for _ in 0..20 {
+            b.push(&r);
+        }
+        a.absorb(&b);
+        assert_eq!(a.total(), 25);
+        assert!(a.len_bytes() <= 1_000);
+        let kept = a.total() - a.dropped();
+        let body = a.into_body();
+        assert_eq!(body.iter().filter(|b| **b == b'\n').count() as u64, kept);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use crate::config::route::Route;
-use crate::diff::rejects::RowReject;
+use crate::diff::rejects::{RejectLog, RowReject};
 use crate::model::{DeliveryOutcome, UserDelta};
 use crate::state::confirmed::Snapshot;
 use crate::state::store::{Head, StateStore, Watermark};
@@ -20,6 +20,9 @@ use crate::state::store::{Head, StateStore, Watermark};
 /// after a state without digests, or after a mapping change) confirms a million a second, so
 /// time alone would hold millions of deltas in memory between checkpoints.
 pub const DEFAULT_MAX_PENDING: usize = 50_000;
+
+/// Bytes of Braze's refusals one run keeps for its rejects object (every refusal is counted).
+pub const BRAZE_REJECTS_MAX_BYTES: usize = 16 * 1024 * 1024;
 
 /// The committer of one run.
 pub(super) struct Committer {
@@ -37,8 +40,9 @@ pub(super) struct Committer {
     /// Why the committer stopped early (a failed checkpoint, a lost route lock); nothing is
     /// persisted after it, and the sender is stopped.
     pub failure: Option<String>,
-    /// Users Braze refused, for the rejects object.
-    pub braze_rejects: Vec<RowReject>,
+    /// Users Braze refused, for the rejects object: counted all, kept up to
+    /// [`BRAZE_REJECTS_MAX_BYTES`], so a route Braze refuses wholesale cannot exhaust memory.
+    pub braze_rejects: RejectLog,
 }
 
 impl Committer {
@@ -54,7 +58,7 @@ impl Committer {
             confirmed: 0,
             checkpoints: 0,
             failure: None,
-            braze_rejects: Vec::new(),
+            braze_rejects: RejectLog::new(BRAZE_REJECTS_MAX_BYTES),
         }
     }
 
@@ -85,7 +89,7 @@ impl Committer {
                         self.pending.push(d);
                     }
                     Some(DeliveryOutcome::Rejected { delta, reason }) => {
-                        self.braze_rejects.push(RowReject::from_braze(&delta, &reason));
+                        self.braze_rejects.push(&RowReject::from_braze(&delta, &reason));
                     }
                     Some(DeliveryOutcome::Recorded(d)) => self.pending.push(d),
                     Some(DeliveryOutcome::Unsent(_)) => {}
@@ -197,5 +201,61 @@ impl Committer {
                 Some("state snapshot still shared after the reader ended; not committed".into())
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::model::{AttributeChange, Identifier, RowPos, fingerprint};
+    use bridge_shared::ObjectStore;
+    use bridge_shared::object_store::MemoryStore;
+    use serde_json::json;
+
+    #[tokio::test]
+    async fn a_flood_of_braze_refusals_is_counted_whole_and_kept_within_its_bound() {
+        let route = Arc::new(
+            Route::from_toml(
+                "name = \"r\"\nprefix = \"p/\"\n[identifier]\nkind = \"external_id\"\ncolumn = \"id\"\n[attributes.a]\ntype = \"Integer\"\n",
+                "t",
+            )
+            .unwrap(),
+        );
+        let mem: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let state = StateStore::new(mem, "state", "s/", "r");
+        let (head, _) = state.load(&route).await.unwrap();
+        let mut committer = Committer::new(state, head, route, Duration::from_secs(3));
+        // A small bound, so a few thousand refusals overflow it.
+        committer.braze_rejects = RejectLog::new(50_000);
+        let (tx, rx) = mpsc::channel(1024);
+        let (_lost_tx, lost_rx) = watch::channel(None);
+        let n = 5_000u64;
+        let feed = tokio::spawn(async move {
+            for i in 0..n {
+                let delta = UserDelta {
+                    identifier: Identifier::ExternalId(format!("user-{i:08}")),
+                    pos: RowPos::default(),
+                    changes: vec![AttributeChange {
+                        name: "a".into(),
+                        value: json!(i),
+                        fingerprint: Some(fingerprint(&json!(i))),
+                    }],
+                    update_existing_only: true,
+                    is_new: false,
+                    row_digest: None,
+                };
+                let reason = "Braze refused the object: the attribute's type is wrong".into();
+                tx.send(DeliveryOutcome::Rejected { delta, reason })
+                    .await
+                    .unwrap();
+            }
+        });
+        committer.follow(rx, lost_rx).await;
+        feed.await.unwrap();
+        let log = &committer.braze_rejects;
+        assert_eq!(log.total(), n);
+        assert!(log.dropped() > 0, "the flood is larger than the bound");
+        assert!(log.len_bytes() <= 50_000);
     }
 }

@@ -216,9 +216,7 @@ impl Ended {
         }
         let rejects = &mut self.produced.rejects;
         report.rejected = rejects.total();
-        for r in &committer.braze_rejects {
-            rejects.push(r);
-        }
+        rejects.absorb(&committer.braze_rejects);
         if rejects.dropped() > 0 {
             report.notes.push(format!(
                 "{} rejects were counted but not written (rejects object size bound)",
