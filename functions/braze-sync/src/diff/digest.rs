@@ -6,7 +6,10 @@
 //! of a daily export cost a hash and a lookup.
 //!
 //! The seed covers everything mapping depends on: [`MAPPER_VERSION`] (raise it whenever the
-//! mapping of a cell changes), the identifier settings, the string policy, every slot (name,
+//! mapping of a cell changes), what the third-party tables behind the standard fields answer
+//! today ([`normalizer_probe`]: country, language and time-zone names through celes, isolang
+//! and chrono-tz, so an upgrade that changes a normalized value changes every digest without
+//! anyone raising a version), the identifier settings, the string policy, every slot (name,
 //! column, kind, type, rounding, audience rule) and where each bound column sits in the
 //! encoded row. Changing any of them changes every digest, so the next run maps every row
 //! again (and records the new digests), exactly as before digests existed. Settings that do
@@ -32,14 +35,81 @@ pub const MAPPER_VERSION: u32 = 1;
 
 /// The route's part of every seed: how it maps cells to values.
 pub fn route_seed(route: &Route) -> u64 {
+    route_seed_with(route, normalizer_probe())
+}
+
+/// [`route_seed`] with the normalizers' answers given.
+pub fn route_seed_with(route: &Route, probe: &str) -> u64 {
     let c = &route.config;
     xxh3_64(
         format!(
-            "mapper {MAPPER_VERSION}\n{:?}\n{:?}\n{:?}",
+            "mapper {MAPPER_VERSION}\n{probe}\n{:?}\n{:?}\n{:?}",
             c.identifier, c.string_policy, route.slots
         )
         .as_bytes(),
     )
+}
+
+/// Names whose normalized form comes from the third-party tables (celes, isolang, chrono-tz):
+/// renamed countries, legacy codes, deprecated and recently added time zones.
+const PROBE_COUNTRIES: &[&str] = &[
+    "United States",
+    "usa",
+    "GB",
+    "gbr",
+    "Czechia",
+    "Czech Republic",
+    "Türkiye",
+    "Turkey",
+    "Eswatini",
+    "Swaziland",
+    "North Macedonia",
+    "Côte d'Ivoire",
+    "Kosovo",
+    "Holy See",
+];
+const PROBE_LANGUAGES: &[&str] = &[
+    "English",
+    "en",
+    "eng",
+    "Norwegian Bokmål",
+    "Filipino",
+    "zh",
+    "Chinese",
+    "iw",
+    "he",
+];
+const PROBE_TIME_ZONES: &[&str] = &[
+    "America/New_York",
+    "US/Eastern",
+    "Europe/Kyiv",
+    "Europe/Kiev",
+    "Asia/Calcutta",
+    "America/Ciudad_Juarez",
+    "Pacific/Kanton",
+    "Asia/Qostanay",
+    "UTC",
+    "EST5EDT",
+];
+
+/// What the standard fields' normalizers answer for a fixed set of names, computed once:
+/// part of every digest's seed, so the digests follow the tables' versions.
+pub fn normalizer_probe() -> &'static str {
+    static PROBE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PROBE.get_or_init(|| {
+        use crate::map::fields::{country, language, time_zone};
+        let mut out = String::new();
+        for (kind, names, f) in [
+            ("country", PROBE_COUNTRIES, country as fn(&str) -> _),
+            ("language", PROBE_LANGUAGES, language),
+            ("time_zone", PROBE_TIME_ZONES, time_zone),
+        ] {
+            for n in names {
+                out.push_str(&format!("{kind} {n:?}={:?}\n", f(n).ok()));
+            }
+        }
+        out
+    })
 }
 
 /// Digests of one table's rows (one header, bound once).
@@ -103,6 +173,28 @@ impl TableDigest {
 mod tests {
     use super::*;
     use crate::vocab::Cell;
+
+    #[test]
+    fn the_seed_follows_what_the_normalizers_answer() {
+        let route = Route::from_toml(
+            "name = \"r\"\nprefix = \"p/\"\n[identifier]\nkind = \"external_id\"\ncolumn = \"id\"\n[fields]\ncountry = \"country\"\n",
+            "t",
+        )
+        .unwrap();
+        let probe = normalizer_probe();
+        assert!(
+            probe.contains("country \"United States\"=Some(\"US\")"),
+            "{probe}"
+        );
+        assert!(
+            probe.contains("time_zone \"America/New_York\"=Some("),
+            "{probe}"
+        );
+        assert_eq!(route_seed(&route), route_seed_with(&route, probe));
+        // A table upgrade that renames one country's code changes every digest.
+        let upgraded = probe.replacen("Some(\"US\")", "Some(\"UM\")", 1);
+        assert_ne!(route_seed_with(&route, &upgraded), route_seed(&route));
+    }
 
     struct V(Vec<Cell<'static>>);
     impl Cells for V {
