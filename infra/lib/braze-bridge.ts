@@ -566,6 +566,13 @@ export class BrazeBridge extends Construct {
           objectsArn(tables, p.currentsReportsPrefix),
         ],
       }),
+      // The profile-change feed braze-sync applies before each diff (deletes, orphans and other
+      // sources' profile updates), one object per Currents file, in braze-sync's state bucket.
+      new iam.PolicyStatement({
+        sid: 'WriteProfileFeed',
+        actions: ['s3:PutObject'],
+        resources: [objectsArn(state, `${p.statePrefix}_currents/feed/`)],
+      }),
     ]);
     this.currentsNormalizeFunction = rustFunction(this, 'CurrentsNormalizeFunction', {
       description: 'Normalizes Braze Currents Avro files into deduplicated Parquet tables.',
@@ -583,6 +590,8 @@ export class BrazeBridge extends Construct {
         QUARANTINE_PREFIX: p.quarantinePrefix,
         REPORTS_PREFIX: p.currentsReportsPrefix,
         STATE_PREFIX: p.currentsStatePrefix,
+        PROFILE_FEED_BUCKET: state,
+        PROFILE_FEED_PREFIX: `${p.statePrefix}_currents/feed/`,
         RUST_LOG: p.logLevel,
       },
       skips: [SKIP_RESERVED_CONCURRENCY, SKIP_VPC, SKIP_ENV_KMS],

@@ -1,10 +1,12 @@
 //! Shared building blocks of the Amperity ⇄ Braze bridge: how an invocation names the objects
 //! to process ([`trigger`]), where objects live ([`s3_uri`], [`object_store`]), and how a run
-//! reports itself ([`logging`], [`metrics`], [`runtime`]).
+//! reports itself ([`logging`], [`metrics`], [`runtime`]); the profile-change feed
+//! currents-normalize hands braze-sync ([`profile_feed`]).
 
 pub mod logging;
 pub mod metrics;
 pub mod object_store;
+pub mod profile_feed;
 pub mod runtime;
 pub mod s3_uri;
 pub mod trigger;

@@ -32,7 +32,19 @@ pub struct Config {
     /// `METRICS_NAMESPACE` (default `AmperityBrazeBridge`): CloudWatch namespace of the EMF
     /// metrics.
     pub metrics_namespace: String,
+    /// `PROFILE_FEED_BUCKET`: braze-sync's state bucket, when both functions are deployed
+    /// together. Set, a `users.UserDeleteRequest`, `users.UserOrphan` or `users.profile.Update`
+    /// object also writes its profile changes there for braze-sync
+    /// ([`bridge_shared::profile_feed`]). Unset (the default): no feed.
+    pub profile_feed_bucket: Option<String>,
+    /// `PROFILE_FEED_PREFIX` (default `bridge/state/_currents/feed/`): where in
+    /// `PROFILE_FEED_BUCKET` the feed goes: braze-sync's `STATE_PREFIX` followed by
+    /// `_currents/feed/`.
+    pub profile_feed_prefix: String,
 }
+
+/// Default for `PROFILE_FEED_PREFIX`: braze-sync's default `STATE_PREFIX` and the feed folder.
+pub const DEFAULT_PROFILE_FEED_PREFIX: &str = "bridge/state/_currents/feed/";
 
 /// A configuration problem, naming the variable.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -78,6 +90,8 @@ impl Default for Config {
             currents_prefix: "currents/".into(),
             max_object_bytes: DEFAULT_MAX_OBJECT_BYTES,
             metrics_namespace: "AmperityBrazeBridge".into(),
+            profile_feed_bucket: None,
+            profile_feed_prefix: DEFAULT_PROFILE_FEED_PREFIX.into(),
         }
     }
 }
@@ -96,6 +110,10 @@ impl Config {
             currents_prefix: folder(env_or("CURRENTS_PREFIX", "currents/")),
             max_object_bytes: env_parse("MAX_OBJECT_BYTES", DEFAULT_MAX_OBJECT_BYTES)?,
             metrics_namespace: env_or("METRICS_NAMESPACE", "AmperityBrazeBridge"),
+            profile_feed_bucket: std::env::var("PROFILE_FEED_BUCKET")
+                .ok()
+                .filter(|b| !b.trim().is_empty()),
+            profile_feed_prefix: folder(env_or("PROFILE_FEED_PREFIX", DEFAULT_PROFILE_FEED_PREFIX)),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -139,6 +157,11 @@ impl Config {
 
     /// True when `bucket/key` is one of this function's outputs.
     pub fn is_own_output(&self, bucket: &str, key: &str) -> bool {
+        if self.profile_feed_bucket.as_deref() == Some(bucket)
+            && key.starts_with(&self.profile_feed_prefix)
+        {
+            return true;
+        }
         bucket == self.output_bucket(bucket)
             && self
                 .output_prefixes()

@@ -13,6 +13,7 @@ use crate::encode::{EncodeError, Part, PartWriter};
 use crate::key::{CurrentsKey, KeyError};
 use crate::normalize::{FileContext, NormalizeError, NormalizeStats, Normalizer, Plan};
 use crate::partition::{PartId, PartLocation};
+use crate::profile_feed::FeedCollector;
 use crate::registry::Registry;
 use crate::schema::{SchemaError, WriterSchema};
 
@@ -58,6 +59,9 @@ pub struct Converted {
     pub parquet: Option<Part>,
     /// Counts.
     pub stats: NormalizeStats,
+    /// The profile changes of a `users.UserDeleteRequest`, `users.UserOrphan` or
+    /// `users.profile.Update` object ([`crate::profile_feed`]); `None` for other types.
+    pub feed: Option<FeedCollector>,
 }
 
 /// Why an object cannot be converted: permanent for the input's faults, retryable for internal
@@ -160,7 +164,11 @@ pub fn convert(
     // A rough row estimate (Currents events are a few hundred bytes) sizes the id set.
     let expected_rows = (bytes.len() / 256).clamp(16, 200_000);
     let normalizer = Normalizer::new(&plan, ctx, opts.batch_rows, expected_rows);
+    let mut feed = FeedCollector::for_event_type(&key.event_type);
     let stats = normalizer.run(&container, |batch| {
+        if let Some(f) = feed.as_mut() {
+            f.observe(&batch);
+        }
         writer.write(&batch).map_err(|e| e.to_string())
     })?;
     let parquet = if stats.rows_out > 0 {
@@ -180,5 +188,6 @@ pub fn convert(
         codec: container.codec.name(),
         parquet,
         stats,
+        feed,
     })
 }

@@ -362,7 +362,7 @@ impl Handler {
             convert(&task_body, &source_key, &task_key, &registry, &opts)
         })
         .await;
-        let converted = match converted {
+        let mut converted = match converted {
             Ok(Ok(c)) => c,
             Ok(Err(e)) if e.is_internal() => {
                 warn!(object = %source, step = e.step(), error = %e,
@@ -418,6 +418,7 @@ impl Handler {
             result.outcome = Outcome::DryRun;
             return result;
         }
+        let feed = converted.feed.take().filter(|f| !f.is_empty());
         let Some(part) = converted.parquet else {
             // A replay of an object that now yields no rows: the part an earlier run wrote for
             // it (same deterministic name) must not keep serving the old rows.
@@ -479,6 +480,15 @@ impl Handler {
         {
             Ok(_) => {
                 let mut result = result;
+                if let Some(feed) = feed {
+                    let event_type = converted.event_type.clone();
+                    result = self
+                        .write_feed(source, &event_type, &delivery, feed, result)
+                        .await;
+                    if result.outcome == Outcome::Retry {
+                        return result;
+                    }
+                }
                 result.delivery_lag_s = Some(delivery.lag_seconds(chrono::Utc::now()));
                 info!(object = %source, part = %part_uri, events_in = result.events_in,
                     rows = result.rows_written, duplicates = result.duplicates_dropped,
@@ -494,6 +504,54 @@ impl Handler {
                     rows_written: 0,
                     ..result
                 }
+            }
+        }
+    }
+
+    /// Writes the profile-change feed object of `source` for braze-sync (when
+    /// `PROFILE_FEED_BUCKET` is set). Its key derives from the source, so a replay rewrites
+    /// the same object. A failed write retries the whole object (its part is rewritten in
+    /// place).
+    async fn write_feed(
+        &self,
+        source: &S3Uri,
+        event_type: &str,
+        delivery: &crate::key::DeliveryHour,
+        feed: crate::profile_feed::FeedCollector,
+        mut result: ObjectResult,
+    ) -> ObjectResult {
+        let Some(bucket) = &self.cfg.profile_feed_bucket else {
+            return result;
+        };
+        let hour = crate::profile_feed::hour_text(delivery);
+        let uri = S3Uri::new(
+            bucket,
+            bridge_shared::profile_feed::feed_key(
+                &self.cfg.profile_feed_prefix,
+                &hour,
+                event_type,
+                &source.key,
+            ),
+        );
+        let changes = feed.len() as u64;
+        let object = feed.finish(&source.to_string(), event_type, &hour);
+        let body = serde_json::to_vec(&object).unwrap_or_default();
+        match self
+            .store
+            .put(&uri, Bytes::from(body), PutCondition::None, BTreeMap::new())
+            .await
+        {
+            Ok(_) => {
+                info!(object = %source, feed = %uri, changes, "Wrote profile-change feed.");
+                result.profile_feed = Some(uri.to_string());
+                result.profile_changes = Some(changes);
+                result
+            }
+            Err(e) => {
+                warn!(object = %source, feed = %uri, error = %e, "Writing the profile-change feed failed; it will be retried.");
+                result.outcome = Outcome::Retry;
+                result.reason = Some(format!("writing profile feed {uri}: {e}"));
+                result
             }
         }
     }

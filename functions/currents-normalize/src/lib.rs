@@ -28,6 +28,7 @@ pub mod key;
 pub mod local_store;
 pub mod normalize;
 pub mod partition;
+pub mod profile_feed;
 pub mod quarantine;
 pub mod registry;
 #[cfg(feature = "dev")]

@@ -70,6 +70,12 @@ pub struct ObjectResult {
     /// key) to the moment its table part was written; set for written objects.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delivery_lag_s: Option<u64>,
+    /// Address of the profile-change feed object written for braze-sync (`PROFILE_FEED_BUCKET`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile_feed: Option<String>,
+    /// Profile changes in it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile_changes: Option<u64>,
 }
 
 impl ObjectResult {
@@ -91,6 +97,8 @@ impl ObjectResult {
             reason: None,
             quarantine: None,
             delivery_lag_s: None,
+            profile_feed: None,
+            profile_changes: None,
         }
     }
 

@@ -154,6 +154,14 @@ impl Stack {
                 .notify_queue(CURRENTS_BUCKET, "currents/", &arn)
                 .await?;
             let mut fenv = env.clone();
+            if opts.braze_sync {
+                // Deployed together: currents-normalize hands braze-sync its profile-change feed.
+                fenv.push(("PROFILE_FEED_BUCKET".to_string(), STATE_BUCKET.to_string()));
+                fenv.push((
+                    "PROFILE_FEED_PREFIX".to_string(),
+                    "bridge/state/_currents/feed/".to_string(),
+                ));
+            }
             for (k, v) in [
                 ("TABLES_BUCKET", CURRENTS_BUCKET),
                 ("TABLES_PREFIX", "tables/"),

@@ -106,6 +106,23 @@ pub struct RouteConfig {
     /// `--allow-departures`). Each `[[audiences]]` entry may set its own.
     #[serde(default = "default_max_departure_share")]
     pub max_departure_share: f64,
+    /// What a user Braze Currents reports deleted or orphaned (the profile-change feed
+    /// currents-normalize writes when both functions are deployed together) does to this
+    /// route's confirmed state: `forget` (default) marks every value of theirs unknown, so the
+    /// next export sends their whole profile; `keep` leaves the state as it is.
+    #[serde(default)]
+    pub on_braze_delete: OnBrazeDelete,
+}
+
+/// What a profile Braze deleted or orphaned does to a route's confirmed state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBrazeDelete {
+    /// Every confirmed value of the user becomes unknown (sent again by the next export).
+    #[default]
+    Forget,
+    /// The state is left as it is.
+    Keep,
 }
 
 fn default_max_departure_share() -> f64 {

@@ -554,6 +554,38 @@ impl<'r> Mapper<'r> {
         Ok(())
     }
 
+    /// The fingerprint `slot` would hold for `value` (a JSON value from elsewhere, e.g. a
+    /// Braze Currents profile update), mapped as a cell of this route's column would be:
+    /// `Ok(None)` for null, `Err` when the route would refuse it.
+    pub fn value_fingerprint(
+        &self,
+        slot: usize,
+        value: &Value,
+    ) -> Result<Option<Fingerprint>, String> {
+        let Some(s) = self.route.slots.get(slot) else {
+            return Ok(None);
+        };
+        let text;
+        let cell = match value {
+            Value::Null => Cell::Null,
+            Value::Bool(b) => Cell::Bool(*b),
+            Value::Number(n) => match n.as_i64() {
+                Some(i) => Cell::Int(i),
+                None => Cell::Float(n.as_f64().unwrap_or(f64::NAN)),
+            },
+            Value::String(t) if types::trim(t).is_empty() => Cell::Null,
+            Value::String(t) => Cell::Str(t),
+            other => {
+                text = other.to_string();
+                Cell::Str(&text)
+            }
+        };
+        let mut row = MappedRow::default();
+        let v = self.value(s.kind, false, &cell, &mut row)?;
+        row.values.push(v);
+        Ok(row.fingerprint(0, &mut Vec::new()))
+    }
+
     /// The text of the identifier (or alias label) in column `index`, appended to `out.text`;
     /// `external_id` when it is an `external_id` (Braze's byte limit applies).
     fn identifier_text(

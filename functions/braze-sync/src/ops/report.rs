@@ -89,6 +89,14 @@ pub struct RunReport {
     /// the next run skips their row without mapping it.
     #[serde(default)]
     pub digests_recorded: u64,
+    /// Users of the state forgotten before the diff because Braze Currents reported them
+    /// deleted or orphaned (`on_braze_delete = "forget"`): the export sends them whole.
+    #[serde(default)]
+    pub forgotten_by_currents: u64,
+    /// Confirmed attributes marked unknown before the diff because Braze Currents reported
+    /// another source changing them to another value: the export sends them again.
+    #[serde(default)]
+    pub invalidated_by_currents: u64,
     /// Users (attribute objects) sent to Braze.
     pub users_sent: u64,
     /// Attributes in those objects.
@@ -258,6 +266,8 @@ impl RunReport {
             ("rejected", c(self.rejected)),
             ("unchanged", c(self.unchanged)),
             ("digests_recorded", c(self.digests_recorded)),
+            ("forgotten_by_currents", c(self.forgotten_by_currents)),
+            ("invalidated_by_currents", c(self.invalidated_by_currents)),
             ("users_sent", c(self.users_sent)),
             ("attributes_sent", c(self.attributes_sent)),
             ("users_confirmed", c(self.users_confirmed)),

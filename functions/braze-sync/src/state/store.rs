@@ -123,6 +123,22 @@ pub struct HeadDoc {
     pub applied_exports: Vec<String>,
     /// When the head was written (RFC 3339).
     pub updated_at: String,
+    /// How far the Braze Currents profile-change feed is applied to this state
+    /// ([`crate::state::profile_feed`]); `None`: never applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currents_feed: Option<FeedCursor>,
+}
+
+/// How far the profile-change feed is applied to a route's state: every feed object of a
+/// delivery hour before `through` was applied (or is past the window), and of the objects of
+/// `through` and later, those named in `applied`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct FeedCursor {
+    /// A delivery hour, `YYYY-MM-DD-HH`.
+    pub through: String,
+    /// Feed object keys (relative to the feed folder) of `through` and later already applied.
+    #[serde(default)]
+    pub applied: Vec<String>,
 }
 
 impl HeadDoc {
@@ -728,6 +744,38 @@ impl StateStore {
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Applies the profile-change feed in one head write: `changes` (values Braze no longer
+    /// holds, marked unknown) as one segment when there are any, and the head's feed cursor,
+    /// so a feed object is applied exactly once. Returns the segment's bytes (for a snapshot
+    /// already in memory). After a failed head write the segment is left in place, unnamed:
+    /// the answer may have been lost with the write landed.
+    pub async fn apply_feed(
+        &self,
+        head: &mut Head,
+        route: &Route,
+        changes: &[UserDelta],
+        cursor: FeedCursor,
+    ) -> Result<Option<Vec<u8>>, StateError> {
+        let mut doc = head.doc.clone();
+        let mut written = None;
+        if !changes.is_empty() {
+            let name = self.named(format!(
+                "seg-{:08}-{:06}-{}.bin",
+                head.doc.generation,
+                head.doc.segments.len(),
+                nonce()
+            ));
+            let body = encode_segment(&route.state_names(), changes, route.tracks_departures());
+            self.put_new(&name, body.clone()).await?;
+            doc.segments.push(name);
+            written = Some(body);
+        }
+        doc.currents_feed = Some(cursor);
+        doc.updated_at = chrono::Utc::now().to_rfc3339();
+        self.put_head(head, doc).await?;
+        Ok(written)
     }
 
     async fn put_new(&self, name: &str, body: Vec<u8>) -> Result<(), StoreError> {

@@ -13,6 +13,7 @@
 
 mod committer;
 mod conclude;
+mod currents_feed;
 pub mod fan_out;
 mod hand_over;
 mod producer;
@@ -526,6 +527,12 @@ impl SyncRunner {
             ));
         }
 
+        let mut snapshot = snapshot;
+        if bounded && !head.doc.segments.is_empty() {
+            self.fold_segments(route, &state, &mut head, record).await?;
+        }
+        self.apply_currents_feed(route, &state, &mut head, snapshot.as_mut(), record)
+            .await?;
         let s = &self.settings;
         if bounded && !head.doc.segments.is_empty() {
             // A killed run's checkpoints are folded into range deltas first, so every range
