@@ -318,6 +318,7 @@ name = "r"
 prefix = "p/"
 {extra}
 [identifier]
+kind = "external_id"
 column = "id"
 [fields]
 first_name = "first_name"

@@ -773,7 +773,7 @@ impl StateStore {
             written = Some(body);
         }
         doc.currents_feed = Some(cursor);
-        doc.updated_at = chrono::Utc::now().to_rfc3339();
+        doc.updated_at = crate::clock::now().to_rfc3339();
         self.put_head(head, doc).await?;
         Ok(written)
     }

@@ -42,7 +42,7 @@ impl SyncRunner {
             s.state_prefix,
             bridge_shared::profile_feed::FEED_FOLDER
         );
-        let now = chrono::Utc::now();
+        let now = crate::clock::now();
         let cursor = head.doc.currents_feed.clone();
         let (feeds, next) = match profile_feed::read_pending(
             self.store.as_ref(),
