@@ -259,6 +259,11 @@ fn state(store: &Arc<MemoryStore>) -> StateStore {
     StateStore::new(store.clone(), "state", "s/", "people").with_range_users(64)
 }
 
+/// Time left (ms) that puts an invocation at its deadline margin from the start.
+fn at_deadline() -> u64 {
+    braze_sync::run::runner::deadline::MARGIN_FLOOR.as_millis() as u64
+}
+
 async fn sync(h: &Handler, key: &str) -> Value {
     h.handle(&s3_event(key), None).await.unwrap()
 }
@@ -1184,7 +1189,7 @@ async fn a_piece_handed_over_before_its_deadline_counts_what_it_sent_in_the_comb
     // Piece 0 meets its deadline midway (Braze is slow): it hands itself over.
     braze.delay_ms.store(30, Ordering::SeqCst);
     let r = fan
-        .handle(&sqs(&msgs[0], "m0"), Some(45_000 + 200))
+        .handle(&sqs(&msgs[0], "m0"), Some(at_deadline() + 200))
         .await
         .unwrap();
     assert_eq!(r["results"][0]["outcome"], "piece_handed_over", "{r}");
@@ -1276,7 +1281,7 @@ async fn a_piece_that_never_gets_through_its_deadline_ends_the_fan_out_instead_o
     let mut outcomes = Vec::new();
     for k in 0..5 {
         let r = fan
-            .handle(&sqs(&msg, &format!("m{k}")), Some(45_000))
+            .handle(&sqs(&msg, &format!("m{k}")), Some(at_deadline()))
             .await
             .unwrap();
         let o = r["results"][0]["outcome"].as_str().unwrap().to_string();
@@ -1304,4 +1309,52 @@ async fn a_piece_that_never_gets_through_its_deadline_ends_the_fan_out_instead_o
         .unwrap()
         .unwrap();
     assert!(l.released);
+}
+
+#[tokio::test]
+async fn a_timeout_too_short_to_send_fails_once_naming_it_instead_of_handing_over() {
+    let Bed {
+        store,
+        braze,
+        queue,
+    } = Bed::default();
+    let spill = tempfile::tempdir().unwrap();
+    let single = handler(&store, &braze, &queue, spill.path(), None);
+    put(&store, "in/e1.csv", csv(false, &BTreeSet::new(), 0)).await;
+    // A function deployed with a 20 s timeout.
+    let r = single
+        .handle(&s3_event("in/e1.csv"), Some(19_990))
+        .await
+        .unwrap();
+    assert_eq!(outcome(&r), "failed", "{r}");
+    let error = r["results"][0]["error"].as_str().unwrap();
+    assert!(error.contains("timeout (20 s"), "{error}");
+    assert!(error.contains("at least 60 s"), "{error}");
+    // Nothing sent, nothing handed over, the route free.
+    assert_eq!(braze.requests.load(Ordering::SeqCst), 0);
+    assert_eq!(*queue.handovers.lock().unwrap(), 0);
+    let lock = read_lock(store.as_ref(), &lock_uri("state", "s/", "people")).await;
+    assert!(lock.unwrap().is_none_or(|l| l.released));
+    // The report and the ledger entry say so.
+    let report = report_of(&store, &r).await;
+    assert_eq!(report["status"], "failed", "{report}");
+    assert_eq!(report["error"].as_str().unwrap(), error);
+    let export_id = report["export_id"].as_str().unwrap().to_string();
+    let entry =
+        braze_sync::state::ledger::Ledger::for_route(store.as_ref(), "state", "s/", "people")
+            .entry(&export_id)
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(
+        entry.status,
+        braze_sync::state::ledger::LedgerStatus::Failed
+    );
+    // Once the timeout is long enough, the same export syncs.
+    let r = single
+        .handle(&s3_event("in/e1.csv"), Some(59_950))
+        .await
+        .unwrap();
+    assert_eq!(outcome(&r), "synced", "{r}");
+    assert_eq!(braze.profiles.lock().unwrap().len(), N as usize);
 }

@@ -14,6 +14,7 @@
 mod committer;
 mod conclude;
 mod currents_feed;
+pub mod deadline;
 pub mod fan_out;
 mod hand_over;
 mod producer;
@@ -71,8 +72,6 @@ pub struct RunnerSettings {
     /// bounds the committer's memory when users are confirmed faster than Braze's pace
     /// (recorded row digests).
     pub checkpoint_max_users: usize,
-    /// Time kept back before the Lambda deadline for the final commit and report.
-    pub deadline_margin: Duration,
     /// Deltas buffered between the producer and the sender.
     pub channel_capacity: usize,
     /// A cap on one run's sending time, on top of the Lambda deadline (`BRIDGE_MAX_RUN_SECONDS`).
@@ -173,7 +172,6 @@ impl RunnerSettings {
             deliver: DeliverConfig::default(),
             checkpoint_every: Duration::from_secs(3),
             checkpoint_max_users: committer::DEFAULT_MAX_PENDING,
-            deadline_margin: Duration::from_secs(45),
             channel_capacity: 8_192,
             max_run: None,
             route_lease_s: 60,
@@ -223,7 +221,8 @@ impl SyncRunner {
     fn deadline(&self, remaining_ms: Option<u64>) -> Option<Instant> {
         let now = Instant::now();
         let lambda = remaining_ms.map(|ms| {
-            now + Duration::from_millis(ms).saturating_sub(self.settings.deadline_margin)
+            let left = Duration::from_millis(ms);
+            now + left.saturating_sub(deadline::deadline_margin(left))
         });
         let cap = self.settings.max_run.map(|d| now + d);
         match (lambda, cap) {
@@ -287,6 +286,13 @@ impl ExportRunner for SyncRunner {
             });
         };
         let mut record = RunRecord::new(plan, route.name(), &self.settings);
+        // A timeout too short to send would hand over forever with nothing sent: it fails
+        // once, before anything is claimed, naming the timeout and the minimum.
+        if let Some(message) =
+            remaining_ms.and_then(|ms| deadline::too_short(Duration::from_millis(ms)))
+        {
+            return Err(record.failed(self.store.as_ref(), message, false).await);
+        }
         let exported_at = self.date_export(plan, &route, &mut record).await?;
         let bounded = self.check_memory(plan, &route, &mut record).await?;
         // One run per route at a time: exports of a route apply one after the other. The lease
@@ -713,8 +719,9 @@ impl SyncRunner {
             };
             if stalled >= STALLED_LIMIT {
                 let message = format!(
-                    "the export's last {STALLED_LIMIT} runs reached their deadline without Braze confirming a user, so it would hand itself over forever: the function's timeout leaves too little time after the deadline margin ({} s) to send, or Braze refused every request meanwhile. Nothing is lost (what Braze confirmed is in the state); replay the export once the function's Timeout is longer or Braze answers",
-                    self.settings.deadline_margin.as_secs()
+                    "the export's last {STALLED_LIMIT} runs reached their deadline without Braze confirming a user, so it would hand itself over forever: the function's timeout leaves too little time after the deadline margin ({}–{} s) to send, or Braze refused every request meanwhile. Nothing is lost (what Braze confirmed is in the state); replay the export once the function's Timeout is longer or Braze answers",
+                    deadline::MARGIN_FLOOR.as_secs(),
+                    deadline::MARGIN_CEILING.as_secs()
                 );
                 return Err(record.failed(store, message, false).await);
             }
