@@ -32,6 +32,7 @@ pub fn init() {
     let _ = json_subscriber(filter, std::io::stderr).try_init();
 }
 
+#[cfg(any(test, feature = "test-util"))]
 /// The keys of a JSON object line that occur more than once (at the top level or nested),
 /// for tests that hold log lines to one key each. `Err` when the line is not JSON.
 pub fn repeated_keys(line: &str) -> Result<Vec<String>, serde_json::Error> {

@@ -178,6 +178,44 @@ pub struct S3Store {
 }
 
 impl S3Store {
+    /// One `PutObject` of `body` (`size` bytes) under `condition`, for [`ObjectStore::put`]
+    /// (bytes in memory) and [`ObjectStore::put_file`] (streamed from disk) alike.
+    async fn put_body(
+        &self,
+        uri: &S3Uri,
+        body: ByteStream,
+        size: u64,
+        condition: PutCondition,
+        metadata: BTreeMap<String, String>,
+    ) -> Result<ObjectMeta, StoreError> {
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&uri.bucket)
+            .key(&uri.key)
+            .body(body);
+        for (k, v) in &metadata {
+            req = req.metadata(k, v);
+        }
+        req = match &condition {
+            PutCondition::None => req,
+            PutCondition::IfAbsent => req.if_none_match("*"),
+            PutCondition::IfMatch(etag) => req.if_match(format!("\"{etag}\"")),
+        };
+        let out = req
+            .send()
+            .await
+            .map_err(|e| classify("PutObject", uri, e))?;
+        Ok(ObjectMeta {
+            key: uri.key.clone(),
+            etag: strip_quotes(out.e_tag()),
+            size,
+            version_id: out.version_id().map(str::to_string),
+            last_modified: None,
+            metadata,
+        })
+    }
+
     /// Wraps a client built once at start-up.
     pub fn new(client: aws_sdk_s3::Client) -> Self {
         Self { client }
@@ -427,32 +465,8 @@ impl ObjectStore for S3Store {
         metadata: BTreeMap<String, String>,
     ) -> Result<ObjectMeta, StoreError> {
         let size = body.len() as u64;
-        let mut req = self
-            .client
-            .put_object()
-            .bucket(&uri.bucket)
-            .key(&uri.key)
-            .body(ByteStream::from(body));
-        for (k, v) in &metadata {
-            req = req.metadata(k, v);
-        }
-        req = match &condition {
-            PutCondition::None => req,
-            PutCondition::IfAbsent => req.if_none_match("*"),
-            PutCondition::IfMatch(etag) => req.if_match(format!("\"{etag}\"")),
-        };
-        let out = req
-            .send()
+        self.put_body(uri, ByteStream::from(body), size, condition, metadata)
             .await
-            .map_err(|e| classify("PutObject", uri, e))?;
-        Ok(ObjectMeta {
-            key: uri.key.clone(),
-            etag: strip_quotes(out.e_tag()),
-            size,
-            version_id: out.version_id().map(str::to_string),
-            last_modified: None,
-            metadata,
-        })
     }
 
     async fn put_file(
@@ -471,32 +485,7 @@ impl ObjectStore for S3Store {
                 retryable: false,
             })?;
         let size = body.size_hint().0;
-        let mut req = self
-            .client
-            .put_object()
-            .bucket(&uri.bucket)
-            .key(&uri.key)
-            .body(body);
-        for (k, v) in &metadata {
-            req = req.metadata(k, v);
-        }
-        req = match &condition {
-            PutCondition::None => req,
-            PutCondition::IfAbsent => req.if_none_match("*"),
-            PutCondition::IfMatch(etag) => req.if_match(format!("\"{etag}\"")),
-        };
-        let out = req
-            .send()
-            .await
-            .map_err(|e| classify("PutObject", uri, e))?;
-        Ok(ObjectMeta {
-            key: uri.key.clone(),
-            etag: strip_quotes(out.e_tag()),
-            size,
-            version_id: out.version_id().map(str::to_string),
-            last_modified: None,
-            metadata,
-        })
+        self.put_body(uri, body, size, condition, metadata).await
     }
 
     async fn copy(&self, from: &S3Uri, to: &S3Uri) -> Result<(), StoreError> {

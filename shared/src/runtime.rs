@@ -8,11 +8,6 @@ pub fn is_lambda() -> bool {
     std::env::var_os(RUNTIME_API_VAR).is_some()
 }
 
-/// Reads a required environment variable, naming it when it is missing.
-pub fn required_env(name: &str) -> Result<String, ConfigError> {
-    std::env::var(name).map_err(|_| ConfigError::Missing(name.to_string()))
-}
-
 /// Reads an optional environment variable with a default.
 pub fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())

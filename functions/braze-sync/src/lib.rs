@@ -42,6 +42,7 @@
 pub mod clock;
 pub mod config;
 pub mod diff;
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod map;

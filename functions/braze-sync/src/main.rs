@@ -17,7 +17,7 @@ use anyhow::Context;
 use braze_sync::config::api_key::{ApiKeyCache, SourceReread};
 use braze_sync::config::env::{Config, Locations, RoutesLocation, load_routes, load_routes_dir};
 use braze_sync::config::route::Route;
-use braze_sync::diff::export::ProduceOptions;
+use braze_sync::diff::export::{Part, ProduceOptions, SyncError};
 use braze_sync::diff::in_memory::{dry_run, local_parts, open_local_parts, open_s3_part};
 use braze_sync::ops::dry_run::dry_run_summary;
 use braze_sync::ops::status::{StatusLocation, read_route_status, render};
@@ -304,28 +304,7 @@ async fn cli(cli: Cli) -> anyhow::Result<()> {
             opts.full_resend |= force_full;
             let parts = local_parts(std::path::Path::new(&target), &route.config.marker_suffix)?;
             let snapshot = Snapshot::for_route(&route);
-            if summary {
-                let view = dry_run_summary(
-                    open_local_parts(parts),
-                    &route,
-                    &snapshot,
-                    &opts,
-                    &mut std::io::stderr().lock(),
-                )?;
-                print!("{}", view.render());
-                eprintln!("{}", serde_json::to_string(&view.summary)?);
-                return Ok(());
-            }
-            let summary = dry_run(
-                open_local_parts(parts),
-                &route,
-                &snapshot,
-                &opts,
-                &mut std::io::stdout().lock(),
-                &mut std::io::stderr().lock(),
-            )?;
-            eprintln!("{}", serde_json::to_string(&summary)?);
-            Ok(())
+            print_dry_run(open_local_parts(parts), &route, &snapshot, &opts, summary)
         }
         Command::Run {
             target,
@@ -368,38 +347,13 @@ async fn cli(cli: Cli) -> anyhow::Result<()> {
             opts.allow_departures = allow_departures;
             let store = app.store.clone();
             let handle = tokio::runtime::Handle::current();
-            if summary_view {
-                let view = tokio::task::spawn_blocking(move || {
-                    dry_run_summary(
-                        parts
-                            .iter()
-                            .map(|u| open_s3_part(&store, u, &handle).map(|(_, p)| p)),
-                        &route,
-                        &snapshot,
-                        &opts,
-                        &mut std::io::stderr().lock(),
-                    )
-                })
-                .await??;
-                print!("{}", view.render());
-                eprintln!("{}", serde_json::to_string(&view.summary)?);
-                return Ok(());
-            }
-            let summary = tokio::task::spawn_blocking(move || {
-                dry_run(
-                    parts
-                        .iter()
-                        .map(|u| open_s3_part(&store, u, &handle).map(|(_, p)| p)),
-                    &route,
-                    &snapshot,
-                    &opts,
-                    &mut std::io::stdout().lock(),
-                    &mut std::io::stderr().lock(),
-                )
+            tokio::task::spawn_blocking(move || {
+                let parts = parts
+                    .iter()
+                    .map(|u| open_s3_part(&store, u, &handle).map(|(_, p)| p));
+                print_dry_run(parts, &route, &snapshot, &opts, summary_view)
             })
-            .await??;
-            eprintln!("{}", serde_json::to_string(&summary)?);
-            Ok(())
+            .await?
         }
         Command::Adopt {
             target,
@@ -446,6 +400,37 @@ async fn cli(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// A dry run's output: every payload to stdout and the counts to stderr, or with `summary`
+/// the per-attribute table to stdout; rejects to stderr either way. Sends and commits nothing.
+fn print_dry_run<I, R>(
+    parts: I,
+    route: &Route,
+    snapshot: &Snapshot,
+    opts: &ProduceOptions,
+    summary: bool,
+) -> anyhow::Result<()>
+where
+    I: IntoIterator<Item = Result<Part<R>, SyncError>>,
+    R: std::io::Read,
+{
+    if summary {
+        let view = dry_run_summary(parts, route, snapshot, opts, &mut std::io::stderr().lock())?;
+        print!("{}", view.render());
+        eprintln!("{}", serde_json::to_string(&view.summary)?);
+        return Ok(());
+    }
+    let summary = dry_run(
+        parts,
+        route,
+        snapshot,
+        opts,
+        &mut std::io::stdout().lock(),
+        &mut std::io::stderr().lock(),
+    )?;
+    eprintln!("{}", serde_json::to_string(&summary)?);
+    Ok(())
 }
 
 async fn adopt_cli(

@@ -110,31 +110,6 @@ pub fn changes<A: Attrs>(
     out
 }
 
-/// The delta of one mapped row, `None` when nothing changed. `pos` is built only when
-/// needed.
-pub fn diff_row(
-    snapshot: &Snapshot,
-    row: &MappedRow,
-    route: &Route,
-    full_resend: bool,
-    buf: &mut Vec<u8>,
-    pos: impl FnOnce() -> RowPos,
-) -> Option<UserDelta> {
-    let state = snapshot.get(row.key);
-    let changes = changes(state, row, route, full_resend, buf);
-    if changes.is_empty() {
-        return None;
-    }
-    Some(UserDelta {
-        identifier: row.identifier(),
-        pos: pos(),
-        changes,
-        update_existing_only: route.config.update_existing_only,
-        is_new: state.is_none(),
-        row_digest: None,
-    })
-}
-
 /// The delta of one mapped user (the owned form), `None` when nothing changed.
 pub fn diff(snapshot: &Snapshot, user: &MappedUser, route: &Route) -> Option<UserDelta> {
     let state = snapshot.get(user.identifier.user_key());

@@ -16,6 +16,7 @@ use xxhash_rust::xxh3::Xxh3Default;
 
 use crate::config::route::Route;
 use crate::model::{Fingerprint, Identifier, RowPos, UserKey};
+#[cfg(test)]
 use crate::read::row_codec::put_varint;
 use crate::read::{ReadError, Row};
 use crate::vocab::AmperityType;
@@ -221,6 +222,7 @@ impl MappedRow {
         Some(xxhash_rust::xxh3::xxh3_64(buf))
     }
 
+    #[cfg(test)]
     /// Appends this row's compact binary form (key, identifier, values) to `out`, for
     /// [`crate::state::spill`]; [`MappedRow::decode_from`] reads it back into an equal row. Text
     /// spans are written as varints relative to the previous span's end (mapped text is laid
@@ -261,6 +263,7 @@ impl MappedRow {
         }
     }
 
+    #[cfg(test)]
     /// Reads a row written by [`MappedRow::encode_into`] from the front of `b`, reusing this
     /// row's buffers; returns the bytes consumed, `None` when `b` is truncated or not a row.
     pub fn decode_from(&mut self, b: &[u8]) -> Option<usize> {
@@ -316,11 +319,13 @@ impl MappedRow {
     }
 }
 
+#[cfg(test)]
 struct SpillCursor<'b> {
     b: &'b [u8],
     at: usize,
 }
 
+#[cfg(test)]
 impl<'b> SpillCursor<'b> {
     fn take(&mut self, n: usize) -> Option<&'b [u8]> {
         let s = self.b.get(self.at..self.at.checked_add(n)?)?;
@@ -363,14 +368,17 @@ impl<'b> SpillCursor<'b> {
     }
 }
 
+#[cfg(test)]
 fn zigzag(v: i64) -> u64 {
     ((v << 1) ^ (v >> 63)) as u64
 }
 
+#[cfg(test)]
 fn unzigzag(v: u64) -> i64 {
     ((v >> 1) as i64) ^ -((v & 1) as i64)
 }
 
+#[cfg(test)]
 /// Appends the text span `(a, b)` as its start relative to `end` (the previous span's end;
 /// then `end` is this one's) and its length.
 fn put_span(out: &mut Vec<u8>, end: &mut u32, (a, b): (u32, u32)) {
@@ -432,6 +440,7 @@ impl<'r> Mapper<'r> {
         }
     }
 
+    #[cfg(test)]
     /// Maps `row` into `out`, or says why the row is rejected. When the identifier was read
     /// before the failure, `out.key` and [`MappedRow::identifier`] are valid: see
     /// [`MapOutcome`].

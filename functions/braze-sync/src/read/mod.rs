@@ -350,6 +350,7 @@ where
     })
 }
 
+#[cfg(any(test, feature = "test-util"))]
 /// Collects every row of an object as text (`None` for null), for tests and debugging: not
 /// for large inputs.
 pub fn read_all_text(
@@ -386,6 +387,7 @@ pub fn read_all_text(
     Ok(tables)
 }
 
+#[cfg(any(test, feature = "test-util"))]
 /// A table read whole as text, see [`read_all_text`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct TextTable {

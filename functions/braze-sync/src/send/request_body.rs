@@ -110,6 +110,7 @@ impl Batch {
         self.entries.is_empty()
     }
 
+    #[cfg(test)]
     /// The delta at `errors[].index`.
     pub fn delta_at(&self, index: usize) -> Option<&UserDelta> {
         self.entries.get(index).map(|e| &e.delta)

@@ -292,11 +292,6 @@ impl Snapshot {
         self.keys.len()
     }
 
-    /// Bytes per user of the fingerprint state (key and slab), identifiers aside.
-    pub fn bytes_per_user(&self) -> usize {
-        16 + FP_BYTES * self.slots()
-    }
-
     /// Approximate heap bytes held.
     pub fn memory_bytes(&self) -> usize {
         self.keys.capacity() * 16
@@ -569,6 +564,7 @@ impl Snapshot {
         (self.encode_range(span.start, span.end), n)
     }
 
+    #[cfg(test)]
     /// All shards at once (tests and small states).
     pub fn encode_base(&self, max_shard_bytes: usize) -> Vec<Vec<u8>> {
         self.base_shards(max_shard_bytes).collect()
@@ -724,38 +720,19 @@ impl Snapshot {
             .iter()
             .map(|n| self.slot_of.get(n).map(|s| *s as usize))
             .collect();
-        let rec = 16 + 2 + FP_BYTES;
-        let n = usize::try_from(h.records).map_err(|_| format_err(what, "too many records"))?;
-        let fixed = n
-            .checked_mul(rec)
-            .filter(|l| *l <= h.body.len())
-            .ok_or_else(|| format_err(what, "record count does not match the length"))?;
-        let (mut body, mut ids) = h.body.split_at(fixed);
-        while body.len() >= rec {
-            let key = u128::from_le_bytes(read_array(&body[..16]));
-            let slot = u16::from_le_bytes(read_array(&body[16..18])) as usize;
-            let fp = get_fp(&body[18..]);
-            if let Some(Some(target)) = remap.get(slot) {
-                self.set(UserKey(key), *target, fp);
-            }
-            body = &body[rec..];
-        }
-        if h.flags & FLAG_IDS != 0 {
-            let count = ids
-                .get(..8)
-                .map(|b| u64::from_le_bytes(read_array(b)))
-                .ok_or_else(|| format_err(what, "truncated identifier section"))?;
-            ids = &ids[8..];
-            for _ in 0..count {
-                let key = ids
-                    .get(..16)
-                    .map(|b| u128::from_le_bytes(read_array(b)))
-                    .ok_or_else(|| format_err(what, "truncated identifier section"))?;
-                ids = &ids[16..];
-                let id = take_str(&mut ids)
-                    .ok_or_else(|| format_err(what, "truncated identifier section"))?;
-                self.set_identifier(UserKey(key), id);
-            }
+        let mut ids = Vec::new();
+        for_each_segment_entry(
+            &h,
+            what,
+            |key, slot, fp| {
+                if let Some(Some(target)) = remap.get(slot) {
+                    self.set(UserKey(key), *target, fp);
+                }
+            },
+            |key, id| ids.push((key, id)),
+        )?;
+        for (key, id) in ids {
+            self.set_identifier(UserKey(key), id);
         }
         Ok(h.records)
     }
@@ -835,6 +812,47 @@ fn put_str(buf: &mut Vec<u8>, s: &str) {
     let len = b.len().min(u16::MAX as usize);
     buf.extend_from_slice(&(len as u16).to_le_bytes());
     buf.extend_from_slice(&b[..len]);
+}
+
+/// Walks a checkpoint segment's body: `record(key, slot, fingerprint)` for each fixed-size
+/// record, then, when the segment carries them, `id(key, identifier)` for each identifier.
+fn for_each_segment_entry<'b>(
+    h: &Opened<'b>,
+    what: &str,
+    mut record: impl FnMut(u128, usize, u64),
+    mut id: impl FnMut(u128, &'b str),
+) -> Result<(), SnapshotError> {
+    let rec = 16 + 2 + FP_BYTES;
+    let n = usize::try_from(h.records).map_err(|_| format_err(what, "too many records"))?;
+    let fixed = n
+        .checked_mul(rec)
+        .filter(|l| *l <= h.body.len())
+        .ok_or_else(|| format_err(what, "record count does not match the length"))?;
+    let (mut body, mut ids) = h.body.split_at(fixed);
+    while body.len() >= rec {
+        let key = u128::from_le_bytes(read_array(&body[..16]));
+        let slot = u16::from_le_bytes(read_array(&body[16..18])) as usize;
+        record(key, slot, get_fp(&body[18..]));
+        body = &body[rec..];
+    }
+    if h.flags & FLAG_IDS == 0 {
+        return Ok(());
+    }
+    let truncated = || format_err(what, "truncated identifier section");
+    let count = ids
+        .get(..8)
+        .map(|b| u64::from_le_bytes(read_array(b)))
+        .ok_or_else(truncated)?;
+    ids = &ids[8..];
+    for _ in 0..count {
+        let key = ids
+            .get(..16)
+            .map(|b| u128::from_le_bytes(read_array(b)))
+            .ok_or_else(truncated)?;
+        ids = &ids[16..];
+        id(key, take_str(&mut ids).ok_or_else(truncated)?);
+    }
+    Ok(())
 }
 
 fn take_str<'b>(b: &mut &'b [u8]) -> Option<&'b str> {
@@ -1063,39 +1081,19 @@ impl SegmentData {
             .iter()
             .map(|n| names.iter().position(|m| m == n).map(|i| i as u16))
             .collect();
-        let rec = 16 + 2 + FP_BYTES;
-        let n = usize::try_from(h.records).map_err(|_| format_err(what, "too many records"))?;
-        let fixed = n
-            .checked_mul(rec)
-            .filter(|l| *l <= h.body.len())
-            .ok_or_else(|| format_err(what, "record count does not match the length"))?;
-        let (mut body, mut ids) = h.body.split_at(fixed);
-        self.records.reserve(n);
-        while body.len() >= rec {
-            let key = u128::from_le_bytes(read_array(&body[..16]));
-            let slot = u16::from_le_bytes(read_array(&body[16..18])) as usize;
-            if let Some(Some(target)) = remap.get(slot) {
-                self.records.push((key, *target, get_fp(&body[18..])));
-            }
-            body = &body[rec..];
-        }
-        if h.flags & FLAG_IDS != 0 {
-            let count = ids
-                .get(..8)
-                .map(|b| u64::from_le_bytes(read_array(b)))
-                .ok_or_else(|| format_err(what, "truncated identifier section"))?;
-            ids = &ids[8..];
-            for _ in 0..count {
-                let key = ids
-                    .get(..16)
-                    .map(|b| u128::from_le_bytes(read_array(b)))
-                    .ok_or_else(|| format_err(what, "truncated identifier section"))?;
-                ids = &ids[16..];
-                let id = take_str(&mut ids)
-                    .ok_or_else(|| format_err(what, "truncated identifier section"))?;
-                self.ids.push((key, id.to_string()));
-            }
-        }
+        self.records
+            .reserve(usize::try_from(h.records).unwrap_or_default());
+        let (records, ids) = (&mut self.records, &mut self.ids);
+        for_each_segment_entry(
+            &h,
+            what,
+            |key, slot, fp| {
+                if let Some(Some(target)) = remap.get(slot) {
+                    records.push((key, *target, fp));
+                }
+            },
+            |key, id| ids.push((key, id.to_string())),
+        )?;
         Ok(())
     }
 

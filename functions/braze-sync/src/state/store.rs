@@ -184,6 +184,7 @@ impl Head {
         }
     }
 
+    #[cfg(any(test, feature = "test-util"))]
     /// True when this export id was applied by a recent commit.
     pub fn was_applied(&self, export_id: &str) -> bool {
         self.doc.applied_exports.iter().any(|e| e == export_id)

@@ -165,13 +165,6 @@ pub fn read_departure_file<E: From<SpillError>>(
     crate::state::spill::read_records(r, what, f)
 }
 
-/// Appends one departure record to a departure file being written in `out` (its length,
-/// then [`encode_departure`]'s bytes).
-pub fn write_departure_record(rec: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(&(rec.len() as u32).to_le_bytes());
-    out.extend_from_slice(rec);
-}
-
 /// change count, per change (`u16` index into `audiences`, `u8` value: 0 null, 1 false),
 /// then the identifier's canonical text. `audiences` is the route's list in slot order
 /// ([`user::departure_audiences`], or a summary's `departures` of the same route).

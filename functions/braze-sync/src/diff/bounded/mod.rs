@@ -37,6 +37,7 @@
 mod departures;
 mod overflow;
 mod partition;
+#[cfg(any(test, feature = "test-util"))]
 mod pieces;
 mod ranges;
 mod worker;
@@ -53,10 +54,8 @@ use crate::model::UserDelta;
 use crate::state::confirmed::Snapshot;
 use crate::state::spill::{SpillDir, SpillError};
 
-pub use departures::{
-    decode_departure, encode_departure, read_departure_file, release_departures,
-    write_departure_record,
-};
+pub use departures::{decode_departure, encode_departure, read_departure_file, release_departures};
+#[cfg(any(test, feature = "test-util"))]
 pub use pieces::add_piece;
 pub use ranges::{SplitSnapshot, StoreRanges};
 

@@ -36,7 +36,7 @@ use tracing::{info, warn};
 use super::committer::Committer;
 use super::conclude::{Ended, RunRecord};
 use super::hand_over::PieceMessage;
-use super::producer::Producer;
+use super::producer::{BoundedDiff, Diff, Producer};
 use super::sender::Sender;
 use super::{EST_ROW_BYTES, SyncRunner};
 use crate::config::route::Route;
@@ -763,14 +763,17 @@ impl SyncRunner {
         ranged.departures_file = Some(dep_path.clone());
         let (delta_tx, delta_rx) = mpsc::channel::<UserDelta>(s.channel_capacity);
         let (out_tx, out_rx) = mpsc::channel::<DeliveryOutcome>(s.channel_capacity);
-        let producer = Producer::start_ranged(
+        let diff = Diff::Bounded(Box::new(BoundedDiff {
+            state: fork.clone(),
+            doc: head.doc.clone(),
+            settings: ranged,
+        }));
+        let producer = Producer::start(
             self.store.clone(),
             route.clone(),
-            fork.clone(),
-            head.doc.clone(),
             &plan,
             opts,
-            ranged,
+            diff,
             delta_tx,
         );
         let mut dcfg = s.deliver.clone();

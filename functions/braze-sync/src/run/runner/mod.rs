@@ -50,7 +50,7 @@ use crate::state::store::{
 };
 use committer::Committer;
 use conclude::{Ended, RunRecord};
-use producer::Producer;
+use producer::{BoundedDiff, Diff, Producer};
 use sender::Sender;
 
 /// How runs behave.
@@ -556,26 +556,22 @@ impl SyncRunner {
         let snapshot: Option<Arc<Snapshot>> = snapshot.map(Arc::new);
         let (delta_tx, delta_rx) = mpsc::channel::<UserDelta>(s.channel_capacity);
         let (out_tx, out_rx) = mpsc::channel::<DeliveryOutcome>(s.channel_capacity);
-        let producer = match &snapshot {
-            Some(snap) => Producer::start(
-                self.store.clone(),
-                route.clone(),
-                snap.clone(),
-                plan,
-                opts,
-                delta_tx,
-            ),
-            None => Producer::start_ranged(
-                self.store.clone(),
-                route.clone(),
-                state.clone(),
-                head.doc.clone(),
-                plan,
-                opts,
-                self.ranged_settings(&head.doc, route, &record.run_id),
-                delta_tx,
-            ),
+        let diff = match &snapshot {
+            Some(snap) => Diff::InMemory(snap.clone()),
+            None => Diff::Bounded(Box::new(BoundedDiff {
+                state: state.clone(),
+                doc: head.doc.clone(),
+                settings: self.ranged_settings(&head.doc, route, &record.run_id),
+            })),
         };
+        let producer = Producer::start(
+            self.store.clone(),
+            route.clone(),
+            plan,
+            opts,
+            diff,
+            delta_tx,
+        );
         let mut dcfg = s.deliver.clone();
         dcfg.deadline = self.deadline(remaining_ms);
         let share = self.workspace_share(route.name(), &record.run_id);

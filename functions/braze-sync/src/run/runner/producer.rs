@@ -26,19 +26,38 @@ pub(super) struct Produced {
     pub rejects: RejectLog,
 }
 
+/// Which diff the producer runs.
+pub(super) enum Diff {
+    /// The in-memory diff ([`crate::diff::in_memory`]) against a state loaded whole.
+    InMemory(Arc<Snapshot>),
+    /// The bounded diff ([`crate::diff::bounded`]).
+    Bounded(Box<BoundedDiff>),
+}
+
+/// The bounded diff against the state `doc` describes, loading one hash range per worker at
+/// a time from `state`.
+pub(super) struct BoundedDiff {
+    /// Where the state lives.
+    pub state: StateStore,
+    /// The head the ranges are read from.
+    pub doc: HeadDoc,
+    /// Workers, spill and memory bounds.
+    pub settings: RangedSettings,
+}
+
 /// The running producer.
 pub(super) struct Producer {
     handle: JoinHandle<Produced>,
 }
 
 impl Producer {
-    /// Starts planning `plan`'s parts against `snapshot`, sending each delta into `tx`.
+    /// Starts diffing `plan`'s parts with `diff`, sending each delta into `tx`.
     pub fn start(
         store: Arc<dyn ObjectStore>,
         route: Arc<Route>,
-        snapshot: Arc<Snapshot>,
         plan: &ExportPlan,
         opts: ProduceOptions,
+        diff: Diff,
         tx: mpsc::Sender<UserDelta>,
     ) -> Self {
         let parts: Vec<S3Uri> = plan
@@ -52,59 +71,37 @@ impl Producer {
             let parts_iter = parts
                 .iter()
                 .map(|uri| open_s3_part(&store, uri, &rt).map(|(_, part)| part));
-            let result = produce(
-                parts_iter,
-                &route,
-                &snapshot,
-                &opts,
-                &mut |d| {
-                    tx.blocking_send(d)
-                        .map_err(|_| Stop("the sender stopped".into()))
-                },
-                &mut |r| rejects.push(&r),
-            );
-            Produced { result, rejects }
-        });
-        Self { handle }
-    }
-
-    /// Starts the bounded diff of `plan`'s parts ([`crate::diff::bounded`]) against the state `doc`
-    /// describes, loading one hash range per worker at a time from `state`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn start_ranged(
-        store: Arc<dyn ObjectStore>,
-        route: Arc<Route>,
-        state: StateStore,
-        doc: HeadDoc,
-        plan: &ExportPlan,
-        opts: ProduceOptions,
-        settings: RangedSettings,
-        tx: mpsc::Sender<UserDelta>,
-    ) -> Self {
-        let parts: Vec<S3Uri> = plan
-            .parts
-            .iter()
-            .map(|p| S3Uri::new(&plan.trigger.bucket, &p.key))
-            .collect();
-        let rt = tokio::runtime::Handle::current();
-        let handle = tokio::task::spawn_blocking(move || {
-            let mut rejects = RejectLog::new(crate::diff::rejects::DEFAULT_MAX_BYTES);
-            let parts_iter = parts
-                .iter()
-                .map(|uri| open_s3_part(&store, uri, &rt).map(|(_, part)| part));
-            let ranges = StoreRanges::new(state, doc, route.clone(), rt.clone());
-            let result = produce_ranged(
-                parts_iter,
-                &route,
-                &ranges,
-                &opts,
-                &settings,
-                &|d| {
-                    tx.blocking_send(d)
-                        .map_err(|_| Stop("the sender stopped".into()))
-                },
-                &mut |r| rejects.push(&r),
-            );
+            let send = |d| {
+                tx.blocking_send(d)
+                    .map_err(|_| Stop("the sender stopped".into()))
+            };
+            let result = match diff {
+                Diff::InMemory(snapshot) => produce(
+                    parts_iter,
+                    &route,
+                    &snapshot,
+                    &opts,
+                    &mut |d| send(d),
+                    &mut |r| rejects.push(&r),
+                ),
+                Diff::Bounded(b) => {
+                    let BoundedDiff {
+                        state,
+                        doc,
+                        settings,
+                    } = *b;
+                    let ranges = StoreRanges::new(state, doc, route.clone(), rt.clone());
+                    produce_ranged(
+                        parts_iter,
+                        &route,
+                        &ranges,
+                        &opts,
+                        &settings,
+                        &send,
+                        &mut |r| rejects.push(&r),
+                    )
+                }
+            };
             Produced { result, rejects }
         });
         Self { handle }
