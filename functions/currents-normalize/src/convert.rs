@@ -5,7 +5,12 @@
 //! is not the input's fault and is retried ([`ConvertError::is_internal`]). Nothing is written
 //! for a failed object.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use arrow_avro::reader::Decoder;
 
 use crate::container::{Container, DecodeError, Limits};
 use crate::datum::DatumError;
@@ -127,6 +132,73 @@ impl From<NormalizeError> for ConvertError {
     }
 }
 
+/// A writer schema compiled for one event type: its plan and an `arrow-avro` decoder. Braze
+/// writes the same schema into every file of an event type, so parsing it, planning it
+/// against the registry and building the decoder are done once per thread and schema, not
+/// once per file (a 15,000-event file is small enough for that set-up to show).
+struct Compiled {
+    key: CompiledKey,
+    plan: Arc<Plan>,
+    decoder: Decoder,
+}
+
+/// What a compiled schema is looked up by: the schema text (hash), the event type and the
+/// batch size. It is used only while the registry still holds the very table it was planned
+/// against (the plan keeps that table alive, so its address cannot be reused meanwhile).
+type CompiledKey = (u128, String, usize);
+
+/// Idle compiled schemas of this thread, at most [`MAX_COMPILED`].
+const MAX_COMPILED: usize = 64;
+
+/// Idle compiled schemas by key.
+type Idle = HashMap<CompiledKey, Vec<(Arc<Plan>, Decoder)>>;
+
+thread_local! {
+    static COMPILED: RefCell<Idle> = RefCell::new(HashMap::new());
+}
+
+impl Compiled {
+    /// An idle compiled schema of this thread, or a new one.
+    fn take(
+        schema_json: &str,
+        event_type: &str,
+        registry: &Registry,
+        opts: &ConvertOptions,
+    ) -> Result<Self, ConvertError> {
+        let key: CompiledKey = (
+            xxhash_rust::xxh3::xxh3_128(schema_json.as_bytes()),
+            event_type.to_string(),
+            opts.batch_rows,
+        );
+        let table = registry
+            .get(event_type)
+            .unwrap_or_else(|| registry.other_events());
+        let idle = COMPILED.with(|c| c.borrow_mut().get_mut(&key).and_then(Vec::pop));
+        if let Some((plan, decoder)) = idle
+            && Arc::ptr_eq(plan.table(), table)
+        {
+            return Ok(Self { key, plan, decoder });
+        }
+        let schema = WriterSchema::parse(schema_json)?;
+        let plan = Arc::new(Plan::new(schema, event_type, registry)?);
+        let decoder = plan.decoder(opts.batch_rows)?;
+        Ok(Self { key, plan, decoder })
+    }
+
+    /// Keeps this compiled schema for the next file of this thread.
+    fn give_back(self) {
+        COMPILED.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.values().map(Vec::len).sum::<usize>() >= MAX_COMPILED {
+                c.clear();
+            }
+            c.entry(self.key)
+                .or_default()
+                .push((self.plan, self.decoder));
+        });
+    }
+}
+
 /// Converts one object's bytes. `source_key` is the object key (lineage and part id).
 pub fn convert(
     bytes: &[u8],
@@ -136,8 +208,8 @@ pub fn convert(
     opts: &ConvertOptions,
 ) -> Result<Converted, ConvertError> {
     let container = Container::open(bytes, opts.limits)?;
-    let schema = WriterSchema::parse(container.schema_json)?;
-    let plan = Plan::new(schema, &key.event_type, registry)?;
+    let compiled = Compiled::take(container.schema_json, &key.event_type, registry, opts)?;
+    let plan = compiled.plan.clone();
     let table = plan.table().clone();
     let ctx = FileContext {
         event_type: key.event_type.clone(),
@@ -165,12 +237,15 @@ pub fn convert(
     let expected_rows = (bytes.len() / 256).clamp(16, 200_000);
     let normalizer = Normalizer::new(&plan, ctx, opts.batch_rows, expected_rows);
     let mut feed = FeedCollector::for_event_type(&key.event_type);
-    let stats = normalizer.run(&container, |batch| {
+    let mut compiled = compiled;
+    let stats = normalizer.run_with(&container, &mut compiled.decoder, |batch| {
         if let Some(f) = feed.as_mut() {
             f.observe(&batch);
         }
         writer.write(&batch).map_err(|e| e.to_string())
     })?;
+    // Only a decoder that finished its file cleanly is kept for the next one.
+    compiled.give_back();
     let parquet = if stats.rows_out > 0 {
         Some(writer.finish()?)
     } else {

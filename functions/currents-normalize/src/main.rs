@@ -134,56 +134,10 @@ async fn main() -> ExitCode {
         }
     };
     if is_lambda() {
-        let store = Arc::new(S3Store::from_env().await);
-        let handler = Arc::new(Handler::new(cfg, store, registry));
-        let result = lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
-            let handler = handler.clone();
-            async move {
-                let deadline = deadline_instant(event.context.deadline);
-                handler
-                    .handle_invocation(&event.payload, &event.context.request_id, deadline)
-                    .await
-            }
-        }))
-        .await;
-        return match result {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("currents-normalize: runtime error: {e}");
-                ExitCode::FAILURE
-            }
-        };
+        return serve(cfg, registry).await;
     }
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Status { day, json } => {
-            let Some(bucket) = cfg.tables_bucket.clone() else {
-                eprintln!("currents-normalize: status needs TABLES_BUCKET");
-                return ExitCode::from(2);
-            };
-            let day = match status::parse_day(&day, chrono::Utc::now().date_naive()) {
-                Ok(d) => d,
-                Err(e) => {
-                    eprintln!("currents-normalize: --day {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            let store = S3Store::from_env().await;
-            match status::read_day_status(&store, &cfg, &bucket, day).await {
-                Ok(s) if json => {
-                    println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
-                    ExitCode::SUCCESS
-                }
-                Ok(s) => {
-                    print!("{}", status::render(&s));
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("currents-normalize: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+    match Cli::parse().command {
+        Command::Status { day, json } => status_cmd(&cfg, &day, json).await,
         Command::Backfill {
             uri,
             from,
@@ -192,132 +146,239 @@ async fn main() -> ExitCode {
             dry_run,
             no_compact,
         } => {
-            let uri: S3Uri = match uri.parse() {
-                Ok(u) => u,
-                Err(e) => {
-                    eprintln!("currents-normalize: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            let store = Arc::new(S3Store::from_env().await);
-            let backfill = Backfill::new(cfg, store, registry);
-            let request = BackfillRequest {
-                bucket: uri.bucket,
-                prefix: uri.key,
+            let opts = BackfillArgs {
                 from,
                 to,
                 concurrency,
                 dry_run,
                 no_compact,
-                progress: true,
             };
-            match backfill.run(&request).await {
-                Ok(summary) => {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&summary).unwrap_or_default()
-                    );
-                    eprintln!(
-                        "backfill: {} objects: {} normalized, {} skipped, {} quarantined, {} failed; {} events; {} table-days compacted",
-                        summary.objects,
-                        summary.normalized,
-                        summary.skipped,
-                        summary.quarantined,
-                        summary.failed,
-                        summary.events,
-                        summary.days_compacted
-                    );
-                    if summary.failed > 0 || summary.days_failed > 0 {
-                        ExitCode::FAILURE
-                    } else {
-                        ExitCode::SUCCESS
-                    }
-                }
-                Err(e) => {
-                    eprintln!("currents-normalize: backfill listing failed: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            backfill_cmd(cfg, registry, &uri, opts).await
         }
         Command::Compact {
             day,
             table,
             dry_run,
-        } => {
-            let Some(bucket) = cfg.tables_bucket.clone() else {
-                eprintln!("currents-normalize: compact needs TABLES_BUCKET");
-                return ExitCode::from(2);
-            };
-            let store = Arc::new(S3Store::from_env().await);
-            let started = chrono::Utc::now();
-            let request = CompactRequest {
-                selection: Selection { day, table },
-                dry_run,
-                today: started.date_naive(),
-                deadline: None,
-                owner: format!("cli-{}", started.timestamp_millis()),
-            };
-            let compactor =
-                Compactor::new(cfg.clone(), store.clone(), registry).with_progress(compact_bar());
-            let owner = request.owner.clone();
-            match run_and_report(&compactor, &cfg, store.as_ref(), &bucket, request, &owner).await {
-                Ok(report) => {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&report).unwrap_or_default()
-                    );
-                    if report.totals.failed > 0 {
-                        ExitCode::FAILURE
-                    } else {
-                        ExitCode::SUCCESS
-                    }
-                }
-                Err(e) => {
-                    eprintln!("currents-normalize: listing the tables failed: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Command::Run { uri, dry_run } => {
-            let uri: S3Uri = match uri.parse() {
-                Ok(u) => u,
-                Err(e) => {
-                    eprintln!("currents-normalize: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            let out_bucket = cfg.output_bucket(&uri.bucket).to_string();
-            let store = Arc::new(S3Store::from_env().await);
-            let handler = Handler::new(cfg, store, registry);
-            let obj = ObjectRef::named(uri, "cli");
-            let started = chrono::Utc::now();
-            let result = handler.process(&obj, dry_run).await;
-            finish(&handler, &out_bucket, started, result, dry_run).await
-        }
+        } => compact_cmd(cfg, registry, Selection { day, table }, dry_run).await,
+        Command::Run { uri, dry_run } => run_cmd(cfg, registry, &uri, dry_run).await,
         Command::RunFile {
             path,
             key,
             out,
             dry_run,
-        } => {
-            let body = match std::fs::read(&path) {
-                Ok(b) => Bytes::from(b),
-                Err(e) => {
-                    eprintln!("currents-normalize: cannot read {}: {e}", path.display());
-                    return ExitCode::from(2);
-                }
-            };
-            let store = Arc::new(LocalStore::new(&out));
-            let handler = Handler::new(cfg, store, registry);
-            let source = S3Uri::new("local", key);
-            let started = chrono::Utc::now();
-            let keep = Keep::Upload(body.clone());
-            let result = handler
-                .process_bytes(&source, body, "local", keep, dry_run)
-                .await;
-            finish(&handler, "local", started, result, dry_run).await
+        } => run_file_cmd(cfg, registry, &path, key, &out, dry_run).await,
+    }
+}
+
+/// Under Lambda: one handler, built once, serves every invocation.
+async fn serve(cfg: Config, registry: Arc<Registry>) -> ExitCode {
+    let store = Arc::new(S3Store::from_env().await);
+    let handler = Arc::new(Handler::new(cfg, store, registry));
+    let result = lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
+        let handler = handler.clone();
+        async move {
+            let deadline = deadline_instant(event.context.deadline);
+            handler
+                .handle_invocation(&event.payload, &event.context.request_id, deadline)
+                .await
+        }
+    }))
+    .await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("currents-normalize: runtime error: {e}");
+            ExitCode::FAILURE
         }
     }
+}
+
+/// `status`: one day's tables and quarantine, as a table or JSON.
+async fn status_cmd(cfg: &Config, day: &str, json: bool) -> ExitCode {
+    let Some(bucket) = cfg.tables_bucket.clone() else {
+        eprintln!("currents-normalize: status needs TABLES_BUCKET");
+        return ExitCode::from(2);
+    };
+    let day = match status::parse_day(day, chrono::Utc::now().date_naive()) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("currents-normalize: --day {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let store = S3Store::from_env().await;
+    match status::read_day_status(&store, cfg, &bucket, day).await {
+        Ok(s) if json => {
+            println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Ok(s) => {
+            print!("{}", status::render(&s));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("currents-normalize: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The options of `backfill` besides its prefix.
+struct BackfillArgs {
+    from: Option<chrono::NaiveDate>,
+    to: Option<chrono::NaiveDate>,
+    concurrency: usize,
+    dry_run: bool,
+    no_compact: bool,
+}
+
+/// `backfill`: every Currents object under a prefix not done yet, then the days it touched.
+async fn backfill_cmd(
+    cfg: Config,
+    registry: Arc<Registry>,
+    uri: &str,
+    args: BackfillArgs,
+) -> ExitCode {
+    let BackfillArgs {
+        from,
+        to,
+        concurrency,
+        dry_run,
+        no_compact,
+    } = args;
+    let uri: S3Uri = match uri.parse() {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("currents-normalize: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let store = Arc::new(S3Store::from_env().await);
+    let backfill = Backfill::new(cfg, store, registry);
+    let request = BackfillRequest {
+        bucket: uri.bucket,
+        prefix: uri.key,
+        from,
+        to,
+        concurrency,
+        dry_run,
+        no_compact,
+        progress: true,
+    };
+    match backfill.run(&request).await {
+        Ok(summary) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&summary).unwrap_or_default()
+            );
+            eprintln!(
+                "backfill: {} objects: {} normalized, {} skipped, {} quarantined, {} failed; {} events; {} table-days compacted",
+                summary.objects,
+                summary.normalized,
+                summary.skipped,
+                summary.quarantined,
+                summary.failed,
+                summary.events,
+                summary.days_compacted
+            );
+            if summary.failed > 0 || summary.days_failed > 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("currents-normalize: backfill listing failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `compact`: the selected table-days of TABLES_BUCKET, with a report.
+async fn compact_cmd(
+    cfg: Config,
+    registry: Arc<Registry>,
+    selection: Selection,
+    dry_run: bool,
+) -> ExitCode {
+    let Some(bucket) = cfg.tables_bucket.clone() else {
+        eprintln!("currents-normalize: compact needs TABLES_BUCKET");
+        return ExitCode::from(2);
+    };
+    let store = Arc::new(S3Store::from_env().await);
+    let started = chrono::Utc::now();
+    let request = CompactRequest {
+        selection,
+        dry_run,
+        today: started.date_naive(),
+        deadline: None,
+        owner: format!("cli-{}", started.timestamp_millis()),
+    };
+    let compactor =
+        Compactor::new(cfg.clone(), store.clone(), registry).with_progress(compact_bar());
+    let owner = request.owner.clone();
+    match run_and_report(&compactor, &cfg, store.as_ref(), &bucket, request, &owner).await {
+        Ok(report) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).unwrap_or_default()
+            );
+            if report.totals.failed > 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("currents-normalize: listing the tables failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `run`: one Currents object in S3.
+async fn run_cmd(cfg: Config, registry: Arc<Registry>, uri: &str, dry_run: bool) -> ExitCode {
+    let uri: S3Uri = match uri.parse() {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("currents-normalize: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let out_bucket = cfg.output_bucket(&uri.bucket).to_string();
+    let store = Arc::new(S3Store::from_env().await);
+    let handler = Handler::new(cfg, store, registry);
+    let obj = ObjectRef::named(uri, "cli");
+    let started = chrono::Utc::now();
+    let result = handler.process(&obj, dry_run).await;
+    finish(&handler, &out_bucket, started, result, dry_run).await
+}
+
+/// `run-file`: one local Avro file into a local folder laid out like the bucket.
+async fn run_file_cmd(
+    cfg: Config,
+    registry: Arc<Registry>,
+    path: &std::path::Path,
+    key: String,
+    out: &std::path::Path,
+    dry_run: bool,
+) -> ExitCode {
+    let body = match std::fs::read(path) {
+        Ok(b) => Bytes::from(b),
+        Err(e) => {
+            eprintln!("currents-normalize: cannot read {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    let store = Arc::new(LocalStore::new(out));
+    let handler = Handler::new(cfg, store, registry);
+    let source = S3Uri::new("local", key);
+    let started = chrono::Utc::now();
+    let keep = Keep::Upload(body.clone());
+    let result = handler
+        .process_bytes(&source, body, "local", keep, dry_run)
+        .await;
+    finish(&handler, "local", started, result, dry_run).await
 }
 
 /// A bar of the bytes compacted, on a terminal only (never under Lambda: this is the CLI).

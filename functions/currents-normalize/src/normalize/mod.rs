@@ -243,28 +243,25 @@ impl<'p> Normalizer<'p> {
 
     /// Reads every block of `container`, handing each full batch to `sink`.
     pub fn run(
+        self,
+        container: &Container<'_>,
+        sink: impl FnMut(RecordBatch) -> Result<(), String>,
+    ) -> Result<NormalizeStats, NormalizeError> {
+        let mut decoder = self.plan.decoder(self.batch_rows)?;
+        self.run_with(container, &mut decoder, sink)
+    }
+
+    /// [`Self::run`] with a decoder from [`Plan::decoder`] (of this plan and batch size) that
+    /// the caller keeps between files. After an `Err` the decoder may hold part of a batch:
+    /// drop it then.
+    pub fn run_with(
         mut self,
         container: &Container<'_>,
+        decoder: &mut Decoder,
         mut sink: impl FnMut(RecordBatch) -> Result<(), String>,
     ) -> Result<NormalizeStats, NormalizeError> {
         let limits = container.limits();
         let mut file_budget = FileBudget::new(limits);
-        // Array items of type `null` cost no input, and the decoder counts each one (up to
-        // 2^31 per array): such files go one record per batch, so the item limit stops the
-        // first record that goes over. Otherwise every item costs at least one input byte and
-        // what a batch decodes is bounded by the bytes it consumes.
-        let batch_rows =
-            if self.plan.schema.has_free_array_items() || self.plan.schema.has_rendered_fields() {
-                1
-            } else {
-                self.batch_rows
-            };
-        let mut decoder = datum_decoder(&self.plan.schema, batch_rows).map_err(|reason| {
-            NormalizeError::Schema(SchemaError::Invalid {
-                path: "$".into(),
-                reason: format!("arrow-avro cannot decode it: {reason}"),
-            })
-        })?;
         let mut batch_bytes = 0usize;
         let free_items = self.plan.schema.has_free_array_items();
         let rendered = self.plan.schema.has_rendered_fields();
@@ -329,7 +326,7 @@ impl<'p> Normalizer<'p> {
                 batch_bytes = batch_bytes.saturating_add(used);
                 self.row_blocks.push(block.index);
                 if decoder.batch_is_full() || batch_bytes >= MAX_BATCH_BYTES {
-                    self.flush(container, &mut decoder, &mut file_budget, &mut sink)?;
+                    self.flush(container, decoder, &mut file_budget, &mut sink)?;
                     batch_bytes = 0;
                 }
             }
@@ -341,7 +338,7 @@ impl<'p> Normalizer<'p> {
                 });
             }
         }
-        self.flush(container, &mut decoder, &mut file_budget, &mut sink)?;
+        self.flush(container, decoder, &mut file_budget, &mut sink)?;
         Ok(self.stats)
     }
 

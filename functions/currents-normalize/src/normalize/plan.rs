@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use super::NormalizeError;
+use arrow_avro::reader::Decoder;
+
+use super::{NormalizeError, datum_decoder};
 use crate::json;
 use crate::registry::{FieldType, Registry, TableDef, event_type_of_record};
 use crate::schema::{Node, NodeId, SchemaError, WriterSchema};
@@ -50,6 +52,26 @@ impl Plan {
     /// The writer schema.
     pub fn schema(&self) -> &WriterSchema {
         &self.schema
+    }
+
+    /// An `arrow-avro` decoder of this plan's records, `batch_rows` to a batch. Array items
+    /// of type `null` cost no input, and the decoder counts each one (up to 2^31 per array):
+    /// such files, and those with fields rendered as JSON, go one record per batch, so the
+    /// item limit stops the first record that goes over. Otherwise every item costs at least
+    /// one input byte and what a batch decodes is bounded by the bytes it consumes.
+    pub fn decoder(&self, batch_rows: usize) -> Result<Decoder, NormalizeError> {
+        let batch_rows = if self.schema.has_free_array_items() || self.schema.has_rendered_fields()
+        {
+            1
+        } else {
+            batch_rows
+        };
+        datum_decoder(&self.schema, batch_rows).map_err(|reason| {
+            NormalizeError::Schema(SchemaError::Invalid {
+                path: "$".into(),
+                reason: format!("arrow-avro cannot decode it: {reason}"),
+            })
+        })
     }
 }
 
