@@ -66,8 +66,12 @@ impl SyncRunner {
         let lag_mark = (now - chrono::Duration::hours(CURSOR_LAG_HOURS))
             .format("%Y-%m-%d-%H")
             .to_string();
-        let lagging = cursor.as_ref().is_none_or(|c| c.through < lag_mark);
-        let same = cursor.as_ref().map(|c| &c.applied) == Some(&next.applied);
+        // A route without a cursor starts from the lookback window whether or not one is
+        // written, so a run with nothing to apply leaves the head as it is.
+        let lagging = cursor.as_ref().is_some_and(|c| c.through < lag_mark);
+        let same = cursor
+            .as_ref()
+            .map_or(next.applied.is_empty(), |c| c.applied == next.applied);
         if feeds.is_empty() && !lagging && same {
             return Ok(());
         }
