@@ -8,6 +8,7 @@
 //! braze-sync check-routes [DIR]                                 # validate route files
 //! braze-sync status [ROUTE] [--json]                            # state, last runs, lease
 //! braze-sync adopt s3://bucket/amperity/customers/export.csv --verify-sample 500
+//! braze-sync audit customers [--sample 1000] [--heal] [--json]  # drift between Braze and state
 //! ```
 
 use std::process::ExitCode;
@@ -85,6 +86,23 @@ enum Command {
         /// Only this route.
         route: Option<String>,
         /// JSON for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drift audit: read a random sample of the route's confirmed users back from Braze
+    /// (`/users/export/ids`) and compare each route attribute with the state; per attribute
+    /// the share that drifted with examples, users missing in Braze, an estimate for the route.
+    Audit {
+        /// The route.
+        route: String,
+        /// Users to sample.
+        #[arg(long, default_value_t = braze_sync::ops::audit::DEFAULT_SAMPLE)]
+        sample: usize,
+        /// Mark what drifted (and users missing in Braze) so the next export resends exactly
+        /// those values.
+        #[arg(long)]
+        heal: bool,
+        /// The report as JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -360,6 +378,12 @@ async fn cli(cli: Cli) -> anyhow::Result<()> {
             verify_sample,
             max_differ_share,
         } => adopt_cli(&target, verify_sample, max_differ_share).await,
+        Command::Audit {
+            route,
+            sample,
+            heal,
+            json,
+        } => audit_cli(&route, sample, heal, json).await,
         Command::Run {
             target,
             force_full,
@@ -505,5 +529,71 @@ async fn adopt_cli(
     )
     .await?;
     println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+async fn audit_cli(route: &str, sample: usize, heal: bool, json: bool) -> anyhow::Result<()> {
+    use braze_sync::ops::audit::{AuditExport, AuditOptions, AuditTarget, audit};
+    let app = app().await?;
+    let cfg = &app.config;
+    let route = app
+        .routes
+        .iter()
+        .find(|r| r.name() == route)
+        .with_context(|| format!("no route {route:?}"))?
+        .clone();
+    // The state keeps no identifiers: the sample's come from the export its watermark names.
+    let head = StateStore::new(
+        app.store.clone(),
+        &cfg.state_bucket,
+        &cfg.state_prefix,
+        route.name(),
+    )
+    .read_head()
+    .await?;
+    let export_id = head
+        .doc
+        .watermark
+        .map(|w| w.export_id)
+        .with_context(|| format!("route {} has no confirmed export to audit", route.name()))?;
+    let uri: S3Uri = export_id.split('#').next().unwrap_or(&export_id).parse()?;
+    let parts: Vec<S3Uri> = if uri.key.ends_with(&route.config.marker_suffix) {
+        let listing = app.store.list(&uri.bucket, uri.folder()).await?;
+        braze_sync::run::handler::parts_of_marker(&listing, &uri, &route.config.marker_suffix)
+            .into_iter()
+            .map(|m| uri.with_key(m.key))
+            .collect()
+    } else {
+        vec![uri.clone()]
+    };
+    let key = ApiKeyCache::new(cfg.api_key.clone())
+        .get(&app.aws)
+        .await
+        .context("resolving the Braze API key")?;
+    let client = BrazeClient::new(cfg.braze_endpoint.clone(), key, &ClientOptions::default())?;
+    let report = audit(
+        app.store.clone(),
+        &AuditTarget {
+            state_bucket: cfg.state_bucket.clone(),
+            state_prefix: cfg.state_prefix.clone(),
+            reports_prefix: cfg.reports_prefix.clone(),
+        },
+        Arc::new(route),
+        AuditExport { export_id, parts },
+        &client,
+        &AuditOptions {
+            sample,
+            heal,
+            ..AuditOptions::default()
+        },
+    )
+    .await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render());
+    }
+    // The metric line (drift_share) for whatever ships this process's stderr to CloudWatch.
+    eprintln!("{}", report.emf_line(chrono::Utc::now().timestamp_millis()));
     Ok(())
 }

@@ -48,7 +48,10 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/users/track", post(track))
         .route("/users/export/ids", post(export_ids))
         .route("/_sim/users", get(users))
-        .route("/_sim/users/{*key}", get(user))
+        .route(
+            "/_sim/users/{*key}",
+            get(user).post(write_as_other).delete(delete_user),
+        )
         .route("/_sim/events/{*key}", get(events))
         .route("/_sim/purchases/{*key}", get(purchases))
         .route("/_sim/stats", get(stats))
@@ -385,6 +388,27 @@ fn found<T: serde::Serialize>(v: Option<T>, key: &str) -> Response {
 
 async fn user(State(state): State<AppState>, Path(key): Path<String>) -> Response {
     found(state.lock().user(&key), &key)
+}
+
+/// Test-only: changes a profile as another writer would (body: the attributes to set, `null`
+/// removes one).
+async fn write_as_other(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let changes: serde_json::Map<String, Value> = match serde_json::from_slice(&body) {
+        Ok(m) => m,
+        Err(e) => return bad_request(format!("changes: {e}")),
+    };
+    let done = state.lock().write_as_other(&key, &changes);
+    found(done.then_some(json!({ "message": "changed" })), &key)
+}
+
+/// Test-only: deletes a profile.
+async fn delete_user(State(state): State<AppState>, Path(key): Path<String>) -> Response {
+    let done = state.lock().delete_user(&key);
+    found(done.then_some(json!({ "message": "deleted" })), &key)
 }
 
 async fn events(State(state): State<AppState>, Path(key): Path<String>) -> Response {

@@ -2,8 +2,9 @@
 //! object limits, body size, per-object validation with `errors[]`, update-only mode, attribute
 //! operations, rate window with `X-RateLimit-*` headers), keeps the resulting profiles and a
 //! request log, and injects faults on request. It also answers `POST /users/export/ids`
-//! (Braze's export shape, at most 50 identifiers, its own rate window: 250 per minute by
-//! default) for adoption's verify sample. Start it in-process with [`start`] or run the
+//! (Braze's export shape, `fields_to_export`, at most 50 identifiers, its own rate window: 250
+//! per minute by default) for adoption's verify sample and the drift audit, and lets a test
+//! plant drift ([`SimHandle::write_as_other`], [`SimHandle::delete_user`]). Start it in-process with [`start`] or run the
 //! `braze-sim` binary.
 //!
 //! ```no_run
@@ -103,6 +104,22 @@ impl SimHandle {
             _ => Map::new(),
         };
         self.shared.lock().seed_user(key, map);
+    }
+
+    /// Plants drift: changes the profile under `key` as another writer would (an SDK, a
+    /// campaign), setting each key of `changes` (`null` removes it). `false` when there is no
+    /// such profile. Also `POST /_sim/users/{key}` with the changes as a JSON object.
+    pub fn write_as_other(&self, key: &str, changes: Value) -> bool {
+        match changes {
+            Value::Object(m) => self.shared.lock().write_as_other(key, &m),
+            _ => false,
+        }
+    }
+
+    /// Deletes the profile under `key` (a privacy request, a merge). `false` when there was
+    /// none. Also `DELETE /_sim/users/{key}`.
+    pub fn delete_user(&self, key: &str) -> bool {
+        self.shared.lock().delete_user(key)
     }
 
     /// Counters since start or the last [`reset`](Self::reset).

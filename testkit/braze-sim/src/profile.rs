@@ -185,6 +185,31 @@ impl ProfileStore {
         );
     }
 
+    /// Changes one profile as another writer would (an SDK, a campaign, another
+    /// integration): each key of `changes` is set, `null` removes it. `false` when there is
+    /// no such profile.
+    pub fn write_as_other(&mut self, key: &UserKey, changes: &Map<String, Value>) -> bool {
+        self.seq += 1;
+        let seq = self.seq;
+        let Some(p) = self.profiles.get_mut(key) else {
+            return false;
+        };
+        for (k, v) in changes {
+            if v.is_null() {
+                p.attributes.remove(k);
+            } else {
+                p.attributes.insert(k.clone(), v.clone());
+            }
+        }
+        p.updated_seq = seq;
+        true
+    }
+
+    /// Deletes a profile (a privacy request, a merge). `false` when there was none.
+    pub fn remove(&mut self, key: &UserKey) -> bool {
+        self.profiles.remove(key).is_some()
+    }
+
     /// Finds the existing profile an identifier names.
     ///
     /// Email/phone: among profiles whose `email`/`phone` attribute equals the value, the most

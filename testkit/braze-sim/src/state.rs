@@ -397,6 +397,17 @@ impl State {
                 "at most {EXPORT_MAX_IDS} identifiers per request, got {total}"
             ));
         }
+        // `fields_to_export`: only these fields (`custom_attributes` for every custom one);
+        // absent, every field.
+        let fields: Option<Vec<String>> = body
+            .get("fields_to_export")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            });
+        let wanted = |k: &str| fields.as_ref().is_none_or(|f| f.iter().any(|x| x == k));
         let mut users = Vec::new();
         let mut invalid = Vec::new();
         let keys = external
@@ -415,12 +426,16 @@ impl State {
                     let mut custom = Map::new();
                     for (k, v) in &p.attributes {
                         if STANDARD_FIELDS.contains(&k.as_str()) {
-                            top.insert(k.clone(), v.clone());
+                            if wanted(k) {
+                                top.insert(k.clone(), v.clone());
+                            }
                         } else {
                             custom.insert(k.clone(), v.clone());
                         }
                     }
-                    top.insert("custom_attributes".into(), Value::Object(custom));
+                    if wanted("custom_attributes") {
+                        top.insert("custom_attributes".into(), Value::Object(custom));
+                    }
                     users.push(Value::Object(top));
                 }
                 None => invalid.push(Value::String(shown)),
@@ -463,6 +478,14 @@ impl State {
         self.store
             .get(&UserKey::raw(key))
             .map(|p| p.purchases.clone())
+    }
+
+    pub(crate) fn write_as_other(&mut self, key: &str, changes: &Map<String, Value>) -> bool {
+        self.store.write_as_other(&UserKey::raw(key), changes)
+    }
+
+    pub(crate) fn delete_user(&mut self, key: &str) -> bool {
+        self.store.remove(&UserKey::raw(key))
     }
 
     pub(crate) fn seed_user(&mut self, key: &str, attributes: Map<String, Value>) {

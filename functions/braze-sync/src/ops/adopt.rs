@@ -303,7 +303,7 @@ pub async fn adopt(
         store.clone(),
         lock_uri(&target.state_bucket, &target.state_prefix, route.name()),
         &run_id,
-        crate::clock::now().timestamp(),
+        crate::clock::now_ms(),
         opts.lease_s,
     )
     .await

@@ -76,6 +76,12 @@ pub const KIND_BASE: u8 = 1;
 pub const KIND_SEGMENT: u8 = 2;
 const FLAG_IDS: u8 = 1;
 
+/// A fingerprint no value has, recorded for an attribute whose value in Braze is unknown
+/// (a drift audit found Braze holding something else): the next export resends the
+/// attribute whatever its value, `null` included. Values whose 48-bit fingerprint is all
+/// ones (probability 2⁻⁴⁸) would be skipped once; they are resent at their next change.
+pub const UNKNOWN_FP: Fingerprint = FP_MASK;
+
 /// The stored form of a fingerprint: its low 48 bits, never 0 (0 means "no value").
 pub fn stored_fp(fp: Fingerprint) -> u64 {
     match fp & FP_MASK {

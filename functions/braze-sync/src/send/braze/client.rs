@@ -254,14 +254,24 @@ impl BrazeApi for BrazeClient {
     }
 }
 
-/// `POST /users/export/ids`, for adoption's verify sample: external ids and aliases in one
-/// request, a Braze id per request (the endpoint takes one). A 429 waits for the window's
-/// reset (`X-RateLimit-Reset`, else 5 s) and tries again, up to 20 times.
+/// `POST /users/export/ids`, for adoption's verify sample and the drift audit: external ids
+/// and aliases in one request, a Braze id per request (the endpoint takes one), with
+/// `fields_to_export` when fields are given. A 429 waits as the answer says
+/// (`X-Ratelimit-Retry-After`, `Retry-After` or the reset, else 5 s) and tries again, up to 20
+/// times.
 #[async_trait]
 impl super::UserLookup for BrazeClient {
     async fn export_ids(
         &self,
         ids: &[crate::model::Identifier],
+    ) -> Result<Vec<serde_json::Value>, super::LookupError> {
+        self.export_fields(ids, &[]).await
+    }
+
+    async fn export_fields(
+        &self,
+        ids: &[crate::model::Identifier],
+        fields: &[String],
     ) -> Result<Vec<serde_json::Value>, super::LookupError> {
         use crate::model::Identifier;
         use serde_json::{Value, json};
@@ -292,6 +302,11 @@ impl super::UserLookup for BrazeClient {
         for i in ids {
             if let Identifier::BrazeId(b) = i {
                 bodies.push(json!({ "braze_id": b }));
+            }
+        }
+        if !fields.is_empty() {
+            for b in &mut bodies {
+                b["fields_to_export"] = json!(fields);
             }
         }
         let current = self.snapshot();

@@ -38,6 +38,17 @@ pub trait UserLookup: Send + Sync {
     /// fields at the top level, custom attributes under `custom_attributes`); users Braze does
     /// not know are simply absent.
     async fn export_ids(&self, ids: &[Identifier]) -> Result<Vec<Value>, LookupError>;
+
+    /// [`UserLookup::export_ids`] asking only for `fields` (`fields_to_export`: standard field
+    /// names, `custom_attributes`, the identifiers). By default every field.
+    async fn export_fields(
+        &self,
+        ids: &[Identifier],
+        fields: &[String],
+    ) -> Result<Vec<Value>, LookupError> {
+        let _ = fields;
+        self.export_ids(ids).await
+    }
 }
 
 /// `/users/export/ids` failed.
