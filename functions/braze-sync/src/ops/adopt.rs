@@ -29,9 +29,9 @@ use crate::send::braze::{EXPORT_IDS_BATCH, LookupError, UserLookup};
 use crate::state::confirmed::Snapshot;
 use crate::state::route_lock::{RouteLock, lock_uri};
 use crate::state::spill::SpillDir;
+use crate::state::store::record_spill::{RecordSpill, record_spill_bits};
 use crate::state::store::{
-    CommitStats, Head, LEGACY_HEAD_FORMAT, RecordSpill, StateError, StateStore, Watermark,
-    record_spill_bits,
+    CommitStats, Head, LEGACY_HEAD_FORMAT, StateError, StateStore, Watermark,
 };
 
 /// Default largest share of sampled users that may differ from Braze.
