@@ -13,7 +13,9 @@ use bridge_shared::metrics::{MetricKey, dashboard_metric_keys, emf_line, emf_met
 const NOT_ON_DASHBOARD: &[(&str, &str)] = &[];
 
 /// Source files allowed to write EMF lines; an emitter anywhere else must be added to this test.
-const EMITTERS: &[&str] = &["src/ops/report.rs"];
+// `ops/audit.rs` (through `main.rs`) prints the drift audit's `drift_share` and
+// `missing_in_braze` from the CLI only; they have no dashboard widget or alarm yet.
+const EMITTERS: &[&str] = &["src/ops/report.rs", "src/ops/audit.rs", "src/main.rs"];
 
 fn crate_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -8,8 +8,8 @@ use sim::{Options, SeedOutcome, replay_command, run_seed};
 /// Seeds that run in well under a second each in debug and cover both diffs, fan-out,
 /// hand-overs, crashes and lost answers.
 const FAST_SEEDS: &[u64] = &[
-    0, 3, 4, 5, 6, 14, 16, 17, 18, 19, 20, 22, 23, 24, 26, 27, 28, 30, 31, 34, 35, 36, 37, 38, 39,
-    42, 47, 50, 52, 54, 55, 56, 57,
+    0, 3, 4, 5, 6, 14, 16, 17, 18, 19, 22, 23, 24, 26, 27, 28, 30, 31, 34, 35, 36, 37, 38, 39, 42,
+    47, 50, 52, 54, 55, 56,
 ];
 
 fn violations(o: &SeedOutcome) -> String {
@@ -213,4 +213,19 @@ fn seed_182_route_lock_left_held() {
 #[ignore = "open: a message stays in the DLQ after two redrives"]
 fn seed_115_message_stays_in_the_dlq() {
     holds(115);
+}
+
+/// Open: a route lock left held after the world is quiet.
+#[test]
+#[ignore = "open bug: route lock left held"]
+fn seed_20_route_lock_left_held() {
+    holds(20);
+}
+
+/// Open: a fan-out voided by a moved head leaves its pieces' confirmed values unknown to the
+/// state, so Braze keeps values the newest export reverted.
+#[test]
+#[ignore = "open bug: a voided fan-out discards what its pieces confirmed"]
+fn seed_57_voided_fan_out_discards_confirmed_values() {
+    holds(57);
 }
