@@ -392,7 +392,7 @@ describe('least-privilege IAM', () => {
         // control objects).
         'bridge/state/*',
       ]);
-      assert.deepEqual(writes('CurrentsNormalizeFunction'), ['quarantine/*', 'reports/currents/*', 'tables/*']);
+      assert.deepEqual(writes('CurrentsNormalizeFunction'), ['bridge/state/_currents/feed/*', 'quarantine/*', 'reports/currents/*', 'tables/*']);
     });
 
     test(`${name}: each function reads only its input prefixes and its own outputs`, () => {
