@@ -476,6 +476,8 @@ impl Handler {
         }
     }
 
+    /// One triggering object, end to end: decide, plan, claim the export, run it under the
+    /// renewed claim, record how it ended and, with the claim released, hand the rest over.
     async fn process_object(
         &self,
         obj: &ObjectRef,
@@ -490,16 +492,55 @@ impl Handler {
             }
             Decision::Run(r) => r,
         };
-        // The object as it is now: ETag, metadata (force flag), last-modified.
+        let plan = match self.plan_export(obj, &route, flags).await {
+            Ok(plan) => plan,
+            Err(outcome) => return outcome,
+        };
+        let ledger = Ledger::new(
+            self.store.as_ref(),
+            &self.cfg.state_bucket,
+            format!("{}{}/ledger/", self.cfg.state_prefix, route.name),
+        );
+        let mut claim_etag = match self.claim_export(&ledger, &plan).await {
+            Ok(etag) => etag,
+            Err(outcome) => return outcome,
+        };
+        info!(object = %uri, route = %route.name, parts = plan.parts.len(), force_full = plan.force_full, "Starting export sync.");
+        // The claim's lease is short and renewed while the run lives.
+        let result = ledger
+            .renewing(
+                self.runner.run(&plan, remaining_ms),
+                &plan.export_id,
+                &mut claim_etag,
+                self.cfg.lease_s,
+            )
+            .await;
+        let ended = RunEnd::of(&plan, result);
+        self.record_and_hand_over(&ledger, &plan, &claim_etag, ended)
+            .await
+    }
+
+    /// The export an object starts, read from the object as it is now (ETag, metadata flags,
+    /// last-modified) and, in marker mode, its folder's parts. A missing object is reported;
+    /// a failed read is retried or, when permanent, answered as the object's failure.
+    async fn plan_export(
+        &self,
+        obj: &ObjectRef,
+        route: &RouteBinding,
+        flags: RunFlags,
+    ) -> Result<ExportPlan, ObjectOutcome> {
+        let uri = &obj.uri;
+        let failed = |e: bridge_shared::object_store::StoreError| {
+            if e.is_retryable() {
+                ObjectOutcome::Retry(e.to_string())
+            } else {
+                ObjectOutcome::Done(json!({"object": uri.to_string(), "failed": e.to_string()}))
+            }
+        };
         let head = match self.store.head(uri).await {
             Ok(Some(h)) => h,
-            Ok(None) => return self.object_not_found(obj, &route).await,
-            Err(e) if e.is_retryable() => return ObjectOutcome::Retry(e.to_string()),
-            Err(e) => {
-                return ObjectOutcome::Done(
-                    json!({"object": uri.to_string(), "failed": e.to_string()}),
-                );
-            }
+            Ok(None) => return Err(self.object_not_found(obj, route).await),
+            Err(e) => return Err(failed(e)),
         };
         let version = obj.version_id.clone().or(head.version_id.clone());
         let export_id = format!("{uri}#{}", version.unwrap_or_else(|| head.etag.clone()));
@@ -514,72 +555,122 @@ impl Handler {
             None => vec![head.clone()],
             Some(suffix) => match self.store.list(&uri.bucket, uri.folder()).await {
                 Ok(listing) => parts_of_marker(&listing, uri, suffix),
-                Err(e) if e.is_retryable() => return ObjectOutcome::Retry(e.to_string()),
-                Err(e) => {
-                    return ObjectOutcome::Done(
-                        json!({"object": uri.to_string(), "failed": e.to_string()}),
-                    );
-                }
+                Err(e) => return Err(failed(e)),
             },
         };
-        let plan = ExportPlan {
+        Ok(ExportPlan {
             route: route.name.clone(),
             trigger: uri.clone(),
             parts,
-            export_id: export_id.clone(),
-            trigger_meta: head.clone(),
+            export_id,
+            trigger_meta: head,
             force_full,
             allow_departures,
-        };
-        let ledger = Ledger::new(
-            self.store.as_ref(),
-            &self.cfg.state_bucket,
-            format!("{}{}/ledger/", self.cfg.state_prefix, route.name),
-        );
+        })
+    }
+
+    /// Claims the export in the ledger and returns the claim's ETag. A completed export is a
+    /// duplicate no-op, a busy one is retried, and a fanned-out one waits for its fan-out run.
+    async fn claim_export(
+        &self,
+        ledger: &Ledger<'_>,
+        plan: &ExportPlan,
+    ) -> Result<String, ObjectOutcome> {
+        let uri = &plan.trigger;
+        let export_id = &plan.export_id;
         let now = crate::clock::now().timestamp();
-        let mut claim_etag = match ledger
-            .claim(&export_id, now, self.cfg.lease_s, force_full)
+        match ledger
+            .claim(export_id, now, self.cfg.lease_s, plan.force_full)
             .await
         {
-            Ok(Claim::Acquired { etag }) => etag,
+            Ok(Claim::Acquired { etag }) => Ok(etag),
             Ok(Claim::AlreadyComplete { report }) => {
-                info!(object = %uri, route = %route.name, "Export already synced; duplicate trigger is a no-op.");
-                return ObjectOutcome::Done(json!({
-                    "object": uri.to_string(), "route": route.name,
-                    "outcome": "duplicate_no_op", "report": report}));
+                info!(object = %uri, route = %plan.route, "Export already synced; duplicate trigger is a no-op.");
+                Err(ObjectOutcome::Done(json!({
+                    "object": uri.to_string(), "route": plan.route,
+                    "outcome": "duplicate_no_op", "report": report})))
             }
-            Ok(Claim::Busy) => {
-                return ObjectOutcome::Retry(format!(
-                    "another invocation is syncing {uri} right now"
-                ));
-            }
-            Ok(Claim::FannedOut { run_id }) => {
-                match self
-                    .claim_after_fan_out(&ledger, &export_id, &route.name, &run_id, now)
+            Ok(Claim::Busy) => Err(ObjectOutcome::Retry(format!(
+                "another invocation is syncing {uri} right now"
+            ))),
+            Ok(Claim::FannedOut { run_id }) => self
+                .claim_after_fan_out(ledger, export_id, &plan.route, &run_id, now)
+                .await
+                .map_err(ObjectOutcome::Retry),
+            Err(e) => Err(ObjectOutcome::Retry(e.to_string())),
+        }
+    }
+
+    /// Records how the run ended in the ledger (a fanned-out export stays open for its pieces)
+    /// and, only once the route lock and the export claim are released, queues the rest of a
+    /// run that stopped early: the continuation never meets this run's own claims.
+    async fn record_and_hand_over(
+        &self,
+        ledger: &Ledger<'_>,
+        plan: &ExportPlan,
+        claim_etag: &str,
+        ended: RunEnd,
+    ) -> ObjectOutcome {
+        let uri = &plan.trigger;
+        let export_id = &plan.export_id;
+        let recorded = match (&ended.status, &ended.fan_out) {
+            (LedgerStatus::FannedOut, Some(run_id)) => {
+                ledger
+                    .finish_fanned_out(export_id, claim_etag, run_id, ended.report)
                     .await
-                {
-                    Ok(etag) => etag,
-                    Err(reason) => return ObjectOutcome::Retry(reason),
-                }
             }
-            Err(e) => return ObjectOutcome::Retry(e.to_string()),
+            _ => {
+                ledger
+                    .finish_stalled(
+                        export_id,
+                        claim_etag,
+                        ended.status,
+                        ended.report,
+                        ended.stalled,
+                    )
+                    .await
+            }
         };
-        info!(object = %uri, route = %route.name, parts = plan.parts.len(), force_full, "Starting export sync.");
-        // The claim's lease is short and renewed while the run lives.
-        let result = ledger
-            .renewing(
-                self.runner.run(&plan, remaining_ms),
-                &export_id,
-                &mut claim_etag,
-                self.cfg.lease_s,
-            )
-            .await;
-        let mut hand_over = false;
-        let mut stalled = 0;
-        let mut fan_out = None;
+        if let Err(e) = recorded {
+            // Acknowledged, the notification would leave the export claimed with no record
+            // of how it ended: it is retried instead (a claim that is already final answers
+            // the retry as a duplicate).
+            warn!(object = %uri, error = %e, "Could not record the run in the ledger; the notification is retried.");
+            return ObjectOutcome::Retry(format!("recording the run in the ledger: {e}"));
+        }
+        if ended.hand_over
+            && let Err(e) = self.runner.hand_over(plan).await
+        {
+            warn!(object = %uri, error = %e, "Could not hand the rest of the export over; the trigger is retried.");
+            return ObjectOutcome::Retry(format!("could not hand over: {e}"));
+        }
+        ended.outcome
+    }
+}
+
+/// How a run ended, as the ledger records it and the invocation answers it.
+struct RunEnd {
+    /// The export's ledger status.
+    status: LedgerStatus,
+    /// The run report's address, if one was written.
+    report: Option<String>,
+    /// The answer for this object.
+    outcome: ObjectOutcome,
+    /// The run stopped early with users left: queue the rest once the claim is released.
+    hand_over: bool,
+    /// Users the run could not finish (recorded with the claim).
+    stalled: u32,
+    /// The fan-out run that now owns the export, if the run split it.
+    fan_out: Option<String>,
+}
+
+impl RunEnd {
+    /// Classifies the runner's result. A run whose report could not be written is not
+    /// acknowledged: nothing would record how it ended, and its retry finds the state it
+    /// committed.
+    fn of(plan: &ExportPlan, result: Result<RunOutcome, RunError>) -> RunEnd {
+        let uri = &plan.trigger;
         let result = match result {
-            // A run whose report could not be written is not acknowledged: nothing would
-            // record how it ended. Its retry finds the state it committed.
             Ok(o) if o.report.is_none() => Err(RunError::Retryable(
                 "the run's report could not be written".into(),
             )),
@@ -591,27 +682,35 @@ impl Handler {
             ))),
             other => other,
         };
-        let (status, report, outcome) = match result {
+        let failed = |status, report, outcome| RunEnd {
+            status,
+            report,
+            outcome,
+            hand_over: false,
+            stalled: 0,
+            fan_out: None,
+        };
+        match result {
             Ok(o) => {
-                hand_over = o.hand_over;
-                stalled = o.summary["stalled"].as_u64().unwrap_or(0) as u32;
-                fan_out = o.fan_out.clone();
                 let (status, word) = o.ledger_status();
-                (
+                RunEnd {
                     status,
-                    o.report.clone(),
-                    ObjectOutcome::Done(json!({
-                        "object": uri.to_string(), "route": route.name,
+                    report: o.report.clone(),
+                    outcome: ObjectOutcome::Done(json!({
+                        "object": uri.to_string(), "route": plan.route,
                         "outcome": word, "report": o.report, "summary": o.summary})),
-                )
+                    hand_over: o.hand_over,
+                    stalled: o.summary["stalled"].as_u64().unwrap_or(0) as u32,
+                    fan_out: o.fan_out,
+                }
             }
             Err(RunError::Retryable(reason)) => {
                 warn!(object = %uri, error = %reason, "Export sync failed; it will be retried.");
-                (LedgerStatus::Incomplete, None, ObjectOutcome::Retry(reason))
+                failed(LedgerStatus::Incomplete, None, ObjectOutcome::Retry(reason))
             }
             Err(RunError::KeyRefused { message, report }) => {
                 warn!(object = %uri, error = %message, "Braze refused the API key; the export stays retryable.");
-                (
+                failed(
                     LedgerStatus::FailedRetryable,
                     report,
                     ObjectOutcome::Retry(message),
@@ -619,144 +718,14 @@ impl Handler {
             }
             Err(RunError::Permanent { message, report }) => {
                 warn!(object = %uri, error = %message, "Export sync failed permanently; see the report.");
-                (
+                failed(
                     LedgerStatus::Failed,
                     report.clone(),
                     ObjectOutcome::Done(json!({
-                        "object": uri.to_string(), "route": route.name,
+                        "object": uri.to_string(), "route": plan.route,
                         "outcome": "failed", "error": message, "report": report})),
                 )
             }
-        };
-        let recorded = match (&status, &fan_out) {
-            (LedgerStatus::FannedOut, Some(run_id)) => {
-                ledger
-                    .finish_fanned_out(&export_id, &claim_etag, run_id, report)
-                    .await
-            }
-            _ => {
-                ledger
-                    .finish_stalled(&export_id, &claim_etag, status, report, stalled)
-                    .await
-            }
-        };
-        if let Err(e) = recorded {
-            // Acknowledged, the notification would leave the export claimed with no record
-            // of how it ended: it is retried instead (a claim that is already final answers
-            // the retry as a duplicate).
-            warn!(object = %uri, error = %e, "Could not record the run in the ledger; the notification is retried.");
-            return ObjectOutcome::Retry(format!("recording the run in the ledger: {e}"));
         }
-        // Only now, with the route lock and the export claim released, may the rest be queued:
-        // the continuation never meets this run's own claims.
-        if hand_over && let Err(e) = self.runner.hand_over(&plan).await {
-            warn!(object = %uri, error = %e, "Could not hand the rest of the export over; the trigger is retried.");
-            return ObjectOutcome::Retry(format!("could not hand over: {e}"));
-        }
-        outcome
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    fn cfg() -> HandlerConfig {
-        HandlerConfig {
-            state_bucket: "state".into(),
-            output_prefixes: vec!["bridge/".into()],
-            state_prefix: "bridge/state/".into(),
-            reports_prefix: "bridge/reports/".into(),
-            routes: vec![
-                RouteBinding {
-                    name: "customers".into(),
-                    bucket: None,
-                    prefix: "amperity/customers/".into(),
-                    marker_suffix: None,
-                },
-                RouteBinding {
-                    name: "audiences".into(),
-                    bucket: None,
-                    prefix: "amperity/audiences/".into(),
-                    marker_suffix: Some(".DONE".into()),
-                },
-            ],
-            lease_s: 900,
-        }
-    }
-
-    #[test]
-    fn own_outputs_never_start_a_sync() {
-        let d = decide(
-            &cfg(),
-            &S3Uri::new("state", "bridge/state/customers/head.json"),
-        );
-        assert!(matches!(d, Decision::Ignore(_)));
-    }
-
-    #[test]
-    fn object_under_no_route_is_ignored() {
-        assert!(matches!(
-            decide(&cfg(), &S3Uri::new("x", "other/file.csv")),
-            Decision::Ignore(_)
-        ));
-    }
-
-    #[test]
-    fn marker_mode_parts_wait_for_the_marker() {
-        assert!(matches!(
-            decide(
-                &cfg(),
-                &S3Uri::new("x", "amperity/audiences/run1/part-0001.csv")
-            ),
-            Decision::Ignore(_)
-        ));
-        assert!(matches!(
-            decide(&cfg(), &S3Uri::new("x", "amperity/audiences/run1/.DONE")),
-            Decision::Run(_)
-        ));
-    }
-
-    #[test]
-    fn marker_parts_are_the_folder_in_key_order_without_markers() {
-        let meta = |k: &str| ObjectMeta {
-            key: k.into(),
-            ..Default::default()
-        };
-        let listing = vec![
-            meta("a/run1/part-0002.csv"),
-            meta("a/run1/.DONE"),
-            meta("a/run1/part-0001.csv"),
-            meta("a/run1/sub/x.csv"),
-            meta("a/run10/part-0001.csv"),
-        ];
-        let parts = parts_of_marker(&listing, &S3Uri::new("b", "a/run1/.DONE"), ".DONE");
-        let keys: Vec<_> = parts.iter().map(|p| p.key.as_str()).collect();
-        assert_eq!(keys, ["a/run1/part-0001.csv", "a/run1/part-0002.csv"]);
-    }
-
-    #[test]
-    fn fan_out_pieces_are_taken_out_of_an_sqs_batch() {
-        let piece = json!({"bridge_fan_out": {"route": "r", "run_id": "x", "piece": 2}});
-        let s3 = json!({"Records": [{"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
-            "s3": {"bucket": {"name": "b"}, "object": {"key": "k"}}}]});
-        let batch = json!({"Records": [
-            {"messageId": "a", "body": piece.to_string(), "eventSource": "aws:sqs"},
-            {"messageId": "b", "body": s3.to_string(), "eventSource": "aws:sqs"}]});
-        let (pieces, rest) = split_fan_out(&batch);
-        assert_eq!(
-            pieces,
-            vec![(Some("a".to_string()), piece[FAN_OUT_KEY].clone())]
-        );
-        let rest = rest.unwrap();
-        assert_eq!(rest["Records"].as_array().unwrap().len(), 1);
-        assert_eq!(rest["Records"][0]["messageId"], "b");
-        // Only pieces: nothing else to parse. Not SQS: untouched.
-        let only = json!({"Records": [{"messageId": "a", "body": piece.to_string(), "eventSource": "aws:sqs"}]});
-        assert!(split_fan_out(&only).1.is_none());
-        let (pieces, rest) = split_fan_out(&s3);
-        assert!(pieces.is_empty());
-        assert_eq!(rest.unwrap(), s3);
     }
 }
