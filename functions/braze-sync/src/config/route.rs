@@ -356,183 +356,17 @@ impl Route {
         Route::new(config, origin)
     }
 
-    /// Validates a parsed config.
+    /// Validates a parsed config: how its exports are read, the identifier, the export order
+    /// and limits, then its Braze attributes (slots) in slot order.
     pub fn new(config: RouteConfig, origin: &str) -> Result<Route, RouteError> {
-        let invalid = |message: String| RouteError::Invalid {
-            origin: origin.to_string(),
-            message,
-        };
-        if !valid_name(&config.name) {
-            return Err(invalid(format!(
-                "name {:?} must be lowercase letters, digits, '-' or '_', not starting with '_'",
-                config.name
-            )));
-        }
-        if config.prefix.is_empty() {
-            return Err(invalid("prefix must not be empty".into()));
-        }
-        if config.mode == Mode::Marker && config.marker_suffix.is_empty() {
-            return Err(invalid(
-                "marker_suffix must not be empty in marker mode".into(),
-            ));
-        }
-        match (config.format, &config.delimiter) {
-            (Some(FormatName::Delimited), None) => {
-                return Err(invalid(
-                    "format = \"delimited\" needs a one-character delimiter".into(),
-                ));
-            }
-            (Some(FormatName::Delimited), Some(d)) if !(d.len() == 1 && d.is_ascii()) => {
-                return Err(invalid(format!(
-                    "delimiter {d:?} must be one ASCII character"
-                )));
-            }
-            (Some(FormatName::Delimited), Some(_)) => {}
-            (_, Some(_)) => {
-                return Err(invalid(
-                    "delimiter is only used with format = \"delimited\"".into(),
-                ));
-            }
-            _ => {}
-        }
-        if let Some(e) = &config.escape
-            && !(e.len() == 1 && e.is_ascii())
-        {
-            return Err(invalid(format!("escape {e:?} must be one ASCII character")));
-        }
-        let id = &config.identifier;
-        if id.column.trim().is_empty() {
-            return Err(invalid("identifier.column must not be empty".into()));
-        }
-        match id.kind {
-            IdentifierKind::UserAlias => match (&id.alias_label, &id.alias_label_column) {
-                (Some(l), None) if !l.is_empty() => {}
-                (None, Some(c)) if !c.is_empty() => {}
-                _ => {
-                    return Err(invalid(
-                        "identifier.kind = \"user_alias\" needs exactly one of alias_label or alias_label_column".into(),
-                    ));
-                }
-            },
-            _ => {
-                if id.alias_label.is_some() || id.alias_label_column.is_some() {
-                    return Err(invalid(
-                        "identifier.alias_label and alias_label_column are only for kind = \"user_alias\"".into(),
-                    ));
-                }
-            }
-        }
-        match (config.order_by, &config.key_time_format) {
-            (OrderBy::Key, None) => {
-                return Err(invalid(
-                    "order_by = \"key\" needs key_time_format (e.g. \"customers_%Y%m%d.csv\")"
-                        .into(),
-                ));
-            }
-            (OrderBy::Key, Some(f)) => crate::config::export_order::validate_key_time_format(f)
-                .map_err(|e| invalid(format!("key_time_format: {e}")))?,
-            (_, Some(_)) => {
-                return Err(invalid(
-                    "key_time_format is only used with order_by = \"key\"".into(),
-                ));
-            }
-            (_, None) => {}
-        }
-        crate::config::export_order::parse_skew(&config.max_future_skew)
-            .map_err(|e| invalid(format!("max_future_skew: {e}")))?;
-        if config.limits.max_row_bytes < 64 {
-            return Err(invalid("limits.max_row_bytes must be at least 64".into()));
-        }
-
-        let mut slots = Vec::new();
-        for (column, field) in &config.fields {
-            let Some(std) = StandardField::from_name(field) else {
-                return Err(invalid(format!(
-                    "fields.{column} = {field:?} is not a Braze standard profile field we map (one of {})",
-                    StandardField::ALL
-                        .iter()
-                        .map(|f| f.name())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            };
-            slots.push(Slot {
-                name: std.name().to_string(),
-                column: Some(column.clone()),
-                kind: SlotKind::Standard(std),
-            });
-        }
-        for (column, attr) in &config.attributes {
-            let name = attr.name.clone().unwrap_or_else(|| column.clone());
-            check_custom_name(&name, column, origin)?;
-            if let Some(r) = attr.round {
-                if !matches!(attr.ty, AmperityType::Decimal | AmperityType::Float) {
-                    return Err(invalid(format!(
-                        "attributes.{column}.round applies only to Decimal and Float, not {:?}",
-                        attr.ty
-                    )));
-                }
-                if r > 12 {
-                    return Err(invalid(format!(
-                        "attributes.{column}.round = {r} is out of range 0..=12"
-                    )));
-                }
-            }
-            slots.push(Slot {
-                name,
-                column: Some(column.clone()),
-                kind: SlotKind::Custom {
-                    ty: attr.ty,
-                    round: attr.round,
-                },
-            });
-        }
-        let shares = std::iter::once((
-            "max_departure_share".to_string(),
-            Some(config.max_departure_share),
-        ))
-        .chain(config.audiences.iter().map(|a| {
-            (
-                format!("audiences {:?} max_departure_share", a.attribute),
-                a.max_departure_share,
-            )
-        }));
-        for (key, share) in shares {
-            if let Some(v) = share
-                && !(0.0..=1.0).contains(&v)
-            {
-                return Err(invalid(format!("{key} = {v} must be between 0.0 and 1.0")));
-            }
-        }
-        for (i, aud) in config.audiences.iter().enumerate() {
-            let column = aud
-                .column
-                .clone()
-                .unwrap_or_else(|| format!("audiences[{i}]"));
-            check_custom_name(&aud.attribute, &column, origin)?;
-            slots.push(Slot {
-                name: aud.attribute.clone(),
-                column: aud.column.clone(),
-                kind: SlotKind::Audience {
-                    on_leave: aud.on_leave,
-                },
-            });
-        }
-        if slots.len() > MAX_SLOTS {
-            return Err(invalid(format!(
-                "{} attributes is more than the {MAX_SLOTS} a route may map",
-                slots.len()
-            )));
-        }
-        let mut by_name = HashMap::new();
-        for (i, s) in slots.iter().enumerate() {
-            if by_name.insert(s.name.clone(), i as u16).is_some() {
-                return Err(invalid(format!(
-                    "Braze attribute {:?} is written by more than one column",
-                    s.name
-                )));
-            }
-        }
+        check_reading(&config, origin)?;
+        check_identifier(&config.identifier, origin)?;
+        check_order_and_limits(&config, origin)?;
+        let mut slots = standard_slots(&config, origin)?;
+        slots.extend(custom_slots(&config, origin)?);
+        check_departure_shares(&config, origin)?;
+        slots.extend(audience_slots(&config, origin)?);
+        let by_name = index_slots(&slots, origin)?;
         Ok(Route {
             config,
             slots,
@@ -686,6 +520,232 @@ impl Route {
             },
         }
     }
+}
+
+fn invalid(origin: &str, message: String) -> RouteError {
+    RouteError::Invalid {
+        origin: origin.to_string(),
+        message,
+    }
+}
+
+/// The name, prefix, trigger mode and file format of a route.
+fn check_reading(config: &RouteConfig, origin: &str) -> Result<(), RouteError> {
+    let invalid = |message| invalid(origin, message);
+    if !valid_name(&config.name) {
+        return Err(invalid(format!(
+            "name {:?} must be lowercase letters, digits, '-' or '_', not starting with '_'",
+            config.name
+        )));
+    }
+    if config.prefix.is_empty() {
+        return Err(invalid("prefix must not be empty".into()));
+    }
+    if config.mode == Mode::Marker && config.marker_suffix.is_empty() {
+        return Err(invalid(
+            "marker_suffix must not be empty in marker mode".into(),
+        ));
+    }
+    match (config.format, &config.delimiter) {
+        (Some(FormatName::Delimited), None) => {
+            return Err(invalid(
+                "format = \"delimited\" needs a one-character delimiter".into(),
+            ));
+        }
+        (Some(FormatName::Delimited), Some(d)) if !(d.len() == 1 && d.is_ascii()) => {
+            return Err(invalid(format!(
+                "delimiter {d:?} must be one ASCII character"
+            )));
+        }
+        (Some(FormatName::Delimited), Some(_)) => {}
+        (_, Some(_)) => {
+            return Err(invalid(
+                "delimiter is only used with format = \"delimited\"".into(),
+            ));
+        }
+        _ => {}
+    }
+    if let Some(e) = &config.escape
+        && !(e.len() == 1 && e.is_ascii())
+    {
+        return Err(invalid(format!("escape {e:?} must be one ASCII character")));
+    }
+    Ok(())
+}
+
+/// The identifier column and, for user aliases, where the alias label comes from.
+fn check_identifier(id: &IdentifierConfig, origin: &str) -> Result<(), RouteError> {
+    let invalid = |message| invalid(origin, message);
+    if id.column.trim().is_empty() {
+        return Err(invalid("identifier.column must not be empty".into()));
+    }
+    match id.kind {
+        IdentifierKind::UserAlias => match (&id.alias_label, &id.alias_label_column) {
+            (Some(l), None) if !l.is_empty() => {}
+            (None, Some(c)) if !c.is_empty() => {}
+            _ => {
+                return Err(invalid(
+                    "identifier.kind = \"user_alias\" needs exactly one of alias_label or alias_label_column".into(),
+                ));
+            }
+        },
+        _ => {
+            if id.alias_label.is_some() || id.alias_label_column.is_some() {
+                return Err(invalid(
+                    "identifier.alias_label and alias_label_column are only for kind = \"user_alias\"".into(),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How exports are dated and ordered, and the row size limit.
+fn check_order_and_limits(config: &RouteConfig, origin: &str) -> Result<(), RouteError> {
+    let invalid = |message| invalid(origin, message);
+    match (config.order_by, &config.key_time_format) {
+        (OrderBy::Key, None) => {
+            return Err(invalid(
+                "order_by = \"key\" needs key_time_format (e.g. \"customers_%Y%m%d.csv\")".into(),
+            ));
+        }
+        (OrderBy::Key, Some(f)) => crate::config::export_order::validate_key_time_format(f)
+            .map_err(|e| invalid(format!("key_time_format: {e}")))?,
+        (_, Some(_)) => {
+            return Err(invalid(
+                "key_time_format is only used with order_by = \"key\"".into(),
+            ));
+        }
+        (_, None) => {}
+    }
+    crate::config::export_order::parse_skew(&config.max_future_skew)
+        .map_err(|e| invalid(format!("max_future_skew: {e}")))?;
+    if config.limits.max_row_bytes < 64 {
+        return Err(invalid("limits.max_row_bytes must be at least 64".into()));
+    }
+
+    Ok(())
+}
+
+/// One slot per `[fields]` entry: a column mapped to a Braze standard profile field.
+fn standard_slots(config: &RouteConfig, origin: &str) -> Result<Vec<Slot>, RouteError> {
+    let invalid = |message| invalid(origin, message);
+    let mut slots = Vec::new();
+    for (column, field) in &config.fields {
+        let Some(std) = StandardField::from_name(field) else {
+            return Err(invalid(format!(
+                "fields.{column} = {field:?} is not a Braze standard profile field we map (one of {})",
+                StandardField::ALL
+                    .iter()
+                    .map(|f| f.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        };
+        slots.push(Slot {
+            name: std.name().to_string(),
+            column: Some(column.clone()),
+            kind: SlotKind::Standard(std),
+        });
+    }
+    Ok(slots)
+}
+
+/// One slot per `[attributes]` entry: a column sent as a custom attribute.
+fn custom_slots(config: &RouteConfig, origin: &str) -> Result<Vec<Slot>, RouteError> {
+    let invalid = |message| invalid(origin, message);
+    let mut slots = Vec::new();
+    for (column, attr) in &config.attributes {
+        let name = attr.name.clone().unwrap_or_else(|| column.clone());
+        check_custom_name(&name, column, origin)?;
+        if let Some(r) = attr.round {
+            if !matches!(attr.ty, AmperityType::Decimal | AmperityType::Float) {
+                return Err(invalid(format!(
+                    "attributes.{column}.round applies only to Decimal and Float, not {:?}",
+                    attr.ty
+                )));
+            }
+            if r > 12 {
+                return Err(invalid(format!(
+                    "attributes.{column}.round = {r} is out of range 0..=12"
+                )));
+            }
+        }
+        slots.push(Slot {
+            name,
+            column: Some(column.clone()),
+            kind: SlotKind::Custom {
+                ty: attr.ty,
+                round: attr.round,
+            },
+        });
+    }
+    Ok(slots)
+}
+
+/// Every departure cap (the route's and each audience's) is a share between 0 and 1.
+fn check_departure_shares(config: &RouteConfig, origin: &str) -> Result<(), RouteError> {
+    let invalid = |message| invalid(origin, message);
+    let shares = std::iter::once((
+        "max_departure_share".to_string(),
+        Some(config.max_departure_share),
+    ))
+    .chain(config.audiences.iter().map(|a| {
+        (
+            format!("audiences {:?} max_departure_share", a.attribute),
+            a.max_departure_share,
+        )
+    }));
+    for (key, share) in shares {
+        if let Some(v) = share
+            && !(0.0..=1.0).contains(&v)
+        {
+            return Err(invalid(format!("{key} = {v} must be between 0.0 and 1.0")));
+        }
+    }
+    Ok(())
+}
+
+/// One slot per audience, in the order listed.
+fn audience_slots(config: &RouteConfig, origin: &str) -> Result<Vec<Slot>, RouteError> {
+    let mut slots = Vec::new();
+    for (i, aud) in config.audiences.iter().enumerate() {
+        let column = aud
+            .column
+            .clone()
+            .unwrap_or_else(|| format!("audiences[{i}]"));
+        check_custom_name(&aud.attribute, &column, origin)?;
+        slots.push(Slot {
+            name: aud.attribute.clone(),
+            column: aud.column.clone(),
+            kind: SlotKind::Audience {
+                on_leave: aud.on_leave,
+            },
+        });
+    }
+    Ok(slots)
+}
+
+/// Slot numbers by Braze attribute name; each attribute is written by one column only, and
+/// a route has at most [`MAX_SLOTS`].
+fn index_slots(slots: &[Slot], origin: &str) -> Result<HashMap<String, u16>, RouteError> {
+    let invalid = |message| invalid(origin, message);
+    if slots.len() > MAX_SLOTS {
+        return Err(invalid(format!(
+            "{} attributes is more than the {MAX_SLOTS} a route may map",
+            slots.len()
+        )));
+    }
+    let mut by_name = HashMap::new();
+    for (i, s) in slots.iter().enumerate() {
+        if by_name.insert(s.name.clone(), i as u16).is_some() {
+            return Err(invalid(format!(
+                "Braze attribute {:?} is written by more than one column",
+                s.name
+            )));
+        }
+    }
+    Ok(by_name)
 }
 
 /// How one route claims objects.
