@@ -58,6 +58,9 @@ pub struct SimConfig {
     /// `/users/track` requests allowed per clock hour (UTC), as MAU contracts set them; a
     /// request past it gets 429 until the next hour. `None`: no hourly limit.
     pub hourly_request_limit: Option<u64>,
+    /// Ids of the workspace's subscription groups. A `subscription_groups` entry naming
+    /// another id is refused (`BAD_SUBSCRIPTION_GROUP_ID`); none by default.
+    pub subscription_groups: Vec<String>,
 }
 
 impl Default for SimConfig {
@@ -79,6 +82,7 @@ impl Default for SimConfig {
             export_rate_limit_window: Duration::from_secs(60),
             mau_headers: false,
             hourly_request_limit: None,
+            subscription_groups: Vec::new(),
         }
     }
 }

@@ -205,7 +205,7 @@ pub fn track_with(
     limits: &Limits,
     mode: AnswerMode,
 ) -> TrackOutcome {
-    let mut outcome = match parse(body, limits) {
+    let mut outcome = match parse(body, limits, store.subscription_groups()) {
         Err(e) => return track_error(e),
         Ok(parsed) if mode.strict_batch_400 && parsed.results.iter().any(|r| r.2.is_err()) => {
             refuse_whole(parsed)
@@ -278,7 +278,11 @@ struct Parsed {
     results: Vec<(InputArray, usize, Result<Valid, ObjectError>)>,
 }
 
-fn parse(body: &[u8], limits: &Limits) -> Result<Parsed, (RequestError, ObjectCounts)> {
+fn parse(
+    body: &[u8],
+    limits: &Limits,
+    groups: &std::collections::BTreeSet<String>,
+) -> Result<Parsed, (RequestError, ObjectCounts)> {
     let none = ObjectCounts::default();
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| (RequestError::InvalidJson(e.to_string()), none))?;
@@ -327,7 +331,7 @@ fn parse(body: &[u8], limits: &Limits) -> Result<Parsed, (RequestError, ObjectCo
     for (a, items) in &arrays {
         for (i, item) in items.iter().enumerate() {
             let r = match a {
-                InputArray::Attributes => validate_attributes(item).map(Valid::Attributes),
+                InputArray::Attributes => validate_attributes(item, groups).map(Valid::Attributes),
                 InputArray::Events => validate_event(item).map(Valid::Event),
                 InputArray::Purchases => validate_purchase(item).map(Valid::Purchase),
             };

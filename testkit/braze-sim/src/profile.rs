@@ -2,7 +2,7 @@
 //! attribute operations Braze documents (set, `null` removes, array `add`/`remove`, `inc`,
 //! nested objects, arrays of objects).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::Serialize;
@@ -133,17 +133,29 @@ pub struct Profile {
     updated_seq: u64,
 }
 
-/// All simulated profiles.
+/// All simulated profiles, and the workspace's subscription groups.
 #[derive(Debug, Clone, Default)]
 pub struct ProfileStore {
     profiles: BTreeMap<UserKey, Profile>,
     seq: u64,
+    subscription_groups: BTreeSet<String>,
 }
 
 impl ProfileStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Sets the ids of the workspace's subscription groups: a `subscription_groups` entry
+    /// naming any other id is refused with `BAD_SUBSCRIPTION_GROUP_ID`.
+    pub fn set_subscription_groups(&mut self, ids: impl IntoIterator<Item = String>) {
+        self.subscription_groups = ids.into_iter().collect();
+    }
+
+    /// The ids of the workspace's subscription groups.
+    pub fn subscription_groups(&self) -> &BTreeSet<String> {
+        &self.subscription_groups
     }
 
     /// The profile under `key`.

@@ -186,6 +186,12 @@ impl Shared {
     }
 }
 
+fn store_for(cfg: &SimConfig) -> ProfileStore {
+    let mut store = ProfileStore::new();
+    store.set_subscription_groups(cfg.subscription_groups.iter().cloned());
+    store
+}
+
 fn window_for(cfg: &SimConfig) -> RateWindow {
     let ms = u64::try_from(cfg.rate_limit_window.as_millis()).unwrap_or(u64::MAX);
     RateWindow::new(cfg.rate_limit_requests, ms)
@@ -225,8 +231,8 @@ impl State {
             window: window_for(&cfg),
             export_window: export_window_for(&cfg),
             faults: FaultPlan::new(cfg.faults.clone(), cfg.seed),
+            store: store_for(&cfg),
             cfg,
-            store: ProfileStore::new(),
             stats: Stats::default(),
             log: Vec::new(),
             seq: 0,
@@ -519,6 +525,8 @@ impl State {
         self.export_window = export_window_for(&cfg);
         self.faults = FaultPlan::new(cfg.faults.clone(), cfg.seed);
         self.hour = (0, 0);
+        self.store
+            .set_subscription_groups(cfg.subscription_groups.iter().cloned());
         self.cfg = cfg;
         Ok(())
     }

@@ -3,6 +3,8 @@
 //! valid object becomes a typed change; each invalid one an [`ObjectError`] whose text is the
 //! `type` of its `errors[]` entry.
 
+use std::collections::BTreeSet;
+
 use serde_json::{Map, Value};
 use thiserror::Error;
 
@@ -62,6 +64,18 @@ pub enum ObjectError {
         /// Key length in characters.
         chars: usize,
     },
+    /// A `subscription_groups` entry naming a group the workspace does not have (or no
+    /// `subscription_group_id` string at all).
+    #[error("BAD_SUBSCRIPTION_GROUP_ID")]
+    BadSubscriptionGroupId,
+    /// A `subscription_groups` entry whose `subscription_state` is not `subscribed` or
+    /// `unsubscribed`.
+    #[error("BAD_SUBSCRIPTION_GROUP_STATE")]
+    BadSubscriptionGroupState,
+    /// `email_subscribe` other than `opted_in`, `subscribed` or `unsubscribed` (`null`
+    /// included: a subscription state cannot be removed).
+    #[error("BAD_EMAIL_SUBSCRIPTION_STATE")]
+    BadEmailSubscriptionState,
     /// A nested-object key with a space, a `.` or a leading `$`.
     #[error("Nested key '{key}' in '{field}' is not valid: no spaces, '.' or '$' allowed.")]
     InvalidNestedKey {
@@ -159,7 +173,11 @@ fn flag(obj: &Map<String, Value>, name: &'static str) -> Result<Option<bool>, Ob
     }
 }
 
-pub(crate) fn validate_attributes(item: &Value) -> Result<AttributesUpdate, ObjectError> {
+/// Validates one attribute object; `groups` are the workspace's subscription group ids.
+pub(crate) fn validate_attributes(
+    item: &Value,
+    groups: &BTreeSet<String>,
+) -> Result<AttributesUpdate, ObjectError> {
     let obj = as_object(item, "attributes")?;
     let id = identify(obj)?;
     let update_only = flag(obj, "_update_existing_only")?.unwrap_or(id.default_update_only());
@@ -167,6 +185,10 @@ pub(crate) fn validate_attributes(item: &Value) -> Result<AttributesUpdate, Obje
     let mut ops = Vec::new();
     for (name, value) in obj {
         if CONTROL_KEYS.contains(&name.as_str()) {
+            continue;
+        }
+        if name == "subscription_groups" {
+            ops.push((name.clone(), subscription_groups_op(value, groups)?));
             continue;
         }
         if let Some(op) = attribute_op(name, value, merge)? {
@@ -178,6 +200,28 @@ pub(crate) fn validate_attributes(item: &Value) -> Result<AttributesUpdate, Obje
         update_only,
         ops,
     })
+}
+
+/// `subscription_groups: [{subscription_group_id, subscription_state}]`, kept on the profile
+/// as one object of group id → state (later states of a group replace earlier ones).
+fn subscription_groups_op(value: &Value, groups: &BTreeSet<String>) -> Result<AttrOp, ObjectError> {
+    let items = value
+        .as_array()
+        .ok_or_else(|| invalid("subscription_groups", "an array of objects"))?;
+    let mut states = Map::new();
+    for item in items {
+        let id = item
+            .get("subscription_group_id")
+            .and_then(Value::as_str)
+            .filter(|id| groups.contains(*id))
+            .ok_or(ObjectError::BadSubscriptionGroupId)?;
+        let state = match item.get("subscription_state").and_then(Value::as_str) {
+            Some(s @ ("subscribed" | "unsubscribed")) => s,
+            _ => return Err(ObjectError::BadSubscriptionGroupState),
+        };
+        states.insert(id.to_string(), Value::String(state.to_string()));
+    }
+    Ok(AttrOp::Merge(states))
 }
 
 fn invalid(field: &str, expected: &'static str) -> ObjectError {
@@ -200,6 +244,14 @@ fn short_string(field: &str, s: &str) -> Result<(), ObjectError> {
 
 /// Validates one attribute and turns it into an operation (`None`: ignored, e.g. `bio`).
 fn attribute_op(name: &str, value: &Value, merge: bool) -> Result<Option<AttrOp>, ObjectError> {
+    if name == "email_subscribe" {
+        return match value.as_str() {
+            Some("opted_in" | "unsubscribed" | "subscribed") => {
+                Ok(Some(AttrOp::Set(value.clone())))
+            }
+            _ => Err(ObjectError::BadEmailSubscriptionState),
+        };
+    }
     if value.is_null() {
         return Ok(Some(AttrOp::Remove));
     }
@@ -218,7 +270,7 @@ fn attribute_op(name: &str, value: &Value, merge: bool) -> Result<Option<AttrOp>
             "M" | "F" | "O" | "N" | "P" => set(),
             _ => Err(invalid(name, "one of M, F, O, N, P or null")),
         },
-        "email_subscribe" | "push_subscribe" => match string()? {
+        "push_subscribe" => match string()? {
             "opted_in" | "unsubscribed" | "subscribed" => set(),
             _ => Err(invalid(name, "one of opted_in, unsubscribed, subscribed")),
         },
@@ -298,7 +350,7 @@ fn attribute_op(name: &str, value: &Value, merge: bool) -> Result<Option<AttrOp>
                 ))
             }
         }
-        "push_tokens" | "subscription_groups" => {
+        "push_tokens" => {
             if value.is_array() {
                 set()
             } else {
@@ -656,6 +708,44 @@ mod tests {
                 Ok(Some(AttrOp::Remove))
             );
         }
+    }
+
+    #[test]
+    fn subscription_groups_need_a_known_id_and_a_group_state() {
+        let groups: BTreeSet<String> = ["g1".to_string()].into();
+        let obj = |v: Value| json!({"external_id": "u", "subscription_groups": v});
+        let ok = validate_attributes(
+            &obj(json!([{"subscription_group_id": "g1", "subscription_state": "unsubscribed"}])),
+            &groups,
+        )
+        .unwrap();
+        let mut states = Map::new();
+        states.insert("g1".into(), json!("unsubscribed"));
+        assert_eq!(
+            ok.ops,
+            vec![("subscription_groups".into(), AttrOp::Merge(states))]
+        );
+        let err = |v: Value| {
+            validate_attributes(&obj(v), &groups)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            err(json!([{"subscription_group_id": "g2", "subscription_state": "subscribed"}])),
+            "BAD_SUBSCRIPTION_GROUP_ID"
+        );
+        assert_eq!(
+            err(json!([{"subscription_group_id": "g1", "subscription_state": "opted_in"}])),
+            "BAD_SUBSCRIPTION_GROUP_STATE"
+        );
+        assert_eq!(
+            attribute_op("email_subscribe", &Value::Null, false)
+                .unwrap_err()
+                .to_string(),
+            "BAD_EMAIL_SUBSCRIPTION_STATE"
+        );
+        assert!(!check("email_subscribe", json!("yes")));
+        assert!(check("email_subscribe", json!("opted_in")));
     }
 
     #[test]

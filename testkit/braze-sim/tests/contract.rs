@@ -844,3 +844,50 @@ async fn strict_batch_400_refuses_the_whole_request_for_one_invalid_object() {
     assert!(v["errors"][0].get("index").is_none(), "{v}");
     assert!(sim.user("ok2").is_none());
 }
+
+#[tokio::test]
+async fn consent_errors_are_listed_per_object_and_good_groups_are_kept_per_id() {
+    let sim = sim(SimConfig {
+        subscription_groups: vec!["sg-news".into(), "sg-sms".into()],
+        ..SimConfig::default()
+    })
+    .await;
+    let group =
+        |id: &str, state: &str| json!([{"subscription_group_id": id, "subscription_state": state}]);
+    let v = post_ok(
+        &sim,
+        json!({"attributes": [
+            {"external_id": "a", "subscription_groups": group("sg-gone", "subscribed")},
+            {"external_id": "b", "subscription_groups": group("sg-news", "opted_in")},
+            {"external_id": "c", "email_subscribe": "maybe"},
+            {"external_id": "d", "email_subscribe": "unsubscribed",
+             "subscription_groups": group("sg-news", "subscribed")},
+        ]}),
+    )
+    .await;
+    let kinds: Vec<(u64, &str)> = v["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["index"].as_u64().unwrap(), e["type"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (0, "BAD_SUBSCRIPTION_GROUP_ID"),
+            (1, "BAD_SUBSCRIPTION_GROUP_STATE"),
+            (2, "BAD_EMAIL_SUBSCRIPTION_STATE"),
+        ]
+    );
+    post_ok(
+        &sim,
+        json!({"attributes": [{"external_id": "d", "subscription_groups": group("sg-sms", "unsubscribed")}]}),
+    )
+    .await;
+    let d = sim.user("d").unwrap();
+    assert_eq!(d["email_subscribe"], "unsubscribed");
+    assert_eq!(
+        d["subscription_groups"],
+        json!({"sg-news": "subscribed", "sg-sms": "unsubscribed"})
+    );
+}
