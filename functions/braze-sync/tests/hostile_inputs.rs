@@ -137,20 +137,30 @@ fn a_quoted_field_past_max_row_bytes_names_the_open_quote() {
 // --- NUL bytes and blank-line bombs ----------------------------------------------------
 
 #[test]
-fn a_nul_byte_rejects_its_row_at_any_offset() {
-    let mut data = b"id,note\n1,a\x00b\n".to_vec();
+fn a_nul_byte_rejects_its_row_at_any_offset_naming_user_and_column() {
+    let mut data = format!("{HEADER}1,a@x.com,,,,,a\x00b\n").into_bytes();
     for i in 0..2000 {
-        data.extend(format!("{},fine\n", i + 2).as_bytes());
+        data.extend(format!("{},u{i}@x.com,,,,,fine\n", i + 2).as_bytes());
     }
-    data.extend(b"9999,late\x00nul\n");
+    data.extend(b"9999,late@x.com,,,,,late\x00nul\n");
     assert!(data.len() > 8192);
-    let t = read_all_text(&data[..], "x.csv", &ReadOptions::default()).unwrap();
-    assert_eq!(t[0].bad.len(), 2, "{:?}", t[0].bad);
-    assert!(t[0].bad.iter().all(|b| b.reason.contains("NUL")));
-    assert_eq!(t[0].bad[0].column.as_deref(), Some("note"));
-    assert_eq!(t[0].rows.len(), 2000);
-    // JSON strings with an escaped NUL are refused too, when the route reads them.
     let r = route("");
+    let p = run(&r, "s3://b/p/x.csv", &data).unwrap();
+    assert_eq!(p.rejects.len(), 2, "{:?}", p.rejects);
+    for (reject, user) in p.rejects.iter().zip(["1", "9999"]) {
+        assert!(reject.reason.contains("NUL"), "{}", reject.reason);
+        assert_eq!(reject.column.as_deref(), Some("note"));
+        assert_eq!(
+            reject.identifier,
+            Some(braze_sync::model::Identifier::ExternalId(user.into())),
+        );
+    }
+    assert_eq!(p.summary.rows_without_identifier, 0);
+    assert_eq!(p.deltas.len(), 2000);
+    // The reader itself keeps such rows: their identifier is read first.
+    let t = read_all_text(&data[..], "x.csv", &ReadOptions::default()).unwrap();
+    assert_eq!((t[0].rows.len(), t[0].bad.len()), (2002, 0));
+    // JSON strings with an escaped NUL are refused too, when the route reads them.
     let p = run(
         &r,
         "s3://b/p/x.ndjson",
@@ -163,6 +173,61 @@ fn a_nul_byte_rejects_its_row_at_any_offset() {
         "{}",
         p.rejects[0].reason
     );
+}
+
+#[test]
+fn a_stray_nul_in_a_value_is_not_an_anonymous_row() {
+    // One stray byte in the last column: the row is rejected naming its user and column,
+    // and the user stays present (an unidentified row would hold every departure).
+    let r =
+        route("[[audiences]]\nattribute = \"aud_vip\"\ncolumn = \"vip\"\non_leave = \"false\"\n");
+    let header = "id,email,phone,dob,signup,seen,vip,note\n";
+    let data = format!("{header}z1,z1@example.com,,,,,,silver\nz2,z2@example.com,,,,,,go\x00ld\n");
+    let p = run(&r, "s3://b/p/x.csv", data.as_bytes()).unwrap();
+    assert_eq!(p.rejects.len(), 1, "{:?}", p.rejects);
+    let reject = &p.rejects[0];
+    assert!(reject.reason.contains("NUL"), "{}", reject.reason);
+    assert_eq!(
+        reject.identifier,
+        Some(braze_sync::model::Identifier::ExternalId("z2".into()))
+    );
+    assert_eq!(reject.column.as_deref(), Some("note"));
+    assert_eq!(p.summary.rows_without_identifier, 0);
+
+    // z2, a confirmed audience member, is present in an export where its note holds the byte:
+    // no departure, none held.
+    let mut snap = Snapshot::for_route(&r);
+    let clean =
+        format!("{header}z1,z1@example.com,,,,,true,silver\nz2,z2@example.com,,,,,true,gold\n");
+    let opts = ProduceOptions::for_route(&r, "s3://b/p/x.csv");
+    let first = in_memory::plan(parts(&clean), &r, &snap, &opts).unwrap();
+    for d in &first.deltas {
+        snap.apply_confirmed(d);
+    }
+    snap.compact();
+    let data =
+        format!("{header}z1,z1@example.com,,,,,true,silver\nz2,z2@example.com,,,,,true,go\x00ld\n");
+    let p = in_memory::plan(parts(&data), &r, &snap, &opts).unwrap();
+    assert_eq!(p.rejects.len(), 1, "{:?}", p.rejects);
+    assert_eq!(p.summary.rows_without_identifier, 0);
+    assert_eq!(p.summary.users_departed, 0);
+    let aud = &p.summary.departures[0];
+    assert_eq!((aud.members_before, aud.leaving, aud.held), (2, 0, 0));
+    assert!(p.deltas.is_empty(), "{:?}", p.deltas);
+
+    // A NUL in the identifier itself still leaves the row without one.
+    let data = format!("{header}z\x002,z2@example.com,,,,,,gold\n");
+    let p = run(&r, "s3://b/p/x.csv", data.as_bytes()).unwrap();
+    assert_eq!(p.rejects.len(), 1);
+    assert_eq!(p.rejects[0].identifier, None);
+    assert_eq!(p.summary.rows_without_identifier, 1);
+}
+
+fn parts(data: &str) -> Vec<Result<Part<&[u8]>, SyncError>> {
+    vec![Ok(Part {
+        source: "s3://b/p/x.csv".into(),
+        reader: data.as_bytes(),
+    })]
 }
 
 #[test]

@@ -229,6 +229,27 @@ impl Cells for StringRecord {
     }
 }
 
+/// One data row's text. `nul`: some value holds a NUL byte, and that value reads as
+/// [`CellError::Nul`] (never as data).
+struct TextRow {
+    record: StringRecord,
+    nul: bool,
+}
+
+impl Cells for TextRow {
+    fn len(&self) -> usize {
+        self.record.len()
+    }
+
+    fn cell(&self, index: usize) -> Result<Cell<'_>, CellError> {
+        match self.record.get(index) {
+            None | Some("") => Ok(Cell::Null),
+            Some(s) if self.nul && s.contains('\0') => Err(CellError::Nul),
+            Some(s) => Ok(Cell::Str(s)),
+        }
+    }
+}
+
 /// Rows of one delimited table.
 pub struct DelimitedSource<'a> {
     rdr: csv::Reader<QuoteCheck<RowGuarded<Box<dyn Read + 'a>>>>,
@@ -236,7 +257,7 @@ pub struct DelimitedSource<'a> {
     source: String,
     header: Vec<String>,
     record: Option<ByteRecord>,
-    text: Option<StringRecord>,
+    text: Option<TextRow>,
     row: u64,
     max_row: usize,
 }
@@ -350,7 +371,7 @@ impl RowSource for DelimitedSource<'_> {
         // Reuse the buffers of the previous row's record (`Option::take`: a default record
         // would be a fresh allocation per row).
         let mut record = match (self.text.take(), self.record.take()) {
-            (Some(text), _) => text.into_byte_record(),
+            (Some(text), _) => text.record.into_byte_record(),
             (None, Some(record)) => record,
             (None, None) => ByteRecord::new(),
         };
@@ -382,24 +403,17 @@ impl RowSource for DelimitedSource<'_> {
                 ),
             })));
         }
-        // A NUL byte is never data: it rejects the row wherever it is (the same rule as JSON
-        // and Parquet values). One scan of the record; the field only when there is one.
-        if memchr::memchr(0, record.as_slice()).is_some() {
-            let field = (0..record.len()).find(|&i| record.get(i).is_some_and(|f| f.contains(&0)));
-            self.record = Some(record);
-            return Ok(Some(RowItem::Bad(BadRow {
-                row: self.row,
-                line,
-                column: field.and_then(|f| self.header.get(f).cloned()),
-                reason: "a NUL byte in the value (binary data is never sent)".into(),
-            })));
-        }
+        // A NUL byte is never data, but it does not make the row anonymous: the row is read,
+        // its identifier first, and the value holding the byte reads as `CellError::Nul`, so
+        // mapping rejects the row naming its user and column (the same rule as JSON and
+        // Parquet values). One scan of the record.
+        let nul = memchr::memchr(0, record.as_slice()).is_some();
         // One UTF-8 check per record; a bad byte rejects the row and names its column.
         match StringRecord::from_byte_record(record) {
             Ok(text) => Ok(Some(RowItem::Row(Row {
                 row: self.row,
                 line,
-                cells: self.text.insert(text),
+                cells: self.text.insert(TextRow { record: text, nul }),
             }))),
             Err(e) => {
                 let (field, at) = (e.utf8_error().field(), e.utf8_error().valid_up_to());
