@@ -547,7 +547,17 @@ impl SyncRunner {
         }
         if bounded && let Some(pieces) = self.fan_out_pieces(plan) {
             return self
-                .fan_out(plan, route, &state, head, exported_at, record, pieces)
+                .fan_out(
+                    fan_out::Split {
+                        plan,
+                        route,
+                        exported_at,
+                        pieces,
+                    },
+                    &state,
+                    head,
+                    record,
+                )
                 .await;
         }
         let mut opts = ProduceOptions::for_route(route, &plan.trigger.to_string());

@@ -1,0 +1,253 @@
+//! The `_fan_out/<run id>/` control objects of one fan-out: the coordinator's
+//! `manifest.json`, each piece's `p<k>/done.json` and `p<k>/departures.bin`, the finalizer's
+//! `final.json`, where they are, how they are read and written, and when they may be deleted.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+use bridge_shared::object_store::ObjectMeta;
+use bridge_shared::{ObjectStore, PutCondition, S3Uri, StoreError};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use super::store_err;
+use crate::config::route::Route;
+use crate::ops::report::RunReport;
+use crate::run::handler::{ExportPlan, RunError};
+use crate::run::runner::SyncRunner;
+use crate::state::store::CONTROL_FOLDER;
+
+/// `manifest.json`: the export plan every piece runs, written once by the coordinator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct Manifest {
+    /// The fan-out run (the coordinator's run id; the route lock's holder).
+    pub run_id: String,
+    /// The route.
+    pub route: String,
+    /// The export's id (the ledger key).
+    pub export_id: String,
+    /// The trigger object's bucket.
+    pub bucket: String,
+    /// The trigger object's key.
+    pub trigger_key: String,
+    /// The trigger object as planned.
+    pub trigger_meta: ObjectMeta,
+    /// The parts, in order.
+    pub parts: Vec<ObjectMeta>,
+    /// The export's date (RFC 3339), for the watermark.
+    pub exported_at: String,
+    /// Resend every attribute.
+    pub force_full: bool,
+    /// Release held departures.
+    pub allow_departures: bool,
+    /// Per piece, `[first, end)` of the state's hash ranges it diffs.
+    pub pieces: Vec<[usize; 2]>,
+    /// The route head's ETag when the forks were made: the route head may not move until
+    /// the finalizer merges (the route lock guarantees it; checked anyway).
+    pub route_head_etag: Option<String>,
+    /// When the coordinator started.
+    pub started_at: Option<String>,
+    /// The coordinator's notes (forced replay, ignored future watermark).
+    pub notes: Vec<String>,
+}
+
+impl Manifest {
+    /// The export plan the pieces run.
+    pub fn plan(&self) -> ExportPlan {
+        ExportPlan {
+            route: self.route.clone(),
+            trigger: S3Uri::new(&self.bucket, &self.trigger_key),
+            parts: self.parts.clone(),
+            export_id: self.export_id.clone(),
+            trigger_meta: self.trigger_meta.clone(),
+            force_full: self.force_full,
+            allow_departures: self.allow_departures,
+        }
+    }
+
+    pub(super) fn span(&self, piece: usize) -> Option<Range<usize>> {
+        self.pieces.get(piece).map(|[a, b]| *a..*b)
+    }
+}
+
+/// `p<k>/done.json`: what a finished piece did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct PieceDone {
+    /// The piece.
+    pub piece: usize,
+    /// Its figures (rows, sends, rejects object; `departures`: counts, not judged).
+    pub report: RunReport,
+    /// Bytes of the departure removals it wrote to `p<k>/departures.bin` (a departure file,
+    /// [`crate::diff::bounded::read_departure_file`]); 0: none, no object.
+    pub departures_bytes: u64,
+}
+
+/// `final.json`: the finalizer's claim and progress.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct FinalDoc {
+    /// The piece that finalizes.
+    pub finalizer: usize,
+    /// The forks were merged into the route head.
+    pub merged: bool,
+}
+
+/// One fan-out as a piece, the finalizer or its failure sees it: the route, its control
+/// objects and its manifest.
+pub(super) struct FanOut<'a> {
+    /// The route.
+    pub route: &'a Arc<Route>,
+    /// Its control objects.
+    pub control: &'a Control,
+    /// Its manifest.
+    pub manifest: &'a Manifest,
+}
+
+/// Where one fan-out's control objects are.
+pub(super) struct Control {
+    store: Arc<dyn ObjectStore>,
+    bucket: String,
+    /// `<state prefix><route>/_fan_out/<run id>/`.
+    folder: String,
+}
+
+impl Control {
+    pub(super) fn uri(&self, name: &str) -> S3Uri {
+        S3Uri::new(&self.bucket, format!("{}{name}", self.folder))
+    }
+
+    pub(super) fn piece_name(piece: usize) -> String {
+        format!("p{piece:03}")
+    }
+
+    pub(super) async fn get_json<T: for<'de> Deserialize<'de>>(
+        &self,
+        name: &str,
+    ) -> Result<Option<T>, RunError> {
+        let uri = self.uri(name);
+        match self.store.get(&uri).await {
+            Ok((_, b)) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| RunError::Permanent {
+                    message: format!("fan-out control object {uri} does not parse: {e}"),
+                    report: None,
+                }),
+            Err(StoreError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(store_err(e)),
+        }
+    }
+
+    pub(super) async fn put(
+        &self,
+        name: &str,
+        body: Bytes,
+        condition: PutCondition,
+    ) -> Result<(), StoreError> {
+        self.store
+            .put(&self.uri(name), body, condition, BTreeMap::new())
+            .await
+            .map(|_| ())
+    }
+
+    /// Pieces whose `done.json` exists.
+    pub(super) async fn done(&self) -> Result<Vec<usize>, RunError> {
+        let listing = self
+            .store
+            .list(&self.bucket, &self.folder)
+            .await
+            .map_err(store_err)?;
+        Ok(listing
+            .iter()
+            .filter_map(|o| {
+                let rest = o.key.strip_prefix(&self.folder)?;
+                let (p, file) = rest.split_once('/')?;
+                (file == "done.json").then(|| p.strip_prefix('p')?.parse().ok())?
+            })
+            .collect())
+    }
+
+    /// Deletes the control objects (never the state objects forks wrote: after a merge the
+    /// route head references them). With `everything`, the fan-out never merged, so the
+    /// forks' objects are unreferenced too and the whole folder goes.
+    pub(super) async fn clean(&self, pieces: usize, everything: bool) {
+        let mut names = vec!["manifest.json".to_string()];
+        for k in 0..pieces {
+            let p = Self::piece_name(k);
+            names.extend([
+                format!("{p}/done.json"),
+                format!("{p}/departures.bin"),
+                format!("{p}/head.json"),
+            ]);
+        }
+        names.push("final.json".into());
+        let mut uris: Vec<S3Uri> = names.iter().map(|n| self.uri(n)).collect();
+        if everything && let Ok(listing) = self.store.list(&self.bucket, &self.folder).await {
+            uris = listing
+                .iter()
+                .map(|o| S3Uri::new(&self.bucket, &o.key))
+                .collect();
+        }
+        for uri in uris {
+            if let Err(e) = self.store.delete(&uri).await {
+                warn!(object = %uri, error = %e, "Could not delete a fan-out control object; it is harmless, delete it by hand.");
+            }
+        }
+    }
+}
+
+impl SyncRunner {
+    /// Where fan-out `run_id` of `route` keeps its control objects.
+    pub(super) fn control(&self, route: &str, run_id: &str) -> Control {
+        let s = &self.settings;
+        let mut prefix = s.state_prefix.clone();
+        if !prefix.is_empty() && !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        Control {
+            store: self.store.clone(),
+            bucket: s.state_bucket.clone(),
+            folder: format!("{prefix}{route}/{CONTROL_FOLDER}/{run_id}/"),
+        }
+    }
+
+    /// Whether the route head (read now: it may have moved on from an unrecorded merge)
+    /// references an object fan-out `run_id`'s forks wrote; unsure (unreadable), yes.
+    pub(super) async fn head_references(&self, route: &Route, run_id: &str) -> bool {
+        let own = format!("{CONTROL_FOLDER}/{run_id}/");
+        match self.state(route).read_head().await {
+            Ok(h) => h
+                .doc
+                .ranges
+                .iter()
+                .flat_map(|r| r.base.iter().chain(r.deltas.iter()))
+                .any(|n| n.starts_with(&own)),
+            Err(_) => true,
+        }
+    }
+
+    /// A fan-out whose pieces could not all be queued (its route lock already released, so
+    /// the queued ones end at once): its control objects and forks are deleted, so no
+    /// phantom fan-out stays behind (`status`), and the export's retry starts afresh.
+    pub(in crate::run::runner) async fn drop_unqueued_fan_out(
+        &self,
+        route: &Route,
+        run_id: &str,
+        pieces: usize,
+    ) {
+        let referenced = self.head_references(route, run_id).await;
+        self.control(route.name(), run_id)
+            .clean(pieces, !referenced)
+            .await;
+    }
+
+    pub(super) fn report_uri(&self, route: &str, run_id: &str) -> S3Uri {
+        S3Uri::new(
+            &self.settings.state_bucket,
+            format!("{}{route}/{run_id}.json", self.settings.reports_prefix),
+        )
+    }
+}
