@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::convert::{ConvertOptions, convert};
+use crate::convert::{ConvertOptions, Converted, convert};
 use crate::key;
 use crate::quarantine::{self, Keep};
 use crate::registry::Registry;
@@ -332,14 +332,74 @@ impl Handler {
         keep: Keep,
         dry_run: bool,
     ) -> ObjectResult {
+        let (delivery, mut converted) = match self
+            .convert_object(source, &body, out_bucket, keep, dry_run)
+            .await
+        {
+            Ok(c) => c,
+            Err(result) => return result,
+        };
+        let part_uri = S3Uri::new(out_bucket, converted.location.key(&self.cfg.tables_prefix));
+        let mut result = written_result(source, &converted, &part_uri);
+        if dry_run {
+            result.outcome = Outcome::DryRun;
+            return result;
+        }
+        let feed = converted.feed.take().filter(|f| !f.is_empty());
+        let Some(part) = converted.parquet.take() else {
+            return self.clear_earlier_part(source, &part_uri, result).await;
+        };
+        // The input is no longer needed: let it go before the part is read back for upload.
+        drop(body);
+        let parquet = match tokio::task::spawn_blocking(move || part.into_bytes()).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                warn!(object = %source, error = %e, "Reading the spooled part failed; it will be retried.");
+                return not_written(result, format!("internal error at encode: {e}"));
+            }
+            Err(join) => {
+                return not_written(result, format!("reading the spooled part failed: {join}"));
+            }
+        };
+        if let Err(e) = self.put_part(&part_uri, parquet, &converted).await {
+            warn!(object = %source, part = %part_uri, error = %e, "Writing the part failed; it will be retried.");
+            return not_written(result, e.to_string());
+        }
+        if let Some(feed) = feed {
+            let event_type = converted.event_type.clone();
+            result = self
+                .write_feed(source, &event_type, &delivery, feed, result)
+                .await;
+            if result.outcome == Outcome::Retry {
+                return result;
+            }
+        }
+        result.delivery_lag_s = Some(delivery.lag_seconds(chrono::Utc::now()));
+        info!(object = %source, part = %part_uri, events_in = result.events_in,
+            rows = result.rows_written, duplicates = result.duplicates_dropped,
+            "Wrote table part.");
+        result
+    }
+
+    /// Parses the key and converts the bytes off the async threads. An input that cannot be
+    /// converted is quarantined (kept as `keep` says); an internal error or a failed task is
+    /// retried. Returns the object's delivery hour with what it converted to.
+    async fn convert_object(
+        &self,
+        source: &S3Uri,
+        body: &Bytes,
+        out_bucket: &str,
+        keep: Keep,
+        dry_run: bool,
+    ) -> Result<(crate::key::DeliveryHour, Converted), ObjectResult> {
+        let keep = match keep {
+            Keep::Upload(_) => Keep::Upload(body.clone()),
+            other => other,
+        };
         let parsed = match key::parse(&source.key) {
             Ok(k) => k,
             Err(e) => {
-                let keep = match keep {
-                    Keep::Upload(_) => Keep::Upload(body),
-                    other => other,
-                };
-                return self
+                return Err(self
                     .quarantined(
                         source,
                         out_bucket,
@@ -349,7 +409,7 @@ impl Handler {
                         None,
                         dry_run,
                     )
-                    .await;
+                    .await);
             }
         };
         let delivery = parsed.delivery;
@@ -362,103 +422,59 @@ impl Handler {
             convert(&task_body, &source_key, &task_key, &registry, &opts)
         })
         .await;
-        let mut converted = match converted {
-            Ok(Ok(c)) => c,
+        match converted {
+            Ok(Ok(c)) => Ok((delivery, c)),
             Ok(Err(e)) if e.is_internal() => {
                 warn!(object = %source, step = e.step(), error = %e,
                     "Internal error converting the object (not the input's fault); it will be retried.");
-                return ObjectResult::new(source.to_string(), Outcome::Retry)
-                    .with_reason(format!("internal error at {}: {e}", e.step()));
+                Err(ObjectResult::new(source.to_string(), Outcome::Retry)
+                    .with_reason(format!("internal error at {}: {e}", e.step())))
             }
-            Ok(Err(e)) => {
-                let keep = match keep {
-                    Keep::Upload(_) => Keep::Upload(body),
-                    other => other,
-                };
-                return self
-                    .quarantined(
-                        source,
-                        out_bucket,
-                        keep,
-                        e.step(),
-                        &e.to_string(),
-                        Some(parsed.event_type),
-                        dry_run,
-                    )
-                    .await;
-            }
-            Err(join) => {
-                return ObjectResult::new(source.to_string(), Outcome::Retry)
-                    .with_reason(format!("conversion task failed: {join}"));
-            }
-        };
-        let part_uri = S3Uri::new(out_bucket, converted.location.key(&self.cfg.tables_prefix));
-        let mut result = ObjectResult {
-            event_type: Some(converted.event_type.clone()),
-            table: Some(converted.location.table.clone()),
-            part: Some(part_uri.to_string()),
-            events_in: converted.stats.events_in,
-            rows_written: converted.stats.rows_out,
-            duplicates_dropped: converted.stats.duplicates_dropped,
-            extra_fields: converted.stats.extra_fields.clone(),
-            unregistered: converted.unregistered,
-            codec: Some(converted.codec),
-            ..ObjectResult::new(source.to_string(), Outcome::Written)
-        };
-        if converted.unregistered {
-            warn!(object = %source, event_type = %converted.event_type,
-                "Event type is not in the registry; events go to the generic table. Add it with currents-registry.");
+            Ok(Err(e)) => Err(self
+                .quarantined(
+                    source,
+                    out_bucket,
+                    keep,
+                    e.step(),
+                    &e.to_string(),
+                    Some(parsed.event_type),
+                    dry_run,
+                )
+                .await),
+            Err(join) => Err(ObjectResult::new(source.to_string(), Outcome::Retry)
+                .with_reason(format!("conversion task failed: {join}"))),
         }
-        if !converted.stats.extra_fields.is_empty() {
-            warn!(object = %source, table = %converted.location.table,
-                fields = %converted.stats.extra_fields.join(","),
-                "Fields the registry does not know were kept in the extra column; bump the table with currents-registry --bump.");
+    }
+
+    /// A replay of an object that now yields no rows: the part an earlier run wrote for it
+    /// (same deterministic name) must not keep serving the old rows.
+    async fn clear_earlier_part(
+        &self,
+        source: &S3Uri,
+        part_uri: &S3Uri,
+        mut result: ObjectResult,
+    ) -> ObjectResult {
+        result.outcome = Outcome::Empty;
+        result.part = None;
+        result.rows_written = 0;
+        if let Err(e) = self.store.delete(part_uri).await
+            && !matches!(e, StoreError::NotFound { .. })
+        {
+            warn!(object = %source, part = %part_uri, error = %e,
+                "Removing the earlier part of an object that now has no rows failed; it will be retried.");
+            result.outcome = Outcome::Retry;
+            result.reason = Some(format!("removing earlier part {part_uri}: {e}"));
         }
-        if dry_run {
-            result.outcome = Outcome::DryRun;
-            return result;
-        }
-        let feed = converted.feed.take().filter(|f| !f.is_empty());
-        let Some(part) = converted.parquet else {
-            // A replay of an object that now yields no rows: the part an earlier run wrote for
-            // it (same deterministic name) must not keep serving the old rows.
-            result.outcome = Outcome::Empty;
-            result.part = None;
-            result.rows_written = 0;
-            if let Err(e) = self.store.delete(&part_uri).await
-                && !matches!(e, StoreError::NotFound { .. })
-            {
-                warn!(object = %source, part = %part_uri, error = %e,
-                    "Removing the earlier part of an object that now has no rows failed; it will be retried.");
-                result.outcome = Outcome::Retry;
-                result.reason = Some(format!("removing earlier part {part_uri}: {e}"));
-            }
-            return result;
-        };
-        // The input is no longer needed: let it go before the part is read back for upload.
-        drop(body);
-        let parquet = match tokio::task::spawn_blocking(move || part.into_bytes()).await {
-            Ok(Ok(b)) => b,
-            Ok(Err(e)) => {
-                warn!(object = %source, error = %e, "Reading the spooled part failed; it will be retried.");
-                return ObjectResult {
-                    outcome: Outcome::Retry,
-                    reason: Some(format!("internal error at encode: {e}")),
-                    part: None,
-                    rows_written: 0,
-                    ..result
-                };
-            }
-            Err(join) => {
-                return ObjectResult {
-                    outcome: Outcome::Retry,
-                    reason: Some(format!("reading the spooled part failed: {join}")),
-                    part: None,
-                    rows_written: 0,
-                    ..result
-                };
-            }
-        };
+        result
+    }
+
+    /// Uploads the part, tagged with its table and the registry version it was written with.
+    async fn put_part(
+        &self,
+        part_uri: &S3Uri,
+        parquet: Vec<u8>,
+        converted: &Converted,
+    ) -> Result<(), StoreError> {
         let mut metadata = BTreeMap::new();
         metadata.insert(
             "currents-table".to_string(),
@@ -468,44 +484,10 @@ impl Handler {
             "currents-registry-version".to_string(),
             converted.registry_version.to_string(),
         );
-        match self
-            .store
-            .put(
-                &part_uri,
-                Bytes::from(parquet),
-                PutCondition::None,
-                metadata,
-            )
+        self.store
+            .put(part_uri, Bytes::from(parquet), PutCondition::None, metadata)
             .await
-        {
-            Ok(_) => {
-                let mut result = result;
-                if let Some(feed) = feed {
-                    let event_type = converted.event_type.clone();
-                    result = self
-                        .write_feed(source, &event_type, &delivery, feed, result)
-                        .await;
-                    if result.outcome == Outcome::Retry {
-                        return result;
-                    }
-                }
-                result.delivery_lag_s = Some(delivery.lag_seconds(chrono::Utc::now()));
-                info!(object = %source, part = %part_uri, events_in = result.events_in,
-                    rows = result.rows_written, duplicates = result.duplicates_dropped,
-                    "Wrote table part.");
-                result
-            }
-            Err(e) => {
-                warn!(object = %source, part = %part_uri, error = %e, "Writing the part failed; it will be retried.");
-                ObjectResult {
-                    outcome: Outcome::Retry,
-                    reason: Some(e.to_string()),
-                    part: None,
-                    rows_written: 0,
-                    ..result
-                }
-            }
-        }
+            .map(|_| ())
     }
 
     /// Writes the profile-change feed object of `source` for braze-sync (when
@@ -626,6 +608,43 @@ impl Handler {
         ) {
             println!("{line}");
         }
+    }
+}
+
+/// The result of a converted object, as if its part `part_uri` were written; warns about an
+/// unregistered event type and fields the registry does not know.
+fn written_result(source: &S3Uri, converted: &Converted, part_uri: &S3Uri) -> ObjectResult {
+    if converted.unregistered {
+        warn!(object = %source, event_type = %converted.event_type,
+            "Event type is not in the registry; events go to the generic table. Add it with currents-registry.");
+    }
+    if !converted.stats.extra_fields.is_empty() {
+        warn!(object = %source, table = %converted.location.table,
+            fields = %converted.stats.extra_fields.join(","),
+            "Fields the registry does not know were kept in the extra column; bump the table with currents-registry --bump.");
+    }
+    ObjectResult {
+        event_type: Some(converted.event_type.clone()),
+        table: Some(converted.location.table.clone()),
+        part: Some(part_uri.to_string()),
+        events_in: converted.stats.events_in,
+        rows_written: converted.stats.rows_out,
+        duplicates_dropped: converted.stats.duplicates_dropped,
+        extra_fields: converted.stats.extra_fields.clone(),
+        unregistered: converted.unregistered,
+        codec: Some(converted.codec),
+        ..ObjectResult::new(source.to_string(), Outcome::Written)
+    }
+}
+
+/// The part was not written: the object is retried for `reason`.
+fn not_written(result: ObjectResult, reason: String) -> ObjectResult {
+    ObjectResult {
+        outcome: Outcome::Retry,
+        reason: Some(reason),
+        part: None,
+        rows_written: 0,
+        ..result
     }
 }
 

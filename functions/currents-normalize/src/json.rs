@@ -219,75 +219,13 @@ fn write_depth(
             budget.room(out, s.len())?;
             push_str(out, s)
         }
-        DataType::Dictionary(_, _) => {
-            let d = a
-                .as_dictionary_opt::<Int32Type>()
-                .ok_or(DatumError::Unsupported("a dictionary not keyed by int32"))?;
-            let k = d.keys().value(i);
-            let symbols = d
-                .values()
-                .as_string_opt::<i32>()
-                .ok_or(DatumError::Unsupported("a dictionary of non-strings"))?;
-            let s = usize::try_from(k)
-                .ok()
-                .filter(|k| *k < symbols.len())
-                .map(|k| symbols.value(k))
-                .ok_or(DatumError::BadIndex(i64::from(k)))?;
-            push_str(out, s);
-        }
+        DataType::Dictionary(_, _) => write_symbol(a, i, out)?,
         DataType::Union(_, _) => {
             let (v, r) = resolve_union(a, i);
             write_depth(v, r, out, depth + 1, budget)?;
         }
-        DataType::List(item) => {
-            let nulls = stands_for_null(item);
-            let list = a.as_list::<i32>();
-            let offsets = list.value_offsets();
-            let (start, end) = (offsets[i] as usize, offsets[i + 1] as usize);
-            let items = list.values();
-            out.push('[');
-            for j in start..end {
-                budget.item()?;
-                budget.room(out, 1)?;
-                if j > start {
-                    out.push(',');
-                }
-                if nulls {
-                    out.push_str("null");
-                    continue;
-                }
-                write_depth(items.as_ref(), j, out, depth + 1, budget)?;
-            }
-            out.push(']');
-        }
-        DataType::Map(_, _) => {
-            let map = a.as_map();
-            let offsets = map.value_offsets();
-            let (start, end) = (offsets[i] as usize, offsets[i + 1] as usize);
-            let keys = map
-                .keys()
-                .as_string_opt::<i32>()
-                .ok_or(DatumError::Unsupported("a map with non-string keys"))?;
-            let values = map.values();
-            let nulls = map.entries().fields().get(1).is_some_and(stands_for_null);
-            out.push('{');
-            for j in start..end {
-                budget.item()?;
-                let k = keys.value(j);
-                budget.room(out, k.len() + 2)?;
-                if j > start {
-                    out.push(',');
-                }
-                push_str(out, k);
-                out.push(':');
-                if nulls {
-                    out.push_str("null");
-                    continue;
-                }
-                write_depth(values.as_ref(), j, out, depth + 1, budget)?;
-            }
-            out.push('}');
-        }
+        DataType::List(item) => write_list(a, i, stands_for_null(item), out, depth, budget)?,
+        DataType::Map(_, _) => write_map(a, i, out, depth, budget)?,
         DataType::Struct(fields) => {
             let s = a.as_struct();
             out.push('{');
@@ -308,6 +246,93 @@ fn write_depth(
             ));
         }
     }
+    Ok(())
+}
+
+/// An enum symbol: an int32-keyed dictionary of strings.
+fn write_symbol(a: &dyn Array, i: usize, out: &mut String) -> Result<(), DatumError> {
+    let d = a
+        .as_dictionary_opt::<Int32Type>()
+        .ok_or(DatumError::Unsupported("a dictionary not keyed by int32"))?;
+    let k = d.keys().value(i);
+    let symbols = d
+        .values()
+        .as_string_opt::<i32>()
+        .ok_or(DatumError::Unsupported("a dictionary of non-strings"))?;
+    let s = usize::try_from(k)
+        .ok()
+        .filter(|k| *k < symbols.len())
+        .map(|k| symbols.value(k))
+        .ok_or(DatumError::BadIndex(i64::from(k)))?;
+    push_str(out, s);
+    Ok(())
+}
+
+/// An array's items at row `i`; `nulls`: the items are of the empty record that stands for
+/// `null`.
+fn write_list(
+    a: &dyn Array,
+    i: usize,
+    nulls: bool,
+    out: &mut String,
+    depth: usize,
+    budget: &mut Budget,
+) -> Result<(), DatumError> {
+    let list = a.as_list::<i32>();
+    let offsets = list.value_offsets();
+    let (start, end) = (offsets[i] as usize, offsets[i + 1] as usize);
+    let items = list.values();
+    out.push('[');
+    for j in start..end {
+        budget.item()?;
+        budget.room(out, 1)?;
+        if j > start {
+            out.push(',');
+        }
+        if nulls {
+            out.push_str("null");
+            continue;
+        }
+        write_depth(items.as_ref(), j, out, depth + 1, budget)?;
+    }
+    out.push(']');
+    Ok(())
+}
+
+/// A map's entries at row `i`, keys as JSON object keys.
+fn write_map(
+    a: &dyn Array,
+    i: usize,
+    out: &mut String,
+    depth: usize,
+    budget: &mut Budget,
+) -> Result<(), DatumError> {
+    let map = a.as_map();
+    let offsets = map.value_offsets();
+    let (start, end) = (offsets[i] as usize, offsets[i + 1] as usize);
+    let keys = map
+        .keys()
+        .as_string_opt::<i32>()
+        .ok_or(DatumError::Unsupported("a map with non-string keys"))?;
+    let values = map.values();
+    let nulls = map.entries().fields().get(1).is_some_and(stands_for_null);
+    out.push('{');
+    for j in start..end {
+        budget.item()?;
+        let k = keys.value(j);
+        budget.room(out, k.len() + 2)?;
+        if j > start {
+            out.push(',');
+        }
+        push_str(out, k);
+        out.push(':');
+        if nulls {
+            out.push_str("null");
+            continue;
+        }
+        write_depth(values.as_ref(), j, out, depth + 1, budget)?;
+    }
+    out.push('}');
     Ok(())
 }
 

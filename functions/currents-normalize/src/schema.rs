@@ -525,160 +525,177 @@ impl Parser {
                 if let Some(node) = primitive(s) {
                     return self.push(node, path);
                 }
-                let full = full_name(s, None, namespace);
-                self.names
-                    .get(&full)
-                    .or_else(|| self.names.get(s.as_str()))
-                    .copied()
-                    .ok_or_else(|| invalid(path, format!("unknown type {s:?}")))
+                self.named(s, namespace, path)
             }
-            Value::Array(branches) => {
-                let mut ids = Vec::with_capacity(branches.len());
-                for (i, b) in branches.iter().enumerate() {
-                    let id = self.parse(b, namespace, &format!("{path}[{i}]"), depth + 1)?;
-                    if matches!(self.nodes.get(id), Some(Node::Union(_))) {
-                        return Err(invalid(path, "a union may not directly contain a union"));
-                    }
-                    ids.push(id);
-                }
-                if ids.is_empty() {
-                    return Err(invalid(path, "empty union"));
-                }
-                self.push(Node::Union(ids), path)
-            }
-            Value::Object(o) => {
-                let ty = o
-                    .get("type")
-                    .ok_or_else(|| invalid(path, "object without \"type\""))?;
-                let ty_str = match ty {
-                    Value::String(s) => s.as_str(),
-                    // {"type": {...}} or {"type": [...]}: the inner schema is the type.
-                    other => return self.parse(other, namespace, path, depth + 1),
-                };
-                if let Some(node) = primitive(ty_str) {
-                    // Logical types (date, timestamp-millis, uuid, decimal on bytes...) are read
-                    // as their underlying encoding.
-                    return self.push(node, path);
-                }
-                let name_of = |o: &serde_json::Map<String, Value>| -> Result<String, SchemaError> {
-                    let name = o
-                        .get("name")
-                        .and_then(Value::as_str)
-                        .ok_or_else(|| invalid(path, format!("{ty_str} without a name")))?;
-                    Ok(full_name(
-                        name,
-                        o.get("namespace").and_then(Value::as_str),
-                        namespace,
-                    ))
-                };
-                match ty_str {
-                    "record" | "error" => {
-                        let name = name_of(o)?;
-                        let inner_ns = name.rsplit_once('.').map(|(ns, _)| ns).unwrap_or("");
-                        let id = self.push(
-                            Node::Record {
-                                name: name.clone(),
-                                fields: Vec::new(),
-                            },
-                            path,
-                        )?;
-                        self.define(&name, id, path)?;
-                        let fields_json = o
-                            .get("fields")
-                            .and_then(Value::as_array)
-                            .ok_or_else(|| invalid(path, "record without a fields array"))?;
-                        let mut fields = Vec::with_capacity(fields_json.len());
-                        for (i, f) in fields_json.iter().enumerate() {
-                            let fpath = format!("{path}.fields[{i}]");
-                            let fname = f
-                                .get("name")
-                                .and_then(Value::as_str)
-                                .ok_or_else(|| invalid(&fpath, "field without a name"))?;
-                            if fields.iter().any(|(n, _): &(String, NodeId)| n == fname) {
-                                return Err(invalid(
-                                    &fpath,
-                                    format!("field {fname} appears twice"),
-                                ));
-                            }
-                            let ftype = f
-                                .get("type")
-                                .ok_or_else(|| invalid(&fpath, "field without a type"))?;
-                            let fid = self.parse(ftype, inner_ns, &fpath, depth + 1)?;
-                            fields.push((fname.to_string(), fid));
-                        }
-                        if let Some(Node::Record { fields: slot, .. }) = self.nodes.get_mut(id) {
-                            *slot = fields;
-                        }
-                        Ok(id)
-                    }
-                    "enum" => {
-                        let name = name_of(o)?;
-                        let symbols: Vec<String> = o
-                            .get("symbols")
-                            .and_then(Value::as_array)
-                            .ok_or_else(|| invalid(path, "enum without symbols"))?
-                            .iter()
-                            .map(|s| s.as_str().map(str::to_string))
-                            .collect::<Option<_>>()
-                            .ok_or_else(|| invalid(path, "enum symbol is not a string"))?;
-                        let id = self.push(
-                            Node::Enum {
-                                name: name.clone(),
-                                symbols,
-                            },
-                            path,
-                        )?;
-                        self.define(&name, id, path)?;
-                        Ok(id)
-                    }
-                    "fixed" => {
-                        let name = name_of(o)?;
-                        let size = o
-                            .get("size")
-                            .and_then(Value::as_u64)
-                            .ok_or_else(|| invalid(path, "fixed without a size"))?;
-                        let size = usize::try_from(size)
-                            .ok()
-                            .filter(|s| *s <= 1 << 20)
-                            .ok_or_else(|| invalid(path, "fixed size over 1 MiB"))?;
-                        let id = self.push(
-                            Node::Fixed {
-                                name: name.clone(),
-                                size,
-                            },
-                            path,
-                        )?;
-                        self.define(&name, id, path)?;
-                        Ok(id)
-                    }
-                    "array" => {
-                        let items = o
-                            .get("items")
-                            .ok_or_else(|| invalid(path, "array without items"))?;
-                        let item =
-                            self.parse(items, namespace, &format!("{path}.items"), depth + 1)?;
-                        self.push(Node::Array(item), path)
-                    }
-                    "map" => {
-                        let values = o
-                            .get("values")
-                            .ok_or_else(|| invalid(path, "map without values"))?;
-                        let value =
-                            self.parse(values, namespace, &format!("{path}.values"), depth + 1)?;
-                        self.push(Node::Map(value), path)
-                    }
-                    other => {
-                        let full = full_name(other, None, namespace);
-                        self.names
-                            .get(&full)
-                            .or_else(|| self.names.get(other))
-                            .copied()
-                            .ok_or_else(|| invalid(path, format!("unknown type {other:?}")))
-                    }
-                }
-            }
+            Value::Array(branches) => self.parse_union(branches, namespace, path, depth),
+            Value::Object(o) => self.parse_object(o, namespace, path, depth),
             other => Err(invalid(path, format!("unexpected JSON {other}"))),
         }
+    }
+
+    /// A type defined earlier, by its full name or as written.
+    fn named(&self, name: &str, namespace: &str, path: &str) -> Result<NodeId, SchemaError> {
+        let full = full_name(name, None, namespace);
+        self.names
+            .get(&full)
+            .or_else(|| self.names.get(name))
+            .copied()
+            .ok_or_else(|| invalid(path, format!("unknown type {name:?}")))
+    }
+
+    fn parse_union(
+        &mut self,
+        branches: &[Value],
+        namespace: &str,
+        path: &str,
+        depth: usize,
+    ) -> Result<NodeId, SchemaError> {
+        let mut ids = Vec::with_capacity(branches.len());
+        for (i, b) in branches.iter().enumerate() {
+            let id = self.parse(b, namespace, &format!("{path}[{i}]"), depth + 1)?;
+            if matches!(self.nodes.get(id), Some(Node::Union(_))) {
+                return Err(invalid(path, "a union may not directly contain a union"));
+            }
+            ids.push(id);
+        }
+        if ids.is_empty() {
+            return Err(invalid(path, "empty union"));
+        }
+        self.push(Node::Union(ids), path)
+    }
+
+    /// A schema object: `{"type": ...}` with the keys its type takes.
+    fn parse_object(
+        &mut self,
+        o: &serde_json::Map<String, Value>,
+        namespace: &str,
+        path: &str,
+        depth: usize,
+    ) -> Result<NodeId, SchemaError> {
+        let ty = o
+            .get("type")
+            .ok_or_else(|| invalid(path, "object without \"type\""))?;
+        let ty_str = match ty {
+            Value::String(s) => s.as_str(),
+            // {"type": {...}} or {"type": [...]}: the inner schema is the type.
+            other => return self.parse(other, namespace, path, depth + 1),
+        };
+        if let Some(node) = primitive(ty_str) {
+            // Logical types (date, timestamp-millis, uuid, decimal on bytes...) are read
+            // as their underlying encoding.
+            return self.push(node, path);
+        }
+        let name_of = |o: &serde_json::Map<String, Value>| -> Result<String, SchemaError> {
+            let name = o
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or_else(|| invalid(path, format!("{ty_str} without a name")))?;
+            Ok(full_name(
+                name,
+                o.get("namespace").and_then(Value::as_str),
+                namespace,
+            ))
+        };
+        match ty_str {
+            "record" | "error" => self.parse_record(o, name_of(o)?, path, depth),
+            "enum" => {
+                let name = name_of(o)?;
+                let symbols: Vec<String> = o
+                    .get("symbols")
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| invalid(path, "enum without symbols"))?
+                    .iter()
+                    .map(|s| s.as_str().map(str::to_string))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| invalid(path, "enum symbol is not a string"))?;
+                let node = Node::Enum {
+                    name: name.clone(),
+                    symbols,
+                };
+                self.push_named(node, &name, path)
+            }
+            "fixed" => {
+                let name = name_of(o)?;
+                let size = o
+                    .get("size")
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| invalid(path, "fixed without a size"))?;
+                let size = usize::try_from(size)
+                    .ok()
+                    .filter(|s| *s <= 1 << 20)
+                    .ok_or_else(|| invalid(path, "fixed size over 1 MiB"))?;
+                let node = Node::Fixed {
+                    name: name.clone(),
+                    size,
+                };
+                self.push_named(node, &name, path)
+            }
+            "array" => {
+                let items = o
+                    .get("items")
+                    .ok_or_else(|| invalid(path, "array without items"))?;
+                let item = self.parse(items, namespace, &format!("{path}.items"), depth + 1)?;
+                self.push(Node::Array(item), path)
+            }
+            "map" => {
+                let values = o
+                    .get("values")
+                    .ok_or_else(|| invalid(path, "map without values"))?;
+                let value = self.parse(values, namespace, &format!("{path}.values"), depth + 1)?;
+                self.push(Node::Map(value), path)
+            }
+            other => self.named(other, namespace, path),
+        }
+    }
+
+    fn push_named(&mut self, node: Node, name: &str, path: &str) -> Result<NodeId, SchemaError> {
+        let id = self.push(node, path)?;
+        self.define(name, id, path)?;
+        Ok(id)
+    }
+
+    /// A record: defined under its name before its fields are read, so a field may name
+    /// the record itself (a recursive type).
+    fn parse_record(
+        &mut self,
+        o: &serde_json::Map<String, Value>,
+        name: String,
+        path: &str,
+        depth: usize,
+    ) -> Result<NodeId, SchemaError> {
+        let inner_ns = name.rsplit_once('.').map(|(ns, _)| ns).unwrap_or("");
+        let id = self.push_named(
+            Node::Record {
+                name: name.clone(),
+                fields: Vec::new(),
+            },
+            &name,
+            path,
+        )?;
+        let fields_json = o
+            .get("fields")
+            .and_then(Value::as_array)
+            .ok_or_else(|| invalid(path, "record without a fields array"))?;
+        let mut fields = Vec::with_capacity(fields_json.len());
+        for (i, f) in fields_json.iter().enumerate() {
+            let fpath = format!("{path}.fields[{i}]");
+            let fname = f
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or_else(|| invalid(&fpath, "field without a name"))?;
+            if fields.iter().any(|(n, _): &(String, NodeId)| n == fname) {
+                return Err(invalid(&fpath, format!("field {fname} appears twice")));
+            }
+            let ftype = f
+                .get("type")
+                .ok_or_else(|| invalid(&fpath, "field without a type"))?;
+            let fid = self.parse(ftype, inner_ns, &fpath, depth + 1)?;
+            fields.push((fname.to_string(), fid));
+        }
+        if let Some(Node::Record { fields: slot, .. }) = self.nodes.get_mut(id) {
+            *slot = fields;
+        }
+        Ok(id)
     }
 }
 
