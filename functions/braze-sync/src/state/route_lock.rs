@@ -9,13 +9,18 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bridge_shared::{ObjectStore, PutCondition, S3Uri, StoreError};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use tracing::warn;
 
 /// The lock object's name inside a route's state folder.
 pub const LOCK_OBJECT: &str = "route-lock.json";
+
+/// Attempts at releasing a lock (a store error is retried) before its lease is left to expire.
+pub const RELEASE_ATTEMPTS: u32 = 4;
 
 /// The lock object's content.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -345,8 +350,26 @@ impl RouteLock {
     }
 
     /// Lets the lock go (only if our lease is still the current one; for a joined lock, if
-    /// the holder is still ours, whichever sibling wrote last).
+    /// the holder is still ours, whichever sibling wrote last). A store error is retried
+    /// [`RELEASE_ATTEMPTS`] times in all before the lease is left to expire; a write whose
+    /// answer was lost is recognised by reading the lock back (released under our name).
     pub async fn release(mut self) -> Result<(), LockError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.release_once().await {
+                Ok(()) => return Ok(()),
+                Err(e @ LockError::Lost { .. }) => return Err(e),
+                Err(e) if attempt >= RELEASE_ATTEMPTS => return Err(e),
+                Err(e) => {
+                    warn!(lock = %self.uri, error = %e, attempt, "Could not release the route lock; trying again.");
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                }
+            }
+        }
+    }
+
+    async fn release_once(&mut self) -> Result<(), LockError> {
         if self.shared
             && let Some((etag, _)) = self.sibling_etag().await?
         {
@@ -356,6 +379,10 @@ impl RouteLock {
             holder: self.holder.clone(),
             lease_until_ms: 0,
             released: true,
+        };
+        let err = |uri: &S3Uri, error| LockError::Store {
+            uri: uri.clone(),
+            error,
         };
         match self
             .store
@@ -368,14 +395,32 @@ impl RouteLock {
             .await
         {
             Ok(_) => Ok(()),
-            Err(StoreError::PreconditionFailed { .. }) => Err(LockError::Lost {
-                uri: self.uri.clone(),
-                holder: None,
-            }),
-            Err(error) => Err(LockError::Store {
-                uri: self.uri.clone(),
-                error,
-            }),
+            Err(StoreError::PreconditionFailed { .. }) => {
+                // Either another run took the lock over, or one of our own writes landed and
+                // its answer was lost (a release, or a renewal): the object as it is decides.
+                let (meta, bytes) = self
+                    .store
+                    .get(&self.uri)
+                    .await
+                    .map_err(|e| err(&self.uri, e))?;
+                match serde_json::from_slice::<LockDoc>(&bytes).ok() {
+                    Some(d) if d.holder == self.holder && d.released => Ok(()),
+                    Some(d) if d.holder == self.holder => {
+                        self.etag = meta.etag;
+                        Err(LockError::Store {
+                            uri: self.uri.clone(),
+                            error: StoreError::PreconditionFailed {
+                                uri: self.uri.clone(),
+                            },
+                        })
+                    }
+                    d => Err(LockError::Lost {
+                        uri: self.uri.clone(),
+                        holder: d.map(|d| d.holder),
+                    }),
+                }
+            }
+            Err(error) => Err(err(&self.uri, error)),
         }
     }
 }
@@ -496,5 +541,142 @@ mod tests {
                 .unwrap()
                 .is_some()
         );
+    }
+
+    /// A store whose next PUTs of the lock fail: `fail` of them before applying (503), then
+    /// `lose` of them applied with their answer lost.
+    struct Flaky {
+        inner: MemoryStore,
+        fail: std::sync::atomic::AtomicU32,
+        lose: std::sync::atomic::AtomicU32,
+    }
+
+    fn take(n: &std::sync::atomic::AtomicU32) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        n.fetch_update(SeqCst, SeqCst, |v| v.checked_sub(1)).is_ok()
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for Flaky {
+        async fn get(
+            &self,
+            uri: &S3Uri,
+        ) -> Result<(bridge_shared::object_store::ObjectMeta, Bytes), StoreError> {
+            self.inner.get(uri).await
+        }
+        async fn get_reader(
+            &self,
+            uri: &S3Uri,
+        ) -> Result<
+            (
+                bridge_shared::object_store::ObjectMeta,
+                bridge_shared::object_store::ObjectReader,
+            ),
+            StoreError,
+        > {
+            self.inner.get_reader(uri).await
+        }
+        async fn head(
+            &self,
+            uri: &S3Uri,
+        ) -> Result<Option<bridge_shared::object_store::ObjectMeta>, StoreError> {
+            self.inner.head(uri).await
+        }
+        async fn list(
+            &self,
+            bucket: &str,
+            prefix: &str,
+        ) -> Result<Vec<bridge_shared::object_store::ObjectMeta>, StoreError> {
+            self.inner.list(bucket, prefix).await
+        }
+        async fn put(
+            &self,
+            uri: &S3Uri,
+            body: Bytes,
+            cond: PutCondition,
+            meta: BTreeMap<String, String>,
+        ) -> Result<bridge_shared::object_store::ObjectMeta, StoreError> {
+            let unavailable = || StoreError::Other {
+                op: "PutObject",
+                uri: uri.clone(),
+                message: "503 SlowDown".into(),
+                retryable: true,
+            };
+            if take(&self.fail) {
+                return Err(unavailable());
+            }
+            let out = self.inner.put(uri, body, cond, meta).await?;
+            if take(&self.lose) {
+                return Err(unavailable());
+            }
+            Ok(out)
+        }
+        async fn copy(&self, from: &S3Uri, to: &S3Uri) -> Result<(), StoreError> {
+            self.inner.copy(from, to).await
+        }
+        async fn delete(&self, uri: &S3Uri) -> Result<(), StoreError> {
+            self.inner.delete(uri).await
+        }
+    }
+
+    fn flaky() -> Arc<Flaky> {
+        Arc::new(Flaky {
+            inner: MemoryStore::new(),
+            fail: 0.into(),
+            lose: 0.into(),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_release_that_meets_an_unavailable_store_is_tried_again() {
+        let store = flaky();
+        let uri = lock_uri("state", "bridge/state/", "people");
+        let a = RouteLock::acquire(store.clone(), uri.clone(), "a", 100_000, 60)
+            .await
+            .unwrap()
+            .unwrap();
+        store
+            .fail
+            .store(RELEASE_ATTEMPTS - 1, std::sync::atomic::Ordering::SeqCst);
+        a.release().await.unwrap();
+        let doc = read_lock(store.as_ref(), &uri).await.unwrap().unwrap();
+        assert!(doc.released, "released on the last attempt");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_release_whose_answer_was_lost_is_recognised() {
+        let store = flaky();
+        let uri = lock_uri("state", "bridge/state/", "people");
+        let mut a = RouteLock::acquire(store.clone(), uri.clone(), "a", 100_000, 60)
+            .await
+            .unwrap()
+            .unwrap();
+        // A renewal lands with its answer lost: the lock's ETag is no longer the one we know.
+        store.lose.store(1, std::sync::atomic::Ordering::SeqCst);
+        assert!(a.renew(110_000).await.is_err());
+        // The release meets 412, reads the lock back, finds our own lease and releases it;
+        // its own answer is lost too, and the retry finds it released under our name.
+        store.lose.store(1, std::sync::atomic::Ordering::SeqCst);
+        a.release().await.unwrap();
+        let doc = read_lock(store.as_ref(), &uri).await.unwrap().unwrap();
+        assert!(doc.released && doc.holder == "a");
+        // Another holder's lock is never released by us.
+        let b = RouteLock::acquire(store.clone(), uri.clone(), "b", 120_000, 60)
+            .await
+            .unwrap()
+            .unwrap();
+        let stale = RouteLock::held(
+            store.clone(),
+            uri.clone(),
+            LockDoc {
+                holder: "a".into(),
+                lease_until_ms: 0,
+                released: false,
+            },
+            60,
+            "old".into(),
+        );
+        assert!(matches!(stale.release().await, Err(LockError::Lost { .. })));
+        b.release().await.unwrap();
     }
 }
