@@ -266,6 +266,12 @@ async fn force_full_metadata_replays_a_complete_export() {
     h.handle(&s3_event("exp", "amperity/customers/a.csv"), None)
         .await
         .unwrap();
+    // A duplicate notification of the same forced upload finds its replay complete.
+    let dup = h
+        .handle(&s3_event("exp", "amperity/customers/a.csv"), None)
+        .await
+        .unwrap();
+    assert_eq!(dup["results"][0]["outcome"], "duplicate_no_op");
     let runs = rec.runs.lock().unwrap();
     assert_eq!(runs.len(), 2);
     assert!(!runs[0].force_full);

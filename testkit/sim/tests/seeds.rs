@@ -9,7 +9,7 @@ use sim::{Options, SeedOutcome, replay_command, run_seed};
 /// hand-overs, crashes and lost answers.
 const FAST_SEEDS: &[u64] = &[
     0, 3, 4, 5, 6, 14, 16, 17, 18, 19, 22, 23, 24, 26, 27, 28, 30, 31, 34, 35, 36, 37, 38, 39, 42,
-    47, 50, 52, 54, 55, 56, 20, 182,
+    47, 50, 52, 54, 55, 56, 20, 182, 205, 323, 454,
 ];
 
 fn violations(o: &SeedOutcome) -> String {
@@ -138,6 +138,21 @@ fn seed_9_message_stays_in_the_dlq() {
 #[ignore = "open: fan-out control objects and a running claim left behind"]
 fn seed_2_fan_out_leaves_its_control_objects() {
     holds(2);
+}
+
+#[test]
+fn seed_205_duplicate_notification_of_a_forced_upload_resends_everything_again() {
+    holds(205);
+}
+
+#[test]
+fn seed_323_duplicate_notification_of_a_forced_upload_resends_everything_again() {
+    holds(323);
+}
+
+#[test]
+fn seed_454_duplicate_notification_of_a_forced_upload_resends_everything_again() {
+    holds(454);
 }
 
 /// `SEED=n cargo test -p sim --test seeds first_divergence_of_two_replays -- --ignored`: where

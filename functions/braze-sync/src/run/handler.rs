@@ -500,7 +500,8 @@ impl Handler {
             self.store.as_ref(),
             &self.cfg.state_bucket,
             format!("{}{}/ledger/", self.cfg.state_prefix, route.name),
-        );
+        )
+        .forced_upload(forced_upload(&plan, flags));
         let mut claim_etag = match self.claim_export(&ledger, &plan).await {
             Ok(etag) => etag,
             Err(outcome) => return outcome,
@@ -646,6 +647,18 @@ impl Handler {
         }
         ended.outcome
     }
+}
+
+/// The upload a replay forced by object metadata is for (the trigger's last-modified time, else
+/// its ETag): it replays once, and further notifications of the same upload are duplicates.
+/// An operator's `--force-full` forces every time (`None`).
+fn forced_upload(plan: &ExportPlan, flags: RunFlags) -> Option<String> {
+    (plan.force_full && !flags.force_full).then(|| {
+        let meta = &plan.trigger_meta;
+        meta.last_modified
+            .clone()
+            .unwrap_or_else(|| meta.etag.clone())
+    })
 }
 
 /// How a run ended, as the ledger records it and the invocation answers it.

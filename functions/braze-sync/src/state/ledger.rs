@@ -65,6 +65,11 @@ pub struct LedgerEntry {
     /// claim carries it from the entry it replaces); see [`STALLED_LIMIT`].
     #[serde(default, skip_serializing_if = "is_zero")]
     pub stalled: u32,
+    /// The upload (its last-modified time) a forced replay by object metadata was for: a
+    /// `complete` entry with it answers further notifications of that same upload as
+    /// duplicates instead of resending everything again ([`Ledger::forced_upload`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forced: Option<String>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -85,6 +90,7 @@ impl LedgerEntry {
             report: None,
             fan_out: None,
             stalled: 0,
+            forced: None,
         }
     }
 
@@ -103,6 +109,7 @@ impl LedgerEntry {
             report,
             fan_out: fan_out.map(str::to_string),
             stalled: 0,
+            forced: None,
         }
     }
 }
@@ -151,6 +158,8 @@ pub struct Ledger<'a> {
     store: &'a dyn ObjectStore,
     bucket: String,
     prefix: String,
+    /// The upload this ledger's forced claims are for ([`Ledger::forced_upload`]).
+    forced: Option<String>,
 }
 
 /// A file-name-safe id for an export: a hash of bucket, key and ETag/version.
@@ -168,7 +177,27 @@ impl<'a> Ledger<'a> {
             store,
             bucket: bucket.to_string(),
             prefix,
+            forced: None,
         }
+    }
+
+    /// Forced claims of this ledger are for one upload of the trigger (`upload`: its
+    /// last-modified time, as a replay forced by object metadata is): such a claim takes a
+    /// `complete` entry over only when that entry is not already this upload's forced run,
+    /// so a duplicate notification of the forced upload is a no-op rather than a second full
+    /// resend. Every entry this ledger writes records it. `None` (an operator's `--force-full`):
+    /// a forced claim always takes over.
+    pub fn forced_upload(mut self, upload: Option<String>) -> Self {
+        self.forced = upload;
+        self
+    }
+
+    /// `entry` as this ledger writes it (with the forced upload it is for).
+    fn stamped(&self, mut entry: LedgerEntry) -> LedgerEntry {
+        if entry.forced.is_none() {
+            entry.forced = self.forced.clone();
+        }
+        entry
     }
 
     fn uri(&self, export_id: &str) -> S3Uri {
@@ -215,7 +244,7 @@ impl<'a> Ledger<'a> {
         force: bool,
     ) -> Result<Claim, LedgerError> {
         let uri = self.uri(export_id);
-        let entry = LedgerEntry::running(export_id, now + lease_s);
+        let entry = self.stamped(LedgerEntry::running(export_id, now + lease_s));
         let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
         match self
             .store
@@ -239,7 +268,10 @@ impl<'a> Ledger<'a> {
                     run_id: current.fan_out.unwrap_or_default(),
                 });
             }
-            ref s if s.is_final() && !force => {
+            ref s
+                if s.is_final()
+                    && (!force || (self.forced.is_some() && current.forced == self.forced)) =>
+            {
                 return Ok(Claim::AlreadyComplete {
                     report: current.report,
                 });
@@ -249,10 +281,10 @@ impl<'a> Ledger<'a> {
         let body = match current.stalled {
             0 => body,
             stalled => {
-                let entry = LedgerEntry {
+                let entry = self.stamped(LedgerEntry {
                     stalled,
                     ..LedgerEntry::running(export_id, now + lease_s)
-                };
+                });
                 Bytes::from(serde_json::to_vec(&entry).unwrap_or_default())
             }
         };
@@ -267,7 +299,8 @@ impl<'a> Ledger<'a> {
         claim_etag: &str,
         entry: &LedgerEntry,
     ) -> Result<ObjectMeta, LedgerError> {
-        let body = Bytes::from(serde_json::to_vec(entry).unwrap_or_default());
+        let entry = self.stamped(entry.clone());
+        let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
         Ok(self
             .store
             .put(
@@ -354,7 +387,7 @@ impl<'a> Ledger<'a> {
         if current.status != LedgerStatus::FannedOut || current.fan_out.as_deref() != Some(run_id) {
             return Ok(Claim::Busy);
         }
-        let entry = LedgerEntry::running(export_id, now + lease_s);
+        let entry = self.stamped(LedgerEntry::running(export_id, now + lease_s));
         let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
         self.replace_claim(&uri, body, meta.etag).await
     }
@@ -394,8 +427,7 @@ impl<'a> Ledger<'a> {
         report: Option<String>,
     ) -> Result<(), LedgerError> {
         let uri = self.uri(export_id);
-        let entry = LedgerEntry::ended(status, export_id, report, Some(run_id));
-        let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
+        let mut entry = self.stamped(LedgerEntry::ended(status, export_id, report, Some(run_id)));
         for _ in 0..5 {
             let condition = match self.read(&uri).await {
                 // Another run's entry since (a later replay's): not ours to write.
@@ -406,15 +438,16 @@ impl<'a> Ledger<'a> {
                 {
                     return Ok(());
                 }
-                Ok((meta, _)) => PutCondition::IfMatch(meta.etag),
+                Ok((meta, current)) => {
+                    // The forced upload the fan-out's export was for stays recorded.
+                    entry.forced = entry.forced.take().or(current.forced);
+                    PutCondition::IfMatch(meta.etag)
+                }
                 Err(LedgerError::Store(StoreError::NotFound { .. })) => PutCondition::IfAbsent,
                 Err(e) => return Err(e),
             };
-            match self
-                .store
-                .put(&uri, body.clone(), condition, BTreeMap::new())
-                .await
-            {
+            let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
+            match self.store.put(&uri, body, condition, BTreeMap::new()).await {
                 Ok(_) => return Ok(()),
                 Err(StoreError::PreconditionFailed { .. }) => continue,
                 Err(e) => return Err(e.into()),
@@ -459,6 +492,50 @@ impl<'a> Ledger<'a> {
 mod tests {
     use super::*;
     use bridge_shared::object_store::MemoryStore;
+
+    #[tokio::test]
+    async fn a_forced_upload_replays_once_and_its_duplicate_notifications_are_no_ops() {
+        let store = MemoryStore::new();
+        let plain = Ledger::new(&store, "state", "s/r/ledger/".into());
+        let Claim::Acquired { etag } = plain.claim("x", 100, 60, false).await.unwrap() else {
+            panic!("first claim must acquire")
+        };
+        plain
+            .finish("x", &etag, LedgerStatus::Complete, None)
+            .await
+            .unwrap();
+        // The same object copied over itself with bridge-force-full: replayed once.
+        let upload1 = Ledger::new(&store, "state", "s/r/ledger/".into())
+            .forced_upload(Some("2026-01-01T01:00:00Z".into()));
+        let Claim::Acquired { etag } = upload1.claim("x", 200, 60, true).await.unwrap() else {
+            panic!("a forced upload takes the complete entry over")
+        };
+        upload1
+            .finish(
+                "x",
+                &etag,
+                LedgerStatus::Complete,
+                Some("forced.json".into()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            upload1.claim("x", 210, 60, true).await.unwrap(),
+            Claim::AlreadyComplete {
+                report: Some("forced.json".into())
+            },
+            "a duplicate notification of the forced upload is a no-op"
+        );
+        // A new forced upload, and the operator's --force-full, replay again.
+        let upload2 = Ledger::new(&store, "state", "s/r/ledger/".into())
+            .forced_upload(Some("2026-01-01T02:00:00Z".into()));
+        assert!(matches!(
+            upload2.claim("x", 220, 60, true).await.unwrap(),
+            Claim::Acquired { .. }
+        ));
+        let entry = plain.entry("x").await.unwrap().unwrap();
+        assert_eq!(entry.forced.as_deref(), Some("2026-01-01T02:00:00Z"));
+    }
 
     #[tokio::test]
     async fn second_claim_of_a_complete_export_is_a_no_op() {
