@@ -12,7 +12,6 @@
 //! in memory, its migration), and writes a report (`<REPORTS_PREFIX><route>/adopt-<time>.json`)
 //! whether it adopts or refuses.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use bridge_shared::{ObjectStore, S3Uri};
@@ -24,9 +23,11 @@ use crate::config::route::Route;
 use crate::diff::bounded::{RangedSettings, StoreRanges, produce_ranged};
 use crate::diff::export::{ProduceOptions, Stop, Summary, SyncError};
 use crate::diff::in_memory::{open_s3_part, produce};
-use crate::model::{Identifier, UserDelta};
-use crate::send::braze::{EXPORT_IDS_BATCH, LookupError, UserLookup};
-use crate::state::confirmed::Snapshot;
+use crate::model::UserDelta;
+use crate::ops::read_back::{
+    ReadBack, SampleSource, read_profiles, reservoir_sample, user_label, write_report,
+};
+use crate::send::braze::{LookupError, UserLookup};
 use crate::state::route_lock::{RouteLock, lock_uri};
 use crate::state::spill::SpillDir;
 use crate::state::store::record_spill::{RecordSpill, record_spill_bits};
@@ -167,23 +168,6 @@ pub enum AdoptError {
     Busy(String),
 }
 
-/// A user's identifier as shown in reports.
-pub fn user_label(id: &Identifier) -> String {
-    match id {
-        Identifier::ExternalId(e) => format!("external_id:{e}"),
-        Identifier::BrazeId(b) => format!("braze_id:{b}"),
-        Identifier::UserAlias { name, label } => format!("alias:{label}:{name}"),
-    }
-}
-
-fn splitmix(x: &mut u64) -> u64 {
-    *x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *x;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// Two values are the same for Braze: equal JSON, numbers compared as numbers.
 fn same(a: &Value, b: &Value) -> bool {
     match (a, b) {
@@ -202,48 +186,13 @@ fn braze_value<'v>(profile: &'v Value, name: &str) -> Option<&'v Value> {
         .or_else(|| profile.get(name).filter(|_| name != "custom_attributes"))
 }
 
-fn profile_ids(p: &Value) -> Vec<String> {
-    let mut out = Vec::new();
-    if let Some(e) = p.get("external_id").and_then(Value::as_str) {
-        out.push(user_label(&Identifier::ExternalId(e.into())));
-    }
-    if let Some(b) = p.get("braze_id").and_then(Value::as_str) {
-        out.push(user_label(&Identifier::BrazeId(b.into())));
-    }
-    for a in p
-        .get("user_aliases")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        if let (Some(l), Some(n)) = (
-            a.get("alias_label").and_then(Value::as_str),
-            a.get("alias_name").and_then(Value::as_str),
-        ) {
-            out.push(user_label(&Identifier::UserAlias {
-                name: n.into(),
-                label: l.into(),
-            }));
-        }
-    }
-    out
-}
-
 /// Compares sampled users (every non-empty attribute the export has for them) with Braze.
 pub async fn verify(
     sample: &[UserDelta],
     lookup: &dyn UserLookup,
     max_differ_share: f64,
 ) -> Result<Verification, LookupError> {
-    let mut profiles: HashMap<String, Value> = HashMap::new();
-    for chunk in sample.chunks(EXPORT_IDS_BATCH) {
-        let ids: Vec<Identifier> = chunk.iter().map(|d| d.identifier.clone()).collect();
-        for p in lookup.export_ids(&ids).await? {
-            for label in profile_ids(&p) {
-                profiles.insert(label, p.clone());
-            }
-        }
-    }
+    let (profiles, _) = read_profiles(lookup, sample, ReadBack::default()).await?;
     let mut differences = Vec::new();
     let mut differing_users = 0usize;
     for d in sample {
@@ -386,7 +335,7 @@ impl Adoption<'_> {
             let refused = v.differing_share > opts.max_differ_share;
             report.verification = Some(v.clone());
             if refused {
-                write_report(store.as_ref(), &report_uri, &report).await;
+                write_report(store.as_ref(), &report_uri, &report, "adoption").await;
                 return Err(self.refusal(&v, &report_uri));
             }
         }
@@ -410,7 +359,7 @@ impl Adoption<'_> {
         report.users_recorded = recorded.0;
         report.attributes_recorded = recorded.1;
         report.state_users = stats.users;
-        write_report(store.as_ref(), &report_uri, &report).await;
+        write_report(store.as_ref(), &report_uri, &report, "adoption").await;
         info!(
             route = route.name(),
             users = recorded.0,
@@ -428,35 +377,14 @@ impl Adoption<'_> {
             self.parts.clone(),
             self.opts.seed,
         );
-        let sample = tokio::task::spawn_blocking(move || -> Result<Vec<UserDelta>, SyncError> {
-            let mut opts = ProduceOptions::for_route(&r, "");
-            opts.full_resend = true;
-            opts.departures = false;
-            let empty = Snapshot::for_route(&r);
-            let mut rng = seed;
-            let mut seen = 0u64;
-            let mut sample: Vec<UserDelta> = Vec::with_capacity(n);
-            produce(
-                p.iter()
-                    .map(|u| open_s3_part(&st, u, &rt).map(|(_, part)| part)),
-                &r,
-                &empty,
-                &opts,
-                &mut |d| {
-                    seen += 1;
-                    if sample.len() < n {
-                        sample.push(d);
-                    } else {
-                        let j = (splitmix(&mut rng) % seen) as usize;
-                        if j < n {
-                            sample[j] = d;
-                        }
-                    }
-                    Ok(())
-                },
-                &mut |_| {},
-            )?;
-            Ok(sample)
+        let sample = tokio::task::spawn_blocking(move || {
+            let from = SampleSource {
+                store: &st,
+                runtime: &rt,
+                route: &r,
+                parts: &p,
+            };
+            reservoir_sample(&from, n, seed, &|_| true)
         })
         .await
         .map_err(|e| AdoptError::Busy(format!("the sampling task failed: {e}")))??;
@@ -647,22 +575,5 @@ impl Adoption<'_> {
             .await?;
         drop(records_dir);
         Ok((summary, recorded, stats))
-    }
-}
-
-async fn write_report(store: &dyn ObjectStore, uri: &S3Uri, report: &AdoptReport) {
-    let body = serde_json::to_vec_pretty(report).unwrap_or_default();
-    let mut meta = std::collections::BTreeMap::new();
-    meta.insert("content-type".to_string(), "application/json".to_string());
-    if let Err(e) = store
-        .put(
-            uri,
-            bytes::Bytes::from(body),
-            bridge_shared::PutCondition::None,
-            meta,
-        )
-        .await
-    {
-        tracing::warn!(report = %uri, error = %e, "Could not write the adoption report.");
     }
 }

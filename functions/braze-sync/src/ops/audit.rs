@@ -19,9 +19,8 @@
 //! export sends every non-empty value), and the user's row digest is cleared so the row is
 //! mapped again. Nothing else in the state changes: the segment names only those slots.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bridge_shared::metrics::{Metric, emf_line};
 use bridge_shared::{ObjectStore, S3Uri};
@@ -30,12 +29,13 @@ use serde_json::Value;
 use tracing::info;
 
 use crate::config::route::{Route, SlotKind};
-use crate::diff::export::{ProduceOptions, SyncError};
-use crate::diff::in_memory::{open_s3_part, produce};
-use crate::model::{AttributeChange, Identifier, UserDelta, fingerprint};
-use crate::ops::adopt::user_label;
+use crate::diff::export::SyncError;
+use crate::model::{AttributeChange, UserDelta, fingerprint};
+use crate::ops::read_back::{
+    ReadBack, SampleSource, read_profiles, reservoir_sample, user_label, write_report,
+};
 use crate::ops::report::METRICS_NAMESPACE;
-use crate::send::braze::{EXPORT_IDS_BATCH, LookupError, UserLookup};
+use crate::send::braze::{LookupError, UserLookup};
 use crate::state::confirmed::{Snapshot, UNKNOWN_FP, stored_fp};
 use crate::state::route_lock::{RouteLock, lock_uri};
 use crate::state::store::{StateError, StateStore};
@@ -257,14 +257,6 @@ pub enum AuditError {
     Busy(String),
 }
 
-fn splitmix(x: &mut u64) -> u64 {
-    *x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *x;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// `fields_to_export` for the route: the identifiers, its standard fields by name, and
 /// `custom_attributes` when it has custom attributes or audiences.
 pub fn fields_to_export(route: &Route) -> Vec<String> {
@@ -425,112 +417,175 @@ async fn audit_with(
         });
     }
     let state_users = snapshot.len() as u64;
+    let (sample, snapshot) =
+        sample_in_state(&store, &route, (&export_id, parts), snapshot, opts).await?;
+    // Braze's profiles, paced under the endpoint's limit.
+    let fields = fields_to_export(&route);
+    let how = ReadBack {
+        fields: Some(&fields),
+        per_minute: Some(opts.lookups_per_minute),
+    };
+    let (profiles, lookups) = read_profiles(lookup, &sample, how).await?;
+    let report_uri = S3Uri::new(
+        &target.state_bucket,
+        format!("{}{}/{run_id}.json", target.reports_prefix, route.name()),
+    );
+    let tally = Tally::of(&route, &snapshot, &sample, &profiles);
+    let (mut report, heal) =
+        tally.into_report(&route, export_id, state_users, lookups, &report_uri);
+    if opts.heal {
+        let Heal {
+            records,
+            mut healed,
+        } = heal;
+        healed.users = records.len() as u64;
+        write_heal(&state, &route, &records).await?;
+        info!(
+            route = route.name(),
+            users = healed.users,
+            attributes = healed.attributes,
+            missing = healed.missing_users,
+            "Drift healed: the next export resends what drifted."
+        );
+        report.healed = Some(healed);
+    }
+    write_report(store.as_ref(), &report_uri, &report, "audit").await;
+    info!(
+        route = route.name(),
+        sampled = report.sampled,
+        drifted_users = report.drifted_users,
+        missing = report.missing_in_braze,
+        "Drift audit done."
+    );
+    Ok(report)
+}
 
-    // A uniform sample (reservoir) of the export's users the state holds, every value.
+/// A uniform sample (reservoir) of the export's users the state holds, every value, read on
+/// a blocking thread; the snapshot comes back with it. `export` is the export's id and parts.
+async fn sample_in_state(
+    store: &Arc<dyn ObjectStore>,
+    route: &Arc<Route>,
+    export: (&str, Vec<S3Uri>),
+    snapshot: Snapshot,
+    opts: &AuditOptions,
+) -> Result<(Vec<UserDelta>, Snapshot), AuditError> {
+    let (export_id, parts) = export;
     let handle = tokio::runtime::Handle::current();
     let (st, r, n, seed) = (store.clone(), route.clone(), opts.sample, opts.seed);
     let (sample, snapshot) = tokio::task::spawn_blocking(move || {
-        let mut popts = ProduceOptions::for_route(&r, "");
-        popts.full_resend = true;
-        popts.departures = false;
-        let empty = Snapshot::for_route(&r);
-        let (mut rng, mut seen) = (seed, 0u64);
-        let mut sample: Vec<UserDelta> = Vec::with_capacity(n.min(1 << 16));
-        let produced = produce(
-            parts
-                .iter()
-                .map(|u| open_s3_part(&st, u, &handle).map(|(_, part)| part)),
-            &r,
-            &empty,
-            &popts,
-            &mut |d| {
-                if snapshot.get(d.user_key()).is_none() {
-                    return Ok(());
-                }
-                seen += 1;
-                if sample.len() < n {
-                    sample.push(d);
-                } else {
-                    let j = (splitmix(&mut rng) % seen) as usize;
-                    if j < n {
-                        sample[j] = d;
-                    }
-                }
-                Ok(())
-            },
-            &mut |_| {},
-        );
-        (produced.map(|_| sample), snapshot)
+        let from = SampleSource {
+            store: &st,
+            runtime: &handle,
+            route: &r,
+            parts: &parts,
+        };
+        let sample = reservoir_sample(&from, n, seed, &|d| snapshot.get(d.user_key()).is_some());
+        (sample, snapshot)
     })
     .await
     .map_err(|e| AuditError::Busy(format!("the sampling task failed: {e}")))?;
     let sample = sample.map_err(|error| AuditError::Export {
-        export: export_id.clone(),
+        export: export_id.to_string(),
         error,
     })?;
+    Ok((sample, snapshot))
+}
 
-    // Braze's profiles, paced under the endpoint's limit.
-    let fields = fields_to_export(&route);
-    let gap = Duration::from_secs_f64(60.0 / f64::from(opts.lookups_per_minute.max(1)));
-    let mut profiles: HashMap<String, Value> = HashMap::new();
-    let mut lookups = 0u64;
-    let mut next = tokio::time::Instant::now();
-    for chunk in sample.chunks(EXPORT_IDS_BATCH) {
-        tokio::time::sleep_until(next).await;
-        next = tokio::time::Instant::now() + gap;
-        let ids: Vec<Identifier> = chunk.iter().map(|d| d.identifier.clone()).collect();
-        lookups += 1;
-        for p in lookup.export_fields(&ids, &fields).await? {
-            for label in profile_labels(&p) {
-                profiles.insert(label, p.clone());
+/// What comparing the sample with Braze found, and what a heal writes.
+struct Tally {
+    /// Per route attribute, in route order (shares not yet computed).
+    attrs: Vec<AttributeDrift>,
+    /// Sampled users Braze does not know.
+    missing: Vec<String>,
+    /// Sampled users with at least one drifted attribute, or missing.
+    drifted_users: u64,
+    /// Users sampled.
+    sampled: u64,
+    /// What `--heal` writes.
+    heal: Heal,
+}
+
+/// What `--heal` writes: one record per drifted or missing user.
+struct Heal {
+    /// The records.
+    records: Vec<UserDelta>,
+    /// What they change (`users` is set when they are written).
+    healed: Healed,
+}
+
+impl Tally {
+    fn of(
+        route: &Route,
+        snapshot: &Snapshot,
+        sample: &[UserDelta],
+        profiles: &HashMap<String, Value>,
+    ) -> Tally {
+        let mut t = Tally {
+            attrs: route
+                .slots
+                .iter()
+                .map(|s| AttributeDrift {
+                    attribute: s.name.clone(),
+                    checked: 0,
+                    drifted: 0,
+                    share: 0.0,
+                    estimated_in_route: 0,
+                    examples: Vec::new(),
+                })
+                .collect(),
+            missing: Vec::new(),
+            drifted_users: 0,
+            sampled: sample.len() as u64,
+            heal: Heal {
+                records: Vec::new(),
+                healed: Healed {
+                    users: 0,
+                    attributes: 0,
+                    missing_users: 0,
+                },
+            },
+        };
+        for d in sample {
+            let user = user_label(&d.identifier);
+            match profiles.get(&user) {
+                None => t.missing_user(route, snapshot, d, user),
+                Some(profile) => t.present_user(route, snapshot, d, user, profile),
             }
         }
+        t
     }
 
-    // Compare.
-    let users_f = state_users as f64;
-    let mut attrs: Vec<AttributeDrift> = route
-        .slots
-        .iter()
-        .map(|s| AttributeDrift {
-            attribute: s.name.clone(),
-            checked: 0,
-            drifted: 0,
-            share: 0.0,
-            estimated_in_route: 0,
-            examples: Vec::new(),
-        })
-        .collect();
-    let mut missing = Vec::new();
-    let mut drifted_users = 0u64;
-    let mut heal: Vec<UserDelta> = Vec::new();
-    let mut healed = Healed {
-        users: 0,
-        attributes: 0,
-        missing_users: 0,
-    };
-    for d in &sample {
-        let user = user_label(&d.identifier);
-        let Some(profile) = profiles.get(&user) else {
-            drifted_users += 1;
-            missing.push(user);
-            // Forget every confirmed value: the next export sends the user's whole profile.
-            let changes = forget_all(&route, &snapshot, d);
-            healed.missing_users += 1;
-            heal.push(heal_delta(d, changes));
-            continue;
-        };
-        let f = compare(&route, &snapshot, d, profile);
+    /// A user Braze does not know: every confirmed value is forgotten, so the next export
+    /// sends the user's whole profile.
+    fn missing_user(&mut self, route: &Route, snapshot: &Snapshot, d: &UserDelta, user: String) {
+        self.drifted_users += 1;
+        self.missing.push(user);
+        let changes = forget_all(route, snapshot, d);
+        self.heal.healed.missing_users += 1;
+        self.heal.records.push(heal_delta(d, changes));
+    }
+
+    /// A user Braze knows: each drifted attribute is counted, listed among the examples and
+    /// marked unknown.
+    fn present_user(
+        &mut self,
+        route: &Route,
+        snapshot: &Snapshot,
+        d: &UserDelta,
+        user: String,
+        profile: &Value,
+    ) {
+        let f = compare(route, snapshot, d, profile);
         for slot in &f.checked {
-            attrs[*slot].checked += 1;
+            self.attrs[*slot].checked += 1;
         }
         if f.drifted.is_empty() {
-            continue;
+            return;
         }
-        drifted_users += 1;
+        self.drifted_users += 1;
         let mut changes = Vec::new();
         for (slot, braze, state) in f.drifted {
-            let a = &mut attrs[slot];
+            let a = &mut self.attrs[slot];
             a.drifted += 1;
             if a.examples.len() < EXAMPLES {
                 a.examples.push(DriftExample {
@@ -545,66 +600,54 @@ async fn audit_with(
                 fingerprint: Some(UNKNOWN_FP),
             });
         }
-        healed.attributes += changes.len() as u64;
-        heal.push(heal_delta(d, changes));
+        self.heal.healed.attributes += changes.len() as u64;
+        self.heal.records.push(heal_delta(d, changes));
     }
-    for a in &mut attrs {
-        a.share = if a.checked == 0 {
-            0.0
-        } else {
-            a.drifted as f64 / a.checked as f64
-        };
-        a.estimated_in_route = (a.share * users_f).round() as u64;
-    }
-    let sampled = sample.len() as u64;
-    let drift_share = if sampled == 0 {
-        0.0
-    } else {
-        drifted_users as f64 / sampled as f64
-    };
-    let report_uri = S3Uri::new(
-        &target.state_bucket,
-        format!("{}{}/{run_id}.json", target.reports_prefix, route.name()),
-    );
-    let missing_in_braze = missing.len() as u64;
-    missing.truncate(EXAMPLES);
-    let mut report = AuditReport {
-        route: route.name().to_string(),
-        export_id,
-        state_users,
-        sampled,
-        missing_in_braze,
-        missing_examples: missing,
-        drifted_users,
-        drift_share,
-        estimated_drifted_users: (drift_share * users_f).round() as u64,
-        attributes: attrs,
-        lookups,
-        healed: None,
-        report: report_uri.to_string(),
-    };
 
-    if opts.heal {
-        healed.users = heal.len() as u64;
-        write_heal(&state, &route, &heal).await?;
-        info!(
-            route = route.name(),
-            users = healed.users,
-            attributes = healed.attributes,
-            missing = healed.missing_users,
-            "Drift healed: the next export resends what drifted."
-        );
-        report.healed = Some(healed);
+    /// The report (without `healed`; shares over the sample, estimates for the route's
+    /// `state_users`) and what a heal writes.
+    fn into_report(
+        self,
+        route: &Route,
+        export_id: String,
+        state_users: u64,
+        lookups: u64,
+        report_uri: &S3Uri,
+    ) -> (AuditReport, Heal) {
+        let users_f = state_users as f64;
+        let share = |part: u64, whole: u64| {
+            if whole == 0 {
+                0.0
+            } else {
+                part as f64 / whole as f64
+            }
+        };
+        let mut attrs = self.attrs;
+        for a in &mut attrs {
+            a.share = share(a.drifted, a.checked);
+            a.estimated_in_route = (a.share * users_f).round() as u64;
+        }
+        let drift_share = share(self.drifted_users, self.sampled);
+        let mut missing = self.missing;
+        let missing_in_braze = missing.len() as u64;
+        missing.truncate(EXAMPLES);
+        let report = AuditReport {
+            route: route.name().to_string(),
+            export_id,
+            state_users,
+            sampled: self.sampled,
+            missing_in_braze,
+            missing_examples: missing,
+            drifted_users: self.drifted_users,
+            drift_share,
+            estimated_drifted_users: (drift_share * users_f).round() as u64,
+            attributes: attrs,
+            lookups,
+            healed: None,
+            report: report_uri.to_string(),
+        };
+        (report, self.heal)
     }
-    write_report(store.as_ref(), &report_uri, &report).await;
-    info!(
-        route = route.name(),
-        sampled,
-        drifted_users,
-        missing = report.missing_in_braze,
-        "Drift audit done."
-    );
-    Ok(report)
 }
 
 /// The changes that forget every confirmed value of a user.
@@ -660,55 +703,11 @@ async fn write_heal(
     }
 }
 
-fn profile_labels(p: &Value) -> Vec<String> {
-    let mut out = Vec::new();
-    if let Some(e) = p.get("external_id").and_then(Value::as_str) {
-        out.push(user_label(&Identifier::ExternalId(e.into())));
-    }
-    if let Some(b) = p.get("braze_id").and_then(Value::as_str) {
-        out.push(user_label(&Identifier::BrazeId(b.into())));
-    }
-    for a in p
-        .get("user_aliases")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        if let (Some(l), Some(n)) = (
-            a.get("alias_label").and_then(Value::as_str),
-            a.get("alias_name").and_then(Value::as_str),
-        ) {
-            out.push(user_label(&Identifier::UserAlias {
-                name: n.into(),
-                label: l.into(),
-            }));
-        }
-    }
-    out
-}
-
-async fn write_report(store: &dyn ObjectStore, uri: &S3Uri, report: &AuditReport) {
-    let body = serde_json::to_vec_pretty(report).unwrap_or_default();
-    let mut meta = BTreeMap::new();
-    meta.insert("content-type".to_string(), "application/json".to_string());
-    if let Err(e) = store
-        .put(
-            uri,
-            bytes::Bytes::from(body),
-            bridge_shared::PutCondition::None,
-            meta,
-        )
-        .await
-    {
-        tracing::warn!(report = %uri, error = %e, "Could not write the audit report.");
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::model::RowPos;
+    use crate::model::{Identifier, RowPos};
     use serde_json::json;
 
     fn route() -> Route {
