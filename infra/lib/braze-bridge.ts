@@ -83,6 +83,11 @@ export interface BrazeBridgeProps {
   readonly brazeRateLimitWindowSecs?: number;
   /** 75, or 50 on Braze's combined-limit plan. @default 75 */
   readonly brazeMaxObjectsPerRequest?: number;
+  /**
+   * /users/track requests this deployment's runs may make together per clock hour (UTC); a run
+   * that reaches it hands over until the next hour. 0: no hourly budget. @default 0
+   */
+  readonly brazeHourlyRequestLimit?: number;
   /** Most braze-sync invocations the SQS trigger runs at once (2..1000). @default 5 */
   readonly brazeSyncMaxConcurrency?: number;
   /** Most currents-normalize invocations the SQS trigger runs at once (2..1000). @default 10 */
@@ -128,6 +133,7 @@ export const BRAZE_BRIDGE_DEFAULTS = {
   brazeRateLimitRequests: 3000,
   brazeRateLimitWindowSecs: 3,
   brazeMaxObjectsPerRequest: 75,
+  brazeHourlyRequestLimit: 0,
   brazeSyncMaxConcurrency: 5,
   currentsNormalizeMaxConcurrency: 10,
   logLevel: 'info',
@@ -352,6 +358,7 @@ export class BrazeBridge extends Construct {
     }
     checkRange('rateLimitShare', p.rateLimitShare, Number.MIN_VALUE, 1);
     checkRange('brazeMaxObjectsPerRequest', p.brazeMaxObjectsPerRequest, 1, 75);
+    checkRange('brazeHourlyRequestLimit', p.brazeHourlyRequestLimit, 0, Number.MAX_SAFE_INTEGER);
     checkRange('brazeSyncMaxConcurrency', p.brazeSyncMaxConcurrency, 2, 1000);
     checkRange('currentsNormalizeMaxConcurrency', p.currentsNormalizeMaxConcurrency, 2, 1000);
 
@@ -505,6 +512,9 @@ export class BrazeBridge extends Construct {
     };
     if (p.brazeRestEndpoint !== '') {
       brazeSyncEnvironment.BRAZE_REST_ENDPOINT = p.brazeRestEndpoint;
+    }
+    if (p.brazeHourlyRequestLimit !== 0) {
+      brazeSyncEnvironment.BRAZE_HOURLY_REQUEST_LIMIT = String(p.brazeHourlyRequestLimit);
     }
     this.brazeSyncFunction = rustFunction(this, 'BrazeSyncFunction', {
       description: 'Syncs changed Amperity export rows to Braze /users/track.',

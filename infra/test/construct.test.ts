@@ -523,6 +523,7 @@ describe('checks on the construct itself', () => {
     assert.throws(() => synth({ rateLimitShare: 0 }), /rateLimitShare/);
     assert.throws(() => synth({ rateLimitShare: 1.5 }), /rateLimitShare/);
     assert.throws(() => synth({ brazeMaxObjectsPerRequest: 100 }), /brazeMaxObjectsPerRequest/);
+    assert.throws(() => synth({ brazeHourlyRequestLimit: -1 }), /brazeHourlyRequestLimit/);
     assert.throws(() => synth({ brazeSyncMaxConcurrency: 1 }), /brazeSyncMaxConcurrency/);
   });
 });

@@ -38,6 +38,7 @@ const SCENARIOS: Record<string, Partial<BrazeBridgeProps>> = {
     brazeRateLimitRequests: 1500,
     brazeRateLimitWindowSecs: 3,
     brazeMaxObjectsPerRequest: 50,
+    brazeHourlyRequestLimit: 100000,
     brazeSyncMaxConcurrency: 3,
     currentsNormalizeMaxConcurrency: 20,
     logLevel: 'debug',

@@ -25,6 +25,7 @@ use braze_sync::ops::status::{StatusLocation, read_route_status, render};
 use braze_sync::run::handler::{Handler, HandlerConfig, RunFlags};
 use braze_sync::run::runner::{Continuation, RunnerSettings, SqsContinuation, SyncRunner};
 use braze_sync::send::braze::{BrazeApi, BrazeClient, ClientOptions};
+use braze_sync::send::hourly_budget::HourlyBudget;
 use braze_sync::state::confirmed::Snapshot;
 use braze_sync::state::store::StateStore;
 use bridge_shared::object_store::S3Store;
@@ -186,6 +187,14 @@ async fn handler(app: &App) -> anyhow::Result<Handler> {
     settings.deliver.rate.requests_per_window = cfg.rate_limit_requests;
     settings.deliver.rate.window = std::time::Duration::from_secs(cfg.rate_limit_window_secs);
     settings.deliver.rate.share = cfg.rate_limit_share;
+    settings.deliver.hourly_budget = cfg.hourly_request_limit.map(|limit| {
+        HourlyBudget::new(
+            app.store.clone(),
+            &cfg.state_bucket,
+            &cfg.state_prefix,
+            limit,
+        )
+    });
     // Operational knobs (defaults suit Lambda; tests shorten them).
     settings.max_run = Some(runtime::env_parse::<u64>("BRIDGE_MAX_RUN_SECONDS", 0)?)
         .filter(|s| *s > 0)

@@ -61,6 +61,10 @@ pub struct SimConfig {
     /// Ids of the workspace's subscription groups. A `subscription_groups` entry naming
     /// another id is refused (`BAD_SUBSCRIPTION_GROUP_ID`); none by default.
     pub subscription_groups: Vec<String>,
+    /// Milliseconds added to the wall clock when `/users/track`'s hourly budget reads the
+    /// hour, so a test can meet the turn of an hour without waiting for it (0: the wall
+    /// clock). The rate window and its headers keep the wall clock.
+    pub clock_offset_ms: i64,
 }
 
 impl Default for SimConfig {
@@ -83,6 +87,7 @@ impl Default for SimConfig {
             mau_headers: false,
             hourly_request_limit: None,
             subscription_groups: Vec::new(),
+            clock_offset_ms: 0,
         }
     }
 }

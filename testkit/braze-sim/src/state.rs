@@ -271,13 +271,15 @@ impl State {
                 .saturating_sub(now_ms)
                 .div_ceil(1000)
         });
-        let hourly_refused = admission.allowed && !self.take_hour(now_ms);
+        // The hour is read on the shifted clock, the rate window and headers on the wall's.
+        let hour_now_ms = now_ms.saturating_add_signed(self.cfg.clock_offset_ms);
+        let hourly_refused = admission.allowed && !self.take_hour(hour_now_ms);
         if hourly_refused {
-            let next_hour_ms = (now_ms / HOUR_MS + 1) * HOUR_MS;
+            let to_next_hour_ms = HOUR_MS - hour_now_ms % HOUR_MS;
             admission.allowed = false;
             admission.remaining = 0;
-            admission.reset_epoch_secs = next_hour_ms / 1000;
-            retry_after_s = Some((next_hour_ms - now_ms).div_ceil(1000));
+            admission.reset_epoch_secs = (now_ms + to_next_hour_ms).div_ceil(1000);
+            retry_after_s = Some(to_next_hour_ms.div_ceil(1000));
         }
         Arrival {
             seq: self.seq,

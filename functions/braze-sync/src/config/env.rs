@@ -69,6 +69,11 @@ pub struct Config {
     /// `BRAZE_MAX_OBJECTS_PER_REQUEST`: attribute objects per request, 1–75 (default 75; 50
     /// on combined-limit plans).
     pub max_objects_per_request: usize,
+    /// `BRAZE_HOURLY_REQUEST_LIMIT`: `/users/track` requests this deployment's runs may make
+    /// together per clock hour (UTC), shared through the state bucket
+    /// ([`crate::send::hourly_budget`]); a run that reaches it hands over until the next hour.
+    /// Unset or empty: no hourly budget.
+    pub hourly_request_limit: Option<u64>,
     /// `CONTINUATION_QUEUE_URL`: SQS queue a run hands its remaining work to before the
     /// Lambda deadline (optional).
     pub continuation_queue_url: Option<String>,
@@ -90,6 +95,7 @@ pub const VARIABLES: &[&str] = &[
     "BRAZE_RATE_LIMIT_WINDOW_SECS",
     "RATE_LIMIT_SHARE",
     "BRAZE_MAX_OBJECTS_PER_REQUEST",
+    "BRAZE_HOURLY_REQUEST_LIMIT",
     "CONTINUATION_QUEUE_URL",
     "BRIDGE_EPHEMERAL_STORAGE_MB",
     "BRIDGE_FAN_OUT_PIECES",
@@ -231,6 +237,13 @@ impl Config {
                 &max_objects_per_request.to_string(),
             ));
         }
+        let hourly_request_limit = match get("BRAZE_HOURLY_REQUEST_LIMIT") {
+            None => None,
+            Some(v) => match v.trim().parse::<u64>() {
+                Ok(n) if n > 0 => Some(n),
+                _ => return Err(invalid("BRAZE_HOURLY_REQUEST_LIMIT", &v)),
+            },
+        };
         Ok(Config {
             routes_location,
             state_bucket,
@@ -243,6 +256,7 @@ impl Config {
             rate_limit_window_secs,
             rate_limit_share,
             max_objects_per_request,
+            hourly_request_limit,
             continuation_queue_url: get("CONTINUATION_QUEUE_URL"),
         })
     }
@@ -384,6 +398,7 @@ mod tests {
         assert_eq!(c.rejects_prefix, "bridge/rejects/");
         assert_eq!(c.rate_limit_requests, 3000);
         assert_eq!(c.max_objects_per_request, 75);
+        assert_eq!(c.hourly_request_limit, None);
         assert_eq!(c.routes_location, RoutesLocation::Dir("routes".into()));
         let err = Config::from_lookup(env(&[("BRAZE_INSTANCE", "US-03")]), false).unwrap_err();
         assert_eq!(err, ConfigError::Missing("STATE_BUCKET".into()));
@@ -400,6 +415,17 @@ mod tests {
         v.push(("RATE_LIMIT_SHARE", "1.5"));
         let err = Config::from_lookup(env(&v), false).unwrap_err();
         assert!(err.to_string().contains("RATE_LIMIT_SHARE"));
+        for (value, ok) in [("0", None), ("x", None), ("50000", Some(50_000))] {
+            let mut v = base.to_vec();
+            v.push(("BRAZE_HOURLY_REQUEST_LIMIT", value));
+            match Config::from_lookup(env(&v), false) {
+                Ok(c) => assert_eq!(c.hourly_request_limit, ok, "{value}"),
+                Err(e) => {
+                    assert!(ok.is_none(), "{value}: {e}");
+                    assert!(e.to_string().contains("BRAZE_HOURLY_REQUEST_LIMIT"));
+                }
+            }
+        }
         let err = Config::from_lookup(env(&base), true).unwrap_err();
         assert!(err.to_string().contains("BRAZE_API_KEY"));
         assert!(

@@ -310,6 +310,10 @@ impl RunReport {
                 "fanned_out",
                 c(u64::from(self.status == RunStatus::FannedOut)),
             ),
+            (
+                "hourly_budget_reached",
+                c(u64::from(self.stopped == Some(StopReason::HourlyBudget))),
+            ),
         ]
     }
 

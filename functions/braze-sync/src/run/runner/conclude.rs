@@ -158,7 +158,10 @@ impl Ended {
     /// Users were left unsent (deadline, stop), so the export is not finished.
     pub fn unsent(&self) -> bool {
         self.delivery.stats.users_unsent > 0
-            || matches!(self.delivery.stats.stopped, Some(StopReason::Deadline))
+            || matches!(
+                self.delivery.stats.stopped,
+                Some(StopReason::Deadline | StopReason::HourlyBudget)
+            )
             || matches!(&self.produced.result, Err(SyncError::Stopped(_)))
     }
 

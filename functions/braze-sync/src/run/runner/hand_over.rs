@@ -2,13 +2,18 @@
 //! a later invocation through a [`Continuation`]. The handler calls it only after the run's
 //! route lock and export claim are released, so the continuation never meets its own lock.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use tracing::info;
 
 use crate::ops::report::RunReport;
 use crate::run::handler::ExportPlan;
 use crate::send::deliver::{DeliveryStats, RetriesByCause};
+use crate::send::hourly_budget::HourlyBudget;
 
 /// Hands the rest of an unfinished export to a later invocation.
 #[async_trait]
@@ -23,6 +28,79 @@ pub trait Continuation: Send + Sync {
             "this continuation cannot queue fan-out pieces (piece {} of {})",
             piece.piece, piece.run_id
         ))
+    }
+
+    /// [`Continuation::hand_over`], delivered no sooner than `delay` from now (at most
+    /// [`MAX_DELAY`]). A continuation that cannot delay queues at once.
+    async fn hand_over_after(&self, plan: &ExportPlan, delay: Duration) -> Result<(), String> {
+        let _ = delay;
+        self.hand_over(plan).await
+    }
+
+    /// [`Continuation::queue_piece`], delivered no sooner than `delay` from now.
+    async fn queue_piece_after(&self, piece: &PieceMessage, delay: Duration) -> Result<(), String> {
+        let _ = delay;
+        self.queue_piece(piece).await
+    }
+}
+
+/// The longest a queued continuation can be delayed (SQS's `DelaySeconds` limit): a wait for
+/// the next hour's budget takes up to four hops.
+pub const MAX_DELAY: Duration = Duration::from_secs(900);
+
+/// A fan-out piece's delay stays well inside the fan-out's route lease
+/// ([`super::fan_out::FAN_OUT_LEASE_S`]), which its pieces renew when they run.
+pub const MAX_PIECE_DELAY: Duration = Duration::from_secs(600);
+
+/// A [`Continuation`] that delays what it queues while the workspace's hourly request budget
+/// is spent, until the next hour opens (at most [`MAX_DELAY`], [`MAX_PIECE_DELAY`] for a
+/// piece): the next invocation then finds a fresh budget, or waits again without running.
+pub struct BudgetDelayed {
+    /// The queue.
+    pub inner: Arc<dyn Continuation>,
+    /// The workspace's hourly counters.
+    pub budget: HourlyBudget,
+}
+
+impl BudgetDelayed {
+    /// How long to hold a continuation back now (zero while the hour has budget left).
+    async fn delay(&self, cap: Duration) -> Duration {
+        let now = crate::clock::now_ms();
+        match self.budget.spent_until(now).await {
+            Some(until) => {
+                let wait = Duration::from_millis(u64::try_from(until - now).unwrap_or(0));
+                info!(
+                    delay_s = wait.min(cap).as_secs(),
+                    resume_at = %crate::send::hourly_budget::clock_time(until),
+                    "The hourly request budget is spent; the continuation is delayed."
+                );
+                wait.min(cap)
+            }
+            None => Duration::ZERO,
+        }
+    }
+}
+
+#[async_trait]
+impl Continuation for BudgetDelayed {
+    async fn hand_over(&self, plan: &ExportPlan) -> Result<(), String> {
+        let delay = self.delay(MAX_DELAY).await;
+        self.inner.hand_over_after(plan, delay).await
+    }
+
+    async fn queue_piece(&self, piece: &PieceMessage) -> Result<(), String> {
+        let delay = self.delay(MAX_PIECE_DELAY).await;
+        self.inner.queue_piece_after(piece, delay).await
+    }
+
+    async fn hand_over_after(&self, plan: &ExportPlan, delay: Duration) -> Result<(), String> {
+        let delay = delay.max(self.delay(MAX_DELAY).await);
+        self.inner.hand_over_after(plan, delay).await
+    }
+
+    async fn queue_piece_after(&self, piece: &PieceMessage, delay: Duration) -> Result<(), String> {
+        let delay = delay.max(self.delay(MAX_PIECE_DELAY).await);
+        self.inner.queue_piece_after(piece, delay).await
     }
 }
 
@@ -103,25 +181,36 @@ pub struct SqsContinuation {
 #[async_trait]
 impl Continuation for SqsContinuation {
     async fn hand_over(&self, plan: &ExportPlan) -> Result<(), String> {
+        self.hand_over_after(plan, Duration::ZERO).await
+    }
+
+    async fn queue_piece(&self, piece: &PieceMessage) -> Result<(), String> {
+        self.send(piece.body(), Duration::ZERO).await
+    }
+
+    async fn hand_over_after(&self, plan: &ExportPlan, delay: Duration) -> Result<(), String> {
         let key = bridge_shared::s3_uri::encode_key(&plan.trigger.key);
         let body = json!({"Records": [{
             "eventSource": "aws:s3", "eventName": "ObjectCreated:Continuation",
             "s3": {"bucket": {"name": plan.trigger.bucket}, "object": {"key": key}}}]});
-        self.send(body.to_string()).await
+        self.send(body.to_string(), delay).await
     }
 
-    async fn queue_piece(&self, piece: &PieceMessage) -> Result<(), String> {
-        self.send(piece.body()).await
+    async fn queue_piece_after(&self, piece: &PieceMessage, delay: Duration) -> Result<(), String> {
+        self.send(piece.body(), delay).await
     }
 }
 
 impl SqsContinuation {
-    /// Sends one message to the function's own queue.
-    async fn send(&self, body: String) -> Result<(), String> {
+    /// Sends one message to the function's own queue, delivered after `delay` (whole seconds,
+    /// at most [`MAX_DELAY`]).
+    async fn send(&self, body: String, delay: Duration) -> Result<(), String> {
+        let delay_s = delay.min(MAX_DELAY).as_secs_f64().ceil() as i32;
         self.client
             .send_message()
             .queue_url(&self.queue_url)
             .message_body(body)
+            .set_delay_seconds((delay_s > 0).then_some(delay_s))
             .send()
             .await
             .map(|_| ())

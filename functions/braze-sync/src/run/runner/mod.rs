@@ -11,6 +11,7 @@
 //! outcome; [`hand_over`] queues the rest of an export cut short by its deadline, which the
 //! handler does only after the route lock and the export claim are released.
 
+mod budget_wait;
 mod committer;
 mod conclude;
 mod currents_feed;
@@ -30,7 +31,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-pub use hand_over::{Carried, Continuation, PieceMessage, SqsContinuation};
+pub use hand_over::{Carried, Continuation, MAX_DELAY, PieceMessage, SqsContinuation};
 
 use crate::config::route::Route;
 use crate::diff::bounded::RangedSettings;
@@ -213,8 +214,8 @@ impl SyncRunner {
                 .map(|r| (r.name().to_string(), Arc::new(r)))
                 .collect(),
             api,
+            continuation: budget_wait::continuation(continuation, &settings),
             settings,
-            continuation,
         }
     }
 
@@ -294,6 +295,9 @@ impl ExportRunner for SyncRunner {
             return Err(record.failed(self.store.as_ref(), message, false).await);
         }
         let exported_at = self.date_export(plan, &route, &mut record).await?;
+        if let Some(waiting) = self.wait_for_budget(&mut record).await {
+            return Ok(waiting);
+        }
         let bounded = self.check_memory(plan, &route, &mut record).await?;
         // One run per route at a time: exports of a route apply one after the other. The lease
         // is renewed while the run lives; losing it stops the run.
@@ -714,7 +718,8 @@ impl SyncRunner {
             record.report.status = RunStatus::Incomplete;
             if self.continuation.is_none() {
                 record.finish(store).await;
-                return Err(RunError::Retryable("run cut short by its deadline".into()));
+                let why = budget_wait::cut_short(ended.delivery.stats.stopped);
+                return Err(RunError::Retryable(why));
             }
             let stats = &ended.delivery.stats;
             let progressed =
@@ -731,9 +736,8 @@ impl SyncRunner {
                 );
                 return Err(record.failed(store, message, false).await);
             }
-            record.report.notes.push(
-                "stopped before the deadline; the rest is handed to a new invocation once this run's claims are released".into(),
-            );
+            let note = budget_wait::hand_over_note(stats.stopped, &self.settings);
+            record.report.notes.push(note);
             record.finish(store).await;
             let mut summary = summary;
             summary["stalled"] = serde_json::json!(stalled);

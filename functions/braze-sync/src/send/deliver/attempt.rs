@@ -15,6 +15,7 @@ use tracing::{debug, warn};
 
 use super::RetriesByCause;
 use crate::send::braze::{BrazeApi, ItemError, TrackError, TrackResponse};
+use crate::send::hourly_budget::Spender;
 use crate::send::rate_limit::{Permit, RateLimiter};
 use crate::send::request_body::Batch;
 use crate::send::retry::{Failures, RetryCause, RetryDecision, RetryPolicy};
@@ -37,6 +38,8 @@ pub(super) enum BatchResult {
     Fatal { status: u16, message: String },
     /// Not sent (stopped, deadline) or retries exhausted (`gave_up`).
     Unsent { reason: String, gave_up: bool },
+    /// Not sent: the workspace's hourly request budget is spent; the run stops.
+    OverBudget { reason: String },
 }
 
 impl BatchResult {
@@ -106,6 +109,8 @@ pub(super) struct Shared<'a, A: ?Sized> {
     pub(super) deadline: Option<Instant>,
     pub(super) grace: Duration,
     pub(super) stop: watch::Receiver<bool>,
+    /// This sender's account of the workspace's hourly request budget.
+    pub(super) budget: Option<Spender>,
 }
 
 impl<A: BrazeApi + ?Sized> Shared<'_, A> {
@@ -163,6 +168,9 @@ impl<A: BrazeApi + ?Sized> Shared<'_, A> {
                 Ok(permit) => permit,
                 Err(result) => return result,
             };
+            if let Err(result) = self.budget_token().await {
+                return result;
+            }
             if self.past_deadline(Instant::now()) {
                 return BatchResult::unsent("the deadline came before the request");
             }
@@ -238,6 +246,26 @@ impl<A: BrazeApi + ?Sized> Shared<'_, A> {
                     None => std::future::pending().await,
                 }
             } => Err(BatchResult::unsent("the deadline came before a rate-limit slot")),
+        }
+    }
+
+    /// A token of the hourly budget for the next request (none configured: at once), unless
+    /// the run stops or the deadline comes first.
+    async fn budget_token(&self) -> Result<(), BatchResult> {
+        let Some(budget) = &self.budget else {
+            return Ok(());
+        };
+        let mut stop = self.stop.clone();
+        let deadline = self.deadline;
+        tokio::select! {
+            taken = budget.take() => taken.map_err(|r| BatchResult::OverBudget { reason: r.reason }),
+            _ = stop.wait_for(|s| *s) => Err(BatchResult::unsent("the run was stopped")),
+            _ = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            } => Err(BatchResult::unsent("the deadline came before an hourly budget token")),
         }
     }
 

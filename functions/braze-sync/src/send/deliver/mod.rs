@@ -30,6 +30,7 @@ use tracing::info;
 
 use crate::model::{DeliveryOutcome, UserDelta};
 use crate::send::braze::BrazeApi;
+use crate::send::hourly_budget::{HourlyBudget, Spender};
 use crate::send::rate_limit::{RateBudget, RateLimiter};
 use crate::send::request_body::{BatchLimits, Batcher, MAX_BODY_BYTES, MAX_OBJECTS};
 use crate::send::retry::RetryPolicy;
@@ -55,6 +56,10 @@ pub struct DeliverConfig {
     pub peers: Option<watch::Receiver<u32>>,
     /// When and how to retry.
     pub retry: RetryPolicy,
+    /// The workspace's hourly request budget (`BRAZE_HOURLY_REQUEST_LIMIT`): every request
+    /// spends a token of it; when the hour's budget is spent the run stops
+    /// ([`StopReason::HourlyBudget`]). `None`: no hourly budget.
+    pub hourly_budget: Option<HourlyBudget>,
     /// Stop starting requests at this instant (the Lambda's remaining time minus a margin that
     /// covers one request timeout); what is left comes back `Unsent`.
     pub deadline: Option<Instant>,
@@ -83,6 +88,7 @@ impl Default for DeliverConfig {
             rate: RateBudget::default(),
             peers: None,
             retry: RetryPolicy::default(),
+            hourly_budget: None,
             deadline: None,
             in_flight_grace: Duration::from_secs(10),
             linger: Duration::from_millis(50),
@@ -127,6 +133,7 @@ where
         deadline: cfg.deadline,
         grace: cfg.in_flight_grace,
         stop: stop_rx,
+        budget: cfg.hourly_budget.clone().map(Spender::new),
     };
     info!(
         target_host = %api.describe(),
@@ -179,6 +186,9 @@ where
                 run.stopping = Some(StopReason::Deadline);
             }
         }
+    }
+    if let Some(budget) = &shared.budget {
+        budget.finish().await;
     }
     run.finish(started, &shared.limiter)
 }

@@ -199,6 +199,13 @@ impl Run {
                 self.stopping = Some(StopReason::Unauthorized);
                 self.unsent(batch.into_deltas()).await;
             }
+            BatchResult::OverBudget { reason } => {
+                if self.stopping.is_none() {
+                    info!(batch = id, reason = %reason, "Stopping the run at the hourly request budget.");
+                    self.stopping = Some(StopReason::HourlyBudget);
+                }
+                self.unsent(batch.into_deltas()).await;
+            }
             BatchResult::Unsent { reason, .. } => {
                 if gave_up
                     && stop_after_failed_batches > 0

@@ -67,6 +67,9 @@ pub enum StopReason {
     BrazeUnavailable,
     /// Nobody listens to the outcomes any more.
     OutcomesClosed,
+    /// The workspace's hourly request budget is spent (or its counter could not be claimed
+    /// from); the run hands over until the next hour.
+    HourlyBudget,
 }
 
 /// What the sender did.

@@ -1,0 +1,208 @@
+//! The workspace's hourly request budget against the Braze simulator's own (`hourly_request_limit`),
+//! across the turn of a clock hour: both clocks are moved a few seconds before an hour
+//! (`SimConfig::clock_offset_ms`, `braze_sync::clock::set_virtual`), so a sync too big for one
+//! hour's budget spends it, hands over with a delay to the next hour, waits without running
+//! when its continuation comes early, and completes in the next hour, without a single request
+//! the simulator refuses for its hourly budget.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use braze_sim::SimConfig;
+use braze_sync::config::api_key::ApiKey;
+use braze_sync::config::braze_endpoint::Endpoint;
+use braze_sync::config::route::Route;
+use braze_sync::run::handler::{ExportPlan, Handler, HandlerConfig};
+use braze_sync::run::runner::{Continuation, MAX_DELAY, RunnerSettings, SyncRunner};
+use braze_sync::send::braze::{BrazeClient, ClientOptions};
+use braze_sync::send::hourly_budget::{HOUR_MS, HourlyBudget, hour_of};
+use bridge_shared::S3Uri;
+use bridge_shared::object_store::{MemoryStore, ObjectStore, PutCondition};
+use bytes::Bytes;
+use serde_json::{Value, json};
+
+const KEY: &str = "sim-key-hourly-budget";
+const LIMIT: u64 = 10;
+const USERS: u32 = 150;
+
+const ROUTE: &str = r#"
+name = "people"
+prefix = "in/"
+update_existing_only = false
+[identifier]
+kind = "external_id"
+column = "id"
+[attributes.tier]
+type = "String"
+"#;
+
+/// The queue: remembers each hand-over's delay.
+#[derive(Default)]
+struct Delays(Mutex<Vec<Duration>>);
+
+#[async_trait]
+impl Continuation for Delays {
+    async fn hand_over(&self, plan: &ExportPlan) -> Result<(), String> {
+        self.hand_over_after(plan, Duration::ZERO).await
+    }
+    async fn hand_over_after(&self, _: &ExportPlan, delay: Duration) -> Result<(), String> {
+        self.0.lock().unwrap().push(delay);
+        Ok(())
+    }
+}
+
+fn csv(n: u32) -> Bytes {
+    let mut s = String::from("id,tier\n");
+    for i in 0..n {
+        s.push_str(&format!("u{i},gold\n"));
+    }
+    Bytes::from(s)
+}
+
+/// Milliseconds to add to the wall clock so that it is `before_ms` short of a clock hour.
+fn offset_to_before_an_hour(before_ms: i64) -> i64 {
+    let wall = chrono::Utc::now().timestamp_millis();
+    let offset = (hour_of(wall) + 1) * HOUR_MS - before_ms - wall;
+    if offset < 0 { offset + HOUR_MS } else { offset }
+}
+
+fn handler(store: Arc<MemoryStore>, sim_url: &str, queue: Arc<Delays>) -> Handler {
+    let mut s = RunnerSettings::new("state", "s/", "r/", "x/");
+    s.checkpoint_every = Duration::from_millis(50);
+    s.deliver.max_objects = 10;
+    s.deliver.max_in_flight = 4;
+    s.deliver.hourly_budget = Some(HourlyBudget::new(store.clone(), "state", "s/", LIMIT));
+    let api = BrazeClient::new(
+        Endpoint::parse(sim_url).unwrap(),
+        ApiKey::new(KEY).unwrap(),
+        &ClientOptions {
+            request_timeout: Duration::from_secs(5),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let route = Route::from_toml(ROUTE, "t").unwrap();
+    let runner = SyncRunner::new(
+        store.clone(),
+        vec![route.clone()],
+        Arc::new(api),
+        s,
+        Some(queue as Arc<dyn Continuation>),
+    );
+    Handler::new(
+        HandlerConfig {
+            state_bucket: "state".into(),
+            output_prefixes: vec!["s/".into(), "r/".into(), "x/".into()],
+            state_prefix: "s/".into(),
+            reports_prefix: "r/".into(),
+            routes: vec![route.binding()],
+            lease_s: 60,
+        },
+        store,
+        Arc::new(runner),
+    )
+}
+
+async fn report(store: &MemoryStore, out: &Value) -> Value {
+    let uri: S3Uri = out["results"][0]["report"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    serde_json::from_slice(&store.get(&uri).await.unwrap().1).unwrap()
+}
+
+#[tokio::test]
+async fn a_sync_bigger_than_the_hours_budget_waits_for_the_next_hour_and_completes() {
+    let offset = offset_to_before_an_hour(6_000);
+    braze_sync::clock::set_virtual(chrono::Utc::now() + chrono::Duration::milliseconds(offset));
+    let sim = braze_sim::start(SimConfig {
+        api_key: KEY.into(),
+        hourly_request_limit: Some(LIMIT),
+        clock_offset_ms: offset,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let store = Arc::new(MemoryStore::new());
+    let queue = Arc::new(Delays::default());
+    let h = handler(store.clone(), &sim.base_url(), queue.clone());
+    store
+        .put(
+            &S3Uri::new("exports", "in/big.csv"),
+            csv(USERS),
+            PutCondition::None,
+            BTreeMap::new(),
+        )
+        .await
+        .unwrap();
+    let event = |name: &str| {
+        json!({"Records": [{"eventSource": "aws:s3", "eventName": name,
+            "s3": {"bucket": {"name": "exports"}, "object": {"key": "in/big.csv"}}}]})
+    };
+    let hour = hour_of(braze_sync::clock::now_ms());
+
+    // 1. The hour's budget goes on the first 100 users; the rest is handed over, delayed to
+    //    the next hour.
+    let out = h.handle(&event("ObjectCreated:Put"), None).await.unwrap();
+    assert_eq!(out["results"][0]["outcome"], "incomplete", "{out}");
+    let r = report(&store, &out).await;
+    assert_eq!(r["stopped"], "hourly_budget", "{r}");
+    assert_eq!(r["requests"], LIMIT);
+    assert_eq!(r["users_confirmed"], 100);
+    assert!(
+        r["notes"]
+            .to_string()
+            .contains("BRAZE_HOURLY_REQUEST_LIMIT"),
+        "{r}"
+    );
+    assert_eq!(
+        hour_of(braze_sync::clock::now_ms()),
+        hour,
+        "still the first hour"
+    );
+    let first = queue.0.lock().unwrap()[0];
+    assert!(
+        first > Duration::ZERO && first <= Duration::from_secs(8),
+        "{first:?}"
+    );
+
+    // 2. A continuation that comes before the hour turns does not run: it waits again.
+    let out = h
+        .handle(&event("ObjectCreated:Continuation"), None)
+        .await
+        .unwrap();
+    assert_eq!(out["results"][0]["outcome"], "incomplete", "{out}");
+    assert_eq!(
+        out["results"][0]["summary"]["status"],
+        "waiting_for_hourly_budget"
+    );
+    assert_eq!(
+        sim.stats().requests_total,
+        LIMIT,
+        "nothing sent while waiting"
+    );
+    let second = queue.0.lock().unwrap()[1];
+    assert!(second > Duration::ZERO && second <= MAX_DELAY, "{second:?}");
+
+    // 3. In the next hour the rest goes out and the export completes.
+    tokio::time::sleep(second).await;
+    assert_eq!(hour_of(braze_sync::clock::now_ms()), hour + 1);
+    let out = h
+        .handle(&event("ObjectCreated:Continuation"), None)
+        .await
+        .unwrap();
+    braze_sync::clock::clear_virtual();
+    assert_eq!(out["results"][0]["outcome"], "synced", "{out}");
+    let stats = sim.stats();
+    assert_eq!(sim.users().len(), USERS as usize);
+    assert_eq!(
+        stats.hourly_limited_429, 0,
+        "never over the simulator's budget"
+    );
+    assert_eq!(stats.requests_total, 15);
+    assert_eq!(queue.0.lock().unwrap().len(), 2, "no further hand-over");
+}
