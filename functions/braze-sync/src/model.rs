@@ -5,6 +5,16 @@
 
 use serde_json::{Map, Value};
 
+/// How a route names the attribute of a Braze subscription group: this prefix and the group
+/// id. Such an attribute is sent in the object's `subscription_groups` array as
+/// `{"subscription_group_id": id, "subscription_state": value}`, not as a key of its own.
+pub const SUBSCRIPTION_GROUP_PREFIX: &str = "subscription_group:";
+
+/// The group id of a subscription group attribute's name, `None` for any other attribute.
+pub fn subscription_group_id(name: &str) -> Option<&str> {
+    name.strip_prefix(SUBSCRIPTION_GROUP_PREFIX)
+}
+
 /// Where a row sits in an export, for rejects and reports.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RowPos {
@@ -125,8 +135,22 @@ impl UserDelta {
             "_update_existing_only".into(),
             Value::Bool(self.update_existing_only),
         );
+        let mut groups = Vec::new();
         for c in &self.changes {
-            obj.insert(c.name.clone(), c.value.clone());
+            match subscription_group_id(&c.name) {
+                // A group state is never removed: a null (never produced) is not sent.
+                Some(_) if c.value.is_null() => {}
+                Some(id) => groups.push(serde_json::json!({
+                    "subscription_group_id": id,
+                    "subscription_state": c.value,
+                })),
+                None => {
+                    obj.insert(c.name.clone(), c.value.clone());
+                }
+            }
+        }
+        if !groups.is_empty() {
+            obj.insert("subscription_groups".into(), Value::Array(groups));
         }
         Value::Object(obj)
     }
@@ -178,6 +202,35 @@ impl DeliveryOutcome {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn subscription_group_states_go_in_the_subscription_groups_array() {
+        let change = |name: &str, value: Value| AttributeChange {
+            name: name.into(),
+            fingerprint: Some(fingerprint(&value)),
+            value,
+        };
+        let d = UserDelta {
+            identifier: Identifier::ExternalId("42".into()),
+            pos: RowPos::default(),
+            changes: vec![
+                change("email_subscribe", json!("opted_in")),
+                change("subscription_group:sg-1", json!("unsubscribed")),
+                change("subscription_group:sg-2", json!("subscribed")),
+            ],
+            update_existing_only: true,
+            is_new: false,
+            row_digest: None,
+        };
+        assert_eq!(
+            d.to_attribute_object(),
+            json!({"external_id": "42", "_update_existing_only": true,
+                   "email_subscribe": "opted_in",
+                   "subscription_groups": [
+                       {"subscription_group_id": "sg-1", "subscription_state": "unsubscribed"},
+                       {"subscription_group_id": "sg-2", "subscription_state": "subscribed"}]})
+        );
+    }
 
     #[test]
     fn attribute_object_has_one_identifier_and_the_changes() {

@@ -71,6 +71,22 @@ pub enum SlotKind {
         /// What leaving sends.
         on_leave: OnLeave,
     },
+    /// A Braze subscription group's state (`subscribed` / `unsubscribed`), sent in the
+    /// attribute object's `subscription_groups` array.
+    SubscriptionGroup,
+}
+
+impl SlotKind {
+    /// A consent state (`email_subscribe`, `push_subscribe` or a subscription group): never
+    /// sent as `null` (an empty cell says nothing), never cleared on leave, and a mass change
+    /// to `unsubscribed` is held like departures.
+    pub fn is_consent(self) -> bool {
+        match self {
+            SlotKind::Standard(f) => f.is_subscription(),
+            SlotKind::SubscriptionGroup => true,
+            _ => false,
+        }
+    }
 }
 
 /// An Amperity column type.
@@ -315,6 +331,14 @@ impl StandardField {
             StandardField::DateOfLastSession => "date_of_last_session",
             StandardField::MarkedEmailAsSpamAt => "marked_email_as_spam_at",
         }
+    }
+
+    /// `email_subscribe` or `push_subscribe`.
+    pub fn is_subscription(self) -> bool {
+        matches!(
+            self,
+            StandardField::EmailSubscribe | StandardField::PushSubscribe
+        )
     }
 
     /// The field with this exact Braze name.

@@ -4,6 +4,9 @@
 //! [`RouteConfig`] is the file as written (unknown keys refused); [`Route`] is the validated,
 //! compiled form the pipeline uses, with one numbered *slot* per Braze attribute.
 //!
+//! The departure caps, the `[subscription_groups]` table and the route's `on_leave` are
+//! checked, and asked about, in [`consent`].
+//!
 //! The format is documented field by field in `functions/braze-sync/routes/README.md`; a test
 //! keeps that reference in step with the doc comments here.
 
@@ -16,6 +19,9 @@ use crate::config::export_order::{ExportOrder, OrderBy};
 use crate::read;
 use crate::vocab::{self, AmperityType, Compression, Format, StandardField};
 pub use crate::vocab::{IdentifierKind, OnLeave, SlotKind, StringPolicy};
+
+mod consent;
+pub use consent::RouteOnLeave;
 
 /// One route file, as written.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -72,6 +78,17 @@ pub struct RouteConfig {
     /// Audience memberships, each written as a boolean custom attribute.
     #[serde(default)]
     pub audiences: Vec<AudienceConfig>,
+    /// Column → Braze subscription group id: the column holds the user's state in that group
+    /// (`subscribed` or `unsubscribed`; also `true`/`false`, `yes`/`no`, `opt-in`/`opt-out`),
+    /// sent in the attribute object's `subscription_groups` array. An empty cell sends nothing.
+    #[serde(default)]
+    pub subscription_groups: BTreeMap<String, String>,
+    /// What a user absent from a complete export gets: `keep` (default: nothing, audiences
+    /// aside) or `clear_fields` (every standard field and custom attribute the state has
+    /// confirmed for them is set to `null`; consent states are kept), under
+    /// `max_departure_share`, held and released as audience departures are.
+    #[serde(default)]
+    pub on_leave: RouteOnLeave,
     /// Send every value on every run, ignoring the confirmed state (the state still advances).
     #[serde(default)]
     pub full_resend: bool,
@@ -328,7 +345,7 @@ pub struct Route {
     /// The config as written.
     pub config: RouteConfig,
     /// Braze attributes, in slot order: standard fields (by column), custom attributes (by
-    /// column), audiences (as listed).
+    /// column), audiences (as listed), subscription groups (by column).
     pub slots: Vec<Slot>,
     by_name: HashMap<String, u16>,
 }
@@ -364,8 +381,9 @@ impl Route {
         check_order_and_limits(&config, origin)?;
         let mut slots = standard_slots(&config, origin)?;
         slots.extend(custom_slots(&config, origin)?);
-        check_departure_shares(&config, origin)?;
+        consent::check_departure_shares(&config, origin)?;
         slots.extend(audience_slots(&config, origin)?);
+        slots.extend(consent::subscription_group_slots(&config, origin)?);
         let by_name = index_slots(&slots, origin)?;
         Ok(Route {
             config,
@@ -388,18 +406,6 @@ impl Route {
                 .unwrap_or(std::time::Duration::from_secs(3600)),
             prefix: self.config.prefix.clone(),
         }
-    }
-
-    /// The departure cap of the audience in `slot` (its own `max_departure_share`, else the
-    /// route's).
-    pub fn departure_cap(&self, slot: usize) -> f64 {
-        let name = self.slots.get(slot).map(|s| s.name.as_str());
-        self.config
-            .audiences
-            .iter()
-            .find(|a| Some(a.attribute.as_str()) == name)
-            .and_then(|a| a.max_departure_share)
-            .unwrap_or(self.config.max_departure_share)
     }
 
     /// The slot of a Braze attribute name.
@@ -439,18 +445,6 @@ impl Route {
             cols.push(c.clone());
         }
         cols
-    }
-
-    /// True when some audience sends something for users who left the export.
-    pub fn tracks_departures(&self) -> bool {
-        self.slots.iter().any(|s| {
-            matches!(
-                s.kind,
-                SlotKind::Audience {
-                    on_leave: OnLeave::False | OnLeave::Null
-                }
-            )
-        })
     }
 
     /// How to read this route's objects.
@@ -683,29 +677,6 @@ fn custom_slots(config: &RouteConfig, origin: &str) -> Result<Vec<Slot>, RouteEr
     Ok(slots)
 }
 
-/// Every departure cap (the route's and each audience's) is a share between 0 and 1.
-fn check_departure_shares(config: &RouteConfig, origin: &str) -> Result<(), RouteError> {
-    let invalid = |message| invalid(origin, message);
-    let shares = std::iter::once((
-        "max_departure_share".to_string(),
-        Some(config.max_departure_share),
-    ))
-    .chain(config.audiences.iter().map(|a| {
-        (
-            format!("audiences {:?} max_departure_share", a.attribute),
-            a.max_departure_share,
-        )
-    }));
-    for (key, share) in shares {
-        if let Some(v) = share
-            && !(0.0..=1.0).contains(&v)
-        {
-            return Err(invalid(format!("{key} = {v} must be between 0.0 and 1.0")));
-        }
-    }
-    Ok(())
-}
-
 /// One slot per audience, in the order listed.
 fn audience_slots(config: &RouteConfig, origin: &str) -> Result<Vec<Slot>, RouteError> {
     let mut slots = Vec::new();
@@ -786,6 +757,11 @@ fn check_custom_name(name: &str, column: &str, origin: &str) -> Result<(), Route
     if name.starts_with('$') {
         return Err(invalid(format!(
             "custom attribute name {name:?} must not start with '$'"
+        )));
+    }
+    if consent::names_a_group(name) {
+        return Err(invalid(format!(
+            "custom attribute name {name:?} would be read as a subscription group's; map the column under [subscription_groups] instead"
         )));
     }
     if let Some(reserved) = vocab::reserved_key(name) {

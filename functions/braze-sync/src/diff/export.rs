@@ -119,8 +119,9 @@ pub struct ProduceOptions {
     /// Resend every non-empty value, ignoring confirmed state (route `full_resend` or a
     /// forced replay).
     pub full_resend: bool,
-    /// Send audience removals for confirmed members absent from this export. Only for a
-    /// complete export of everyone the route covers.
+    /// Send audience removals (and `clear_fields` nulls) for confirmed users absent from this
+    /// export, and guard mass unsubscribes, under the departure cap. Only for a complete
+    /// export of everyone the route covers.
     pub departures: bool,
     /// The export's name, used as the source of departure deltas.
     pub export_name: String,
@@ -133,7 +134,7 @@ impl ProduceOptions {
     pub fn for_route(route: &Route, export_name: &str) -> Self {
         Self {
             full_resend: route.config.full_resend,
-            departures: route.tracks_departures(),
+            departures: route.tracks_departures() || route.guards_unsubscribes(),
             export_name: export_name.to_string(),
             allow_departures: false,
         }

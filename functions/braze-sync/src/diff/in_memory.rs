@@ -25,9 +25,9 @@ use crate::diff::export::{Part, ProduceOptions, Stop, Summary, SyncError};
 use crate::diff::rejects::RowReject;
 use crate::diff::user::{self, Seen};
 use crate::map::{Binding, MapOutcome, MappedRow, Mapper};
-use crate::model::{RowPos, UserDelta};
+use crate::model::{AttributeChange, RowPos, UserDelta};
 use crate::read::{self, ReadError, Row, RowItem, RowSource};
-use crate::state::confirmed::{Snapshot, stored_digest};
+use crate::state::confirmed::{Snapshot, UserState, stored_digest};
 
 struct Planner<'a> {
     route: &'a Route,
@@ -44,6 +44,12 @@ struct Planner<'a> {
     /// The snapshot's [`crate::vocab::ROW_DIGEST`] slot.
     digest_slot: Option<usize>,
     encoded: Vec<u8>,
+    /// The mass-unsubscribe guard (with departures on and consent slots mapped).
+    guard: Option<user::UnsubscribeGuard>,
+    /// Unsubscribes taken out of the rows' deltas, and their counts per guard entry: judged
+    /// and sent (or held) with the departures.
+    held: Vec<UserDelta>,
+    held_counts: Vec<user::AudienceDepartures>,
 }
 
 impl Planner<'_> {
@@ -156,13 +162,20 @@ impl Planner<'_> {
             });
             return Ok(());
         }
-        let changes = user::changes(
+        let mut changes = user::changes(
             state,
             &self.mapped,
             self.route,
             self.opts.full_resend,
             &mut self.buf,
         );
+        if self.hold_unsubscribes(state, &mut changes, pos()) {
+            // The row is mapped again next run (the held change is not in the state).
+            digest = None;
+            if changes.is_empty() {
+                return Ok(());
+            }
+        }
         if changes.is_empty() {
             self.summary.unchanged += 1;
             // Same values from other cells: a records-only delta (nothing is sent).
@@ -184,6 +197,34 @@ impl Planner<'_> {
             row_digest: digest,
         })
         .map_err(|s| SyncError::Stopped(s.0))
+    }
+}
+
+impl Planner<'_> {
+    /// Takes the changes the mass-unsubscribe guard holds out of `changes`, keeping them
+    /// (at `pos`) for the departure guard; whether there were any.
+    fn hold_unsubscribes(
+        &mut self,
+        state: Option<UserState<'_>>,
+        changes: &mut Vec<AttributeChange>,
+        pos: RowPos,
+    ) -> bool {
+        let Some(g) = &self.guard else {
+            return false;
+        };
+        let held = g.take(state, changes, &mut self.held_counts);
+        if held.is_empty() {
+            return false;
+        }
+        self.held.push(UserDelta {
+            identifier: self.mapped.identifier(),
+            pos,
+            changes: held,
+            update_existing_only: self.route.config.update_existing_only,
+            is_new: false,
+            row_digest: None,
+        });
+        true
     }
 }
 
@@ -227,6 +268,9 @@ where
         route_seed: crate::diff::digest::route_seed(route),
         digest_slot: snapshot.slot_of_name(crate::vocab::ROW_DIGEST),
         encoded: Vec::with_capacity(256),
+        guard: user::UnsubscribeGuard::new(route).filter(|_| opts.departures),
+        held: Vec::new(),
+        held_counts: user::departure_audiences(route),
     };
     for part in parts {
         let part = part?;
@@ -259,6 +303,13 @@ where
     summary.ignored_columns = p.ignored.into_iter().collect();
     if opts.departures {
         let mut d = user::departures(snapshot, route, &p.seen, &opts.export_name);
+        for (a, h) in d.audiences.iter_mut().zip(&p.held_counts) {
+            a.leaving += h.leaving;
+            if a.members_before > 0 {
+                a.share = a.leaving as f64 / a.members_before as f64;
+            }
+        }
+        d.deltas.append(&mut p.held);
         user::guard_departures(
             &mut d,
             summary.rows_without_identifier,
@@ -273,7 +324,7 @@ where
         }
         summary.departures = d.audiences;
         for delta in d.deltas {
-            summary.users_departed += 1;
+            summary.users_departed += u64::from(user::is_departure(&delta, &summary.departures));
             summary.attributes_changed += delta.changes.len() as u64;
             on_delta(delta).map_err(|s| SyncError::Stopped(s.0))?;
         }

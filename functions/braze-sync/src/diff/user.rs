@@ -214,7 +214,31 @@ pub struct AudienceDepartures {
     pub held_because: Option<String>,
     /// The guard would have held them, but the operator released them.
     pub released: bool,
+    /// What the entry guards (an audience's departures by default).
+    pub kind: DepartureKind,
+    /// `clear_fields` only: the attributes set to `null` for a user who left.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub attributes: Vec<String>,
 }
+
+/// What one entry of the departure guard counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DepartureKind {
+    /// Members of an audience absent from the export (`members_before`: its members).
+    #[default]
+    Audience,
+    /// Users changing a consent state (`email_subscribe`, `push_subscribe`, a subscription
+    /// group) to `unsubscribed` from another confirmed state (`members_before`: users with a
+    /// confirmed state for it).
+    Unsubscribe,
+    /// Users absent from the export whose fields `on_leave = "clear_fields"` sets to `null`
+    /// (`members_before`: users with a confirmed value in any of those fields).
+    ClearFields,
+}
+
+/// The name of the route's `on_leave = "clear_fields"` entry among the departures.
+pub const CLEAR_FIELDS_ENTRY: &str = "on_leave=clear_fields";
 
 /// The result of scanning for users who left.
 #[derive(Debug, Default)]
@@ -228,70 +252,164 @@ pub struct Departures {
     pub audiences: Vec<AudienceDepartures>,
 }
 
-/// The audiences of `route` that send something on leave, in slot order, nothing counted
-/// yet: the list [`departures`] fills (and the index space of departure records).
+/// The departure guard's entries for `route`, nothing counted yet: the audiences that send
+/// something on leave (in slot order), then each consent slot (its unsubscribes), then the
+/// route's `clear_fields`. The list [`departures`] fills, and the index space of departure
+/// records.
 pub fn departure_audiences(route: &Route) -> Vec<AudienceDepartures> {
-    route
+    let cap = route.config.max_departure_share;
+    let entry = |audience: &str, cap: f64, kind: DepartureKind| AudienceDepartures {
+        audience: audience.to_string(),
+        cap,
+        kind,
+        ..Default::default()
+    };
+    let mut out: Vec<AudienceDepartures> = route
         .slots
         .iter()
         .enumerate()
         .filter_map(|(i, s)| match s.kind {
-            SlotKind::Audience { on_leave } if on_leave != OnLeave::Keep => {
-                Some(AudienceDepartures {
-                    audience: s.name.clone(),
-                    cap: route.departure_cap(i),
-                    ..Default::default()
-                })
-            }
-            _ => None,
-        })
-        .collect()
-}
-
-/// Audience removals for users the state knows as members but `seen` did not contain, with
-/// each audience's member and leaver counts. Only call this after a complete, successfully
-/// read export. `source` names the export in the deltas' positions (row 0).
-pub fn departures(snapshot: &Snapshot, route: &Route, seen: &Seen, source: &str) -> Departures {
-    let member = stored_fp(fingerprint(&Value::Bool(true)));
-    let leaving: Vec<(usize, &str, OnLeave)> = route
-        .slots
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| match s.kind {
-            SlotKind::Audience { on_leave } if on_leave != OnLeave::Keep => {
-                Some((i, s.name.as_str(), on_leave))
-            }
+            SlotKind::Audience { on_leave } if on_leave != OnLeave::Keep => Some(entry(
+                &s.name,
+                route.departure_cap(i),
+                DepartureKind::Audience,
+            )),
             _ => None,
         })
         .collect();
+    for i in route.consent_slots() {
+        out.push(entry(&route.slots[i].name, cap, DepartureKind::Unsubscribe));
+    }
+    let cleared = route.cleared_on_leave();
+    if !cleared.is_empty() {
+        let mut e = entry(CLEAR_FIELDS_ENTRY, cap, DepartureKind::ClearFields);
+        e.attributes = cleared
+            .iter()
+            .map(|&i| route.slots[i].name.clone())
+            .collect();
+        out.push(e);
+    }
+    out
+}
+
+/// Where each guarded slot counts among the entries of [`departure_audiences`].
+struct LeavePlan<'r> {
+    route: &'r Route,
+    /// `(slot, entry, on_leave)` per audience that sends something on leave.
+    audiences: Vec<(usize, usize, OnLeave)>,
+    /// `(slot, entry)` per consent slot.
+    consent: Vec<(usize, usize)>,
+    /// The `clear_fields` entry and the slots it clears.
+    clear: Option<(usize, Vec<usize>)>,
+    member: u64,
+}
+
+impl<'r> LeavePlan<'r> {
+    fn new(route: &'r Route, entries: &[AudienceDepartures]) -> Self {
+        let entry = |name: &str, kind| {
+            entries
+                .iter()
+                .position(|a| a.audience == name && a.kind == kind)
+        };
+        let mut plan = LeavePlan {
+            route,
+            audiences: Vec::new(),
+            consent: Vec::new(),
+            clear: None,
+            member: stored_fp(fingerprint(&Value::Bool(true))),
+        };
+        for (i, s) in route.slots.iter().enumerate() {
+            match s.kind {
+                SlotKind::Audience { on_leave } => {
+                    if let Some(j) = entry(&s.name, DepartureKind::Audience) {
+                        plan.audiences.push((i, j, on_leave));
+                    }
+                }
+                k if k.is_consent() => {
+                    if let Some(j) = entry(&s.name, DepartureKind::Unsubscribe) {
+                        plan.consent.push((i, j));
+                    }
+                }
+                _ => {}
+            }
+        }
+        plan.clear = entry(CLEAR_FIELDS_ENTRY, DepartureKind::ClearFields)
+            .map(|j| (j, route.cleared_on_leave()));
+        plan
+    }
+
+    fn is_empty(&self) -> bool {
+        self.audiences.is_empty() && self.consent.is_empty() && self.clear.is_none()
+    }
+
+    /// Counts one user of the state in `entries`; for a user absent from the export
+    /// (`!present`), the changes leaving sends.
+    fn visit(
+        &self,
+        state: UserState<'_>,
+        present: bool,
+        entries: &mut [AudienceDepartures],
+    ) -> Vec<AttributeChange> {
+        let change = |slot: usize, value: Value| AttributeChange {
+            name: self.route.slots[slot].name.clone(),
+            fingerprint: (!value.is_null()).then(|| fingerprint(&value)),
+            value,
+        };
+        let mut changes = Vec::new();
+        for &(slot, j, on_leave) in &self.audiences {
+            if state.fp(slot) != Some(self.member) {
+                continue;
+            }
+            entries[j].members_before += 1;
+            if present {
+                continue;
+            }
+            entries[j].leaving += 1;
+            changes.push(change(
+                slot,
+                match on_leave {
+                    OnLeave::Null => Value::Null,
+                    _ => Value::Bool(false),
+                },
+            ));
+        }
+        for &(slot, j) in &self.consent {
+            entries[j].members_before += u64::from(state.fp(slot).is_some());
+        }
+        if let Some((j, slots)) = &self.clear {
+            let set: Vec<usize> = slots
+                .iter()
+                .copied()
+                .filter(|&s| state.fp(s).is_some())
+                .collect();
+            if !set.is_empty() {
+                entries[*j].members_before += 1;
+                if !present {
+                    entries[*j].leaving += 1;
+                    changes.extend(set.into_iter().map(|s| change(s, Value::Null)));
+                }
+            }
+        }
+        changes
+    }
+}
+
+/// Departure changes for users the state knows but `seen` did not contain (an audience's
+/// `on_leave` value for its members, `null` for the fields `clear_fields` clears), with each
+/// entry's counts (members before the run, leavers; for a consent slot, the users with a
+/// confirmed state). Only call this after a complete, successfully read export. `source` names
+/// the export in the deltas' positions (row 0).
+pub fn departures(snapshot: &Snapshot, route: &Route, seen: &Seen, source: &str) -> Departures {
     let mut out = Departures {
         audiences: departure_audiences(route),
         ..Default::default()
     };
-    if leaving.is_empty() {
+    let plan = LeavePlan::new(route, &out.audiences);
+    if plan.is_empty() {
         return out;
     }
     let mut visit = |key: UserKey, state: UserState<'_>, present: bool| {
-        let mut changes = Vec::new();
-        for (j, (slot, name, on_leave)) in leaving.iter().enumerate() {
-            if state.fp(*slot) != Some(member) {
-                continue;
-            }
-            out.audiences[j].members_before += 1;
-            if present {
-                continue;
-            }
-            out.audiences[j].leaving += 1;
-            let value = match on_leave {
-                OnLeave::Null => Value::Null,
-                _ => Value::Bool(false),
-            };
-            changes.push(AttributeChange {
-                name: (*name).to_string(),
-                fingerprint: (!value.is_null()).then(|| fingerprint(&value)),
-                value,
-            });
-        }
+        let changes = plan.visit(state, present, &mut out.audiences);
         if changes.is_empty() {
             return;
         }
@@ -327,6 +445,71 @@ pub fn departures(snapshot: &Snapshot, route: &Route, seen: &Seen, source: &str)
     out
 }
 
+/// Finds, in one user's changes, the consent states that change to `unsubscribed` from
+/// another state the route confirmed: the mass-unsubscribe guard holds these like departures
+/// (counted in the [`DepartureKind::Unsubscribe`] entries, judged on the export's totals,
+/// sent at the end or held). A user new to the state, or whose state for the field is
+/// unknown, is not guarded.
+#[derive(Debug, Clone)]
+pub struct UnsubscribeGuard {
+    /// `(slot, name, entry)` per consent slot.
+    slots: Vec<(usize, String, usize)>,
+    unsubscribed: Fingerprint,
+}
+
+impl UnsubscribeGuard {
+    /// The guard of `route`'s consent slots (`None` when it maps none).
+    pub fn new(route: &Route) -> Option<Self> {
+        let entries = departure_audiences(route);
+        let slots: Vec<(usize, String, usize)> = route
+            .consent_slots()
+            .into_iter()
+            .filter_map(|i| {
+                let name = route.slots[i].name.clone();
+                let j = entries
+                    .iter()
+                    .position(|a| a.audience == name && a.kind == DepartureKind::Unsubscribe)?;
+                Some((i, name, j))
+            })
+            .collect();
+        (!slots.is_empty()).then(|| UnsubscribeGuard {
+            slots,
+            unsubscribed: fingerprint(&Value::String("unsubscribed".into())),
+        })
+    }
+
+    /// Takes the guarded changes out of `changes` and counts them as leaving in `entries`
+    /// (the route's [`departure_audiences`]).
+    pub fn take(
+        &self,
+        state: Option<UserState<'_>>,
+        changes: &mut Vec<AttributeChange>,
+        entries: &mut [AudienceDepartures],
+    ) -> Vec<AttributeChange> {
+        let Some(state) = state else {
+            return Vec::new();
+        };
+        let mut taken = Vec::new();
+        changes.retain(|c| {
+            let Some((slot, _, j)) = self.slots.iter().find(|(_, n, _)| *n == c.name) else {
+                return true;
+            };
+            let guarded = c.fingerprint == Some(self.unsubscribed)
+                && state
+                    .fp(*slot)
+                    .is_some_and(|old| old != stored_fp(self.unsubscribed));
+            if guarded {
+                if let Some(e) = entries.get_mut(*j) {
+                    e.leaving += 1;
+                }
+                taken.push(c.clone());
+            }
+            !guarded
+        });
+        taken
+    }
+}
+
 /// The departure guard. An audience whose leavers exceed its cap (`max_departure_share` of
 /// its members before the run) has all its departures held; when any row of the export had no
 /// readable identifier (`rows_without_identifier`), absence proves nothing and every
@@ -349,13 +532,26 @@ pub fn decide_departures(
     allow: bool,
 ) -> Vec<bool> {
     for a in audiences.iter_mut() {
-        let reason = if rows_without_identifier > 0 && a.leaving > 0 {
+        let absence = a.kind != DepartureKind::Unsubscribe;
+        let reason = if absence && rows_without_identifier > 0 && a.leaving > 0 {
             Some(format!(
                 "{rows_without_identifier} rows of the export have no readable identifier, so absence does not prove departure"
             ))
         } else if a.leaving as f64 > a.cap * a.members_before as f64 {
+            let what = match a.kind {
+                DepartureKind::Audience => "members",
+                DepartureKind::Unsubscribe => "users with a confirmed state",
+                DepartureKind::ClearFields => "users with confirmed fields",
+            };
+            let verb = match a.kind {
+                DepartureKind::Audience => "would leave".to_string(),
+                DepartureKind::Unsubscribe => {
+                    format!("would change {} to unsubscribed", a.audience)
+                }
+                DepartureKind::ClearFields => "would leave and have their fields cleared".into(),
+            };
             Some(format!(
-                "{} of {} members ({:.1}%) would leave, more than max_departure_share {:.1}%",
+                "{} of {} {what} ({:.1}%) {verb}, more than max_departure_share {:.1}%",
                 a.leaving,
                 a.members_before,
                 a.share * 100.0,
@@ -372,20 +568,45 @@ pub fn decide_departures(
     audiences.iter().map(|a| a.held_because.is_some()).collect()
 }
 
-/// Removes the held audiences' changes from one departure delta, counting what is sent and
-/// held; the delta is to be sent only if changes remain.
+/// The entry of `audiences` a departure change counts in: its audience or consent slot by
+/// name, or the `clear_fields` entry that lists it.
+pub fn entry_of(audiences: &[AudienceDepartures], name: &str) -> Option<usize> {
+    audiences
+        .iter()
+        .position(|a| a.audience == name && a.kind != DepartureKind::ClearFields)
+        .or_else(|| {
+            audiences
+                .iter()
+                .position(|a| a.attributes.iter().any(|n| n == name))
+        })
+}
+
+/// Removes the held entries' changes from one departure delta, counting what is sent and
+/// held (once per user and entry); the delta is to be sent only if changes remain.
 pub fn hold_departure(delta: &mut UserDelta, audiences: &mut [AudienceDepartures], held: &[bool]) {
+    let mut counted = vec![false; audiences.len()];
     delta.changes.retain(|c| {
-        let Some(j) = audiences.iter().position(|a| a.audience == c.name) else {
+        let Some(j) = entry_of(audiences, &c.name) else {
             return true;
         };
-        if held[j] {
-            audiences[j].held += 1;
-        } else {
-            audiences[j].sent += 1;
+        let hold = held.get(j).copied().unwrap_or(false);
+        if !std::mem::replace(&mut counted[j], true) {
+            if hold {
+                audiences[j].held += 1;
+            } else {
+                audiences[j].sent += 1;
+            }
         }
-        !held[j]
+        !hold
     });
+}
+
+/// Whether a departure delta (after [`hold_departure`]) is about a user who left, rather than
+/// only a held-back unsubscribe of a user who is in the export.
+pub fn is_departure(delta: &UserDelta, audiences: &[AudienceDepartures]) -> bool {
+    delta.changes.iter().any(|c| {
+        entry_of(audiences, &c.name).is_none_or(|j| audiences[j].kind != DepartureKind::Unsubscribe)
+    })
 }
 
 #[cfg(test)]
@@ -538,6 +759,181 @@ mod tests {
             d.audiences
                 .iter()
                 .all(|a| a.held == 2 && a.held_because.is_some())
+        );
+    }
+
+    fn consent_route(share: &str) -> Route {
+        Route::from_toml(
+            &format!(
+                "name = \"r\"\nprefix = \"p/\"\non_leave = \"clear_fields\"\nmax_departure_share = {share}\n[identifier]\nkind = \"external_id\"\ncolumn = \"id\"\n[fields]\nfname = \"first_name\"\noptin = \"email_subscribe\"\n[attributes.tier]\ntype = \"String\"\n[subscription_groups]\nnews = \"sg-news\"\n"
+            ),
+            "t",
+        )
+        .unwrap()
+    }
+
+    /// Slots of [`consent_route`]: first_name 0, email_subscribe 1, tier 2, sg-news 3.
+    fn confirmed(r: &Route, ids: &[&str], mail: &str, group: &str) -> Snapshot {
+        let mut s = Snapshot::for_route(r);
+        for id in ids {
+            let u = user(
+                id,
+                vec![
+                    (0, json!("Ada")),
+                    (1, json!(mail)),
+                    (2, json!("gold")),
+                    (3, json!(group)),
+                ],
+            );
+            s.apply_confirmed(&diff(&s, &u, r).unwrap());
+        }
+        s.compact();
+        s
+    }
+
+    #[test]
+    fn the_unsubscribe_guard_takes_only_changes_from_another_confirmed_state() {
+        let r = consent_route("0.2");
+        assert_eq!(r.slot_names()[3], "subscription_group:sg-news");
+        let s = confirmed(&r, &["1", "2"], "opted_in", "subscribed");
+        let g = UnsubscribeGuard::new(&r).unwrap();
+        let mut entries = departure_audiences(&r);
+        let kinds: Vec<_> = entries
+            .iter()
+            .map(|a| (a.audience.as_str(), a.kind))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("email_subscribe", DepartureKind::Unsubscribe),
+                ("subscription_group:sg-news", DepartureKind::Unsubscribe),
+                (CLEAR_FIELDS_ENTRY, DepartureKind::ClearFields),
+            ]
+        );
+        assert_eq!(entries[2].attributes, ["first_name", "tier"]);
+        let row = user(
+            "1",
+            vec![
+                (0, json!("Ada")),
+                (1, json!("unsubscribed")),
+                (2, json!("silver")),
+                (3, json!("unsubscribed")),
+            ],
+        );
+        let k = row.identifier.user_key();
+        let mut changes = changes(s.get(k), &row, &r, false, &mut Vec::new());
+        let held = g.take(s.get(k), &mut changes, &mut entries);
+        let names = |c: &[AttributeChange]| c.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            names(&held),
+            ["email_subscribe", "subscription_group:sg-news"]
+        );
+        assert_eq!(names(&changes), ["tier"]);
+        assert_eq!((entries[0].leaving, entries[1].leaving), (1, 1));
+        // A user new to the state, and a change to another state, are not guarded.
+        let mut changes = changes_of_new(&r, "9");
+        assert!(g.take(None, &mut changes, &mut entries).is_empty());
+        let row = user(
+            "2",
+            vec![(1, json!("subscribed")), (3, json!("subscribed"))],
+        );
+        let k = row.identifier.user_key();
+        let mut changes = super::changes(s.get(k), &row, &r, false, &mut Vec::new());
+        assert!(g.take(s.get(k), &mut changes, &mut entries).is_empty());
+        assert_eq!(names(&changes), ["email_subscribe"]);
+    }
+
+    fn changes_of_new(r: &Route, id: &str) -> Vec<AttributeChange> {
+        let row = user(id, vec![(1, json!("unsubscribed"))]);
+        changes(None, &row, r, false, &mut Vec::new())
+    }
+
+    #[test]
+    fn a_mass_unsubscribe_is_held_and_released_like_departures() {
+        let r = consent_route("0.5");
+        let s = confirmed(&r, &["1", "2", "3", "4"], "opted_in", "subscribed");
+        let g = UnsubscribeGuard::new(&r).unwrap();
+        let run = |unsubscribing: &[&str], allow: bool| {
+            let mut seen = Seen::new(&s);
+            for id in ["1", "2", "3", "4"] {
+                let k = Identifier::ExternalId(id.into()).user_key();
+                seen.insert(k, s.get(k));
+            }
+            let mut d = departures(&s, &r, &seen, "x");
+            for id in unsubscribing {
+                let row = user(id, vec![(1, json!("unsubscribed"))]);
+                let k = row.identifier.user_key();
+                let mut c = changes(s.get(k), &row, &r, false, &mut Vec::new());
+                let held = g.take(s.get(k), &mut c, &mut d.audiences);
+                d.deltas.push(UserDelta {
+                    identifier: row.identifier.clone(),
+                    pos: row.pos.clone(),
+                    changes: held,
+                    update_existing_only: true,
+                    is_new: false,
+                    row_digest: None,
+                });
+            }
+            for a in &mut d.audiences {
+                a.share = a.leaving as f64 / a.members_before.max(1) as f64;
+            }
+            guard_departures(&mut d, 1, allow);
+            d
+        };
+        // Two of four (50%): within the cap; a row without an identifier proves nothing
+        // about unsubscribes, so they are sent.
+        let d = run(&["1", "2"], false);
+        assert_eq!((d.audiences[0].members_before, d.audiences[0].sent), (4, 2));
+        assert_eq!(d.deltas.len(), 2);
+        assert!(d.deltas.iter().all(|x| !is_departure(x, &d.audiences)));
+        // Three of four (75%): held, with the reason.
+        let d = run(&["1", "2", "3"], false);
+        assert!(d.deltas.is_empty());
+        assert_eq!(d.audiences[0].held, 3);
+        let why = d.audiences[0].held_because.clone().unwrap();
+        assert!(
+            why.contains("3 of 4") && why.contains("email_subscribe to unsubscribed"),
+            "{why}"
+        );
+        // Released by the operator.
+        let d = run(&["1", "2", "3"], true);
+        assert_eq!(d.deltas.len(), 3);
+        assert!(d.audiences[0].released);
+    }
+
+    #[test]
+    fn clear_fields_nulls_the_confirmed_fields_of_users_who_left_but_not_their_consent() {
+        let r = consent_route("0.5");
+        let s = confirmed(&r, &["1", "2", "3", "4"], "opted_in", "subscribed");
+        let mut seen = Seen::new(&s);
+        for id in ["1", "2", "3"] {
+            let k = Identifier::ExternalId(id.into()).user_key();
+            seen.insert(k, s.get(k));
+        }
+        let mut d = departures(&s, &r, &seen, "x");
+        guard_departures(&mut d, 0, false);
+        assert_eq!(d.deltas.len(), 1);
+        assert_eq!(
+            d.deltas[0].to_attribute_object(),
+            json!({"external_id": "4", "_update_existing_only": true, "first_name": null, "tier": null})
+        );
+        assert!(is_departure(&d.deltas[0], &d.audiences));
+        let clear = &d.audiences[2];
+        assert_eq!((clear.members_before, clear.leaving, clear.sent), (4, 1, 1));
+        // Three of four leaving is over the cap: held, with the reason.
+        let mut seen = Seen::new(&s);
+        let k = Identifier::ExternalId("1".into()).user_key();
+        seen.insert(k, s.get(k));
+        let mut d = departures(&s, &r, &seen, "x");
+        guard_departures(&mut d, 0, false);
+        assert!(d.deltas.is_empty());
+        assert_eq!(d.audiences[2].held, 3);
+        assert!(
+            d.audiences[2]
+                .held_because
+                .as_ref()
+                .unwrap()
+                .contains("fields cleared")
         );
     }
 }

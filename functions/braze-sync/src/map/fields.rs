@@ -176,8 +176,10 @@ fn gender_word(w: &str) -> Option<Option<&'static str>> {
     }))
 }
 
-/// `opted_in`, `subscribed` or `unsubscribed` (booleans: true = opted_in, false =
-/// unsubscribed).
+/// `email_subscribe` / `push_subscribe`: `opted_in`, `subscribed` or `unsubscribed`, in any
+/// case and with any punctuation (`Opted-In`, `opt in`, `OPTIN`); a yes is an explicit
+/// opt-in (`true`, `yes`, `y`, `t`, `1` → `opted_in`), a no an opt-out (`false`, `no`, `n`,
+/// `f`, `0`, `opted_out`, `opt-out`, `unsubscribe` → `unsubscribed`). Anything else is refused.
 pub fn subscription(cell: &Cell<'_>) -> Result<&'static str, Reason> {
     if let Cell::Bool(b) = cell {
         return Ok(if *b { "opted_in" } else { "unsubscribed" });
@@ -186,13 +188,44 @@ pub fn subscription(cell: &Cell<'_>) -> Result<&'static str, Reason> {
     with_squashed(&s, |w| match w {
         "optedin" | "optin" | "true" | "yes" | "y" | "t" | "1" => Some("opted_in"),
         "subscribed" => Some("subscribed"),
-        "unsubscribed" | "unsubscribe" | "optedout" | "optout" | "false" | "no" | "n" | "f"
-        | "0" => Some("unsubscribed"),
+        w if is_no(w) => Some("unsubscribed"),
         _ => None,
     })
     .ok_or_else(|| {
-        format!("{s:?} is not a subscription state (opted_in, subscribed, unsubscribed)")
+        format!(
+            "{s:?} is not a subscription state (opted_in, subscribed or unsubscribed; also true/false, yes/no, opt-in/opt-out)"
+        )
     })
+}
+
+/// A subscription group's state: `subscribed` (also `true`, `yes`, `y`, `t`, `1`, `opted_in`,
+/// `opt-in`, `subscribe`) or `unsubscribed` (also `false`, `no`, `n`, `f`, `0`, `opted_out`,
+/// `opt-out`, `unsubscribe`), in any case and punctuation. Anything else is refused.
+pub fn group_state(cell: &Cell<'_>) -> Result<&'static str, Reason> {
+    if let Cell::Bool(b) = cell {
+        return Ok(if *b { "subscribed" } else { "unsubscribed" });
+    }
+    let s = text(cell);
+    with_squashed(&s, |w| match w {
+        "subscribed" | "subscribe" | "optedin" | "optin" | "true" | "yes" | "y" | "t" | "1" => {
+            Some("subscribed")
+        }
+        w if is_no(w) => Some("unsubscribed"),
+        _ => None,
+    })
+    .ok_or_else(|| {
+        format!(
+            "{s:?} is not a subscription group state (subscribed or unsubscribed; also true/false, yes/no, opt-in/opt-out)"
+        )
+    })
+}
+
+/// The squashed spellings of an opt-out.
+fn is_no(w: &str) -> bool {
+    matches!(
+        w,
+        "unsubscribed" | "unsubscribe" | "optedout" | "optout" | "false" | "no" | "n" | "f" | "0"
+    )
 }
 
 /// Slots of [`memo`]'s table (per thread).
@@ -379,6 +412,38 @@ mod tests {
             norm(StandardField::PushSubscribe, "false").unwrap(),
             Some("unsubscribed".into())
         );
+    }
+
+    #[test]
+    fn consent_spellings_are_normalized_and_others_refused() {
+        for (v, want) in [
+            ("OPTED_IN", "opted_in"),
+            ("opted-in", "opted_in"),
+            ("optin", "opted_in"),
+            ("Yes", "opted_in"),
+            ("Subscribed", "subscribed"),
+            ("opt-out", "unsubscribed"),
+            ("0", "unsubscribed"),
+        ] {
+            assert_eq!(subscription(&Cell::Str(v)), Ok(want), "{v}");
+        }
+        assert_eq!(subscription(&Cell::Bool(true)), Ok("opted_in"));
+        let err = subscription(&Cell::Str("maybe")).unwrap_err();
+        assert!(
+            err.contains("\"maybe\" is not a subscription state"),
+            "{err}"
+        );
+        for (v, want) in [
+            ("SUBSCRIBED", "subscribed"),
+            ("opt-in", "subscribed"),
+            ("TRUE", "subscribed"),
+            ("Unsubscribed", "unsubscribed"),
+            ("no", "unsubscribed"),
+        ] {
+            assert_eq!(group_state(&Cell::Str(v)), Ok(want), "{v}");
+        }
+        assert_eq!(group_state(&Cell::Bool(false)), Ok("unsubscribed"));
+        assert!(group_state(&Cell::Str("opted_in_maybe")).is_err());
     }
 
     #[test]

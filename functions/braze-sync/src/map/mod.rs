@@ -659,6 +659,12 @@ impl<'r> Mapper<'r> {
             }
         };
         Ok(match kind {
+            // A consent state is never removed: an empty cell says nothing about it.
+            _ if kind.is_consent() && matches!(cell, Cell::Null) => Norm::Skip,
+            SlotKind::SubscriptionGroup => {
+                out.text.push_str(fields::group_state(cell)?);
+                text_norm(out)
+            }
             SlotKind::Standard(f) => match f.normalize(cell, &mut out.text, self.truncate)? {
                 StdValue::Null => Norm::Null,
                 StdValue::Bool(b) => Norm::Bool(b),
@@ -983,6 +989,43 @@ on_leave = "null"
         assert_eq!(
             user_key(IdentifierKind::BrazeId, "b1", ""),
             Identifier::BrazeId("b1".into()).user_key()
+        );
+    }
+
+    #[test]
+    fn consent_cells_map_to_braze_states_and_empty_ones_say_nothing() {
+        let r = Route::from_toml(
+            "name = \"c\"\nprefix = \"p/\"\n[identifier]\nkind = \"external_id\"\ncolumn = \"id\"\n[fields]\nmail = \"email_subscribe\"\n[subscription_groups]\nnews = \"sg-1\"\n",
+            "t",
+        )
+        .unwrap();
+        let h: Vec<String> = ["id", "mail", "news"].map(String::from).to_vec();
+        let b = Binding::new(&r, &h, "s").unwrap();
+        let map = |cells: Vec<Option<&'static str>>| {
+            let cells = V(cells);
+            let row = Row {
+                row: 3,
+                line: Some(4),
+                cells: &cells,
+            };
+            let mut out = MappedRow::default();
+            Mapper::new(&r)
+                .map_row(&b, &h, &row, &mut out)
+                .map(|()| out.to_user(RowPos::default()).attrs)
+        };
+        assert_eq!(
+            map(vec![Some("1"), Some("Opted-In"), Some("NO")]).unwrap(),
+            vec![(0, json!("opted_in")), (1, json!("unsubscribed"))]
+        );
+        assert_eq!(map(vec![Some("1"), None, Some(" ")]).unwrap(), vec![]);
+        let (outcome, e) = map(vec![Some("1"), None, Some("maybe")]).unwrap_err();
+        assert_eq!(outcome, MapOutcome::Identified);
+        assert_eq!(e.column.as_deref(), Some("news"));
+        assert!(e.reason.contains("subscription_group:sg-1"), "{}", e.reason);
+        assert!(
+            e.reason.contains("not a subscription group state"),
+            "{}",
+            e.reason
         );
     }
 }

@@ -267,6 +267,8 @@ pub fn fields_to_export(route: &Route) -> Vec<String> {
     for s in &route.slots {
         match s.kind {
             SlotKind::Standard(f) => out.push(f.name().to_string()),
+            // Group states are not among the exported profile's fields.
+            SlotKind::SubscriptionGroup => {}
             _ => custom = true,
         }
     }
@@ -320,7 +322,10 @@ fn compare(route: &Route, snapshot: &Snapshot, export: &UserDelta, profile: &Val
         return f;
     };
     for (slot, s) in route.slots.iter().enumerate() {
-        let Some(confirmed) = state.fp(slot) else {
+        let Some(confirmed) = state
+            .fp(slot)
+            .filter(|_| s.kind != SlotKind::SubscriptionGroup)
+        else {
             continue;
         };
         f.checked.push(slot);

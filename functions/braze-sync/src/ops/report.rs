@@ -10,7 +10,7 @@ use bridge_shared::{ObjectStore, PutCondition, S3Uri, StoreError};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::diff::user::AudienceDepartures;
+use crate::diff::user::{AudienceDepartures, DepartureKind};
 use crate::send::deliver::{DeliveryStats, RetriesByCause, StopReason};
 
 /// CloudWatch namespace of braze-sync's metrics.
@@ -351,9 +351,21 @@ impl RunReport {
         self.departures_held = departures.iter().map(|a| a.held).sum();
         for a in departures {
             if let Some(why) = &a.held_because {
+                let what = match a.kind {
+                    DepartureKind::Audience => format!("departures from {}", a.audience),
+                    DepartureKind::Unsubscribe => {
+                        format!(
+                            "changes of {} to unsubscribed (a mass unsubscribe)",
+                            a.audience
+                        )
+                    }
+                    DepartureKind::ClearFields => {
+                        "departed users' field clearings (on_leave = \"clear_fields\")".into()
+                    }
+                };
                 self.notes.push(format!(
-                    "departures_held: {} departures from {} not sent ({why}); release them with bridge-allow-departures=true or --allow-departures",
-                    a.held, a.audience
+                    "departures_held: {} {what} not sent ({why}); release them with bridge-allow-departures=true or --allow-departures",
+                    a.held
                 ));
             }
         }

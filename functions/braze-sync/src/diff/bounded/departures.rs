@@ -13,7 +13,7 @@ use tracing::warn;
 use super::Job;
 use crate::config::route::Route;
 use crate::diff::export::{ProduceOptions, Stop, Summary, SyncError};
-use crate::diff::user::{self, AudienceDepartures};
+use crate::diff::user::{self, AudienceDepartures, DepartureKind};
 use crate::model::{AttributeChange, RowPos, UserDelta, fingerprint};
 use crate::state::confirmed::{identifier_text, parse_identifier};
 use crate::state::spill::SpillError;
@@ -146,7 +146,7 @@ pub fn release_departures<R: Read>(
             if d.changes.is_empty() {
                 return Ok(());
             }
-            summary.users_departed += 1;
+            summary.users_departed += u64::from(user::is_departure(&d, &audiences));
             summary.attributes_changed += d.changes.len() as u64;
             on_delta(d).map_err(|s| SyncError::Stopped(s.0))
         })?;
@@ -165,17 +165,29 @@ pub fn read_departure_file<E: From<SpillError>>(
     crate::state::spill::read_records(r, what, f)
 }
 
-/// change count, per change (`u16` index into `audiences`, `u8` value: 0 null, 1 false),
-/// then the identifier's canonical text. `audiences` is the route's list in slot order
-/// ([`user::departure_audiences`], or a summary's `departures` of the same route).
+/// change count, per change (`u16` entry, `u8` value: 0 null, 1 false, 2 `"unsubscribed"`),
+/// then the identifier's canonical text. The entry is an index into `audiences` (the route's
+/// list in slot order, [`user::departure_audiences`], or a summary's `departures` of the same
+/// route), or [`CLEARED`] plus the attribute's place in the `clear_fields` entry's list.
 pub fn encode_departure(d: &UserDelta, audiences: &[AudienceDepartures], out: &mut Vec<u8>) {
     out.clear();
     let changes: Vec<(u16, u8)> = d
         .changes
         .iter()
         .filter_map(|c| {
-            let j = audiences.iter().position(|a| a.audience == c.name)?;
-            Some((j as u16, u8::from(!c.value.is_null())))
+            let j = user::entry_of(audiences, &c.name)?;
+            let j = match audiences[j].kind {
+                DepartureKind::ClearFields => {
+                    CLEARED + audiences[j].attributes.iter().position(|n| *n == c.name)? as u16
+                }
+                _ => j as u16,
+            };
+            let v = match &c.value {
+                Value::Null => 0,
+                Value::Bool(_) => 1,
+                _ => 2,
+            };
+            Some((j, v))
         })
         .collect();
     out.extend_from_slice(&(changes.len() as u16).to_le_bytes());
@@ -186,7 +198,11 @@ pub fn encode_departure(d: &UserDelta, audiences: &[AudienceDepartures], out: &m
     out.extend_from_slice(identifier_text(&d.identifier).as_bytes());
 }
 
-/// One record of [`encode_departure`] back as the removal to send (`None` when it does not
+/// Entries of a departure record at or above this name an attribute of the `clear_fields`
+/// entry (by its place in that entry's list), not an entry.
+const CLEARED: u16 = 0x8000;
+
+/// One record of [`encode_departure`] back as the change to send (`None` when it does not
 /// decode); `source` names the export in its position.
 pub fn decode_departure(
     b: &[u8],
@@ -198,13 +214,22 @@ pub fn decode_departure(
     let mut changes = Vec::with_capacity(n);
     for i in 0..n {
         let at = 2 + i * 3;
-        let j = u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?) as usize;
+        let j = u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?);
+        let name = if j >= CLEARED {
+            let clear = audiences
+                .iter()
+                .find(|a| a.kind == DepartureKind::ClearFields)?;
+            clear.attributes.get(usize::from(j - CLEARED))?.clone()
+        } else {
+            audiences.get(usize::from(j))?.audience.clone()
+        };
         let value = match b.get(at + 2)? {
             0 => Value::Null,
-            _ => Value::Bool(false),
+            1 => Value::Bool(false),
+            _ => Value::String("unsubscribed".into()),
         };
         changes.push(AttributeChange {
-            name: audiences.get(j)?.audience.clone(),
+            name,
             fingerprint: (!value.is_null()).then(|| fingerprint(&value)),
             value,
         });
@@ -222,4 +247,49 @@ pub fn decode_departure(
         is_new: false,
         row_digest: None,
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::model::Identifier;
+
+    #[test]
+    fn consent_and_cleared_changes_survive_the_departure_record() {
+        let route = Route::from_toml(
+            "name = \"r\"\nprefix = \"p/\"\non_leave = \"clear_fields\"\n[identifier]\nkind = \"external_id\"\ncolumn = \"id\"\n[fields]\noptin = \"email_subscribe\"\n[attributes.tier]\ntype = \"String\"\n[attributes.ltv]\ntype = \"Float\"\n[[audiences]]\nattribute = \"aud_vip\"\n",
+            "t",
+        )
+        .unwrap();
+        let audiences = user::departure_audiences(&route);
+        let change = |name: &str, value: Value| AttributeChange {
+            name: name.into(),
+            fingerprint: (!value.is_null()).then(|| fingerprint(&value)),
+            value,
+        };
+        let d = UserDelta {
+            identifier: Identifier::ExternalId("u 1".into()),
+            pos: RowPos {
+                source: "s3://b/k".into(),
+                row: 0,
+                line: None,
+            },
+            changes: vec![
+                change("aud_vip", Value::Bool(false)),
+                change("email_subscribe", Value::String("unsubscribed".into())),
+                change("tier", Value::Null),
+                change("ltv", Value::Null),
+            ],
+            update_existing_only: true,
+            is_new: false,
+            row_digest: None,
+        };
+        let mut rec = Vec::new();
+        encode_departure(&d, &audiences, &mut rec);
+        assert_eq!(
+            decode_departure(&rec, &route, &audiences, "s3://b/k"),
+            Some(d)
+        );
+    }
 }

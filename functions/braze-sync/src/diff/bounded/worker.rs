@@ -14,10 +14,10 @@ use crate::diff::export::{ProduceOptions, Stop, Summary, SyncError};
 use crate::diff::rejects::RowReject;
 use crate::diff::user::{self, AudienceDepartures, Seen};
 use crate::map::{MapOutcome, MappedRow, Mapper};
-use crate::model::{RowPos, UserDelta, UserKey};
+use crate::model::{AttributeChange, RowPos, UserDelta, UserKey};
 use crate::read::Row;
 use crate::read::row_codec::EncodedRow;
-use crate::state::confirmed::{Snapshot, stored_digest};
+use crate::state::confirmed::{Snapshot, UserState, stored_digest};
 use crate::state::spill::{Partitioner, SpillError, read_range};
 use crate::vocab::ROW_DIGEST;
 
@@ -70,6 +70,7 @@ pub(super) fn diff(
         has_state: state_bits.is_some(),
         dep_dir,
         disk_limit: job.settings.disk_limit,
+        guard: user::UnsubscribeGuard::new(job.route).filter(|_| job.opts.departures),
     };
     let results: Vec<Result<Found, SyncError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
@@ -130,6 +131,8 @@ struct DiffCtx<'a, 'r> {
     /// Where each worker writes its departure file (`w<worker>/`).
     dep_dir: &'a Path,
     disk_limit: Option<u64>,
+    /// The mass-unsubscribe guard (with departures on and consent slots mapped).
+    guard: Option<user::UnsubscribeGuard>,
 }
 
 impl DiffCtx<'_, '_> {
@@ -185,6 +188,7 @@ impl DiffCtx<'_, '_> {
             buf: Vec::with_capacity(256),
             digest_slot: snap.slot_of_name(ROW_DIGEST),
             pending: Vec::with_capacity(HAND_DELTAS),
+            held: Vec::new(),
             digests: DIGESTS.take(),
         };
         if let Some(slot) = w.digest_slot {
@@ -226,7 +230,7 @@ impl DiffCtx<'_, '_> {
         }
         found.unaddressable += d.unaddressable;
         let mut rec = Vec::with_capacity(64);
-        for delta in &d.deltas {
+        for delta in d.deltas.iter().chain(&w.held) {
             encode_departure(delta, &d.audiences, &mut rec);
             deps.push(0, &rec)?;
         }
@@ -309,7 +313,16 @@ impl DiffCtx<'_, '_> {
                     });
                     return Some(Ok(()));
                 }
-                let changes = user::changes(state, &w.mapped, self.route, full_resend, &mut w.buf);
+                let mut changes =
+                    user::changes(state, &w.mapped, self.route, full_resend, &mut w.buf);
+                let mut row_digest = Some(digest);
+                if self.hold_unsubscribes(state, &mut changes, w, found, pos()) {
+                    // Mapped again next run: the held change is not in the state.
+                    row_digest = None;
+                    if changes.is_empty() {
+                        return Some(Ok(()));
+                    }
+                }
                 if changes.is_empty() {
                     found.unchanged += 1;
                     // Same values from other cells (a new digest, or a state written before
@@ -329,7 +342,7 @@ impl DiffCtx<'_, '_> {
                     changes,
                     update_existing_only: self.route.config.update_existing_only,
                     is_new: state.is_none(),
-                    row_digest: Some(digest),
+                    row_digest,
                 };
                 Some(self.hand(w, d))
             }
@@ -340,6 +353,34 @@ impl DiffCtx<'_, '_> {
     /// Queues `d` for the sender, handing the queue over once it holds [`HAND_DELTAS`]: in
     /// bursts, so the consumer is woken once per burst, not per delta (a wake-up per delta was
     /// ~4% of the diff's CPU).
+    /// Takes the changes the mass-unsubscribe guard holds out of `changes`, keeping them (at
+    /// `pos`) for the range's departure file; whether there were any.
+    fn hold_unsubscribes(
+        &self,
+        state: Option<UserState<'_>>,
+        changes: &mut Vec<AttributeChange>,
+        w: &mut Worker<'_>,
+        found: &mut Found,
+        pos: RowPos,
+    ) -> bool {
+        let Some(g) = &self.guard else {
+            return false;
+        };
+        let held = g.take(state, changes, &mut found.audiences);
+        if held.is_empty() {
+            return false;
+        }
+        w.held.push(UserDelta {
+            identifier: w.mapped.identifier(),
+            pos,
+            changes: held,
+            update_existing_only: self.route.config.update_existing_only,
+            is_new: false,
+            row_digest: None,
+        });
+        true
+    }
+
     fn hand(&self, w: &mut Worker<'_>, d: UserDelta) -> Result<(), SyncError> {
         w.pending.push(d);
         if w.pending.len() >= HAND_DELTAS {
@@ -376,6 +417,8 @@ struct Worker<'a> {
     /// Deltas not yet handed to the sender (at most [`HAND_DELTAS`]; all at the end of a
     /// range).
     pending: Vec<UserDelta>,
+    /// Unsubscribes the guard holds, for the range's departure file.
+    held: Vec<UserDelta>,
     mapper: Mapper<'a>,
     mapped: MappedRow,
     buf: Vec<u8>,

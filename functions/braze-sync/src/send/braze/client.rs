@@ -494,11 +494,37 @@ fn item_error(v: &serde_json::Value, scrub: &impl Fn(&str) -> String) -> ItemErr
     let message = text("type")
         .or_else(|| text("message"))
         .unwrap_or_else(|| v.to_string());
+    let message = match consent_error(&message) {
+        Some(why) => format!("{message}: {why}"),
+        None => message,
+    };
     ItemError {
         index: index.map(|i| i as usize),
         input_array: text("input_array"),
         message: scrub(&truncate(&message)),
     }
+}
+
+/// What Braze's consent error codes mean for a route, so a reject says what to fix.
+fn consent_error(code: &str) -> Option<&'static str> {
+    const MEANINGS: [(&str, &str); 3] = [
+        (
+            "bad_subscription_group_id",
+            "the workspace has no subscription group with an id of the route's [subscription_groups]",
+        ),
+        (
+            "bad_subscription_group_state",
+            "a subscription group state other than subscribed or unsubscribed",
+        ),
+        (
+            "bad_email_subscription_state",
+            "an email_subscribe other than opted_in, subscribed or unsubscribed",
+        ),
+    ];
+    MEANINGS
+        .iter()
+        .find(|(c, _)| c.eq_ignore_ascii_case(code))
+        .map(|(_, why)| *why)
 }
 
 fn truncate(s: &str) -> String {
@@ -557,6 +583,29 @@ mod tests {
         assert_eq!(rate_limit_info(&h).retry_after_s, Some(3.0));
         h.insert("X-Ratelimit-Retry-After", HeaderValue::from_static("9"));
         assert_eq!(rate_limit_info(&h).retry_after_s, Some(9.0));
+    }
+
+    #[test]
+    fn consent_codes_say_what_to_fix() {
+        // Braze's code in upper case, as it sends it.
+        let code = "bad_subscription_group_id".to_uppercase();
+        let body = format!(
+            r#"{{"message":"success","errors":[{{"type":"{code}","input_array":"attributes","index":0}}]}}"#
+        );
+        let r = classify(
+            StatusCode::CREATED,
+            RateLimitInfo::default(),
+            body.as_bytes(),
+            no_scrub,
+            "h",
+        )
+        .unwrap();
+        let want = format!("{code}: the workspace has no subscription group");
+        assert!(
+            r.errors[0].message.starts_with(&want),
+            "{}",
+            r.errors[0].message
+        );
     }
 
     #[test]
