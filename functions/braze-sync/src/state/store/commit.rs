@@ -90,12 +90,14 @@ impl StateStore {
         }
         let generation = head.doc.generation + 1;
         let mut doc = head.doc.clone();
-        let mut written: Vec<String> = Vec::new();
-        let mut old: Vec<String> = head.doc.segments.clone();
-        let mut stats = CommitStats {
-            users,
-            segments_folded: head.doc.segments.len(),
-            ..CommitStats::default()
+        let mut objects = CommitObjects {
+            written: Vec::new(),
+            replaced: head.doc.segments.clone(),
+            stats: CommitStats {
+                users,
+                segments_folded: head.doc.segments.len(),
+                ..CommitStats::default()
+            },
         };
         let wanted_bits = bits_for(users, self.range_users);
         if self.is_fork() && (legacy || doc.ranges.is_empty()) {
@@ -112,10 +114,10 @@ impl StateStore {
             } else {
                 doc.range_bits
             };
-            old.append(&mut doc.base);
+            objects.replaced.append(&mut doc.base);
             for r in &doc.ranges {
-                old.extend(r.base.iter().cloned());
-                old.extend(r.deltas.iter().cloned());
+                objects.replaced.extend(r.base.iter().cloned());
+                objects.replaced.extend(r.deltas.iter().cloned());
             }
             doc.range_bits = bits;
             doc.ranges = vec![RangeDoc::default(); 1usize << bits];
@@ -124,8 +126,7 @@ impl StateStore {
                 &mut doc,
                 0..1usize << bits,
                 generation,
-                &mut written,
-                &mut stats,
+                &mut objects,
             )
             .await
         } else {
@@ -135,18 +136,15 @@ impl StateStore {
                 folded,
                 complete,
                 generation,
-                &mut written,
-                &mut old,
-                &mut stats,
+                &mut objects,
             )
             .await
         };
         if let Err(e) = result {
-            self.delete_all(&written).await;
+            self.delete_all(&objects.written).await;
             return Err(e.into());
         }
-        self.publish(head, doc, generation, users, export, stats, &written, &old)
-            .await
+        self.publish(head, doc, generation, export, objects).await
     }
 
     /// Writes a fresh base for each range in `ranges` (empty ranges get none).
@@ -156,8 +154,7 @@ impl StateStore {
         doc: &mut HeadDoc,
         ranges: std::ops::Range<usize>,
         generation: u64,
-        written: &mut Vec<String>,
-        stats: &mut CommitStats,
+        objects: &mut CommitObjects,
     ) -> Result<(), StoreError> {
         let tag = nonce();
         let bits = doc.range_bits;
@@ -189,7 +186,7 @@ impl StateStore {
             *slot = RangeDoc::default();
             match result {
                 Ok(Some((name, users, bytes))) => {
-                    written.push(name.clone());
+                    objects.wrote(name.clone(), bytes, true);
                     *slot = RangeDoc {
                         base: Some(name),
                         users,
@@ -197,8 +194,6 @@ impl StateStore {
                         deltas: Vec::new(),
                         delta_bytes: 0,
                     };
-                    stats.shards += 1;
-                    stats.bytes += bytes;
                 }
                 Ok(None) => {}
                 Err(e) => first_error = first_error.or(Some(e)),
@@ -212,7 +207,6 @@ impl StateStore {
 
     /// Per range the folded records touch: one delta object, or a new base when the range
     /// has none yet or (complete runs only) its deltas outgrow a quarter of its base.
-    #[allow(clippy::too_many_arguments)]
     pub(super) async fn write_touched(
         &self,
         snapshot: &Snapshot,
@@ -220,9 +214,7 @@ impl StateStore {
         folded: SegmentData,
         complete: bool,
         generation: u64,
-        written: &mut Vec<String>,
-        old: &mut Vec<String>,
-        stats: &mut CommitStats,
+        objects: &mut CommitObjects,
     ) -> Result<(), StoreError> {
         let bits = doc.range_bits;
         let names = snapshot.names().to_vec();
@@ -237,22 +229,20 @@ impl StateStore {
                 || (complete && (range.delta_bytes + delta.len() as u64) * 4 > range.bytes))
                 && self.may_rebase(&range);
             if rebase {
-                old.extend(range.base.iter().cloned());
-                old.extend(range.deltas.iter().cloned());
-                self.write_bases(snapshot, doc, r..r + 1, generation, written, stats)
+                objects.replaced.extend(range.base.iter().cloned());
+                objects.replaced.extend(range.deltas.iter().cloned());
+                self.write_bases(snapshot, doc, r..r + 1, generation, objects)
                     .await?;
                 continue;
             }
             let name = self.named(format!("delta-{r:05}-{generation:08}-{tag}.bin"));
             let bytes = delta.len() as u64;
             self.put_new(&name, delta).await?;
-            written.push(name.clone());
+            objects.wrote(name.clone(), bytes, false);
             let slot = &mut doc.ranges[r];
             slot.deltas.push(name);
             slot.delta_bytes += bytes;
             slot.users = snapshot.range_span(r, bits).len() as u64;
-            stats.deltas += 1;
-            stats.bytes += bytes;
         }
         Ok(())
     }

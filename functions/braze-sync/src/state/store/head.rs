@@ -121,26 +121,28 @@ impl StateStore {
         self.delete_all(&unnamed).await;
     }
 
-    /// The end of both commits: stamps the new head (generation, users, the export applied and,
-    /// unless stale, its watermark), writes it with one conditional put and deletes what it
-    /// replaced; on a failed put, deletes what this commit wrote instead.
-    #[allow(clippy::too_many_arguments)]
+    /// The end of both commits: stamps the new head (generation, the users counted in
+    /// `objects`, the export applied and, unless stale, its watermark), writes it with one
+    /// conditional put and deletes what it replaced; on a failed put, deletes what this commit
+    /// wrote instead (unless the head names it: the answer may have been lost).
     pub(super) async fn publish(
         &self,
         head: &mut Head,
         mut doc: HeadDoc,
         generation: u64,
-        users: u64,
         export: Option<Watermark>,
-        mut stats: CommitStats,
-        written: &[String],
-        old: &[String],
+        objects: CommitObjects,
     ) -> Result<CommitStats, StateError> {
+        let CommitObjects {
+            written,
+            replaced,
+            mut stats,
+        } = objects;
         // A fork deletes only what it wrote: the route head still points to what it inherited.
-        let old: Vec<String> = old.iter().filter(|n| self.owns(n)).cloned().collect();
+        let old: Vec<String> = replaced.into_iter().filter(|n| self.owns(n)).collect();
         doc.format = HEAD_FORMAT;
         doc.generation = generation;
-        doc.users = users;
+        doc.users = stats.users;
         doc.segments.clear();
         if let Some(w) = export {
             doc.applied_exports.retain(|e| *e != w.export_id);
@@ -158,7 +160,7 @@ impl StateStore {
         stats.ranges = doc.ranges.len();
         stats.state_bytes = doc.state_bytes();
         if let Err(e) = self.put_head(head, doc).await {
-            self.delete_unnamed(written).await;
+            self.delete_unnamed(&written).await;
             return Err(e);
         }
         head.loaded_segments = 0;

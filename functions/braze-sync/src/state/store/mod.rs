@@ -305,15 +305,43 @@ pub fn memory_estimate(doc: &HeadDoc, route: &Route) -> u64 {
 /// and its encoded shard: about 2 × 35 MB at the default range size and 20 attributes).
 pub const COMMIT_RANGES_AT_ONCE: usize = 2;
 
-/// What one unit of a ranged commit wrote.
+/// What a commit has written (objects the new head will name), what they replace (deleted
+/// once the new head is written) and its counts: what travels from the writes to
+/// [`StateStore::publish`].
+#[derive(Debug, Default)]
+struct CommitObjects {
+    written: Vec<String>,
+    replaced: Vec<String>,
+    stats: CommitStats,
+}
+
+impl CommitObjects {
+    /// Adds what one unit of a ranged commit wrote and replaced, and its counts.
+    fn absorb(&mut self, unit: CommitObjects) {
+        self.written.extend(unit.written);
+        self.replaced.extend(unit.replaced);
+        self.stats.shards += unit.stats.shards;
+        self.stats.deltas += unit.stats.deltas;
+        self.stats.bytes += unit.stats.bytes;
+    }
+
+    /// Records a new object of `bytes` bytes: a base shard or a delta.
+    fn wrote(&mut self, name: String, bytes: u64, shard: bool) {
+        self.written.push(name);
+        self.stats.bytes += bytes;
+        if shard {
+            self.stats.shards += 1;
+        } else {
+            self.stats.deltas += 1;
+        }
+    }
+}
+
+/// What one unit of a ranged commit wrote: the new ranges' documents and its objects.
 #[derive(Debug, Default)]
 struct UnitOut {
     docs: Vec<(usize, RangeDoc)>,
-    written: Vec<String>,
-    old: Vec<String>,
-    shards: usize,
-    deltas: usize,
-    bytes: u64,
+    objects: CommitObjects,
 }
 
 fn read16(b: &[u8]) -> [u8; 16] {

@@ -20,8 +20,14 @@ impl StateStore {
         expected_users: u64,
         spill: &std::path::Path,
     ) -> Result<CommitStats, StateError> {
-        self.commit_ranged_bits(head, route, export, expected_users, spill, None, None)
-            .await
+        let request = RangedRequest {
+            export,
+            expected_users,
+            spill,
+            force_bits: None,
+            extra: None,
+        };
+        self.commit_ranged_bits(head, route, request).await
     }
 
     /// [`StateStore::commit_ranged`] of records confirmed without checkpoints (an adoption,
@@ -38,16 +44,14 @@ impl StateStore {
         spill: &std::path::Path,
         records: &SpilledRecords,
     ) -> Result<CommitStats, StateError> {
-        self.commit_ranged_bits(
-            head,
-            route,
+        let request = RangedRequest {
             export,
             expected_users,
             spill,
-            None,
-            Some(records),
-        )
-        .await
+            force_bits: None,
+            extra: Some(records),
+        };
+        self.commit_ranged_bits(head, route, request).await
     }
 
     /// Makes sure the state has a hash-range layout of at least `min_ranges` ranges (the
@@ -89,31 +93,25 @@ impl StateStore {
             return Ok(());
         }
         let spill = crate::state::spill::SpillDir::create(&std::env::temp_dir(), "layout")?;
-        self.commit_ranged_bits(
-            head,
-            route,
-            None,
+        let request = RangedRequest {
+            export: None,
             expected_users,
-            spill.path(),
-            Some(bits),
-            None,
-        )
-        .await
-        .map(|_| ())
+            spill: spill.path(),
+            force_bits: Some(bits),
+            extra: None,
+        };
+        self.commit_ranged_bits(head, route, request)
+            .await
+            .map(|_| ())
     }
 
-    /// [`StateStore::commit_ranged`], laid out with `force_bits` range bits when given, with
-    /// `extra` records after the segments'.
-    #[allow(clippy::too_many_arguments)]
+    /// [`StateStore::commit_ranged`] as `request` says: laid out with its `force_bits` range
+    /// bits when given, with its `extra` records after the segments'.
     pub(super) async fn commit_ranged_bits(
         &self,
         head: &mut Head,
         route: &Route,
-        export: Option<Watermark>,
-        expected_users: u64,
-        spill: &std::path::Path,
-        force_bits: Option<u32>,
-        extra: Option<&SpilledRecords>,
+        request: RangedRequest<'_>,
     ) -> Result<CommitStats, StateError> {
         if head.doc.format == LEGACY_HEAD_FORMAT {
             return Err(StateError::BadHead {
@@ -122,19 +120,110 @@ impl StateStore {
                     .into(),
             });
         }
-        let complete = export.is_some();
-        let names = route.state_names();
-        let keep_ids = route.tracks_departures();
         let doc0 = head.doc.clone();
         let fresh = doc0.ranges.is_empty();
-        let b = doc0.range_bits;
         if self.is_fork() && fresh {
             return Err(self.unusable(
                 "a fork commits into the route's range layout, and this state has none: lay it out first (ensure_layout)",
             ));
         }
-        let wanted = bits_for(doc0.users.max(expected_users), self.range_users);
-        let nb = if let Some(f) = force_bits {
+        let b = doc0.range_bits;
+        let nb = self.new_range_bits(&doc0, &request)?;
+        let relayout = !fresh && nb != b;
+        let names = route.state_names();
+        let spill = request.spill;
+        let extra = request.extra;
+        // 1. The segments' records, by range of the new layout, in the order they apply.
+        let sizes = self
+            .spill_segments(&doc0.segments, &names, spill, nb)
+            .await?;
+        let touched = |r: usize| {
+            sizes.get(r).is_some_and(|s| *s > 0)
+                || extra.is_some_and(|x| {
+                    let sub = x.bits - nb;
+                    x.sizes
+                        .get(r << sub..(r + 1) << sub)
+                        .is_some_and(|s| s.iter().any(|n| *n > 0))
+                })
+        };
+        // 2. The units of work: (old range to load, new ranges it becomes).
+        let units = units_of(fresh, relayout, b, nb, &touched);
+        // 3. Each unit loaded, updated and written, a few at a time.
+        let tag = nonce();
+        let plan = UnitPlan {
+            doc0: &doc0,
+            route,
+            names: &names,
+            keep_ids: route.tracks_departures(),
+            nb,
+            rebase_all: relayout || fresh,
+            complete: request.export.is_some(),
+            generation: doc0.generation + 1,
+            tag: &tag,
+            spill,
+            extra,
+        };
+        let work = units.into_iter().map(|(old, new)| {
+            let this = self.clone();
+            let plan = &plan;
+            async move { this.commit_unit(plan, old, new).await }
+        });
+        use futures::StreamExt;
+        let outs: Vec<Result<UnitOut, StateError>> = futures::stream::iter(work)
+            .buffer_unordered(COMMIT_RANGES_AT_ONCE)
+            .collect()
+            .await;
+        // 4. The new head: the units' ranges over the old layout (or a fresh one).
+        let mut doc = doc0.clone();
+        if plan.rebase_all {
+            doc.range_bits = nb;
+            doc.ranges = vec![RangeDoc::default(); 1usize << nb];
+        }
+        let mut objects = CommitObjects {
+            written: Vec::new(),
+            replaced: doc0.segments.clone(),
+            stats: CommitStats {
+                segments_folded: doc0.segments.len(),
+                ..CommitStats::default()
+            },
+        };
+        let mut first_error = None;
+        for out in outs {
+            match out {
+                Ok(u) => {
+                    objects.absorb(u.objects);
+                    for (r, d) in u.docs {
+                        if let Some(slot) = doc.ranges.get_mut(r) {
+                            *slot = d;
+                        }
+                    }
+                }
+                Err(e) => first_error = first_error.or(Some(e)),
+            }
+        }
+        if let Some(e) = first_error {
+            self.delete_all(&objects.written).await;
+            return Err(e);
+        }
+        objects.stats.users = doc.ranges.iter().map(|r| r.users).sum();
+        self.publish(head, doc, plan.generation, request.export, objects)
+            .await
+    }
+
+    /// The range bits of the new layout: `force_bits` when given; a fork keeps the route's;
+    /// a first layout, or a complete run whose users outgrew the ranges twice over, sizes them
+    /// for its expected users; else the current ones. Extra records spilled at finer bits
+    /// raise it to theirs (a new range reads its share); coarser than the state is an error.
+    fn new_range_bits(
+        &self,
+        doc0: &HeadDoc,
+        request: &RangedRequest<'_>,
+    ) -> Result<u32, StateError> {
+        let b = doc0.range_bits;
+        let fresh = doc0.ranges.is_empty();
+        let complete = request.export.is_some();
+        let wanted = bits_for(doc0.users.max(request.expected_users), self.range_users);
+        let nb = if let Some(f) = request.force_bits {
             f
         } else if self.is_fork() {
             b
@@ -143,8 +232,7 @@ impl StateStore {
         } else {
             b
         };
-        // Extra records are spilled at their own (finer) bits: a new range reads its share.
-        let nb = match extra {
+        match request.extra {
             Some(x) if x.bits < nb => {
                 if x.bits < b {
                     return Err(self.unusable(format!(
@@ -152,18 +240,27 @@ impl StateStore {
                         x.bits
                     )));
                 }
-                x.bits
+                Ok(x.bits)
             }
-            _ => nb,
-        };
-        let relayout = !fresh && nb != b;
-        // 1. The segments' records, by range of the new layout, in the order they apply.
+            _ => Ok(nb),
+        }
+    }
+
+    /// Partitions the records of the checkpoint `segments` by range of an `nb`-bit layout
+    /// into files under `spill`, one segment in memory at a time; returns the bytes per range.
+    async fn spill_segments(
+        &self,
+        segments: &[String],
+        names: &[String],
+        spill: &std::path::Path,
+        nb: u32,
+    ) -> Result<Vec<u64>, StateError> {
         let mut part = crate::state::spill::Partitioner::new(spill, nb, 16 << 20, None);
         let mut rec = Vec::with_capacity(64);
-        for name in &doc0.segments {
+        for name in segments {
             let (bytes, what) = self.get(name).await?;
             let mut seg = SegmentData::default();
-            seg.extend_from(&bytes, &what, &names)?;
+            seg.extend_from(&bytes, &what, names)?;
             drop(bytes);
             for (key, slot, fp) in seg.records {
                 rec.clear();
@@ -181,143 +278,88 @@ impl StateStore {
                 part.push(crate::state::confirmed::range_of(key, nb), &rec)?;
             }
         }
-        let sizes = part.finish()?;
-        let touched = |r: usize| {
-            sizes.get(r).is_some_and(|s| *s > 0)
-                || extra.is_some_and(|x| {
-                    let sub = x.bits - nb;
-                    x.sizes
-                        .get(r << sub..(r + 1) << sub)
-                        .is_some_and(|s| s.iter().any(|n| *n > 0))
-                })
-        };
-        // 2. The units of work: (old range to load, new ranges it becomes).
-        let units: Vec<(Option<usize>, std::ops::Range<usize>)> = if fresh {
-            (0..1usize << nb)
-                .filter(|r| touched(*r))
-                .map(|r| (None, r..r + 1))
-                .collect()
-        } else if relayout {
-            let k = nb - b;
-            (0..1usize << b)
-                .map(|r| (Some(r), (r << k)..((r + 1) << k)))
-                .collect()
-        } else {
-            (0..1usize << b)
-                .filter(|r| touched(*r))
-                .map(|r| (Some(r), r..r + 1))
-                .collect()
-        };
-        let generation = doc0.generation + 1;
-        let tag = nonce();
-        let work = units.into_iter().map(|(old, new)| {
-            let this = self.clone();
-            let doc0 = &doc0;
-            let names = &names;
-            let tag = &tag;
-            async move {
-                this.commit_unit(
-                    doc0,
-                    route,
-                    old,
-                    new,
-                    nb,
-                    relayout || fresh,
-                    complete,
-                    generation,
-                    tag,
-                    names,
-                    keep_ids,
-                    spill,
-                    extra,
-                )
-                .await
-            }
-        });
-        use futures::StreamExt;
-        let outs: Vec<Result<UnitOut, StateError>> = futures::stream::iter(work)
-            .buffer_unordered(COMMIT_RANGES_AT_ONCE)
-            .collect()
-            .await;
-        let mut doc = doc0.clone();
-        if relayout || fresh {
-            doc.range_bits = nb;
-            doc.ranges = vec![RangeDoc::default(); 1usize << nb];
-        }
-        let mut written = Vec::new();
-        let mut old: Vec<String> = doc0.segments.clone();
-        let mut stats = CommitStats {
-            segments_folded: doc0.segments.len(),
-            ..CommitStats::default()
-        };
-        let mut first_error = None;
-        for out in outs {
-            match out {
-                Ok(u) => {
-                    written.extend(u.written);
-                    old.extend(u.old);
-                    for (r, d) in u.docs {
-                        if let Some(slot) = doc.ranges.get_mut(r) {
-                            *slot = d;
-                        }
-                    }
-                    stats.shards += u.shards;
-                    stats.deltas += u.deltas;
-                    stats.bytes += u.bytes;
-                }
-                Err(e) => first_error = first_error.or(Some(e)),
-            }
-        }
-        if let Some(e) = first_error {
-            self.delete_all(&written).await;
-            return Err(e);
-        }
-        let users: u64 = doc.ranges.iter().map(|r| r.users).sum();
-        stats.users = users;
-        self.publish(head, doc, generation, users, export, stats, &written, &old)
-            .await
+        Ok(part.finish()?)
     }
 
     /// One unit of [`StateStore::commit_ranged`]: loads old range `old` (none: empty),
-    /// applies the spilled records of the new ranges `new`, and writes them.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) async fn commit_unit(
+    /// applies the spilled records of the new ranges `new`, and writes them: one delta object
+    /// when the range keeps its layout and its deltas stay small, else new bases.
+    async fn commit_unit(
         &self,
-        doc0: &HeadDoc,
-        route: &Route,
+        plan: &UnitPlan<'_>,
         old: Option<usize>,
         new: std::ops::Range<usize>,
-        nb: u32,
-        rebase_all: bool,
-        complete: bool,
-        generation: u64,
-        tag: &str,
-        names: &[String],
-        keep_ids: bool,
-        spill: &std::path::Path,
-        extra: Option<&SpilledRecords>,
     ) -> Result<UnitOut, StateError> {
-        let mut out = UnitOut::default();
         let mut snap = match old {
-            Some(r) => self.load_range(doc0, r, route).await?,
-            None => Snapshot::for_route(route),
+            Some(r) => self.load_range(plan.doc0, r, plan.route).await?,
+            None => Snapshot::for_route(plan.route),
         };
-        // Records are applied as they are read; only a range that may get a delta object
-        // keeps them (to encode it), so a first layout or a re-layout holds none.
-        let mut records = SegmentData::default();
-        let mut set = |key: u128, slot: u16, fp: u64, records: &mut SegmentData| {
-            snap.set(crate::model::UserKey(key), slot as usize, fp);
-            if !rebase_all {
-                records.records.push((key, slot, fp));
+        let records = self.apply_spilled(plan, &new, &mut snap)?;
+        snap.compact();
+        let range = old
+            .and_then(|r| plan.doc0.ranges.get(r))
+            .cloned()
+            .unwrap_or_default();
+        if let Some(records) = records {
+            let delta = records.encode(plan.names, plan.keep_ids);
+            drop(records);
+            let rebase = (range.base.is_none()
+                || (plan.complete && (range.delta_bytes + delta.len() as u64) * 4 > range.bytes))
+                && self.may_rebase(&range);
+            if !rebase {
+                return self
+                    .write_unit_delta(plan, new.start, range, &snap, delta)
+                    .await;
             }
-        };
+        }
+        let mut out = UnitOut::default();
+        out.objects.replaced.extend(range.base.iter().cloned());
+        out.objects.replaced.extend(range.deltas.iter().cloned());
+        for r in new {
+            let (shard, users) = snap.encode_hash_range(r, plan.nb);
+            if users == 0 {
+                out.docs.push((r, RangeDoc::default()));
+                continue;
+            }
+            let name = self.named(format!(
+                "base-{r:05}-{:08}-{}.bin",
+                plan.generation, plan.tag
+            ));
+            let bytes = shard.len() as u64;
+            self.put_new(&name, shard).await?;
+            out.objects.wrote(name.clone(), bytes, true);
+            out.docs.push((
+                r,
+                RangeDoc {
+                    base: Some(name),
+                    users,
+                    bytes,
+                    deltas: Vec::new(),
+                    delta_bytes: 0,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Applies the spilled records of the new ranges `new` to `snap`: each range's from the
+    /// segments, then its share of the extra ones; identifiers after the fingerprints (a user
+    /// new to the state exists once its first fingerprint is set). Returns the records for a
+    /// delta object, or `None` when every range is rewritten whole (a first layout or a
+    /// re-layout holds none).
+    fn apply_spilled(
+        &self,
+        plan: &UnitPlan<'_>,
+        new: &std::ops::Range<usize>,
+        snap: &mut Snapshot,
+    ) -> Result<Option<SegmentData>, StateError> {
+        let mut records = SegmentData::default();
         let mut ids: Vec<(u128, String)> = Vec::new();
-        // Each new range's records: the segments', then its share of the extra ones.
         let mut sources: Vec<(&std::path::Path, usize)> = Vec::new();
         for s in new.clone() {
-            sources.push((spill, s));
-            if let Some(x) = extra {
-                let sub = x.bits - nb;
+            sources.push((plan.spill, s));
+            if let Some(x) = plan.extra {
+                let sub = x.bits - plan.nb;
                 sources.extend(((s << sub)..((s + 1) << sub)).map(|t| (x.dir.as_path(), t)));
             }
         }
@@ -332,7 +374,11 @@ impl StateStore {
                         let slot = u16::from_le_bytes([b[17], b[18]]);
                         let mut fp = [0u8; 8];
                         fp.copy_from_slice(&b[19..27]);
-                        set(key, slot, u64::from_le_bytes(fp), &mut records);
+                        let fp = u64::from_le_bytes(fp);
+                        snap.set(crate::model::UserKey(key), slot as usize, fp);
+                        if !plan.rebase_all {
+                            records.records.push((key, slot, fp));
+                        }
                     }
                     Some(1) => {
                         let id =
@@ -344,69 +390,103 @@ impl StateStore {
                 Ok(())
             })?;
         }
-        // Identifiers after the fingerprints: a user new to the state exists once its
-        // first fingerprint is set.
         for (key, id) in &ids {
             snap.set_identifier(crate::model::UserKey(*key), id);
         }
-        if rebase_all {
-            drop(ids);
-        } else {
-            records.ids = ids;
+        if plan.rebase_all {
+            return Ok(None);
         }
-        snap.compact();
-        let range = old
-            .and_then(|r| doc0.ranges.get(r))
-            .cloned()
-            .unwrap_or_default();
-        if !rebase_all {
-            let delta = records.encode(names, keep_ids);
-            records = SegmentData::default();
-            let rebase = (range.base.is_none()
-                || (complete && (range.delta_bytes + delta.len() as u64) * 4 > range.bytes))
-                && self.may_rebase(&range);
-            if !rebase {
-                let r = new.start;
-                let name = self.named(format!("delta-{r:05}-{generation:08}-{tag}.bin"));
-                let bytes = delta.len() as u64;
-                self.put_new(&name, delta).await?;
-                out.written.push(name.clone());
-                let mut d = range.clone();
-                d.deltas.push(name);
-                d.delta_bytes += bytes;
-                d.users = snap.len() as u64;
-                out.docs.push((r, d));
-                out.deltas += 1;
-                out.bytes += bytes;
-                return Ok(out);
-            }
-        }
-        drop(records);
-        out.old.extend(range.base.iter().cloned());
-        out.old.extend(range.deltas.iter().cloned());
-        for r in new {
-            let (shard, users) = snap.encode_hash_range(r, nb);
-            if users == 0 {
-                out.docs.push((r, RangeDoc::default()));
-                continue;
-            }
-            let name = self.named(format!("base-{r:05}-{generation:08}-{tag}.bin"));
-            let bytes = shard.len() as u64;
-            self.put_new(&name, shard).await?;
-            out.written.push(name.clone());
-            out.docs.push((
-                r,
-                RangeDoc {
-                    base: Some(name),
-                    users,
-                    bytes,
-                    deltas: Vec::new(),
-                    delta_bytes: 0,
-                },
-            ));
-            out.shards += 1;
-            out.bytes += bytes;
-        }
+        records.ids = ids;
+        Ok(Some(records))
+    }
+
+    /// Writes range `r`'s new records as one more delta object of `range`.
+    async fn write_unit_delta(
+        &self,
+        plan: &UnitPlan<'_>,
+        r: usize,
+        range: RangeDoc,
+        snap: &Snapshot,
+        delta: Vec<u8>,
+    ) -> Result<UnitOut, StateError> {
+        let mut out = UnitOut::default();
+        let name = self.named(format!(
+            "delta-{r:05}-{:08}-{}.bin",
+            plan.generation, plan.tag
+        ));
+        let bytes = delta.len() as u64;
+        self.put_new(&name, delta).await?;
+        out.objects.wrote(name.clone(), bytes, false);
+        let mut d = range;
+        d.deltas.push(name);
+        d.delta_bytes += bytes;
+        d.users = snap.len() as u64;
+        out.docs.push((r, d));
         Ok(out)
     }
+}
+
+/// The units of a ranged commit: `(old range to load, new ranges it becomes)`. A first
+/// layout builds each touched new range from nothing, a re-layout splits every old range
+/// into its sub-ranges, else each touched range is updated in place.
+fn units_of(
+    fresh: bool,
+    relayout: bool,
+    b: u32,
+    nb: u32,
+    touched: &dyn Fn(usize) -> bool,
+) -> Vec<(Option<usize>, std::ops::Range<usize>)> {
+    if fresh {
+        (0..1usize << nb)
+            .filter(|r| touched(*r))
+            .map(|r| (None, r..r + 1))
+            .collect()
+    } else if relayout {
+        let k = nb - b;
+        (0..1usize << b)
+            .map(|r| (Some(r), (r << k)..((r + 1) << k)))
+            .collect()
+    } else {
+        (0..1usize << b)
+            .filter(|r| touched(*r))
+            .map(|r| (Some(r), r..r + 1))
+            .collect()
+    }
+}
+
+/// What a ranged commit is asked to do.
+pub(super) struct RangedRequest<'a> {
+    /// The export this commit finishes (`None`: a hand-over or a layout; never a rebase for
+    /// size).
+    pub(super) export: Option<Watermark>,
+    /// The state's users plus this run's new ones: sizes a first layout's ranges.
+    pub(super) expected_users: u64,
+    /// Local folder the segments' records are spilled to by range.
+    pub(super) spill: &'a std::path::Path,
+    /// Lay the state out with exactly these range bits.
+    pub(super) force_bits: Option<u32>,
+    /// Records confirmed without checkpoints, spilled by range, applied after the segments'.
+    pub(super) extra: Option<&'a SpilledRecords>,
+}
+
+/// What every unit of one ranged commit shares.
+struct UnitPlan<'a> {
+    /// The head as it was when the commit began.
+    doc0: &'a HeadDoc,
+    route: &'a Route,
+    /// The state's attribute names, and whether it keeps identifiers (departures).
+    names: &'a [String],
+    keep_ids: bool,
+    /// Range bits of the new layout.
+    nb: u32,
+    /// Every range is rewritten whole (a first layout or a re-layout): no deltas.
+    rebase_all: bool,
+    /// The commit finishes its export (a range may be rebased for size).
+    complete: bool,
+    /// The new head's generation and this commit's tag, in the new objects' names.
+    generation: u64,
+    tag: &'a str,
+    /// Where the segments' records were spilled, and the extra records.
+    spill: &'a std::path::Path,
+    extra: Option<&'a SpilledRecords>,
 }
