@@ -288,27 +288,7 @@ async fn status(route: Option<String>, json: bool) -> anyhow::Result<()> {
 async fn cli(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Status { route, json } => status(route, json).await,
-        Command::CheckRoutes { dir } => {
-            let dir = match dir {
-                Some(d) => d,
-                None => {
-                    match RoutesLocation::parse(&runtime::env_or("ROUTES_LOCATION", "routes")) {
-                        Ok(RoutesLocation::Dir(d)) => d,
-                        _ => anyhow::bail!("give a folder: braze-sync check-routes DIR"),
-                    }
-                }
-            };
-            let routes = load_routes_dir(&dir)?;
-            for r in &routes {
-                println!(
-                    "{}: prefix {:?}, {} attributes",
-                    r.name(),
-                    r.config.prefix,
-                    r.slots.len()
-                );
-            }
-            Ok(())
-        }
+        Command::CheckRoutes { dir } => check_routes(dir),
         Command::Run {
             target,
             dry_run: true,
@@ -316,72 +296,15 @@ async fn cli(cli: Cli) -> anyhow::Result<()> {
             force_full,
             route,
             ..
-        } if !target.starts_with("s3://") => {
-            let dir = match RoutesLocation::parse(&runtime::env_or("ROUTES_LOCATION", "routes")) {
-                Ok(RoutesLocation::Dir(d)) => d,
-                _ => anyhow::bail!("ROUTES_LOCATION must be a folder for local dry runs"),
-            };
-            let routes = load_routes_dir(&dir)?;
-            let name = route.context("--route NAME is required for a local file")?;
-            let route = routes
-                .into_iter()
-                .find(|r| r.name() == name)
-                .with_context(|| format!("no route {name:?} in {}", dir.display()))?;
-            let mut opts = ProduceOptions::for_route(&route, &target);
-            opts.full_resend |= force_full;
-            let parts = local_parts(std::path::Path::new(&target), &route.config.marker_suffix)?;
-            let snapshot = Snapshot::for_route(&route);
-            print_dry_run(open_local_parts(parts), &route, &snapshot, &opts, summary)
-        }
+        } if !target.starts_with("s3://") => dry_run_local(&target, route, summary, force_full),
         Command::Run {
             target,
             dry_run: true,
-            summary: summary_view,
+            summary,
             force_full,
             allow_departures,
             ..
-        } => {
-            let app = app().await?;
-            let uri: S3Uri = target.parse()?;
-            let route = app
-                .routes
-                .iter()
-                .find(|r| r.binding().owns(&uri))
-                .with_context(|| format!("no route owns {uri}"))?
-                .clone();
-            let state = StateStore::new(
-                app.store.clone(),
-                &app.config.state_bucket,
-                &app.config.state_prefix,
-                route.name(),
-            );
-            let (_, snapshot) = state.load(&route).await?;
-            let parts: Vec<S3Uri> = if uri.key.ends_with(&route.config.marker_suffix) {
-                let listing = app.store.list(&uri.bucket, uri.folder()).await?;
-                braze_sync::run::handler::parts_of_marker(
-                    &listing,
-                    &uri,
-                    &route.config.marker_suffix,
-                )
-                .into_iter()
-                .map(|m| uri.with_key(m.key))
-                .collect()
-            } else {
-                vec![uri.clone()]
-            };
-            let mut opts = ProduceOptions::for_route(&route, &uri.to_string());
-            opts.full_resend |= force_full;
-            opts.allow_departures = allow_departures;
-            let store = app.store.clone();
-            let handle = tokio::runtime::Handle::current();
-            tokio::task::spawn_blocking(move || {
-                let parts = parts
-                    .iter()
-                    .map(|u| open_s3_part(&store, u, &handle).map(|(_, p)| p));
-                print_dry_run(parts, &route, &snapshot, &opts, summary_view)
-            })
-            .await?
-        }
+        } => dry_run_s3(&target, summary, force_full, allow_departures).await,
         Command::Adopt {
             target,
             verify_sample,
@@ -399,39 +322,136 @@ async fn cli(cli: Cli) -> anyhow::Result<()> {
             allow_departures,
             ..
         } => {
-            let app = app().await?;
-            let handler = handler(&app).await?;
-            let uri: S3Uri = target.parse()?;
             let flags = RunFlags {
                 force_full,
                 allow_departures,
             };
-            // On a terminal: rows read, users sent, requests/s, and an ETA against the users
-            // the route's state holds (the previous export's size).
-            let expected = match app.routes.iter().find(|r| r.binding().owns(&uri)) {
-                Some(route) => StateStore::new(
-                    app.store.clone(),
-                    &app.config.state_bucket,
-                    &app.config.state_prefix,
-                    route.name(),
-                )
-                .read_head()
-                .await
-                .ok()
-                .map(|h| h.doc.users),
-                None => None,
-            };
-            let bar = braze_sync::progress::Bar::start(expected);
-            let result = handler.run_object(&uri, flags, None).await;
-            bar.finish();
-            match result {
-                Ok(v) => {
-                    println!("{}", serde_json::to_string_pretty(&v)?);
-                    Ok(())
-                }
-                Err(reason) => anyhow::bail!("sync of {uri} must be retried: {reason}"),
-            }
+            run_cli(&target, flags).await
         }
+    }
+}
+
+/// `check-routes [DIR]`: loads every route of the folder (default: `ROUTES_LOCATION` when it
+/// is a folder) and lists them.
+fn check_routes(dir: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    let dir = match dir {
+        Some(d) => d,
+        None => match RoutesLocation::parse(&runtime::env_or("ROUTES_LOCATION", "routes")) {
+            Ok(RoutesLocation::Dir(d)) => d,
+            _ => anyhow::bail!("give a folder: braze-sync check-routes DIR"),
+        },
+    };
+    let routes = load_routes_dir(&dir)?;
+    for r in &routes {
+        println!(
+            "{}: prefix {:?}, {} attributes",
+            r.name(),
+            r.config.prefix,
+            r.slots.len()
+        );
+    }
+    Ok(())
+}
+
+/// `run FILE --dry-run --route NAME`: a local export against an empty state, routes from
+/// the `ROUTES_LOCATION` folder.
+fn dry_run_local(
+    target: &str,
+    route: Option<String>,
+    summary: bool,
+    force_full: bool,
+) -> anyhow::Result<()> {
+    let dir = match RoutesLocation::parse(&runtime::env_or("ROUTES_LOCATION", "routes")) {
+        Ok(RoutesLocation::Dir(d)) => d,
+        _ => anyhow::bail!("ROUTES_LOCATION must be a folder for local dry runs"),
+    };
+    let routes = load_routes_dir(&dir)?;
+    let name = route.context("--route NAME is required for a local file")?;
+    let route = routes
+        .into_iter()
+        .find(|r| r.name() == name)
+        .with_context(|| format!("no route {name:?} in {}", dir.display()))?;
+    let mut opts = ProduceOptions::for_route(&route, target);
+    opts.full_resend |= force_full;
+    let parts = local_parts(std::path::Path::new(target), &route.config.marker_suffix)?;
+    let snapshot = Snapshot::for_route(&route);
+    print_dry_run(open_local_parts(parts), &route, &snapshot, &opts, summary)
+}
+
+/// `run s3://… --dry-run`: the export against the route's confirmed state, read from S3.
+async fn dry_run_s3(
+    target: &str,
+    summary_view: bool,
+    force_full: bool,
+    allow_departures: bool,
+) -> anyhow::Result<()> {
+    let app = app().await?;
+    let uri: S3Uri = target.parse()?;
+    let route = app
+        .routes
+        .iter()
+        .find(|r| r.binding().owns(&uri))
+        .with_context(|| format!("no route owns {uri}"))?
+        .clone();
+    let state = StateStore::new(
+        app.store.clone(),
+        &app.config.state_bucket,
+        &app.config.state_prefix,
+        route.name(),
+    );
+    let (_, snapshot) = state.load(&route).await?;
+    let parts: Vec<S3Uri> = if uri.key.ends_with(&route.config.marker_suffix) {
+        let listing = app.store.list(&uri.bucket, uri.folder()).await?;
+        braze_sync::run::handler::parts_of_marker(&listing, &uri, &route.config.marker_suffix)
+            .into_iter()
+            .map(|m| uri.with_key(m.key))
+            .collect()
+    } else {
+        vec![uri.clone()]
+    };
+    let mut opts = ProduceOptions::for_route(&route, &uri.to_string());
+    opts.full_resend |= force_full;
+    opts.allow_departures = allow_departures;
+    let store = app.store.clone();
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        let parts = parts
+            .iter()
+            .map(|u| open_s3_part(&store, u, &handle).map(|(_, p)| p));
+        print_dry_run(parts, &route, &snapshot, &opts, summary_view)
+    })
+    .await?
+}
+
+/// `run s3://…`: syncs one export as the Lambda would, with a progress bar on a terminal.
+async fn run_cli(target: &str, flags: RunFlags) -> anyhow::Result<()> {
+    let app = app().await?;
+    let handler = handler(&app).await?;
+    let uri: S3Uri = target.parse()?;
+    // On a terminal: rows read, users sent, requests/s, and an ETA against the users
+    // the route's state holds (the previous export's size).
+    let expected = match app.routes.iter().find(|r| r.binding().owns(&uri)) {
+        Some(route) => StateStore::new(
+            app.store.clone(),
+            &app.config.state_bucket,
+            &app.config.state_prefix,
+            route.name(),
+        )
+        .read_head()
+        .await
+        .ok()
+        .map(|h| h.doc.users),
+        None => None,
+    };
+    let bar = braze_sync::progress::Bar::start(expected);
+    let result = handler.run_object(&uri, flags, None).await;
+    bar.finish();
+    match result {
+        Ok(v) => {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+        Err(reason) => anyhow::bail!("sync of {uri} must be retried: {reason}"),
     }
 }
 
