@@ -99,6 +99,18 @@ export interface BrazeBridgeProps {
   /** SNS topic the alarms notify; absent: create one. */
   readonly alarmTopicArn?: string;
   /**
+   * Routes (comma-separated) braze-sync audits for drift on `auditSchedule`, as
+   * `braze-sync audit ROUTE --sample auditSample` (never --heal); empty: no scheduled audit.
+   * The Braze API key then needs the users.export.ids permission too. @default ''
+   */
+  readonly auditRoutes?: string;
+  /** EventBridge Scheduler expression (UTC) of the drift audit. @default 'cron(0 4 ? * MON *)' */
+  readonly auditSchedule?: string;
+  /** Users sampled per route by the scheduled drift audit (1..100000). @default 1000 */
+  readonly auditSample?: number;
+  /** The drift alarm goes off above this `drift_share` (0..1). @default 0.01 */
+  readonly driftAlarmShare?: number;
+  /**
    * braze-sync code: a directory holding `bootstrap` or `bootstrap.zip`, as
    * `cargo lambda build --release --arm64 [--output-format zip]` lays it out.
    * @default '<repo>/target/lambda/braze-sync'
@@ -139,6 +151,10 @@ export const BRAZE_BRIDGE_DEFAULTS = {
   logLevel: 'info',
   logRetentionDays: 30,
   alarmTopicArn: '',
+  auditRoutes: '',
+  auditSchedule: 'cron(0 4 ? * MON *)',
+  auditSample: 1000,
+  driftAlarmShare: 0.01,
 } as const satisfies Partial<Record<keyof BrazeBridgeProps, string | number>>;
 
 /** The props that mirror a template parameter (all but the code paths). */
@@ -359,6 +375,11 @@ export class BrazeBridge extends Construct {
     checkRange('rateLimitShare', p.rateLimitShare, Number.MIN_VALUE, 1);
     checkRange('brazeMaxObjectsPerRequest', p.brazeMaxObjectsPerRequest, 1, 75);
     checkRange('brazeHourlyRequestLimit', p.brazeHourlyRequestLimit, 0, Number.MAX_SAFE_INTEGER);
+    checkRange('auditSample', p.auditSample, 1, 100000);
+    checkRange('driftAlarmShare', p.driftAlarmShare, 0, 1);
+    if (!cdk.Token.isUnresolved(p.auditRoutes) && !/^([a-z0-9][a-z0-9_-]*(,[a-z0-9][a-z0-9_-]*)*)?$/.test(p.auditRoutes)) {
+      throw new Error(`auditRoutes must be route names separated by commas, got ${p.auditRoutes}`);
+    }
     checkRange('brazeSyncMaxConcurrency', p.brazeSyncMaxConcurrency, 2, 1000);
     checkRange('currentsNormalizeMaxConcurrency', p.currentsNormalizeMaxConcurrency, 2, 1000);
 
@@ -846,6 +867,29 @@ export class BrazeBridge extends Construct {
       }),
     );
 
+    // A drift audit that found more than driftAlarmShare of its sample drifted or missing.
+    const driftAlarm = new cloudwatch.Alarm(this, 'BrazeSyncDriftAlarm', {
+      alarmDescription:
+        'A drift audit found more than DriftAlarmShare of its sampled users with Braze values the state does not ' +
+        'expect, or missing in Braze (drift_share). Read the audit report, then heal (braze-sync audit ROUTE --heal) ' +
+        'or find the other writer. See the runbook.',
+      metric: new cloudwatch.Metric({
+        namespace: 'AmperityBrazeBridge/BrazeSync',
+        metricName: 'drift_share',
+        period,
+        statistic: cloudwatch.Stats.MAXIMUM,
+      }),
+      evaluationPeriods: 1,
+      threshold: p.driftAlarmShare,
+      comparisonOperator: cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+      treatMissingData: cloudwatch.TreatMissingData.NOT_BREACHING,
+    });
+    driftAlarm.addAlarmAction(action);
+    driftAlarm.addOkAction(action);
+    if (p.auditRoutes !== '') {
+      this.scheduleAudits(p);
+    }
+
     // ---------------------------------------------------------------------------------------
     // Operations dashboard: infra/dashboard.json, the same body template.yaml embeds.
     // ---------------------------------------------------------------------------------------
@@ -864,6 +908,40 @@ export class BrazeBridge extends Construct {
       'https://${AWS::Region}.console.aws.amazon.com/cloudwatch/home?region=${AWS::Region}#dashboards:name=${Name}',
       { Name: this.dashboard.ref },
     );
+  }
+
+  /** The drift audit's weekly schedule: braze-sync started with `{"audit": {...}}`. */
+  private scheduleAudits(p: { auditRoutes: string; auditSchedule: string; auditSample: number }): void {
+    const role = new iam.Role(this, 'BrazeSyncAuditSchedulerRole', {
+      description: "Lets EventBridge Scheduler start braze-sync's drift audit, and nothing else.",
+      assumedBy: new iam.ServicePrincipal('scheduler.amazonaws.com', {
+        conditions: { StringEquals: { 'aws:SourceAccount': cdk.Aws.ACCOUNT_ID } },
+      }),
+      inlinePolicies: {
+        'invoke-audit': new iam.PolicyDocument({
+          statements: [
+            new iam.PolicyStatement({
+              sid: 'InvokeAudit',
+              actions: ['lambda:InvokeFunction'],
+              resources: [this.brazeSyncFunction.functionArn],
+            }),
+          ],
+        }),
+      },
+    });
+    new scheduler.CfnSchedule(this, 'BrazeSyncAuditSchedule', {
+      description: 'Drift audit of the routes in AuditRoutes (braze-sync, payload {"audit":{...}}).',
+      scheduleExpression: p.auditSchedule,
+      scheduleExpressionTimezone: 'UTC',
+      flexibleTimeWindow: { mode: 'OFF' },
+      state: 'ENABLED',
+      target: {
+        arn: this.brazeSyncFunction.functionArn,
+        roleArn: role.roleArn,
+        input: `{"audit":{"routes":"${p.auditRoutes}","sample":${p.auditSample}}}`,
+        retryPolicy: { maximumRetryAttempts: 2, maximumEventAgeInSeconds: 3600 },
+      },
+    });
   }
 }
 

@@ -152,6 +152,22 @@ describe('functions', () => {
     });
   });
 
+  test('the drift audit has no schedule unless routes are named, then a weekly one per deployment', () => {
+    template.resourcePropertiesCountIs('AWS::Scheduler::Schedule', { Target: Match.objectLike({ Arn: { 'Fn::GetAtt': [logicalId(template, 'BrazeSyncFunction'), 'Arn'] } }) }, 0);
+    const audited = synth({ auditRoutes: 'customers,loyalty', auditSample: 500 });
+    audited.resourceCountIs('AWS::Scheduler::Schedule', 2);
+    audited.hasResourceProperties('AWS::Scheduler::Schedule', {
+      ScheduleExpression: 'cron(0 4 ? * MON *)',
+      ScheduleExpressionTimezone: 'UTC',
+      Target: Match.objectLike({
+        Arn: { 'Fn::GetAtt': [logicalId(audited, 'BrazeSyncFunction'), 'Arn'] },
+        Input: '{"audit":{"routes":"customers,loyalty","sample":500}}',
+      }),
+    });
+    assert.throws(() => synth({ auditRoutes: 'Customers; rm' }), /auditRoutes/);
+    assert.throws(() => synth({ auditSample: 0 }), /auditSample/);
+  });
+
   test('one Glue table per registry table, projected on day, under the tables prefix', () => {
     const catalog = JSON.parse(
       fs.readFileSync(path.join(__dirname, '../lib/glue-tables.generated.json'), 'utf8'),
@@ -424,7 +440,7 @@ describe('least-privilege IAM', () => {
 describe('alarms', () => {
   test('errors, throttles and DLQ depth alarm per function, notifying a created topic', () => {
     const template = synth();
-    template.resourceCountIs('AWS::CloudWatch::Alarm', 10);
+    template.resourceCountIs('AWS::CloudWatch::Alarm', 11);
     template.resourceCountIs('AWS::SNS::Topic', 1);
     const topic = { Ref: logicalId(template, 'AlarmTopic') };
     for (const fn of ['BrazeSync', 'CurrentsNormalize']) {
@@ -466,6 +482,16 @@ describe('alarms', () => {
       AlarmDescription: Match.stringLikeRegexp('^API key refused'),
       AlarmActions: [topic],
     });
+    // A drift audit above the drift share (the audit's own metric, across routes).
+    template.hasResourceProperties('AWS::CloudWatch::Alarm', {
+      Namespace: 'AmperityBrazeBridge/BrazeSync',
+      MetricName: 'drift_share',
+      Statistic: 'Maximum',
+      Threshold: 0.01,
+      ComparisonOperator: 'GreaterThanThreshold',
+      AlarmActions: [topic],
+      OKActions: [topic],
+    });
     // A notification naming a missing export object: braze-sync's own metric, across routes.
     template.hasResourceProperties('AWS::CloudWatch::Alarm', {
       Namespace: 'AmperityBrazeBridge/BrazeSync',
@@ -490,7 +516,7 @@ describe('alarms', () => {
     const arn = 'arn:aws:sns:us-east-1:123456789012:ops';
     const template = synth({ alarmTopicArn: arn });
     template.resourceCountIs('AWS::SNS::Topic', 0);
-    template.resourcePropertiesCountIs('AWS::CloudWatch::Alarm', { AlarmActions: [arn], OKActions: [arn] }, 10);
+    template.resourcePropertiesCountIs('AWS::CloudWatch::Alarm', { AlarmActions: [arn], OKActions: [arn] }, 11);
   });
 });
 

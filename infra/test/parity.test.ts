@@ -44,6 +44,10 @@ const SCENARIOS: Record<string, Partial<BrazeBridgeProps>> = {
     logLevel: 'debug',
     logRetentionDays: 90,
     alarmTopicArn: 'arn:aws:sns:eu-central-1:123456789012:ops-alarms',
+    auditRoutes: 'customers,loyalty',
+    auditSchedule: 'cron(0 5 ? * SUN *)',
+    auditSample: 500,
+    driftAlarmShare: 0.05,
   },
   'one shared existing bucket for everything': {
     exportsBucketName: 'acme-data',

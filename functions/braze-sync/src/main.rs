@@ -20,10 +20,12 @@ use braze_sync::config::env::{Config, Locations, RoutesLocation, load_routes, lo
 use braze_sync::config::route::Route;
 use braze_sync::diff::export::{Part, ProduceOptions, SyncError};
 use braze_sync::diff::in_memory::{dry_run, local_parts, open_local_parts, open_s3_part};
+use braze_sync::ops::audit::AuditTarget;
 use braze_sync::ops::dry_run::dry_run_summary;
 use braze_sync::ops::status::{StatusLocation, read_route_status, render};
 use braze_sync::run::handler::{Handler, HandlerConfig, RunFlags};
 use braze_sync::run::runner::{Continuation, RunnerSettings, SqsContinuation, SyncRunner};
+use braze_sync::run::scheduled_audit::{ScheduledAudit, dispatch, last_export};
 use braze_sync::send::braze::{BrazeApi, BrazeClient, ClientOptions};
 use braze_sync::send::hourly_budget::HourlyBudget;
 use braze_sync::state::confirmed::Snapshot;
@@ -161,7 +163,8 @@ async fn app() -> anyhow::Result<App> {
     })
 }
 
-async fn handler(app: &App) -> anyhow::Result<Handler> {
+/// The Braze client, built once: `/users/track` for syncs, `/users/export/ids` for audits.
+async fn braze_client(app: &App) -> anyhow::Result<Arc<BrazeClient>> {
     let cfg = &app.config;
     let key = ApiKeyCache::new(cfg.api_key.clone())
         .get(&app.aws)
@@ -173,10 +176,22 @@ async fn handler(app: &App) -> anyhow::Result<Handler> {
         source: cfg.api_key.clone(),
         aws: app.aws.clone(),
     });
-    let client: Arc<dyn BrazeApi> = Arc::new(
+    Ok(Arc::new(
         BrazeClient::new(cfg.braze_endpoint.clone(), key, &ClientOptions::default())?
             .with_key_reread(reread),
-    );
+    ))
+}
+
+fn audit_target(cfg: &Config) -> AuditTarget {
+    AuditTarget {
+        state_bucket: cfg.state_bucket.clone(),
+        state_prefix: cfg.state_prefix.clone(),
+        reports_prefix: cfg.reports_prefix.clone(),
+    }
+}
+
+fn handler(app: &App, client: Arc<dyn BrazeApi>) -> anyhow::Result<Handler> {
+    let cfg = &app.config;
     let mut settings = RunnerSettings::new(
         &cfg.state_bucket,
         &cfg.state_prefix,
@@ -236,13 +251,19 @@ async fn handler(app: &App) -> anyhow::Result<Handler> {
 
 async fn serve_lambda() -> anyhow::Result<()> {
     let app = app().await?;
-    let handler = Arc::new(handler(&app).await?);
+    let client = braze_client(&app).await?;
+    let handler = Arc::new(handler(&app, client.clone())?);
+    let audit = Arc::new(ScheduledAudit::new(
+        app.store.clone(),
+        audit_target(&app.config),
+        app.routes.clone(),
+        client,
+    ));
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
-        let handler = handler.clone();
+        let (handler, audit) = (handler.clone(), audit.clone());
         async move {
             let remaining = remaining_ms(&event.context);
-            handler
-                .handle(&event.payload, remaining)
+            dispatch(&handler, &audit, &event.payload, remaining)
                 .await
                 .map_err(lambda_runtime::Error::from)
         }
@@ -426,7 +447,7 @@ async fn dry_run_s3(
 /// `run s3://…`: syncs one export as the Lambda would, with a progress bar on a terminal.
 async fn run_cli(target: &str, flags: RunFlags) -> anyhow::Result<()> {
     let app = app().await?;
-    let handler = handler(&app).await?;
+    let handler = handler(&app, braze_client(&app).await?)?;
     let uri: S3Uri = target.parse()?;
     // On a terminal: rows read, users sent, requests/s, and an ETA against the users
     // the route's state holds (the previous export's size).
@@ -562,7 +583,7 @@ async fn adopt_cli(
 }
 
 async fn audit_cli(route: &str, sample: usize, heal: bool, json: bool) -> anyhow::Result<()> {
-    use braze_sync::ops::audit::{AuditExport, AuditOptions, AuditTarget, audit};
+    use braze_sync::ops::audit::{AuditOptions, audit};
     let app = app().await?;
     let cfg = &app.config;
     let route = app
@@ -571,30 +592,10 @@ async fn audit_cli(route: &str, sample: usize, heal: bool, json: bool) -> anyhow
         .find(|r| r.name() == route)
         .with_context(|| format!("no route {route:?}"))?
         .clone();
-    // The state keeps no identifiers: the sample's come from the export its watermark names.
-    let head = StateStore::new(
-        app.store.clone(),
-        &cfg.state_bucket,
-        &cfg.state_prefix,
-        route.name(),
-    )
-    .read_head()
-    .await?;
-    let export_id = head
-        .doc
-        .watermark
-        .map(|w| w.export_id)
-        .with_context(|| format!("route {} has no confirmed export to audit", route.name()))?;
-    let uri: S3Uri = export_id.split('#').next().unwrap_or(&export_id).parse()?;
-    let parts: Vec<S3Uri> = if uri.key.ends_with(&route.config.marker_suffix) {
-        let listing = app.store.list(&uri.bucket, uri.folder()).await?;
-        braze_sync::run::handler::parts_of_marker(&listing, &uri, &route.config.marker_suffix)
-            .into_iter()
-            .map(|m| uri.with_key(m.key))
-            .collect()
-    } else {
-        vec![uri.clone()]
-    };
+    let target = audit_target(cfg);
+    let export = last_export(&app.store, &target, &route)
+        .await
+        .map_err(anyhow::Error::msg)?;
     let key = ApiKeyCache::new(cfg.api_key.clone())
         .get(&app.aws)
         .await
@@ -602,13 +603,9 @@ async fn audit_cli(route: &str, sample: usize, heal: bool, json: bool) -> anyhow
     let client = BrazeClient::new(cfg.braze_endpoint.clone(), key, &ClientOptions::default())?;
     let report = audit(
         app.store.clone(),
-        &AuditTarget {
-            state_bucket: cfg.state_bucket.clone(),
-            state_prefix: cfg.state_prefix.clone(),
-            reports_prefix: cfg.reports_prefix.clone(),
-        },
+        &target,
         Arc::new(route),
-        AuditExport { export_id, parts },
+        export,
         &client,
         &AuditOptions {
             sample,

@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
+use braze_sync::ops::audit::AuditReport;
 use braze_sync::ops::report::{METRICS_NAMESPACE, RunReport};
 use bridge_shared::metrics::{MetricKey, dashboard_metric_keys, emf_line, emf_metric_keys};
 
@@ -13,8 +14,8 @@ use bridge_shared::metrics::{MetricKey, dashboard_metric_keys, emf_line, emf_met
 const NOT_ON_DASHBOARD: &[(&str, &str)] = &[];
 
 /// Source files allowed to write EMF lines; an emitter anywhere else must be added to this test.
-// `ops/audit.rs` (through `main.rs`) prints the drift audit's `drift_share` and
-// `missing_in_braze` from the CLI only; they have no dashboard widget or alarm yet.
+// `ops/audit.rs` writes the drift audit's `drift_share` and `missing_in_braze` (the scheduled
+// audit in the Lambda; `main.rs` prints the same line from the CLI).
 const EMITTERS: &[&str] = &["src/ops/report.rs", "src/ops/audit.rs", "src/main.rs"];
 
 fn crate_dir() -> PathBuf {
@@ -27,15 +28,42 @@ fn dashboard() -> Vec<MetricKey> {
     dashboard_metric_keys(&body).unwrap()
 }
 
-/// What the emitter writes: every metric of a run report's EMF line.
+/// A drift audit's report, for its metric lines.
+fn audit_report() -> AuditReport {
+    AuditReport {
+        route: "customers".into(),
+        export_id: "s3://exports/customers.csv#1".into(),
+        state_users: 10,
+        sampled: 10,
+        missing_in_braze: 1,
+        missing_examples: Vec::new(),
+        drifted_users: 1,
+        drift_share: 0.1,
+        estimated_drifted_users: 1,
+        attributes: Vec::new(),
+        lookups: 1,
+        healed: None,
+        report: "s3://state/r/customers/audit.json".into(),
+    }
+}
+
+/// What the emitters write: every metric of a run report's and a drift audit's EMF lines.
 fn emitted() -> BTreeSet<MetricKey> {
     let report = RunReport::new("run", "customers");
-    // The two lines `RunReport::emit_metrics` prints: per route, and alarm metrics across routes.
+    let audit = audit_report();
+    // The two lines `RunReport::emit_metrics` prints: per route, and alarm metrics across routes;
+    // and the two `AuditReport::emit_metrics` prints.
     let across_routes = emf_line(METRICS_NAMESPACE, &[], &report.alarm_metrics(), 0);
-    [report.emf_line(0), across_routes]
-        .iter()
-        .flat_map(|l| emf_metric_keys(l).unwrap())
-        .collect()
+    let audit_across_routes = emf_line(METRICS_NAMESPACE, &[], &audit.alarm_metrics(), 0);
+    [
+        report.emf_line(0),
+        across_routes,
+        audit.emf_line(0),
+        audit_across_routes,
+    ]
+    .iter()
+    .flat_map(|l| emf_metric_keys(l).unwrap())
+    .collect()
 }
 
 #[test]

@@ -22,7 +22,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use bridge_shared::metrics::{Metric, emf_line};
+use bridge_shared::metrics::{Metric, emf_line, emit};
 use bridge_shared::{ObjectStore, S3Uri};
 use serde::Serialize;
 use serde_json::Value;
@@ -174,6 +174,29 @@ impl AuditReport {
             ],
             timestamp_ms,
         )
+    }
+
+    /// The metrics alarms watch, without dimensions so one alarm covers every route:
+    /// `drift_share`.
+    pub fn alarm_metrics(&self) -> Vec<(&'static str, Metric)> {
+        vec![("drift_share", Metric::Count(self.drift_share))]
+    }
+
+    /// Prints the EMF lines (a scheduled audit in the Lambda): per route, and the alarm
+    /// metrics across routes.
+    pub fn emit_metrics(&self) {
+        emit(
+            METRICS_NAMESPACE,
+            &[("Route", self.route.as_str())],
+            &[
+                ("drift_share", Metric::Count(self.drift_share)),
+                (
+                    "missing_in_braze",
+                    Metric::Count(self.missing_in_braze as f64),
+                ),
+            ],
+        );
+        emit(METRICS_NAMESPACE, &[], &self.alarm_metrics());
     }
 
     /// A few lines for a terminal.
