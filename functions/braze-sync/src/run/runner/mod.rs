@@ -303,15 +303,13 @@ impl ExportRunner for SyncRunner {
         // is renewed while the run lives; losing it stops the run.
         let mut lock = self.lock(&route, &record.run_id).await?;
         let (lost_tx, lost_rx) = watch::channel(None);
-        let work = self.run_locked(
+        let export = LockedExport {
             plan,
-            &route,
-            &exported_at,
-            &mut record,
-            remaining_ms,
-            lost_rx,
+            route: &route,
+            exported_at: &exported_at,
             bounded,
-        );
+        };
+        let work = self.run_locked(export, &mut record, remaining_ms, lost_rx);
         let result = lease::keep_lock(work, &mut lock, &lost_tx).await;
         if let Ok(RunOutcome {
             fan_out: Some(run_id),
@@ -499,48 +497,25 @@ impl SyncRunner {
     }
 
     /// The run under the route lock: load, skip if stale, stream, conclude.
-    #[allow(clippy::too_many_arguments)]
     async fn run_locked(
         &self,
-        plan: &ExportPlan,
-        route: &Arc<Route>,
-        exported_at: &str,
+        export: LockedExport<'_>,
         record: &mut RunRecord,
         remaining_ms: Option<u64>,
         lock_lost: watch::Receiver<Option<String>>,
-        bounded: bool,
     ) -> Result<RunOutcome, RunError> {
+        let LockedExport {
+            plan,
+            route,
+            exported_at,
+            bounded,
+        } = export;
         let store = self.store.as_ref();
         let state = self.state(route);
-        let loaded = if bounded {
-            state.read_head().await.map(|h| (h, None))
-        } else {
-            state.load(route).await.map(|(h, snap)| (h, Some(snap)))
+        let (mut head, mut snapshot) = match self.load_locked(export, &state, record).await? {
+            Loaded::Ready(ready) => *ready,
+            Loaded::Stale(outcome) => return Ok(outcome),
         };
-        let (mut head, snapshot) = match loaded {
-            Ok(x) => x,
-            Err(e) if e.is_retryable() => return Err(RunError::Retryable(e.to_string())),
-            Err(e) => {
-                let message = format!("loading state: {e}");
-                return Err(record.failed(store, message, false).await);
-            }
-        };
-        forget_future_watermark(route, &mut head, record);
-        if head.is_stale(Some(exported_at)) {
-            if !plan.force_full {
-                return Ok(self.skip_stale(plan, &head, record).await);
-            }
-            record.report.forced_older_replay = true;
-            record.report.notes.push(format!(
-                "forced replay of an export older than the one the state reflects ({}); sent in full, the watermark stays at the newer export",
-                watermark_text(&head)
-            ));
-        }
-
-        let mut snapshot = snapshot;
-        if bounded && !head.doc.segments.is_empty() {
-            self.fold_segments(route, &state, &mut head, record).await?;
-        }
         self.apply_currents_feed(route, &state, &mut head, snapshot.as_mut(), record)
             .await?;
         let s = &self.settings;
@@ -627,6 +602,53 @@ impl SyncRunner {
             }
         };
         self.conclude(record, ended, &committer, commit_error).await
+    }
+
+    /// Loads the route's state (a bounded run reads only its head), forgets a watermark from
+    /// the future, and answers a stale export (older than the one the state reflects) as
+    /// skipped, unless it is a forced replay, which is sent in full and noted. A bounded run
+    /// folds a killed run's checkpoint segments first.
+    async fn load_locked(
+        &self,
+        export: LockedExport<'_>,
+        state: &StateStore,
+        record: &mut RunRecord,
+    ) -> Result<Loaded, RunError> {
+        let LockedExport {
+            plan,
+            route,
+            exported_at,
+            bounded,
+        } = export;
+        let store = self.store.as_ref();
+        let loaded = if bounded {
+            state.read_head().await.map(|h| (h, None))
+        } else {
+            state.load(route).await.map(|(h, snap)| (h, Some(snap)))
+        };
+        let (mut head, snapshot) = match loaded {
+            Ok(x) => x,
+            Err(e) if e.is_retryable() => return Err(RunError::Retryable(e.to_string())),
+            Err(e) => {
+                let message = format!("loading state: {e}");
+                return Err(record.failed(store, message, false).await);
+            }
+        };
+        forget_future_watermark(route, &mut head, record);
+        if head.is_stale(Some(exported_at)) {
+            if !plan.force_full {
+                return Ok(Loaded::Stale(self.skip_stale(plan, &head, record).await));
+            }
+            record.report.forced_older_replay = true;
+            record.report.notes.push(format!(
+                "forced replay of an export older than the one the state reflects ({}); sent in full, the watermark stays at the newer export",
+                watermark_text(&head)
+            ));
+        }
+        if bounded && !head.doc.segments.is_empty() {
+            self.fold_segments(route, state, &mut head, record).await?;
+        }
+        Ok(Loaded::Ready(Box::new((head, snapshot))))
     }
 
     /// Folds the checkpoint segments a killed run left into range deltas (no watermark, no
@@ -810,4 +832,25 @@ fn forget_future_watermark(route: &Route, head: &mut Head, record: &mut RunRecor
         );
         head.doc.watermark = None;
     }
+}
+
+/// The export a run syncs under the route lock.
+#[derive(Clone, Copy)]
+struct LockedExport<'a> {
+    /// The export.
+    plan: &'a ExportPlan,
+    /// Its route.
+    route: &'a Arc<Route>,
+    /// The export's date (RFC 3339), for the watermark.
+    exported_at: &'a str,
+    /// The state is too big to load whole: the run diffs range by range.
+    bounded: bool,
+}
+
+/// The state as a run under the lock found it.
+enum Loaded {
+    /// The head and, unless the run is bounded, the whole snapshot.
+    Ready(Box<(Head, Option<Snapshot>)>),
+    /// The export is older than the one the state reflects: skipped, with this outcome.
+    Stale(RunOutcome),
 }
