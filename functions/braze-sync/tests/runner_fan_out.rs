@@ -731,20 +731,21 @@ async fn a_replay_takes_over_an_export_whose_fan_out_died() {
     assert_eq!(msgs.len(), 4);
     let second = msgs[2].run_id.clone();
     assert_ne!(second, first);
-    // The dead run's pieces, delivered late, cannot join the new run's lock.
+    // The replay ended the dead run's fan-out before it diffed: its pieces, delivered late,
+    // end at once.
     let r = fan.handle(&sqs(&msgs[0], "old"), None).await.unwrap();
-    assert_eq!(r["batchItemFailures"].as_array().unwrap().len(), 1, "{r}");
+    assert_eq!(r["results"][0]["outcome"], "fan_out_over", "{r}");
     // The new run's pieces finish the export.
     for m in &msgs[2..] {
         fan.handle(&sqs(m, "new"), None).await.unwrap();
     }
     assert_eq!(braze.profiles.lock().unwrap().len(), N as usize);
     assert_eq!(outcome(&sync(&fan, "in/e1.csv").await), "duplicate_no_op");
-    // The dead run's piece, redriven now the route is free: the state moved on since its
-    // fan-out began, so it ends that fan-out (its objects deleted) without sending anything.
+    // The dead run's piece, redriven now the route is free: its fan-out is over, and it
+    // sends nothing.
     let sent = braze.requests.load(Ordering::SeqCst);
     let r = fan.handle(&sqs(&msgs[0], "old2"), None).await.unwrap();
-    assert_eq!(r["results"][0]["outcome"], "failed", "{r}");
+    assert_eq!(r["results"][0]["outcome"], "fan_out_over", "{r}");
     assert_eq!(braze.requests.load(Ordering::SeqCst), sent);
     let left = store
         .list("state", &format!("s/people/_fan_out/{first}/"))
@@ -1153,12 +1154,66 @@ async fn a_failing_fan_out_never_deletes_objects_the_route_head_references() {
             .any(|d| d.starts_with(&format!("_fan_out/{run_id}/")))),
         "the head still references the forks' objects"
     );
-    // The old finalizer, redelivered, cannot finish the fan-out (the state moved on), but
-    // it deletes only its control objects, not the state the head references.
+    // The newer export's run ended the fan-out before it diffed, deleting only its control
+    // objects, not the state the head references; the old finalizer, redelivered, ends at once.
+    let left = store
+        .list("state", &format!("s/people/_fan_out/{run_id}/"))
+        .await
+        .unwrap();
+    assert!(left.iter().all(|o| o.key.ends_with(".bin")), "{left:?}");
     let r = fan.handle(&sqs(&msgs[1], "m1c"), None).await.unwrap();
-    assert_eq!(r["results"][0]["outcome"], "failed", "{r}");
+    assert_eq!(r["results"][0]["outcome"], "fan_out_over", "{r}");
     assert_head_objects_exist(&store).await;
     assert_eq!(state(&store).read_head().await.unwrap(), h);
+}
+
+/// A fan-out whose lease runs out after one piece sent (the other waits to be redelivered):
+/// the next export's run takes the route and first takes in what that piece had Braze
+/// confirm, so it resends the values the next export reverts (Gold → Silver by the piece,
+/// back to Gold by the next export, never left at Silver); the void fan-out's export is
+/// queued again, its control objects are gone, and its late piece ends at once.
+#[tokio::test]
+async fn a_fan_out_whose_lease_ran_out_keeps_what_its_pieces_confirmed() {
+    let Bed {
+        store,
+        braze,
+        queue,
+    } = Bed::default();
+    let spill = tempfile::tempdir().unwrap();
+    let single = first_synced(&store, &braze, &queue, spill.path()).await;
+    let fan = handler(&store, &braze, &queue, spill.path(), Some(2));
+    put(&store, "in/e2.csv", csv(true, &BTreeSet::new(), 0)).await;
+    assert_eq!(outcome(&sync(&fan, "in/e2.csv").await), "fanned_out");
+    let msgs = queue.pieces.lock().unwrap().clone();
+    let run_id = msgs[0].run_id.clone();
+    let r = fan.handle(&sqs(&msgs[0], "m0"), None).await.unwrap();
+    assert_eq!(r["results"][0]["outcome"], "piece_done", "{r}");
+    let changed = |b: &Braze| {
+        b.profiles
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|p| p.get("tier") == Some(&json!("changed")))
+            .count()
+    };
+    assert!(changed(&braze) > 0, "piece 0 sent its users' new values");
+    let handovers = *queue.handovers.lock().unwrap();
+    expire_lock(&store, &run_id).await;
+    put(&store, "in/e3.csv", csv(false, &BTreeSet::new(), 0)).await;
+    assert_eq!(outcome(&sync(&single, "in/e3.csv").await), "synced");
+    assert_eq!(changed(&braze), 0, "every value piece 0 sent was reverted");
+    assert_eq!(
+        *queue.handovers.lock().unwrap(),
+        handovers + 1,
+        "e2 queued again"
+    );
+    let left = store
+        .list("state", &format!("s/people/_fan_out/{run_id}/"))
+        .await
+        .unwrap();
+    assert!(left.iter().all(|o| o.key.ends_with(".bin")), "{left:?}");
+    let late = fan.handle(&sqs(&msgs[1], "m1"), None).await.unwrap();
+    assert_eq!(late["results"][0]["outcome"], "fan_out_over", "{late}");
 }
 
 #[tokio::test]

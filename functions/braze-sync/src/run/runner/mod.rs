@@ -626,7 +626,7 @@ impl SyncRunner {
         } else {
             state.load(route).await.map(|(h, snap)| (h, Some(snap)))
         };
-        let (mut head, snapshot) = match loaded {
+        let (mut head, mut snapshot) = match loaded {
             Ok(x) => x,
             Err(e) if e.is_retryable() => return Err(RunError::Retryable(e.to_string())),
             Err(e) => {
@@ -634,6 +634,9 @@ impl SyncRunner {
                 return Err(record.failed(store, message, false).await);
             }
         };
+        // Fan-outs left behind end first: what their pieces had Braze confirm is diffed against.
+        self.end_left_fan_outs(route, &mut head, &mut snapshot, record)
+            .await?;
         forget_future_watermark(route, &mut head, record);
         if head.is_stale(Some(exported_at)) {
             if !plan.force_full {

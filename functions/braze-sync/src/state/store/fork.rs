@@ -125,4 +125,112 @@ impl StateStore {
         head.loaded_segments = 0;
         Ok(stats)
     }
+
+    /// Takes over into the route head what fork `fork` (read as `fork_doc`) had Braze
+    /// confirm, for a fan-out that ends without its finalizer's merge (its lease ran out,
+    /// a piece failed): what Braze confirmed is never discarded. A range the fork added
+    /// objects to is taken as the fork has it when the route head still holds the range the
+    /// fork started from (the fork's inherited base and deltas, or an empty range for a base
+    /// the fork wrote); a range that moved since gets the fork's users as records instead,
+    /// and so do the fork's checkpoint segments and `orphans` (segments the fork wrote that
+    /// its head does not name: a piece killed between a checkpoint's segment and its head
+    /// write; Braze confirmed what they hold), all in one segment appended to the route head.
+    /// One conditional head write, nothing when the fork added nothing; deletes nothing.
+    /// Returns whether the head changed.
+    pub async fn absorb_fork(
+        &self,
+        head: &mut Head,
+        fork: &StateStore,
+        fork_doc: &HeadDoc,
+        orphans: &[String],
+        route: &Route,
+    ) -> Result<bool, StateError> {
+        if self.is_fork() || !fork.is_fork() {
+            return Err(self.unusable("a fork is absorbed into the route's head"));
+        }
+        let names = route.state_names();
+        let same_layout = fork_doc.range_bits == head.doc.range_bits
+            && fork_doc.ranges.len() == head.doc.ranges.len();
+        let mut doc = head.doc.clone();
+        let mut records = SegmentData::default();
+        for (r, fr) in fork_doc.ranges.iter().enumerate() {
+            let base_owned = fr.base.as_deref().is_some_and(|b| fork.owns(b));
+            let inherited: Vec<String> = fr
+                .deltas
+                .iter()
+                .filter(|d| !fork.owns(d))
+                .cloned()
+                .collect();
+            if !base_owned && inherited.len() == fr.deltas.len() {
+                continue;
+            }
+            let current = head.doc.ranges.get(r).filter(|_| same_layout);
+            if current == Some(fr) {
+                continue;
+            }
+            let started_from = |c: &RangeDoc| match base_owned {
+                true => c.base.is_none() && c.deltas.is_empty(),
+                false => c.base == fr.base && c.deltas == inherited,
+            };
+            if let Some(c) = current
+                && started_from(c)
+            {
+                doc.ranges[r] = fr.clone();
+                continue;
+            }
+            let snap = fork.load_range(fork_doc, r, route).await?;
+            snapshot_records(&snap, &mut records);
+        }
+        let mut segments = fork_doc.segments.clone();
+        segments.extend(orphans.iter().filter(|o| fork.owns(o)).cloned());
+        for name in &segments {
+            match fork.get(name).await {
+                Ok((bytes, what)) => records.extend_from(&bytes, &what, &names)?,
+                // An orphan deleted since (its fold finished): nothing to take.
+                Err(StateError::Store(StoreError::NotFound { .. })) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if doc.ranges == head.doc.ranges && records.records.is_empty() {
+            return Ok(false);
+        }
+        if !records.records.is_empty() {
+            let name = self.named(format!(
+                "seg-{:08}-{:06}-{}.bin",
+                head.doc.generation,
+                head.doc.segments.len(),
+                nonce()
+            ));
+            self.put_new(&name, records.encode(&names, route.tracks_departures()))
+                .await?;
+            doc.segments.push(name);
+        }
+        doc.users = doc
+            .ranges
+            .iter()
+            .map(|r| r.users)
+            .sum::<u64>()
+            .max(doc.users);
+        doc.generation = head.doc.generation + 1;
+        doc.updated_at = crate::clock::now().to_rfc3339();
+        self.put_head(head, doc).await?;
+        Ok(true)
+    }
+}
+
+/// Every user of a loaded range as segment records: each value it holds and its identifier.
+fn snapshot_records(snap: &Snapshot, out: &mut SegmentData) {
+    let slots = snap.slots();
+    let base = (0..snap.base_len()).filter_map(|i| snap.base_user(i));
+    for (key, st) in base.chain(snap.overlay_users()) {
+        for slot in 0..slots {
+            if let Some(fp) = st.fp(slot) {
+                out.records.push((key.0, slot as u16, fp));
+            }
+        }
+        if let Some(id) = snap.identifier(key) {
+            out.ids
+                .push((key.0, crate::state::confirmed::identifier_text(&id)));
+        }
+    }
 }

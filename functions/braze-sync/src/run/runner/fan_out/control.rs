@@ -107,12 +107,18 @@ pub(super) struct FanOut<'a> {
     pub manifest: &'a Manifest,
 }
 
+/// Attempts at deleting one control object (a transient failure is tried again at once;
+/// one still left is deleted by the route's next run, [`SyncRunner::end_left_fan_outs`]).
+const DELETE_ATTEMPTS: u32 = 3;
+
 /// Where one fan-out's control objects are.
 pub(super) struct Control {
     store: Arc<dyn ObjectStore>,
-    bucket: String,
+    pub(super) bucket: String,
     /// `<state prefix><route>/_fan_out/<run id>/`.
-    folder: String,
+    pub(super) folder: String,
+    /// The fan-out run.
+    run_id: String,
 }
 
 impl Control {
@@ -153,8 +159,23 @@ impl Control {
             .map(|_| ())
     }
 
+    /// The fan-out run.
+    pub(super) fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
     /// Pieces whose `done.json` exists.
     pub(super) async fn done(&self) -> Result<Vec<usize>, RunError> {
+        self.pieces_with("done.json").await
+    }
+
+    /// Pieces whose fork head exists.
+    pub(super) async fn forks(&self) -> Result<Vec<usize>, RunError> {
+        self.pieces_with("head.json").await
+    }
+
+    /// Pieces whose `p<k>/<file>` exists.
+    async fn pieces_with(&self, file: &str) -> Result<Vec<usize>, RunError> {
         let listing = self
             .store
             .list(&self.bucket, &self.folder)
@@ -164,8 +185,8 @@ impl Control {
             .iter()
             .filter_map(|o| {
                 let rest = o.key.strip_prefix(&self.folder)?;
-                let (p, file) = rest.split_once('/')?;
-                (file == "done.json").then(|| p.strip_prefix('p')?.parse().ok())?
+                let (p, f) = rest.split_once('/')?;
+                (f == file).then(|| p.strip_prefix('p')?.parse().ok())?
             })
             .collect())
     }
@@ -192,8 +213,14 @@ impl Control {
                 .collect();
         }
         for uri in uris {
-            if let Err(e) = self.store.delete(&uri).await {
-                warn!(object = %uri, error = %e, "Could not delete a fan-out control object; it is harmless, delete it by hand.");
+            let mut attempt = 1;
+            while let Err(e) = self.store.delete(&uri).await {
+                if attempt < DELETE_ATTEMPTS && e.is_retryable() {
+                    attempt += 1;
+                    continue;
+                }
+                warn!(object = %uri, error = %e, "Could not delete a fan-out control object; the route's next run deletes it.");
+                break;
             }
         }
     }
@@ -202,16 +229,21 @@ impl Control {
 impl SyncRunner {
     /// Where fan-out `run_id` of `route` keeps its control objects.
     pub(super) fn control(&self, route: &str, run_id: &str) -> Control {
-        let s = &self.settings;
-        let mut prefix = s.state_prefix.clone();
+        Control {
+            store: self.store.clone(),
+            bucket: self.settings.state_bucket.clone(),
+            folder: format!("{}{run_id}/", self.fan_out_folder(route)),
+            run_id: run_id.to_string(),
+        }
+    }
+
+    /// `<state prefix><route>/_fan_out/`: every fan-out's control objects of `route`.
+    pub(super) fn fan_out_folder(&self, route: &str) -> String {
+        let mut prefix = self.settings.state_prefix.clone();
         if !prefix.is_empty() && !prefix.ends_with('/') {
             prefix.push('/');
         }
-        Control {
-            store: self.store.clone(),
-            bucket: s.state_bucket.clone(),
-            folder: format!("{prefix}{route}/{CONTROL_FOLDER}/{run_id}/"),
-        }
+        format!("{prefix}{route}/{CONTROL_FOLDER}/")
     }
 
     /// Whether the route head (read now: it may have moved on from an unrecorded merge)

@@ -51,6 +51,7 @@ impl SyncRunner {
         fan: &FanOut<'_>,
         mut fin: FinalDoc,
         remaining_ms: Option<u64>,
+        lost: watch::Receiver<Option<String>>,
     ) -> Result<Value, RunError> {
         let s = &self.settings;
         let manifest = fan.manifest;
@@ -58,6 +59,7 @@ impl SyncRunner {
         let state = self.state(fan.route);
         let mut head = state.read_head().await.map_err(state_err)?;
         if !fin.merged {
+            still_held(&lost)?;
             self.merge_pieces(fan, &state, &mut head, &mut fin).await?;
         }
         let Combined {
@@ -73,7 +75,14 @@ impl SyncRunner {
         };
         let fin_id = format!("{}-final", manifest.run_id);
         let released = self
-            .send_departures(fan, &dones, (state, head), totals, remaining_ms)
+            .send_departures(
+                fan,
+                &dones,
+                (state, head),
+                totals,
+                remaining_ms,
+                lost.clone(),
+            )
             .await?;
         let Released {
             delivery,
@@ -107,6 +116,9 @@ impl SyncRunner {
             export_id: manifest.export_id.clone(),
             exported_at: Some(manifest.exported_at.clone()),
         };
+        // The watermark moves only under the fan-out's lock: one lost since, and the route
+        // may be another run's (the finalizer's message is redelivered).
+        still_held(&lost)?;
         let users = committer.users_before();
         if let Some(e) = committer
             .commit_ranged(
@@ -179,6 +191,7 @@ impl SyncRunner {
         (state, head): (StateStore, Head),
         mut totals: Summary,
         remaining_ms: Option<u64>,
+        lost: watch::Receiver<Option<String>>,
     ) -> Result<Released, RunError> {
         let s = &self.settings;
         let route = fan.route;
@@ -213,8 +226,8 @@ impl SyncRunner {
         let sender = Sender::start(self.api.clone(), dcfg, delta_rx, out_tx, share);
         let mut committer = Committer::new(state, head, route.clone(), s.checkpoint_every)
             .with_max_pending(s.checkpoint_max_users);
-        let (_never_lost, lost_rx) = watch::channel(None);
-        committer.follow(out_rx, lost_rx).await;
+        // A lost route lock stops the sender and fails the committer (retried).
+        committer.follow(out_rx, lost).await;
         let delivery = sender.finish().await?;
         let totals = match releasing.await {
             Ok(Ok(t)) => t,
@@ -300,6 +313,17 @@ impl SyncRunner {
                         "unchanged": report.unchanged, "rejected": report.rejected,
                         "departures_sent": report.departures_sent,
                         "departures_held": report.departures_held, "pieces": n}}))
+    }
+}
+
+/// `Ok` while the fan-out's route lock is held; once a renewal found it taken over, the
+/// finalizer stops before its next write to the route's state (its message is retried).
+fn still_held(lost: &watch::Receiver<Option<String>>) -> Result<(), RunError> {
+    match lost.borrow().clone() {
+        None => Ok(()),
+        Some(why) => Err(RunError::Retryable(format!(
+            "the fan-out's route lock was lost ({why}); the finalizer stops before writing the state"
+        ))),
     }
 }
 

@@ -27,7 +27,7 @@ use crate::run::runner::producer::{BoundedDiff, Diff, Producer};
 use crate::run::runner::sender::Sender;
 use crate::send::deliver::DeliverError;
 use crate::state::lease;
-use crate::state::route_lock::{Joined, RouteLock, lock_uri};
+use crate::state::route_lock::{Joined, RouteLock, lock_uri, read_lock};
 use crate::state::store::{CONTROL_FOLDER, Head, StateStore};
 
 /// What a piece leaves the route lock to.
@@ -81,8 +81,22 @@ impl SyncRunner {
                 report: None,
             });
         };
+        let control = self.control(route.name(), &msg.run_id);
         let s = &self.settings;
         let uri = lock_uri(&s.state_bucket, &s.state_prefix, route.name());
+        if let Ok(None) = control.get_json::<Manifest>("manifest.json").await {
+            // The fan-out ended (finished, failed or void) before this message came back:
+            // nothing to do, and no need to wait for the route lock, unless it still holds it
+            // (an end cut short: its rest is done under the lock below).
+            let held = read_lock(self.store.as_ref(), &uri)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|l| l.holder == msg.run_id && !l.released);
+            if !held {
+                return Ok(ack(&msg, "fan_out_over"));
+            }
+        }
         let now = crate::clock::now().timestamp_millis();
         let joined = RouteLock::join(self.store.clone(), uri, &msg.run_id, now, s.fan_out_lease_s)
             .await
@@ -98,11 +112,12 @@ impl SyncRunner {
                 )));
             }
         };
-        let control = self.control(route.name(), &msg.run_id);
         let manifest: Manifest = match control.get_json("manifest.json").await {
             Ok(Some(m)) => m,
             Ok(None) => {
-                // A fan-out already cleaned up (a late redelivery): give the route back.
+                // A fan-out already ended (a late redelivery, or an end cut short): what is
+                // left of its control objects goes, and the route is given back.
+                self.clean_left(&route, &control).await;
                 if let Err(e) = lock.release().await {
                     warn!(error = %e, "Could not release the route lock; it expires by itself.");
                 }
@@ -163,7 +178,7 @@ impl SyncRunner {
             .map_err(keep)?;
         if done.is_none() {
             match self
-                .run_piece_work(fan, msg, span, remaining_ms, lost)
+                .run_piece_work(fan, msg, span, remaining_ms, lost.clone())
                 .await
             {
                 Ok(Some(v)) => return Ok((LockAfter::Keep, v)),
@@ -180,7 +195,7 @@ impl SyncRunner {
         let Some(fin) = self.claim_final(fan, msg).await.map_err(keep)? else {
             return Ok((LockAfter::Keep, ack(msg, "piece_done")));
         };
-        match self.finalize(fan, fin, remaining_ms).await {
+        match self.finalize(fan, fin, remaining_ms, lost).await {
             Ok(v) => Ok((LockAfter::Release, v)),
             Err(RunError::Permanent { message, .. }) => {
                 let e = self.fail_fan_out(fan, &message).await;
