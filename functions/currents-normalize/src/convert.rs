@@ -1,5 +1,5 @@
 //! One Currents object, end to end: key → container → plan → rows → Parquet part (row groups
-//! spooled to a file as they fill), with where the part goes. Synchronous; the handler does
+//! in memory while the part is small, spooled to a file past that), with where the part goes. Synchronous; the handler does
 //! the object I/O. An error about the input is permanent for that object (the same bytes fail
 //! the same way) and sends it to quarantine; an internal error (Parquet/Arrow, the spool file)
 //! is not the input's fault and is retried ([`ConvertError::is_internal`]). Nothing is written
@@ -31,9 +31,13 @@ pub struct ConvertOptions {
     pub batch_rows: usize,
     /// Rows per Parquet row group.
     pub row_group_rows: usize,
-    /// Folder for the part while it is written (`None`: in memory). Default: the system temp
-    /// folder (`/tmp` under Lambda, whose ephemeral storage must hold the largest part).
+    /// Folder a part moves to once it outgrows `part_memory_bytes` while it is written
+    /// (`None`: always in memory). Default: the system temp folder (`/tmp` under Lambda,
+    /// whose ephemeral storage must hold the largest part).
     pub spool_dir: Option<PathBuf>,
+    /// Bytes of a part kept in memory before it moves to `spool_dir` (0: straight to the
+    /// spool file). Default [`crate::encode::MEMORY_PART_BYTES`].
+    pub part_memory_bytes: usize,
 }
 
 impl Default for ConvertOptions {
@@ -43,6 +47,7 @@ impl Default for ConvertOptions {
             batch_rows: 2048,
             row_group_rows: crate::encode::ROW_GROUP_ROWS,
             spool_dir: Some(std::env::temp_dir()),
+            part_memory_bytes: crate::encode::MEMORY_PART_BYTES,
         }
     }
 }
@@ -227,11 +232,12 @@ pub fn convert(
             table.version.to_string(),
         ),
     ];
-    let mut writer = PartWriter::spooled(
+    let mut writer = PartWriter::spooled_after(
         table.schema.clone(),
         metadata,
         opts.row_group_rows,
         opts.spool_dir.as_deref(),
+        opts.part_memory_bytes,
     )?;
     // A rough row estimate (Currents events are a few hundred bytes) sizes the id set.
     let expected_rows = (bytes.len() / 256).clamp(16, 200_000);

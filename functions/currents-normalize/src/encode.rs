@@ -1,8 +1,9 @@
 //! Arrow record batches → one Parquet part, Snappy-compressed (never zstd, which Amperity
 //! cannot read), Parquet format 1.0 pages for the widest reader support, with the part's
-//! lineage in the file's key-value metadata. Row groups are written out as they fill, to a
-//! spool file (so a large object's output is never held in memory next to its input) or, when
-//! no spool folder is given, to memory.
+//! lineage in the file's key-value metadata. Row groups are written out as they fill, to
+//! memory while the part is small (a Braze-sized file's part never touches the disk) and to a
+//! spool file once it outgrows [`MEMORY_PART_BYTES`] (so a large object's output is never held
+//! in memory next to its input), or always to memory when no spool folder is given.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -22,6 +23,9 @@ pub const ROW_GROUP_ROWS: usize = 128 * 1024;
 
 /// A row group is closed early once its encoded data in memory reaches this size.
 pub const MAX_ROW_GROUP_BYTES: usize = 128 << 20;
+
+/// A part is kept in memory up to this size, then moved to its spool file.
+pub const MEMORY_PART_BYTES: usize = 32 << 20;
 
 /// Why a part cannot be encoded. Never the input's fault: the same object converts when
 /// tried again (a full disk, a writer bug), so the handler retries instead of quarantining.
@@ -54,22 +58,95 @@ impl Drop for SpoolFile {
 
 /// Where a part's bytes go while it is written.
 enum Sink {
-    Memory(Vec<u8>),
+    /// In memory; moved to a spool file in `spill.dir` once it would exceed `spill.after`.
+    Memory {
+        bytes: Vec<u8>,
+        spill: Option<Spill>,
+    },
     File(BufWriter<File>, SpoolFile),
+    /// Moving to the spool file failed: every further write fails with this.
+    Failed {
+        path: PathBuf,
+        kind: std::io::ErrorKind,
+        message: String,
+    },
+}
+
+/// Where and when an in-memory part moves to a spool file.
+struct Spill {
+    dir: PathBuf,
+    after: usize,
+}
+
+impl Sink {
+    fn failure(&self) -> Option<std::io::Error> {
+        match self {
+            Sink::Failed { kind, message, .. } => Some(std::io::Error::new(*kind, message.clone())),
+            _ => None,
+        }
+    }
+
+    /// The spool error behind a failed write, when moving to the spool file was the cause.
+    fn spool_error(&self) -> Option<EncodeError> {
+        match self {
+            Sink::Failed { path, .. } => Some(EncodeError::Spool {
+                path: path.clone(),
+                source: self.failure()?,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Moves the in-memory bytes to a new spool file (once, when they outgrow the memory).
+    fn spill(&mut self, incoming: usize) {
+        let Sink::Memory {
+            bytes,
+            spill: Some(spill),
+        } = self
+        else {
+            return;
+        };
+        if bytes.len().saturating_add(incoming) <= spill.after {
+            return;
+        }
+        let moved = spool_file(&spill.dir).and_then(|(mut w, f)| {
+            w.write_all(bytes).map_err(|source| EncodeError::Spool {
+                path: f.path.clone(),
+                source,
+            })?;
+            Ok((w, f))
+        });
+        *self = match moved {
+            Ok((w, f)) => Sink::File(w, f),
+            Err(EncodeError::Spool { path, source }) => Sink::Failed {
+                kind: source.kind(),
+                message: format!("spool file {}: {source}", path.display()),
+                path,
+            },
+            Err(other) => Sink::Failed {
+                path: spill.dir.clone(),
+                kind: std::io::ErrorKind::Other,
+                message: other.to_string(),
+            },
+        };
+    }
 }
 
 impl Write for Sink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.spill(buf.len());
         match self {
-            Sink::Memory(v) => v.write(buf),
+            Sink::Memory { bytes, .. } => bytes.write(buf),
             Sink::File(f, _) => f.write(buf),
+            Sink::Failed { kind, message, .. } => Err(std::io::Error::new(*kind, message.clone())),
         }
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
         match self {
-            Sink::Memory(_) => Ok(()),
+            Sink::Memory { .. } => Ok(()),
             Sink::File(f, _) => f.flush(),
+            Sink::Failed { kind, message, .. } => Err(std::io::Error::new(*kind, message.clone())),
         }
     }
 }
@@ -163,42 +240,79 @@ impl PartWriter {
         Self::spooled(schema, metadata, row_group_rows, None)
     }
 
-    /// Starts a part written to a new spool file in `dir` (memory when `None`).
+    /// Starts a part kept in memory up to [`MEMORY_PART_BYTES`], then moved to a new spool
+    /// file in `dir` (always in memory when `None`).
     pub fn spooled(
         schema: SchemaRef,
         metadata: Vec<(String, String)>,
         row_group_rows: usize,
         dir: Option<&Path>,
     ) -> Result<Self, EncodeError> {
+        Self::spooled_after(schema, metadata, row_group_rows, dir, MEMORY_PART_BYTES)
+    }
+
+    /// [`Self::spooled`], moving to the spool file once the part would exceed `memory_bytes`
+    /// (0: the spool file is created right away).
+    pub fn spooled_after(
+        schema: SchemaRef,
+        metadata: Vec<(String, String)>,
+        row_group_rows: usize,
+        dir: Option<&Path>,
+        memory_bytes: usize,
+    ) -> Result<Self, EncodeError> {
         let props = writer_properties(metadata, row_group_rows);
         let sink = match dir {
-            Some(d) => {
+            Some(d) if memory_bytes == 0 => {
                 let (w, f) = spool_file(d)?;
                 Sink::File(w, f)
             }
-            None => Sink::Memory(Vec::new()),
+            dir => Sink::Memory {
+                bytes: Vec::new(),
+                spill: dir.map(|d| Spill {
+                    dir: d.to_path_buf(),
+                    after: memory_bytes,
+                }),
+            },
         };
         let writer = ArrowWriter::try_new(sink, schema, Some(props))?;
         Ok(Self { writer })
     }
 
+    /// A Parquet error, or the spool error behind it.
+    fn error(&self, e: parquet::errors::ParquetError) -> EncodeError {
+        self.writer
+            .inner()
+            .spool_error()
+            .unwrap_or(EncodeError::Parquet(e))
+    }
+
     /// Appends a batch; closes the row group early once it holds `MAX_ROW_GROUP_BYTES` of
     /// encoded data, so wide rows do not pile up in memory.
     pub fn write(&mut self, batch: &RecordBatch) -> Result<(), EncodeError> {
-        self.writer.write(batch)?;
+        self.writer.write(batch).map_err(|e| self.error(e))?;
         if self.writer.in_progress_size() >= MAX_ROW_GROUP_BYTES {
-            self.writer.flush()?;
+            self.writer.flush().map_err(|e| self.error(e))?;
         }
         Ok(())
     }
 
-    /// Finishes the file.
-    pub fn finish(self) -> Result<Part, EncodeError> {
+    /// Finishes the file. (A spool file that cannot take the footer fails as a Parquet error
+    /// naming the spool file.)
+    pub fn finish(mut self) -> Result<Part, EncodeError> {
+        self.writer.flush().map_err(|e| self.error(e))?;
         match self.writer.into_inner()? {
-            Sink::Memory(v) => Ok(Part {
-                len: v.len() as u64,
-                bytes: Some(v),
+            Sink::Memory { bytes, .. } => Ok(Part {
+                len: bytes.len() as u64,
+                bytes: Some(bytes),
                 file: None,
+            }),
+            Sink::Failed {
+                path,
+                kind,
+                message,
+            } => Err(EncodeError::Spool {
+                path,
+                source: std::io::Error::new(kind, message),
             }),
             Sink::File(w, f) => {
                 let spool_err = |source| EncodeError::Spool {
@@ -271,7 +385,8 @@ mod tests {
         .unwrap();
         let dir = std::env::temp_dir();
         let mut mem = PartWriter::new(schema.clone(), vec![], 1000).unwrap();
-        let mut spooled = PartWriter::spooled(schema, vec![], 1000, Some(&dir)).unwrap();
+        let mut spooled =
+            PartWriter::spooled_after(schema, vec![], 1000, Some(&dir), 1024).unwrap();
         mem.write(&batch).unwrap();
         spooled.write(&batch).unwrap();
         let mem = mem.finish().unwrap();
@@ -284,16 +399,41 @@ mod tests {
     }
 
     #[test]
+    fn a_small_part_stays_in_memory() {
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, true)]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(Int64Array::from_iter_values(0..10_000)) as ArrayRef],
+        )
+        .unwrap();
+        let dir = Path::new("/nonexistent/currents-spool");
+        let mut w = PartWriter::spooled(schema, vec![], 1000, Some(dir)).unwrap();
+        w.write(&batch).unwrap();
+        let part = w.finish().unwrap();
+        assert!(part.file.is_none());
+        assert!(!part.is_empty());
+    }
+
+    #[test]
     fn an_unwritable_spool_folder_is_an_encode_error() {
         let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, true)]));
-        let err = PartWriter::spooled(
-            schema,
-            vec![],
-            1000,
-            Some(Path::new("/nonexistent/currents-spool")),
+        let dir = Path::new("/nonexistent/currents-spool");
+        let err = PartWriter::spooled_after(schema.clone(), vec![], 1000, Some(dir), 0)
+            .err()
+            .unwrap();
+        assert!(matches!(err, EncodeError::Spool { .. }), "{err}");
+        // A part that outgrows the memory fails the same way when it moves to the folder.
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(Int64Array::from_iter_values(0..10_000)) as ArrayRef],
         )
-        .err()
         .unwrap();
+        let mut w = PartWriter::spooled_after(schema, vec![], 1000, Some(dir), 1024).unwrap();
+        let err = w
+            .write(&batch)
+            .and_then(|()| w.finish().map(|_| ()))
+            .err()
+            .unwrap();
         assert!(matches!(err, EncodeError::Spool { .. }), "{err}");
     }
 }

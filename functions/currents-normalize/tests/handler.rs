@@ -478,9 +478,11 @@ async fn an_internal_encode_error_is_retried_not_quarantined() {
         avro("users.messages.email.Send", 5, 0),
     )
     .await;
-    // The spool folder is gone (a full or broken /tmp): the Parquet part cannot be written.
+    // The spool folder is gone (a full or broken /tmp): the Parquet part cannot be written
+    // (this one goes straight to the spool file, as a part past the memory size does).
     let opts = currents_normalize::convert::ConvertOptions {
         spool_dir: Some("/nonexistent/currents-spool".into()),
+        part_memory_bytes: 0,
         ..Default::default()
     };
     let h = handler(store.clone()).with_options(opts);

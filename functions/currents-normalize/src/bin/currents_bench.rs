@@ -18,6 +18,8 @@ mod avro_paths;
 mod backfill;
 #[path = "currents_bench/compact.rs"]
 mod compact;
+#[path = "currents_bench/phases.rs"]
+mod phases;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -87,6 +89,9 @@ struct Args {
     /// Rows per Parquet row group (tuning).
     #[arg(long, hide = true)]
     row_group_rows: Option<usize>,
+    /// Internal: time each step of converting the files under this folder.
+    #[arg(long, hide = true)]
+    phases: Option<PathBuf>,
     /// Size in MiB of the large object whose peak RSS is measured (0: skip).
     #[arg(long, default_value_t = 512)]
     large_object_mib: u64,
@@ -305,6 +310,15 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("compaction probe failed: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(dir) = &args.phases {
+        return match phases::probe(dir, args.passes) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("phases probe failed: {e}");
                 ExitCode::FAILURE
             }
         };

@@ -114,11 +114,12 @@ fn start(
         ),
     ];
     Ok(Out {
-        writer: PartWriter::spooled(
+        writer: PartWriter::spooled_after(
             table.schema.clone(),
             metadata,
             opts.row_group_rows,
             opts.spool_dir.as_deref(),
+            opts.part_memory_bytes,
         )?,
         location: PartLocation {
             table: table.table.clone(),
