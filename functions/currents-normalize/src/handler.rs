@@ -248,9 +248,7 @@ impl Handler {
                     uri,
                     &out_bucket,
                     Keep::Copy,
-                    "size",
-                    &self.too_large(size),
-                    None,
+                    Rejection::new("size", &self.too_large(size), None),
                     dry_run,
                 )
                 .await;
@@ -274,12 +272,14 @@ impl Handler {
                     uri,
                     &out_bucket,
                     Keep::Copy,
-                    "size",
-                    &format!(
-                        "object is larger than MAX_OBJECT_BYTES {} (reading stopped there)",
-                        self.cfg.max_object_bytes
+                    Rejection::new(
+                        "size",
+                        &format!(
+                            "object is larger than MAX_OBJECT_BYTES {} (reading stopped there)",
+                            self.cfg.max_object_bytes
+                        ),
+                        None,
                     ),
-                    None,
                     dry_run,
                 )
                 .await;
@@ -404,9 +404,7 @@ impl Handler {
                         source,
                         out_bucket,
                         keep,
-                        "key",
-                        &e.to_string(),
-                        None,
+                        Rejection::new("key", &e.to_string(), None),
                         dry_run,
                     )
                     .await);
@@ -435,9 +433,7 @@ impl Handler {
                     source,
                     out_bucket,
                     keep,
-                    e.step(),
-                    &e.to_string(),
-                    Some(parsed.event_type),
+                    Rejection::new(e.step(), &e.to_string(), Some(parsed.event_type)),
                     dry_run,
                 )
                 .await),
@@ -538,17 +534,21 @@ impl Handler {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Quarantines `source` into `out_bucket` (kept as `keep` says) for `why`; in a dry run
+    /// only says it would. A failed quarantine is retried.
     async fn quarantined(
         &self,
         source: &S3Uri,
         out_bucket: &str,
         keep: Keep,
-        step: &'static str,
-        reason: &str,
-        event_type: Option<String>,
+        why: Rejection<'_>,
         dry_run: bool,
     ) -> ObjectResult {
+        let Rejection {
+            step,
+            reason,
+            event_type,
+        } = why;
         if dry_run {
             warn!(object = %source, step, reason, "Would quarantine object (dry run).");
             return ObjectResult {
@@ -634,6 +634,24 @@ fn written_result(source: &S3Uri, converted: &Converted, part_uri: &S3Uri) -> Ob
         unregistered: converted.unregistered,
         codec: Some(converted.codec),
         ..ObjectResult::new(source.to_string(), Outcome::Written)
+    }
+}
+
+/// Why an object is quarantined: the step that refused it, the reason, and its event type
+/// when the key named one.
+struct Rejection<'a> {
+    step: &'static str,
+    reason: &'a str,
+    event_type: Option<String>,
+}
+
+impl<'a> Rejection<'a> {
+    fn new(step: &'static str, reason: &'a str, event_type: Option<String>) -> Self {
+        Self {
+            step,
+            reason,
+            event_type,
+        }
     }
 }
 
