@@ -3,7 +3,9 @@
 //! (`SimConfig::clock_offset_ms`, `braze_sync::clock::set_virtual`), so a sync too big for one
 //! hour's budget spends it, hands over with a delay to the next hour, waits without running
 //! when its continuation comes early, and completes in the next hour, without a single request
-//! the simulator refuses for its hourly budget.
+//! the simulator refuses for its hourly budget. An export whose every hour's budget other runs
+//! spend waits at most a day without sending, then fails; a replay with a raised limit sends
+//! only what Braze had not confirmed.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
@@ -18,7 +20,7 @@ use braze_sync::config::route::Route;
 use braze_sync::run::handler::{ExportPlan, Handler, HandlerConfig};
 use braze_sync::run::runner::{Continuation, MAX_DELAY, RunnerSettings, SyncRunner};
 use braze_sync::send::braze::{BrazeClient, ClientOptions};
-use braze_sync::send::hourly_budget::{HOUR_MS, HourlyBudget, hour_of};
+use braze_sync::send::hourly_budget::{HOUR_MS, HourlyBudget, MAX_BUDGET_WAIT, hour_of};
 use bridge_shared::S3Uri;
 use bridge_shared::object_store::{MemoryStore, ObjectStore, PutCondition};
 use bytes::Bytes;
@@ -69,12 +71,12 @@ fn offset_to_before_an_hour(before_ms: i64) -> i64 {
     if offset < 0 { offset + HOUR_MS } else { offset }
 }
 
-fn handler(store: Arc<MemoryStore>, sim_url: &str, queue: Arc<Delays>) -> Handler {
+fn handler(store: Arc<MemoryStore>, sim_url: &str, queue: Arc<Delays>, limit: u64) -> Handler {
     let mut s = RunnerSettings::new("state", "s/", "r/", "x/");
     s.checkpoint_every = Duration::from_millis(50);
     s.deliver.max_objects = 10;
     s.deliver.max_in_flight = 4;
-    s.deliver.hourly_budget = Some(HourlyBudget::new(store.clone(), "state", "s/", LIMIT));
+    s.deliver.hourly_budget = Some(HourlyBudget::new(store.clone(), "state", "s/", limit));
     let api = BrazeClient::new(
         Endpoint::parse(sim_url).unwrap(),
         ApiKey::new(KEY).unwrap(),
@@ -129,7 +131,7 @@ async fn a_sync_bigger_than_the_hours_budget_waits_for_the_next_hour_and_complet
     .unwrap();
     let store = Arc::new(MemoryStore::new());
     let queue = Arc::new(Delays::default());
-    let h = handler(store.clone(), &sim.base_url(), queue.clone());
+    let h = handler(store.clone(), &sim.base_url(), queue.clone(), LIMIT);
     store
         .put(
             &S3Uri::new("exports", "in/big.csv"),
@@ -205,4 +207,116 @@ async fn a_sync_bigger_than_the_hours_budget_waits_for_the_next_hour_and_complet
     );
     assert_eq!(stats.requests_total, 15);
     assert_eq!(queue.0.lock().unwrap().len(), 2, "no further hand-over");
+}
+
+fn event(name: &str) -> Value {
+    json!({"Records": [{"eventSource": "aws:s3", "eventName": name,
+        "s3": {"bucket": {"name": "exports"}, "object": {"key": "in/big.csv"}}}]})
+}
+
+async fn ledger_entry(store: &MemoryStore) -> Value {
+    let listed = store.list("state", "s/people/ledger/").await.unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let uri = S3Uri::new("state", &listed[0].key);
+    serde_json::from_slice(&store.get(&uri).await.unwrap().1).unwrap()
+}
+
+#[tokio::test]
+async fn an_export_starved_of_budget_for_a_day_fails_and_a_replay_sends_only_the_rest() {
+    let sim = braze_sim::start(SimConfig {
+        api_key: KEY.into(),
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let store = Arc::new(MemoryStore::new());
+    let queue = Arc::new(Delays::default());
+    let h = handler(store.clone(), &sim.base_url(), queue.clone(), LIMIT);
+    let others = HourlyBudget::new(store.clone(), "state", "s/", LIMIT);
+    // 20 minutes into the next clock hour, then a clock hour later each time.
+    let wall = chrono::Utc::now().timestamp_millis();
+    let t0 = (hour_of(wall) + 1) * HOUR_MS + 20 * 60_000;
+    let at_hour = |k: i64| chrono::DateTime::from_timestamp_millis(t0 + k * HOUR_MS).unwrap();
+    braze_sync::clock::set_virtual(at_hour(0));
+    store
+        .put(
+            &S3Uri::new("exports", "in/big.csv"),
+            csv(USERS),
+            PutCondition::None,
+            BTreeMap::new(),
+        )
+        .await
+        .unwrap();
+
+    // The first hour's budget confirms 100 users; from then on other runs spend every hour's
+    // budget before the continuation comes.
+    let out = h.handle(&event("ObjectCreated:Put"), None).await.unwrap();
+    assert_eq!(out["results"][0]["outcome"], "incomplete", "{out}");
+    let hours = (MAX_BUDGET_WAIT.as_secs() / 3600) as i64;
+    for k in 1..=hours {
+        braze_sync::clock::set_virtual(at_hour(k));
+        let hour = hour_of(braze_sync::clock::now_ms());
+        assert_eq!(others.claim(hour, LIMIT).await.unwrap(), LIMIT);
+        let out = h
+            .handle(&event("ObjectCreated:Continuation"), None)
+            .await
+            .unwrap();
+        let summary = &out["results"][0]["summary"];
+        assert_eq!(
+            summary["status"], "waiting_for_hourly_budget",
+            "hour {k}: {out}"
+        );
+        assert_eq!(
+            summary["budget_wait_since"],
+            at_hour(1).timestamp_millis(),
+            "the first wait starts the count: {out}"
+        );
+    }
+    assert_eq!(
+        sim.stats().requests_total,
+        LIMIT,
+        "nothing sent while waiting"
+    );
+    assert_eq!(queue.0.lock().unwrap().len(), 1 + hours as usize);
+
+    // A day after the first wait the run fails instead of waiting again.
+    braze_sync::clock::set_virtual(at_hour(hours + 1));
+    others
+        .claim(hour_of(braze_sync::clock::now_ms()), LIMIT)
+        .await
+        .unwrap();
+    let out = h
+        .handle(&event("ObjectCreated:Continuation"), None)
+        .await
+        .unwrap();
+    assert_eq!(out["results"][0]["outcome"], "failed", "{out}");
+    let r = report(&store, &out).await;
+    assert_eq!(r["status"], "failed", "{r}");
+    assert_eq!(r["stopped"], "hourly_budget_starved", "{r}");
+    assert!(
+        r["error"]
+            .to_string()
+            .contains("BRAZE_HOURLY_REQUEST_LIMIT"),
+        "{r}"
+    );
+    let entry = ledger_entry(&store).await;
+    assert_eq!(entry["status"], "failed", "{entry}");
+    assert!(entry.get("budget_wait_since").is_none(), "{entry}");
+    assert_eq!(
+        queue.0.lock().unwrap().len(),
+        1 + hours as usize,
+        "no further hand-over"
+    );
+
+    // The operator raises the limit and replays: only the 50 users Braze had not confirmed go.
+    braze_sync::clock::set_virtual(at_hour(hours + 2));
+    let raised = handler(store.clone(), &sim.base_url(), queue.clone(), 100);
+    let out = raised
+        .handle(&event("ObjectCreated:Put"), None)
+        .await
+        .unwrap();
+    braze_sync::clock::clear_virtual();
+    assert_eq!(out["results"][0]["outcome"], "synced", "{out}");
+    assert_eq!(sim.users().len(), USERS as usize);
+    assert_eq!(sim.stats().requests_total, LIMIT + 5);
 }

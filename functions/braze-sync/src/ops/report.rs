@@ -314,6 +314,12 @@ impl RunReport {
                 "hourly_budget_reached",
                 c(u64::from(self.stopped == Some(StopReason::HourlyBudget))),
             ),
+            (
+                "hourly_budget_starved",
+                c(u64::from(
+                    self.stopped == Some(StopReason::HourlyBudgetStarved),
+                )),
+            ),
         ]
     }
 

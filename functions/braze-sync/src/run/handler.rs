@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use crate::config::route::RouteBinding;
 use crate::ops::report::{MissingObject, RunReport, RunStatus};
-use crate::state::ledger::{Claim, Ledger, LedgerStatus};
+use crate::state::ledger::{Claim, HandOverCounts, Ledger, LedgerStatus};
 use crate::state::route_lock::{lock_uri, read_lock};
 
 /// Object metadata key that forces a full resend of an export (`x-amz-meta-bridge-force-full: true`).
@@ -627,7 +627,7 @@ impl Handler {
                         claim_etag,
                         ended.status,
                         ended.report,
-                        ended.stalled,
+                        ended.counts,
                     )
                     .await
             }
@@ -671,8 +671,9 @@ struct RunEnd {
     outcome: ObjectOutcome,
     /// The run stopped early with users left: queue the rest once the claim is released.
     hand_over: bool,
-    /// Users the run could not finish (recorded with the claim).
-    stalled: u32,
+    /// Runs in a row without progress, and since when the export waits for the hourly
+    /// budget (recorded with the claim).
+    counts: HandOverCounts,
     /// The fan-out run that now owns the export, if the run split it.
     fan_out: Option<String>,
 }
@@ -700,7 +701,7 @@ impl RunEnd {
             report,
             outcome,
             hand_over: false,
-            stalled: 0,
+            counts: HandOverCounts::default(),
             fan_out: None,
         };
         match result {
@@ -713,7 +714,10 @@ impl RunEnd {
                         "object": uri.to_string(), "route": plan.route,
                         "outcome": word, "report": o.report, "summary": o.summary})),
                     hand_over: o.hand_over,
-                    stalled: o.summary["stalled"].as_u64().unwrap_or(0) as u32,
+                    counts: HandOverCounts {
+                        stalled: o.summary["stalled"].as_u64().unwrap_or(0) as u32,
+                        budget_wait_since: o.summary["budget_wait_since"].as_i64(),
+                    },
                     fan_out: o.fan_out,
                 }
             }

@@ -34,6 +34,17 @@ pub const HOUR_MS: i64 = 3_600_000;
 /// No request goes out this close to the turn of an hour (either side).
 pub const EDGE: Duration = Duration::from_secs(1);
 
+/// The longest an export waits for the hourly request budget without sending a request
+/// (through consecutive hours whose budget other runs spent): the run that finds it waited
+/// this long fails (`stopped: hourly_budget_starved`) instead of waiting again.
+pub const MAX_BUDGET_WAIT: Duration = Duration::from_secs(24 * 3600);
+
+/// Whether an export that began waiting for the budget at `since_ms` without sending has
+/// waited [`MAX_BUDGET_WAIT`] by `now_ms` (epoch milliseconds).
+pub fn starved(since_ms: i64, now_ms: i64) -> bool {
+    now_ms.saturating_sub(since_ms) >= MAX_BUDGET_WAIT.as_millis() as i64
+}
+
 /// Conditional writes one claim tries before giving up (other senders kept winning).
 const CLAIM_ATTEMPTS: u32 = 32;
 

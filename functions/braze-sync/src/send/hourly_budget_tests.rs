@@ -230,3 +230,14 @@ async fn an_unreadable_counter_stops_the_sender_instead_of_sending_uncounted() {
     // Whoever only asks whether the hour is spent is not held up by it.
     assert_eq!(b.spent_until(at(0, 20, 0)).await, None);
 }
+
+#[test]
+fn an_export_is_starved_only_after_a_whole_day_of_waiting_without_sending() {
+    let since = at(0, 20, 0);
+    assert!(!starved(since, since));
+    assert!(!starved(since, since + 23 * HOUR_MS + 59 * 60_000));
+    assert!(starved(since, since + 24 * HOUR_MS));
+    assert!(starved(since, since + 30 * HOUR_MS));
+    // A clock that went back never starves an export.
+    assert!(!starved(since, since - HOUR_MS));
+}

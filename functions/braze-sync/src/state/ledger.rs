@@ -65,6 +65,11 @@ pub struct LedgerEntry {
     /// claim carries it from the entry it replaces); see [`STALLED_LIMIT`].
     #[serde(default, skip_serializing_if = "is_zero")]
     pub stalled: u32,
+    /// When (epoch ms) the runs of this export began waiting for the workspace's hourly
+    /// request budget without a request sent since (a claim carries it like `stalled`); past
+    /// the longest wait the run fails instead of waiting again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_wait_since: Option<i64>,
     /// The upload (its last-modified time) a forced replay by object metadata was for: a
     /// `complete` entry with it answers further notifications of that same upload as
     /// duplicates instead of resending everything again ([`Ledger::forced_upload`]).
@@ -74,6 +79,17 @@ pub struct LedgerEntry {
 
 fn is_zero(n: &u32) -> bool {
     *n == 0
+}
+
+/// What a run that handed over leaves in the ledger for the next run of its export.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HandOverCounts {
+    /// Runs in a row that handed over without Braze confirming a user (0: this one made
+    /// progress).
+    pub stalled: u32,
+    /// When the export began waiting for the hourly request budget without sending (`None`:
+    /// this run did not wait).
+    pub budget_wait_since: Option<i64>,
 }
 
 /// Runs of one export in a row that may hand over without Braze confirming a user; the next
@@ -90,6 +106,7 @@ impl LedgerEntry {
             report: None,
             fan_out: None,
             stalled: 0,
+            budget_wait_since: None,
             forced: None,
         }
     }
@@ -109,6 +126,7 @@ impl LedgerEntry {
             report,
             fan_out: fan_out.map(str::to_string),
             stalled: 0,
+            budget_wait_since: None,
             forced: None,
         }
     }
@@ -278,11 +296,12 @@ impl<'a> Ledger<'a> {
             }
             _ => {}
         }
-        let body = match current.stalled {
-            0 => body,
-            stalled => {
+        let body = match (current.stalled, current.budget_wait_since) {
+            (0, None) => body,
+            (stalled, budget_wait_since) => {
                 let entry = self.stamped(LedgerEntry {
                     stalled,
+                    budget_wait_since,
                     ..LedgerEntry::running(export_id, now + lease_s)
                 });
                 Bytes::from(serde_json::to_vec(&entry).unwrap_or_default())
@@ -464,22 +483,29 @@ impl<'a> Ledger<'a> {
         status: LedgerStatus,
         report: Option<String>,
     ) -> Result<(), LedgerError> {
-        self.finish_stalled(export_id, claim_etag, status, report, 0)
-            .await
+        self.finish_stalled(
+            export_id,
+            claim_etag,
+            status,
+            report,
+            HandOverCounts::default(),
+        )
+        .await
     }
 
-    /// [`Ledger::finish`] for a run that handed over: `stalled` runs in a row have now done so
-    /// without Braze confirming a user (0: this one made progress).
+    /// [`Ledger::finish`] for a run that handed over, with the counts the next run of the
+    /// export carries on ([`HandOverCounts`]).
     pub async fn finish_stalled(
         &self,
         export_id: &str,
         claim_etag: &str,
         status: LedgerStatus,
         report: Option<String>,
-        stalled: u32,
+        counts: HandOverCounts,
     ) -> Result<(), LedgerError> {
         let entry = LedgerEntry {
-            stalled,
+            stalled: counts.stalled,
+            budget_wait_since: counts.budget_wait_since,
             ..LedgerEntry::ended(status, export_id, report, None)
         };
         self.write_over(export_id, claim_etag, &entry).await?;

@@ -32,6 +32,7 @@ fn entry(export: &str, status: LedgerStatus) -> (String, LedgerEntry) {
             report: None,
             fan_out: None,
             stalled: 0,
+            budget_wait_since: None,
             forced: None,
         },
     )

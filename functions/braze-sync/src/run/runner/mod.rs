@@ -295,7 +295,7 @@ impl ExportRunner for SyncRunner {
             return Err(record.failed(self.store.as_ref(), message, false).await);
         }
         let exported_at = self.date_export(plan, &route, &mut record).await?;
-        if let Some(waiting) = self.wait_for_budget(&mut record).await {
+        if let Some(waiting) = self.wait_for_budget(&mut record).await? {
             return Ok(waiting);
         }
         let bounded = self.check_memory(plan, &route, &mut record).await?;

@@ -70,6 +70,10 @@ pub enum StopReason {
     /// The workspace's hourly request budget is spent (or its counter could not be claimed
     /// from); the run hands over until the next hour.
     HourlyBudget,
+    /// The export waited for the hourly request budget longer than
+    /// [`crate::send::hourly_budget::MAX_BUDGET_WAIT`] without sending a request: the run
+    /// failed instead of waiting again.
+    HourlyBudgetStarved,
 }
 
 /// What the sender did.
