@@ -1,46 +1,47 @@
 //! `make bench` figure for big routes: a 10,000,000-user, 20-column route (`--users N` to
-//! change it) through the bounded diff ([`braze_sync::diff::bounded`]) and the ranged commit, the
-//! worker running as a child process under a 512 MB address-space limit (`prlimit --as`;
-//! no user systemd/cgroup here), its state in a file-backed object store.
+//! change it) synced the way Lambda runs it, and its diff measured on its own.
 //!
-//! 1. generates the first export and (after run 1, so one export is on disk at a time) a
-//!    second one with 2% of users changed, 0.5% new and 0.5% gone (the rows of
-//!    `sync-diff-bench`);
-//! 2. the baseline, same run, same file: a bare CSV read of the second export, one core;
-//! 3. worker run 1: the first export against an empty state (every user new, each delta
-//!    "confirmed" and checkpointed as a run does, then committed range by range);
-//! 4. worker run 2: the second export against that state; its figures are the bench's:
-//!    peak RSS (VmHWM), diff rows/s on all cores (rows / wall of read + map + spill + diff),
-//!    per core (rows / CPU seconds of the worker), state bytes per user, seconds to commit;
-//! 5. with `--piece-of N`: the second export again, whole and as one fan-out piece (the first
-//!    1/N of the state's ranges, `only_ranges`, removals deferred), same run: what a piece
-//!    costs next to the whole export (it still reads every row, but maps only its own).
+//! 1. generates the first export (in `--parts` CSV parts and a `.DONE` marker, in a folder
+//!    object store) and, after the first sync, a second one with 2% of users changed, 0.5% new
+//!    and 0.5% gone (the rows of `sync-diff-bench`), one export on disk at a time;
+//! 2. the memory baseline, same run: the peak RSS of a process that only reads the first
+//!    export (every CSV record, nothing else);
+//! 3. the first sync, Lambda-shaped ([`lambda`]): every invocation a child process running the
+//!    real handler and runner with `MemorySize` 512 (`--memory-mb`), a short timeout
+//!    (`--timeout-s`) and Braze's pace set so the sync takes about `--invocations`
+//!    invocations, so it hands over and commits several times; each child's whole-process peak
+//!    RSS (`VmHWM`) is kept per invocation kind (the first, the hand-overs, the final one that
+//!    commits with the watermark, fan-out pieces with `--fan-out N`);
+//! 4. the throughput baseline, same run, same file: a bare CSV read of the second export, one
+//!    core;
+//! 5. the diff worker (a child process under `prlimit --as`, the bounded diff and the ranged
+//!    commit called directly, every delta confirmed at once): the second export against the
+//!    state the first sync built; its figures are the bench's rows/s on all cores (rows / wall
+//!    of read + map + spill + diff), per core (rows / CPU seconds), its peak RSS, state bytes
+//!    per user, seconds to commit;
+//! 6. with `--piece-of N`: the second export again, whole and as one fan-out piece (the first
+//!    1/N of the state's ranges, `only_ranges`, removals deferred), same run.
 //!
 //! Writes `target/bench/sync-scale.json`.
 //!
-//! Each export is written as `--parts` CSV parts (default: one per core), read in parallel.
-//!
 //! `cargo run --release -p braze-sync --bin sync-scale-bench [-- --users N] [--limit-mb M]
-//! [--parts P] [--range-users R] [--piece-of N] [--out FILE]`
+//! [--parts P] [--range-users R] [--piece-of N] [--memory-mb M] [--timeout-s S]
+//! [--invocations N] [--fan-out N] [--out FILE]`
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use async_trait::async_trait;
 use braze_sync::config::route::Route;
 use braze_sync::diff::bounded::{RangedSettings, RangedTimes, StoreRanges, produce_ranged};
 use braze_sync::diff::export::{ProduceOptions, Stop};
 use braze_sync::diff::in_memory;
 use braze_sync::model::UserDelta;
 use braze_sync::state::store::{Head, StateStore, Watermark};
-use bridge_shared::object_store::{ObjectMeta, ObjectReader, ObjectStore, PutCondition};
-use bridge_shared::{S3Uri, StoreError};
-use bytes::Bytes;
+use bridge_shared::object_store::ObjectStore;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
@@ -48,15 +49,27 @@ const ROUTE: &str = include_str!("../../routes/customers.toml");
 /// Confirmed deltas per checkpoint segment in the worker.
 const CHECKPOINT_USERS: usize = 20_000;
 
+#[path = "bench/dir_store.rs"]
+mod dir_store;
+#[path = "bench/lambda.rs"]
+mod lambda;
 #[path = "bench/rows.rs"]
 mod rows;
+use dir_store::DirStore;
 use rows::{HEADER, both_exports};
 
-/// Writes export `which` (1 or 2) of `rows` users as `parts` CSV parts (a folder, as Amperity
-/// splits big exports); each export is written only when needed, so the bench holds one on
-/// disk at a time.
+/// The route's exports folder in the folder store.
+const EXPORTS: &str = "amperity/customers";
+
+/// Writes export `which` (1 or 2) of `rows` users as `parts` CSV parts and a `.DONE` marker
+/// (a marker-mode folder, as Amperity splits big exports) into the folder store under `dir`;
+/// each export is written only when needed, so the bench holds one on disk at a time.
 fn generate(dir: &Path, rows: u64, which: u32, parts: u64) -> PathBuf {
-    let out = dir.join(format!("export-{which}"));
+    let out = dir
+        .join("s3")
+        .join(lambda::EXPORTS_BUCKET)
+        .join(EXPORTS)
+        .join(format!("export-{which}"));
     std::fs::create_dir_all(&out).unwrap();
     let per_part = rows.div_ceil(parts.max(1)).max(1);
     let open = |p: u64| -> Box<dyn Write> {
@@ -82,7 +95,17 @@ fn generate(dir: &Path, rows: u64, which: u32, parts: u64) -> PathBuf {
         }
     });
     w.flush().unwrap();
+    drop(w);
+    std::fs::write(out.join("export.DONE"), b"").unwrap();
     out
+}
+
+/// The S3 notification of export `which`'s marker.
+fn marker_event(which: u32) -> Value {
+    json!({"Records": [{
+        "eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
+        "s3": {"bucket": {"name": lambda::EXPORTS_BUCKET},
+               "object": {"key": format!("{EXPORTS}/export-{which}/export.DONE")}}}]})
 }
 
 fn folder_bytes(dir: &Path) -> u64 {
@@ -90,154 +113,6 @@ fn folder_bytes(dir: &Path) -> u64 {
         .unwrap()
         .map(|e| e.unwrap().metadata().unwrap().len())
         .sum()
-}
-
-/// An object store over a local folder (`<root>/<bucket>/<key>`), with conditional puts, so
-/// the worker's state costs disk, as S3 would, not memory.
-struct DirStore {
-    root: PathBuf,
-    lock: Mutex<()>,
-}
-
-fn other(op: &'static str, uri: &S3Uri, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Other {
-        op,
-        uri: uri.clone(),
-        message: e.to_string(),
-        retryable: false,
-    }
-}
-
-impl DirStore {
-    fn path(&self, uri: &S3Uri) -> PathBuf {
-        self.root.join(&uri.bucket).join(&uri.key)
-    }
-
-    fn meta(&self, uri: &S3Uri, body: &[u8]) -> ObjectMeta {
-        ObjectMeta {
-            key: uri.key.clone(),
-            etag: format!("{:08x}-{}", crc32fast::hash(body), body.len()),
-            size: body.len() as u64,
-            version_id: None,
-            last_modified: Some("2026-01-01T00:00:00Z".into()),
-            metadata: BTreeMap::new(),
-        }
-    }
-
-    fn read(&self, uri: &S3Uri) -> Result<Option<Vec<u8>>, StoreError> {
-        match std::fs::read(self.path(uri)) {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(other("GetObject", uri, e)),
-        }
-    }
-}
-
-#[async_trait]
-impl ObjectStore for DirStore {
-    async fn get(&self, uri: &S3Uri) -> Result<(ObjectMeta, Bytes), StoreError> {
-        let body = self
-            .read(uri)?
-            .ok_or_else(|| StoreError::NotFound { uri: uri.clone() })?;
-        Ok((self.meta(uri, &body), Bytes::from(body)))
-    }
-
-    async fn get_reader(&self, uri: &S3Uri) -> Result<(ObjectMeta, ObjectReader), StoreError> {
-        let path = self.path(uri);
-        let f = tokio::fs::File::open(&path)
-            .await
-            .map_err(|_| StoreError::NotFound { uri: uri.clone() })?;
-        let size = f
-            .metadata()
-            .await
-            .map_err(|e| other("GetObject", uri, e))?
-            .len();
-        let meta = ObjectMeta {
-            size,
-            ..self.meta(uri, &[])
-        };
-        Ok((meta, Box::pin(f)))
-    }
-
-    async fn head(&self, uri: &S3Uri) -> Result<Option<ObjectMeta>, StoreError> {
-        Ok(self.read(uri)?.map(|b| self.meta(uri, &b)))
-    }
-
-    async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
-        fn walk(dir: &Path, base: &Path, out: &mut Vec<String>) {
-            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-                let p = e.path();
-                if p.is_dir() {
-                    walk(&p, base, out);
-                } else if let Ok(rel) = p.strip_prefix(base) {
-                    out.push(rel.to_string_lossy().into_owned());
-                }
-            }
-        }
-        let base = self.root.join(bucket);
-        let mut keys = Vec::new();
-        walk(&base, &base, &mut keys);
-        keys.retain(|k| k.starts_with(prefix));
-        keys.sort();
-        Ok(keys
-            .into_iter()
-            .map(|k| ObjectMeta {
-                key: k,
-                etag: String::new(),
-                size: 0,
-                version_id: None,
-                last_modified: None,
-                metadata: BTreeMap::new(),
-            })
-            .collect())
-    }
-
-    async fn put(
-        &self,
-        uri: &S3Uri,
-        body: Bytes,
-        condition: PutCondition,
-        _metadata: BTreeMap<String, String>,
-    ) -> Result<ObjectMeta, StoreError> {
-        let _g = self.lock.lock().unwrap();
-        let current = match condition {
-            PutCondition::None => None,
-            _ => self.read(uri)?.map(|b| self.meta(uri, &b).etag),
-        };
-        if !condition.allows(current.as_deref()) {
-            return Err(StoreError::PreconditionFailed { uri: uri.clone() });
-        }
-        let path = self.path(uri);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| other("PutObject", uri, e))?;
-        }
-        let tmp = path.with_extension("tmp-put");
-        std::fs::write(&tmp, &body).map_err(|e| other("PutObject", uri, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| other("PutObject", uri, e))?;
-        Ok(self.meta(uri, &body))
-    }
-
-    async fn copy(&self, from: &S3Uri, to: &S3Uri) -> Result<(), StoreError> {
-        let (_, body) = self.get(from).await?;
-        self.put(to, body, PutCondition::None, BTreeMap::new())
-            .await
-            .map(|_| ())
-    }
-
-    async fn delete(&self, uri: &S3Uri) -> Result<(), StoreError> {
-        let _ = std::fs::remove_file(self.path(uri));
-        Ok(())
-    }
-}
-
-fn vm_hwm_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 fn cpu_seconds() -> f64 {
@@ -303,17 +178,19 @@ fn worker(dir: &Path, export: &Path, tag: &str) {
         .build()
         .unwrap();
     let out = rt.block_on(async {
-        let store: Arc<dyn ObjectStore> = Arc::new(DirStore {
-            root: dir.join("s3"),
-            lock: Mutex::new(()),
-        });
+        let store: Arc<dyn ObjectStore> = Arc::new(DirStore::new(dir.join("s3")));
         let route = Route::from_toml(ROUTE, "customers.toml").unwrap();
         let range_users = std::env::var("SCALE_RANGE_USERS")
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(braze_sync::state::store::RANGE_USERS);
-        let state = StateStore::new(store.clone(), "state", "s/", "customers")
-            .with_range_users(range_users);
+        let state = StateStore::new(
+            store.clone(),
+            lambda::STATE_BUCKET,
+            lambda::STATE_PREFIX,
+            "customers",
+        )
+        .with_range_users(range_users);
         let mut head = state.read_head().await.unwrap();
         let users_before = head.doc.users;
         let ranges = StoreRanges::new(
@@ -390,7 +267,7 @@ fn worker(dir: &Path, export: &Path, tag: &str) {
         })
     });
     let mut out = out;
-    out["peak_rss_mb"] = json!(vm_hwm_mb());
+    out["peak_rss_mb"] = json!(lambda::vm_hwm_mb());
     println!("{out}");
 }
 
@@ -450,19 +327,31 @@ struct Options {
     range_users: u64,
     /// Also run one fan-out piece of this many (0: none).
     piece_of: u64,
+    /// The function's `MemorySize` in the Lambda-shaped first sync, MB.
+    memory_mb: u64,
+    /// The function's `Timeout` there, seconds.
+    timeout_s: u64,
+    /// About how many invocations the first sync should take (sets Braze's pace).
+    invocations: u64,
+    /// `BRIDGE_FAN_OUT_PIECES` for the first sync (0: only when the spill would not fit).
+    fan_out: usize,
     out_path: PathBuf,
 }
 
 /// Reads the command line; prints the usage and exits on `--help` or a wrong argument.
 fn options(args: &[String]) -> Options {
-    const USAGE: &str = "usage: sync-scale-bench [--users N (10000000)] [--limit-mb MB (512)] [--parts N (cores)] [--range-users N] [--piece-of N] [--out FILE]\n\
-        Generates a route of N users in /tmp (10M needs ~15 GB free), syncs it twice under the memory limit and writes target/bench/sync-scale.json.";
-    const FLAGS: [&str; 6] = [
+    const USAGE: &str = "usage: sync-scale-bench [--users N (10000000)] [--limit-mb MB (512)] [--parts N (cores)] [--range-users N] [--piece-of N] [--memory-mb MB (512)] [--timeout-s S (90)] [--invocations N (3; 0: one, Braze unpaced)] [--fan-out N (0)] [--out FILE]\n\
+        Generates a route of N users in /tmp (10M needs ~15 GB free), syncs it first as Lambda runs it (a child process per invocation), then diffs a changed export under the memory limit, and writes target/bench/sync-scale.json.";
+    const FLAGS: [&str; 10] = [
         "--users",
         "--limit-mb",
         "--parts",
         "--range-users",
         "--piece-of",
+        "--memory-mb",
+        "--timeout-s",
+        "--invocations",
+        "--fan-out",
         "--out",
     ];
     let mut rest = args.iter().skip(1);
@@ -482,9 +371,40 @@ fn options(args: &[String]) -> Options {
         parts: arg(args, "--parts").unwrap_or(braze_sync::diff::bounded::cores() as u64),
         range_users: arg(args, "--range-users").unwrap_or(braze_sync::state::store::RANGE_USERS),
         piece_of: arg(args, "--piece-of").unwrap_or(0),
+        memory_mb: arg(args, "--memory-mb").unwrap_or(512),
+        timeout_s: arg(args, "--timeout-s").unwrap_or(90),
+        invocations: arg(args, "--invocations").unwrap_or(3),
+        fan_out: arg(args, "--fan-out").unwrap_or(0),
         out_path: arg(args, "--out").unwrap_or_else(|| {
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench/sync-scale.json")
         }),
+    }
+}
+
+/// The Lambda shape of the first sync: Braze's pace set so sending every user takes about
+/// `invocations` invocations' sending time (the timeout less the margin kept before the
+/// deadline; 0: Braze as fast as it answers, one invocation), and the ephemeral storage the
+/// sizing guide sets for the route.
+fn shape(o: &Options) -> lambda::LambdaShape {
+    let timeout = std::time::Duration::from_secs(o.timeout_s);
+    let margin = braze_sync::run::runner::deadline::deadline_margin(timeout);
+    let sending_s = timeout.saturating_sub(margin).as_secs().max(1);
+    let requests = o
+        .users
+        .div_ceil(braze_sync::send::request_body::MAX_OBJECTS as u64);
+    let rate = match o.invocations {
+        0 => 100_000,
+        n => requests.div_ceil(sending_s * n).max(1),
+    };
+    // ~400 bytes of spill and commit per row, within Lambda's 512..10,240 MB.
+    let storage_mb = ((o.users * 400) >> 20).clamp(2048, 10_240);
+    lambda::LambdaShape {
+        memory_mb: o.memory_mb,
+        timeout_s: o.timeout_s,
+        requests_per_s: rate,
+        storage_mb,
+        range_users: o.range_users,
+        fan_out_pieces: o.fan_out,
     }
 }
 
@@ -505,10 +425,13 @@ fn bare_read(folder: &Path) -> f64 {
     bare_rows as f64 / t.elapsed().as_secs_f64()
 }
 
-/// What the worker runs measured, with the baseline of the same run.
+/// What the runs measured, with the baselines of the same run.
 struct Runs {
     bare_rps: f64,
-    run1: Value,
+    /// Peak RSS of a process that only reads the first export, MB.
+    read_only_mb: f64,
+    /// The Lambda-shaped first sync, invocation by invocation.
+    first_sync: Vec<lambda::Invocation>,
     run2: Value,
     /// With `--piece-of`: the piece's ranges, the state's ranges, the whole export again and
     /// the piece.
@@ -519,11 +442,33 @@ fn f(v: &Value, k: &str) -> f64 {
     v[k].as_f64().unwrap_or(0.0)
 }
 
+/// The memory baseline: the peak RSS of a child that only reads the export in `folder`.
+fn read_only_peak(folder: &Path) -> f64 {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .arg("--read-only")
+        .arg(folder)
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "the read-only child failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    f(&v, "peak_rss_mb")
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("--worker") {
-        worker(Path::new(&args[2]), Path::new(&args[3]), &args[4]);
-        return;
+    match args.get(1).map(String::as_str) {
+        Some("--worker") => {
+            return worker(Path::new(&args[2]), Path::new(&args[3]), &args[4]);
+        }
+        Some("--invoke") => {
+            return lambda::invoke(Path::new(&args[2]), &route_toml(), Path::new(&args[3]));
+        }
+        Some("--read-only") => return lambda::read_only(Path::new(&args[2])),
+        _ => {}
     }
     let o = options(&args);
     let (users, limit_mb, parts, range_users) = (o.users, o.limit_mb, o.parts, o.range_users);
@@ -534,8 +479,13 @@ fn main() {
         "generated export 1 of {users} users ({} MB in {parts} parts)",
         folder_bytes(&first) >> 20
     );
-    let run1 = run_worker(&dir, &first, "export-1", limit_mb, range_users, &[]);
-    eprintln!("run 1 (first sync, every user new): {run1}");
+    let read_only_mb = read_only_peak(&first);
+    let shape = shape(&o);
+    eprintln!(
+        "first sync, Lambda-shaped: MemorySize {} MB, Timeout {} s, EphemeralStorage {} MB, Braze at {} requests/s",
+        shape.memory_mb, shape.timeout_s, shape.storage_mb, shape.requests_per_s
+    );
+    let first_sync = lambda::run_export(&dir, marker_event(1), &shape, 200);
     let _ = std::fs::remove_dir_all(&first);
     let second = generate(&dir, users, 2, parts);
     let bare_rps = bare_read(&second);
@@ -561,11 +511,16 @@ fn main() {
     });
     let runs = Runs {
         bare_rps,
-        run1,
+        read_only_mb,
+        first_sync,
         run2,
         pieces,
     };
     let mut figures = print_figures(&o, &runs);
+    figures
+        .as_object_mut()
+        .unwrap()
+        .extend(print_first_sync(&o, &shape, &runs));
     if let Some(piece) = print_piece(&runs) {
         figures.as_object_mut().unwrap().extend(piece);
     }
@@ -577,16 +532,82 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The route, in marker mode (the bench's exports are folders of parts with a marker).
+fn route_toml() -> String {
+    ROUTE.replace("mode = \"single\"", "mode = \"marker\"")
+}
+
+/// Prints the Lambda-shaped first sync's figures; returns them for the JSON file.
+fn print_first_sync(
+    o: &Options,
+    shape: &lambda::LambdaShape,
+    runs: &Runs,
+) -> serde_json::Map<String, Value> {
+    let inv = &runs.first_sync;
+    let peaks = lambda::peaks(inv);
+    let budget = o.memory_mb as f64 * 0.8;
+    let base = runs.read_only_mb.max(1e-9);
+    let first_sync = inv.iter().map(|i| i.peak_rss_mb).fold(0.0, f64::max);
+    let handover = inv
+        .iter()
+        .filter(|i| matches!(i.kind, "first" | "hand_over"))
+        .map(|i| i.peak_rss_mb)
+        .fold(0.0, f64::max);
+    let round = |x: f64| (x * 10.0).round() / 10.0;
+    println!(
+        "  first sync as Lambda runs it: {} invocations (MemorySize {} MB, budget 80% = {budget:.0} MB; Timeout {} s; Braze at {} requests/s)",
+        inv.len(),
+        o.memory_mb,
+        shape.timeout_s,
+        shape.requests_per_s
+    );
+    println!(
+        "    baseline: a process only reading the export peaks at {:.1} MB (same run)",
+        runs.read_only_mb
+    );
+    for (kind, mb) in &peaks {
+        println!(
+            "    {kind:<12} peak RSS {mb:>7.1} MB  ({:.2}x the baseline, {:.2}x the budget)",
+            mb / base,
+            mb / budget
+        );
+    }
+    let mut m = serde_json::Map::new();
+    m.insert("first_sync_peak_rss_mb".into(), json!(round(first_sync)));
+    m.insert("handover_peak_rss_mb".into(), json!(round(handover)));
+    m.insert(
+        "read_only_peak_rss_mb".into(),
+        json!(round(runs.read_only_mb)),
+    );
+    m.insert("memory_size_mb".into(), json!(o.memory_mb));
+    m.insert("rss_budget_mb".into(), json!(round(budget)));
+    m.insert("first_sync_invocations".into(), json!(inv.len()));
+    m.insert(
+        "first_sync_peak_rss_by_kind_mb".into(),
+        json!(
+            peaks
+                .iter()
+                .map(|(k, v)| (k.to_string(), json!(round(*v))))
+                .collect::<serde_json::Map<_, _>>()
+        ),
+    );
+    m.insert(
+        "first_sync_peak_vs_read_only".into(),
+        json!((first_sync / base * 100.0).round() / 100.0),
+    );
+    m
+}
+
 /// Prints the bench's figures; returns them for the JSON file.
 fn print_figures(o: &Options, runs: &Runs) -> Value {
     let (users, parts, limit_mb) = (o.users, o.parts, o.limit_mb);
-    let (bare_rps, run1, run2) = (runs.bare_rps, &runs.run1, &runs.run2);
+    let (bare_rps, run2) = (runs.bare_rps, &runs.run2);
     let cores = braze_sync::diff::bounded::cores();
     let rows = f(run2, "rows");
     let produce = f(run2, "produce_wall_s");
     let all_rps = rows / produce;
     let per_core_rps = rows / f(run2, "cpu_produce_s").max(1e-9);
-    let peak = f(run1, "peak_rss_mb").max(f(run2, "peak_rss_mb"));
+    let peak = f(run2, "peak_rss_mb");
     let state_bpu = f(run2, "state_bytes") / f(run2, "users").max(1.0);
     let commit_s = f(run2, "commit_s");
     // 100M users: every step is linear in rows (read, map, spill, diff per range) or in the
@@ -630,19 +651,15 @@ fn print_figures(o: &Options, runs: &Runs) -> Value {
         (f(run2, "spilled_bytes") as u64) >> 20
     );
     println!(
-        "  peak RSS of the worker     {peak:>12.1} MB       (limit {limit_mb} MB; run 1 {:.1}, run 2 {:.1})",
-        f(run1, "peak_rss_mb"),
-        f(run2, "peak_rss_mb")
+        "  peak RSS of the worker     {peak:>12.1} MB       (limit {limit_mb} MB, its address space)"
     );
     println!(
         "  state bytes per user       {state_bpu:>12.1}          ({} ranges)",
         run2["ranges"]
     );
     println!(
-        "  commit, run 2              {commit_s:>12.2} s        ({} range deltas, {} bases; run 1 commit {:.1}s)",
-        run2["commit_deltas"],
-        run2["commit_shards"],
-        f(run1, "commit_s")
+        "  commit, run 2              {commit_s:>12.2} s        ({} range deltas, {} bases)",
+        run2["commit_deltas"], run2["commit_shards"]
     );
     println!(
         "  100M users, extrapolated   {extrapolated:>12.0} s        (linear in rows on these {cores} cores; ranges keep their size so memory does not grow; sending to Braze not included)"

@@ -118,6 +118,9 @@ pub struct RangedTimes {
     /// Threads that mapped each part's rows (more than one when there are fewer parts than
     /// workers: one big file is mapped on several cores).
     pub mappers: usize,
+    /// Rows the partition step read: set as soon as it ends, so a run stopped during the
+    /// diff (its deadline) still knows the export's size.
+    pub rows_read: u64,
 }
 
 impl RangedSettings {
@@ -207,6 +210,12 @@ where
     // Step 1: every part spilled by hash range.
     let mut partitioned = partition::partition(&job, parts, &spill, state_bits)?;
     let partition_s = started.elapsed().as_secs_f64();
+    let rows_read = partitioned.summary.rows_read;
+    if let Some(t) = &settings.times
+        && let Ok(mut t) = t.lock()
+    {
+        t.rows_read = rows_read;
+    }
     let started = std::time::Instant::now();
     // Step 2: the diff, one unit (a state range, or a spill range of an empty state) per
     // worker at a time.
@@ -233,6 +242,7 @@ where
             spilled_bytes: partitioned.spilled,
             workers,
             mappers: partitioned.mappers,
+            rows_read,
         };
     }
     drop(spill);

@@ -34,7 +34,7 @@ use tracing::{info, warn};
 pub use hand_over::{Carried, Continuation, MAX_DELAY, PieceMessage, SqsContinuation};
 
 use crate::config::route::Route;
-use crate::diff::bounded::RangedSettings;
+use crate::diff::bounded::{RangedSettings, RangedTimes};
 use crate::diff::export::{ProduceOptions, SyncError};
 use crate::model::{DeliveryOutcome, UserDelta};
 use crate::ops::report::RunStatus;
@@ -148,6 +148,23 @@ pub fn export_text_bytes(plan: &ExportPlan) -> u64 {
         .iter()
         .map(|p| text_bytes(&p.key, p.size))
         .fold(0, u64::saturating_add)
+}
+
+/// The users a ranged commit of `plan` lays a state out for: `expected`, or, for a state
+/// without a range layout yet (a first sync), at least the export's rows (`rows_read`, as
+/// the bounded diff's partition step counted them, else estimated from the parts' sizes). A
+/// first sync that hands over commits what it confirmed so far; laid out for that alone, its
+/// ranges would take every later invocation's users (only a complete commit re-lays out),
+/// and each hand-over's commit would load ranges many times the target size.
+pub(super) fn layout_users(doc: &HeadDoc, expected: u64, rows_read: u64, plan: &ExportPlan) -> u64 {
+    if !doc.ranges.is_empty() {
+        return expected;
+    }
+    let rows = match rows_read {
+        0 => export_text_bytes(plan) / EST_ROW_BYTES,
+        n => n,
+    };
+    expected.max(rows)
 }
 
 /// Memory the bounded diff's spill buffers take.
@@ -522,7 +539,8 @@ impl SyncRunner {
         if bounded && !head.doc.segments.is_empty() {
             // A killed run's checkpoints are folded into range deltas first, so every range
             // loads alone.
-            self.fold_segments(route, &state, &mut head, record).await?;
+            self.fold_segments(plan, route, &state, &mut head, record)
+                .await?;
         }
         if bounded && let Some(pieces) = self.fan_out_pieces(plan) {
             return self
@@ -545,13 +563,19 @@ impl SyncRunner {
         let snapshot: Option<Arc<Snapshot>> = snapshot.map(Arc::new);
         let (delta_tx, delta_rx) = mpsc::channel::<UserDelta>(s.channel_capacity);
         let (out_tx, out_rx) = mpsc::channel::<DeliveryOutcome>(s.channel_capacity);
+        // The bounded diff's figures: its rows size a first layout even when the run stops.
+        let times = Arc::new(std::sync::Mutex::new(RangedTimes::default()));
         let diff = match &snapshot {
             Some(snap) => Diff::InMemory(snap.clone()),
-            None => Diff::Bounded(Box::new(BoundedDiff {
-                state: state.clone(),
-                doc: head.doc.clone(),
-                settings: self.ranged_settings(&head.doc, route, &record.run_id),
-            })),
+            None => {
+                let mut settings = self.ranged_settings(&head.doc, route, &record.run_id);
+                settings.times = Some(times.clone());
+                Diff::Bounded(Box::new(BoundedDiff {
+                    state: state.clone(),
+                    doc: head.doc.clone(),
+                    settings,
+                }))
+            }
         };
         let producer = Producer::start(
             self.store.clone(),
@@ -595,6 +619,8 @@ impl SyncRunner {
                     .as_ref()
                     .map_or(0, |summary| summary.users_new);
                 let expected = committer.users_before().saturating_add(new_users);
+                let rows_read = times.lock().map_or(0, |t| t.rows_read);
+                let expected = committer.layout_users(expected, rows_read, plan);
                 let tag = format!("{}-commit", record.run_id);
                 committer
                     .commit_ranged(expected, &s.spill_dir, &tag, watermark)
@@ -649,7 +675,8 @@ impl SyncRunner {
             ));
         }
         if bounded && !head.doc.segments.is_empty() {
-            self.fold_segments(route, state, &mut head, record).await?;
+            self.fold_segments(plan, route, state, &mut head, record)
+                .await?;
         }
         Ok(Loaded::Ready(Box::new((head, snapshot))))
     }
@@ -658,6 +685,7 @@ impl SyncRunner {
     /// base rewritten), so the bounded diff can load each range alone.
     async fn fold_segments(
         &self,
+        plan: &ExportPlan,
         route: &Route,
         state: &StateStore,
         head: &mut Head,
@@ -671,7 +699,7 @@ impl SyncRunner {
             Ok(d) => d,
             Err(e) => return Err(RunError::Retryable(e.to_string())),
         };
-        let users = head.doc.users;
+        let users = layout_users(&head.doc, head.doc.users, 0, plan);
         match state
             .commit_ranged(head, route, None, users, dir.path())
             .await

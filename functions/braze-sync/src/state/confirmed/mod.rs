@@ -74,7 +74,7 @@ mod segment;
 mod tests;
 
 use codec::*;
-pub use segment::{SegmentData, encode_segment, range_of};
+pub use segment::{SegmentData, SegmentWriter, encode_segment, range_of};
 
 /// Bytes per attribute fingerprint.
 pub const FP_BYTES: usize = 6;

@@ -72,25 +72,109 @@ impl SegmentData {
 
     /// Encodes as a segment object in `names`' layout; `keep_ids` writes the identifiers.
     pub fn encode(&self, names: &[String], keep_ids: bool) -> Vec<u8> {
-        let flags = if keep_ids { FLAG_IDS } else { 0 };
-        let mut buf = header(KIND_SEGMENT, flags, names, self.records.len() as u64);
-        buf.reserve(self.records.len() * (18 + FP_BYTES) + 8);
+        let ids = keep_ids.then_some(self.ids.len() as u64);
+        let id_bytes: usize = self
+            .ids
+            .iter()
+            .map(|(_, id)| SegmentWriter::id_len(id))
+            .sum();
+        let mut w = SegmentWriter::new(names, self.records.len() as u64, ids, id_bytes);
         for (key, slot, fp) in &self.records {
-            buf.extend_from_slice(&key.to_le_bytes());
-            buf.extend_from_slice(&slot.to_le_bytes());
-            let mut b = [0u8; FP_BYTES];
-            put_fp(&mut b, *fp);
-            buf.extend_from_slice(&b);
+            w.record(*key, *slot, *fp);
         }
         if keep_ids {
-            buf.extend_from_slice(&(self.ids.len() as u64).to_le_bytes());
             for (key, id) in &self.ids {
-                buf.extend_from_slice(&key.to_le_bytes());
-                put_str(&mut buf, id);
+                w.id(*key, id);
             }
         }
-        seal(&mut buf);
-        buf
+        w.finish()
+    }
+}
+
+/// Writes a segment object (a checkpoint segment or a range delta) entry by entry into one
+/// buffer allocated at its exact size, so a commit can encode a range's delta from its
+/// spilled records without holding them decoded: the records first, then, when the segment
+/// carries them, the identifiers.
+pub struct SegmentWriter {
+    buf: Vec<u8>,
+    /// The identifiers' count, when the segment carries them.
+    ids: Option<u64>,
+    /// Whether the count is written (before the first identifier).
+    ids_started: bool,
+}
+
+impl SegmentWriter {
+    /// A segment of `records` records in `names`' layout, with `ids` identifiers taking
+    /// `id_bytes` bytes ([`SegmentWriter::id_len`] each) when given.
+    pub fn new(names: &[String], records: u64, ids: Option<u64>, id_bytes: usize) -> Self {
+        let len = Self::encoded_len(names, records, ids.map(|_| id_bytes));
+        let flags = if ids.is_some() { FLAG_IDS } else { 0 };
+        let head = header(KIND_SEGMENT, flags, names, records);
+        let mut buf = Vec::with_capacity(len);
+        buf.extend_from_slice(&head);
+        Self {
+            buf,
+            ids,
+            ids_started: false,
+        }
+    }
+
+    /// Bytes of the segment [`SegmentWriter::new`] writes with these counts (`id_bytes`:
+    /// `None` when it carries no identifiers).
+    pub fn encoded_len(names: &[String], records: u64, id_bytes: Option<usize>) -> usize {
+        let head = MAGIC.len() + 3 + 2 + names.iter().map(|n| Self::str_len(n)).sum::<usize>() + 8;
+        let body = usize::try_from(records)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(Self::RECORD_LEN);
+        head.saturating_add(body)
+            .saturating_add(id_bytes.map_or(0, |b| 8 + b))
+            .saturating_add(4)
+    }
+
+    /// Bytes of one record.
+    pub const RECORD_LEN: usize = 16 + 2 + FP_BYTES;
+
+    /// Bytes identifier `id` takes (with its user key).
+    pub fn id_len(id: &str) -> usize {
+        16 + Self::str_len(id)
+    }
+
+    fn str_len(s: &str) -> usize {
+        2 + s.len().min(u16::MAX as usize)
+    }
+
+    /// Appends one record.
+    pub fn record(&mut self, key: u128, slot: u16, fp: u64) {
+        self.buf.extend_from_slice(&key.to_le_bytes());
+        self.buf.extend_from_slice(&slot.to_le_bytes());
+        let mut b = [0u8; FP_BYTES];
+        put_fp(&mut b, fp);
+        self.buf.extend_from_slice(&b);
+    }
+
+    /// Appends one identifier (after every record; ignored by a segment without them).
+    pub fn id(&mut self, key: u128, id: &str) {
+        let Some(n) = self.ids else {
+            return;
+        };
+        if !self.ids_started {
+            self.buf.extend_from_slice(&n.to_le_bytes());
+            self.ids_started = true;
+        }
+        self.buf.extend_from_slice(&key.to_le_bytes());
+        put_str(&mut self.buf, id);
+    }
+
+    /// The sealed segment.
+    pub fn finish(mut self) -> Vec<u8> {
+        if let Some(n) = self.ids
+            && !self.ids_started
+        {
+            // A segment with identifiers but none appended: the count alone.
+            self.buf.extend_from_slice(&n.to_le_bytes());
+        }
+        seal(&mut self.buf);
+        self.buf
     }
 }
 

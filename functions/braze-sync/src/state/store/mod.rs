@@ -41,6 +41,7 @@ mod head;
 mod load;
 mod ranged_commit;
 pub mod record_spill;
+mod unit_records;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

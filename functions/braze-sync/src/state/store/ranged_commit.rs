@@ -2,7 +2,9 @@
 //! the state range by range, re-laying the ranges out when they have grown.
 
 use super::record_spill::SpilledRecords;
+use super::unit_records::{Counted, UnitRecords};
 use super::*;
+use crate::state::confirmed::SegmentWriter;
 
 impl StateStore {
     /// [`StateStore::commit`] in bounded memory, for format-2 heads: the segments' records are
@@ -294,23 +296,24 @@ impl StateStore {
             Some(r) => self.load_range(plan.doc0, r, plan.route).await?,
             None => Snapshot::for_route(plan.route),
         };
-        let records = self.apply_spilled(plan, &new, &mut snap)?;
-        snap.compact();
+        // The records are read from the spill again for each step, never held decoded
+        // ([`UnitRecords`]): the unit holds the range's snapshot and one encoded object.
+        let records = UnitRecords::of(plan.spill, new.clone(), plan.nb, plan.extra);
+        let counted = records.apply_fingerprints(&mut snap)?;
         let range = old
             .and_then(|r| plan.doc0.ranges.get(r))
             .cloned()
             .unwrap_or_default();
-        if let Some(records) = records {
-            let delta = records.encode(plan.names, plan.keep_ids);
-            drop(records);
-            let rebase = (range.base.is_none()
-                || (plan.complete && (range.delta_bytes + delta.len() as u64) * 4 > range.bytes))
-                && self.may_rebase(&range);
-            if !rebase {
-                return self
-                    .write_unit_delta(plan, new.start, range, &snap, delta)
-                    .await;
-            }
+        let mut delta = match plan.rebase_all {
+            true => None,
+            false => self.unit_delta(plan, &range, &records, counted)?,
+        };
+        records.apply_ids(&mut snap, delta.as_mut())?;
+        snap.compact();
+        if let Some(delta) = delta {
+            return self
+                .write_unit_delta(plan, new.start, range, &snap, delta.finish())
+                .await;
         }
         let mut out = UnitOut::default();
         out.objects.replaced.extend(range.base.iter().cloned());
@@ -342,62 +345,28 @@ impl StateStore {
         Ok(out)
     }
 
-    /// Applies the spilled records of the new ranges `new` to `snap`: each range's from the
-    /// segments, then its share of the extra ones; identifiers after the fingerprints (a user
-    /// new to the state exists once its first fingerprint is set). Returns the records for a
-    /// delta object, or `None` when every range is rewritten whole (a first layout or a
-    /// re-layout holds none).
-    fn apply_spilled(
+    /// The delta object of a unit that keeps its range: its records written, its identifiers
+    /// to follow ([`UnitRecords::apply_ids`]); `None` when the range gets a new base instead
+    /// (it has none yet, or, for a complete commit, its deltas would outgrow a quarter of it).
+    fn unit_delta(
         &self,
         plan: &UnitPlan<'_>,
-        new: &std::ops::Range<usize>,
-        snap: &mut Snapshot,
-    ) -> Result<Option<SegmentData>, StateError> {
-        let mut records = SegmentData::default();
-        let mut ids: Vec<(u128, String)> = Vec::new();
-        let mut sources: Vec<(&std::path::Path, usize)> = Vec::new();
-        for s in new.clone() {
-            sources.push((plan.spill, s));
-            if let Some(x) = plan.extra {
-                let sub = x.bits - plan.nb;
-                sources.extend(((s << sub)..((s + 1) << sub)).map(|t| (x.dir.as_path(), t)));
-            }
-        }
-        for (spill, s) in sources {
-            crate::state::spill::read_range::<StateError>(spill, s, &mut |b| {
-                let key = b
-                    .get(1..17)
-                    .map(|k| u128::from_le_bytes(read16(k)))
-                    .ok_or_else(|| corrupt_spill(spill, s))?;
-                match b.first() {
-                    Some(0) if b.len() == 27 => {
-                        let slot = u16::from_le_bytes([b[17], b[18]]);
-                        let mut fp = [0u8; 8];
-                        fp.copy_from_slice(&b[19..27]);
-                        let fp = u64::from_le_bytes(fp);
-                        snap.set(crate::model::UserKey(key), slot as usize, fp);
-                        if !plan.rebase_all {
-                            records.records.push((key, slot, fp));
-                        }
-                    }
-                    Some(1) => {
-                        let id =
-                            std::str::from_utf8(&b[17..]).map_err(|_| corrupt_spill(spill, s))?;
-                        ids.push((key, id.to_string()));
-                    }
-                    _ => return Err(corrupt_spill(spill, s)),
-                }
-                Ok(())
-            })?;
-        }
-        for (key, id) in &ids {
-            snap.set_identifier(crate::model::UserKey(*key), id);
-        }
-        if plan.rebase_all {
+        range: &RangeDoc,
+        records: &UnitRecords<'_>,
+        counted: Counted,
+    ) -> Result<Option<SegmentWriter>, StateError> {
+        let id_bytes = plan.keep_ids.then_some(counted.id_bytes);
+        let len = SegmentWriter::encoded_len(plan.names, counted.records, id_bytes) as u64;
+        let rebase = (range.base.is_none()
+            || (plan.complete && (range.delta_bytes + len) * 4 > range.bytes))
+            && self.may_rebase(range);
+        if rebase {
             return Ok(None);
         }
-        records.ids = ids;
-        Ok(Some(records))
+        let ids = plan.keep_ids.then_some(counted.ids);
+        let mut w = SegmentWriter::new(plan.names, counted.records, ids, counted.id_bytes);
+        records.write_records(&mut w)?;
+        Ok(Some(w))
     }
 
     /// Writes range `r`'s new records as one more delta object of `range`.
