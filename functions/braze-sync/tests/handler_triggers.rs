@@ -487,3 +487,101 @@ async fn a_refused_key_keeps_the_export_retryable_until_the_key_is_fixed() {
     let out = h.handle(&event, None).await.unwrap();
     assert_eq!(out["results"][0]["outcome"], "duplicate_no_op", "{out}");
 }
+
+/// A store that refuses to read the exports bucket (403), as S3 does when the function's role
+/// or the bucket's KMS key does not allow it.
+struct Forbidden(Arc<MemoryStore>);
+
+impl Forbidden {
+    fn refuse(uri: &S3Uri, op: &'static str) -> bridge_shared::StoreError {
+        bridge_shared::StoreError::Other {
+            op,
+            uri: uri.clone(),
+            message: "403 AccessDenied".into(),
+            retryable: false,
+        }
+    }
+}
+
+#[async_trait]
+impl ObjectStore for Forbidden {
+    async fn get(
+        &self,
+        uri: &S3Uri,
+    ) -> Result<(bridge_shared::object_store::ObjectMeta, Bytes), bridge_shared::StoreError> {
+        self.0.get(uri).await
+    }
+    async fn get_reader(
+        &self,
+        uri: &S3Uri,
+    ) -> Result<
+        (
+            bridge_shared::object_store::ObjectMeta,
+            bridge_shared::object_store::ObjectReader,
+        ),
+        bridge_shared::StoreError,
+    > {
+        self.0.get_reader(uri).await
+    }
+    async fn head(
+        &self,
+        uri: &S3Uri,
+    ) -> Result<Option<bridge_shared::object_store::ObjectMeta>, bridge_shared::StoreError> {
+        if uri.bucket == "exp" {
+            return Err(Self::refuse(uri, "HeadObject"));
+        }
+        self.0.head(uri).await
+    }
+    async fn list(
+        &self,
+        bucket: &str,
+        prefix: &str,
+    ) -> Result<Vec<bridge_shared::object_store::ObjectMeta>, bridge_shared::StoreError> {
+        self.0.list(bucket, prefix).await
+    }
+    async fn put(
+        &self,
+        uri: &S3Uri,
+        body: Bytes,
+        cond: PutCondition,
+        meta: BTreeMap<String, String>,
+    ) -> Result<bridge_shared::object_store::ObjectMeta, bridge_shared::StoreError> {
+        self.0.put(uri, body, cond, meta).await
+    }
+    async fn copy(&self, from: &S3Uri, to: &S3Uri) -> Result<(), bridge_shared::StoreError> {
+        self.0.copy(from, to).await
+    }
+    async fn delete(&self, uri: &S3Uri) -> Result<(), bridge_shared::StoreError> {
+        self.0.delete(uri).await
+    }
+}
+
+#[tokio::test]
+async fn a_trigger_the_function_may_not_read_is_acknowledged_with_a_failed_report() {
+    let mem = Arc::new(MemoryStore::new());
+    let rec = Arc::new(Recorder::default());
+    let h = Handler::new(cfg(), Arc::new(Forbidden(mem.clone())), rec.clone());
+    let out = h
+        .handle(
+            &sqs(&[(
+                "m1",
+                s3_event("exp", "amperity/customers/a.csv").to_string(),
+            )]),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out["batchItemFailures"], json!([]), "{out}");
+    let result = &out["results"][0];
+    assert_eq!(result["outcome"], "failed", "{out}");
+    let report = result["report"].as_str().unwrap();
+    let (_, body) = mem.get(&S3Uri::from_str(report).unwrap()).await.unwrap();
+    let report: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(report["status"], "failed");
+    let error = report["error"].as_str().unwrap();
+    assert!(
+        error.contains("HeadObject") && error.contains("AccessDenied"),
+        "{error}"
+    );
+    assert!(rec.runs.lock().unwrap().is_empty());
+}

@@ -299,11 +299,15 @@ impl Handler {
         payload: &Value,
         remaining_ms: Option<u64>,
     ) -> Result<Value, String> {
+        // Each record sees the time really left when it starts, not the invocation's at its start.
+        let started = tokio::time::Instant::now();
+        let left =
+            || remaining_ms.map(|ms| ms.saturating_sub(started.elapsed().as_millis() as u64));
         let (pieces, rest) = split_fan_out(payload);
         let mut failures = Vec::new();
         let mut results = Vec::new();
         for (id, piece) in &pieces {
-            match self.runner.run_piece(piece, remaining_ms).await {
+            match self.runner.run_piece(piece, left()).await {
                 Ok(v) => results.push(v),
                 Err(RunError::Permanent { message, report }) => {
                     warn!(piece = %piece, error = %message, "Fan-out piece failed permanently; see the report.");
@@ -344,10 +348,7 @@ impl Handler {
             };
             let mut retry = None;
             for obj in &objects {
-                match self
-                    .process_object(obj, RunFlags::default(), remaining_ms)
-                    .await
-                {
+                match self.process_object(obj, RunFlags::default(), left()).await {
                     ObjectOutcome::Done(v) => results.push(v),
                     ObjectOutcome::Retry(reason) => {
                         results.push(json!({"object": obj.uri.to_string(), "retry": reason}));
@@ -441,6 +442,55 @@ impl Handler {
             "report": report_uri.to_string()}))
     }
 
+    /// The trigger (or its folder) cannot be read for good (403: the function's role or the
+    /// bucket's KMS key refuses it): never acknowledged without a record. A `failed` report
+    /// names the object, the call and what to check, with its metrics, then the notification is
+    /// acknowledged (retrying cannot grant a permission); only a failure to write the report
+    /// is retried.
+    async fn trigger_unreadable(
+        &self,
+        obj: &ObjectRef,
+        route: &RouteBinding,
+        op: &str,
+        error: bridge_shared::object_store::StoreError,
+    ) -> ObjectOutcome {
+        let uri = &obj.uri;
+        let now = crate::clock::now();
+        let run_id = format!(
+            "{}-{:08x}",
+            now.format("%Y%m%dT%H%M%S%.3fZ"),
+            xxhash_rust::xxh3::xxh3_64(uri.to_string().as_bytes()) as u32
+        );
+        let mut report = RunReport::new(&run_id, &route.name);
+        report.status = RunStatus::Failed;
+        report.sources = vec![uri.to_string()];
+        report.started_at = Some(now.to_rfc3339());
+        report.finished_at = Some(now.to_rfc3339());
+        let message = format!(
+            "{op} on the trigger {uri} failed for good ({error}): check that the function's role may read the bucket (s3:GetObject, s3:ListBucket) and use its KMS key; nothing was synced. Replay the export once it can be read"
+        );
+        report.error = Some(message.clone());
+        let report_uri = S3Uri::new(
+            &self.cfg.state_bucket,
+            format!("{}{}/{run_id}.json", self.cfg.reports_prefix, route.name),
+        );
+        warn!(object = %uri, route = %route.name, report = %report_uri, error = %error, "Triggering object cannot be read; reported as failed.");
+        report.emit_metrics();
+        match report.put(self.store.as_ref(), &report_uri).await {
+            Ok(()) => {}
+            Err(e) if e.is_retryable() => return ObjectOutcome::Retry(e.to_string()),
+            Err(e) => {
+                warn!(report = %report_uri, error = %e, "Could not write the report of an unreadable trigger.");
+                return ObjectOutcome::Retry(format!(
+                    "{message} (and its report could not be written: {e})"
+                ));
+            }
+        }
+        ObjectOutcome::Done(json!({
+            "object": uri.to_string(), "route": route.name, "outcome": "failed",
+            "error": message, "report": report_uri.to_string()}))
+    }
+
     /// A replay of an export that was split across invocations: it waits while the fan-out
     /// run holds the route lock (its pieces are running), and claims the export once that run
     /// is gone (it died, or ended without recording it). Never a second fan-out at once.
@@ -531,17 +581,11 @@ impl Handler {
         flags: RunFlags,
     ) -> Result<ExportPlan, ObjectOutcome> {
         let uri = &obj.uri;
-        let failed = |e: bridge_shared::object_store::StoreError| {
-            if e.is_retryable() {
-                ObjectOutcome::Retry(e.to_string())
-            } else {
-                ObjectOutcome::Done(json!({"object": uri.to_string(), "failed": e.to_string()}))
-            }
-        };
         let head = match self.store.head(uri).await {
             Ok(Some(h)) => h,
             Ok(None) => return Err(self.object_not_found(obj, route).await),
-            Err(e) => return Err(failed(e)),
+            Err(e) if e.is_retryable() => return Err(ObjectOutcome::Retry(e.to_string())),
+            Err(e) => return Err(self.trigger_unreadable(obj, route, "HeadObject", e).await),
         };
         let version = obj.version_id.clone().or(head.version_id.clone());
         let export_id = format!("{uri}#{}", version.unwrap_or_else(|| head.etag.clone()));
@@ -556,7 +600,12 @@ impl Handler {
             None => vec![head.clone()],
             Some(suffix) => match self.store.list(&uri.bucket, uri.folder()).await {
                 Ok(listing) => parts_of_marker(&listing, uri, suffix),
-                Err(e) => return Err(failed(e)),
+                Err(e) if e.is_retryable() => return Err(ObjectOutcome::Retry(e.to_string())),
+                Err(e) => {
+                    return Err(self
+                        .trigger_unreadable(obj, route, "ListObjectsV2", e)
+                        .await);
+                }
             },
         };
         Ok(ExportPlan {
