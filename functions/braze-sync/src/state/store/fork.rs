@@ -131,7 +131,8 @@ impl StateStore {
     /// a piece failed): what Braze confirmed is never discarded. A range the fork added
     /// objects to is taken as the fork has it when the route head still holds the range the
     /// fork started from (the fork's inherited base and deltas, or an empty range for a base
-    /// the fork wrote); a range that moved since gets the fork's users as records instead,
+    /// the fork wrote); a range that moved since gets what the fork added as records instead
+    /// (its deltas' records, or every user of a range it started empty),
     /// and so do the fork's checkpoint segments and `orphans` (segments the fork wrote that
     /// its head does not name: a piece killed between a checkpoint's segment and its head
     /// write; Braze confirmed what they hold), all in one segment appended to the route head.
@@ -178,8 +179,17 @@ impl StateStore {
                 doc.ranges[r] = fr.clone();
                 continue;
             }
-            let snap = fork.load_range(fork_doc, r, route).await?;
-            snapshot_records(&snap, &mut records);
+            // The range moved: only what the fork added, never the values it inherited.
+            if base_owned {
+                let snap = fork.load_range(fork_doc, r, route).await?;
+                snapshot_records(&snap, &mut records);
+            } else {
+                let owned: Vec<String> =
+                    fr.deltas.iter().filter(|d| fork.owns(d)).cloned().collect();
+                for (bytes, what) in fork.get_all(&owned).await? {
+                    records.extend_from(&bytes, &what, &names)?;
+                }
+            }
         }
         let mut segments = fork_doc.segments.clone();
         segments.extend(orphans.iter().filter(|o| fork.owns(o)).cloned());
@@ -218,7 +228,8 @@ impl StateStore {
     }
 }
 
-/// Every user of a loaded range as segment records: each value it holds and its identifier.
+/// Every user of a loaded range as segment records (a range the fork started empty: all its
+/// users are the fork's): each value it holds and its identifier.
 fn snapshot_records(snap: &Snapshot, out: &mut SegmentData) {
     let slots = snap.slots();
     let base = (0..snap.base_len()).filter_map(|i| snap.base_user(i));

@@ -1139,4 +1139,73 @@ mod tests {
         assert_eq!(fp_of(&snap, "8"), want(8));
         assert_eq!(fp_of(&snap, "600"), want(3));
     }
+
+    #[tokio::test]
+    async fn absorbing_a_fork_keeps_what_its_piece_confirmed_whether_or_not_the_route_moved() {
+        let (mem, st, r) = forkable_state().await;
+        let mut route_head = st.read_head().await.unwrap();
+        let bits = route_head.doc.range_bits;
+        let (fork, mut fh) = st.create_fork(&route_head, "_fan_out/x/p0").await.unwrap();
+        let spill = tempfile::tempdir().unwrap();
+        // The piece confirmed users 0..40 (folded into its deltas) and 40..50 (a checkpoint
+        // it never folded); a killed checkpoint left 50..55 in a segment no head names.
+        let folded: Vec<UserDelta> = (0..40).map(|i| d(&i.to_string(), i + 1000)).collect();
+        fork.checkpoint(&mut fh, &r, &folded).await.unwrap();
+        fork.commit_ranged(&mut fh, &r, None, 200, spill.path())
+            .await
+            .unwrap();
+        let pending: Vec<UserDelta> = (40..50).map(|i| d(&i.to_string(), i + 1000)).collect();
+        fork.checkpoint(&mut fh, &r, &pending).await.unwrap();
+        let orphan = "_fan_out/x/p0/seg-99999999-000000-orphaned.bin".to_string();
+        let lost: Vec<UserDelta> = (50..55).map(|i| d(&i.to_string(), i + 1000)).collect();
+        let body = encode_segment(&r.state_names(), &lost, r.tracks_departures());
+        mem.put(
+            &S3Uri::new("state", format!("s/r/{orphan}")),
+            Bytes::from(body),
+            PutCondition::None,
+            BTreeMap::new(),
+        )
+        .await
+        .unwrap();
+        // Since the fork was made, another run changed users 100.. of user 0's range.
+        let moved = range_of_user("0", bits);
+        let other: Vec<UserDelta> = (100..200)
+            .filter(|i| range_of_user(&i.to_string(), bits) == moved)
+            .map(|i| d(&i.to_string(), i + 5000))
+            .collect();
+        assert!(!other.is_empty());
+        st.checkpoint(&mut route_head, &r, &other).await.unwrap();
+        st.commit_ranged(&mut route_head, &r, None, 200, spill.path())
+            .await
+            .unwrap();
+
+        let fdoc = fork.read_head().await.unwrap().doc;
+        let taken = st
+            .absorb_fork(&mut route_head, &fork, &fdoc, &[orphan], &r)
+            .await
+            .unwrap();
+        assert!(taken);
+        let h = st.read_head().await.unwrap();
+        // Ranges the route still held as the fork started from are the fork's; the moved one
+        // keeps the route's objects and gets the piece's users as records.
+        assert_ne!(h.doc.ranges[moved], fdoc.ranges[moved]);
+        let untouched = (0..40)
+            .map(|i| range_of_user(&i.to_string(), bits))
+            .find(|g| *g != moved)
+            .unwrap();
+        assert_eq!(h.doc.ranges[untouched], fdoc.ranges[untouched]);
+        assert_eq!(h.doc.segments.len(), 1);
+        let (_, snap) = st.load(&r).await.unwrap();
+        for i in 0..55i64 {
+            assert_eq!(fp_of(&snap, &i.to_string()), want(i + 1000), "user {i}");
+        }
+        for d in &other {
+            let id = match &d.identifier {
+                Identifier::ExternalId(id) => id.clone(),
+                other => panic!("{other:?}"),
+            };
+            let v: i64 = id.parse().unwrap();
+            assert_eq!(fp_of(&snap, &id), want(v + 5000), "user {id}");
+        }
+    }
 }
