@@ -20,7 +20,7 @@ use serde_json::Value;
 use crate::config::route::{OnLeave, Route, SlotKind};
 use crate::map::{MappedRow, MappedUser, Norm};
 use crate::model::{AttributeChange, Fingerprint, RowPos, UserDelta, UserKey, fingerprint};
-use crate::state::confirmed::{Snapshot, UserState, stored_fp};
+use crate::state::confirmed::{Snapshot, UNKNOWN_FP, UserState, stored_fp};
 
 /// One slot's new value as the diff sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -357,7 +357,10 @@ impl<'r> LeavePlan<'r> {
         };
         let mut changes = Vec::new();
         for &(slot, j, on_leave) in &self.audiences {
-            if state.fp(slot) != Some(self.member) {
+            // A membership marked unknown (a heal, a crash's intent, the Currents feed) may be
+            // a membership Braze holds: it counts as one, so leaving still sends the removal.
+            let fp = state.fp(slot);
+            if fp != Some(self.member) && fp != Some(UNKNOWN_FP) {
                 continue;
             }
             entries[j].members_before += 1;
@@ -708,6 +711,49 @@ mod tests {
         assert_eq!(
             out.deltas[0].to_attribute_object(),
             json!({"external_id": "go", "_update_existing_only": true, "aud_vip": false, "aud_x": null})
+        );
+    }
+
+    #[test]
+    fn a_membership_marked_unknown_still_gets_its_removal_on_leaving() {
+        let r = route("[[audiences]]\nattribute = \"aud_vip\"\n");
+        let mut s = Snapshot::for_route(&r);
+        for id in ["stay", "go"] {
+            let d = diff(&s, &user(id, vec![(2, json!(true))]), &r).unwrap();
+            s.apply_confirmed(&d);
+        }
+        // A heal (or a crash's intent) marks "go"'s membership unknown.
+        let go = Identifier::ExternalId("go".into());
+        s.apply_confirmed(&UserDelta {
+            identifier: go.clone(),
+            pos: RowPos {
+                source: "heal".into(),
+                row: 0,
+                line: None,
+            },
+            changes: vec![AttributeChange {
+                name: "aud_vip".into(),
+                value: Value::Null,
+                fingerprint: Some(UNKNOWN_FP),
+            }],
+            update_existing_only: false,
+            is_new: false,
+            row_digest: None,
+        });
+        s.compact();
+        assert_eq!(s.get(go.user_key()).and_then(|u| u.fp(2)), Some(UNKNOWN_FP));
+        let mut seen = Seen::new(&s);
+        let k = Identifier::ExternalId("stay".into()).user_key();
+        assert!(seen.insert(k, s.get(k)));
+        let out = departures(&s, &r, &seen, "s3://b/k");
+        assert_eq!(
+            (out.audiences[0].members_before, out.audiences[0].leaving),
+            (2, 1)
+        );
+        assert_eq!(out.deltas.len(), 1);
+        assert_eq!(
+            out.deltas[0].to_attribute_object(),
+            json!({"external_id": "go", "_update_existing_only": true, "aud_vip": false})
         );
     }
 
