@@ -25,9 +25,9 @@ use crate::diff::export::{Part, ProduceOptions, Stop, Summary, SyncError};
 use crate::diff::rejects::RowReject;
 use crate::diff::user::{self, Seen};
 use crate::map::{Binding, MapOutcome, MappedRow, Mapper};
-use crate::model::{AttributeChange, RowPos, UserDelta};
+use crate::model::{RowPos, UserDelta};
 use crate::read::{self, ReadError, Row, RowItem, RowSource};
-use crate::state::confirmed::{Snapshot, UserState, stored_digest};
+use crate::state::confirmed::{Snapshot, stored_digest};
 
 struct Planner<'a> {
     route: &'a Route,
@@ -169,7 +169,17 @@ impl Planner<'_> {
             self.opts.full_resend,
             &mut self.buf,
         );
-        if self.hold_unsubscribes(state, &mut changes, pos()) {
+        let held = self.guard.as_ref().is_some_and(|g| {
+            let at = (&self.mapped, pos());
+            g.hold(
+                state,
+                &mut changes,
+                &mut self.held_counts,
+                at,
+                &mut self.held,
+            )
+        });
+        if held {
             // The row is mapped again next run (the held change is not in the state).
             digest = None;
             if changes.is_empty() {
@@ -197,34 +207,6 @@ impl Planner<'_> {
             row_digest: digest,
         })
         .map_err(|s| SyncError::Stopped(s.0))
-    }
-}
-
-impl Planner<'_> {
-    /// Takes the changes the mass-unsubscribe guard holds out of `changes`, keeping them
-    /// (at `pos`) for the departure guard; whether there were any.
-    fn hold_unsubscribes(
-        &mut self,
-        state: Option<UserState<'_>>,
-        changes: &mut Vec<AttributeChange>,
-        pos: RowPos,
-    ) -> bool {
-        let Some(g) = &self.guard else {
-            return false;
-        };
-        let held = g.take(state, changes, &mut self.held_counts);
-        if held.is_empty() {
-            return false;
-        }
-        self.held.push(UserDelta {
-            identifier: self.mapped.identifier(),
-            pos,
-            changes: held,
-            update_existing_only: self.route.config.update_existing_only,
-            is_new: false,
-            row_digest: None,
-        });
-        true
     }
 }
 

@@ -458,6 +458,7 @@ pub struct UnsubscribeGuard {
     /// `(slot, name, entry)` per consent slot.
     slots: Vec<(usize, String, usize)>,
     unsubscribed: Fingerprint,
+    update_existing_only: bool,
 }
 
 impl UnsubscribeGuard {
@@ -478,7 +479,34 @@ impl UnsubscribeGuard {
         (!slots.is_empty()).then(|| UnsubscribeGuard {
             slots,
             unsubscribed: fingerprint(&Value::String("unsubscribed".into())),
+            update_existing_only: route.config.update_existing_only,
         })
+    }
+
+    /// Takes the guarded changes out of `changes` (as [`take`](Self::take)) and keeps them as
+    /// one delta of `row`'s user at `pos` in `held`, for the departure guard; whether there
+    /// were any.
+    pub fn hold(
+        &self,
+        state: Option<UserState<'_>>,
+        changes: &mut Vec<AttributeChange>,
+        entries: &mut [AudienceDepartures],
+        (row, pos): (&MappedRow, RowPos),
+        held: &mut Vec<UserDelta>,
+    ) -> bool {
+        let taken = self.take(state, changes, entries);
+        if taken.is_empty() {
+            return false;
+        }
+        held.push(UserDelta {
+            identifier: row.identifier(),
+            pos,
+            changes: taken,
+            update_existing_only: self.update_existing_only,
+            is_new: false,
+            row_digest: None,
+        });
+        true
     }
 
     /// Takes the guarded changes out of `changes` and counts them as leaving in `entries`

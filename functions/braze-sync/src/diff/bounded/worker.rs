@@ -14,10 +14,10 @@ use crate::diff::export::{ProduceOptions, Stop, Summary, SyncError};
 use crate::diff::rejects::RowReject;
 use crate::diff::user::{self, AudienceDepartures, Seen};
 use crate::map::{MapOutcome, MappedRow, Mapper};
-use crate::model::{AttributeChange, RowPos, UserDelta, UserKey};
+use crate::model::{RowPos, UserDelta, UserKey};
 use crate::read::Row;
 use crate::read::row_codec::EncodedRow;
-use crate::state::confirmed::{Snapshot, UserState, stored_digest};
+use crate::state::confirmed::{Snapshot, stored_digest};
 use crate::state::spill::{Partitioner, SpillError, read_range};
 use crate::vocab::ROW_DIGEST;
 
@@ -316,7 +316,11 @@ impl DiffCtx<'_, '_> {
                 let mut changes =
                     user::changes(state, &w.mapped, self.route, full_resend, &mut w.buf);
                 let mut row_digest = Some(digest);
-                if self.hold_unsubscribes(state, &mut changes, w, found, pos()) {
+                let held = self.guard.as_ref().is_some_and(|g| {
+                    let at = (&w.mapped, pos());
+                    g.hold(state, &mut changes, &mut found.audiences, at, &mut w.held)
+                });
+                if held {
                     // Mapped again next run: the held change is not in the state.
                     row_digest = None;
                     if changes.is_empty() {
@@ -353,34 +357,6 @@ impl DiffCtx<'_, '_> {
     /// Queues `d` for the sender, handing the queue over once it holds [`HAND_DELTAS`]: in
     /// bursts, so the consumer is woken once per burst, not per delta (a wake-up per delta was
     /// ~4% of the diff's CPU).
-    /// Takes the changes the mass-unsubscribe guard holds out of `changes`, keeping them (at
-    /// `pos`) for the range's departure file; whether there were any.
-    fn hold_unsubscribes(
-        &self,
-        state: Option<UserState<'_>>,
-        changes: &mut Vec<AttributeChange>,
-        w: &mut Worker<'_>,
-        found: &mut Found,
-        pos: RowPos,
-    ) -> bool {
-        let Some(g) = &self.guard else {
-            return false;
-        };
-        let held = g.take(state, changes, &mut found.audiences);
-        if held.is_empty() {
-            return false;
-        }
-        w.held.push(UserDelta {
-            identifier: w.mapped.identifier(),
-            pos,
-            changes: held,
-            update_existing_only: self.route.config.update_existing_only,
-            is_new: false,
-            row_digest: None,
-        });
-        true
-    }
-
     fn hand(&self, w: &mut Worker<'_>, d: UserDelta) -> Result<(), SyncError> {
         w.pending.push(d);
         if w.pending.len() >= HAND_DELTAS {
