@@ -405,6 +405,41 @@ fn large_object_rss(registry: &Registry, out: &Path, mib: u64) -> anyhow::Result
     Ok(v)
 }
 
+/// What every file size's round of [`bench`] uses.
+struct Setup<'a> {
+    args: &'a Args,
+    registry: Registry,
+    opts: ConvertOptions,
+    out: PathBuf,
+    python: PathBuf,
+}
+
+/// Events and seconds summed over the file sizes, per implementation.
+#[derive(Default)]
+struct Totals {
+    rust_events: u64,
+    rust_s: f64,
+    py_events: u64,
+    py_s: f64,
+    avro: std::collections::BTreeMap<&'static str, (u64, f64)>,
+}
+
+/// The fastest of `passes` runs of `run` (at least one), by `seconds`.
+fn fastest<T, S: PartialOrd>(
+    passes: usize,
+    seconds: impl Fn(&T) -> S,
+    mut run: impl FnMut() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let mut best = run()?;
+    for _ in 1..passes.max(1) {
+        let again = run()?;
+        if seconds(&again) < seconds(&best) {
+            best = again;
+        }
+    }
+    Ok(best)
+}
+
 fn bench(args: &Args) -> anyhow::Result<()> {
     let root = workspace_root();
     let out = args
@@ -421,7 +456,6 @@ fn bench(args: &Args) -> anyhow::Result<()> {
             python.display()
         );
     }
-    let registry = Registry::builtin()?;
     let mut opts = ConvertOptions::default();
     if let Some(n) = args.batch_rows {
         opts.batch_rows = n;
@@ -429,19 +463,31 @@ fn bench(args: &Args) -> anyhow::Result<()> {
     if let Some(n) = args.row_group_rows {
         opts.row_group_rows = n;
     }
+    let setup = Setup {
+        args,
+        registry: Registry::builtin()?,
+        opts,
+        out,
+        python,
+    };
     let half = args.events / 2;
     let sets = [(15_000u64, half), (100_000u64, args.events - half)];
     let mut by_size = serde_json::Map::new();
-    let (mut rust_events, mut rust_s, mut py_events, mut py_s) = (0u64, 0f64, 0u64, 0f64);
+    let mut totals = Totals::default();
     let mut probe_input = None;
-    let mut avro_totals: std::collections::BTreeMap<&str, (u64, f64)> = Default::default();
     for (i, (size, total)) in sets.iter().enumerate() {
-        let input_dir = out.join(format!("currents-input/{size}"));
+        let input_dir = setup.out.join(format!("currents-input/{size}"));
         eprintln!(
             "generating {total} events in files of {size} under {}",
             input_dir.display()
         );
-        let inputs = generate(&registry, &input_dir, *total, *size, 7 + i as u64 * 100)?;
+        let inputs = generate(
+            &setup.registry,
+            &input_dir,
+            *total,
+            *size,
+            7 + i as u64 * 100,
+        )?;
         if *size == 100_000 && probe_input.is_none() {
             probe_input = inputs
                 .iter()
@@ -449,145 +495,180 @@ fn bench(args: &Args) -> anyhow::Result<()> {
                 .or(inputs.first())
                 .map(|f| (f.path.clone(), f.key.clone()));
         }
-        eprintln!("rust: {} files", inputs.len());
-        let mut r = run_rust(
-            &registry,
-            &inputs,
-            &out.join(format!("rust-tables/{size}")),
-            &opts,
-        )?;
-        for _ in 1..args.passes.max(1) {
-            let again = run_rust(
-                &registry,
-                &inputs,
-                &out.join(format!("rust-tables/{size}")),
-                &opts,
-            )?;
-            if again.seconds < r.seconds {
-                r = again;
-            }
-        }
-        let r_eps = r.events as f64 / r.seconds;
-        rust_events += r.events;
-        rust_s += r.seconds;
-        eprintln!(
-            "rust: {} events, {} rows in {:.2}s = {:.0} events/s",
-            r.events, r.rows, r.seconds, r_eps
-        );
-        let mut entry = json!({
-            "files": inputs.len(),
-            "events": r.events,
-            "rows_written": r.rows,
-            "seconds": r.seconds,
-            "events_per_s": r_eps,
-        });
-        let files: Vec<(&Path, &str)> = inputs
-            .iter()
-            .map(|f| (f.path.as_path(), f.key.as_str()))
-            .collect();
-        type PathFn = fn(
-            &Registry,
-            &[(&Path, &str)],
-            &Path,
-            &ConvertOptions,
-        ) -> anyhow::Result<avro_paths::PathRun>;
-        let others: [(&str, PathFn); 2] = [
-            ("arrow_avro", avro_paths::run_arrow_avro),
-            ("apache_avro", avro_paths::run_apache_avro),
-        ];
-        for (name, run) in others {
-            let dir = out.join(format!("{name}-tables/{size}"));
-            let mut best = run(&registry, &files, &dir, &opts)?;
-            for _ in 1..args.passes.max(1) {
-                let again = run(&registry, &files, &dir, &opts)?;
-                if again.seconds < best.seconds {
-                    best = again;
-                }
-            }
-            if best.events != r.events || best.rows != r.rows {
-                anyhow::bail!(
-                    "{name} disagrees: production {} events/{} rows, {name} {}/{}",
-                    r.events,
-                    r.rows,
-                    best.events,
-                    best.rows
-                );
-            }
-            let eps = best.events as f64 / best.seconds;
-            eprintln!(
-                "{name}: {} events in {:.2}s = {eps:.0} events/s (production is x{:.2})",
-                best.events,
-                best.seconds,
-                r_eps / eps
-            );
-            entry[format!("{name}_seconds")] = json!(best.seconds);
-            entry[format!("{name}_events_per_s")] = json!(eps);
-            let total = avro_totals.entry(name).or_insert((0u64, 0f64));
-            total.0 += best.events;
-            total.1 += best.seconds;
-        }
-        if !args.skip_peer {
-            let mut p = run_peer(
-                &python,
-                &input_dir,
-                &out.join(format!("python-tables/{size}")),
-            )?;
-            for _ in 1..args.passes.max(1) {
-                let again = run_peer(
-                    &python,
-                    &input_dir,
-                    &out.join(format!("python-tables/{size}")),
-                )?;
-                if again["seconds"].as_f64() < p["seconds"].as_f64() {
-                    p = again;
-                }
-            }
-            let p_events = p["events"].as_u64().unwrap_or_default();
-            let p_rows = p["rows_written"].as_u64().unwrap_or_default();
-            let p_seconds = p["seconds"].as_f64().unwrap_or(f64::NAN);
-            if p_events != r.events || p_rows != r.rows {
-                anyhow::bail!(
-                    "peer disagrees: rust {} events/{} rows, python {p_events}/{p_rows}",
-                    r.events,
-                    r.rows
-                );
-            }
-            py_events += p_events;
-            py_s += p_seconds;
-            let p_eps = p_events as f64 / p_seconds;
-            eprintln!(
-                "python: {p_events} events in {p_seconds:.2}s = {p_eps:.0} events/s (x{:.1})",
-                r_eps / p_eps
-            );
-            entry["python_peer_seconds"] = json!(p_seconds);
-            entry["python_peer_events_per_s"] = json!(p_eps);
-            entry["ratio"] = json!(r_eps / p_eps);
-        }
+        let entry = bench_size(&setup, *size, &input_dir, &inputs, &mut totals)?;
         by_size.insert(size.to_string(), entry);
     }
     let peak = match &probe_input {
-        Some((path, k)) => {
-            let exe = std::env::current_exe()?;
-            let o = Command::new(exe)
-                .arg("--rss-probe")
-                .arg(path)
-                .arg("--key")
-                .arg(k)
-                .output()?;
-            let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
-            eprintln!("rss probe: {v}");
-            v["peak_rss_mb"].as_f64()
-        }
+        Some((path, k)) => probe_peak_rss(path, k)?,
         None => None,
     };
+    let mut result = summary(&setup, &totals, peak, by_size)?;
+    std::fs::create_dir_all(&setup.out)?;
+    extra_rounds(args, &setup.out, &mut result)?;
+    let path = setup.out.join("currents.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&result)?)?;
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+/// One file size's round: production, the two other Avro paths and the peer on the same
+/// files; the size's entry of `by_file_size`.
+fn bench_size(
+    setup: &Setup<'_>,
+    size: u64,
+    input_dir: &Path,
+    inputs: &[Input],
+    totals: &mut Totals,
+) -> anyhow::Result<Value> {
+    let (registry, opts, out) = (&setup.registry, &setup.opts, &setup.out);
+    eprintln!("rust: {} files", inputs.len());
+    let r = fastest(
+        setup.args.passes,
+        |r: &RustRun| r.seconds,
+        || {
+            run_rust(
+                registry,
+                inputs,
+                &out.join(format!("rust-tables/{size}")),
+                opts,
+            )
+        },
+    )?;
+    let r_eps = r.events as f64 / r.seconds;
+    totals.rust_events += r.events;
+    totals.rust_s += r.seconds;
+    eprintln!(
+        "rust: {} events, {} rows in {:.2}s = {:.0} events/s",
+        r.events, r.rows, r.seconds, r_eps
+    );
+    let mut entry = json!({
+        "files": inputs.len(),
+        "events": r.events,
+        "rows_written": r.rows,
+        "seconds": r.seconds,
+        "events_per_s": r_eps,
+    });
+    other_avro_paths(setup, size, inputs, &r, &mut entry, totals)?;
+    if !setup.args.skip_peer {
+        let dir = out.join(format!("python-tables/{size}"));
+        let p = fastest(
+            setup.args.passes,
+            |p: &Value| p["seconds"].as_f64(),
+            || run_peer(&setup.python, input_dir, &dir),
+        )?;
+        let p_events = p["events"].as_u64().unwrap_or_default();
+        let p_rows = p["rows_written"].as_u64().unwrap_or_default();
+        let p_seconds = p["seconds"].as_f64().unwrap_or(f64::NAN);
+        if p_events != r.events || p_rows != r.rows {
+            anyhow::bail!(
+                "peer disagrees: rust {} events/{} rows, python {p_events}/{p_rows}",
+                r.events,
+                r.rows
+            );
+        }
+        totals.py_events += p_events;
+        totals.py_s += p_seconds;
+        let p_eps = p_events as f64 / p_seconds;
+        eprintln!(
+            "python: {p_events} events in {p_seconds:.2}s = {p_eps:.0} events/s (x{:.1})",
+            r_eps / p_eps
+        );
+        entry["python_peer_seconds"] = json!(p_seconds);
+        entry["python_peer_events_per_s"] = json!(p_eps);
+        entry["ratio"] = json!(r_eps / p_eps);
+    }
+    Ok(entry)
+}
+
+/// The same conversion through `arrow-avro`'s `Reader` and `apache-avro`, which must agree
+/// with production's counts; their figures go into the size's `entry`.
+fn other_avro_paths(
+    setup: &Setup<'_>,
+    size: u64,
+    inputs: &[Input],
+    r: &RustRun,
+    entry: &mut Value,
+    totals: &mut Totals,
+) -> anyhow::Result<()> {
+    let r_eps = r.events as f64 / r.seconds;
+    let files: Vec<(&Path, &str)> = inputs
+        .iter()
+        .map(|f| (f.path.as_path(), f.key.as_str()))
+        .collect();
+    type PathFn = fn(
+        &Registry,
+        &[(&Path, &str)],
+        &Path,
+        &ConvertOptions,
+    ) -> anyhow::Result<avro_paths::PathRun>;
+    let others: [(&'static str, PathFn); 2] = [
+        ("arrow_avro", avro_paths::run_arrow_avro),
+        ("apache_avro", avro_paths::run_apache_avro),
+    ];
+    for (name, run) in others {
+        let dir = setup.out.join(format!("{name}-tables/{size}"));
+        let best = fastest(
+            setup.args.passes,
+            |b: &avro_paths::PathRun| b.seconds,
+            || run(&setup.registry, &files, &dir, &setup.opts),
+        )?;
+        if best.events != r.events || best.rows != r.rows {
+            anyhow::bail!(
+                "{name} disagrees: production {} events/{} rows, {name} {}/{}",
+                r.events,
+                r.rows,
+                best.events,
+                best.rows
+            );
+        }
+        let eps = best.events as f64 / best.seconds;
+        eprintln!(
+            "{name}: {} events in {:.2}s = {eps:.0} events/s (production is x{:.2})",
+            best.events,
+            best.seconds,
+            r_eps / eps
+        );
+        entry[format!("{name}_seconds")] = json!(best.seconds);
+        entry[format!("{name}_events_per_s")] = json!(eps);
+        let total = totals.avro.entry(name).or_insert((0u64, 0f64));
+        total.0 += best.events;
+        total.1 += best.seconds;
+    }
+    Ok(())
+}
+
+/// Peak RSS (MB) of a separate process converting one file.
+fn probe_peak_rss(path: &Path, k: &str) -> anyhow::Result<Option<f64>> {
+    let exe = std::env::current_exe()?;
+    let o = Command::new(exe)
+        .arg("--rss-probe")
+        .arg(path)
+        .arg("--key")
+        .arg(k)
+        .output()?;
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    eprintln!("rss probe: {v}");
+    Ok(v["peak_rss_mb"].as_f64())
+}
+
+/// The run's figures over every file size (`currents.json` before the extra rounds).
+fn summary(
+    setup: &Setup<'_>,
+    totals: &Totals,
+    peak: Option<f64>,
+    by_size: serde_json::Map<String, Value>,
+) -> anyhow::Result<Value> {
+    let args = setup.args;
     let large = if args.large_object_mib > 0 {
-        large_object_rss(&registry, &out, args.large_object_mib)?
+        large_object_rss(&setup.registry, &setup.out, args.large_object_mib)?
     } else {
         Value::Null
     };
-    let events_per_s = rust_events as f64 / rust_s;
+    let events_per_s = totals.rust_events as f64 / totals.rust_s;
     let avro_eps = |name: &str| {
-        avro_totals
+        totals
+            .avro
             .get(name)
             .map(|(e, s)| *e as f64 / *s)
             .filter(|v| v.is_finite())
@@ -599,9 +680,9 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         arrow_avro_eps.unwrap_or(f64::NAN),
         apache_avro_eps.unwrap_or(f64::NAN)
     );
-    let py_eps = (py_s > 0.0).then(|| py_events as f64 / py_s);
-    let mut result = json!({
-        "events": rust_events,
+    let py_eps = (totals.py_s > 0.0).then(|| totals.py_events as f64 / totals.py_s);
+    Ok(json!({
+        "events": totals.rust_events,
         "events_per_s": events_per_s,
         "python_peer_events_per_s": py_eps,
         "ratio": py_eps.map(|p| events_per_s / p),
@@ -617,8 +698,11 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         "targets": {"ratio_min": 10, "peak_rss_mb_100k_file_max": 256, "rss_mb_512mib_object_max": 1024},
         "passes": args.passes,
         "method": "single thread each; files generated once (null codec, Braze's default) and read from the page cache; time covers read + decode + dedup + normalize + Parquet (Snappy) encode + write to disk; the peer times the same inside Python (imports excluded); each side runs `passes` times per file size and its fastest pass counts (the machine is shared); peak RSS is VmHWM of a separate process converting one 100,000-event file; arrow-avro and apache-avro do the same conversion (registry schema as reader schema, same columns, dedup and Parquet settings) on the same files, fastest of `passes` each; rss_mb_512mib_object is VmHWM of a separate process converting one object of that size (null codec) as the function does",
-    });
-    std::fs::create_dir_all(&out)?;
+    }))
+}
+
+/// The compaction rounds and the backfill listing figure, merged into `result`.
+fn extra_rounds(args: &Args, out: &Path, result: &mut Value) -> anyhow::Result<()> {
     let rounds = [
         (
             "compact",
@@ -637,21 +721,17 @@ fn bench(args: &Args) -> anyhow::Result<()> {
     for (label, events, parts, passes) in rounds {
         if events > 0
             && let (Value::Object(r), Value::Object(c)) = (
-                &mut result,
-                compact::run(&out, label, events, parts, passes)?,
+                &mut *result,
+                compact::run(out, label, events, parts, passes)?,
             )
         {
             r.extend(c);
         }
     }
     if !args.skip_backfill_list
-        && let (Value::Object(r), Value::Object(b)) = (&mut result, backfill::run()?)
+        && let (Value::Object(r), Value::Object(b)) = (&mut *result, backfill::run()?)
     {
         r.extend(b);
     }
-    let path = out.join("currents.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&result)?)?;
-    println!("{}", serde_json::to_string_pretty(&result)?);
-    eprintln!("wrote {}", path.display());
     Ok(())
 }

@@ -43,6 +43,14 @@ fn push_scalar(out: &mut String, a: &dyn Array, row: usize) -> Result<(), DatumE
     json::write_value(a, row, out, &mut Budget::unlimited())
 }
 
+/// The columns of a batch each row reads: ids (to drop duplicates) and times, cast to the
+/// table's types, and whether the table has an `extra`/`event` column.
+struct RowKeys<'a> {
+    ids: Option<&'a StringArray>,
+    times: Option<&'a Int64Array>,
+    has_json: bool,
+}
+
 /// What a batch's rows built besides the decoded fields.
 struct Built<'a> {
     /// The writer field filling each table field, if any.
@@ -64,8 +72,6 @@ impl Normalizer<'_> {
     ) -> Result<Option<RecordBatch>, NormalizeError> {
         let plan = self.plan;
         let table = plan.table.clone();
-        let generic = table.generic;
-        let limits = file_budget.limits;
         let n = decoded.num_rows();
         let sink_err = |e: arrow_schema::ArrowError| NormalizeError::Sink(e.to_string());
         let has_json = table
@@ -91,81 +97,30 @@ impl Normalizer<'_> {
                 .map_err(sink_err)
         };
         let ids = column_of(plan.id_slot)?;
-        let ids = ids.as_ref().and_then(|a| a.as_string_opt::<i32>());
         let times = column_of(plan.time_slot)?;
-        let times = times
-            .as_ref()
-            .and_then(|a| a.as_primitive_opt::<Int64Type>());
-        let mut json_columns: Vec<(usize, StringBuilder)> = plan
-            .fields
-            .iter()
-            .enumerate()
-            .filter(|(_, f)| f.json_column && f.slot.is_some())
-            .map(|(fi, _)| (fi, StringBuilder::with_capacity(n, n * 64)))
-            .collect();
-        let mut row_json_column =
-            StringBuilder::with_capacity(n, if has_json { n * 64 } else { 0 });
-        let mut event_time = TimestampMicrosecondBuilder::with_capacity(n);
+        let keys = RowKeys {
+            ids: ids.as_ref().and_then(|a| a.as_string_opt::<i32>()),
+            times: times
+                .as_ref()
+                .and_then(|a| a.as_primitive_opt::<Int64Type>()),
+            has_json,
+        };
+        let mut built = Built {
+            filled_by: &filled_by,
+            json_columns: plan
+                .fields
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| f.json_column && f.slot.is_some())
+                .map(|(fi, _)| (fi, StringBuilder::with_capacity(n, n * 64)))
+                .collect(),
+            row_json: StringBuilder::with_capacity(n, if has_json { n * 64 } else { 0 }),
+            event_time: TimestampMicrosecondBuilder::with_capacity(n),
+        };
         let mut keep = Vec::with_capacity(n);
         for r in 0..n {
-            let record = self.batch_first_record + r as u64;
-            let block = self.row_blocks.get(r).copied().unwrap_or_default();
-            let start_budget = file_budget.record();
-            let mut budget = start_budget;
-            self.row_json.clear();
-            let json_fields =
-                self.render_row(decoded, r, (block, record), &mut budget, &mut json_columns)?;
-            file_budget.charge(&start_budget, &budget);
-            if self.row_json.len() as u64 > limits.max_record_json_bytes {
-                return Err(NormalizeError::Datum {
-                    block,
-                    record,
-                    field: if generic { "event" } else { "extra" }.to_string(),
-                    error: DatumError::OverLimit {
-                        what: "rendered JSON bytes of one record",
-                        limit: limits.max_record_json_bytes,
-                    },
-                });
-            }
-            if has_json {
-                if json_fields > 0 {
-                    self.row_json.push('}');
-                    row_json_column.append_value(&self.row_json);
-                } else if generic {
-                    row_json_column.append_value("{}");
-                } else {
-                    row_json_column.append_null();
-                }
-            }
-            match times {
-                Some(t) if !t.is_null(r) => {
-                    let time = t.value(r);
-                    let micros = time
-                        .checked_mul(1_000_000)
-                        .ok_or(NormalizeError::TimeOutOfRange { record, time })?;
-                    event_time.append_value(micros);
-                }
-                _ => event_time.append_null(),
-            }
-            let duplicate = match ids {
-                Some(ids) if !ids.is_null(r) => !self
-                    .seen_ids
-                    .insert(xxhash_rust::xxh3::xxh3_128(ids.value(r).as_bytes())),
-                _ => false,
-            };
-            if duplicate {
-                self.stats.duplicates_dropped += 1;
-            } else {
-                self.stats.rows_out += 1;
-            }
-            keep.push(!duplicate);
+            keep.push(self.table_row(decoded, r, file_budget, &keys, &mut built)?);
         }
-        let built = Built {
-            filled_by: &filled_by,
-            json_columns,
-            row_json: row_json_column,
-            event_time,
-        };
         let arrays = self.columns(decoded, built)?;
         let batch = RecordBatch::try_new(table.schema.clone(), arrays).map_err(sink_err)?;
         if keep.iter().all(|k| *k) {
@@ -178,6 +133,76 @@ impl Normalizer<'_> {
         arrow_select::filter::filter_record_batch(&batch, &mask)
             .map(Some)
             .map_err(sink_err)
+    }
+
+    /// Builds row `r` of a batch: its JSON (checked against the record limit), its
+    /// `event_time`, and whether it is kept (`false`: its `id` was already seen).
+    fn table_row(
+        &mut self,
+        decoded: &RecordBatch,
+        r: usize,
+        file_budget: &mut FileBudget,
+        keys: &RowKeys<'_>,
+        built: &mut Built<'_>,
+    ) -> Result<bool, NormalizeError> {
+        let generic = self.plan.table.generic;
+        let limits = file_budget.limits;
+        let record = self.batch_first_record + r as u64;
+        let block = self.row_blocks.get(r).copied().unwrap_or_default();
+        let start_budget = file_budget.record();
+        let mut budget = start_budget;
+        self.row_json.clear();
+        let json_fields = self.render_row(
+            decoded,
+            r,
+            (block, record),
+            &mut budget,
+            &mut built.json_columns,
+        )?;
+        file_budget.charge(&start_budget, &budget);
+        if self.row_json.len() as u64 > limits.max_record_json_bytes {
+            return Err(NormalizeError::Datum {
+                block,
+                record,
+                field: if generic { "event" } else { "extra" }.to_string(),
+                error: DatumError::OverLimit {
+                    what: "rendered JSON bytes of one record",
+                    limit: limits.max_record_json_bytes,
+                },
+            });
+        }
+        if keys.has_json {
+            if json_fields > 0 {
+                self.row_json.push('}');
+                built.row_json.append_value(&self.row_json);
+            } else if generic {
+                built.row_json.append_value("{}");
+            } else {
+                built.row_json.append_null();
+            }
+        }
+        match keys.times {
+            Some(t) if !t.is_null(r) => {
+                let time = t.value(r);
+                let micros = time
+                    .checked_mul(1_000_000)
+                    .ok_or(NormalizeError::TimeOutOfRange { record, time })?;
+                built.event_time.append_value(micros);
+            }
+            _ => built.event_time.append_null(),
+        }
+        let duplicate = match keys.ids {
+            Some(ids) if !ids.is_null(r) => !self
+                .seen_ids
+                .insert(xxhash_rust::xxh3::xxh3_128(ids.value(r).as_bytes())),
+            _ => false,
+        };
+        if duplicate {
+            self.stats.duplicates_dropped += 1;
+        } else {
+            self.stats.rows_out += 1;
+        }
+        Ok(!duplicate)
     }
 
     /// Renders row `r`'s JSON: its JSON columns (appended to `json_columns`) and its
