@@ -2,8 +2,9 @@
 //! another sync or a CSV import). [`adopt`] records an export as confirmed **without sending
 //! it**, so the next export sends only what changed since. With a verify sample it first
 //! fetches that many random users of the export from Braze (`POST /users/export/ids`, 50
-//! identifiers per call, within that endpoint's own rate limit) and refuses to adopt, listing
-//! the differences, when more than `max_differ_share` of them differ.
+//! identifiers per call, paced under that endpoint's limit as the audit is) and refuses to
+//! adopt, listing the differences, when more than `max_differ_share` of them differ (values
+//! compared as the audit compares them, [`same_for_braze`]).
 //!
 //! Adoption holds the route lock (no sync of the route runs meanwhile), writes the state
 //! range by range in bounded memory like a bounded run (the export diffed one hash range at a
@@ -25,7 +26,8 @@ use crate::diff::export::{ProduceOptions, Stop, Summary, SyncError};
 use crate::diff::in_memory::{open_s3_part, produce};
 use crate::model::UserDelta;
 use crate::ops::read_back::{
-    ReadBack, SampleSource, read_profiles, reservoir_sample, user_label, write_report,
+    EXPORT_IDS_PER_MINUTE, ReadBack, SampleSource, read_profiles, reservoir_sample, same_for_braze,
+    user_label, write_report,
 };
 use crate::send::braze::{LookupError, UserLookup};
 use crate::state::route_lock::{RouteLock, lock_uri};
@@ -81,6 +83,8 @@ pub struct AdoptOptions {
     pub seed: u64,
     /// How long the route lock is held at most.
     pub lease_s: i64,
+    /// Verify lookups (`/users/export/ids`) a minute at most, as the audit paces them.
+    pub lookups_per_minute: u32,
 }
 
 impl Default for AdoptOptions {
@@ -91,6 +95,7 @@ impl Default for AdoptOptions {
             checkpoint_users: 50_000,
             seed: rand::random(),
             lease_s: 3_600,
+            lookups_per_minute: EXPORT_IDS_PER_MINUTE,
         }
     }
 }
@@ -168,17 +173,6 @@ pub enum AdoptError {
     Busy(String),
 }
 
-/// Two values are the same for Braze: equal JSON, numbers compared as numbers.
-fn same(a: &Value, b: &Value) -> bool {
-    match (a, b) {
-        (Value::Number(x), Value::Number(y)) => match (x.as_f64(), y.as_f64()) {
-            (Some(x), Some(y)) => (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1.0),
-            _ => x == y,
-        },
-        _ => a == b,
-    }
-}
-
 fn braze_value<'v>(profile: &'v Value, name: &str) -> Option<&'v Value> {
     profile
         .get("custom_attributes")
@@ -186,13 +180,19 @@ fn braze_value<'v>(profile: &'v Value, name: &str) -> Option<&'v Value> {
         .or_else(|| profile.get(name).filter(|_| name != "custom_attributes"))
 }
 
-/// Compares sampled users (every non-empty attribute the export has for them) with Braze.
+/// Compares sampled users (every non-empty attribute the export has for them) with Braze,
+/// reading them back at most `lookups_per_minute` requests a minute.
 pub async fn verify(
     sample: &[UserDelta],
     lookup: &dyn UserLookup,
     max_differ_share: f64,
+    lookups_per_minute: u32,
 ) -> Result<Verification, LookupError> {
-    let (profiles, _) = read_profiles(lookup, sample, ReadBack::default()).await?;
+    let how = ReadBack {
+        fields: None,
+        per_minute: Some(lookups_per_minute),
+    };
+    let (profiles, _) = read_profiles(lookup, sample, how).await?;
     let mut differences = Vec::new();
     let mut differing_users = 0usize;
     for d in sample {
@@ -210,7 +210,7 @@ pub async fn verify(
         let mut differs = false;
         for c in &d.changes {
             let theirs = braze_value(p, &c.name).cloned().unwrap_or(Value::Null);
-            if !same(&c.value, &theirs) {
+            if !same_for_braze(&c.value, &theirs) {
                 differs = true;
                 differences.push(Difference {
                     user: user.clone(),
@@ -325,7 +325,13 @@ impl Adoption<'_> {
 
         if let (Some(n), Some(lookup)) = (opts.verify_sample, lookup) {
             let sample = self.sample(n).await?;
-            let v = verify(&sample, lookup, opts.max_differ_share).await?;
+            let v = verify(
+                &sample,
+                lookup,
+                opts.max_differ_share,
+                opts.lookups_per_minute,
+            )
+            .await?;
             info!(
                 route = route.name(),
                 sampled = v.sampled,

@@ -32,7 +32,8 @@ use crate::config::route::{Route, SlotKind};
 use crate::diff::export::SyncError;
 use crate::model::{AttributeChange, UserDelta, fingerprint};
 use crate::ops::read_back::{
-    ReadBack, SampleSource, read_profiles, reservoir_sample, user_label, write_report,
+    ReadBack, SampleSource, read_profiles, reservoir_sample, same_for_braze, user_label,
+    write_report,
 };
 use crate::ops::report::METRICS_NAMESPACE;
 use crate::send::braze::{LookupError, UserLookup};
@@ -44,9 +45,7 @@ use crate::state::store::{StateError, StateStore};
 pub const DEFAULT_SAMPLE: usize = 1_000;
 /// Examples listed per attribute.
 pub const EXAMPLES: usize = 5;
-/// `/users/export/ids` requests a minute at most (Braze's limit for workspaces onboarded
-/// since 2024-08-22; older ones have 2,500).
-pub const EXPORT_IDS_PER_MINUTE: u32 = 250;
+pub use crate::ops::read_back::EXPORT_IDS_PER_MINUTE;
 /// Conflicting head writes retried by `--heal` before giving up.
 const HEAL_ATTEMPTS: usize = 5;
 
@@ -311,23 +310,6 @@ fn braze_value<'v>(profile: &'v Value, route: &Route, slot: usize) -> Option<&'v
     .filter(|v| !v.is_null())
 }
 
-/// Two values equal for Braze although their text differs: numbers compared as numbers,
-/// dates and times as instants (Braze may give `2024-01-05T00:00:00.000Z` back for
-/// `2024-01-05T00:00:00Z`).
-fn same(a: &Value, b: &Value) -> bool {
-    match (a, b) {
-        (Value::Number(x), Value::Number(y)) => match (x.as_f64(), y.as_f64()) {
-            (Some(x), Some(y)) => (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1.0),
-            _ => x == y,
-        },
-        (Value::String(x), Value::String(y)) if x != y => {
-            let t = |s: &str| chrono::DateTime::parse_from_rfc3339(s).ok();
-            matches!((t(x), t(y)), (Some(p), Some(q)) if p == q)
-        }
-        _ => a == b,
-    }
-}
-
 /// What one sampled user's comparison found.
 #[derive(Debug, Default)]
 struct UserFinding {
@@ -363,7 +345,7 @@ fn compare(route: &Route, snapshot: &Snapshot, export: &UserDelta, profile: &Val
             None => false,
             Some(v) => {
                 stored_fp(fingerprint(v)) == confirmed
-                    || (export_is_state && exported.is_some_and(|e| same(e, v)))
+                    || (export_is_state && exported.is_some_and(|e| same_for_braze(e, v)))
             }
         };
         if !agrees {
@@ -813,15 +795,15 @@ type = "Decimal"
 
     #[test]
     fn times_compare_as_instants() {
-        assert!(same(
+        assert!(same_for_braze(
             &json!("2024-01-05T00:00:00Z"),
             &json!("2024-01-05T00:00:00.000Z")
         ));
-        assert!(!same(
+        assert!(!same_for_braze(
             &json!("2024-01-05T00:00:00Z"),
             &json!("2024-01-06T00:00:00Z")
         ));
-        assert!(same(&json!(3), &json!(3.0)));
+        assert!(same_for_braze(&json!(3), &json!(3.0)));
     }
 
     #[test]

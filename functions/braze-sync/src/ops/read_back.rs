@@ -88,6 +88,29 @@ pub fn reservoir_sample(
     Ok(sample)
 }
 
+/// `/users/export/ids` requests a minute at most (Braze's limit for workspaces onboarded
+/// since 2024-08-22; older ones have 2,500): adopt's verify sample and the audit both read
+/// profiles back at this pace by default.
+pub const EXPORT_IDS_PER_MINUTE: u32 = 250;
+
+/// Whether the export's (or the state's) value `ours` and Braze's value `theirs` are the same
+/// for Braze although their text may differ: numbers compared as numbers, dates and times as
+/// instants (Braze may give `2024-01-05T00:00:00.000Z` back for `2024-01-05T00:00:00Z`).
+/// Adopt's verify sample and the drift audit compare with it alike.
+pub fn same_for_braze(ours: &Value, theirs: &Value) -> bool {
+    match (ours, theirs) {
+        (Value::Number(x), Value::Number(y)) => match (x.as_f64(), y.as_f64()) {
+            (Some(x), Some(y)) => (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1.0),
+            _ => x == y,
+        },
+        (Value::String(x), Value::String(y)) if x != y => {
+            let t = |s: &str| chrono::DateTime::parse_from_rfc3339(s).ok();
+            matches!((t(x), t(y)), (Some(p), Some(q)) if p == q)
+        }
+        _ => ours == theirs,
+    }
+}
+
 /// How profiles are read back.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ReadBack<'a> {
