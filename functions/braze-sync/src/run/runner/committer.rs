@@ -178,14 +178,14 @@ impl Committer {
         self.head.doc.users
     }
 
-    /// The users the ranged commit lays the state out for ([`super::layout_users`]).
+    /// The users the ranged commit lays the state out for ([`super::sizing::layout_users`]).
     pub fn layout_users(
         &self,
         expected: u64,
         rows_read: u64,
         plan: &crate::run::handler::ExportPlan,
     ) -> u64 {
-        super::layout_users(&self.head.doc, expected, rows_read, plan)
+        super::sizing::layout_users(&self.head.doc, expected, rows_read, plan)
     }
 
     /// Folds this run's segments into a new base, moving the watermark when one is given.

@@ -9,15 +9,16 @@ use bridge_shared::{ObjectStore, PutCondition, S3Uri};
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
-use super::RunnerSettings;
 use super::committer::Committer;
 use super::producer::Produced;
 use super::sender::Delivery;
+use super::{RunnerSettings, SyncRunner, budget_wait, deadline};
 use crate::diff::export::SyncError;
 use crate::diff::rejects::rejects_key;
 use crate::ops::report::{RunReport, RunStatus};
 use crate::run::handler::{ExportPlan, RunError, RunOutcome};
-use crate::send::deliver::StopReason;
+use crate::send::deliver::{DeliverError, StopReason};
+use crate::state::ledger::{Ledger, STALLED_LIMIT};
 use crate::state::store::Watermark;
 
 /// One run's report and where it goes.
@@ -258,5 +259,98 @@ impl Ended {
                 "audience": a.audience, "count": a.held, "share": a.share, "cap": a.cap,
                 "reason": a.held_because})).collect::<Vec<_>>(),
         })
+    }
+}
+
+impl SyncRunner {
+    /// The run's verdict: failed (retryable or not), unfinished (hand over), or done.
+    pub(super) async fn conclude(
+        &self,
+        record: &mut RunRecord,
+        ended: Ended,
+        committer: &Committer,
+        commit_error: Option<String>,
+    ) -> Result<RunOutcome, RunError> {
+        let store = self.store.as_ref();
+        // A failed checkpoint or a lost lock stopped the sender on purpose: that, not the
+        // sender's "outcomes closed", is the reason; the retry resumes from the last checkpoint.
+        if let Some(e) = &committer.failure {
+            record.report.status = RunStatus::Incomplete;
+            record.report.error = Some(e.clone());
+            record.finish(store).await;
+            return Err(RunError::Retryable(e.clone()));
+        }
+        if let Some(e) = &ended.delivery.error {
+            if matches!(e, DeliverError::Unauthorized { .. }) {
+                return Err(record.key_refused(store, e.to_string()).await);
+            }
+            return Err(record.failed(store, e.to_string(), e.is_retryable()).await);
+        }
+        if let Some(e) = ended.read_error() {
+            return Err(record.failed(store, e.to_string(), e.is_retryable()).await);
+        }
+        if let Some(e) = commit_error {
+            record.report.status = RunStatus::Incomplete;
+            record.report.error = Some(e.clone());
+            record.finish(store).await;
+            return Err(RunError::Retryable(e));
+        }
+        let summary = Ended::summary(&record.report, committer);
+        if ended.unsent() {
+            record.report.status = RunStatus::Incomplete;
+            if self.continuation.is_none() {
+                record.finish(store).await;
+                let why = budget_wait::cut_short(ended.delivery.stats.stopped);
+                return Err(RunError::Retryable(why));
+            }
+            let stats = &ended.delivery.stats;
+            let progressed =
+                stats.users_confirmed + stats.users_recorded > 0 || committer.checkpoints > 0;
+            let stalled = match progressed {
+                true => 0,
+                false => self.stalled_before(record).await + 1,
+            };
+            if stalled >= STALLED_LIMIT {
+                let message = format!(
+                    "the export's last {STALLED_LIMIT} runs reached their deadline without Braze confirming a user, so it would hand itself over forever: the function's timeout leaves too little time after the deadline margin ({}–{} s) to send, or Braze refused every request meanwhile. Nothing is lost (what Braze confirmed is in the state); replay the export once the function's Timeout is longer or Braze answers",
+                    deadline::MARGIN_FLOOR.as_secs(),
+                    deadline::MARGIN_CEILING.as_secs()
+                );
+                return Err(record.failed(store, message, false).await);
+            }
+            let note = budget_wait::hand_over_note(stats.stopped, &self.settings);
+            record.report.notes.push(note);
+            record.finish(store).await;
+            let mut summary = summary;
+            summary["stalled"] = serde_json::json!(stalled);
+            return Ok(record.outcome(true, summary));
+        }
+        record.report.status = match ended.complete(committer) {
+            true if record.report.departures_held > 0 => RunStatus::DeparturesHeld,
+            true => RunStatus::Complete,
+            false => RunStatus::Incomplete,
+        };
+        record.finish(store).await;
+        Ok(record.outcome(false, summary))
+    }
+
+    /// Runs of this run's export in a row that handed over without progress, as its ledger
+    /// entry (this run's claim) carries them; unreadable: none.
+    pub(super) async fn stalled_before(&self, record: &RunRecord) -> u32 {
+        let s = &self.settings;
+        let Some(export_id) = record.report.export_id.as_deref() else {
+            return 0;
+        };
+        Ledger::for_route(
+            self.store.as_ref(),
+            &s.state_bucket,
+            &s.state_prefix,
+            &record.report.route,
+        )
+        .entry(export_id)
+        .await
+        .ok()
+        .flatten()
+        .map_or(0, |e| e.stalled)
     }
 }

@@ -7,9 +7,12 @@
 //! - [`committer`]: checkpoints what Braze confirmed every few seconds and, at the end, commits
 //!   the state (with the export's watermark only when nothing is left).
 //!
-//! [`conclude`] turns what they did into the report, the rejects object, metrics and the
-//! outcome; [`hand_over`] queues the rest of an export cut short by its deadline, which the
-//! handler does only after the route lock and the export claim are released.
+//! Before them, [`sizing`] decides from the head whether the run takes the bounded diff and
+//! whether the state fits the function's memory, and [`load`] dates the export and loads the
+//! state under the lock. [`conclude`] turns what the stages did into the report, the rejects
+//! object, metrics and the run's verdict; [`hand_over`] queues the rest of an export cut short
+//! by its deadline, which the handler does only after the route lock and the export claim are
+//! released.
 
 mod budget_wait;
 mod committer;
@@ -18,8 +21,10 @@ mod currents_feed;
 pub mod deadline;
 pub mod fan_out;
 mod hand_over;
+mod load;
 mod producer;
 mod sender;
+mod sizing;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -29,28 +34,29 @@ use async_trait::async_trait;
 use bridge_shared::ObjectStore;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::warn;
 
 pub use hand_over::{Carried, Continuation, MAX_DELAY, PieceMessage, SqsContinuation};
+pub use sizing::{
+    EST_ROW_BYTES, GZIP_EXPANSION, PARQUET_EXPANSION, SPILL_BUFFERS, STATE_MEMORY_SHARE,
+    STRONG_EXPANSION, export_text_bytes, text_bytes,
+};
 
 use crate::config::route::Route;
-use crate::diff::bounded::{RangedSettings, RangedTimes};
+use crate::diff::bounded::RangedTimes;
 use crate::diff::export::{ProduceOptions, SyncError};
 use crate::model::{DeliveryOutcome, UserDelta};
-use crate::ops::report::RunStatus;
 use crate::run::handler::{ExportPlan, ExportRunner, RunError, RunOutcome};
 use crate::send::braze::BrazeApi;
-use crate::send::deliver::{DeliverConfig, DeliverError};
+use crate::send::deliver::DeliverConfig;
 use crate::send::workspace_share::{SenderRegistry, ShareSettings, WorkspaceShare};
 use crate::state::confirmed::Snapshot;
 use crate::state::lease;
-use crate::state::ledger::{Ledger, STALLED_LIMIT};
 use crate::state::route_lock::{RouteLock, lock_uri};
-use crate::state::store::{
-    Head, HeadDoc, LEGACY_HEAD_FORMAT, RANGE_USERS, StateStore, memory_estimate,
-};
+use crate::state::store::{Head, RANGE_USERS, StateStore};
 use committer::Committer;
 use conclude::{Ended, RunRecord};
+use load::Loaded;
 use producer::{BoundedDiff, Diff, Producer};
 use sender::Sender;
 
@@ -105,74 +111,6 @@ pub struct RunnerSettings {
     /// The route lock's lease while a fan-out's pieces run ([`fan_out::FAN_OUT_LEASE_S`]).
     pub fan_out_lease_s: i64,
 }
-
-/// Export bytes per row assumed when estimating a route's size from its parts (a low guess,
-/// so big exports take the bounded diff early).
-pub const EST_ROW_BYTES: u64 = 100;
-/// How many times bigger than its stored bytes a compressed part's text is assumed to be
-/// when estimating its rows: gzip/zip measured at 4.9× on the harness's sample export
-/// (`harness::samples::customers_csv`, 200,000 rows of 186 bytes, flate2's default level),
-/// rounded up to 5.
-pub const GZIP_EXPANSION: u64 = 5;
-/// The same for Parquet parts: 5.6× measured on the harness's Snappy Parquet of the same
-/// rows (`customers_parquet`, text columns), rounded up to 6.
-pub const PARQUET_EXPANSION: u64 = 6;
-/// The same for bzip2 and zstd parts: not measured; they compress at least as well as gzip,
-/// so Parquet's higher figure is assumed.
-pub const STRONG_EXPANSION: u64 = 6;
-
-/// A part's bytes as text, for the rows estimate: its stored size times the expansion its
-/// name says (`.gz`, `.gzip`, `.tgz`, `.tar.gz`, `.zip`: [`GZIP_EXPANSION`]; `.bz2`, `.zst`:
-/// [`STRONG_EXPANSION`]; `.parquet`, `.pq`: [`PARQUET_EXPANSION`]; anything else as stored).
-/// Names only: the object listing gives no content type (pure).
-pub fn text_bytes(key: &str, size: u64) -> u64 {
-    let k = key.to_ascii_lowercase();
-    let factor = if [".gz", ".gzip", ".tgz", ".zip"]
-        .iter()
-        .any(|e| k.ends_with(e))
-    {
-        GZIP_EXPANSION
-    } else if [".bz2", ".zst"].iter().any(|e| k.ends_with(e)) {
-        STRONG_EXPANSION
-    } else if [".parquet", ".pq"].iter().any(|e| k.ends_with(e)) {
-        PARQUET_EXPANSION
-    } else {
-        1
-    };
-    size.saturating_mul(factor)
-}
-
-/// The export's bytes as text ([`text_bytes`] of every part).
-pub fn export_text_bytes(plan: &ExportPlan) -> u64 {
-    plan.parts
-        .iter()
-        .map(|p| text_bytes(&p.key, p.size))
-        .fold(0, u64::saturating_add)
-}
-
-/// The users a ranged commit of `plan` lays a state out for: `expected`, or, for a state
-/// without a range layout yet (a first sync), at least the export's rows (`rows_read`, as
-/// the bounded diff's partition step counted them, else estimated from the parts' sizes). A
-/// first sync that hands over commits what it confirmed so far; laid out for that alone, its
-/// ranges would take every later invocation's users (only a complete commit re-lays out),
-/// and each hand-over's commit would load ranges many times the target size.
-pub(super) fn layout_users(doc: &HeadDoc, expected: u64, rows_read: u64, plan: &ExportPlan) -> u64 {
-    if !doc.ranges.is_empty() {
-        return expected;
-    }
-    let rows = match rows_read {
-        0 => export_text_bytes(plan) / EST_ROW_BYTES,
-        n => n,
-    };
-    expected.max(rows)
-}
-
-/// Memory the bounded diff's spill buffers take.
-pub const SPILL_BUFFERS: u64 = 32 << 20;
-
-/// Share of the function's memory the confirmed state may take; the rest is for the readers,
-/// the sender's buffers and the runtime.
-pub const STATE_MEMORY_SHARE: f64 = 0.6;
 
 impl RunnerSettings {
     /// Defaults around the given locations.
@@ -378,142 +316,8 @@ impl ExportRunner for SyncRunner {
 }
 
 impl SyncRunner {
-    /// The export's date, as the route declares it; a date too far ahead is refused before
-    /// anything is claimed, so it can never pin the watermark.
-    async fn date_export(
-        &self,
-        plan: &ExportPlan,
-        route: &Route,
-        record: &mut RunRecord,
-    ) -> Result<String, RunError> {
-        let order = route.export_order();
-        let dated = order
-            .export_time(&plan.trigger, &plan.trigger_meta)
-            .and_then(|t| {
-                order
-                    .check_skew(&plan.trigger, t, crate::clock::now())
-                    .map(|()| t.to_rfc3339())
-            });
-        match dated {
-            Ok(t) => {
-                record.report.exported_at = Some(t.clone());
-                Ok(t)
-            }
-            Err(e) => Err(record
-                .failed(self.store.as_ref(), e.to_string(), false)
-                .await),
-        }
-    }
-
-    /// Whether this run takes the bounded diff: a format-2 (or new) state and a route of at
-    /// least [`RunnerSettings::bounded_min_users`] users (state plus the export's estimated
-    /// rows), or a state whose whole snapshot would take more than a quarter of the memory,
-    /// or a forced fan-out.
-    fn takes_bounded(&self, plan: &ExportPlan, route: &Route, doc: &HeadDoc) -> bool {
-        if doc.format == LEGACY_HEAD_FORMAT {
-            return false;
-        }
-        let s = &self.settings;
-        let est_rows: u64 = export_text_bytes(plan) / EST_ROW_BYTES;
-        let users = doc
-            .users
-            .max(doc.ranges.iter().map(|r| r.users).sum::<u64>())
-            .saturating_add(est_rows);
-        let heavy = s
-            .memory_limit_bytes
-            .is_some_and(|l| memory_estimate(doc, route) > l / 4);
-        // A forced fan-out (`BRIDGE_FAN_OUT_PIECES`) splits the bounded diff, whatever the size.
-        let forced = s.fan_out_pieces.is_some_and(|n| n >= 2) && self.continuation.is_some();
-        users >= s.bounded_min_users || heavy || forced
-    }
-
-    /// Memory the bounded diff needs per worker: its largest hash range, loaded.
-    fn range_memory(doc: &HeadDoc, route: &Route) -> u64 {
-        // A head without ranges holds its users in one.
-        let widest = doc
-            .ranges
-            .iter()
-            .map(|r| r.users)
-            .max()
-            .unwrap_or(doc.users);
-        let one = HeadDoc {
-            users: widest,
-            ..HeadDoc::default()
-        };
-        memory_estimate(&one, route)
-    }
-
-    /// Fails fast, before the route lock is taken (so a state that cannot fit never leaves
-    /// the lock held by a process that dies loading it), when the state the head describes
-    /// cannot fit in this function's memory: the whole snapshot for the in-memory diff, one
-    /// hash range per worker plus the spill buffers for the bounded one. Returns whether the
-    /// run takes the bounded diff.
-    async fn check_memory(
-        &self,
-        plan: &ExportPlan,
-        route: &Route,
-        record: &mut RunRecord,
-    ) -> Result<bool, RunError> {
-        let head = match self.state(route).read_head().await {
-            Ok(h) => h,
-            Err(e) if e.is_retryable() => return Err(RunError::Retryable(e.to_string())),
-            // An unreadable head fails the load with its own reason.
-            Err(_) => return Ok(false),
-        };
-        let bounded = self.takes_bounded(plan, route, &head.doc);
-        let Some(limit) = self.settings.memory_limit_bytes else {
-            return Ok(bounded);
-        };
-        let need = if bounded {
-            Self::range_memory(&head.doc, route) + SPILL_BUFFERS
-        } else {
-            memory_estimate(&head.doc, route)
-        };
-        let budget = (limit as f64 * STATE_MEMORY_SHARE) as u64;
-        if need <= budget {
-            return Ok(bounded);
-        }
-        let mb = |b: u64| b.div_ceil(1024 * 1024);
-        let want = ((need as f64 / STATE_MEMORY_SHARE) as u64).div_ceil(64 << 20) * 64;
-        let what = if bounded {
-            "its largest state range and the spill buffers need"
-        } else {
-            "needs"
-        };
-        let message = format!(
-            "route {}: its confirmed state ({} users, {} attributes) {what} about {} MB in memory, more than the {} MB this function gives it ({}% of its {} MB); nothing was sent and the route lock was not taken. Raise the function's memory (MemorySize of BrazeSyncFunction in template.yaml, memorySize in the CDK construct) to at least {} MB",
-            route.name(),
-            head.doc.users,
-            route.slot_names().len(),
-            mb(need),
-            mb(budget),
-            (STATE_MEMORY_SHARE * 100.0) as u32,
-            mb(limit),
-            want
-        );
-        Err(record.failed(self.store.as_ref(), message, false).await)
-    }
-
-    /// The bounded diff's settings for this run: workers bounded by the cores and by the
-    /// memory one loaded range takes.
-    fn ranged_settings(&self, doc: &HeadDoc, route: &Route, run_id: &str) -> RangedSettings {
-        let s = &self.settings;
-        let mut r = RangedSettings::new(run_id);
-        r.spill_base = s.spill_dir.clone();
-        r.disk_limit = s.spill_limit_bytes;
-        r.buffer_budget = SPILL_BUFFERS as usize;
-        let mut workers = s.diff_workers.max(1);
-        if let Some(limit) = s.memory_limit_bytes {
-            let budget = (limit as f64 * STATE_MEMORY_SHARE) as u64;
-            let per = Self::range_memory(doc, route).max(1);
-            let fit = budget.saturating_sub(SPILL_BUFFERS) / per;
-            workers = workers.min(fit.max(1) as usize);
-        }
-        r.workers = workers;
-        r
-    }
-
-    /// The run under the route lock: load, skip if stale, stream, conclude.
+    /// The run under the route lock: load, skip if stale, fold a killed run's checkpoints, fan
+    /// out or stream, conclude.
     async fn run_locked(
         &self,
         export: LockedExport<'_>,
@@ -527,7 +331,6 @@ impl SyncRunner {
             exported_at,
             bounded,
         } = export;
-        let store = self.store.as_ref();
         let state = self.state(route);
         let (mut head, mut snapshot) = match self.load_locked(export, &state, record).await? {
             Loaded::Ready(ready) => *ready,
@@ -535,7 +338,6 @@ impl SyncRunner {
         };
         self.apply_currents_feed(route, &state, &mut head, snapshot.as_mut(), record)
             .await?;
-        let s = &self.settings;
         if bounded && !head.doc.segments.is_empty() {
             // A killed run's checkpoints are folded into range deltas first, so every range
             // loads alone.
@@ -557,6 +359,38 @@ impl SyncRunner {
                 )
                 .await;
         }
+        let against = Against {
+            state,
+            head,
+            snapshot,
+        };
+        self.stream(export, against, record, remaining_ms, lock_lost)
+            .await
+    }
+
+    /// The three stages at once (producer → sender → committer) over the loaded state, then
+    /// the commit and the verdict; an export whose spill measured too big for one invocation
+    /// fans out instead when nothing was sent.
+    async fn stream(
+        &self,
+        export: LockedExport<'_>,
+        against: Against,
+        record: &mut RunRecord,
+        remaining_ms: Option<u64>,
+        lock_lost: watch::Receiver<Option<String>>,
+    ) -> Result<RunOutcome, RunError> {
+        let LockedExport {
+            plan,
+            route,
+            exported_at,
+            ..
+        } = export;
+        let Against {
+            state,
+            head,
+            snapshot,
+        } = against;
+        let s = &self.settings;
         let mut opts = ProduceOptions::for_route(route, &plan.trigger.to_string());
         opts.full_resend |= plan.force_full;
         opts.allow_departures = plan.allow_departures;
@@ -608,7 +442,9 @@ impl SyncRunner {
             }
         }
         let mut ended = Ended { produced, delivery };
-        ended.account(record, &committer, store, s).await;
+        ended
+            .account(record, &committer, self.store.as_ref(), s)
+            .await;
         let watermark = ended.watermark(plan, exported_at);
         let commit_error = match snapshot {
             Some(snap) => committer.commit(snap, watermark).await,
@@ -629,240 +465,6 @@ impl SyncRunner {
         };
         self.conclude(record, ended, &committer, commit_error).await
     }
-
-    /// Loads the route's state (a bounded run reads only its head), forgets a watermark from
-    /// the future, and answers a stale export (older than the one the state reflects) as
-    /// skipped, unless it is a forced replay, which is sent in full and noted. A bounded run
-    /// folds a killed run's checkpoint segments first.
-    async fn load_locked(
-        &self,
-        export: LockedExport<'_>,
-        state: &StateStore,
-        record: &mut RunRecord,
-    ) -> Result<Loaded, RunError> {
-        let LockedExport {
-            plan,
-            route,
-            exported_at,
-            bounded,
-        } = export;
-        let store = self.store.as_ref();
-        let loaded = if bounded {
-            state.read_head().await.map(|h| (h, None))
-        } else {
-            state.load(route).await.map(|(h, snap)| (h, Some(snap)))
-        };
-        let (mut head, mut snapshot) = match loaded {
-            Ok(x) => x,
-            Err(e) if e.is_retryable() => return Err(RunError::Retryable(e.to_string())),
-            Err(e) => {
-                let message = format!("loading state: {e}");
-                return Err(record.failed(store, message, false).await);
-            }
-        };
-        // Fan-outs left behind end first: what their pieces had Braze confirm is diffed against.
-        self.end_left_fan_outs(route, &mut head, &mut snapshot, record)
-            .await?;
-        forget_future_watermark(route, &mut head, record);
-        if head.is_stale(Some(exported_at)) {
-            if !plan.force_full {
-                return Ok(Loaded::Stale(self.skip_stale(plan, &head, record).await));
-            }
-            record.report.forced_older_replay = true;
-            record.report.notes.push(format!(
-                "forced replay of an export older than the one the state reflects ({}); sent in full, the watermark stays at the newer export",
-                watermark_text(&head)
-            ));
-        }
-        if bounded && !head.doc.segments.is_empty() {
-            self.fold_segments(plan, route, state, &mut head, record)
-                .await?;
-        }
-        Ok(Loaded::Ready(Box::new((head, snapshot))))
-    }
-
-    /// Folds the checkpoint segments a killed run left into range deltas (no watermark, no
-    /// base rewritten), so the bounded diff can load each range alone.
-    async fn fold_segments(
-        &self,
-        plan: &ExportPlan,
-        route: &Route,
-        state: &StateStore,
-        head: &mut Head,
-        record: &mut RunRecord,
-    ) -> Result<(), RunError> {
-        let s = &self.settings;
-        let dir = match crate::state::spill::SpillDir::create(
-            &s.spill_dir,
-            &format!("{}-fold", record.run_id),
-        ) {
-            Ok(d) => d,
-            Err(e) => return Err(RunError::Retryable(e.to_string())),
-        };
-        let users = layout_users(&head.doc, head.doc.users, 0, plan);
-        match state
-            .commit_ranged(head, route, None, users, dir.path())
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if e.is_retryable() => Err(RunError::Retryable(e.to_string())),
-            Err(e) => {
-                let message = format!("folding the state's checkpoints: {e}");
-                Err(record.failed(self.store.as_ref(), message, false).await)
-            }
-        }
-    }
-
-    /// Records an export older than the state as `skipped_stale`, without touching the state.
-    async fn skip_stale(
-        &self,
-        plan: &ExportPlan,
-        head: &Head,
-        record: &mut RunRecord,
-    ) -> RunOutcome {
-        record.report.status = RunStatus::SkippedStale;
-        record.report.notes.push(format!(
-            "export dated {} is older than the one the state reflects ({}); skipped, never applied over newer data. Replay it on purpose with bridge-force-full=true or --force-full",
-            record.report.exported_at.as_deref().unwrap_or("?"),
-            watermark_text(head)
-        ));
-        info!(route = %plan.route, export = %plan.trigger, "Skipping an export older than the state.");
-        record.finish(self.store.as_ref()).await;
-        record.outcome(
-            false,
-            serde_json::json!({"status": "skipped_stale", "state_watermark": head.doc.watermark}),
-        )
-    }
-
-    /// The run's verdict: failed (retryable or not), unfinished (hand over), or done.
-    async fn conclude(
-        &self,
-        record: &mut RunRecord,
-        ended: Ended,
-        committer: &Committer,
-        commit_error: Option<String>,
-    ) -> Result<RunOutcome, RunError> {
-        let store = self.store.as_ref();
-        // A failed checkpoint or a lost lock stopped the sender on purpose: that, not the
-        // sender's "outcomes closed", is the reason; the retry resumes from the last checkpoint.
-        if let Some(e) = &committer.failure {
-            record.report.status = RunStatus::Incomplete;
-            record.report.error = Some(e.clone());
-            record.finish(store).await;
-            return Err(RunError::Retryable(e.clone()));
-        }
-        if let Some(e) = &ended.delivery.error {
-            if matches!(e, DeliverError::Unauthorized { .. }) {
-                return Err(record.key_refused(store, e.to_string()).await);
-            }
-            return Err(record.failed(store, e.to_string(), e.is_retryable()).await);
-        }
-        if let Some(e) = ended.read_error() {
-            return Err(record.failed(store, e.to_string(), e.is_retryable()).await);
-        }
-        if let Some(e) = commit_error {
-            record.report.status = RunStatus::Incomplete;
-            record.report.error = Some(e.clone());
-            record.finish(store).await;
-            return Err(RunError::Retryable(e));
-        }
-        let summary = Ended::summary(&record.report, committer);
-        if ended.unsent() {
-            record.report.status = RunStatus::Incomplete;
-            if self.continuation.is_none() {
-                record.finish(store).await;
-                let why = budget_wait::cut_short(ended.delivery.stats.stopped);
-                return Err(RunError::Retryable(why));
-            }
-            let stats = &ended.delivery.stats;
-            let progressed =
-                stats.users_confirmed + stats.users_recorded > 0 || committer.checkpoints > 0;
-            let stalled = match progressed {
-                true => 0,
-                false => self.stalled_before(record).await + 1,
-            };
-            if stalled >= STALLED_LIMIT {
-                let message = format!(
-                    "the export's last {STALLED_LIMIT} runs reached their deadline without Braze confirming a user, so it would hand itself over forever: the function's timeout leaves too little time after the deadline margin ({}–{} s) to send, or Braze refused every request meanwhile. Nothing is lost (what Braze confirmed is in the state); replay the export once the function's Timeout is longer or Braze answers",
-                    deadline::MARGIN_FLOOR.as_secs(),
-                    deadline::MARGIN_CEILING.as_secs()
-                );
-                return Err(record.failed(store, message, false).await);
-            }
-            let note = budget_wait::hand_over_note(stats.stopped, &self.settings);
-            record.report.notes.push(note);
-            record.finish(store).await;
-            let mut summary = summary;
-            summary["stalled"] = serde_json::json!(stalled);
-            return Ok(record.outcome(true, summary));
-        }
-        record.report.status = match ended.complete(committer) {
-            true if record.report.departures_held > 0 => RunStatus::DeparturesHeld,
-            true => RunStatus::Complete,
-            false => RunStatus::Incomplete,
-        };
-        record.finish(store).await;
-        Ok(record.outcome(false, summary))
-    }
-}
-
-impl SyncRunner {
-    /// Runs of this run's export in a row that handed over without progress, as its ledger
-    /// entry (this run's claim) carries them; unreadable: none.
-    async fn stalled_before(&self, record: &RunRecord) -> u32 {
-        let s = &self.settings;
-        let Some(export_id) = record.report.export_id.as_deref() else {
-            return 0;
-        };
-        Ledger::for_route(
-            self.store.as_ref(),
-            &s.state_bucket,
-            &s.state_prefix,
-            &record.report.route,
-        )
-        .entry(export_id)
-        .await
-        .ok()
-        .flatten()
-        .map_or(0, |e| e.stalled)
-    }
-}
-
-fn watermark_text(head: &Head) -> String {
-    match &head.doc.watermark {
-        Some(w) => format!(
-            "{} dated {}",
-            w.export_id,
-            w.exported_at.as_deref().unwrap_or("?")
-        ),
-        None => "none".into(),
-    }
-}
-
-/// A watermark dated beyond the route's `max_future_skew` (written before exports were dated
-/// as declared, e.g. from a `..._20991231.csv` name) would skip every genuine export: it is
-/// ignored, said so in the report, and replaced by this run's commit.
-fn forget_future_watermark(route: &Route, head: &mut Head, record: &mut RunRecord) {
-    let order = route.export_order();
-    let at = head
-        .doc
-        .watermark
-        .as_ref()
-        .and_then(|w| w.exported_at.as_deref())
-        .and_then(crate::config::export_order::parse_instant);
-    if let Some(at) = at
-        && order.too_far_ahead(at, crate::clock::now())
-    {
-        record.report.notes.push(format!(
-            "the state's watermark ({}) lies beyond max_future_skew; it is ignored and replaced by this export's",
-            watermark_text(head)
-        ));
-        warn!(
-            route = route.name(),
-            "Ignoring a state watermark dated in the future."
-        );
-        head.doc.watermark = None;
-    }
 }
 
 /// The export a run syncs under the route lock.
@@ -878,10 +480,12 @@ struct LockedExport<'a> {
     bounded: bool,
 }
 
-/// The state as a run under the lock found it.
-enum Loaded {
-    /// The head and, unless the run is bounded, the whole snapshot.
-    Ready(Box<(Head, Option<Snapshot>)>),
-    /// The export is older than the one the state reflects: skipped, with this outcome.
-    Stale(RunOutcome),
+/// The state a run streams an export against, as it was loaded under the lock.
+struct Against {
+    /// The route's state store.
+    state: StateStore,
+    /// Its head.
+    head: Head,
+    /// The whole snapshot, unless the run is bounded.
+    snapshot: Option<Snapshot>,
 }
