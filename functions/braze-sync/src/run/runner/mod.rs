@@ -7,12 +7,12 @@
 //! - [`committer`]: checkpoints what Braze confirmed every few seconds and, at the end, commits
 //!   the state (with the export's watermark only when nothing is left).
 //!
-//! Before them, [`sizing`] decides from the head whether the run takes the bounded diff and
-//! whether the state fits the function's memory, and [`load`] dates the export and loads the
-//! state under the lock. [`conclude`] turns what the stages did into the report, the rejects
-//! object, metrics and the run's verdict; [`hand_over`] queues the rest of an export cut short
-//! by its deadline, which the handler does only after the route lock and the export claim are
-//! released.
+//! Before them, [`memory_fit`] decides from the head ([`sizing`] its estimates) whether the
+//! run takes the bounded diff and whether the state fits the function's memory, and [`load`]
+//! dates the export and loads the state under the lock. [`conclude`] turns what the stages did
+//! into the report, the rejects object, metrics and the run's verdict; [`hand_over`] queues
+//! the rest of an export cut short by its deadline, which the handler does only after the
+//! route lock and the export claim are released.
 
 mod budget_wait;
 mod committer;
@@ -22,6 +22,7 @@ pub mod deadline;
 pub mod fan_out;
 mod hand_over;
 mod load;
+mod memory_fit;
 mod producer;
 mod sender;
 mod sizing;
