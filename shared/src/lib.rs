@@ -1,8 +1,9 @@
 //! Shared building blocks of the Amperity ⇄ Braze bridge: how an invocation names the objects
-//! to process ([`trigger`]), where objects live ([`s3_uri`], [`object_store`]), and how a run
+//! to process ([`trigger`]), where objects live ([`s3_uri`], [`object_store`]) and leases kept in them ([`lease`]), and how a run
 //! reports itself ([`logging`], [`metrics`], [`runtime`]); the profile-change feed
 //! currents-normalize hands braze-sync ([`profile_feed`]).
 
+pub mod lease;
 pub mod logging;
 pub mod metrics;
 pub mod object_store;

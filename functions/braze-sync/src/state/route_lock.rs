@@ -7,12 +7,11 @@
 //! This is not the export ledger ([`crate::state::ledger`]): the ledger says what happened to each
 //! export; the lock says who may move a route's state right now.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bridge_shared::{ObjectStore, PutCondition, S3Uri, StoreError};
-use bytes::Bytes;
+use bridge_shared::lease::{self, Lease, LeaseDoc, LeaseError};
+use bridge_shared::{ObjectStore, S3Uri, StoreError};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
@@ -32,6 +31,16 @@ pub struct LockDoc {
     /// Set when the holder let it go.
     #[serde(default)]
     pub released: bool,
+}
+
+impl LeaseDoc for LockDoc {
+    fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    fn keeps_out(&self, now_ms: i64) -> bool {
+        !self.released && self.lease_until_ms > now_ms
+    }
 }
 
 /// Why the lock could not be read, taken, renewed or released.
@@ -62,13 +71,23 @@ impl LockError {
     }
 }
 
+impl From<LeaseError> for LockError {
+    /// A lease that changed under us and cannot be read back counts as lost: the run stops.
+    fn from(e: LeaseError) -> Self {
+        match e {
+            LeaseError::Store { uri, error } => LockError::Store { uri, error },
+            LeaseError::Lost { uri, holder } => LockError::Lost { uri, holder },
+            LeaseError::Changed { uri, .. } => LockError::Lost { uri, holder: None },
+        }
+    }
+}
+
 /// A held route lock. Dropping it without [`RouteLock::release`] leaves the lease to expire.
 pub struct RouteLock {
     store: Arc<dyn ObjectStore>,
-    uri: S3Uri,
+    lease: Lease,
     holder: String,
     lease_s: i64,
-    etag: String,
     lease_until_ms: i64,
     /// Held by several invocations at once under one holder name (the pieces of a fan-out,
     /// [`RouteLock::join`]): a renewal that finds a sibling's write is not a loss.
@@ -94,26 +113,18 @@ pub fn lock_uri(bucket: &str, state_prefix: &str, route: &str) -> S3Uri {
     S3Uri::new(bucket, format!("{prefix}{route}/{LOCK_OBJECT}"))
 }
 
-fn body(doc: &LockDoc) -> Bytes {
-    Bytes::from(serde_json::to_vec(doc).unwrap_or_default())
-}
-
 /// Reads the lock object without taking it (for `status`): `None` when the route never ran.
 pub async fn read_lock(store: &dyn ObjectStore, uri: &S3Uri) -> Result<Option<LockDoc>, LockError> {
-    match store.get(uri).await {
-        // An unreadable lock object protects nobody (see `acquire`): shown as free.
-        Ok((_, bytes)) => Ok(serde_json::from_slice(&bytes).ok()),
-        Err(StoreError::NotFound { .. }) => Ok(None),
-        Err(error) => Err(LockError::Store {
-            uri: uri.clone(),
-            error,
-        }),
-    }
+    // An unreadable lock object protects nobody (see `acquire`): shown as free.
+    Ok(lease::read::<LockDoc>(store, uri)
+        .await?
+        .and_then(|c| c.doc))
 }
 
 impl RouteLock {
     /// Takes the lock for `lease_s` seconds from `now_ms` (epoch milliseconds), or returns
     /// `None` when another holder's lease is alive (or another run took it at the same moment).
+    /// An unreadable lock object is taken over like an expired one.
     pub async fn acquire(
         store: Arc<dyn ObjectStore>,
         uri: S3Uri,
@@ -126,41 +137,11 @@ impl RouteLock {
             lease_until_ms: now_ms + lease_s * 1000,
             released: false,
         };
-        let err = |error| LockError::Store {
-            uri: uri.clone(),
-            error,
-        };
-        let condition = match store
-            .put(&uri, body(&doc), PutCondition::IfAbsent, BTreeMap::new())
-            .await
-        {
-            Ok(meta) => return Ok(Some(Self::held(store, uri, doc, lease_s, meta.etag))),
-            Err(StoreError::PreconditionFailed { .. }) => {
-                let (meta, bytes) = match store.get(&uri).await {
-                    Ok(x) => x,
-                    // Deleted between the two calls: someone else is playing with it; stand back.
-                    Err(StoreError::NotFound { .. }) => return Ok(None),
-                    Err(e) => return Err(err(e)),
-                };
-                // An unreadable lock object protects nobody: it is taken over like an expired one.
-                let current: Option<LockDoc> = serde_json::from_slice(&bytes).ok();
-                if current.is_some_and(|c| !c.released && c.lease_until_ms > now_ms) {
-                    return Ok(None);
-                }
-                PutCondition::IfMatch(meta.etag)
-            }
-            Err(e) => return Err(err(e)),
-        };
-        match store
-            .put(&uri, body(&doc), condition, BTreeMap::new())
-            .await
-        {
-            Ok(meta) => Ok(Some(Self::held(store, uri, doc, lease_s, meta.etag))),
-            Err(StoreError::PreconditionFailed { .. }) => Ok(None),
-            Err(e) => Err(err(e)),
-        }
+        let held = Lease::acquire(store.as_ref(), &uri, &doc, now_ms).await?;
+        Ok(held.map(|l| Self::from_lease(store, l, doc, lease_s)))
     }
 
+    #[cfg(test)]
     fn held(
         store: Arc<dyn ObjectStore>,
         uri: S3Uri,
@@ -168,12 +149,15 @@ impl RouteLock {
         lease_s: i64,
         etag: String,
     ) -> Self {
+        Self::from_lease(store, Lease::held(uri, etag), doc, lease_s)
+    }
+
+    fn from_lease(store: Arc<dyn ObjectStore>, lease: Lease, doc: LockDoc, lease_s: i64) -> Self {
         Self {
             store,
-            uri,
+            lease,
             holder: doc.holder,
             lease_s,
-            etag,
             lease_until_ms: doc.lease_until_ms,
             shared: false,
         }
@@ -190,30 +174,21 @@ impl RouteLock {
         now_ms: i64,
         lease_s: i64,
     ) -> Result<Joined, LockError> {
-        let err = |error| LockError::Store {
-            uri: uri.clone(),
-            error,
-        };
         for _ in 0..5 {
-            let (meta, bytes) = match store.get(&uri).await {
-                Ok(x) => x,
-                Err(StoreError::NotFound { .. }) => {
-                    return match Self::acquire(store, uri.clone(), holder, now_ms, lease_s).await? {
-                        Some(mut l) => {
-                            l.shared = true;
-                            Ok(Joined::Held(l))
-                        }
-                        None => Ok(Joined::Busy("another run".into())),
-                    };
-                }
-                Err(e) => return Err(err(e)),
+            let Some(current) = lease::read::<LockDoc>(store.as_ref(), &uri).await? else {
+                return match Self::acquire(store, uri.clone(), holder, now_ms, lease_s).await? {
+                    Some(mut l) => {
+                        l.shared = true;
+                        Ok(Joined::Held(l))
+                    }
+                    None => Ok(Joined::Busy("another run".into())),
+                };
             };
-            let current: Option<LockDoc> = serde_json::from_slice(&bytes).ok();
-            if let Some(c) = &current {
+            if let Some(c) = &current.doc {
                 if c.holder == holder && c.released {
                     return Ok(Joined::Ended);
                 }
-                if c.holder != holder && !c.released && c.lease_until_ms > now_ms {
+                if c.holder != holder && c.keeps_out(now_ms) {
                     return Ok(Joined::Busy(c.holder.clone()));
                 }
             }
@@ -222,23 +197,16 @@ impl RouteLock {
                 lease_until_ms: now_ms + lease_s * 1000,
                 released: false,
             };
-            match store
-                .put(
-                    &uri,
-                    body(&doc),
-                    PutCondition::IfMatch(meta.etag),
-                    BTreeMap::new(),
-                )
-                .await
-            {
-                Ok(meta) => {
-                    let mut l = Self::held(store, uri, doc, lease_s, meta.etag);
+            let mut l = Lease::held(uri.clone(), current.etag);
+            match l.write(store.as_ref(), &doc).await {
+                Ok(()) => {
+                    let mut l = Self::from_lease(store, l, doc, lease_s);
                     l.shared = true;
                     return Ok(Joined::Held(l));
                 }
                 // A sibling renewed at the same moment: read again.
-                Err(StoreError::PreconditionFailed { .. }) => continue,
-                Err(e) => return Err(err(e)),
+                Err(LeaseError::Lost { .. } | LeaseError::Changed { .. }) => continue,
+                Err(e) => return Err(e.into()),
             }
         }
         Ok(Joined::Busy("(the lock changed too often to join)".into()))
@@ -246,22 +214,19 @@ impl RouteLock {
 
     /// A shared lock whose ETag moved: adopt a sibling's write when the holder is still ours.
     async fn sibling_etag(&self) -> Result<Option<(String, LockDoc)>, LockError> {
-        match self.store.get(&self.uri).await {
-            Ok((meta, b)) => Ok(serde_json::from_slice::<LockDoc>(&b)
-                .ok()
-                .filter(|d| d.holder == self.holder && !d.released)
-                .map(|d| (meta.etag, d))),
-            Err(StoreError::NotFound { .. }) => Ok(None),
-            Err(error) => Err(LockError::Store {
-                uri: self.uri.clone(),
-                error,
-            }),
-        }
+        Ok(lease::read::<LockDoc>(self.store.as_ref(), self.uri())
+            .await?
+            .and_then(|c| {
+                let etag = c.etag;
+                c.doc
+                    .filter(|d| d.holder == self.holder && !d.released)
+                    .map(|d| (etag, d))
+            }))
     }
 
     /// The lock object.
     pub fn uri(&self) -> &S3Uri {
-        &self.uri
+        self.lease.uri()
     }
 
     /// Epoch milliseconds until which the lease holds.
@@ -291,12 +256,13 @@ impl RouteLock {
     }
 
     /// Extends the lease to `now_ms + lease_s`. [`LockError::Lost`] when another run replaced
-    /// it.
+    /// it. A renewal whose answer was lost is recognised by the next one (it reads the lock
+    /// back and finds its own write), so it is not taken for a loss.
     pub async fn renew(&mut self, now_ms: i64) -> Result<(), LockError> {
         match self.renew_once(now_ms).await {
             Err(LockError::Lost { .. }) if self.shared => match self.sibling_etag().await? {
                 Some((etag, _)) => {
-                    self.etag = etag;
+                    self.lease.adopt(etag);
                     match self.renew_once(now_ms).await {
                         // A sibling renewed again meanwhile: the lease is alive either way.
                         Err(LockError::Lost {
@@ -317,36 +283,9 @@ impl RouteLock {
             lease_until_ms: now_ms + self.lease_s * 1000,
             released: false,
         };
-        match self
-            .store
-            .put(
-                &self.uri,
-                body(&doc),
-                PutCondition::IfMatch(self.etag.clone()),
-                BTreeMap::new(),
-            )
-            .await
-        {
-            Ok(meta) => {
-                self.etag = meta.etag;
-                self.lease_until_ms = doc.lease_until_ms;
-                Ok(())
-            }
-            Err(StoreError::PreconditionFailed { .. }) | Err(StoreError::NotFound { .. }) => {
-                let holder = match self.store.get(&self.uri).await {
-                    Ok((_, b)) => serde_json::from_slice::<LockDoc>(&b).ok().map(|d| d.holder),
-                    Err(_) => None,
-                };
-                Err(LockError::Lost {
-                    uri: self.uri.clone(),
-                    holder,
-                })
-            }
-            Err(error) => Err(LockError::Store {
-                uri: self.uri.clone(),
-                error,
-            }),
-        }
+        self.lease.renew(self.store.as_ref(), &doc).await?;
+        self.lease_until_ms = doc.lease_until_ms;
+        Ok(())
     }
 
     /// Lets the lock go (only if our lease is still the current one; for a joined lock, if
@@ -362,7 +301,7 @@ impl RouteLock {
                 Err(e @ LockError::Lost { .. }) => return Err(e),
                 Err(e) if attempt >= RELEASE_ATTEMPTS => return Err(e),
                 Err(e) => {
-                    warn!(lock = %self.uri, error = %e, attempt, "Could not release the route lock; trying again.");
+                    warn!(lock = %self.uri(), error = %e, attempt, "Could not release the route lock; trying again.");
                     tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
                 }
             }
@@ -373,54 +312,36 @@ impl RouteLock {
         if self.shared
             && let Some((etag, _)) = self.sibling_etag().await?
         {
-            self.etag = etag;
+            self.lease.adopt(etag);
         }
         let doc = LockDoc {
             holder: self.holder.clone(),
             lease_until_ms: 0,
             released: true,
         };
-        let err = |uri: &S3Uri, error| LockError::Store {
+        let store_err = |uri: &S3Uri, error| LockError::Store {
             uri: uri.clone(),
             error,
         };
-        match self
-            .store
-            .put(
-                &self.uri,
-                body(&doc),
-                PutCondition::IfMatch(self.etag.clone()),
-                BTreeMap::new(),
-            )
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(StoreError::PreconditionFailed { .. }) => {
-                // Either another run took the lock over, or one of our own writes landed and
-                // its answer was lost (a release, or a renewal): the object as it is decides.
-                let (meta, bytes) = self
-                    .store
-                    .get(&self.uri)
-                    .await
-                    .map_err(|e| err(&self.uri, e))?;
-                match serde_json::from_slice::<LockDoc>(&bytes).ok() {
-                    Some(d) if d.holder == self.holder && d.released => Ok(()),
-                    Some(d) if d.holder == self.holder => {
-                        self.etag = meta.etag;
-                        Err(LockError::Store {
-                            uri: self.uri.clone(),
-                            error: StoreError::PreconditionFailed {
-                                uri: self.uri.clone(),
-                            },
-                        })
-                    }
-                    d => Err(LockError::Lost {
-                        uri: self.uri.clone(),
-                        holder: d.map(|d| d.holder),
-                    }),
+        match self.lease.release(self.store.as_ref(), &doc).await {
+            Ok(()) => Ok(()),
+            // A lease under our name that is not our last write (a sibling's renewal): go on
+            // from it and try again.
+            Err(LeaseError::Lost {
+                holder: Some(h), ..
+            }) if h == self.holder => {
+                if let Some((etag, _)) = self.sibling_etag().await? {
+                    self.lease.adopt(etag);
                 }
+                let uri = self.uri().clone();
+                Err(store_err(
+                    &uri,
+                    StoreError::PreconditionFailed { uri: uri.clone() },
+                ))
             }
-            Err(error) => Err(err(&self.uri, error)),
+            // Not known whose the lock is now: try again.
+            Err(LeaseError::Changed { uri, error }) => Err(store_err(&uri, error)),
+            Err(e) => Err(e.into()),
         }
     }
 }
@@ -429,7 +350,10 @@ impl RouteLock {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use bridge_shared::PutCondition;
     use bridge_shared::object_store::MemoryStore;
+    use bytes::Bytes;
+    use std::collections::BTreeMap;
 
     fn setup() -> (Arc<dyn ObjectStore>, S3Uri) {
         (
