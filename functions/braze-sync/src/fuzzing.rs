@@ -1,5 +1,5 @@
 //! Entry points shared by the fuzz targets (`fuzz/`, run by `make fuzz`) and the regression
-//! tests that replay their findings on stable (`tests/fuzz_regressions.rs`). Not an API.
+//! tests that replay their findings on stable (`tests/it/fuzz_regressions.rs`). Not an API.
 
 use crate::config::route::Route;
 use crate::diff::export::{Part, ProduceOptions};

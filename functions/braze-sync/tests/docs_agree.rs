@@ -539,7 +539,7 @@ fn every_route_key_is_documented_and_every_documented_one_exists() {
         &documented,
         &format!(
             "the reference in {doc} (regenerate it: UPDATE_README=1 cargo test -p braze-sync \
-             --test route_config)"
+             --test it route_config)"
         ),
     ));
 }

@@ -1,5 +1,5 @@
 //! The entry point the `currents_avro` fuzz target (`fuzz/`) drives, kept in the library so the
-//! inputs it once crashed on are replayed by `tests/fuzz_regressions.rs` on stable.
+//! inputs it once crashed on are replayed by `tests/it/fuzz_regressions.rs` on stable.
 
 use std::sync::OnceLock;
 

@@ -101,7 +101,7 @@ fn trigger_and_route_inputs_end_in_a_result_not_a_panic() {
 /// Not coverage-guided: random byte mutations (flip, insert, delete, splice, truncate) of the
 /// export seed corpus through the mapper, for `MUTATE_SECONDS` (default 5). A stand-in where
 /// `make fuzz` cannot build; any panic is a finding (save the input to
-/// `fuzz/regressions/export_reader/`). `cargo test -p braze-sync --test fuzz_regressions --
+/// `fuzz/regressions/export_reader/`). `cargo test -p braze-sync --test it fuzz_regressions --
 /// --ignored`.
 #[test]
 #[ignore]

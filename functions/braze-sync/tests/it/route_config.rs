@@ -1,7 +1,7 @@
 //! Route configs: what is refused (unknown keys, custom attributes that duplicate a standard
 //! field under another name, bad types, rounding, identifiers, delimiters), the demo routes
 //! load, and the README's config reference matches the doc comments in `src/config/route.rs`
-//! (regenerate it with `UPDATE_README=1 cargo test -p braze-sync --test route_config`).
+//! (regenerate it with `UPDATE_README=1 cargo test -p braze-sync --test it route_config`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -266,6 +266,6 @@ fn the_readme_config_reference_matches_the_doc_comments() {
     assert_eq!(
         readme[a..b].trim(),
         expected.trim(),
-        "routes/README.md is out of date: run UPDATE_README=1 cargo test -p braze-sync --test route_config"
+        "routes/README.md is out of date: run UPDATE_README=1 cargo test -p braze-sync --test it route_config"
     );
 }

@@ -4,7 +4,7 @@
 //! run finishes the export without resending what was confirmed.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

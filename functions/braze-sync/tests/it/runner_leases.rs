@@ -4,7 +4,7 @@
 //! ends the run retryably; a state too large for memory is refused before the lock is taken.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
