@@ -25,7 +25,6 @@ pub mod fuzzing;
 pub mod handler;
 pub mod json;
 pub mod key;
-pub mod local_store;
 pub mod normalize;
 pub mod partition;
 pub mod profile_feed;

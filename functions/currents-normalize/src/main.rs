@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use bridge_shared::dir_store::DirStore;
 use bridge_shared::object_store::S3Store;
 use bridge_shared::runtime::is_lambda;
 use bridge_shared::trigger::ObjectRef;
@@ -24,7 +25,6 @@ use currents_normalize::compact::job::run_and_report;
 use currents_normalize::compact::{CompactRequest, Compactor, Selection};
 use currents_normalize::config::Config;
 use currents_normalize::handler::Handler;
-use currents_normalize::local_store::LocalStore;
 use currents_normalize::quarantine::Keep;
 use currents_normalize::registry::Registry;
 use currents_normalize::report::{ObjectResult, Outcome, RunReport};
@@ -370,7 +370,7 @@ async fn run_file_cmd(
             return ExitCode::from(2);
         }
     };
-    let store = Arc::new(LocalStore::new(out));
+    let store = Arc::new(DirStore::one_bucket(out));
     let handler = Handler::new(cfg, store, registry);
     let source = S3Uri::new("local", key);
     let started = chrono::Utc::now();

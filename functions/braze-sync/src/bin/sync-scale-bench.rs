@@ -49,13 +49,11 @@ const ROUTE: &str = include_str!("../../routes/customers.toml");
 /// Confirmed deltas per checkpoint segment in the worker.
 const CHECKPOINT_USERS: usize = 20_000;
 
-#[path = "bench/dir_store.rs"]
-mod dir_store;
 #[path = "bench/lambda.rs"]
 mod lambda;
 #[path = "bench/rows.rs"]
 mod rows;
-use dir_store::DirStore;
+use bridge_shared::dir_store::DirStore;
 use rows::{HEADER, both_exports};
 
 /// The route's exports folder in the folder store.
@@ -178,7 +176,7 @@ fn worker(dir: &Path, export: &Path, tag: &str) {
         .build()
         .unwrap();
     let out = rt.block_on(async {
-        let store: Arc<dyn ObjectStore> = Arc::new(DirStore::new(dir.join("s3")));
+        let store: Arc<dyn ObjectStore> = Arc::new(DirStore::per_bucket(dir.join("s3")));
         let route = Route::from_toml(ROUTE, "customers.toml").unwrap();
         let range_users = std::env::var("SCALE_RANGE_USERS")
             .ok()

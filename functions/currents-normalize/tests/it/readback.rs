@@ -13,11 +13,11 @@ use std::process::Command;
 use std::sync::Arc;
 
 use apache_avro::Codec;
+use bridge_shared::dir_store::DirStore;
 use bytes::Bytes;
 use currents_normalize::config::Config;
 use currents_normalize::handler::Handler;
 use currents_normalize::key;
-use currents_normalize::local_store::LocalStore;
 use currents_normalize::partition::{PartId, PartLocation};
 use currents_normalize::quarantine::Keep;
 use currents_normalize::registry::{FieldEntry, FieldType, Registry, table_name};
@@ -229,7 +229,7 @@ fn output_reads_back_in_pyarrow_with_the_right_layout_types_and_values() {
             .unwrap();
         let handler = Handler::new(
             Config::default(),
-            Arc::new(LocalStore::new(&out)),
+            Arc::new(DirStore::one_bucket(&out)),
             Arc::new(Registry::builtin().unwrap()),
         );
         let mut files: Vec<PathBuf> = std::fs::read_dir(sample_dir.join("Avro"))

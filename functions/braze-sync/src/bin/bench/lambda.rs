@@ -20,7 +20,7 @@ use bridge_shared::object_store::ObjectStore;
 use bytes::Bytes;
 use serde_json::{Value, json};
 
-use super::dir_store::DirStore;
+use bridge_shared::dir_store::DirStore;
 
 /// Where the state, reports and rejects live (as the template's state bucket).
 pub const STATE_BUCKET: &str = "state";
@@ -167,7 +167,7 @@ pub fn invoke(dir: &Path, route_toml: &str, payload: &Path) {
     let timeout_s = env_u64("SCALE_TIMEOUT_S", 90);
     let payload: Value = serde_json::from_slice(&std::fs::read(payload).unwrap()).unwrap();
     let result = rt.block_on(async {
-        let store: Arc<dyn ObjectStore> = Arc::new(DirStore::new(dir.join("s3")));
+        let store: Arc<dyn ObjectStore> = Arc::new(DirStore::per_bucket(dir.join("s3")));
         let route = Route::from_toml(route_toml, "customers.toml").unwrap();
         let mut settings = RunnerSettings::new(STATE_BUCKET, STATE_PREFIX, "reports/", "rejects/");
         settings.deliver.rate.requests_per_window = env_u64("SCALE_REQUESTS_PER_S", 1000) as u32;

@@ -11,13 +11,13 @@ use std::time::Instant;
 
 use apache_avro::Codec;
 use arrow_array::RecordBatch;
+use bridge_shared::dir_store::DirStore;
 use bytes::Bytes;
 use currents_normalize::compact::{CompactRequest, Compactor, Selection};
 use currents_normalize::config::Config;
 use currents_normalize::convert::{ConvertOptions, convert};
 use currents_normalize::encode::{PartWriter, ROW_GROUP_ROWS};
 use currents_normalize::key;
-use currents_normalize::local_store::LocalStore;
 use currents_normalize::partition::{PartId, PartLocation};
 use currents_normalize::registry::Registry;
 use currents_normalize::synth::{self, FileSpec};
@@ -173,7 +173,7 @@ pub fn probe(lake: &Path, peak_rss_mb: fn() -> Option<f64>) -> anyhow::Result<()
         tables_bucket: Some("local".into()),
         ..Config::default()
     };
-    let compactor = Compactor::new(cfg, Arc::new(LocalStore::new(lake)), registry);
+    let compactor = Compactor::new(cfg, Arc::new(DirStore::one_bucket(lake)), registry);
     let req = CompactRequest {
         selection: Selection {
             day: Some(day()),
