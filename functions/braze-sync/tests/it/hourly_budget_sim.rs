@@ -1,11 +1,13 @@
 //! The workspace's hourly request budget against the Braze simulator's own (`hourly_request_limit`),
-//! across the turn of a clock hour: both clocks are moved a few seconds before an hour
-//! (`SimConfig::clock_offset_ms`, `braze_sync::clock::set_virtual`), so a sync too big for one
-//! hour's budget spends it, hands over with a delay to the next hour, waits without running
-//! when its continuation comes early, and completes in the next hour, without a single request
-//! the simulator refuses for its hourly budget. An export whose every hour's budget other runs
+//! across the turn of a clock hour: braze-sync's clock is held a few seconds before an hour
+//! (`braze_sync::clock::set_fixed`) and the simulator's in the middle of one
+//! (`SimConfig::clock_offset_ms`), so a sync too big for one hour's budget spends it, hands over
+//! with a delay to the next hour, waits without running when its continuation comes early, and
+//! completes in the next hour (both clocks are moved on to it), without a single request the
+//! simulator refuses for its hourly budget. An export whose every hour's budget other runs
 //! spend waits at most a day without sending, then fails; a replay with a raised limit sends
-//! only what Braze had not confirmed.
+//! only what Braze had not confirmed. Both clocks are set, never read off the wall as the test
+//! runs, so neither a loaded machine nor the wall clock's place in its hour moves an assertion.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
@@ -64,11 +66,16 @@ fn csv(n: u32) -> Bytes {
     Bytes::from(s)
 }
 
-/// Milliseconds to add to the wall clock so that it is `before_ms` short of a clock hour.
-fn offset_to_before_an_hour(before_ms: i64) -> i64 {
+/// `before_ms` short of the clock hour after the wall clock's.
+fn before_an_hour(before_ms: i64) -> chrono::DateTime<chrono::Utc> {
     let wall = chrono::Utc::now().timestamp_millis();
-    let offset = (hour_of(wall) + 1) * HOUR_MS - before_ms - wall;
-    if offset < 0 { offset + HOUR_MS } else { offset }
+    chrono::DateTime::from_timestamp_millis((hour_of(wall) + 1) * HOUR_MS - before_ms).unwrap()
+}
+
+/// Milliseconds to add to the wall clock so that it reads half past the hour after its own.
+fn offset_to_half_past() -> i64 {
+    let wall = chrono::Utc::now().timestamp_millis();
+    (hour_of(wall) + 1) * HOUR_MS + HOUR_MS / 2 - wall
 }
 
 fn handler(store: Arc<MemoryStore>, sim_url: &str, queue: Arc<Delays>, limit: u64) -> Handler {
@@ -76,6 +83,9 @@ fn handler(store: Arc<MemoryStore>, sim_url: &str, queue: Arc<Delays>, limit: u6
     s.checkpoint_every = Duration::from_millis(50);
     s.deliver.max_objects = 10;
     s.deliver.max_in_flight = 4;
+    // Every batch full (the counts below are whole batches): a producer stalled by a loaded
+    // machine must not seal partial batches.
+    s.deliver.linger = Duration::from_secs(60);
     s.deliver.hourly_budget = Some(HourlyBudget::new(store.clone(), "state", "s/", limit));
     let api = BrazeClient::new(
         Endpoint::parse(sim_url).unwrap(),
@@ -119,12 +129,14 @@ async fn report(store: &MemoryStore, out: &Value) -> Value {
 
 #[tokio::test]
 async fn a_sync_bigger_than_the_hours_budget_waits_for_the_next_hour_and_completes() {
-    let offset = offset_to_before_an_hour(6_000);
-    braze_sync::clock::set_virtual(chrono::Utc::now() + chrono::Duration::milliseconds(offset));
+    let start = before_an_hour(6_000);
+    braze_sync::clock::set_fixed(start);
+    // The simulator's hour turns only when the test moves it on, however long a step takes.
+    let sim_offset = offset_to_half_past();
     let sim = braze_sim::start(SimConfig {
         api_key: KEY.into(),
         hourly_request_limit: Some(LIMIT),
-        clock_offset_ms: offset,
+        clock_offset_ms: sim_offset,
         ..SimConfig::default()
     })
     .await
@@ -190,8 +202,14 @@ async fn a_sync_bigger_than_the_hours_budget_waits_for_the_next_hour_and_complet
     let second = queue.0.lock().unwrap()[1];
     assert!(second > Duration::ZERO && second <= MAX_DELAY, "{second:?}");
 
-    // 3. In the next hour the rest goes out and the export completes.
-    tokio::time::sleep(second).await;
+    // 3. In the next hour the rest goes out and the export completes: the continuation comes
+    //    after its delay, in both clocks' next hour.
+    braze_sync::clock::set_fixed(start + second);
+    sim.set_config(SimConfig {
+        clock_offset_ms: sim_offset + HOUR_MS,
+        ..sim.config()
+    })
+    .unwrap();
     assert_eq!(hour_of(braze_sync::clock::now_ms()), hour + 1);
     let out = h
         .handle(&event("ObjectCreated:Continuation"), None)
@@ -237,7 +255,7 @@ async fn an_export_starved_of_budget_for_a_day_fails_and_a_replay_sends_only_the
     let wall = chrono::Utc::now().timestamp_millis();
     let t0 = (hour_of(wall) + 1) * HOUR_MS + 20 * 60_000;
     let at_hour = |k: i64| chrono::DateTime::from_timestamp_millis(t0 + k * HOUR_MS).unwrap();
-    braze_sync::clock::set_virtual(at_hour(0));
+    braze_sync::clock::set_fixed(at_hour(0));
     store
         .put(
             &S3Uri::new("exports", "in/big.csv"),
@@ -254,7 +272,7 @@ async fn an_export_starved_of_budget_for_a_day_fails_and_a_replay_sends_only_the
     assert_eq!(out["results"][0]["outcome"], "incomplete", "{out}");
     let hours = (MAX_BUDGET_WAIT.as_secs() / 3600) as i64;
     for k in 1..=hours {
-        braze_sync::clock::set_virtual(at_hour(k));
+        braze_sync::clock::set_fixed(at_hour(k));
         let hour = hour_of(braze_sync::clock::now_ms());
         assert_eq!(others.claim(hour, LIMIT).await.unwrap(), LIMIT);
         let out = h
@@ -280,7 +298,7 @@ async fn an_export_starved_of_budget_for_a_day_fails_and_a_replay_sends_only_the
     assert_eq!(queue.0.lock().unwrap().len(), 1 + hours as usize);
 
     // A day after the first wait the run fails instead of waiting again.
-    braze_sync::clock::set_virtual(at_hour(hours + 1));
+    braze_sync::clock::set_fixed(at_hour(hours + 1));
     others
         .claim(hour_of(braze_sync::clock::now_ms()), LIMIT)
         .await
@@ -309,7 +327,7 @@ async fn an_export_starved_of_budget_for_a_day_fails_and_a_replay_sends_only_the
     );
 
     // The operator raises the limit and replays: only the 50 users Braze had not confirmed go.
-    braze_sync::clock::set_virtual(at_hour(hours + 2));
+    braze_sync::clock::set_fixed(at_hour(hours + 2));
     let raised = handler(store.clone(), &sim.base_url(), queue.clone(), 100);
     let out = raised
         .handle(&event("ObjectCreated:Put"), None)
