@@ -60,14 +60,15 @@ use rows::{HEADER, both_exports};
 const EXPORTS: &str = "amperity/customers";
 
 /// Writes export `which` (1 or 2) of `rows` users as `parts` CSV parts and a `.DONE` marker
-/// (a marker-mode folder, as Amperity splits big exports) into the folder store under `dir`;
-/// each export is written only when needed, so the bench holds one on disk at a time.
-fn generate(dir: &Path, rows: u64, which: u32, parts: u64) -> PathBuf {
+/// (a marker-mode folder, as Amperity splits big exports) into the folder store under `dir`,
+/// in folder `export-{folder}`; each export is written only when needed, so the bench holds
+/// one on disk at a time.
+fn generate(dir: &Path, rows: u64, which: u32, folder: u32, parts: u64) -> PathBuf {
     let out = dir
         .join("s3")
         .join(lambda::EXPORTS_BUCKET)
         .join(EXPORTS)
-        .join(format!("export-{which}"));
+        .join(format!("export-{folder}"));
     std::fs::create_dir_all(&out).unwrap();
     let per_part = rows.div_ceil(parts.max(1)).max(1);
     let open = |p: u64| -> Box<dyn Write> {
@@ -333,14 +334,16 @@ struct Options {
     invocations: u64,
     /// `BRIDGE_FAN_OUT_PIECES` for the first sync (0: only when the spill would not fit).
     fan_out: usize,
+    /// Pieces of the later sync run as a fan-out (0: no fan-out sync).
+    later_pieces: usize,
     out_path: PathBuf,
 }
 
 /// Reads the command line; prints the usage and exits on `--help` or a wrong argument.
 fn options(args: &[String]) -> Options {
-    const USAGE: &str = "usage: sync-scale-bench [--users N (10000000)] [--limit-mb MB (512)] [--parts N (cores)] [--range-users N] [--piece-of N] [--memory-mb MB (512)] [--timeout-s S (90)] [--invocations N (3; 0: one, Braze unpaced)] [--fan-out N (0)] [--out FILE]\n\
-        Generates a route of N users in /tmp (10M needs ~15 GB free), syncs it first as Lambda runs it (a child process per invocation), then diffs a changed export under the memory limit, and writes target/bench/sync-scale.json.";
-    const FLAGS: [&str; 10] = [
+    const USAGE: &str = "usage: sync-scale-bench [--users N (10000000)] [--limit-mb MB (512)] [--parts N (cores)] [--range-users N] [--piece-of N] [--memory-mb MB (512)] [--timeout-s S (90)] [--invocations N (3; 0: one, Braze unpaced)] [--fan-out N (0)] [--later-pieces N (4; 0: none)] [--out FILE]\n\
+        Generates a route of N users in /tmp (10M needs ~15 GB free), syncs it first as Lambda runs it (a child process per invocation), then diffs a changed export under the memory limit, syncs two later exports as Lambda runs them (~3% of the users changed; the second fanned out into pieces), and writes target/bench/sync-scale.json.";
+    const FLAGS: [&str; 11] = [
         "--users",
         "--limit-mb",
         "--parts",
@@ -350,6 +353,7 @@ fn options(args: &[String]) -> Options {
         "--timeout-s",
         "--invocations",
         "--fan-out",
+        "--later-pieces",
         "--out",
     ];
     let mut rest = args.iter().skip(1);
@@ -373,6 +377,7 @@ fn options(args: &[String]) -> Options {
         timeout_s: arg(args, "--timeout-s").unwrap_or(90),
         invocations: arg(args, "--invocations").unwrap_or(3),
         fan_out: arg(args, "--fan-out").unwrap_or(0),
+        later_pieces: arg(args, "--later-pieces").unwrap_or(4),
         out_path: arg(args, "--out").unwrap_or_else(|| {
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench/sync-scale.json")
         }),
@@ -430,6 +435,10 @@ struct Runs {
     read_only_mb: f64,
     /// The Lambda-shaped first sync, invocation by invocation.
     first_sync: Vec<lambda::Invocation>,
+    /// The Lambda-shaped later syncs: export 1's rows again (~3% of the users changed against
+    /// export 2's state), then export 2's again fanned out into `--later-pieces` pieces.
+    later: Vec<lambda::Invocation>,
+    fanned: Vec<lambda::Invocation>,
     run2: Value,
     /// With `--piece-of`: the piece's ranges, the state's ranges, the whole export again and
     /// the piece.
@@ -472,7 +481,7 @@ fn main() {
     let (users, limit_mb, parts, range_users) = (o.users, o.limit_mb, o.parts, o.range_users);
     let dir = std::env::temp_dir().join(format!("sync-scale-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let first = generate(&dir, users, 1, parts);
+    let first = generate(&dir, users, 1, 1, parts);
     eprintln!(
         "generated export 1 of {users} users ({} MB in {parts} parts)",
         folder_bytes(&first) >> 20
@@ -485,7 +494,7 @@ fn main() {
     );
     let first_sync = lambda::run_export(&dir, marker_event(1), &shape, 200);
     let _ = std::fs::remove_dir_all(&first);
-    let second = generate(&dir, users, 2, parts);
+    let second = generate(&dir, users, 2, 2, parts);
     let bare_rps = bare_read(&second);
 
     let run2 = run_worker(&dir, &second, "export-2", limit_mb, range_users, &[]);
@@ -507,10 +516,14 @@ fn main() {
         );
         (span, n, again, piece)
     });
+    let _ = std::fs::remove_dir_all(&second);
+    let (later, fanned) = later_syncs(&dir, &o, &shape);
     let runs = Runs {
         bare_rps,
         read_only_mb,
         first_sync,
+        later,
+        fanned,
         run2,
         pieces,
     };
@@ -519,6 +532,7 @@ fn main() {
         .as_object_mut()
         .unwrap()
         .extend(print_first_sync(&o, &shape, &runs));
+    figures.as_object_mut().unwrap().extend(print_later(&runs));
     if let Some(piece) = print_piece(&runs) {
         figures.as_object_mut().unwrap().extend(piece);
     }
@@ -528,6 +542,76 @@ fn main() {
     std::fs::write(&o.out_path, serde_json::to_vec_pretty(&figures).unwrap()).unwrap();
     println!("  wrote {}: {figures}", o.out_path.display());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The later syncs as Lambda runs them, on the state the first sync and the worker built
+/// (export 2's values): export 1's rows again (2% of the users changed back, 0.5% back, 0.5%
+/// gone), then, with `--later-pieces N`, export 2's rows again forced into N pieces (a
+/// coordinator, the pieces, the last one the finalizer).
+fn later_syncs(
+    dir: &Path,
+    o: &Options,
+    shape: &lambda::LambdaShape,
+) -> (Vec<lambda::Invocation>, Vec<lambda::Invocation>) {
+    let mut plain = shape.clone();
+    plain.fan_out_pieces = 0;
+    let third = generate(dir, o.users, 1, 3, o.parts);
+    eprintln!("later sync (export 1's rows again against export 2's state), Lambda-shaped");
+    let later = lambda::run_export(dir, marker_event(3), &plain, 200);
+    let _ = std::fs::remove_dir_all(&third);
+    if o.later_pieces == 0 {
+        return (later, Vec::new());
+    }
+    let mut split = shape.clone();
+    split.fan_out_pieces = o.later_pieces;
+    let fourth = generate(dir, o.users, 2, 4, o.parts);
+    eprintln!(
+        "later sync fanned out into {} pieces (export 2's rows again), Lambda-shaped",
+        o.later_pieces
+    );
+    let fanned = lambda::run_export(dir, marker_event(4), &split, 200);
+    let _ = std::fs::remove_dir_all(&fourth);
+    (later, fanned)
+}
+
+/// Prints the later syncs' peaks by invocation kind; returns them for the JSON file.
+fn print_later(runs: &Runs) -> serde_json::Map<String, Value> {
+    let round = |x: f64| (x * 10.0).round() / 10.0;
+    let mut m = serde_json::Map::new();
+    let by_kind = |inv: &[lambda::Invocation]| {
+        lambda::peaks(inv)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), json!(round(v))))
+            .collect::<serde_json::Map<_, _>>()
+    };
+    let top = |inv: &[lambda::Invocation]| lambda::peaks(inv).values().copied().fold(0.0, f64::max);
+    for (name, inv) in [("later sync", &runs.later), ("fan-out sync", &runs.fanned)] {
+        for (kind, mb) in lambda::peaks(inv) {
+            println!("  {name:<13} {kind:<12} peak RSS {mb:>7.1} MB");
+        }
+    }
+    m.insert(
+        "later_sync_peak_rss_mb".into(),
+        json!(round(top(&runs.later))),
+    );
+    m.insert("later_sync_invocations".into(), json!(runs.later.len()));
+    m.insert(
+        "later_sync_peak_rss_by_kind_mb".into(),
+        json!(by_kind(&runs.later)),
+    );
+    if !runs.fanned.is_empty() {
+        let fan = lambda::peaks(&runs.fanned);
+        let kind = |k: &str| json!(round(fan.get(k).copied().unwrap_or(0.0)));
+        m.insert("piece_peak_rss_mb".into(), kind("piece"));
+        m.insert("finalizer_peak_rss_mb".into(), kind("finalizer"));
+        m.insert("coordinator_peak_rss_mb".into(), kind("coordinator"));
+        m.insert("fan_out_invocations".into(), json!(runs.fanned.len()));
+        m.insert(
+            "fan_out_peak_rss_by_kind_mb".into(),
+            json!(by_kind(&runs.fanned)),
+        );
+    }
+    m
 }
 
 /// The route, in marker mode (the bench's exports are folders of parts with a marker).
@@ -545,7 +629,7 @@ fn print_first_sync(
     let peaks = lambda::peaks(inv);
     let budget = o.memory_mb as f64 * 0.8;
     let base = runs.read_only_mb.max(1e-9);
-    let first_sync = inv.iter().map(|i| i.peak_rss_mb).fold(0.0, f64::max);
+    let first_sync = peaks.values().copied().fold(0.0, f64::max);
     let handover = inv
         .iter()
         .filter(|i| matches!(i.kind, "first" | "hand_over"))

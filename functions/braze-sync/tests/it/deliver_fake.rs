@@ -745,3 +745,81 @@ async fn requests_hanging_past_the_deadline_grace_are_abandoned_as_unsent() {
             .all(|o| matches!(o, DeliveryOutcome::Unsent(_)))
     );
 }
+
+/// A Braze that answers after 40 ms and records the most request body bytes it held at once.
+#[derive(Default)]
+struct BodyBytes {
+    current: AtomicUsize,
+    peak: AtomicUsize,
+    largest: AtomicUsize,
+}
+
+#[async_trait]
+impl BrazeApi for BodyBytes {
+    async fn track(&self, body: Bytes) -> Result<TrackResponse, TrackError> {
+        let now = self.current.fetch_add(body.len(), Ordering::SeqCst) + body.len();
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        self.largest.fetch_max(body.len(), Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        self.current.fetch_sub(body.len(), Ordering::SeqCst);
+        ok(vec![])
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_in_flight_are_bounded_by_their_body_bytes_not_only_their_count() {
+    let api = BodyBytes::default();
+    // Room for 256 requests by count, for about 3 of these by bytes (75 users ~ 5 KB).
+    let cfg = DeliverConfig {
+        max_in_flight: 256,
+        max_in_flight_bytes: 16 << 10,
+        ..fast_cfg()
+    };
+    let (tx, rx) = mpsc::channel(64);
+    let (otx, mut orx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        for i in 0..5_000 {
+            tx.send(delta(i)).await.unwrap();
+        }
+    });
+    let confirmed = tokio::spawn(async move {
+        let mut n = 0;
+        while let Some(o) = orx.recv().await {
+            n += usize::from(matches!(o, DeliveryOutcome::Confirmed(_)));
+        }
+        n
+    });
+    let stats = deliver(rx, &api, cfg, otx).await.unwrap();
+    assert_eq!(confirmed.await.unwrap(), 5_000, "everyone is confirmed");
+    assert_eq!(stats.users_confirmed, 5_000);
+    let peak = api.peak.load(Ordering::SeqCst);
+    let largest = api.largest.load(Ordering::SeqCst);
+    assert!(largest > 4 << 10, "full batches: {largest} bytes");
+    assert!(peak <= 16 << 10, "{peak} body bytes in flight at once");
+    assert!(
+        peak > largest,
+        "still more than one request at once: {peak}"
+    );
+
+    // One request larger than the bound still goes, alone.
+    let api = BodyBytes::default();
+    let cfg = DeliverConfig {
+        max_in_flight_bytes: 1,
+        ..fast_cfg()
+    };
+    let (tx, rx) = mpsc::channel(64);
+    let (otx, mut orx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        for i in 0..300 {
+            tx.send(delta(i)).await.unwrap();
+        }
+    });
+    tokio::spawn(async move { while orx.recv().await.is_some() {} });
+    let stats = deliver(rx, &api, cfg, otx).await.unwrap();
+    assert_eq!(stats.users_confirmed, 300);
+    assert_eq!(
+        api.peak.load(Ordering::SeqCst),
+        api.largest.load(Ordering::SeqCst),
+        "one request at a time"
+    );
+}

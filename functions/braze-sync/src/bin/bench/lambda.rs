@@ -16,7 +16,8 @@ use braze_sync::config::route::Route;
 use braze_sync::run::handler::{ExportPlan, Handler, HandlerConfig};
 use braze_sync::run::runner::{Continuation, PieceMessage, RunnerSettings, SyncRunner};
 use braze_sync::send::braze::{BrazeApi, RateLimitInfo, TrackError, TrackResponse};
-use bridge_shared::object_store::ObjectStore;
+use bridge_shared::object_store::{ObjectMeta, ObjectReader, ObjectStore, PutCondition};
+use bridge_shared::{S3Uri, StoreError};
 use bytes::Bytes;
 use serde_json::{Value, json};
 
@@ -134,6 +135,81 @@ fn proc_status_mb(field: &str) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// The process's peak RSS (MB, as `f64` bits) when this invocation, a fan-out piece, became
+/// the finalizer (0: it did not).
+static BEFORE_FINAL_MB: AtomicU64 = AtomicU64::new(0);
+
+/// The store's hook on each object it creates: when a piece claims `final.json` (it becomes
+/// the finalizer), keeps the peak so far as the piece's and resets the peak (`clear_refs`),
+/// so the process's peak at its end is the finalizer's alone.
+fn mark_final(key: &str) {
+    if key.ends_with("/final.json") {
+        BEFORE_FINAL_MB.store(vm_hwm_mb().to_bits(), Ordering::SeqCst);
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+    }
+}
+
+/// The folder store, telling [`mark_final`] when a piece creates `final.json`; every other
+/// call goes straight through.
+struct MarksFinal(DirStore);
+
+#[async_trait]
+impl ObjectStore for MarksFinal {
+    async fn get(&self, uri: &S3Uri) -> Result<(ObjectMeta, Bytes), StoreError> {
+        self.0.get(uri).await
+    }
+    async fn get_reader(&self, uri: &S3Uri) -> Result<(ObjectMeta, ObjectReader), StoreError> {
+        self.0.get_reader(uri).await
+    }
+    async fn head(&self, uri: &S3Uri) -> Result<Option<ObjectMeta>, StoreError> {
+        self.0.head(uri).await
+    }
+    async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        self.0.list(bucket, prefix).await
+    }
+    async fn list_page(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        start_after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<ObjectMeta>, StoreError> {
+        self.0.list_page(bucket, prefix, start_after, max).await
+    }
+    async fn put(
+        &self,
+        uri: &S3Uri,
+        body: Bytes,
+        condition: PutCondition,
+        metadata: BTreeMap<String, String>,
+    ) -> Result<ObjectMeta, StoreError> {
+        let create = matches!(condition, PutCondition::IfAbsent);
+        let out = self.0.put(uri, body, condition, metadata).await;
+        if create && out.is_ok() {
+            mark_final(&uri.key);
+        }
+        out
+    }
+    async fn put_file(
+        &self,
+        uri: &S3Uri,
+        path: &Path,
+        condition: PutCondition,
+        metadata: BTreeMap<String, String>,
+    ) -> Result<ObjectMeta, StoreError> {
+        self.0.put_file(uri, path, condition, metadata).await
+    }
+    async fn get_tail(&self, uri: &S3Uri, n: u64) -> Result<Bytes, StoreError> {
+        self.0.get_tail(uri, n).await
+    }
+    async fn copy(&self, from: &S3Uri, to: &S3Uri) -> Result<(), StoreError> {
+        self.0.copy(from, to).await
+    }
+    async fn delete(&self, uri: &S3Uri) -> Result<(), StoreError> {
+        self.0.delete(uri).await
+    }
+}
+
 /// With `SCALE_RSS_TRACE` set, prints the process's RSS every 250 ms to stderr (to see which
 /// step of an invocation grows), between the function's own log lines.
 fn trace_rss() {
@@ -167,7 +243,8 @@ pub fn invoke(dir: &Path, route_toml: &str, payload: &Path) {
     let timeout_s = env_u64("SCALE_TIMEOUT_S", 90);
     let payload: Value = serde_json::from_slice(&std::fs::read(payload).unwrap()).unwrap();
     let result = rt.block_on(async {
-        let store: Arc<dyn ObjectStore> = Arc::new(DirStore::per_bucket(dir.join("s3")));
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(MarksFinal(DirStore::per_bucket(dir.join("s3"))));
         let route = Route::from_toml(route_toml, "customers.toml").unwrap();
         let mut settings = RunnerSettings::new(STATE_BUCKET, STATE_PREFIX, "reports/", "rejects/");
         settings.deliver.rate.requests_per_window = env_u64("SCALE_REQUESTS_PER_S", 1000) as u32;
@@ -213,7 +290,11 @@ pub fn invoke(dir: &Path, route_toml: &str, payload: &Path) {
             .unwrap_or_else(|e| json!({"error": e}))
     });
     drop(rt);
-    println!("{}", json!({"result": result, "peak_rss_mb": vm_hwm_mb()}));
+    let before_final = f64::from_bits(BEFORE_FINAL_MB.load(Ordering::SeqCst));
+    println!(
+        "{}",
+        json!({"result": result, "peak_rss_mb": vm_hwm_mb(), "before_final_peak_rss_mb": before_final})
+    );
 }
 
 /// One invocation as the parent saw it.
@@ -223,7 +304,10 @@ pub struct Invocation {
     /// again), `final` (the invocation that finished the export), `coordinator` (split the
     /// export into pieces), `piece`, `retried` (asked to be retried).
     pub kind: &'static str,
+    /// The whole process's peak; for a piece that became the finalizer, its peak before.
     pub peak_rss_mb: f64,
+    /// For a piece that became the finalizer: the peak from then on (the finalizer's).
+    pub finalizer_rss_mb: Option<f64>,
     pub result: Value,
 }
 
@@ -294,13 +378,23 @@ pub fn run_export(
             pending.push_back(body.clone());
         }
         pending.extend(queued);
+        let peak = v["peak_rss_mb"].as_f64().unwrap_or(0.0);
+        let before_final = v["before_final_peak_rss_mb"].as_f64().unwrap_or(0.0);
         let inv = Invocation {
             kind,
-            peak_rss_mb: v["peak_rss_mb"].as_f64().unwrap_or(0.0),
+            peak_rss_mb: if before_final > 0.0 {
+                before_final
+            } else {
+                peak
+            },
+            finalizer_rss_mb: (before_final > 0.0).then_some(peak),
             result: v["result"].clone(),
         };
+        let finalizer = inv.finalizer_rss_mb.map_or(String::new(), |f| {
+            format!(", then as the finalizer {f:.1} MB")
+        });
         eprintln!(
-            "  invocation {n} ({kind}): peak RSS {:.1} MB, {wall_s:.1} s: {}",
+            "  invocation {n} ({kind}): peak RSS {:.1} MB{finalizer}, {wall_s:.1} s: {}",
             inv.peak_rss_mb,
             summary_line(&inv.result)
         );
@@ -337,12 +431,17 @@ fn summary_line(result: &Value) -> String {
     )
 }
 
-/// The largest peak RSS per invocation kind.
+/// The largest peak RSS per invocation kind (`finalizer`: the part of a piece's invocation
+/// after it became the finalizer).
 pub fn peaks(invocations: &[Invocation]) -> BTreeMap<&'static str, f64> {
     let mut m = BTreeMap::new();
     for i in invocations {
-        let e = m.entry(i.kind).or_insert(0.0f64);
-        *e = e.max(i.peak_rss_mb);
+        let parts = std::iter::once((i.kind, i.peak_rss_mb))
+            .chain(i.finalizer_rss_mb.map(|f| ("finalizer", f)));
+        for (kind, mb) in parts {
+            let e = m.entry(kind).or_insert(0.0f64);
+            *e = e.max(mb);
+        }
     }
     m
 }

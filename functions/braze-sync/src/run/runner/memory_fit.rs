@@ -4,7 +4,7 @@
 use crate::config::route::Route;
 use crate::diff::bounded::RangedSettings;
 use crate::run::handler::{ExportPlan, RunError};
-use crate::state::store::{HeadDoc, LEGACY_HEAD_FORMAT, memory_estimate};
+use crate::state::store::{HeadDoc, LEGACY_HEAD_FORMAT, in_memory_estimate, memory_estimate};
 
 use super::SyncRunner;
 use super::conclude::RunRecord;
@@ -13,8 +13,9 @@ use super::sizing::{EST_ROW_BYTES, SPILL_BUFFERS, STATE_MEMORY_SHARE, export_tex
 impl SyncRunner {
     /// Whether this run takes the bounded diff: a format-2 (or new) state and a route of at
     /// least [`super::RunnerSettings::bounded_min_users`] users (state plus the export's estimated
-    /// rows), or a state whose whole snapshot would take more than a quarter of the memory,
-    /// or a forced fan-out.
+    /// rows), or a run whose in-memory diff and commit ([`in_memory_estimate`]: the snapshot
+    /// with the export's new users) would take more than a quarter of the memory, or a forced
+    /// fan-out.
     pub(super) fn takes_bounded(&self, plan: &ExportPlan, route: &Route, doc: &HeadDoc) -> bool {
         if doc.format == LEGACY_HEAD_FORMAT {
             return false;
@@ -27,7 +28,7 @@ impl SyncRunner {
             .saturating_add(est_rows);
         let heavy = s
             .memory_limit_bytes
-            .is_some_and(|l| memory_estimate(doc, route) > l / 4);
+            .is_some_and(|l| in_memory_estimate(doc, route, est_rows, plan.force_full) > l / 4);
         // A forced fan-out (`BRIDGE_FAN_OUT_PIECES`) splits the bounded diff, whatever the size.
         let forced = s.fan_out_pieces.is_some_and(|n| n >= 2) && self.continuation.is_some();
         users >= s.bounded_min_users || heavy || forced
@@ -73,7 +74,8 @@ impl SyncRunner {
         let need = if bounded {
             Self::range_memory(&head.doc, route) + SPILL_BUFFERS
         } else {
-            memory_estimate(&head.doc, route)
+            let rows = export_text_bytes(plan) / EST_ROW_BYTES;
+            in_memory_estimate(&head.doc, route, rows, plan.force_full)
         };
         let budget = (limit as f64 * STATE_MEMORY_SHARE) as u64;
         if need <= budget {

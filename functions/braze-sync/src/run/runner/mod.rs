@@ -211,6 +211,7 @@ impl SyncRunner {
             route.name(),
         )
         .with_range_users(s.state_range_users)
+        .with_commit_memory(sizing::commit_memory(s.memory_limit_bytes))
     }
 
     /// Takes the route's lock, or says why this run must wait.

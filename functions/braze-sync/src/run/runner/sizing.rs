@@ -7,6 +7,7 @@ use crate::state::store::HeadDoc;
 /// Export bytes per row assumed when estimating a route's size from its parts (a low guess,
 /// so big exports take the bounded diff early).
 pub const EST_ROW_BYTES: u64 = 100;
+
 /// How many times bigger than its stored bytes a compressed part's text is assumed to be
 /// when estimating its rows: gzip/zip measured at 4.9× on the harness's sample export
 /// (`harness::samples::customers_csv`, 200,000 rows of 186 bytes, flate2's default level),
@@ -71,3 +72,11 @@ pub const SPILL_BUFFERS: u64 = 32 << 20;
 /// Share of the function's memory the confirmed state may take; the rest is for the readers,
 /// the sender's buffers and the runtime.
 pub const STATE_MEMORY_SHARE: f64 = 0.6;
+
+/// The memory a ranged commit may take for the ranges it holds at once: a quarter of the
+/// function's (the diff's workers and the sender, which ran before it, may still hold theirs
+/// in the allocator), so at 512 MB it holds one range of the default size at a time; no
+/// limit: [`crate::state::store::COMMIT_RANGES_AT_ONCE`] ranges.
+pub fn commit_memory(memory_limit_bytes: Option<u64>) -> u64 {
+    memory_limit_bytes.map_or(u64::MAX, |l| l / 4)
+}

@@ -38,6 +38,11 @@ use attempt::{BatchResult, InFlight, Shared};
 use outcome::{Ready, Run};
 pub use stats::{DeliverError, DeliveryStats, RetriesByCause, StopReason};
 
+/// Request body bytes the sender keeps in flight by default: ~150 requests of 75 typical
+/// 20-attribute users (~55 KB each), more than a 1,000 requests/s limit at 100 ms of latency
+/// needs, and ~25 MB of the function's memory with the batches' objects and deltas.
+pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 8 << 20;
+
 /// How the sender behaves.
 #[derive(Debug, Clone)]
 pub struct DeliverConfig {
@@ -49,6 +54,12 @@ pub struct DeliverConfig {
     pub max_body_bytes: usize,
     /// Requests in flight at once (including those waiting for a rate-limit slot or a retry).
     pub max_in_flight: usize,
+    /// Request body bytes in flight at once, [`DEFAULT_MAX_IN_FLIGHT_BYTES`] by default: a
+    /// batch waits while those in flight hold this much (one batch always goes). Each batch
+    /// holds its body, its objects' JSON and its deltas, so this bounds the sender's memory
+    /// whatever the users' sizes, where `max_in_flight` alone would let big rows (up to
+    /// 4 MB a request) take gigabytes.
+    pub max_in_flight_bytes: usize,
     /// This sender's rate budget.
     pub rate: RateBudget,
     /// How many senders share the workspace limit right now, this one included
@@ -85,6 +96,7 @@ impl Default for DeliverConfig {
             combined_limit: false,
             max_body_bytes: MAX_BODY_BYTES,
             max_in_flight: 256,
+            max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
             rate: RateBudget::default(),
             peers: None,
             retry: RetryPolicy::default(),
@@ -123,7 +135,10 @@ where
 {
     let started = Instant::now();
     let limits = cfg.limits();
-    let max_in_flight = cfg.max_in_flight.max(1);
+    let max_in_flight = InFlightCap {
+        requests: cfg.max_in_flight.max(1),
+        bytes: cfg.max_in_flight_bytes.max(1),
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let shared = Shared {
         api,
@@ -138,7 +153,8 @@ where
     info!(
         target_host = %api.describe(),
         max_objects = limits.max_objects,
-        max_in_flight,
+        max_in_flight = max_in_flight.requests,
+        max_in_flight_bytes = max_in_flight.bytes,
         planned_requests_per_s = shared.limiter.per_second(),
         workspace_senders = cfg.peers.as_ref().map_or(1, |p| *p.borrow()),
         "Starting delivery to Braze."
@@ -165,6 +181,7 @@ where
         tokio::select! {
             biased;
             Some(done) = p.in_flight.next(), if !p.in_flight.is_empty() => {
+                p.in_flight_bytes -= done.batch.body_len();
                 if p.probing && !matches!(done.result, BatchResult::Fatal { .. }) {
                     p.probing = false;
                 }
@@ -193,6 +210,13 @@ where
     run.finish(started, &shared.limiter)
 }
 
+/// How much may be in flight at once: requests, and their bodies' bytes.
+#[derive(Debug, Clone, Copy)]
+struct InFlightCap {
+    requests: usize,
+    bytes: usize,
+}
+
 /// The sending loop's queues: deltas fill the open batch, full batches wait in `ready`, then go
 /// out and come back in `in_flight`.
 struct Pipeline<'a> {
@@ -201,6 +225,8 @@ struct Pipeline<'a> {
     open_since: Option<Instant>,
     ready: Ready,
     in_flight: InFlight<'a>,
+    /// Body bytes of the batches in `in_flight`.
+    in_flight_bytes: usize,
     input_open: bool,
     /// The first batch goes alone.
     probing: bool,
@@ -215,6 +241,7 @@ impl<'a> Pipeline<'a> {
             open_since: None,
             ready: Ready::new(),
             in_flight: FuturesUnordered::new(),
+            in_flight_bytes: 0,
             input_open: true,
             probing: probe_first,
             next_id: 0,
@@ -222,19 +249,24 @@ impl<'a> Pipeline<'a> {
         }
     }
 
-    /// Starts ready batches while there is room in flight (one while probing); at the deadline
-    /// the run stops instead.
+    /// Starts ready batches while there is room in flight, by count and by body bytes (one
+    /// while probing; one always goes); at the deadline the run stops instead.
     fn start_ready<A: BrazeApi + ?Sized>(
         &mut self,
         shared: &'a Shared<'_, A>,
-        max_in_flight: usize,
+        cap: InFlightCap,
         run: &mut Run,
     ) {
-        let cap = if self.probing { 1 } else { max_in_flight };
-        while self.in_flight.len() < cap {
+        let requests = if self.probing { 1 } else { cap.requests };
+        while self.in_flight.len() < requests {
             let Some((batch, fresh)) = self.ready.pop_front() else {
                 break;
             };
+            let bytes = batch.body_len();
+            if !self.in_flight.is_empty() && self.in_flight_bytes + bytes > cap.bytes {
+                self.ready.push_front((batch, fresh));
+                break;
+            }
             if shared.past_deadline(Instant::now()) {
                 self.ready.push_front((batch, fresh));
                 run.stopping = Some(StopReason::Deadline);
@@ -242,6 +274,7 @@ impl<'a> Pipeline<'a> {
             }
             self.next_id += 1;
             let id = self.next_id;
+            self.in_flight_bytes += bytes;
             self.in_flight
                 .push(Box::pin(async move { shared.send(batch, id, fresh).await }));
         }

@@ -70,10 +70,16 @@ impl StateStore {
         let complete = export.is_some();
         let names = snapshot.names().to_vec();
         let mut folded = SegmentData::default();
+        // A state without ranges (or a format-1 one) is laid out anew from the snapshot: its
+        // records are not held decoded for deltas it will not write (a first sync confirms
+        // every attribute of every user).
+        let fold = head.doc.format != LEGACY_HEAD_FORMAT && !head.doc.ranges.is_empty();
         let loaded = head.loaded_segments.min(head.doc.segments.len());
         for (i, name) in head.doc.segments.iter().enumerate() {
             let (bytes, what) = self.get(name).await?;
-            folded.extend_from(&bytes, &what, &names)?;
+            if fold {
+                folded.extend_from(&bytes, &what, &names)?;
+            }
             if i >= loaded {
                 snapshot.apply_segment(&bytes, &what)?;
             }
@@ -109,6 +115,7 @@ impl StateStore {
             || doc.ranges.is_empty()
             || (complete && !self.is_fork() && wanted_bits > doc.range_bits + 1);
         let result = if relayout {
+            drop(folded);
             let bits = if doc.ranges.is_empty() || complete {
                 wanted_bits
             } else {

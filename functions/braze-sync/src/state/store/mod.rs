@@ -277,6 +277,9 @@ pub struct StateStore {
     folder: String,
     route: String,
     range_users: u64,
+    /// Memory a ranged commit may take for the ranges it holds at once
+    /// ([`StateStore::with_commit_memory`]); `None`: [`COMMIT_RANGES_AT_ONCE`].
+    commit_memory: Option<u64>,
     /// `head.json`, or `<fork>/head.json` for a fork.
     head_name: String,
     /// A fork's folder (`<fork>/`): its objects are written there and its commits delete
@@ -302,9 +305,57 @@ pub fn memory_estimate(doc: &HeadDoc, route: &Route) -> u64 {
     users.saturating_mul(per_user).saturating_mul(5) / 4
 }
 
-/// Hash ranges a ranged commit loads and writes at once (each holds one range's snapshot
-/// and its encoded shard: about 2 × 35 MB at the default range size and 20 attributes).
+/// Bytes one record of a run takes in the in-memory commit, decoded (key, slot, fingerprint).
+const FOLDED_RECORD_BYTES: u64 = 32;
+
+/// Bytes of memory the in-memory diff of an export of about `rows` rows needs against `doc`,
+/// its commit included: the snapshot once it holds the export's new users too (the state's
+/// users or the rows, whichever is more), and, when the state already has ranges (its commit
+/// folds the run's records into deltas), every attribute of each user the run may confirm
+/// whole: the new ones (rows beyond the state's users), or every row for a full resend.
+pub fn in_memory_estimate(doc: &HeadDoc, route: &Route, rows: u64, full_resend: bool) -> u64 {
+    let users = doc
+        .users
+        .max(doc.ranges.iter().map(|r| r.users).sum::<u64>());
+    let grown = HeadDoc {
+        users: users.max(rows),
+        ..HeadDoc::default()
+    };
+    let whole = match (doc.ranges.is_empty(), full_resend) {
+        (true, _) => 0,
+        (false, true) => users.max(rows),
+        (false, false) => rows.saturating_sub(users),
+    };
+    let records = whole
+        .saturating_mul(route.state_names().len() as u64)
+        .saturating_mul(FOLDED_RECORD_BYTES);
+    memory_estimate(&grown, route).saturating_add(records)
+}
+
+/// Hash ranges a ranged commit loads and writes at once at most (each holds one range's
+/// snapshot and its encoded shard: about 2 × 35 MB at the default range size and 20
+/// attributes); fewer when [`StateStore::with_commit_memory`] leaves room for fewer.
 pub const COMMIT_RANGES_AT_ONCE: usize = 2;
+
+/// Memory one unit of a ranged commit holds for a range of `users` users: the range's
+/// snapshot ([`memory_estimate`]) and, while it is written, its encoded object (smaller
+/// than the snapshot; counted as much again).
+pub fn commit_unit_memory(users: u64, route: &Route) -> u64 {
+    let one = HeadDoc {
+        users,
+        ..HeadDoc::default()
+    };
+    memory_estimate(&one, route).saturating_mul(2)
+}
+
+/// Ranges a ranged commit holds at once within `budget` bytes (`None`: no budget) when each
+/// takes `unit` bytes: at least one, at most [`COMMIT_RANGES_AT_ONCE`].
+pub fn commit_ranges_at_once(budget: Option<u64>, unit: u64) -> usize {
+    match budget {
+        None => COMMIT_RANGES_AT_ONCE,
+        Some(b) => (b / unit.max(1)).clamp(1, COMMIT_RANGES_AT_ONCE as u64) as usize,
+    }
+}
 
 /// What a commit has written (objects the new head will name), what they replace (deleted
 /// once the new head is written) and its counts: what travels from the writes to
@@ -386,6 +437,7 @@ impl StateStore {
             folder: format!("{prefix}{route}/"),
             route: route.to_string(),
             range_users: RANGE_USERS,
+            commit_memory: None,
             head_name: "head.json".into(),
             own: None,
         }
@@ -440,6 +492,14 @@ impl StateStore {
             uri: self.head_uri(),
             reason: reason.into(),
         }
+    }
+
+    /// Bounds the memory a ranged commit takes for the ranges it loads and writes at once to
+    /// `bytes` ([`commit_ranges_at_once`]): a function keeps its commit, which runs after the
+    /// diff and the sender whose memory the allocator may still hold, within this share.
+    pub fn with_commit_memory(mut self, bytes: u64) -> Self {
+        self.commit_memory = Some(bytes);
+        self
     }
 
     /// Sets the target users per hash range (tests use small ranges).

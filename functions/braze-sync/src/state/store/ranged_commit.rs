@@ -11,7 +11,8 @@ impl StateStore {
     /// partitioned by hash range into local files under `spill` (one segment in memory at a
     /// time), then each range they touch is loaded alone, updated and written (a delta, or a
     /// new base on the same rules as [`StateStore::commit`]), [`COMMIT_RANGES_AT_ONCE`] ranges
-    /// at a time. `expected_users` (the state's users plus this run's new ones) sizes the
+    /// at a time at most, fewer when the commit memory
+    /// ([`StateStore::with_commit_memory`]) holds fewer. `expected_users` (the state's users plus this run's new ones) sizes the
     /// ranges of a first layout and decides when they double; a re-layout also goes range by
     /// range (an old range splits into its sub-ranges). Nothing needs the whole state.
     pub async fn commit_ranged(
@@ -107,6 +108,22 @@ impl StateStore {
             .map(|_| ())
     }
 
+    /// Units a ranged commit into an `nb`-bit layout works on at once: as many of its widest
+    /// unit (an old range's users, or the expected users' share of a new range) as the
+    /// commit memory holds ([`commit_ranges_at_once`]).
+    fn units_at_once(
+        &self,
+        doc0: &HeadDoc,
+        route: &Route,
+        request: &RangedRequest<'_>,
+        nb: u32,
+    ) -> usize {
+        let widest = doc0.ranges.iter().map(|r| r.users).max().unwrap_or(0);
+        let share = doc0.users.max(request.expected_users) >> nb;
+        let unit = commit_unit_memory(widest.max(share), route);
+        commit_ranges_at_once(self.commit_memory, unit)
+    }
+
     /// [`StateStore::commit_ranged`] as `request` says: laid out with its `force_bits` range
     /// bits when given, with its `extra` records after the segments'.
     pub(super) async fn commit_ranged_bits(
@@ -170,9 +187,10 @@ impl StateStore {
             let plan = &plan;
             async move { this.commit_unit(plan, old, new).await }
         });
+        let at_once = self.units_at_once(&doc0, route, &request, nb);
         use futures::StreamExt;
         let outs: Vec<Result<UnitOut, StateError>> = futures::stream::iter(work)
-            .buffer_unordered(COMMIT_RANGES_AT_ONCE)
+            .buffer_unordered(at_once)
             .collect()
             .await;
         // 4. The new head: the units' ranges over the old layout (or a fresh one).
