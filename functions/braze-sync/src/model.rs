@@ -123,6 +123,17 @@ impl UserDelta {
         self.changes.is_empty()
     }
 
+    /// What the state records of a confirmed delta: its user, attribute names, fingerprints
+    /// and row digest, without the values sent or the row's position (a committer holds
+    /// thousands between checkpoints).
+    pub fn into_confirmed(mut self) -> Self {
+        for c in &mut self.changes {
+            c.value = Value::Null;
+        }
+        self.pos = RowPos::default();
+        self
+    }
+
     /// The Braze attribute object for this delta.
     pub fn to_attribute_object(&self) -> Value {
         debug_assert!(

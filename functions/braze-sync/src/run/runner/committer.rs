@@ -86,12 +86,12 @@ impl Committer {
                 outcome = outcomes.recv() => match outcome {
                     Some(DeliveryOutcome::Confirmed(d)) => {
                         self.confirmed += 1;
-                        self.pending.push(d);
+                        self.pending.push(d.into_confirmed());
                     }
                     Some(DeliveryOutcome::Rejected { delta, reason }) => {
                         self.braze_rejects.push(&RowReject::from_braze(&delta, &reason));
                     }
-                    Some(DeliveryOutcome::Recorded(d)) => self.pending.push(d),
+                    Some(DeliveryOutcome::Recorded(d)) => self.pending.push(d.into_confirmed()),
                     Some(DeliveryOutcome::Unsent(_)) => {}
                     None => break,
                 },

@@ -586,6 +586,63 @@ mod tests {
         .unwrap()
     }
 
+    #[test]
+    fn a_ranged_commit_holds_as_many_ranges_as_its_memory_fits() {
+        let r = route();
+        let unit = commit_unit_memory(RANGE_USERS, &r);
+        assert_eq!(commit_ranges_at_once(None, unit), COMMIT_RANGES_AT_ONCE);
+        assert_eq!(
+            commit_ranges_at_once(Some(unit - 1), unit),
+            1,
+            "at least one"
+        );
+        assert_eq!(commit_ranges_at_once(Some(unit), unit), 1);
+        assert_eq!(commit_ranges_at_once(Some(2 * unit), unit), 2);
+        assert_eq!(
+            commit_ranges_at_once(Some(100 * unit), unit),
+            COMMIT_RANGES_AT_ONCE,
+            "never more than the cap"
+        );
+        assert!(commit_unit_memory(2 * RANGE_USERS, &r) > unit);
+    }
+
+    #[test]
+    fn the_in_memory_estimate_counts_the_exports_new_users_and_the_records_it_folds() {
+        let r = route();
+        let empty = HeadDoc::default();
+        let held = |users| HeadDoc {
+            users,
+            ..HeadDoc::default()
+        };
+        // A first sync: the snapshot ends with every row's user; nothing is folded.
+        assert_eq!(
+            in_memory_estimate(&empty, &r, 200_000, false),
+            memory_estimate(&held(200_000), &r)
+        );
+        assert!(in_memory_estimate(&empty, &r, 200_000, false) > memory_estimate(&empty, &r));
+        // A laid-out state: its new users' records are folded into deltas too.
+        let mut laid = held(100_000);
+        laid.ranges = vec![RangeDoc {
+            users: 100_000,
+            ..RangeDoc::default()
+        }];
+        let names = r.state_names().len() as u64;
+        assert_eq!(
+            in_memory_estimate(&laid, &r, 150_000, false),
+            memory_estimate(&held(150_000), &r) + 50_000 * names * FOLDED_RECORD_BYTES
+        );
+        // Fewer rows than users: the state's size, nothing new.
+        assert_eq!(
+            in_memory_estimate(&laid, &r, 90_000, false),
+            memory_estimate(&laid, &r)
+        );
+        // A full resend folds every user's records.
+        assert_eq!(
+            in_memory_estimate(&laid, &r, 90_000, true),
+            memory_estimate(&laid, &r) + 100_000 * names * FOLDED_RECORD_BYTES
+        );
+    }
+
     fn d(id: &str, v: i64) -> UserDelta {
         UserDelta {
             identifier: Identifier::ExternalId(id.into()),
