@@ -8,7 +8,6 @@
 
 use std::collections::BTreeMap;
 
-use bridge_shared::lease::{Lease, LeaseDoc, LeaseError};
 use bridge_shared::object_store::ObjectMeta;
 use bridge_shared::{ObjectStore, PutCondition, S3Uri, StoreError};
 use bytes::Bytes;
@@ -80,17 +79,6 @@ pub struct LedgerEntry {
 
 fn is_zero(n: &u32) -> bool {
     *n == 0
-}
-
-impl LeaseDoc for LedgerEntry {
-    /// Entries name no holder: a claim is recognised as ours only by its ETag or its bytes.
-    fn holder(&self) -> &str {
-        ""
-    }
-
-    fn keeps_out(&self, now_ms: i64) -> bool {
-        self.status == LedgerStatus::Running && self.lease_until * 1000 > now_ms
-    }
 }
 
 /// What a run that handed over leaves in the ledger for the next run of its export.
@@ -323,29 +311,24 @@ impl<'a> Ledger<'a> {
     }
 
     /// Writes `entry` over our claim `claim_etag` on `export_id` (only if it is still the
-    /// current entry); returns the new ETag. Written through the shared lease
-    /// ([`bridge_shared::lease`]): a 412 reads the entry back, and a write of ours whose
-    /// answer was lost (the entry is already `entry`) is not taken for another writer's.
+    /// current entry); returns the new object's metadata.
     async fn write_over(
         &self,
         export_id: &str,
         claim_etag: &str,
         entry: &LedgerEntry,
-    ) -> Result<String, LedgerError> {
-        let mut claim = Lease::held(self.uri(export_id), claim_etag.to_string());
-        self.write_claim(&mut claim, entry).await?;
-        Ok(claim.etag().to_string())
-    }
-
-    /// Writes `entry` (stamped) over the claim `claim` holds.
-    async fn write_claim(&self, claim: &mut Lease, entry: &LedgerEntry) -> Result<(), LedgerError> {
+    ) -> Result<ObjectMeta, LedgerError> {
         let entry = self.stamped(entry.clone());
-        claim.write(self.store, &entry).await.map_err(|e| match e {
-            LeaseError::Store { error, .. } => LedgerError::Store(error),
-            LeaseError::Lost { uri, .. } | LeaseError::Changed { uri, .. } => {
-                LedgerError::Store(StoreError::PreconditionFailed { uri })
-            }
-        })
+        let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
+        Ok(self
+            .store
+            .put(
+                &self.uri(export_id),
+                body,
+                PutCondition::IfMatch(claim_etag.to_string()),
+                BTreeMap::new(),
+            )
+            .await?)
     }
 
     /// Replaces the entry at `uri` (ETag `etag`) by a running claim: [`Claim::Busy`] when
@@ -377,7 +360,8 @@ impl<'a> Ledger<'a> {
         lease_s: i64,
     ) -> Result<String, LedgerError> {
         let entry = LedgerEntry::running(export_id, now + lease_s);
-        self.write_over(export_id, claim_etag, &entry).await
+        let meta = self.write_over(export_id, claim_etag, &entry).await?;
+        Ok(meta.etag)
     }
 
     /// Runs `work` to its end while renewing our claim on `export_id` every third of
@@ -394,17 +378,13 @@ impl<'a> Ledger<'a> {
         let every = crate::state::lease::renew_every(lease_s);
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // One lease across renewals, so a renewal whose answer was lost is recognised by the
-        // next one.
-        let mut claim = Lease::held(self.uri(export_id), etag.clone());
         loop {
             tokio::select! {
                 out = &mut work => return out,
                 _ = tick.tick() => {
                     let now = crate::clock::now().timestamp();
-                    let entry = LedgerEntry::running(export_id, now + lease_s);
-                    match self.write_claim(&mut claim, &entry).await {
-                        Ok(()) => *etag = claim.etag().to_string(),
+                    match self.renew(export_id, etag, now, lease_s).await {
+                        Ok(next) => *etag = next,
                         Err(e) => tracing::warn!(export = export_id, error = %e, "Could not renew the export claim; trying again."),
                     }
                 }

@@ -7,11 +7,12 @@
 //! This is not the export ledger ([`crate::state::ledger`]): the ledger says what happened to each
 //! export; the lock says who may move a route's state right now.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bridge_shared::lease::{self, Lease, LeaseDoc, LeaseError};
-use bridge_shared::{ObjectStore, S3Uri, StoreError};
+use bridge_shared::{ObjectStore, PutCondition, S3Uri, StoreError};
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
@@ -31,16 +32,6 @@ pub struct LockDoc {
     /// Set when the holder let it go.
     #[serde(default)]
     pub released: bool,
-}
-
-impl LeaseDoc for LockDoc {
-    fn holder(&self) -> &str {
-        &self.holder
-    }
-
-    fn keeps_out(&self, now_ms: i64) -> bool {
-        !self.released && self.lease_until_ms > now_ms
-    }
 }
 
 /// Why the lock could not be read, taken, renewed or released.
@@ -71,23 +62,13 @@ impl LockError {
     }
 }
 
-impl From<LeaseError> for LockError {
-    /// A lease that changed under us and cannot be read back counts as lost: the run stops.
-    fn from(e: LeaseError) -> Self {
-        match e {
-            LeaseError::Store { uri, error } => LockError::Store { uri, error },
-            LeaseError::Lost { uri, holder } => LockError::Lost { uri, holder },
-            LeaseError::Changed { uri, .. } => LockError::Lost { uri, holder: None },
-        }
-    }
-}
-
 /// A held route lock. Dropping it without [`RouteLock::release`] leaves the lease to expire.
 pub struct RouteLock {
     store: Arc<dyn ObjectStore>,
-    lease: Lease,
+    uri: S3Uri,
     holder: String,
     lease_s: i64,
+    etag: String,
     lease_until_ms: i64,
     /// Held by several invocations at once under one holder name (the pieces of a fan-out,
     /// [`RouteLock::join`]): a renewal that finds a sibling's write is not a loss.
@@ -113,18 +94,26 @@ pub fn lock_uri(bucket: &str, state_prefix: &str, route: &str) -> S3Uri {
     S3Uri::new(bucket, format!("{prefix}{route}/{LOCK_OBJECT}"))
 }
 
+fn body(doc: &LockDoc) -> Bytes {
+    Bytes::from(serde_json::to_vec(doc).unwrap_or_default())
+}
+
 /// Reads the lock object without taking it (for `status`): `None` when the route never ran.
 pub async fn read_lock(store: &dyn ObjectStore, uri: &S3Uri) -> Result<Option<LockDoc>, LockError> {
-    // An unreadable lock object protects nobody (see `acquire`): shown as free.
-    Ok(lease::read::<LockDoc>(store, uri)
-        .await?
-        .and_then(|c| c.doc))
+    match store.get(uri).await {
+        // An unreadable lock object protects nobody (see `acquire`): shown as free.
+        Ok((_, bytes)) => Ok(serde_json::from_slice(&bytes).ok()),
+        Err(StoreError::NotFound { .. }) => Ok(None),
+        Err(error) => Err(LockError::Store {
+            uri: uri.clone(),
+            error,
+        }),
+    }
 }
 
 impl RouteLock {
     /// Takes the lock for `lease_s` seconds from `now_ms` (epoch milliseconds), or returns
     /// `None` when another holder's lease is alive (or another run took it at the same moment).
-    /// An unreadable lock object is taken over like an expired one.
     pub async fn acquire(
         store: Arc<dyn ObjectStore>,
         uri: S3Uri,
@@ -137,11 +126,41 @@ impl RouteLock {
             lease_until_ms: now_ms + lease_s * 1000,
             released: false,
         };
-        let held = Lease::acquire(store.as_ref(), &uri, &doc, now_ms).await?;
-        Ok(held.map(|l| Self::from_lease(store, l, doc, lease_s)))
+        let err = |error| LockError::Store {
+            uri: uri.clone(),
+            error,
+        };
+        let condition = match store
+            .put(&uri, body(&doc), PutCondition::IfAbsent, BTreeMap::new())
+            .await
+        {
+            Ok(meta) => return Ok(Some(Self::held(store, uri, doc, lease_s, meta.etag))),
+            Err(StoreError::PreconditionFailed { .. }) => {
+                let (meta, bytes) = match store.get(&uri).await {
+                    Ok(x) => x,
+                    // Deleted between the two calls: someone else is playing with it; stand back.
+                    Err(StoreError::NotFound { .. }) => return Ok(None),
+                    Err(e) => return Err(err(e)),
+                };
+                // An unreadable lock object protects nobody: it is taken over like an expired one.
+                let current: Option<LockDoc> = serde_json::from_slice(&bytes).ok();
+                if current.is_some_and(|c| !c.released && c.lease_until_ms > now_ms) {
+                    return Ok(None);
+                }
+                PutCondition::IfMatch(meta.etag)
+            }
+            Err(e) => return Err(err(e)),
+        };
+        match store
+            .put(&uri, body(&doc), condition, BTreeMap::new())
+            .await
+        {
+            Ok(meta) => Ok(Some(Self::held(store, uri, doc, lease_s, meta.etag))),
+            Err(StoreError::PreconditionFailed { .. }) => Ok(None),
+            Err(e) => Err(err(e)),
+        }
     }
 
-    #[cfg(test)]
     fn held(
         store: Arc<dyn ObjectStore>,
         uri: S3Uri,
@@ -149,15 +168,12 @@ impl RouteLock {
         lease_s: i64,
         etag: String,
     ) -> Self {
-        Self::from_lease(store, Lease::held(uri, etag), doc, lease_s)
-    }
-
-    fn from_lease(store: Arc<dyn ObjectStore>, lease: Lease, doc: LockDoc, lease_s: i64) -> Self {
         Self {
             store,
-            lease,
+            uri,
             holder: doc.holder,
             lease_s,
+            etag,
             lease_until_ms: doc.lease_until_ms,
             shared: false,
         }
@@ -174,21 +190,30 @@ impl RouteLock {
         now_ms: i64,
         lease_s: i64,
     ) -> Result<Joined, LockError> {
+        let err = |error| LockError::Store {
+            uri: uri.clone(),
+            error,
+        };
         for _ in 0..5 {
-            let Some(current) = lease::read::<LockDoc>(store.as_ref(), &uri).await? else {
-                return match Self::acquire(store, uri.clone(), holder, now_ms, lease_s).await? {
-                    Some(mut l) => {
-                        l.shared = true;
-                        Ok(Joined::Held(l))
-                    }
-                    None => Ok(Joined::Busy("another run".into())),
-                };
+            let (meta, bytes) = match store.get(&uri).await {
+                Ok(x) => x,
+                Err(StoreError::NotFound { .. }) => {
+                    return match Self::acquire(store, uri.clone(), holder, now_ms, lease_s).await? {
+                        Some(mut l) => {
+                            l.shared = true;
+                            Ok(Joined::Held(l))
+                        }
+                        None => Ok(Joined::Busy("another run".into())),
+                    };
+                }
+                Err(e) => return Err(err(e)),
             };
-            if let Some(c) = &current.doc {
+            let current: Option<LockDoc> = serde_json::from_slice(&bytes).ok();
+            if let Some(c) = &current {
                 if c.holder == holder && c.released {
                     return Ok(Joined::Ended);
                 }
-                if c.holder != holder && c.keeps_out(now_ms) {
+                if c.holder != holder && !c.released && c.lease_until_ms > now_ms {
                     return Ok(Joined::Busy(c.holder.clone()));
                 }
             }
@@ -197,16 +222,23 @@ impl RouteLock {
                 lease_until_ms: now_ms + lease_s * 1000,
                 released: false,
             };
-            let mut l = Lease::held(uri.clone(), current.etag);
-            match l.write(store.as_ref(), &doc).await {
-                Ok(()) => {
-                    let mut l = Self::from_lease(store, l, doc, lease_s);
+            match store
+                .put(
+                    &uri,
+                    body(&doc),
+                    PutCondition::IfMatch(meta.etag),
+                    BTreeMap::new(),
+                )
+                .await
+            {
+                Ok(meta) => {
+                    let mut l = Self::held(store, uri, doc, lease_s, meta.etag);
                     l.shared = true;
                     return Ok(Joined::Held(l));
                 }
                 // A sibling renewed at the same moment: read again.
-                Err(LeaseError::Lost { .. } | LeaseError::Changed { .. }) => continue,
-                Err(e) => return Err(e.into()),
+                Err(StoreError::PreconditionFailed { .. }) => continue,
+                Err(e) => return Err(err(e)),
             }
         }
         Ok(Joined::Busy("(the lock changed too often to join)".into()))
@@ -214,19 +246,22 @@ impl RouteLock {
 
     /// A shared lock whose ETag moved: adopt a sibling's write when the holder is still ours.
     async fn sibling_etag(&self) -> Result<Option<(String, LockDoc)>, LockError> {
-        Ok(lease::read::<LockDoc>(self.store.as_ref(), self.uri())
-            .await?
-            .and_then(|c| {
-                let etag = c.etag;
-                c.doc
-                    .filter(|d| d.holder == self.holder && !d.released)
-                    .map(|d| (etag, d))
-            }))
+        match self.store.get(&self.uri).await {
+            Ok((meta, b)) => Ok(serde_json::from_slice::<LockDoc>(&b)
+                .ok()
+                .filter(|d| d.holder == self.holder && !d.released)
+                .map(|d| (meta.etag, d))),
+            Err(StoreError::NotFound { .. }) => Ok(None),
+            Err(error) => Err(LockError::Store {
+                uri: self.uri.clone(),
+                error,
+            }),
+        }
     }
 
     /// The lock object.
     pub fn uri(&self) -> &S3Uri {
-        self.lease.uri()
+        &self.uri
     }
 
     /// Epoch milliseconds until which the lease holds.
@@ -256,13 +291,12 @@ impl RouteLock {
     }
 
     /// Extends the lease to `now_ms + lease_s`. [`LockError::Lost`] when another run replaced
-    /// it. A renewal whose answer was lost is recognised by the next one (it reads the lock
-    /// back and finds its own write), so it is not taken for a loss.
+    /// it.
     pub async fn renew(&mut self, now_ms: i64) -> Result<(), LockError> {
         match self.renew_once(now_ms).await {
             Err(LockError::Lost { .. }) if self.shared => match self.sibling_etag().await? {
                 Some((etag, _)) => {
-                    self.lease.adopt(etag);
+                    self.etag = etag;
                     match self.renew_once(now_ms).await {
                         // A sibling renewed again meanwhile: the lease is alive either way.
                         Err(LockError::Lost {
@@ -283,9 +317,36 @@ impl RouteLock {
             lease_until_ms: now_ms + self.lease_s * 1000,
             released: false,
         };
-        self.lease.renew(self.store.as_ref(), &doc).await?;
-        self.lease_until_ms = doc.lease_until_ms;
-        Ok(())
+        match self
+            .store
+            .put(
+                &self.uri,
+                body(&doc),
+                PutCondition::IfMatch(self.etag.clone()),
+                BTreeMap::new(),
+            )
+            .await
+        {
+            Ok(meta) => {
+                self.etag = meta.etag;
+                self.lease_until_ms = doc.lease_until_ms;
+                Ok(())
+            }
+            Err(StoreError::PreconditionFailed { .. }) | Err(StoreError::NotFound { .. }) => {
+                let holder = match self.store.get(&self.uri).await {
+                    Ok((_, b)) => serde_json::from_slice::<LockDoc>(&b).ok().map(|d| d.holder),
+                    Err(_) => None,
+                };
+                Err(LockError::Lost {
+                    uri: self.uri.clone(),
+                    holder,
+                })
+            }
+            Err(error) => Err(LockError::Store {
+                uri: self.uri.clone(),
+                error,
+            }),
+        }
     }
 
     /// Lets the lock go (only if our lease is still the current one; for a joined lock, if
@@ -301,7 +362,7 @@ impl RouteLock {
                 Err(e @ LockError::Lost { .. }) => return Err(e),
                 Err(e) if attempt >= RELEASE_ATTEMPTS => return Err(e),
                 Err(e) => {
-                    warn!(lock = %self.uri(), error = %e, attempt, "Could not release the route lock; trying again.");
+                    warn!(lock = %self.uri, error = %e, attempt, "Could not release the route lock; trying again.");
                     tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
                 }
             }
@@ -312,36 +373,54 @@ impl RouteLock {
         if self.shared
             && let Some((etag, _)) = self.sibling_etag().await?
         {
-            self.lease.adopt(etag);
+            self.etag = etag;
         }
         let doc = LockDoc {
             holder: self.holder.clone(),
             lease_until_ms: 0,
             released: true,
         };
-        let store_err = |uri: &S3Uri, error| LockError::Store {
+        let err = |uri: &S3Uri, error| LockError::Store {
             uri: uri.clone(),
             error,
         };
-        match self.lease.release(self.store.as_ref(), &doc).await {
-            Ok(()) => Ok(()),
-            // A lease under our name that is not our last write (a sibling's renewal): go on
-            // from it and try again.
-            Err(LeaseError::Lost {
-                holder: Some(h), ..
-            }) if h == self.holder => {
-                if let Some((etag, _)) = self.sibling_etag().await? {
-                    self.lease.adopt(etag);
+        match self
+            .store
+            .put(
+                &self.uri,
+                body(&doc),
+                PutCondition::IfMatch(self.etag.clone()),
+                BTreeMap::new(),
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(StoreError::PreconditionFailed { .. }) => {
+                // Either another run took the lock over, or one of our own writes landed and
+                // its answer was lost (a release, or a renewal): the object as it is decides.
+                let (meta, bytes) = self
+                    .store
+                    .get(&self.uri)
+                    .await
+                    .map_err(|e| err(&self.uri, e))?;
+                match serde_json::from_slice::<LockDoc>(&bytes).ok() {
+                    Some(d) if d.holder == self.holder && d.released => Ok(()),
+                    Some(d) if d.holder == self.holder => {
+                        self.etag = meta.etag;
+                        Err(LockError::Store {
+                            uri: self.uri.clone(),
+                            error: StoreError::PreconditionFailed {
+                                uri: self.uri.clone(),
+                            },
+                        })
+                    }
+                    d => Err(LockError::Lost {
+                        uri: self.uri.clone(),
+                        holder: d.map(|d| d.holder),
+                    }),
                 }
-                let uri = self.uri().clone();
-                Err(store_err(
-                    &uri,
-                    StoreError::PreconditionFailed { uri: uri.clone() },
-                ))
             }
-            // Not known whose the lock is now: try again.
-            Err(LeaseError::Changed { uri, error }) => Err(store_err(&uri, error)),
-            Err(e) => Err(e.into()),
+            Err(error) => Err(err(&self.uri, error)),
         }
     }
 }
@@ -350,10 +429,7 @@ impl RouteLock {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use bridge_shared::PutCondition;
     use bridge_shared::object_store::MemoryStore;
-    use bytes::Bytes;
-    use std::collections::BTreeMap;
 
     fn setup() -> (Arc<dyn ObjectStore>, S3Uri) {
         (
