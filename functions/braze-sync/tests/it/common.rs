@@ -6,7 +6,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use braze_sync::send::braze::{ItemError, RateLimitInfo, TrackResponse};
+use braze_sync::config::route::Route;
+use braze_sync::run::handler::{Handler, HandlerConfig};
+use braze_sync::run::runner::{Continuation, RunnerSettings, SyncRunner};
+use braze_sync::send::braze::{BrazeApi, ItemError, RateLimitInfo, TrackResponse};
 use bridge_shared::object_store::{
     MemoryStore, ObjectMeta, ObjectReader, ObjectStore, PutCondition,
 };
@@ -86,4 +89,34 @@ impl ObjectStore for FailingPuts {
     async fn delete(&self, uri: &S3Uri) -> Result<(), StoreError> {
         self.inner.delete(uri).await
     }
+}
+
+/// The handler of one route over `store` and `braze`, as the tests lay the state bucket out
+/// (`state`: `s/` state, `r/` reports, `x/` rejects), with the runner's settings and queue.
+pub fn handler(
+    store: Arc<dyn ObjectStore>,
+    route: &Route,
+    braze: Arc<dyn BrazeApi>,
+    settings: RunnerSettings,
+    continuation: Option<Arc<dyn Continuation>>,
+) -> Handler {
+    let runner = SyncRunner::new(
+        store.clone(),
+        vec![route.clone()],
+        braze,
+        settings,
+        continuation,
+    );
+    Handler::new(
+        HandlerConfig {
+            state_bucket: "state".into(),
+            output_prefixes: vec!["s/".into(), "r/".into(), "x/".into()],
+            state_prefix: "s/".into(),
+            reports_prefix: "r/".into(),
+            routes: vec![route.binding()],
+            lease_s: 60,
+        },
+        store,
+        Arc::new(runner),
+    )
 }

@@ -5,13 +5,14 @@
 //! counts them in its report; a third unchanged export sends nothing (the feed is applied once).
 #![allow(clippy::unwrap_used)]
 
+use crate::common;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use braze_sync::config::route::Route;
-use braze_sync::run::handler::{Handler, HandlerConfig};
-use braze_sync::run::runner::{RunnerSettings, SyncRunner};
+use braze_sync::run::handler::Handler;
+use braze_sync::run::runner::RunnerSettings;
 use braze_sync::send::braze::{BrazeApi, RateLimitInfo, TrackError, TrackResponse};
 use bridge_shared::S3Uri;
 use bridge_shared::object_store::{MemoryStore, ObjectStore, PutCondition};
@@ -138,24 +139,12 @@ async fn the_next_unchanged_export_resends_what_currents_says_braze_lost_and_not
     let store = Arc::new(MemoryStore::new());
     let braze = Arc::new(Recording::default());
     let route = Route::from_toml(ROUTE, "t").unwrap();
-    let runner = SyncRunner::new(
+    let h = common::handler(
         store.clone(),
-        vec![route.clone()],
+        &route,
         braze.clone(),
         RunnerSettings::new("state", "s/", "r/", "x/"),
         None,
-    );
-    let h = Handler::new(
-        HandlerConfig {
-            state_bucket: "state".into(),
-            output_prefixes: vec!["s/".into(), "r/".into(), "x/".into()],
-            state_prefix: "s/".into(),
-            reports_prefix: "r/".into(),
-            routes: vec![route.binding()],
-            lease_s: 60,
-        },
-        store.clone(),
-        Arc::new(runner),
     );
 
     export(&store, &h, "in/people_2026-12-01.csv").await;

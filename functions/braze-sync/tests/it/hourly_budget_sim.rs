@@ -10,6 +10,7 @@
 //! runs, so neither a loaded machine nor the wall clock's place in its hour moves an assertion.
 #![allow(clippy::unwrap_used)]
 
+use crate::common;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,8 +20,8 @@ use braze_sim::SimConfig;
 use braze_sync::config::api_key::ApiKey;
 use braze_sync::config::braze_endpoint::Endpoint;
 use braze_sync::config::route::Route;
-use braze_sync::run::handler::{ExportPlan, Handler, HandlerConfig};
-use braze_sync::run::runner::{Continuation, MAX_DELAY, RunnerSettings, SyncRunner};
+use braze_sync::run::handler::{ExportPlan, Handler};
+use braze_sync::run::runner::{Continuation, MAX_DELAY, RunnerSettings};
 use braze_sync::send::braze::{BrazeClient, ClientOptions};
 use braze_sync::send::hourly_budget::{HOUR_MS, HourlyBudget, MAX_BUDGET_WAIT, hour_of};
 use bridge_shared::S3Uri;
@@ -97,25 +98,7 @@ fn handler(store: Arc<MemoryStore>, sim_url: &str, queue: Arc<Delays>, limit: u6
     )
     .unwrap();
     let route = Route::from_toml(ROUTE, "t").unwrap();
-    let runner = SyncRunner::new(
-        store.clone(),
-        vec![route.clone()],
-        Arc::new(api),
-        s,
-        Some(queue as Arc<dyn Continuation>),
-    );
-    Handler::new(
-        HandlerConfig {
-            state_bucket: "state".into(),
-            output_prefixes: vec!["s/".into(), "r/".into(), "x/".into()],
-            state_prefix: "s/".into(),
-            reports_prefix: "r/".into(),
-            routes: vec![route.binding()],
-            lease_s: 60,
-        },
-        store,
-        Arc::new(runner),
-    )
+    common::handler(store, &route, Arc::new(api), s, Some(queue))
 }
 
 async fn report(store: &MemoryStore, out: &Value) -> Value {

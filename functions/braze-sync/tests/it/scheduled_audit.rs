@@ -5,6 +5,7 @@
 //! and every other payload still reaches the sync handler.
 #![allow(clippy::unwrap_used)]
 
+use crate::common;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,8 +15,8 @@ use braze_sync::config::api_key::ApiKey;
 use braze_sync::config::braze_endpoint::Endpoint;
 use braze_sync::config::route::Route;
 use braze_sync::ops::audit::AuditTarget;
-use braze_sync::run::handler::{Handler, HandlerConfig};
-use braze_sync::run::runner::{RunnerSettings, SyncRunner};
+use braze_sync::run::handler::Handler;
+use braze_sync::run::runner::RunnerSettings;
 use braze_sync::run::scheduled_audit::{ScheduledAudit, dispatch};
 use braze_sync::send::braze::{BrazeClient, ClientOptions};
 use bridge_shared::S3Uri;
@@ -63,24 +64,12 @@ async fn world() -> World {
         .unwrap(),
     );
     let route = Route::from_toml(ROUTE, "t").unwrap();
-    let runner = SyncRunner::new(
+    let handler = common::handler(
         store.clone(),
-        vec![route.clone()],
+        &route,
         client.clone(),
         RunnerSettings::new("state", "s/", "r/", "x/"),
         None,
-    );
-    let handler = Handler::new(
-        HandlerConfig {
-            state_bucket: "state".into(),
-            output_prefixes: vec!["s/".into(), "r/".into(), "x/".into()],
-            state_prefix: "s/".into(),
-            reports_prefix: "r/".into(),
-            routes: vec![route.binding()],
-            lease_s: 60,
-        },
-        store.clone(),
-        Arc::new(runner),
     );
     let audit = ScheduledAudit::new(
         store.clone(),
