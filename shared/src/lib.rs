@@ -1,11 +1,13 @@
 //! Shared building blocks of the Amperity ⇄ Braze bridge: how an invocation names the objects
 //! to process ([`trigger`]), where objects live ([`s3_uri`], [`object_store`], and a local
-//! folder as a store, `dir_store`, feature `dir-store`), and how a run reports itself
+//! folder as a store, `dir_store`, feature `dir-store`), leases kept in one object
+//! ([`lease`]), and how a run reports itself
 //! ([`logging`], [`metrics`], [`runtime`]); the profile-change feed currents-normalize hands
 //! braze-sync ([`profile_feed`]).
 
 #[cfg(any(test, feature = "dir-store"))]
 pub mod dir_store;
+pub mod lease;
 pub mod logging;
 pub mod metrics;
 pub mod object_store;

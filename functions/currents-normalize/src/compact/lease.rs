@@ -2,14 +2,13 @@
 //!
 //! The lease is a small JSON object written with a conditional put: `If-None-Match: *` to
 //! take a free lease, `If-Match: <etag>` to take over one that was released or has expired,
-//! and again `If-Match` to renew it just before deleting. Whoever loses a conditional put has
-//! lost the lease and deletes nothing. A lease outlives the longest Lambda run (15 minutes),
-//! so a holder that renewed has the whole TTL to finish its deletes.
+//! and again `If-Match` to renew it just before deleting ([`bridge_shared::lease`]). Whoever
+//! loses a conditional put has lost the lease and deletes nothing. A lease outlives the
+//! longest Lambda run (15 minutes), so a holder that renewed has the whole TTL to finish its
+//! deletes.
 
-use std::collections::BTreeMap;
-
-use bridge_shared::{ObjectStore, PutCondition, S3Uri, StoreError};
-use bytes::Bytes;
+use bridge_shared::lease::{self, LeaseDoc, LeaseError};
+use bridge_shared::{ObjectStore, S3Uri, StoreError};
 use serde::{Deserialize, Serialize};
 
 /// How long a lease holds without renewal.
@@ -22,21 +21,38 @@ struct LeaseBody {
     released: bool,
 }
 
+impl LeaseDoc for LeaseBody {
+    fn holder(&self) -> &str {
+        &self.owner
+    }
+
+    fn keeps_out(&self, now_ms: i64) -> bool {
+        !self.released && self.expires_at_ms > now_ms
+    }
+}
+
 /// A lease this run holds.
 #[derive(Debug, Clone)]
 pub struct Lease {
-    uri: S3Uri,
-    etag: String,
+    held: lease::Lease,
     owner: String,
 }
 
-fn body(owner: &str, now: chrono::DateTime<chrono::Utc>, released: bool) -> Bytes {
-    let b = LeaseBody {
+fn body(owner: &str, now: chrono::DateTime<chrono::Utc>, released: bool) -> LeaseBody {
+    LeaseBody {
         owner: owner.into(),
         expires_at_ms: (now + LEASE_TTL).timestamp_millis(),
         released,
-    };
-    Bytes::from(serde_json::to_vec(&b).unwrap_or_default())
+    }
+}
+
+/// The store's error behind a lease error; `None` when the lease was lost (or changed under
+/// us and could not be read back: not ours to count on).
+fn store_error(e: LeaseError) -> Option<StoreError> {
+    match e {
+        LeaseError::Store { error, .. } => Some(error),
+        LeaseError::Lost { .. } | LeaseError::Changed { .. } => None,
+    }
 }
 
 /// Takes the lease at `uri` for `owner`. `Ok(None)`: someone else holds it.
@@ -46,52 +62,16 @@ pub async fn acquire(
     owner: &str,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<Option<Lease>, StoreError> {
-    let held = |etag: String| {
-        Some(Lease {
-            uri: uri.clone(),
-            etag,
+    match lease::Lease::acquire(store, uri, &body(owner, now, false), now.timestamp_millis()).await
+    {
+        Ok(held) => Ok(held.map(|held| Lease {
+            held,
             owner: owner.to_string(),
-        })
-    };
-    match store
-        .put(
-            uri,
-            body(owner, now, false),
-            PutCondition::IfAbsent,
-            BTreeMap::new(),
-        )
-        .await
-    {
-        Ok(meta) => return Ok(held(meta.etag)),
-        Err(StoreError::PreconditionFailed { .. }) => {}
-        Err(e) => return Err(e),
-    }
-    let (meta, bytes) = match store.get(uri).await {
-        Ok(x) => x,
-        // Released and removed between our two calls: next run takes it.
-        Err(StoreError::NotFound { .. }) => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let free = match serde_json::from_slice::<LeaseBody>(&bytes) {
-        Ok(b) => b.released || b.expires_at_ms <= now.timestamp_millis(),
-        // An unreadable lease object protects nothing.
-        Err(_) => true,
-    };
-    if !free {
-        return Ok(None);
-    }
-    match store
-        .put(
-            uri,
-            body(owner, now, false),
-            PutCondition::IfMatch(meta.etag),
-            BTreeMap::new(),
-        )
-        .await
-    {
-        Ok(meta) => Ok(held(meta.etag)),
-        Err(StoreError::PreconditionFailed { .. }) => Ok(None),
-        Err(e) => Err(e),
+        })),
+        Err(e) => match store_error(e) {
+            Some(e) => Err(e),
+            None => Ok(None),
+        },
     }
 }
 
@@ -102,42 +82,32 @@ impl Lease {
         store: &dyn ObjectStore,
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<bool, StoreError> {
-        match store
-            .put(
-                &self.uri,
-                body(&self.owner, now, false),
-                PutCondition::IfMatch(self.etag.clone()),
-                BTreeMap::new(),
-            )
-            .await
-        {
-            Ok(meta) => {
-                self.etag = meta.etag;
-                Ok(true)
-            }
-            Err(StoreError::PreconditionFailed { .. }) => Ok(false),
-            Err(e) => Err(e),
+        match self.held.renew(store, &body(&self.owner, now, false)).await {
+            Ok(()) => Ok(true),
+            Err(e) => match store_error(e) {
+                Some(e) => Err(e),
+                None => Ok(false),
+            },
         }
     }
 
     /// Marks the lease released (only if still ours), so the next run need not wait for it
     /// to expire.
     pub async fn release(
-        self,
+        mut self,
         store: &dyn ObjectStore,
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<(), StoreError> {
-        match store
-            .put(
-                &self.uri,
-                body(&self.owner, now, true),
-                PutCondition::IfMatch(self.etag),
-                BTreeMap::new(),
-            )
+        match self
+            .held
+            .release(store, &body(&self.owner, now, true))
             .await
         {
-            Ok(_) | Err(StoreError::PreconditionFailed { .. }) => Ok(()),
-            Err(e) => Err(e),
+            Ok(()) => Ok(()),
+            Err(e) => match store_error(e) {
+                Some(e) => Err(e),
+                None => Ok(()),
+            },
         }
     }
 }
