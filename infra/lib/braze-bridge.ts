@@ -527,6 +527,8 @@ export class BrazeBridge extends Construct {
       RATE_LIMIT_SHARE: String(p.rateLimitShare),
       BRAZE_MAX_OBJECTS_PER_REQUEST: String(p.brazeMaxObjectsPerRequest),
       CONTINUATION_QUEUE_URL: this.brazeSyncQueue.queueUrl,
+      // The maxReceiveCount of the queue itself (a message failing on that receive is reported).
+      BRIDGE_MAX_RECEIVE_COUNT: String(this.brazeSyncQueue.deadLetterQueue?.maxReceiveCount ?? 0),
       // Routes default max_decompressed_bytes to the function's /tmp size.
       BRIDGE_EPHEMERAL_STORAGE_MB: String(FUNCTION_SIZING.brazeSync.ephemeralStorageMiB),
       RUST_LOG: p.logLevel,

@@ -101,6 +101,7 @@ describe('functions', () => {
           RATE_LIMIT_SHARE: '1',
           BRAZE_MAX_OBJECTS_PER_REQUEST: '75',
           CONTINUATION_QUEUE_URL: { Ref: logicalId(template, 'BrazeSyncQueue') },
+          BRIDGE_MAX_RECEIVE_COUNT: '5',
           BRIDGE_EPHEMERAL_STORAGE_MB: '4096',
           RUST_LOG: 'info',
         }),

@@ -245,8 +245,15 @@ fn handler(app: &App, client: Arc<dyn BrazeApi>) -> anyhow::Result<Handler> {
         routes: routes.iter().map(Route::binding).collect(),
         lease_s,
     };
+    // The invoking queue's maxReceiveCount: a message failing on that receive is reported
+    // before it goes to the dead-letter queue (0: not known).
+    let max_receives =
+        Some(runtime::env_parse::<u32>("BRIDGE_MAX_RECEIVE_COUNT", 0)?).filter(|n| *n > 0);
     let runner = SyncRunner::new(app.store.clone(), routes, client, settings, continuation);
-    Ok(Handler::new(hcfg, app.store.clone(), Arc::new(runner)))
+    Ok(
+        Handler::new(hcfg, app.store.clone(), Arc::new(runner))
+            .with_max_receive_count(max_receives),
+    )
 }
 
 async fn serve_lambda() -> anyhow::Result<()> {

@@ -625,6 +625,17 @@ fn the_dead_letter_receive_count_in_the_docs_is_the_templates() {
         template.iter().all(|&c| c == count),
         "template.yaml's queues disagree on maxReceiveCount: {template:?}"
     );
+    // The function is told the same count, to report a message on its last receive.
+    let told: Vec<String> = read("template.yaml")
+        .lines()
+        .filter_map(|l| l.split("BRIDGE_MAX_RECEIVE_COUNT:").nth(1))
+        .map(|v| v.trim().trim_matches('"').to_string())
+        .collect();
+    assert_eq!(
+        told,
+        vec![count.to_string()],
+        "template.yaml must tell braze-sync its queue's maxReceiveCount: BRIDGE_MAX_RECEIVE_COUNT: \"{count}\""
+    );
     let cdk = max_receive_counts("infra/lib/braze-bridge.ts");
     assert!(
         !cdk.is_empty() && cdk.iter().all(|&c| c == count),

@@ -6,7 +6,9 @@
 //!    does not know, no confirmed value Braze never received).
 //! 3. No route lock, running export claim or `_fan_out/` object is left behind.
 //! 4. Every export's notification ended with a ledger entry and the report it names (or the
-//!    DLQ with a report): nothing acknowledged without a durable record.
+//!    DLQ with a report): nothing acknowledged without a durable record. A message that moves
+//!    to the DLQ is checked as it moves ([`dead_letter_reported`]): when its last receive was
+//!    answered, a report says why the function gave up on it.
 //! 5. In a schedule without faults, attribute updates applied <= 1.1 x the minimal set.
 
 use std::collections::BTreeMap;
@@ -367,4 +369,57 @@ async fn every_export_recorded(
     }
     let _ = REPORTS_PREFIX;
     v
+}
+
+/// Invariant 4 when a message moves to the DLQ: if the invocation of its last receive
+/// answered (it neither crashed nor timed out), a `failed` report names the message's object
+/// and says why it gave up. A crash on the last receive leaves nothing to say it.
+pub fn dead_letter_reported(env: &Env, m: &crate::queue::Message) -> Option<String> {
+    if !m.answered {
+        return None;
+    }
+    let body: Value = serde_json::from_str(&m.body).ok()?;
+    let gave_up = |names: &dyn Fn(&Value) -> bool| {
+        env.s3.keys(STATE_BUCKET, REPORTS_PREFIX).iter().any(|k| {
+            env.s3
+                .body(STATE_BUCKET, k)
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .is_some_and(|r| {
+                    r["status"] == "failed"
+                        && r["error"]
+                            .as_str()
+                            .is_some_and(|e| e.starts_with("gave up after"))
+                        && names(&r)
+                })
+        })
+    };
+    if let Some(piece) = body.get("bridge_fan_out") {
+        let run_id = format!(
+            "{}-p{:03}-gave-up",
+            piece["run_id"].as_str().unwrap_or_default(),
+            piece["piece"].as_u64().unwrap_or_default()
+        );
+        let reported = gave_up(&|r| r["run_id"] == run_id.as_str());
+        return (!reported).then(|| {
+            format!(
+                "invariant 4: fan-out piece message {} ({piece}) went to the DLQ after {} receives, the last one answered, with no report saying why",
+                m.id, m.receives
+            )
+        });
+    }
+    let s3 = &body["Records"][0]["s3"];
+    let bucket = s3["bucket"]["name"].as_str()?;
+    let key = bridge_shared::trigger::decode_s3_key(s3["object"]["key"].as_str()?).ok()?;
+    let object = format!("s3://{bucket}/{key}");
+    let reported = gave_up(&|r| {
+        r["sources"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s.as_str() == Some(object.as_str())))
+    });
+    (!reported).then(|| {
+        format!(
+            "invariant 4: message {} ({object}) went to the DLQ after {} receives, the last one answered, with no report saying why",
+            m.id, m.receives
+        )
+    })
 }

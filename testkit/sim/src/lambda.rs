@@ -121,7 +121,8 @@ impl Container {
         };
         Ok(Self {
             gate,
-            handler: Handler::new(cfg, store, Arc::new(runner)),
+            handler: Handler::new(cfg, store, Arc::new(runner))
+                .with_max_receive_count(Some(env.queue.max_receives)),
             _spill: spill,
         })
     }
@@ -184,6 +185,7 @@ pub async fn invoke(env: &Env, container: &Container, inv: u64, msgs: &[Message]
     match &ended {
         Ended::Returned(failed) => {
             for m in msgs {
+                env.queue.answered(&m.id);
                 if !failed.contains(&m.id) {
                     env.queue.delete(&m.id);
                 }

@@ -176,6 +176,7 @@ async fn run_world(seed: u64, opts: &Options) -> SeedOutcome {
             for d in &dead {
                 world.stat(|s| s.dlq += 1);
                 world.trace(|| format!("message {} to the DLQ", d.id));
+                violations.extend(check::dead_letter_reported(&env, d));
             }
             if msgs.is_empty() {
                 break;

@@ -23,6 +23,9 @@ pub struct Message {
     pub visible_at: i64,
     /// Times received.
     pub receives: u32,
+    /// The invocation of its latest receive returned an answer (it did not crash or time
+    /// out), so the function knew how that receive ended.
+    pub answered: bool,
 }
 
 /// The queue and its DLQ.
@@ -65,6 +68,7 @@ impl Queue {
             body,
             visible_at: now_ms() + delay_ms,
             receives: 0,
+            answered: false,
         });
         id
     }
@@ -84,6 +88,7 @@ impl Queue {
                     continue;
                 }
                 m.receives += 1;
+                m.answered = false;
                 m.visible_at = now + self.visibility_ms;
                 out.push(m.clone());
             }
@@ -92,6 +97,13 @@ impl Queue {
         q.messages = keep;
         q.dlq.extend(dead.iter().cloned());
         (out, dead)
+    }
+
+    /// Notes that the invocation of a message's latest receive returned an answer.
+    pub fn answered(&self, id: &str) {
+        for m in self.lock().messages.iter_mut().filter(|m| m.id == id) {
+            m.answered = true;
+        }
     }
 
     /// Deletes a received message (its invocation acknowledged it).

@@ -4,7 +4,11 @@
 //! part of its folder), claims each export in the [`ledger`](crate::state::ledger) so duplicates are
 //! no-ops, runs it through an [`ExportRunner`], and maps the outcome to Lambda's retry
 //! semantics: retryable failures fail the SQS message (or the invocation), permanent ones are
-//! reported and acknowledged so nothing loops forever.
+//! reported and acknowledged so nothing loops forever. A message that fails retryably on its
+//! last receive (the queue's `maxReceiveCount`) is reported, and its export recorded in the
+//! ledger, before it goes to the dead-letter queue ([`edge_reports`]).
+
+mod edge_reports;
 
 use std::sync::Arc;
 
@@ -16,9 +20,10 @@ use serde_json::{Value, json};
 use tracing::{info, warn};
 
 use crate::config::route::RouteBinding;
-use crate::ops::report::{MissingObject, RunReport, RunStatus};
+use crate::ops::report::RunStatus;
 use crate::state::ledger::{Claim, HandOverCounts, Ledger, LedgerStatus};
 use crate::state::route_lock::{lock_uri, read_lock};
+use edge_reports::GiveUp;
 
 /// Object metadata key that forces a full resend of an export (`x-amz-meta-bridge-force-full: true`).
 pub const FORCE_FULL_METADATA: &str = "bridge-force-full";
@@ -264,6 +269,7 @@ pub struct Handler {
     cfg: HandlerConfig,
     store: Arc<dyn ObjectStore>,
     runner: Arc<dyn ExportRunner>,
+    max_receive_count: Option<u32>,
 }
 
 /// What the operator asked of a run from the CLI (the same as object metadata).
@@ -289,7 +295,31 @@ impl Handler {
         store: Arc<dyn ObjectStore>,
         runner: Arc<dyn ExportRunner>,
     ) -> Self {
-        Self { cfg, store, runner }
+        Self {
+            cfg,
+            store,
+            runner,
+            max_receive_count: None,
+        }
+    }
+
+    /// The `maxReceiveCount` of the queue that invokes the function (`BRIDGE_MAX_RECEIVE_COUNT`):
+    /// a message that fails retryably on that receive goes to the dead-letter queue next, so
+    /// it is reported first. `None`: no receive is known to be the last.
+    pub fn with_max_receive_count(mut self, max: Option<u32>) -> Self {
+        self.max_receive_count = max;
+        self
+    }
+
+    /// The receive count of an SQS message when it is the last one its queue allows.
+    fn last_receive(&self, counts: &[(String, u32)], message_id: Option<&str>) -> Option<u32> {
+        let max = self.max_receive_count?;
+        let id = message_id?;
+        counts
+            .iter()
+            .find(|(m, _)| m == id)
+            .map(|(_, n)| *n)
+            .filter(|n| *n >= max)
     }
 
     /// Handles one invocation payload. For SQS the result lists `batchItemFailures`; for the
@@ -303,6 +333,7 @@ impl Handler {
         let started = tokio::time::Instant::now();
         let left =
             || remaining_ms.map(|ms| ms.saturating_sub(started.elapsed().as_millis() as u64));
+        let counts = receive_counts(payload);
         let (pieces, rest) = split_fan_out(payload);
         let mut failures = Vec::new();
         let mut results = Vec::new();
@@ -320,6 +351,9 @@ impl Handler {
                     },
                 ) => {
                     warn!(piece = %piece, error = %reason, "Fan-out piece failed; it will be retried.");
+                    if let Some(n) = self.last_receive(&counts, id.as_deref()) {
+                        self.give_up_piece_report(piece, n, &reason).await;
+                    }
                     results.push(json!({"piece": piece, "retry": reason}));
                     failures.push(json!({"itemIdentifier": id}));
                 }
@@ -347,8 +381,12 @@ impl Handler {
                 }
             };
             let mut retry = None;
+            let last = self.last_receive(&counts, item.message_id.as_deref());
             for obj in &objects {
-                match self.process_object(obj, RunFlags::default(), left()).await {
+                match self
+                    .process_object(obj, RunFlags::default(), left(), last)
+                    .await
+                {
                     ObjectOutcome::Done(v) => results.push(v),
                     ObjectOutcome::Retry(reason) => {
                         results.push(json!({"object": obj.uri.to_string(), "retry": reason}));
@@ -381,114 +419,10 @@ impl Handler {
         remaining_ms: Option<u64>,
     ) -> Result<Value, String> {
         let obj = ObjectRef::named(uri.clone(), "ObjectCreated:Cli");
-        match self.process_object(&obj, flags, remaining_ms).await {
+        match self.process_object(&obj, flags, remaining_ms, None).await {
             ObjectOutcome::Done(v) => Ok(v),
             ObjectOutcome::Retry(reason) => Err(reason),
         }
-    }
-
-    /// A notification named an object that does not exist (deleted since, or a key decoded
-    /// wrongly): never acknowledged silently. It is reported as `object_not_found` with the key
-    /// as received and as decoded, in a report object and a metric, then acknowledged, since
-    /// retrying cannot make a deleted object appear. Only a failure to write the report is
-    /// retried.
-    async fn object_not_found(&self, obj: &ObjectRef, route: &RouteBinding) -> ObjectOutcome {
-        let uri = &obj.uri;
-        let now = crate::clock::now();
-        let run_id = format!(
-            "{}-{:08x}",
-            now.format("%Y%m%dT%H%M%S%.3fZ"),
-            xxhash_rust::xxh3::xxh3_64(uri.to_string().as_bytes()) as u32
-        );
-        let mut report = RunReport::new(&run_id, &route.name);
-        report.status = RunStatus::ObjectNotFound;
-        report.sources = vec![uri.to_string()];
-        report.started_at = Some(now.to_rfc3339());
-        report.finished_at = Some(now.to_rfc3339());
-        report.object_not_found = Some(MissingObject {
-            object: uri.to_string(),
-            key_received: obj.key_received.clone(),
-            key_decoded: uri.key.clone(),
-            event_name: obj.event_name.clone(),
-        });
-        report.error = Some(format!(
-            "the notification names {uri} (key received as {:?}), which does not exist: it was \
-             deleted or renamed after the notification, or the key was encoded unexpectedly",
-            obj.key_received
-        ));
-        let report_uri = S3Uri::new(
-            &self.cfg.state_bucket,
-            format!("{}{}/{run_id}.json", self.cfg.reports_prefix, route.name),
-        );
-        warn!(
-            object = %uri,
-            key_received = %obj.key_received,
-            key_decoded = %uri.key,
-            route = %route.name,
-            report = %report_uri,
-            "Triggering object does not exist; reported as object_not_found."
-        );
-        report.emit_metrics();
-        match report.put(self.store.as_ref(), &report_uri).await {
-            Ok(()) => {}
-            Err(e) if e.is_retryable() => return ObjectOutcome::Retry(e.to_string()),
-            Err(e) => {
-                warn!(report = %report_uri, error = %e, "Could not write the object_not_found report.");
-            }
-        }
-        ObjectOutcome::Done(json!({
-            "object": uri.to_string(), "route": route.name, "outcome": "object_not_found",
-            "key_received": obj.key_received, "key_decoded": uri.key,
-            "report": report_uri.to_string()}))
-    }
-
-    /// The trigger (or its folder) cannot be read for good (403: the function's role or the
-    /// bucket's KMS key refuses it): never acknowledged without a record. A `failed` report
-    /// names the object, the call and what to check, with its metrics, then the notification is
-    /// acknowledged (retrying cannot grant a permission); only a failure to write the report
-    /// is retried.
-    async fn trigger_unreadable(
-        &self,
-        obj: &ObjectRef,
-        route: &RouteBinding,
-        op: &str,
-        error: bridge_shared::object_store::StoreError,
-    ) -> ObjectOutcome {
-        let uri = &obj.uri;
-        let now = crate::clock::now();
-        let run_id = format!(
-            "{}-{:08x}",
-            now.format("%Y%m%dT%H%M%S%.3fZ"),
-            xxhash_rust::xxh3::xxh3_64(uri.to_string().as_bytes()) as u32
-        );
-        let mut report = RunReport::new(&run_id, &route.name);
-        report.status = RunStatus::Failed;
-        report.sources = vec![uri.to_string()];
-        report.started_at = Some(now.to_rfc3339());
-        report.finished_at = Some(now.to_rfc3339());
-        let message = format!(
-            "{op} on the trigger {uri} failed for good ({error}): check that the function's role may read the bucket (s3:GetObject, s3:ListBucket) and use its KMS key; nothing was synced. Replay the export once it can be read"
-        );
-        report.error = Some(message.clone());
-        let report_uri = S3Uri::new(
-            &self.cfg.state_bucket,
-            format!("{}{}/{run_id}.json", self.cfg.reports_prefix, route.name),
-        );
-        warn!(object = %uri, route = %route.name, report = %report_uri, error = %error, "Triggering object cannot be read; reported as failed.");
-        report.emit_metrics();
-        match report.put(self.store.as_ref(), &report_uri).await {
-            Ok(()) => {}
-            Err(e) if e.is_retryable() => return ObjectOutcome::Retry(e.to_string()),
-            Err(e) => {
-                warn!(report = %report_uri, error = %e, "Could not write the report of an unreadable trigger.");
-                return ObjectOutcome::Retry(format!(
-                    "{message} (and its report could not be written: {e})"
-                ));
-            }
-        }
-        ObjectOutcome::Done(json!({
-            "object": uri.to_string(), "route": route.name, "outcome": "failed",
-            "error": message, "report": report_uri.to_string()}))
     }
 
     /// A replay of an export that was split across invocations: it waits while the fan-out
@@ -528,11 +462,14 @@ impl Handler {
 
     /// One triggering object, end to end: decide, plan, claim the export, run it under the
     /// renewed claim, record how it ended and, with the claim released, hand the rest over.
+    /// `last_receive` is the receive count when its message will not be delivered again: a
+    /// retryable failure is then reported (and, under the claim, recorded in the ledger) first.
     async fn process_object(
         &self,
         obj: &ObjectRef,
         flags: RunFlags,
         remaining_ms: Option<u64>,
+        last_receive: Option<u32>,
     ) -> ObjectOutcome {
         let uri = &obj.uri;
         let route = match decide(&self.cfg, uri) {
@@ -542,9 +479,17 @@ impl Handler {
             }
             Decision::Run(r) => r,
         };
+        let give_up = GiveUp {
+            trigger: uri,
+            route: &route.name,
+            export_id: None,
+            run_report: None,
+        };
         let plan = match self.plan_export(obj, &route, flags).await {
             Ok(plan) => plan,
-            Err(outcome) => return outcome,
+            Err(outcome) => {
+                return self.unless_last(outcome, last_receive, give_up).await;
+            }
         };
         let ledger = Ledger::new(
             self.store.as_ref(),
@@ -554,7 +499,13 @@ impl Handler {
         .forced_upload(forced_upload(&plan, flags));
         let mut claim_etag = match self.claim_export(&ledger, &plan).await {
             Ok(etag) => etag,
-            Err(outcome) => return outcome,
+            Err(outcome) => {
+                let at = GiveUp {
+                    export_id: Some(&plan.export_id),
+                    ..give_up
+                };
+                return self.unless_last(outcome, last_receive, at).await;
+            }
         };
         info!(object = %uri, route = %route.name, parts = plan.parts.len(), force_full = plan.force_full, "Starting export sync.");
         // The claim's lease is short and renewed while the run lives.
@@ -566,9 +517,46 @@ impl Handler {
                 self.cfg.lease_s,
             )
             .await;
-        let ended = RunEnd::of(&plan, result);
-        self.record_and_hand_over(&ledger, &plan, &claim_etag, ended)
-            .await
+        let mut ended = RunEnd::of(&plan, result);
+        // On the last receive the claim still held records the give-up and its report.
+        let mut gave_up = false;
+        if let (Some(n), ObjectOutcome::Retry(reason)) = (last_receive, &ended.outcome) {
+            let at = GiveUp {
+                export_id: Some(&plan.export_id),
+                run_report: ended.report.as_deref(),
+                ..give_up
+            };
+            if let Some(report) = self.give_up_report(at, n, reason).await {
+                ended.status = LedgerStatus::FailedRetryable;
+                ended.report = Some(report);
+                gave_up = true;
+            }
+        }
+        let outcome = self
+            .record_and_hand_over(&ledger, &plan, &claim_etag, ended)
+            .await;
+        if gave_up {
+            return outcome;
+        }
+        let at = GiveUp {
+            export_id: Some(&plan.export_id),
+            ..give_up
+        };
+        self.unless_last(outcome, last_receive, at).await
+    }
+
+    /// A retryable outcome on the last receive is reported before its message goes to the
+    /// dead-letter queue; any other outcome is returned as it is.
+    async fn unless_last(
+        &self,
+        outcome: ObjectOutcome,
+        last_receive: Option<u32>,
+        at: GiveUp<'_>,
+    ) -> ObjectOutcome {
+        if let (Some(n), ObjectOutcome::Retry(reason)) = (last_receive, &outcome) {
+            self.give_up_report(at, n, reason).await;
+        }
+        outcome
     }
 
     /// The export an object starts, read from the object as it is now (ETag, metadata flags,
@@ -696,6 +684,25 @@ impl Handler {
         }
         ended.outcome
     }
+}
+
+/// `(message id, ApproximateReceiveCount)` of each SQS record of a payload.
+fn receive_counts(payload: &Value) -> Vec<(String, u32)> {
+    let Some(records) = payload.get("Records").and_then(Value::as_array) else {
+        return Vec::new();
+    };
+    records
+        .iter()
+        .filter_map(|r| {
+            let id = r.get("messageId")?.as_str()?;
+            let n = r.get("attributes")?.get("ApproximateReceiveCount")?;
+            let n = n
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .or_else(|| n.as_u64().and_then(|n| u32::try_from(n).ok()))?;
+            Some((id.to_string(), n))
+        })
+        .collect()
 }
 
 /// The upload a replay forced by object metadata is for (the trigger's last-modified time, else

@@ -585,3 +585,167 @@ async fn a_trigger_the_function_may_not_read_is_acknowledged_with_a_failed_repor
     );
     assert!(rec.runs.lock().unwrap().is_empty());
 }
+
+/// An SQS message on its `n`th receive.
+fn sqs_receive(id: &str, body: String, n: u32) -> Value {
+    let mut event = sqs(&[(id, body)]);
+    event["Records"][0]["attributes"] = json!({"ApproximateReceiveCount": n.to_string()});
+    event
+}
+
+/// The reports under the customers route, as JSON.
+async fn reports(store: &MemoryStore) -> Vec<Value> {
+    let mut out = Vec::new();
+    for o in store
+        .list("acme-state", "bridge/reports/customers/")
+        .await
+        .unwrap()
+    {
+        let (_, body) = store.get(&S3Uri::new("acme-state", &o.key)).await.unwrap();
+        out.push(serde_json::from_slice(&body).unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_message_failing_on_its_last_receive_is_reported_and_recorded_before_the_dlq() {
+    let store = Arc::new(MemoryStore::new());
+    let rec = Arc::new(Recorder::default());
+    let h = Handler::new(cfg(), store.clone(), rec.clone()).with_max_receive_count(Some(5));
+    put(&store, "exp", "amperity/customers/a.csv", "x", &[]).await;
+    rec.fail_keys.lock().unwrap().push(("a.csv".into(), true));
+    let body = s3_event("exp", "amperity/customers/a.csv").to_string();
+    // Receives 1 to 4 fail without a report: SQS delivers the message again.
+    for n in 1..5 {
+        let out = h
+            .handle(&sqs_receive("m1", body.clone(), n), None)
+            .await
+            .unwrap();
+        assert_eq!(out["batchItemFailures"], json!([{"itemIdentifier": "m1"}]));
+    }
+    assert!(reports(&store).await.is_empty());
+    // The 5th is the last: still failed (it goes to the DLQ), but reported and recorded first.
+    let out = h
+        .handle(&sqs_receive("m1", body.clone(), 5), None)
+        .await
+        .unwrap();
+    assert_eq!(out["batchItemFailures"], json!([{"itemIdentifier": "m1"}]));
+    let reports = reports(&store).await;
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    assert_eq!(reports[0]["status"], "failed");
+    assert_eq!(
+        reports[0]["error"],
+        "gave up after 5 receives: Braze answered 503"
+    );
+    assert_eq!(
+        reports[0]["sources"],
+        json!(["s3://exp/amperity/customers/a.csv"])
+    );
+    let ledger = store
+        .list("acme-state", "bridge/state/customers/ledger/")
+        .await
+        .unwrap();
+    let (_, entry) = store
+        .get(&S3Uri::new("acme-state", &ledger[0].key))
+        .await
+        .unwrap();
+    let entry: Value = serde_json::from_slice(&entry).unwrap();
+    assert_eq!(entry["status"], "failed_retryable", "{entry}");
+    assert!(
+        entry["report"]
+            .as_str()
+            .unwrap()
+            .starts_with("s3://acme-state/bridge/reports/customers/"),
+        "{entry}"
+    );
+    // Redriven once the cause is gone, the same notification syncs.
+    rec.fail_keys.lock().unwrap().clear();
+    let out = h.handle(&sqs_receive("m1", body, 1), None).await.unwrap();
+    assert_eq!(out["results"][0]["outcome"], "synced", "{out}");
+}
+
+/// A store whose reads of the exports bucket fail transiently (503 SlowDown).
+struct Throttled(Arc<MemoryStore>);
+
+#[async_trait]
+impl ObjectStore for Throttled {
+    async fn get(
+        &self,
+        uri: &S3Uri,
+    ) -> Result<(bridge_shared::object_store::ObjectMeta, Bytes), bridge_shared::StoreError> {
+        self.0.get(uri).await
+    }
+    async fn get_reader(
+        &self,
+        uri: &S3Uri,
+    ) -> Result<
+        (
+            bridge_shared::object_store::ObjectMeta,
+            bridge_shared::object_store::ObjectReader,
+        ),
+        bridge_shared::StoreError,
+    > {
+        self.0.get_reader(uri).await
+    }
+    async fn head(
+        &self,
+        uri: &S3Uri,
+    ) -> Result<Option<bridge_shared::object_store::ObjectMeta>, bridge_shared::StoreError> {
+        if uri.bucket == "exp" {
+            return Err(bridge_shared::StoreError::Other {
+                op: "HeadObject",
+                uri: uri.clone(),
+                message: "503 SlowDown".into(),
+                retryable: true,
+            });
+        }
+        self.0.head(uri).await
+    }
+    async fn list(
+        &self,
+        bucket: &str,
+        prefix: &str,
+    ) -> Result<Vec<bridge_shared::object_store::ObjectMeta>, bridge_shared::StoreError> {
+        self.0.list(bucket, prefix).await
+    }
+    async fn put(
+        &self,
+        uri: &S3Uri,
+        body: Bytes,
+        cond: PutCondition,
+        meta: BTreeMap<String, String>,
+    ) -> Result<bridge_shared::object_store::ObjectMeta, bridge_shared::StoreError> {
+        self.0.put(uri, body, cond, meta).await
+    }
+    async fn copy(&self, from: &S3Uri, to: &S3Uri) -> Result<(), bridge_shared::StoreError> {
+        self.0.copy(from, to).await
+    }
+    async fn delete(&self, uri: &S3Uri) -> Result<(), bridge_shared::StoreError> {
+        self.0.delete(uri).await
+    }
+}
+
+#[tokio::test]
+async fn a_trigger_unreadable_for_now_on_the_last_receive_is_reported_before_the_dlq() {
+    let mem = Arc::new(MemoryStore::new());
+    let rec = Arc::new(Recorder::default());
+    let h = Handler::new(cfg(), Arc::new(Throttled(mem.clone())), rec.clone())
+        .with_max_receive_count(Some(5));
+    let body = s3_event("exp", "amperity/customers/a.csv").to_string();
+    let out = h
+        .handle(&sqs_receive("m1", body.clone(), 4), None)
+        .await
+        .unwrap();
+    assert_eq!(out["batchItemFailures"], json!([{"itemIdentifier": "m1"}]));
+    assert!(reports(&mem).await.is_empty());
+    let out = h.handle(&sqs_receive("m1", body, 5), None).await.unwrap();
+    assert_eq!(out["batchItemFailures"], json!([{"itemIdentifier": "m1"}]));
+    let reports = reports(&mem).await;
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    let error = reports[0]["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("gave up after 5 receives: ") && error.contains("SlowDown"),
+        "{error}"
+    );
+    assert!(rec.runs.lock().unwrap().is_empty());
+}
