@@ -339,13 +339,11 @@ impl Lease {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
-
-    use async_trait::async_trait;
     use serde::Deserialize;
 
     use super::*;
-    use crate::object_store::{MemoryStore, ObjectMeta, ObjectReader};
+    use crate::lossy_store::LossyStore;
+    use crate::object_store::MemoryStore;
 
     #[derive(Debug, Serialize, Deserialize)]
     struct Doc {
@@ -376,83 +374,6 @@ mod tests {
             holder: holder.into(),
             until_ms: 0,
             released: true,
-        }
-    }
-
-    /// A store whose next PUTs land with their answer lost (`lose`), or fail before landing
-    /// (`fail`), and whose GETs fail once `reads_left` (when not negative) is used up.
-    struct Lossy {
-        inner: MemoryStore,
-        lose: AtomicU32,
-        fail: AtomicU32,
-        reads_left: std::sync::atomic::AtomicI64,
-    }
-
-    impl Default for Lossy {
-        fn default() -> Self {
-            Self {
-                inner: MemoryStore::new(),
-                lose: 0.into(),
-                fail: 0.into(),
-                reads_left: (-1).into(),
-            }
-        }
-    }
-
-    fn take(n: &AtomicU32) -> bool {
-        n.fetch_update(SeqCst, SeqCst, |v| v.checked_sub(1)).is_ok()
-    }
-
-    fn unavailable(uri: &S3Uri) -> StoreError {
-        StoreError::Other {
-            op: "PutObject",
-            uri: uri.clone(),
-            message: "503 SlowDown".into(),
-            retryable: true,
-        }
-    }
-
-    #[async_trait]
-    impl ObjectStore for Lossy {
-        async fn get(&self, uri: &S3Uri) -> Result<(ObjectMeta, Bytes), StoreError> {
-            let left = self
-                .reads_left
-                .fetch_update(SeqCst, SeqCst, |v| (v > 0).then(|| v - 1));
-            if left == Err(0) {
-                return Err(unavailable(uri));
-            }
-            self.inner.get(uri).await
-        }
-        async fn get_reader(&self, uri: &S3Uri) -> Result<(ObjectMeta, ObjectReader), StoreError> {
-            self.inner.get_reader(uri).await
-        }
-        async fn head(&self, uri: &S3Uri) -> Result<Option<ObjectMeta>, StoreError> {
-            self.inner.head(uri).await
-        }
-        async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
-            self.inner.list(bucket, prefix).await
-        }
-        async fn put(
-            &self,
-            uri: &S3Uri,
-            body: Bytes,
-            condition: PutCondition,
-            metadata: BTreeMap<String, String>,
-        ) -> Result<ObjectMeta, StoreError> {
-            if take(&self.fail) {
-                return Err(unavailable(uri));
-            }
-            let out = self.inner.put(uri, body, condition, metadata).await?;
-            if take(&self.lose) {
-                return Err(unavailable(uri));
-            }
-            Ok(out)
-        }
-        async fn copy(&self, from: &S3Uri, to: &S3Uri) -> Result<(), StoreError> {
-            self.inner.copy(from, to).await
-        }
-        async fn delete(&self, uri: &S3Uri) -> Result<(), StoreError> {
-            self.inner.delete(uri).await
         }
     }
 
@@ -538,8 +459,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_acquire_whose_answer_was_lost_reads_back_and_holds() {
-        let store = Lossy::default();
-        store.lose.store(1, SeqCst);
+        let store = LossyStore::new();
+        store.lose_puts(1);
         let mut a = Lease::acquire(&store, &uri(), &doc("a", 60_000), 0)
             .await
             .unwrap()
@@ -550,19 +471,18 @@ mod tests {
 
     #[tokio::test]
     async fn an_acquire_that_cannot_read_back_is_an_error_and_takes_nothing_from_others() {
-        let store = Lossy::default();
+        let store = LossyStore::new();
         Lease::acquire(&store, &uri(), &doc("b", 60_000), 0)
             .await
             .unwrap()
             .unwrap();
         // b's lease expired; a's takeover lands, its answer is lost and the read back fails.
-        store.lose.store(1, SeqCst);
-        store.reads_left.store(1, SeqCst);
+        store.lose_puts(1);
+        store.fail_reads_after(1, 1);
         assert!(matches!(
             Lease::acquire(&store, &uri(), &doc("a", 200_000), 100_000).await,
             Err(LeaseError::Store { .. })
         ));
-        store.reads_left.store(-1, SeqCst);
         // The lease a wrote now keeps everyone else out until it expires; nothing was deleted.
         assert_eq!(holder_now(&store).await.holder, "a");
         assert!(
@@ -575,12 +495,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_renew_after_a_renewal_whose_answer_was_lost_carries_on() {
-        let store = Lossy::default();
+        let store = LossyStore::new();
         let mut a = Lease::acquire(&store, &uri(), &doc("a", 60_000), 0)
             .await
             .unwrap()
             .unwrap();
-        store.lose.store(1, SeqCst);
+        store.lose_puts(1);
         assert!(matches!(
             a.renew(&store, &doc("a", 80_000)).await,
             Err(LeaseError::Store { .. })
@@ -589,7 +509,7 @@ mod tests {
         a.renew(&store, &doc("a", 100_000)).await.unwrap();
         assert_eq!(holder_now(&store).await.until_ms, 100_000);
         // A release whose answer is lost, tried again, finds itself in place.
-        store.lose.store(1, SeqCst);
+        store.lose_puts(1);
         assert!(a.release(&store, &released("a")).await.is_err());
         a.release(&store, &released("a")).await.unwrap();
         assert!(holder_now(&store).await.released);
@@ -597,13 +517,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_renew_after_a_failed_write_and_a_takeover_is_lost() {
-        let store = Lossy::default();
+        let store = LossyStore::new();
         let mut a = Lease::acquire(&store, &uri(), &doc("a", 60_000), 0)
             .await
             .unwrap()
             .unwrap();
         // The renewal never landed; the lease expired and b took it.
-        store.fail.store(1, SeqCst);
+        store.fail_puts(1);
         assert!(a.renew(&store, &doc("a", 80_000)).await.is_err());
         Lease::acquire(&store, &uri(), &doc("b", 200_000), 100_000)
             .await
@@ -621,16 +541,15 @@ mod tests {
 
     #[tokio::test]
     async fn bad_day_an_acquire_retried_after_a_lost_answer_meets_412_and_recognises_itself() {
-        let store = Lossy::default();
+        let store = LossyStore::new();
         // The create lands, its answer is lost, and the read back fails too: the caller sees
         // an error and tries again.
-        store.lose.store(1, SeqCst);
-        store.reads_left.store(0, SeqCst);
+        store.lose_puts(1);
+        store.fail_reads(1);
         assert!(matches!(
             Lease::acquire(&store, &uri(), &doc("a", 60_000), 0).await,
             Err(LeaseError::Store { .. })
         ));
-        store.reads_left.store(-1, SeqCst);
         // The retry's create meets 412; it reads the lease back, finds its own holder name
         // alive and takes it with its new expiry.
         let mut a = Lease::acquire(&store, &uri(), &doc("a", 61_000), 1_000)
@@ -681,12 +600,12 @@ mod tests {
 
     #[tokio::test]
     async fn bad_day_a_renewal_whose_answer_was_lost_is_not_a_loss() {
-        let store = Lossy::default();
+        let store = LossyStore::new();
         let mut a = Lease::acquire(&store, &uri(), &doc("a", 60_000), 0)
             .await
             .unwrap()
             .unwrap();
-        store.lose.store(1, SeqCst);
+        store.lose_puts(1);
         assert!(matches!(
             a.renew(&store, &doc("a", 80_000)).await,
             Err(LeaseError::Store { .. })
@@ -696,17 +615,17 @@ mod tests {
         a.renew(&store, &doc("a", 80_000)).await.unwrap();
         assert!(!a.has_unanswered());
         // A lost answer again, then the next renewal (a new body) carries on from it.
-        store.lose.store(1, SeqCst);
+        store.lose_puts(1);
         assert!(a.renew(&store, &doc("a", 90_000)).await.is_err());
         a.renew(&store, &doc("a", 100_000)).await.unwrap();
         assert_eq!(holder_now(&store).await.until_ms, 100_000);
         // Settling without a write: a lost renewal is adopted, one that never landed leaves
         // our last known write in place.
-        store.lose.store(1, SeqCst);
+        store.lose_puts(1);
         assert!(a.renew(&store, &doc("a", 110_000)).await.is_err());
         a.settle::<Doc>(&store).await.unwrap();
         let after_lost = a.etag().to_string();
-        store.fail.store(1, SeqCst);
+        store.fail_puts(1);
         assert!(a.renew(&store, &doc("a", 120_000)).await.is_err());
         a.settle::<Doc>(&store).await.unwrap();
         assert_eq!(a.etag(), after_lost);
@@ -717,12 +636,12 @@ mod tests {
 
     #[tokio::test]
     async fn bad_day_a_release_whose_answer_was_lost_is_recognised_by_its_retry() {
-        let store = Lossy::default();
+        let store = LossyStore::new();
         let mut a = Lease::acquire(&store, &uri(), &doc("a", 60_000), 0)
             .await
             .unwrap()
             .unwrap();
-        store.lose.store(1, SeqCst);
+        store.lose_puts(1);
         assert!(matches!(
             a.release(&store, &released("a")).await,
             Err(LeaseError::Store { .. })
@@ -739,13 +658,13 @@ mod tests {
 
     #[tokio::test]
     async fn bad_day_a_holder_back_after_its_lease_ended_neither_renews_nor_releases_the_new_one() {
-        let store = Lossy::default();
+        let store = LossyStore::new();
         let mut a = Lease::acquire(&store, &uri(), &doc("a", 60_000), 0)
             .await
             .unwrap()
             .unwrap();
         // a's last renewal landed with its answer lost, then a stalled past its expiry.
-        store.lose.store(1, SeqCst);
+        store.lose_puts(1);
         assert!(a.renew(&store, &doc("a", 80_000)).await.is_err());
         let mut b = Lease::acquire(&store, &uri(), &doc("b", 200_000), 80_001)
             .await

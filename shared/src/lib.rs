@@ -9,6 +9,8 @@
 pub mod dir_store;
 pub mod lease;
 pub mod logging;
+#[cfg(any(test, feature = "test-util"))]
+pub mod lossy_store;
 pub mod metrics;
 pub mod object_store;
 pub mod profile_feed;

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 
+use bridge_shared::lease::{Lease, LeaseDoc, LeaseError};
 use bridge_shared::object_store::ObjectMeta;
 use bridge_shared::{ObjectStore, PutCondition, S3Uri, StoreError};
 use bytes::Bytes;
@@ -79,6 +80,17 @@ pub struct LedgerEntry {
 
 fn is_zero(n: &u32) -> bool {
     *n == 0
+}
+
+impl LeaseDoc for LedgerEntry {
+    /// Entries name no holder: a claim is recognised as ours only by its ETag or its bytes.
+    fn holder(&self) -> &str {
+        ""
+    }
+
+    fn keeps_out(&self, now_ms: i64) -> bool {
+        self.status == LedgerStatus::Running && self.lease_until * 1000 > now_ms
+    }
 }
 
 /// What a run that handed over leaves in the ledger for the next run of its export.
@@ -311,24 +323,29 @@ impl<'a> Ledger<'a> {
     }
 
     /// Writes `entry` over our claim `claim_etag` on `export_id` (only if it is still the
-    /// current entry); returns the new object's metadata.
+    /// current entry); returns the new ETag. Written through the shared lease
+    /// ([`bridge_shared::lease`]): a 412 reads the entry back, and a write of ours whose
+    /// answer was lost (the entry is already `entry`) is not taken for another writer's.
     async fn write_over(
         &self,
         export_id: &str,
         claim_etag: &str,
         entry: &LedgerEntry,
-    ) -> Result<ObjectMeta, LedgerError> {
+    ) -> Result<String, LedgerError> {
+        let mut claim = Lease::held(self.uri(export_id), claim_etag.to_string());
+        self.write_claim(&mut claim, entry).await?;
+        Ok(claim.etag().to_string())
+    }
+
+    /// Writes `entry` (stamped) over the claim `claim` holds.
+    async fn write_claim(&self, claim: &mut Lease, entry: &LedgerEntry) -> Result<(), LedgerError> {
         let entry = self.stamped(entry.clone());
-        let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
-        Ok(self
-            .store
-            .put(
-                &self.uri(export_id),
-                body,
-                PutCondition::IfMatch(claim_etag.to_string()),
-                BTreeMap::new(),
-            )
-            .await?)
+        claim.write(self.store, &entry).await.map_err(|e| match e {
+            LeaseError::Store { error, .. } => LedgerError::Store(error),
+            LeaseError::Lost { uri, .. } | LeaseError::Changed { uri, .. } => {
+                LedgerError::Store(StoreError::PreconditionFailed { uri })
+            }
+        })
     }
 
     /// Replaces the entry at `uri` (ETag `etag`) by a running claim: [`Claim::Busy`] when
@@ -360,8 +377,7 @@ impl<'a> Ledger<'a> {
         lease_s: i64,
     ) -> Result<String, LedgerError> {
         let entry = LedgerEntry::running(export_id, now + lease_s);
-        let meta = self.write_over(export_id, claim_etag, &entry).await?;
-        Ok(meta.etag)
+        self.write_over(export_id, claim_etag, &entry).await
     }
 
     /// Runs `work` to its end while renewing our claim on `export_id` every third of
@@ -378,16 +394,38 @@ impl<'a> Ledger<'a> {
         let every = crate::state::lease::renew_every(lease_s);
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One lease across renewals, so a renewal whose answer was lost is recognised by the
+        // next one.
+        let mut claim = Lease::held(self.uri(export_id), etag.clone());
         loop {
             tokio::select! {
-                out = &mut work => return out,
+                out = &mut work => {
+                    self.settle_claim(&mut claim, export_id, etag).await;
+                    return out;
+                }
                 _ = tick.tick() => {
                     let now = crate::clock::now().timestamp();
-                    match self.renew(export_id, etag, now, lease_s).await {
-                        Ok(next) => *etag = next,
+                    let entry = LedgerEntry::running(export_id, now + lease_s);
+                    match self.write_claim(&mut claim, &entry).await {
+                        Ok(()) => *etag = claim.etag().to_string(),
                         Err(e) => tracing::warn!(export = export_id, error = %e, "Could not renew the export claim; trying again."),
                     }
                 }
+            }
+        }
+    }
+
+    /// After the work: when our last renewal went unanswered, finds out whether it landed,
+    /// so the write that ends the run goes over the claim as it is rather than meeting a
+    /// 412 on the ETag before it.
+    async fn settle_claim(&self, claim: &mut Lease, export_id: &str, etag: &mut String) {
+        if !claim.has_unanswered() {
+            return;
+        }
+        match claim.settle::<LedgerEntry>(self.store).await {
+            Ok(()) => *etag = claim.etag().to_string(),
+            Err(e) => {
+                tracing::warn!(export = export_id, error = %e, "Could not tell whether the last renewal of the export claim landed.")
             }
         }
     }
@@ -517,6 +555,7 @@ impl<'a> Ledger<'a> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use bridge_shared::lossy_store::LossyStore;
     use bridge_shared::object_store::MemoryStore;
 
     #[tokio::test]
@@ -630,6 +669,40 @@ mod tests {
         let etag = l.renew("z", &etag, 150, 60).await.unwrap();
         assert_eq!(l.claim("z", 170, 60, false).await.unwrap(), Claim::Busy);
         l.finish("z", &etag, LedgerStatus::Complete, None)
+            .await
+            .unwrap();
+    }
+
+    /// The claim's renewals while a run works: one lands with its answer lost.
+    async fn renewing_with_a_lost_answer(renewals: u32) -> (LossyStore, String) {
+        let store = LossyStore::new();
+        let l = Ledger::new(&store, "state", "p/".into());
+        let Claim::Acquired { mut etag } = l.claim("w", 100, 60, false).await.unwrap() else {
+            panic!()
+        };
+        let every = crate::state::lease::renew_every(60);
+        store.lose_puts(1);
+        let work = tokio::time::sleep(every * renewals + std::time::Duration::from_millis(1));
+        l.renewing(work, "w", &mut etag, 60).await;
+        (store, etag)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_whose_answer_was_lost_is_recognised_and_the_run_still_ends_its_claim() {
+        // The lost renewal is the last before the work ends: settled after it.
+        let (store, etag) = renewing_with_a_lost_answer(1).await;
+        let l = Ledger::new(&store, "state", "p/".into());
+        l.finish("w", &etag, LedgerStatus::Complete, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            l.entry("w").await.unwrap().unwrap().status,
+            LedgerStatus::Complete
+        );
+        // The next renewal carries on from the lost one.
+        let (store, etag) = renewing_with_a_lost_answer(2).await;
+        let l = Ledger::new(&store, "state", "p/".into());
+        l.finish("w", &etag, LedgerStatus::Incomplete, None)
             .await
             .unwrap();
     }
