@@ -3,7 +3,10 @@
 //! of its own: every live sender keeps a small lease object,
 //! `<STATE_PREFIX>_workspace/senders/<route>--<run-id>.json`, in the state bucket, rewritten every
 //! `renew_every`; every `poll_every` it lists that folder and counts the leases written within
-//! `lease_ttl` (its own included). Its rate limiter then paces at `1 / senders` of the budget
+//! `lease_ttl` (its own included). A sender counts only while it sends: it joins when its first
+//! request is ready ([`Activity::sending`]), and leaves once it had nothing to send for
+//! `idle_after` (a run still diffing, a piece waiting for its deltas), so idle senders take no
+//! share of the limit ([`WorkspaceShare::while_sending`]). Its rate limiter then paces at `1 / senders` of the budget
 //! ([`crate::send::rate_limit::LimiterCore::set_peers`]), so the senders together stay at the
 //! workspace limit, and re-balance within one poll as senders come and go. A sender deletes its
 //! lease when it ends; one that dies stops counting after `lease_ttl`, and its lease is deleted
@@ -49,6 +52,9 @@ pub struct ShareSettings {
     pub forget_after: Duration,
     /// Longest a sender waits for the first registration before sending anyway.
     pub join_timeout: Duration,
+    /// A sender with nothing to send for this long leaves the registry (and joins again when
+    /// it has requests to send).
+    pub idle_after: Duration,
 }
 
 impl Default for ShareSettings {
@@ -60,6 +66,7 @@ impl Default for ShareSettings {
             first_polls: vec![Duration::from_millis(150), Duration::from_millis(400)],
             forget_after: Duration::from_secs(600),
             join_timeout: Duration::from_secs(3),
+            idle_after: Duration::from_secs(5),
         }
     }
 }
@@ -425,6 +432,85 @@ impl WorkspaceShare {
         out
     }
 
+    /// Runs the delivery `work` builds, counting among the workspace's senders only while it
+    /// sends: the membership joins when the delivery's first request is ready (the request
+    /// waits for the join, bounded by `join_timeout`), renews and polls while it sends, and
+    /// leaves once the delivery had nothing to send for `idle_after`, joining again when it
+    /// has. It leaves for good when the work ends.
+    pub async fn while_sending<W, F>(mut self, work: W) -> F::Output
+    where
+        W: FnOnce(Activity) -> F,
+        F: std::future::Future,
+    {
+        let (active_tx, mut active) = watch::channel(false);
+        let (joined_tx, joined_rx) = watch::channel(false);
+        let work = work(Activity {
+            active: Arc::new(active_tx),
+            joined: joined_rx,
+        });
+        tokio::pin!(work);
+        let mut member = Member::default();
+        let out = loop {
+            tokio::select! {
+                out = &mut work => break out,
+                () = self.follow(&mut active, &joined_tx, &mut member) => {}
+            }
+        };
+        if member.tried {
+            self.leave().await;
+        }
+        out
+    }
+
+    /// One step of a membership that follows its delivery's activity: join when it becomes
+    /// active, renew and poll on schedule, leave when it was idle for `idle_after`.
+    async fn follow(
+        &mut self,
+        active: &mut watch::Receiver<bool>,
+        joined: &watch::Sender<bool>,
+        m: &mut Member,
+    ) {
+        if !m.joined {
+            if active.wait_for(|a| *a).await.is_err() {
+                // The delivery no longer reports; it is ending.
+                return std::future::pending().await;
+            }
+            m.tried = true;
+            m.idle_since = None;
+            self.join().await;
+            m.joined = true;
+            joined.send_replace(true);
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        if *active.borrow_and_update() {
+            m.idle_since = None;
+        } else {
+            m.idle_since.get_or_insert(now);
+        }
+        let idle_until = m.idle_since.map(|t| t + self.core.settings.idle_after);
+        if idle_until.is_some_and(|t| t <= now) {
+            // Idle long enough: the others take this sender's share at their next poll. A
+            // request that becomes ready meanwhile waits for the next join.
+            joined.send_replace(false);
+            m.joined = false;
+            self.leave().await;
+            return;
+        }
+        let (at, step) = self.core.next();
+        let due = Duration::from_millis(at.saturating_sub(now_ms()).max(0) as u64);
+        tokio::select! {
+            () = tokio::time::sleep(due) => self.step(step).await,
+            () = tokio::time::sleep_until(idle_until.unwrap_or(now)), if idle_until.is_some() => {}
+            changed = active.changed() => {
+                if changed.is_err() {
+                    // The delivery no longer reports; it is ending.
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    }
+
     /// Renews and polls on schedule, forever; run it beside the delivery and drop it when the
     /// delivery ends, then call [`WorkspaceShare::leave`].
     pub async fn keep(&mut self) {
@@ -443,6 +529,54 @@ impl WorkspaceShare {
         if let Err(e) = self.registry.delete(self.core.me()).await {
             warn!(error = %e, "Could not delete our sender lease; it stops counting by itself.");
         }
+    }
+}
+
+/// Where a membership that follows its delivery stands.
+#[derive(Debug, Default)]
+struct Member {
+    /// Its lease may be in the registry (a join was started since it last left).
+    tried: bool,
+    /// It counts among the senders.
+    joined: bool,
+    /// Since when its delivery has had nothing to send.
+    idle_since: Option<tokio::time::Instant>,
+}
+
+/// A delivery's side of its membership ([`WorkspaceShare::while_sending`]): it says when it
+/// has requests to send and when it has none.
+#[derive(Clone)]
+pub struct Activity {
+    active: Arc<watch::Sender<bool>>,
+    joined: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for Activity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Activity(active: {}, joined: {})",
+            *self.active.borrow(),
+            *self.joined.borrow()
+        )
+    }
+}
+
+impl Activity {
+    /// Requests are ready to go out: the sender is active, and this waits until it counts
+    /// among the workspace's senders (at once while it does).
+    pub async fn sending(&self) {
+        self.active
+            .send_if_modified(|a| !std::mem::replace(a, true));
+        let mut joined = self.joined.clone();
+        // The membership ended (its work is ending): nothing to wait for.
+        let _ = joined.wait_for(|j| *j).await;
+    }
+
+    /// Nothing to send for now (waiting for deltas, or done).
+    pub fn idle(&self) {
+        self.active
+            .send_if_modified(|a| std::mem::replace(a, false));
     }
 }
 
@@ -668,6 +802,108 @@ mod tests {
         assert_eq!(*a_peers.borrow(), 1);
         a.leave().await;
         assert!(registry.list().await.unwrap().is_empty());
+    }
+
+    /// A Braze that accepts everything.
+    struct Accepting;
+
+    #[async_trait::async_trait]
+    impl crate::send::braze::BrazeApi for Accepting {
+        async fn track(
+            &self,
+            _: Bytes,
+        ) -> Result<crate::send::braze::TrackResponse, crate::send::braze::TrackError> {
+            Ok(crate::send::braze::TrackResponse {
+                status: 201,
+                message: "success".into(),
+                errors: Vec::new(),
+                rate: Default::default(),
+            })
+        }
+    }
+
+    fn delta(i: u64) -> crate::model::UserDelta {
+        crate::model::UserDelta {
+            identifier: crate::model::Identifier::ExternalId(format!("u{i}")),
+            pos: crate::model::RowPos {
+                source: "s3://exports/a.csv".into(),
+                row: i + 1,
+                line: None,
+            },
+            changes: vec![crate::model::AttributeChange {
+                name: "tier".into(),
+                value: serde_json::json!("gold"),
+                fingerprint: None,
+            }],
+            update_existing_only: false,
+            is_new: true,
+            row_digest: None,
+        }
+    }
+
+    async fn members(registry: &SenderRegistry) -> Vec<String> {
+        let mut keys: Vec<String> = registry
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| l.key.rsplit('/').next().unwrap().to_string())
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sender_counts_among_the_senders_only_while_it_has_requests_to_send() {
+        use crate::send::deliver::{DeliverConfig, deliver};
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let registry = SenderRegistry::new(store, "state", "bridge/state");
+        // A busy sender, and a piece whose producer has not handed it anything yet.
+        let (busy, busy_peers) = WorkspaceShare::new(registry.clone(), settings(), "r1", "busy");
+        let (piece, _) = WorkspaceShare::new(registry.clone(), settings(), "r2", "piece");
+        let (stop_busy, stopped) = tokio::sync::oneshot::channel::<()>();
+        let busy = tokio::spawn(busy.while_sending(|a| async move {
+            a.sending().await;
+            let _ = stopped.await;
+        }));
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let (out_tx, mut out_rx) = tokio::sync::mpsc::channel(64);
+        let sender = tokio::spawn(piece.while_sending(|activity| {
+            let cfg = DeliverConfig {
+                activity: Some(activity),
+                ..DeliverConfig::default()
+            };
+            async move { deliver(rx, &Accepting, cfg, out_tx).await }
+        }));
+        tokio::spawn(async move { while out_rx.recv().await.is_some() {} });
+        // While it waits for deltas, the piece takes no share: the busy sender paces alone.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(members(&registry).await, vec!["r1--busy.json"]);
+        assert_eq!(*busy_peers.borrow(), 1);
+        // It joins when it has requests to send, and the busy sender makes room.
+        for i in 0..3 {
+            tx.send(delta(i)).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        assert_eq!(
+            members(&registry).await,
+            vec!["r1--busy.json", "r2--piece.json"]
+        );
+        assert_eq!(*busy_peers.borrow(), 2);
+        // Idle again (its requests answered, nothing new): it leaves after `idle_after`.
+        tokio::time::sleep(settings().idle_after + Duration::from_secs(2)).await;
+        assert_eq!(members(&registry).await, vec!["r1--busy.json"]);
+        assert_eq!(*busy_peers.borrow(), 1);
+        // More work: it joins again; at the end it leaves for good.
+        tx.send(delta(3)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(members(&registry).await.len(), 2);
+        drop(tx);
+        let stats = sender.await.unwrap().unwrap();
+        assert_eq!(stats.users_confirmed, 4);
+        let _ = stop_busy.send(());
+        busy.await.unwrap();
+        assert!(members(&registry).await.is_empty());
     }
 
     #[tokio::test]

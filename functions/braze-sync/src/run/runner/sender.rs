@@ -1,7 +1,8 @@
 //! Stage 2 of a run: the sender ([`crate::send::deliver::deliver`]) as a task, taking deltas from the
 //! producer and reporting each one's outcome to the committer. While it sends, it is one of the
-//! workspace's senders ([`crate::send::workspace_share`]): it registers before the first request,
-//! paces at its share of the workspace limit as senders come and go, and leaves at the end.
+//! workspace's senders ([`crate::send::workspace_share`]): it registers before its first request
+//! (not while the producer has sent it nothing yet), paces at its share of the workspace limit
+//! as senders come and go, leaves while it has nothing to send, and leaves at the end.
 
 use std::sync::Arc;
 
@@ -29,7 +30,8 @@ pub(super) struct Sender {
 
 impl Sender {
     /// Starts sending what arrives on `rx`; outcomes go to `outcomes`. With `share`, the sender
-    /// joins the workspace's senders first and paces at its share of the limit.
+    /// counts among the workspace's senders while it has requests to send and paces at its
+    /// share of the limit.
     pub fn start(
         api: Arc<dyn BrazeApi>,
         mut cfg: DeliverConfig,
@@ -42,7 +44,12 @@ impl Sender {
                 None => deliver(rx, api.as_ref(), cfg, outcomes).await,
                 Some((share, peers)) => {
                     cfg.peers = Some(peers);
-                    share.around(deliver(rx, api.as_ref(), cfg, outcomes)).await
+                    share
+                        .while_sending(|activity| {
+                            cfg.activity = Some(activity);
+                            deliver(rx, api.as_ref(), cfg, outcomes)
+                        })
+                        .await
                 }
             }
         });

@@ -34,6 +34,7 @@ use crate::send::hourly_budget::{HourlyBudget, Spender};
 use crate::send::rate_limit::{RateBudget, RateLimiter};
 use crate::send::request_body::{BatchLimits, Batcher, MAX_BODY_BYTES, MAX_OBJECTS};
 use crate::send::retry::RetryPolicy;
+use crate::send::workspace_share::Activity;
 use attempt::{BatchResult, InFlight, Shared};
 use outcome::{Ready, Run};
 pub use stats::{DeliverError, DeliveryStats, RetriesByCause, StopReason};
@@ -65,6 +66,10 @@ pub struct DeliverConfig {
     /// How many senders share the workspace limit right now, this one included
     /// ([`crate::send::workspace_share`]); the budget is divided by it. `None`: alone.
     pub peers: Option<watch::Receiver<u32>>,
+    /// This sender's membership among the workspace's senders, told when requests are ready
+    /// (the first waits for the join) and when there is nothing to send
+    /// ([`crate::send::workspace_share::WorkspaceShare::while_sending`]). `None`: alone.
+    pub activity: Option<Activity>,
     /// When and how to retry.
     pub retry: RetryPolicy,
     /// The workspace's hourly request budget (`BRAZE_HOURLY_REQUEST_LIMIT`): every request
@@ -99,6 +104,7 @@ impl Default for DeliverConfig {
             max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
             rate: RateBudget::default(),
             peers: None,
+            activity: None,
             retry: RetryPolicy::default(),
             hourly_budget: None,
             deadline: None,
@@ -164,6 +170,13 @@ where
 
     loop {
         if run.stopping.is_none() {
+            if let Some(activity) = &cfg.activity {
+                if !p.ready.is_empty() {
+                    activity.sending().await;
+                } else if p.is_idle() {
+                    activity.idle();
+                }
+            }
             p.start_ready(&shared, max_in_flight, &mut run);
         }
         if let Some(reason) = run.stopping
@@ -305,6 +318,11 @@ impl<'a> Pipeline<'a> {
         while let Some((b, _)) = self.ready.pop_front() {
             run.unsent(b.into_deltas()).await;
         }
+    }
+
+    /// Nothing to send and nothing in flight: waiting for deltas (or done).
+    fn is_idle(&self) -> bool {
+        self.ready.is_empty() && self.batcher.pending() == 0 && self.in_flight.is_empty()
     }
 
     fn is_finished(&self) -> bool {
