@@ -38,6 +38,16 @@ pub fn route_seed(route: &Route) -> u64 {
     route_seed_with(route, normalizer_probe())
 }
 
+/// The seed of a run's digests: [`route_seed`], salted for a resend that goes on across
+/// invocations ([`crate::diff::export::ProduceOptions::resend_salt`]).
+pub fn seed_for(route: &Route, opts: &crate::diff::export::ProduceOptions) -> u64 {
+    let seed = route_seed(route);
+    match opts.resend_salt {
+        Some(salt) => xxh3_64(&[seed.to_le_bytes(), salt.to_le_bytes()].concat()),
+        None => seed,
+    }
+}
+
 /// [`route_seed`] with the normalizers' answers given.
 pub fn route_seed_with(route: &Route, probe: &str) -> u64 {
     let c = &route.config;

@@ -127,9 +127,21 @@ pub struct ProduceOptions {
     pub export_name: String,
     /// Send departures the guard would hold (the operator's release).
     pub allow_departures: bool,
+    /// A full resend that may take several invocations salts its row digests with this
+    /// ([`crate::diff::digest::seed_for`]): a row whose state records the salted digest was
+    /// resent by an earlier invocation of the same replay and is skipped, so a continuation
+    /// goes on where the last one stopped instead of resending from the first row. `None`:
+    /// a full resend resends every row.
+    pub resend_salt: Option<u64>,
 }
 
 impl ProduceOptions {
+    /// Whether a row whose state records its digest is skipped unmapped: always, unless a
+    /// full resend without a salt resends every row.
+    pub fn skips_recorded(&self) -> bool {
+        !self.full_resend || self.resend_salt.is_some()
+    }
+
     /// Options from the route: its `full_resend`, departures when it tracks them.
     pub fn for_route(route: &Route, export_name: &str) -> Self {
         Self {
@@ -137,6 +149,7 @@ impl ProduceOptions {
             departures: route.tracks_departures() || route.guards_unsubscribes(),
             export_name: export_name.to_string(),
             allow_departures: false,
+            resend_salt: None,
         }
     }
 }

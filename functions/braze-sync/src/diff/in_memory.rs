@@ -123,7 +123,7 @@ impl Planner<'_> {
                 .digest_slot
                 .and_then(|slot| state.and_then(|st| st.fp(slot)))
                 == Some(stored_digest(d));
-            if recorded && !self.opts.full_resend && self.seen.insert(self.mapped.key, state) {
+            if recorded && self.opts.skips_recorded() && self.seen.insert(self.mapped.key, state) {
                 self.summary.unchanged += 1;
                 return Ok(());
             }
@@ -151,7 +151,7 @@ impl Planner<'_> {
             on_reject(RowReject::unmapped(source, row, e, identifier));
             return Ok(());
         }
-        let first = !recorded || self.opts.full_resend;
+        let first = !recorded || !self.opts.skips_recorded();
         if !first || !self.seen.insert(self.mapped.key, state) {
             self.summary.rejected += 1;
             on_reject(RowReject {
@@ -247,7 +247,7 @@ where
         buf: Vec::with_capacity(256),
         summary: Summary::default(),
         ignored: BTreeSet::new(),
-        route_seed: crate::diff::digest::route_seed(route),
+        route_seed: crate::diff::digest::seed_for(route, opts),
         digest_slot: snapshot.slot_of_name(crate::vocab::ROW_DIGEST),
         encoded: Vec::with_capacity(256),
         guard: user::UnsubscribeGuard::new(route).filter(|_| opts.departures),

@@ -69,6 +69,24 @@ pub struct ExportPlan {
     /// Send departures the guard would hold (`bridge-allow-departures=true` or
     /// `--allow-departures`).
     pub allow_departures: bool,
+    /// A replay forced by object metadata salts its row digests with this (the export and the
+    /// upload it is for), so a continuation of the same replay skips the rows it resent
+    /// instead of resending from the first row ([`ExportPlan::resend_salt`]). `None`: not
+    /// forced by metadata (an operator's `--force-full` resends every row each time).
+    pub forced_salt: Option<u64>,
+}
+
+impl ExportPlan {
+    /// The salt of this run's row digests when it resends every row
+    /// ([`crate::diff::export::ProduceOptions::resend_salt`]): the forced replay's own, or,
+    /// on a route that resends everything (`full_resend`), the export's, so a run that hands
+    /// over goes on where it stopped. An operator's `--force-full` has none.
+    pub fn resend_salt(&self, route_full_resend: bool) -> Option<u64> {
+        self.forced_salt.or_else(|| {
+            (route_full_resend && !self.force_full)
+                .then(|| xxhash_rust::xxh3::xxh3_64(self.export_id.as_bytes()))
+        })
+    }
 }
 
 /// How a run ended, as the runner reports it.
@@ -583,6 +601,11 @@ impl Handler {
                 .is_some_and(|v| v.eq_ignore_ascii_case("true"))
         };
         let force_full = flags.force_full || flag(FORCE_FULL_METADATA);
+        // The upload a metadata-forced replay is for, as the ledger records it.
+        let forced_salt = (flag(FORCE_FULL_METADATA) && !flags.force_full).then(|| {
+            let upload = head.last_modified.as_deref().unwrap_or(&head.etag);
+            xxhash_rust::xxh3::xxh3_64(format!("{export_id}#{upload}").as_bytes())
+        });
         let allow_departures = flags.allow_departures || flag(ALLOW_DEPARTURES_METADATA);
         let parts = match &route.marker_suffix {
             None => vec![head.clone()],
@@ -604,6 +627,7 @@ impl Handler {
             trigger_meta: head,
             force_full,
             allow_departures,
+            forced_salt,
         })
     }
 

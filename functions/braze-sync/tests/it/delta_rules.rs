@@ -242,6 +242,7 @@ fn full_resend_sends_every_value_again() {
         departures: false,
         export_name: "x".into(),
         allow_departures: false,
+        resend_salt: None,
     };
     let p = in_memory::plan(parts(&export1()), &r, &snap, &opts).unwrap();
     assert_eq!(p.deltas.len(), 4);

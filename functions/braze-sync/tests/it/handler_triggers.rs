@@ -272,10 +272,29 @@ async fn force_full_metadata_replays_a_complete_export() {
         .await
         .unwrap();
     assert_eq!(dup["results"][0]["outcome"], "duplicate_no_op");
+    {
+        let runs = rec.runs.lock().unwrap();
+        assert_eq!(runs.len(), 2);
+        assert!(!runs[0].force_full);
+        assert!(runs[1].force_full);
+        // The forced replay salts its row digests (its continuations skip what it resent);
+        // the first sync does not.
+        assert_eq!(runs[0].forced_salt, None);
+        assert!(runs[1].forced_salt.is_some());
+    }
+    // An operator's --force-full resends every row, every time: no salt.
+    h.run_object(
+        &S3Uri::new("exp", "amperity/customers/a.csv"),
+        braze_sync::run::handler::RunFlags {
+            force_full: true,
+            allow_departures: false,
+        },
+        None,
+    )
+    .await
+    .unwrap();
     let runs = rec.runs.lock().unwrap();
-    assert_eq!(runs.len(), 2);
-    assert!(!runs[0].force_full);
-    assert!(runs[1].force_full);
+    assert!(runs[2].force_full && runs[2].forced_salt.is_none());
 }
 
 #[tokio::test]

@@ -94,6 +94,7 @@ async fn plan(store: &MemoryStore, key: &str, body: Bytes) -> ExportPlan {
         parts: vec![meta],
         force_full: false,
         allow_departures: false,
+        forced_salt: None,
     }
 }
 
@@ -322,4 +323,60 @@ async fn a_hand_over_appends_deltas_and_never_rewrites_a_base() {
         "sent {first} then the rest, once each"
     );
     assert_eq!(confirmed_users(&store).await, 400);
+}
+
+#[tokio::test]
+async fn a_forced_replay_cut_by_its_deadline_goes_on_where_it_stopped() {
+    let store = Arc::new(MemoryStore::new());
+    let braze = Arc::new(ScriptedBraze {
+        refuse: Mutex::new(Vec::new()),
+        delay: Duration::from_millis(60),
+        sent: Mutex::new(Vec::new()),
+    });
+    let handovers = Arc::new(Handovers::default());
+    let p = plan(&store, "in/big.csv", csv(400, "silver")).await;
+    let out = runner(&store, &braze, None, &handovers)
+        .run(&p, None)
+        .await
+        .unwrap();
+    assert!(out.complete());
+    braze.sent.lock().unwrap().clear();
+
+    // The same export replayed by force (object metadata): every user is resent, but a run
+    // may send for 0.5 s only, so it hands over.
+    let forced = ExportPlan {
+        force_full: true,
+        forced_salt: Some(7),
+        ..p.clone()
+    };
+    let short = runner(&store, &braze, Some(Duration::from_millis(500)), &handovers);
+    let out = short.run(&forced, None).await.unwrap();
+    assert!(out.hand_over && !out.complete());
+    let first = braze.sent.lock().unwrap().len();
+    assert!(first > 0 && first < 400, "sent {first}");
+    // Its continuation (the same replay) goes on where it stopped: each user is resent once.
+    let out = runner(&store, &braze, None, &handovers)
+        .run(&forced, None)
+        .await
+        .unwrap();
+    assert!(out.complete(), "{:?}", out.summary);
+    let sent = braze.sent.lock().unwrap().clone();
+    let once: std::collections::BTreeSet<&String> = sent.iter().collect();
+    assert_eq!(
+        (sent.len(), once.len()),
+        (400, 400),
+        "every user resent exactly once across the hand-over"
+    );
+    // A later forced upload of the export (another replay) resends everyone again.
+    braze.sent.lock().unwrap().clear();
+    let again = ExportPlan {
+        forced_salt: Some(8),
+        ..forced
+    };
+    let out = runner(&store, &braze, None, &handovers)
+        .run(&again, None)
+        .await
+        .unwrap();
+    assert!(out.complete());
+    assert_eq!(braze.sent.lock().unwrap().len(), 400);
 }

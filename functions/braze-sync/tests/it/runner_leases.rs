@@ -78,6 +78,7 @@ async fn plan(store: &dyn ObjectStore, key: &str, body: Bytes) -> ExportPlan {
         parts: vec![meta],
         force_full: false,
         allow_departures: false,
+        forced_salt: None,
     }
 }
 

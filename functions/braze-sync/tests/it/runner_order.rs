@@ -76,6 +76,7 @@ async fn plan(store: &MemoryStore, key: &str, body: Bytes, force_full: bool) -> 
         parts: vec![meta],
         force_full,
         allow_departures: false,
+        forced_salt: None,
     }
 }
 

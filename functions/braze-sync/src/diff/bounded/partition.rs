@@ -497,7 +497,7 @@ where
             unkeyed,
         },
         read_opts: job.route.read_options(),
-        route_seed: digest::route_seed(job.route),
+        route_seed: digest::seed_for(job.route, job.opts),
         total: Arc::new(AtomicU64::new(0)),
         measure: Arc::new(Measure::default()),
     };

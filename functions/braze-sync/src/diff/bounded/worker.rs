@@ -259,6 +259,7 @@ impl DiffCtx<'_, '_> {
                 let table = self.sources.get(part)?.get(src)?;
                 let state = snap.get(key);
                 let full_resend = self.opts.full_resend;
+                let skips_recorded = self.opts.skips_recorded();
                 let recorded = match state {
                     Some(st) => match st.index {
                         Some(i) => w.digests.get(i).copied(),
@@ -269,11 +270,11 @@ impl DiffCtx<'_, '_> {
                 // The row the state's values came from, again: unchanged, nothing to map.
                 // (A second row of the user is a duplicate: mapped below, as its reject
                 // depends on whether its values map.)
-                if recorded && !full_resend && seen.insert(key, state) {
+                if recorded && skips_recorded && seen.insert(key, state) {
                     found.unchanged += 1;
                     return Some(Ok(()));
                 }
-                let first = !recorded || full_resend;
+                let first = !recorded || !skips_recorded;
                 let line = (line != NO_LINE).then_some(line);
                 let pos = || RowPos {
                     source: table.source.clone(),

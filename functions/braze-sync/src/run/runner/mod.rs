@@ -395,6 +395,7 @@ impl SyncRunner {
         let s = &self.settings;
         let mut opts = ProduceOptions::for_route(route, &plan.trigger.to_string());
         opts.full_resend |= plan.force_full;
+        opts.resend_salt = plan.resend_salt(route.config.full_resend);
         opts.allow_departures = plan.allow_departures;
         let snapshot: Option<Arc<Snapshot>> = snapshot.map(Arc::new);
         let (delta_tx, delta_rx) = mpsc::channel::<UserDelta>(s.channel_capacity);

@@ -43,6 +43,9 @@ pub struct Manifest {
     pub force_full: bool,
     /// Release held departures.
     pub allow_departures: bool,
+    /// The salt of a metadata-forced replay's row digests ([`ExportPlan::forced_salt`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forced_salt: Option<u64>,
     /// Per piece, `[first, end)` of the state's hash ranges it diffs.
     pub pieces: Vec<[usize; 2]>,
     /// The route head's ETag when the forks were made: the route head may not move until
@@ -65,6 +68,7 @@ impl Manifest {
             trigger_meta: self.trigger_meta.clone(),
             force_full: self.force_full,
             allow_departures: self.allow_departures,
+            forced_salt: self.forced_salt,
         }
     }
 

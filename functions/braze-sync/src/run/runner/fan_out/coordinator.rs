@@ -142,6 +142,7 @@ impl SyncRunner {
             exported_at: exported_at.to_string(),
             force_full: plan.force_full,
             allow_departures: plan.allow_departures,
+            forced_salt: plan.forced_salt,
             pieces: spans.iter().map(|r| [r.start, r.end]).collect(),
             route_head_etag: head.etag.clone(),
             started_at: record.report.started_at.clone(),

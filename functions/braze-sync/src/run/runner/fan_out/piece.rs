@@ -336,6 +336,7 @@ impl SyncRunner {
         let plan = fan.manifest.plan();
         let mut opts = ProduceOptions::for_route(route, &plan.trigger.to_string());
         opts.full_resend |= plan.force_full;
+        opts.resend_salt = plan.resend_salt(route.config.full_resend);
         opts.allow_departures = plan.allow_departures;
         let mut ranged = self.ranged_settings(&run.head.doc, route, &run.id);
         ranged.only_ranges = Some(span);
