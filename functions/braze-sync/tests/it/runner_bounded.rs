@@ -409,3 +409,63 @@ async fn rows_with_the_same_values_in_other_cells_send_nothing_and_record_their_
         );
     }
 }
+
+#[tokio::test]
+async fn a_forced_replay_cut_by_its_deadline_goes_on_where_it_stopped() {
+    let store = Arc::new(MemoryStore::new());
+    let spill = tempfile::tempdir().unwrap();
+    let h = Arc::new(Handovers::default());
+    let fast = Arc::new(Recorder {
+        delay: Duration::ZERO,
+        sent: Mutex::new(Vec::new()),
+    });
+    let p = plan(&store, "in/a.csv", csv(1000, &[], &[], 0)).await;
+    let out = runner(&store, &fast, None, &h, spill.path())
+        .run(&p, None)
+        .await
+        .unwrap();
+    assert!(out.complete(), "{:?}", out.status);
+    // Replayed by force (object metadata), cut by its deadline: it hands over.
+    let forced = ExportPlan {
+        force_full: true,
+        forced_salt: Some(7),
+        ..p
+    };
+    let slow = Arc::new(Recorder {
+        delay: Duration::from_millis(150),
+        sent: Mutex::new(Vec::new()),
+    });
+    let out = runner(
+        &store,
+        &slow,
+        Some(Duration::from_millis(1500)),
+        &h,
+        spill.path(),
+    )
+    .run(&forced, None)
+    .await
+    .unwrap();
+    assert!(!out.complete() && out.hand_over, "{:?}", out.status);
+    let first = slow.sent.lock().unwrap().len();
+    assert!(first > 0 && first < 1000, "{first}");
+    // Its continuation resends only the users the first run did not.
+    let again = Arc::new(Recorder {
+        delay: Duration::ZERO,
+        sent: Mutex::new(Vec::new()),
+    });
+    let out = runner(&store, &again, None, &h, spill.path())
+        .run(&forced, None)
+        .await
+        .unwrap();
+    assert!(out.complete(), "{:?}", out.status);
+    let (a, b) = (
+        ids(&slow.sent.lock().unwrap()),
+        ids(&again.sent.lock().unwrap()),
+    );
+    assert!(a.is_disjoint(&b), "nothing the first run resent is resent");
+    assert_eq!(
+        first + again.sent.lock().unwrap().len(),
+        1000,
+        "every user resent once"
+    );
+}
