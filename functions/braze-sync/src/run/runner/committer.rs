@@ -32,7 +32,13 @@ pub(super) struct Committer {
     every: Duration,
     /// Users pending that force a checkpoint before `every` has passed.
     max_pending: usize,
+    /// Bytes the pending users may hold before a checkpoint ([`held_bytes`]).
+    max_pending_bytes: usize,
     pending: Vec<UserDelta>,
+    /// What `pending` holds ([`held_bytes`] of each).
+    pending_bytes: usize,
+    /// The most `pending` held at once.
+    pub peak_pending_bytes: usize,
     /// Users Braze confirmed.
     pub confirmed: u64,
     /// Checkpoints written.
@@ -54,7 +60,10 @@ impl Committer {
             route,
             every,
             max_pending: DEFAULT_MAX_PENDING,
+            max_pending_bytes: super::sizing::DEFAULT_MAX_PENDING_BYTES,
             pending: Vec::new(),
+            pending_bytes: 0,
+            peak_pending_bytes: 0,
             confirmed: 0,
             checkpoints: 0,
             failure: None,
@@ -66,6 +75,21 @@ impl Committer {
     pub fn with_max_pending(mut self, n: usize) -> Self {
         self.max_pending = n.max(1);
         self
+    }
+
+    /// Checkpoints as soon as the pending users hold `bytes` ([`held_bytes`]), whatever the
+    /// time: the committer's share of the function's memory.
+    pub fn with_max_pending_bytes(mut self, bytes: usize) -> Self {
+        self.max_pending_bytes = bytes.max(1);
+        self
+    }
+
+    /// Keeps a confirmed (or recorded) user for the next checkpoint.
+    fn hold(&mut self, d: UserDelta) {
+        let d = d.into_confirmed();
+        self.pending_bytes += held_bytes(&d);
+        self.peak_pending_bytes = self.peak_pending_bytes.max(self.pending_bytes);
+        self.pending.push(d);
     }
 
     /// Follows the outcomes until the sender closes the channel, checkpointing every `every`
@@ -86,12 +110,12 @@ impl Committer {
                 outcome = outcomes.recv() => match outcome {
                     Some(DeliveryOutcome::Confirmed(d)) => {
                         self.confirmed += 1;
-                        self.pending.push(d.into_confirmed());
+                        self.hold(d);
                     }
                     Some(DeliveryOutcome::Rejected { delta, reason }) => {
                         self.braze_rejects.push(&RowReject::from_braze(&delta, &reason));
                     }
-                    Some(DeliveryOutcome::Recorded(d)) => self.pending.push(d.into_confirmed()),
+                    Some(DeliveryOutcome::Recorded(d)) => self.hold(d),
                     Some(DeliveryOutcome::Unsent(_)) => {}
                     None => break,
                 },
@@ -107,7 +131,9 @@ impl Committer {
             }
             if self.failure.is_none()
                 && !self.pending.is_empty()
-                && (last.elapsed() >= self.every || self.pending.len() >= self.max_pending)
+                && (last.elapsed() >= self.every
+                    || self.pending.len() >= self.max_pending
+                    || self.pending_bytes >= self.max_pending_bytes)
             {
                 self.checkpoint().await;
                 last = Instant::now();
@@ -136,6 +162,7 @@ impl Committer {
             Ok(()) => {
                 self.checkpoints += 1;
                 self.pending.clear();
+                self.pending_bytes = 0;
             }
             Err(e) => {
                 warn!(route = self.route.name(), error = %e, "Checkpoint failed; confirmed users of this window will be re-sent by the retry.");
@@ -214,6 +241,27 @@ impl Committer {
     }
 }
 
+/// Heap and inline bytes a confirmed delta holds while it waits for a checkpoint (its
+/// identifier, its changes' names, fingerprints and emptied values; 16 bytes of allocator
+/// overhead per allocation).
+pub fn held_bytes(d: &UserDelta) -> usize {
+    const ALLOC: usize = 16;
+    let id = match &d.identifier {
+        crate::model::Identifier::ExternalId(s) | crate::model::Identifier::BrazeId(s) => {
+            s.capacity() + ALLOC
+        }
+        crate::model::Identifier::UserAlias { name, label } => {
+            name.capacity() + label.capacity() + 2 * ALLOC
+        }
+    };
+    let names: usize = d.changes.iter().map(|c| c.name.capacity() + ALLOC).sum();
+    std::mem::size_of::<UserDelta>()
+        + id
+        + d.changes.capacity() * std::mem::size_of::<crate::model::AttributeChange>()
+        + ALLOC
+        + names
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -267,5 +315,69 @@ mod tests {
         assert_eq!(log.total(), n);
         assert!(log.dropped() > 0, "the flood is larger than the bound");
         assert!(log.len_bytes() <= 50_000);
+    }
+
+    #[tokio::test]
+    async fn users_confirmed_at_full_pace_are_checkpointed_within_the_memory_budget() {
+        let attrs: String = (0..20)
+            .map(|i| format!("[attributes.attribute_{i:02}]\ntype = \"Integer\"\n"))
+            .collect();
+        let route = Arc::new(
+            Route::from_toml(
+                &format!("name = \"r\"\nprefix = \"p/\"\n[identifier]\nkind = \"external_id\"\ncolumn = \"id\"\n{attrs}"),
+                "t",
+            )
+            .unwrap(),
+        );
+        let mem: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let state = StateStore::new(mem, "state", "s/", "r");
+        let (head, _) = state.load(&route).await.unwrap();
+        let budget = 1 << 20;
+        // Time never forces a checkpoint here, and the count cap is far away: only the bytes.
+        let mut committer = Committer::new(state.clone(), head, route, Duration::from_secs(3600))
+            .with_max_pending_bytes(budget);
+        let (tx, rx) = mpsc::channel(1024);
+        let (_lost_tx, lost_rx) = watch::channel(None);
+        let n = 20_000u64;
+        let one = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = one.clone();
+        let feed = tokio::spawn(async move {
+            for i in 0..n {
+                let delta = UserDelta {
+                    identifier: Identifier::ExternalId(format!("user-{i:08}")),
+                    pos: RowPos::default(),
+                    changes: (0..20)
+                        .map(|a| AttributeChange {
+                            name: format!("attribute_{a:02}"),
+                            value: json!(i),
+                            fingerprint: Some(fingerprint(&json!(i))),
+                        })
+                        .collect(),
+                    update_existing_only: false,
+                    is_new: true,
+                    row_digest: None,
+                };
+                // The most one user holds (values are not counted: the committer empties them).
+                seen.fetch_max(held_bytes(&delta), std::sync::atomic::Ordering::Relaxed);
+                tx.send(DeliveryOutcome::Confirmed(delta)).await.unwrap();
+            }
+        });
+        committer.follow(rx, lost_rx).await;
+        feed.await.unwrap();
+        let per_user = one.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            per_user > 1_000,
+            "a user of 20 attributes holds {per_user} bytes"
+        );
+        assert!(
+            committer.peak_pending_bytes <= budget + per_user,
+            "pending users peaked at {} bytes, over the {budget}-byte budget",
+            committer.peak_pending_bytes
+        );
+        assert!(committer.checkpoints as usize >= n as usize * per_user / budget);
+        // Nothing Braze confirmed was dropped on the way.
+        assert_eq!(committer.confirmed, n);
+        let (_, snap) = state.load(&committer.route).await.unwrap();
+        assert_eq!(snap.len() as u64, n);
     }
 }

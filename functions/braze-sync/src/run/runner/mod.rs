@@ -427,7 +427,8 @@ impl SyncRunner {
         let share = self.workspace_share(route.name(), &record.run_id);
         let sender = Sender::start(self.api.clone(), dcfg, delta_rx, out_tx, share);
         let mut committer = Committer::new(state, head, route.clone(), s.checkpoint_every)
-            .with_max_pending(s.checkpoint_max_users);
+            .with_max_pending(s.checkpoint_max_users)
+            .with_max_pending_bytes(sizing::pending_memory(s.memory_limit_bytes));
         committer.follow(out_rx, lock_lost).await;
 
         let delivery = sender.finish().await?;

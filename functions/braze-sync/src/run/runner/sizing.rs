@@ -80,3 +80,16 @@ pub const STATE_MEMORY_SHARE: f64 = 0.6;
 pub fn commit_memory(memory_limit_bytes: Option<u64>) -> u64 {
     memory_limit_bytes.map_or(u64::MAX, |l| l / 4)
 }
+
+/// Bytes of pending confirmed users that force a checkpoint without a memory limit
+/// ([`pending_memory`] with one). A pending user holds its attribute names and fingerprints
+/// (~2 KB at 20 attributes), so at Braze's full pace a count alone lets the pending users
+/// take ~100 MB between checkpoints.
+pub const DEFAULT_MAX_PENDING_BYTES: usize = 64 << 20;
+
+/// Bytes a run's committer lets the users Braze confirmed hold before it checkpoints them
+/// (what each holds: the committer's `held_bytes`): a sixteenth of the function's memory
+/// (32 MB at 512); no limit: [`DEFAULT_MAX_PENDING_BYTES`].
+pub fn pending_memory(memory_limit_bytes: Option<u64>) -> usize {
+    memory_limit_bytes.map_or(DEFAULT_MAX_PENDING_BYTES, |l| (l / 16) as usize)
+}

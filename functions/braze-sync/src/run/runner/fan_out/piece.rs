@@ -362,7 +362,10 @@ impl SyncRunner {
         let share = self.workspace_share(route.name(), &run.id);
         let sender = Sender::start(self.api.clone(), dcfg, delta_rx, out_tx, share);
         let mut committer = Committer::new(run.fork, run.head, route.clone(), s.checkpoint_every)
-            .with_max_pending(s.checkpoint_max_users);
+            .with_max_pending(s.checkpoint_max_users)
+            .with_max_pending_bytes(crate::run::runner::sizing::pending_memory(
+                s.memory_limit_bytes,
+            ));
         committer.follow(out_rx, lost).await;
         let delivery = sender.finish().await?;
         let produced = producer.finish().await?;
