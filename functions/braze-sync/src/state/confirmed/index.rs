@@ -302,6 +302,12 @@ impl Snapshot {
             ));
         }
         let total = base_n + ov_n;
+        // Exactly the merged size: a growth by doubling would hold up to twice the range
+        // (and a diff worker's spare arrays keep that capacity for its next range).
+        self.keys
+            .reserve_exact(total.saturating_sub(self.keys.len()));
+        self.fps
+            .reserve_exact((total * rb).saturating_sub(self.fps.len()));
         self.keys.resize(total, 0);
         self.fps.resize(total * rb, 0);
         let (mut i, mut j, mut k) = (base_n, ov_n, total);
@@ -363,7 +369,13 @@ pub(super) fn merge_ids(
         size += new_ids.get(k).map_or(0, |s| s.len());
     }
     table.ends.resize(base_n, 0);
+    table
+        .arena
+        .reserve_exact(size.saturating_sub(table.arena.len()));
     table.arena.resize(size.max(table.arena.len()), 0);
+    table
+        .ends
+        .reserve_exact(total.saturating_sub(table.ends.len()));
     table.ends.resize(total, 0);
     let (mut i, mut j, mut k) = (base_n, ov_keys.len(), total);
     let mut write_end = size;

@@ -231,3 +231,30 @@ fn identifier_text_round_trips_and_matches_the_user_key() {
         );
     }
 }
+
+#[test]
+fn a_compacted_state_holds_its_users_and_no_growth_room() {
+    // A range loaded whole, then a tenth more users confirmed on top (a hand-over's delta):
+    // the merged arrays take what the users need, not twice the range.
+    let mut snap = Snapshot::empty(names(), true);
+    let add = |snap: &mut Snapshot, from: u64, n: u64| {
+        for i in from..from + n {
+            let id = Identifier::ExternalId(format!("user-{i:08}"));
+            snap.apply_confirmed(&delta_for(&id, &[("a", json!(i)), ("b", json!(true))]));
+        }
+        snap.compact();
+    };
+    add(&mut snap, 0, 20_000);
+    add(&mut snap, 20_000, 2_000);
+    let users = snap.len();
+    assert_eq!(users, 22_000);
+    // Per user: its key, its fingerprints, its identifier and its end; a quarter of a
+    // bucket slot.
+    let id_len = "user-00000000".len();
+    let need = users * (16 + snap.names().len() * FP_BYTES + id_len + 8) + users;
+    let held = snap.memory_bytes();
+    assert!(
+        held <= need + need / 8,
+        "{users} users hold {held} bytes, over their {need} and an eighth"
+    );
+}
