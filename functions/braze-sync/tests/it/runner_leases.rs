@@ -1,7 +1,8 @@
 //! Commit, hand-over and leases: the continuation is queued only after the run's route lock and
 //! export claim are released; a short route lease is renewed while a run lives, so a second
-//! run of the route is refused throughout; a failed checkpoint stops the sender at once and
-//! ends the run retryably; a state too large for memory is refused before the lock is taken.
+//! run of the route is refused throughout, and one whose renewals keep failing stops sending
+//! before its lease ends; a failed checkpoint stops the sender at once and ends the run
+//! retryably; a state too large for memory is refused before the lock is taken.
 #![allow(clippy::unwrap_used)]
 
 use crate::common;
@@ -239,6 +240,34 @@ async fn a_failed_checkpoint_stops_the_sender_promptly_and_the_run_is_retryable(
         "the sender stopped within a request or two of the failure, not after {sent} users"
     );
     assert!(started.elapsed() < Duration::from_millis(1_500));
+}
+
+#[tokio::test]
+async fn a_run_whose_route_lock_renewals_keep_failing_stops_sending_before_its_lease_ends() {
+    // Every write of the route lock after the one that takes it fails (the store, not another
+    // run): the lease cannot be renewed, and the route may be taken over when it ends.
+    let writes = Arc::new(AtomicUsize::new(0));
+    let seen = writes.clone();
+    let store: Arc<dyn ObjectStore> = Arc::new(common::FailingPuts::new(
+        Arc::new(MemoryStore::new()),
+        move |uri, _| {
+            uri.key.ends_with("route-lock.json") && seen.fetch_add(1, Ordering::SeqCst) > 0
+        },
+    ));
+    let api = braze(60);
+    let mut s = settings();
+    s.route_lease_s = 1; // renewed every ~333 ms; the run stops ~167 ms before it ends
+    let r = runner(store.clone(), api.clone(), s, None);
+    let p = plan(store.as_ref(), "in/long.csv", csv(400)).await; // ~2.4 s of sending
+    let err = r.run(&p, None).await.unwrap_err();
+    assert!(matches!(err, RunError::Retryable(_)), "{err}");
+    assert!(err.to_string().contains("no renewal succeeded"), "{err}");
+    let sent = api.sent.load(Ordering::SeqCst);
+    assert!(
+        sent < 200,
+        "the sender stopped before the lease ended, not after {sent} of 400 users"
+    );
+    assert!(writes.load(Ordering::SeqCst) >= 3, "renewals were tried");
 }
 
 #[tokio::test]
