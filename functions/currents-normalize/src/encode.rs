@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use arrow_array::RecordBatch;
-use arrow_schema::SchemaRef;
+use arrow_schema::{DataType, Schema, SchemaRef};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::metadata::KeyValue;
@@ -200,19 +200,32 @@ fn spool_file(dir: &Path) -> Result<(BufWriter<File>, SpoolFile), EncodeError> {
     Ok((BufWriter::with_capacity(1 << 20, file), SpoolFile { path }))
 }
 
-/// The writer settings every part uses.
+/// A column's dictionary is given up (the rest of its row group written plain) once its
+/// values reach this many bytes.
+pub const DICTIONARY_PAGE_BYTES: usize = 64 * 1024;
+
+/// The writer settings every part of `schema` uses.
+///
+/// - Snappy, Parquet 1.0 pages (the widest reader support; Amperity cannot read zstd).
+/// - Dictionary encoding for every column but `id`, given up per column and row group at
+///   [`DICTIONARY_PAGE_BYTES`]: low-cardinality text (campaign and canvas ids and names, time
+///   zones, platforms, the lineage columns) stays far below it, and high-cardinality text
+///   (user ids, emails, device ids) gives up after its first two write batches instead of
+///   hashing thousands of values into a dictionary that is then abandoned.
+/// - Chunk statistics (min, max, null count) on number, boolean and timestamp columns;
+///   none on text columns, whose byte-wise min and max cost two comparisons per value and
+///   prune nothing for ids, names and JSON (the null count is still in every page header).
 pub fn writer_properties(
+    schema: &Schema,
     metadata: Vec<(String, String)>,
     row_group_rows: usize,
 ) -> WriterProperties {
-    WriterProperties::builder()
+    let mut b = WriterProperties::builder()
         .set_writer_version(WriterVersion::PARQUET_1_0)
         .set_compression(Compression::SNAPPY)
         .set_max_row_group_row_count(Some(row_group_rows.max(1)))
         .set_statistics_enabled(EnabledStatistics::Chunk)
-        // High-cardinality columns (user ids, emails) give up on a dictionary sooner; the
-        // low-cardinality ones (campaigns, names, time zones) stay well under this.
-        .set_dictionary_page_size_limit(256 * 1024)
+        .set_dictionary_page_size_limit(DICTIONARY_PAGE_BYTES)
         // `id` is unique within a part: a dictionary would only be built to be abandoned.
         .set_column_dictionary_enabled(ColumnPath::from("id"), false)
         .set_created_by(format!("currents-normalize {}", env!("CARGO_PKG_VERSION")))
@@ -221,8 +234,16 @@ pub fn writer_properties(
                 .into_iter()
                 .map(|(k, v)| KeyValue::new(k, v))
                 .collect(),
-        ))
-        .build()
+        ));
+    for f in schema.fields() {
+        if matches!(f.data_type(), DataType::Utf8 | DataType::LargeUtf8) {
+            b = b.set_column_statistics_enabled(
+                ColumnPath::from(f.name().as_str()),
+                EnabledStatistics::None,
+            );
+        }
+    }
+    b.build()
 }
 
 /// Writes one part.
@@ -260,7 +281,7 @@ impl PartWriter {
         dir: Option<&Path>,
         memory_bytes: usize,
     ) -> Result<Self, EncodeError> {
-        let props = writer_properties(metadata, row_group_rows);
+        let props = writer_properties(&schema, metadata, row_group_rows);
         let sink = match dir {
             Some(d) if memory_bytes == 0 => {
                 let (w, f) = spool_file(d)?;
@@ -276,6 +297,15 @@ impl PartWriter {
         };
         let writer = ArrowWriter::try_new(sink, schema, Some(props))?;
         Ok(Self { writer })
+    }
+
+    /// Makes room for a part of about `bytes` while it is kept in memory (up to the size at
+    /// which it moves to its spool file), so the part is not copied as it grows.
+    pub fn reserve(&mut self, bytes: usize) {
+        if let Sink::Memory { bytes: buf, spill } = self.writer.inner_mut() {
+            let cap = spill.as_ref().map_or(bytes, |s| bytes.min(s.after));
+            buf.reserve(cap.saturating_sub(buf.len()));
+        }
     }
 
     /// A Parquet error, or the spool error behind it.
@@ -373,6 +403,36 @@ mod tests {
             kv.iter()
                 .any(|k| k.key == "currents.source_key" && k.value.as_deref() == Some("k"))
         );
+    }
+
+    #[test]
+    fn text_columns_have_no_statistics_and_id_no_dictionary() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Utf8, false),
+            Field::new("name", DataType::Utf8, true),
+            Field::new("n", DataType::Int64, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from(vec!["a", "b", "c"])) as ArrayRef,
+                Arc::new(StringArray::from(vec![Some("x"), None, Some("x")])),
+                Arc::new(Int64Array::from(vec![Some(1), None, Some(3)])),
+            ],
+        )
+        .unwrap();
+        let mut w = PartWriter::new(schema, vec![], ROW_GROUP_ROWS).unwrap();
+        w.write(&batch).unwrap();
+        let bytes = w.finish().unwrap().into_bytes().unwrap();
+        let r = SerializedFileReader::new(bytes::Bytes::from(bytes)).unwrap();
+        let rg = r.metadata().row_group(0);
+        let (id, name, n) = (rg.column(0), rg.column(1), rg.column(2));
+        assert!(id.statistics().is_none() && name.statistics().is_none());
+        let stats = n.statistics().unwrap();
+        assert_eq!(stats.null_count_opt(), Some(1));
+        assert!(stats.min_bytes_opt().is_some() && stats.max_bytes_opt().is_some());
+        assert!(id.dictionary_page_offset().is_none());
+        assert!(name.dictionary_page_offset().is_some());
     }
 
     #[test]

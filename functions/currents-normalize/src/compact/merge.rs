@@ -368,7 +368,7 @@ impl Outputs<'_> {
                 ),
                 ("currents.compacted".to_string(), "true".to_string()),
             ];
-            let props = writer_properties(metadata, self.opts.row_group_rows);
+            let props = writer_properties(&self.table.schema, metadata, self.opts.row_group_rows);
             let w = ArrowWriter::try_new(file, self.table.schema.clone(), Some(props))
                 .map_err(|e| MergeError::Encode(e.to_string()))?;
             self.current = Some((path, w, 0));

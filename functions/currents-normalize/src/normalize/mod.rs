@@ -211,6 +211,8 @@ pub struct Normalizer<'p> {
     seen_ids: HashSet<u128, BuildHasherDefault<IdHasher>>,
     json_buf: String,
     row_json: String,
+    /// The lineage columns of this file by table column, as long as its largest batch.
+    constants: Vec<Option<arrow_array::ArrayRef>>,
     stats: NormalizeStats,
 }
 
@@ -234,6 +236,7 @@ impl<'p> Normalizer<'p> {
             seen_ids: HashSet::with_capacity_and_hasher(expected_rows, Default::default()),
             json_buf: String::new(),
             row_json: String::new(),
+            constants: Vec::new(),
             stats: NormalizeStats {
                 extra_fields: plan.extra_fields.clone(),
                 ..Default::default()

@@ -276,7 +276,7 @@ impl Normalizer<'_> {
 
     /// The table's columns of a batch, from the decoded fields and what was built per row.
     fn columns(
-        &self,
+        &mut self,
         decoded: &RecordBatch,
         built: Built<'_>,
     ) -> Result<Vec<ArrayRef>, NormalizeError> {
@@ -291,7 +291,7 @@ impl Normalizer<'_> {
         let n = decoded.num_rows();
         let sink_err = |e: arrow_schema::ArrowError| NormalizeError::Sink(e.to_string());
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(table.columns.len());
-        for col in &table.columns {
+        for (ci, col) in table.columns.iter().enumerate() {
             let array: ArrayRef = match col.source {
                 ColumnSource::Field(slot) => match filled_by.get(slot).copied().flatten() {
                     None => arrow_array::new_null_array(&col.data_type, n),
@@ -307,14 +307,36 @@ impl Normalizer<'_> {
                 },
                 ColumnSource::EventTime => Arc::new(event_time.finish().with_timezone("UTC")),
                 ColumnSource::Json => Arc::new(row_json_column.finish()),
-                _ => self.constant(table, col, n)?,
+                _ => self.constant(ci, table, col, n)?,
             };
             arrays.push(array);
         }
         Ok(arrays)
     }
 
+    /// Column `ci` (a lineage column: the same value on every row) of a batch of `n` rows,
+    /// built once per file at the largest batch's length and sliced for shorter ones.
     fn constant(
+        &mut self,
+        ci: usize,
+        table: &TableDef,
+        col: &Column,
+        n: usize,
+    ) -> Result<ArrayRef, NormalizeError> {
+        if let Some(Some(a)) = self.constants.get(ci)
+            && a.len() >= n
+        {
+            return Ok(a.slice(0, n));
+        }
+        let a = self.build_constant(table, col, n)?;
+        if self.constants.len() <= ci {
+            self.constants.resize(ci + 1, None);
+        }
+        self.constants[ci] = Some(a.clone());
+        Ok(a)
+    }
+
+    fn build_constant(
         &self,
         table: &TableDef,
         col: &Column,
