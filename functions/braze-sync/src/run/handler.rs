@@ -307,12 +307,14 @@ enum ObjectOutcome {
 }
 
 impl Handler {
-    /// Builds the handler once per container.
+    /// Builds the handler once per container; its store is
+    /// [`RetryingStore`](crate::state::retrying::RetryingStore)-wrapped.
     pub fn new(
         cfg: HandlerConfig,
         store: Arc<dyn ObjectStore>,
         runner: Arc<dyn ExportRunner>,
     ) -> Self {
+        let store = crate::state::retrying::RetryingStore::wrap(store);
         Self {
             cfg,
             store,

@@ -1,7 +1,18 @@
 //! Stage 3 of a run: the committer. It follows the sender's outcomes, persists what Braze
 //! confirmed as a checkpoint segment every few seconds, collects what Braze refused, and at
 //! the end folds the run into a new base ([`StateStore::commit`]). Nothing else moves state.
+//!
+//! It is also the gate between the producer and the sender ([`Committer::follow_gated`]): no
+//! delta reaches the sender before a checkpoint (an *intent*) has marked its attributes
+//! unknown in the state ([`UNKNOWN_FP`]). A run that dies after Braze applied a request and
+//! before the checkpoint that confirms it leaves those users unknown, so the next run resends
+//! them whatever their values (without it, a newer export that reverts a value would diff as
+//! unchanged and Braze would keep the dead run's value). A run that ends drops its intents
+//! before its commit: what Braze confirmed is in its checkpoints, what it refused never
+//! changed, and a known user that stayed unsent or unanswered is marked unknown by a
+//! checkpoint of its own.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,8 +22,8 @@ use tracing::warn;
 
 use crate::config::route::Route;
 use crate::diff::rejects::{RejectLog, RowReject};
-use crate::model::{DeliveryOutcome, UserDelta};
-use crate::state::confirmed::Snapshot;
+use crate::model::{AttributeChange, DeliveryOutcome, UserDelta};
+use crate::state::confirmed::{Snapshot, UNKNOWN_FP};
 use crate::state::store::{Head, StateStore, Watermark};
 
 /// Users pending that force a checkpoint by default. Recorded row digests are not paced by
@@ -20,6 +31,9 @@ use crate::state::store::{Head, StateStore, Watermark};
 /// after a state without digests, or after a mapping change) confirms a million a second, so
 /// time alone would hold millions of deltas in memory between checkpoints.
 pub const DEFAULT_MAX_PENDING: usize = 50_000;
+
+/// Deltas the gate lets ahead of the sender by default (and the most one intent covers).
+pub const DEFAULT_AHEAD: usize = 8_192;
 
 /// Bytes of Braze's refusals one run keeps for its rejects object (every refusal is counted).
 pub const BRAZE_REJECTS_MAX_BYTES: usize = 16 * 1024 * 1024;
@@ -39,6 +53,13 @@ pub(super) struct Committer {
     pending_bytes: usize,
     /// The most `pending` held at once.
     pub peak_pending_bytes: usize,
+    /// Confirmed or recorded users among `pending` (a checkpoint of unknown marks alone is not
+    /// progress).
+    pending_progress: usize,
+    /// Deltas the gate lets ahead of the sender, and the most one intent covers.
+    ahead: usize,
+    /// The intent segments this run wrote, dropped from the head before its commit.
+    intents: Vec<String>,
     /// Users Braze confirmed.
     pub confirmed: u64,
     /// Checkpoints written.
@@ -64,6 +85,9 @@ impl Committer {
             pending: Vec::new(),
             pending_bytes: 0,
             peak_pending_bytes: 0,
+            pending_progress: 0,
+            ahead: DEFAULT_AHEAD,
+            intents: Vec::new(),
             confirmed: 0,
             checkpoints: 0,
             failure: None,
@@ -92,6 +116,12 @@ impl Committer {
         self.pending.push(d);
     }
 
+    /// Lets the gate keep up to `n` deltas covered by an intent ahead of the sender.
+    pub fn with_ahead(mut self, n: usize) -> Self {
+        self.ahead = n.max(1);
+        self
+    }
+
     /// Follows the outcomes until the sender closes the channel, checkpointing every `every`
     /// (or sooner, once [`Committer::with_max_pending`] users are pending).
     /// A failed checkpoint, or the route lock reported lost on `lock_lost`, ends it at once:
@@ -108,15 +138,7 @@ impl Committer {
         loop {
             tokio::select! {
                 outcome = outcomes.recv() => match outcome {
-                    Some(DeliveryOutcome::Confirmed(d)) => {
-                        self.confirmed += 1;
-                        self.hold(d);
-                    }
-                    Some(DeliveryOutcome::Rejected { delta, reason }) => {
-                        self.braze_rejects.push(&RowReject::from_braze(&delta, &reason));
-                    }
-                    Some(DeliveryOutcome::Recorded(d)) => self.hold(d),
-                    Some(DeliveryOutcome::Unsent(_)) => {}
+                    Some(o) => self.take(o),
                     None => break,
                 },
                 changed = lock_lost.changed(), if watching => match changed {
@@ -129,24 +151,174 @@ impl Committer {
                 },
                 _ = tick.tick() => {}
             }
-            if self.failure.is_none()
-                && !self.pending.is_empty()
-                && (last.elapsed() >= self.every
-                    || self.pending.len() >= self.max_pending
-                    || self.pending_bytes >= self.max_pending_bytes)
-            {
-                self.checkpoint().await;
-                last = Instant::now();
-            }
-            if self.failure.is_some() {
-                warn!(
-                    route = self.route.name(),
-                    "Stopping the sender: confirmed work can no longer be persisted."
-                );
+            if self.keep_going(&mut last).await.is_err() {
                 return;
             }
         }
         self.checkpoint().await;
+    }
+
+    /// One outcome of the sender: confirmed and recorded users wait for the next checkpoint;
+    /// a known user left unsent or unanswered (Braze may have applied it) is marked unknown
+    /// by it. A new user stays untracked: the next run sends its whole profile anyway.
+    fn take(&mut self, outcome: DeliveryOutcome) {
+        match outcome {
+            DeliveryOutcome::Confirmed(d) => {
+                self.confirmed += 1;
+                self.pending_progress += 1;
+                self.hold(d);
+            }
+            DeliveryOutcome::Rejected { delta, reason } => {
+                self.braze_rejects
+                    .push(&RowReject::from_braze(&delta, &reason));
+            }
+            DeliveryOutcome::Recorded(d) => {
+                self.pending_progress += 1;
+                self.hold(d);
+            }
+            DeliveryOutcome::Unsent(d) if !d.records_only() && !d.is_new => {
+                self.hold(unknown_marks(&d));
+            }
+            DeliveryOutcome::Unsent(_) => {}
+        }
+    }
+
+    /// Checkpoints when it is time; `Err` once the committer has failed (the caller returns,
+    /// which stops the sender).
+    async fn keep_going(&mut self, last: &mut Instant) -> Result<(), ()> {
+        if self.failure.is_none()
+            && !self.pending.is_empty()
+            && (last.elapsed() >= self.every
+                || self.pending.len() >= self.max_pending
+                || self.pending_bytes >= self.max_pending_bytes)
+        {
+            self.checkpoint().await;
+            *last = Instant::now();
+        }
+        if self.failure.is_some() {
+            warn!(
+                route = self.route.name(),
+                "Stopping the sender: confirmed work can no longer be persisted."
+            );
+            return Err(());
+        }
+        Ok(())
+    }
+
+    /// [`Committer::follow`] as the gate between the producer and the sender: deltas from
+    /// `gate`'s input reach its output only once an intent marking their attributes unknown
+    /// is in the state (see the module docs). Ends when the sender closes the outcomes.
+    pub async fn follow_gated(
+        &mut self,
+        mut gate: Gate,
+        mut outcomes: mpsc::Receiver<DeliveryOutcome>,
+        mut lock_lost: watch::Receiver<Option<String>>,
+    ) {
+        let mut last = Instant::now();
+        let mut tick = tokio::time::interval(self.every);
+        let mut watching = true;
+        let Gate {
+            input,
+            output,
+            ready,
+            input_open,
+        } = &mut gate;
+        loop {
+            let wants = *input_open && ready.len() < self.ahead;
+            let forwards = !ready.is_empty();
+            tokio::select! {
+                d = input.recv(), if wants => match d {
+                    Some(d) => {
+                        let batch = take_queued(input, d, self.ahead);
+                        self.intend(batch, ready).await;
+                    }
+                    None => *input_open = false,
+                },
+                sent = forward(output.as_ref(), ready), if forwards => {
+                    if !sent {
+                        // The sender stopped (deadline, refused key): nothing more is taken
+                        // from the producer, and what the gate holds is never sent (its
+                        // intents are dropped with the others at the commit).
+                        input.close();
+                        while input.try_recv().is_ok() {}
+                        ready.clear();
+                        *output = None;
+                        *input_open = false;
+                    }
+                }
+                outcome = outcomes.recv() => match outcome {
+                    Some(o) => self.take(o),
+                    None => break,
+                },
+                changed = lock_lost.changed(), if watching => match changed {
+                    Ok(()) => {
+                        if let Some(why) = lock_lost.borrow().clone() {
+                            self.failure = Some(why);
+                        }
+                    }
+                    Err(_) => watching = false,
+                },
+                _ = tick.tick() => {}
+            }
+            if !*input_open && ready.is_empty() {
+                // Everything went through: the sender sees the end of its input.
+                *output = None;
+            }
+            if self.keep_going(&mut last).await.is_err() {
+                return;
+            }
+        }
+        self.checkpoint().await;
+    }
+
+    /// Writes the intent of `batch` (its users' attributes unknown), then lets it go ahead
+    /// of the sender. A failed intent stops the run before any of them is sent.
+    async fn intend(&mut self, batch: Vec<UserDelta>, ready: &mut VecDeque<UserDelta>) {
+        if self.failure.is_some() {
+            return;
+        }
+        let marks: Vec<UserDelta> = batch
+            .iter()
+            .filter(|d| !d.records_only())
+            .map(unknown_marks)
+            .collect();
+        if !marks.is_empty() {
+            let before = self.head.doc.segments.len();
+            if let Err(e) = self
+                .state
+                .checkpoint(&mut self.head, &self.route, &marks)
+                .await
+            {
+                warn!(route = self.route.name(), error = %e, "Could not mark users in flight; stopping before sending them.");
+                self.failure = Some(format!(
+                    "checkpoint failed (marking users in flight), the run stopped before sending them: {e}"
+                ));
+                return;
+            }
+            if self.head.doc.segments.len() > before
+                && let Some(name) = self.head.doc.segments.last()
+            {
+                self.intents.push(name.clone());
+            }
+        }
+        ready.extend(batch);
+    }
+
+    /// Takes this run's intents out of the head about to be committed; returns them, to be
+    /// deleted once a head without them is published.
+    fn drop_intents(&mut self) -> Vec<String> {
+        let intents = std::mem::take(&mut self.intents);
+        self.head.doc.segments.retain(|n| !intents.contains(n));
+        intents
+    }
+
+    /// Deletes `intents` once the commit published a head without them (a head that still
+    /// names them, as a legacy state's partial commit leaves it, keeps them). Best effort: an
+    /// object left behind is only garbage.
+    async fn delete_intents(&self, intents: &[String]) {
+        if !intents.is_empty() {
+            self.state.delete_unreferenced(intents).await;
+        }
     }
 
     /// Persists the confirmed users not yet persisted (after a failure: nothing more).
@@ -160,7 +332,10 @@ impl Committer {
             .await
         {
             Ok(()) => {
-                self.checkpoints += 1;
+                if self.pending_progress > 0 {
+                    self.checkpoints += 1;
+                }
+                self.pending_progress = 0;
                 self.pending.clear();
                 self.pending_bytes = 0;
             }
@@ -187,7 +362,9 @@ impl Committer {
             Ok(d) => d,
             Err(e) => return Some(e.to_string()),
         };
-        self.state
+        let intents = self.drop_intents();
+        let error = self
+            .state
             .commit_ranged(
                 &mut self.head,
                 &self.route,
@@ -197,7 +374,11 @@ impl Committer {
             )
             .await
             .err()
-            .map(|e| e.to_string())
+            .map(|e| e.to_string());
+        if error.is_none() {
+            self.delete_intents(&intents).await;
+        }
+        error
     }
 
     /// The state's users before this run.
@@ -227,17 +408,104 @@ impl Committer {
             return None;
         }
         // The producer has been joined, so the run holds the only reference.
-        match Arc::try_unwrap(snapshot) {
-            Ok(snap) => self
-                .state
-                .commit(&mut self.head, snap, watermark)
-                .await
-                .err()
-                .map(|e| e.to_string()),
-            Err(_) => {
-                Some("state snapshot still shared after the reader ended; not committed".into())
-            }
+        let Ok(snap) = Arc::try_unwrap(snapshot) else {
+            return Some(
+                "state snapshot still shared after the reader ended; not committed".into(),
+            );
+        };
+        let intents = self.drop_intents();
+        let error = self
+            .state
+            .commit(&mut self.head, snap, watermark)
+            .await
+            .err()
+            .map(|e| e.to_string());
+        if error.is_none() {
+            self.delete_intents(&intents).await;
         }
+        error
+    }
+}
+
+/// The producer's deltas on their way to the sender through the committer
+/// ([`Committer::follow_gated`]).
+pub(super) struct Gate {
+    input: mpsc::Receiver<UserDelta>,
+    output: Option<mpsc::Sender<UserDelta>>,
+    /// Covered by an intent, not yet handed to the sender.
+    ready: VecDeque<UserDelta>,
+    input_open: bool,
+}
+
+impl Gate {
+    /// Deltas from `input` (the producer) go to `output` (the sender).
+    pub fn new(input: mpsc::Receiver<UserDelta>, output: mpsc::Sender<UserDelta>) -> Self {
+        Self {
+            input,
+            output: Some(output),
+            ready: VecDeque::new(),
+            input_open: true,
+        }
+    }
+}
+
+/// `first` and whatever else is already queued on `input`, up to `most` deltas.
+fn take_queued(
+    input: &mut mpsc::Receiver<UserDelta>,
+    first: UserDelta,
+    most: usize,
+) -> Vec<UserDelta> {
+    let mut batch = vec![first];
+    while batch.len() < most {
+        match input.try_recv() {
+            Ok(d) => batch.push(d),
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
+/// Hands `ready` deltas to the sender, as many as it takes now (at least one, waiting for
+/// room); false when the sender stopped taking deltas.
+async fn forward(out: Option<&mpsc::Sender<UserDelta>>, ready: &mut VecDeque<UserDelta>) -> bool {
+    let Some(out) = out else {
+        return std::future::pending().await;
+    };
+    let Ok(permit) = out.reserve().await else {
+        return false;
+    };
+    if let Some(d) = ready.pop_front() {
+        permit.send(d);
+    }
+    while !ready.is_empty() {
+        let Ok(permit) = out.try_reserve() else {
+            break;
+        };
+        if let Some(d) = ready.pop_front() {
+            permit.send(d);
+        }
+    }
+    true
+}
+
+/// `d`'s attributes marked unknown (and its row digest cleared), so the next diff sends them
+/// whatever their values: what an intent, or a user left unsent or unanswered, records.
+fn unknown_marks(d: &UserDelta) -> UserDelta {
+    UserDelta {
+        identifier: d.identifier.clone(),
+        pos: d.pos.clone(),
+        changes: d
+            .changes
+            .iter()
+            .map(|c| AttributeChange {
+                name: c.name.clone(),
+                value: serde_json::Value::Null,
+                fingerprint: Some(UNKNOWN_FP),
+            })
+            .collect(),
+        update_existing_only: d.update_existing_only,
+        is_new: d.is_new,
+        row_digest: None,
     }
 }
 

@@ -4,8 +4,10 @@
 //!
 //! - [`producer`]: read → map → diff on a blocking thread, feeding a bounded channel;
 //! - [`sender`]: [`crate::send::deliver::deliver`], reporting each user's outcome;
-//! - [`committer`]: checkpoints what Braze confirmed every few seconds and, at the end, commits
-//!   the state (with the export's watermark only when nothing is left).
+//! - [`committer`]: marks users unknown in the state before they go to the sender (an intent,
+//!   so a run that dies mid-request leaves them to be resent), checkpoints what Braze confirmed
+//!   every few seconds and, at the end, commits the state (with the export's watermark only
+//!   when nothing is left).
 //!
 //! Before them, [`memory_fit`] decides from the head ([`sizing`] its estimates) whether the
 //! run takes the bounded diff and whether the state fits the function's memory, and [`load`]
@@ -53,9 +55,10 @@ use crate::send::deliver::DeliverConfig;
 use crate::send::workspace_share::{SenderRegistry, ShareSettings, WorkspaceShare};
 use crate::state::confirmed::Snapshot;
 use crate::state::lease;
+use crate::state::retrying::RetryingStore;
 use crate::state::route_lock::{RouteLock, lock_uri};
 use crate::state::store::{Head, RANGE_USERS, StateStore};
-use committer::Committer;
+use committer::{Committer, Gate};
 use conclude::{Ended, RunRecord};
 use load::Loaded;
 use producer::{BoundedDiff, Diff, Producer};
@@ -155,7 +158,7 @@ pub struct SyncRunner {
 }
 
 impl SyncRunner {
-    /// Builds the runner once per container.
+    /// Builds the runner once per container; its store is [`RetryingStore`]-wrapped.
     pub fn new(
         store: Arc<dyn ObjectStore>,
         routes: Vec<Route>,
@@ -164,7 +167,7 @@ impl SyncRunner {
         continuation: Option<Arc<dyn Continuation>>,
     ) -> Self {
         Self {
-            store,
+            store: RetryingStore::wrap(store),
             routes: routes
                 .into_iter()
                 .map(|r| (r.name().to_string(), Arc::new(r)))
@@ -398,7 +401,9 @@ impl SyncRunner {
         opts.resend_salt = plan.resend_salt(route.config.full_resend);
         opts.allow_departures = plan.allow_departures;
         let snapshot: Option<Arc<Snapshot>> = snapshot.map(Arc::new);
+        // Producer -> committer's gate (intents) -> sender -> committer.
         let (delta_tx, delta_rx) = mpsc::channel::<UserDelta>(s.channel_capacity);
+        let (send_tx, send_rx) = mpsc::channel::<UserDelta>(s.channel_capacity);
         let (out_tx, out_rx) = mpsc::channel::<DeliveryOutcome>(s.channel_capacity);
         // The bounded diff's figures: its rows size a first layout even when the run stops.
         let times = Arc::new(std::sync::Mutex::new(RangedTimes::default()));
@@ -425,11 +430,13 @@ impl SyncRunner {
         let mut dcfg = s.deliver.clone();
         dcfg.deadline = self.deadline(remaining_ms);
         let share = self.workspace_share(route.name(), &record.run_id);
-        let sender = Sender::start(self.api.clone(), dcfg, delta_rx, out_tx, share);
+        let sender = Sender::start(self.api.clone(), dcfg, send_rx, out_tx, share);
         let mut committer = Committer::new(state, head, route.clone(), s.checkpoint_every)
             .with_max_pending(s.checkpoint_max_users)
-            .with_max_pending_bytes(sizing::pending_memory(s.memory_limit_bytes));
-        committer.follow(out_rx, lock_lost).await;
+            .with_max_pending_bytes(sizing::pending_memory(s.memory_limit_bytes))
+            .with_ahead(s.channel_capacity);
+        let gate = Gate::new(delta_rx, send_tx);
+        committer.follow_gated(gate, out_rx, lock_lost).await;
 
         let delivery = sender.finish().await?;
         let mut produced = producer.finish().await?;

@@ -121,6 +121,12 @@ impl StateStore {
         self.delete_all(&unnamed).await;
     }
 
+    /// Deletes `names`, except anything the head names as it is read now (best effort; when
+    /// the head cannot be read, nothing): for objects a run wrote and no longer needs.
+    pub async fn delete_unreferenced(&self, names: &[String]) {
+        self.delete_unnamed(names).await;
+    }
+
     /// The end of both commits: stamps the new head (generation, the users counted in
     /// `objects`, the export applied and, unless stale, its watermark), writes it with one
     /// conditional put and deletes what it replaced; on a failed put, deletes what this commit
