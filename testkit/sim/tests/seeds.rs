@@ -93,13 +93,11 @@ fn seed_13_export_acknowledged_while_its_claim_stays_running() {
 }
 
 #[test]
-#[ignore = "open: a run that crashed after Braze applied a batch, before its checkpoint, is skipped as stale once a newer export applied; users whose values that newer export reverted keep the crashed run's values in Braze"]
 fn seed_12_crashed_runs_unconfirmed_sends_are_never_resent() {
     holds(12);
 }
 
 #[test]
-#[ignore = "open: same as seed 12, with the bounded diff and fan-out"]
 fn seed_29_crashed_runs_unconfirmed_sends_are_never_resent() {
     holds(29);
 }
@@ -116,7 +114,6 @@ fn seed_25_failed_fan_out_discards_confirmed_pieces() {
 }
 
 #[test]
-#[ignore = "open: what the seed found (as seed 15) is fixed; under its S3 failure rate a piece message now ends in the DLQ after two redrives"]
 fn seed_32_failed_fan_out_discards_confirmed_pieces() {
     holds(32);
 }
@@ -127,7 +124,6 @@ fn seed_21_fork_segment_deleted_after_a_lost_answer() {
 }
 
 #[test]
-#[ignore = "open: a message stays in the DLQ after two redrives"]
 fn seed_9_message_stays_in_the_dlq() {
     holds(9);
 }
@@ -209,7 +205,6 @@ fn seed_110_fan_out_manifest_left_behind() {
 }
 
 #[test]
-#[ignore = "open: same as seed 12: values a crashed run sent and Braze applied are never resent"]
 fn seed_44_crashed_runs_unconfirmed_sends_are_never_resent() {
     holds(44);
 }
@@ -220,7 +215,6 @@ fn seed_182_route_lock_left_held() {
 }
 
 #[test]
-#[ignore = "open: a message stays in the DLQ after two redrives"]
 fn seed_115_message_stays_in_the_dlq() {
     holds(115);
 }
@@ -236,4 +230,10 @@ fn seed_20_route_lock_left_held() {
 #[test]
 fn seed_57_voided_fan_out_discards_confirmed_values() {
     holds(57);
+}
+
+#[test]
+#[ignore = "open: with intents, a members run leaves two users with an older export's level in Braze (invariant 1) and the state disagreeing (invariant 2); the seed does not fail every replay (the producer's blocking thread races the paused clock)"]
+fn seed_199_braze_keeps_an_older_exports_values() {
+    holds(199);
 }
