@@ -518,14 +518,16 @@ struct MergedUnmarked {
 
 async fn merged_unmarked() -> MergedUnmarked {
     let store = Arc::new(MemoryStore::new());
-    // The finalizer's write of its `merged` mark fails once with a 5xx while armed (S3
-    // throttling right after the merge's head write).
-    let armed = Arc::new(AtomicBool::new(false));
+    // The finalizer's write of its `merged` mark fails with a 5xx on every attempt the
+    // retrying store makes while armed (S3 throttling right after the merge's head write).
+    let armed = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let arm = armed.clone();
     let flaky = Arc::new(common::FailingPuts::new(store.clone(), move |uri, body| {
         uri.key.ends_with("/final.json")
             && String::from_utf8_lossy(body).contains("\"merged\":true")
-            && arm.swap(false, Ordering::SeqCst)
+            && arm
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
     }));
     let braze = Arc::new(Braze::default());
     let queue = Arc::new(Queue::default());
@@ -556,10 +558,10 @@ async fn merged_unmarked() -> MergedUnmarked {
     assert_eq!(r["results"][0]["outcome"], "piece_done", "{r}");
     // The last piece merges the forks into the route head, then its write of the `merged`
     // mark meets a 5xx: the message is retried.
-    armed.store(true, Ordering::SeqCst);
+    armed.store(braze_sync::state::retrying::ATTEMPTS, Ordering::SeqCst);
     let r = fan.handle(&sqs(&msgs[1], "m1"), None).await.unwrap();
     assert_eq!(r["batchItemFailures"].as_array().unwrap().len(), 1, "{r}");
-    assert!(!armed.load(Ordering::SeqCst), "the mark's write failed");
+    assert_eq!(armed.load(Ordering::SeqCst), 0, "the mark's write failed");
     MergedUnmarked {
         store,
         braze,
