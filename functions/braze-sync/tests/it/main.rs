@@ -26,6 +26,7 @@ mod readme_config;
 mod route_config;
 mod runner_bounded;
 mod runner_commit;
+mod runner_crash;
 mod runner_fan_out;
 mod runner_leases;
 mod runner_order;

@@ -4,7 +4,7 @@
 //! Braze ends with the newest export's values. A run that ends leaves no such mark behind.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
