@@ -525,10 +525,12 @@ impl UnsubscribeGuard {
             let Some((slot, _, j)) = self.slots.iter().find(|(_, n, _)| *n == c.name) else {
                 return true;
             };
+            // An unknown state (a run that died with the user in flight) is no confirmed
+            // subscription: the user's consent goes as it would for a new user.
             let guarded = c.fingerprint == Some(self.unsubscribed)
                 && state
                     .fp(*slot)
-                    .is_some_and(|old| old != stored_fp(self.unsubscribed));
+                    .is_some_and(|old| old != stored_fp(self.unsubscribed) && old != UNKNOWN_FP);
             if guarded {
                 if let Some(e) = entries.get_mut(*j) {
                     e.leaving += 1;
@@ -915,6 +917,45 @@ mod tests {
         let mut changes = super::changes(s.get(k), &row, &r, false, &mut Vec::new());
         assert!(g.take(s.get(k), &mut changes, &mut entries).is_empty());
         assert_eq!(names(&changes), ["email_subscribe"]);
+    }
+
+    #[test]
+    fn the_unsubscribe_guard_leaves_a_state_marked_unknown_alone() {
+        let r = consent_route("0.2");
+        let mut s = confirmed(&r, &["1"], "opted_in", "subscribed");
+        // A run that died with user 1 in flight marked its consent unknown.
+        let id = Identifier::ExternalId("1".into());
+        s.apply_confirmed(&UserDelta {
+            identifier: id.clone(),
+            pos: RowPos {
+                source: "intent".into(),
+                row: 0,
+                line: None,
+            },
+            changes: vec![AttributeChange {
+                name: "email_subscribe".into(),
+                value: Value::Null,
+                fingerprint: Some(UNKNOWN_FP),
+            }],
+            update_existing_only: false,
+            is_new: false,
+            row_digest: None,
+        });
+        s.compact();
+        let g = UnsubscribeGuard::new(&r).unwrap();
+        let mut entries = departure_audiences(&r);
+        let row = user(
+            "1",
+            vec![(1, json!("unsubscribed")), (3, json!("unsubscribed"))],
+        );
+        let k = id.user_key();
+        let mut changes = changes(s.get(k), &row, &r, false, &mut Vec::new());
+        let held = g.take(s.get(k), &mut changes, &mut entries);
+        // The group's confirmed subscription is guarded; the unknown email consent is sent.
+        let names = |c: &[AttributeChange]| c.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&held), ["subscription_group:sg-news"]);
+        assert_eq!(names(&changes), ["email_subscribe"]);
+        assert_eq!((entries[0].leaving, entries[1].leaving), (0, 1));
     }
 
     fn changes_of_new(r: &Route, id: &str) -> Vec<AttributeChange> {
