@@ -25,7 +25,7 @@
 //!    summary and adoption.
 //!
 //! [`vocab`] and [`model`] are the shared vocabulary every stage speaks; [`clock`] the time and
-//! nonces the code reads; [`progress`] holds the live counters a terminal run draws. All four
+//! nonces the code reads and where its blocking work runs; [`progress`] holds the live counters a terminal run draws. All four
 //! import nothing from the crate.
 //!
 //! # Layers

@@ -447,7 +447,7 @@ async fn dry_run_s3(
     opts.full_resend |= force_full;
     opts.allow_departures = allow_departures;
     let store = app.store.clone();
-    let handle = tokio::runtime::Handle::current();
+    let handle = braze_sync::clock::Blocking::new(tokio::runtime::Handle::current());
     tokio::task::spawn_blocking(move || {
         let parts = parts
             .iter()

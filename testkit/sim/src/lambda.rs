@@ -168,6 +168,7 @@ pub async fn invoke(env: &Env, container: &Container, inv: u64, msgs: &[Message]
     let payload = sqs_event(msgs);
     let timeout = env.deployment.timeout_ms;
     let ended = tokio::select! {
+        biased;
         r = container.handler.handle(&payload, Some(timeout)) => match r {
             Ok(v) => Ended::Returned(
                 v["batchItemFailures"]

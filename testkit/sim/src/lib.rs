@@ -238,6 +238,7 @@ async fn run_world(seed: u64, opts: &Options) -> SeedOutcome {
         }
         let sleep_ms = (wake - now).max(1) as u64;
         tokio::select! {
+            biased;
             () = done.notified() => {}
             () = tokio::time::sleep(Duration::from_millis(sleep_ms)) => {}
         }

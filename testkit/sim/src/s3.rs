@@ -91,24 +91,19 @@ impl SimStore {
             if write { f.s3_lost } else { 0 },
             f.s3_latency_ms,
         );
-        let main = self.world.on_main();
-        if main && !fate.latency.is_zero() {
+        if !fate.latency.is_zero() {
             tokio::time::sleep(fate.latency).await;
             if gate.crashed() {
                 return Err(gone(op, uri));
             }
         }
         if fate.crash && !fate.lose {
-            return self.crash(&gate, op, uri, main, "before").await;
+            return self.crash(&gate, op, uri, "before").await;
         }
         if fate.fail {
             self.world.stat(|s| s.failed_calls += 1);
-            // Reads of the blocking readers interleave with the runtime thread as the OS
-            // schedules them: only the runtime thread's calls go into the trace.
-            if main || write {
-                self.world
-                    .trace(|| format!("inv {} s3 {op} {key} failed before applying", gate.inv));
-            }
+            self.world
+                .trace(|| format!("inv {} s3 {op} {key} failed before applying", gate.inv));
             return Err(StoreError::Other {
                 op,
                 uri: uri.clone(),
@@ -134,7 +129,7 @@ impl SimStore {
             self.world
                 .trace(|| format!("inv {} s3 {op} {key} applied, answer lost", gate.inv));
             if fate.crash {
-                return self.crash(&gate, op, uri, main, "after").await;
+                return self.crash(&gate, op, uri, "after").await;
             }
             return Err(StoreError::Other {
                 op,
@@ -151,15 +146,12 @@ impl SimStore {
         gate: &Gate,
         op: &'static str,
         uri: &S3Uri,
-        main: bool,
         when: &str,
     ) -> Result<T, StoreError> {
         self.world
             .trace(|| format!("inv {} crash {when} s3 {op} {uri}", gate.inv));
         gate.crash();
-        if main {
-            std::future::pending::<()>().await;
-        }
+        std::future::pending::<()>().await;
         Err(gone(op, uri))
     }
 

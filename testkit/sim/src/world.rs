@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::ThreadId;
 use std::time::Duration;
 
 use crate::rng::{Rng, keyed};
@@ -193,26 +192,19 @@ pub struct World {
     /// Figures.
     pub stats: Mutex<Stats>,
     trace: Mutex<(u64, u64, Option<Vec<String>>)>,
-    main: ThreadId,
     start: tokio::time::Instant,
 }
 
 impl World {
-    /// A world for `seed` with `faults`, run on the current thread.
+    /// A world for `seed` with `faults`.
     pub fn new(seed: u64, faults: Faults, keep_trace: bool) -> Arc<Self> {
         Arc::new(Self {
             seed,
             faults,
             stats: Mutex::new(Stats::default()),
             trace: Mutex::new((0, 0, keep_trace.then(Vec::new))),
-            main: std::thread::current().id(),
             start: tokio::time::Instant::now(),
         })
-    }
-
-    /// Whether the caller runs on the simulation's runtime thread (not a blocking reader).
-    pub fn on_main(&self) -> bool {
-        std::thread::current().id() == self.main
     }
 
     /// Updates the figures.
@@ -227,7 +219,7 @@ impl World {
         t.0 = crate::rng::mix(t.0 ^ xxhash_rust::xxh3::xxh3_64(line.as_bytes()));
         t.1 += 1;
         if let Some(lines) = &mut t.2 {
-            // Tokio's clock, which the blocking readers share with the runtime thread.
+            // Tokio's clock, which blocking work (in turns with the runtime) reads too.
             let at = tokio::time::Instant::now().saturating_duration_since(self.start);
             lines.push(format!("{:>12} {line}", at.as_millis()));
         }

@@ -45,26 +45,42 @@ fn fast_seeds_hold_every_invariant() {
     );
 }
 
+/// One seed, run twice: the same trace line for line, the same figures and violations.
+fn replays_byte_for_byte(seed: u64) {
+    let opts = Options {
+        trace: true,
+        ..Options::default()
+    };
+    let (a, b) = (run_seed(seed, &opts), run_seed(seed, &opts));
+    assert!(
+        a.trace.len() > 100,
+        "seed {seed}: a trace of {} lines",
+        a.trace.len()
+    );
+    if let Some(i) =
+        (0..a.trace.len().max(b.trace.len())).find(|&i| a.trace.get(i) != b.trace.get(i))
+    {
+        panic!(
+            "seed {seed}: the replays part at line {i}:\n{:?}\n{:?}",
+            a.trace.get(i),
+            b.trace.get(i)
+        );
+    }
+    assert_eq!(a.trace_digest, b.trace_digest, "seed {seed}");
+    assert_eq!(
+        serde_json::to_string(&a.stats).unwrap(),
+        serde_json::to_string(&b.stats).unwrap(),
+        "seed {seed}"
+    );
+    assert_eq!(a.violations, b.violations, "seed {seed}");
+}
+
+/// Two seeds whose runs do blocking work (the producer and the bounded diff's readers and
+/// workers) beside crashes, lost answers and fan-out replay byte for byte.
 #[test]
-fn a_seed_replays_byte_for_byte() {
-    let a = run_seed(
-        9,
-        &Options {
-            trace: true,
-            ..Options::default()
-        },
-    );
-    let b = run_seed(
-        9,
-        &Options {
-            trace: true,
-            ..Options::default()
-        },
-    );
-    assert!(a.trace.len() > 100);
-    assert_eq!(a.trace, b.trace);
-    assert_eq!(a.trace_digest, b.trace_digest);
-    assert_eq!(a.violations, b.violations);
+fn seeds_replay_byte_for_byte() {
+    replays_byte_for_byte(9);
+    replays_byte_for_byte(15);
 }
 
 #[test]
@@ -108,7 +124,6 @@ fn seed_15_failed_fan_out_discards_confirmed_pieces() {
 }
 
 #[test]
-#[ignore = "open: what the seed found (as seed 15) is fixed; a members user keeps an older export's points in Braze (invariant 1) and the state disagrees (invariant 2)"]
 fn seed_25_failed_fan_out_discards_confirmed_pieces() {
     holds(25);
 }
@@ -232,8 +247,27 @@ fn seed_57_voided_fan_out_discards_confirmed_values() {
     holds(57);
 }
 
+/// Found while the producer's blocking thread raced the paused clock (so not on every replay);
+/// holds since blocking work runs in turns with the runtime.
 #[test]
-#[ignore = "open: with intents, a members run leaves two users with an older export's level in Braze (invariant 1) and the state disagreeing (invariant 2); the seed does not fail every replay (the producer's blocking thread races the paused clock)"]
 fn seed_199_braze_keeps_an_older_exports_values() {
     holds(199);
+}
+
+#[test]
+#[ignore = "open: a fan-out of members leaves older exports' values in Braze (invariant 1) and the state disagrees (invariant 2)"]
+fn seed_75_fan_out_leaves_older_values_in_braze() {
+    holds(75);
+}
+
+#[test]
+#[ignore = "open: a fan-out of members leaves one user's older club value in Braze (invariant 1) and the state disagrees (invariant 2)"]
+fn seed_129_fan_out_leaves_an_older_value_in_braze() {
+    holds(129);
+}
+
+#[test]
+#[ignore = "open: after a fan-out of members, Braze holds users the state does not track (invariant 2)"]
+fn seed_173_fan_out_users_the_state_does_not_track() {
+    holds(173);
 }

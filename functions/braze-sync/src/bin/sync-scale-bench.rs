@@ -201,7 +201,7 @@ fn worker(dir: &Path, export: &Path, tag: &str) {
             state.clone(),
             head.doc.clone(),
             Arc::new(route.clone()),
-            tokio::runtime::Handle::current(),
+            braze_sync::clock::Blocking::new(tokio::runtime::Handle::current()),
         );
         let times = Arc::new(Mutex::new(RangedTimes::default()));
         let settings = worker_settings(dir, tag, times.clone());

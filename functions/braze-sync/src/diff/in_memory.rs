@@ -7,7 +7,7 @@
 //!
 //! [`dry_run`] prints the attribute objects that would be sent and a summary, without
 //! sending or committing. [`blocking_reader`] and [`open_s3_part`] bridge S3's async streams
-//! into the synchronous reader (run the producer in `spawn_blocking`).
+//! into the synchronous reader (run the producer in [`crate::clock::spawn_blocking`]).
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -16,9 +16,9 @@ use std::sync::Arc;
 
 use bridge_shared::object_store::{ObjectMeta, ObjectReader};
 use bridge_shared::{ObjectStore, S3Uri};
-use tokio_util::io::SyncIoBridge;
 use tracing::warn;
 
+use crate::clock::{Blocking, BlockingReader};
 use crate::config::route::Route;
 use crate::diff::digest::TableDigest;
 use crate::diff::export::{Part, ProduceOptions, Stop, Summary, SyncError};
@@ -437,23 +437,20 @@ pub fn ndjson_rejects(out: &mut dyn Write) -> impl FnMut(RowReject) + '_ {
     }
 }
 
-/// Wraps an S3 stream as a blocking reader for the producer (call from a blocking thread,
-/// e.g. `tokio::task::spawn_blocking`, with the runtime's handle).
-pub fn blocking_reader(
-    reader: ObjectReader,
-    handle: tokio::runtime::Handle,
-) -> SyncIoBridge<ObjectReader> {
-    SyncIoBridge::new_with_handle(reader, handle)
+/// Wraps an S3 stream as a blocking reader for the producer (call from blocking work, e.g.
+/// [`crate::clock::spawn_blocking`]'s).
+pub fn blocking_reader(reader: ObjectReader, blocking: &Blocking) -> BlockingReader<ObjectReader> {
+    blocking.reader(reader)
 }
 
 /// Opens one S3 part for the producer, from a blocking thread.
 pub fn open_s3_part(
     store: &Arc<dyn ObjectStore>,
     uri: &S3Uri,
-    handle: &tokio::runtime::Handle,
-) -> Result<(ObjectMeta, Part<SyncIoBridge<ObjectReader>>), SyncError> {
+    blocking: &Blocking,
+) -> Result<(ObjectMeta, Part<BlockingReader<ObjectReader>>), SyncError> {
     let (meta, reader) =
-        handle
+        blocking
             .block_on(store.get_reader(uri))
             .map_err(|error| SyncError::Open {
                 uri: uri.to_string(),
@@ -463,7 +460,7 @@ pub fn open_s3_part(
         meta,
         Part {
             source: uri.to_string(),
-            reader: blocking_reader(reader, handle.clone()),
+            reader: blocking_reader(reader, blocking),
         },
     ))
 }

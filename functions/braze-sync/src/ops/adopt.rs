@@ -378,7 +378,7 @@ impl Adoption<'_> {
     async fn sample(&self, n: usize) -> Result<Vec<UserDelta>, AdoptError> {
         let (st, rt, r, p, seed) = (
             self.store.clone(),
-            tokio::runtime::Handle::current(),
+            crate::clock::Blocking::new(tokio::runtime::Handle::current()),
             self.route.clone(),
             self.parts.clone(),
             self.opts.seed,
@@ -425,7 +425,7 @@ impl Adoption<'_> {
     /// snapshot in memory.
     async fn in_memory(&self, state: &StateStore) -> Result<Recorded, AdoptError> {
         let (store, route, parts) = (&self.store, &self.route, self.parts.clone());
-        let handle = tokio::runtime::Handle::current();
+        let handle = crate::clock::Blocking::new(tokio::runtime::Handle::current());
         let (head, snapshot) = state.load(route).await?;
         let (st, r, every) = (
             store.clone(),
@@ -506,7 +506,7 @@ impl Adoption<'_> {
                 .commit_ranged(&mut head, route, None, users, dir.path())
                 .await?;
         }
-        let handle = tokio::runtime::Handle::current();
+        let handle = crate::clock::Blocking::new(tokio::runtime::Handle::current());
         let ranges = StoreRanges::new(
             state.clone(),
             head.doc.clone(),

@@ -480,7 +480,7 @@ async fn sample_in_state(
     opts: &AuditOptions,
 ) -> Result<(Vec<UserDelta>, Snapshot), AuditError> {
     let (export_id, parts) = export;
-    let handle = tokio::runtime::Handle::current();
+    let handle = crate::clock::Blocking::new(tokio::runtime::Handle::current());
     let (st, r, n, seed) = (store.clone(), route.clone(), opts.sample, opts.seed);
     let (sample, snapshot) = tokio::task::spawn_blocking(move || {
         let from = SampleSource {

@@ -40,7 +40,7 @@ pub struct SampleSource<'a> {
     /// Where the parts are.
     pub store: &'a std::sync::Arc<dyn ObjectStore>,
     /// The runtime the parts are read on (sampling runs on a blocking thread).
-    pub runtime: &'a tokio::runtime::Handle,
+    pub runtime: &'a crate::clock::Blocking,
     /// The route the export is read with.
     pub route: &'a Route,
     /// The export's parts, in order.

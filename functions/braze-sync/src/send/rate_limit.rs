@@ -462,6 +462,7 @@ impl RateLimiter {
             };
             // Wait for the slot, or for a change of pace, then look again.
             tokio::select! {
+                biased;
                 () = tokio::time::sleep_until(self.start + slot) => {}
                 () = &mut changed => {}
                 () = peers_changed => {}

@@ -424,6 +424,7 @@ impl WorkspaceShare {
         self.join().await;
         tokio::pin!(work);
         let out = tokio::select! {
+            biased;
             out = &mut work => out,
             // `keep` never ends; the work does.
             () = self.keep() => work.await,

@@ -51,6 +51,7 @@ pub(crate) async fn keep_lock<F: Future>(
     let mut holding = true;
     loop {
         tokio::select! {
+            biased;
             out = &mut work => return out,
             _ = tick.tick(), if holding => {
                 match lock.renew(crate::clock::now().timestamp_millis()).await {

@@ -399,6 +399,7 @@ impl<'a> Ledger<'a> {
         let mut claim = Lease::held(self.uri(export_id), etag.clone());
         loop {
             tokio::select! {
+                biased;
                 out = &mut work => {
                     self.settle_claim(&mut claim, export_id, etag).await;
                     return out;

@@ -2,6 +2,7 @@
 //! in-memory snapshot ([`SplitSnapshot`]) or from the object store ([`StoreRanges`]).
 
 use super::RangeState;
+use crate::clock::Blocking;
 use crate::config::route::Route;
 use crate::diff::export::SyncError;
 use crate::state::confirmed::Snapshot;
@@ -40,14 +41,14 @@ impl RangeState for SplitSnapshot<'_> {
 }
 
 /// The state in an object store, one hash range at a time (from the bounded diff's worker
-/// threads, which are not the runtime's: each load blocks on `rt`). `doc` must have no
+/// threads, which are not the runtime's: each load waits through `blocking`). `doc` must have no
 /// checkpoint segments (fold them first, [`crate::state::store::StateStore::commit_ranged`]
 /// without a watermark).
 pub struct StoreRanges {
     state: crate::state::store::StateStore,
     doc: crate::state::store::HeadDoc,
     route: std::sync::Arc<Route>,
-    rt: tokio::runtime::Handle,
+    blocking: Blocking,
 }
 
 impl StoreRanges {
@@ -56,13 +57,13 @@ impl StoreRanges {
         state: crate::state::store::StateStore,
         doc: crate::state::store::HeadDoc,
         route: std::sync::Arc<Route>,
-        rt: tokio::runtime::Handle,
+        blocking: Blocking,
     ) -> Self {
         Self {
             state,
             doc,
             route,
-            rt,
+            blocking,
         }
     }
 }
@@ -74,7 +75,7 @@ impl RangeState for StoreRanges {
 
     fn load(&self, range: usize) -> Result<Snapshot, SyncError> {
         self.state
-            .load_range_blocking(&self.doc, range, &self.route, &self.rt)
+            .load_range_blocking(&self.doc, range, &self.route, &self.blocking)
             .map_err(|e| SyncError::State {
                 range,
                 message: e.to_string(),

@@ -137,6 +137,7 @@ impl Committer {
         let mut watching = true;
         loop {
             tokio::select! {
+                biased;
                 outcome = outcomes.recv() => match outcome {
                     Some(o) => self.take(o),
                     None => break,
@@ -227,6 +228,7 @@ impl Committer {
             let wants = *input_open && ready.len() < self.ahead;
             let forwards = !ready.is_empty();
             tokio::select! {
+                biased;
                 d = input.recv(), if wants => match d {
                     Some(d) => {
                         let batch = take_queued(input, d, self.ahead);

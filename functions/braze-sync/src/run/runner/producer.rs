@@ -1,4 +1,5 @@
-//! Stage 1 of a run: read → map → diff ([`crate::diff::in_memory::produce`]) on a blocking thread, feeding
+//! Stage 1 of a run: read → map → diff ([`crate::diff::in_memory::produce`]) as blocking work
+//! ([`crate::clock::spawn_blocking`]), feeding
 //! the sender through a bounded channel. It only reads the snapshot; rejected rows collect in
 //! a [`RejectLog`].
 
@@ -6,8 +7,8 @@ use std::sync::Arc;
 
 use bridge_shared::{ObjectStore, S3Uri};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
+use crate::clock::{BlockingTask, spawn_blocking};
 use crate::config::route::Route;
 use crate::diff::bounded::{RangedSettings, StoreRanges, produce_ranged};
 use crate::diff::export::{ProduceOptions, Stop, Summary, SyncError};
@@ -47,7 +48,7 @@ pub(super) struct BoundedDiff {
 
 /// The running producer.
 pub(super) struct Producer {
-    handle: JoinHandle<Produced>,
+    handle: BlockingTask<Produced>,
 }
 
 impl Producer {
@@ -65,14 +66,14 @@ impl Producer {
             .iter()
             .map(|p| S3Uri::new(&plan.trigger.bucket, &p.key))
             .collect();
-        let rt = tokio::runtime::Handle::current();
-        let handle = tokio::task::spawn_blocking(move || {
+        let handle = spawn_blocking(move |blocking| {
             let mut rejects = RejectLog::new(crate::diff::rejects::DEFAULT_MAX_BYTES);
             let parts_iter = parts
                 .iter()
-                .map(|uri| open_s3_part(&store, uri, &rt).map(|(_, part)| part));
+                .map(|uri| open_s3_part(&store, uri, &blocking).map(|(_, part)| part));
             let send = |d| {
-                tx.blocking_send(d)
+                blocking
+                    .block_on(tx.send(d))
                     .map_err(|_| Stop("the sender stopped".into()))
             };
             let result = match diff {
@@ -90,7 +91,7 @@ impl Producer {
                         doc,
                         settings,
                     } = *b;
-                    let ranges = StoreRanges::new(state, doc, route.clone(), rt.clone());
+                    let ranges = StoreRanges::new(state, doc, route.clone(), blocking.clone());
                     produce_ranged(
                         parts_iter,
                         &route,

@@ -136,6 +136,7 @@ impl<A: BrazeApi + ?Sized> Shared<'_, A> {
     async fn sleep_unless_stopped(&self, until: Instant) -> bool {
         let mut stop = self.stop.clone();
         tokio::select! {
+            biased;
             _ = tokio::time::sleep_until(until) => true,
             _ = stop.wait_for(|s| *s) => false,
         }
@@ -238,6 +239,7 @@ impl<A: BrazeApi + ?Sized> Shared<'_, A> {
         let mut stop = self.stop.clone();
         let deadline = self.deadline;
         tokio::select! {
+            biased;
             p = self.limiter.acquire() => Ok(p),
             _ = stop.wait_for(|s| *s) => Err(BatchResult::unsent("the run was stopped")),
             _ = async {
@@ -258,6 +260,7 @@ impl<A: BrazeApi + ?Sized> Shared<'_, A> {
         let mut stop = self.stop.clone();
         let deadline = self.deadline;
         tokio::select! {
+            biased;
             taken = budget.take() => taken.map_err(|r| BatchResult::OverBudget { reason: r.reason }),
             _ = stop.wait_for(|s| *s) => Err(BatchResult::unsent("the run was stopped")),
             _ = async {
@@ -277,6 +280,7 @@ impl<A: BrazeApi + ?Sized> Shared<'_, A> {
         match self.deadline {
             None => Ok(self.api.track(batch.body()).await),
             Some(d) => tokio::select! {
+                biased;
                 a = self.api.track(batch.body()) => Ok(a),
                 _ = tokio::time::sleep_until(d + self.grace) => Err(BatchResult::unsent(
                     "the request was still unanswered after the deadline's grace period",

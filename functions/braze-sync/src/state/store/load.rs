@@ -79,7 +79,7 @@ impl StateStore {
         Ok(())
     }
 
-    /// [`StateStore::load_range`] on a blocking thread (a diff worker, through `rt`), the base
+    /// [`StateStore::load_range`] on a blocking thread (a diff worker, waiting through `blocking`), the base
     /// shard decoded as it streams from the store ([`Snapshot::load_base_shard_stream`]): the
     /// range's memory is its decoded arrays, without a second copy of its shard.
     pub fn load_range_blocking(
@@ -87,7 +87,7 @@ impl StateStore {
         doc: &HeadDoc,
         r: usize,
         route: &Route,
-        rt: &tokio::runtime::Handle,
+        blocking: &crate::clock::Blocking,
     ) -> Result<Snapshot, StateError> {
         let mut snap = Snapshot::for_route(route);
         let Some(range) = doc.ranges.get(r) else {
@@ -95,11 +95,11 @@ impl StateStore {
         };
         if let Some(b) = &range.base {
             let uri = self.uri(b);
-            let (meta, reader) = rt.block_on(self.store.get_reader(&uri))?;
-            let mut body = tokio_util::io::SyncIoBridge::new_with_handle(reader, rt.clone());
+            let (meta, reader) = blocking.block_on(self.store.get_reader(&uri))?;
+            let mut body = blocking.reader(reader);
             snap.load_base_shard_stream(&mut body, meta.size, &uri.to_string())?;
         }
-        rt.block_on(self.apply_range_deltas(&mut snap, &range.deltas))?;
+        blocking.block_on(self.apply_range_deltas(&mut snap, &range.deltas))?;
         Ok(snap)
     }
 }

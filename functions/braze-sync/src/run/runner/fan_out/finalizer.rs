@@ -204,17 +204,17 @@ impl SyncRunner {
                     .uri(&format!("{}/departures.bin", Control::piece_name(d.piece)))
             })
             .collect();
-        let rt = tokio::runtime::Handle::current();
-        let files = departure_streams(self.store.clone(), uris, rt);
+        let store = self.store.clone();
         let mut opts = ProduceOptions::for_route(route, &plan.trigger.to_string());
         opts.allow_departures = fan.manifest.allow_departures;
         let (delta_tx, delta_rx) = mpsc::channel::<UserDelta>(s.channel_capacity);
         let (out_tx, out_rx) = mpsc::channel::<DeliveryOutcome>(s.channel_capacity);
         let release_route = route.clone();
-        let releasing = tokio::task::spawn_blocking(move || {
+        let releasing = crate::clock::spawn_blocking(move |blocking| {
+            let files = departure_streams(store, uris, blocking.clone());
             let r = release_departures(&mut totals, &release_route, &opts, files, &|d| {
-                delta_tx
-                    .blocking_send(d)
+                blocking
+                    .block_on(delta_tx.send(d))
                     .map_err(|_| Stop("the sender stopped".into()))
             });
             r.map(|()| totals)
@@ -459,11 +459,11 @@ fn count_departures(audiences: &mut Vec<AudienceDepartures>, piece: &[AudienceDe
 fn departure_streams(
     store: Arc<dyn ObjectStore>,
     uris: Vec<S3Uri>,
-    rt: tokio::runtime::Handle,
+    blocking: crate::clock::Blocking,
 ) -> impl Iterator<Item = (String, Box<dyn std::io::Read + Send>)> + Send {
     uris.into_iter().map(move |uri| {
-        let r: Box<dyn std::io::Read + Send> = match rt.block_on(store.get_reader(&uri)) {
-            Ok((_, r)) => Box::new(crate::diff::in_memory::blocking_reader(r, rt.clone())),
+        let r: Box<dyn std::io::Read + Send> = match blocking.block_on(store.get_reader(&uri)) {
+            Ok((_, r)) => Box::new(crate::diff::in_memory::blocking_reader(r, &blocking)),
             Err(e) => {
                 let message = format!("opening {uri}: {e}");
                 Box::new(FailedOpen(Some(message)))
