@@ -453,6 +453,7 @@ impl WorkspaceShare {
         let mut member = Member::default();
         let out = loop {
             tokio::select! {
+                biased;
                 out = &mut work => break out,
                 () = self.follow(&mut active, &joined_tx, &mut member) => {}
             }
@@ -501,6 +502,7 @@ impl WorkspaceShare {
         let (at, step) = self.core.next();
         let due = Duration::from_millis(at.saturating_sub(now_ms()).max(0) as u64);
         tokio::select! {
+            biased;
             () = tokio::time::sleep(due) => self.step(step).await,
             () = tokio::time::sleep_until(idle_until.unwrap_or(now)), if idle_until.is_some() => {}
             changed = active.changed() => {

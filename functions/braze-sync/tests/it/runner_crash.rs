@@ -85,6 +85,7 @@ async fn plan(store: &MemoryStore, key: &str, body: Bytes) -> ExportPlan {
         parts: vec![meta],
         force_full: false,
         allow_departures: false,
+        forced_salt: None,
     }
 }
 
