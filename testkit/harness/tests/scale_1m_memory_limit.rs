@@ -1,5 +1,5 @@
 //! A 1,000,000-user route end to end over the local stack (moto S3, the Braze simulator) with
-//! the real `braze-sync` binary under a 512 MB address-space limit (`prlimit --as`): the
+//! the real `braze-sync` binary held to a 512 MB peak RSS (what Lambda's `MemorySize` limits): the
 //! route's state is built by `braze-sync adopt` (nothing sent), then a changed export (2% of
 //! the users changed, 0.5% new, 0.5% gone) is synced by `braze-sync run`: the simulator gets
 //! exactly the changed, new and departed users, the run's report is complete with the right
@@ -186,7 +186,9 @@ struct Ran {
     wall_s: f64,
 }
 
-/// Runs `braze-sync <args>` under `prlimit --as=512 MB`, measuring its peak RSS with GNU time.
+/// Runs `braze-sync <args>`, measuring its peak RSS with GNU time. No address-space limit: the
+/// function's allocator (mimalloc) maps more address space than it touches, and Lambda limits
+/// the memory a container uses, not its mappings; the peak RSS is asserted against the limit.
 async fn braze_sync(
     args: &[&str],
     moto: &Moto,
@@ -201,9 +203,6 @@ async fn braze_sync(
         .arg("%M %U %S")
         .arg("-o")
         .arg(&rss_file)
-        .arg("prlimit")
-        .arg(format!("--as={LIMIT_BYTES}"))
-        .arg("--")
         .arg(paths::function_binary("braze-sync")?)
         .args(args)
         .envs(aws_env(&moto.endpoint))
@@ -216,9 +215,6 @@ async fn braze_sync(
         // The function's memory and ephemeral storage as the sizing guide sets them for 1M.
         .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
         .env("BRIDGE_EPHEMERAL_STORAGE_MB", "2048")
-        // glibc reserves 64 MB of address space per malloc arena: two arenas keep the
-        // address-space limit about memory, not reservations (as in sync-scale-bench).
-        .env("MALLOC_ARENA_MAX", "2")
         .env("TMPDIR", tmp)
         .env(
             "RUST_LOG",
@@ -232,7 +228,7 @@ async fn braze_sync(
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     anyhow::ensure!(
         out.status.success(),
-        "braze-sync {args:?} failed under a {} MB address-space limit ({}):\n{stdout}\n{}",
+        "braze-sync {args:?} failed (memory limit {} MB) ({}):\n{stdout}\n{}",
         LIMIT_BYTES >> 20,
         out.status,
         String::from_utf8_lossy(&out.stderr)
@@ -264,7 +260,7 @@ async fn json(moto: &Moto, key: &str) -> anyhow::Result<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_million_user_route_adopts_then_syncs_its_changes_under_512_mb() -> anyhow::Result<()> {
-    for tool in ["prlimit", "/usr/bin/time"] {
+    for tool in ["/usr/bin/time"] {
         if std::process::Command::new(tool)
             .arg("--version")
             .output()
@@ -383,7 +379,7 @@ async fn a_million_user_route_adopts_then_syncs_its_changes_under_512_mb() -> an
     }
 
     eprintln!(
-        "1M-user route under prlimit --as={} MB: setup {setup_s:.1} s; adopt {:.1} s ({:.1} s CPU), peak RSS {:.0} MB; changed export ({rows} rows, {} users sent) {:.1} s ({:.1} s CPU), peak RSS {:.0} MB; total {:.1} s",
+        "1M-user route, memory limit {} MB: setup {setup_s:.1} s; adopt {:.1} s ({:.1} s CPU), peak RSS {:.0} MB; changed export ({rows} rows, {} users sent) {:.1} s ({:.1} s CPU), peak RSS {:.0} MB; total {:.1} s",
         LIMIT_BYTES >> 20,
         adopted.wall_s,
         adopted.cpu_s,
@@ -394,8 +390,8 @@ async fn a_million_user_route_adopts_then_syncs_its_changes_under_512_mb() -> an
         ran.peak_rss_mb,
         started.elapsed().as_secs_f64()
     );
-    assert!(adopted.peak_rss_mb < 512.0);
-    assert!(ran.peak_rss_mb < 512.0);
+    assert!(adopted.peak_rss_mb < (LIMIT_BYTES >> 20) as f64);
+    assert!(ran.peak_rss_mb < (LIMIT_BYTES >> 20) as f64);
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(())
 }
