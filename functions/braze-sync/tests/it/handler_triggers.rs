@@ -507,28 +507,39 @@ async fn a_refused_key_keeps_the_export_retryable_until_the_key_is_fixed() {
     assert_eq!(out["results"][0]["outcome"], "duplicate_no_op", "{out}");
 }
 
-/// A store that refuses to read the exports bucket (403), as S3 does when the function's role
-/// or the bucket's KMS key does not allow it.
-struct Forbidden(Arc<MemoryStore>);
+/// A store whose HEAD of the exports bucket fails: refused for good (403, as S3 does when the
+/// function's role or the bucket's KMS key does not allow it) or for now (503 SlowDown).
+struct ExportsUnreadable {
+    inner: Arc<MemoryStore>,
+    message: &'static str,
+    retryable: bool,
+}
 
-impl Forbidden {
-    fn refuse(uri: &S3Uri, op: &'static str) -> bridge_shared::StoreError {
-        bridge_shared::StoreError::Other {
-            op,
-            uri: uri.clone(),
-            message: "403 AccessDenied".into(),
+impl ExportsUnreadable {
+    fn forbidden(inner: Arc<MemoryStore>) -> Self {
+        Self {
+            inner,
+            message: "403 AccessDenied",
             retryable: false,
+        }
+    }
+
+    fn throttled(inner: Arc<MemoryStore>) -> Self {
+        Self {
+            inner,
+            message: "503 SlowDown",
+            retryable: true,
         }
     }
 }
 
 #[async_trait]
-impl ObjectStore for Forbidden {
+impl ObjectStore for ExportsUnreadable {
     async fn get(
         &self,
         uri: &S3Uri,
     ) -> Result<(bridge_shared::object_store::ObjectMeta, Bytes), bridge_shared::StoreError> {
-        self.0.get(uri).await
+        self.inner.get(uri).await
     }
     async fn get_reader(
         &self,
@@ -540,23 +551,28 @@ impl ObjectStore for Forbidden {
         ),
         bridge_shared::StoreError,
     > {
-        self.0.get_reader(uri).await
+        self.inner.get_reader(uri).await
     }
     async fn head(
         &self,
         uri: &S3Uri,
     ) -> Result<Option<bridge_shared::object_store::ObjectMeta>, bridge_shared::StoreError> {
         if uri.bucket == "exp" {
-            return Err(Self::refuse(uri, "HeadObject"));
+            return Err(bridge_shared::StoreError::Other {
+                op: "HeadObject",
+                uri: uri.clone(),
+                message: self.message.into(),
+                retryable: self.retryable,
+            });
         }
-        self.0.head(uri).await
+        self.inner.head(uri).await
     }
     async fn list(
         &self,
         bucket: &str,
         prefix: &str,
     ) -> Result<Vec<bridge_shared::object_store::ObjectMeta>, bridge_shared::StoreError> {
-        self.0.list(bucket, prefix).await
+        self.inner.list(bucket, prefix).await
     }
     async fn put(
         &self,
@@ -565,13 +581,13 @@ impl ObjectStore for Forbidden {
         cond: PutCondition,
         meta: BTreeMap<String, String>,
     ) -> Result<bridge_shared::object_store::ObjectMeta, bridge_shared::StoreError> {
-        self.0.put(uri, body, cond, meta).await
+        self.inner.put(uri, body, cond, meta).await
     }
     async fn copy(&self, from: &S3Uri, to: &S3Uri) -> Result<(), bridge_shared::StoreError> {
-        self.0.copy(from, to).await
+        self.inner.copy(from, to).await
     }
     async fn delete(&self, uri: &S3Uri) -> Result<(), bridge_shared::StoreError> {
-        self.0.delete(uri).await
+        self.inner.delete(uri).await
     }
 }
 
@@ -579,7 +595,11 @@ impl ObjectStore for Forbidden {
 async fn a_trigger_the_function_may_not_read_is_acknowledged_with_a_failed_report() {
     let mem = Arc::new(MemoryStore::new());
     let rec = Arc::new(Recorder::default());
-    let h = Handler::new(cfg(), Arc::new(Forbidden(mem.clone())), rec.clone());
+    let h = Handler::new(
+        cfg(),
+        Arc::new(ExportsUnreadable::forbidden(mem.clone())),
+        rec.clone(),
+    );
     let out = h
         .handle(
             &sqs(&[(
@@ -683,73 +703,16 @@ async fn a_message_failing_on_its_last_receive_is_reported_and_recorded_before_t
     assert_eq!(out["results"][0]["outcome"], "synced", "{out}");
 }
 
-/// A store whose reads of the exports bucket fail transiently (503 SlowDown).
-struct Throttled(Arc<MemoryStore>);
-
-#[async_trait]
-impl ObjectStore for Throttled {
-    async fn get(
-        &self,
-        uri: &S3Uri,
-    ) -> Result<(bridge_shared::object_store::ObjectMeta, Bytes), bridge_shared::StoreError> {
-        self.0.get(uri).await
-    }
-    async fn get_reader(
-        &self,
-        uri: &S3Uri,
-    ) -> Result<
-        (
-            bridge_shared::object_store::ObjectMeta,
-            bridge_shared::object_store::ObjectReader,
-        ),
-        bridge_shared::StoreError,
-    > {
-        self.0.get_reader(uri).await
-    }
-    async fn head(
-        &self,
-        uri: &S3Uri,
-    ) -> Result<Option<bridge_shared::object_store::ObjectMeta>, bridge_shared::StoreError> {
-        if uri.bucket == "exp" {
-            return Err(bridge_shared::StoreError::Other {
-                op: "HeadObject",
-                uri: uri.clone(),
-                message: "503 SlowDown".into(),
-                retryable: true,
-            });
-        }
-        self.0.head(uri).await
-    }
-    async fn list(
-        &self,
-        bucket: &str,
-        prefix: &str,
-    ) -> Result<Vec<bridge_shared::object_store::ObjectMeta>, bridge_shared::StoreError> {
-        self.0.list(bucket, prefix).await
-    }
-    async fn put(
-        &self,
-        uri: &S3Uri,
-        body: Bytes,
-        cond: PutCondition,
-        meta: BTreeMap<String, String>,
-    ) -> Result<bridge_shared::object_store::ObjectMeta, bridge_shared::StoreError> {
-        self.0.put(uri, body, cond, meta).await
-    }
-    async fn copy(&self, from: &S3Uri, to: &S3Uri) -> Result<(), bridge_shared::StoreError> {
-        self.0.copy(from, to).await
-    }
-    async fn delete(&self, uri: &S3Uri) -> Result<(), bridge_shared::StoreError> {
-        self.0.delete(uri).await
-    }
-}
-
 #[tokio::test]
 async fn a_trigger_unreadable_for_now_on_the_last_receive_is_reported_before_the_dlq() {
     let mem = Arc::new(MemoryStore::new());
     let rec = Arc::new(Recorder::default());
-    let h = Handler::new(cfg(), Arc::new(Throttled(mem.clone())), rec.clone())
-        .with_max_receive_count(Some(5));
+    let h = Handler::new(
+        cfg(),
+        Arc::new(ExportsUnreadable::throttled(mem.clone())),
+        rec.clone(),
+    )
+    .with_max_receive_count(Some(5));
     let body = s3_event("exp", "amperity/customers/a.csv").to_string();
     let out = h
         .handle(&sqs_receive("m1", body.clone(), 4), None)
