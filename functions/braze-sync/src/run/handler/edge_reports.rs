@@ -148,7 +148,7 @@ impl Handler {
         );
         warn!(object = %plan.trigger, route = %plan.route, report = %report_uri, error = %reason, receives, "Giving up on a notification on its last receive; it goes to the dead-letter queue.");
         report.emit_metrics();
-        match self.put_last_chance(&report, &report_uri).await {
+        match report.put(self.store.as_ref(), &report_uri).await {
             Ok(()) => Some(report_uri.to_string()),
             Err(e) => {
                 warn!(report = %report_uri, error = %e, "Could not write the report of a notification given up on.");
@@ -184,32 +184,11 @@ impl Handler {
         );
         warn!(route, run_id, piece = number, report = %report_uri, error = %reason, receives, "Giving up on a fan-out piece on its last receive; it goes to the dead-letter queue.");
         report.emit_metrics();
-        if let Err(e) = self.put_last_chance(&report, &report_uri).await {
+        if let Err(e) = report.put(self.store.as_ref(), &report_uri).await {
             warn!(report = %report_uri, error = %e, "Could not write the report of a fan-out piece given up on.");
         }
     }
 }
-
-impl Handler {
-    /// Writes a give-up report, trying again on a transient failure: no later receive will.
-    async fn put_last_chance(&self, report: &RunReport, uri: &S3Uri) -> Result<(), StoreError> {
-        let mut wait = std::time::Duration::from_millis(100);
-        for _ in 1..GIVE_UP_ATTEMPTS {
-            match report.put(self.store.as_ref(), uri).await {
-                Err(e) if e.is_retryable() => {
-                    warn!(report = %uri, error = %e, "Writing a give-up report failed; trying again.");
-                    tokio::time::sleep(wait).await;
-                    wait *= 4;
-                }
-                other => return other,
-            }
-        }
-        report.put(self.store.as_ref(), uri).await
-    }
-}
-
-/// Attempts at writing a give-up report.
-const GIVE_UP_ATTEMPTS: u32 = 3;
 
 /// What a give-up report names.
 #[derive(Debug, Clone, Copy)]
