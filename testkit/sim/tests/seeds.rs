@@ -254,20 +254,81 @@ fn seed_199_braze_keeps_an_older_exports_values() {
     holds(199);
 }
 
+/// A fan-out piece sent before any intent covered its users: when it died (or its
+/// checkpoint failed) after Braze applied a request, and its fan-out was ended, Braze kept
+/// the piece's values while the state still held the older export's, so the newest export
+/// diffed as unchanged.
 #[test]
-#[ignore = "open: a fan-out of members leaves older exports' values in Braze (invariant 1) and the state disagrees (invariant 2)"]
 fn seed_75_fan_out_leaves_older_values_in_braze() {
     holds(75);
 }
 
+/// Named open for a fan-out of members that left an older value in Braze; its schedule
+/// has changed since and it holds, before pieces' intents and with them.
 #[test]
-#[ignore = "open: a fan-out of members leaves one user's older club value in Braze (invariant 1) and the state disagrees (invariant 2)"]
 fn seed_129_fan_out_leaves_an_older_value_in_braze() {
     holds(129);
 }
 
+/// A piece's first sends of new users, applied by Braze, then its checkpoint failed and its
+/// fan-out was ended: without an intent in its fork the state never tracked them.
 #[test]
-#[ignore = "open: after a fan-out of members, Braze holds users the state does not track (invariant 2)"]
 fn seed_173_fan_out_users_the_state_does_not_track() {
     holds(173);
+}
+
+/// A piece applied a user's new value, died, and its redelivery's resend was refused:
+/// without the first attempt's intent the state kept the old value as confirmed.
+#[test]
+fn seed_955_piece_resend_refused_after_an_applied_attempt() {
+    holds(955);
+}
+
+/// The finalizer's departures reached Braze, then it failed before their checkpoint: the
+/// state kept the departed users as members.
+#[test]
+fn seed_211_finalizer_departures_sent_before_an_intent() {
+    holds(211);
+}
+
+/// Pieces that died or failed after Braze applied their requests, their fan-outs ended
+/// unmerged: Braze kept their values (or an older export's) without the state knowing.
+#[test]
+fn seed_296_piece_sends_before_an_intent() {
+    holds(296);
+}
+
+#[test]
+fn seed_322_piece_sends_before_an_intent() {
+    holds(322);
+}
+
+#[test]
+fn seed_376_piece_sends_before_an_intent() {
+    holds(376);
+}
+
+#[test]
+fn seed_482_piece_sends_before_an_intent() {
+    holds(482);
+}
+
+#[test]
+fn seed_509_piece_sends_before_an_intent() {
+    holds(509);
+}
+
+#[test]
+fn seed_512_piece_sends_before_an_intent() {
+    holds(512);
+}
+
+#[test]
+fn seed_675_piece_sends_before_an_intent() {
+    holds(675);
+}
+
+#[test]
+fn seed_686_piece_sends_before_an_intent() {
+    holds(686);
 }

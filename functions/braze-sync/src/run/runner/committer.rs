@@ -4,7 +4,9 @@
 //!
 //! It is also the gate between the producer and the sender ([`Committer::follow_gated`]): no
 //! delta reaches the sender before a checkpoint (an *intent*) has marked its attributes
-//! unknown in the state ([`UNKNOWN_FP`]). A run that dies after Braze applied a request and
+//! unknown in the state ([`UNKNOWN_FP`]). Every sender goes through it: a single run's (into
+//! the route head), a fan-out piece's (into its fork, which a fan-out that ends unmerged
+//! absorbs) and the finalizer's departures (into the route head). A run that dies after Braze applied a request and
 //! before the checkpoint that confirms it leaves those users unknown, so the next run resends
 //! them whatever their values (without it, a newer export that reverts a value would diff as
 //! unchanged and Braze would keep the dead run's value). A run that ends drops its intents
@@ -122,43 +124,6 @@ impl Committer {
         self
     }
 
-    /// Follows the outcomes until the sender closes the channel, checkpointing every `every`
-    /// (or sooner, once [`Committer::with_max_pending`] users are pending).
-    /// A failed checkpoint, or the route lock reported lost on `lock_lost`, ends it at once:
-    /// the outcomes receiver is dropped, which stops the sender after the requests in flight,
-    /// so confirmed-but-unpersisted work stays within one checkpoint window.
-    pub async fn follow(
-        &mut self,
-        mut outcomes: mpsc::Receiver<DeliveryOutcome>,
-        mut lock_lost: watch::Receiver<Option<String>>,
-    ) {
-        let mut last = Instant::now();
-        let mut tick = tokio::time::interval(self.every);
-        let mut watching = true;
-        loop {
-            tokio::select! {
-                biased;
-                outcome = outcomes.recv() => match outcome {
-                    Some(o) => self.take(o),
-                    None => break,
-                },
-                changed = lock_lost.changed(), if watching => match changed {
-                    Ok(()) => {
-                        if let Some(why) = lock_lost.borrow().clone() {
-                            self.failure = Some(why);
-                        }
-                    }
-                    Err(_) => watching = false,
-                },
-                _ = tick.tick() => {}
-            }
-            if self.keep_going(&mut last).await.is_err() {
-                return;
-            }
-        }
-        self.checkpoint().await;
-    }
-
     /// One outcome of the sender: confirmed and recorded users wait for the next checkpoint;
     /// a known user left unsent or unanswered (Braze may have applied it) is marked unknown
     /// by it. A new user stays untracked: the next run sends its whole profile anyway.
@@ -206,9 +171,14 @@ impl Committer {
         Ok(())
     }
 
-    /// [`Committer::follow`] as the gate between the producer and the sender: deltas from
-    /// `gate`'s input reach its output only once an intent marking their attributes unknown
-    /// is in the state (see the module docs). Ends when the sender closes the outcomes.
+    /// The gate between the producer and the sender: deltas from `gate`'s input reach its
+    /// output only once an intent marking their attributes unknown is in the state (see the
+    /// module docs). Follows the outcomes until the sender closes the channel, checkpointing
+    /// every `every` (or sooner, once [`Committer::with_max_pending`] users are pending).
+    /// A failed checkpoint or intent, or the route lock reported lost on `lock_lost`, ends it
+    /// at once: the gate and the outcomes receiver are dropped, which stops the sender after
+    /// the requests in flight, so confirmed-but-unpersisted work stays within one checkpoint
+    /// window.
     pub async fn follow_gated(
         &mut self,
         mut gate: Gate,
@@ -541,6 +511,13 @@ mod tests {
     use bridge_shared::object_store::MemoryStore;
     use serde_json::json;
 
+    /// A gate whose producer has ended: the committer follows the outcomes alone.
+    fn no_deltas() -> Gate {
+        let (_, input) = mpsc::channel(1);
+        let (output, _) = mpsc::channel(1);
+        Gate::new(input, output)
+    }
+
     #[tokio::test]
     async fn a_flood_of_braze_refusals_is_counted_whole_and_kept_within_its_bound() {
         let route = Arc::new(
@@ -579,7 +556,7 @@ mod tests {
                     .unwrap();
             }
         });
-        committer.follow(rx, lost_rx).await;
+        committer.follow_gated(no_deltas(), rx, lost_rx).await;
         feed.await.unwrap();
         let log = &committer.braze_rejects;
         assert_eq!(log.total(), n);
@@ -632,7 +609,7 @@ mod tests {
                 tx.send(DeliveryOutcome::Confirmed(delta)).await.unwrap();
             }
         });
-        committer.follow(rx, lost_rx).await;
+        committer.follow_gated(no_deltas(), rx, lost_rx).await;
         feed.await.unwrap();
         let per_user = one.load(std::sync::atomic::Ordering::Relaxed);
         assert!(

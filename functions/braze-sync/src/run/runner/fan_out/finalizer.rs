@@ -21,7 +21,7 @@ use crate::model::{DeliveryOutcome, UserDelta};
 use crate::ops::report::{FanOutPiece, FanOutReport, RunReport, RunStatus};
 use crate::run::handler::RunError;
 use crate::run::runner::SyncRunner;
-use crate::run::runner::committer::Committer;
+use crate::run::runner::committer::{Committer, Gate};
 use crate::run::runner::sender::{Delivery, Sender};
 use crate::state::ledger::{Ledger, LedgerStatus};
 use crate::state::store::{CONTROL_FOLDER, Head, HeadDoc, StateStore, Watermark};
@@ -207,7 +207,9 @@ impl SyncRunner {
         let store = self.store.clone();
         let mut opts = ProduceOptions::for_route(route, &plan.trigger.to_string());
         opts.allow_departures = fan.manifest.allow_departures;
+        // Removals -> committer's gate (intents) -> sender -> committer.
         let (delta_tx, delta_rx) = mpsc::channel::<UserDelta>(s.channel_capacity);
+        let (send_tx, send_rx) = mpsc::channel::<UserDelta>(s.channel_capacity);
         let (out_tx, out_rx) = mpsc::channel::<DeliveryOutcome>(s.channel_capacity);
         let release_route = route.clone();
         let releasing = crate::clock::spawn_blocking(move |blocking| {
@@ -223,14 +225,17 @@ impl SyncRunner {
         dcfg.deadline = self.deadline(remaining_ms);
         let fin_id = format!("{}-final", fan.manifest.run_id);
         let share = self.workspace_share(route.name(), &fin_id);
-        let sender = Sender::start(self.api.clone(), dcfg, delta_rx, out_tx, share);
+        let sender = Sender::start(self.api.clone(), dcfg, send_rx, out_tx, share);
         let mut committer = Committer::new(state, head, route.clone(), s.checkpoint_every)
             .with_max_pending(s.checkpoint_max_users)
             .with_max_pending_bytes(crate::run::runner::sizing::pending_memory(
                 s.memory_limit_bytes,
-            ));
+            ))
+            .with_ahead(s.channel_capacity);
         // A lost route lock stops the sender and fails the committer (retried).
-        committer.follow(out_rx, lost).await;
+        committer
+            .follow_gated(Gate::new(delta_rx, send_tx), out_rx, lost)
+            .await;
         let delivery = sender.finish().await?;
         let totals = match releasing.await {
             Ok(Ok(t)) => t,

@@ -20,7 +20,7 @@ use crate::diff::export::ProduceOptions;
 use crate::model::{DeliveryOutcome, UserDelta};
 use crate::run::handler::RunError;
 use crate::run::runner::SyncRunner;
-use crate::run::runner::committer::Committer;
+use crate::run::runner::committer::{Committer, Gate};
 use crate::run::runner::conclude::{Ended, RunRecord};
 use crate::run::runner::hand_over::PieceMessage;
 use crate::run::runner::producer::{BoundedDiff, Diff, Producer};
@@ -342,7 +342,9 @@ impl SyncRunner {
         ranged.only_ranges = Some(span);
         ranged.defer_departures = true;
         ranged.departures_file = Some(PathBuf::from(dep_path));
+        // Producer -> committer's gate (intents, into the fork) -> sender -> committer.
         let (delta_tx, delta_rx) = mpsc::channel::<UserDelta>(s.channel_capacity);
+        let (send_tx, send_rx) = mpsc::channel::<UserDelta>(s.channel_capacity);
         let (out_tx, out_rx) = mpsc::channel::<DeliveryOutcome>(s.channel_capacity);
         let diff = Diff::Bounded(Box::new(BoundedDiff {
             state: run.fork.clone(),
@@ -360,13 +362,16 @@ impl SyncRunner {
         let mut dcfg = s.deliver.clone();
         dcfg.deadline = self.deadline(remaining_ms);
         let share = self.workspace_share(route.name(), &run.id);
-        let sender = Sender::start(self.api.clone(), dcfg, delta_rx, out_tx, share);
+        let sender = Sender::start(self.api.clone(), dcfg, send_rx, out_tx, share);
         let mut committer = Committer::new(run.fork, run.head, route.clone(), s.checkpoint_every)
             .with_max_pending(s.checkpoint_max_users)
             .with_max_pending_bytes(crate::run::runner::sizing::pending_memory(
                 s.memory_limit_bytes,
-            ));
-        committer.follow(out_rx, lost).await;
+            ))
+            .with_ahead(s.channel_capacity);
+        committer
+            .follow_gated(Gate::new(delta_rx, send_tx), out_rx, lost)
+            .await;
         let delivery = sender.finish().await?;
         let produced = producer.finish().await?;
         Ok(PieceSent {
