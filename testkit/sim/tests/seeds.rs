@@ -332,3 +332,11 @@ fn seed_675_piece_sends_before_an_intent() {
 fn seed_686_piece_sends_before_an_intent() {
     holds(686);
 }
+
+/// A duplicate delivery of a piece, while its first delivery ran, folded the fork's
+/// checkpoints that attempt then folded and deleted itself: the missing segment failed the
+/// fan-out for good, voiding the finalizer's merge.
+#[test]
+fn seed_228_duplicate_piece_delivery_folds_a_live_attempts_checkpoints() {
+    holds(228);
+}

@@ -308,9 +308,22 @@ impl SyncRunner {
             let dir = crate::state::spill::SpillDir::create(&s.spill_dir, &format!("{id}-fold"))
                 .map_err(|e| RunError::Retryable(e.to_string()))?;
             let users = head.doc.users;
-            fork.commit_ranged(&mut head, fan.route, None, users, dir.path())
+            let read = head.etag.clone();
+            if let Err(e) = fork
+                .commit_ranged(&mut head, fan.route, None, users, dir.path())
                 .await
-                .map_err(state_err)?;
+            {
+                // A duplicate delivery of the piece while another attempt runs: that attempt
+                // checkpoints into the same fork, and folds and deletes those segments itself.
+                let moved = fork.read_head().await.is_ok_and(|h| h.etag != read);
+                if moved && !e.is_retryable() {
+                    return Err(RunError::Retryable(format!(
+                        "piece {}: its fork moved while this attempt folded its checkpoints (another attempt is at work on it): {e}",
+                        msg.piece
+                    )));
+                }
+                return Err(state_err(e));
+            }
         }
         Ok(PieceRun {
             fork,
