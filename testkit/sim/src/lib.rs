@@ -10,6 +10,7 @@
 pub mod braze;
 pub mod check;
 pub mod lambda;
+pub mod notes;
 pub mod queue;
 pub mod rng;
 pub mod s3;
@@ -47,6 +48,11 @@ pub struct Options {
     pub trace: bool,
     /// Replaces the function timeout the seed chose, ms (a deployment too short to work).
     pub timeout_ms: Option<u64>,
+    /// Notes braze-sync's logs in the kept trace (once [`notes::install_log`] installed the
+    /// subscriber; one seed at a time).
+    pub log: bool,
+    /// Users whose rows and confirmed state are noted in the kept trace ([`notes`]).
+    pub watch: Vec<String>,
 }
 
 /// What one seed did.
@@ -126,6 +132,9 @@ async fn run_world(seed: u64, opts: &Options) -> SeedOutcome {
         deployment.timeout_ms = t;
     }
     let world = World::new(seed, faults.clone(), opts.trace);
+    if opts.log {
+        notes::log_into(Some(world.clone()));
+    }
     let routes: Vec<Route> = ["people", "members"]
         .iter()
         .filter_map(|r| Route::from_toml(&workload::route_toml(r), "sim").ok())
@@ -150,6 +159,11 @@ async fn run_world(seed: u64, opts: &Options) -> SeedOutcome {
         "members",
         workload::exports(&mut rng, "members", member_users, 0),
     );
+    let watch = Arc::new(notes::Watch::new(
+        &world,
+        &opts.watch,
+        exports.values().flatten(),
+    ));
     let mut uploads: Vec<&Export> = exports.values().flatten().collect();
     uploads.sort_by_key(|e| (e.upload_ms, e.route, e.seq));
     let raw: Arc<dyn ObjectStore> = Arc::new(s3::SimStore::new(
@@ -194,8 +208,10 @@ async fn run_world(seed: u64, opts: &Options) -> SeedOutcome {
             running.fetch_add(1, Ordering::SeqCst);
             let (env2, running2, done2, pool2) =
                 (env.clone(), running.clone(), done.clone(), pool.clone());
+            let watch = watch.clone();
             tokio::spawn(async move {
                 let ended = lambda::invoke(&env2, &container, inv, &msgs).await;
+                watch.note_state(&env2, inv).await;
                 if matches!(ended, lambda::Ended::Returned(_) | lambda::Ended::Failed) {
                     pool2
                         .lock()
@@ -252,6 +268,9 @@ async fn run_world(seed: u64, opts: &Options) -> SeedOutcome {
     if violations.is_empty() {
         let clean = !faults.any();
         violations.extend(check::check(&env, &raw, &exports, clean).await);
+    }
+    if opts.log {
+        notes::log_into(None);
     }
     let stats = world
         .stats

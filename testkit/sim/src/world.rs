@@ -225,6 +225,17 @@ impl World {
         }
     }
 
+    /// Adds a line to the kept trace at the current virtual time without counting it in the
+    /// digest: what a replay shows beside its events ([`crate::notes`]), never what tells two
+    /// replays apart.
+    pub fn note(&self, line: impl FnOnce() -> String) {
+        let mut t = self.trace.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(lines) = &mut t.2 {
+            let at = tokio::time::Instant::now().saturating_duration_since(self.start);
+            lines.push(format!("{:>12} {}", at.as_millis(), line()));
+        }
+    }
+
     /// The trace's digest and length.
     pub fn trace_digest(&self) -> (u64, u64) {
         let t = self.trace.lock().unwrap_or_else(|e| e.into_inner());

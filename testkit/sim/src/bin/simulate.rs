@@ -1,7 +1,10 @@
 //! Runs simulation seeds on every core and writes `target/bench/sim.json`.
 //!
 //! `simulate --seeds N --seed-start S` runs seeds S..S+N; `simulate --seed S [--trace]`
-//! replays one (printing its trace). Exits 1 when any seed violated an invariant.
+//! replays one (printing its trace); with `--log FILTER` (`info`, `braze_sync::run=debug`) the
+//! trace shows braze-sync's logs, with `--watch ID,ID` what each export holds for those users
+//! and what the state says of them after each invocation. Exits 1 when any seed violated an
+//! invariant.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -16,6 +19,8 @@ struct Args {
     trace: bool,
     jobs: usize,
     out: String,
+    log: Option<String>,
+    watch: Vec<String>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -25,6 +30,8 @@ fn parse() -> Result<Args, String> {
         trace: false,
         jobs: std::thread::available_parallelism().map_or(1, |n| n.get()),
         out: "target/bench/sim.json".into(),
+        log: None,
+        watch: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -47,15 +54,28 @@ fn parse() -> Result<Args, String> {
             "--trace" => a.trace = true,
             "--jobs" => a.jobs = val("--jobs")?.parse().map_err(|e| format!("--jobs: {e}"))?,
             "--out" => a.out = val("--out")?,
+            "--log" => a.log = Some(val("--log")?),
+            "--watch" => {
+                a.watch = val("--watch")?
+                    .split(',')
+                    .filter(|u| !u.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            }
             other => return Err(format!("unknown argument {other:?}")),
         }
+    }
+    if (a.log.is_some() || !a.watch.is_empty()) && (a.seeds != 1 || !a.trace) {
+        return Err("--log and --watch go with --seed S --trace (a replay of one seed)".into());
     }
     Ok(a)
 }
 
-fn one(seed: u64, trace: bool) -> SeedOutcome {
+fn one(seed: u64, args: &Args) -> SeedOutcome {
     let opts = Options {
-        trace,
+        trace: args.trace,
+        log: args.log.is_some(),
+        watch: args.watch.clone(),
         ..Options::default()
     };
     match std::panic::catch_unwind(|| run_seed(seed, &opts)) {
@@ -95,6 +115,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(filter) = &args.log
+        && let Err(e) = sim::notes::install_log(filter)
+    {
+        eprintln!("simulate: {e}");
+        return ExitCode::from(2);
+    }
     let next = Arc::new(AtomicU64::new(args.seed_start));
     let end = args.seed_start + args.seeds;
     let outcomes: Arc<Mutex<Vec<SeedOutcome>>> = Arc::default();
@@ -102,7 +128,7 @@ fn main() -> ExitCode {
     std::thread::scope(|s| {
         for _ in 0..args.jobs.max(1) {
             let (next, outcomes) = (next.clone(), outcomes.clone());
-            let trace = args.trace;
+            let (trace, args) = (args.trace, &args);
             let start = args.seed_start;
             s.spawn(move || {
                 loop {
@@ -110,7 +136,7 @@ fn main() -> ExitCode {
                     if seed >= end {
                         break;
                     }
-                    let o = one(seed, trace);
+                    let o = one(seed, args);
                     if trace {
                         for line in &o.trace {
                             eprintln!("{line}");
