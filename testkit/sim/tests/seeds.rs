@@ -340,3 +340,65 @@ fn seed_686_piece_sends_before_an_intent() {
 fn seed_228_duplicate_piece_delivery_folds_a_live_attempts_checkpoints() {
     holds(228);
 }
+
+/// A fan-out piece's first sends of new users were applied by Braze, then its checkpoint
+/// failed (or it crashed) and the next export ended its fan-out before the piece's retry: the
+/// state never tracked those users, so when they left the audience no departure was sent and
+/// Braze kept them members (and users the state does not track).
+#[test]
+fn seed_220_departed_piece_user_keeps_club() {
+    holds(220);
+}
+
+#[test]
+fn seed_336_departed_piece_users_keep_club() {
+    holds(336);
+}
+
+#[test]
+fn seed_536_departed_piece_user_keeps_club() {
+    holds(536);
+}
+
+#[test]
+fn seed_752_departed_users_of_a_crashed_piece_keep_club() {
+    holds(752);
+}
+
+#[test]
+fn seed_914_departed_piece_users_keep_club() {
+    holds(914);
+}
+
+/// The same without a departure since: Braze holds the users a piece sent (its checkpoint
+/// failed or it crashed, then its fan-out was ended before its retry), and the state does not
+/// track them.
+#[test]
+fn seed_394_piece_users_the_state_does_not_track() {
+    holds(394);
+}
+
+#[test]
+fn seed_416_piece_users_the_state_does_not_track() {
+    holds(416);
+}
+
+#[test]
+fn seed_474_piece_users_the_state_does_not_track() {
+    holds(474);
+}
+
+#[test]
+fn seed_523_piece_users_the_state_does_not_track() {
+    holds(523);
+}
+
+#[test]
+fn seed_649_piece_users_the_state_does_not_track() {
+    holds(649);
+}
+
+#[test]
+fn seed_781_piece_users_the_state_does_not_track() {
+    holds(781);
+}
