@@ -7,6 +7,8 @@
 
 #[cfg(any(test, feature = "dir-store"))]
 pub mod dir_store;
+#[cfg(any(test, feature = "test-util"))]
+pub mod hooked_store;
 pub mod lease;
 pub mod logging;
 #[cfg(any(test, feature = "test-util"))]

@@ -292,82 +292,84 @@ fn strip_quotes(s: Option<&str>) -> String {
     s.unwrap_or_default().trim_matches('"').to_string()
 }
 
-#[async_trait]
-impl ObjectStore for S3Store {
-    async fn get(&self, uri: &S3Uri) -> Result<(ObjectMeta, Bytes), StoreError> {
-        let out = self
-            .client
+/// What a GetObject or HeadObject answer says of the object (the two outputs are different
+/// types with the same accessors).
+macro_rules! object_meta {
+    ($uri:expr, $out:expr) => {
+        ObjectMeta {
+            key: $uri.key.clone(),
+            etag: strip_quotes($out.e_tag()),
+            size: $out.content_length().unwrap_or_default().max(0) as u64,
+            version_id: $out.version_id().map(str::to_string),
+            last_modified: $out.last_modified().map(|t| t.to_string()),
+            metadata: lower_keys($out.metadata()),
+        }
+    };
+}
+
+/// An object as a listing names it (no version, no user metadata).
+fn listed(o: &aws_sdk_s3::types::Object) -> ObjectMeta {
+    ObjectMeta {
+        key: o.key().unwrap_or_default().to_string(),
+        etag: strip_quotes(o.e_tag()),
+        size: o.size().unwrap_or_default().max(0) as u64,
+        version_id: None,
+        last_modified: o.last_modified().map(|t| t.to_string()),
+        metadata: BTreeMap::new(),
+    }
+}
+
+/// Reads a GetObject body to the end; a body cut short may read whole on a later try.
+async fn collect(uri: &S3Uri, body: ByteStream) -> Result<Bytes, StoreError> {
+    Ok(body
+        .collect()
+        .await
+        .map_err(|e| StoreError::Other {
+            op: "GetObject",
+            uri: uri.clone(),
+            message: e.to_string(),
+            retryable: true,
+        })?
+        .into_bytes())
+}
+
+impl S3Store {
+    /// GetObject, of the whole object or of `range` (an HTTP `Range` value).
+    async fn get_object(
+        &self,
+        uri: &S3Uri,
+        range: Option<String>,
+    ) -> Result<aws_sdk_s3::operation::get_object::GetObjectOutput, StoreError> {
+        self.client
             .get_object()
             .bucket(&uri.bucket)
             .key(&uri.key)
+            .set_range(range)
             .send()
             .await
-            .map_err(|e| classify("GetObject", uri, e))?;
-        let meta = ObjectMeta {
-            key: uri.key.clone(),
-            etag: strip_quotes(out.e_tag()),
-            size: out.content_length().unwrap_or_default().max(0) as u64,
-            version_id: out.version_id().map(str::to_string),
-            last_modified: out.last_modified().map(|t| t.to_string()),
-            metadata: lower_keys(out.metadata()),
-        };
-        let body = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| StoreError::Other {
-                op: "GetObject",
-                uri: uri.clone(),
-                message: e.to_string(),
-                retryable: true,
-            })?
-            .into_bytes();
-        Ok((meta, body))
+            .map_err(|e| classify("GetObject", uri, e))
+    }
+}
+
+#[async_trait]
+impl ObjectStore for S3Store {
+    async fn get(&self, uri: &S3Uri) -> Result<(ObjectMeta, Bytes), StoreError> {
+        let out = self.get_object(uri, None).await?;
+        let meta = object_meta!(uri, out);
+        Ok((meta, collect(uri, out.body).await?))
     }
 
     async fn get_tail(&self, uri: &S3Uri, n: u64) -> Result<Bytes, StoreError> {
         if n == 0 {
             return Ok(Bytes::new());
         }
-        let out = self
-            .client
-            .get_object()
-            .bucket(&uri.bucket)
-            .key(&uri.key)
-            .range(format!("bytes=-{n}"))
-            .send()
-            .await
-            .map_err(|e| classify("GetObject", uri, e))?;
-        Ok(out
-            .body
-            .collect()
-            .await
-            .map_err(|e| StoreError::Other {
-                op: "GetObject",
-                uri: uri.clone(),
-                message: e.to_string(),
-                retryable: true,
-            })?
-            .into_bytes())
+        let out = self.get_object(uri, Some(format!("bytes=-{n}"))).await?;
+        collect(uri, out.body).await
     }
 
     async fn get_reader(&self, uri: &S3Uri) -> Result<(ObjectMeta, ObjectReader), StoreError> {
-        let out = self
-            .client
-            .get_object()
-            .bucket(&uri.bucket)
-            .key(&uri.key)
-            .send()
-            .await
-            .map_err(|e| classify("GetObject", uri, e))?;
-        let meta = ObjectMeta {
-            key: uri.key.clone(),
-            etag: strip_quotes(out.e_tag()),
-            size: out.content_length().unwrap_or_default().max(0) as u64,
-            version_id: out.version_id().map(str::to_string),
-            last_modified: out.last_modified().map(|t| t.to_string()),
-            metadata: lower_keys(out.metadata()),
-        };
+        let out = self.get_object(uri, None).await?;
+        let meta = object_meta!(uri, out);
         Ok((meta, Box::pin(out.body.into_async_read())))
     }
 
@@ -380,14 +382,7 @@ impl ObjectStore for S3Store {
             .send()
             .await
         {
-            Ok(out) => Ok(Some(ObjectMeta {
-                key: uri.key.clone(),
-                etag: strip_quotes(out.e_tag()),
-                size: out.content_length().unwrap_or_default().max(0) as u64,
-                version_id: out.version_id().map(str::to_string),
-                last_modified: out.last_modified().map(|t| t.to_string()),
-                metadata: lower_keys(out.metadata()),
-            })),
+            Ok(out) => Ok(Some(object_meta!(uri, out))),
             Err(e) => match classify("HeadObject", uri, e) {
                 StoreError::NotFound { .. } => Ok(None),
                 other => Err(other),
@@ -407,16 +402,7 @@ impl ObjectStore for S3Store {
             .send();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| classify("ListObjectsV2", &uri, e))?;
-            for o in page.contents() {
-                out.push(ObjectMeta {
-                    key: o.key().unwrap_or_default().to_string(),
-                    etag: strip_quotes(o.e_tag()),
-                    size: o.size().unwrap_or_default().max(0) as u64,
-                    version_id: None,
-                    last_modified: o.last_modified().map(|t| t.to_string()),
-                    metadata: BTreeMap::new(),
-                });
-            }
+            out.extend(page.contents().iter().map(listed));
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
@@ -443,18 +429,7 @@ impl ObjectStore for S3Store {
             .send()
             .await
             .map_err(|e| classify("ListObjectsV2", &uri, e))?;
-        Ok(page
-            .contents()
-            .iter()
-            .map(|o| ObjectMeta {
-                key: o.key().unwrap_or_default().to_string(),
-                etag: strip_quotes(o.e_tag()),
-                size: o.size().unwrap_or_default().max(0) as u64,
-                version_id: None,
-                last_modified: o.last_modified().map(|t| t.to_string()),
-                metadata: BTreeMap::new(),
-            })
-            .collect())
+        Ok(page.contents().iter().map(listed).collect())
     }
 
     async fn put(

@@ -588,6 +588,7 @@ impl Activity {
 mod tests {
     use super::*;
     use crate::send::rate_limit::{LimiterCore, RateBudget};
+    use bridge_shared::hooked_store::{Before, Call, Hooked};
     use bridge_shared::object_store::MemoryStore;
 
     fn settings() -> ShareSettings {
@@ -937,55 +938,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_store_that_fails_leaves_the_sender_alone_and_sending() {
-        let registry = SenderRegistry::new(Arc::new(Failing), "state", "s/");
+        let registry = SenderRegistry::new(failing(), "state", "s/");
         let (mut a, peers) = WorkspaceShare::new(registry, settings(), "r1", "run-a");
         a.join().await;
         assert_eq!(*peers.borrow(), 1);
         a.leave().await;
     }
 
-    struct Failing;
-
-    #[async_trait::async_trait]
-    impl ObjectStore for Failing {
-        async fn get(&self, uri: &S3Uri) -> Result<(ObjectMeta, Bytes), StoreError> {
-            Err(fail(uri))
-        }
-        async fn get_reader(
-            &self,
-            uri: &S3Uri,
-        ) -> Result<(ObjectMeta, bridge_shared::object_store::ObjectReader), StoreError> {
-            Err(fail(uri))
-        }
-        async fn head(&self, uri: &S3Uri) -> Result<Option<ObjectMeta>, StoreError> {
-            Err(fail(uri))
-        }
-        async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
-            Err(fail(&S3Uri::new(bucket, prefix)))
-        }
-        async fn put(
-            &self,
-            uri: &S3Uri,
-            _: Bytes,
-            _: PutCondition,
-            _: BTreeMap<String, String>,
-        ) -> Result<ObjectMeta, StoreError> {
-            Err(fail(uri))
-        }
-        async fn copy(&self, from: &S3Uri, _: &S3Uri) -> Result<(), StoreError> {
-            Err(fail(from))
-        }
-        async fn delete(&self, uri: &S3Uri) -> Result<(), StoreError> {
-            Err(fail(uri))
-        }
-    }
-
-    fn fail(uri: &S3Uri) -> StoreError {
-        StoreError::Other {
-            op: "Test",
-            uri: uri.clone(),
-            message: "access denied".into(),
-            retryable: false,
-        }
+    /// A store that refuses every call.
+    fn failing() -> Arc<dyn ObjectStore> {
+        let refuse = |call: Call<'_>| Err(call.failed("access denied", false));
+        Arc::new(Hooked::new(Arc::new(MemoryStore::new()), Before(refuse)))
     }
 }

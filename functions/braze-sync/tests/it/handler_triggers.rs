@@ -13,6 +13,7 @@ use braze_sync::run::handler::{
     ExportPlan, ExportRunner, FORCE_FULL_METADATA, Handler, HandlerConfig, RunError, RunOutcome,
 };
 use bridge_shared::S3Uri;
+use bridge_shared::hooked_store::{Before, Call, Hooked};
 use bridge_shared::object_store::{MemoryStore, ObjectStore, PutCondition};
 use bytes::Bytes;
 use serde_json::{Value, json};
@@ -507,88 +508,21 @@ async fn a_refused_key_keeps_the_export_retryable_until_the_key_is_fixed() {
     assert_eq!(out["results"][0]["outcome"], "duplicate_no_op", "{out}");
 }
 
-/// A store whose HEAD of the exports bucket fails: refused for good (403, as S3 does when the
-/// function's role or the bucket's KMS key does not allow it) or for now (503 SlowDown).
-struct ExportsUnreadable {
+/// `inner` whose HEAD of the exports bucket fails with `message`: refused for good (403, as S3
+/// does when the function's role or the bucket's KMS key does not allow it) or for now (503
+/// SlowDown).
+fn exports_unreadable(
     inner: Arc<MemoryStore>,
     message: &'static str,
     retryable: bool,
-}
-
-impl ExportsUnreadable {
-    fn forbidden(inner: Arc<MemoryStore>) -> Self {
-        Self {
-            inner,
-            message: "403 AccessDenied",
-            retryable: false,
-        }
-    }
-
-    fn throttled(inner: Arc<MemoryStore>) -> Self {
-        Self {
-            inner,
-            message: "503 SlowDown",
-            retryable: true,
-        }
-    }
-}
-
-#[async_trait]
-impl ObjectStore for ExportsUnreadable {
-    async fn get(
-        &self,
-        uri: &S3Uri,
-    ) -> Result<(bridge_shared::object_store::ObjectMeta, Bytes), bridge_shared::StoreError> {
-        self.inner.get(uri).await
-    }
-    async fn get_reader(
-        &self,
-        uri: &S3Uri,
-    ) -> Result<
-        (
-            bridge_shared::object_store::ObjectMeta,
-            bridge_shared::object_store::ObjectReader,
-        ),
-        bridge_shared::StoreError,
-    > {
-        self.inner.get_reader(uri).await
-    }
-    async fn head(
-        &self,
-        uri: &S3Uri,
-    ) -> Result<Option<bridge_shared::object_store::ObjectMeta>, bridge_shared::StoreError> {
-        if uri.bucket == "exp" {
-            return Err(bridge_shared::StoreError::Other {
-                op: "HeadObject",
-                uri: uri.clone(),
-                message: self.message.into(),
-                retryable: self.retryable,
-            });
-        }
-        self.inner.head(uri).await
-    }
-    async fn list(
-        &self,
-        bucket: &str,
-        prefix: &str,
-    ) -> Result<Vec<bridge_shared::object_store::ObjectMeta>, bridge_shared::StoreError> {
-        self.inner.list(bucket, prefix).await
-    }
-    async fn put(
-        &self,
-        uri: &S3Uri,
-        body: Bytes,
-        cond: PutCondition,
-        meta: BTreeMap<String, String>,
-    ) -> Result<bridge_shared::object_store::ObjectMeta, bridge_shared::StoreError> {
-        self.inner.put(uri, body, cond, meta).await
-    }
-    async fn copy(&self, from: &S3Uri, to: &S3Uri) -> Result<(), bridge_shared::StoreError> {
-        self.inner.copy(from, to).await
-    }
-    async fn delete(&self, uri: &S3Uri) -> Result<(), bridge_shared::StoreError> {
-        self.inner.delete(uri).await
-    }
+) -> Arc<dyn ObjectStore> {
+    Arc::new(Hooked::new(
+        inner,
+        Before(move |call: Call<'_>| match call {
+            Call::Head(uri) if uri.bucket == "exp" => Err(call.failed(message, retryable)),
+            _ => Ok(()),
+        }),
+    ))
 }
 
 #[tokio::test]
@@ -597,7 +531,7 @@ async fn a_trigger_the_function_may_not_read_is_acknowledged_with_a_failed_repor
     let rec = Arc::new(Recorder::default());
     let h = Handler::new(
         cfg(),
-        Arc::new(ExportsUnreadable::forbidden(mem.clone())),
+        exports_unreadable(mem.clone(), "403 AccessDenied", false),
         rec.clone(),
     );
     let out = h
@@ -709,7 +643,7 @@ async fn a_trigger_unreadable_for_now_on_the_last_receive_is_reported_before_the
     let rec = Arc::new(Recorder::default());
     let h = Handler::new(
         cfg(),
-        Arc::new(ExportsUnreadable::throttled(mem.clone())),
+        exports_unreadable(mem.clone(), "503 SlowDown", true),
         rec.clone(),
     )
     .with_max_receive_count(Some(5));

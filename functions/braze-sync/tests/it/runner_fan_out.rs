@@ -522,7 +522,7 @@ async fn merged_unmarked() -> MergedUnmarked {
     // retrying store makes while armed (S3 throttling right after the merge's head write).
     let armed = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let arm = armed.clone();
-    let flaky = Arc::new(common::FailingPuts::new(store.clone(), move |uri, body| {
+    let flaky = Arc::new(common::failing_puts(store.clone(), move |uri, body| {
         uri.key.ends_with("/final.json")
             && String::from_utf8_lossy(body).contains("\"merged\":true")
             && arm

@@ -221,7 +221,7 @@ async fn a_short_lease_is_renewed_so_a_long_run_keeps_its_route() {
 #[tokio::test]
 async fn a_failed_checkpoint_stops_the_sender_promptly_and_the_run_is_retryable() {
     // A store whose checkpoint segments fail to write.
-    let store: Arc<dyn ObjectStore> = Arc::new(common::FailingPuts::new(
+    let store: Arc<dyn ObjectStore> = Arc::new(common::failing_puts(
         Arc::new(MemoryStore::new()),
         |uri, _| uri.key.contains("/seg-"),
     ));
@@ -248,7 +248,7 @@ async fn a_run_whose_route_lock_renewals_keep_failing_stops_sending_before_its_l
     // run): the lease cannot be renewed, and the route may be taken over when it ends.
     let writes = Arc::new(AtomicUsize::new(0));
     let seen = writes.clone();
-    let store: Arc<dyn ObjectStore> = Arc::new(common::FailingPuts::new(
+    let store: Arc<dyn ObjectStore> = Arc::new(common::failing_puts(
         Arc::new(MemoryStore::new()),
         move |uri, _| {
             uri.key.ends_with("route-lock.json") && seen.fetch_add(1, Ordering::SeqCst) > 0

@@ -6,11 +6,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 
 use apache_avro::Codec;
 use async_trait::async_trait;
-use bridge_shared::object_store::{MemoryStore, ObjectMeta, ObjectReader};
+use bridge_shared::hooked_store::{Call, Hook, Hooked};
+use bridge_shared::object_store::MemoryStore;
 use bridge_shared::trigger::ObjectRef;
 use bridge_shared::{ObjectStore, PutCondition, S3Uri, StoreError};
 use bytes::Bytes;
@@ -57,71 +58,41 @@ async fn normalize(store: Arc<dyn ObjectStore>, offset: u64, seed: u64) {
     assert_eq!(out.outcome, Outcome::Written, "{out:?}");
 }
 
-/// A store in which another run takes the day's lease over (and records its own manifest)
-/// while this run uploads its compacted part: the moment a slow run's lease expires.
-struct TakenOverWhileUploading {
-    inner: Arc<MemoryStore>,
-    armed: AtomicBool,
-}
+/// Another run takes the day's lease over (and records its own manifest) while this run
+/// uploads its compacted part: the moment a slow run's lease expires.
+struct TakenOverWhileUploading(AtomicBool);
 
 #[async_trait]
-impl ObjectStore for TakenOverWhileUploading {
-    async fn get(&self, uri: &S3Uri) -> Result<(ObjectMeta, Bytes), StoreError> {
-        self.inner.get(uri).await
-    }
-    async fn get_reader(&self, uri: &S3Uri) -> Result<(ObjectMeta, ObjectReader), StoreError> {
-        self.inner.get_reader(uri).await
-    }
-    async fn head(&self, uri: &S3Uri) -> Result<Option<ObjectMeta>, StoreError> {
-        self.inner.head(uri).await
-    }
-    async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
-        self.inner.list(bucket, prefix).await
-    }
-    async fn put(
-        &self,
-        uri: &S3Uri,
-        body: Bytes,
-        condition: PutCondition,
-        metadata: BTreeMap<String, String>,
-    ) -> Result<ObjectMeta, StoreError> {
-        if uri.key.contains("/part-compacted-") && self.armed.swap(false, Ordering::SeqCst) {
-            let lease = serde_json::json!({
-                "owner": "winner",
-                "expires_at_ms": chrono::Utc::now().timestamp_millis() + 600_000,
-                "released": false,
-            });
-            self.inner
-                .put(
-                    &S3Uri::new(BUCKET, LEASE),
-                    Bytes::from(lease.to_string()),
-                    PutCondition::None,
-                    BTreeMap::new(),
-                )
-                .await?;
-            let winner = Manifest {
-                table: TABLE.into(),
-                day: "2026-11-29".into(),
-                outputs: vec!["part-compacted-winner.parquet".into()],
-                sources: ["winner-source".to_string()].into(),
-            };
-            self.inner
-                .put(
-                    &S3Uri::new(BUCKET, MANIFEST),
-                    Bytes::from(serde_json::to_vec(&winner).unwrap()),
-                    PutCondition::None,
-                    BTreeMap::new(),
-                )
-                .await?;
+impl Hook for TakenOverWhileUploading {
+    async fn before(&self, store: &dyn ObjectStore, call: Call<'_>) -> Result<(), StoreError> {
+        if !(matches!(call, Call::Put { .. } | Call::PutFile { .. })
+            && call.key().contains("/part-compacted-")
+            && self.0.swap(false, SeqCst))
+        {
+            return Ok(());
         }
-        self.inner.put(uri, body, condition, metadata).await
+        let lease = serde_json::json!({
+            "owner": "winner",
+            "expires_at_ms": chrono::Utc::now().timestamp_millis() + 600_000,
+            "released": false,
+        });
+        put(store, LEASE, lease.to_string().into_bytes()).await?;
+        let winner = Manifest {
+            table: TABLE.into(),
+            day: "2026-11-29".into(),
+            outputs: vec!["part-compacted-winner.parquet".into()],
+            sources: ["winner-source".to_string()].into(),
+        };
+        put(store, MANIFEST, serde_json::to_vec(&winner).unwrap()).await
     }
-    async fn copy(&self, from: &S3Uri, to: &S3Uri) -> Result<(), StoreError> {
-        self.inner.copy(from, to).await
-    }
-    async fn delete(&self, uri: &S3Uri) -> Result<(), StoreError> {
-        self.inner.delete(uri).await
-    }
+}
+
+async fn put(store: &dyn ObjectStore, key: &str, body: Vec<u8>) -> Result<(), StoreError> {
+    let uri = S3Uri::new(BUCKET, key);
+    store
+        .put(&uri, Bytes::from(body), PutCondition::None, BTreeMap::new())
+        .await
+        .map(drop)
 }
 
 fn request() -> CompactRequest {
@@ -145,10 +116,10 @@ async fn a_run_that_lost_its_lease_leaves_the_winners_manifest_and_the_parts_alo
         .filter(|k| k.starts_with("tables/"))
         .collect();
     assert_eq!(parts_before.len(), 2);
-    let store = Arc::new(TakenOverWhileUploading {
-        inner: mem.clone(),
-        armed: AtomicBool::new(true),
-    });
+    let store = Arc::new(Hooked::new(
+        mem.clone(),
+        TakenOverWhileUploading(AtomicBool::new(true)),
+    ));
     let compactor = Compactor::new(Config::default(), store, registry());
     let days = compactor.run(BUCKET, &request()).await.unwrap();
     assert_eq!(days.len(), 1);
@@ -177,10 +148,10 @@ async fn a_manifest_written_meanwhile_by_another_run_is_not_overwritten() {
     // the conditional write refuses, and nothing is deleted.
     let mem = Arc::new(MemoryStore::new());
     normalize(mem.clone(), 1, 1).await;
-    let store = Arc::new(ManifestChangesAfterRead {
-        inner: mem.clone(),
-        reads: std::sync::atomic::AtomicUsize::new(0),
-    });
+    let store = Arc::new(Hooked::new(
+        mem.clone(),
+        ManifestChangesAfterRead(AtomicBool::new(false)),
+    ));
     let compactor = Compactor::new(Config::default(), store, registry());
     let days = compactor.run(BUCKET, &request()).await.unwrap();
     assert_eq!(days[0].outcome, DayOutcome::LeaseLost, "{:?}", days[0]);
@@ -190,57 +161,27 @@ async fn a_manifest_written_meanwhile_by_another_run_is_not_overwritten() {
     assert_eq!(m.outputs, ["part-compacted-other.parquet"]);
 }
 
-/// A store whose manifest is written by someone else right after this run reads it.
-struct ManifestChangesAfterRead {
-    inner: Arc<MemoryStore>,
-    reads: std::sync::atomic::AtomicUsize,
-}
+/// Someone else writes the manifest right after this run first reads it.
+struct ManifestChangesAfterRead(AtomicBool);
 
 #[async_trait]
-impl ObjectStore for ManifestChangesAfterRead {
-    async fn get(&self, uri: &S3Uri) -> Result<(ObjectMeta, Bytes), StoreError> {
-        let r = self.inner.get(uri).await;
-        if uri.key == MANIFEST && self.reads.fetch_add(1, Ordering::SeqCst) == 0 {
-            let other = Manifest {
-                table: TABLE.into(),
-                day: "2026-11-29".into(),
-                outputs: vec!["part-compacted-other.parquet".into()],
-                sources: Default::default(),
-            };
-            self.inner
-                .put(
-                    uri,
-                    Bytes::from(serde_json::to_vec(&other).unwrap()),
-                    PutCondition::None,
-                    BTreeMap::new(),
-                )
-                .await?;
-        }
-        r
-    }
-    async fn get_reader(&self, uri: &S3Uri) -> Result<(ObjectMeta, ObjectReader), StoreError> {
-        self.inner.get_reader(uri).await
-    }
-    async fn head(&self, uri: &S3Uri) -> Result<Option<ObjectMeta>, StoreError> {
-        self.inner.head(uri).await
-    }
-    async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
-        self.inner.list(bucket, prefix).await
-    }
-    async fn put(
+impl Hook for ManifestChangesAfterRead {
+    async fn after(
         &self,
-        uri: &S3Uri,
-        body: Bytes,
-        condition: PutCondition,
-        metadata: BTreeMap<String, String>,
-    ) -> Result<ObjectMeta, StoreError> {
-        self.inner.put(uri, body, condition, metadata).await
-    }
-    async fn copy(&self, from: &S3Uri, to: &S3Uri) -> Result<(), StoreError> {
-        self.inner.copy(from, to).await
-    }
-    async fn delete(&self, uri: &S3Uri) -> Result<(), StoreError> {
-        self.inner.delete(uri).await
+        store: &dyn ObjectStore,
+        call: Call<'_>,
+        _: bool,
+    ) -> Result<(), StoreError> {
+        if !(matches!(call, Call::Get(_)) && call.key() == MANIFEST && !self.0.swap(true, SeqCst)) {
+            return Ok(());
+        }
+        let other = Manifest {
+            table: TABLE.into(),
+            day: "2026-11-29".into(),
+            outputs: vec!["part-compacted-other.parquet".into()],
+            sources: Default::default(),
+        };
+        put(store, MANIFEST, serde_json::to_vec(&other).unwrap()).await
     }
 }
 

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use apache_avro::Codec;
-use async_trait::async_trait;
-use bridge_shared::object_store::{MemoryStore, ObjectMeta, ObjectReader};
+use bridge_shared::hooked_store::{Before, Call, Hooked};
+use bridge_shared::object_store::MemoryStore;
 use bridge_shared::{ObjectStore, PutCondition, S3Uri, StoreError};
 use bytes::Bytes;
 use currents_normalize::config::Config;
@@ -218,56 +218,26 @@ async fn bad_objects_are_quarantined_and_the_batch_succeeds() {
     assert_eq!(parts, 1);
 }
 
-/// A store whose puts of table parts fail as S3 throttling would.
-struct ThrottledPuts(MemoryStore);
-
-#[async_trait]
-impl ObjectStore for ThrottledPuts {
-    async fn get(&self, uri: &S3Uri) -> Result<(ObjectMeta, Bytes), StoreError> {
-        self.0.get(uri).await
-    }
-    async fn get_reader(&self, uri: &S3Uri) -> Result<(ObjectMeta, ObjectReader), StoreError> {
-        self.0.get_reader(uri).await
-    }
-    async fn head(&self, uri: &S3Uri) -> Result<Option<ObjectMeta>, StoreError> {
-        self.0.head(uri).await
-    }
-    async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
-        self.0.list(bucket, prefix).await
-    }
-    async fn put(
-        &self,
-        uri: &S3Uri,
-        body: Bytes,
-        condition: PutCondition,
-        metadata: BTreeMap<String, String>,
-    ) -> Result<ObjectMeta, StoreError> {
-        if uri.key.starts_with("tables/") && uri.key.contains("email_open") {
-            return Err(StoreError::Other {
-                op: "PutObject",
-                uri: uri.clone(),
-                message: "SlowDown".into(),
-                retryable: true,
-            });
+/// Puts of one table's parts fail as S3 throttling would.
+fn throttled_puts(call: Call<'_>) -> Result<(), StoreError> {
+    match call {
+        Call::Put { uri, .. }
+            if uri.key.starts_with("tables/") && uri.key.contains("email_open") =>
+        {
+            Err(call.throttled())
         }
-        self.0.put(uri, body, condition, metadata).await
-    }
-    async fn copy(&self, from: &S3Uri, to: &S3Uri) -> Result<(), StoreError> {
-        self.0.copy(from, to).await
-    }
-    async fn delete(&self, uri: &S3Uri) -> Result<(), StoreError> {
-        self.0.delete(uri).await
+        _ => Ok(()),
     }
 }
 
 #[tokio::test]
 async fn storage_errors_fail_only_their_sqs_message() {
-    let inner = MemoryStore::new();
+    let inner = Arc::new(MemoryStore::new());
     let ok = synth::key("currents", "users.messages.email.Send", "2026-11-29-03", 1);
     let throttled = synth::key("currents", "users.messages.email.Open", "2026-11-29-03", 2);
-    put(&inner, &ok, avro("users.messages.email.Send", 3, 0)).await;
-    put(&inner, &throttled, avro("users.messages.email.Open", 3, 0)).await;
-    let store: Arc<dyn ObjectStore> = Arc::new(ThrottledPuts(inner));
+    put(&*inner, &ok, avro("users.messages.email.Send", 3, 0)).await;
+    put(&*inner, &throttled, avro("users.messages.email.Open", 3, 0)).await;
+    let store: Arc<dyn ObjectStore> = Arc::new(Hooked::new(inner, Before(throttled_puts)));
     let h = handler(store.clone());
     let payload = sqs_event(&[("m1", s3_event(&[&ok])), ("m2", s3_event(&[&throttled]))]);
     let out = h.handle(&payload, "r").await.unwrap();

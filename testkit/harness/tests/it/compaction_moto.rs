@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use arrow_array::cast::AsArray;
 use async_trait::async_trait;
-use bridge_shared::object_store::{ObjectMeta, ObjectReader, S3Store};
+use bridge_shared::hooked_store::{Call, Hook, Hooked};
+use bridge_shared::object_store::S3Store;
 use bridge_shared::trigger::ObjectRef;
 use bridge_shared::{ObjectStore, PutCondition, S3Uri, StoreError};
 use bytes::Bytes;
@@ -209,58 +210,32 @@ async fn compaction_dedups_across_parts_picks_up_late_parts_and_is_deterministic
     Ok(())
 }
 
-/// A store whose deletes fail (a crash after the compacted part is written), or that drops a
-/// new part into the folder the first time a part is read (a file landing mid-compaction).
+/// Deletes fail (a crash after the compacted part is written), or a new part drops into the
+/// folder the first time a part is read (a file landing mid-compaction).
+#[derive(Default)]
 struct Faulty {
-    inner: S3Store,
     fail_deletes: bool,
     arrival: std::sync::Mutex<Option<(S3Uri, Bytes)>>,
     arrived: AtomicBool,
 }
 
 #[async_trait]
-impl ObjectStore for Faulty {
-    async fn get(&self, uri: &S3Uri) -> Result<(ObjectMeta, Bytes), StoreError> {
-        self.inner.get(uri).await
-    }
-    async fn get_reader(&self, uri: &S3Uri) -> Result<(ObjectMeta, ObjectReader), StoreError> {
-        let arrival = self.arrival.lock().ok().and_then(|mut a| a.take());
-        if let Some((at, body)) = arrival {
-            self.inner
-                .put(&at, body, PutCondition::None, BTreeMap::new())
-                .await?;
-            self.arrived.store(true, Ordering::SeqCst);
+impl Hook for Faulty {
+    async fn before(&self, store: &dyn ObjectStore, call: Call<'_>) -> Result<(), StoreError> {
+        match call {
+            Call::Delete(_) if self.fail_deletes => Err(call.failed("simulated crash", true)),
+            Call::GetReader(_) => {
+                let arrival = self.arrival.lock().ok().and_then(|mut a| a.take());
+                if let Some((at, body)) = arrival {
+                    store
+                        .put(&at, body, PutCondition::None, BTreeMap::new())
+                        .await?;
+                    self.arrived.store(true, Ordering::SeqCst);
+                }
+                Ok(())
+            }
+            _ => Ok(()),
         }
-        self.inner.get_reader(uri).await
-    }
-    async fn head(&self, uri: &S3Uri) -> Result<Option<ObjectMeta>, StoreError> {
-        self.inner.head(uri).await
-    }
-    async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
-        self.inner.list(bucket, prefix).await
-    }
-    async fn put(
-        &self,
-        uri: &S3Uri,
-        body: Bytes,
-        condition: PutCondition,
-        metadata: BTreeMap<String, String>,
-    ) -> Result<ObjectMeta, StoreError> {
-        self.inner.put(uri, body, condition, metadata).await
-    }
-    async fn copy(&self, from: &S3Uri, to: &S3Uri) -> Result<(), StoreError> {
-        self.inner.copy(from, to).await
-    }
-    async fn delete(&self, uri: &S3Uri) -> Result<(), StoreError> {
-        if self.fail_deletes {
-            return Err(StoreError::Other {
-                op: "DeleteObject",
-                uri: uri.clone(),
-                message: "simulated crash".into(),
-                retryable: true,
-            });
-        }
-        self.inner.delete(uri).await
     }
 }
 
@@ -268,8 +243,7 @@ impl ObjectStore for Faulty {
 async fn crash_between_write_and_delete_converges_and_a_part_landing_meanwhile_is_kept()
 -> anyhow::Result<()> {
     let moto = Moto::start(None).await?;
-    let s3 = S3Store::new(moto.s3.clone());
-    let store: Arc<dyn ObjectStore> = Arc::new(s3.clone());
+    let store: Arc<dyn ObjectStore> = Arc::new(S3Store::new(moto.s3.clone()));
     let registry = Arc::new(Registry::builtin()?);
     for b in ["lake", "clean"] {
         moto.create_bucket(b).await?;
@@ -284,12 +258,11 @@ async fn crash_between_write_and_delete_converges_and_a_part_landing_meanwhile_i
     assert_eq!(clean.len(), 1);
 
     // Crash: the compacted part is written, no input is deleted; every row stays readable.
-    let crashing: Arc<dyn ObjectStore> = Arc::new(Faulty {
-        inner: s3.clone(),
+    let fail_deletes = Faulty {
         fail_deletes: true,
-        arrival: Default::default(),
-        arrived: AtomicBool::new(false),
-    });
+        ..Faulty::default()
+    };
+    let crashing: Arc<dyn ObjectStore> = Arc::new(Hooked::new(store.clone(), fail_deletes));
     let r = Compactor::new(cfg("lake"), crashing, registry.clone())
         .run("lake", &request("2026-11-30", Selection::default()))
         .await?;
@@ -320,19 +293,18 @@ async fn crash_between_write_and_delete_converges_and_a_part_landing_meanwhile_i
     };
     normalize(&moto, store.clone(), "lake", "2026-11-29-03", 3, 140, 20).await?;
     let arriving = S3Uri::new("lake", &staging_part);
-    let racing = Arc::new(Faulty {
-        inner: s3.clone(),
-        fail_deletes: false,
+    let arrival = Faulty {
         arrival: std::sync::Mutex::new(Some((
             arriving.clone(),
             Bytes::from(moto.get("staging", &staging_part).await?),
         ))),
-        arrived: AtomicBool::new(false),
-    });
+        ..Faulty::default()
+    };
+    let racing = Arc::new(Hooked::new(store.clone(), arrival));
     let r = Compactor::new(cfg("lake"), racing.clone(), registry.clone())
         .run("lake", &request("2026-11-30", Selection::default()))
         .await?;
-    assert!(racing.arrived.load(Ordering::SeqCst));
+    assert!(racing.hook().arrived.load(Ordering::SeqCst));
     assert_eq!(r[0].outcome, DayOutcome::Compacted);
     assert_eq!(r[0].parts_in, 2, "the arrival was not listed, so not read");
     let (keys, all) = day_ids(&moto, "lake", "2026-11-29").await?;

@@ -575,7 +575,8 @@ mod tests {
     use super::record_spill::{RecordSpill, record_spill_bits};
     use super::*;
     use crate::model::{AttributeChange, Identifier, RowPos, fingerprint};
-    use bridge_shared::object_store::{MemoryStore, ObjectMeta};
+    use bridge_shared::hooked_store::{Call, Hook, Hooked};
+    use bridge_shared::object_store::MemoryStore;
     use serde_json::json;
 
     fn route() -> Route {
@@ -694,64 +695,32 @@ mod tests {
         );
     }
 
-    /// A store whose next head write lands and then loses its answer (the caller sees a
+    /// When armed, the next head write lands and then loses its answer (the caller sees a
     /// timeout), as S3 does when the connection drops after the write.
-    struct LosesHeadAnswer {
-        inner: MemoryStore,
-        armed: std::sync::atomic::AtomicBool,
-    }
+    struct LosesHeadAnswer(std::sync::atomic::AtomicBool);
 
     #[async_trait::async_trait]
-    impl ObjectStore for LosesHeadAnswer {
-        async fn get(&self, uri: &S3Uri) -> Result<(ObjectMeta, Bytes), StoreError> {
-            self.inner.get(uri).await
-        }
-        async fn get_reader(
+    impl Hook for LosesHeadAnswer {
+        async fn after(
             &self,
-            uri: &S3Uri,
-        ) -> Result<(ObjectMeta, bridge_shared::object_store::ObjectReader), StoreError> {
-            self.inner.get_reader(uri).await
-        }
-        async fn head(&self, uri: &S3Uri) -> Result<Option<ObjectMeta>, StoreError> {
-            self.inner.head(uri).await
-        }
-        async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
-            self.inner.list(bucket, prefix).await
-        }
-        async fn put(
-            &self,
-            uri: &S3Uri,
-            body: Bytes,
-            cond: PutCondition,
-            meta: BTreeMap<String, String>,
-        ) -> Result<ObjectMeta, StoreError> {
-            let out = self.inner.put(uri, body, cond, meta).await?;
-            if uri.key.ends_with("head.json")
-                && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
-            {
-                return Err(StoreError::Other {
-                    op: "PutObject",
-                    uri: uri.clone(),
-                    message: "timeout waiting for the response".into(),
-                    retryable: true,
-                });
+            _: &dyn ObjectStore,
+            call: Call<'_>,
+            ok: bool,
+        ) -> Result<(), StoreError> {
+            let head_write = matches!(call, Call::Put { .. }) && call.key().ends_with("head.json");
+            if ok && head_write && self.0.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                return Err(call.failed("timeout waiting for the response", true));
             }
-            Ok(out)
-        }
-        async fn copy(&self, from: &S3Uri, to: &S3Uri) -> Result<(), StoreError> {
-            self.inner.copy(from, to).await
-        }
-        async fn delete(&self, uri: &S3Uri) -> Result<(), StoreError> {
-            self.inner.delete(uri).await
+            Ok(())
         }
     }
 
     #[tokio::test]
     async fn a_head_write_whose_answer_was_lost_keeps_what_the_head_names() {
-        let store = Arc::new(LosesHeadAnswer {
-            inner: MemoryStore::new(),
-            armed: false.into(),
-        });
+        let store = Arc::new(Hooked::new(
+            Arc::new(MemoryStore::new()),
+            LosesHeadAnswer(false.into()),
+        ));
         let mem: Arc<dyn ObjectStore> = store.clone();
         let st = StateStore::new(mem.clone(), "state", "s/", "r");
         let r = route();
@@ -759,13 +728,19 @@ mod tests {
         st.checkpoint(&mut head, &r, &[d("1", 1)]).await.unwrap();
         // The checkpoint's head write lands; its answer is lost: the head names the segment,
         // so the segment stays, and the run carries on from the head it wrote.
-        store.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+        store
+            .hook()
+            .0
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         st.checkpoint(&mut head, &r, &[d("2", 2)]).await.unwrap();
         st.checkpoint(&mut head, &r, &[d("3", 3)]).await.unwrap();
         let (mut head2, snap) = st.load(&r).await.unwrap();
         assert_eq!(snap.len(), 3);
         // The same for the commit's head write: what it wrote and the head names stays.
-        store.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+        store
+            .hook()
+            .0
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         st.commit(&mut head2, snap, w("e1")).await.unwrap();
         let (head3, snap3) = st.load(&r).await.unwrap();
         assert_eq!(snap3.len(), 3);
