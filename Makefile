@@ -54,7 +54,7 @@ bench: venv ## Benchmarks (release): diff, send and Currents figures next to the
 	$(CARGO) run --release --quiet -p braze-sync --bin sync-diff-bench
 	$(CARGO) run --release --quiet -p braze-sync --bin sync-scale-bench -- --users $(SCALE_USERS)
 	$(CARGO) run --release --quiet -p harness --bin sync-send-bench
-	$(CARGO) run --release --quiet -p currents-normalize --features dev --bin currents-bench
+	MIMALLOC_PURGE_DELAY=-1 $(CARGO) run --release --quiet -p currents-normalize --features dev --bin currents-bench
 	@echo "Figures written to target/bench/"; ls target/bench/
 
 # sync-scale-bench route size: 10M users needs ~15 GB of free disk in /tmp (exports, spill,

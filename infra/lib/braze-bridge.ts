@@ -625,6 +625,8 @@ export class BrazeBridge extends Construct {
         STATE_PREFIX: p.currentsStatePrefix,
         PROFILE_FEED_BUCKET: state,
         PROFILE_FEED_PREFIX: `${p.statePrefix}_currents/feed/`,
+        // mimalloc keeps freed memory for the next object (see template.yaml).
+        MIMALLOC_PURGE_DELAY: '-1',
         RUST_LOG: p.logLevel,
       },
       skips: [SKIP_RESERVED_CONCURRENCY, SKIP_VPC, SKIP_ENV_KMS],

@@ -723,6 +723,8 @@ fn summary(
         "rss_mb_512mib_object": large["peak_rss_mb"].as_f64(),
         "large_object": large,
         "by_file_size": by_size,
+        // The allocator setting these figures ran with (the stack sets it on the function).
+        "mimalloc_purge_delay": std::env::var("MIMALLOC_PURGE_DELAY").ok(),
         "targets": {"by_file_size_ratio_min": 12, "peak_rss_mb_100k_file_max": 256, "rss_mb_512mib_object_max": 1024},
         "passes": args.passes,
         "method": "single thread each; files generated once (null codec, Braze's default) and read from the page cache; time covers read + decode + dedup + normalize + Parquet (Snappy) encode + write to disk; the peer times the same inside Python (imports excluded); each side runs `passes` times per file size and its fastest pass counts (the machine is shared): `ratio` is the wall-clock ratio (the target: each `by_file_size` entry's `ratio` >= 12), `cpu_ratio` the same from each side's least process CPU time of its passes (both sides convert on one thread; CPU time moves less than wall time with the other users of the cores); peak RSS is VmHWM of a separate process converting one 100,000-event file; arrow-avro and apache-avro do the same conversion (registry schema as reader schema, same columns, dedup and Parquet settings) on the same files, fastest of `passes` each; rss_mb_512mib_object is VmHWM of a separate process converting one object of that size (null codec) as the function does",
