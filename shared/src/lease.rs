@@ -168,7 +168,21 @@ impl Lease {
         {
             return Ok(None);
         }
-        match Self::put(store, uri, &body, PutCondition::IfMatch(current.etag)).await? {
+        Self::take_over(store, uri, doc, &current.etag).await
+    }
+
+    /// Takes over the lease object as it was read at `etag` (released, expired, or under our
+    /// own holder name: the caller decided by what it read) with `doc`: `None` when it changed
+    /// since. A write that fails without an answer is followed by a read, as in
+    /// [`Lease::acquire`].
+    pub async fn take_over<D: LeaseDoc>(
+        store: &dyn ObjectStore,
+        uri: &S3Uri,
+        doc: &D,
+        etag: &str,
+    ) -> Result<Option<Lease>, LeaseError> {
+        let condition = PutCondition::IfMatch(etag.to_string());
+        match Self::put(store, uri, &body_of(doc), condition).await? {
             Put::Held(lease) => Ok(Some(lease)),
             Put::Refused => Ok(None),
         }
@@ -565,6 +579,32 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    #[tokio::test]
+    async fn a_take_over_writes_over_what_was_read_and_nothing_newer() {
+        let store = LossyStore::new();
+        let mut a = Lease::acquire(&store, &uri(), &doc("a", 60_000), 0)
+            .await
+            .unwrap()
+            .unwrap();
+        a.release(&store, &released("a")).await.unwrap();
+        let seen = read::<Doc>(&store, &uri()).await.unwrap().unwrap();
+        // Its answer lost, the take-over reads back and holds.
+        store.lose_puts(1);
+        let mut b = Lease::take_over(&store, &uri(), &doc("b", 70_000), &seen.etag)
+            .await
+            .unwrap()
+            .expect("the object was what we read: ours now");
+        b.renew(&store, &doc("b", 80_000)).await.unwrap();
+        // A take-over of what was read before b wrote is refused.
+        assert!(
+            Lease::take_over(&store, &uri(), &doc("c", 90_000), &seen.etag)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(holder_now(&store).await.holder, "b");
     }
 
     #[derive(Debug, Serialize, Deserialize)]

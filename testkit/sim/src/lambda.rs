@@ -167,15 +167,20 @@ pub async fn invoke(env: &Env, container: &Container, inv: u64, msgs: &[Message]
     world.trace(|| format!("inv {inv} starts on {ids:?}"));
     let payload = sqs_event(msgs);
     let timeout = env.deployment.timeout_ms;
+    let mut reasons = Vec::new();
     let ended = tokio::select! {
         biased;
         r = container.handler.handle(&payload, Some(timeout)) => match r {
-            Ok(v) => Ended::Returned(
+            Ok(v) => Ended::Returned({
+                reasons = v["results"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|r| r["retry"].as_str().map(String::from)).collect())
+                    .unwrap_or_default();
                 v["batchItemFailures"]
                     .as_array()
                     .map(|a| a.iter().filter_map(|f| f["itemIdentifier"].as_str().map(String::from)).collect())
-                    .unwrap_or_default(),
-            ),
+                    .unwrap_or_default()
+            }),
             Err(_) => Ended::Failed,
         },
         () = gate.wait_crash() => Ended::Crashed,
@@ -185,6 +190,9 @@ pub async fn invoke(env: &Env, container: &Container, inv: u64, msgs: &[Message]
     gate.crash();
     match &ended {
         Ended::Returned(failed) => {
+            for why in reasons.iter().filter(|_| !failed.is_empty()) {
+                world.trace(|| format!("inv {inv} retries: {why}"));
+            }
             for m in msgs {
                 env.queue.answered(&m.id);
                 if !failed.contains(&m.id) {

@@ -402,3 +402,21 @@ fn seed_649_piece_users_the_state_does_not_track() {
 fn seed_781_piece_users_the_state_does_not_track() {
     holds(781);
 }
+
+/// A notification stayed in the DLQ after every receive failed, some of them at the route
+/// lock: a lock write that failed once (or landed with its answer lost) ended the run, and a
+/// route another export held sent the message back for a whole visibility timeout.
+#[test]
+fn seed_294_message_dead_lettered_by_route_lock_failures_and_a_busy_route() {
+    holds(294);
+}
+
+#[test]
+fn seed_489_message_dead_lettered_by_route_lock_failures_and_a_busy_route() {
+    holds(489);
+}
+
+#[test]
+fn seed_498_message_dead_lettered_by_route_lock_failures() {
+    holds(498);
+}

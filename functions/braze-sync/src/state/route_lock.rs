@@ -1,18 +1,21 @@
 //! One run per route at a time: a small lease object, `<state prefix><route>/route-lock.json`,
-//! taken with a create-only write (or, once expired or released, a write conditional on the
-//! ETag that was read), renewed with `If-Match` on the holder's own ETag, and released by
-//! writing it back as free. A holder that dies leaves the lease to expire by itself; a
-//! holder whose renewal finds another writer's ETag has lost the lock and must stop.
+//! kept through the shared conditional-write lease ([`bridge_shared::lease`]): taken with a
+//! create-only write (or, once expired or released, a write conditional on the ETag that was
+//! read), renewed with `If-Match` on the holder's own ETag, and released by writing it back as
+//! free; the object is never deleted. A holder that dies leaves the lease to expire by itself;
+//! a holder whose renewal finds another writer's lease has lost the lock and must stop. A
+//! write of ours whose answer was lost is recognised by reading the lock back, so it is never
+//! taken for another holder's. The pieces of a fan-out share their run's holder name
+//! ([`RouteLock::join`]): a sibling's renewal is not a loss.
 //!
 //! This is not the export ledger ([`crate::state::ledger`]): the ledger says what happened to each
 //! export; the lock says who may move a route's state right now.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bridge_shared::{ObjectStore, PutCondition, S3Uri, StoreError};
-use bytes::Bytes;
+use bridge_shared::lease::{self, Current, Lease, LeaseDoc, LeaseError};
+use bridge_shared::{ObjectStore, S3Uri, StoreError};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
@@ -21,6 +24,13 @@ pub const LOCK_OBJECT: &str = "route-lock.json";
 
 /// Attempts at releasing a lock (a store error is retried) before its lease is left to expire.
 pub const RELEASE_ATTEMPTS: u32 = 4;
+
+/// Attempts at taking a lock whose write failed transiently (an attempt whose answer was lost
+/// is recognised by the next one: the lock names us).
+pub const ACQUIRE_ATTEMPTS: u32 = 3;
+
+/// Attempts at joining a lock that keeps changing under us (siblings renewing it).
+const JOIN_ATTEMPTS: u32 = 5;
 
 /// The lock object's content.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +42,34 @@ pub struct LockDoc {
     /// Set when the holder let it go.
     #[serde(default)]
     pub released: bool,
+}
+
+impl LockDoc {
+    fn held(holder: &str, lease_until_ms: i64) -> Self {
+        Self {
+            holder: holder.to_string(),
+            lease_until_ms,
+            released: false,
+        }
+    }
+
+    fn released(holder: &str) -> Self {
+        Self {
+            holder: holder.to_string(),
+            lease_until_ms: 0,
+            released: true,
+        }
+    }
+}
+
+impl LeaseDoc for LockDoc {
+    fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    fn keeps_out(&self, now_ms: i64) -> bool {
+        !self.released && self.lease_until_ms > now_ms
+    }
 }
 
 /// Why the lock could not be read, taken, renewed or released.
@@ -60,15 +98,30 @@ impl LockError {
     pub fn is_retryable(&self) -> bool {
         true
     }
+
+    /// The lease's error as the lock's: a lease that changed under us and could not be read
+    /// back is a store failure (the next renewal finds out), not a loss.
+    fn of(e: LeaseError) -> Self {
+        match e {
+            LeaseError::Store { uri, error } | LeaseError::Changed { uri, error } => {
+                Self::Store { uri, error }
+            }
+            LeaseError::Lost { uri, holder } => Self::Lost { uri, holder },
+        }
+    }
+
+    /// Whether the store failed transiently (trying again at once may succeed).
+    fn is_transient(&self) -> bool {
+        matches!(self, Self::Store { error, .. } if error.is_retryable())
+    }
 }
 
 /// A held route lock. Dropping it without [`RouteLock::release`] leaves the lease to expire.
 pub struct RouteLock {
     store: Arc<dyn ObjectStore>,
-    uri: S3Uri,
+    lease: Lease,
     holder: String,
     lease_s: i64,
-    etag: String,
     lease_until_ms: i64,
     /// Held by several invocations at once under one holder name (the pieces of a fan-out,
     /// [`RouteLock::join`]): a renewal that finds a sibling's write is not a loss.
@@ -94,26 +147,19 @@ pub fn lock_uri(bucket: &str, state_prefix: &str, route: &str) -> S3Uri {
     S3Uri::new(bucket, format!("{prefix}{route}/{LOCK_OBJECT}"))
 }
 
-fn body(doc: &LockDoc) -> Bytes {
-    Bytes::from(serde_json::to_vec(doc).unwrap_or_default())
-}
-
 /// Reads the lock object without taking it (for `status`): `None` when the route never ran.
+/// An unreadable lock object protects nobody (see [`RouteLock::acquire`]): shown as free.
 pub async fn read_lock(store: &dyn ObjectStore, uri: &S3Uri) -> Result<Option<LockDoc>, LockError> {
-    match store.get(uri).await {
-        // An unreadable lock object protects nobody (see `acquire`): shown as free.
-        Ok((_, bytes)) => Ok(serde_json::from_slice(&bytes).ok()),
-        Err(StoreError::NotFound { .. }) => Ok(None),
-        Err(error) => Err(LockError::Store {
-            uri: uri.clone(),
-            error,
-        }),
-    }
+    let current = lease::read::<LockDoc>(store, uri)
+        .await
+        .map_err(LockError::of)?;
+    Ok(current.and_then(|c| c.doc))
 }
 
 impl RouteLock {
     /// Takes the lock for `lease_s` seconds from `now_ms` (epoch milliseconds), or returns
     /// `None` when another holder's lease is alive (or another run took it at the same moment).
+    /// A transient store failure is tried again ([`ACQUIRE_ATTEMPTS`] in all).
     pub async fn acquire(
         store: Arc<dyn ObjectStore>,
         uri: S3Uri,
@@ -121,59 +167,29 @@ impl RouteLock {
         now_ms: i64,
         lease_s: i64,
     ) -> Result<Option<RouteLock>, LockError> {
-        let doc = LockDoc {
-            holder: holder.to_string(),
-            lease_until_ms: now_ms + lease_s * 1000,
-            released: false,
-        };
-        let err = |error| LockError::Store {
-            uri: uri.clone(),
-            error,
-        };
-        let condition = match store
-            .put(&uri, body(&doc), PutCondition::IfAbsent, BTreeMap::new())
-            .await
-        {
-            Ok(meta) => return Ok(Some(Self::held(store, uri, doc, lease_s, meta.etag))),
-            Err(StoreError::PreconditionFailed { .. }) => {
-                let (meta, bytes) = match store.get(&uri).await {
-                    Ok(x) => x,
-                    // Deleted between the two calls: someone else is playing with it; stand back.
-                    Err(StoreError::NotFound { .. }) => return Ok(None),
-                    Err(e) => return Err(err(e)),
-                };
-                // An unreadable lock object protects nobody: it is taken over like an expired one.
-                let current: Option<LockDoc> = serde_json::from_slice(&bytes).ok();
-                if current.is_some_and(|c| !c.released && c.lease_until_ms > now_ms) {
-                    return Ok(None);
+        let doc = LockDoc::held(holder, now_ms + lease_s * 1000);
+        let mut attempt = 1;
+        loop {
+            match Lease::acquire(store.as_ref(), &uri, &doc, now_ms)
+                .await
+                .map_err(LockError::of)
+            {
+                Ok(lease) => return Ok(lease.map(|l| Self::held(store, l, &doc, lease_s))),
+                Err(e) if e.is_transient() && attempt < ACQUIRE_ATTEMPTS => {
+                    warn!(lock = %uri, error = %e, attempt, "Could not take the route lock; trying again.");
+                    attempt += 1;
                 }
-                PutCondition::IfMatch(meta.etag)
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(err(e)),
-        };
-        match store
-            .put(&uri, body(&doc), condition, BTreeMap::new())
-            .await
-        {
-            Ok(meta) => Ok(Some(Self::held(store, uri, doc, lease_s, meta.etag))),
-            Err(StoreError::PreconditionFailed { .. }) => Ok(None),
-            Err(e) => Err(err(e)),
         }
     }
 
-    fn held(
-        store: Arc<dyn ObjectStore>,
-        uri: S3Uri,
-        doc: LockDoc,
-        lease_s: i64,
-        etag: String,
-    ) -> Self {
+    fn held(store: Arc<dyn ObjectStore>, lease: Lease, doc: &LockDoc, lease_s: i64) -> Self {
         Self {
             store,
-            uri,
-            holder: doc.holder,
+            lease,
+            holder: doc.holder.clone(),
             lease_s,
-            etag,
             lease_until_ms: doc.lease_until_ms,
             shared: false,
         }
@@ -190,78 +206,59 @@ impl RouteLock {
         now_ms: i64,
         lease_s: i64,
     ) -> Result<Joined, LockError> {
-        let err = |error| LockError::Store {
-            uri: uri.clone(),
-            error,
-        };
-        for _ in 0..5 {
-            let (meta, bytes) = match store.get(&uri).await {
-                Ok(x) => x,
-                Err(StoreError::NotFound { .. }) => {
-                    return match Self::acquire(store, uri.clone(), holder, now_ms, lease_s).await? {
-                        Some(mut l) => {
-                            l.shared = true;
-                            Ok(Joined::Held(l))
-                        }
-                        None => Ok(Joined::Busy("another run".into())),
-                    };
-                }
-                Err(e) => return Err(err(e)),
-            };
-            let current: Option<LockDoc> = serde_json::from_slice(&bytes).ok();
-            if let Some(c) = &current {
-                if c.holder == holder && c.released {
-                    return Ok(Joined::Ended);
-                }
-                if c.holder != holder && !c.released && c.lease_until_ms > now_ms {
-                    return Ok(Joined::Busy(c.holder.clone()));
-                }
-            }
-            let doc = LockDoc {
-                holder: holder.to_string(),
-                lease_until_ms: now_ms + lease_s * 1000,
-                released: false,
-            };
-            match store
-                .put(
-                    &uri,
-                    body(&doc),
-                    PutCondition::IfMatch(meta.etag),
-                    BTreeMap::new(),
-                )
+        let doc = LockDoc::held(holder, now_ms + lease_s * 1000);
+        for _ in 0..JOIN_ATTEMPTS {
+            let current = lease::read::<LockDoc>(store.as_ref(), &uri)
                 .await
-            {
-                Ok(meta) => {
-                    let mut l = Self::held(store, uri, doc, lease_s, meta.etag);
-                    l.shared = true;
-                    return Ok(Joined::Held(l));
+                .map_err(LockError::of)?;
+            let taken = match current {
+                None => Lease::acquire(store.as_ref(), &uri, &doc, now_ms).await,
+                Some(c) => {
+                    if let Some(d) = &c.doc {
+                        if d.holder == holder && d.released {
+                            return Ok(Joined::Ended);
+                        }
+                        if d.holder != holder && d.keeps_out(now_ms) {
+                            return Ok(Joined::Busy(d.holder.clone()));
+                        }
+                    }
+                    Lease::take_over(store.as_ref(), &uri, &doc, &c.etag).await
                 }
-                // A sibling renewed at the same moment: read again.
-                Err(StoreError::PreconditionFailed { .. }) => continue,
-                Err(e) => return Err(err(e)),
+            };
+            // `None`: it changed since we read it (a sibling renewed it): read again.
+            if let Some(lease) = taken.map_err(LockError::of)? {
+                let mut lock = Self::held(store, lease, &doc, lease_s);
+                lock.shared = true;
+                return Ok(Joined::Held(lock));
             }
         }
         Ok(Joined::Busy("(the lock changed too often to join)".into()))
     }
 
-    /// A shared lock whose ETag moved: adopt a sibling's write when the holder is still ours.
-    async fn sibling_etag(&self) -> Result<Option<(String, LockDoc)>, LockError> {
-        match self.store.get(&self.uri).await {
-            Ok((meta, b)) => Ok(serde_json::from_slice::<LockDoc>(&b)
-                .ok()
-                .filter(|d| d.holder == self.holder && !d.released)
-                .map(|d| (meta.etag, d))),
-            Err(StoreError::NotFound { .. }) => Ok(None),
-            Err(error) => Err(LockError::Store {
-                uri: self.uri.clone(),
-                error,
+    /// The lock as it is now, when it is held under our holder name and not released (a
+    /// sibling's write of a shared lock); otherwise the lock's error naming its holder.
+    async fn sibling(&self) -> Result<Current<LockDoc>, LockError> {
+        let current = lease::read::<LockDoc>(self.store.as_ref(), self.lease.uri())
+            .await
+            .map_err(LockError::of)?;
+        match current {
+            Some(c)
+                if c.doc
+                    .as_ref()
+                    .is_some_and(|d| d.holder == self.holder && !d.released) =>
+            {
+                Ok(c)
+            }
+            c => Err(LockError::Lost {
+                uri: self.lease.uri().clone(),
+                holder: c.and_then(|c| c.doc).map(|d| d.holder),
             }),
         }
     }
 
     /// The lock object.
     pub fn uri(&self) -> &S3Uri {
-        &self.uri
+        self.lease.uri()
     }
 
     /// Epoch milliseconds until which the lease holds.
@@ -291,62 +288,41 @@ impl RouteLock {
     }
 
     /// Extends the lease to `now_ms + lease_s`. [`LockError::Lost`] when another run replaced
-    /// it.
+    /// it. A renewal of ours whose answer was lost is recognised at the next one; for a shared
+    /// lock, so is a sibling's.
     pub async fn renew(&mut self, now_ms: i64) -> Result<(), LockError> {
-        match self.renew_once(now_ms).await {
-            Err(LockError::Lost { .. }) if self.shared => match self.sibling_etag().await? {
-                Some((etag, _)) => {
-                    self.etag = etag;
-                    match self.renew_once(now_ms).await {
-                        // A sibling renewed again meanwhile: the lease is alive either way.
-                        Err(LockError::Lost {
-                            holder: Some(h), ..
-                        }) if h == self.holder => Ok(()),
-                        r => r,
-                    }
-                }
-                None => self.renew_once(now_ms).await,
-            },
-            r => r,
-        }
-    }
-
-    async fn renew_once(&mut self, now_ms: i64) -> Result<(), LockError> {
-        let doc = LockDoc {
-            holder: self.holder.clone(),
-            lease_until_ms: now_ms + self.lease_s * 1000,
-            released: false,
-        };
-        match self
-            .store
-            .put(
-                &self.uri,
-                body(&doc),
-                PutCondition::IfMatch(self.etag.clone()),
-                BTreeMap::new(),
-            )
-            .await
-        {
-            Ok(meta) => {
-                self.etag = meta.etag;
+        let doc = LockDoc::held(&self.holder, now_ms + self.lease_s * 1000);
+        match self.lease.renew(self.store.as_ref(), &doc).await {
+            Ok(()) => {
                 self.lease_until_ms = doc.lease_until_ms;
                 Ok(())
             }
-            Err(StoreError::PreconditionFailed { .. }) | Err(StoreError::NotFound { .. }) => {
-                let holder = match self.store.get(&self.uri).await {
-                    Ok((_, b)) => serde_json::from_slice::<LockDoc>(&b).ok().map(|d| d.holder),
-                    Err(_) => None,
-                };
-                Err(LockError::Lost {
-                    uri: self.uri.clone(),
-                    holder,
-                })
-            }
-            Err(error) => Err(LockError::Store {
-                uri: self.uri.clone(),
-                error,
-            }),
+            Err(LeaseError::Lost { .. }) if self.shared => self.renew_after_siblings(&doc).await,
+            Err(e) => Err(LockError::of(e)),
         }
+    }
+
+    /// A shared lock whose ETag moved: carries on from a sibling's write while the holder is
+    /// still ours and not released.
+    async fn renew_after_siblings(&mut self, doc: &LockDoc) -> Result<(), LockError> {
+        let mut until = self.lease_until_ms;
+        for _ in 0..JOIN_ATTEMPTS {
+            let current = self.sibling().await?;
+            until = current.doc.map_or(until, |d| d.lease_until_ms);
+            self.lease.adopt(current.etag);
+            match self.lease.renew(self.store.as_ref(), doc).await {
+                Ok(()) => {
+                    self.lease_until_ms = doc.lease_until_ms;
+                    return Ok(());
+                }
+                // A sibling renewed again meanwhile.
+                Err(LeaseError::Lost { .. }) => continue,
+                Err(e) => return Err(LockError::of(e)),
+            }
+        }
+        // The siblings keep renewing it: the lease is alive under our name either way.
+        self.lease_until_ms = until;
+        Ok(())
     }
 
     /// Lets the lock go (only if our lease is still the current one; for a joined lock, if
@@ -362,7 +338,7 @@ impl RouteLock {
                 Err(e @ LockError::Lost { .. }) => return Err(e),
                 Err(e) if attempt >= RELEASE_ATTEMPTS => return Err(e),
                 Err(e) => {
-                    warn!(lock = %self.uri, error = %e, attempt, "Could not release the route lock; trying again.");
+                    warn!(lock = %self.uri(), error = %e, attempt, "Could not release the route lock; trying again.");
                     tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
                 }
             }
@@ -370,58 +346,21 @@ impl RouteLock {
     }
 
     async fn release_once(&mut self) -> Result<(), LockError> {
-        if self.shared
-            && let Some((etag, _)) = self.sibling_etag().await?
-        {
-            self.etag = etag;
-        }
-        let doc = LockDoc {
-            holder: self.holder.clone(),
-            lease_until_ms: 0,
-            released: true,
-        };
-        let err = |uri: &S3Uri, error| LockError::Store {
-            uri: uri.clone(),
-            error,
-        };
-        match self
-            .store
-            .put(
-                &self.uri,
-                body(&doc),
-                PutCondition::IfMatch(self.etag.clone()),
-                BTreeMap::new(),
-            )
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(StoreError::PreconditionFailed { .. }) => {
-                // Either another run took the lock over, or one of our own writes landed and
-                // its answer was lost (a release, or a renewal): the object as it is decides.
-                let (meta, bytes) = self
-                    .store
-                    .get(&self.uri)
-                    .await
-                    .map_err(|e| err(&self.uri, e))?;
-                match serde_json::from_slice::<LockDoc>(&bytes).ok() {
-                    Some(d) if d.holder == self.holder && d.released => Ok(()),
-                    Some(d) if d.holder == self.holder => {
-                        self.etag = meta.etag;
-                        Err(LockError::Store {
-                            uri: self.uri.clone(),
-                            error: StoreError::PreconditionFailed {
-                                uri: self.uri.clone(),
-                            },
-                        })
-                    }
-                    d => Err(LockError::Lost {
-                        uri: self.uri.clone(),
-                        holder: d.map(|d| d.holder),
-                    }),
-                }
+        if self.shared {
+            match self.sibling().await {
+                Ok(current) => self.lease.adopt(current.etag),
+                // Released by a sibling under our name (or by us, the answer lost): done.
+                Err(LockError::Lost {
+                    holder: Some(h), ..
+                }) if h == self.holder => return Ok(()),
+                Err(e) => return Err(e),
             }
-            Err(error) => Err(err(&self.uri, error)),
         }
+        let doc = LockDoc::released(&self.holder);
+        self.lease
+            .release(self.store.as_ref(), &doc)
+            .await
+            .map_err(LockError::of)
     }
 }
 
@@ -429,6 +368,7 @@ impl RouteLock {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use bridge_shared::lossy_store::LossyStore;
     use bridge_shared::object_store::MemoryStore;
 
     fn setup() -> (Arc<dyn ObjectStore>, S3Uri) {
@@ -543,101 +483,64 @@ mod tests {
         );
     }
 
-    /// A store whose next PUTs of the lock fail: `fail` of them before applying (503), then
-    /// `lose` of them applied with their answer lost.
-    struct Flaky {
-        inner: MemoryStore,
-        fail: std::sync::atomic::AtomicU32,
-        lose: std::sync::atomic::AtomicU32,
+    fn lossy() -> Arc<LossyStore> {
+        Arc::new(LossyStore::new())
     }
 
-    fn take(n: &std::sync::atomic::AtomicU32) -> bool {
-        use std::sync::atomic::Ordering::SeqCst;
-        n.fetch_update(SeqCst, SeqCst, |v| v.checked_sub(1)).is_ok()
+    #[tokio::test]
+    async fn a_lock_write_whose_answer_was_lost_is_recognised_as_ours() {
+        let store = lossy();
+        let uri = lock_uri("state", "bridge/state/", "people");
+        // The create lands and its answer is lost: read back, the lock is ours.
+        store.lose_puts(1);
+        let mut a = RouteLock::acquire(store.clone(), uri.clone(), "a", 100_000, 60)
+            .await
+            .unwrap()
+            .expect("the lock names us: it is ours");
+        // A renewal lands with its answer lost: an error, not a loss; the next one carries on.
+        store.lose_puts(1);
+        assert!(matches!(
+            a.renew(110_000).await,
+            Err(LockError::Store { .. })
+        ));
+        a.renew(120_000).await.unwrap();
+        assert_eq!(a.lease_until_ms(), 180_000);
+        assert!(
+            RouteLock::acquire(store.clone(), uri.clone(), "b", 170_000, 60)
+                .await
+                .unwrap()
+                .is_none(),
+            "our renewed lease keeps others out"
+        );
+        a.release().await.unwrap();
     }
 
-    #[async_trait::async_trait]
-    impl ObjectStore for Flaky {
-        async fn get(
-            &self,
-            uri: &S3Uri,
-        ) -> Result<(bridge_shared::object_store::ObjectMeta, Bytes), StoreError> {
-            self.inner.get(uri).await
-        }
-        async fn get_reader(
-            &self,
-            uri: &S3Uri,
-        ) -> Result<
-            (
-                bridge_shared::object_store::ObjectMeta,
-                bridge_shared::object_store::ObjectReader,
-            ),
-            StoreError,
-        > {
-            self.inner.get_reader(uri).await
-        }
-        async fn head(
-            &self,
-            uri: &S3Uri,
-        ) -> Result<Option<bridge_shared::object_store::ObjectMeta>, StoreError> {
-            self.inner.head(uri).await
-        }
-        async fn list(
-            &self,
-            bucket: &str,
-            prefix: &str,
-        ) -> Result<Vec<bridge_shared::object_store::ObjectMeta>, StoreError> {
-            self.inner.list(bucket, prefix).await
-        }
-        async fn put(
-            &self,
-            uri: &S3Uri,
-            body: Bytes,
-            cond: PutCondition,
-            meta: BTreeMap<String, String>,
-        ) -> Result<bridge_shared::object_store::ObjectMeta, StoreError> {
-            let unavailable = || StoreError::Other {
-                op: "PutObject",
-                uri: uri.clone(),
-                message: "503 SlowDown".into(),
-                retryable: true,
-            };
-            if take(&self.fail) {
-                return Err(unavailable());
-            }
-            let out = self.inner.put(uri, body, cond, meta).await?;
-            if take(&self.lose) {
-                return Err(unavailable());
-            }
-            Ok(out)
-        }
-        async fn copy(&self, from: &S3Uri, to: &S3Uri) -> Result<(), StoreError> {
-            self.inner.copy(from, to).await
-        }
-        async fn delete(&self, uri: &S3Uri) -> Result<(), StoreError> {
-            self.inner.delete(uri).await
-        }
-    }
-
-    fn flaky() -> Arc<Flaky> {
-        Arc::new(Flaky {
-            inner: MemoryStore::new(),
-            fail: 0.into(),
-            lose: 0.into(),
-        })
+    #[tokio::test]
+    async fn an_acquire_that_meets_a_transient_failure_tries_again() {
+        let store = lossy();
+        let uri = lock_uri("state", "bridge/state/", "people");
+        store.fail_puts(ACQUIRE_ATTEMPTS - 1);
+        let a = RouteLock::acquire(store.clone(), uri.clone(), "a", 100_000, 60)
+            .await
+            .unwrap()
+            .expect("taken on the last attempt");
+        a.release().await.unwrap();
+        store.fail_puts(ACQUIRE_ATTEMPTS);
+        assert!(matches!(
+            RouteLock::acquire(store.clone(), uri.clone(), "b", 110_000, 60).await,
+            Err(LockError::Store { .. })
+        ));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_release_that_meets_an_unavailable_store_is_tried_again() {
-        let store = flaky();
+        let store = lossy();
         let uri = lock_uri("state", "bridge/state/", "people");
         let a = RouteLock::acquire(store.clone(), uri.clone(), "a", 100_000, 60)
             .await
             .unwrap()
             .unwrap();
-        store
-            .fail
-            .store(RELEASE_ATTEMPTS - 1, std::sync::atomic::Ordering::SeqCst);
+        store.fail_puts(RELEASE_ATTEMPTS - 1);
         a.release().await.unwrap();
         let doc = read_lock(store.as_ref(), &uri).await.unwrap().unwrap();
         assert!(doc.released, "released on the last attempt");
@@ -645,18 +548,18 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_release_whose_answer_was_lost_is_recognised() {
-        let store = flaky();
+        let store = lossy();
         let uri = lock_uri("state", "bridge/state/", "people");
         let mut a = RouteLock::acquire(store.clone(), uri.clone(), "a", 100_000, 60)
             .await
             .unwrap()
             .unwrap();
         // A renewal lands with its answer lost: the lock's ETag is no longer the one we know.
-        store.lose.store(1, std::sync::atomic::Ordering::SeqCst);
+        store.lose_puts(1);
         assert!(a.renew(110_000).await.is_err());
         // The release meets 412, reads the lock back, finds our own lease and releases it;
         // its own answer is lost too, and the retry finds it released under our name.
-        store.lose.store(1, std::sync::atomic::Ordering::SeqCst);
+        store.lose_puts(1);
         a.release().await.unwrap();
         let doc = read_lock(store.as_ref(), &uri).await.unwrap().unwrap();
         assert!(doc.released && doc.holder == "a");
@@ -667,14 +570,9 @@ mod tests {
             .unwrap();
         let stale = RouteLock::held(
             store.clone(),
-            uri.clone(),
-            LockDoc {
-                holder: "a".into(),
-                lease_until_ms: 0,
-                released: false,
-            },
+            Lease::held(uri.clone(), "old".into()),
+            &LockDoc::held("a", 0),
             60,
-            "old".into(),
         );
         assert!(matches!(stale.release().await, Err(LockError::Lost { .. })));
         b.release().await.unwrap();

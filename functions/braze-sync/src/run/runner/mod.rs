@@ -217,19 +217,68 @@ impl SyncRunner {
         .with_commit_memory(sizing::commit_memory(s.memory_limit_bytes))
     }
 
-    /// Takes the route's lock, or says why this run must wait.
-    async fn lock(&self, route: &Route, run_id: &str) -> Result<RouteLock, RunError> {
+    /// Takes the route's lock, or says why this run must wait. Under a Lambda deadline a
+    /// route another run holds is waited for ([`lock_wait`]): polled every sixth of a lease
+    /// for at most one lease (a holder that died frees it within one), never into the time a
+    /// run needs; a run that still finds it busy goes back to the queue and waits its turn
+    /// there. Returns the lock and how long it waited.
+    async fn lock(
+        &self,
+        route: &Route,
+        run_id: &str,
+        remaining_ms: Option<u64>,
+    ) -> Result<(RouteLock, Duration), RunError> {
         let s = &self.settings;
         let uri = lock_uri(&s.state_bucket, &s.state_prefix, route.name());
-        let now = crate::clock::now().timestamp_millis();
-        match RouteLock::acquire(self.store.clone(), uri, run_id, now, s.route_lease_s).await {
-            Ok(Some(lock)) => Ok(lock),
-            Ok(None) => Err(RunError::Retryable(format!(
-                "another export of route {} is syncing; this one waits its turn",
-                route.name()
-            ))),
-            Err(e) => Err(RunError::Retryable(e.to_string())),
+        let started = Instant::now();
+        let wait = lock_wait(s.route_lease_s, remaining_ms);
+        loop {
+            let now = crate::clock::now().timestamp_millis();
+            match RouteLock::acquire(
+                self.store.clone(),
+                uri.clone(),
+                run_id,
+                now,
+                s.route_lease_s,
+            )
+            .await
+            {
+                Ok(Some(lock)) => return Ok((lock, started.elapsed())),
+                Ok(None) if started.elapsed() + wait.poll <= wait.most => {
+                    tokio::time::sleep(wait.poll).await;
+                }
+                Ok(None) => {
+                    return Err(RunError::Retryable(format!(
+                        "another export of route {} is syncing; this one waits its turn",
+                        route.name()
+                    )));
+                }
+                Err(e) => return Err(RunError::Retryable(e.to_string())),
+            }
         }
+    }
+}
+
+/// How a run waits for a route another run holds: every `poll`, for at most `most`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LockWait {
+    poll: Duration,
+    most: Duration,
+}
+
+/// The wait for a busy route under a lease of `lease_s` seconds with `remaining_ms` left in
+/// the invocation (`None`: no Lambda deadline, as from a shell: no wait, the caller is told at
+/// once). At most one lease, and never into the [`deadline::MIN_TIMEOUT`] a run needs.
+fn lock_wait(lease_s: i64, remaining_ms: Option<u64>) -> LockWait {
+    let lease = Duration::from_secs(lease_s.max(1) as u64);
+    let most = remaining_ms.map_or(Duration::ZERO, |ms| {
+        Duration::from_millis(ms)
+            .saturating_sub(deadline::MIN_TIMEOUT)
+            .min(lease)
+    });
+    LockWait {
+        poll: lease / 6,
+        most,
     }
 }
 
@@ -261,7 +310,8 @@ impl ExportRunner for SyncRunner {
         let bounded = self.check_memory(plan, &route, &mut record).await?;
         // One run per route at a time: exports of a route apply one after the other. The lease
         // is renewed while the run lives; losing it stops the run.
-        let mut lock = self.lock(&route, &record.run_id).await?;
+        let (mut lock, waited) = self.lock(&route, &record.run_id, remaining_ms).await?;
+        let remaining_ms = remaining_ms.map(|ms| ms.saturating_sub(waited.as_millis() as u64));
         let (lost_tx, lost_rx) = watch::channel(None);
         let export = LockedExport {
             plan,
@@ -499,4 +549,27 @@ struct Against {
     head: Head,
     /// The whole snapshot, unless the run is bounded.
     snapshot: Option<Snapshot>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_route_is_waited_for_at_most_one_lease_and_never_into_a_runs_time() {
+        let s = Duration::from_secs;
+        // The deployed shape: a 900 s timeout, a 60 s lease.
+        assert_eq!(
+            lock_wait(60, Some(900_000)),
+            LockWait {
+                poll: s(10),
+                most: s(60)
+            }
+        );
+        // What is left beyond the minimum a run needs bounds the wait.
+        assert_eq!(lock_wait(60, Some(90_000)).most, s(30));
+        assert_eq!(lock_wait(60, Some(50_000)).most, Duration::ZERO);
+        // From a shell the caller is told at once.
+        assert_eq!(lock_wait(60, None).most, Duration::ZERO);
+    }
 }
