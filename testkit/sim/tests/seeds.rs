@@ -420,3 +420,11 @@ fn seed_489_message_dead_lettered_by_route_lock_failures_and_a_busy_route() {
 fn seed_498_message_dead_lettered_by_route_lock_failures() {
     holds(498);
 }
+
+/// Notifications stayed in the DLQ after every receive failed on one transient failure of a
+/// state write (a checkpoint segment, a range delta or base, the head), each of which ended
+/// its run.
+#[test]
+fn seed_731_message_dead_lettered_by_transient_state_write_failures() {
+    holds(731);
+}

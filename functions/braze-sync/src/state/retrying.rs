@@ -3,7 +3,9 @@
 //! are repeated, [`ATTEMPTS`] times in all, on top of the SDK's own attempts (which already
 //! wait between them; these follow at once, so they also work where a reader thread drives
 //! the call and a timer would never fire, as in the simulation's paused time). Conditional writes (heads, segments, the ledger, locks) are passed through once: after
-//! a lost answer their retry meets 412, and only the caller can decide by what is there now.
+//! a lost answer their retry meets 412, and only the caller can decide by what is there now
+//! (the state store tries its own again and decides by the object's bytes or the head as it is
+//! now; the route lock and the ledger's claims by their lease).
 //! One transient S3 error then costs a pause, not the whole run (and one of the few receives
 //! its message has before the dead-letter queue).
 
@@ -30,7 +32,9 @@ impl RetryingStore {
     }
 }
 
-fn transient(e: &StoreError) -> bool {
+/// Whether `e` is a failure that trying the same call again may cure (not an answer such as
+/// 404 or 412).
+pub(crate) fn transient(e: &StoreError) -> bool {
     matches!(
         e,
         StoreError::Other {

@@ -2,6 +2,7 @@
 //! that folds them into the ranges they touch.
 
 use super::*;
+use crate::state::retrying::{ATTEMPTS, transient};
 
 impl StateStore {
     /// Persists confirmed deltas as one segment and appends it to the head. Call it every few
@@ -26,14 +27,7 @@ impl StateStore {
         ));
         let uri = self.uri(&name);
         let body = encode_segment(&route.state_names(), confirmed, route.tracks_departures());
-        self.store
-            .put(
-                &uri,
-                Bytes::from(body),
-                PutCondition::IfAbsent,
-                BTreeMap::new(),
-            )
-            .await?;
+        self.create(&uri, Bytes::from(body)).await?;
         let mut doc = head.doc.clone();
         doc.segments.push(name.clone());
         doc.updated_at = crate::clock::now().to_rfc3339();
@@ -45,15 +39,31 @@ impl StateStore {
     }
 
     pub(super) async fn put_new(&self, name: &str, body: Vec<u8>) -> Result<(), StoreError> {
-        self.store
-            .put(
-                &self.uri(name),
-                Bytes::from(body),
-                PutCondition::IfAbsent,
-                BTreeMap::new(),
-            )
-            .await
-            .map(|_| ())
+        self.create(&self.uri(name), Bytes::from(body)).await
+    }
+
+    /// Writes a new object, create-only, under a name that carries this run's nonce (no other
+    /// writer uses it). A transient failure is tried again ([`ATTEMPTS`] in all); a retry that
+    /// meets 412 reads the object back, and the very bytes written mean an earlier attempt
+    /// landed with its answer lost.
+    async fn create(&self, uri: &S3Uri, body: Bytes) -> Result<(), StoreError> {
+        let mut attempt = 1;
+        loop {
+            let put = self
+                .store
+                .put(uri, body.clone(), PutCondition::IfAbsent, BTreeMap::new())
+                .await;
+            match put {
+                Err(e) if transient(&e) && attempt < ATTEMPTS => attempt += 1,
+                Err(e @ StoreError::PreconditionFailed { .. }) if attempt > 1 => {
+                    return match self.store.get(uri).await {
+                        Ok((_, bytes)) if bytes == body => Ok(()),
+                        _ => Err(e),
+                    };
+                }
+                r => return r.map(|_| ()),
+            }
+        }
     }
 
     /// Ends a run: folds the segments into the hash ranges they touch (see the module docs:

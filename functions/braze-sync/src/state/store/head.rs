@@ -2,6 +2,7 @@
 //! deleting only objects no head names.
 
 use super::*;
+use crate::state::retrying::{ATTEMPTS, transient};
 
 impl StateStore {
     /// Reads the head (an empty one when the route has no state yet).
@@ -65,29 +66,43 @@ impl StateStore {
             Some(e) => PutCondition::IfMatch(e.clone()),
             None => PutCondition::IfAbsent,
         };
-        let failed = match self
-            .store
-            .put(&uri, Bytes::from(body), cond, BTreeMap::new())
-            .await
-        {
-            Ok(meta) => {
-                head.etag = Some(meta.etag);
-                head.doc = doc;
-                return Ok(());
+        let body = Bytes::from(body);
+        let mut attempt = 1;
+        loop {
+            let put = self
+                .store
+                .put(&uri, body.clone(), cond.clone(), BTreeMap::new())
+                .await;
+            let (failed, transient) = match put {
+                Ok(meta) => {
+                    head.etag = Some(meta.etag);
+                    head.doc = doc;
+                    return Ok(());
+                }
+                Err(StoreError::PreconditionFailed { .. }) => {
+                    (StateError::Conflict { uri: uri.clone() }, false)
+                }
+                Err(e) => {
+                    let transient = transient(&e);
+                    (e.into(), transient)
+                }
+            };
+            // A timeout can hide a write that landed (and a retry of it then meets 412): the
+            // head as it is now decides. When it is this very document, the write happened;
+            // when it is still the head we wrote over, it never landed and is tried again
+            // (the same condition keeps out anyone who moved it meanwhile).
+            match self.read_head().await {
+                Ok(now) if now.doc == doc => {
+                    head.etag = now.etag;
+                    head.doc = doc;
+                    return Ok(());
+                }
+                Ok(now) if transient && now.etag == head.etag && attempt < ATTEMPTS => {
+                    attempt += 1;
+                }
+                _ => return Err(failed),
             }
-            Err(StoreError::PreconditionFailed { .. }) => StateError::Conflict { uri },
-            Err(e) => e.into(),
-        };
-        // A timeout can hide a write that landed (and a retry of it then meets 412): the head
-        // as it is now decides. When it is this very document, the write happened.
-        if let Ok(now) = self.read_head().await
-            && now.doc == doc
-        {
-            head.etag = now.etag;
-            head.doc = doc;
-            return Ok(());
         }
-        Err(failed)
     }
 
     /// Every object a head document names (bases, range deltas, checkpoint segments).

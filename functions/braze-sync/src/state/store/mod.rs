@@ -695,20 +695,38 @@ mod tests {
         );
     }
 
-    /// When armed, the next head write lands and then loses its answer (the caller sees a
-    /// timeout), as S3 does when the connection drops after the write.
-    struct LosesHeadAnswer(std::sync::atomic::AtomicBool);
+    /// When `armed`, the next head write lands and then loses its answer (the caller sees a
+    /// timeout), as S3 does when the connection drops after the write; when `fail`, the next
+    /// head write fails before applying (503 SlowDown).
+    #[derive(Default)]
+    struct LosesHeadAnswer {
+        armed: std::sync::atomic::AtomicBool,
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    fn head_write(call: &Call<'_>) -> bool {
+        matches!(call, Call::Put { .. }) && call.key().ends_with("head.json")
+    }
 
     #[async_trait::async_trait]
     impl Hook for LosesHeadAnswer {
+        async fn before(&self, _: &dyn ObjectStore, call: Call<'_>) -> Result<(), StoreError> {
+            if head_write(&call) && self.fail.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                return Err(call.throttled());
+            }
+            Ok(())
+        }
+
         async fn after(
             &self,
             _: &dyn ObjectStore,
             call: Call<'_>,
             ok: bool,
         ) -> Result<(), StoreError> {
-            let head_write = matches!(call, Call::Put { .. }) && call.key().ends_with("head.json");
-            if ok && head_write && self.0.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            if ok
+                && head_write(&call)
+                && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
                 return Err(call.failed("timeout waiting for the response", true));
             }
             Ok(())
@@ -719,7 +737,7 @@ mod tests {
     async fn a_head_write_whose_answer_was_lost_keeps_what_the_head_names() {
         let store = Arc::new(Hooked::new(
             Arc::new(MemoryStore::new()),
-            LosesHeadAnswer(false.into()),
+            LosesHeadAnswer::default(),
         ));
         let mem: Arc<dyn ObjectStore> = store.clone();
         let st = StateStore::new(mem.clone(), "state", "s/", "r");
@@ -730,7 +748,7 @@ mod tests {
         // so the segment stays, and the run carries on from the head it wrote.
         store
             .hook()
-            .0
+            .armed
             .store(true, std::sync::atomic::Ordering::SeqCst);
         st.checkpoint(&mut head, &r, &[d("2", 2)]).await.unwrap();
         st.checkpoint(&mut head, &r, &[d("3", 3)]).await.unwrap();
@@ -739,12 +757,48 @@ mod tests {
         // The same for the commit's head write: what it wrote and the head names stays.
         store
             .hook()
-            .0
+            .armed
             .store(true, std::sync::atomic::Ordering::SeqCst);
         st.commit(&mut head2, snap, w("e1")).await.unwrap();
         let (head3, snap3) = st.load(&r).await.unwrap();
         assert_eq!(snap3.len(), 3);
         assert!(head3.doc.segments.is_empty());
+    }
+
+    #[tokio::test]
+    async fn state_writes_that_fail_transiently_or_lose_their_answer_are_tried_again() {
+        use crate::state::retrying::ATTEMPTS;
+        let lossy = Arc::new(bridge_shared::lossy_store::LossyStore::new());
+        let mem: Arc<dyn ObjectStore> = lossy.clone();
+        let st = StateStore::new(mem.clone(), "state", "s/", "r");
+        let r = route();
+        let (mut head, _) = st.load(&r).await.unwrap();
+        // The segment's create fails before applying on all attempts but the last.
+        lossy.fail_puts(ATTEMPTS - 1);
+        st.checkpoint(&mut head, &r, &[d("1", 1)]).await.unwrap();
+        // It lands with its answer lost: the retry meets 412 and reads back our own bytes.
+        lossy.lose_puts(1);
+        st.checkpoint(&mut head, &r, &[d("2", 2)]).await.unwrap();
+        assert_eq!(st.load(&r).await.unwrap().1.len(), 2);
+        // Too many failures are the caller's.
+        lossy.fail_puts(ATTEMPTS);
+        assert!(st.checkpoint(&mut head, &r, &[d("3", 3)]).await.is_err());
+        // A head write that fails before applying is tried again while the head is unchanged.
+        let store = Arc::new(Hooked::new(
+            Arc::new(MemoryStore::new()),
+            LosesHeadAnswer::default(),
+        ));
+        let mem: Arc<dyn ObjectStore> = store.clone();
+        let st = StateStore::new(mem, "state", "s/", "r");
+        let (mut head, _) = st.load(&r).await.unwrap();
+        st.checkpoint(&mut head, &r, &[d("1", 1)]).await.unwrap();
+        store
+            .hook()
+            .fail
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        st.checkpoint(&mut head, &r, &[d("2", 2)]).await.unwrap();
+        st.checkpoint(&mut head, &r, &[d("3", 3)]).await.unwrap();
+        assert_eq!(st.load(&r).await.unwrap().1.len(), 3);
     }
 
     #[tokio::test]
