@@ -5,7 +5,8 @@
 //!    diffed against the state by the real diff, sends nothing (no value in Braze the state
 //!    does not know, no confirmed value Braze never received). An attribute the state marks
 //!    unknown claims nothing (the next export resends it), so it agrees with any value.
-//! 3. No route lock, running export claim or `_fan_out/` object is left behind.
+//! 3. No route lock, running export claim or `_fan_out/` object is left behind (a route lock
+//!    whose holder crashed counts once its lease has run out: it keeps no run out).
 //! 4. Every export's notification ended with a ledger entry and the report it names (or the
 //!    DLQ with a report): nothing acknowledged without a durable record. A message that moves
 //!    to the DLQ is checked as it moves ([`dead_letter_reported`]): when its last receive was
@@ -23,6 +24,7 @@ use braze_sync::state::confirmed::{Snapshot, UNKNOWN_FP};
 use braze_sync::state::ledger::{Ledger, LedgerStatus};
 use braze_sync::state::route_lock::{lock_uri, read_lock};
 use braze_sync::state::store::StateStore;
+use bridge_shared::lease::LeaseDoc;
 use bridge_shared::{ObjectStore, S3Uri};
 use serde_json::Value;
 
@@ -293,13 +295,19 @@ async fn nothing_left_behind(
 ) -> Vec<String> {
     let mut v = Vec::new();
     let lock = lock_uri(STATE_BUCKET, STATE_PREFIX, route.name());
+    // A holder that crashed leaves its lease to expire by itself (nothing renews it once no
+    // invocation runs), and `status` shows an expired lease as no run: only a lease that still
+    // keeps the next run out when the world is quiet is left behind.
+    let now_ms = braze_sync::clock::now().timestamp_millis();
     if let Ok(Some(doc)) = read_lock(store.as_ref(), &lock).await
-        && !doc.released
+        && doc.keeps_out(now_ms)
     {
         v.push(format!(
-            "invariant 3: route {}: the route lock is left held by {}",
+            "invariant 3: route {}: the route lock is left held by {} until {} ({} ms from now)",
             route.name(),
-            doc.holder
+            doc.holder,
+            doc.lease_until_ms,
+            doc.lease_until_ms - now_ms
         ));
     }
     let prefix = format!("{STATE_PREFIX}{}/", route.name());

@@ -428,3 +428,12 @@ fn seed_498_message_dead_lettered_by_route_lock_failures() {
 fn seed_731_message_dead_lettered_by_transient_state_write_failures() {
     holds(731);
 }
+
+/// A duplicate of an export waited for the route inside its invocation while the export's
+/// fan-out finished, took the lock and crashed at once; the redelivery found the export
+/// complete and never touched the lock. The crashed holder's lease ran out by itself: no run
+/// is kept out, so no lock is left behind.
+#[test]
+fn seed_7698_crashed_holders_lease_expires_by_itself() {
+    holds(7698);
+}
