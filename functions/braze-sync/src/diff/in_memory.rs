@@ -85,6 +85,16 @@ impl Planner<'_> {
         Ok(())
     }
 
+    /// The reject of a row whose user already appeared earlier in the export.
+    fn duplicate(&self, pos: RowPos) -> RowReject {
+        RowReject {
+            pos,
+            column: Some(self.route.config.identifier.column.clone()),
+            reason: "duplicate identifier: the user already appeared earlier in this export; the earlier row is kept and this one is not sent".into(),
+            identifier: Some(self.mapped.identifier()),
+        }
+    }
+
     /// One readable row: unchanged, rejected, or a delta handed to `on_delta`.
     fn row(
         &mut self,
@@ -154,12 +164,7 @@ impl Planner<'_> {
         let first = !recorded || !self.opts.skips_recorded();
         if !first || !self.seen.insert(self.mapped.key, state) {
             self.summary.rejected += 1;
-            on_reject(RowReject {
-                pos: pos(),
-                column: Some(self.route.config.identifier.column.clone()),
-                reason: "duplicate identifier: the user already appeared earlier in this export; the earlier row is kept and this one is not sent".into(),
-                identifier: Some(self.mapped.identifier()),
-            });
+            on_reject(self.duplicate(pos()));
             return Ok(());
         }
         let mut changes = user::changes(
