@@ -437,3 +437,12 @@ fn seed_731_message_dead_lettered_by_transient_state_write_failures() {
 fn seed_7698_crashed_holders_lease_expires_by_itself() {
     holds(7698);
 }
+
+/// A duplicate delivery of a fan-out piece resent what Braze had refused the done attempt and
+/// was still checkpointing into the piece's fork when the last piece claimed the finalizer:
+/// the merge met the fork's segments and failed the export for good instead of waiting for
+/// the duplicate's commit.
+#[test]
+fn seed_8967_finalizer_waits_for_a_duplicate_piece_attempts_checkpoints() {
+    holds(8967);
+}

@@ -157,6 +157,18 @@ impl SyncRunner {
             forks.push((span, h.doc));
         }
         if head.etag == manifest.route_head_etag {
+            // A fork still holding checkpoint segments has an attempt of its piece at work
+            // (a duplicate delivery sending what the done attempt's Braze refused) or one
+            // that died mid-run: what Braze confirmed is in those segments, so the merge
+            // waits for the attempt's commit (or the fan-out's end absorbs them).
+            if let Some((span, f)) = forks.iter().find(|(_, f)| !f.segments.is_empty()) {
+                return Err(RunError::Retryable(format!(
+                    "the fork of ranges {}..{} still has {} checkpoint segments: an attempt of its piece is at work; the finalizer is retried",
+                    span.start,
+                    span.end,
+                    f.segments.len()
+                )));
+            }
             state.merge_forks(head, &forks).await.map_err(state_err)?;
         } else if !is_merge_of(&head.doc, &forks) {
             return Err(RunError::Permanent {
