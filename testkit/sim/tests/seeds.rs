@@ -446,3 +446,12 @@ fn seed_7698_crashed_holders_lease_expires_by_itself() {
 fn seed_8967_finalizer_waits_for_a_duplicate_piece_attempts_checkpoints() {
     holds(8967);
 }
+
+/// A piece lost its route lock to a transient error and came back after its fan-out's lease
+/// ran out; the next run ended the fan-out as void, could not queue its export again, deleted
+/// the control objects anyway and went on: the newest export was never synced, and older
+/// ones replayed over it.
+#[test]
+fn seed_2981_void_fan_out_export_dropped_when_it_cannot_be_queued_again() {
+    holds(2981);
+}

@@ -244,7 +244,8 @@ impl SyncRunner {
 
     /// The ended fan-out's report and, when the export's ledger entry is this fan-out's, the
     /// entry (`failed`, or `incomplete` with the export queued again when it is void);
-    /// returns the report's address. Retried when the report or the entry cannot be written.
+    /// returns the report's address. Retried when the report or the entry cannot be written,
+    /// or the export of a void fan-out cannot be queued again.
     async fn record_ending(
         &self,
         route: &Route,
@@ -307,12 +308,16 @@ impl SyncRunner {
                 .map_err(|e| retry(e.to_string()))?;
         }
         if hand_back {
-            let queued = match &self.continuation {
-                Some(c) => c.hand_over(&manifest.plan()).await,
-                None => Err("no continuation queue is configured".into()),
-            };
-            if let Err(e) = queued {
-                warn!(route = route.name(), run_id = %manifest.run_id, error = %e, "Could not queue the export of a void fan-out again; replay it (its ledger entry says incomplete).");
+            match &self.continuation {
+                // Queued before the control objects go: if the queue refuses, this end is
+                // tried again (the entry already says `incomplete`, still owned), so the
+                // export is never dropped while older exports go on being synced.
+                Some(c) => c.hand_over(&manifest.plan()).await.map_err(|e| {
+                    retry(format!("queueing the export of a void fan-out again: {e}"))
+                })?,
+                None => {
+                    warn!(route = route.name(), run_id = %manifest.run_id, "No continuation queue is configured to queue the export of a void fan-out again; replay it (its ledger entry says incomplete).");
+                }
             }
         }
         Ok(report_uri.to_string())
