@@ -198,7 +198,9 @@ impl RouteLock {
     /// Joins the lock held under `holder` by other invocations of the same work (the pieces
     /// of a fan-out share their run's lock): renews it for `lease_s` from `now_ms` when it is
     /// held under `holder`, or takes it under `holder` when it is free or expired. Renewals of
-    /// a joined lock tolerate the siblings' renewals.
+    /// a joined lock tolerate the siblings' renewals. A transient store failure is tried
+    /// again ([`ACQUIRE_ATTEMPTS`] in all): a piece sent back to the queue waits a whole
+    /// visibility timeout, which can outlast its fan-out's lease.
     pub async fn join(
         store: Arc<dyn ObjectStore>,
         uri: S3Uri,
@@ -206,13 +208,34 @@ impl RouteLock {
         now_ms: i64,
         lease_s: i64,
     ) -> Result<Joined, LockError> {
+        let mut attempt = 1;
+        loop {
+            match Self::join_once(store.clone(), &uri, holder, now_ms, lease_s).await {
+                Err(e) if e.is_transient() && attempt < ACQUIRE_ATTEMPTS => {
+                    warn!(lock = %uri, error = %e, attempt, "Could not join the route lock; trying again.");
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// One attempt at [`RouteLock::join`]. A take whose answer was lost is found held under
+    /// `holder` by the next attempt, and taken over again.
+    async fn join_once(
+        store: Arc<dyn ObjectStore>,
+        uri: &S3Uri,
+        holder: &str,
+        now_ms: i64,
+        lease_s: i64,
+    ) -> Result<Joined, LockError> {
         let doc = LockDoc::held(holder, now_ms + lease_s * 1000);
         for _ in 0..JOIN_ATTEMPTS {
-            let current = lease::read::<LockDoc>(store.as_ref(), &uri)
+            let current = lease::read::<LockDoc>(store.as_ref(), uri)
                 .await
                 .map_err(LockError::of)?;
             let taken = match current {
-                None => Lease::acquire(store.as_ref(), &uri, &doc, now_ms).await,
+                None => Lease::acquire(store.as_ref(), uri, &doc, now_ms).await,
                 Some(c) => {
                     if let Some(d) = &c.doc {
                         if d.holder == holder && d.released {
@@ -222,7 +245,7 @@ impl RouteLock {
                             return Ok(Joined::Busy(d.holder.clone()));
                         }
                     }
-                    Lease::take_over(store.as_ref(), &uri, &doc, &c.etag).await
+                    Lease::take_over(store.as_ref(), uri, &doc, &c.etag).await
                 }
             };
             // `None`: it changed since we read it (a sibling renewed it): read again.
@@ -528,6 +551,31 @@ mod tests {
         store.fail_puts(ACQUIRE_ATTEMPTS);
         assert!(matches!(
             RouteLock::acquire(store.clone(), uri.clone(), "b", 110_000, 60).await,
+            Err(LockError::Store { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_join_that_meets_a_transient_failure_tries_again() {
+        let store = lossy();
+        let uri = lock_uri("state", "bridge/state/", "people");
+        store.fail_puts(ACQUIRE_ATTEMPTS - 1);
+        let joined = RouteLock::join(store.clone(), uri.clone(), "run", 100_000, 60)
+            .await
+            .unwrap();
+        let Joined::Held(a) = joined else {
+            panic!("joined on the last attempt");
+        };
+        // A sibling's take whose answer was lost is found under our name and taken over.
+        store.lose_puts(1);
+        assert!(matches!(
+            RouteLock::join(store.clone(), uri.clone(), "run", 105_000, 60).await,
+            Ok(Joined::Held(_))
+        ));
+        a.release().await.unwrap();
+        store.fail_puts(ACQUIRE_ATTEMPTS);
+        assert!(matches!(
+            RouteLock::join(store.clone(), uri.clone(), "other", 110_000, 60).await,
             Err(LockError::Store { .. })
         ));
     }
