@@ -156,6 +156,26 @@ pub async fn read_lock(store: &dyn ObjectStore, uri: &S3Uri) -> Result<Option<Lo
     Ok(current.and_then(|c| c.doc))
 }
 
+/// Runs `attempt` until it succeeds, fails for good, or has failed transiently
+/// [`ACQUIRE_ATTEMPTS`] times (taking and joining the lock: conditional writes, which the
+/// state's retrying store leaves to their callers).
+async fn retry_transient<T, F, Fut>(uri: &S3Uri, what: &str, mut attempt: F) -> Result<T, LockError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, LockError>>,
+{
+    let mut n = 1;
+    loop {
+        match attempt().await {
+            Err(e) if e.is_transient() && n < ACQUIRE_ATTEMPTS => {
+                warn!(lock = %uri, error = %e, attempt = n, "Could not {what} the route lock; trying again.");
+                n += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
 impl RouteLock {
     /// Takes the lock for `lease_s` seconds from `now_ms` (epoch milliseconds), or returns
     /// `None` when another holder's lease is alive (or another run took it at the same moment).
@@ -168,20 +188,13 @@ impl RouteLock {
         lease_s: i64,
     ) -> Result<Option<RouteLock>, LockError> {
         let doc = LockDoc::held(holder, now_ms + lease_s * 1000);
-        let mut attempt = 1;
-        loop {
-            match Lease::acquire(store.as_ref(), &uri, &doc, now_ms)
+        let lease = retry_transient(&uri, "take", || async {
+            Lease::acquire(store.as_ref(), &uri, &doc, now_ms)
                 .await
                 .map_err(LockError::of)
-            {
-                Ok(lease) => return Ok(lease.map(|l| Self::held(store, l, &doc, lease_s))),
-                Err(e) if e.is_transient() && attempt < ACQUIRE_ATTEMPTS => {
-                    warn!(lock = %uri, error = %e, attempt, "Could not take the route lock; trying again.");
-                    attempt += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        })
+        .await?;
+        Ok(lease.map(|l| Self::held(store, l, &doc, lease_s)))
     }
 
     fn held(store: Arc<dyn ObjectStore>, lease: Lease, doc: &LockDoc, lease_s: i64) -> Self {
@@ -208,16 +221,10 @@ impl RouteLock {
         now_ms: i64,
         lease_s: i64,
     ) -> Result<Joined, LockError> {
-        let mut attempt = 1;
-        loop {
-            match Self::join_once(store.clone(), &uri, holder, now_ms, lease_s).await {
-                Err(e) if e.is_transient() && attempt < ACQUIRE_ATTEMPTS => {
-                    warn!(lock = %uri, error = %e, attempt, "Could not join the route lock; trying again.");
-                    attempt += 1;
-                }
-                r => return r,
-            }
-        }
+        retry_transient(&uri, "join", || {
+            Self::join_once(store.clone(), &uri, holder, now_ms, lease_s)
+        })
+        .await
     }
 
     /// One attempt at [`RouteLock::join`]. A take whose answer was lost is found held under
