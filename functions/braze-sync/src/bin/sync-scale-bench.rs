@@ -669,6 +669,10 @@ fn print_first_sync(
     );
     m.insert("memory_size_mb".into(), json!(o.memory_mb));
     m.insert("rss_budget_mb".into(), json!(round(budget)));
+    m.insert(
+        "mimalloc_purge_delay".into(),
+        json!(lambda::mimalloc_purge_delay()),
+    );
     m.insert("first_sync_invocations".into(), json!(inv.len()));
     m.insert(
         "first_sync_peak_rss_by_kind_mb".into(),

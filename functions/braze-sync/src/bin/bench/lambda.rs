@@ -59,8 +59,16 @@ impl LambdaShape {
             ("BRIDGE_EPHEMERAL_STORAGE_MB", self.storage_mb.to_string()),
             ("SCALE_RANGE_USERS", self.range_users.to_string()),
             ("BRIDGE_FAN_OUT_PIECES", self.fan_out_pieces.to_string()),
+            ("MIMALLOC_PURGE_DELAY", mimalloc_purge_delay()),
         ]
     }
+}
+
+/// The allocator setting the invocations run with: the stack's (`template.yaml` sets `0` on
+/// the function, so freed memory goes back to the kernel at once), unless the environment
+/// sets another.
+pub fn mimalloc_purge_delay() -> String {
+    std::env::var("MIMALLOC_PURGE_DELAY").unwrap_or_else(|_| "0".into())
 }
 
 /// Braze taking every request whole after `latency`.
