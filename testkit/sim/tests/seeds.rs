@@ -455,3 +455,24 @@ fn seed_8967_finalizer_waits_for_a_duplicate_piece_attempts_checkpoints() {
 fn seed_2981_void_fan_out_export_dropped_when_it_cannot_be_queued_again() {
     holds(2981);
 }
+
+/// A fan-out's clean, cut short, left a fork head naming objects its merge had replaced:
+/// the clean deleted the folder in listing order, `final.json` (which says the forks were
+/// merged) first, so every later run of the route tried to take the fork over again, met the
+/// missing object and was retried until its messages went to the DLQ.
+#[test]
+fn seed_12790_cut_short_fan_out_clean_leaves_a_fork_head_naming_deleted_objects() {
+    holds(12790);
+}
+
+#[test]
+fn seed_13866_cut_short_fan_out_clean_leaves_a_fork_head_naming_deleted_objects() {
+    holds(13866);
+}
+
+/// The same, and a piece redelivered while the manifest was still there claimed the
+/// finalizer afresh (`final.json` gone) and tried to merge forks whose objects were deleted.
+#[test]
+fn seed_18255_cut_short_fan_out_clean_lets_a_piece_finalize_again() {
+    holds(18255);
+}

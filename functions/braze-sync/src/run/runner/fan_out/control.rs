@@ -198,35 +198,67 @@ impl Control {
     /// Deletes the control objects (never the state objects forks wrote: after a merge the
     /// route head references them). With `everything`, the fan-out never merged, so the
     /// forks' objects are unreferenced too and the whole folder goes.
+    ///
+    /// In an order a cut-short clean can be resumed from: the manifest first (no piece runs
+    /// once it is gone), each fork's head before the objects it names, and `final.json` last
+    /// (while it says merged, a fork head naming objects the merge replaced is never taken
+    /// over again). The first object that cannot be deleted stops it: nothing after it is
+    /// deleted, and the route's next run ends what is left.
     pub(super) async fn clean(&self, pieces: usize, everything: bool) {
-        let mut names = vec!["manifest.json".to_string()];
-        for k in 0..pieces {
-            let p = Self::piece_name(k);
-            names.extend([
-                format!("{p}/done.json"),
-                format!("{p}/departures.bin"),
-                format!("{p}/head.json"),
-            ]);
-        }
-        names.push("final.json".into());
-        let mut uris: Vec<S3Uri> = names.iter().map(|n| self.uri(n)).collect();
+        let mut keys = Vec::new();
+        // Unlisted: only the control objects go; the next run ends the rest.
         if everything && let Ok(listing) = self.store.list(&self.bucket, &self.folder).await {
-            uris = listing
-                .iter()
-                .map(|o| S3Uri::new(&self.bucket, &o.key))
-                .collect();
+            keys = listing.into_iter().map(|o| o.key).collect();
         }
-        for uri in uris {
+        for uri in self.deletion_order(pieces, &keys) {
             let mut attempt = 1;
             while let Err(e) = self.store.delete(&uri).await {
                 if attempt < DELETE_ATTEMPTS && e.is_retryable() {
                     attempt += 1;
                     continue;
                 }
-                warn!(object = %uri, error = %e, "Could not delete a fan-out control object; the route's next run deletes it.");
-                break;
+                warn!(object = %uri, error = %e, "Could not delete a fan-out control object; the route's next run deletes it and what follows it.");
+                return;
             }
         }
+    }
+
+    /// What [`Control::clean`] deletes, in order: the manifest; per piece its `done.json`,
+    /// `departures.bin` and fork head, then the fork's other objects among `listed`; any
+    /// other object of `listed`; `final.json` last.
+    fn deletion_order(&self, pieces: usize, listed: &[String]) -> Vec<S3Uri> {
+        let mut names = vec!["manifest.json".to_string()];
+        let pieces = listed
+            .iter()
+            .filter_map(|k| k.strip_prefix(&self.folder)?.split_once('/'))
+            .filter_map(|(p, _)| p.strip_prefix('p')?.parse::<usize>().ok())
+            .map(|k| k + 1)
+            .fold(pieces, usize::max);
+        for k in 0..pieces {
+            let p = Self::piece_name(k);
+            let own = [
+                format!("{p}/done.json"),
+                format!("{p}/departures.bin"),
+                format!("{p}/head.json"),
+            ];
+            let rest: Vec<String> = listed
+                .iter()
+                .filter_map(|key| key.strip_prefix(&self.folder))
+                .filter(|n| n.starts_with(&format!("{p}/")) && !own.iter().any(|o| o == n))
+                .map(str::to_string)
+                .collect();
+            names.extend(own);
+            names.extend(rest);
+        }
+        let others: Vec<String> = listed
+            .iter()
+            .filter_map(|key| key.strip_prefix(&self.folder))
+            .filter(|n| *n != "final.json" && !names.iter().any(|m| m == n))
+            .map(str::to_string)
+            .collect();
+        names.extend(others);
+        names.push("final.json".into());
+        names.iter().map(|n| self.uri(n)).collect()
     }
 }
 
