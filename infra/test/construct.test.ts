@@ -103,6 +103,7 @@ describe('functions', () => {
           CONTINUATION_QUEUE_URL: { Ref: logicalId(template, 'BrazeSyncQueue') },
           BRIDGE_MAX_RECEIVE_COUNT: '5',
           BRIDGE_EPHEMERAL_STORAGE_MB: '4096',
+          MIMALLOC_PURGE_DELAY: '0',
           RUST_LOG: 'info',
         }),
       },
