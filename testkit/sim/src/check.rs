@@ -320,6 +320,7 @@ async fn nothing_left_behind(
             "done.json",
             "head.json",
             "departures.bin",
+            "attempt.json",
         ];
         if key.contains("/_fan_out/") && control.iter().any(|c| key.ends_with(c)) {
             v.push(format!(

@@ -1,18 +1,81 @@
-//! Keeping a run's route lock alive: the lease is short (`BRIDGE_LEASE_SECONDS`, 60 s by
+//! Keeping a run's leases alive: the route lock's lease is short (`BRIDGE_LEASE_SECONDS`, 60 s by
 //! default) and renewed every third of it while the run works, in Lambda and from a shell
 //! alike, so a process that dies frees its route within one lease, and a long run is never
 //! taken over while it lives. A renewal that finds the lock taken over tells the run (through
 //! `lost`), whose committer stops the sender at once; so does a run whose renewals keep failing
 //! (the store, not another holder) once its lease is about to end, since the route may be
-//! taken over at its end.
+//! taken over at its end. A fan-out piece keeps its attempt claim
+//! ([`crate::state::piece_attempt`]) alive the same way, inside its route lock's keeping.
 
 use std::future::Future;
 use std::time::Duration;
 
+use bridge_shared::S3Uri;
+use bridge_shared::lease::LeaseError;
 use tokio::sync::watch;
 use tracing::warn;
 
+use crate::state::piece_attempt::PieceAttempt;
 use crate::state::route_lock::{LockError, RouteLock};
+
+/// Why a renewal failed.
+pub(crate) enum RenewError {
+    /// Another holder took the lease over: the run must stop.
+    Lost(String),
+    /// The store failed: tried again at the next tick.
+    Failed(String),
+}
+
+/// A lease a run keeps alive while it works ([`keep_lock`]).
+pub(crate) trait Kept: Send {
+    /// The lease object.
+    fn lease_uri(&self) -> &S3Uri;
+    /// The lease length, seconds.
+    fn kept_lease_s(&self) -> i64;
+    /// Epoch milliseconds until which the lease holds.
+    fn kept_until_ms(&self) -> i64;
+    /// Extends the lease from `now_ms`.
+    fn renew_kept(&mut self, now_ms: i64) -> impl Future<Output = Result<(), RenewError>> + Send;
+}
+
+impl Kept for RouteLock {
+    fn lease_uri(&self) -> &S3Uri {
+        self.uri()
+    }
+    fn kept_lease_s(&self) -> i64 {
+        self.lease_s()
+    }
+    fn kept_until_ms(&self) -> i64 {
+        self.lease_until_ms()
+    }
+    async fn renew_kept(&mut self, now_ms: i64) -> Result<(), RenewError> {
+        self.renew(now_ms).await.map_err(|e| match e {
+            LockError::Lost { .. } => RenewError::Lost(e.to_string()),
+            e => RenewError::Failed(e.to_string()),
+        })
+    }
+}
+
+impl Kept for PieceAttempt {
+    fn lease_uri(&self) -> &S3Uri {
+        self.uri()
+    }
+    fn kept_lease_s(&self) -> i64 {
+        self.lease_s()
+    }
+    fn kept_until_ms(&self) -> i64 {
+        self.lease_until_ms()
+    }
+    async fn renew_kept(&mut self, now_ms: i64) -> Result<(), RenewError> {
+        self.renew(now_ms).await.map_err(|e| match e {
+            LeaseError::Lost { .. } => RenewError::Lost(format!(
+                "fan-out piece attempt {}: {e}; this attempt must stop",
+                self.holder()
+            )),
+            e => RenewError::Failed(e.to_string()),
+        })
+    }
+}
 
 /// How often a lease of `lease_s` seconds is renewed.
 pub fn renew_every(lease_s: i64) -> Duration {
@@ -27,8 +90,8 @@ fn stop_margin(every: Duration) -> Duration {
 
 /// The instant, `margin` before `lock`'s lease ends, past which the run may not go on
 /// without a successful renewal.
-fn must_stop_at(lock: &RouteLock, margin: Duration) -> tokio::time::Instant {
-    let left_ms = lock.lease_until_ms() - crate::clock::now().timestamp_millis();
+fn must_stop_at<L: Kept>(lock: &L, margin: Duration) -> tokio::time::Instant {
+    let left_ms = lock.kept_until_ms() - crate::clock::now().timestamp_millis();
     let left = Duration::from_millis(left_ms.max(0) as u64);
     tokio::time::Instant::now() + left.saturating_sub(margin)
 }
@@ -37,13 +100,13 @@ fn must_stop_at(lock: &RouteLock, margin: Duration) -> tokio::time::Instant {
 /// A renewal that fails (the store, not another holder) is tried again at the next tick, but
 /// when none has succeeded by shortly before the lease ends, the lease is announced lost all
 /// the same: the route may be taken over at its end, and the run must not send past it.
-pub(crate) async fn keep_lock<F: Future>(
+pub(crate) async fn keep_lock<F: Future, L: Kept>(
     work: F,
-    lock: &mut RouteLock,
+    lock: &mut L,
     lost: &watch::Sender<Option<String>>,
 ) -> F::Output {
     tokio::pin!(work);
-    let every = renew_every(lock.lease_s());
+    let every = renew_every(lock.kept_lease_s());
     let margin = stop_margin(every);
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -54,25 +117,25 @@ pub(crate) async fn keep_lock<F: Future>(
             biased;
             out = &mut work => return out,
             _ = tick.tick(), if holding => {
-                match lock.renew(crate::clock::now().timestamp_millis()).await {
+                match lock.renew_kept(crate::clock::now().timestamp_millis()).await {
                     Ok(()) => stop_at = must_stop_at(lock, margin),
-                    Err(e @ LockError::Lost { .. }) => {
-                        warn!(lock = %lock.uri(), error = %e, "Route lock lost; stopping the run.");
-                        let _ = lost.send(Some(e.to_string()));
+                    Err(RenewError::Lost(why)) => {
+                        warn!(lease = %lock.lease_uri(), error = %why, "Lease lost; stopping the run.");
+                        let _ = lost.send(Some(why));
                         holding = false;
                     }
-                    Err(e) => {
-                        warn!(lock = %lock.uri(), error = %e, "Could not renew the route lock; trying again.");
+                    Err(RenewError::Failed(why)) => {
+                        warn!(lease = %lock.lease_uri(), error = %why, "Could not renew the lease; trying again.");
                     }
                 }
             }
             _ = tokio::time::sleep_until(stop_at), if holding => {
                 let why = format!(
-                    "route lock {}: no renewal succeeded and its lease ends within {} s; this run must stop",
-                    lock.uri(),
+                    "lease {}: no renewal succeeded and it ends within {} s; this run must stop",
+                    lock.lease_uri(),
                     margin.as_secs()
                 );
-                warn!(lock = %lock.uri(), "Route lock renewals kept failing and its lease is ending; stopping the run.");
+                warn!(lease = %lock.lease_uri(), "Lease renewals kept failing and the lease is ending; stopping the run.");
                 let _ = lost.send(Some(why));
                 holding = false;
             }

@@ -64,6 +64,11 @@ struct Braze {
     hang_on_departure: AtomicBool,
     /// Milliseconds each request takes.
     delay_ms: AtomicU64,
+    /// Holds the next departure request until `release` (a finalizer alive but slow),
+    /// telling `holding` once it is held.
+    hold_departure: AtomicBool,
+    holding: tokio::sync::Notify,
+    release: tokio::sync::Notify,
 }
 
 #[async_trait]
@@ -87,6 +92,10 @@ impl BrazeApi for Braze {
             .any(|o| o.get("aud_vip").is_some() && o.get("tier").is_none());
         if departure && self.hang_on_departure.load(Ordering::SeqCst) {
             std::future::pending::<()>().await;
+        }
+        if departure && self.hold_departure.swap(false, Ordering::SeqCst) {
+            self.holding.notify_one();
+            self.release.notified().await;
         }
         self.requests.fetch_add(1, Ordering::SeqCst);
         let mut profiles = self.profiles.lock().unwrap();
@@ -394,8 +403,9 @@ async fn an_export_in_four_pieces_ends_as_a_single_run_with_one_piece_killed_and
     assert_eq!((st.fan_outs[0].pieces, st.fan_outs[0].pieces_done), (4, 2));
     assert_eq!(st.lease.unwrap().holder, run_id);
 
-    // Piece 1 redelivered: it resumes from its own checkpoints. Then piece 3, the last one,
-    // finalizes.
+    // Piece 1 redelivered once the killed attempt's claim ran out: it resumes from its own
+    // checkpoints. Then piece 3, the last one, finalizes.
+    expire_attempt(&store, &run_id, 1).await;
     let r = fan.handle(&sqs(&msgs[1], "m1b"), None).await.unwrap();
     assert_eq!(r["results"][0]["outcome"], "piece_done", "{r}");
     // The finalizer dies while sending the departures, after merging the forks.
@@ -416,7 +426,9 @@ async fn an_export_in_four_pieces_ends_as_a_single_run_with_one_piece_killed_and
         held.holder == run_id && !held.released,
         "still the fan-out's"
     );
-    // Its message, redelivered, finishes the fan-out (the merge is not redone).
+    // Its message, redelivered once the killed attempt's claim ran out, finishes the fan-out
+    // (the merge is not redone).
+    expire_attempt(&store, &run_id, 3).await;
     let r = fan.handle(&sqs(&msgs[3], "m3b"), None).await.unwrap();
     assert_eq!(r["results"][0]["outcome"], "fan_out_finished", "{r}");
     assert_eq!(r["results"][0]["status"], "complete", "{r}");
@@ -498,6 +510,28 @@ async fn expire_lock(store: &MemoryStore, holder: &str) -> S3Uri {
         .await
         .unwrap();
     lock
+}
+
+/// Makes the attempt claim of `piece` of fan-out `run_id` run out (its attempt was killed, and
+/// its lease ended before SQS delivered the message again).
+async fn expire_attempt(store: &MemoryStore, run_id: &str, piece: usize) {
+    let uri = S3Uri::new(
+        "state",
+        format!("s/people/_fan_out/{run_id}/p{piece:03}/attempt.json"),
+    );
+    let (_, body) = store.get(&uri).await.unwrap();
+    let mut doc: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(doc["released"], json!(false), "{doc}");
+    doc["lease_until_ms"] = json!(0);
+    store
+        .put(
+            &uri,
+            Bytes::from(doc.to_string()),
+            PutCondition::None,
+            BTreeMap::new(),
+        )
+        .await
+        .unwrap();
 }
 
 async fn head_etag(store: &Arc<MemoryStore>) -> Option<String> {
@@ -1414,4 +1448,140 @@ async fn a_timeout_too_short_to_send_fails_once_naming_it_instead_of_handing_ove
         .unwrap();
     assert_eq!(outcome(&r), "synced", "{r}");
     assert_eq!(braze.profiles.lock().unwrap().len(), N as usize);
+}
+
+/// Two deliveries of the last piece at once: the first finalizes (alive, its departures in
+/// flight) when SQS delivers the same message again. The duplicate finds the piece's attempt
+/// alive and comes back later, instead of taking `final.json` for its own and finalizing a
+/// second time (merge, departures, watermark, ledger, lock) beside the first.
+#[tokio::test]
+async fn a_duplicate_of_the_finalizing_piece_comes_back_later_instead_of_finalizing_too() {
+    let Bed {
+        store,
+        braze,
+        queue,
+    } = Bed::default();
+    let spill = tempfile::tempdir().unwrap();
+    first_synced(&store, &braze, &queue, spill.path()).await;
+    let fan = handler(&store, &braze, &queue, spill.path(), Some(2));
+    // 20 of 400 users leave the audience (under its 10% cap): the finalizer sends departures.
+    let gone: BTreeSet<u32> = (0..20).collect();
+    put(&store, "in/e2.csv", csv(true, &gone, 0)).await;
+    assert_eq!(outcome(&sync(&fan, "in/e2.csv").await), "fanned_out");
+    let msgs = queue.pieces.lock().unwrap().clone();
+    let r = fan.handle(&sqs(&msgs[0], "m0"), None).await.unwrap();
+    assert_eq!(r["results"][0]["outcome"], "piece_done", "{r}");
+
+    // Piece 1, the last, finalizes; it is held alive in its first departure request.
+    braze.hold_departure.store(true, Ordering::SeqCst);
+    let m1 = sqs(&msgs[1], "m1");
+    let mut first = Box::pin(fan.handle(&m1, None));
+    tokio::select! {
+        r = &mut first => panic!("the finalizer ended before its departures: {r:?}"),
+        () = braze.holding.notified() => {}
+    }
+    let objects = braze.objects.load(Ordering::SeqCst);
+    // The same message again, while that attempt lives: it does nothing and comes back later.
+    let dup = fan.handle(&sqs(&msgs[1], "m1-dup"), None).await.unwrap();
+    assert_eq!(
+        dup["batchItemFailures"].as_array().map(Vec::len),
+        Some(1),
+        "the duplicate comes back later: {dup}"
+    );
+    assert_eq!(
+        braze.objects.load(Ordering::SeqCst),
+        objects,
+        "the duplicate sends nothing"
+    );
+    let lock = lock_uri("state", "s/", "people");
+    let held = read_lock(store.as_ref(), &lock).await.unwrap().unwrap();
+    assert!(!held.released, "the route stays the fan-out's: {held:?}");
+
+    // The first attempt finishes the fan-out; the duplicate, back later, finds it over.
+    braze.release.notify_one();
+    let r = first.await.unwrap();
+    assert_eq!(r["results"][0]["outcome"], "fan_out_finished", "{r}");
+    assert_eq!(r["results"][0]["summary"]["departures_sent"], 20, "{r}");
+    let late = fan.handle(&sqs(&msgs[1], "m1-dup"), None).await.unwrap();
+    assert_eq!(late["results"][0]["outcome"], "fan_out_over", "{late}");
+    let left = store.list("state", "s/people/_fan_out/").await.unwrap();
+    let control = [
+        "manifest.json",
+        "final.json",
+        "done.json",
+        "head.json",
+        "attempt.json",
+    ];
+    assert!(
+        !left
+            .iter()
+            .any(|o| control.iter().any(|c| o.key.ends_with(c))),
+        "{left:?}"
+    );
+}
+
+/// A duplicate delivery of a piece that died after the piece was done left a checkpoint in
+/// the piece's fork (its intent: a user it was resending, marked unknown). Nobody will ever
+/// commit it, so the finalizer does not wait for it: with no live attempt on the piece, it
+/// takes the segment into the fork and merges, and the route head keeps what it says (the
+/// user is resent by the next export).
+#[tokio::test]
+async fn the_finalizer_takes_in_a_dead_attempts_leftover_checkpoint_instead_of_waiting_forever() {
+    let Bed {
+        store,
+        braze,
+        queue,
+    } = Bed::default();
+    let spill = tempfile::tempdir().unwrap();
+    let single = first_synced(&store, &braze, &queue, spill.path()).await;
+    let fan = handler(&store, &braze, &queue, spill.path(), Some(2));
+    put(&store, "in/e2.csv", csv(true, &BTreeSet::new(), 0)).await;
+    assert_eq!(outcome(&sync(&fan, "in/e2.csv").await), "fanned_out");
+    let msgs = queue.pieces.lock().unwrap().clone();
+    let run_id = msgs[0].run_id.clone();
+    let r = fan.handle(&sqs(&msgs[1], "m1"), None).await.unwrap();
+    assert_eq!(r["results"][0]["outcome"], "piece_done", "{r}");
+
+    // The dead duplicate's intent, in piece 1's fork: u<i> of piece 1's ranges, tier unknown.
+    let route_head = state(&store).read_head().await.unwrap();
+    let span = spans(route_head.doc.ranges.len(), 2)[1].clone();
+    let bits = route_head.doc.range_bits;
+    let user = (0..N)
+        .map(|i| format!("u{i}"))
+        .find(|u| {
+            let k = Identifier::ExternalId(u.clone()).user_key();
+            span.contains(&range_of(k.0, bits))
+        })
+        .unwrap();
+    let fork = state(&store).fork(&format!("_fan_out/{run_id}/p001"));
+    let mut fork_head = fork.read_head().await.unwrap();
+    let intent = braze_sync::model::UserDelta {
+        identifier: Identifier::ExternalId(user.clone()),
+        pos: Default::default(),
+        changes: vec![braze_sync::model::AttributeChange {
+            name: "tier".into(),
+            value: Value::Null,
+            fingerprint: Some(braze_sync::state::confirmed::UNKNOWN_FP),
+        }],
+        update_existing_only: false,
+        is_new: false,
+        row_digest: None,
+    };
+    fork.checkpoint(&mut fork_head, &route(), &[intent])
+        .await
+        .unwrap();
+
+    // The last piece finalizes at once: the dead attempt's checkpoint is taken in.
+    let r = fan.handle(&sqs(&msgs[0], "m0"), None).await.unwrap();
+    assert_eq!(r["results"][0]["outcome"], "fan_out_finished", "{r}");
+    assert_head_objects_exist(&store).await;
+    // What it said reached the route head: the same export again resends that user alone.
+    let objects = braze.objects.load(Ordering::SeqCst);
+    put(&store, "in/e3.csv", csv(true, &BTreeSet::new(), 0)).await;
+    assert_eq!(outcome(&sync(&single, "in/e3.csv").await), "synced");
+    assert_eq!(
+        braze.objects.load(Ordering::SeqCst),
+        objects + 1,
+        "{user} resent"
+    );
 }

@@ -1,6 +1,7 @@
 //! The `_fan_out/<run id>/` control objects of one fan-out: the coordinator's
-//! `manifest.json`, each piece's `p<k>/done.json` and `p<k>/departures.bin`, the finalizer's
-//! `final.json`, where they are, how they are read and written, and when they may be deleted.
+//! `manifest.json`, each piece's `p<k>/done.json`, `p<k>/departures.bin` and attempt claim
+//! `p<k>/attempt.json`, the finalizer's `final.json`, where they are, how they are read and
+//! written, and when they may be deleted.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -10,6 +11,7 @@ use bridge_shared::object_store::ObjectMeta;
 use bridge_shared::{ObjectStore, PutCondition, S3Uri, StoreError};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 use tracing::warn;
 
 use super::store_err;
@@ -17,6 +19,8 @@ use crate::config::route::Route;
 use crate::ops::report::RunReport;
 use crate::run::handler::{ExportPlan, RunError};
 use crate::run::runner::SyncRunner;
+use crate::run::runner::hand_over::PieceMessage;
+use crate::state::piece_attempt::ATTEMPT_OBJECT;
 use crate::state::store::CONTROL_FOLDER;
 
 /// `manifest.json`: the export plan every piece runs, written once by the coordinator.
@@ -178,6 +182,20 @@ impl Control {
         self.pieces_with("head.json").await
     }
 
+    /// Pieces whose attempt claim object exists.
+    pub(super) async fn attempts(&self) -> Result<Vec<usize>, RunError> {
+        self.pieces_with(ATTEMPT_OBJECT).await
+    }
+
+    /// Deletes control object `name` (best effort: one left is deleted by the route's next
+    /// run, [`SyncRunner::end_left_fan_outs`]).
+    pub(super) async fn delete(&self, name: &str) {
+        let uri = self.uri(name);
+        if let Err(e) = self.store.delete(&uri).await {
+            warn!(object = %uri, error = %e, "Could not delete a fan-out control object; the route's next run deletes it.");
+        }
+    }
+
     /// Pieces whose `p<k>/<file>` exists.
     async fn pieces_with(&self, file: &str) -> Result<Vec<usize>, RunError> {
         let listing = self
@@ -224,8 +242,8 @@ impl Control {
     }
 
     /// What [`Control::clean`] deletes, in order: the manifest; per piece its `done.json`,
-    /// `departures.bin` and fork head, then the fork's other objects among `listed`; any
-    /// other object of `listed`; `final.json` last.
+    /// `departures.bin`, fork head and attempt claim, then the fork's other objects among
+    /// `listed`; any other object of `listed`; `final.json` last.
     fn deletion_order(&self, pieces: usize, listed: &[String]) -> Vec<S3Uri> {
         let mut names = vec!["manifest.json".to_string()];
         let pieces = listed
@@ -240,6 +258,7 @@ impl Control {
                 format!("{p}/done.json"),
                 format!("{p}/departures.bin"),
                 format!("{p}/head.json"),
+                format!("{p}/{ATTEMPT_OBJECT}"),
             ];
             let rest: Vec<String> = listed
                 .iter()
@@ -260,6 +279,11 @@ impl Control {
         names.push("final.json".into());
         names.iter().map(|n| self.uri(n)).collect()
     }
+}
+
+/// A piece message's answer that acknowledges it, saying why.
+pub(super) fn ack(msg: &PieceMessage, why: &str) -> Value {
+    json!({"piece": msg.piece, "run_id": msg.run_id, "route": msg.route, "outcome": why})
 }
 
 impl SyncRunner {

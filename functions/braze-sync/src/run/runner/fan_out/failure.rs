@@ -27,6 +27,7 @@ use crate::run::runner::SyncRunner;
 use crate::run::runner::conclude::RunRecord;
 use crate::state::confirmed::Snapshot;
 use crate::state::ledger::{Ledger, LedgerStatus};
+use crate::state::piece_attempt::ATTEMPT_OBJECT;
 use crate::state::store::{CONTROL_FOLDER, Head, StateStore};
 
 /// Most fan-outs left behind that one run ends before it diffs (the next run ends the rest).
@@ -36,12 +37,13 @@ pub const LEFT_BEHIND_PER_RUN: usize = 4;
 const END_ATTEMPTS: u32 = 3;
 
 /// The names of a fan-out's control objects (a fork's `head.json` among them).
-const CONTROL_FILES: [&str; 5] = [
+const CONTROL_FILES: [&str; 6] = [
     "manifest.json",
     "final.json",
     "done.json",
     "departures.bin",
     "head.json",
+    ATTEMPT_OBJECT,
 ];
 
 /// How a fan-out that cannot finish ends.
@@ -172,7 +174,8 @@ impl SyncRunner {
         self.absorb_forks(route, state, head, &control, &forks)
             .await?;
         let changed = head.etag != etag;
-        let pieces = forks.iter().max().map_or(0, |k| k + 1);
+        let attempts = control.attempts().await?;
+        let pieces = forks.iter().chain(&attempts).max().map_or(0, |k| k + 1);
         let pieces = manifest
             .as_ref()
             .map_or(pieces, |m| m.pieces.len().max(pieces));
@@ -326,8 +329,12 @@ impl SyncRunner {
     /// Deletes what is left of the control objects of a fan-out whose manifest is gone (an
     /// end cut short after it deleted the manifest).
     pub(super) async fn clean_left(&self, route: &Route, control: &Control) {
-        let pieces = match (control.forks().await, control.done().await) {
-            (Ok(f), Ok(d)) => f.into_iter().chain(d).max().map_or(0, |k| k + 1),
+        let pieces = match (
+            control.forks().await,
+            control.done().await,
+            control.attempts().await,
+        ) {
+            (Ok(f), Ok(d), Ok(a)) => f.into_iter().chain(d).chain(a).max().map_or(0, |k| k + 1),
             _ => return,
         };
         self.clean_ended(route, control, pieces).await;

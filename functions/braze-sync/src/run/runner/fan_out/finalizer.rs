@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use tracing::info;
 
+use super::attempt::Me;
 use super::control::{Control, FanOut, FinalDoc, Manifest, PieceDone};
 use super::{state_err, store_err};
 use crate::diff::bounded::release_departures;
@@ -24,7 +25,7 @@ use crate::run::runner::SyncRunner;
 use crate::run::runner::committer::{Committer, Gate};
 use crate::run::runner::sender::{Delivery, Sender};
 use crate::state::ledger::{Ledger, LedgerStatus};
-use crate::state::store::{CONTROL_FOLDER, Head, HeadDoc, StateStore, Watermark};
+use crate::state::store::{Head, HeadDoc, StateStore, Watermark};
 
 /// The pieces' figures added up: the combined report (departures not judged yet), the
 /// departures the pieces counted per audience, rows without an identifier, and one line per
@@ -50,6 +51,7 @@ impl SyncRunner {
         &self,
         fan: &FanOut<'_>,
         mut fin: FinalDoc,
+        me: &Me,
         remaining_ms: Option<u64>,
         lost: watch::Receiver<Option<String>>,
     ) -> Result<Value, RunError> {
@@ -60,7 +62,8 @@ impl SyncRunner {
         let mut head = state.read_head().await.map_err(state_err)?;
         if !fin.merged {
             still_held(&lost)?;
-            self.merge_pieces(fan, &state, &mut head, &mut fin).await?;
+            self.merge_pieces(fan, &state, &mut head, &mut fin, me)
+                .await?;
         }
         let Combined {
             mut report,
@@ -136,41 +139,21 @@ impl SyncRunner {
 
     /// Merges the forks into the route head and records it in `final.json`; a head that
     /// already is the merge (an attempt merged, then failed before recording it) is kept.
+    /// Checkpoint segments a fork still names are a live attempt's, waited for, or a dead
+    /// one's, folded into the fork first ([`SyncRunner::fork_heads`]).
     async fn merge_pieces(
         &self,
         fan: &FanOut<'_>,
         state: &StateStore,
         head: &mut Head,
         fin: &mut FinalDoc,
+        me: &Me,
     ) -> Result<(), RunError> {
         let manifest = fan.manifest;
-        let n = manifest.pieces.len();
-        let mut forks: Vec<(Range<usize>, HeadDoc)> = Vec::with_capacity(n);
-        for k in 0..n {
-            let fork = state.fork(&format!(
-                "{CONTROL_FOLDER}/{}/{}",
-                manifest.run_id,
-                Control::piece_name(k)
-            ));
-            let h = fork.read_head().await.map_err(state_err)?;
-            let span = manifest.span(k).unwrap_or(0..0);
-            forks.push((span, h.doc));
-        }
         if head.etag == manifest.route_head_etag {
-            // A fork still holding checkpoint segments has an attempt of its piece at work
-            // (a duplicate delivery sending what the done attempt's Braze refused) or one
-            // that died mid-run: what Braze confirmed is in those segments, so the merge
-            // waits for the attempt's commit (or the fan-out's end absorbs them).
-            if let Some((span, f)) = forks.iter().find(|(_, f)| !f.segments.is_empty()) {
-                return Err(RunError::Retryable(format!(
-                    "the fork of ranges {}..{} still has {} checkpoint segments: an attempt of its piece is at work; the finalizer is retried",
-                    span.start,
-                    span.end,
-                    f.segments.len()
-                )));
-            }
+            let forks = self.fork_heads(fan, state, Some(me)).await?;
             state.merge_forks(head, &forks).await.map_err(state_err)?;
-        } else if !is_merge_of(&head.doc, &forks) {
+        } else if !is_merge_of(&head.doc, &self.fork_heads(fan, state, None).await?) {
             return Err(RunError::Permanent {
                 message: format!(
                     "the route's state changed since the fan-out began (head {:?}, expected {:?}): the pieces' work is not merged; replay the export",

@@ -7,7 +7,9 @@
 //!   ([`StateStore::create_fork`]) and, once its run is over, queues one
 //!   [`PieceMessage`] per piece. It keeps the route lock (holder = its run id) and the
 //!   export's ledger entry open ([`crate::state::ledger::LedgerStatus::FannedOut`]).
-//! - **Piece** `k`: joins the route lock ([`RouteLock::join`]), reads every part of the export
+//! - **Piece** `k`: joins the route lock ([`RouteLock::join`]), claims the piece for this
+//!   delivery ([`attempt`]: one attempt at a piece at a time; a duplicate delivery leaves it to
+//!   a live attempt), reads every part of the export
 //!   but diffs only its span of the state's ranges (`only_ranges`), sends (one of the
 //!   workspace's senders as `<run id>-p<k>`), checkpoints and commits into its own fork head,
 //!   never the route head; a killed piece resumes from its own checkpoints alone, and one cut
@@ -18,11 +20,14 @@
 //!   judges departures on the export's totals and sends the removals the guard lets through,
 //!   commits with the export's watermark, writes one combined report, completes the ledger
 //!   entry, releases the route lock and deletes the control objects. A finalizer killed
-//!   midway is retried by its own message's redelivery (merging twice gives the same head;
-//!   re-sending a removal is harmless).
+//!   midway is retried by the next attempt that claims its piece (merging twice gives the
+//!   same head; re-sending a removal is harmless). Checkpoint segments a fork still names
+//!   are waited for while an attempt of the piece lives, and folded into the fork once none
+//!   does.
 //!
 //! One role a file: [`coordinator`] (the triggered run's split), [`piece`] (a piece message:
-//! its diff, send and fork commit), [`finalizer`] (the merge, departures, combined report),
+//! its diff, send and fork commit), [`attempt`] (a piece's attempt claim: duplicates, dead
+//! attempts' checkpoints), [`finalizer`] (the merge, departures, combined report),
 //! [`failure`] (ending a fan-out that cannot finish) and [`control`] (the `_fan_out/<run id>/`
 //! control objects and their documents).
 //!
@@ -32,6 +37,7 @@
 //! [`PieceMessage`]: crate::run::runner::hand_over::PieceMessage
 //! [`RouteLock::join`]: crate::state::route_lock::RouteLock::join
 
+mod attempt;
 mod control;
 mod coordinator;
 mod failure;

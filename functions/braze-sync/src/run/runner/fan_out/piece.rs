@@ -1,6 +1,7 @@
-//! A piece message: join the fan-out's route lock, diff the piece's span of the state's
-//! ranges, send, commit into the piece's own fork, write `p<k>/done.json` (or hand the piece
-//! over at its deadline), and let the last piece to finish become the finalizer.
+//! A piece message: join the fan-out's route lock, claim the piece for this attempt
+//! ([`super::attempt`]), diff the piece's span of the state's ranges, send, commit into the
+//! piece's own fork, write `p<k>/done.json` (or hand the piece over at its deadline), and let
+//! the last piece to finish become the finalizer.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -9,11 +10,12 @@ use std::sync::Arc;
 
 use bridge_shared::{PutCondition, StoreError};
 use bytes::Bytes;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use super::control::{Control, FanOut, FinalDoc, Manifest, PieceDone};
+use super::attempt::{Attempt, Me};
+use super::control::{Control, FanOut, FinalDoc, Manifest, PieceDone, ack};
 use super::{MAX_PIECES, STALLED_LIMIT, pieces_measured, state_err, store_err};
 use crate::config::route::Route;
 use crate::diff::export::ProduceOptions;
@@ -54,10 +56,6 @@ struct PieceSent {
     committer: Committer,
     record: RunRecord,
     id: String,
-}
-
-fn ack(msg: &PieceMessage, why: &str) -> Value {
-    json!({"piece": msg.piece, "run_id": msg.run_id, "route": msg.route, "outcome": why})
 }
 
 impl SyncRunner {
@@ -137,8 +135,14 @@ impl SyncRunner {
             control: &control,
             manifest: &manifest,
         };
+        // One attempt at the piece at a time: a duplicate delivery leaves it to a live one.
+        let (me, mut claim) = match self.claim_piece(&fan, &msg).await? {
+            Attempt::Held(me, claim) => (me, claim),
+            Attempt::Answer(answer) => return answer,
+        };
         let (lost_tx, lost_rx) = watch::channel(None);
-        let work = self.piece_locked(&fan, &msg, remaining_ms, lost_rx);
+        let work = self.piece_locked(&fan, &msg, &me, remaining_ms, lost_rx);
+        let work = lease::keep_lock(work, &mut claim, &lost_tx);
         let result = lease::keep_lock(work, &mut lock, &lost_tx).await;
         let (after, result) = match result {
             Ok((after, v)) => (after, Ok(v)),
@@ -150,6 +154,7 @@ impl SyncRunner {
             }
             Err((after, e)) => (after, Err(e)),
         };
+        self.end_attempt(&control, &me, claim).await;
         if let LockAfter::Release = after
             && let Err(e) = lock.release().await
         {
@@ -158,11 +163,13 @@ impl SyncRunner {
         result
     }
 
-    /// A piece under the route lock: run it unless it is done, then finalize if it is last.
+    /// A piece under the route lock and its attempt claim: run it unless it is done, then
+    /// finalize if it is last.
     async fn piece_locked(
         &self,
         fan: &FanOut<'_>,
         msg: &PieceMessage,
+        me: &Me,
         remaining_ms: Option<u64>,
         lost: watch::Receiver<Option<String>>,
     ) -> Result<(LockAfter, Value), (LockAfter, RunError)> {
@@ -195,7 +202,7 @@ impl SyncRunner {
         let Some(fin) = self.claim_final(fan, msg).await.map_err(keep)? else {
             return Ok((LockAfter::Keep, ack(msg, "piece_done")));
         };
-        match self.finalize(fan, fin, remaining_ms, lost).await {
+        match self.finalize(fan, fin, me, remaining_ms, lost).await {
             Ok(v) => Ok((LockAfter::Release, v)),
             Err(RunError::Permanent { message, .. }) => {
                 let e = self.fail_fan_out(fan, &message).await;
@@ -205,9 +212,10 @@ impl SyncRunner {
         }
     }
 
-    /// `final.json` for this piece when every piece is done and it wins the conditional create
-    /// (or it won before: its own message redelivered after a finalizer was killed); `None`:
-    /// another piece finalizes, or some piece is not done yet.
+    /// `final.json` for this piece when every piece is done and it wins the conditional create,
+    /// or it names this piece already: an earlier attempt of the piece claimed it and died (or
+    /// lost its attempt claim, and stops at its next renewal), since this attempt holds the
+    /// piece's claim; `None`: another piece finalizes, or some piece is not done yet.
     async fn claim_final(
         &self,
         fan: &FanOut<'_>,
@@ -230,7 +238,7 @@ impl SyncRunner {
             Ok(()) => Ok(Some(claim)),
             Err(StoreError::PreconditionFailed { .. }) => {
                 match fan.control.get_json::<FinalDoc>("final.json").await? {
-                    // Our own message redelivered after a finalizer was killed: go on.
+                    // An earlier attempt of this piece finalized and is gone: go on from it.
                     Some(f) if f.finalizer == msg.piece => Ok(Some(f)),
                     _ => Ok(None),
                 }
@@ -303,28 +311,11 @@ impl SyncRunner {
         let mut record = RunRecord::new(&plan, fan.route.name(), s);
         record.run_id = id.clone();
         record.report.run_id = id.clone();
-        if !head.doc.segments.is_empty() {
-            // A killed attempt's checkpoints: folded into the fork's range deltas first.
-            let dir = crate::state::spill::SpillDir::create(&s.spill_dir, &format!("{id}-fold"))
-                .map_err(|e| RunError::Retryable(e.to_string()))?;
-            let users = head.doc.users;
-            let read = head.etag.clone();
-            if let Err(e) = fork
-                .commit_ranged(&mut head, fan.route, None, users, dir.path())
-                .await
-            {
-                // A duplicate delivery of the piece while another attempt runs: that attempt
-                // checkpoints into the same fork, and folds and deletes those segments itself.
-                let moved = fork.read_head().await.is_ok_and(|h| h.etag != read);
-                if moved && !e.is_retryable() {
-                    return Err(RunError::Retryable(format!(
-                        "piece {}: its fork moved while this attempt folded its checkpoints (another attempt is at work on it): {e}",
-                        msg.piece
-                    )));
-                }
-                return Err(state_err(e));
-            }
-        }
+        // A killed attempt's checkpoints (this attempt holds the piece's claim, so no other
+        // works on the fork): folded into the fork's range deltas first.
+        self.fold_checkpoints(&fork, &mut head, fan.route, &id)
+            .await
+            .map_err(state_err)?;
         Ok(PieceRun {
             fork,
             head,
