@@ -103,6 +103,40 @@ impl PieceAttempt {
         }
     }
 
+    /// Claims the piece for a delivery that `predecessor` handed it over to: that attempt
+    /// queued the delivery's message as its last act, so its claim, alive or not, is taken
+    /// over while the object still names it; otherwise as [`PieceAttempt::claim`].
+    pub async fn claim_from(
+        store: Arc<dyn ObjectStore>,
+        uri: S3Uri,
+        predecessor: &str,
+        holder: &str,
+        now_ms: i64,
+        lease_s: i64,
+    ) -> Result<Claimed, LeaseError> {
+        let current = lease::read::<AttemptDoc>(store.as_ref(), &uri).await?;
+        let Some(c) = current.filter(|c| c.doc.as_ref().is_some_and(|d| d.holder == predecessor))
+        else {
+            return Self::claim(store, uri, holder, now_ms, lease_s).await;
+        };
+        let doc = AttemptDoc {
+            holder: holder.to_string(),
+            lease_until_ms: now_ms + lease_s * 1000,
+            released: false,
+        };
+        match Lease::take_over(store.as_ref(), &uri, &doc, &c.etag).await? {
+            Some(lease) => Ok(Claimed::Held(Self {
+                store,
+                lease,
+                holder: doc.holder,
+                lease_s,
+                lease_until_ms: doc.lease_until_ms,
+            })),
+            // It changed since: another delivery claimed it (or the predecessor released it).
+            None => Self::claim(store, uri, holder, now_ms, lease_s).await,
+        }
+    }
+
     /// The claim object.
     pub fn uri(&self) -> &S3Uri {
         self.lease.uri()
@@ -192,11 +226,25 @@ mod tests {
         ));
         // Released, the piece is free at once.
         b.release().await.unwrap();
-        assert!(matches!(
-            PieceAttempt::claim(store.clone(), uri(), "c", 112_000, 60)
+        let Claimed::Held(_c) = PieceAttempt::claim(store.clone(), uri(), "c", 112_000, 60)
+            .await
+            .unwrap()
+        else {
+            panic!("a released claim is free");
+        };
+        // c hands the piece over: its successor takes its live claim over at once, and a
+        // duplicate of that message does not.
+        let Claimed::Held(d) =
+            PieceAttempt::claim_from(store.clone(), uri(), "c", "d", 113_000, 60)
                 .await
-                .unwrap(),
-            Claimed::Held(_)
+                .unwrap()
+        else {
+            panic!("the attempt c handed the piece to takes its claim");
+        };
+        assert!(matches!(
+            PieceAttempt::claim_from(store.clone(), uri(), "c", "d2", 113_500, 60).await.unwrap(),
+            Claimed::Busy(h) if h == "d"
         ));
+        d.release().await.unwrap();
     }
 }

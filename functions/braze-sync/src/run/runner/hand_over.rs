@@ -118,6 +118,11 @@ pub struct PieceMessage {
     /// What this piece's earlier invocations, handed over before their deadline, sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub carried: Option<Carried>,
+    /// The attempt that handed the piece over with this message (its last act): its claim on
+    /// the piece is this message's to take over, alive or not
+    /// ([`crate::state::piece_attempt::PieceAttempt::claim_from`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handed_by: Option<String>,
 }
 
 /// What a piece's earlier invocations sent: the users Braze confirmed are in the piece's

@@ -3,7 +3,9 @@
 //!
 //! - every delivery of a piece claims it under the route lock before it reads or writes
 //!   anything of the piece (its fork, `done.json`, `final.json`), keeps the claim alive with
-//!   the route lock and releases it when it stops;
+//!   the route lock and releases it when it stops; a piece handed over at its deadline names
+//!   its attempt in the message it queues (`handed_by`), whose delivery takes that claim over
+//!   at once instead of meeting it still alive;
 //! - a delivery that meets another attempt's live claim leaves the piece to it. It
 //!   acknowledges when the piece is done and what is left of it is another message's (not
 //!   every piece is done yet, so the last one to finish finalizes; or `final.json` names
@@ -64,14 +66,11 @@ impl SyncRunner {
         );
         let now = crate::clock::now().timestamp_millis();
         let uri = claim_uri(fan.control, msg.piece);
-        let claimed = PieceAttempt::claim(
-            self.store.clone(),
-            uri,
-            &holder,
-            now,
-            self.settings.route_lease_s,
-        )
-        .await
+        let (store, lease_s) = (self.store.clone(), self.settings.route_lease_s);
+        let claimed = match &msg.handed_by {
+            Some(from) => PieceAttempt::claim_from(store, uri, from, &holder, now, lease_s).await,
+            None => PieceAttempt::claim(store, uri, &holder, now, lease_s).await,
+        }
         .map_err(|e| RunError::Retryable(e.to_string()))?;
         match claimed {
             Claimed::Held(c) => Ok(Attempt::Held(

@@ -200,6 +200,7 @@ impl SyncRunner {
                 run_id: run_id.to_string(),
                 piece,
                 carried: None,
+                handed_by: None,
             };
             c.queue_piece(&msg).await?;
         }

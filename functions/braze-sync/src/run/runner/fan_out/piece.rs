@@ -185,7 +185,7 @@ impl SyncRunner {
             .map_err(keep)?;
         if done.is_none() {
             match self
-                .run_piece_work(fan, msg, span, remaining_ms, lost.clone())
+                .run_piece_work(fan, (msg, me), span, remaining_ms, lost.clone())
                 .await
             {
                 Ok(Some(v)) => return Ok((LockAfter::Keep, v)),
@@ -252,7 +252,7 @@ impl SyncRunner {
     async fn run_piece_work(
         &self,
         fan: &FanOut<'_>,
-        msg: &PieceMessage,
+        (msg, me): (&PieceMessage, &Me),
         span: Range<usize>,
         remaining_ms: Option<u64>,
         lost: watch::Receiver<Option<String>>,
@@ -280,7 +280,7 @@ impl SyncRunner {
             return Err(RunError::Retryable(e));
         }
         if ended.unsent() {
-            return self.hand_piece_over(fan, msg, &ended).await.map(Some);
+            return self.hand_piece_over(fan, msg, me, &ended).await.map(Some);
         }
         self.record_piece_done(fan, msg, record, &mut ended, &committer, &dep_path)
             .await?;
@@ -392,6 +392,7 @@ impl SyncRunner {
         &self,
         fan: &FanOut<'_>,
         msg: &PieceMessage,
+        me: &Me,
         ended: &Ended,
     ) -> Result<Value, RunError> {
         let Some(c) = &self.continuation else {
@@ -401,6 +402,8 @@ impl SyncRunner {
         };
         // What it sent goes with the message, for the piece's report.
         let mut next = msg.clone();
+        // Queueing it is this attempt's last act: the next one takes its claim over at once.
+        next.handed_by = Some(me.holder.clone());
         let carried = next.carried.get_or_insert_with(Default::default);
         carried.add(&ended.delivery.stats);
         // An invocation that confirmed nobody (and recorded no row digest) leaves the next
