@@ -68,10 +68,47 @@ pub struct PieceAttempt {
     lease_until_ms: i64,
 }
 
+/// Attempts at claiming a piece whose read or write failed transiently (a write whose answer
+/// was lost is recognised by the next attempt: the claim names us). A delivery sent back to
+/// the queue waits a whole visibility timeout, which can outlast its fan-out's lease.
+pub const CLAIM_ATTEMPTS: u32 = 3;
+
+/// Runs `once` until it answers, fails for good, or has failed transiently
+/// [`CLAIM_ATTEMPTS`] times.
+async fn retry_transient<F, Fut>(mut once: F) -> Result<Claimed, LeaseError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Claimed, LeaseError>>,
+{
+    let mut n = 1;
+    loop {
+        match once().await {
+            Err(LeaseError::Store { ref error, .. })
+                if error.is_retryable() && n < CLAIM_ATTEMPTS =>
+            {
+                n += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
 impl PieceAttempt {
     /// Claims the piece whose claim object is `uri` as `holder` for `lease_s` seconds from
-    /// `now_ms`. An earlier write of ours whose answer was lost is recognised by the lease.
+    /// `now_ms`. An earlier write of ours whose answer was lost is recognised by the lease; a
+    /// transient store failure is tried again ([`CLAIM_ATTEMPTS`] in all).
     pub async fn claim(
+        store: Arc<dyn ObjectStore>,
+        uri: S3Uri,
+        holder: &str,
+        now_ms: i64,
+        lease_s: i64,
+    ) -> Result<Claimed, LeaseError> {
+        retry_transient(|| Self::claim_once(store.clone(), uri.clone(), holder, now_ms, lease_s))
+            .await
+    }
+
+    async fn claim_once(
         store: Arc<dyn ObjectStore>,
         uri: S3Uri,
         holder: &str,
@@ -114,10 +151,31 @@ impl PieceAttempt {
         now_ms: i64,
         lease_s: i64,
     ) -> Result<Claimed, LeaseError> {
+        retry_transient(|| {
+            Self::claim_from_once(
+                store.clone(),
+                uri.clone(),
+                predecessor,
+                holder,
+                now_ms,
+                lease_s,
+            )
+        })
+        .await
+    }
+
+    async fn claim_from_once(
+        store: Arc<dyn ObjectStore>,
+        uri: S3Uri,
+        predecessor: &str,
+        holder: &str,
+        now_ms: i64,
+        lease_s: i64,
+    ) -> Result<Claimed, LeaseError> {
         let current = lease::read::<AttemptDoc>(store.as_ref(), &uri).await?;
         let Some(c) = current.filter(|c| c.doc.as_ref().is_some_and(|d| d.holder == predecessor))
         else {
-            return Self::claim(store, uri, holder, now_ms, lease_s).await;
+            return Self::claim_once(store, uri, holder, now_ms, lease_s).await;
         };
         let doc = AttemptDoc {
             holder: holder.to_string(),
@@ -133,7 +191,7 @@ impl PieceAttempt {
                 lease_until_ms: doc.lease_until_ms,
             })),
             // It changed since: another delivery claimed it (or the predecessor released it).
-            None => Self::claim(store, uri, holder, now_ms, lease_s).await,
+            None => Self::claim_once(store, uri, holder, now_ms, lease_s).await,
         }
     }
 
@@ -190,6 +248,32 @@ mod tests {
 
     fn uri() -> S3Uri {
         S3Uri::new("state", "s/people/_fan_out/run1/p001/attempt.json")
+    }
+
+    #[tokio::test]
+    async fn a_claim_tries_a_transient_failure_again_and_recognises_its_lost_answer() {
+        let lossy = Arc::new(bridge_shared::lossy_store::LossyStore::new());
+        let store: Arc<dyn ObjectStore> = lossy.clone();
+        lossy.fail_puts(1);
+        assert!(matches!(
+            PieceAttempt::claim(store.clone(), uri(), "a", 0, 60).await.unwrap(),
+            Claimed::Held(a) if a.holder() == "a"
+        ));
+        // b's take-over lands with its answer lost and its read back fails: its next try
+        // meets its own claim and holds it, and nobody else does.
+        let other = S3Uri::new("state", "s/people/_fan_out/run1/p002/attempt.json");
+        lossy.lose_puts(1);
+        lossy.fail_reads(1);
+        assert!(matches!(
+            PieceAttempt::claim(store.clone(), other.clone(), "b", 0, 60)
+                .await
+                .unwrap(),
+            Claimed::Held(_)
+        ));
+        assert!(matches!(
+            PieceAttempt::claim(store.clone(), other, "c", 1_000, 60).await.unwrap(),
+            Claimed::Busy(h) if h == "b"
+        ));
     }
 
     #[tokio::test]
