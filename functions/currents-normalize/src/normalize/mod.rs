@@ -2,9 +2,11 @@
 //! writer schema and the registry table: each writer field is routed to its column, or (when
 //! the registry does not know it yet) into the row's `extra` JSON object. A writer schema that
 //! contradicts the registry (type or nullability change, missing required field) is refused
-//! before any record is read. The records themselves are decoded by `arrow-avro` (one datum at
-//! a time from each block [`crate::container`] unpacks, so an error names its block and record)
-//! into Arrow arrays of the writer schema, which become the table's columns; arrays, maps and
+//! before any record is read. The records themselves are decoded one datum at a time from each
+//! block [`crate::container`] unpacks (so an error names its block and record) into Arrow arrays
+//! of the writer schema, which become the table's columns: flat records (every field a
+//! primitive or a primitive-or-null union) by [`flat`], into the very arrays `arrow-avro` would
+//! give, and every other record, and a flat one that does not read whole, by `arrow-avro`; arrays, maps and
 //! records, and the `extra`/`event` objects, are rendered as JSON from those arrays within the
 //! item and size limits. Records whose `id` was already seen in the file are dropped. Rows are
 //! handed out as Arrow record batches of a fixed size.
@@ -15,12 +17,13 @@ use std::hash::{BuildHasherDefault, Hasher};
 use arrow_array::RecordBatch;
 use arrow_avro::reader::Decoder;
 
-use crate::container::{Container, DecodeError};
+use crate::container::{Block, Container, DecodeError};
 use crate::datum::{DatumError, Fault, RenderLimits, check, rewrite};
 use crate::schema::SchemaError;
 
 mod avro_decoder;
 mod budget;
+mod flat;
 mod plan;
 mod rows;
 #[cfg(test)]
@@ -29,6 +32,7 @@ mod tests;
 use avro_decoder::contained;
 pub use avro_decoder::datum_decoder;
 use budget::FileBudget;
+use flat::FlatDecoder;
 pub use plan::Plan;
 
 /// What a file's rows carry besides their own fields.
@@ -211,6 +215,9 @@ pub struct Normalizer<'p> {
     seen_ids: HashSet<u128, BuildHasherDefault<IdHasher>>,
     json_buf: String,
     row_json: String,
+    /// Reads the file's records while they are flat and whole; `None` once a record was
+    /// not (`arrow-avro` then reads the rest of the file), or when the schema is not flat.
+    flat: Option<FlatDecoder>,
     /// The lineage columns of this file by table column, as long as its largest batch.
     constants: Vec<Option<arrow_array::ArrayRef>>,
     stats: NormalizeStats,
@@ -236,6 +243,10 @@ impl<'p> Normalizer<'p> {
             seen_ids: HashSet::with_capacity_and_hasher(expected_rows, Default::default()),
             json_buf: String::new(),
             row_json: String::new(),
+            flat: plan
+                .flat
+                .as_ref()
+                .map(|l| FlatDecoder::new(l, batch_rows, expected_rows)),
             constants: Vec::new(),
             stats: NormalizeStats {
                 extra_fields: plan.extra_fields.clone(),
@@ -266,8 +277,6 @@ impl<'p> Normalizer<'p> {
         let limits = container.limits();
         let mut file_budget = FileBudget::new(limits);
         let mut batch_bytes = 0usize;
-        let free_items = self.plan.schema.has_free_array_items();
-        let rendered = self.plan.schema.has_rendered_fields();
         for block in container.blocks() {
             let block = block?;
             self.stats.blocks += 1;
@@ -277,12 +286,6 @@ impl<'p> Normalizer<'p> {
                 let record = self.stats.events_in;
                 self.stats.events_in += 1;
                 let rest = data.get(pos..).unwrap_or_default();
-                let at = |f: Fault| NormalizeError::Datum {
-                    block: block.index,
-                    record,
-                    field: f.field,
-                    error: f.error,
-                };
                 if rest.is_empty() && check(&self.plan.schema, rest, u64::MAX, over()).is_err() {
                     return Err(NormalizeError::ShortBlock {
                         block: block.index,
@@ -291,44 +294,28 @@ impl<'p> Normalizer<'p> {
                         found: in_block,
                     });
                 }
-                if free_items {
-                    // Count the record's items before they are built: a block of millions
-                    // of nulls is a few bytes, and costs nothing to count.
-                    let b = file_budget.record();
-                    check(&self.plan.schema, rest, b.items_left, b.items_error).map_err(at)?;
+                let flat_used = self.flat.as_mut().and_then(|f| f.decode(rest));
+                if flat_used.is_none() && self.flat.is_some() {
+                    // `arrow-avro` reads this record and the rest of the file.
+                    self.flush(container, decoder, &mut file_budget, &mut sink)?;
+                    self.flat = None;
+                    batch_bytes = 0;
                 }
-                let (input, used_of_data) = if rendered {
-                    let b = file_budget.record();
-                    let limits = RenderLimits {
-                        max_items: b.items_left,
-                        items_over: b.items_error,
-                        max_bytes: b.bytes_left,
-                        bytes_over: b.bytes_error,
-                    };
-                    self.rewritten.clear();
-                    let n = rewrite(&self.plan.schema, rest, &mut self.rewritten, limits)
-                        .map_err(at)?;
-                    (&self.rewritten[..], Some(n))
-                } else {
-                    (rest, None)
+                let used = match flat_used {
+                    Some(used) => used,
+                    None => {
+                        self.arrow_avro_record(decoder, rest, (&block, record), &file_budget)?
+                    }
                 };
-                let used = contained(|| decoder.decode(input).map_err(|e| e.to_string())).map_err(
-                    |reason| match check(&self.plan.schema, rest, u64::MAX, over()) {
-                        Err(f) => at(f),
-                        Ok(_) => NormalizeError::Record {
-                            block: block.index,
-                            offset: block.offset,
-                            record,
-                            reason,
-                        },
-                    },
-                )?;
-                let used = used_of_data.unwrap_or(used);
                 self.row_starts.push(pos);
                 pos = pos.saturating_add(used);
                 batch_bytes = batch_bytes.saturating_add(used);
                 self.row_blocks.push(block.index);
-                if decoder.batch_is_full() || batch_bytes >= MAX_BATCH_BYTES {
+                let full = match &self.flat {
+                    Some(f) => f.batch_is_full(),
+                    None => decoder.batch_is_full(),
+                };
+                if full || batch_bytes >= MAX_BATCH_BYTES {
                     self.flush(container, decoder, &mut file_budget, &mut sink)?;
                     batch_bytes = 0;
                 }
@@ -345,6 +332,56 @@ impl<'p> Normalizer<'p> {
         Ok(self.stats)
     }
 
+    /// Reads one record with `arrow-avro` (its items counted and its recursive fields
+    /// rendered first, when the schema has them) and returns its length in `rest`.
+    fn arrow_avro_record(
+        &mut self,
+        decoder: &mut Decoder,
+        rest: &[u8],
+        (block, record): (&Block<'_>, u64),
+        file_budget: &FileBudget,
+    ) -> Result<usize, NormalizeError> {
+        let at = |f: Fault| NormalizeError::Datum {
+            block: block.index,
+            record,
+            field: f.field,
+            error: f.error,
+        };
+        if self.plan.schema.has_free_array_items() {
+            // Count the record's items before they are built: a block of millions of nulls
+            // is a few bytes, and costs nothing to count.
+            let b = file_budget.record();
+            check(&self.plan.schema, rest, b.items_left, b.items_error).map_err(at)?;
+        }
+        let (input, used_of_data) = if self.plan.schema.has_rendered_fields() {
+            let b = file_budget.record();
+            let limits = RenderLimits {
+                max_items: b.items_left,
+                items_over: b.items_error,
+                max_bytes: b.bytes_left,
+                bytes_over: b.bytes_error,
+            };
+            self.rewritten.clear();
+            let n = rewrite(&self.plan.schema, rest, &mut self.rewritten, limits).map_err(at)?;
+            (&self.rewritten[..], Some(n))
+        } else {
+            (rest, None)
+        };
+        let used =
+            contained(|| decoder.decode(input).map_err(|e| e.to_string())).map_err(|reason| {
+                match check(&self.plan.schema, rest, u64::MAX, over()) {
+                    Err(f) => at(f),
+                    Ok(_) => NormalizeError::Record {
+                        block: block.index,
+                        offset: block.offset,
+                        record,
+                        reason,
+                    },
+                }
+            })?;
+        Ok(used_of_data.unwrap_or(used))
+    }
+
     /// Takes the decoded records from `decoder`, makes them rows of the table (without
     /// repeated ids) and hands them to `sink`.
     fn flush(
@@ -359,17 +396,20 @@ impl<'p> Normalizer<'p> {
             return Ok(());
         }
         let first = self.batch_first_record;
-        let decoded =
-            contained(|| decoder.flush().map_err(|e| e.to_string())).map_err(|reason| {
-                self.fault_in_batch(container)
-                    .unwrap_or_else(|| NormalizeError::Records {
-                        first_block: self.row_blocks.first().copied().unwrap_or_default(),
-                        last_block: self.row_blocks.last().copied().unwrap_or_default(),
-                        first_record: first,
-                        last_record: first + n as u64 - 1,
-                        reason,
-                    })
-            })?;
+        let decoded = match self.flat.as_mut() {
+            Some(f) => f.flush().map_err(|e| e.to_string()),
+            None => contained(|| decoder.flush().map_err(|e| e.to_string())),
+        };
+        let decoded = decoded.map_err(|reason| {
+            self.fault_in_batch(container)
+                .unwrap_or_else(|| NormalizeError::Records {
+                    first_block: self.row_blocks.first().copied().unwrap_or_default(),
+                    last_block: self.row_blocks.last().copied().unwrap_or_default(),
+                    first_record: first,
+                    last_record: first + n as u64 - 1,
+                    reason,
+                })
+        })?;
         let Some(decoded) = decoded else {
             return Err(NormalizeError::Sink(format!(
                 "the decoder returned no rows for records {first}..{}",

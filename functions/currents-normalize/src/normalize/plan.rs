@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use arrow_avro::reader::Decoder;
 
+use super::flat::FlatLayout;
 use super::{NormalizeError, datum_decoder};
 use crate::json;
 use crate::registry::{FieldType, Registry, TableDef, event_type_of_record};
@@ -36,6 +37,10 @@ pub struct Plan {
     pub(super) id_slot: usize,
     pub(super) time_slot: usize,
     pub(super) extra_fields: Vec<String>,
+    /// The layout of flat records, read by [`super::flat::FlatDecoder`] instead of
+    /// `arrow-avro` (`None`: the schema has other types, or fields that need the item and
+    /// rendering limits checked record by record).
+    pub(super) flat: Option<FlatLayout>,
 }
 
 impl Plan {
@@ -209,6 +214,13 @@ impl Plan {
         let (Some(id_slot), Some(time_slot)) = (slot_of("id"), slot_of("time")) else {
             return Err(contradiction("id", "table has no id or time field".into()));
         };
+        let flat = if schema.has_free_array_items() || schema.has_rendered_fields() {
+            None
+        } else {
+            datum_decoder(&schema, 1)
+                .ok()
+                .and_then(|d| FlatLayout::of(&schema, d.schema()))
+        };
         Ok(Self {
             schema,
             table,
@@ -216,6 +228,7 @@ impl Plan {
             id_slot,
             time_slot,
             extra_fields,
+            flat,
         })
     }
 }

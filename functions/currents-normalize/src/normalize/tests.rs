@@ -486,3 +486,117 @@ fn a_panic_in_the_decoder_is_an_error_for_the_file() {
     let r: Result<u8, String> = contained(|| Ok(7));
     assert_eq!(r, Ok(7));
 }
+
+/// LOCATION without `brand_new`: every field flat, read by the flat decoder.
+fn flat_schema() -> String {
+    LOCATION.replace(
+        r#",
+    {"name":"brand_new","type":["null",{"type":"array","items":"string"}],"default":null}"#,
+        "",
+    )
+}
+
+/// One record of [`flat_schema`].
+fn flat_record(out: &mut Vec<u8>, id: &str, altitude: Option<f32>) {
+    avro_str(out, id);
+    avro_str(out, "u");
+    avro_str(out, "app");
+    zigzag(out, 2_000_000_000);
+    out.extend_from_slice(&2.5f32.to_le_bytes());
+    out.extend_from_slice(&(-1.5f32).to_le_bytes());
+    match altitude {
+        Some(a) => {
+            zigzag(out, 1);
+            out.extend_from_slice(&a.to_le_bytes());
+        }
+        None => zigzag(out, 0),
+    }
+}
+
+#[test]
+fn flat_records_become_rows_in_batches() {
+    let registry = Registry::builtin().unwrap();
+    let mut data = Vec::new();
+    for (i, id) in ["a", "b", "c", "a", "d"].into_iter().enumerate() {
+        flat_record(&mut data, id, (i % 2 == 1).then_some(i as f32));
+    }
+    let bytes = container(&flat_schema(), 5, &data);
+    let c = Container::open(&bytes, Limits::default()).unwrap();
+    let plan = Plan::new(
+        WriterSchema::parse(c.schema_json).unwrap(),
+        "users.behaviors.Location",
+        &registry,
+    )
+    .unwrap();
+    assert!(plan.flat.is_some(), "read by the flat decoder");
+    let (out, stats) = run(&bytes, "users.behaviors.Location").unwrap();
+    assert_eq!(
+        (stats.events_in, stats.rows_out, stats.duplicates_dropped),
+        (5, 4, 1)
+    );
+    assert_eq!(
+        out.iter().map(|b| b.num_rows()).collect::<Vec<_>>(),
+        [2, 1, 1]
+    );
+    let ids: Vec<&str> = out
+        .iter()
+        .flat_map(|b| b.column_by_name("id").unwrap().as_string::<i32>().iter())
+        .map(Option::unwrap)
+        .collect();
+    assert_eq!(ids, ["a", "b", "c", "d"]);
+    let altitude: Vec<Option<f64>> = out
+        .iter()
+        .flat_map(|b| {
+            b.column_by_name("altitude")
+                .unwrap()
+                .as_primitive::<Float64Type>()
+                .iter()
+        })
+        .collect();
+    assert_eq!(altitude, [None, Some(1.0), None, None]);
+}
+
+#[test]
+fn a_flat_record_that_does_not_decode_names_its_record_and_field() {
+    // Four records in batches of two; the fourth ends after its `id`. The third, read by the
+    // flat decoder, is handed on before `arrow-avro` reads the fourth and fails.
+    let mut data = Vec::new();
+    for id in ["a", "b", "c", "d"] {
+        flat_record(&mut data, id, None);
+    }
+    let record = data.len() / 4;
+    data.truncate(3 * record + 2);
+    let bytes = container(&flat_schema(), 4, &data);
+    let err = run(&bytes, "users.behaviors.Location").unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            NormalizeError::Datum { block: 0, record: 3, field, error: DatumError::Eof }
+                if field == "user_id"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_flat_string_that_is_not_utf8_names_its_record_and_field() {
+    let mut data = Vec::new();
+    for id in ["a", "b", "c"] {
+        flat_record(&mut data, id, None);
+    }
+    // The third record's `user_id` ("u") becomes the byte 0xff.
+    let at = 2 * (data.len() / 3) + 3;
+    assert_eq!(data[at], b'u');
+    data[at] = 0xff;
+    let bytes = container(&flat_schema(), 3, &data);
+    let err = run(&bytes, "users.behaviors.Location").unwrap_err();
+    assert_eq!(
+        err,
+        NormalizeError::Datum {
+            block: 0,
+            record: 2,
+            field: "user_id".into(),
+            error: DatumError::BadUtf8 { at: 0, len: 1 },
+        }
+    );
+}
