@@ -1,5 +1,6 @@
-//! A decoder of flat records (every field a boolean, int, long, float, double, string or
-//! bytes, or a union of one of them with null), the shape of nearly every Currents event. It
+//! A decoder of flat records (every field a boolean, int, long, float, double, string, bytes
+//! or array of strings (or of strings or nulls), or a union of one of them with null), the
+//! shape of every Currents event. It
 //! reads each record's fields straight into Arrow builders sized from the previous batch, and
 //! gives the very batches `arrow-avro`'s datum decoder gives for the same bytes (same schema,
 //! same values, the same reading of varints, lengths and union branches). A record it cannot
@@ -10,10 +11,11 @@ use std::sync::Arc;
 
 use arrow_array::builder::{
     ArrayBuilder, BinaryBuilder, BooleanBuilder, Float32Builder, Float64Builder, Int32Builder,
-    Int64Builder,
+    Int64Builder, ListBuilder,
 };
-use arrow_array::{ArrayRef, BinaryArray, RecordBatch, StringArray};
-use arrow_schema::{ArrowError, DataType, SchemaRef};
+use arrow_array::cast::AsArray;
+use arrow_array::{ArrayRef, BinaryArray, ListArray, RecordBatch, StringArray};
+use arrow_schema::{ArrowError, DataType, FieldRef, SchemaRef};
 
 use crate::schema::{Node, WriterSchema};
 
@@ -27,11 +29,36 @@ enum Kind {
     Double,
     String,
     Bytes,
+    /// An array of strings; its items are a union of string and null when this is `Some`.
+    Strings(Option<NullBranch>),
+}
+
+/// Where a union of `a` and `b` has its `null` branch, and the other branch.
+fn null_union<'s>(schema: &'s WriterSchema, node: &Node) -> Option<(NullBranch, &'s Node)> {
+    let Node::Union(branches) = node else {
+        return None;
+    };
+    let [a, b] = branches.as_slice() else {
+        return None;
+    };
+    match (schema.node(*a), schema.node(*b)) {
+        (Node::Null, Node::Null) => None,
+        (Node::Null, n) => Some((NullBranch::First, n)),
+        (n, Node::Null) => Some((NullBranch::Second, n)),
+        _ => None,
+    }
 }
 
 impl Kind {
-    fn of(node: &Node) -> Option<Self> {
+    fn of(schema: &WriterSchema, node: &Node) -> Option<Self> {
         Some(match node {
+            Node::Array(item) => match schema.node(*item) {
+                Node::String => Kind::Strings(None),
+                n => match null_union(schema, n)? {
+                    (at, Node::String) => Kind::Strings(Some(at)),
+                    _ => return None,
+                },
+            },
             Node::Boolean => Kind::Boolean,
             Node::Int => Kind::Int,
             Node::Long => Kind::Long,
@@ -43,16 +70,20 @@ impl Kind {
         })
     }
 
-    /// The Arrow type `arrow-avro` gives this Avro type when no logical type applies.
-    fn data_type(self) -> DataType {
-        match self {
-            Kind::Boolean => DataType::Boolean,
-            Kind::Int => DataType::Int32,
-            Kind::Long => DataType::Int64,
-            Kind::Float => DataType::Float32,
-            Kind::Double => DataType::Float64,
-            Kind::String => DataType::Utf8,
-            Kind::Bytes => DataType::Binary,
+    /// True when `dt` is the Arrow type `arrow-avro` gives this Avro type (no logical type).
+    fn fits(self, dt: &DataType) -> bool {
+        match (self, dt) {
+            (Kind::Boolean, DataType::Boolean)
+            | (Kind::Int, DataType::Int32)
+            | (Kind::Long, DataType::Int64)
+            | (Kind::Float, DataType::Float32)
+            | (Kind::Double, DataType::Float64)
+            | (Kind::String, DataType::Utf8)
+            | (Kind::Bytes, DataType::Binary) => true,
+            (Kind::Strings(null), DataType::List(item)) => {
+                *item.data_type() == DataType::Utf8 && item.is_nullable() == null.is_some()
+            }
+            _ => false,
         }
     }
 }
@@ -84,17 +115,13 @@ impl FlatLayout {
         let mut layout = Vec::with_capacity(fields.len());
         for ((_, node), field) in fields.iter().zip(arrow.fields()) {
             let (kind, null) = match schema.node(*node) {
-                Node::Union(branches) => match branches.as_slice() {
-                    [a, b] => match (schema.node(*a), schema.node(*b)) {
-                        (Node::Null, n) => (Kind::of(n)?, Some(NullBranch::First)),
-                        (n, Node::Null) => (Kind::of(n)?, Some(NullBranch::Second)),
-                        _ => return None,
-                    },
-                    _ => return None,
-                },
-                n => (Kind::of(n)?, None),
+                n @ Node::Union(_) => {
+                    let (at, n) = null_union(schema, n)?;
+                    (Kind::of(schema, n)?, Some(at))
+                }
+                n => (Kind::of(schema, n)?, None),
             };
-            if *field.data_type() != kind.data_type() || field.is_nullable() != null.is_some() {
+            if !kind.fits(field.data_type()) || field.is_nullable() != null.is_some() {
                 return None;
             }
             layout.push((kind, null));
@@ -116,11 +143,23 @@ enum Column {
     /// Strings, kept as bytes and checked as UTF-8 once per batch (as `arrow-avro` does).
     String(BinaryBuilder),
     Bytes(BinaryBuilder),
+    /// Arrays of strings (kept as bytes too), and the item field of `arrow-avro`'s schema.
+    Strings(ListBuilder<BinaryBuilder>, FieldRef),
+}
+
+fn strings_builder(rows: usize, items: usize, bytes: usize) -> ListBuilder<BinaryBuilder> {
+    ListBuilder::with_capacity(BinaryBuilder::with_capacity(items, bytes), rows)
 }
 
 impl Column {
-    fn new(kind: Kind, rows: usize, bytes: usize) -> Self {
+    fn new(kind: Kind, field: &DataType, rows: usize, bytes: usize) -> Self {
         match kind {
+            Kind::Strings(_) => match field {
+                DataType::List(item) => {
+                    Column::Strings(strings_builder(rows, rows, bytes), item.clone())
+                }
+                _ => Column::Bytes(BinaryBuilder::with_capacity(rows, bytes)),
+            },
             Kind::Boolean => Column::Boolean(BooleanBuilder::with_capacity(rows)),
             Kind::Int => Column::Int(Int32Builder::with_capacity(rows)),
             Kind::Long => Column::Long(Int64Builder::with_capacity(rows)),
@@ -131,8 +170,21 @@ impl Column {
         }
     }
 
-    fn append(&mut self, value: Value, data: &[u8]) {
+    /// Appends `value`; a list takes its items from `items`.
+    fn append(&mut self, value: Value, data: &[u8], items: &mut std::slice::Iter<'_, Value>) {
         match (self, value) {
+            (Column::Strings(b, _), Value::List(n)) => {
+                for item in items.take(n) {
+                    match *item {
+                        Value::Bytes(start, end) => b
+                            .values()
+                            .append_value(data.get(start..end).unwrap_or_default()),
+                        _ => b.values().append_null(),
+                    }
+                }
+                b.append(true);
+            }
+            (Column::Strings(b, _), _) => b.append(false),
             (Column::Boolean(b), Value::Boolean(v)) => b.append_value(v),
             (Column::Int(b), Value::Int(v)) => b.append_value(v),
             (Column::Long(b), Value::Long(v)) => b.append_value(v),
@@ -185,6 +237,21 @@ impl Column {
                     Arc::new(array)
                 }
             }
+            Column::Strings(b, item) => {
+                let rows = b.len();
+                let bytes = b.values_ref().values_slice().len();
+                let items = b.values_ref().len();
+                let next = strings_builder(rows, items, bytes + bytes / 8);
+                let list = std::mem::replace(b, next).finish();
+                let (_, offsets, values, nulls) = list.into_parts();
+                let values = StringArray::try_from_binary(values.as_binary::<i32>().clone())?;
+                Arc::new(ListArray::try_new(
+                    item.clone(),
+                    offsets,
+                    Arc::new(values),
+                    nulls,
+                )?)
+            }
         })
     }
 }
@@ -200,6 +267,8 @@ enum Value {
     Double(f64),
     /// A string's or bytes' range in the record's data.
     Bytes(usize, usize),
+    /// An array of this many items (read into the decoder's `items`).
+    List(usize),
 }
 
 /// Reads an Avro varint as `arrow-avro` does: at most 10 bytes, the tenth below 2.
@@ -236,9 +305,43 @@ fn take<const N: usize>(data: &[u8], pos: &mut usize) -> Option<[u8; N]> {
     Some(bytes)
 }
 
-/// Reads one value of `kind` at `pos`.
+/// Reads the blocks of an array of strings at `pos` as `arrow-avro` does (a negative count is
+/// followed by the block's size, which must not be negative; at most `i32::MAX` items), its
+/// items into `items`; returns the item count.
+fn read_strings(
+    null: Option<NullBranch>,
+    data: &[u8],
+    pos: &mut usize,
+    items: &mut Vec<Value>,
+) -> Option<usize> {
+    let mut total = 0usize;
+    loop {
+        let count = zigzag(varint(data, pos)?);
+        let n = match count {
+            0 => return Some(total),
+            c if c < 0 => {
+                if zigzag(varint(data, pos)?) < 0 {
+                    return None;
+                }
+                usize::try_from(c.unsigned_abs()).ok()?
+            }
+            c => usize::try_from(c).ok()?,
+        };
+        total = total.checked_add(n).filter(|t| i32::try_from(*t).is_ok())?;
+        // Every item takes at least one byte: the loop ends with the data.
+        for _ in 0..n {
+            let item = match null {
+                Some(at) if (varint(data, pos)? == 0) == (at == NullBranch::First) => Value::Null,
+                _ => read(Kind::String, data, pos, items)?,
+            };
+            items.push(item);
+        }
+    }
+}
+
+/// Reads one value of `kind` at `pos` (an array's items into `items`).
 #[inline]
-fn read(kind: Kind, data: &[u8], pos: &mut usize) -> Option<Value> {
+fn read(kind: Kind, data: &[u8], pos: &mut usize, items: &mut Vec<Value>) -> Option<Value> {
     Some(match kind {
         Kind::Boolean => {
             let b = *data.get(*pos)?;
@@ -262,6 +365,7 @@ fn read(kind: Kind, data: &[u8], pos: &mut usize) -> Option<Value> {
             *pos = end;
             Value::Bytes(start, end)
         }
+        Kind::Strings(null) => Value::List(read_strings(null, data, pos, items)?),
     })
 }
 
@@ -271,6 +375,8 @@ pub(super) struct FlatDecoder {
     columns: Vec<Column>,
     /// The record being read, field by field, before any of it is appended.
     values: Vec<Value>,
+    /// The items of its arrays.
+    items: Vec<Value>,
     rows: usize,
     batch_rows: usize,
 }
@@ -288,9 +394,13 @@ impl FlatDecoder {
             columns: layout
                 .fields
                 .iter()
-                .map(|(kind, _)| Column::new(*kind, rows, rows * FIRST_BYTES_PER_ROW))
+                .zip(layout.schema.fields())
+                .map(|((kind, _), f)| {
+                    Column::new(*kind, f.data_type(), rows, rows * FIRST_BYTES_PER_ROW)
+                })
                 .collect(),
             values: Vec::with_capacity(layout.fields.len()),
+            items: Vec::new(),
             layout: layout.clone(),
             rows: 0,
             batch_rows,
@@ -309,24 +419,26 @@ impl FlatDecoder {
             return None;
         }
         self.values.clear();
+        self.items.clear();
         let mut pos = 0usize;
         for (kind, null) in &self.layout.fields {
             let value = match null {
-                None => read(*kind, data, &mut pos)?,
+                None => read(*kind, data, &mut pos, &mut self.items)?,
                 Some(at) => {
                     // The branch as `arrow-avro` reads it: the raw varint, 0 or not.
                     let first = varint(data, &mut pos)? == 0;
                     if first == (*at == NullBranch::First) {
                         Value::Null
                     } else {
-                        read(*kind, data, &mut pos)?
+                        read(*kind, data, &mut pos, &mut self.items)?
                     }
                 }
             };
             self.values.push(value);
         }
+        let mut items = self.items.iter();
         for (column, value) in self.columns.iter_mut().zip(&self.values) {
-            column.append(*value, data);
+            column.append(*value, data, &mut items);
         }
         self.rows += 1;
         Some(pos)
@@ -354,7 +466,7 @@ mod tests {
     use super::*;
     use crate::container::{Container, Limits};
     use crate::normalize::datum_decoder;
-    use crate::registry::{FieldType, Registry};
+    use crate::registry::Registry;
     use crate::synth::{self, FileSpec};
     use apache_avro::Codec;
     use rand::rngs::StdRng;
@@ -370,7 +482,7 @@ mod tests {
     #[test]
     fn flat_records_decode_as_arrow_avro_decodes_them() {
         let registry = Registry::builtin().unwrap();
-        let (mut flat_tables, mut without_arrays) = (0, 0);
+        let mut flat_tables = 0;
         for entry in registry.entries() {
             let bytes = synth::file(
                 entry,
@@ -384,9 +496,6 @@ mod tests {
             .unwrap();
             let c = Container::open(&bytes, Limits::default()).unwrap();
             let schema = WriterSchema::parse(c.schema_json).unwrap();
-            if entry.fields.iter().all(|f| f.ty != FieldType::Json) {
-                without_arrays += 1;
-            }
             let Some(layout) = layout_of(&schema) else {
                 continue;
             };
@@ -409,8 +518,7 @@ mod tests {
             }
             assert_eq!(flat.flush().unwrap(), theirs.flush().unwrap());
         }
-        assert_eq!(flat_tables, without_arrays);
-        assert!(flat_tables > 80, "{flat_tables} flat tables");
+        assert_eq!(flat_tables, registry.entries().len());
     }
 
     /// Records with bytes changed at random: whatever this decoder reads whole, `arrow-avro`
@@ -418,10 +526,20 @@ mod tests {
     #[test]
     fn damaged_records_are_read_as_arrow_avro_reads_them_or_left_to_it() {
         let registry = Registry::builtin().unwrap();
+        for event_type in [
+            "users.messages.email.Send",
+            "users.messages.email.Click",
+            "users.messages.sms.InboundReceive",
+        ] {
+            damaged_records(&registry, event_type);
+        }
+    }
+
+    fn damaged_records(registry: &Registry, event_type: &str) {
         let entry = registry
             .entries()
             .iter()
-            .find(|e| e.event_type == "users.messages.email.Send")
+            .find(|e| e.event_type == event_type)
             .unwrap();
         let bytes = synth::file(
             entry,
@@ -471,9 +589,10 @@ mod tests {
     }
 
     #[test]
-    fn records_with_arrays_wide_unions_or_nulls_are_not_flat() {
+    fn records_with_other_arrays_wide_unions_or_nulls_are_not_flat() {
         for schema in [
-            r#"{"type":"record","name":"R","fields":[{"name":"id","type":"string"},{"name":"a","type":{"type":"array","items":"string"}}]}"#,
+            r#"{"type":"record","name":"R","fields":[{"name":"id","type":"string"},{"name":"a","type":{"type":"array","items":"long"}}]}"#,
+            r#"{"type":"record","name":"R","fields":[{"name":"id","type":"string"},{"name":"a","type":{"type":"array","items":["null","long"]}}]}"#,
             r#"{"type":"record","name":"R","fields":[{"name":"id","type":"string"},{"name":"u","type":["null","string","long"]}]}"#,
             r#"{"type":"record","name":"R","fields":[{"name":"id","type":"string"},{"name":"n","type":"null"}]}"#,
         ] {
@@ -481,7 +600,7 @@ mod tests {
             assert!(layout_of(&schema).is_none(), "{schema:?}");
         }
         let schema = WriterSchema::parse(
-            r#"{"type":"record","name":"R","fields":[{"name":"id","type":"string"},{"name":"n","type":["long","null"]},{"name":"b","type":"bytes"},{"name":"f","type":["null","float"]}]}"#,
+            r#"{"type":"record","name":"R","fields":[{"name":"id","type":"string"},{"name":"n","type":["long","null"]},{"name":"b","type":"bytes"},{"name":"f","type":["null","float"]},{"name":"a","type":["null",{"type":"array","items":["string","null"]}]},{"name":"s","type":{"type":"array","items":"string"}}]}"#,
         )
         .unwrap();
         assert!(layout_of(&schema).is_some());

@@ -5,10 +5,10 @@
 //! before any record is read. The records themselves are decoded one datum at a time from each
 //! block [`crate::container`] unpacks (so an error names its block and record) into Arrow arrays
 //! of the writer schema, which become the table's columns: flat records (every field a
-//! primitive or a primitive-or-null union) by [`flat`], into the very arrays `arrow-avro` would
-//! give, and every other record, and a flat one that does not read whole, by `arrow-avro`; arrays, maps and
-//! records, and the `extra`/`event` objects, are rendered as JSON from those arrays within the
-//! item and size limits. Records whose `id` was already seen in the file are dropped. Rows are
+//! primitive or an array of strings, or a union of one with null) by the `flat` decoder, into
+//! the very arrays `arrow-avro` would give, and every other record, and a flat one that does
+//! not read whole, by `arrow-avro`; arrays, maps and records, and the `extra`/`event` objects,
+//! are rendered as JSON from those arrays within the item and size limits. Records whose `id` was already seen in the file are dropped. Rows are
 //! handed out as Arrow record batches of a fixed size.
 
 use std::collections::HashSet;
