@@ -3,6 +3,7 @@
 //! and the function's own continuation and piece messages ([`SimContinuation`]).
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use braze_sync::run::handler::ExportPlan;
@@ -157,6 +158,11 @@ impl SimContinuation {
     }
 
     async fn send(&self, body: String) -> Result<(), String> {
+        self.send_after(body, 0).await
+    }
+
+    /// Sends `body`, deliverable after `delay_ms` (SQS `DelaySeconds`).
+    async fn send_after(&self, body: String, delay_ms: i64) -> Result<(), String> {
         let gate = self.gate.lock().unwrap_or_else(|e| e.into_inner()).clone();
         if gate.crashed() {
             return Err("the invocation's container is gone".into());
@@ -177,13 +183,13 @@ impl SimContinuation {
             self.world.stat(|s| s.failed_calls += 1);
             return Err("SQS SendMessage failed: ServiceUnavailable".into());
         }
-        let id = self.queue.send(body.clone(), 0);
+        let id = self.queue.send(body.clone(), delay_ms);
         let dup = keyed(
             self.world.seed,
             &[b"dup", &gate.inv.to_le_bytes(), key.as_bytes()],
         ) < f.sqs_dup;
         if dup {
-            self.queue.send(body, 1_000);
+            self.queue.send(body, delay_ms + 1_000);
         }
         self.world
             .trace(|| format!("inv {} sqs send {key} as {id} dup={dup}", gate.inv));
@@ -216,5 +222,15 @@ impl Continuation for SimContinuation {
 
     async fn queue_piece(&self, piece: &PieceMessage) -> Result<(), String> {
         self.send(piece.body()).await
+    }
+
+    async fn hand_over_after(&self, plan: &ExportPlan, delay: Duration) -> Result<(), String> {
+        let body = s3_notification(
+            &plan.trigger.bucket,
+            &plan.trigger.key,
+            "ObjectCreated:Continuation",
+        );
+        let delay_ms = delay.min(braze_sync::run::runner::MAX_DELAY).as_millis() as i64;
+        self.send_after(body, delay_ms).await
     }
 }

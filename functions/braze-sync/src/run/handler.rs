@@ -166,6 +166,17 @@ pub trait ExportRunner: Send + Sync {
         Err("this runner cannot hand work over".into())
     }
 
+    /// [`ExportRunner::hand_over`], delivered no sooner than `delay` from now (a run that
+    /// found its route busy, `hand_over_delay_s` in its summary).
+    async fn hand_over_after(
+        &self,
+        plan: &ExportPlan,
+        delay: std::time::Duration,
+    ) -> Result<(), String> {
+        let _ = delay;
+        self.hand_over(plan).await
+    }
+
     /// Runs one piece of an export split across invocations: `message` is the value under
     /// [`FAN_OUT_KEY`] of a message this function queued for itself. Returns the piece's
     /// result document.
@@ -703,7 +714,7 @@ impl Handler {
             return ObjectOutcome::Retry(format!("recording the run in the ledger: {e}"));
         }
         if ended.hand_over
-            && let Err(e) = self.runner.hand_over(plan).await
+            && let Err(e) = self.runner.hand_over_after(plan, ended.delay).await
         {
             warn!(object = %uri, error = %e, "Could not hand the rest of the export over; the trigger is retried.");
             return ObjectOutcome::Retry(format!("could not hand over: {e}"));
@@ -753,6 +764,8 @@ struct RunEnd {
     outcome: ObjectOutcome,
     /// The run stopped early with users left: queue the rest once the claim is released.
     hand_over: bool,
+    /// How long the hand-over is held back (a run that found its route busy).
+    delay: std::time::Duration,
     /// Runs in a row without progress, and since when the export waits for the hourly
     /// budget (recorded with the claim).
     counts: HandOverCounts,
@@ -783,6 +796,7 @@ impl RunEnd {
             report,
             outcome,
             hand_over: false,
+            delay: std::time::Duration::ZERO,
             counts: HandOverCounts::default(),
             fan_out: None,
         };
@@ -796,9 +810,13 @@ impl RunEnd {
                         "object": uri.to_string(), "route": plan.route,
                         "outcome": word, "report": o.report, "summary": o.summary})),
                     hand_over: o.hand_over,
+                    delay: std::time::Duration::from_secs(
+                        o.summary["hand_over_delay_s"].as_u64().unwrap_or(0),
+                    ),
                     counts: HandOverCounts {
                         stalled: o.summary["stalled"].as_u64().unwrap_or(0) as u32,
                         budget_wait_since: o.summary["budget_wait_since"].as_i64(),
+                        route_waits: o.summary["route_waits"].as_u64().unwrap_or(0) as u32,
                     },
                     fan_out: o.fan_out,
                 }

@@ -71,6 +71,11 @@ pub struct LedgerEntry {
     /// the longest wait the run fails instead of waiting again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget_wait_since: Option<i64>,
+    /// Runs of this export in a row that found its route held by another run and handed
+    /// the export over with a delay instead of running (a claim carries it like `stalled`);
+    /// past the limit the run fails retryably instead of waiting again.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub route_waits: u32,
     /// The upload (its last-modified time) a forced replay by object metadata was for: a
     /// `complete` entry with it answers further notifications of that same upload as
     /// duplicates instead of resending everything again ([`Ledger::forced_upload`]).
@@ -102,6 +107,9 @@ pub struct HandOverCounts {
     /// When the export began waiting for the hourly request budget without sending (`None`:
     /// this run did not wait).
     pub budget_wait_since: Option<i64>,
+    /// Runs in a row that found the route held by another run and handed over with a delay
+    /// (0: this run took the route).
+    pub route_waits: u32,
 }
 
 /// Runs of one export in a row that may hand over without Braze confirming a user; the next
@@ -119,6 +127,7 @@ impl LedgerEntry {
             fan_out: None,
             stalled: 0,
             budget_wait_since: None,
+            route_waits: 0,
             forced: None,
         }
     }
@@ -139,6 +148,7 @@ impl LedgerEntry {
             fan_out: fan_out.map(str::to_string),
             stalled: 0,
             budget_wait_since: None,
+            route_waits: 0,
             forced: None,
         }
     }
@@ -308,12 +318,17 @@ impl<'a> Ledger<'a> {
             }
             _ => {}
         }
-        let body = match (current.stalled, current.budget_wait_since) {
-            (0, None) => body,
-            (stalled, budget_wait_since) => {
+        let body = match (
+            current.stalled,
+            current.budget_wait_since,
+            current.route_waits,
+        ) {
+            (0, None, 0) => body,
+            (stalled, budget_wait_since, route_waits) => {
                 let entry = self.stamped(LedgerEntry {
                     stalled,
                     budget_wait_since,
+                    route_waits,
                     ..LedgerEntry::running(export_id, now + lease_s)
                 });
                 Bytes::from(serde_json::to_vec(&entry).unwrap_or_default())
@@ -545,6 +560,7 @@ impl<'a> Ledger<'a> {
         let entry = LedgerEntry {
             stalled: counts.stalled,
             budget_wait_since: counts.budget_wait_since,
+            route_waits: counts.route_waits,
             ..LedgerEntry::ended(status, export_id, report, None)
         };
         self.write_over(export_id, claim_etag, &entry).await?;

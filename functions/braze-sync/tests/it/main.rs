@@ -24,6 +24,7 @@ mod ranged_diff;
 mod read_formats;
 mod readme_config;
 mod route_config;
+mod route_wait;
 mod runner_bounded;
 mod runner_commit;
 mod runner_crash;

@@ -33,6 +33,7 @@ fn entry(export: &str, status: LedgerStatus) -> (String, LedgerEntry) {
             fan_out: None,
             stalled: 0,
             budget_wait_since: None,
+            route_waits: 0,
             forced: None,
         },
     )

@@ -22,7 +22,7 @@ use crate::run::handler::RunError;
 use crate::run::handler::RunOutcome;
 use crate::send::deliver::StopReason;
 use crate::send::hourly_budget::{HourlyBudget, MAX_BUDGET_WAIT, clock_time, starved};
-use crate::state::ledger::Ledger;
+use crate::state::ledger::{HandOverCounts, Ledger};
 
 /// The continuation the runner uses: delayed by the budget when one is configured.
 pub(super) fn continuation(
@@ -95,8 +95,8 @@ impl SyncRunner {
         let Some(until) = budget.spent_until(now).await else {
             return Ok(None);
         };
-        let (stalled, since) = self.carried_counts(record).await;
-        let since = since.unwrap_or(now);
+        let counts = self.carried_counts(record).await;
+        let (stalled, since) = (counts.stalled, counts.budget_wait_since.unwrap_or(now));
         if starved(since, now) {
             return Err(self.starved(record, budget, since).await);
         }
@@ -130,12 +130,13 @@ impl SyncRunner {
         record.failed(self.store.as_ref(), message, false).await
     }
 
-    /// The counts this run's ledger entry (its claim) carries: stalled runs in a row, and since
-    /// when the export waits for budget without sending. Unreadable: none.
-    async fn carried_counts(&self, record: &RunRecord) -> (u32, Option<i64>) {
+    /// The counts this run's ledger entry (its claim) carries: stalled runs in a row, since
+    /// when the export waits for budget without sending, and its waits for a busy route.
+    /// Unreadable: none.
+    pub(super) async fn carried_counts(&self, record: &RunRecord) -> HandOverCounts {
         let s = &self.settings;
         let Some(export_id) = record.report.export_id.as_deref() else {
-            return (0, None);
+            return HandOverCounts::default();
         };
         Ledger::for_route(
             self.store.as_ref(),
@@ -147,6 +148,10 @@ impl SyncRunner {
         .await
         .ok()
         .flatten()
-        .map_or((0, None), |e| (e.stalled, e.budget_wait_since))
+        .map_or_else(HandOverCounts::default, |e| HandOverCounts {
+            stalled: e.stalled,
+            budget_wait_since: e.budget_wait_since,
+            route_waits: e.route_waits,
+        })
     }
 }

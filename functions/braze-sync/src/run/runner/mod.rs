@@ -26,6 +26,7 @@ mod hand_over;
 mod load;
 mod memory_fit;
 mod producer;
+mod route_wait;
 mod sender;
 mod sizing;
 
@@ -221,13 +222,13 @@ impl SyncRunner {
     /// route another run holds is waited for ([`lock_wait`]): polled every sixth of a lease
     /// for at most one lease (a holder that died frees it within one), never into the time a
     /// run needs; a run that still finds it busy goes back to the queue and waits its turn
-    /// there. Returns the lock and how long it waited.
+    /// there ([`route_wait`]). Returns the lock and how long it waited; `None`: still busy.
     async fn lock(
         &self,
         route: &Route,
         run_id: &str,
         remaining_ms: Option<u64>,
-    ) -> Result<(RouteLock, Duration), RunError> {
+    ) -> Result<Option<(RouteLock, Duration)>, RunError> {
         let s = &self.settings;
         let uri = lock_uri(&s.state_bucket, &s.state_prefix, route.name());
         let started = Instant::now();
@@ -243,16 +244,11 @@ impl SyncRunner {
             )
             .await
             {
-                Ok(Some(lock)) => return Ok((lock, started.elapsed())),
+                Ok(Some(lock)) => return Ok(Some((lock, started.elapsed()))),
                 Ok(None) if started.elapsed() + wait.poll <= wait.most => {
                     tokio::time::sleep(wait.poll).await;
                 }
-                Ok(None) => {
-                    return Err(RunError::Retryable(format!(
-                        "another export of route {} is syncing; this one waits its turn",
-                        route.name()
-                    )));
-                }
+                Ok(None) => return Ok(None),
                 Err(e) => return Err(RunError::Retryable(e.to_string())),
             }
         }
@@ -310,7 +306,10 @@ impl ExportRunner for SyncRunner {
         let bounded = self.check_memory(plan, &route, &mut record).await?;
         // One run per route at a time: exports of a route apply one after the other. The lease
         // is renewed while the run lives; losing it stops the run.
-        let (mut lock, waited) = self.lock(&route, &record.run_id, remaining_ms).await?;
+        let Some((mut lock, waited)) = self.lock(&route, &record.run_id, remaining_ms).await?
+        else {
+            return self.wait_for_route(&route, &mut record, remaining_ms).await;
+        };
         let remaining_ms = remaining_ms.map(|ms| ms.saturating_sub(waited.as_millis() as u64));
         let (lost_tx, lost_rx) = watch::channel(None);
         let export = LockedExport {
@@ -363,8 +362,13 @@ impl ExportRunner for SyncRunner {
     }
 
     async fn hand_over(&self, plan: &ExportPlan) -> Result<(), String> {
+        self.hand_over_after(plan, Duration::ZERO).await
+    }
+
+    async fn hand_over_after(&self, plan: &ExportPlan, delay: Duration) -> Result<(), String> {
         match &self.continuation {
-            Some(c) => c.hand_over(plan).await,
+            Some(c) if delay.is_zero() => c.hand_over(plan).await,
+            Some(c) => c.hand_over_after(plan, delay).await,
             None => Err("no continuation queue is configured".into()),
         }
     }
