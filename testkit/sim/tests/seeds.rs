@@ -470,6 +470,17 @@ fn seed_13866_cut_short_fan_out_clean_leaves_a_fork_head_naming_deleted_objects(
     holds(13866);
 }
 
+/// Exports that found their route held by another run failed their messages back to the
+/// queue, which brought them back only after a whole visibility timeout and spent a receive
+/// each time: four went to the DLQ. They now wait on the queue with a delay; the one left
+/// is a message whose receives went to injected faults (ledger writes, crashes, SQS sends).
+#[test]
+fn seed_13866_exports_waiting_for_a_busy_route_go_to_the_dlq() {
+    let o = run_seed(13866, &Options::default());
+    assert!(o.violations.is_empty(), "{}", violations(&o));
+    assert!(o.stats.dlq <= 1, "seed 13866: {} DLQ messages", o.stats.dlq);
+}
+
 /// The same, and a piece redelivered while the manifest was still there claimed the
 /// finalizer afresh (`final.json` gone) and tried to merge forks whose objects were deleted.
 #[test]
