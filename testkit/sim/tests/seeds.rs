@@ -487,3 +487,13 @@ fn seed_13866_exports_waiting_for_a_busy_route_go_to_the_dlq() {
 fn seed_18255_cut_short_fan_out_clean_lets_a_piece_finalize_again() {
     holds(18255);
 }
+
+/// A redelivered trigger took over the claim its crashed first delivery left (that delivery had
+/// fanned the export out but not recorded it); the fan-out's finalizer completed the export
+/// over that claim while the redelivery waited for the route, and the redelivery then fanned
+/// the same export out again and crashed: its next delivery found the export complete and
+/// ended as a duplicate, and no run of the route came to end the second fan-out's manifest.
+#[test]
+fn seed_4762_redelivery_fans_out_an_export_its_first_delivery_completed() {
+    holds(4762);
+}

@@ -1,5 +1,6 @@
 //! What a run works from: the export's date (refused when too far ahead, before anything is
-//! claimed) and, under the route lock, the route's state: loaded, a future watermark forgotten,
+//! claimed) and, under the route lock, the route's state: a run whose export another run completed
+//! meanwhile stopped, the state loaded, a future watermark forgotten,
 //! a killed run's checkpoint segments folded, and a stale export answered as skipped.
 
 use tracing::{info, warn};
@@ -8,6 +9,7 @@ use crate::config::route::Route;
 use crate::ops::report::RunStatus;
 use crate::run::handler::{ExportPlan, RunError, RunOutcome};
 use crate::state::confirmed::Snapshot;
+use crate::state::ledger::Ledger;
 use crate::state::store::{Head, StateStore};
 
 use super::conclude::RunRecord;
@@ -59,6 +61,7 @@ impl SyncRunner {
             bounded,
         } = export;
         let store = self.store.as_ref();
+        self.not_synced_meanwhile(plan, route).await?;
         let loaded = if bounded {
             state.read_head().await.map(|h| (h, None))
         } else {
@@ -91,6 +94,38 @@ impl SyncRunner {
                 .await?;
         }
         Ok(Loaded::Ready(Box::new((head, snapshot))))
+    }
+
+    /// Under the route lock, stops a run whose export another run completed while this one
+    /// waited for the route: a fan-out's finalizer completes its export over the running claim
+    /// of a redelivered trigger that took over from the crashed delivery that fanned it out.
+    /// Running it again would apply the export twice and leave a fan-out no trigger ends. The
+    /// run is retried, and the retry finds the export complete and answers it as a duplicate.
+    async fn not_synced_meanwhile(&self, plan: &ExportPlan, route: &Route) -> Result<(), RunError> {
+        if plan.force_full {
+            return Ok(());
+        }
+        let s = &self.settings;
+        let ledger = Ledger::for_route(
+            self.store.as_ref(),
+            &s.state_bucket,
+            &s.state_prefix,
+            route.name(),
+        );
+        match ledger.entry(&plan.export_id).await {
+            Ok(Some(entry)) if entry.status.is_final() => {
+                info!(route = %plan.route, export = %plan.trigger, "Export completed by another run while this one waited for the route; not run again.");
+                Err(RunError::Retryable(format!(
+                    "{} was completed by another run while this one waited for the route",
+                    plan.trigger
+                )))
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(RunError::Retryable(format!(
+                "reading the ledger entry of {}: {e}",
+                plan.trigger
+            ))),
+        }
     }
 
     /// Folds the checkpoint segments a killed run left into range deltas (no watermark, no
