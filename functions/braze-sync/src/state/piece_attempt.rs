@@ -25,6 +25,8 @@ use bridge_shared::lease::{self, Lease, LeaseDoc, LeaseError};
 use bridge_shared::{ObjectStore, S3Uri};
 use serde::{Deserialize, Serialize};
 
+use crate::state::route_lock::retry_lease_write;
+
 /// The claim object's name inside a piece's folder (`_fan_out/<run id>/p<k>/`).
 pub const ATTEMPT_OBJECT: &str = "attempt.json";
 
@@ -68,35 +70,16 @@ pub struct PieceAttempt {
     lease_until_ms: i64,
 }
 
-/// Attempts at claiming a piece whose read or write failed transiently (a write whose answer
-/// was lost is recognised by the next attempt: the claim names us). A delivery sent back to
-/// the queue waits a whole visibility timeout, which can outlast its fan-out's lease.
-pub const CLAIM_ATTEMPTS: u32 = 3;
-
-/// Runs `once` until it answers, fails for good, or has failed transiently
-/// [`CLAIM_ATTEMPTS`] times.
-async fn retry_transient<F, Fut>(mut once: F) -> Result<Claimed, LeaseError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Claimed, LeaseError>>,
-{
-    let mut n = 1;
-    loop {
-        match once().await {
-            Err(LeaseError::Store { ref error, .. })
-                if error.is_retryable() && n < CLAIM_ATTEMPTS =>
-            {
-                n += 1;
-            }
-            r => return r,
-        }
-    }
+/// Whether claiming failed transiently (trying again at once may succeed): a delivery sent
+/// back to the queue waits a whole visibility timeout, which can outlast its fan-out's lease.
+fn transient(e: &LeaseError) -> bool {
+    matches!(e, LeaseError::Store { error, .. } if error.is_retryable())
 }
 
 impl PieceAttempt {
     /// Claims the piece whose claim object is `uri` as `holder` for `lease_s` seconds from
     /// `now_ms`. An earlier write of ours whose answer was lost is recognised by the lease; a
-    /// transient store failure is tried again ([`CLAIM_ATTEMPTS`] in all).
+    /// transient store failure is tried again ([`crate::state::route_lock::ACQUIRE_ATTEMPTS`] in all).
     pub async fn claim(
         store: Arc<dyn ObjectStore>,
         uri: S3Uri,
@@ -104,8 +87,10 @@ impl PieceAttempt {
         now_ms: i64,
         lease_s: i64,
     ) -> Result<Claimed, LeaseError> {
-        retry_transient(|| Self::claim_once(store.clone(), uri.clone(), holder, now_ms, lease_s))
-            .await
+        retry_lease_write(&uri, "claim a fan-out piece", transient, || {
+            Self::claim_once(store.clone(), uri.clone(), holder, now_ms, lease_s)
+        })
+        .await
     }
 
     async fn claim_once(
@@ -151,7 +136,7 @@ impl PieceAttempt {
         now_ms: i64,
         lease_s: i64,
     ) -> Result<Claimed, LeaseError> {
-        retry_transient(|| {
+        retry_lease_write(&uri, "claim a fan-out piece", transient, || {
             Self::claim_from_once(
                 store.clone(),
                 uri.clone(),

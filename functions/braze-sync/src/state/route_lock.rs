@@ -159,16 +159,35 @@ pub async fn read_lock(store: &dyn ObjectStore, uri: &S3Uri) -> Result<Option<Lo
 /// Runs `attempt` until it succeeds, fails for good, or has failed transiently
 /// [`ACQUIRE_ATTEMPTS`] times (taking and joining the lock: conditional writes, which the
 /// state's retrying store leaves to their callers).
-async fn retry_transient<T, F, Fut>(uri: &S3Uri, what: &str, mut attempt: F) -> Result<T, LockError>
+async fn retry_transient<T, F, Fut>(uri: &S3Uri, what: &str, attempt: F) -> Result<T, LockError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, LockError>>,
 {
+    retry_lease_write(uri, what, LockError::is_transient, attempt).await
+}
+
+/// Runs `attempt`, a conditional lease write (which the state's retrying store leaves to its
+/// caller), until it succeeds, fails for good, or has failed transiently ([`ACQUIRE_ATTEMPTS`]
+/// times in all), logging each retry as "could not `what`". The lease recognises a write of
+/// ours whose answer was lost at the next attempt. The route lock and a fan-out piece's
+/// attempt claim share it.
+pub(crate) async fn retry_lease_write<T, E, F, Fut>(
+    uri: &S3Uri,
+    what: &str,
+    transient: fn(&E) -> bool,
+    mut attempt: F,
+) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
     let mut n = 1;
     loop {
         match attempt().await {
-            Err(e) if e.is_transient() && n < ACQUIRE_ATTEMPTS => {
-                warn!(lock = %uri, error = %e, attempt = n, "Could not {what} the route lock; trying again.");
+            Err(e) if transient(&e) && n < ACQUIRE_ATTEMPTS => {
+                warn!(lease = %uri, error = %e, attempt = n, "Could not {what}; trying again.");
                 n += 1;
             }
             r => return r,
@@ -188,7 +207,7 @@ impl RouteLock {
         lease_s: i64,
     ) -> Result<Option<RouteLock>, LockError> {
         let doc = LockDoc::held(holder, now_ms + lease_s * 1000);
-        let lease = retry_transient(&uri, "take", || async {
+        let lease = retry_transient(&uri, "take the route lock", || async {
             Lease::acquire(store.as_ref(), &uri, &doc, now_ms)
                 .await
                 .map_err(LockError::of)
@@ -221,7 +240,7 @@ impl RouteLock {
         now_ms: i64,
         lease_s: i64,
     ) -> Result<Joined, LockError> {
-        retry_transient(&uri, "join", || {
+        retry_transient(&uri, "join the route lock", || {
             Self::join_once(store.clone(), &uri, holder, now_ms, lease_s)
         })
         .await
