@@ -18,7 +18,7 @@ use crate::diff::rejects::rejects_key;
 use crate::ops::report::{RunReport, RunStatus};
 use crate::run::handler::{ExportPlan, RunError, RunOutcome};
 use crate::send::deliver::{DeliverError, StopReason};
-use crate::state::ledger::{Ledger, STALLED_LIMIT};
+use crate::state::ledger::STALLED_LIMIT;
 use crate::state::store::Watermark;
 
 /// One run's report and where it goes.
@@ -308,7 +308,7 @@ impl SyncRunner {
                 stats.users_confirmed + stats.users_recorded > 0 || committer.checkpoints > 0;
             let stalled = match progressed {
                 true => 0,
-                false => self.stalled_before(record).await + 1,
+                false => self.carried_counts(record).await.stalled + 1,
             };
             if stalled >= STALLED_LIMIT {
                 let message = format!(
@@ -332,25 +332,5 @@ impl SyncRunner {
         };
         record.finish(store).await;
         Ok(record.outcome(false, summary))
-    }
-
-    /// Runs of this run's export in a row that handed over without progress, as its ledger
-    /// entry (this run's claim) carries them; unreadable: none.
-    pub(super) async fn stalled_before(&self, record: &RunRecord) -> u32 {
-        let s = &self.settings;
-        let Some(export_id) = record.report.export_id.as_deref() else {
-            return 0;
-        };
-        Ledger::for_route(
-            self.store.as_ref(),
-            &s.state_bucket,
-            &s.state_prefix,
-            &record.report.route,
-        )
-        .entry(export_id)
-        .await
-        .ok()
-        .flatten()
-        .map_or(0, |e| e.stalled)
     }
 }
