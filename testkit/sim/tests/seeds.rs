@@ -497,3 +497,12 @@ fn seed_18255_cut_short_fan_out_clean_lets_a_piece_finalize_again() {
 fn seed_4762_redelivery_fans_out_an_export_its_first_delivery_completed() {
     holds(4762);
 }
+
+/// A coordinator queued two of its three pieces, then SQS refused the third: it released the
+/// route lock and deleted the fan-out while a queued piece, already past its checks, sent to
+/// Braze; the piece's checkpoint then found its fork gone, and Braze kept values (and a user)
+/// the route's state never recorded.
+#[test]
+fn seed_11167_unqueued_fan_out_voided_under_a_sending_piece() {
+    holds(11167);
+}

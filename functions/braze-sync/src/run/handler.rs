@@ -8,6 +8,7 @@
 //! last receive (the queue's `maxReceiveCount`) is reported, and its export recorded in the
 //! ledger, before it goes to the dead-letter queue ([`edge_reports`]).
 
+mod claim;
 mod edge_reports;
 
 use std::sync::Arc;
@@ -21,8 +22,7 @@ use tracing::{info, warn};
 
 use crate::config::route::RouteBinding;
 use crate::ops::report::RunStatus;
-use crate::state::ledger::{Claim, HandOverCounts, Ledger, LedgerStatus};
-use crate::state::route_lock::{lock_uri, read_lock};
+use crate::state::ledger::{HandOverCounts, Ledger, LedgerStatus};
 use edge_reports::GiveUp;
 
 /// Object metadata key that forces a full resend of an export (`x-amz-meta-bridge-force-full: true`).
@@ -104,6 +104,9 @@ pub struct RunOutcome {
     /// The export was split across invocations by this fan-out run (its ledger entry stays
     /// open until the last piece finishes it).
     pub fan_out: Option<String>,
+    /// Why not every piece of the fan-out could be queued: the fan-out stays (a queued piece
+    /// may be running), and the export's retry queues them all again.
+    pub pieces_unqueued: Option<String>,
 }
 
 impl RunOutcome {
@@ -175,6 +178,17 @@ pub trait ExportRunner: Send + Sync {
     ) -> Result<(), String> {
         let _ = delay;
         self.hand_over(plan).await
+    }
+
+    /// Queues pieces `0..pieces` of fan-out run `run_id` of `route` (again: a piece queued
+    /// twice runs once).
+    async fn queue_fan_out(
+        &self,
+        _route: &str,
+        _run_id: &str,
+        _pieces: usize,
+    ) -> Result<(), String> {
+        Err("this runner cannot fan out".into())
     }
 
     /// Runs one piece of an export split across invocations: `message` is the value under
@@ -456,41 +470,6 @@ impl Handler {
         }
     }
 
-    /// A replay of an export that was split across invocations: it waits while the fan-out
-    /// run holds the route lock (its pieces are running), and claims the export once that run
-    /// is gone (it died, or ended without recording it). Never a second fan-out at once.
-    async fn claim_after_fan_out(
-        &self,
-        ledger: &Ledger<'_>,
-        export_id: &str,
-        route: &str,
-        run_id: &str,
-        now: i64,
-    ) -> Result<String, String> {
-        let lock = lock_uri(&self.cfg.state_bucket, &self.cfg.state_prefix, route);
-        let held = read_lock(self.store.as_ref(), &lock)
-            .await
-            .map_err(|e| e.to_string())?
-            .is_some_and(|l| {
-                l.holder == run_id
-                    && !l.released
-                    && l.lease_until_ms > crate::clock::now().timestamp_millis()
-            });
-        if held {
-            return Err(format!(
-                "this export is being synced by fan-out run {run_id} (its pieces hold the route lock); the replay waits"
-            ));
-        }
-        match ledger
-            .take_over_fan_out(export_id, run_id, now, self.cfg.lease_s)
-            .await
-        {
-            Ok(Claim::Acquired { etag }) => Ok(etag),
-            Ok(_) => Err("the export's ledger entry changed; trying again".into()),
-            Err(e) => Err(e.to_string()),
-        }
-    }
-
     /// One triggering object, end to end: decide, plan, claim the export, run it under the
     /// renewed claim, record how it ended and, with the claim released, hand the rest over.
     /// `last_receive` is the receive count when its message will not be delivered again: a
@@ -644,38 +623,6 @@ impl Handler {
         })
     }
 
-    /// Claims the export in the ledger and returns the claim's ETag. A completed export is a
-    /// duplicate no-op, a busy one is retried, and a fanned-out one waits for its fan-out run.
-    async fn claim_export(
-        &self,
-        ledger: &Ledger<'_>,
-        plan: &ExportPlan,
-    ) -> Result<String, ObjectOutcome> {
-        let uri = &plan.trigger;
-        let export_id = &plan.export_id;
-        let now = crate::clock::now().timestamp();
-        match ledger
-            .claim(export_id, now, self.cfg.lease_s, plan.force_full)
-            .await
-        {
-            Ok(Claim::Acquired { etag }) => Ok(etag),
-            Ok(Claim::AlreadyComplete { report }) => {
-                info!(object = %uri, route = %plan.route, "Export already synced; duplicate trigger is a no-op.");
-                Err(ObjectOutcome::Done(json!({
-                    "object": uri.to_string(), "route": plan.route,
-                    "outcome": "duplicate_no_op", "report": report})))
-            }
-            Ok(Claim::Busy) => Err(ObjectOutcome::Retry(format!(
-                "another invocation is syncing {uri} right now"
-            ))),
-            Ok(Claim::FannedOut { run_id }) => self
-                .claim_after_fan_out(ledger, export_id, &plan.route, &run_id, now)
-                .await
-                .map_err(ObjectOutcome::Retry),
-            Err(e) => Err(ObjectOutcome::Retry(e.to_string())),
-        }
-    }
-
     /// Records how the run ended in the ledger (a fanned-out export stays open for its pieces)
     /// and, only once the route lock and the export claim are released, queues the rest of a
     /// run that stopped early: the continuation never meets this run's own claims.
@@ -691,7 +638,7 @@ impl Handler {
         let recorded = match (&ended.status, &ended.fan_out) {
             (LedgerStatus::FannedOut, Some(run_id)) => {
                 ledger
-                    .finish_fanned_out(export_id, claim_etag, run_id, ended.report)
+                    .finish_fanned_out(export_id, claim_etag, run_id, ended.report, ended.requeue)
                     .await
             }
             _ => {
@@ -771,6 +718,8 @@ struct RunEnd {
     counts: HandOverCounts,
     /// The fan-out run that now owns the export, if the run split it.
     fan_out: Option<String>,
+    /// Pieces of that fan-out for the retry to queue again (not all could be queued), else 0.
+    requeue: u32,
 }
 
 impl RunEnd {
@@ -799,16 +748,30 @@ impl RunEnd {
             delay: std::time::Duration::ZERO,
             counts: HandOverCounts::default(),
             fan_out: None,
+            requeue: 0,
         };
         match result {
             Ok(o) => {
                 let (status, word) = o.ledger_status();
+                let requeue = match &o.pieces_unqueued {
+                    Some(_) => o.summary["fan_out"]["pieces"].as_u64().unwrap_or(0) as u32,
+                    None => 0,
+                };
+                let outcome = match &o.pieces_unqueued {
+                    Some(reason) => {
+                        warn!(object = %uri, error = %reason, "Not every fan-out piece could be queued; the retry queues them again.");
+                        ObjectOutcome::Retry(format!(
+                            "could not queue the fan-out's pieces: {reason}"
+                        ))
+                    }
+                    None => ObjectOutcome::Done(json!({
+                        "object": uri.to_string(), "route": plan.route,
+                        "outcome": word, "report": o.report, "summary": o.summary})),
+                };
                 RunEnd {
                     status,
                     report: o.report.clone(),
-                    outcome: ObjectOutcome::Done(json!({
-                        "object": uri.to_string(), "route": plan.route,
-                        "outcome": word, "report": o.report, "summary": o.summary})),
+                    outcome,
                     hand_over: o.hand_over,
                     delay: std::time::Duration::from_secs(
                         o.summary["hand_over_delay_s"].as_u64().unwrap_or(0),
@@ -819,6 +782,7 @@ impl RunEnd {
                         route_waits: o.summary["route_waits"].as_u64().unwrap_or(0) as u32,
                     },
                     fan_out: o.fan_out,
+                    requeue,
                 }
             }
             Err(RunError::Retryable(reason)) => {

@@ -81,6 +81,10 @@ pub struct LedgerEntry {
     /// duplicates instead of resending everything again ([`Ledger::forced_upload`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forced: Option<String>,
+    /// The number of pieces of the fan-out (`fan_out`) its coordinator could not queue them
+    /// all: the export's retry queues them again ([`Claim::FannedOut`]); 0 once queued.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub requeue: u32,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -129,6 +133,7 @@ impl LedgerEntry {
             budget_wait_since: None,
             route_waits: 0,
             forced: None,
+            requeue: 0,
         }
     }
 
@@ -150,6 +155,7 @@ impl LedgerEntry {
             budget_wait_since: None,
             route_waits: 0,
             forced: None,
+            requeue: 0,
         }
     }
 }
@@ -174,6 +180,8 @@ pub enum Claim {
     FannedOut {
         /// The fan-out's run id.
         run_id: String,
+        /// Its pieces to queue again (its coordinator could not queue them all), else 0.
+        requeue: u32,
     },
 }
 
@@ -306,6 +314,7 @@ impl<'a> Ledger<'a> {
             LedgerStatus::FannedOut => {
                 return Ok(Claim::FannedOut {
                     run_id: current.fan_out.unwrap_or_default(),
+                    requeue: current.requeue,
                 });
             }
             ref s
@@ -475,17 +484,58 @@ impl<'a> Ledger<'a> {
     }
 
     /// Records that the export was split into fan-out run `run_id` (only if our claim is
-    /// still the current entry: the fan-out's last piece may have finished it already).
+    /// still the current entry: the fan-out's last piece may have finished it already), with
+    /// `requeue` pieces for the export's retry to queue again when not all could be queued.
     pub async fn finish_fanned_out(
         &self,
         export_id: &str,
         claim_etag: &str,
         run_id: &str,
         report: Option<String>,
+        requeue: u32,
     ) -> Result<(), LedgerError> {
-        let entry = LedgerEntry::ended(LedgerStatus::FannedOut, export_id, report, Some(run_id));
+        let entry = LedgerEntry {
+            requeue,
+            ..LedgerEntry::ended(LedgerStatus::FannedOut, export_id, report, Some(run_id))
+        };
         self.write_over(export_id, claim_etag, &entry).await?;
         Ok(())
+    }
+
+    /// Records that fan-out run `run_id`'s pieces were queued again: its entry no longer asks
+    /// for it. Nothing to do when the entry is no longer that fan-out's (its last piece
+    /// finished it); a 412 reads it again.
+    pub async fn pieces_queued(&self, export_id: &str, run_id: &str) -> Result<(), LedgerError> {
+        let uri = self.uri(export_id);
+        for _ in 0..5 {
+            let (meta, current) = self.read(&uri).await?;
+            if current.status != LedgerStatus::FannedOut
+                || current.fan_out.as_deref() != Some(run_id)
+                || current.requeue == 0
+            {
+                return Ok(());
+            }
+            let entry = LedgerEntry {
+                requeue: 0,
+                ..current
+            };
+            let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
+            match self
+                .store
+                .put(
+                    &uri,
+                    body,
+                    PutCondition::IfMatch(meta.etag),
+                    BTreeMap::new(),
+                )
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(StoreError::PreconditionFailed { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(LedgerError::Store(StoreError::PreconditionFailed { uri }))
     }
 
     /// How fan-out run `run_id` ended, recorded by its last piece: over the fan-out's entry,
@@ -750,14 +800,15 @@ mod tests {
         let Claim::Acquired { etag } = l.claim("f", 100, 60, false).await.unwrap() else {
             panic!()
         };
-        l.finish_fanned_out("f", &etag, "run1", Some("r.json".into()))
+        l.finish_fanned_out("f", &etag, "run1", Some("r.json".into()), 0)
             .await
             .unwrap();
         for force in [false, true] {
             assert_eq!(
                 l.claim("f", 200, 60, force).await.unwrap(),
                 Claim::FannedOut {
-                    run_id: "run1".into()
+                    run_id: "run1".into(),
+                    requeue: 0,
                 }
             );
         }
@@ -788,7 +839,9 @@ mod tests {
         let Claim::Acquired { etag } = l.claim("g", 100, 60, false).await.unwrap() else {
             panic!()
         };
-        l.finish_fanned_out("g", &etag, "run2", None).await.unwrap();
+        l.finish_fanned_out("g", &etag, "run2", None, 0)
+            .await
+            .unwrap();
         assert_eq!(
             l.take_over_fan_out("g", "other", 200, 60).await.unwrap(),
             Claim::Busy
@@ -806,7 +859,9 @@ mod tests {
             .await
             .unwrap();
         assert!(
-            l.finish_fanned_out("h", &etag, "run3", None).await.is_err(),
+            l.finish_fanned_out("h", &etag, "run3", None, 0)
+                .await
+                .is_err(),
             "the coordinator's late record loses"
         );
         assert_eq!(

@@ -52,6 +52,7 @@ impl ExportRunner for Recorder {
             summary: json!({}),
             hand_over: false,
             fan_out: None,
+            pieces_unqueued: None,
         })
     }
 }
@@ -464,6 +465,7 @@ impl ExportRunner for KeyRunner {
             summary: json!({}),
             hand_over: false,
             fan_out: None,
+            pieces_unqueued: None,
         })
     }
 }

@@ -1312,7 +1312,8 @@ async fn a_piece_handed_over_before_its_deadline_counts_what_it_sent_in_the_comb
 }
 
 #[tokio::test]
-async fn a_fan_out_whose_pieces_cannot_all_be_queued_leaves_no_phantom_behind() {
+async fn a_fan_out_whose_pieces_cannot_all_be_queued_keeps_what_a_queued_piece_sent_and_its_retry_queues_the_rest()
+ {
     let Bed {
         store,
         braze,
@@ -1321,37 +1322,54 @@ async fn a_fan_out_whose_pieces_cannot_all_be_queued_leaves_no_phantom_behind() 
     let spill = tempfile::tempdir().unwrap();
     let fan = handler(&store, &braze, &queue, spill.path(), Some(2));
     put(&store, "in/e1.csv", csv(false, &BTreeSet::new(), 0)).await;
-    // SQS takes the first piece's message, then refuses the second.
+    // SQS takes the first piece's message, then refuses the second: the trigger is retried.
     *queue.full_at.lock().unwrap() = Some(1);
-    assert!(fan.handle(&s3_event("in/e1.csv"), None).await.is_err());
+    let r = fan.handle(&s3_event("in/e1.csv"), None).await;
+    assert!(r.is_err(), "{r:?}");
     let first = queue.pieces.lock().unwrap()[0].clone();
-    // The route is free, and `status` shows no fan-out at work.
+    // The queued piece runs meanwhile (it may have started before the refusal): what it sends
+    // is confirmed in its fork, not thrown away with the fan-out.
+    let r = fan.handle(&sqs(&first, "p0"), None).await.unwrap();
+    assert_ne!(r["results"][0]["outcome"], "fan_out_over", "{r}");
+    let sent = braze.profiles.lock().unwrap().len();
+    assert!(sent > 0 && sent < N as usize, "{sent}");
+    // The trigger's retry queues every piece again and is acknowledged: the fan-out owns the
+    // export (its ledger entry), and no second fan-out starts.
+    *queue.full_at.lock().unwrap() = None;
+    let r = sync(&fan, "in/e1.csv").await;
+    assert_eq!(outcome(&r), "fan_out_queued", "{r}");
+    assert_eq!(r["results"][0]["pieces"], 2, "{r}");
+    let msgs = queue.pieces.lock().unwrap().clone();
+    assert_eq!(msgs.len(), 3);
+    assert!(msgs.iter().all(|m| m.run_id == first.run_id));
+    // A further duplicate of the trigger waits for the fan-out instead of queueing again.
+    assert!(fan.handle(&s3_event("in/e1.csv"), None).await.is_err());
+    assert_eq!(queue.pieces.lock().unwrap().len(), 3);
+    // Piece 0 again is a no-op; piece 1 finishes the fan-out.
+    let requests = braze.requests.load(Ordering::SeqCst);
+    let r = fan.handle(&sqs(&msgs[1], "p0-again"), None).await.unwrap();
+    assert_eq!(braze.requests.load(Ordering::SeqCst), requests, "{r}");
+    fan.handle(&sqs(&msgs[2], "p1"), None).await.unwrap();
+    assert_eq!(braze.profiles.lock().unwrap().len(), N as usize);
+    assert_eq!(state(&store).read_head().await.unwrap().doc.users, N as u64);
+    assert_eq!(outcome(&sync(&fan, "in/e1.csv").await), "duplicate_no_op");
     let lock = read_lock(store.as_ref(), &lock_uri("state", "s/", "people"))
         .await
         .unwrap()
         .unwrap();
     assert!(lock.released);
-    let at = braze_sync::ops::status::StatusLocation {
-        bucket: "state".into(),
-        state_prefix: "s/".into(),
-        reports_prefix: "r/".into(),
-    };
-    let now = chrono::Utc::now().timestamp_millis();
-    let st = braze_sync::ops::status::read_route_status(store.clone(), &at, &route(), now)
-        .await
-        .unwrap();
-    assert!(st.fan_outs.is_empty(), "{:?}", st.fan_outs);
-    // The queued piece ends at once; the export's retry fans out again and finishes.
-    let r = fan.handle(&sqs(&first, "p0"), None).await.unwrap();
-    assert_eq!(r["results"][0]["outcome"], "fan_out_over", "{r}");
-    *queue.full_at.lock().unwrap() = None;
-    assert_eq!(outcome(&sync(&fan, "in/e1.csv").await), "fanned_out");
-    let msgs = queue.pieces.lock().unwrap().clone();
-    for m in &msgs[1..] {
-        fan.handle(&sqs(m, "new"), None).await.unwrap();
+    // Every user sent once: the same export again sends nothing.
+    put(&store, "in/e2.csv", csv(false, &BTreeSet::new(), 0)).await;
+    let objects = braze.objects.load(Ordering::SeqCst);
+    assert_eq!(objects, N as u64);
+    sync(&fan, "in/e2.csv").await;
+    let later = queue.pieces.lock().unwrap().clone();
+    for m in later.iter().skip(3) {
+        fan.handle(&sqs(m, &format!("e2-{}", m.piece)), None)
+            .await
+            .unwrap();
     }
-    assert_eq!(braze.profiles.lock().unwrap().len(), N as usize);
-    assert_eq!(outcome(&sync(&fan, "in/e1.csv").await), "duplicate_no_op");
+    assert_eq!(braze.objects.load(Ordering::SeqCst), objects);
 }
 
 #[tokio::test]

@@ -35,6 +35,7 @@ fn entry(export: &str, status: LedgerStatus) -> (String, LedgerEntry) {
             budget_wait_since: None,
             route_waits: 0,
             forced: None,
+            requeue: 0,
         },
     )
 }

@@ -143,6 +143,7 @@ impl RunRecord {
             summary,
             hand_over,
             fan_out: None,
+            pieces_unqueued: None,
         }
     }
 }

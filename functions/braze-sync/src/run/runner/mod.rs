@@ -319,12 +319,13 @@ impl ExportRunner for SyncRunner {
             bounded,
         };
         let work = self.run_locked(export, &mut record, remaining_ms, lost_rx);
-        let result = lease::keep_lock(work, &mut lock, &lost_tx).await;
+        let mut result = lease::keep_lock(work, &mut lock, &lost_tx).await;
         if let Ok(RunOutcome {
             fan_out: Some(run_id),
             summary,
+            pieces_unqueued,
             ..
-        }) = &result
+        }) = &mut result
         {
             // The pieces hold this lock from now on: made shareable and long before the
             // first piece is queued.
@@ -335,16 +336,11 @@ impl ExportRunner for SyncRunner {
                 Ok(()) => self.queue_pieces(route.name(), run_id, pieces).await,
                 Err(e) => Err(e.to_string()),
             };
-            if let Err(e) = queued {
-                // Pieces already queued find the lock released and end at once.
-                if let Err(e) = lock.release().await {
-                    warn!(route = route.name(), error = %e, "Could not release the route lock; it expires by itself.");
-                }
-                self.drop_unqueued_fan_out(&route, run_id, pieces).await;
-                return Err(RunError::Retryable(format!(
-                    "could not queue the fan-out's pieces: {e}"
-                )));
-            }
+            // A piece already queued may be running and sending: the fan-out stays, under
+            // its lock, and the export's retry queues every piece again (the ledger entry
+            // asks for it). Should the retry not come in time, the route's next run ends
+            // the fan-out left behind and keeps what its pieces had Braze confirm.
+            *pieces_unqueued = queued.err();
             return result;
         }
         if let Err(e) = lock.release().await {
@@ -363,6 +359,10 @@ impl ExportRunner for SyncRunner {
 
     async fn hand_over(&self, plan: &ExportPlan) -> Result<(), String> {
         self.hand_over_after(plan, Duration::ZERO).await
+    }
+
+    async fn queue_fan_out(&self, route: &str, run_id: &str, pieces: usize) -> Result<(), String> {
+        self.queue_pieces(route, run_id, pieces).await
     }
 
     async fn hand_over_after(&self, plan: &ExportPlan, delay: Duration) -> Result<(), String> {

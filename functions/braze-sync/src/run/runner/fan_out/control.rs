@@ -321,21 +321,6 @@ impl SyncRunner {
         }
     }
 
-    /// A fan-out whose pieces could not all be queued (its route lock already released, so
-    /// the queued ones end at once): its control objects and forks are deleted, so no
-    /// phantom fan-out stays behind (`status`), and the export's retry starts afresh.
-    pub(in crate::run::runner) async fn drop_unqueued_fan_out(
-        &self,
-        route: &Route,
-        run_id: &str,
-        pieces: usize,
-    ) {
-        let referenced = self.head_references(route, run_id).await;
-        self.control(route.name(), run_id)
-            .clean(pieces, !referenced)
-            .await;
-    }
-
     pub(super) fn report_uri(&self, route: &str, run_id: &str) -> S3Uri {
         S3Uri::new(
             &self.settings.state_bucket,
