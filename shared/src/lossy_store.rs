@@ -1,8 +1,11 @@
 //! A [`MemoryStore`] with bad days, for tests of conditional-write protocols (leases, claims):
 //! its next puts can fail before applying (`fail_puts`), or apply and lose their answer
-//! (`lose_puts`, the caller sees a 503), and its reads can fail (`fail_reads`).
+//! (`lose_puts`, the caller sees a 503), its reads can fail (`fail_reads`), and deletes of
+//! keys holding a pattern can be refused (`refuse_deletes`).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 
 use async_trait::async_trait;
@@ -16,11 +19,12 @@ use crate::s3_uri::S3Uri;
 /// An in-memory store whose next calls fail as told (see the module).
 #[derive(Debug, Default)]
 pub struct LossyStore {
-    inner: MemoryStore,
+    inner: Arc<MemoryStore>,
     fail: AtomicU32,
     lose: AtomicU32,
     reads_ok: AtomicU32,
     fail_reads: AtomicU32,
+    refused_deletes: Mutex<Option<String>>,
 }
 
 fn take(n: &AtomicU32) -> bool {
@@ -61,6 +65,22 @@ impl LossyStore {
     pub fn fail_reads_after(&self, ok: u32, n: u32) {
         self.reads_ok.store(ok, SeqCst);
         self.fail_reads.store(n, SeqCst);
+    }
+
+    /// Bad days over `inner`, which stays usable without faults.
+    pub fn over(inner: Arc<MemoryStore>) -> Self {
+        Self {
+            inner,
+            ..Self::default()
+        }
+    }
+
+    /// Deletes of keys that contain `pattern` are refused (403, permanent) until it is
+    /// cleared (`None`).
+    pub fn refuse_deletes(&self, pattern: Option<&str>) {
+        if let Ok(mut p) = self.refused_deletes.lock() {
+            *p = pattern.map(str::to_string);
+        }
     }
 
     /// The store underneath, to read or write without faults.
@@ -106,6 +126,20 @@ impl ObjectStore for LossyStore {
         self.inner.copy(from, to).await
     }
     async fn delete(&self, uri: &S3Uri) -> Result<(), StoreError> {
+        let refused = self
+            .refused_deletes
+            .lock()
+            .ok()
+            .and_then(|p| p.as_ref().map(|p| uri.key.contains(p.as_str())))
+            .unwrap_or(false);
+        if refused {
+            return Err(StoreError::Other {
+                op: "DeleteObject",
+                uri: uri.clone(),
+                message: "403 AccessDenied".into(),
+                retryable: false,
+            });
+        }
         self.inner.delete(uri).await
     }
 }

@@ -1252,6 +1252,61 @@ async fn a_fan_out_whose_lease_ran_out_keeps_what_its_pieces_confirmed() {
     assert_eq!(late["results"][0]["outcome"], "fan_out_over", "{late}");
 }
 
+/// A run that ended a fan-out left behind took its forks' work into the route head, then could
+/// not delete a fork's head, and went on to sync its own export: the next run must not take the
+/// same fork over again, over the newer values the run in between had Braze confirm.
+#[tokio::test]
+async fn a_left_fan_out_whose_clean_was_cut_short_is_not_taken_over_twice() {
+    let Bed {
+        store,
+        braze,
+        queue,
+    } = Bed::default();
+    let spill = tempfile::tempdir().unwrap();
+    let single = first_synced(&store, &braze, &queue, spill.path()).await;
+    let fan = handler(&store, &braze, &queue, spill.path(), Some(2));
+    put(&store, "in/e2.csv", csv(true, &BTreeSet::new(), 0)).await;
+    assert_eq!(outcome(&sync(&fan, "in/e2.csv").await), "fanned_out");
+    let msgs = queue.pieces.lock().unwrap().clone();
+    let run_id = msgs[0].run_id.clone();
+    let r = fan.handle(&sqs(&msgs[0], "m0"), None).await.unwrap();
+    assert_eq!(r["results"][0]["outcome"], "piece_done", "{r}");
+    let changed = |b: &Braze| {
+        b.profiles
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|p| p.get("tier") == Some(&json!("changed")))
+            .count()
+    };
+    assert!(changed(&braze) > 0, "piece 0 sent its users' new values");
+    expire_lock(&store, &run_id).await;
+    // The next run ends the fan-out, but the store refuses to delete piece 0's fork head.
+    let lossy = Arc::new(bridge_shared::lossy_store::LossyStore::over(store.clone()));
+    lossy.refuse_deletes(Some(&format!("_fan_out/{run_id}/p000/head.json")));
+    let faulty = handler_on(
+        lossy.clone(),
+        &braze,
+        Some(&queue),
+        spill.path(),
+        None,
+        None,
+    );
+    put(&store, "in/e3.csv", csv(false, &BTreeSet::new(), 0)).await;
+    assert_eq!(outcome(&sync(&faulty, "in/e3.csv").await), "synced");
+    assert_eq!(changed(&braze), 0, "every value piece 0 sent was reverted");
+    lossy.refuse_deletes(None);
+    // Piece 0's values again: every even user is sent them, none is taken for unchanged.
+    put(&store, "in/e4.csv", csv(true, &BTreeSet::new(), 0)).await;
+    assert_eq!(outcome(&sync(&single, "in/e4.csv").await), "synced");
+    assert_eq!(changed(&braze), N as usize / 2);
+    let left = store
+        .list("state", &format!("s/people/_fan_out/{run_id}/"))
+        .await
+        .unwrap();
+    assert!(left.iter().all(|o| o.key.ends_with(".bin")), "{left:?}");
+}
+
 #[tokio::test]
 async fn a_piece_handed_over_before_its_deadline_counts_what_it_sent_in_the_combined_report() {
     // The reference: one invocation per export.

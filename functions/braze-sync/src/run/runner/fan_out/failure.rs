@@ -16,6 +16,8 @@
 
 use std::collections::BTreeSet;
 
+use bridge_shared::object_store::PutCondition;
+use bytes::Bytes;
 use tracing::{info, warn};
 
 use super::control::{Control, FanOut, FinalDoc, Manifest};
@@ -171,14 +173,31 @@ impl SyncRunner {
         };
         let forks = control.forks().await?;
         let etag = head.etag.clone();
-        self.absorb_forks(route, state, head, &control, &forks)
-            .await?;
-        let changed = head.etag != etag;
         let attempts = control.attempts().await?;
         let pieces = forks.iter().chain(&attempts).max().map_or(0, |k| k + 1);
         let pieces = manifest
             .as_ref()
             .map_or(pieces, |m| m.pieces.len().max(pieces));
+        if self
+            .absorb_forks(route, state, head, &control, &forks)
+            .await?
+        {
+            // Recorded before anything is deleted: a clean cut short leaves fork heads that a
+            // later run must not take over again, over the newer values the runs in between
+            // had Braze confirm (nor after they compacted the objects those heads name).
+            let fin = FinalDoc {
+                finalizer: pieces,
+                merged: true,
+            };
+            let body = Bytes::from(serde_json::to_vec(&fin).unwrap_or_default());
+            control
+                .put("final.json", body, PutCondition::None)
+                .await
+                .map_err(|e| {
+                    RunError::Retryable(format!("recording a fan-out's forks as taken over: {e}"))
+                })?;
+        }
+        let changed = head.etag != etag;
         if let Some(m) = &manifest {
             let why = format!(
                 "fan-out {run_id} was left behind: its route lock ran out before it finished (or its coordinator died before queueing its pieces), and a later run took the route; what its pieces had Braze confirm is in the route's state"
@@ -191,7 +210,7 @@ impl SyncRunner {
     }
 
     /// Takes the work of fan-out `control`'s forks `pieces` into the route head, unless its
-    /// finalizer merged them already.
+    /// finalizer (or an earlier end of it) merged them already; returns whether it did.
     async fn absorb_forks(
         &self,
         route: &Route,
@@ -199,7 +218,7 @@ impl SyncRunner {
         head: &mut Head,
         control: &Control,
         pieces: &[usize],
-    ) -> Result<(), RunError> {
+    ) -> Result<bool, RunError> {
         let merged = match control.get_json::<FinalDoc>("final.json").await {
             Ok(f) => f.is_some_and(|f| f.merged),
             Err(e @ RunError::Retryable(_)) => return Err(e),
@@ -207,7 +226,7 @@ impl SyncRunner {
             Err(_) => false,
         };
         if merged {
-            return Ok(());
+            return Ok(false);
         }
         let run_id = control.run_id();
         let listing = self
@@ -242,7 +261,7 @@ impl SyncRunner {
                 .await
                 .map_err(|e| RunError::Retryable(format!("taking a fork's work over: {e}")))?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The ended fan-out's report and, when the export's ledger entry is this fan-out's, the
