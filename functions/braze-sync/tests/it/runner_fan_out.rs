@@ -420,7 +420,10 @@ async fn an_export_in_four_pieces_ends_as_a_single_run_with_one_piece_killed_and
     let fin = S3Uri::new("state", format!("s/people/_fan_out/{run_id}/final.json"));
     let (_, body) = store.get(&fin).await.unwrap();
     let fin: Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(fin, json!({"finalizer": 3, "merged": true}));
+    assert_eq!(
+        fin,
+        json!({"finalizer": 3, "merged": true, "concluded": false})
+    );
     let held = read_lock(store.as_ref(), &lock).await.unwrap().unwrap();
     assert!(
         held.holder == run_id && !held.released,
@@ -1300,6 +1303,54 @@ async fn a_left_fan_out_whose_clean_was_cut_short_is_not_taken_over_twice() {
     put(&store, "in/e4.csv", csv(true, &BTreeSet::new(), 0)).await;
     assert_eq!(outcome(&sync(&single, "in/e4.csv").await), "synced");
     assert_eq!(changed(&braze), N as usize / 2);
+    let left = store
+        .list("state", &format!("s/people/_fan_out/{run_id}/"))
+        .await
+        .unwrap();
+    assert!(left.iter().all(|o| o.key.ends_with(".bin")), "{left:?}");
+}
+
+/// A finalizer recorded how its fan-out ended and could not delete the manifest: the next run
+/// deletes what is left without writing over that ending.
+#[tokio::test]
+async fn a_finished_fan_out_whose_clean_was_cut_short_keeps_its_report() {
+    let Bed {
+        store,
+        braze,
+        queue,
+    } = Bed::default();
+    let spill = tempfile::tempdir().unwrap();
+    let single = first_synced(&store, &braze, &queue, spill.path()).await;
+    let lossy = Arc::new(bridge_shared::lossy_store::LossyStore::over(store.clone()));
+    let fan = handler_on(
+        lossy.clone(),
+        &braze,
+        Some(&queue),
+        spill.path(),
+        Some(2),
+        None,
+    );
+    put(&store, "in/e2.csv", csv(true, &BTreeSet::new(), 0)).await;
+    assert_eq!(outcome(&sync(&fan, "in/e2.csv").await), "fanned_out");
+    let msgs = queue.pieces.lock().unwrap().clone();
+    let run_id = msgs[0].run_id.clone();
+    lossy.refuse_deletes(Some("manifest.json"));
+    fan.handle(&sqs(&msgs[0], "m0"), None).await.unwrap();
+    let r = fan.handle(&sqs(&msgs[1], "m1"), None).await.unwrap();
+    assert_eq!(r["results"][0]["outcome"], "fan_out_finished", "{r}");
+    lossy.refuse_deletes(None);
+    let report = S3Uri::new("state", format!("r/people/{run_id}.json"));
+    let (_, before) = store.get(&report).await.unwrap();
+    let status = |b: &[u8]| serde_json::from_slice::<Value>(b).unwrap()["status"].clone();
+    assert_eq!(status(&before), "complete");
+    put(&store, "in/e3.csv", csv(false, &BTreeSet::new(), 0)).await;
+    assert_eq!(outcome(&sync(&single, "in/e3.csv").await), "synced");
+    let (_, after) = store.get(&report).await.unwrap();
+    assert_eq!(after, before, "the fan-out's ending stands");
+    assert_eq!(
+        outcome(&sync(&single, "in/e2.csv").await),
+        "duplicate_no_op"
+    );
     let left = store
         .list("state", &format!("s/people/_fan_out/{run_id}/"))
         .await

@@ -102,6 +102,9 @@ pub struct FinalDoc {
     pub finalizer: usize,
     /// The forks were merged into the route head.
     pub merged: bool,
+    /// The fan-out's ending (its report and ledger entry) is recorded: only its control
+    /// objects are left to delete, and a run that finds them leaves that ending as it is.
+    pub concluded: bool,
 }
 
 /// One fan-out as a piece, the finalizer or its failure sees it: the route, its control

@@ -178,16 +178,22 @@ impl SyncRunner {
         let pieces = manifest
             .as_ref()
             .map_or(pieces, |m| m.pieces.len().max(pieces));
-        if self
-            .absorb_forks(route, state, head, &control, &forks)
-            .await?
-        {
+        let fin = match control.get_json::<FinalDoc>("final.json").await {
+            Ok(f) => f,
+            Err(e @ RunError::Retryable(_)) => return Err(e),
+            // An unreadable claim: the forks are taken over (again, if they were merged).
+            Err(_) => None,
+        };
+        if !fin.as_ref().is_some_and(|f| f.merged) {
+            self.absorb_forks(route, state, head, &control, &forks)
+                .await?;
             // Recorded before anything is deleted: a clean cut short leaves fork heads that a
             // later run must not take over again, over the newer values the runs in between
             // had Braze confirm (nor after they compacted the objects those heads name).
             let fin = FinalDoc {
                 finalizer: pieces,
                 merged: true,
+                concluded: false,
             };
             let body = Bytes::from(serde_json::to_vec(&fin).unwrap_or_default());
             control
@@ -198,7 +204,10 @@ impl SyncRunner {
                 })?;
         }
         let changed = head.etag != etag;
-        if let Some(m) = &manifest {
+        // A finalizer that recorded how the fan-out ended, then was cut short cleaning: that
+        // ending stands.
+        let concluded = fin.is_some_and(|f| f.concluded);
+        if let Some(m) = manifest.as_ref().filter(|_| !concluded) {
             let why = format!(
                 "fan-out {run_id} was left behind: its route lock ran out before it finished (or its coordinator died before queueing its pieces), and a later run took the route; what its pieces had Braze confirm is in the route's state"
             );
@@ -209,8 +218,8 @@ impl SyncRunner {
         Ok(changed)
     }
 
-    /// Takes the work of fan-out `control`'s forks `pieces` into the route head, unless its
-    /// finalizer (or an earlier end of it) merged them already; returns whether it did.
+    /// Takes the work of fan-out `control`'s forks `pieces` into the route head (its
+    /// finalizer, or an earlier end of it, did not merge them).
     async fn absorb_forks(
         &self,
         route: &Route,
@@ -218,16 +227,7 @@ impl SyncRunner {
         head: &mut Head,
         control: &Control,
         pieces: &[usize],
-    ) -> Result<bool, RunError> {
-        let merged = match control.get_json::<FinalDoc>("final.json").await {
-            Ok(f) => f.is_some_and(|f| f.merged),
-            Err(e @ RunError::Retryable(_)) => return Err(e),
-            // An unreadable claim: the forks are taken over (again, if they were merged).
-            Err(_) => false,
-        };
-        if merged {
-            return Ok(false);
-        }
+    ) -> Result<(), RunError> {
         let run_id = control.run_id();
         let listing = self
             .store
@@ -261,7 +261,7 @@ impl SyncRunner {
                 .await
                 .map_err(|e| RunError::Retryable(format!("taking a fork's work over: {e}")))?;
         }
-        Ok(true)
+        Ok(())
     }
 
     /// The ended fan-out's report and, when the export's ledger entry is this fan-out's, the

@@ -10,7 +10,7 @@ use bridge_shared::{ObjectStore, PutCondition, S3Uri};
 use bytes::Bytes;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::attempt::Me;
 use super::control::{Control, FanOut, FinalDoc, Manifest, PieceDone};
@@ -57,6 +57,13 @@ impl SyncRunner {
     ) -> Result<Value, RunError> {
         let s = &self.settings;
         let manifest = fan.manifest;
+        if fin.concluded {
+            // An attempt recorded the ending and was cut short cleaning: only the clean is left.
+            fan.control.clean(manifest.pieces.len(), false).await;
+            return Ok(json!({
+                "route": fan.route.name(), "run_id": manifest.run_id,
+                "outcome": "fan_out_finished"}));
+        }
         let dones = read_dones(fan.control, manifest).await?;
         let state = self.state(fan.route);
         let mut head = state.read_head().await.map_err(state_err)?;
@@ -134,7 +141,7 @@ impl SyncRunner {
         {
             return Err(RunError::Retryable(e));
         }
-        self.conclude_fan_out(fan, report, pieces).await
+        self.conclude_fan_out(fan, report, pieces, fin).await
     }
 
     /// Merges the forks into the route head and records it in `final.json`; a head that
@@ -261,6 +268,7 @@ impl SyncRunner {
         fan: &FanOut<'_>,
         mut report: RunReport,
         pieces: Vec<FanOutPiece>,
+        fin: FinalDoc,
     ) -> Result<Value, RunError> {
         let s = &self.settings;
         let store = self.store.as_ref();
@@ -307,6 +315,20 @@ impl SyncRunner {
             )
             .await
             .map_err(|e| RunError::Retryable(e.to_string()))?;
+        // A clean cut short leaves this ending standing: a later run that finds the control
+        // objects deletes them without writing over the report or the ledger entry.
+        let fin = FinalDoc {
+            concluded: true,
+            ..fin
+        };
+        let body = Bytes::from(serde_json::to_vec(&fin).unwrap_or_default());
+        if let Err(e) = fan
+            .control
+            .put("final.json", body, PutCondition::None)
+            .await
+        {
+            warn!(route = route.name(), error = %e, "Could not record the fan-out's ending in final.json; its clean goes on.");
+        }
         fan.control.clean(n, false).await;
         info!(route = route.name(), run_id = %manifest.run_id, status = ?report.status, users_sent = report.users_sent, "Fan-out finished.");
         Ok(json!({

@@ -228,6 +228,7 @@ impl SyncRunner {
         let claim = FinalDoc {
             finalizer: msg.piece,
             merged: false,
+            concluded: false,
         };
         let body = Bytes::from(serde_json::to_vec(&claim).unwrap_or_default());
         match fan
