@@ -1358,6 +1358,70 @@ async fn a_finished_fan_out_whose_clean_was_cut_short_keeps_its_report() {
     assert!(left.iter().all(|o| o.key.ends_with(".bin")), "{left:?}");
 }
 
+/// A duplicate delivery of a piece joined the route lock and read the manifest just before the
+/// finalizer's clean deleted them and the piece's `done.json`: it runs the piece, finds the
+/// route head moved, and fails the fan-out, which must not write over the ending the
+/// finalizer recorded.
+#[tokio::test]
+async fn a_piece_that_read_the_manifest_before_the_finalizers_clean_leaves_its_ending_standing() {
+    let Bed {
+        store,
+        braze,
+        queue,
+    } = Bed::default();
+    let spill = tempfile::tempdir().unwrap();
+    first_synced(&store, &braze, &queue, spill.path()).await;
+    let lossy = Arc::new(bridge_shared::lossy_store::LossyStore::over(store.clone()));
+    let fan = handler_on(
+        lossy.clone(),
+        &braze,
+        Some(&queue),
+        spill.path(),
+        Some(2),
+        None,
+    );
+    put(&store, "in/e2.csv", csv(true, &BTreeSet::new(), 0)).await;
+    assert_eq!(outcome(&sync(&fan, "in/e2.csv").await), "fanned_out");
+    let msgs = queue.pieces.lock().unwrap().clone();
+    let run_id = msgs[0].run_id.clone();
+    let manifest = S3Uri::new("state", format!("s/people/_fan_out/{run_id}/manifest.json"));
+    let (_, manifest_body) = store.get(&manifest).await.unwrap();
+    // The clean stops at final.json, the last object it deletes.
+    lossy.refuse_deletes(Some("final.json"));
+    fan.handle(&sqs(&msgs[0], "m0"), None).await.unwrap();
+    let r = fan.handle(&sqs(&msgs[1], "m1"), None).await.unwrap();
+    assert_eq!(r["results"][0]["outcome"], "fan_out_finished", "{r}");
+    lossy.refuse_deletes(None);
+    let report = S3Uri::new("state", format!("r/people/{run_id}.json"));
+    let (_, before) = store.get(&report).await.unwrap();
+    // What the duplicate saw: the lock still the fan-out's, and the manifest.
+    store
+        .put(
+            &manifest,
+            manifest_body,
+            PutCondition::None,
+            BTreeMap::new(),
+        )
+        .await
+        .unwrap();
+    let lock = lock_uri("state", "s/", "people");
+    let held = json!({"holder": run_id, "lease_until_ms": i64::MAX / 2, "released": false});
+    store
+        .put(
+            &lock,
+            Bytes::from(held.to_string()),
+            PutCondition::None,
+            BTreeMap::new(),
+        )
+        .await
+        .unwrap();
+    let r = fan.handle(&sqs(&msgs[1], "m1-dup"), None).await.unwrap();
+    assert_eq!(r["results"][0]["report"], report.to_string(), "{r}");
+    let (_, after) = store.get(&report).await.unwrap();
+    assert_eq!(after, before, "the fan-out's ending stands");
+    assert_eq!(outcome(&sync(&fan, "in/e2.csv").await), "duplicate_no_op");
+}
+
 #[tokio::test]
 async fn a_piece_handed_over_before_its_deadline_counts_what_it_sent_in_the_combined_report() {
     // The reference: one invocation per export.

@@ -63,6 +63,20 @@ impl SyncRunner {
     /// deleted before it succeeds).
     pub(super) async fn fail_fan_out(&self, fan: &FanOut<'_>, message: &str) -> RunError {
         let (route, manifest) = (fan.route, fan.manifest);
+        let fin = match ended_meanwhile(fan.control).await {
+            Ok(Ended::No(fin)) => fin,
+            Ok(Ended::Yes) => {
+                // Its finalizer recorded how it ended (this piece read a control object the
+                // clean had just deleted): that ending stands, with its report.
+                self.clean_ended(route, fan.control, manifest.pieces.len())
+                    .await;
+                return RunError::Permanent {
+                    message: format!("fan-out {} had already ended: {message}", manifest.run_id),
+                    report: Some(self.report_uri(route.name(), &manifest.run_id).to_string()),
+                };
+            }
+            Err(e) => return e,
+        };
         let state = self.state(route);
         let mut head = match state.read_head().await {
             Ok(h) => h,
@@ -73,9 +87,10 @@ impl SyncRunner {
             false => Ending::Void,
         };
         let pieces: Vec<usize> = (0..manifest.pieces.len()).collect();
-        if let Err(e) = self
-            .absorb_forks(route, &state, &mut head, fan.control, &pieces)
-            .await
+        if !fin.is_some_and(|f| f.merged)
+            && let Err(e) = self
+                .absorb_forks(route, &state, &mut head, fan.control, &pieces)
+                .await
         {
             return e;
         }
@@ -178,12 +193,7 @@ impl SyncRunner {
         let pieces = manifest
             .as_ref()
             .map_or(pieces, |m| m.pieces.len().max(pieces));
-        let fin = match control.get_json::<FinalDoc>("final.json").await {
-            Ok(f) => f,
-            Err(e @ RunError::Retryable(_)) => return Err(e),
-            // An unreadable claim: the forks are taken over (again, if they were merged).
-            Err(_) => None,
-        };
+        let fin = final_doc(&control).await?;
         if !fin.as_ref().is_some_and(|f| f.merged) {
             self.absorb_forks(route, state, head, &control, &forks)
                 .await?;
@@ -364,5 +374,37 @@ impl SyncRunner {
     async fn clean_ended(&self, route: &Route, control: &Control, pieces: usize) {
         let referenced = self.head_references(route, control.run_id()).await;
         control.clean(pieces, !referenced).await;
+    }
+}
+
+/// A fan-out's `final.json`; an unreadable one reads as none (its forks are taken over again,
+/// if they were merged).
+async fn final_doc(control: &Control) -> Result<Option<FinalDoc>, RunError> {
+    match control.get_json::<FinalDoc>("final.json").await {
+        Ok(f) => Ok(f),
+        Err(e @ RunError::Retryable(_)) => Err(e),
+        Err(_) => Ok(None),
+    }
+}
+
+/// Whether a fan-out a piece is about to fail ended meanwhile.
+enum Ended {
+    /// Its finalizer recorded how it ended, or its manifest is gone.
+    Yes,
+    /// Not ended: its `final.json`, if any.
+    No(Option<FinalDoc>),
+}
+
+/// Reads the fan-out's control objects again: one whose manifest is gone, or whose
+/// `final.json` says concluded, ended meanwhile.
+async fn ended_meanwhile(control: &Control) -> Result<Ended, RunError> {
+    let fin = final_doc(control).await?;
+    if fin.as_ref().is_some_and(|f| f.concluded) {
+        return Ok(Ended::Yes);
+    }
+    match control.get_json::<Manifest>("manifest.json").await {
+        Ok(None) => Ok(Ended::Yes),
+        Err(e @ RunError::Retryable(_)) => Err(e),
+        _ => Ok(Ended::No(fin)),
     }
 }
