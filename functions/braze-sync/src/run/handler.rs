@@ -151,6 +151,14 @@ pub enum RunError {
         /// The report written for it.
         report: Option<String>,
     },
+    /// Another run completed the export while this one waited for the route (a fan-out's
+    /// finalizer over a redelivered trigger's claim): nothing ran, and the export's ledger
+    /// entry and report are that run's. Answered as a duplicate.
+    #[error("the export was completed by another run meanwhile")]
+    CompletedMeanwhile {
+        /// That run's report.
+        report: Option<String>,
+    },
 }
 
 /// Runs one export (read → map → diff → send → commit).
@@ -385,6 +393,11 @@ impl Handler {
         for (id, piece) in &pieces {
             match self.runner.run_piece(piece, left()).await {
                 Ok(v) => results.push(v),
+                Err(RunError::CompletedMeanwhile { report }) => {
+                    results.push(
+                        json!({"piece": piece, "outcome": "duplicate_no_op", "report": report}),
+                    );
+                }
                 Err(RunError::Permanent { message, report }) => {
                     warn!(piece = %piece, error = %message, "Fan-out piece failed permanently; see the report.");
                     results.push(json!({"piece": piece, "outcome": "failed", "error": message, "report": report}));
@@ -635,6 +648,9 @@ impl Handler {
     ) -> ObjectOutcome {
         let uri = &plan.trigger;
         let export_id = &plan.export_id;
+        if ended.recorded_elsewhere {
+            return ended.outcome;
+        }
         let recorded = match (&ended.status, &ended.fan_out) {
             (LedgerStatus::FannedOut, Some(run_id)) => {
                 ledger
@@ -720,6 +736,9 @@ struct RunEnd {
     fan_out: Option<String>,
     /// Pieces of that fan-out for the retry to queue again (not all could be queued), else 0.
     requeue: u32,
+    /// Another run recorded the export's ending (it completed it meanwhile): this run's
+    /// claim was written over, and nothing is recorded.
+    recorded_elsewhere: bool,
 }
 
 impl RunEnd {
@@ -749,6 +768,7 @@ impl RunEnd {
             counts: HandOverCounts::default(),
             fan_out: None,
             requeue: 0,
+            recorded_elsewhere: false,
         };
         match result {
             Ok(o) => {
@@ -783,12 +803,23 @@ impl RunEnd {
                     },
                     fan_out: o.fan_out,
                     requeue,
+                    recorded_elsewhere: false,
                 }
             }
             Err(RunError::Retryable(reason)) => {
                 warn!(object = %uri, error = %reason, "Export sync failed; it will be retried.");
                 failed(LedgerStatus::Incomplete, None, ObjectOutcome::Retry(reason))
             }
+            Err(RunError::CompletedMeanwhile { report }) => RunEnd {
+                recorded_elsewhere: true,
+                ..failed(
+                    LedgerStatus::Complete,
+                    report.clone(),
+                    ObjectOutcome::Done(json!({
+                        "object": uri.to_string(), "route": plan.route,
+                        "outcome": "duplicate_no_op", "report": report})),
+                )
+            },
             Err(RunError::KeyRefused { message, report }) => {
                 warn!(object = %uri, error = %message, "Braze refused the API key; the export stays retryable.");
                 failed(

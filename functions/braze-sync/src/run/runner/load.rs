@@ -100,7 +100,7 @@ impl SyncRunner {
     /// waited for the route: a fan-out's finalizer completes its export over the running claim
     /// of a redelivered trigger that took over from the crashed delivery that fanned it out.
     /// Running it again would apply the export twice and leave a fan-out no trigger ends. The
-    /// run is retried, and the retry finds the export complete and answers it as a duplicate.
+    /// run answers the notification as a duplicate, with that run's report.
     async fn not_synced_meanwhile(&self, plan: &ExportPlan, route: &Route) -> Result<(), RunError> {
         if plan.force_full {
             return Ok(());
@@ -115,10 +115,9 @@ impl SyncRunner {
         match ledger.entry(&plan.export_id).await {
             Ok(Some(entry)) if entry.status.is_final() => {
                 info!(route = %plan.route, export = %plan.trigger, "Export completed by another run while this one waited for the route; not run again.");
-                Err(RunError::Retryable(format!(
-                    "{} was completed by another run while this one waited for the route",
-                    plan.trigger
-                )))
+                Err(RunError::CompletedMeanwhile {
+                    report: entry.report,
+                })
             }
             Ok(_) => Ok(()),
             Err(e) => Err(RunError::Retryable(format!(
