@@ -86,13 +86,18 @@ impl SyncRunner {
             true => Ending::Failed,
             false => Ending::Void,
         };
-        let pieces: Vec<usize> = (0..manifest.pieces.len()).collect();
-        if !fin.is_some_and(|f| f.merged)
-            && let Err(e) = self
+        let n = manifest.pieces.len();
+        if !fin.is_some_and(|f| f.merged) {
+            let pieces: Vec<usize> = (0..n).collect();
+            if let Err(e) = self
                 .absorb_forks(route, &state, &mut head, fan.control, &pieces)
                 .await
-        {
-            return e;
+            {
+                return e;
+            }
+            if let Err(e) = record_final(fan.control, n, false).await {
+                return e;
+            }
         }
         let message = format!("fan-out {} failed: {message}", manifest.run_id);
         warn!(route = route.name(), error = %message, "Fan-out failed; see the report.");
@@ -100,8 +105,10 @@ impl SyncRunner {
             Ok(r) => r,
             Err(e) => return e,
         };
-        self.clean_ended(route, fan.control, manifest.pieces.len())
-            .await;
+        if let Err(e) = record_final(fan.control, n, true).await {
+            return e;
+        }
+        self.clean_ended(route, fan.control, n).await;
         RunError::Permanent {
             message,
             report: Some(report),
@@ -197,31 +204,18 @@ impl SyncRunner {
         if !fin.as_ref().is_some_and(|f| f.merged) {
             self.absorb_forks(route, state, head, &control, &forks)
                 .await?;
-            // Recorded before anything is deleted: a clean cut short leaves fork heads that a
-            // later run must not take over again, over the newer values the runs in between
-            // had Braze confirm (nor after they compacted the objects those heads name).
-            let fin = FinalDoc {
-                finalizer: pieces,
-                merged: true,
-                concluded: false,
-            };
-            let body = Bytes::from(serde_json::to_vec(&fin).unwrap_or_default());
-            control
-                .put("final.json", body, PutCondition::None)
-                .await
-                .map_err(|e| {
-                    RunError::Retryable(format!("recording a fan-out's forks as taken over: {e}"))
-                })?;
+            record_final(&control, pieces, false).await?;
         }
         let changed = head.etag != etag;
-        // A finalizer that recorded how the fan-out ended, then was cut short cleaning: that
-        // ending stands.
+        // A fan-out whose ending was recorded (by its finalizer, or a failed piece), then whose
+        // clean was cut short: that ending stands.
         let concluded = fin.is_some_and(|f| f.concluded);
         if let Some(m) = manifest.as_ref().filter(|_| !concluded) {
             let why = format!(
                 "fan-out {run_id} was left behind: its route lock ran out before it finished (or its coordinator died before queueing its pieces), and a later run took the route; what its pieces had Braze confirm is in the route's state"
             );
             self.record_ending(route, m, &why, Ending::Void).await?;
+            record_final(&control, pieces, true).await?;
         }
         self.clean_ended(route, &control, pieces).await;
         info!(route = route.name(), run_id, "Ended a fan-out left behind.");
@@ -407,4 +401,23 @@ async fn ended_meanwhile(control: &Control) -> Result<Ended, RunError> {
         Err(e @ RunError::Retryable(_)) => Err(e),
         _ => Ok(Ended::No(fin)),
     }
+}
+
+/// Records in `final.json`, before anything of the ending fan-out is deleted, that its forks
+/// are in the route head and, once its report and ledger entry are written, that it is
+/// `concluded`: a clean cut short then leaves control objects that a later run deletes
+/// without taking the forks over again (over the newer values the runs in between had Braze
+/// confirm, or after they compacted the objects a fork head names) or writing over the
+/// ending. `finalizer` names no piece (`pieces`): no piece finalizes an ending fan-out.
+async fn record_final(control: &Control, pieces: usize, concluded: bool) -> Result<(), RunError> {
+    let fin = FinalDoc {
+        finalizer: pieces,
+        merged: true,
+        concluded,
+    };
+    let body = Bytes::from(serde_json::to_vec(&fin).unwrap_or_default());
+    control
+        .put("final.json", body, PutCondition::None)
+        .await
+        .map_err(|e| RunError::Retryable(format!("recording how an ending fan-out stands: {e}")))
 }
