@@ -506,3 +506,32 @@ fn seed_4762_redelivery_fans_out_an_export_its_first_delivery_completed() {
 fn seed_11167_unqueued_fan_out_voided_under_a_sending_piece() {
     holds(11167);
 }
+
+/// Duplicate notifications of an export whose runs keep holding departures (so it is never
+/// complete and every notification runs it again) met another live run of it: its claim
+/// running in another invocation, or its fan-out holding the route lock. Each such receive
+/// failed the message back to the queue; after a redrive they came back together, one ran and
+/// the rest spent a receive each, every visibility timeout, until three stayed in the DLQ
+/// after both redrives. A notification of an export a live run owns is now answered as a
+/// duplicate: no receive goes to waiting for one.
+#[test]
+fn seed_13354_duplicates_of_an_export_a_live_run_owns_go_to_the_dlq() {
+    let opts = Options {
+        trace: true,
+        ..Options::default()
+    };
+    let o = run_seed(13354, &opts);
+    assert!(o.violations.is_empty(), "{}", violations(&o));
+    let spent: Vec<&String> = o
+        .trace
+        .iter()
+        .filter(|l| {
+            l.contains(" retries: ")
+                && (l.ends_with(" right now") || l.ends_with("the replay waits"))
+        })
+        .collect();
+    assert!(
+        spent.is_empty(),
+        "seed 13354: receives spent waiting for a live run of the export:\n{spent:#?}"
+    );
+}

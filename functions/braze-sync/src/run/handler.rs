@@ -10,6 +10,7 @@
 
 mod claim;
 mod edge_reports;
+mod live_run;
 
 use std::sync::Arc;
 

@@ -250,6 +250,58 @@ async fn the_same_notification_twice_syncs_once_and_reports_a_no_op() {
     assert_eq!(rec.runs.lock().unwrap().len(), 2);
 }
 
+/// A notification of an export whose claim a live run in another invocation holds is a
+/// duplicate, acknowledged without running: that run records how the export ends and hands
+/// over what it leaves. A run that asks for more (a resend forced by object metadata, kept
+/// ETag and all, or an operator's release of departures) waits for it to end instead.
+#[tokio::test]
+async fn a_notification_of_an_export_another_invocation_is_syncing_is_a_duplicate() {
+    use braze_sync::run::handler::RunFlags;
+    use braze_sync::state::ledger::{Claim, Ledger};
+    let (store, rec, h) = setup();
+    put(&store, "exp", "amperity/customers/a.csv", "x", &[]).await;
+    let uri = S3Uri::new("exp", "amperity/customers/a.csv");
+    let etag = store.head(&uri).await.unwrap().unwrap().etag;
+    let ledger = Ledger::for_route(store.as_ref(), "acme-state", "bridge/state/", "customers");
+    let now = chrono::Utc::now().timestamp();
+    let Claim::Acquired { .. } = ledger
+        .claim(&format!("{uri}#{etag}"), now, 900, false)
+        .await
+        .unwrap()
+    else {
+        panic!("the live run's claim")
+    };
+    let body = s3_event("exp", "amperity/customers/a.csv").to_string();
+    let out = h.handle(&sqs(&[("m1", body.clone())]), None).await.unwrap();
+    assert_eq!(out["batchItemFailures"], json!([]), "{out}");
+    assert_eq!(out["results"][0]["outcome"], "duplicate_while_running");
+    let plain = h.run_object(&uri, RunFlags::default(), None).await.unwrap();
+    assert_eq!(plain["outcome"], "duplicate_while_running");
+    let release = RunFlags {
+        force_full: false,
+        allow_departures: true,
+    };
+    let refused = h.run_object(&uri, release, None).await.unwrap_err();
+    assert!(refused.contains("starts once it ends"), "{refused}");
+    // The same bytes copied in place with the force-full flag: the same export id.
+    put(
+        &store,
+        "exp",
+        "amperity/customers/a.csv",
+        "x",
+        &[(FORCE_FULL_METADATA, "true")],
+    )
+    .await;
+    assert_eq!(store.head(&uri).await.unwrap().unwrap().etag, etag);
+    let out = h.handle(&sqs(&[("m2", body)]), None).await.unwrap();
+    assert_eq!(
+        out["batchItemFailures"],
+        json!([{"itemIdentifier": "m2"}]),
+        "{out}"
+    );
+    assert!(rec.runs.lock().unwrap().is_empty());
+}
+
 #[tokio::test]
 async fn force_full_metadata_replays_a_complete_export() {
     let (store, rec, h) = setup();

@@ -5,8 +5,8 @@
 //! profiles a single-invocation run of the same export gives on the same starting state (its
 //! finalizer killed midway and redelivered too); the
 //! route head holds the same users and the export's watermark, no control object is left,
-//! the route lock is released, the export's ledger entry is complete, a replay waits while
-//! the pieces run, and departures are judged on the export's totals (a share one piece
+//! the route lock is released, the export's ledger entry is complete, a replay while the
+//! pieces run is a duplicate, and departures are judged on the export's totals (a share one piece
 //! alone would hold is sent).
 #![allow(clippy::unwrap_used)]
 
@@ -350,9 +350,10 @@ async fn an_export_in_four_pieces_ends_as_a_single_run_with_one_piece_killed_and
         "the fan-out keeps the route lock"
     );
 
-    // A replay of the same export while the pieces run waits (no second fan-out).
-    let replay = fan.handle(&s3_event("in/e2.csv"), None).await;
-    assert!(replay.is_err(), "{replay:?}");
+    // A replay of the same export while the pieces run is a duplicate: the fan-out owns the
+    // export (no second fan-out).
+    let replay = sync(&fan, "in/e2.csv").await;
+    assert_eq!(outcome(&replay), "duplicate_while_running", "{replay}");
     assert_eq!(queue.pieces.lock().unwrap().len(), 4);
 
     // Piece 1 dies after 3 requests (its Lambda is gone: the invocation never returns).
@@ -760,8 +761,9 @@ async fn a_replay_takes_over_an_export_whose_fan_out_died() {
     put(&store, "in/e1.csv", csv(false, &BTreeSet::new(), 0)).await;
     assert_eq!(outcome(&sync(&fan, "in/e1.csv").await), "fanned_out");
     let first = queue.pieces.lock().unwrap()[0].run_id.clone();
-    // While its pieces may run, a replay waits.
-    assert!(fan.handle(&s3_event("in/e1.csv"), None).await.is_err());
+    // While its pieces may run, a replay is a duplicate.
+    let replay = sync(&fan, "in/e1.csv").await;
+    assert_eq!(outcome(&replay), "duplicate_while_running", "{replay}");
     // Its pieces never ran (lost in a DLQ) and its lease ran out.
     let lock = expire_lock(&store, &first).await;
     let out = sync(&fan, "in/e1.csv").await;
@@ -1512,8 +1514,9 @@ async fn a_fan_out_whose_pieces_cannot_all_be_queued_keeps_what_a_queued_piece_s
     let msgs = queue.pieces.lock().unwrap().clone();
     assert_eq!(msgs.len(), 3);
     assert!(msgs.iter().all(|m| m.run_id == first.run_id));
-    // A further duplicate of the trigger waits for the fan-out instead of queueing again.
-    assert!(fan.handle(&s3_event("in/e1.csv"), None).await.is_err());
+    // A further duplicate of the trigger is acknowledged as one instead of queueing again.
+    let r = sync(&fan, "in/e1.csv").await;
+    assert_eq!(outcome(&r), "duplicate_while_running", "{r}");
     assert_eq!(queue.pieces.lock().unwrap().len(), 3);
     // Piece 0 again is a no-op; piece 1 finishes the fan-out.
     let requests = braze.requests.load(Ordering::SeqCst);

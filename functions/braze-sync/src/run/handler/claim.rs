@@ -1,6 +1,8 @@
 //! Claiming an export in the route's ledger before it runs: a completed export is a
-//! duplicate no-op, a busy one is retried, and a fanned-out one waits for its fan-out run
-//! (whose pieces it queues again when its coordinator could not queue them all).
+//! duplicate no-op, so is one a live run owns (its claim is running in another invocation, or
+//! its fan-out run holds the route lock: [`Handler::owned_by_live_run`]), and a fanned-out one
+//! whose fan-out run is gone is taken over (a fan-out whose coordinator could not queue every
+//! piece has them queued again).
 
 use serde_json::json;
 use tracing::{info, warn};
@@ -20,7 +22,8 @@ struct FannedOut<'a> {
 
 impl Handler {
     /// Claims the export in the ledger and returns the claim's ETag. A completed export is a
-    /// duplicate no-op, a busy one is retried, and a fanned-out one waits for its fan-out run.
+    /// duplicate no-op, so is one a live run owns (unless the plan asks for more than a plain
+    /// run), and a fanned-out one is left to its fan-out run while that run lives.
     pub(super) async fn claim_export(
         &self,
         ledger: &Ledger<'_>,
@@ -40,9 +43,7 @@ impl Handler {
                     "object": uri.to_string(), "route": plan.route,
                     "outcome": "duplicate_no_op", "report": report})))
             }
-            Ok(Claim::Busy) => Err(ObjectOutcome::Retry(format!(
-                "another invocation is syncing {uri} right now"
-            ))),
+            Ok(Claim::Busy) => Err(self.owned_by_live_run(plan, "another invocation")),
             Ok(Claim::FannedOut { run_id, requeue }) => {
                 let fan_out = FannedOut {
                     export_id,
@@ -56,9 +57,10 @@ impl Handler {
         }
     }
 
-    /// A replay of an export that was split across invocations: it waits while the fan-out
-    /// run holds the route lock (its pieces are running), and claims the export once that run
-    /// is gone (it died, or ended without recording it). Never a second fan-out at once. A
+    /// A replay of an export that was split across invocations: while the fan-out run holds
+    /// the route lock (its pieces are running) the fan-out owns the export, so the replay is
+    /// a duplicate ([`Handler::owned_by_live_run`]); once that run is gone (it died, or ended
+    /// without recording it) the replay claims the export. Never a second fan-out at once. A
     /// fan-out whose coordinator could not queue every piece has them queued again here (a
     /// piece queued twice runs once), and the notification is then acknowledged: the fan-out
     /// owns the export, and its last piece records how it ended.
@@ -90,9 +92,8 @@ impl Handler {
                 .await);
         }
         if held {
-            return Err(ObjectOutcome::Retry(format!(
-                "this export is being synced by fan-out run {run_id} (its pieces hold the route lock); the replay waits"
-            )));
+            let owner = format!("fan-out run {run_id} (its pieces hold the route lock)");
+            return Err(self.owned_by_live_run(plan, &owner));
         }
         match ledger
             .take_over_fan_out(export_id, run_id, now, self.cfg.lease_s)
