@@ -1213,6 +1213,36 @@ async fn a_failing_fan_out_never_deletes_objects_the_route_head_references() {
 /// confirm, so it resends the values the next export reverts (Gold → Silver by the piece,
 /// back to Gold by the next export, never left at Silver); the void fan-out's export is
 /// queued again, its control objects are gone, and its late piece ends at once.
+/// Users whose tier in Braze is `changed` (what `csv(true, ..)` gives the even ids).
+fn changed(b: &Braze) -> usize {
+    b.profiles
+        .lock()
+        .unwrap()
+        .values()
+        .filter(|p| p.get("tier") == Some(&json!("changed")))
+        .count()
+}
+
+/// e1 synced by one invocation, then e2 (the even ids `changed`) fanned out into 2 pieces of
+/// which only piece 0 ran: its users hold their new values in Braze. Returns the
+/// single-invocation handler, the fan-out handler and the piece messages.
+async fn piece_zero_sent(
+    store: &Arc<MemoryStore>,
+    braze: &Arc<Braze>,
+    queue: &Arc<Queue>,
+    spill: &std::path::Path,
+) -> (Handler, Handler, Vec<PieceMessage>) {
+    let single = first_synced(store, braze, queue, spill).await;
+    let fan = handler(store, braze, queue, spill, Some(2));
+    put(store, "in/e2.csv", csv(true, &BTreeSet::new(), 0)).await;
+    assert_eq!(outcome(&sync(&fan, "in/e2.csv").await), "fanned_out");
+    let msgs = queue.pieces.lock().unwrap().clone();
+    let r = fan.handle(&sqs(&msgs[0], "m0"), None).await.unwrap();
+    assert_eq!(r["results"][0]["outcome"], "piece_done", "{r}");
+    assert!(changed(braze) > 0, "piece 0 sent its users' new values");
+    (single, fan, msgs)
+}
+
 #[tokio::test]
 async fn a_fan_out_whose_lease_ran_out_keeps_what_its_pieces_confirmed() {
     let Bed {
@@ -1221,23 +1251,8 @@ async fn a_fan_out_whose_lease_ran_out_keeps_what_its_pieces_confirmed() {
         queue,
     } = Bed::default();
     let spill = tempfile::tempdir().unwrap();
-    let single = first_synced(&store, &braze, &queue, spill.path()).await;
-    let fan = handler(&store, &braze, &queue, spill.path(), Some(2));
-    put(&store, "in/e2.csv", csv(true, &BTreeSet::new(), 0)).await;
-    assert_eq!(outcome(&sync(&fan, "in/e2.csv").await), "fanned_out");
-    let msgs = queue.pieces.lock().unwrap().clone();
+    let (single, fan, msgs) = piece_zero_sent(&store, &braze, &queue, spill.path()).await;
     let run_id = msgs[0].run_id.clone();
-    let r = fan.handle(&sqs(&msgs[0], "m0"), None).await.unwrap();
-    assert_eq!(r["results"][0]["outcome"], "piece_done", "{r}");
-    let changed = |b: &Braze| {
-        b.profiles
-            .lock()
-            .unwrap()
-            .values()
-            .filter(|p| p.get("tier") == Some(&json!("changed")))
-            .count()
-    };
-    assert!(changed(&braze) > 0, "piece 0 sent its users' new values");
     let handovers = *queue.handovers.lock().unwrap();
     expire_lock(&store, &run_id).await;
     put(&store, "in/e3.csv", csv(false, &BTreeSet::new(), 0)).await;
@@ -1268,23 +1283,8 @@ async fn a_left_fan_out_whose_clean_was_cut_short_is_not_taken_over_twice() {
         queue,
     } = Bed::default();
     let spill = tempfile::tempdir().unwrap();
-    let single = first_synced(&store, &braze, &queue, spill.path()).await;
-    let fan = handler(&store, &braze, &queue, spill.path(), Some(2));
-    put(&store, "in/e2.csv", csv(true, &BTreeSet::new(), 0)).await;
-    assert_eq!(outcome(&sync(&fan, "in/e2.csv").await), "fanned_out");
-    let msgs = queue.pieces.lock().unwrap().clone();
+    let (single, _, msgs) = piece_zero_sent(&store, &braze, &queue, spill.path()).await;
     let run_id = msgs[0].run_id.clone();
-    let r = fan.handle(&sqs(&msgs[0], "m0"), None).await.unwrap();
-    assert_eq!(r["results"][0]["outcome"], "piece_done", "{r}");
-    let changed = |b: &Braze| {
-        b.profiles
-            .lock()
-            .unwrap()
-            .values()
-            .filter(|p| p.get("tier") == Some(&json!("changed")))
-            .count()
-    };
-    assert!(changed(&braze) > 0, "piece 0 sent its users' new values");
     expire_lock(&store, &run_id).await;
     // The next run ends the fan-out, but the store refuses to delete piece 0's fork head.
     let lossy = Arc::new(bridge_shared::lossy_store::LossyStore::over(store.clone()));
