@@ -28,6 +28,7 @@ use braze_sync::state::confirmed::range_of;
 use braze_sync::state::route_lock::{lock_uri, read_lock};
 use braze_sync::state::store::StateStore;
 use bridge_shared::S3Uri;
+use bridge_shared::lossy_store::LossyStore;
 use bridge_shared::object_store::{MemoryStore, ObjectStore, PutCondition};
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
@@ -1197,11 +1198,7 @@ async fn a_failing_fan_out_never_deletes_objects_the_route_head_references() {
     );
     // The newer export's run ended the fan-out before it diffed, deleting only its control
     // objects, not the state the head references; the old finalizer, redelivered, ends at once.
-    let left = store
-        .list("state", &format!("s/people/_fan_out/{run_id}/"))
-        .await
-        .unwrap();
-    assert!(left.iter().all(|o| o.key.ends_with(".bin")), "{left:?}");
+    only_fork_objects_left(&store, &run_id).await;
     let r = fan.handle(&sqs(&msgs[1], "m1c"), None).await.unwrap();
     assert_eq!(r["results"][0]["outcome"], "fan_out_over", "{r}");
     assert_head_objects_exist(&store).await;
@@ -1243,6 +1240,33 @@ async fn piece_zero_sent(
     (single, fan, msgs)
 }
 
+/// Only objects of the forks of fan-out `run_id` are left (the route head names them).
+async fn only_fork_objects_left(store: &MemoryStore, run_id: &str) {
+    let left = store
+        .list("state", &format!("s/people/_fan_out/{run_id}/"))
+        .await
+        .unwrap();
+    assert!(left.iter().all(|o| o.key.ends_with(".bin")), "{left:?}");
+}
+
+/// e1 synced by one invocation, then e2 fanned out into 2 pieces through a store whose deletes
+/// a test can refuse. Returns the single-invocation handler, that store, the fan-out handler
+/// (over it) and the piece messages.
+async fn fanned_out_on_lossy(
+    store: &Arc<MemoryStore>,
+    braze: &Arc<Braze>,
+    queue: &Arc<Queue>,
+    spill: &std::path::Path,
+) -> (Handler, Arc<LossyStore>, Handler, Vec<PieceMessage>) {
+    let single = first_synced(store, braze, queue, spill).await;
+    let lossy = Arc::new(LossyStore::over(store.clone()));
+    let fan = handler_on(lossy.clone(), braze, Some(queue), spill, Some(2), None);
+    put(store, "in/e2.csv", csv(true, &BTreeSet::new(), 0)).await;
+    assert_eq!(outcome(&sync(&fan, "in/e2.csv").await), "fanned_out");
+    let msgs = queue.pieces.lock().unwrap().clone();
+    (single, lossy, fan, msgs)
+}
+
 #[tokio::test]
 async fn a_fan_out_whose_lease_ran_out_keeps_what_its_pieces_confirmed() {
     let Bed {
@@ -1263,11 +1287,7 @@ async fn a_fan_out_whose_lease_ran_out_keeps_what_its_pieces_confirmed() {
         handovers + 1,
         "e2 queued again"
     );
-    let left = store
-        .list("state", &format!("s/people/_fan_out/{run_id}/"))
-        .await
-        .unwrap();
-    assert!(left.iter().all(|o| o.key.ends_with(".bin")), "{left:?}");
+    only_fork_objects_left(&store, &run_id).await;
     let late = fan.handle(&sqs(&msgs[1], "m1"), None).await.unwrap();
     assert_eq!(late["results"][0]["outcome"], "fan_out_over", "{late}");
 }
@@ -1287,7 +1307,7 @@ async fn a_left_fan_out_whose_clean_was_cut_short_is_not_taken_over_twice() {
     let run_id = msgs[0].run_id.clone();
     expire_lock(&store, &run_id).await;
     // The next run ends the fan-out, but the store refuses to delete piece 0's fork head.
-    let lossy = Arc::new(bridge_shared::lossy_store::LossyStore::over(store.clone()));
+    let lossy = Arc::new(LossyStore::over(store.clone()));
     lossy.refuse_deletes(Some(&format!("_fan_out/{run_id}/p000/head.json")));
     let faulty = handler_on(
         lossy.clone(),
@@ -1305,11 +1325,7 @@ async fn a_left_fan_out_whose_clean_was_cut_short_is_not_taken_over_twice() {
     put(&store, "in/e4.csv", csv(true, &BTreeSet::new(), 0)).await;
     assert_eq!(outcome(&sync(&single, "in/e4.csv").await), "synced");
     assert_eq!(changed(&braze), N as usize / 2);
-    let left = store
-        .list("state", &format!("s/people/_fan_out/{run_id}/"))
-        .await
-        .unwrap();
-    assert!(left.iter().all(|o| o.key.ends_with(".bin")), "{left:?}");
+    only_fork_objects_left(&store, &run_id).await;
 }
 
 /// A finalizer recorded how its fan-out ended and could not delete the manifest: the next run
@@ -1322,19 +1338,8 @@ async fn a_finished_fan_out_whose_clean_was_cut_short_keeps_its_report() {
         queue,
     } = Bed::default();
     let spill = tempfile::tempdir().unwrap();
-    let single = first_synced(&store, &braze, &queue, spill.path()).await;
-    let lossy = Arc::new(bridge_shared::lossy_store::LossyStore::over(store.clone()));
-    let fan = handler_on(
-        lossy.clone(),
-        &braze,
-        Some(&queue),
-        spill.path(),
-        Some(2),
-        None,
-    );
-    put(&store, "in/e2.csv", csv(true, &BTreeSet::new(), 0)).await;
-    assert_eq!(outcome(&sync(&fan, "in/e2.csv").await), "fanned_out");
-    let msgs = queue.pieces.lock().unwrap().clone();
+    let (single, lossy, fan, msgs) =
+        fanned_out_on_lossy(&store, &braze, &queue, spill.path()).await;
     let run_id = msgs[0].run_id.clone();
     lossy.refuse_deletes(Some("manifest.json"));
     fan.handle(&sqs(&msgs[0], "m0"), None).await.unwrap();
@@ -1353,11 +1358,7 @@ async fn a_finished_fan_out_whose_clean_was_cut_short_keeps_its_report() {
         outcome(&sync(&single, "in/e2.csv").await),
         "duplicate_no_op"
     );
-    let left = store
-        .list("state", &format!("s/people/_fan_out/{run_id}/"))
-        .await
-        .unwrap();
-    assert!(left.iter().all(|o| o.key.ends_with(".bin")), "{left:?}");
+    only_fork_objects_left(&store, &run_id).await;
 }
 
 /// A duplicate delivery of a piece joined the route lock and read the manifest just before the
@@ -1372,19 +1373,7 @@ async fn a_piece_that_read_the_manifest_before_the_finalizers_clean_leaves_its_e
         queue,
     } = Bed::default();
     let spill = tempfile::tempdir().unwrap();
-    first_synced(&store, &braze, &queue, spill.path()).await;
-    let lossy = Arc::new(bridge_shared::lossy_store::LossyStore::over(store.clone()));
-    let fan = handler_on(
-        lossy.clone(),
-        &braze,
-        Some(&queue),
-        spill.path(),
-        Some(2),
-        None,
-    );
-    put(&store, "in/e2.csv", csv(true, &BTreeSet::new(), 0)).await;
-    assert_eq!(outcome(&sync(&fan, "in/e2.csv").await), "fanned_out");
-    let msgs = queue.pieces.lock().unwrap().clone();
+    let (_, lossy, fan, msgs) = fanned_out_on_lossy(&store, &braze, &queue, spill.path()).await;
     let run_id = msgs[0].run_id.clone();
     let manifest = S3Uri::new("state", format!("s/people/_fan_out/{run_id}/manifest.json"));
     let (_, manifest_body) = store.get(&manifest).await.unwrap();
