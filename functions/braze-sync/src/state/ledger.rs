@@ -506,30 +506,44 @@ impl<'a> Ledger<'a> {
     /// for it. Nothing to do when the entry is no longer that fan-out's (its last piece
     /// finished it); a 412 reads it again.
     pub async fn pieces_queued(&self, export_id: &str, run_id: &str) -> Result<(), LedgerError> {
+        self.rewrite(export_id, |current| match current {
+            Some(c)
+                if c.status == LedgerStatus::FannedOut
+                    && c.fan_out.as_deref() == Some(run_id)
+                    && c.requeue > 0 =>
+            {
+                Some(LedgerEntry {
+                    requeue: 0,
+                    ..c.clone()
+                })
+            }
+            _ => None,
+        })
+        .await
+    }
+
+    /// Reads `export_id`'s entry (`None`: there is none) and writes what `decide` makes of it
+    /// over exactly that entry (or creates it); `decide` returning `None` writes nothing. A
+    /// 412 (another writer came first) reads the entry again, 5 times in all.
+    async fn rewrite(
+        &self,
+        export_id: &str,
+        mut decide: impl FnMut(Option<&LedgerEntry>) -> Option<LedgerEntry>,
+    ) -> Result<(), LedgerError> {
         let uri = self.uri(export_id);
         for _ in 0..5 {
-            let (meta, current) = self.read(&uri).await?;
-            if current.status != LedgerStatus::FannedOut
-                || current.fan_out.as_deref() != Some(run_id)
-                || current.requeue == 0
-            {
+            let (condition, entry) = match self.read(&uri).await {
+                Ok((meta, current)) => (PutCondition::IfMatch(meta.etag), decide(Some(&current))),
+                Err(LedgerError::Store(StoreError::NotFound { .. })) => {
+                    (PutCondition::IfAbsent, decide(None))
+                }
+                Err(e) => return Err(e),
+            };
+            let Some(entry) = entry else {
                 return Ok(());
-            }
-            let entry = LedgerEntry {
-                requeue: 0,
-                ..current
             };
             let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
-            match self
-                .store
-                .put(
-                    &uri,
-                    body,
-                    PutCondition::IfMatch(meta.etag),
-                    BTreeMap::new(),
-                )
-                .await
-            {
+            match self.store.put(&uri, body, condition, BTreeMap::new()).await {
                 Ok(_) => return Ok(()),
                 Err(StoreError::PreconditionFailed { .. }) => continue,
                 Err(e) => return Err(e.into()),
@@ -549,34 +563,24 @@ impl<'a> Ledger<'a> {
         status: LedgerStatus,
         report: Option<String>,
     ) -> Result<(), LedgerError> {
-        let uri = self.uri(export_id);
-        let mut entry = self.stamped(LedgerEntry::ended(status, export_id, report, Some(run_id)));
-        for _ in 0..5 {
-            let condition = match self.read(&uri).await {
-                // Another run's entry since (a later replay's): not ours to write.
-                Ok((_, current))
-                    if current.status.is_final()
-                        || (current.status != LedgerStatus::Running
-                            && current.fan_out.as_deref() != Some(run_id)) =>
-                {
-                    return Ok(());
-                }
-                Ok((meta, current)) => {
-                    // The forced upload the fan-out's export was for stays recorded.
-                    entry.forced = entry.forced.take().or(current.forced);
-                    PutCondition::IfMatch(meta.etag)
-                }
-                Err(LedgerError::Store(StoreError::NotFound { .. })) => PutCondition::IfAbsent,
-                Err(e) => return Err(e),
-            };
-            let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
-            match self.store.put(&uri, body, condition, BTreeMap::new()).await {
-                Ok(_) => return Ok(()),
-                Err(StoreError::PreconditionFailed { .. }) => continue,
-                Err(e) => return Err(e.into()),
+        let entry = self.stamped(LedgerEntry::ended(status, export_id, report, Some(run_id)));
+        self.rewrite(export_id, |current| match current {
+            // Another run's entry since (a later replay's): not ours to write.
+            Some(c)
+                if c.status.is_final()
+                    || (c.status != LedgerStatus::Running
+                        && c.fan_out.as_deref() != Some(run_id)) =>
+            {
+                None
             }
-        }
-        Err(LedgerError::Store(StoreError::PreconditionFailed { uri }))
+            // The forced upload the fan-out's export was for stays recorded.
+            Some(c) => Some(LedgerEntry {
+                forced: entry.forced.clone().or(c.forced.clone()),
+                ..entry.clone()
+            }),
+            None => Some(entry.clone()),
+        })
+        .await
     }
 
     /// Records how the run ended (only if our claim is still the current entry).
