@@ -72,3 +72,16 @@ pub fn handler(
         Arc::new(runner),
     )
 }
+
+/// The `people` route most runner tests sync: `in/` exports keyed by `id`, one String
+/// attribute `tier`.
+pub const PEOPLE_ROUTE: &str = r#"
+name = "people"
+prefix = "in/"
+update_existing_only = false
+[identifier]
+kind = "external_id"
+column = "id"
+[attributes.tier]
+type = "String"
+"#;

@@ -33,16 +33,7 @@ const KEY: &str = "sim-key-hourly-budget";
 const LIMIT: u64 = 10;
 const USERS: u32 = 150;
 
-const ROUTE: &str = r#"
-name = "people"
-prefix = "in/"
-update_existing_only = false
-[identifier]
-kind = "external_id"
-column = "id"
-[attributes.tier]
-type = "String"
-"#;
+const ROUTE: &str = common::PEOPLE_ROUTE;
 
 /// The queue: remembers each hand-over's delay.
 #[derive(Default)]

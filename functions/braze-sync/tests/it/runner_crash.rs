@@ -21,16 +21,7 @@ use bridge_shared::object_store::{MemoryStore, ObjectStore, PutCondition};
 use bytes::Bytes;
 use serde_json::Value;
 
-const ROUTE: &str = r#"
-name = "people"
-prefix = "in/"
-update_existing_only = false
-[identifier]
-kind = "external_id"
-column = "id"
-[attributes.tier]
-type = "String"
-"#;
+const ROUTE: &str = common::PEOPLE_ROUTE;
 
 /// Braze keeping each user's tier; the run dies while request `die_at` is in flight, after
 /// Braze applied it (its answer never comes).

@@ -26,16 +26,7 @@ use serde_json::{Value, json};
 
 const KEY: &str = "sim-key-scheduled-audit";
 
-const ROUTE: &str = r#"
-name = "people"
-prefix = "in/"
-update_existing_only = false
-[identifier]
-kind = "external_id"
-column = "id"
-[attributes.tier]
-type = "String"
-"#;
+const ROUTE: &str = common::PEOPLE_ROUTE;
 
 struct World {
     sim: SimHandle,
