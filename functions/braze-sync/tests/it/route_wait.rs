@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use braze_sync::config::route::Route;
-use braze_sync::run::handler::{ExportPlan, Handler, HandlerConfig};
-use braze_sync::run::runner::{Continuation, RunnerSettings, SyncRunner};
+use braze_sync::run::handler::{ExportPlan, Handler};
+use braze_sync::run::runner::{Continuation, RunnerSettings};
 use braze_sync::send::braze::{BrazeApi, TrackError, TrackResponse};
 use braze_sync::state::route_lock::{RouteLock, lock_uri};
 use bridge_shared::S3Uri;
@@ -55,25 +55,7 @@ fn handler(store: Arc<MemoryStore>, queue: Arc<Delayed>) -> Handler {
     let route = Route::from_toml(ROUTE, "t").unwrap();
     let mut s = RunnerSettings::new("state", "s/", "r/", "x/");
     s.deliver.max_objects = 10;
-    let runner = SyncRunner::new(
-        store.clone(),
-        vec![route.clone()],
-        Arc::new(Ok200),
-        s,
-        Some(queue as Arc<dyn Continuation>),
-    );
-    Handler::new(
-        HandlerConfig {
-            state_bucket: "state".into(),
-            output_prefixes: vec!["s/".into(), "r/".into(), "x/".into()],
-            state_prefix: "s/".into(),
-            reports_prefix: "r/".into(),
-            routes: vec![route.binding()],
-            lease_s: 60,
-        },
-        store,
-        Arc::new(runner),
-    )
+    common::handler(store, &route, Arc::new(Ok200), s, Some(queue))
 }
 
 fn notification() -> Value {
